@@ -1,0 +1,280 @@
+//! The bounded window of request ids already counted, per org.
+//!
+//! A request id is remembered by its 128-bit hash in hourly buckets of the
+//! event's `occurred_at`. The window follows the org's watermark (the latest
+//! `occurred_at` applied): usage older than `watermark - window` is refused as
+//! too late instead of being counted, so a duplicate can never slip past a
+//! forgotten id. When the window holds more than `entries_max` ids, the
+//! oldest hours are forgotten early and the too-late line moves up with them:
+//! memory stays bounded and nothing is ever counted twice.
+
+use std::collections::{HashSet, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
+
+use crate::time::MS_PER_HOUR;
+
+/// The hash of a request id.
+pub type RequestHash = u128;
+
+pub fn hash_request_id(request_id: &str) -> RequestHash {
+    xxhash_rust::xxh3::xxh3_128(request_id.as_bytes())
+}
+
+/// Request hashes are uniformly distributed already: hashing them again
+/// would only cost time.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct IdentityHasher(u64);
+
+impl Hasher for IdentityHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+    fn write_u128(&mut self, v: u128) {
+        self.0 = v as u64;
+    }
+}
+
+type HashSet128 = HashSet<RequestHash, BuildHasherDefault<IdentityHasher>>;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DedupeConfig {
+    /// How far behind the watermark usage is still accepted (and its ids
+    /// remembered). Default 24 h.
+    pub window_ms: i64,
+    /// The most ids one org remembers. Default 20 million (about 1 GiB).
+    pub entries_max: usize,
+}
+
+impl Default for DedupeConfig {
+    fn default() -> Self {
+        DedupeConfig {
+            window_ms: 24 * MS_PER_HOUR,
+            entries_max: 20_000_000,
+        }
+    }
+}
+
+/// What [`DedupeWindow::check`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Seen {
+    New,
+    Duplicate,
+    /// Older than the window: it cannot be deduplicated, so it is refused.
+    TooLate,
+}
+
+#[derive(Debug, Clone)]
+pub struct DedupeWindow {
+    config: DedupeConfig,
+    seen: HashSet128,
+    /// Oldest first; hours strictly ascending.
+    buckets: VecDeque<(i64, Vec<RequestHash>)>,
+    /// Hours below this are forgotten: usage in them is too late.
+    floor_hour: i64,
+    /// Added since the last [`DedupeWindow::take_added`], by hour.
+    added: Vec<(i64, RequestHash)>,
+}
+
+impl DedupeWindow {
+    pub fn new(config: DedupeConfig) -> DedupeWindow {
+        DedupeWindow {
+            config,
+            seen: HashSet128::default(),
+            buckets: VecDeque::new(),
+            floor_hour: i64::MIN,
+            added: Vec::new(),
+        }
+    }
+
+    pub fn config(&self) -> DedupeConfig {
+        self.config
+    }
+
+    pub fn len(&self) -> usize {
+        self.seen.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.seen.is_empty()
+    }
+
+    pub fn floor_hour(&self) -> i64 {
+        self.floor_hour
+    }
+
+    fn too_late(&self, occurred_ms: i64, watermark_ms: i64) -> bool {
+        occurred_ms < watermark_ms.saturating_sub(self.config.window_ms)
+            || occurred_ms.div_euclid(MS_PER_HOUR) < self.floor_hour
+    }
+
+    /// Looks without remembering.
+    pub fn check(&self, hash: RequestHash, occurred_ms: i64, watermark_ms: i64) -> Seen {
+        if self.too_late(occurred_ms, watermark_ms) {
+            Seen::TooLate
+        } else if self.seen.contains(&hash) {
+            Seen::Duplicate
+        } else {
+            Seen::New
+        }
+    }
+
+    /// Looks and, when new, remembers.
+    pub fn insert(&mut self, hash: RequestHash, occurred_ms: i64, watermark_ms: i64) -> Seen {
+        if self.too_late(occurred_ms, watermark_ms) {
+            return Seen::TooLate;
+        }
+        if !self.seen.insert(hash) {
+            return Seen::Duplicate;
+        }
+        let hour = occurred_ms.div_euclid(MS_PER_HOUR);
+        self.bucket(hour).push(hash);
+        self.added.push((hour, hash));
+        if self.seen.len() > self.config.entries_max {
+            self.forget_oldest_bucket();
+        }
+        Seen::New
+    }
+
+    fn bucket(&mut self, hour: i64) -> &mut Vec<RequestHash> {
+        let at = self.buckets.partition_point(|(h, _)| *h < hour);
+        if self.buckets.get(at).is_none_or(|(h, _)| *h != hour) {
+            self.buckets.insert(at, (hour, Vec::new()));
+        }
+        &mut self.buckets[at].1
+    }
+
+    fn forget_oldest_bucket(&mut self) {
+        if let Some((hour, hashes)) = self.buckets.pop_front() {
+            for h in &hashes {
+                let _ = self.seen.remove(h);
+            }
+            self.floor_hour = self.floor_hour.max(hour + 1);
+        }
+    }
+
+    /// Forgets the hours wholly older than `watermark - window`: usage in
+    /// them is refused as too late anyway.
+    pub fn evict(&mut self, watermark_ms: i64) {
+        let cutoff = watermark_ms.saturating_sub(self.config.window_ms);
+        // An hour [h, h+1) is wholly older when (h + 1) * hour <= cutoff.
+        let keep_from = cutoff.div_euclid(MS_PER_HOUR);
+        while self.buckets.front().is_some_and(|(h, _)| *h < keep_from) {
+            self.forget_oldest_bucket();
+        }
+        self.floor_hour = self.floor_hour.max(keep_from);
+    }
+
+    /// The ids remembered since the last call, for the checkpoint.
+    pub fn take_added(&mut self) -> Vec<(i64, RequestHash)> {
+        std::mem::take(&mut self.added)
+    }
+
+    /// Rebuilds a window from a checkpoint.
+    pub fn restore(
+        config: DedupeConfig,
+        floor_hour: i64,
+        entries: impl IntoIterator<Item = (i64, RequestHash)>,
+    ) -> DedupeWindow {
+        let mut w = DedupeWindow::new(config);
+        w.floor_hour = floor_hour;
+        for (hour, hash) in entries {
+            if hour >= floor_hour && w.seen.insert(hash) {
+                w.bucket(hour).push(hash);
+            }
+        }
+        while w.seen.len() > config.entries_max {
+            w.forget_oldest_bucket();
+        }
+        w
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const H: i64 = MS_PER_HOUR;
+
+    #[test]
+    fn a_repeat_inside_the_window_is_a_duplicate() {
+        let mut w = DedupeWindow::new(DedupeConfig::default());
+        let h = hash_request_id("r1");
+        assert_eq!(w.insert(h, 10 * H, 10 * H), Seen::New);
+        assert_eq!(w.insert(h, 10 * H, 10 * H), Seen::Duplicate);
+        assert_eq!(w.check(hash_request_id("r2"), 10 * H, 10 * H), Seen::New);
+    }
+
+    #[test]
+    fn usage_older_than_the_window_is_too_late_never_recounted() {
+        let cfg = DedupeConfig {
+            window_ms: 24 * H,
+            entries_max: 1000,
+        };
+        let mut w = DedupeWindow::new(cfg);
+        let h = hash_request_id("r1");
+        assert_eq!(w.insert(h, H, H), Seen::New);
+        let watermark = 30 * H;
+        w.evict(watermark);
+        assert!(w.is_empty());
+        assert_eq!(w.insert(h, H, watermark), Seen::TooLate);
+        assert_eq!(
+            w.insert(hash_request_id("r2"), 6 * H + 1, watermark),
+            Seen::New
+        );
+    }
+
+    #[test]
+    fn over_capacity_the_oldest_hours_go_and_the_too_late_line_follows() {
+        let cfg = DedupeConfig {
+            window_ms: 24 * H,
+            entries_max: 2,
+        };
+        let mut w = DedupeWindow::new(cfg);
+        assert_eq!(w.insert(1, H, 3 * H), Seen::New);
+        assert_eq!(w.insert(2, 2 * H, 3 * H), Seen::New);
+        assert_eq!(w.insert(3, 3 * H, 3 * H), Seen::New);
+        assert_eq!(w.len(), 2);
+        // Hour 1 is forgotten, so its ids are refused, not recounted.
+        assert_eq!(w.insert(1, H, 3 * H), Seen::TooLate);
+        assert_eq!(w.insert(2, 2 * H, 3 * H), Seen::Duplicate);
+    }
+
+    #[test]
+    fn restore_gives_back_the_same_answers() {
+        let cfg = DedupeConfig::default();
+        let mut w = DedupeWindow::new(cfg);
+        for i in 0..100u128 {
+            let _ = w.insert(i, (i as i64) * 1000, 100_000);
+        }
+        let r = DedupeWindow::restore(cfg, w.floor_hour(), w.take_added());
+        for i in 0..200u128 {
+            assert_eq!(r.check(i, 0, 100_000), w.check(i, 0, 100_000));
+        }
+    }
+
+    proptest! {
+        /// Whatever the order and repeats, an id is new at most once (a
+        /// repeat is the same event, so it carries the same time).
+        #[test]
+        fn each_id_is_new_at_most_once(ids in proptest::collection::vec(0u128..50, 1..300)) {
+            let cfg = DedupeConfig { window_ms: 24 * H, entries_max: 1_000_000 };
+            let mut w = DedupeWindow::new(cfg);
+            let mut watermark = 0;
+            let mut new = std::collections::HashSet::new();
+            for id in ids {
+                let at = (id as i64 % 48) * H;
+                if w.insert(id, at, watermark) == Seen::New {
+                    prop_assert!(new.insert(id), "id {} counted twice", id);
+                }
+                watermark = watermark.max(at);
+                w.evict(watermark);
+            }
+        }
+    }
+}

@@ -1,0 +1,603 @@
+//! Monthly spend per subject (user, group, key, org) and what it triggers:
+//! alert thresholds and cutoffs.
+//!
+//! Counters live in dense vectors indexed by the directory's entity indices,
+//! one [`MonthLedger`] per UTC month still open to late usage. Every change
+//! marks its counter dirty so a checkpoint writes only what moved.
+
+use std::collections::HashMap;
+
+use crate::money::Limit;
+use crate::ratio::reached;
+use crate::time::{Day, Month};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum SubjectKind {
+    User,
+    Group,
+    Key,
+    Org,
+}
+
+impl SubjectKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SubjectKind::User => "user",
+            SubjectKind::Group => "group",
+            SubjectKind::Key => "key",
+            SubjectKind::Org => "org",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<SubjectKind> {
+        Some(match s {
+            "user" => SubjectKind::User,
+            "group" => SubjectKind::Group,
+            "key" => SubjectKind::Key,
+            "org" => SubjectKind::Org,
+            _ => return None,
+        })
+    }
+}
+
+/// A subject within one org, by the directory's dense index.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Subject {
+    User(u32),
+    Group(u32),
+    Key(u32),
+    Org,
+}
+
+impl Subject {
+    pub fn kind(self) -> SubjectKind {
+        match self {
+            Subject::User(_) => SubjectKind::User,
+            Subject::Group(_) => SubjectKind::Group,
+            Subject::Key(_) => SubjectKind::Key,
+            Subject::Org => SubjectKind::Org,
+        }
+    }
+}
+
+/// One subject's spend in one month. 32 bytes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counter {
+    pub spend_micros: i64,
+    pub requests: u64,
+    /// The latest `occurred_at` counted (0: none).
+    pub last_at_ms: i64,
+    /// The highest alert threshold fired this month, in basis points.
+    pub fired_bps: u16,
+    /// Whether the subject is cut off (spend reached its limit).
+    pub cut_off: bool,
+    /// How many cutoffs and lifts happened this month: numbers them, so a
+    /// replay writes the same enforcement events again instead of new ones.
+    pub ordinal: u16,
+    dirty: bool,
+}
+
+const _: () = assert!(size_of::<Counter>() == 32);
+
+impl Counter {
+    pub fn restored(
+        spend_micros: i64,
+        requests: u64,
+        last_at_ms: i64,
+        fired_bps: u16,
+        cut_off: bool,
+        ordinal: u16,
+    ) -> Counter {
+        Counter {
+            spend_micros,
+            requests,
+            last_at_ms,
+            fired_bps,
+            cut_off,
+            ordinal,
+            dirty: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LiftReason {
+    LimitRaised,
+    LimitRemoved,
+    NewMonth,
+}
+
+impl LiftReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LiftReason::LimitRaised => "limit_raised",
+            LiftReason::LimitRemoved => "limit_removed",
+            LiftReason::NewMonth => "new_month",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EnforcementKind {
+    ThresholdCrossed { threshold_bps: u32 },
+    CutOff,
+    CutoffLifted { reason: LiftReason },
+}
+
+impl EnforcementKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            EnforcementKind::ThresholdCrossed { .. } => "threshold_crossed",
+            EnforcementKind::CutOff => "cut_off",
+            EnforcementKind::CutoffLifted { .. } => "cutoff_lifted",
+        }
+    }
+}
+
+/// Something that happened to a subject's budget. Unique by (subject, month,
+/// kind, threshold or ordinal): a replay produces the same one again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Enforcement {
+    pub subject: Subject,
+    pub month: Month,
+    pub at_ms: i64,
+    pub spend_micros: i64,
+    pub limit_micros: Limit,
+    /// The counter's ordinal after this event (cutoffs and lifts); 0 for
+    /// thresholds and new-month lifts.
+    pub ordinal: u16,
+    pub kind: EnforcementKind,
+}
+
+/// The counters of one month.
+#[derive(Debug, Clone)]
+pub struct MonthLedger {
+    pub month: Month,
+    pub org: Counter,
+    pub users: Vec<Counter>,
+    pub groups: Vec<Counter>,
+    pub keys: Vec<Counter>,
+}
+
+impl MonthLedger {
+    fn new(month: Month) -> MonthLedger {
+        MonthLedger {
+            month,
+            org: Counter::default(),
+            users: Vec::new(),
+            groups: Vec::new(),
+            keys: Vec::new(),
+        }
+    }
+
+    pub fn get(&self, s: Subject) -> Option<&Counter> {
+        match s {
+            Subject::User(i) => self.users.get(i as usize),
+            Subject::Group(i) => self.groups.get(i as usize),
+            Subject::Key(i) => self.keys.get(i as usize),
+            Subject::Org => Some(&self.org),
+        }
+    }
+
+    fn get_mut(&mut self, s: Subject) -> &mut Counter {
+        fn slot(v: &mut Vec<Counter>, i: u32) -> &mut Counter {
+            let i = i as usize;
+            if v.len() <= i {
+                v.resize(i + 1, Counter::default());
+            }
+            &mut v[i]
+        }
+        match s {
+            Subject::User(i) => slot(&mut self.users, i),
+            Subject::Group(i) => slot(&mut self.groups, i),
+            Subject::Key(i) => slot(&mut self.keys, i),
+            Subject::Org => &mut self.org,
+        }
+    }
+}
+
+/// Spend of one subject on one day, added since the last checkpoint.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DayDelta {
+    pub spend_micros: i64,
+    pub requests: u64,
+}
+
+/// One org's spend: the months still open to late usage, the day deltas and
+/// enforcement events not yet checkpointed.
+#[derive(Debug, Clone, Default)]
+pub struct Ledger {
+    /// Ascending by month; usually one or two.
+    months: Vec<MonthLedger>,
+    dirty: Vec<(Month, Subject)>,
+    days: HashMap<(Subject, Day), DayDelta>,
+    pending: Vec<Enforcement>,
+}
+
+/// A budget rule for one subject: its limit and the org's thresholds.
+#[derive(Debug, Clone, Copy)]
+pub struct Budget<'a> {
+    pub limit_micros: Limit,
+    pub thresholds_bps: &'a [u32],
+}
+
+impl Ledger {
+    pub fn months(&self) -> &[MonthLedger] {
+        &self.months
+    }
+
+    pub fn month(&self, month: Month) -> Option<&MonthLedger> {
+        self.months.iter().rev().find(|m| m.month == month)
+    }
+
+    pub fn counter(&self, month: Month, s: Subject) -> Option<&Counter> {
+        self.month(month)?.get(s)
+    }
+
+    fn month_mut(&mut self, month: Month) -> &mut MonthLedger {
+        month_slot(&mut self.months, month)
+    }
+
+    /// Would adding `cost` to the org's month overflow? The org counter is
+    /// the largest sum of all, so if it fits, every subject's does.
+    pub fn would_overflow(&self, month: Month, cost_micros: i64) -> bool {
+        let spend = self.month(month).map_or(0, |m| m.org.spend_micros);
+        spend.checked_add(cost_micros).is_none()
+    }
+
+    /// Counts one call's cost for one subject and fires what it crosses.
+    pub fn add(
+        &mut self,
+        s: Subject,
+        occurred_at_ms: i64,
+        cost_micros: i64,
+        budget: Budget<'_>,
+        logged_at_ms: i64,
+    ) {
+        let month = Month::from_unix_ms(occurred_at_ms);
+        let c = counter_slot(&mut self.months, &mut self.dirty, month, s);
+        // Callers check `would_overflow` first; spend only grows.
+        c.spend_micros += cost_micros;
+        c.requests += 1;
+        c.last_at_ms = c.last_at_ms.max(occurred_at_ms);
+        evaluate(
+            c,
+            s,
+            month,
+            budget,
+            logged_at_ms,
+            LiftReason::LimitRaised,
+            &mut self.pending,
+        );
+        let day = self
+            .days
+            .entry((s, Day::from_unix_ms(occurred_at_ms)))
+            .or_default();
+        day.spend_micros += cost_micros;
+        day.requests += 1;
+    }
+
+    /// Re-evaluates a subject after its limit changed, in every open month.
+    pub fn limit_changed(&mut self, s: Subject, budget: Budget<'_>, at_ms: i64) {
+        let reason = if budget.limit_micros.is_some() {
+            LiftReason::LimitRaised
+        } else {
+            LiftReason::LimitRemoved
+        };
+        let months: Vec<Month> = self.months.iter().map(|m| m.month).collect();
+        for month in months {
+            let Some(before) = self.counter(month, s).copied() else {
+                continue;
+            };
+            let mut c = before;
+            evaluate(&mut c, s, month, budget, at_ms, reason, &mut self.pending);
+            if c != before {
+                let slot = counter_slot(&mut self.months, &mut self.dirty, month, s);
+                *slot = Counter { dirty: true, ..c };
+            }
+        }
+    }
+
+    /// A new month lifts every cutoff of the month before: records that for
+    /// each subject cut off at the end of `month.prev()`.
+    pub fn new_month(&mut self, month: Month, at_ms: i64) {
+        let Some(prev) = self.month(month.prev()) else {
+            return;
+        };
+        let mut lifted = Vec::new();
+        let cut = |c: &Counter| c.cut_off;
+        if cut(&prev.org) {
+            lifted.push((Subject::Org, prev.org));
+        }
+        for (i, c) in prev.users.iter().enumerate().filter(|(_, c)| cut(c)) {
+            lifted.push((Subject::User(i as u32), *c));
+        }
+        for (i, c) in prev.groups.iter().enumerate().filter(|(_, c)| cut(c)) {
+            lifted.push((Subject::Group(i as u32), *c));
+        }
+        for (i, c) in prev.keys.iter().enumerate().filter(|(_, c)| cut(c)) {
+            lifted.push((Subject::Key(i as u32), *c));
+        }
+        for (subject, _) in lifted {
+            let spend_micros = self.counter(month, subject).map_or(0, |c| c.spend_micros);
+            self.pending.push(Enforcement {
+                subject,
+                month,
+                at_ms,
+                spend_micros,
+                limit_micros: None,
+                ordinal: 0,
+                kind: EnforcementKind::CutoffLifted {
+                    reason: LiftReason::NewMonth,
+                },
+            });
+        }
+    }
+
+    /// Brings a counter back from a checkpoint.
+    pub fn restore(&mut self, month: Month, s: Subject, c: Counter) {
+        *self.month_mut(month).get_mut(s) = Counter { dirty: false, ..c };
+    }
+
+    /// The counters changed since the last call (each once), the day deltas
+    /// and the enforcement events, for a checkpoint.
+    pub fn take_changes(&mut self) -> LedgerChanges {
+        let mut counters = Vec::with_capacity(self.dirty.len());
+        for (month, s) in std::mem::take(&mut self.dirty) {
+            let c = self.month_mut(month).get_mut(s);
+            c.dirty = false;
+            counters.push((month, s, *c));
+        }
+        LedgerChanges {
+            counters,
+            days: self.days.drain().collect(),
+            enforcement: std::mem::take(&mut self.pending),
+        }
+    }
+
+    pub fn pending_enforcement(&self) -> &[Enforcement] {
+        &self.pending
+    }
+
+    pub fn has_changes(&self) -> bool {
+        !self.dirty.is_empty() || !self.pending.is_empty()
+    }
+
+    /// Drops months before `month` that hold nothing unsaved.
+    pub fn forget_before(&mut self, month: Month) {
+        let dirty = &self.dirty;
+        self.months
+            .retain(|m| m.month >= month || dirty.iter().any(|(d, _)| *d == m.month));
+    }
+}
+
+fn month_slot(months: &mut Vec<MonthLedger>, month: Month) -> &mut MonthLedger {
+    let at = months.partition_point(|m| m.month < month);
+    if months.get(at).is_none_or(|m| m.month != month) {
+        months.insert(at, MonthLedger::new(month));
+    }
+    &mut months[at]
+}
+
+/// The counter of `s` in `month`, created when missing and marked dirty.
+fn counter_slot<'a>(
+    months: &'a mut Vec<MonthLedger>,
+    dirty: &mut Vec<(Month, Subject)>,
+    month: Month,
+    s: Subject,
+) -> &'a mut Counter {
+    let c = month_slot(months, month).get_mut(s);
+    if !c.dirty {
+        c.dirty = true;
+        dirty.push((month, s));
+    }
+    c
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct LedgerChanges {
+    pub counters: Vec<(Month, Subject, Counter)>,
+    pub days: Vec<((Subject, Day), DayDelta)>,
+    pub enforcement: Vec<Enforcement>,
+}
+
+/// Fires the thresholds the counter has reached and flips its cutoff when
+/// spend crossed the limit (either way).
+fn evaluate(
+    c: &mut Counter,
+    subject: Subject,
+    month: Month,
+    budget: Budget<'_>,
+    at_ms: i64,
+    lift_reason: LiftReason,
+    out: &mut Vec<Enforcement>,
+) {
+    let event = |c: &Counter, ordinal, kind| Enforcement {
+        subject,
+        month,
+        at_ms,
+        spend_micros: c.spend_micros,
+        limit_micros: budget.limit_micros,
+        ordinal,
+        kind,
+    };
+    if let Some(limit) = budget.limit_micros {
+        for &t in budget.thresholds_bps {
+            if t > u32::from(c.fired_bps) && reached(c.spend_micros, limit, t) {
+                c.fired_bps = u16::try_from(t).expect("thresholds are at most 10 000 bps");
+                out.push(event(
+                    c,
+                    0,
+                    EnforcementKind::ThresholdCrossed { threshold_bps: t },
+                ));
+            }
+        }
+    }
+    let cut = budget.limit_micros.is_some_and(|l| c.spend_micros >= l);
+    if cut != c.cut_off {
+        c.cut_off = cut;
+        c.ordinal = c.ordinal.saturating_add(1);
+        let kind = if cut {
+            EnforcementKind::CutOff
+        } else {
+            EnforcementKind::CutoffLifted {
+                reason: lift_reason,
+            }
+        };
+        out.push(event(c, c.ordinal, kind));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T: [u32; 3] = [5000, 8000, 10000];
+    const NOV: i64 = 1_793_491_200_000; // 2026-11-01T00:00:00Z
+
+    fn budget(limit: i64) -> Budget<'static> {
+        Budget {
+            limit_micros: Some(limit),
+            thresholds_bps: &T,
+        }
+    }
+
+    fn kinds(l: &mut Ledger) -> Vec<EnforcementKind> {
+        l.take_changes()
+            .enforcement
+            .into_iter()
+            .map(|e| e.kind)
+            .collect()
+    }
+
+    #[test]
+    fn thresholds_fire_once_in_order_then_the_cutoff() {
+        let mut l = Ledger::default();
+        let u = Subject::User(0);
+        l.add(u, NOV, 49, budget(100), NOV);
+        assert_eq!(kinds(&mut l), vec![]);
+        l.add(u, NOV, 40, budget(100), NOV);
+        assert_eq!(
+            kinds(&mut l),
+            vec![
+                EnforcementKind::ThresholdCrossed {
+                    threshold_bps: 5000
+                },
+                EnforcementKind::ThresholdCrossed {
+                    threshold_bps: 8000
+                },
+            ]
+        );
+        l.add(u, NOV, 5, budget(100), NOV);
+        assert_eq!(kinds(&mut l), vec![]);
+        l.add(u, NOV, 6, budget(100), NOV);
+        assert_eq!(
+            kinds(&mut l),
+            vec![
+                EnforcementKind::ThresholdCrossed {
+                    threshold_bps: 10000
+                },
+                EnforcementKind::CutOff,
+            ]
+        );
+        l.add(u, NOV, 6, budget(100), NOV);
+        assert_eq!(kinds(&mut l), vec![]);
+        assert!(l.counter(Month::from_unix_ms(NOV), u).unwrap().cut_off);
+    }
+
+    #[test]
+    fn raising_the_limit_lifts_the_cutoff_and_lowering_it_cuts_again() {
+        let mut l = Ledger::default();
+        let u = Subject::User(3);
+        l.add(u, NOV, 100, budget(100), NOV);
+        let _ = l.take_changes();
+        l.limit_changed(u, budget(200), NOV + 1);
+        let ch = l.take_changes();
+        assert_eq!(ch.enforcement.len(), 1);
+        assert_eq!(
+            ch.enforcement[0].kind,
+            EnforcementKind::CutoffLifted {
+                reason: LiftReason::LimitRaised
+            }
+        );
+        assert_eq!(ch.enforcement[0].ordinal, 2);
+        assert_eq!(ch.counters.len(), 1);
+        l.limit_changed(u, budget(50), NOV + 2);
+        assert_eq!(kinds(&mut l), vec![EnforcementKind::CutOff]);
+        l.limit_changed(
+            u,
+            Budget {
+                limit_micros: None,
+                thresholds_bps: &T,
+            },
+            NOV + 3,
+        );
+        assert_eq!(
+            kinds(&mut l),
+            vec![EnforcementKind::CutoffLifted {
+                reason: LiftReason::LimitRemoved
+            }]
+        );
+    }
+
+    #[test]
+    fn each_month_counts_alone_and_a_new_month_lifts_cutoffs() {
+        let mut l = Ledger::default();
+        let u = Subject::User(0);
+        let dec = Month::from_unix_ms(NOV).next().start_ms();
+        l.add(u, NOV, 100, budget(100), NOV);
+        l.add(u, dec, 30, budget(100), dec);
+        // A late November event still counts in November.
+        l.add(u, dec - 1, 7, budget(100), dec + 5);
+        let nov = Month::from_unix_ms(NOV);
+        assert_eq!(l.counter(nov, u).unwrap().spend_micros, 107);
+        assert_eq!(l.counter(nov.next(), u).unwrap().spend_micros, 30);
+        assert!(!l.counter(nov.next(), u).unwrap().cut_off);
+        let _ = l.take_changes();
+        l.new_month(nov.next(), dec + 10);
+        let e = l.take_changes().enforcement;
+        assert_eq!(e.len(), 1);
+        assert_eq!(
+            e[0].kind,
+            EnforcementKind::CutoffLifted {
+                reason: LiftReason::NewMonth
+            }
+        );
+        assert_eq!(e[0].month, nov.next());
+    }
+
+    #[test]
+    fn checkpoint_changes_list_each_dirty_counter_once_with_day_deltas() {
+        let mut l = Ledger::default();
+        for _ in 0..3 {
+            l.add(
+                Subject::Org,
+                NOV,
+                10,
+                Budget {
+                    limit_micros: None,
+                    thresholds_bps: &T,
+                },
+                NOV,
+            );
+        }
+        l.add(Subject::Key(1), NOV + 86_400_000, 5, budget(1000), NOV);
+        let ch = l.take_changes();
+        assert_eq!(ch.counters.len(), 2);
+        assert_eq!(ch.days.len(), 2);
+        let org_day = ch
+            .days
+            .iter()
+            .find(|((s, _), _)| *s == Subject::Org)
+            .unwrap();
+        assert_eq!(
+            org_day.1,
+            DayDelta {
+                spend_micros: 30,
+                requests: 3
+            }
+        );
+        assert!(!l.has_changes());
+        assert!(l.take_changes().counters.is_empty());
+    }
+}

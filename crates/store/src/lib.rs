@@ -1,1 +1,269 @@
-//! placeholder
+//! Tally's SQL state, on SQLite (embedded, the default) or PostgreSQL
+//! (distributed), through one code path: sqlx's `Any` driver runs the same
+//! statements on both; only the DDL in [`schema`] differs.
+//!
+//! - [`log`]: the append-only entity log and the read models projected from
+//!   it in the same transaction; rebuilding the read models from the log.
+//! - [`usage_log`]: the embedded usage log (one row per ingest batch).
+//! - [`checkpoint`]: the metering engine's checkpoint — counters, day
+//!   rollups, dedupe window, enforcement events and log position — in one
+//!   transaction.
+//! - [`query`]: the admin read side (lists, details, history).
+//!
+//! On SQLite all writes go through one connection (SQLite has one writer
+//! anyway), so writers queue in the pool instead of failing with `BUSY`.
+
+pub mod checkpoint;
+pub mod log;
+pub mod query;
+mod schema;
+pub mod usage_log;
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
+use sqlx::{AnyPool, Executor};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("database: {0}")]
+    Sql(#[from] sqlx::Error),
+    /// Another writer appended to the org's log first (same seq).
+    #[error("the entity log of org {org_id} moved on concurrently")]
+    Conflict { org_id: String },
+    #[error("corrupt state: {0}")]
+    Corrupt(String),
+    #[error("{0}")]
+    Config(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// Connection settings.
+#[derive(Debug, Clone)]
+pub struct DbOptions {
+    /// `sqlite:///path/to/tally.db` or `postgres://user@host:port/db`.
+    pub url: String,
+    /// Readers (and, on PostgreSQL, writers too). Default 8.
+    pub max_connections: u32,
+    /// How long to wait for a connection. Default 10 s.
+    pub acquire_timeout: Duration,
+}
+
+impl DbOptions {
+    pub fn new(url: impl Into<String>) -> DbOptions {
+        DbOptions {
+            url: url.into(),
+            max_connections: 8,
+            acquire_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A handle on the database: cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Db {
+    backend: Backend,
+    read: AnyPool,
+    write: AnyPool,
+}
+
+impl Db {
+    /// Opens (creating an SQLite file if missing) and migrates.
+    pub async fn open(opts: &DbOptions) -> Result<Db> {
+        sqlx::any::install_default_drivers();
+        let backend = if opts.url.starts_with("sqlite:") {
+            Backend::Sqlite
+        } else if opts.url.starts_with("postgres:") || opts.url.starts_with("postgresql:") {
+            Backend::Postgres
+        } else {
+            return Err(Error::Config(format!(
+                "database url must start with sqlite: or postgres:, got {:?}",
+                redact(&opts.url)
+            )));
+        };
+        let connect = AnyConnectOptions::from_str(&opts.url)?;
+        let pool = |max: u32| {
+            AnyPoolOptions::new()
+                .max_connections(max)
+                .acquire_timeout(opts.acquire_timeout)
+                .after_connect(move |conn, _| {
+                    Box::pin(async move {
+                        if backend == Backend::Sqlite {
+                            // WAL: readers never block the writer. FULL: a
+                            // commit survives power loss, since "accepted"
+                            // must mean durable.
+                            let _ = conn
+                                .execute(
+                                    "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; \
+                                     PRAGMA busy_timeout = 10000;",
+                                )
+                                .await?;
+                        }
+                        Ok(())
+                    })
+                })
+        };
+        let write = match backend {
+            Backend::Sqlite => pool(1).connect_with(connect.clone()).await?,
+            Backend::Postgres => {
+                pool(opts.max_connections)
+                    .connect_with(connect.clone())
+                    .await?
+            }
+        };
+        let read = match backend {
+            Backend::Sqlite => pool(opts.max_connections).connect_with(connect).await?,
+            Backend::Postgres => write.clone(),
+        };
+        let db = Db {
+            backend,
+            read,
+            write,
+        };
+        db.migrate().await?;
+        Ok(db)
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    pub(crate) fn reader(&self) -> &AnyPool {
+        &self.read
+    }
+
+    pub(crate) fn writer(&self) -> &AnyPool {
+        &self.write
+    }
+
+    /// `MIN(a, b)` of two integers in this backend's dialect.
+    pub(crate) fn least(&self, a: &str, b: &str) -> String {
+        match self.backend {
+            Backend::Sqlite => format!("MIN({a}, {b})"),
+            Backend::Postgres => format!("LEAST({a}, {b})"),
+        }
+    }
+
+    async fn migrate(&self) -> Result<()> {
+        let mut tx = self.write.begin().await?;
+        if self.backend == Backend::Postgres {
+            // Two processes starting together must not both migrate.
+            let _ = sqlx::query("SELECT pg_advisory_xact_lock(7243917)")
+                .execute(&mut *tx)
+                .await?;
+        }
+        let _ = sqlx::raw_sql(
+            "CREATE TABLE IF NOT EXISTS tally_schema (version BIGINT PRIMARY KEY, applied_at_ms BIGINT NOT NULL)",
+        )
+        .execute(&mut *tx)
+        .await?;
+        let current: Option<i64> = sqlx::query_scalar("SELECT MAX(version) FROM tally_schema")
+            .fetch_one(&mut *tx)
+            .await?;
+        for (version, ddl) in schema::migrations(self.backend) {
+            if current.is_some_and(|c| c >= version) {
+                continue;
+            }
+            tracing::info!(version, "migrating database schema");
+            let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(ddl))
+                .execute(&mut *tx)
+                .await?;
+            let _ =
+                sqlx::query("INSERT INTO tally_schema (version, applied_at_ms) VALUES ($1, $2)")
+                    .bind(version)
+                    .bind(now_ms())
+                    .execute(&mut *tx)
+                    .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Reads a value of the `tally_meta` table.
+    pub async fn meta(&self, key: &str) -> Result<Option<String>> {
+        Ok(
+            sqlx::query_scalar("SELECT value FROM tally_meta WHERE key = $1")
+                .bind(key)
+                .fetch_optional(&self.read)
+                .await?,
+        )
+    }
+
+    /// Sets a value of the `tally_meta` table unless it is set already;
+    /// returns the value that holds afterwards.
+    pub async fn meta_init(&self, key: &str, value: &str) -> Result<String> {
+        let _ = sqlx::query(
+            "INSERT INTO tally_meta (key, value) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING",
+        )
+        .bind(key)
+        .bind(value)
+        .execute(&self.write)
+        .await?;
+        self.meta(key)
+            .await?
+            .ok_or_else(|| Error::Corrupt(format!("meta {key} vanished")))
+    }
+
+    /// Runs one statement as written, for tools and tests (creating a
+    /// database, checking that the log refuses edits). Never called with
+    /// request data.
+    pub async fn execute_raw(&self, sql: &str) -> Result<u64> {
+        let done = sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned()))
+            .execute(&self.write)
+            .await?;
+        Ok(done.rows_affected())
+    }
+
+    pub async fn close(&self) {
+        self.write.close().await;
+        self.read.close().await;
+    }
+}
+
+/// The URL without its password, for messages.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let creds = &url[s + 3..at];
+            match creds.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..s + 3], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+/// Wall-clock milliseconds, for bookkeeping columns only (never for domain
+/// decisions: those take their time as an input).
+pub(crate) fn now_ms() -> i64 {
+    let d = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// SQLite returns integers; booleans are stored as 0/1.
+pub(crate) fn flag(v: i64) -> bool {
+    v != 0
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(
+            super::redact("postgres://u:secret@h:5/db"),
+            "postgres://u:***@h:5/db"
+        );
+        assert_eq!(super::redact("sqlite:///x.db"), "sqlite:///x.db");
+    }
+}

@@ -1,0 +1,622 @@
+//! The admin read side: lists with sorting, filters and keyset pagination,
+//! details with history. Spend comes from the metering checkpoints; the
+//! sort keys and filters are closed enums, so no caller text ever reaches
+//! the SQL other than as a bound value.
+
+use std::collections::HashMap;
+
+use sqlx::any::AnyRow;
+use sqlx::{AssertSqlSafe, Row};
+use tally_core::entity::UserStatus;
+use tally_core::ids::OrgId;
+use tally_core::time::{Day, Month};
+
+use crate::log::{features_from_text, thresholds_from_text};
+use crate::{Db, Error, Result};
+
+/// The most rows one page may hold.
+pub const PAGE_LEN_MAX: u32 = 1_000;
+/// Months of history a detail shows.
+pub const HISTORY_MONTHS: i64 = 13;
+
+/// Utilization in SQL: parts per million of the limit, computed exactly in
+/// integers. Spend is capped at 9e12 micro-USD (9 million USD) first so the
+/// product cannot overflow; a user past that sorts as if at the cap.
+const PPM: i64 = 1_000_000;
+const SPEND_CAP_FOR_RATIO: &str = "9000000000000";
+
+#[derive(Debug, Clone)]
+pub struct OrgRow {
+    pub id: String,
+    pub name: String,
+    pub default_monthly_limit_micros: Option<i64>,
+    pub alert_thresholds_bps: Vec<u32>,
+    pub created_at_ms: i64,
+    pub seq: i64,
+    pub spend_micros: i64,
+    pub requests: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserRow {
+    pub id: String,
+    pub email: String,
+    pub name: String,
+    pub status: String,
+    pub monthly_limit_micros: Option<i64>,
+    pub groups: Vec<String>,
+    pub spend_micros: i64,
+    pub requests: i64,
+    pub last_active_at_ms: Option<i64>,
+    pub created_at_ms: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupRow {
+    pub id: String,
+    pub name: String,
+    pub member_count: i64,
+    pub monthly_limit_micros: Option<i64>,
+    pub spend_micros: i64,
+    pub requests: i64,
+    pub created_at_ms: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyRow {
+    pub id: String,
+    pub name: String,
+    pub user_id: Option<String>,
+    pub group_ids: Vec<String>,
+    pub features: Vec<String>,
+    pub monthly_limit_micros: Option<i64>,
+    pub spend_micros: i64,
+    pub requests: i64,
+    pub revoked: bool,
+    pub last_used_at_ms: Option<i64>,
+    pub created_at_ms: i64,
+}
+
+/// Spend over one period: a month (`yyyymm`) or a day (`yyyymmdd`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeriodSpend {
+    pub period: i64,
+    pub spend_micros: i64,
+    pub requests: i64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UserSort {
+    Name,
+    Email,
+    Spend,
+    Limit,
+    Utilization,
+    LastActive,
+}
+
+impl UserSort {
+    pub fn parse(s: &str) -> Option<UserSort> {
+        Some(match s {
+            "name" => UserSort::Name,
+            "email" => UserSort::Email,
+            "spend" => UserSort::Spend,
+            "limit" => UserSort::Limit,
+            "utilization" => UserSort::Utilization,
+            "last_active" => UserSort::LastActive,
+            _ => return None,
+        })
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UserSort::Name => "name",
+            UserSort::Email => "email",
+            UserSort::Spend => "spend",
+            UserSort::Limit => "limit",
+            UserSort::Utilization => "utilization",
+            UserSort::LastActive => "last_active",
+        }
+    }
+
+    fn is_text(self) -> bool {
+        matches!(self, UserSort::Name | UserSort::Email)
+    }
+}
+
+/// A sort key value, as a cursor carries it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SortValue {
+    Int(i64),
+    Text(String),
+}
+
+/// Where a page ends: the last row's sort key and id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cursor {
+    pub value: SortValue,
+    pub id: String,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct UserFilter {
+    /// `None`: every status but `removed`.
+    pub status: Option<UserStatus>,
+    pub group: Option<String>,
+    /// Case-insensitive substring of id, name or email.
+    pub q: Option<String>,
+    pub min_utilization_bps: Option<u32>,
+    pub cut_off: Option<bool>,
+}
+
+#[derive(Debug, Clone)]
+pub struct UserListQuery {
+    pub sort: UserSort,
+    pub descending: bool,
+    pub filter: UserFilter,
+    pub after: Option<Cursor>,
+    pub limit: u32,
+    pub month: Month,
+}
+
+/// Numbers `$n` placeholders while a statement is assembled.
+struct Binds {
+    values: Vec<SortValue>,
+}
+
+impl Binds {
+    fn push(&mut self, v: SortValue) -> String {
+        self.values.push(v);
+        format!("${}", self.values.len())
+    }
+}
+
+fn user_row(r: &AnyRow) -> Result<UserRow> {
+    Ok(UserRow {
+        id: r.try_get("id")?,
+        email: r.try_get("email")?,
+        name: r.try_get("name")?,
+        status: r.try_get("status")?,
+        monthly_limit_micros: r.try_get("monthly_limit_micros")?,
+        groups: Vec::new(),
+        spend_micros: r.try_get("spend_micros")?,
+        requests: r.try_get("requests")?,
+        last_active_at_ms: r.try_get("last_at_ms")?,
+        created_at_ms: r.try_get("created_at_ms")?,
+    })
+}
+
+fn escape_like(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('%');
+    for c in s.to_lowercase().chars() {
+        if matches!(c, '%' | '_' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out.push('%');
+    out
+}
+
+fn day_range(month: Month) -> (i64, i64) {
+    let first = i64::from(Day::from_unix_ms(month.start_ms()).yyyymmdd());
+    let next = i64::from(Day::from_unix_ms(month.next().start_ms()).yyyymmdd());
+    (first, next)
+}
+
+impl Db {
+    fn utilization_sql(&self) -> String {
+        format!(
+            "(CASE WHEN u.monthly_limit_micros IS NULL THEN -1 ELSE \
+             {} * {PPM} / u.monthly_limit_micros END)",
+            self.least("COALESCE(s.spend_micros, 0)", SPEND_CAP_FOR_RATIO)
+        )
+    }
+
+    fn user_sort_sql(&self, sort: UserSort) -> String {
+        match sort {
+            UserSort::Name => "u.name".into(),
+            UserSort::Email => "u.email".into(),
+            UserSort::Spend => "COALESCE(s.spend_micros, 0)".into(),
+            // Unlimited sorts above every limit.
+            UserSort::Limit => "COALESCE(u.monthly_limit_micros, 9223372036854775807)".into(),
+            UserSort::Utilization => self.utilization_sql(),
+            UserSort::LastActive => format!("COALESCE({LAST_ACTIVE_SQL}, -1)"),
+        }
+    }
+
+    pub async fn org(&self, org_id: &str, month: Month) -> Result<Option<OrgRow>> {
+        let row = sqlx::query(
+            "SELECT o.id, o.name, o.default_monthly_limit_micros, o.alert_thresholds_bps, \
+             o.created_at_ms, o.seq, COALESCE(s.spend_micros, 0) AS spend_micros, \
+             COALESCE(s.requests, 0) AS requests FROM orgs o \
+             LEFT JOIN spend_monthly s ON s.org_id = o.id AND s.kind = 'org' \
+             AND s.subject_id = o.id AND s.month = $2 WHERE o.id = $1",
+        )
+        .bind(org_id)
+        .bind(i64::from(month.yyyymm()))
+        .fetch_optional(self.reader())
+        .await?;
+        row.map(|r| {
+            Ok(OrgRow {
+                id: r.try_get("id")?,
+                name: r.try_get("name")?,
+                default_monthly_limit_micros: r.try_get("default_monthly_limit_micros")?,
+                alert_thresholds_bps: thresholds_from_text(
+                    &r.try_get::<String, _>("alert_thresholds_bps")?,
+                )?,
+                created_at_ms: r.try_get("created_at_ms")?,
+                seq: r.try_get("seq")?,
+                spend_micros: r.try_get("spend_micros")?,
+                requests: r.try_get("requests")?,
+            })
+        })
+        .transpose()
+    }
+
+    /// One page of users and the cursor of the next page, if any.
+    pub async fn list_users(
+        &self,
+        org_id: &OrgId,
+        q: &UserListQuery,
+    ) -> Result<(Vec<UserRow>, Option<Cursor>)> {
+        let limit = q.limit.clamp(1, PAGE_LEN_MAX);
+        let mut b = Binds { values: Vec::new() };
+        let org = b.push(SortValue::Text(org_id.to_string()));
+        let month = b.push(SortValue::Int(i64::from(q.month.yyyymm())));
+        let key = self.user_sort_sql(q.sort);
+        let mut filters = vec![format!("u.org_id = {org}")];
+        match q.filter.status {
+            Some(s) => filters.push(format!(
+                "u.status = {}",
+                b.push(SortValue::Text(s.as_str().into()))
+            )),
+            None => filters.push("u.status <> 'removed'".into()),
+        }
+        if let Some(g) = &q.filter.group {
+            let g = b.push(SortValue::Text(g.clone()));
+            filters.push(format!(
+                "EXISTS (SELECT 1 FROM group_members gm WHERE gm.org_id = u.org_id \
+                 AND gm.user_id = u.id AND gm.group_id = {g})"
+            ));
+        }
+        if let Some(text) = &q.filter.q {
+            let p = b.push(SortValue::Text(escape_like(text)));
+            filters.push(format!(
+                "(LOWER(u.id) LIKE {p} ESCAPE '\\' OR LOWER(u.name) LIKE {p} ESCAPE '\\' \
+                 OR LOWER(u.email) LIKE {p} ESCAPE '\\')"
+            ));
+        }
+        if let Some(bps) = q.filter.min_utilization_bps {
+            // utilization >= bps / 10 000  ⇔  ppm >= bps * 100
+            let p = b.push(SortValue::Int(i64::from(bps) * 100));
+            filters.push(format!(
+                "u.monthly_limit_micros IS NOT NULL AND {} >= {p}",
+                self.utilization_sql()
+            ));
+        }
+        if let Some(cut) = q.filter.cut_off {
+            let expr = "(u.monthly_limit_micros IS NOT NULL AND \
+                        COALESCE(s.spend_micros, 0) >= u.monthly_limit_micros)";
+            filters.push(if cut {
+                expr.to_owned()
+            } else {
+                format!("NOT {expr}")
+            });
+        }
+        if let Some(c) = &q.after {
+            match (&c.value, q.sort.is_text()) {
+                (SortValue::Text(_), true) | (SortValue::Int(_), false) => {}
+                _ => return Err(Error::Config("cursor does not match the sort".into())),
+            }
+            let v = b.push(c.value.clone());
+            let id = b.push(SortValue::Text(c.id.clone()));
+            let op = if q.descending { "<" } else { ">" };
+            filters.push(format!("({key}, u.id) {op} ({v}, {id})"));
+        }
+        let dir = if q.descending { "DESC" } else { "ASC" };
+        let sql = format!(
+            "SELECT u.id, u.email, u.name, u.status, u.monthly_limit_micros, u.created_at_ms, \
+             COALESCE(s.spend_micros, 0) AS spend_micros, COALESCE(s.requests, 0) AS requests, \
+             {LAST_ACTIVE_SQL} AS last_at_ms, {key} AS sort_key \
+             FROM users u LEFT JOIN spend_monthly s ON s.org_id = u.org_id AND s.kind = 'user' \
+             AND s.subject_id = u.id AND s.month = {month} \
+             WHERE {} ORDER BY sort_key {dir}, u.id {dir} LIMIT {}",
+            filters.join(" AND "),
+            limit + 1
+        );
+        let mut query = sqlx::query(AssertSqlSafe(sql));
+        for v in b.values {
+            query = match v {
+                SortValue::Int(i) => query.bind(i),
+                SortValue::Text(t) => query.bind(t),
+            };
+        }
+        let rows = query.fetch_all(self.reader()).await?;
+        let more = rows.len() > limit as usize;
+        let mut out = Vec::with_capacity(limit as usize);
+        let mut last_key = None;
+        for r in rows.iter().take(limit as usize) {
+            out.push(user_row(r)?);
+            last_key = Some(if q.sort.is_text() {
+                SortValue::Text(r.try_get("sort_key")?)
+            } else {
+                SortValue::Int(r.try_get("sort_key")?)
+            });
+        }
+        self.fill_user_groups(org_id, &mut out).await?;
+        let next = match (more, last_key, out.last()) {
+            (true, Some(value), Some(u)) => Some(Cursor {
+                value,
+                id: u.id.clone(),
+            }),
+            _ => None,
+        };
+        Ok((out, next))
+    }
+
+    async fn fill_user_groups(&self, org_id: &OrgId, users: &mut [UserRow]) -> Result<()> {
+        if users.is_empty() {
+            return Ok(());
+        }
+        let placeholders: Vec<String> = (2..users.len() + 2).map(|i| format!("${i}")).collect();
+        let sql = format!(
+            "SELECT user_id, group_id FROM group_members WHERE org_id = $1 AND user_id IN ({}) \
+             ORDER BY group_id",
+            placeholders.join(", ")
+        );
+        let mut query = sqlx::query(AssertSqlSafe(sql)).bind(org_id.as_str());
+        for u in users.iter() {
+            query = query.bind(u.id.clone());
+        }
+        let mut groups: HashMap<String, Vec<String>> = HashMap::new();
+        for r in query.fetch_all(self.reader()).await? {
+            groups
+                .entry(r.try_get("user_id")?)
+                .or_default()
+                .push(r.try_get("group_id")?);
+        }
+        for u in users {
+            u.groups = groups.remove(&u.id).unwrap_or_default();
+        }
+        Ok(())
+    }
+
+    pub async fn user(
+        &self,
+        org_id: &OrgId,
+        user_id: &str,
+        month: Month,
+    ) -> Result<Option<UserRow>> {
+        let sql = format!(
+            "SELECT u.id, u.email, u.name, u.status, u.monthly_limit_micros, u.created_at_ms, \
+             COALESCE(s.spend_micros, 0) AS spend_micros, COALESCE(s.requests, 0) AS requests, \
+             {LAST_ACTIVE_SQL} AS last_at_ms \
+             FROM users u LEFT JOIN spend_monthly s ON s.org_id = u.org_id AND s.kind = 'user' \
+             AND s.subject_id = u.id AND s.month = $3 WHERE u.org_id = $1 AND u.id = $2"
+        );
+        let row = sqlx::query(AssertSqlSafe(sql))
+            .bind(org_id.as_str())
+            .bind(user_id)
+            .bind(i64::from(month.yyyymm()))
+            .fetch_optional(self.reader())
+            .await?;
+        let Some(row) = row else { return Ok(None) };
+        let mut users = [user_row(&row)?];
+        self.fill_user_groups(org_id, &mut users).await?;
+        let [user] = users;
+        Ok(Some(user))
+    }
+
+    /// Monthly totals of a subject, newest first, at most 13; and its daily
+    /// series in `month`.
+    pub async fn history(
+        &self,
+        org_id: &OrgId,
+        kind: &str,
+        subject_id: &str,
+        month: Month,
+    ) -> Result<(Vec<PeriodSpend>, Vec<PeriodSpend>)> {
+        let period = |r: &AnyRow, col: &str| -> Result<PeriodSpend> {
+            Ok(PeriodSpend {
+                period: r.try_get(col)?,
+                spend_micros: r.try_get("spend_micros")?,
+                requests: r.try_get("requests")?,
+            })
+        };
+        let months = sqlx::query(
+            "SELECT month, spend_micros, requests FROM spend_monthly \
+             WHERE org_id = $1 AND kind = $2 AND subject_id = $3 AND month <= $4 \
+             ORDER BY month DESC LIMIT $5",
+        )
+        .bind(org_id.as_str())
+        .bind(kind)
+        .bind(subject_id)
+        .bind(i64::from(month.yyyymm()))
+        .bind(HISTORY_MONTHS)
+        .fetch_all(self.reader())
+        .await?
+        .iter()
+        .map(|r| period(r, "month"))
+        .collect::<Result<Vec<_>>>()?;
+        let (from, to) = day_range(month);
+        let days = sqlx::query(
+            "SELECT day, spend_micros, requests FROM spend_daily \
+             WHERE org_id = $1 AND kind = $2 AND subject_id = $3 AND day >= $4 AND day < $5 \
+             ORDER BY day",
+        )
+        .bind(org_id.as_str())
+        .bind(kind)
+        .bind(subject_id)
+        .bind(from)
+        .bind(to)
+        .fetch_all(self.reader())
+        .await?
+        .iter()
+        .map(|r| period(r, "day"))
+        .collect::<Result<Vec<_>>>()?;
+        Ok((months, days))
+    }
+
+    /// Groups (not deleted) ordered by id, after `after`, at most `limit`.
+    pub async fn list_groups(
+        &self,
+        org_id: &OrgId,
+        month: Month,
+        after: Option<&str>,
+        only: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<GroupRow>> {
+        let rows = sqlx::query(
+            "SELECT g.id, g.name, g.monthly_limit_micros, g.created_at_ms, \
+             (SELECT COUNT(*) FROM group_members m WHERE m.org_id = g.org_id \
+              AND m.group_id = g.id) AS member_count, \
+             COALESCE(s.spend_micros, 0) AS spend_micros, COALESCE(s.requests, 0) AS requests \
+             FROM org_groups g LEFT JOIN spend_monthly s ON s.org_id = g.org_id \
+             AND s.kind = 'group' AND s.subject_id = g.id AND s.month = $2 \
+             WHERE g.org_id = $1 AND g.deleted = 0 AND g.id > $3 AND ($4 = '' OR g.id = $4) \
+             ORDER BY g.id LIMIT $5",
+        )
+        .bind(org_id.as_str())
+        .bind(i64::from(month.yyyymm()))
+        .bind(after.unwrap_or(""))
+        .bind(only.unwrap_or(""))
+        .bind(i64::from(limit.clamp(1, PAGE_LEN_MAX)))
+        .fetch_all(self.reader())
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(GroupRow {
+                    id: r.try_get("id")?,
+                    name: r.try_get("name")?,
+                    member_count: r.try_get("member_count")?,
+                    monthly_limit_micros: r.try_get("monthly_limit_micros")?,
+                    spend_micros: r.try_get("spend_micros")?,
+                    requests: r.try_get("requests")?,
+                    created_at_ms: r.try_get("created_at_ms")?,
+                })
+            })
+            .collect()
+    }
+
+    /// Keys ordered by id, after `after`, at most `limit`.
+    pub async fn list_keys(
+        &self,
+        org_id: &OrgId,
+        month: Month,
+        after: Option<&str>,
+        only: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<KeyRow>> {
+        let rows = sqlx::query(
+            "SELECT k.id, k.name, k.user_id, k.features, k.monthly_limit_micros, k.revoked, \
+             k.created_at_ms, COALESCE(s.spend_micros, 0) AS spend_micros, \
+             COALESCE(s.requests, 0) AS requests, \
+             (SELECT MAX(a.last_at_ms) FROM spend_monthly a WHERE a.org_id = k.org_id \
+              AND a.kind = 'key' AND a.subject_id = k.id) AS last_at_ms \
+             FROM api_keys k LEFT JOIN spend_monthly s ON s.org_id = k.org_id \
+             AND s.kind = 'key' AND s.subject_id = k.id AND s.month = $2 \
+             WHERE k.org_id = $1 AND k.id > $3 AND ($4 = '' OR k.id = $4) ORDER BY k.id LIMIT $5",
+        )
+        .bind(org_id.as_str())
+        .bind(i64::from(month.yyyymm()))
+        .bind(after.unwrap_or(""))
+        .bind(only.unwrap_or(""))
+        .bind(i64::from(limit.clamp(1, PAGE_LEN_MAX)))
+        .fetch_all(self.reader())
+        .await?;
+        let mut keys = rows
+            .iter()
+            .map(|r| {
+                Ok(KeyRow {
+                    id: r.try_get("id")?,
+                    name: r.try_get("name")?,
+                    user_id: r.try_get("user_id")?,
+                    group_ids: Vec::new(),
+                    features: features_from_text(&r.try_get::<String, _>("features")?)?,
+                    monthly_limit_micros: r.try_get("monthly_limit_micros")?,
+                    spend_micros: r.try_get("spend_micros")?,
+                    requests: r.try_get("requests")?,
+                    revoked: crate::flag(r.try_get("revoked")?),
+                    last_used_at_ms: r.try_get("last_at_ms")?,
+                    created_at_ms: r.try_get("created_at_ms")?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        if let (Some(first), Some(last)) = (keys.first(), keys.last()) {
+            let rows = sqlx::query(
+                "SELECT key_id, group_id FROM api_key_groups WHERE org_id = $1 \
+                 AND key_id >= $2 AND key_id <= $3 ORDER BY group_id",
+            )
+            .bind(org_id.as_str())
+            .bind(first.id.clone())
+            .bind(last.id.clone())
+            .fetch_all(self.reader())
+            .await?;
+            let mut groups: HashMap<String, Vec<String>> = HashMap::new();
+            for r in rows {
+                groups
+                    .entry(r.try_get("key_id")?)
+                    .or_default()
+                    .push(r.try_get("group_id")?);
+            }
+            for k in &mut keys {
+                k.group_ids = groups.remove(&k.id).unwrap_or_default();
+            }
+        }
+        Ok(keys)
+    }
+}
+
+/// A threshold crossed, a cutoff or a lift, as recorded by a checkpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EnforcementRow {
+    pub subject_kind: String,
+    pub subject_id: String,
+    pub month: i64,
+    pub event: String,
+    pub threshold_bps: i64,
+    pub reason: Option<String>,
+    pub spend_micros: i64,
+    pub limit_micros: Option<i64>,
+    pub at_ms: i64,
+}
+
+impl Db {
+    /// An org's enforcement events, newest first, at most `limit`.
+    pub async fn list_enforcement(
+        &self,
+        org_id: &OrgId,
+        limit: u32,
+    ) -> Result<Vec<EnforcementRow>> {
+        let rows = sqlx::query(
+            "SELECT subject_kind, subject_id, month, event, threshold_bps, reason, spend_micros, \
+             limit_micros, at_ms FROM enforcement_events WHERE org_id = $1 \
+             ORDER BY at_ms DESC, subject_kind, subject_id, event, threshold_bps, ordinal LIMIT $2",
+        )
+        .bind(org_id.as_str())
+        .bind(i64::from(limit.clamp(1, PAGE_LEN_MAX)))
+        .fetch_all(self.reader())
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(EnforcementRow {
+                    subject_kind: r.try_get("subject_kind")?,
+                    subject_id: r.try_get("subject_id")?,
+                    month: r.try_get("month")?,
+                    event: r.try_get("event")?,
+                    threshold_bps: r.try_get("threshold_bps")?,
+                    reason: r.try_get("reason")?,
+                    spend_micros: r.try_get("spend_micros")?,
+                    limit_micros: r.try_get("limit_micros")?,
+                    at_ms: r.try_get("at_ms")?,
+                })
+            })
+            .collect()
+    }
+}
+
+/// The latest usage of user `u` in any month.
+const LAST_ACTIVE_SQL: &str = "(SELECT MAX(a.last_at_ms) FROM spend_monthly a \
+     WHERE a.org_id = u.org_id AND a.kind = 'user' AND a.subject_id = u.id)";

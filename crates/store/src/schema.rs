@@ -1,0 +1,193 @@
+//! The schema, per backend. Statements (DML) are shared by both backends;
+//! only the DDL differs (blob type, autoincrement, collation, triggers).
+//! Each migration runs once, in order, in its own transaction.
+
+use crate::Backend;
+
+/// (version, statements) for `backend`, ascending.
+pub(crate) fn migrations(backend: Backend) -> Vec<(i64, String)> {
+    let (blob, serial, text) = match backend {
+        // AUTOINCREMENT: a position is never handed out twice, even after the
+        // newest rows of the usage log were purged.
+        Backend::Sqlite => ("BLOB", "INTEGER PRIMARY KEY AUTOINCREMENT", "TEXT"),
+        // "C" collation: byte order, as SQLite compares, so both backends
+        // sort and paginate the same.
+        Backend::Postgres => ("BYTEA", "BIGSERIAL PRIMARY KEY", "TEXT COLLATE \"C\""),
+    };
+    let v1 = format!(
+        r#"
+CREATE TABLE tally_meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+
+-- The entity log: append-only (triggers below refuse UPDATE and DELETE).
+CREATE TABLE events (
+    pos {serial},
+    org_id {text} NOT NULL,
+    seq BIGINT NOT NULL,
+    kind TEXT NOT NULL,
+    actor TEXT NOT NULL,
+    at_ms BIGINT NOT NULL,
+    payload {blob} NOT NULL,
+    UNIQUE (org_id, seq)
+);
+
+-- Read models, projected from the log in the same transaction.
+CREATE TABLE orgs (
+    id {text} PRIMARY KEY,
+    name {text} NOT NULL,
+    default_monthly_limit_micros BIGINT,
+    alert_thresholds_bps TEXT NOT NULL,
+    created_at_ms BIGINT NOT NULL,
+    updated_at_ms BIGINT NOT NULL,
+    seq BIGINT NOT NULL
+);
+
+CREATE TABLE users (
+    org_id {text} NOT NULL,
+    id {text} NOT NULL,
+    email {text} NOT NULL,
+    name {text} NOT NULL,
+    status TEXT NOT NULL,
+    monthly_limit_micros BIGINT,
+    created_at_ms BIGINT NOT NULL,
+    updated_at_ms BIGINT NOT NULL,
+    PRIMARY KEY (org_id, id)
+);
+CREATE INDEX users_by_name ON users (org_id, name, id);
+CREATE INDEX users_by_email ON users (org_id, email, id);
+
+CREATE TABLE org_groups (
+    org_id {text} NOT NULL,
+    id {text} NOT NULL,
+    name {text} NOT NULL,
+    monthly_limit_micros BIGINT,
+    deleted BIGINT NOT NULL,
+    created_at_ms BIGINT NOT NULL,
+    updated_at_ms BIGINT NOT NULL,
+    PRIMARY KEY (org_id, id)
+);
+
+CREATE TABLE group_members (
+    org_id {text} NOT NULL,
+    group_id {text} NOT NULL,
+    user_id {text} NOT NULL,
+    added_at_ms BIGINT NOT NULL,
+    PRIMARY KEY (org_id, group_id, user_id)
+);
+CREATE INDEX group_members_by_user ON group_members (org_id, user_id, group_id);
+
+CREATE TABLE api_keys (
+    org_id {text} NOT NULL,
+    id {text} NOT NULL,
+    name {text} NOT NULL,
+    user_id {text},
+    features TEXT NOT NULL,
+    monthly_limit_micros BIGINT,
+    revoked BIGINT NOT NULL,
+    created_at_ms BIGINT NOT NULL,
+    updated_at_ms BIGINT NOT NULL,
+    PRIMARY KEY (org_id, id)
+);
+
+CREATE TABLE api_key_groups (
+    org_id {text} NOT NULL,
+    key_id {text} NOT NULL,
+    group_id {text} NOT NULL,
+    PRIMARY KEY (org_id, key_id, group_id)
+);
+
+-- Metering: written by checkpoints only.
+CREATE TABLE checkpoints (
+    partition_id BIGINT PRIMARY KEY,
+    position BIGINT NOT NULL,
+    number BIGINT NOT NULL,
+    updated_at_ms BIGINT NOT NULL
+);
+
+CREATE TABLE meter_orgs (
+    org_id {text} PRIMARY KEY,
+    watermark_ms BIGINT NOT NULL,
+    dedupe_floor_hour BIGINT NOT NULL
+);
+
+-- Request-id hashes of the dedupe window: 16 bytes each, one row per org,
+-- hour and checkpoint.
+CREATE TABLE dedupe_chunks (
+    org_id {text} NOT NULL,
+    hour BIGINT NOT NULL,
+    chunk BIGINT NOT NULL,
+    hashes {blob} NOT NULL,
+    PRIMARY KEY (org_id, hour, chunk)
+);
+
+CREATE TABLE spend_monthly (
+    org_id {text} NOT NULL,
+    kind TEXT NOT NULL,
+    subject_id {text} NOT NULL,
+    month BIGINT NOT NULL,
+    spend_micros BIGINT NOT NULL,
+    requests BIGINT NOT NULL,
+    last_at_ms BIGINT NOT NULL,
+    fired_bps BIGINT NOT NULL,
+    cut_off BIGINT NOT NULL,
+    ordinal BIGINT NOT NULL,
+    PRIMARY KEY (org_id, kind, subject_id, month)
+);
+CREATE INDEX spend_monthly_by_month ON spend_monthly (org_id, kind, month, spend_micros);
+
+CREATE TABLE spend_daily (
+    org_id {text} NOT NULL,
+    kind TEXT NOT NULL,
+    subject_id {text} NOT NULL,
+    day BIGINT NOT NULL,
+    spend_micros BIGINT NOT NULL,
+    requests BIGINT NOT NULL,
+    PRIMARY KEY (org_id, kind, subject_id, day)
+);
+
+-- Thresholds crossed, cutoffs and lifts: one row each, never rewritten.
+CREATE TABLE enforcement_events (
+    org_id {text} NOT NULL,
+    subject_kind TEXT NOT NULL,
+    subject_id {text} NOT NULL,
+    month BIGINT NOT NULL,
+    event TEXT NOT NULL,
+    threshold_bps BIGINT NOT NULL,
+    ordinal BIGINT NOT NULL,
+    reason TEXT,
+    spend_micros BIGINT NOT NULL,
+    limit_micros BIGINT,
+    at_ms BIGINT NOT NULL,
+    PRIMARY KEY (org_id, subject_kind, subject_id, month, event, threshold_bps, ordinal)
+);
+
+-- The embedded usage log: one row per ingest batch (protobuf UsageBatch).
+CREATE TABLE usage_log (
+    seq {serial},
+    logged_at_ms BIGINT NOT NULL,
+    events BIGINT NOT NULL,
+    payload {blob} NOT NULL
+);
+"#
+    );
+    let append_only = match backend {
+        Backend::Sqlite => r#"
+CREATE TRIGGER events_no_update BEFORE UPDATE ON events
+BEGIN SELECT RAISE(ABORT, 'the entity log is append-only'); END;
+CREATE TRIGGER events_no_delete BEFORE DELETE ON events
+BEGIN SELECT RAISE(ABORT, 'the entity log is append-only'); END;
+"#
+        .to_owned(),
+        Backend::Postgres => r#"
+CREATE FUNCTION tally_events_append_only() RETURNS trigger AS $$
+BEGIN RAISE EXCEPTION 'the entity log is append-only'; END;
+$$ LANGUAGE plpgsql;
+CREATE TRIGGER events_append_only BEFORE UPDATE OR DELETE ON events
+FOR EACH ROW EXECUTE FUNCTION tally_events_append_only();
+"#
+        .to_owned(),
+    };
+    vec![(1, v1 + &append_only)]
+}

@@ -1,0 +1,74 @@
+//! The embedded usage log: an append-only table with one row per ingest
+//! batch (a protobuf `UsageBatch`). Its `seq` is the log position a metering
+//! checkpoint records: everything at or below it is applied.
+
+use sqlx::Row;
+
+use crate::{Db, Result};
+
+/// One batch as stored.
+#[derive(Debug, Clone)]
+pub struct UsageRecord {
+    pub seq: i64,
+    pub logged_at_ms: i64,
+    pub payload: Vec<u8>,
+}
+
+impl Db {
+    /// Appends one batch; returns its position.
+    pub async fn append_usage(
+        &self,
+        logged_at_ms: i64,
+        events: usize,
+        payload: &[u8],
+    ) -> Result<i64> {
+        let seq: i64 = sqlx::query_scalar(
+            "INSERT INTO usage_log (logged_at_ms, events, payload) VALUES ($1, $2, $3) RETURNING seq",
+        )
+        .bind(logged_at_ms)
+        .bind(i64::try_from(events).unwrap_or(i64::MAX))
+        .bind(payload)
+        .fetch_one(self.writer())
+        .await?;
+        Ok(seq)
+    }
+
+    /// Batches after position `after`, oldest first, at most `limit`.
+    pub async fn read_usage(&self, after: i64, limit: i64) -> Result<Vec<UsageRecord>> {
+        let rows = sqlx::query(
+            "SELECT seq, logged_at_ms, payload FROM usage_log WHERE seq > $1 ORDER BY seq LIMIT $2",
+        )
+        .bind(after)
+        .bind(limit)
+        .fetch_all(self.reader())
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(UsageRecord {
+                    seq: r.try_get("seq")?,
+                    logged_at_ms: r.try_get("logged_at_ms")?,
+                    payload: r.try_get("payload")?,
+                })
+            })
+            .collect()
+    }
+
+    /// The last position written (0 when empty).
+    pub async fn usage_head(&self) -> Result<i64> {
+        let head: Option<i64> = sqlx::query_scalar("SELECT MAX(seq) FROM usage_log")
+            .fetch_one(self.reader())
+            .await?;
+        Ok(head.unwrap_or(0))
+    }
+
+    /// Deletes batches that are both checkpointed (seq <= `upto`) and older
+    /// than `before_ms`; returns how many went.
+    pub async fn purge_usage(&self, upto: i64, before_ms: i64) -> Result<u64> {
+        let done = sqlx::query("DELETE FROM usage_log WHERE seq <= $1 AND logged_at_ms < $2")
+            .bind(upto)
+            .bind(before_ms)
+            .execute(self.writer())
+            .await?;
+        Ok(done.rows_affected())
+    }
+}

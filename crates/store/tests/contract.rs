@@ -1,0 +1,596 @@
+//! The store's contract, written once and run against both backends: an
+//! SQLite file and a real PostgreSQL server (started by scripts/test.sh,
+//! found through TALLY_TEST_POSTGRES_ADMIN_URL).
+
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use tally_core::entity::{Actor, Command, EntityEvent, OrgDirectory, UserStatus, handle_create};
+use tally_core::ids::{GroupId, KeyId, OrgId, UserId};
+use tally_core::ledger::{Counter, EnforcementKind, LiftReason, Subject, SubjectKind};
+use tally_core::org::{MeterChanges, SavedCounter, SavedDay, SavedEnforcement};
+use tally_core::time::{Day, Month};
+use tally_store::checkpoint::PartitionCheckpoint;
+use tally_store::query::{Cursor, SortValue, UserFilter, UserListQuery, UserSort};
+use tally_store::{Db, DbOptions, Error};
+
+const NOV: i64 = 1_793_491_200_000; // 2026-11-01T00:00:00Z
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+fn unique(prefix: &str) -> String {
+    format!(
+        "{prefix}_{}_{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+async fn sqlite() -> Option<Db> {
+    let dir = std::env::temp_dir().join(unique("tally-store-test"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let url = format!("sqlite://{}/tally.db?mode=rwc", dir.display());
+    Some(Db::open(&DbOptions::new(url)).await.unwrap())
+}
+
+async fn postgres() -> Option<Db> {
+    let Ok(admin) = std::env::var("TALLY_TEST_POSTGRES_ADMIN_URL") else {
+        assert!(
+            std::env::var_os("TALLY_REQUIRE_SERVICES").is_none(),
+            "TALLY_TEST_POSTGRES_ADMIN_URL is not set: run scripts/test.sh"
+        );
+        eprintln!("PostgreSQL contract skipped: no server (scripts/test.sh starts one)");
+        return None;
+    };
+    // A fresh database per test.
+    let name = unique("t");
+    let admin_db = Db::open(&DbOptions::new(admin.clone())).await.unwrap();
+    let _ = admin_db
+        .execute_raw(&format!("CREATE DATABASE {name}"))
+        .await
+        .unwrap();
+    admin_db.close().await;
+    let url = format!("{}/{name}", admin.rsplit_once('/').unwrap().0);
+    Some(Db::open(&DbOptions::new(url)).await.unwrap())
+}
+
+/// Runs commands the way the engine does: validate, append, fold.
+struct Org {
+    dir: OrgDirectory,
+}
+
+impl Org {
+    async fn create(db: &Db, id: &str) -> Org {
+        let org_id = OrgId::new(id).unwrap();
+        let cmd = Command::CreateOrg {
+            name: format!("Org {id}"),
+            default_monthly_limit_micros: Some(50_000_000),
+            alert_thresholds_bps: None,
+        };
+        let kinds = handle_create(false, &org_id, &cmd).unwrap();
+        let events: Vec<EntityEvent> = kinds
+            .into_iter()
+            .map(|kind| EntityEvent {
+                org_id: org_id.clone(),
+                seq: 1,
+                at_ms: NOV,
+                actor: Actor::Operator,
+                kind,
+            })
+            .collect();
+        db.append(&events).await.unwrap();
+        Org {
+            dir: OrgDirectory::from_created(&events[0]),
+        }
+    }
+
+    async fn run(&mut self, db: &Db, cmd: Command) {
+        let kinds = self.dir.handle(&cmd).unwrap();
+        let events: Vec<EntityEvent> = kinds
+            .into_iter()
+            .enumerate()
+            .map(|(i, kind)| EntityEvent {
+                org_id: self.dir.id.clone(),
+                seq: self.dir.seq + 1 + i as u64,
+                at_ms: NOV + 1_000,
+                actor: Actor::Operator,
+                kind,
+            })
+            .collect();
+        db.append(&events).await.unwrap();
+        for e in &events {
+            self.dir.apply(e);
+        }
+    }
+
+    async fn add_user(&mut self, db: &Db, id: &str, name: &str, limit: Option<i64>) {
+        self.run(
+            db,
+            Command::AddUser {
+                user_id: UserId::new(id).unwrap(),
+                email: format!("{id}@example.test"),
+                name: name.into(),
+                monthly_limit_micros: Some(limit),
+                activate: true,
+            },
+        )
+        .await;
+    }
+}
+
+fn month() -> Month {
+    Month::from_unix_ms(NOV)
+}
+
+fn counter(kind: SubjectKind, id: &str, spend: i64) -> SavedCounter {
+    SavedCounter {
+        kind,
+        id: id.into(),
+        month: month(),
+        counter: Counter::restored(spend, 1, NOV + spend, 0, false, 0),
+    }
+}
+
+async fn checkpoint(db: &Db, org: &str, number: i64, changes: MeterChanges) {
+    let at = PartitionCheckpoint {
+        position: number * 10,
+        number,
+    };
+    db.write_checkpoint(0, at, &[(OrgId::new(org).unwrap(), changes)], NOV)
+        .await
+        .unwrap();
+}
+
+fn query(sort: UserSort, descending: bool) -> UserListQuery {
+    UserListQuery {
+        sort,
+        descending,
+        filter: UserFilter::default(),
+        after: None,
+        limit: 100,
+        month: month(),
+    }
+}
+
+async fn all_pages(db: &Db, org: &OrgId, mut q: UserListQuery, page: u32) -> Vec<String> {
+    q.limit = page;
+    let mut ids = Vec::new();
+    loop {
+        let (rows, next) = db.list_users(org, &q).await.unwrap();
+        ids.extend(rows.into_iter().map(|r| r.id));
+        match next {
+            Some(c) => q.after = Some(c),
+            None => return ids,
+        }
+    }
+}
+
+async fn appends_project_and_conflict(db: Db) {
+    let mut org = Org::create(&db, "acme").await;
+    org.add_user(&db, "alice", "Alice", Some(10)).await;
+    org.run(
+        &db,
+        Command::CreateGroup {
+            group_id: GroupId::new("eng").unwrap(),
+            name: "Engineering".into(),
+            monthly_limit_micros: None,
+        },
+    )
+    .await;
+    org.run(
+        &db,
+        Command::AddMember {
+            group_id: GroupId::new("eng").unwrap(),
+            user_id: UserId::new("alice").unwrap(),
+        },
+    )
+    .await;
+    let row = db.org("acme", month()).await.unwrap().unwrap();
+    assert_eq!(row.seq, 5, "created, added, activated, group, member");
+    assert_eq!(row.alert_thresholds_bps, vec![5000, 8000, 10000]);
+    assert_eq!(row.default_monthly_limit_micros, Some(50_000_000));
+    let user = db
+        .user(&org.dir.id, "alice", month())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(user.status, "active");
+    assert_eq!(user.groups, vec!["eng".to_string()]);
+    assert_eq!(user.monthly_limit_micros, Some(10));
+    // A second writer with the same seq conflicts and changes nothing.
+    let stale = EntityEvent {
+        org_id: org.dir.id.clone(),
+        seq: 5,
+        at_ms: NOV,
+        actor: Actor::Operator,
+        kind: tally_core::entity::EventKind::UserSuspended {
+            user_id: UserId::new("alice").unwrap(),
+        },
+    };
+    assert!(matches!(
+        db.append(&[stale]).await,
+        Err(Error::Conflict { .. })
+    ));
+    let user = db
+        .user(&org.dir.id, "alice", month())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(user.status, "active");
+    // The log refuses edits.
+    assert!(
+        db.execute_raw("UPDATE events SET actor = 'x'")
+            .await
+            .is_err()
+    );
+    assert!(db.execute_raw("DELETE FROM events").await.is_err());
+}
+
+async fn rebuild_gives_the_same_read_models(db: Db) {
+    let mut org = Org::create(&db, "acme").await;
+    for i in 0..30 {
+        org.add_user(
+            &db,
+            &format!("u{i:02}"),
+            &format!("User {}", 30 - i),
+            Some(1_000 + i),
+        )
+        .await;
+    }
+    org.run(
+        &db,
+        Command::CreateGroup {
+            group_id: GroupId::new("g").unwrap(),
+            name: "G".into(),
+            monthly_limit_micros: Some(5),
+        },
+    )
+    .await;
+    org.run(
+        &db,
+        Command::BulkUpdateUsers {
+            user_ids: (0..10)
+                .map(|i| UserId::new(&format!("u{i:02}")).unwrap())
+                .collect(),
+            add_groups: vec![GroupId::new("g").unwrap()],
+            remove_groups: vec![],
+            monthly_limit_micros: None,
+            status: Some(UserStatus::Suspended),
+        },
+    )
+    .await;
+    org.run(
+        &db,
+        Command::CreateKey {
+            key_id: KeyId::new("k").unwrap(),
+            name: "K".into(),
+            user_id: Some(UserId::new("u11").unwrap()),
+            group_ids: vec![GroupId::new("g").unwrap()],
+            features: vec!["chat".into()],
+            monthly_limit_micros: None,
+            secret_hash: [5; 32],
+        },
+    )
+    .await;
+    org.run(
+        &db,
+        Command::UpdateUser {
+            user_id: UserId::new("u29").unwrap(),
+            email: None,
+            name: None,
+            monthly_limit_micros: None,
+            status: Some(UserStatus::Removed),
+        },
+    )
+    .await;
+    let snapshot = async |db: &Db| {
+        let mut q = query(UserSort::Name, false);
+        q.filter.status = None;
+        let users = db.list_users(&org.dir.id, &q).await.unwrap().0;
+        let groups = db
+            .list_groups(&org.dir.id, month(), None, None, 100)
+            .await
+            .unwrap();
+        let keys = db
+            .list_keys(&org.dir.id, month(), None, None, 100)
+            .await
+            .unwrap();
+        (
+            users,
+            groups,
+            keys,
+            db.org("acme", month()).await.unwrap().unwrap().seq,
+        )
+    };
+    let before = snapshot(&db).await;
+    assert_eq!(before.1[0].member_count, 10);
+    assert_eq!(before.2[0].group_ids, vec!["g".to_string()]);
+    let mut calls = 0;
+    let n = db.rebuild_projections(|_| calls += 1).await.unwrap();
+    assert_eq!(n, org.dir.seq);
+    assert!(calls >= 1);
+    assert_eq!(snapshot(&db).await, before);
+    let mut seen = 0;
+    let scanned = db
+        .scan_events(|e| {
+            seen += 1;
+            assert_eq!(e.seq, seen);
+            Ok(())
+        })
+        .await
+        .unwrap();
+    assert_eq!(scanned, org.dir.seq);
+}
+
+async fn users_sort_filter_and_paginate(db: Db) {
+    let mut org = Org::create(&db, "acme").await;
+    // Names collide on purpose: ties are broken by id.
+    let people = [
+        ("a1", "Zed", Some(100)),
+        ("a2", "amy", Some(200)),
+        ("a3", "Bob", None),
+        ("a4", "bob", Some(50)),
+        ("a5", "Zed", Some(1_000)),
+        ("a6", "Ève", Some(10)),
+    ];
+    for (id, name, limit) in people {
+        org.add_user(&db, id, name, limit).await;
+    }
+    org.run(
+        &db,
+        Command::CreateGroup {
+            group_id: GroupId::new("eng").unwrap(),
+            name: "E".into(),
+            monthly_limit_micros: None,
+        },
+    )
+    .await;
+    org.run(
+        &db,
+        Command::BulkUpdateUsers {
+            user_ids: ["a1", "a3", "a5"]
+                .iter()
+                .map(|u| UserId::new(u).unwrap())
+                .collect(),
+            add_groups: vec![GroupId::new("eng").unwrap()],
+            remove_groups: vec![],
+            monthly_limit_micros: None,
+            status: None,
+        },
+    )
+    .await;
+    let spend = [("a1", 80), ("a2", 10), ("a3", 500), ("a4", 50), ("a6", 9)];
+    checkpoint(
+        &db,
+        "acme",
+        1,
+        MeterChanges {
+            counters: spend
+                .iter()
+                .map(|(u, s)| counter(SubjectKind::User, u, *s))
+                .collect(),
+            ..MeterChanges::default()
+        },
+    )
+    .await;
+    let ids = async |q: UserListQuery| {
+        db.list_users(&org.dir.id, &q)
+            .await
+            .unwrap()
+            .0
+            .into_iter()
+            .map(|u| u.id)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        ids(query(UserSort::Spend, true)).await,
+        ["a3", "a1", "a4", "a2", "a6", "a5"]
+    );
+    // Utilization: a4 100 %, a6 90 %, a1 80 %, a2 5 %, a5 0 %, a3 unlimited.
+    assert_eq!(
+        ids(query(UserSort::Utilization, true)).await,
+        ["a4", "a6", "a1", "a2", "a5", "a3"]
+    );
+    assert_eq!(
+        ids(query(UserSort::Limit, false)).await,
+        ["a6", "a4", "a1", "a2", "a5", "a3"]
+    );
+    assert_eq!(
+        ids(query(UserSort::Name, false)).await,
+        ["a3", "a1", "a5", "a2", "a4", "a6"]
+    );
+    assert_eq!(
+        ids(query(UserSort::LastActive, true)).await,
+        ["a3", "a1", "a4", "a2", "a6", "a5"]
+    );
+    let mut q = query(UserSort::Spend, true);
+    q.filter.group = Some("eng".into());
+    assert_eq!(ids(q).await, ["a3", "a1", "a5"]);
+    let mut q = query(UserSort::Spend, true);
+    q.filter.min_utilization_bps = Some(8_000);
+    assert_eq!(ids(q).await, ["a1", "a4", "a6"]);
+    let mut q = query(UserSort::Email, false);
+    q.filter.cut_off = Some(true);
+    assert_eq!(ids(q).await, ["a4"]);
+    let mut q = query(UserSort::Email, false);
+    q.filter.q = Some("BOB".into());
+    assert_eq!(ids(q).await, ["a3", "a4"]);
+    // LIKE wildcards in q are literal.
+    let mut q = query(UserSort::Email, false);
+    q.filter.q = Some("%".into());
+    assert!(ids(q).await.is_empty());
+    // Every page size gives the same order as one page.
+    for sort in [
+        UserSort::Name,
+        UserSort::Email,
+        UserSort::Spend,
+        UserSort::Limit,
+        UserSort::Utilization,
+        UserSort::LastActive,
+    ] {
+        for desc in [false, true] {
+            let whole = ids(query(sort, desc)).await;
+            for page in 1..=4 {
+                assert_eq!(
+                    all_pages(&db, &org.dir.id, query(sort, desc), page).await,
+                    whole,
+                    "{sort:?} {desc} {page}"
+                );
+            }
+        }
+    }
+    // A cursor of the wrong kind is refused.
+    let mut q = query(UserSort::Spend, false);
+    q.after = Some(Cursor {
+        value: SortValue::Text("x".into()),
+        id: "a1".into(),
+    });
+    assert!(db.list_users(&org.dir.id, &q).await.is_err());
+}
+
+async fn checkpoints_round_trip(db: Db) {
+    let _org = Org::create(&db, "acme").await;
+    assert_eq!(db.load_checkpoint(0).await.unwrap(), None);
+    let day = Day::from_unix_ms(NOV);
+    let enforcement = SavedEnforcement {
+        kind: SubjectKind::User,
+        id: "alice".into(),
+        event: tally_core::ledger::Enforcement {
+            subject: Subject::User(0),
+            month: month(),
+            at_ms: NOV,
+            spend_micros: 100,
+            limit_micros: Some(100),
+            ordinal: 1,
+            kind: EnforcementKind::CutOff,
+        },
+    };
+    let changes = |spend: i64| MeterChanges {
+        counters: vec![
+            counter(SubjectKind::User, "alice", spend),
+            counter(SubjectKind::Org, "acme", spend),
+        ],
+        days: vec![SavedDay {
+            kind: SubjectKind::User,
+            id: "alice".into(),
+            day,
+            delta: tally_core::ledger::DayDelta {
+                spend_micros: 7,
+                requests: 1,
+            },
+        }],
+        dedupe_added: vec![(10, 1), (10, 2), (11, u128::MAX)],
+        dedupe_floor_hour: 9,
+        watermark_ms: NOV + spend,
+        enforcement: vec![enforcement.clone()],
+    };
+    checkpoint(&db, "acme", 1, changes(100)).await;
+    checkpoint(&db, "acme", 2, changes(150)).await;
+    assert_eq!(
+        db.load_checkpoint(0).await.unwrap(),
+        Some(PartitionCheckpoint {
+            position: 20,
+            number: 2
+        })
+    );
+    let meters = db.load_meters(month()).await.unwrap();
+    let m = &meters["acme"];
+    assert_eq!(m.watermark_ms, NOV + 150);
+    assert_eq!(m.dedupe_floor_hour, 9);
+    assert_eq!(m.dedupe.len(), 6, "both checkpoints' chunks");
+    let mut counters = m.counters.clone();
+    counters.sort_by(|a, b| a.kind.cmp(&b.kind));
+    assert_eq!(counters[0], counter(SubjectKind::User, "alice", 150));
+    // Day deltas add up; enforcement events are written once.
+    let org = OrgId::new("acme").unwrap();
+    let (months, days) = db.history(&org, "user", "alice", month()).await.unwrap();
+    assert_eq!(months[0].spend_micros, 150);
+    assert_eq!(days.len(), 1);
+    assert_eq!((days[0].spend_micros, days[0].requests), (14, 2));
+    assert_eq!(db.list_enforcement(&org, 100).await.unwrap().len(), 1);
+    // A lift with another ordinal is a new event; the floor evicts old hours.
+    let mut lift = enforcement.clone();
+    lift.event.kind = EnforcementKind::CutoffLifted {
+        reason: LiftReason::LimitRaised,
+    };
+    lift.event.ordinal = 2;
+    checkpoint(
+        &db,
+        "acme",
+        3,
+        MeterChanges {
+            enforcement: vec![lift],
+            dedupe_floor_hour: 11,
+            watermark_ms: NOV,
+            ..MeterChanges::default()
+        },
+    )
+    .await;
+    assert_eq!(db.list_enforcement(&org, 100).await.unwrap().len(), 2);
+    assert_eq!(
+        db.load_meters(month()).await.unwrap()["acme"].dedupe,
+        vec![(11, u128::MAX), (11, u128::MAX)]
+    );
+}
+
+async fn usage_log_positions_only_grow(db: Db) {
+    assert_eq!(db.usage_head().await.unwrap(), 0);
+    let a = db.append_usage(NOV, 1, b"one").await.unwrap();
+    let b = db.append_usage(NOV + 1, 2, b"two").await.unwrap();
+    assert!(b > a);
+    let read = db.read_usage(0, 10).await.unwrap();
+    assert_eq!(
+        read.iter()
+            .map(|r| r.payload.as_slice())
+            .collect::<Vec<_>>(),
+        [b"one".as_slice(), b"two"]
+    );
+    assert_eq!(db.read_usage(a, 10).await.unwrap().len(), 1);
+    assert_eq!(db.purge_usage(b, NOV + 10).await.unwrap(), 2);
+    let c = db.append_usage(NOV + 2, 1, b"three").await.unwrap();
+    assert!(c > b, "a purged position is never handed out again");
+}
+
+async fn text_is_stored_verbatim(db: Db) {
+    let mut org = Org::create(&db, "acme").await;
+    let nasty = "Robert'); DROP TABLE users;-- \"x\" \\ % _ 😀";
+    org.add_user(&db, "bobby", nasty, None).await;
+    let user = db
+        .user(&org.dir.id, "bobby", month())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(user.name, nasty);
+    let mut q = query(UserSort::Name, false);
+    q.filter.q = Some("drop table".into());
+    assert_eq!(db.list_users(&org.dir.id, &q).await.unwrap().0.len(), 1);
+}
+
+macro_rules! contract {
+    ($($test:ident),* $(,)?) => {
+        mod sqlite {
+            $(#[tokio::test]
+            async fn $test() {
+                if let Some(db) = super::sqlite().await {
+                    super::$test(db).await;
+                }
+            })*
+        }
+        mod postgres {
+            $(#[tokio::test]
+            async fn $test() {
+                if let Some(db) = super::postgres().await {
+                    super::$test(db).await;
+                }
+            })*
+        }
+    };
+}
+
+contract!(
+    appends_project_and_conflict,
+    rebuild_gives_the_same_read_models,
+    users_sort_filter_and_paginate,
+    checkpoints_round_trip,
+    usage_log_positions_only_grow,
+    text_is_stored_verbatim,
+);

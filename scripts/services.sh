@@ -1,0 +1,58 @@
+# Starts and stops the real services the test suite needs. Sourced by
+# scripts/test.sh; every function is safe to call on a bare machine.
+#
+#   start_postgres   a throw-away PostgreSQL 15 cluster on a free loopback
+#                    port; exports TALLY_TEST_POSTGRES_URL
+#   stop_services    stops whatever was started and removes its files
+
+TALLY_SERVICES_DIR="${TALLY_SERVICES_DIR:-$(pwd)/.tmp/services}"
+PG_BIN="${PG_BIN:-/usr/lib/postgresql/15/bin}"
+_started_pg_dir=""
+
+log() { printf '[services] %s\n' "$*" >&2; }
+
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'
+}
+
+# Runs a command as the postgres user when we are root (initdb refuses root).
+as_pg() {
+  if [ "$(id -u)" = 0 ]; then
+    runuser -u postgres -- "$@"
+  else
+    "$@"
+  fi
+}
+
+start_postgres() {
+  if [ ! -x "$PG_BIN/initdb" ]; then
+    log "PostgreSQL 15 not found in $PG_BIN; installing it"
+    apt-get install -y -q postgresql-15 >/dev/null
+  fi
+  mkdir -p "$TALLY_SERVICES_DIR"
+  local dir port
+  dir="$(mktemp -d "$TALLY_SERVICES_DIR/pg.XXXXXX")"
+  port="$(free_port)"
+  chmod 755 "$TALLY_SERVICES_DIR" "$dir"
+  [ "$(id -u)" = 0 ] && chown postgres "$dir"
+  log "initdb $dir"
+  as_pg "$PG_BIN/initdb" -D "$dir/data" -U tally --auth=trust -E UTF8 --locale=C.UTF-8 >"$dir/initdb.log" 2>&1 \
+    || { cat "$dir/initdb.log" >&2; return 1; }
+  log "starting PostgreSQL on 127.0.0.1:$port"
+  # fsync off: a throw-away cluster; durability is not what these tests measure.
+  as_pg "$PG_BIN/pg_ctl" -D "$dir/data" -l "$dir/postgres.log" -w -t 60 \
+    -o "-p $port -k $dir -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200" start >/dev/null
+  _started_pg_dir="$dir"
+  as_pg "$PG_BIN/createdb" -h 127.0.0.1 -p "$port" -U tally tally_test
+  export TALLY_TEST_POSTGRES_URL="postgres://tally@127.0.0.1:$port/tally_test"
+  export TALLY_TEST_POSTGRES_ADMIN_URL="postgres://tally@127.0.0.1:$port/postgres"
+  log "PostgreSQL ready: $TALLY_TEST_POSTGRES_URL"
+}
+
+stop_services() {
+  if [ -n "$_started_pg_dir" ]; then
+    as_pg "$PG_BIN/pg_ctl" -D "$_started_pg_dir/data" -m immediate stop >/dev/null 2>&1 || true
+    rm -rf "$_started_pg_dir"
+    _started_pg_dir=""
+  fi
+}

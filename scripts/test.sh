@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The whole test suite, services included: starts a throw-away PostgreSQL,
+# builds everything, runs every test of the workspace, stops the services.
+# Extra arguments go to `cargo test` (e.g. a test name filter).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/services.sh
+trap stop_services EXIT
+
+start_postgres
+# Tests that need a service fail instead of skipping when it is missing.
+export TALLY_REQUIRE_SERVICES=1
+
+log "building"
+cargo build --workspace --all-targets --locked
+export TALLY_BIN="$(pwd)/target/debug/tally"
+log "testing"
+cargo test --workspace --locked "$@"

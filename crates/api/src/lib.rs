@@ -1,1 +1,117 @@
-//! placeholder
+//! Tally's HTTP API (axum). Admin endpoints need `Authorization: Bearer
+//! <token>`: the operator token, or an org admin token that can touch its own
+//! org only. Errors are `{"error": {"code", "message"}}`.
+
+mod cursor;
+mod dto;
+mod error;
+mod extract;
+mod groups;
+mod keys;
+mod ops;
+mod orgs;
+mod usage;
+mod users;
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post, put};
+use metrics_exporter_prometheus::PrometheusHandle;
+use tally_core::ids::OrgId;
+use tally_engine::Engine;
+
+pub use error::ApiError;
+
+use crate::error::ApiResult;
+use crate::extract::Caller;
+
+/// Bounds on what one request may carry.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// The largest request body. Default 8 MiB.
+    pub body_bytes_max: usize,
+    /// The most usage events one ingest request may carry. Default 10 000.
+    pub usage_batch_len_max: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            body_bytes_max: 8 << 20,
+            usage_batch_len_max: 10_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct AppState {
+    pub engine: Arc<Engine>,
+    pub metrics: Option<PrometheusHandle>,
+    pub limits: Limits,
+}
+
+/// Every route of the API.
+pub fn router(state: AppState) -> Router {
+    let body_max = state.limits.body_bytes_max;
+    Router::new()
+        .route("/v1/orgs", post(orgs::create))
+        .route("/v1/orgs/{org}", get(orgs::get).patch(orgs::patch))
+        .route("/v1/orgs/{org}/tokens", post(orgs::create_token))
+        .route("/v1/orgs/{org}/events", get(orgs::events))
+        .route("/v1/orgs/{org}/enforcement", get(orgs::enforcement))
+        .route("/v1/orgs/{org}/users", post(users::add).get(users::list))
+        .route("/v1/orgs/{org}/users/bulk", post(users::bulk))
+        .route(
+            "/v1/orgs/{org}/users/{user}",
+            get(users::get).patch(users::patch).delete(users::remove),
+        )
+        .route(
+            "/v1/orgs/{org}/groups",
+            post(groups::create).get(groups::list),
+        )
+        .route(
+            "/v1/orgs/{org}/groups/{group}",
+            get(groups::get).patch(groups::patch).delete(groups::delete),
+        )
+        .route(
+            "/v1/orgs/{org}/groups/{group}/members/{user}",
+            put(groups::add_member).delete(groups::remove_member),
+        )
+        .route("/v1/orgs/{org}/keys", post(keys::create).get(keys::list))
+        .route(
+            "/v1/orgs/{org}/keys/{key}",
+            get(keys::get).patch(keys::patch).delete(keys::revoke),
+        )
+        .route("/v1/usage", post(usage::ingest))
+        .route("/v1/authorize", post(usage::authorize))
+        .route("/healthz", get(ops::healthz))
+        .route("/readyz", get(ops::readyz))
+        .route("/metrics", get(ops::metrics))
+        .fallback(ops::not_found)
+        .method_not_allowed_fallback(ops::method_not_allowed)
+        .layer(DefaultBodyLimit::max(body_max))
+        .with_state(state)
+}
+
+/// Checks the caller may touch `org` and that it exists.
+fn org_access(state: &AppState, caller: &Caller, org: &str) -> ApiResult<OrgId> {
+    let org_id = OrgId::new(org).map_err(|e| ApiError::invalid(e.to_string()))?;
+    caller.require_org(&org_id)?;
+    if !state.engine.registry.contains(&org_id) {
+        return Err(ApiError::not_found(format!("org {org:?} does not exist")));
+    }
+    Ok(org_id)
+}
+
+/// The page size asked for: default 50, at most 1 000.
+fn page_len(limit: Option<u32>) -> ApiResult<u32> {
+    match limit {
+        None => Ok(50),
+        Some(n @ 1..=1000) => Ok(n),
+        Some(n) => Err(ApiError::invalid(format!(
+            "limit must be between 1 and 1000, got {n}"
+        ))),
+    }
+}

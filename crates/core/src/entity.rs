@@ -209,6 +209,21 @@ pub enum EventKind {
 }
 
 impl EventKind {
+    /// The user an event is about, if any.
+    pub fn user_id(&self) -> Option<&UserId> {
+        match self {
+            EventKind::UserAdded { user_id, .. }
+            | EventKind::UserActivated { user_id }
+            | EventKind::UserSuspended { user_id }
+            | EventKind::UserRemoved { user_id }
+            | EventKind::UserLimitSet { user_id, .. }
+            | EventKind::UserProfileChanged { user_id, .. }
+            | EventKind::MemberAdded { user_id, .. }
+            | EventKind::MemberRemoved { user_id, .. } => Some(user_id),
+            _ => None,
+        }
+    }
+
     /// The snake_case name used in JSON (`type`) and in SQL (`events.kind`).
     pub fn name(&self) -> &'static str {
         match self {
@@ -313,6 +328,8 @@ pub enum Command {
         key_id: KeyId,
         features: Option<Vec<String>>,
         monthly_limit_micros: Option<Limit>,
+        /// Revoke after the other changes (final).
+        revoke: bool,
     },
     RevokeKey {
         key_id: KeyId,
@@ -365,7 +382,8 @@ pub struct OrgSettings {
 }
 
 /// A stretch of time during which a user was in a group: `[from_ms,
-/// until_ms)`. Group spend counts a member's usage that occurred inside it.
+/// until_ms)` on the server's clock. Group spend counts a member's usage
+/// logged (received by Tally) inside it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Membership {
     pub group_idx: u32,
@@ -907,9 +925,13 @@ impl OrgDirectory {
                 key_id,
                 features,
                 monthly_limit_micros,
+                revoke,
             } => {
                 let key = self.key(key_id)?;
                 if key.revoked {
+                    if features.is_none() && monthly_limit_micros.is_none() && *revoke {
+                        return Ok(vec![]);
+                    }
                     return Err(CommandError::Rule(format!("key {key_id:?} is revoked")));
                 }
                 let mut events = Vec::new();
@@ -930,6 +952,11 @@ impl OrgDirectory {
                             monthly_limit_micros: limit,
                         });
                     }
+                }
+                if *revoke {
+                    events.push(EventKind::KeyRevoked {
+                        key_id: key_id.clone(),
+                    });
                 }
                 events
             }

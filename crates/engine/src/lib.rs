@@ -1,1 +1,179 @@
-//! placeholder
+//! Tally's running state, everything but HTTP: the orgs in memory
+//! ([`registry`]), the command path ([`commands`]), the metering engine
+//! ([`meter`]), authentication and authorize. [`Engine::start`] rebuilds it
+//! all from the database: the entity log folded into memory, the metering
+//! checkpoint loaded, the usage log replayed.
+
+pub mod clock;
+pub mod commands;
+pub mod meter;
+pub mod metrics;
+pub mod registry;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use tally_core::authorize::{Decision, authorize};
+use tally_core::entity::CommandError;
+use tally_core::ids::{OrgId, TokenId};
+use tally_core::org::MeterConfig;
+use tally_core::secret::{SECRET_RANDOM_LEN, SecretHash, ct_eq, encode_secret, hash_secret};
+use tally_store::Db;
+
+use crate::clock::Clock;
+use crate::commands::Commands;
+use crate::meter::{Meter, MeterOptions};
+use crate::registry::Registry;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Command(#[from] CommandError),
+    #[error("no such org")]
+    UnknownOrg,
+    #[error(transparent)]
+    Store(#[from] tally_store::Error),
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("corrupt state: {0}")]
+    Corrupt(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, Clone, Default)]
+pub struct EngineOptions {
+    pub meter: MeterOptions,
+    pub meter_config: MeterConfig,
+}
+
+/// Who is calling, from a bearer token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Principal {
+    /// The operator token: every org, and creating orgs.
+    Operator,
+    /// An org admin token: its own org only.
+    Org { org_id: OrgId, token_id: TokenId },
+}
+
+#[derive(Debug)]
+pub struct Engine {
+    pub db: Db,
+    pub registry: Arc<Registry>,
+    pub commands: Commands,
+    pub meter: Meter,
+    clock: Arc<dyn Clock>,
+    operator_token_hash: SecretHash,
+}
+
+impl Engine {
+    /// Rebuilds the state from `db` and returns a ready engine.
+    pub async fn start(
+        db: Db,
+        clock: Arc<dyn Clock>,
+        opts: EngineOptions,
+        operator_token_hash: SecretHash,
+    ) -> Result<Engine> {
+        crate::metrics::describe();
+        let started = Instant::now();
+        let registry = Arc::new(Registry::new(opts.meter_config));
+        let events = db
+            .scan_events(|e| {
+                registry.apply(std::slice::from_ref(&e));
+                Ok(())
+            })
+            .await?;
+        tracing::info!(
+            orgs = registry.len(),
+            events,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "entity log folded"
+        );
+        let meter = Meter::recover(
+            db.clone(),
+            Arc::clone(&registry),
+            Arc::clone(&clock),
+            opts.meter,
+            opts.meter_config.dedupe.window_ms,
+        )
+        .await?;
+        let commands = Commands::new(db.clone(), Arc::clone(&registry), Arc::clone(&clock));
+        Ok(Engine {
+            db,
+            registry,
+            commands,
+            meter,
+            clock,
+            operator_token_hash,
+        })
+    }
+
+    pub fn now_ms(&self) -> i64 {
+        self.clock.now_ms()
+    }
+
+    /// Resolves a bearer token; `None` when it is no valid token.
+    pub fn authenticate(&self, token: &str) -> Option<Principal> {
+        let hash = hash_secret(token);
+        if ct_eq(&hash, &self.operator_token_hash) {
+            return Some(Principal::Operator);
+        }
+        let (org_id, token_id) = self.registry.token(&hash)?;
+        // The index found it by hash; confirm against the org's own record.
+        let cell = self.registry.org(&org_id)?;
+        let stored = *cell.read().dir.tokens.get(&token_id)?;
+        ct_eq(&stored, &hash).then_some(Principal::Org { org_id, token_id })
+    }
+
+    /// The gateway's question: may the holder of `secret` make this call?
+    pub fn authorize(
+        &self,
+        secret: &str,
+        feature: Option<&str>,
+        user_id: Option<&str>,
+    ) -> (Option<OrgId>, Decision) {
+        let hash = hash_secret(secret);
+        let decision = match self.registry.org_of_key(&hash) {
+            None => (None, Decision::unknown_key()),
+            Some(org_id) => match self.registry.org(&org_id) {
+                None => (None, Decision::unknown_key()),
+                Some(cell) => {
+                    let org = cell.read();
+                    match org.dir.key_by_hash(&hash) {
+                        Some(key) => {
+                            let d = authorize(&org, key, feature, user_id, self.clock.now_ms());
+                            (Some(org_id), d)
+                        }
+                        None => (None, Decision::unknown_key()),
+                    }
+                }
+            },
+        };
+        ::metrics::counter!(crate::metrics::AUTHORIZE_DECISIONS, "reason" => decision.1.reason.as_str())
+            .increment(1);
+        decision
+    }
+}
+
+/// A new secret: `prefix` and 256 random bits in hex.
+pub fn random_secret(prefix: &str) -> Result<String> {
+    let mut bytes = [0u8; SECRET_RANDOM_LEN];
+    getrandom::fill(&mut bytes)
+        .map_err(|e| Error::Unavailable(format!("no randomness from the OS: {e}")))?;
+    Ok(encode_secret(prefix, &bytes))
+}
+
+/// A new id for an entity created without one: `prefix` and 16 random
+/// lowercase letters and digits.
+pub fn random_id(prefix: &str) -> Result<String> {
+    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    let mut bytes = [0u8; 16];
+    getrandom::fill(&mut bytes)
+        .map_err(|e| Error::Unavailable(format!("no randomness from the OS: {e}")))?;
+    let mut id = String::with_capacity(prefix.len() + 16);
+    id.push_str(prefix);
+    for b in bytes {
+        id.push(char::from(ALPHABET[usize::from(b) % ALPHABET.len()]));
+    }
+    Ok(id)
+}

@@ -3,11 +3,13 @@
 //! sees them.
 
 mod convert;
+mod json;
 
 pub use convert::{
     ConvertError, decode_entity_event, decode_usage_batch, encode_entity_event, encode_usage_batch,
     usage_from_proto, usage_to_proto,
 };
+pub use json::{format_rfc3339_ms, parse_rfc3339_ms, usage_from_json};
 
 /// The generated types of package `tally.v1`.
 #[allow(

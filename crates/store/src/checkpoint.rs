@@ -126,17 +126,28 @@ impl Db {
         .transpose()
     }
 
-    /// Loads the saved meters of every org: counters of months from
-    /// `from_month` on, dedupe windows and watermarks.
-    pub async fn load_meters(&self, from_month: Month) -> Result<HashMap<String, SavedMeter>> {
+    /// Loads the saved meters of every org: watermarks, dedupe windows and
+    /// the counters of every month usage can still reach — from the month of
+    /// `watermark - window_ms` on, and never later than `latest_month`'s
+    /// predecessor, so the months an authorize or a new-month lift reads are
+    /// there too.
+    pub async fn load_meters(
+        &self,
+        window_ms: i64,
+        latest_month: Month,
+    ) -> Result<HashMap<String, SavedMeter>> {
         let mut out: HashMap<String, SavedMeter> = HashMap::new();
         let rows = sqlx::query("SELECT org_id, watermark_ms, dedupe_floor_hour FROM meter_orgs")
             .fetch_all(self.reader())
             .await?;
+        let mut from_month = latest_month.prev();
         for r in rows {
             let m = out.entry(r.try_get("org_id")?).or_default();
             m.watermark_ms = r.try_get("watermark_ms")?;
             m.dedupe_floor_hour = r.try_get("dedupe_floor_hour")?;
+            from_month = from_month.min(Month::from_unix_ms(
+                m.watermark_ms.saturating_sub(window_ms),
+            ));
         }
         let rows = sqlx::query(
             "SELECT org_id, kind, subject_id, month, spend_micros, requests, last_at_ms, \

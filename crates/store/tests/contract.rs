@@ -492,7 +492,7 @@ async fn checkpoints_round_trip(db: Db) {
             number: 2
         })
     );
-    let meters = db.load_meters(month()).await.unwrap();
+    let meters = db.load_meters(86_400_000, month()).await.unwrap();
     let m = &meters["acme"];
     assert_eq!(m.watermark_ms, NOV + 150);
     assert_eq!(m.dedupe_floor_hour, 9);
@@ -527,7 +527,7 @@ async fn checkpoints_round_trip(db: Db) {
     .await;
     assert_eq!(db.list_enforcement(&org, 100).await.unwrap().len(), 2);
     assert_eq!(
-        db.load_meters(month()).await.unwrap()["acme"].dedupe,
+        db.load_meters(86_400_000, month()).await.unwrap()["acme"].dedupe,
         vec![(11, u128::MAX), (11, u128::MAX)]
     );
 }

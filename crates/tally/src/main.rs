@@ -1,1 +1,239 @@
-fn main() {}
+//! The `tally` command.
+
+mod config;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use metrics_exporter_prometheus::PrometheusBuilder;
+use tally_api::{AppState, Limits};
+use tally_core::dedupe::DedupeConfig;
+use tally_core::org::MeterConfig;
+use tally_core::secret::{SecretHash, hash_secret};
+use tally_engine::clock::SystemClock;
+use tally_engine::meter::MeterOptions;
+use tally_engine::{Engine, EngineOptions, random_secret};
+use tally_store::{Db, DbOptions, redact};
+use tokio::sync::watch;
+
+use crate::config::{Cli, Command, ServeConfig};
+
+/// Where the hash of a generated operator token is kept.
+const OPERATOR_TOKEN_META: &str = "operator_token_sha256";
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    match cli.command {
+        Command::Serve(args) => {
+            let cfg = ServeConfig::load(cli.config.as_deref(), args)?;
+            init_logs(cfg.json_logs);
+            runtime.block_on(serve(cfg))
+        }
+        Command::RebuildProjections(args) => {
+            init_logs(false);
+            let store = config::layered_store(cli.config.as_deref(), args)?;
+            let (url, _) = config::database_url(&store)?;
+            runtime.block_on(rebuild(&url))
+        }
+    }
+}
+
+fn init_logs(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex32(s: &str) -> anyhow::Result<SecretHash> {
+    let bytes: Vec<u8> = (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2).unwrap_or("zz"), 16))
+        .collect::<Result<_, _>>()
+        .context("stored operator token hash is not hex")?;
+    bytes
+        .try_into()
+        .map_err(|_| anyhow::anyhow!("stored operator token hash is not 32 bytes"))
+}
+
+/// The configured operator token, or the one generated at first start.
+async fn operator_token_hash(db: &Db, configured: Option<&str>) -> anyhow::Result<SecretHash> {
+    if let Some(token) = configured {
+        if token.len() < 16 {
+            bail!("the operator token must have at least 16 characters");
+        }
+        return Ok(hash_secret(token));
+    }
+    if let Some(stored) = db.meta(OPERATOR_TOKEN_META).await? {
+        tracing::info!(
+            "using the operator token generated at first start (only its hash is stored)"
+        );
+        return unhex32(&stored);
+    }
+    let token = random_secret("tly_op_")?;
+    let mine = hex(&hash_secret(&token));
+    let stored = db.meta_init(OPERATOR_TOKEN_META, &mine).await?;
+    if stored == mine {
+        println!("operator token (shown once, keep it): {token}");
+    }
+    unhex32(&stored)
+}
+
+async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let metrics = PrometheusBuilder::new()
+        .install_recorder()
+        .context("installing metrics")?;
+    let db = Db::open(&DbOptions::new(cfg.database_url.clone()))
+        .await
+        .with_context(|| format!("opening {}", redact(&cfg.database_url)))?;
+    let token_hash = operator_token_hash(&db, cfg.operator_token.as_deref()).await?;
+    let opts = EngineOptions {
+        meter: MeterOptions {
+            checkpoint_interval: cfg.checkpoint_interval,
+            checkpoint_events_max: cfg.checkpoint_events_max,
+            usage_retention: cfg.usage_retention,
+        },
+        meter_config: MeterConfig {
+            dedupe: DedupeConfig {
+                window_ms: cfg.dedupe_window_ms,
+                entries_max: cfg.dedupe_entries_max,
+            },
+            ..MeterConfig::default()
+        },
+    };
+    let engine =
+        Arc::new(Engine::start(db.clone(), Arc::new(SystemClock), opts, token_hash).await?);
+    let listener = tokio::net::TcpListener::bind(&cfg.listen)
+        .await
+        .with_context(|| format!("listening on {}", cfg.listen))?;
+    let addr: SocketAddr = listener.local_addr()?;
+    let mode = match &cfg.data_dir {
+        Some(dir) => format!("embedded, data in {}", dir.display()),
+        None => format!("database {}", redact(&cfg.database_url)),
+    };
+    println!("tally listening on http://{addr} ({mode})");
+    tracing::info!(%addr, mode, startup_ms = started.elapsed().as_millis() as u64, "serving");
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let meter_loop = tokio::spawn({
+        let engine = Arc::clone(&engine);
+        let stop = stopped(stop_rx.clone());
+        async move { engine.meter.run(stop).await }
+    });
+    let upkeep = tokio::spawn({
+        let handle = metrics.clone();
+        let stop = stopped(stop_rx.clone());
+        async move {
+            tokio::pin!(stop);
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+            loop {
+                tokio::select! {
+                    () = &mut stop => return,
+                    _ = tick.tick() => handle.run_upkeep(),
+                }
+            }
+        }
+    });
+
+    let state = AppState {
+        engine: Arc::clone(&engine),
+        metrics: Some(metrics),
+        limits: Limits {
+            body_bytes_max: cfg.body_bytes_max,
+            usage_batch_len_max: cfg.usage_batch_len_max,
+        },
+    };
+    let failed = {
+        let engine = Arc::clone(&engine);
+        async move { engine.meter.failed().await }
+    };
+    let (why_tx, mut why_rx) = watch::channel("");
+    let shutdown = async move {
+        let why = tokio::select! {
+            () = signal() => "signal",
+            () = failed => "meter failure",
+        };
+        let _ = why_tx.send(why);
+    };
+    axum::serve(listener, tally_api::router(state))
+        .with_graceful_shutdown(shutdown)
+        .await
+        .context("serving http")?;
+    let why = *why_rx.borrow_and_update();
+    let _ = stop_tx.send(true);
+    let _ = meter_loop.await;
+    let _ = upkeep.await;
+    if why == "meter failure" {
+        db.close().await;
+        bail!("the meter stopped after a usage log failure; restart to recover from the log");
+    }
+    tracing::info!("shutting down: final checkpoint");
+    engine.meter.shutdown().await.context("final checkpoint")?;
+    db.close().await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Resolves on ctrl-c or SIGTERM.
+async fn signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                let _ = s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
+    tracing::info!("signal received: stopping");
+}
+
+async fn rebuild(url: &str) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let db = Db::open(&DbOptions::new(url))
+        .await
+        .with_context(|| format!("opening {}", redact(url)))?;
+    eprintln!(
+        "rebuilding read models from the entity log in {}",
+        redact(url)
+    );
+    let n = db
+        .rebuild_projections(|n| eprintln!("  {n} events projected"))
+        .await
+        .context("rebuilding projections")?;
+    db.close().await;
+    println!(
+        "rebuilt read models from {n} events in {} ms",
+        started.elapsed().as_millis()
+    );
+    Ok(())
+}

@@ -1,0 +1,246 @@
+//! The JSON shapes of the API (architecture brief, "Contracts"). Money is
+//! integer micro-USD (`*_micros`), times are RFC 3339, fractions are JSON
+//! numbers computed from exact integers.
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use tally_core::ratio::{format_bps, parse_fraction_bps, utilization};
+use tally_core::time::{Day, Month};
+use tally_proto::format_rfc3339_ms;
+use tally_store::query::{GroupRow, KeyRow, OrgRow, PeriodSpend, UserRow};
+
+use crate::error::ApiError;
+
+/// Basis points shown as a fraction: 8000 → `0.8`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Fraction(pub u32);
+
+impl Serialize for Fraction {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let n: serde_json::Number = format_bps(self.0)
+            .parse()
+            .map_err(serde::ser::Error::custom)?;
+        n.serialize(s)
+    }
+}
+
+/// Parses fractions as written in JSON, exactly (`0.8` → 8000 bps).
+pub(crate) fn fractions_to_bps(v: &[serde_json::Number]) -> Result<Vec<u32>, ApiError> {
+    v.iter()
+        .map(|n| parse_fraction_bps(&n.to_string()).map_err(|e| ApiError::invalid(e.to_string())))
+        .collect()
+}
+
+/// For PATCH fields: absent → `None`, `null` → `Some(None)`, value →
+/// `Some(Some(v))`. Use with `#[serde(default)]`.
+pub(crate) fn present<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
+    d: D,
+) -> Result<Option<T>, D::Error> {
+    T::deserialize(d).map(Some)
+}
+
+fn time(ms: i64) -> String {
+    format_rfc3339_ms(ms)
+}
+
+fn cut_off(spend: i64, limit: Option<i64>) -> bool {
+    limit.is_some_and(|l| spend >= l)
+}
+
+#[derive(Debug, Serialize)]
+pub(crate) struct OrgJson {
+    pub id: String,
+    pub name: String,
+    pub default_monthly_limit_micros: Option<i64>,
+    pub alert_thresholds: Vec<Fraction>,
+    pub spend_micros: i64,
+    pub requests: i64,
+    pub month: String,
+    pub created_at: String,
+}
+
+impl OrgJson {
+    pub(crate) fn new(r: OrgRow, month: Month) -> OrgJson {
+        OrgJson {
+            id: r.id,
+            name: r.name,
+            default_monthly_limit_micros: r.default_monthly_limit_micros,
+            alert_thresholds: r.alert_thresholds_bps.into_iter().map(Fraction).collect(),
+            spend_micros: r.spend_micros,
+            requests: r.requests,
+            month: month.to_string(),
+            created_at: time(r.created_at_ms),
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub(crate) struct UserJson {
+    pub id: String,
+    pub email: String,
+    pub name: String,
+    pub status: String,
+    pub groups: Vec<String>,
+    pub monthly_limit_micros: Option<i64>,
+    pub spend_micros: i64,
+    pub utilization: Option<f64>,
+    pub cut_off: bool,
+    pub last_active_at: Option<String>,
+    pub requests: i64,
+    pub created_at: String,
+}
+
+impl From<UserRow> for UserJson {
+    fn from(u: UserRow) -> UserJson {
+        UserJson {
+            utilization: utilization(u.spend_micros, u.monthly_limit_micros),
+            cut_off: cut_off(u.spend_micros, u.monthly_limit_micros),
+            id: u.id,
+            email: u.email,
+            name: u.name,
+            status: u.status,
+            groups: u.groups,
+            monthly_limit_micros: u.monthly_limit_micros,
+            spend_micros: u.spend_micros,
+            last_active_at: u.last_active_at_ms.map(time),
+            requests: u.requests,
+            created_at: time(u.created_at_ms),
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub(crate) struct GroupJson {
+    pub id: String,
+    pub name: String,
+    pub member_count: i64,
+    pub monthly_limit_micros: Option<i64>,
+    pub spend_micros: i64,
+    pub utilization: Option<f64>,
+    pub cut_off: bool,
+    pub requests: i64,
+    pub created_at: String,
+}
+
+impl From<GroupRow> for GroupJson {
+    fn from(g: GroupRow) -> GroupJson {
+        GroupJson {
+            utilization: utilization(g.spend_micros, g.monthly_limit_micros),
+            cut_off: cut_off(g.spend_micros, g.monthly_limit_micros),
+            id: g.id,
+            name: g.name,
+            member_count: g.member_count,
+            monthly_limit_micros: g.monthly_limit_micros,
+            spend_micros: g.spend_micros,
+            requests: g.requests,
+            created_at: time(g.created_at_ms),
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub(crate) struct KeyJson {
+    pub id: String,
+    pub name: String,
+    pub user_id: Option<String>,
+    pub group_ids: Vec<String>,
+    pub features: Vec<String>,
+    pub monthly_limit_micros: Option<i64>,
+    pub spend_micros: i64,
+    pub cut_off: bool,
+    pub requests: i64,
+    pub revoked: bool,
+    pub last_used_at: Option<String>,
+    pub created_at: String,
+    /// Only in the create response: shown once, stored as a hash.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub secret: Option<String>,
+}
+
+impl From<KeyRow> for KeyJson {
+    fn from(k: KeyRow) -> KeyJson {
+        KeyJson {
+            cut_off: cut_off(k.spend_micros, k.monthly_limit_micros),
+            id: k.id,
+            name: k.name,
+            user_id: k.user_id,
+            group_ids: k.group_ids,
+            features: k.features,
+            monthly_limit_micros: k.monthly_limit_micros,
+            spend_micros: k.spend_micros,
+            requests: k.requests,
+            revoked: k.revoked,
+            last_used_at: k.last_used_at_ms.map(time),
+            created_at: time(k.created_at_ms),
+            secret: None,
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub(crate) struct MonthSpend {
+    pub month: String,
+    pub spend_micros: i64,
+    pub requests: i64,
+    /// Against the month before, when that month had spend on record.
+    pub change_micros: Option<i64>,
+}
+
+#[derive(Debug, Serialize)]
+pub(crate) struct DaySpend {
+    pub day: String,
+    pub spend_micros: i64,
+    pub requests: i64,
+}
+
+#[derive(Debug, Serialize)]
+pub(crate) struct History {
+    pub months: Vec<MonthSpend>,
+    pub days: Vec<DaySpend>,
+}
+
+impl History {
+    /// `months` newest first, as the store returns them.
+    pub(crate) fn new(months: Vec<PeriodSpend>, days: Vec<PeriodSpend>) -> History {
+        let label = |p: i64| {
+            u32::try_from(p)
+                .ok()
+                .and_then(Month::from_yyyymm)
+                .map_or(p.to_string(), |m| m.to_string())
+        };
+        let mut out = Vec::with_capacity(months.len());
+        for (i, m) in months.iter().enumerate() {
+            let prev = months.get(i + 1).filter(|p| {
+                u32::try_from(m.period)
+                    .ok()
+                    .and_then(Month::from_yyyymm)
+                    .is_some_and(|mm| i64::from(mm.prev().yyyymm()) == p.period)
+            });
+            out.push(MonthSpend {
+                month: label(m.period),
+                spend_micros: m.spend_micros,
+                requests: m.requests,
+                change_micros: prev.map(|p| m.spend_micros - p.spend_micros),
+            });
+        }
+        History {
+            months: out,
+            days: days
+                .into_iter()
+                .map(|d| DaySpend {
+                    day: u32::try_from(d.period)
+                        .ok()
+                        .and_then(Day::from_yyyymmdd)
+                        .map_or(d.period.to_string(), |d| d.to_string()),
+                    spend_micros: d.spend_micros,
+                    requests: d.requests,
+                })
+                .collect(),
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub(crate) struct ListJson<T> {
+    pub items: Vec<T>,
+    pub next_cursor: Option<String>,
+}

@@ -1,0 +1,114 @@
+//! API errors: a closed set of codes, each with one status, as
+//! `{"error": {"code", "message"}}`. Internal details go to the log, never to
+//! the client.
+
+use axum::Json;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use tally_core::entity::CommandError;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    pub fn invalid(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, "invalid_input", message)
+    }
+
+    pub fn unauthorized(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message)
+    }
+
+    pub fn forbidden(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::FORBIDDEN, "forbidden", message)
+    }
+
+    pub fn not_found(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::NOT_FOUND, "not_found", message)
+    }
+
+    pub fn conflict(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::CONFLICT, "conflict", message)
+    }
+
+    pub fn too_large(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", message)
+    }
+
+    pub fn rule(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "rule_violated", message)
+    }
+
+    pub fn unavailable(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)
+    }
+
+    pub fn internal() -> ApiError {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "internal error; see the server log",
+        )
+    }
+}
+
+impl From<CommandError> for ApiError {
+    fn from(e: CommandError) -> Self {
+        match e {
+            CommandError::Invalid(m) => ApiError::invalid(m),
+            e @ CommandError::NotFound { .. } => ApiError::not_found(e.to_string()),
+            CommandError::Conflict(m) => ApiError::conflict(m),
+            CommandError::Rule(m) => ApiError::rule(m),
+        }
+    }
+}
+
+impl From<tally_engine::Error> for ApiError {
+    fn from(e: tally_engine::Error) -> Self {
+        match e {
+            tally_engine::Error::Command(c) => c.into(),
+            tally_engine::Error::UnknownOrg => ApiError::not_found("no such org"),
+            tally_engine::Error::Store(s) => s.into(),
+            tally_engine::Error::Unavailable(m) => ApiError::unavailable(m),
+            e @ tally_engine::Error::Corrupt(_) => {
+                tracing::error!(error = %e, "request failed");
+                ApiError::internal()
+            }
+        }
+    }
+}
+
+impl From<tally_store::Error> for ApiError {
+    fn from(e: tally_store::Error) -> Self {
+        match e {
+            tally_store::Error::Conflict { .. } => {
+                ApiError::conflict("the org changed concurrently; retry the request")
+            }
+            e => {
+                tracing::error!(error = %e, "request failed");
+                ApiError::internal()
+            }
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = serde_json::json!({ "error": { "code": self.code, "message": self.message } });
+        (self.status, Json(body)).into_response()
+    }
+}
+
+pub(crate) type ApiResult<T> = Result<T, ApiError>;

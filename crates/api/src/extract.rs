@@ -1,0 +1,130 @@
+//! Extractors that answer bad input with the API's JSON errors.
+
+use axum::body::Bytes;
+use axum::extract::{FromRequest, FromRequestParts, Query, Request};
+use axum::http::StatusCode;
+use axum::http::request::Parts;
+use serde::de::DeserializeOwned;
+use tally_core::entity::Actor;
+use tally_core::ids::OrgId;
+use tally_engine::Principal;
+
+use crate::AppState;
+use crate::error::ApiError;
+
+/// A JSON body, whatever its content type (curl users forget the header),
+/// within the router's body limit.
+#[derive(Debug)]
+pub(crate) struct JsonBody<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        let bytes = body_bytes(req, state).await?;
+        serde_json::from_slice(&bytes)
+            .map(JsonBody)
+            .map_err(|e| ApiError::invalid(format!("request body is not valid: {e}")))
+    }
+}
+
+/// Reads the body within the router's limit.
+async fn body_bytes<S: Send + Sync>(req: Request, state: &S) -> Result<Bytes, ApiError> {
+    Bytes::from_request(req, state).await.map_err(|rej| {
+        if rej.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::too_large("the request body is larger than the server's limit")
+        } else {
+            ApiError::invalid(format!("could not read the request body: {rej}"))
+        }
+    })
+}
+
+/// Like [`JsonBody`], for endpoints whose body may be left out.
+#[derive(Debug)]
+pub(crate) struct OptionalJson<T>(pub Option<T>);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for OptionalJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        let bytes = body_bytes(req, state).await?;
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Ok(OptionalJson(None));
+        }
+        serde_json::from_slice(&bytes)
+            .map(|v| OptionalJson(Some(v)))
+            .map_err(|e| ApiError::invalid(format!("request body is not valid: {e}")))
+    }
+}
+
+/// Query parameters; unknown or malformed ones are a 400.
+#[derive(Debug)]
+pub(crate) struct Params<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for Params<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|q| Params(q.0))
+            .map_err(|e| ApiError::invalid(format!("query parameters: {}", e.body_text())))
+    }
+}
+
+/// The authenticated caller.
+#[derive(Debug, Clone)]
+pub(crate) struct Caller(pub Principal);
+
+impl Caller {
+    pub(crate) fn actor(&self) -> Actor {
+        match &self.0 {
+            Principal::Operator => Actor::Operator,
+            Principal::Org { token_id, .. } => Actor::Token(token_id.clone()),
+        }
+    }
+
+    pub(crate) fn require_operator(&self) -> Result<(), ApiError> {
+        match self.0 {
+            Principal::Operator => Ok(()),
+            Principal::Org { .. } => {
+                Err(ApiError::forbidden("only the operator token may do this"))
+            }
+        }
+    }
+
+    /// Admits the operator, or a token of exactly this org.
+    pub(crate) fn require_org(&self, org: &OrgId) -> Result<(), ApiError> {
+        match &self.0 {
+            Principal::Operator => Ok(()),
+            Principal::Org { org_id, .. } if org_id == org => Ok(()),
+            Principal::Org { .. } => Err(ApiError::forbidden("this token belongs to another org")),
+        }
+    }
+}
+
+impl FromRequestParts<AppState> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let header = parts
+            .headers
+            .get(axum::http::header::AUTHORIZATION)
+            .ok_or_else(|| ApiError::unauthorized("missing Authorization: Bearer <token>"))?;
+        let token = header
+            .to_str()
+            .ok()
+            .and_then(|h| {
+                h.strip_prefix("Bearer ")
+                    .or_else(|| h.strip_prefix("bearer "))
+            })
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| ApiError::unauthorized("Authorization must be Bearer <token>"))?;
+        state
+            .engine
+            .authenticate(token)
+            .map(Caller)
+            .ok_or_else(|| ApiError::unauthorized("unknown token"))
+    }
+}

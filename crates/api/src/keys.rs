@@ -1,0 +1,205 @@
+//! API keys: create (the secret is in this response only), list, detail,
+//! change features and limit, revoke.
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use serde::Deserialize;
+use serde_json::json;
+use tally_core::entity::Command;
+use tally_core::ids::{GroupId, KeyId, OrgId, UserId};
+use tally_core::secret::{KEY_SECRET_PREFIX, hash_secret};
+use tally_core::time::Month;
+use tally_engine::{random_id, random_secret};
+
+use crate::cursor;
+use crate::dto::{KeyJson, ListJson, present};
+use crate::error::{ApiError, ApiResult};
+use crate::extract::{Caller, JsonBody, Params};
+use crate::{AppState, org_access, page_len};
+
+fn key_id(s: &str) -> ApiResult<KeyId> {
+    KeyId::new(s).map_err(|e| ApiError::invalid(e.to_string()))
+}
+
+async fn key_json(state: &AppState, org_id: &OrgId, key: &KeyId) -> ApiResult<KeyJson> {
+    let month = Month::from_unix_ms(state.engine.now_ms());
+    let rows = state
+        .engine
+        .db
+        .list_keys(org_id, month, None, Some(key), 1)
+        .await?;
+    rows.into_iter()
+        .next()
+        .map(KeyJson::from)
+        .ok_or_else(|| ApiError::not_found(format!("key {:?} does not exist", key.as_str())))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct CreateKey {
+    id: Option<String>,
+    name: String,
+    user_id: Option<String>,
+    #[serde(default)]
+    group_ids: Vec<String>,
+    #[serde(default)]
+    features: Vec<String>,
+    #[serde(default)]
+    monthly_limit_micros: Option<i64>,
+}
+
+pub(crate) async fn create(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(org): Path<String>,
+    JsonBody(req): JsonBody<CreateKey>,
+) -> ApiResult<(StatusCode, Json<KeyJson>)> {
+    let org_id = org_access(&state, &caller, &org)?;
+    let id = match req.id {
+        Some(id) => key_id(&id)?,
+        None => key_id(&random_id("k_")?)?,
+    };
+    let invalid = |e: tally_core::ids::IdError| ApiError::invalid(e.to_string());
+    let secret = random_secret(KEY_SECRET_PREFIX)?;
+    let cmd = Command::CreateKey {
+        key_id: id.clone(),
+        name: req.name,
+        user_id: req
+            .user_id
+            .as_deref()
+            .map(UserId::new)
+            .transpose()
+            .map_err(invalid)?,
+        group_ids: req
+            .group_ids
+            .iter()
+            .map(|g| GroupId::new(g))
+            .collect::<Result<_, _>>()
+            .map_err(invalid)?,
+        features: req.features,
+        monthly_limit_micros: req.monthly_limit_micros,
+        secret_hash: hash_secret(&secret),
+    };
+    let _ = state
+        .engine
+        .commands
+        .execute(&org_id, caller.actor(), &cmd)
+        .await?;
+    let mut key = key_json(&state, &org_id, &id).await?;
+    key.secret = Some(secret);
+    Ok((StatusCode::CREATED, Json(key)))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct PageParams {
+    cursor: Option<String>,
+    limit: Option<u32>,
+}
+
+pub(crate) async fn list(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(org): Path<String>,
+    Params(p): Params<PageParams>,
+) -> ApiResult<Json<ListJson<KeyJson>>> {
+    let org_id = org_access(&state, &caller, &org)?;
+    let limit = page_len(p.limit)?;
+    let after = match &p.cursor {
+        Some(c) => Some(
+            cursor::decode_after("keys", c)?
+                .as_str()
+                .map(str::to_owned)
+                .ok_or_else(|| ApiError::invalid("cursor is malformed"))?,
+        ),
+        None => None,
+    };
+    state.engine.meter.flush().await?;
+    let month = Month::from_unix_ms(state.engine.now_ms());
+    let rows = state
+        .engine
+        .db
+        .list_keys(&org_id, month, after.as_deref(), None, limit + 1)
+        .await?;
+    let more = rows.len() > limit as usize;
+    let items: Vec<KeyJson> = rows
+        .into_iter()
+        .take(limit as usize)
+        .map(KeyJson::from)
+        .collect();
+    let next_cursor = more
+        .then(|| {
+            items
+                .last()
+                .map(|k| cursor::encode_after("keys", &json!(k.id)))
+        })
+        .flatten();
+    Ok(Json(ListJson { items, next_cursor }))
+}
+
+pub(crate) async fn get(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((org, key)): Path<(String, String)>,
+) -> ApiResult<Json<KeyJson>> {
+    let org_id = org_access(&state, &caller, &org)?;
+    state.engine.meter.flush().await?;
+    Ok(Json(key_json(&state, &org_id, &key_id(&key)?).await?))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct PatchKey {
+    features: Option<Vec<String>>,
+    #[serde(default, deserialize_with = "present")]
+    monthly_limit_micros: Option<Option<i64>>,
+    /// `true` revokes the key (final); `false` is refused.
+    revoked: Option<bool>,
+}
+
+pub(crate) async fn patch(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((org, key)): Path<(String, String)>,
+    JsonBody(req): JsonBody<PatchKey>,
+) -> ApiResult<Json<KeyJson>> {
+    let org_id = org_access(&state, &caller, &org)?;
+    let key_id = key_id(&key)?;
+    if req.revoked == Some(false) {
+        return Err(ApiError::rule(
+            "a revoked key cannot be restored; create a new key",
+        ));
+    }
+    let cmd = Command::UpdateKey {
+        key_id: key_id.clone(),
+        features: req.features,
+        monthly_limit_micros: req.monthly_limit_micros,
+        revoke: req.revoked == Some(true),
+    };
+    let _ = state
+        .engine
+        .commands
+        .execute(&org_id, caller.actor(), &cmd)
+        .await?;
+    state.engine.meter.flush().await?;
+    Ok(Json(key_json(&state, &org_id, &key_id).await?))
+}
+
+pub(crate) async fn revoke(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((org, key)): Path<(String, String)>,
+) -> ApiResult<Json<KeyJson>> {
+    let org_id = org_access(&state, &caller, &org)?;
+    let key_id = key_id(&key)?;
+    let cmd = Command::RevokeKey {
+        key_id: key_id.clone(),
+    };
+    let _ = state
+        .engine
+        .commands
+        .execute(&org_id, caller.actor(), &cmd)
+        .await?;
+    Ok(Json(key_json(&state, &org_id, &key_id).await?))
+}

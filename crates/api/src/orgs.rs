@@ -1,0 +1,259 @@
+//! Orgs, their admin tokens, audit trail and enforcement history.
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tally_core::entity::{Command, EntityEvent};
+use tally_core::ids::{OrgId, TokenId};
+use tally_core::ratio::format_bps;
+use tally_core::secret::{ORG_TOKEN_PREFIX, hash_secret};
+use tally_core::time::Month;
+use tally_engine::{random_id, random_secret};
+use tally_proto::format_rfc3339_ms;
+
+use crate::cursor;
+use crate::dto::{Fraction, ListJson, OrgJson, fractions_to_bps, present};
+use crate::error::{ApiError, ApiResult};
+use crate::extract::{Caller, JsonBody, OptionalJson, Params};
+use crate::{AppState, org_access, page_len};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct CreateOrg {
+    id: Option<String>,
+    name: String,
+    #[serde(default)]
+    default_monthly_limit_micros: Option<i64>,
+    alert_thresholds: Option<Vec<serde_json::Number>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct PatchOrg {
+    name: Option<String>,
+    #[serde(default, deserialize_with = "present")]
+    default_monthly_limit_micros: Option<Option<i64>>,
+    alert_thresholds: Option<Vec<serde_json::Number>>,
+}
+
+async fn org_json(state: &AppState, org_id: &OrgId) -> ApiResult<Json<OrgJson>> {
+    state.engine.meter.flush().await?;
+    let month = Month::from_unix_ms(state.engine.now_ms());
+    let row = state
+        .engine
+        .db
+        .org(org_id, month)
+        .await?
+        .ok_or_else(|| ApiError::not_found("no such org"))?;
+    Ok(Json(OrgJson::new(row, month)))
+}
+
+pub(crate) async fn create(
+    State(state): State<AppState>,
+    caller: Caller,
+    JsonBody(req): JsonBody<CreateOrg>,
+) -> ApiResult<(StatusCode, Json<OrgJson>)> {
+    caller.require_operator()?;
+    let id = match req.id {
+        Some(id) => id,
+        None => random_id("org_")?,
+    };
+    let org_id = OrgId::new(&id).map_err(|e| ApiError::invalid(e.to_string()))?;
+    let cmd = Command::CreateOrg {
+        name: req.name,
+        default_monthly_limit_micros: req.default_monthly_limit_micros,
+        alert_thresholds_bps: req
+            .alert_thresholds
+            .as_deref()
+            .map(fractions_to_bps)
+            .transpose()?,
+    };
+    let _ = state
+        .engine
+        .commands
+        .execute(&org_id, caller.actor(), &cmd)
+        .await?;
+    Ok((StatusCode::CREATED, org_json(&state, &org_id).await?))
+}
+
+pub(crate) async fn get(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(org): Path<String>,
+) -> ApiResult<Json<OrgJson>> {
+    let org_id = org_access(&state, &caller, &org)?;
+    org_json(&state, &org_id).await
+}
+
+pub(crate) async fn patch(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(org): Path<String>,
+    JsonBody(req): JsonBody<PatchOrg>,
+) -> ApiResult<Json<OrgJson>> {
+    let org_id = org_access(&state, &caller, &org)?;
+    let cmd = Command::ChangeSettings {
+        name: req.name,
+        default_monthly_limit_micros: req.default_monthly_limit_micros,
+        alert_thresholds_bps: req
+            .alert_thresholds
+            .as_deref()
+            .map(fractions_to_bps)
+            .transpose()?,
+    };
+    let _ = state
+        .engine
+        .commands
+        .execute(&org_id, caller.actor(), &cmd)
+        .await?;
+    org_json(&state, &org_id).await
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct CreateToken {
+    id: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub(crate) struct TokenJson {
+    id: String,
+    org_id: String,
+    /// Shown once; only its hash is stored.
+    token: String,
+}
+
+pub(crate) async fn create_token(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(org): Path<String>,
+    OptionalJson(body): OptionalJson<CreateToken>,
+) -> ApiResult<(StatusCode, Json<TokenJson>)> {
+    let org_id = org_access(&state, &caller, &org)?;
+    let req = body.unwrap_or_default();
+    let id = match req.id {
+        Some(id) => id,
+        None => random_id("tok_")?,
+    };
+    let token_id = TokenId::new(&id).map_err(|e| ApiError::invalid(e.to_string()))?;
+    let token = random_secret(ORG_TOKEN_PREFIX)?;
+    let cmd = Command::CreateToken {
+        token_id: token_id.clone(),
+        token_hash: hash_secret(&token),
+    };
+    let _ = state
+        .engine
+        .commands
+        .execute(&org_id, caller.actor(), &cmd)
+        .await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(TokenJson {
+            id: token_id.to_string(),
+            org_id: org_id.to_string(),
+            token,
+        }),
+    ))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct PageParams {
+    cursor: Option<String>,
+    limit: Option<u32>,
+}
+
+fn event_json(e: &EntityEvent) -> serde_json::Value {
+    let mut v = serde_json::to_value(e).expect("events serialize");
+    if let Some(o) = v.as_object_mut() {
+        let _ = o.insert("at".into(), json!(format_rfc3339_ms(e.at_ms)));
+        let _ = o.remove("at_ms");
+        // Fractions, as everywhere else in the API.
+        for field in ["alert_thresholds_bps"] {
+            if let Some(bps) = o.remove(field) {
+                let fractions: Vec<Fraction> = serde_json::from_value::<Vec<u32>>(bps)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(Fraction)
+                    .collect();
+                let _ = o.insert("alert_thresholds".into(), json!(fractions));
+            }
+        }
+    }
+    v
+}
+
+/// The audit trail: every change with its actor and time, oldest first.
+pub(crate) async fn events(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(org): Path<String>,
+    Params(p): Params<PageParams>,
+) -> ApiResult<Json<ListJson<serde_json::Value>>> {
+    let org_id = org_access(&state, &caller, &org)?;
+    let limit = page_len(p.limit)?;
+    let after = match &p.cursor {
+        Some(c) => cursor::decode_after("events", c)?
+            .as_u64()
+            .ok_or_else(|| ApiError::invalid("cursor is malformed"))?,
+        None => 0,
+    };
+    let events = state
+        .engine
+        .db
+        .org_events(&org_id, after, limit + 1)
+        .await?;
+    let more = events.len() > limit as usize;
+    let items: Vec<_> = events.iter().take(limit as usize).map(event_json).collect();
+    let next_cursor = more
+        .then(|| events.get(limit as usize - 1))
+        .flatten()
+        .map(|e| cursor::encode_after("events", &json!(e.seq)));
+    Ok(Json(ListJson { items, next_cursor }))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct LimitParams {
+    limit: Option<u32>,
+}
+
+/// Thresholds crossed, cutoffs and lifts, newest first.
+pub(crate) async fn enforcement(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(org): Path<String>,
+    Params(p): Params<LimitParams>,
+) -> ApiResult<Json<ListJson<serde_json::Value>>> {
+    let org_id = org_access(&state, &caller, &org)?;
+    state.engine.meter.flush().await?;
+    let rows = state
+        .engine
+        .db
+        .list_enforcement(&org_id, page_len(p.limit)?)
+        .await?;
+    let items = rows
+        .into_iter()
+        .map(|r| {
+            json!({
+                "subject_kind": r.subject_kind,
+                "subject_id": r.subject_id,
+                "month": u32::try_from(r.month).ok().and_then(Month::from_yyyymm).map(|m| m.to_string()),
+                "event": r.event,
+                "threshold": (r.threshold_bps > 0).then(|| {
+                    format_bps(u32::try_from(r.threshold_bps).unwrap_or(0)).parse::<serde_json::Number>().ok()
+                }).flatten(),
+                "reason": r.reason,
+                "spend_micros": r.spend_micros,
+                "limit_micros": r.limit_micros,
+                "at": format_rfc3339_ms(r.at_ms),
+            })
+        })
+        .collect();
+    Ok(Json(ListJson {
+        items,
+        next_cursor: None,
+    }))
+}

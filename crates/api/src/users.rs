@@ -1,0 +1,327 @@
+//! Members: add, list (sort, filter, paginate), detail with history,
+//! change, remove, and one change to many at once.
+
+use std::collections::BTreeMap;
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use serde::{Deserialize, Serialize};
+use tally_core::entity::{Command, UserStatus};
+use tally_core::ids::{GroupId, OrgId, UserId};
+use tally_core::ratio::parse_fraction_bps;
+use tally_core::time::Month;
+use tally_engine::random_id;
+use tally_store::query::{UserFilter, UserListQuery, UserSort};
+
+use crate::cursor;
+use crate::dto::{History, ListJson, UserJson, present};
+use crate::error::{ApiError, ApiResult};
+use crate::extract::{Caller, JsonBody, Params};
+use crate::{AppState, org_access, page_len};
+
+fn user_id(s: &str) -> ApiResult<UserId> {
+    UserId::new(s).map_err(|e| ApiError::invalid(e.to_string()))
+}
+
+fn group_ids(v: &[String]) -> ApiResult<Vec<GroupId>> {
+    v.iter()
+        .map(|g| GroupId::new(g).map_err(|e| ApiError::invalid(e.to_string())))
+        .collect()
+}
+
+fn status(s: &str) -> ApiResult<UserStatus> {
+    UserStatus::parse(s).ok_or_else(|| {
+        ApiError::invalid(format!(
+            "status {s:?} is not one of invited, active, suspended, removed"
+        ))
+    })
+}
+
+async fn user_json(state: &AppState, org_id: &OrgId, user: &UserId) -> ApiResult<UserJson> {
+    let month = Month::from_unix_ms(state.engine.now_ms());
+    let row = state
+        .engine
+        .db
+        .user(org_id, user, month)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("user {:?} does not exist", user.as_str())))?;
+    Ok(row.into())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct AddUser {
+    id: Option<String>,
+    email: String,
+    name: String,
+    /// Absent: the org's default; `null`: unlimited.
+    #[serde(default, deserialize_with = "present")]
+    monthly_limit_micros: Option<Option<i64>>,
+    /// `invited` (default) or `active`.
+    status: Option<String>,
+}
+
+pub(crate) async fn add(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(org): Path<String>,
+    JsonBody(req): JsonBody<AddUser>,
+) -> ApiResult<(StatusCode, Json<UserJson>)> {
+    let org_id = org_access(&state, &caller, &org)?;
+    let id = match req.id {
+        Some(id) => user_id(&id)?,
+        None => user_id(&random_id("u_")?)?,
+    };
+    let activate = match req.status.as_deref().map(status).transpose()? {
+        None | Some(UserStatus::Invited) => false,
+        Some(UserStatus::Active) => true,
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "a new user's status is invited or active",
+            ));
+        }
+    };
+    let cmd = Command::AddUser {
+        user_id: id.clone(),
+        email: req.email,
+        name: req.name,
+        monthly_limit_micros: req.monthly_limit_micros,
+        activate,
+    };
+    let _ = state
+        .engine
+        .commands
+        .execute(&org_id, caller.actor(), &cmd)
+        .await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(user_json(&state, &org_id, &id).await?),
+    ))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ListParams {
+    sort: Option<String>,
+    status: Option<String>,
+    group: Option<String>,
+    q: Option<String>,
+    min_utilization: Option<String>,
+    cut_off: Option<bool>,
+    cursor: Option<String>,
+    limit: Option<u32>,
+}
+
+pub(crate) async fn list(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(org): Path<String>,
+    Params(p): Params<ListParams>,
+) -> ApiResult<Json<ListJson<UserJson>>> {
+    let org_id = org_access(&state, &caller, &org)?;
+    let sort_param = p.sort.as_deref().unwrap_or("name");
+    let (descending, key) = match sort_param.strip_prefix('-') {
+        Some(k) => (true, k),
+        None => (false, sort_param),
+    };
+    let sort = UserSort::parse(key).ok_or_else(|| {
+        ApiError::invalid(format!(
+            "sort {sort_param:?} is not one of name, email, spend, limit, utilization, \
+             last_active (prefix - for descending)"
+        ))
+    })?;
+    if p.q.as_ref().is_some_and(|q| q.chars().count() > 200) {
+        return Err(ApiError::invalid("q is longer than 200 characters"));
+    }
+    let filter = UserFilter {
+        status: p.status.as_deref().map(status).transpose()?,
+        group: p
+            .group
+            .map(|g| {
+                GroupId::new(&g)
+                    .map(|g| g.to_string())
+                    .map_err(|e| ApiError::invalid(e.to_string()))
+            })
+            .transpose()?,
+        q: p.q.filter(|q| !q.is_empty()),
+        min_utilization_bps: p
+            .min_utilization
+            .as_deref()
+            .map(|s| {
+                parse_fraction_bps(s)
+                    .map_err(|e| ApiError::invalid(format!("min_utilization: {e}")))
+            })
+            .transpose()?,
+        cut_off: p.cut_off,
+    };
+    let after = p
+        .cursor
+        .as_deref()
+        .map(|c| cursor::decode_user(sort, c))
+        .transpose()?;
+    state.engine.meter.flush().await?;
+    let query = UserListQuery {
+        sort,
+        descending,
+        filter,
+        after,
+        limit: page_len(p.limit)?,
+        month: Month::from_unix_ms(state.engine.now_ms()),
+    };
+    let (rows, next) = state.engine.db.list_users(&org_id, &query).await?;
+    Ok(Json(ListJson {
+        items: rows.into_iter().map(UserJson::from).collect(),
+        next_cursor: next.map(|c| cursor::encode_user(sort, &c)),
+    }))
+}
+
+#[derive(Debug, Serialize)]
+pub(crate) struct UserDetail {
+    #[serde(flatten)]
+    user: UserJson,
+    history: History,
+}
+
+pub(crate) async fn get(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((org, user)): Path<(String, String)>,
+) -> ApiResult<Json<UserDetail>> {
+    let org_id = org_access(&state, &caller, &org)?;
+    let user_id = user_id(&user)?;
+    state.engine.meter.flush().await?;
+    let user = user_json(&state, &org_id, &user_id).await?;
+    let month = Month::from_unix_ms(state.engine.now_ms());
+    let (months, days) = state
+        .engine
+        .db
+        .history(&org_id, "user", &user_id, month)
+        .await?;
+    Ok(Json(UserDetail {
+        user,
+        history: History::new(months, days),
+    }))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct PatchUser {
+    email: Option<String>,
+    name: Option<String>,
+    /// `null`: unlimited.
+    #[serde(default, deserialize_with = "present")]
+    monthly_limit_micros: Option<Option<i64>>,
+    status: Option<String>,
+}
+
+pub(crate) async fn patch(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((org, user)): Path<(String, String)>,
+    JsonBody(req): JsonBody<PatchUser>,
+) -> ApiResult<Json<UserJson>> {
+    let org_id = org_access(&state, &caller, &org)?;
+    let user_id = user_id(&user)?;
+    let cmd = Command::UpdateUser {
+        user_id: user_id.clone(),
+        email: req.email,
+        name: req.name,
+        monthly_limit_micros: req.monthly_limit_micros,
+        status: req.status.as_deref().map(status).transpose()?,
+    };
+    let _ = state
+        .engine
+        .commands
+        .execute(&org_id, caller.actor(), &cmd)
+        .await?;
+    state.engine.meter.flush().await?;
+    Ok(Json(user_json(&state, &org_id, &user_id).await?))
+}
+
+/// Removes a member: the status becomes `removed`, memberships end, the
+/// history stays.
+pub(crate) async fn remove(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((org, user)): Path<(String, String)>,
+) -> ApiResult<Json<UserJson>> {
+    let org_id = org_access(&state, &caller, &org)?;
+    let user_id = user_id(&user)?;
+    let cmd = Command::UpdateUser {
+        user_id: user_id.clone(),
+        email: None,
+        name: None,
+        monthly_limit_micros: None,
+        status: Some(UserStatus::Removed),
+    };
+    let _ = state
+        .engine
+        .commands
+        .execute(&org_id, caller.actor(), &cmd)
+        .await?;
+    Ok(Json(user_json(&state, &org_id, &user_id).await?))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Bulk {
+    user_ids: Vec<String>,
+    #[serde(default)]
+    add_groups: Vec<String>,
+    #[serde(default)]
+    remove_groups: Vec<String>,
+    #[serde(default, deserialize_with = "present")]
+    monthly_limit_micros: Option<Option<i64>>,
+    status: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub(crate) struct BulkResult {
+    /// Users named in the request.
+    users: usize,
+    /// Users that actually changed.
+    users_changed: usize,
+    /// Events written, by kind (member_added, user_limit_set, …).
+    changes: BTreeMap<&'static str, usize>,
+}
+
+/// One change to many users, all or nothing.
+pub(crate) async fn bulk(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(org): Path<String>,
+    JsonBody(req): JsonBody<Bulk>,
+) -> ApiResult<Json<BulkResult>> {
+    let org_id = org_access(&state, &caller, &org)?;
+    let user_ids: Vec<UserId> = req
+        .user_ids
+        .iter()
+        .map(|u| user_id(u))
+        .collect::<ApiResult<_>>()?;
+    let cmd = Command::BulkUpdateUsers {
+        user_ids,
+        add_groups: group_ids(&req.add_groups)?,
+        remove_groups: group_ids(&req.remove_groups)?,
+        monthly_limit_micros: req.monthly_limit_micros,
+        status: req.status.as_deref().map(status).transpose()?,
+    };
+    let events = state
+        .engine
+        .commands
+        .execute(&org_id, caller.actor(), &cmd)
+        .await?;
+    let mut changes = BTreeMap::new();
+    let mut changed = std::collections::HashSet::new();
+    for e in &events {
+        *changes.entry(e.kind.name()).or_default() += 1;
+        if let Some(u) = e.kind.user_id() {
+            let _ = changed.insert(u.clone());
+        }
+    }
+    Ok(Json(BulkResult {
+        users: req.user_ids.len(),
+        users_changed: changed.len(),
+        changes,
+    }))
+}

@@ -1,0 +1,228 @@
+//! Configuration, layered: defaults, then a TOML file (`--config`), then
+//! environment variables, then flags. Every option has all four.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
+use serde::Deserialize;
+
+#[derive(Debug, Parser)]
+#[command(name = "tally", version, about = "Spend control for LLM API gateways")]
+pub(crate) struct Cli {
+    /// A TOML file with any of the options below (snake_case names).
+    #[arg(long, env = "TALLY_CONFIG", global = true)]
+    pub(crate) config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub(crate) command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum Command {
+    /// Run the service: HTTP API, metering engine, checkpoints.
+    Serve(ServeArgs),
+    /// Drop every read model and project the whole entity log again.
+    RebuildProjections(StoreArgs),
+}
+
+#[derive(Debug, Clone, Args, Default)]
+pub(crate) struct StoreArgs {
+    /// Where the embedded mode keeps its SQLite database [default: ./tally-data].
+    #[arg(long, env = "TALLY_DATA_DIR")]
+    pub(crate) data_dir: Option<PathBuf>,
+    /// A PostgreSQL URL (postgres://user@host:port/db) instead of the
+    /// embedded SQLite database.
+    #[arg(long, env = "TALLY_DATABASE_URL")]
+    pub(crate) database_url: Option<String>,
+}
+
+#[derive(Debug, Clone, Args, Default)]
+pub(crate) struct ServeArgs {
+    #[command(flatten)]
+    pub(crate) store: StoreArgs,
+    /// Address of the HTTP API [default: 127.0.0.1:8080].
+    #[arg(long, env = "TALLY_LISTEN")]
+    pub(crate) listen: Option<String>,
+    /// The operator token (admin of every org, and the gateway's credential
+    /// for authorize). When absent, one is generated at first start, printed
+    /// once, and its hash kept in the database.
+    #[arg(long, env = "TALLY_OPERATOR_TOKEN", hide_env_values = true)]
+    pub(crate) operator_token: Option<String>,
+    /// How often the metering engine checkpoints [default: 1000].
+    #[arg(long, env = "TALLY_CHECKPOINT_INTERVAL_MS")]
+    pub(crate) checkpoint_interval_ms: Option<u64>,
+    /// Events counted between forced checkpoints [default: 100000].
+    #[arg(long, env = "TALLY_CHECKPOINT_EVENTS_MAX")]
+    pub(crate) checkpoint_events_max: Option<u64>,
+    /// How far behind an org's latest usage events are still accepted and
+    /// deduplicated [default: 24].
+    #[arg(long, env = "TALLY_DEDUPE_WINDOW_HOURS")]
+    pub(crate) dedupe_window_hours: Option<u32>,
+    /// Request ids one org's dedupe window holds at most [default: 20000000].
+    #[arg(long, env = "TALLY_DEDUPE_ENTRIES_MAX")]
+    pub(crate) dedupe_entries_max: Option<usize>,
+    /// Days checkpointed usage stays in the embedded usage log [default: 7].
+    #[arg(long, env = "TALLY_USAGE_RETENTION_DAYS")]
+    pub(crate) usage_retention_days: Option<u32>,
+    /// The largest request body in bytes [default: 8388608].
+    #[arg(long, env = "TALLY_BODY_BYTES_MAX")]
+    pub(crate) body_bytes_max: Option<usize>,
+    /// The most usage events per ingest request [default: 10000].
+    #[arg(long, env = "TALLY_USAGE_BATCH_LEN_MAX")]
+    pub(crate) usage_batch_len_max: Option<usize>,
+    /// Log lines as `text` or `json` [default: text]. Levels come from
+    /// RUST_LOG (default info).
+    #[arg(long, env = "TALLY_LOG_FORMAT")]
+    pub(crate) log_format: Option<String>,
+}
+
+/// The options after layering, with defaults applied and checked.
+#[derive(Debug, Clone)]
+pub(crate) struct ServeConfig {
+    pub(crate) database_url: String,
+    pub(crate) data_dir: Option<PathBuf>,
+    pub(crate) listen: String,
+    pub(crate) operator_token: Option<String>,
+    pub(crate) checkpoint_interval: Duration,
+    pub(crate) checkpoint_events_max: u64,
+    pub(crate) dedupe_window_ms: i64,
+    pub(crate) dedupe_entries_max: usize,
+    pub(crate) usage_retention: Duration,
+    pub(crate) body_bytes_max: usize,
+    pub(crate) usage_batch_len_max: usize,
+    pub(crate) json_logs: bool,
+}
+
+/// The file layer: the same options, snake_case; unknown keys are errors.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    data_dir: Option<PathBuf>,
+    database_url: Option<String>,
+    listen: Option<String>,
+    operator_token: Option<String>,
+    checkpoint_interval_ms: Option<u64>,
+    checkpoint_events_max: Option<u64>,
+    dedupe_window_hours: Option<u32>,
+    dedupe_entries_max: Option<usize>,
+    usage_retention_days: Option<u32>,
+    body_bytes_max: Option<usize>,
+    usage_batch_len_max: Option<usize>,
+    log_format: Option<String>,
+}
+
+fn read_file(path: Option<&Path>) -> anyhow::Result<FileConfig> {
+    let Some(path) = path else {
+        return Ok(FileConfig::default());
+    };
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading config file {}", path.display()))?;
+    toml::from_str(&text).with_context(|| format!("parsing config file {}", path.display()))
+}
+
+/// The database URL: PostgreSQL when given, else SQLite in the data dir.
+pub(crate) fn database_url(store: &StoreArgs) -> anyhow::Result<(String, Option<PathBuf>)> {
+    if let Some(url) = &store.database_url {
+        if store.data_dir.is_some() {
+            bail!("give --database-url or --data-dir, not both");
+        }
+        return Ok((url.clone(), None));
+    }
+    let dir = store
+        .data_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("./tally-data"));
+    std::fs::create_dir_all(&dir)
+        .with_context(|| format!("creating the data dir {}", dir.display()))?;
+    let dir = dir.canonicalize()?;
+    let url = format!("sqlite://{}?mode=rwc", dir.join("tally.db").display());
+    Ok((url, Some(dir)))
+}
+
+pub(crate) fn layered_store(
+    cli_config: Option<&Path>,
+    args: StoreArgs,
+) -> anyhow::Result<StoreArgs> {
+    let file = read_file(cli_config)?;
+    Ok(StoreArgs {
+        data_dir: args.data_dir.or(file.data_dir),
+        database_url: args.database_url.or(file.database_url),
+    })
+}
+
+impl ServeConfig {
+    pub(crate) fn load(cli_config: Option<&Path>, args: ServeArgs) -> anyhow::Result<ServeConfig> {
+        let file = read_file(cli_config)?;
+        let store = StoreArgs {
+            data_dir: args.store.data_dir.or(file.data_dir),
+            database_url: args.store.database_url.or(file.database_url),
+        };
+        let (database_url, data_dir) = database_url(&store)?;
+        let log_format = args
+            .log_format
+            .or(file.log_format)
+            .unwrap_or_else(|| "text".into());
+        let json_logs = match log_format.as_str() {
+            "text" => false,
+            "json" => true,
+            other => bail!("log format {other:?} is not text or json"),
+        };
+        let window_hours = args
+            .dedupe_window_hours
+            .or(file.dedupe_window_hours)
+            .unwrap_or(24);
+        if !(1..=24 * 31).contains(&window_hours) {
+            bail!("dedupe window must be 1 to 744 hours, got {window_hours}");
+        }
+        let checkpoint_ms = args
+            .checkpoint_interval_ms
+            .or(file.checkpoint_interval_ms)
+            .unwrap_or(1000);
+        if !(10..=600_000).contains(&checkpoint_ms) {
+            bail!("checkpoint interval must be 10 ms to 10 minutes, got {checkpoint_ms} ms");
+        }
+        Ok(ServeConfig {
+            database_url,
+            data_dir,
+            listen: args
+                .listen
+                .or(file.listen)
+                .unwrap_or_else(|| "127.0.0.1:8080".into()),
+            operator_token: args
+                .operator_token
+                .or(file.operator_token)
+                .filter(|t| !t.is_empty()),
+            checkpoint_interval: Duration::from_millis(checkpoint_ms),
+            checkpoint_events_max: args
+                .checkpoint_events_max
+                .or(file.checkpoint_events_max)
+                .unwrap_or(100_000)
+                .max(1),
+            dedupe_window_ms: i64::from(window_hours) * 3_600_000,
+            dedupe_entries_max: args
+                .dedupe_entries_max
+                .or(file.dedupe_entries_max)
+                .unwrap_or(20_000_000)
+                .max(1),
+            usage_retention: Duration::from_secs(
+                u64::from(
+                    args.usage_retention_days
+                        .or(file.usage_retention_days)
+                        .unwrap_or(7),
+                ) * 86_400,
+            ),
+            body_bytes_max: args
+                .body_bytes_max
+                .or(file.body_bytes_max)
+                .unwrap_or(8 << 20)
+                .max(1024),
+            usage_batch_len_max: args
+                .usage_batch_len_max
+                .or(file.usage_batch_len_max)
+                .unwrap_or(10_000)
+                .clamp(1, 100_000),
+            json_logs,
+        })
+    }
+}

@@ -5,7 +5,9 @@
 #                    port; exports TALLY_TEST_POSTGRES_URL
 #   stop_services    stops whatever was started and removes its files
 
-TALLY_SERVICES_DIR="${TALLY_SERVICES_DIR:-$(pwd)/.tmp/services}"
+# Under /tmp, not the checkout: the postgres user must be able to reach it
+# wherever the checkout lives.
+TALLY_SERVICES_DIR="${TALLY_SERVICES_DIR:-${TMPDIR:-/tmp}/tally-services}"
 PG_BIN="${PG_BIN:-/usr/lib/postgresql/15/bin}"
 _started_pg_dir=""
 

@@ -1,1 +1,74 @@
-//! benches
+//! Workloads shared by the benchmarks: a realistic org and a stream of usage
+//! events over it, built without I/O so the benches measure the core alone.
+
+use tally_core::entity::{Actor, EntityEvent, EventKind};
+use tally_core::ids::{GroupId, OrgId, UserId};
+use tally_core::org::{MeterConfig, OrgState};
+use tally_core::usage::{RawUsage, UsageEvent};
+
+/// 2026-11-01T00:00:00Z.
+pub const NOV_MS: i64 = 1_793_491_200_000;
+
+/// An org with `users` active members in `groups` groups (each user in one).
+pub fn org(users: u32, groups: u32) -> OrgState {
+    let org_id = OrgId::new("bench").expect("id");
+    let mut seq = 0;
+    let mut ev = |kind| {
+        seq += 1;
+        EntityEvent {
+            org_id: org_id.clone(),
+            seq,
+            at_ms: 0,
+            actor: Actor::Operator,
+            kind,
+        }
+    };
+    let created = ev(EventKind::OrgCreated {
+        name: "Bench".into(),
+        default_monthly_limit_micros: None,
+        alert_thresholds_bps: vec![5_000, 8_000, 10_000],
+    });
+    let mut state = OrgState::new(&created, MeterConfig::default());
+    for g in 0..groups {
+        state.apply_entity(&ev(EventKind::GroupCreated {
+            group_id: GroupId::new(&format!("g{g}")).expect("id"),
+            name: format!("group {g}"),
+            monthly_limit_micros: Some(1_000_000_000_000),
+        }));
+    }
+    for u in 0..users {
+        let user_id = UserId::new(&format!("u{u}")).expect("id");
+        state.apply_entity(&ev(EventKind::UserAdded {
+            user_id: user_id.clone(),
+            email: format!("u{u}@bench.test"),
+            name: format!("user {u}"),
+            monthly_limit_micros: Some(1_000_000_000_000),
+        }));
+        if groups > 0 {
+            state.apply_entity(&ev(EventKind::MemberAdded {
+                group_id: GroupId::new(&format!("g{}", u % groups)).expect("id"),
+                user_id,
+            }));
+        }
+    }
+    state
+}
+
+/// `n` distinct usage events spread over the org's users, one second apart
+/// in event time, all in November 2026.
+pub fn usage(n: u32, users: u32) -> Vec<UsageEvent> {
+    (0..n)
+        .map(|i| {
+            RawUsage {
+                request_id: &format!("req-{i}"),
+                org_id: "bench",
+                user_id: &format!("u{}", i % users),
+                cost_micros: Some(1_000 + i64::from(i % 1000)),
+                occurred_at_ms: Some(NOV_MS + i64::from(i) * 10),
+                ..RawUsage::default()
+            }
+            .validate()
+            .expect("valid usage")
+        })
+        .collect()
+}

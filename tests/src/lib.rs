@@ -1,1 +1,406 @@
-//! integration suite
+//! Helpers for the integration suite: real `tally` processes on real
+//! databases, driven over HTTP.
+//!
+//! The binary is `$TALLY_BIN`, or `target/debug/tally` of this workspace
+//! (scripts/test.sh builds it first).
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use serde_json::Value;
+
+pub const OPERATOR_TOKEN: &str = "test-operator-token-0123456789";
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// A fresh directory under the system temp dir.
+pub fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "tally-it-{name}-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir
+}
+
+pub fn tally_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("TALLY_BIN") {
+        return PathBuf::from(p);
+    }
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/tally")
+}
+
+/// Where a test's tally keeps its state.
+#[derive(Debug, Clone)]
+pub enum Backend {
+    Sqlite(PathBuf),
+    Postgres(String),
+}
+
+impl Backend {
+    pub fn sqlite(name: &str) -> Backend {
+        Backend::Sqlite(temp_dir(name))
+    }
+
+    /// A fresh database on the suite's PostgreSQL server, or `None` (with a
+    /// note) when there is none and services are not required.
+    pub async fn postgres(name: &str) -> anyhow::Result<Option<Backend>> {
+        let Ok(admin) = std::env::var("TALLY_TEST_POSTGRES_ADMIN_URL") else {
+            if std::env::var_os("TALLY_REQUIRE_SERVICES").is_some() {
+                bail!("TALLY_TEST_POSTGRES_ADMIN_URL is not set: run scripts/test.sh");
+            }
+            eprintln!("skipped on PostgreSQL: no server (scripts/test.sh starts one)");
+            return Ok(None);
+        };
+        let db = format!(
+            "it_{name}_{}_{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        let server = tally_store::Db::open(&tally_store::DbOptions {
+            migrate: false,
+            ..tally_store::DbOptions::new(admin.clone())
+        })
+        .await?;
+        let _ = server.execute_raw(&format!("CREATE DATABASE {db}")).await?;
+        server.close().await;
+        Ok(Some(Backend::Postgres(format!(
+            "{}/{db}",
+            admin.rsplit_once('/').expect("url").0
+        ))))
+    }
+
+    fn args(&self) -> Vec<String> {
+        match self {
+            Backend::Sqlite(dir) => vec!["--data-dir".into(), dir.display().to_string()],
+            Backend::Postgres(url) => vec!["--database-url".into(), url.clone()],
+        }
+    }
+
+    fn log_dir(&self) -> PathBuf {
+        match self {
+            Backend::Sqlite(dir) => dir.clone(),
+            Backend::Postgres(_) => temp_dir("pglogs"),
+        }
+    }
+}
+
+/// A running `tally serve`.
+#[derive(Debug)]
+pub struct Tally {
+    child: Child,
+    pub url: String,
+    pub log: PathBuf,
+    backend: Backend,
+    extra: Vec<String>,
+}
+
+impl Tally {
+    pub fn start(backend: &Backend) -> anyhow::Result<Tally> {
+        Tally::start_with(backend, &[])
+    }
+
+    /// Starts with extra `serve` flags and waits until it is ready.
+    pub fn start_with(backend: &Backend, extra: &[&str]) -> anyhow::Result<Tally> {
+        Tally::start_env(backend, extra, &[])
+    }
+
+    /// Starts with extra `serve` flags and environment variables.
+    pub fn start_env(
+        backend: &Backend,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Tally> {
+        let log = backend.log_dir().join(format!(
+            "tally-{}.log",
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        let mut child = Command::new(tally_bin())
+            .arg("serve")
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--operator-token",
+                OPERATOR_TOKEN,
+            ])
+            .args(if extra.contains(&"--checkpoint-interval-ms") {
+                &[][..]
+            } else {
+                &["--checkpoint-interval-ms", "200"][..]
+            })
+            .args(backend.args())
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()
+            .with_context(|| format!("starting {}", tally_bin().display()))?;
+        let stdout = child.stdout.take().expect("piped");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let _ = std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(rest) = line.strip_prefix("tally listening on ") {
+                    let url = rest
+                        .split_whitespace()
+                        .next()
+                        .unwrap_or_default()
+                        .to_owned();
+                    let _ = tx.send(url);
+                }
+            }
+        });
+        let url = match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(url) => url,
+            Err(_) => {
+                let _ = child.kill();
+                bail!(
+                    "tally did not start; log:\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+        };
+        let t = Tally {
+            child,
+            url,
+            log,
+            backend: backend.clone(),
+            extra: extra.iter().map(|s| (*s).to_owned()).collect(),
+        };
+        Ok(t)
+    }
+
+    /// Stops cleanly (SIGTERM) and starts a new process on the same backend
+    /// and flags.
+    pub fn restart(self) -> anyhow::Result<Tally> {
+        let (backend, extra) = (self.backend.clone(), self.extra.clone());
+        self.stop()?;
+        Tally::start_with(
+            &backend,
+            &extra.iter().map(String::as_str).collect::<Vec<_>>(),
+        )
+    }
+
+    /// Kills (SIGKILL, no last checkpoint) and starts a new process on the
+    /// same backend and flags.
+    pub fn crash_restart(self) -> anyhow::Result<Tally> {
+        let (backend, extra) = (self.backend.clone(), self.extra.clone());
+        self.kill9()?;
+        Tally::start_with(
+            &backend,
+            &extra.iter().map(String::as_str).collect::<Vec<_>>(),
+        )
+    }
+
+    /// SIGTERM, then waits for a clean exit.
+    pub fn stop(mut self) -> anyhow::Result<()> {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()?;
+        if !status.success() {
+            bail!("kill -TERM failed");
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                if !status.success() {
+                    bail!("tally exited with {status}; log:\n{}", self.log_text());
+                }
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                bail!("tally did not stop within 30 s");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL: no chance to checkpoint.
+    pub fn kill9(mut self) -> anyhow::Result<()> {
+        self.child.kill()?;
+        let _ = self.child.wait()?;
+        Ok(())
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn client(&self, token: &str) -> Client {
+        Client {
+            http: reqwest::Client::new(),
+            url: self.url.clone(),
+            token: Some(token.to_owned()),
+        }
+    }
+
+    pub fn operator(&self) -> Client {
+        self.client(OPERATOR_TOKEN)
+    }
+
+    pub fn anonymous(&self) -> Client {
+        Client {
+            http: reqwest::Client::new(),
+            url: self.url.clone(),
+            token: None,
+        }
+    }
+}
+
+impl Drop for Tally {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// An HTTP client with a bearer token.
+#[derive(Debug, Clone)]
+pub struct Client {
+    http: reqwest::Client,
+    pub url: String,
+    token: Option<String>,
+}
+
+/// Status and JSON body of a response.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub status: u16,
+    pub body: Value,
+}
+
+impl Reply {
+    /// The body, after checking the status.
+    pub fn expect(self, status: u16) -> Value {
+        assert_eq!(
+            self.status, status,
+            "unexpected status; body: {}",
+            self.body
+        );
+        self.body
+    }
+
+    /// The error code of an error reply, after checking the status.
+    pub fn error(self, status: u16) -> String {
+        let body = self.expect(status);
+        body["error"]["code"]
+            .as_str()
+            .unwrap_or_else(|| panic!("not an error body: {body}"))
+            .to_owned()
+    }
+}
+
+impl Client {
+    pub async fn send(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> anyhow::Result<Reply> {
+        let method = reqwest::Method::from_bytes(method.as_bytes())?;
+        let mut req = self.http.request(method, format!("{}{path}", self.url));
+        if let Some(t) = &self.token {
+            req = req.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            req = req.header("content-type", "application/json").body(b);
+        }
+        let resp = req.send().await?;
+        let status = resp.status().as_u16();
+        let bytes = resp.bytes().await?;
+        let body = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes).with_context(|| {
+                format!(
+                    "non-JSON reply {status}: {}",
+                    String::from_utf8_lossy(&bytes)
+                )
+            })?
+        };
+        Ok(Reply { status, body })
+    }
+
+    pub async fn get(&self, path: &str) -> Reply {
+        self.send("GET", path, None).await.expect("GET")
+    }
+
+    pub async fn post(&self, path: &str, body: Value) -> Reply {
+        self.send("POST", path, Some(body.to_string().into_bytes()))
+            .await
+            .expect("POST")
+    }
+
+    pub async fn patch(&self, path: &str, body: Value) -> Reply {
+        self.send("PATCH", path, Some(body.to_string().into_bytes()))
+            .await
+            .expect("PATCH")
+    }
+
+    pub async fn put(&self, path: &str) -> Reply {
+        self.send("PUT", path, None).await.expect("PUT")
+    }
+
+    pub async fn delete(&self, path: &str) -> Reply {
+        self.send("DELETE", path, None).await.expect("DELETE")
+    }
+
+    pub async fn raw(&self, method: &str, path: &str, body: &[u8]) -> Reply {
+        self.send(method, path, Some(body.to_vec()))
+            .await
+            .expect("request")
+    }
+}
+
+/// Walks a JSON value and checks every `*_micros` field is an integer (or
+/// null): money never travels as a float.
+pub fn assert_money_is_integer(v: &Value) {
+    match v {
+        Value::Object(o) => {
+            for (k, v) in o {
+                if k.ends_with("_micros") {
+                    assert!(v.is_null() || v.is_i64(), "{k} is not an integer: {v}");
+                }
+                assert_money_is_integer(v);
+            }
+        }
+        Value::Array(a) => a.iter().for_each(assert_money_is_integer),
+        _ => {}
+    }
+}
+
+/// The current time as RFC 3339 with milliseconds, UTC. Usage must be
+/// recent for the server to take it, so tests stamp it with the real clock.
+pub fn now_rfc3339() -> String {
+    // The server's clock decides the month; use the same instant, to the ms.
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let secs = ms / 1000;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // civil_from_days (Hinnant), to stay independent of the code under test.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60,
+        ms % 1000
+    )
+}

@@ -1429,9 +1429,7 @@ pub(crate) mod tests {
         pub(crate) fn then_expect_events(self, expected: Vec<EventKind>) -> OrgDirectory {
             assert_eq!(self.0, Ok(expected));
             let mut dir = self.1;
-            let mut seq = dir.seq;
-            for kind in self.0.unwrap() {
-                seq += 1;
+            for (seq, kind) in (dir.seq + 1..).zip(self.0.unwrap()) {
                 dir.apply(&EntityEvent {
                     org_id: org(),
                     seq,

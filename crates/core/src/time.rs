@@ -54,7 +54,7 @@ impl Month {
     /// Parses `yyyymm`; `None` when the month part is not 1..=12.
     pub fn from_yyyymm(v: u32) -> Option<Month> {
         let m = v % 100;
-        ((1..=12).contains(&m) && v <= 9999_12).then_some(Month(v))
+        ((1..=12).contains(&m) && v <= 999_912).then_some(Month(v))
     }
 
     pub fn yyyymm(self) -> u32 {

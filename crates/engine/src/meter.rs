@@ -357,7 +357,8 @@ impl Meter {
     /// Periodic work: checkpoint, the new-month lift, log retention. Runs
     /// until `stop` resolves.
     pub async fn run(&self, stop: impl std::future::Future<Output = ()>) {
-        let mut tick = tokio::time::interval(self.opts.checkpoint_interval);
+        let period = self.opts.checkpoint_interval;
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_housekeeping: Option<Instant> = None;
         tokio::pin!(stop);

@@ -99,7 +99,7 @@ fn hashes_to_blob(hashes: &[RequestHash]) -> Vec<u8> {
 }
 
 fn blob_to_hashes(b: &[u8]) -> Result<Vec<RequestHash>> {
-    if b.len() % 16 != 0 {
+    if !b.len().is_multiple_of(16) {
         return Err(Error::Corrupt(format!("dedupe chunk of {} bytes", b.len())));
     }
     Ok(b.chunks_exact(16)

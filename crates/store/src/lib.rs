@@ -55,6 +55,9 @@ pub struct DbOptions {
     pub max_connections: u32,
     /// How long to wait for a connection. Default 10 s.
     pub acquire_timeout: Duration,
+    /// Create or update Tally's schema on open. Default true; false only to
+    /// administer a server (e.g. create a database).
+    pub migrate: bool,
 }
 
 impl DbOptions {
@@ -63,6 +66,7 @@ impl DbOptions {
             url: url.into(),
             max_connections: 8,
             acquire_timeout: Duration::from_secs(10),
+            migrate: true,
         }
     }
 }

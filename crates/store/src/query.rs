@@ -312,8 +312,9 @@ impl Db {
             }
             let v = b.push(c.value.clone());
             let id = b.push(SortValue::Text(c.id.clone()));
+            // Ties go by id ascending in both directions.
             let op = if q.descending { "<" } else { ">" };
-            filters.push(format!("({key}, u.id) {op} ({v}, {id})"));
+            filters.push(format!("({key} {op} {v} OR ({key} = {v} AND u.id > {id}))"));
         }
         let dir = if q.descending { "DESC" } else { "ASC" };
         let sql = format!(
@@ -322,7 +323,7 @@ impl Db {
              {LAST_ACTIVE_SQL} AS last_at_ms, {key} AS sort_key \
              FROM users u LEFT JOIN spend_monthly s ON s.org_id = u.org_id AND s.kind = 'user' \
              AND s.subject_id = u.id AND s.month = {month} \
-             WHERE {} ORDER BY sort_key {dir}, u.id {dir} LIMIT {}",
+             WHERE {} ORDER BY sort_key {dir}, u.id ASC LIMIT {}",
             filters.join(" AND "),
             limit + 1
         );

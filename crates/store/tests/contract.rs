@@ -43,7 +43,12 @@ async fn postgres() -> Option<Db> {
     };
     // A fresh database per test.
     let name = unique("t");
-    let admin_db = Db::open(&DbOptions::new(admin.clone())).await.unwrap();
+    let admin_db = Db::open(&DbOptions {
+        migrate: false,
+        ..DbOptions::new(admin.clone())
+    })
+    .await
+    .unwrap();
     let _ = admin_db
         .execute_raw(&format!("CREATE DATABASE {name}"))
         .await
@@ -498,7 +503,7 @@ async fn checkpoints_round_trip(db: Db) {
     assert_eq!(m.dedupe_floor_hour, 9);
     assert_eq!(m.dedupe.len(), 6, "both checkpoints' chunks");
     let mut counters = m.counters.clone();
-    counters.sort_by(|a, b| a.kind.cmp(&b.kind));
+    counters.sort_by_key(|a| a.kind);
     assert_eq!(counters[0], counter(SubjectKind::User, "alice", 150));
     // Day deltas add up; enforcement events are written once.
     let org = OrgId::new("acme").unwrap();

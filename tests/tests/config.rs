@@ -1,0 +1,90 @@
+//! Configuration layers: defaults, file, environment, flags; and the example
+//! file in deploy/ is one `tally serve` accepts.
+
+use std::path::Path;
+
+use serde_json::json;
+use tally_tests::{Backend, Tally, now_rfc3339, temp_dir};
+
+fn batch(n: usize) -> serde_json::Value {
+    let events: Vec<_> = (0..n)
+        .map(|i| {
+            json!({"request_id": format!("r{i}"), "org_id": "acme", "user_id": "u",
+                        "cost_micros": 1, "occurred_at": now_rfc3339()})
+        })
+        .collect();
+    json!({ "events": events })
+}
+
+#[tokio::test]
+async fn the_example_config_starts_a_server() {
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/tally.toml");
+    let example = example.display().to_string();
+    let tally =
+        Tally::start_with(&Backend::sqlite("example-config"), &["--config", &example]).unwrap();
+    let ready = tally.anonymous().get("/readyz").await.expect(200);
+    assert_eq!(ready["status"], "ready");
+    tally.stop().unwrap();
+}
+
+#[tokio::test]
+async fn flags_beat_the_environment_which_beats_the_file() {
+    let dir = temp_dir("config-layers");
+    let file = dir.join("tally.toml");
+    std::fs::write(&file, "usage_batch_len_max = 3\n").unwrap();
+    let file = file.display().to_string();
+    let backend = Backend::sqlite("config-layers-data");
+
+    // File only: 3.
+    let t = Tally::start_with(&backend, &["--config", &file]).unwrap();
+    assert_eq!(
+        t.operator().post("/v1/usage", batch(4)).await.error(413),
+        "too_large"
+    );
+    t.stop().unwrap();
+    // Environment over file: 5.
+    let t = Tally::start_env(
+        &backend,
+        &["--config", &file],
+        &[("TALLY_USAGE_BATCH_LEN_MAX", "5")],
+    )
+    .unwrap();
+    let r = t.operator().post("/v1/usage", batch(4)).await.expect(200);
+    assert_eq!(
+        r["rejected"].as_array().unwrap().len(),
+        4,
+        "unknown org, but not too large"
+    );
+    assert_eq!(
+        t.operator().post("/v1/usage", batch(6)).await.error(413),
+        "too_large"
+    );
+    t.stop().unwrap();
+    // Flag over environment: 2.
+    let t = Tally::start_env(
+        &backend,
+        &["--config", &file, "--usage-batch-len-max", "2"],
+        &[("TALLY_USAGE_BATCH_LEN_MAX", "5")],
+    )
+    .unwrap();
+    assert_eq!(
+        t.operator().post("/v1/usage", batch(3)).await.error(413),
+        "too_large"
+    );
+    t.stop().unwrap();
+}
+
+#[test]
+fn a_bad_config_file_is_a_clear_error() {
+    let dir = temp_dir("config-bad");
+    let file = dir.join("tally.toml");
+    std::fs::write(&file, "listen = \"127.0.0.1:0\"\nlisten_port = 8080\n").unwrap();
+    let out = std::process::Command::new(tally_tests::tally_bin())
+        .args(["serve", "--config", &file.display().to_string()])
+        .args(["--data-dir", &dir.display().to_string()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("listen_port"), "{err}");
+}

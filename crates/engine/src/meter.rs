@@ -151,10 +151,12 @@ impl Meter {
     async fn replay(&self) -> Result<u64> {
         let mut w = self.writer.lock().await;
         let mut replayed = 0u64;
+        let mut next_report = 1_000_000u64;
         loop {
             let records = self.db.read_usage(w.position, REPLAY_PAGE_LEN).await?;
             let Some(last) = records.last() else { break };
             let last_seq = last.seq;
+            let mut page = 0u64;
             for rec in &records {
                 let events = tally_proto::decode_usage_batch(&rec.payload)
                     .map_err(|e| Error::Corrupt(format!("usage log record {}: {e}", rec.seq)))?;
@@ -163,13 +165,15 @@ impl Meter {
                         let _ = cell.write().apply_usage(ev, rec.logged_at_ms);
                     }
                 }
-                replayed += events.len() as u64;
-                if replayed.is_multiple_of(1_000_000) {
-                    tracing::info!(replayed, position = rec.seq, "replaying the usage log");
-                }
+                page += events.len() as u64;
             }
             w.position = last_seq;
-            w.counted_since_checkpoint += replayed;
+            w.counted_since_checkpoint += page;
+            replayed += page;
+            if replayed >= next_report {
+                next_report += 1_000_000;
+                tracing::info!(replayed, position = last_seq, "replaying the usage log");
+            }
         }
         metrics::counter!(m::REPLAYED_EVENTS).increment(replayed);
         Ok(replayed)

@@ -88,3 +88,32 @@ fn a_bad_config_file_is_a_clear_error() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("listen_port"), "{err}");
 }
+
+#[tokio::test]
+async fn a_second_process_cannot_take_the_same_data() {
+    let backend = Backend::sqlite("exclusive");
+    let first = Tally::start(&backend).unwrap();
+    let Backend::Sqlite(dir) = &backend else {
+        unreachable!()
+    };
+    let out = std::process::Command::new(tally_tests::tally_bin())
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--operator-token",
+            tally_tests::OPERATOR_TOKEN,
+        ])
+        .args(["--data-dir", &dir.display().to_string()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("another tally serve is using"), "{err}");
+    // The first one is unharmed.
+    assert_eq!(
+        first.anonymous().get("/readyz").await.expect(200)["status"],
+        "ready"
+    );
+    first.stop().unwrap();
+}

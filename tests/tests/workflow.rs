@@ -206,7 +206,7 @@ async fn workflow(backend: Backend) {
     let e = authorize(&op, &secrets.eng, Some("images"), Some("carol")).await;
     assert_eq!(e["reason"], "feature_not_enabled");
     let e = authorize(&op, &secrets.eng, None, Some("erin")).await;
-    assert_eq!(e["reason"], "user_not_active");
+    assert_eq!(e["reason"], "user_not_in_key_groups");
     let e = authorize(&op, "tly_sk_nope", None, None).await;
     assert_eq!(
         (e["allowed"].clone(), e["reason"].clone()),

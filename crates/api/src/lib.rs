@@ -61,6 +61,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/orgs/{org}/tokens", post(orgs::create_token))
         .route("/v1/orgs/{org}/events", get(orgs::events))
         .route("/v1/orgs/{org}/enforcement", get(orgs::enforcement))
+        .route("/v1/orgs/{org}/dead-letters", get(orgs::dead_letters))
+        .route("/v1/dead-letters", get(orgs::all_dead_letters))
         .route("/v1/orgs/{org}/users", post(users::add).get(users::list))
         .route("/v1/orgs/{org}/users/bulk", post(users::bulk))
         .route(

@@ -257,3 +257,53 @@ pub(crate) async fn enforcement(
         next_cursor: None,
     }))
 }
+
+fn dead_letter_json(r: tally_store::query::DeadLetterRow) -> serde_json::Value {
+    json!({
+        "partition": r.partition_id,
+        "position": r.position,
+        "logged_at": format_rfc3339_ms(r.logged_at_ms),
+        "org_id": r.org_id,
+        "reason": r.reason,
+        "message": r.message,
+    })
+}
+
+/// Usage of this org that could not be counted, newest first.
+pub(crate) async fn dead_letters(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(org): Path<String>,
+    Params(p): Params<LimitParams>,
+) -> ApiResult<Json<ListJson<serde_json::Value>>> {
+    let org_id = org_access(&state, &caller, &org)?;
+    state.engine.meter.flush().await?;
+    let rows = state
+        .engine
+        .db
+        .list_dead_letters(Some(&org_id), page_len(p.limit)?)
+        .await?;
+    Ok(Json(ListJson {
+        items: rows.into_iter().map(dead_letter_json).collect(),
+        next_cursor: None,
+    }))
+}
+
+/// Every dead letter, also those of no known org (operator token).
+pub(crate) async fn all_dead_letters(
+    State(state): State<AppState>,
+    caller: Caller,
+    Params(p): Params<LimitParams>,
+) -> ApiResult<Json<ListJson<serde_json::Value>>> {
+    caller.require_operator()?;
+    state.engine.meter.flush().await?;
+    let rows = state
+        .engine
+        .db
+        .list_dead_letters(None, page_len(p.limit)?)
+        .await?;
+    Ok(Json(ListJson {
+        items: rows.into_iter().map(dead_letter_json).collect(),
+        next_cursor: None,
+    }))
+}

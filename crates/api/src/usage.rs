@@ -66,7 +66,7 @@ pub(crate) async fn ingest(
             }),
         }
     }
-    let report = state.engine.meter.ingest(valid).await?;
+    let report = state.engine.ingest(valid).await?;
     rejected.extend(report.rejected);
     rejected.sort_by_key(|r| r.index);
     Ok(Json(IngestResponse {

@@ -3,6 +3,9 @@
 //! limit (if it has one), every group K is associated with is under its limit
 //! (if it has one), and the requested feature (if asked) is enabled on K.
 //! Otherwise the decision names the first rule that failed.
+//!
+//! U is the key's owner. A key without an owner belongs to its groups: the
+//! gateway must name U (`user_id`), and U must be a member of one of them.
 
 use crate::entity::{Key, UserStatus};
 use crate::ids::{GroupId, UserId};
@@ -20,6 +23,10 @@ pub enum Reason {
     UnknownUser,
     /// A personal key used on behalf of another user.
     KeyUserMismatch,
+    /// A group key used without naming the user.
+    UserRequired,
+    /// A group key used by someone in none of its groups.
+    UserNotInKeyGroups,
     UserNotActive,
     UserMonthlyLimit,
     KeyMonthlyLimit,
@@ -35,6 +42,8 @@ impl Reason {
             Reason::KeyRevoked => "key_revoked",
             Reason::UnknownUser => "unknown_user",
             Reason::KeyUserMismatch => "key_user_mismatch",
+            Reason::UserRequired => "user_required",
+            Reason::UserNotInKeyGroups => "user_not_in_key_groups",
             Reason::UserNotActive => "user_not_active",
             Reason::UserMonthlyLimit => "user_monthly_limit",
             Reason::KeyMonthlyLimit => "key_monthly_limit",
@@ -115,8 +124,31 @@ pub fn authorize(
                 format!("key {} belongs to user {owner}, not {hint}", key.id),
             );
         }
-        (Some(owner), _) => Some(owner.as_str()),
-        (None, hint) => hint,
+        (Some(owner), _) => owner.as_str(),
+        (None, None) => {
+            return deny(
+                &mut d,
+                Reason::UserRequired,
+                format!(
+                    "key {} belongs to groups, not a user: pass the caller's user_id",
+                    key.id
+                ),
+            );
+        }
+        (None, Some(hint)) => {
+            let member = dir
+                .users
+                .get(hint)
+                .is_some_and(|u| u.groups.iter().any(|g| key.group_ids.contains(g)));
+            if !member && dir.users.contains_key(hint) {
+                return deny(
+                    &mut d,
+                    Reason::UserNotInKeyGroups,
+                    format!("user {hint} is in none of the groups of key {}", key.id),
+                );
+            }
+            hint
+        }
     };
     let mut remaining: Option<i64> = None;
     let mut budget = |limit: Limit, spend: i64| {
@@ -126,7 +158,8 @@ pub fn authorize(
         }
         limit.is_some_and(|l| spend >= l)
     };
-    if let Some(uid) = user_id {
+    {
+        let uid = user_id;
         let Some(user) = dir.users.get(uid) else {
             return deny(
                 &mut d,
@@ -298,7 +331,7 @@ mod tests {
         );
         assert_eq!(
             decide(&s, "kg", None, Some("bob")).reason,
-            Reason::UserNotActive
+            Reason::UserNotInKeyGroups
         );
         assert_eq!(
             decide(&s, "kg", None, Some("carol")).reason,
@@ -317,13 +350,30 @@ mod tests {
             d.message
         );
         assert_eq!(d.remaining_micros, None);
-        // The group key without a user: the group has 50 of 100 left.
-        let d = decide(&s, "kg", Some("embeddings"), None);
-        assert!(d.allowed);
+        // The group key: the gateway must name a member of the group.
+        assert_eq!(decide(&s, "kg", None, None).reason, Reason::UserRequired);
+        assert_eq!(
+            decide(&s, "kg", None, Some("alice")).reason,
+            Reason::UserMonthlyLimit
+        );
+        let raise = EntityEvent {
+            org_id: s.dir.id.clone(),
+            seq: s.dir.seq + 1,
+            at_ms: NOV,
+            actor: crate::entity::Actor::Operator,
+            kind: EventKind::UserLimitSet {
+                user_id: user("alice"),
+                monthly_limit_micros: Some(500 * USD),
+            },
+        };
+        s.apply_entity(&raise);
+        // alice has 450 left, the group 50 of 100.
+        let d = decide(&s, "kg", Some("embeddings"), Some("alice"));
+        assert!(d.allowed, "{d:?}");
         assert_eq!(d.remaining_micros, Some(50 * USD));
         spend(&mut s, "r2", "alice", "kg", 50 * USD);
         assert_eq!(
-            decide(&s, "kg", None, None).reason,
+            decide(&s, "kg", None, Some("alice")).reason,
             Reason::GroupMonthlyLimit
         );
     }

@@ -46,7 +46,9 @@ pub struct DedupeConfig {
     /// How far behind the watermark usage is still accepted (and its ids
     /// remembered). Default 24 h.
     pub window_ms: i64,
-    /// The most ids one org remembers. Default 20 million (about 1 GiB).
+    /// The most ids one org remembers (about 50 bytes each): past it, hours
+    /// older than the watermark's are forgotten early. The watermark's own
+    /// hour is kept whatever its size. Default 20 million (about 1 GiB).
     pub entries_max: usize,
 }
 
@@ -134,7 +136,13 @@ impl DedupeWindow {
         let hour = occurred_ms.div_euclid(MS_PER_HOUR);
         self.bucket(hour).push(hash);
         self.added.push((hour, hash));
-        if self.seen.len() > self.config.entries_max {
+        // Over capacity, hours older than the watermark's go early. The
+        // watermark's own hour (and later ones) always stay: forgetting them
+        // would refuse the org's current usage as too late, hour after hour.
+        let keep_from = watermark_ms.max(occurred_ms).div_euclid(MS_PER_HOUR);
+        while self.seen.len() > self.config.entries_max
+            && self.buckets.front().is_some_and(|(h, _)| *h < keep_from)
+        {
             self.forget_oldest_bucket();
         }
         Seen::New
@@ -243,6 +251,22 @@ mod tests {
         // Hour 1 is forgotten, so its ids are refused, not recounted.
         assert_eq!(w.insert(1, H, 3 * H), Seen::TooLate);
         assert_eq!(w.insert(2, 2 * H, 3 * H), Seen::Duplicate);
+    }
+
+    #[test]
+    fn over_capacity_the_current_hour_is_never_forgotten() {
+        let cfg = DedupeConfig {
+            window_ms: 24 * H,
+            entries_max: 2,
+        };
+        let mut w = DedupeWindow::new(cfg);
+        for id in 0..10u128 {
+            assert_eq!(w.insert(id, 5 * H + id as i64, 5 * H + 20), Seen::New);
+        }
+        // Past the bound, but the org's current hour keeps counting once.
+        assert_eq!(w.len(), 10);
+        assert_eq!(w.insert(3, 5 * H + 3, 5 * H + 20), Seen::Duplicate);
+        assert_eq!(w.insert(11, 5 * H + 11, 5 * H + 20), Seen::New);
     }
 
     #[test]

@@ -277,14 +277,21 @@ impl Ledger {
         day.requests += 1;
     }
 
-    /// Re-evaluates a subject after its limit changed, in every open month.
+    /// Re-evaluates a subject after its limit changed, in the month of the
+    /// change and later ones (a month that has ended keeps its verdicts).
     pub fn limit_changed(&mut self, s: Subject, budget: Budget<'_>, at_ms: i64) {
         let reason = if budget.limit_micros.is_some() {
             LiftReason::LimitRaised
         } else {
             LiftReason::LimitRemoved
         };
-        let months: Vec<Month> = self.months.iter().map(|m| m.month).collect();
+        let from = Month::from_unix_ms(at_ms);
+        let months: Vec<Month> = self
+            .months
+            .iter()
+            .map(|m| m.month)
+            .filter(|m| *m >= from)
+            .collect();
         for month in months {
             let Some(before) = self.counter(month, s).copied() else {
                 continue;
@@ -334,7 +341,13 @@ impl Ledger {
         }
     }
 
-    /// Brings a counter back from a checkpoint.
+    /// Forgets everything: counters, unsaved changes, pending events.
+    pub fn clear(&mut self) {
+        *self = Ledger::default();
+    }
+
+    /// Brings a counter back from a checkpoint (or mirrors one published by
+    /// the process that meters the org).
     pub fn restore(&mut self, month: Month, s: Subject, c: Counter) {
         *self.month_mut(month).get_mut(s) = Counter { dirty: false, ..c };
     }

@@ -38,6 +38,9 @@ pub enum Rejection {
     FromTheFuture,
     /// The org's monthly sum would leave `i64`.
     Overflow,
+    /// Arrived on a partition of the usage stream that does not carry this
+    /// org (the producer did not key by org id with the murmur2 partitioner).
+    WrongPartition,
 }
 
 impl Rejection {
@@ -49,6 +52,7 @@ impl Rejection {
             Rejection::TooLate => "too_late",
             Rejection::FromTheFuture => "from_the_future",
             Rejection::Overflow => "overflow",
+            Rejection::WrongPartition => "wrong_partition",
         }
     }
 
@@ -62,6 +66,10 @@ impl Rejection {
             }
             Rejection::FromTheFuture => "occurred_at is ahead of the clock by more than the skew",
             Rejection::Overflow => "the org's monthly spend would overflow",
+            Rejection::WrongPartition => {
+                "the org's usage belongs on another partition: key messages by org_id \
+                 and use the murmur2 partitioner"
+            }
         }
     }
 }
@@ -80,6 +88,10 @@ pub struct OrgMeter {
     pub dedupe: DedupeWindow,
     /// The latest `occurred_at` applied (0: none yet).
     pub watermark_ms: i64,
+    /// Whether this process meters the org. When it does not, the counters
+    /// mirror the states its metering process publishes (for authorize), and
+    /// nothing here fires enforcement events or goes to a checkpoint.
+    pub owned: bool,
     config: MeterConfig,
     /// The month whose start was last handled by [`OrgState::new_month`].
     rolled: Option<Month>,
@@ -93,6 +105,7 @@ pub struct MeterChanges {
     pub dedupe_added: Vec<(i64, RequestHash)>,
     pub dedupe_floor_hour: i64,
     pub watermark_ms: i64,
+    pub rolled_month: Option<Month>,
     pub enforcement: Vec<SavedEnforcement>,
 }
 
@@ -127,6 +140,7 @@ impl MeterChanges {
         self.dedupe_added.extend(later.dedupe_added);
         self.dedupe_floor_hour = later.dedupe_floor_hour;
         self.watermark_ms = later.watermark_ms;
+        self.rolled_month = later.rolled_month;
         self.enforcement.extend(later.enforcement);
     }
 
@@ -165,6 +179,7 @@ pub struct SavedEnforcement {
 #[derive(Debug, Clone, Default)]
 pub struct SavedMeter {
     pub watermark_ms: i64,
+    pub rolled_month: Option<Month>,
     pub dedupe_floor_hour: i64,
     pub dedupe: Vec<(i64, RequestHash)>,
     pub counters: Vec<SavedCounter>,
@@ -187,6 +202,7 @@ impl OrgState {
                 ledger: Ledger::default(),
                 dedupe: DedupeWindow::new(config.dedupe),
                 watermark_ms: 0,
+                owned: true,
                 config,
                 rolled: None,
             },
@@ -196,6 +212,9 @@ impl OrgState {
     /// Folds an entity event in and re-evaluates the budgets it changes.
     pub fn apply_entity(&mut self, event: &EntityEvent) {
         self.dir.apply(event);
+        if !self.meter.owned {
+            return;
+        }
         let thresholds = &self.dir.settings.alert_thresholds_bps;
         let (subject, limit) = match &event.kind {
             EventKind::UserLimitSet {
@@ -311,7 +330,7 @@ impl OrgState {
     /// month before. `now_ms` is the caller's clock.
     pub fn new_month(&mut self, now_ms: i64) {
         let month = Month::from_unix_ms(now_ms);
-        if self.meter.rolled.is_some_and(|r| r >= month) {
+        if !self.meter.owned || self.meter.rolled.is_some_and(|r| r >= month) {
             return;
         }
         self.meter.rolled = Some(month);
@@ -320,6 +339,36 @@ impl OrgState {
 
     pub fn has_changes(&self) -> bool {
         self.meter.ledger.has_changes()
+    }
+
+    /// Forgets the meter (before loading a checkpoint into it).
+    pub fn reset_meter(&mut self) {
+        let m = &mut self.meter;
+        m.ledger.clear();
+        m.dedupe = DedupeWindow::new(m.config.dedupe);
+        m.watermark_ms = 0;
+        m.rolled = None;
+    }
+
+    /// Mirrors a counter published by the process that meters this org.
+    /// Ignored when this process meters it, or the subject is unknown here.
+    pub fn mirror(&mut self, kind: SubjectKind, id: &str, month: Month, counter: Counter) {
+        if self.meter.owned {
+            return;
+        }
+        if let Some(s) = self.subject(kind, id) {
+            self.meter.ledger.restore(month, s, counter);
+        }
+    }
+
+    /// A subject by kind and id.
+    pub fn subject(&self, kind: SubjectKind, id: &str) -> Option<Subject> {
+        match kind {
+            SubjectKind::User => self.dir.users.get(id).map(|u| Subject::User(u.idx)),
+            SubjectKind::Group => self.dir.groups.get(id).map(|g| Subject::Group(g.idx)),
+            SubjectKind::Key => self.dir.keys.get(id).map(|k| Subject::Key(k.idx)),
+            SubjectKind::Org => (id == self.dir.id.as_str()).then_some(Subject::Org),
+        }
     }
 
     /// Takes what changed since the last checkpoint and forgets what no
@@ -360,6 +409,7 @@ impl OrgState {
             dedupe_added: meter.dedupe.take_added(),
             dedupe_floor_hour: meter.dedupe.floor_hour(),
             watermark_ms: meter.watermark_ms,
+            rolled_month: meter.rolled,
             enforcement: changes
                 .enforcement
                 .into_iter()
@@ -383,30 +433,13 @@ impl OrgState {
     pub fn restore(&mut self, saved: SavedMeter) -> Vec<SavedCounter> {
         let meter = &mut self.meter;
         meter.watermark_ms = saved.watermark_ms;
+        meter.rolled = saved.rolled_month;
         meter.dedupe =
             DedupeWindow::restore(meter.config.dedupe, saved.dedupe_floor_hour, saved.dedupe);
         let mut unknown = Vec::new();
         for c in saved.counters {
-            let subject = match c.kind {
-                SubjectKind::User => self
-                    .dir
-                    .users
-                    .get(c.id.as_str())
-                    .map(|u| Subject::User(u.idx)),
-                SubjectKind::Group => self
-                    .dir
-                    .groups
-                    .get(c.id.as_str())
-                    .map(|g| Subject::Group(g.idx)),
-                SubjectKind::Key => self
-                    .dir
-                    .keys
-                    .get(c.id.as_str())
-                    .map(|k| Subject::Key(k.idx)),
-                SubjectKind::Org => Some(Subject::Org),
-            };
-            match subject {
-                Some(s) => meter.ledger.restore(c.month, s, c.counter),
+            match self.subject(c.kind, &c.id) {
+                Some(s) => self.meter.ledger.restore(c.month, s, c.counter),
                 None => unknown.push(c),
             }
         }
@@ -647,6 +680,7 @@ mod tests {
         let mut r = state(eng());
         let skipped = r.restore(SavedMeter {
             watermark_ms: ch.watermark_ms,
+            rolled_month: ch.rolled_month,
             dedupe_floor_hour: ch.dedupe_floor_hour,
             dedupe: ch.dedupe_added.clone(),
             counters: ch.counters.clone(),
@@ -665,6 +699,67 @@ mod tests {
             r.apply_usage(&usage("r3", "alice", "", 1, NOV), NOV),
             UsageOutcome::Duplicate
         );
+    }
+
+    #[test]
+    fn a_mirrored_org_shows_published_spend_and_fires_nothing() {
+        let mut s = state(eng());
+        s.meter.owned = false;
+        let month = Month::from_unix_ms(NOV);
+        s.mirror(
+            SubjectKind::User,
+            "alice",
+            month,
+            Counter::restored(120 * USD, 3, NOV, 10_000, true, 1),
+        );
+        s.mirror(
+            SubjectKind::User,
+            "nobody",
+            month,
+            Counter::restored(1, 1, NOV, 0, false, 0),
+        );
+        assert_eq!(s.spend(month, Subject::User(0)).spend_micros, 120 * USD);
+        let raise = EntityEvent {
+            org_id: s.dir.id.clone(),
+            seq: s.dir.seq + 1,
+            at_ms: NOV + 5,
+            actor: crate::entity::Actor::Operator,
+            kind: EventKind::UserLimitSet {
+                user_id: user("alice"),
+                monthly_limit_micros: Some(500 * USD),
+            },
+        };
+        s.apply_entity(&raise);
+        s.new_month(NOV + 40 * 86_400_000);
+        assert!(!s.has_changes(), "a mirror never checkpoints or fires");
+        // Owned again, a mirror write is ignored.
+        s.meter.owned = true;
+        s.mirror(SubjectKind::User, "alice", month, Counter::default());
+        assert_eq!(s.spend(month, Subject::User(0)).spend_micros, 120 * USD);
+    }
+
+    #[test]
+    fn a_limit_change_leaves_an_ended_month_alone() {
+        let mut s = state(eng());
+        let _ = s.apply_usage(&usage("r1", "alice", "", 90 * USD, NOV), NOV);
+        let _ = s.take_changes();
+        let dec = Month::from_unix_ms(NOV).next().start_ms();
+        let lower = EntityEvent {
+            org_id: s.dir.id.clone(),
+            seq: s.dir.seq + 1,
+            at_ms: dec + 1,
+            actor: crate::entity::Actor::Operator,
+            kind: EventKind::UserLimitSet {
+                user_id: user("alice"),
+                monthly_limit_micros: Some(10 * USD),
+            },
+        };
+        s.apply_entity(&lower);
+        assert!(
+            s.take_changes().enforcement.is_empty(),
+            "November keeps its verdicts"
+        );
+        assert!(!s.spend(Month::from_unix_ms(NOV), Subject::User(0)).cut_off);
     }
 
     proptest! {

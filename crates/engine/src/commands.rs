@@ -1,6 +1,13 @@
 //! The command path: validate against memory, append to the log with the
-//! read models in one transaction, then fold into memory. Nothing is applied
-//! in memory before it is committed, so a failed append leaves no trace.
+//! read models in one transaction, then fold into memory.
+//!
+//! Nothing is applied in memory before it is committed, so a failed append
+//! leaves no trace. Commit and fold run in one spawned task, under the
+//! meter's write lock: a client hanging up cannot leave a committed event
+//! unfolded, and no usage is counted between the event's timestamp and its
+//! fold (which would make a replay judge group membership differently). When
+//! another process appended to the org first (distributed mode), the log is
+//! read back into memory and the command is validated again.
 
 use std::sync::Arc;
 
@@ -10,24 +17,37 @@ use tally_core::ids::OrgId;
 use tally_store::Db;
 
 use crate::clock::Clock;
+use crate::meter::Meter;
 use crate::metrics as m;
-use crate::registry::Registry;
+use crate::registry::{Followed, Registry};
 use crate::{Error, Result};
+
+/// How often a command is retried after losing a race for the org's log.
+const CONFLICT_RETRIES: usize = 3;
+/// Events read per round trip when catching up.
+const CATCH_UP_PAGE_LEN: u32 = 10_000;
 
 #[derive(Debug)]
 pub struct Commands {
     db: Db,
     registry: Arc<Registry>,
+    meter: Arc<Meter>,
     clock: Arc<dyn Clock>,
     /// One writer per org at a time; orgs do not wait on each other.
     locks: DashMap<OrgId, Arc<tokio::sync::Mutex<()>>>,
 }
 
 impl Commands {
-    pub fn new(db: Db, registry: Arc<Registry>, clock: Arc<dyn Clock>) -> Commands {
+    pub fn new(
+        db: Db,
+        registry: Arc<Registry>,
+        meter: Arc<Meter>,
+        clock: Arc<dyn Clock>,
+    ) -> Commands {
         Commands {
             db,
             registry,
+            meter,
             clock,
             locks: DashMap::new(),
         }
@@ -36,12 +56,16 @@ impl Commands {
     /// Runs one command for `org_id`; returns the events it wrote (none when
     /// it changed nothing).
     pub async fn execute(
-        &self,
+        self: &Arc<Self>,
         org_id: &OrgId,
         actor: Actor,
         cmd: &Command,
     ) -> Result<Vec<EntityEvent>> {
-        let result = self.run(org_id, actor, cmd).await;
+        let this = Arc::clone(self);
+        let (org_id, cmd) = (org_id.clone(), cmd.clone());
+        let result = tokio::spawn(async move { this.run(&org_id, actor, &cmd).await })
+            .await
+            .map_err(|e| Error::Unavailable(format!("command task failed: {e}")))?;
         let outcome = match &result {
             Ok(_) => "ok",
             Err(Error::Command(CommandError::Invalid(_))) => "invalid",
@@ -56,16 +80,38 @@ impl Commands {
 
     async fn run(&self, org_id: &OrgId, actor: Actor, cmd: &Command) -> Result<Vec<EntityEvent>> {
         let lock = Arc::clone(&self.locks.entry(org_id.clone()).or_default());
-        let _guard = lock.lock().await;
+        let _org = lock.lock().await;
+        let mut attempt = 0;
+        loop {
+            let _w = self.meter.write_lock().await;
+            match self.try_once(org_id, &actor, cmd).await {
+                Err(Error::Store(tally_store::Error::Conflict { .. }))
+                    if attempt < CONFLICT_RETRIES =>
+                {
+                    attempt += 1;
+                    drop(_w);
+                    self.catch_up(org_id).await?;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn try_once(
+        &self,
+        org_id: &OrgId,
+        actor: &Actor,
+        cmd: &Command,
+    ) -> Result<Vec<EntityEvent>> {
         let at_ms = self.clock.now_ms();
         let (kinds, next_seq) = match self.registry.org(org_id) {
-            None => (
-                handle_create(false, org_id, cmd).map_err(|e| match e {
+            None => {
+                let kinds = handle_create(false, org_id, cmd).map_err(|e| match e {
                     CommandError::NotFound { .. } => Error::UnknownOrg,
                     e => Error::Command(e),
-                })?,
-                1,
-            ),
+                })?;
+                (kinds, 1)
+            }
             Some(cell) => {
                 let org = cell.read();
                 (org.dir.handle(cmd)?, org.dir.seq + 1)
@@ -85,5 +131,25 @@ impl Commands {
         self.db.append(&events).await?;
         self.registry.apply(&events);
         Ok(events)
+    }
+
+    /// Folds into memory whatever the org's log holds beyond it (written by
+    /// another process).
+    pub async fn catch_up(&self, org_id: &OrgId) -> Result<()> {
+        loop {
+            let seq = self.registry.org(org_id).map_or(0, |c| c.read().dir.seq);
+            let events = self.db.org_events(org_id, seq, CATCH_UP_PAGE_LEN).await?;
+            if events.is_empty() {
+                return Ok(());
+            }
+            for e in &events {
+                if self.registry.follow(e) == Followed::Gap {
+                    return Err(Error::Corrupt(format!(
+                        "the entity log of org {org_id} has a gap before seq {}",
+                        e.seq
+                    )));
+                }
+            }
+        }
     }
 }

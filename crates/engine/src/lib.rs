@@ -1,16 +1,19 @@
 //! Tally's running state, everything but HTTP: the orgs in memory
 //! ([`registry`]), the command path ([`commands`]), the metering engine
-//! ([`meter`]), authentication and authorize. [`Engine::start`] rebuilds it
-//! all from the database: the entity log folded into memory, the metering
-//! checkpoint loaded, the usage log replayed.
+//! ([`meter`]) and the embedded usage log ([`embedded`]), authentication and
+//! authorize. [`Engine::start`] rebuilds the entity state from the database;
+//! the mode's wiring then claims partitions and sets the usage sink.
 
 pub mod clock;
 pub mod commands;
+pub mod embedded;
 pub mod meter;
 pub mod metrics;
 pub mod registry;
 
-use std::sync::Arc;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use tally_core::authorize::{Decision, authorize};
@@ -18,11 +21,12 @@ use tally_core::entity::CommandError;
 use tally_core::ids::{OrgId, TokenId};
 use tally_core::org::MeterConfig;
 use tally_core::secret::{SECRET_RANDOM_LEN, SecretHash, ct_eq, encode_secret, hash_secret};
+use tally_core::usage::UsageEvent;
 use tally_store::Db;
 
 use crate::clock::Clock;
 use crate::commands::Commands;
-use crate::meter::{Meter, MeterOptions};
+use crate::meter::{IngestReport, Meter, MeterOptions};
 use crate::registry::Registry;
 
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +44,17 @@ pub enum Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// A boxed future, for the object-safe [`UsageSink`].
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Where `POST /v1/usage` puts valid events: the embedded log (counted at
+/// once) or the Kafka topic (counted by whichever process owns the org).
+pub trait UsageSink: Send + Sync + std::fmt::Debug {
+    /// Takes valid events with their index in the request; answers once the
+    /// ones it accepted are durable.
+    fn ingest(&self, events: Vec<(usize, UsageEvent)>) -> BoxFuture<'_, Result<IngestReport>>;
+}
 
 #[derive(Debug, Clone, Default)]
 pub struct EngineOptions {
@@ -60,14 +75,16 @@ pub enum Principal {
 pub struct Engine {
     pub db: Db,
     pub registry: Arc<Registry>,
-    pub commands: Commands,
-    pub meter: Meter,
+    pub commands: Arc<Commands>,
+    pub meter: Arc<Meter>,
+    sink: OnceLock<Arc<dyn UsageSink>>,
     clock: Arc<dyn Clock>,
     operator_token_hash: SecretHash,
 }
 
 impl Engine {
-    /// Rebuilds the state from `db` and returns a ready engine.
+    /// Rebuilds the entity state from `db`. The meter owns no partition yet:
+    /// the mode's wiring claims them and sets the usage sink.
     pub async fn start(
         db: Db,
         clock: Arc<dyn Clock>,
@@ -89,23 +106,44 @@ impl Engine {
             elapsed_ms = started.elapsed().as_millis() as u64,
             "entity log folded"
         );
-        let meter = Meter::recover(
+        let meter_opts = MeterOptions {
+            window_ms: opts.meter_config.dedupe.window_ms,
+            ..opts.meter
+        };
+        let meter = Arc::new(Meter::new(
             db.clone(),
             Arc::clone(&registry),
             Arc::clone(&clock),
-            opts.meter,
-            opts.meter_config.dedupe.window_ms,
-        )
-        .await?;
-        let commands = Commands::new(db.clone(), Arc::clone(&registry), Arc::clone(&clock));
+            meter_opts,
+        ));
+        let commands = Arc::new(Commands::new(
+            db.clone(),
+            Arc::clone(&registry),
+            Arc::clone(&meter),
+            Arc::clone(&clock),
+        ));
         Ok(Engine {
             db,
             registry,
             commands,
             meter,
+            sink: OnceLock::new(),
             clock,
             operator_token_hash,
         })
+    }
+
+    /// Where ingested usage goes; set once, after the mode is wired.
+    pub fn set_sink(&self, sink: Arc<dyn UsageSink>) {
+        let _ = self.sink.set(sink);
+    }
+
+    /// Hands valid usage to the sink.
+    pub async fn ingest(&self, events: Vec<(usize, UsageEvent)>) -> Result<IngestReport> {
+        match self.sink.get() {
+            Some(sink) => sink.ingest(events).await,
+            None => Err(Error::Unavailable("usage ingest is not ready".into())),
+        }
     }
 
     pub fn now_ms(&self) -> i64 {

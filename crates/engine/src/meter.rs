@@ -1,47 +1,54 @@
-//! The embedded metering engine: usage arrives in batches, is counted in
-//! memory, written to the usage log, and checkpointed to SQL.
+//! The metering engine: applies usage to the orgs' meters, partition by
+//! partition, and checkpoints each partition it owns.
 //!
-//! One writer at a time (a mutex around [`Writer`]) applies a batch to the
-//! orgs' meters, appends the counted events to the usage log, and only then
-//! answers. The log position and the in-memory state therefore always agree:
-//! a checkpoint saves both together, and after a crash the log is replayed
-//! from the checkpoint onto exactly the state it was applied to. If an append
-//! fails, memory is ahead of the log: the meter stops taking usage and never
-//! checkpoints again, and the process must restart (see [`Meter::failed`]).
+//! A partition is a shard of the usage log: the whole embedded log is
+//! partition 0; in distributed mode a partition is a partition of the Kafka
+//! topic, and an org's usage always arrives on the same one. A process meters
+//! the orgs of the partitions it has claimed ([`Meter::claim`]); every other
+//! org's counters only mirror what its owner publishes.
+//!
+//! Two locks: `parts` (sync, short) guards the bookkeeping and is held while
+//! events are applied, so a checkpoint takes a consistent cut of state and
+//! positions; `write` (async) serializes what must not interleave with a
+//! checkpoint — the embedded ingest (apply, then append to the log) and an
+//! admin command (stamp, commit, fold). Lock order: `write`, then `parts`,
+//! then an org's lock.
+//!
+//! Work that must not stop halfway (a checkpoint write) runs in a spawned
+//! task: a client hanging up drops the handler's future, not the task.
 
-use std::collections::HashMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use tally_core::ids::OrgId;
-use tally_core::ledger::EnforcementKind;
+use tally_core::ledger::{Counter, EnforcementKind, SubjectKind};
 use tally_core::org::{MeterChanges, Rejection, UsageOutcome};
 use tally_core::time::Month;
 use tally_core::usage::UsageEvent;
 use tally_store::Db;
-use tally_store::checkpoint::PartitionCheckpoint;
-use tokio::sync::{Mutex, Notify};
+use tally_store::checkpoint::{DeadLetter, PartitionCheckpoint};
+use tokio::sync::Notify;
 
 use crate::clock::Clock;
 use crate::metrics as m;
 use crate::registry::Registry;
 use crate::{Error, Result};
 
-/// The embedded mode has one partition: the whole usage log.
-const PARTITION: i64 = 0;
-/// Log records read per round trip while replaying.
-const REPLAY_PAGE_LEN: i64 = 256;
-
 #[derive(Debug, Clone)]
 pub struct MeterOptions {
-    /// How often a checkpoint is written when something changed. Default 1 s.
+    /// How often checkpoints are written when something changed. Default 1 s.
     pub checkpoint_interval: Duration,
-    /// A checkpoint is also written once this many events were counted since
-    /// the last one, so replay after a crash stays short. Default 100 000.
+    /// A checkpoint is also written once a partition counted this many events
+    /// since its last one, so replay after a crash stays short. Default
+    /// 100 000.
     pub checkpoint_events_max: u64,
-    /// How long checkpointed usage stays in the usage log. Default 7 days.
+    /// How long checkpointed usage stays in the embedded usage log. Default
+    /// 7 days.
     pub usage_retention: Duration,
+    /// The dedupe window, for loading checkpoints.
+    pub window_ms: i64,
 }
 
 impl Default for MeterOptions {
@@ -50,8 +57,27 @@ impl Default for MeterOptions {
             checkpoint_interval: Duration::from_secs(1),
             checkpoint_events_max: 100_000,
             usage_retention: Duration::from_secs(7 * 86_400),
+            window_ms: 24 * 3_600_000,
         }
     }
+}
+
+/// A counter as its owner publishes it after a checkpoint, for the other
+/// processes (the compacted `tally.enforcement` topic).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublishedState {
+    pub org_id: OrgId,
+    pub kind: SubjectKind,
+    pub id: String,
+    pub month: Month,
+    pub counter: Counter,
+    pub limit_micros: Option<i64>,
+}
+
+/// Where published states go (distributed mode).
+pub trait StatePublisher: Send + Sync + std::fmt::Debug {
+    /// Takes the states of one committed checkpoint. Must not block.
+    fn publish(&self, states: Vec<PublishedState>);
 }
 
 /// What happened to one ingested batch.
@@ -70,16 +96,51 @@ pub struct Rejected {
     pub message: String,
 }
 
+impl IngestReport {
+    pub fn reject(&mut self, index: usize, r: Rejection) {
+        self.rejected.push(Rejected {
+            index,
+            code: r.code(),
+            message: r.message().to_owned(),
+        });
+    }
+}
+
+/// One usage event to apply: where it was read, when it was logged.
+#[derive(Debug, Clone)]
+pub struct Positioned<'a> {
+    pub position: i64,
+    pub logged_at_ms: i64,
+    pub event: &'a UsageEvent,
+}
+
 #[derive(Debug, Default)]
-struct Writer {
-    /// The last usage log position applied in memory.
+struct Part {
+    epoch: i64,
+    /// The last position applied in memory.
     position: i64,
-    /// The last checkpoint committed.
     committed: PartitionCheckpoint,
-    counted_since_checkpoint: u64,
-    /// Changes taken from memory but not yet committed (a failed checkpoint
-    /// keeps them here for the next).
+    counted_since: u64,
+    orgs: HashSet<OrgId>,
+    /// Changes taken from the orgs, not yet committed.
     pending: HashMap<OrgId, MeterChanges>,
+    dead_letters: Vec<DeadLetter>,
+    /// A checkpoint whose outcome is unknown (its commit may have landed).
+    in_flight: Option<InFlight>,
+}
+
+#[derive(Debug)]
+struct InFlight {
+    at: PartitionCheckpoint,
+    orgs: Vec<(OrgId, MeterChanges)>,
+    dead_letters: Vec<DeadLetter>,
+}
+
+#[derive(Debug, Default)]
+struct Parts {
+    by_id: BTreeMap<i32, Part>,
+    /// The partition each metered org belongs to.
+    org_part: HashMap<OrgId, i32>,
 }
 
 #[derive(Debug)]
@@ -88,320 +149,541 @@ pub struct Meter {
     registry: Arc<Registry>,
     clock: Arc<dyn Clock>,
     opts: MeterOptions,
-    writer: Mutex<Writer>,
+    write: tokio::sync::Mutex<()>,
+    parts: parking_lot::Mutex<Parts>,
     ready: AtomicBool,
     poisoned: AtomicBool,
     failed: Notify,
+    publisher: OnceLock<Arc<dyn StatePublisher>>,
 }
 
 impl Meter {
-    /// Loads the checkpoint into the orgs of `registry` (which must hold the
-    /// whole entity log already) and replays the usage log after it.
-    pub async fn recover(
+    pub fn new(
         db: Db,
         registry: Arc<Registry>,
         clock: Arc<dyn Clock>,
         opts: MeterOptions,
-        window_ms: i64,
-    ) -> Result<Meter> {
-        let started = Instant::now();
-        let now = clock.now_ms();
-        let checkpoint = db.load_checkpoint(PARTITION).await?.unwrap_or_default();
-        let meters = db.load_meters(window_ms, Month::from_unix_ms(now)).await?;
-        for (org_id, saved) in meters {
-            let Some(cell) = registry.org(&org_id) else {
-                tracing::warn!(org = %org_id, "checkpoint names an org the entity log does not have");
-                continue;
-            };
-            let unknown = cell.write().restore(saved);
-            for c in unknown {
-                tracing::warn!(org = %org_id, kind = c.kind.as_str(), id = %c.id, "checkpoint names an unknown subject");
-            }
-        }
-        for (_, cell) in registry.all() {
-            cell.write().reconcile(now);
-        }
-        let meter = Meter {
+    ) -> Meter {
+        Meter {
             db,
             registry,
             clock,
             opts,
-            writer: Mutex::new(Writer {
-                position: checkpoint.position,
-                committed: checkpoint,
-                ..Writer::default()
-            }),
+            write: tokio::sync::Mutex::new(()),
+            parts: parking_lot::Mutex::new(Parts::default()),
             ready: AtomicBool::new(false),
             poisoned: AtomicBool::new(false),
             failed: Notify::new(),
-        };
-        let replayed = meter.replay().await?;
-        meter.ready.store(true, Ordering::SeqCst);
-        metrics::gauge!(m::READY).set(1.0);
-        tracing::info!(
-            orgs = meter.registry.len(),
-            position = meter.writer.lock().await.position,
-            replayed,
-            elapsed_ms = started.elapsed().as_millis() as u64,
-            "meter recovered"
-        );
-        Ok(meter)
+            publisher: OnceLock::new(),
+        }
     }
 
-    async fn replay(&self) -> Result<u64> {
-        let mut w = self.writer.lock().await;
-        let mut replayed = 0u64;
-        let mut next_report = 1_000_000u64;
-        loop {
-            let records = self.db.read_usage(w.position, REPLAY_PAGE_LEN).await?;
-            let Some(last) = records.last() else { break };
-            let last_seq = last.seq;
-            let mut page = 0u64;
-            for rec in &records {
-                let events = tally_proto::decode_usage_batch(&rec.payload)
-                    .map_err(|e| Error::Corrupt(format!("usage log record {}: {e}", rec.seq)))?;
-                for ev in &events {
-                    if let Some(cell) = self.registry.org(&ev.org_id) {
-                        let _ = cell.write().apply_usage(ev, rec.logged_at_ms);
-                    }
-                }
-                page += events.len() as u64;
-            }
-            w.position = last_seq;
-            w.counted_since_checkpoint += page;
-            replayed += page;
-            if replayed >= next_report {
-                next_report += 1_000_000;
-                tracing::info!(replayed, position = last_seq, "replaying the usage log");
-            }
-        }
-        metrics::counter!(m::REPLAYED_EVENTS).increment(replayed);
-        Ok(replayed)
+    pub fn options(&self) -> &MeterOptions {
+        &self.opts
+    }
+
+    /// Sends every committed checkpoint's counters to `p` from now on.
+    pub fn set_publisher(&self, p: Arc<dyn StatePublisher>) {
+        let _ = self.publisher.set(p);
+    }
+
+    /// Serializes with checkpoints; see the module docs.
+    pub async fn write_lock(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.write.lock().await
+    }
+
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::SeqCst);
+        metrics::gauge!(m::READY).set(if ready { 1.0 } else { 0.0 });
     }
 
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::SeqCst) && !self.poisoned.load(Ordering::SeqCst)
     }
 
-    /// Resolves when the meter stopped for good (its memory ran ahead of the
-    /// usage log): the process must exit and recover on restart.
+    pub fn is_poisoned(&self) -> bool {
+        self.poisoned.load(Ordering::SeqCst)
+    }
+
+    /// Stops the meter for good: memory ran ahead of the log. Nothing is
+    /// checkpointed any more; the process must restart and recover.
+    pub fn poison(&self, why: &str) {
+        tracing::error!(why, "the meter stops; restart to recover from the log");
+        self.poisoned.store(true, Ordering::SeqCst);
+        self.set_ready(false);
+        self.failed.notify_waiters();
+    }
+
+    /// Resolves when the meter stopped for good (see [`Meter::poison`]).
     pub async fn failed(&self) {
         loop {
             let notified = self.failed.notified();
-            if self.poisoned.load(Ordering::SeqCst) {
+            if self.is_poisoned() {
                 return;
             }
             notified.await;
         }
     }
 
-    /// Counts a batch of valid events (`index` is each one's place in the
-    /// request). Returns after the counted events are durable in the log.
-    pub async fn ingest(&self, events: Vec<(usize, UsageEvent)>) -> Result<IngestReport> {
-        let mut report = IngestReport::default();
-        let mut w = self.writer.lock().await;
-        if self.poisoned.load(Ordering::SeqCst) || !self.ready.load(Ordering::SeqCst) {
-            return Err(Error::Unavailable(
-                "the meter is not accepting usage".into(),
-            ));
+    /// The partitions this process meters.
+    pub fn owned_partitions(&self) -> Vec<i32> {
+        self.parts.lock().by_id.keys().copied().collect()
+    }
+
+    /// The position of partition `p`'s last committed checkpoint.
+    pub fn committed_position(&self, p: i32) -> Option<i64> {
+        self.parts
+            .lock()
+            .by_id
+            .get(&p)
+            .map(|part| part.committed.position)
+    }
+
+    /// The last position of partition `p` applied in memory.
+    pub fn position(&self, p: i32) -> Option<i64> {
+        self.parts.lock().by_id.get(&p).map(|part| part.position)
+    }
+
+    /// Takes partition `p` over: fences out its previous owner, loads its
+    /// checkpoint into its orgs, and returns the last position it applied
+    /// (-1 when none): the log is to be read from the next one.
+    pub async fn claim(&self, p: i32) -> Result<i64> {
+        let started = Instant::now();
+        let now = self.clock.now_ms();
+        let claim = self.db.claim_partition(i64::from(p), now).await?;
+        let saved = self
+            .db
+            .load_meters(i64::from(p), self.opts.window_ms, Month::from_unix_ms(now))
+            .await?;
+        let mut parts = self.parts.lock();
+        release_locked(&mut parts, &self.registry, p);
+        let mut part = Part {
+            epoch: claim.epoch,
+            position: claim.checkpoint.position,
+            committed: claim.checkpoint,
+            ..Part::default()
+        };
+        let orgs = saved.len();
+        for (org_id, saved) in saved {
+            let Some(cell) = self.registry.org(&org_id) else {
+                tracing::warn!(org = %org_id, "checkpoint names an org the entity log does not have");
+                continue;
+            };
+            let org_id = cell.read().dir.id.clone();
+            let mut org = cell.write();
+            org.reset_meter();
+            org.meter.owned = true;
+            for c in org.restore(saved) {
+                tracing::warn!(org = %org_id, kind = c.kind.as_str(), id = %c.id, "checkpoint names an unknown subject");
+            }
+            // A limit may have changed after the checkpoint.
+            org.reconcile(now);
+            drop(org);
+            let _ = parts.org_part.insert(org_id.clone(), p);
+            let _ = part.orgs.insert(org_id);
         }
-        let logged_at_ms = self.clock.now_ms();
-        let mut counted = Vec::with_capacity(events.len());
+        let position = part.position;
+        let _ = parts.by_id.insert(p, part);
+        tracing::info!(
+            partition = p,
+            epoch = claim.epoch,
+            position,
+            orgs,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "partition claimed"
+        );
+        Ok(position)
+    }
+
+    /// Gives partition `p` up (after a last checkpoint, when the caller could
+    /// write one): its orgs turn into mirrors.
+    pub fn release(&self, p: i32) {
+        let mut parts = self.parts.lock();
+        release_locked(&mut parts, &self.registry, p);
+    }
+
+    /// Applies events read from partition `p`, in order. Returns one outcome
+    /// per event; an event of a partition this process does not own is
+    /// rejected as `wrong_partition` and nothing moves.
+    pub fn apply(&self, p: i32, events: &[Positioned<'_>]) -> Vec<UsageOutcome> {
+        let mut out = Vec::with_capacity(events.len());
+        let mut parts = self.parts.lock();
+        let Parts { by_id, org_part } = &mut *parts;
+        let Some(part) = by_id.get_mut(&p) else {
+            out.resize(
+                events.len(),
+                UsageOutcome::Rejected(Rejection::WrongPartition),
+            );
+            return out;
+        };
+        let mut counted = 0u64;
         let mut i = 0;
         while i < events.len() {
             // Consecutive events of one org share one lock.
-            let org_id = &events[i].1.org_id;
+            let org_id = &events[i].event.org_id;
             let run = events[i..]
                 .iter()
-                .take_while(|(_, e)| &e.org_id == org_id)
+                .take_while(|e| &e.event.org_id == org_id)
                 .count();
-            let Some(cell) = self.registry.org(org_id) else {
-                for (index, _) in &events[i..i + run] {
-                    report.reject(*index, Rejection::UnknownOrg);
-                }
-                i += run;
-                continue;
-            };
-            let mut org = cell.write();
-            for (index, ev) in &events[i..i + run] {
-                match org.apply_usage(ev, logged_at_ms) {
-                    UsageOutcome::Applied => {
-                        report.accepted += 1;
-                        counted.push(ev.clone());
-                    }
-                    UsageOutcome::Duplicate => report.duplicates += 1,
-                    UsageOutcome::Rejected(r) => report.reject(*index, r),
-                }
-            }
-            drop(org);
+            let batch = &events[i..i + run];
             i += run;
-        }
-        metrics::counter!(m::USAGE_EVENTS, "outcome" => "accepted", "reason" => "")
-            .increment(u64::from(report.accepted));
-        metrics::counter!(m::USAGE_EVENTS, "outcome" => "duplicate", "reason" => "")
-            .increment(u64::from(report.duplicates));
-        for r in &report.rejected {
-            metrics::counter!(m::USAGE_EVENTS, "outcome" => "rejected", "reason" => r.code)
-                .increment(1);
-        }
-        if counted.is_empty() {
-            return Ok(report);
-        }
-        let payload = tally_proto::encode_usage_batch(&counted);
-        match self
-            .db
-            .append_usage(logged_at_ms, counted.len(), &payload)
-            .await
-        {
-            Ok(seq) => {
-                w.position = seq;
-                w.counted_since_checkpoint += counted.len() as u64;
+            let outcome = match org_part.get(org_id) {
+                Some(q) if *q != p => Some(UsageOutcome::Rejected(Rejection::WrongPartition)),
+                _ => match self.registry.org(org_id) {
+                    None => Some(UsageOutcome::Rejected(Rejection::UnknownOrg)),
+                    Some(_) => None,
+                },
+            };
+            if let Some(o) = outcome {
+                out.extend(std::iter::repeat_n(o, run));
+                part.position = batch[run - 1].position.max(part.position);
+                continue;
             }
-            Err(e) => {
-                tracing::error!(error = %e, "usage log append failed after counting: the meter stops; restart to recover");
-                self.poisoned.store(true, Ordering::SeqCst);
-                metrics::gauge!(m::READY).set(0.0);
-                self.failed.notify_waiters();
-                return Err(e.into());
+            let cell = self.registry.org(org_id).expect("checked above");
+            let mut org = cell.write();
+            if !part.orgs.contains(org_id) {
+                // First usage of this org here: it belongs to this partition
+                // from now on. Whatever it mirrored before is not ours.
+                org.reset_meter();
+                org.meter.owned = true;
+                let _ = org_part.insert(org_id.clone(), p);
+                let _ = part.orgs.insert(org_id.clone());
             }
-        }
-        if w.counted_since_checkpoint >= self.opts.checkpoint_events_max {
-            // Best effort: a failure is retried by the next checkpoint.
-            if let Err(e) = self.checkpoint_locked(&mut w).await {
-                tracing::warn!(error = %e, "checkpoint failed; retrying with the next");
+            for e in batch {
+                let o = org.apply_usage(e.event, e.logged_at_ms);
+                if o == UsageOutcome::Applied {
+                    counted += 1;
+                }
+                out.push(o);
+                part.position = e.position;
             }
         }
-        Ok(report)
+        part.counted_since += counted;
+        out
     }
 
-    /// Writes a checkpoint if anything changed; returns whether it wrote.
-    pub async fn checkpoint(&self) -> Result<bool> {
-        let mut w = self.writer.lock().await;
-        self.checkpoint_locked(&mut w).await
+    /// Moves partition `p`'s position without applying anything (the
+    /// embedded log learns the position of a batch after appending it).
+    pub fn set_position(&self, p: i32, position: i64) {
+        if let Some(part) = self.parts.lock().by_id.get_mut(&p) {
+            part.position = position;
+        }
     }
 
-    async fn checkpoint_locked(&self, w: &mut Writer) -> Result<bool> {
-        if self.poisoned.load(Ordering::SeqCst) {
+    /// Keeps a dead letter for the next checkpoint of partition `p`.
+    pub fn dead_letter(&self, p: i32, letter: DeadLetter) {
+        if let Some(part) = self.parts.lock().by_id.get_mut(&p) {
+            part.position = part.position.max(letter.position);
+            part.dead_letters.push(letter);
+        }
+    }
+
+    /// Whether partition `p` counted enough since its last checkpoint to
+    /// want another now.
+    pub fn wants_checkpoint(&self, p: i32) -> bool {
+        self.parts
+            .lock()
+            .by_id
+            .get(&p)
+            .is_some_and(|part| part.counted_since >= self.opts.checkpoint_events_max)
+    }
+
+    /// Mirrors a counter published by another process (ignored for orgs this
+    /// process meters).
+    pub fn mirror(&self, state: &PublishedState) {
+        let parts = self.parts.lock();
+        if parts.org_part.contains_key(&state.org_id) {
+            return;
+        }
+        if let Some(cell) = self.registry.org(&state.org_id) {
+            cell.write()
+                .mirror(state.kind, &state.id, state.month, state.counter);
+        }
+    }
+
+    /// Records that a new month lifted last month's cutoffs, in every org
+    /// this process meters.
+    pub fn new_month(&self) {
+        let now = self.clock.now_ms();
+        let parts = self.parts.lock();
+        for org_id in parts.org_part.keys() {
+            if let Some(cell) = self.registry.org(org_id) {
+                cell.write().new_month(now);
+            }
+        }
+    }
+
+    /// Writes a checkpoint of every owned partition that changed; returns
+    /// how many it wrote. The write runs in a spawned task.
+    pub async fn checkpoint(self: &Arc<Self>) -> Result<usize> {
+        let meter = Arc::clone(self);
+        tokio::spawn(async move {
+            let _w = meter.write.lock().await;
+            meter.checkpoint_locked().await
+        })
+        .await
+        .map_err(|e| Error::Unavailable(format!("checkpoint task failed: {e}")))?
+    }
+
+    /// [`Meter::checkpoint`] for callers that hold the write lock already.
+    pub async fn checkpoint_locked(&self) -> Result<usize> {
+        if self.is_poisoned() {
             return Err(Error::Unavailable(
                 "the meter stopped; restart to recover".into(),
             ));
         }
-        for (org_id, cell) in self.registry.all() {
-            if !cell.read().has_changes() {
-                continue;
-            }
-            let changes = cell.write().take_changes();
-            match w.pending.get_mut(&org_id) {
-                Some(p) => p.merge(changes),
-                None => {
-                    let _ = w.pending.insert(org_id, changes);
+        let mut written = 0;
+        let mut first_error = None;
+        for p in self.owned_partitions() {
+            match self.checkpoint_partition(p).await {
+                Ok(true) => written += 1,
+                Ok(false) => {}
+                Err(e) => {
+                    metrics::counter!(m::CHECKPOINT_FAILURES).increment(1);
+                    tracing::warn!(partition = p, error = %e, "checkpoint failed; retrying with the next");
+                    let _ = first_error.get_or_insert(e);
                 }
             }
         }
-        if w.position == w.committed.position && w.pending.is_empty() {
-            return Ok(false);
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(written),
         }
-        let started = Instant::now();
-        let next = PartitionCheckpoint {
-            position: w.position,
-            number: w.committed.number + 1,
-        };
-        let orgs: Vec<(OrgId, MeterChanges)> = w
-            .pending
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        match self
-            .db
-            .write_checkpoint(PARTITION, next, &orgs, self.clock.now_ms())
-            .await
-        {
-            Ok(()) => {
-                metrics::histogram!(m::CHECKPOINT_SECONDS).record(started.elapsed().as_secs_f64());
-                for (org_id, ch) in &orgs {
-                    for e in &ch.enforcement {
-                        let ev = &e.event;
-                        metrics::counter!(m::ENFORCEMENT_EVENTS, "event" => ev.kind.name(), "kind" => e.kind.as_str())
-                            .increment(1);
-                        match ev.kind {
-                            EnforcementKind::ThresholdCrossed { threshold_bps } => tracing::info!(
-                                org = %org_id, subject = e.kind.as_str(), id = %e.id, month = %ev.month,
-                                threshold_bps, spend_micros = ev.spend_micros, "threshold crossed"
-                            ),
-                            EnforcementKind::CutOff => tracing::info!(
-                                org = %org_id, subject = e.kind.as_str(), id = %e.id, month = %ev.month,
-                                spend_micros = ev.spend_micros, limit_micros = ev.limit_micros, "cut off"
-                            ),
-                            EnforcementKind::CutoffLifted { reason } => tracing::info!(
-                                org = %org_id, subject = e.kind.as_str(), id = %e.id, month = %ev.month,
-                                reason = reason.as_str(), "cutoff lifted"
-                            ),
-                        }
+    }
+
+    async fn checkpoint_partition(&self, p: i32) -> Result<bool> {
+        self.resolve_in_flight(p).await?;
+        let (epoch, at, orgs, dead_letters) = {
+            let mut parts = self.parts.lock();
+            let Some(part) = parts.by_id.get_mut(&p) else {
+                return Ok(false);
+            };
+            for org_id in &part.orgs {
+                let Some(cell) = self.registry.org(org_id) else {
+                    continue;
+                };
+                if !cell.read().has_changes() {
+                    continue;
+                }
+                let changes = cell.write().take_changes();
+                match part.pending.get_mut(org_id) {
+                    Some(pending) => pending.merge(changes),
+                    None => {
+                        let _ = part.pending.insert(org_id.clone(), changes);
                     }
                 }
-                w.pending.clear();
-                w.committed = next;
-                w.counted_since_checkpoint = 0;
+            }
+            if part.position == part.committed.position
+                && part.pending.is_empty()
+                && part.dead_letters.is_empty()
+            {
+                return Ok(false);
+            }
+            let at = PartitionCheckpoint {
+                position: part.position,
+                number: part.committed.number + 1,
+            };
+            let orgs: Vec<(OrgId, MeterChanges)> = part.pending.drain().collect();
+            (part.epoch, at, orgs, std::mem::take(&mut part.dead_letters))
+        };
+        let started = Instant::now();
+        let result = self
+            .db
+            .write_checkpoint(
+                i64::from(p),
+                epoch,
+                at,
+                &orgs,
+                &dead_letters,
+                self.clock.now_ms(),
+            )
+            .await;
+        match result {
+            Ok(()) => {
+                metrics::histogram!(m::CHECKPOINT_SECONDS).record(started.elapsed().as_secs_f64());
+                self.committed(p, at, &orgs);
+                Ok(true)
+            }
+            Err(tally_store::Error::Fenced { .. }) => {
+                // Either another process claimed the partition, or a previous
+                // attempt of this very checkpoint committed after all.
+                self.set_in_flight(p, at, orgs, dead_letters);
+                self.resolve_in_flight(p).await?;
                 Ok(true)
             }
             Err(e) => {
-                metrics::counter!(m::CHECKPOINT_FAILURES).increment(1);
+                self.set_in_flight(p, at, orgs, dead_letters);
                 Err(e.into())
             }
         }
     }
 
+    fn set_in_flight(
+        &self,
+        p: i32,
+        at: PartitionCheckpoint,
+        orgs: Vec<(OrgId, MeterChanges)>,
+        dead_letters: Vec<DeadLetter>,
+    ) {
+        if let Some(part) = self.parts.lock().by_id.get_mut(&p) {
+            part.in_flight = Some(InFlight {
+                at,
+                orgs,
+                dead_letters,
+            });
+        }
+    }
+
+    /// Learns whether an uncertain checkpoint landed: if so it counts as
+    /// committed; if not, its changes go back in front of the pending ones;
+    /// if the partition has a newer owner, it is given up.
+    async fn resolve_in_flight(&self, p: i32) -> Result<()> {
+        let epoch = {
+            let parts = self.parts.lock();
+            match parts.by_id.get(&p) {
+                Some(part) if part.in_flight.is_some() => part.epoch,
+                _ => return Ok(()),
+            }
+        };
+        let stored = self.db.load_checkpoint(i64::from(p)).await?;
+        let mut parts = self.parts.lock();
+        let Some(part) = parts.by_id.get_mut(&p) else {
+            return Ok(());
+        };
+        let Some(f) = part.in_flight.take() else {
+            return Ok(());
+        };
+        match stored {
+            Some(s) if s.epoch != epoch => {
+                tracing::warn!(
+                    partition = p,
+                    "partition claimed by another process: giving it up"
+                );
+                release_locked(&mut parts, &self.registry, p);
+            }
+            Some(s) if s.checkpoint.number >= f.at.number => {
+                drop(parts);
+                self.committed(p, f.at, &f.orgs);
+            }
+            _ => {
+                let mut orgs: HashMap<OrgId, MeterChanges> = f.orgs.into_iter().collect();
+                for (org_id, later) in part.pending.drain() {
+                    match orgs.get_mut(&org_id) {
+                        Some(c) => c.merge(later),
+                        None => {
+                            let _ = orgs.insert(org_id, later);
+                        }
+                    }
+                }
+                part.pending = orgs;
+                let mut letters = f.dead_letters;
+                letters.append(&mut part.dead_letters);
+                part.dead_letters = letters;
+            }
+        }
+        Ok(())
+    }
+
+    fn committed(&self, p: i32, at: PartitionCheckpoint, orgs: &[(OrgId, MeterChanges)]) {
+        if let Some(part) = self.parts.lock().by_id.get_mut(&p) {
+            part.committed = at;
+            part.counted_since = 0;
+        }
+        let mut states = Vec::new();
+        for (org_id, ch) in orgs {
+            for e in &ch.enforcement {
+                let ev = &e.event;
+                metrics::counter!(m::ENFORCEMENT_EVENTS, "event" => ev.kind.name(), "kind" => e.kind.as_str())
+                    .increment(1);
+                match ev.kind {
+                    EnforcementKind::ThresholdCrossed { threshold_bps } => tracing::info!(
+                        org = %org_id, subject = e.kind.as_str(), id = %e.id, month = %ev.month,
+                        threshold_bps, spend_micros = ev.spend_micros, "threshold crossed"
+                    ),
+                    EnforcementKind::CutOff => tracing::info!(
+                        org = %org_id, subject = e.kind.as_str(), id = %e.id, month = %ev.month,
+                        spend_micros = ev.spend_micros, limit_micros = ev.limit_micros, "cut off"
+                    ),
+                    EnforcementKind::CutoffLifted { reason } => tracing::info!(
+                        org = %org_id, subject = e.kind.as_str(), id = %e.id, month = %ev.month,
+                        reason = reason.as_str(), "cutoff lifted"
+                    ),
+                }
+            }
+            if self.publisher.get().is_none() || ch.counters.is_empty() {
+                continue;
+            }
+            let Some(cell) = self.registry.org(org_id) else {
+                continue;
+            };
+            let org = cell.read();
+            for c in &ch.counters {
+                let limit_micros = match c.kind {
+                    SubjectKind::User => org
+                        .dir
+                        .users
+                        .get(c.id.as_str())
+                        .and_then(|u| u.monthly_limit_micros),
+                    SubjectKind::Group => org
+                        .dir
+                        .groups
+                        .get(c.id.as_str())
+                        .and_then(|g| g.monthly_limit_micros),
+                    SubjectKind::Key => org
+                        .dir
+                        .keys
+                        .get(c.id.as_str())
+                        .and_then(|k| k.monthly_limit_micros),
+                    SubjectKind::Org => None,
+                };
+                states.push(PublishedState {
+                    org_id: org_id.clone(),
+                    kind: c.kind,
+                    id: c.id.clone(),
+                    month: c.month,
+                    counter: c.counter,
+                    limit_micros,
+                });
+            }
+        }
+        if let Some(p) = self.publisher.get()
+            && !states.is_empty()
+        {
+            p.publish(states);
+        }
+    }
+
     /// Makes every counted event visible to SQL readers: checkpoints when
     /// anything is unsaved. Admin reads call it for read-your-writes.
-    pub async fn flush(&self) -> Result<()> {
+    pub async fn flush(self: &Arc<Self>) -> Result<()> {
         let _ = self.checkpoint().await?;
         Ok(())
     }
 
-    /// Periodic work: checkpoint, the new-month lift, log retention. Runs
-    /// until `stop` resolves.
-    pub async fn run(&self, stop: impl std::future::Future<Output = ()>) {
+    /// Periodic work until `stop` resolves: checkpoints, and the new-month
+    /// lift.
+    pub async fn run(self: &Arc<Self>, stop: impl std::future::Future<Output = ()>) {
         let period = self.opts.checkpoint_interval;
         let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut last_housekeeping: Option<Instant> = None;
         tokio::pin!(stop);
         loop {
             tokio::select! {
                 () = &mut stop => return,
                 _ = tick.tick() => {}
             }
-            if self.poisoned.load(Ordering::SeqCst) {
+            if self.is_poisoned() {
                 return;
             }
-            let now = self.clock.now_ms();
-            for (_, cell) in self.registry.all() {
-                cell.write().new_month(now);
-            }
-            if let Err(e) = self.checkpoint().await {
-                tracing::warn!(error = %e, "checkpoint failed; retrying with the next");
-            }
-            if last_housekeeping.is_none_or(|t| t.elapsed() > Duration::from_secs(600)) {
-                last_housekeeping = Some(Instant::now());
-                self.purge().await;
-            }
-        }
-    }
-
-    async fn purge(&self) {
-        let position = self.writer.lock().await.committed.position;
-        let retention_ms = i64::try_from(self.opts.usage_retention.as_millis()).unwrap_or(i64::MAX);
-        let before = self.clock.now_ms().saturating_sub(retention_ms);
-        match self.db.purge_usage(position, before).await {
-            Ok(0) => {}
-            Ok(n) => tracing::info!(records = n, "purged checkpointed usage past retention"),
-            Err(e) => tracing::warn!(error = %e, "usage log purge failed"),
+            self.new_month();
+            // Failures are logged and counted; the next tick retries.
+            let _ = self.checkpoint().await;
         }
     }
 
     /// The last checkpoint, for shutdown: writes what is unsaved.
-    pub async fn shutdown(&self) -> Result<()> {
-        if self.poisoned.load(Ordering::SeqCst) {
+    pub async fn shutdown(self: &Arc<Self>) -> Result<()> {
+        if self.is_poisoned() {
             return Err(Error::Unavailable(
                 "the meter stopped; not checkpointing".into(),
             ));
@@ -409,14 +691,34 @@ impl Meter {
         let _ = self.checkpoint().await?;
         Ok(())
     }
+
+    pub fn db(&self) -> &Db {
+        &self.db
+    }
+
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.registry
+    }
+
+    pub fn now_ms(&self) -> i64 {
+        self.clock.now_ms()
+    }
 }
 
-impl IngestReport {
-    fn reject(&mut self, index: usize, r: Rejection) {
-        self.rejected.push(Rejected {
-            index,
-            code: r.code(),
-            message: r.message().to_owned(),
-        });
+/// Drops partition `p`: its orgs become mirrors, unsaved changes go (the next
+/// owner replays them from the log).
+fn release_locked(parts: &mut Parts, registry: &Registry, p: i32) {
+    let Some(part) = parts.by_id.remove(&p) else {
+        return;
+    };
+    for org_id in &part.orgs {
+        let _ = parts.org_part.remove(org_id);
+        if let Some(cell) = registry.org(org_id) {
+            let mut org = cell.write();
+            org.meter.owned = false;
+            // Unsaved changes and pending events belong to the next owner now.
+            let _ = org.take_changes();
+        }
     }
+    tracing::info!(partition = p, orgs = part.orgs.len(), "partition released");
 }

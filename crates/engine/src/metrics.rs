@@ -59,3 +59,14 @@ pub fn describe() {
         "usage events replayed at start"
     );
 }
+
+/// Counts an ingest report's outcomes.
+pub fn count_outcomes(report: &crate::meter::IngestReport) {
+    metrics::counter!(USAGE_EVENTS, "outcome" => "accepted", "reason" => "")
+        .increment(u64::from(report.accepted));
+    metrics::counter!(USAGE_EVENTS, "outcome" => "duplicate", "reason" => "")
+        .increment(u64::from(report.duplicates));
+    for r in &report.rejected {
+        metrics::counter!(USAGE_EVENTS, "outcome" => "rejected", "reason" => r.code).increment(1);
+    }
+}

@@ -13,6 +13,16 @@ use tally_core::secret::SecretHash;
 
 pub type OrgCell = Arc<RwLock<OrgState>>;
 
+/// What [`Registry::follow`] did with an event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Followed {
+    Applied,
+    /// Folded before.
+    Stale,
+    /// Events before it are missing: read them from the SQL log first.
+    Gap,
+}
+
 #[derive(Debug)]
 pub struct Registry {
     orgs: DashMap<OrgId, OrgCell>,
@@ -71,7 +81,11 @@ impl Registry {
         let Some(first) = events.first() else { return };
         let cell = match &first.kind {
             EventKind::OrgCreated { .. } => {
-                let cell = Arc::new(RwLock::new(OrgState::new(first, self.meter)));
+                let mut state = OrgState::new(first, self.meter);
+                // The meter adopts an org when it claims its partition or
+                // counts its first usage; until then its counters mirror.
+                state.meter.owned = false;
+                let cell = Arc::new(RwLock::new(state));
                 let _ = self.orgs.insert(first.org_id.clone(), Arc::clone(&cell));
                 self.index(first);
                 for e in &events[1..] {
@@ -86,6 +100,31 @@ impl Registry {
         for e in events {
             org.apply_entity(e);
             self.index(e);
+        }
+    }
+
+    /// Folds one event read from a log that may repeat or skip (another
+    /// process's relay): applied when it is the org's next, ignored when
+    /// already folded, refused when events before it are missing.
+    pub fn follow(&self, e: &EntityEvent) -> Followed {
+        match self.org(&e.org_id) {
+            None if e.seq == 1 => {
+                self.apply(std::slice::from_ref(e));
+                Followed::Applied
+            }
+            None => Followed::Gap,
+            Some(cell) => {
+                let mut org = cell.write();
+                if e.seq <= org.dir.seq {
+                    return Followed::Stale;
+                }
+                if e.seq != org.dir.seq + 1 {
+                    return Followed::Gap;
+                }
+                org.apply_entity(e);
+                self.index(e);
+                Followed::Applied
+            }
         }
     }
 

@@ -1,12 +1,18 @@
-//! The metering engine's checkpoint.
+//! The metering engine's checkpoint, one per partition of the usage log.
 //!
-//! One transaction writes, for every org that changed: its counters (states:
-//! rewriting them is idempotent), its day rollups (deltas, safe because they
-//! commit atomically with the log position they were derived up to), the new
-//! request-id hashes of its dedupe window, its watermark and its enforcement
-//! events (unique keys: a replay rewrites the same ones, never new ones); and
-//! the partition's log position. A crash between checkpoints replays the log
-//! from that position onto exactly this state.
+//! One transaction writes, for every org of the partition that changed: its
+//! counters (states: rewriting them is idempotent), its day rollups (deltas,
+//! safe because they commit atomically with the log position they were
+//! derived up to), the new request-id hashes of its dedupe window, its
+//! watermark and its enforcement events (unique keys: a replay rewrites the
+//! same ones, never new ones); the partition's dead letters; and the
+//! partition's log position. A crash between checkpoints replays the log from
+//! that position onto exactly this state.
+//!
+//! Ownership is fenced: [`Db::claim_partition`] bumps the partition's epoch,
+//! and a checkpoint commits only while its writer's epoch is current, so a
+//! process that lost a partition (or was presumed dead) can never overwrite
+//! the new owner's state.
 
 use std::collections::HashMap;
 
@@ -20,12 +26,40 @@ use tally_core::time::Month;
 use crate::{Db, Error, Result};
 
 /// Where a partition's metering stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PartitionCheckpoint {
-    /// The last log position applied.
+    /// The last log position applied; -1 before the first.
     pub position: i64,
     /// Counts checkpoints; also names the dedupe chunks each one wrote.
     pub number: i64,
+}
+
+impl Default for PartitionCheckpoint {
+    fn default() -> Self {
+        PartitionCheckpoint {
+            position: -1,
+            number: 0,
+        }
+    }
+}
+
+/// A partition taken over: where it stands, and the epoch that fences every
+/// earlier owner out (their checkpoints fail from now on).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Claim {
+    pub checkpoint: PartitionCheckpoint,
+    pub epoch: i64,
+}
+
+/// Usage that could not be counted, as read from a partition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetter {
+    pub position: i64,
+    pub logged_at_ms: i64,
+    pub org_id: Option<String>,
+    pub reason: String,
+    pub message: String,
+    pub payload: Vec<u8>,
 }
 
 /// A bound value of a multi-row statement.
@@ -111,48 +145,80 @@ fn month_i64(m: Month) -> i64 {
     i64::from(m.yyyymm())
 }
 
+fn claim_from(r: &sqlx::any::AnyRow) -> Result<Claim> {
+    Ok(Claim {
+        checkpoint: PartitionCheckpoint {
+            position: r.try_get(0)?,
+            number: r.try_get(1)?,
+        },
+        epoch: r.try_get(2)?,
+    })
+}
+
 impl Db {
-    pub async fn load_checkpoint(&self, partition: i64) -> Result<Option<PartitionCheckpoint>> {
-        let row = sqlx::query("SELECT position, number FROM checkpoints WHERE partition_id = $1")
-            .bind(partition)
-            .fetch_optional(self.reader())
-            .await?;
-        row.map(|r| {
-            Ok(PartitionCheckpoint {
-                position: r.try_get(0)?,
-                number: r.try_get(1)?,
-            })
-        })
-        .transpose()
+    /// A partition's last checkpoint and epoch, if it has one.
+    pub async fn load_checkpoint(&self, partition: i64) -> Result<Option<Claim>> {
+        let row =
+            sqlx::query("SELECT position, number, epoch FROM checkpoints WHERE partition_id = $1")
+                .bind(partition)
+                .fetch_optional(self.writer())
+                .await?;
+        row.as_ref().map(claim_from).transpose()
     }
 
-    /// Loads the saved meters of every org: watermarks, dedupe windows and
-    /// the counters of every month usage can still reach — from the month of
-    /// `watermark - window_ms` on, and never later than `latest_month`'s
-    /// predecessor, so the months an authorize or a new-month lift reads are
-    /// there too.
+    /// Takes a partition over: bumps its epoch (fencing out the previous
+    /// owner) and returns where it stands.
+    pub async fn claim_partition(&self, partition: i64, now_ms: i64) -> Result<Claim> {
+        let row = sqlx::query(
+            "INSERT INTO checkpoints (partition_id, position, number, epoch, updated_at_ms) \
+             VALUES ($1, -1, 0, 1, $2) ON CONFLICT (partition_id) DO UPDATE SET \
+             epoch = checkpoints.epoch + 1 RETURNING position, number, epoch",
+        )
+        .bind(partition)
+        .bind(now_ms)
+        .fetch_one(self.writer())
+        .await?;
+        claim_from(&row)
+    }
+
+    /// Loads the saved meters of the orgs metered on `partition`:
+    /// watermarks, dedupe windows and the counters of every month usage can
+    /// still reach — from the month of `watermark - window_ms` on, and never
+    /// later than `latest_month`'s predecessor, so the months an authorize or
+    /// a new-month lift reads are there too.
     pub async fn load_meters(
         &self,
+        partition: i64,
         window_ms: i64,
         latest_month: Month,
     ) -> Result<HashMap<String, SavedMeter>> {
         let mut out: HashMap<String, SavedMeter> = HashMap::new();
-        let rows = sqlx::query("SELECT org_id, watermark_ms, dedupe_floor_hour FROM meter_orgs")
-            .fetch_all(self.reader())
-            .await?;
+        let rows = sqlx::query(
+            "SELECT org_id, watermark_ms, dedupe_floor_hour, rolled_month FROM meter_orgs \
+             WHERE partition_id = $1",
+        )
+        .bind(partition)
+        .fetch_all(self.reader())
+        .await?;
         let mut from_month = latest_month.prev();
         for r in rows {
             let m = out.entry(r.try_get("org_id")?).or_default();
             m.watermark_ms = r.try_get("watermark_ms")?;
             m.dedupe_floor_hour = r.try_get("dedupe_floor_hour")?;
+            m.rolled_month = u32::try_from(r.try_get::<i64, _>("rolled_month")?)
+                .ok()
+                .and_then(Month::from_yyyymm);
             from_month = from_month.min(Month::from_unix_ms(
                 m.watermark_ms.saturating_sub(window_ms),
             ));
         }
         let rows = sqlx::query(
-            "SELECT org_id, kind, subject_id, month, spend_micros, requests, last_at_ms, \
-             fired_bps, cut_off, ordinal FROM spend_monthly WHERE month >= $1",
+            "SELECT s.org_id, s.kind, s.subject_id, s.month, s.spend_micros, s.requests, \
+             s.last_at_ms, s.fired_bps, s.cut_off, s.ordinal FROM spend_monthly s \
+             JOIN meter_orgs m ON m.org_id = s.org_id \
+             WHERE m.partition_id = $1 AND s.month >= $2",
         )
+        .bind(partition)
         .bind(month_i64(from_month))
         .fetch_all(self.reader())
         .await?;
@@ -182,10 +248,14 @@ impl Db {
                 .counters
                 .push(saved);
         }
-        let rows =
-            sqlx::query("SELECT org_id, hour, hashes FROM dedupe_chunks ORDER BY org_id, hour")
-                .fetch_all(self.reader())
-                .await?;
+        let rows = sqlx::query(
+            "SELECT d.org_id, d.hour, d.hashes FROM dedupe_chunks d \
+             JOIN meter_orgs m ON m.org_id = d.org_id WHERE m.partition_id = $1 \
+             ORDER BY d.org_id, d.hour",
+        )
+        .bind(partition)
+        .fetch_all(self.reader())
+        .await?;
         for r in rows {
             let hour: i64 = r.try_get("hour")?;
             let blob: Vec<u8> = r.try_get("hashes")?;
@@ -196,15 +266,37 @@ impl Db {
         Ok(out)
     }
 
-    /// Writes one checkpoint of a partition (see the module docs).
+    /// Writes checkpoint `at.number` of `partition` (see the module docs).
+    /// Fails with [`Error::Fenced`] when `epoch` is no longer the partition's
+    /// or the previous checkpoint is not `at.number - 1` (then the caller
+    /// reads [`Db::load_checkpoint`] to learn which).
     pub async fn write_checkpoint(
         &self,
         partition: i64,
+        epoch: i64,
         at: PartitionCheckpoint,
         orgs: &[(OrgId, MeterChanges)],
+        dead_letters: &[DeadLetter],
         now_ms: i64,
     ) -> Result<()> {
         let mut tx = self.writer().begin().await?;
+        // First, so that it holds the row lock: a claim waits for this
+        // transaction, and this one fails if a claim came first.
+        let fenced = sqlx::query(
+            "UPDATE checkpoints SET position = $1, number = $2, updated_at_ms = $3 \
+             WHERE partition_id = $4 AND epoch = $5 AND number = $6",
+        )
+        .bind(at.position)
+        .bind(at.number)
+        .bind(now_ms)
+        .bind(partition)
+        .bind(epoch)
+        .bind(at.number - 1)
+        .execute(&mut *tx)
+        .await?;
+        if fenced.rows_affected() != 1 {
+            return Err(Error::Fenced { partition });
+        }
         let mut counters = Vec::new();
         let mut days = Vec::new();
         let mut chunks = Vec::new();
@@ -256,8 +348,10 @@ impl Db {
                 .await?;
             meters.push(vec![
                 Val::Text(org.to_owned()),
+                Val::Int(partition),
                 Val::Int(ch.watermark_ms),
                 Val::Int(ch.dedupe_floor_hour),
+                Val::Int(ch.rolled_month.map_or(0, month_i64)),
             ]);
             for e in &ch.enforcement {
                 let ev = &e.event;
@@ -308,15 +402,17 @@ impl Db {
         insert_many(
             &mut tx,
             "INSERT INTO dedupe_chunks (org_id, hour, chunk, hashes)",
-            "",
+            "ON CONFLICT (org_id, hour, chunk) DO NOTHING",
             chunks,
         )
         .await?;
         insert_many(
             &mut tx,
-            "INSERT INTO meter_orgs (org_id, watermark_ms, dedupe_floor_hour)",
-            "ON CONFLICT (org_id) DO UPDATE SET watermark_ms = excluded.watermark_ms, \
-             dedupe_floor_hour = excluded.dedupe_floor_hour",
+            "INSERT INTO meter_orgs (org_id, partition_id, watermark_ms, dedupe_floor_hour, \
+             rolled_month)",
+            "ON CONFLICT (org_id) DO UPDATE SET partition_id = excluded.partition_id, \
+             watermark_ms = excluded.watermark_ms, dedupe_floor_hour = excluded.dedupe_floor_hour, \
+             rolled_month = excluded.rolled_month",
             meters,
         )
         .await?;
@@ -329,17 +425,26 @@ impl Db {
             enforcement,
         )
         .await?;
-        let _ = sqlx::query(
-            "INSERT INTO checkpoints (partition_id, position, number, updated_at_ms) \
-             VALUES ($1, $2, $3, $4) ON CONFLICT (partition_id) DO UPDATE SET \
-             position = excluded.position, number = excluded.number, \
-             updated_at_ms = excluded.updated_at_ms",
+        insert_many(
+            &mut tx,
+            "INSERT INTO dead_letters (partition_id, position, logged_at_ms, org_id, reason, \
+             message, payload)",
+            "ON CONFLICT (partition_id, position, logged_at_ms) DO NOTHING",
+            dead_letters
+                .iter()
+                .map(|d| {
+                    vec![
+                        Val::Int(partition),
+                        Val::Int(d.position),
+                        Val::Int(d.logged_at_ms),
+                        Val::OptText(d.org_id.clone()),
+                        Val::Text(d.reason.clone()),
+                        Val::Text(d.message.clone()),
+                        Val::Blob(d.payload.clone()),
+                    ]
+                })
+                .collect(),
         )
-        .bind(partition)
-        .bind(at.position)
-        .bind(at.number)
-        .bind(now_ms)
-        .execute(&mut *tx)
         .await?;
         tx.commit().await?;
         Ok(())

@@ -32,6 +32,14 @@ pub enum Error {
     /// Another writer appended to the org's log first (same seq).
     #[error("the entity log of org {org_id} moved on concurrently")]
     Conflict { org_id: String },
+    /// The partition was claimed by another owner (or the checkpoint
+    /// before this one is not the one expected).
+    #[error("partition {partition} is fenced: another owner claimed it")]
+    Fenced { partition: i64 },
+    /// A well-formed request that the query cannot answer (e.g. a cursor of
+    /// another sort).
+    #[error("{0}")]
+    Invalid(String),
     #[error("corrupt state: {0}")]
     Corrupt(String),
     #[error("{0}")]
@@ -216,6 +224,42 @@ impl Db {
             .ok_or_else(|| Error::Corrupt(format!("meta {key} vanished")))
     }
 
+    /// Sets a value of the `tally_meta` table.
+    pub async fn meta_set(&self, key: &str, value: &str) -> Result<()> {
+        let _ = sqlx::query(
+            "INSERT INTO tally_meta (key, value) VALUES ($1, $2) \
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        )
+        .bind(key)
+        .bind(value)
+        .execute(&self.write)
+        .await?;
+        Ok(())
+    }
+
+    /// Makes this process the only one serving from this database, for as
+    /// long as the returned guard lives: a PostgreSQL session lock on a
+    /// connection of its own. The embedded mode meters every org in one
+    /// process, so a second one would overwrite its counters. (SQLite is
+    /// guarded by a file lock in the data directory instead.)
+    pub async fn lock_exclusive(&self) -> Result<Option<ExclusiveLock>> {
+        if self.backend != Backend::Postgres {
+            return Ok(None);
+        }
+        let mut conn = self.write.acquire().await?;
+        let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock(7243919)")
+            .fetch_one(&mut *conn)
+            .await?;
+        if !locked {
+            return Err(Error::Config(
+                "another tally serve without Kafka uses this database; run one, or give every \
+                 process --kafka-brokers"
+                    .into(),
+            ));
+        }
+        Ok(Some(ExclusiveLock { _conn: conn }))
+    }
+
     /// Runs one statement as written, for tools and tests (creating a
     /// database, checking that the log refuses edits). Never called with
     /// request data.
@@ -230,6 +274,13 @@ impl Db {
         self.write.close().await;
         self.read.close().await;
     }
+}
+
+/// Holds [`Db::lock_exclusive`]'s lock; dropping it ends the session lock
+/// when its connection closes.
+#[derive(Debug)]
+pub struct ExclusiveLock {
+    _conn: sqlx::pool::PoolConnection<sqlx::Any>,
 }
 
 /// The URL without its password, for messages.

@@ -54,6 +54,13 @@ impl Db {
             return Ok(());
         };
         let mut tx = self.writer().begin().await?;
+        if self.backend() == crate::Backend::Postgres {
+            // One appender at a time: `pos` then follows commit order, so a
+            // relay reading `pos > n` never skips a later-committing row.
+            let _ = sqlx::query("SELECT pg_advisory_xact_lock(7243918)")
+                .execute(&mut *tx)
+                .await?;
+        }
         for (i, e) in events.iter().enumerate() {
             assert_eq!(e.org_id, first.org_id, "one org per append");
             assert_eq!(e.seq, first.seq + i as u64, "consecutive seqs");
@@ -121,6 +128,25 @@ impl Db {
         .fetch_all(self.reader())
         .await?;
         rows.iter().map(decode_row).collect()
+    }
+
+    /// Events of every org after log position `after_pos`, in append order
+    /// (which on PostgreSQL is commit order: appends are serialized), with
+    /// their positions: what the relay publishes.
+    pub async fn events_after(
+        &self,
+        after_pos: i64,
+        limit: u32,
+    ) -> Result<Vec<(i64, EntityEvent)>> {
+        let rows =
+            sqlx::query("SELECT pos, payload FROM events WHERE pos > $1 ORDER BY pos LIMIT $2")
+                .bind(after_pos)
+                .bind(i64::from(limit))
+                .fetch_all(self.reader())
+                .await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get("pos")?, decode_row(r)?)))
+            .collect()
     }
 
     /// Drops every read model and projects the whole log again, in one

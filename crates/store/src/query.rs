@@ -189,7 +189,9 @@ fn user_row(r: &AnyRow) -> Result<UserRow> {
 fn escape_like(s: &str) -> String {
     let mut out = String::with_capacity(s.len() + 2);
     out.push('%');
-    for c in s.to_lowercase().chars() {
+    // ASCII only: SQL LOWER folds ASCII letters only, and both sides must
+    // fold alike.
+    for c in s.to_ascii_lowercase().chars() {
         if matches!(c, '%' | '_' | '\\') {
             out.push('\\');
         }
@@ -308,7 +310,7 @@ impl Db {
         if let Some(c) = &q.after {
             match (&c.value, q.sort.is_text()) {
                 (SortValue::Text(_), true) | (SortValue::Int(_), false) => {}
-                _ => return Err(Error::Config("cursor does not match the sort".into())),
+                _ => return Err(Error::Invalid("cursor does not match the sort".into())),
             }
             let v = b.push(c.value.clone());
             let id = b.push(SortValue::Text(c.id.clone()));
@@ -612,6 +614,48 @@ impl Db {
                     spend_micros: r.try_get("spend_micros")?,
                     limit_micros: r.try_get("limit_micros")?,
                     at_ms: r.try_get("at_ms")?,
+                })
+            })
+            .collect()
+    }
+}
+
+/// A dead letter as admins see it (without its payload).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetterRow {
+    pub partition_id: i64,
+    pub position: i64,
+    pub logged_at_ms: i64,
+    pub org_id: Option<String>,
+    pub reason: String,
+    pub message: String,
+}
+
+impl Db {
+    /// Dead letters, newest first: of one org, or of every org (`None`).
+    pub async fn list_dead_letters(
+        &self,
+        org_id: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<DeadLetterRow>> {
+        let rows = sqlx::query(
+            "SELECT partition_id, position, logged_at_ms, org_id, reason, message \
+             FROM dead_letters WHERE ($1 = '' OR org_id = $1) \
+             ORDER BY logged_at_ms DESC, partition_id, position LIMIT $2",
+        )
+        .bind(org_id.unwrap_or(""))
+        .bind(i64::from(limit.clamp(1, PAGE_LEN_MAX)))
+        .fetch_all(self.reader())
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(DeadLetterRow {
+                    partition_id: r.try_get("partition_id")?,
+                    position: r.try_get("position")?,
+                    logged_at_ms: r.try_get("logged_at_ms")?,
+                    org_id: r.try_get("org_id")?,
+                    reason: r.try_get("reason")?,
+                    message: r.try_get("message")?,
                 })
             })
             .collect()

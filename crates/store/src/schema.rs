@@ -189,5 +189,30 @@ FOR EACH ROW EXECUTE FUNCTION tally_events_append_only();
 "#
         .to_owned(),
     };
-    vec![(1, v1 + &append_only)]
+    // v2: partitions. A checkpoint belongs to one partition of the usage
+    // stream and is fenced by an epoch that each new owner bumps; an org's
+    // meter records its partition; dead letters are kept for admins.
+    let v2 = format!(
+        r#"
+ALTER TABLE checkpoints ADD COLUMN epoch BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE meter_orgs ADD COLUMN partition_id BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE meter_orgs ADD COLUMN rolled_month BIGINT NOT NULL DEFAULT 0;
+CREATE INDEX meter_orgs_by_partition ON meter_orgs (partition_id, org_id);
+
+-- Usage that could not be counted (malformed, unattributable), by the
+-- partition and position it was read from.
+CREATE TABLE dead_letters (
+    partition_id BIGINT NOT NULL,
+    position BIGINT NOT NULL,
+    logged_at_ms BIGINT NOT NULL,
+    org_id {text},
+    reason TEXT NOT NULL,
+    message TEXT NOT NULL,
+    payload {blob} NOT NULL,
+    PRIMARY KEY (partition_id, position, logged_at_ms)
+);
+CREATE INDEX dead_letters_by_org ON dead_letters (org_id, logged_at_ms);
+"#
+    );
+    vec![(1, v1 + &append_only), (2, v2)]
 }

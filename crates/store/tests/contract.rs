@@ -9,7 +9,7 @@ use tally_core::ids::{GroupId, KeyId, OrgId, UserId};
 use tally_core::ledger::{Counter, EnforcementKind, LiftReason, Subject, SubjectKind};
 use tally_core::org::{MeterChanges, SavedCounter, SavedDay, SavedEnforcement};
 use tally_core::time::{Day, Month};
-use tally_store::checkpoint::PartitionCheckpoint;
+use tally_store::checkpoint::{DeadLetter, PartitionCheckpoint};
 use tally_store::query::{Cursor, SortValue, UserFilter, UserListQuery, UserSort};
 use tally_store::{Db, DbOptions, Error};
 
@@ -135,14 +135,26 @@ fn counter(kind: SubjectKind, id: &str, spend: i64) -> SavedCounter {
     }
 }
 
+/// Claims partition 0 and writes checkpoints 1..=n of it, one per call.
 async fn checkpoint(db: &Db, org: &str, number: i64, changes: MeterChanges) {
+    if number == 1 {
+        let _ = db.claim_partition(0, NOV).await.unwrap();
+    }
+    let epoch = db.load_checkpoint(0).await.unwrap().unwrap().epoch;
     let at = PartitionCheckpoint {
         position: number * 10,
         number,
     };
-    db.write_checkpoint(0, at, &[(OrgId::new(org).unwrap(), changes)], NOV)
-        .await
-        .unwrap();
+    db.write_checkpoint(
+        0,
+        epoch,
+        at,
+        &[(OrgId::new(org).unwrap(), changes)],
+        &[],
+        NOV,
+    )
+    .await
+    .unwrap();
 }
 
 fn query(sort: UserSort, descending: bool) -> UserListQuery {
@@ -486,18 +498,19 @@ async fn checkpoints_round_trip(db: Db) {
         dedupe_added: vec![(10, 1), (10, 2), (11, u128::MAX)],
         dedupe_floor_hour: 9,
         watermark_ms: NOV + spend,
+        rolled_month: Some(month()),
         enforcement: vec![enforcement.clone()],
     };
     checkpoint(&db, "acme", 1, changes(100)).await;
     checkpoint(&db, "acme", 2, changes(150)).await;
     assert_eq!(
-        db.load_checkpoint(0).await.unwrap(),
+        db.load_checkpoint(0).await.unwrap().map(|c| c.checkpoint),
         Some(PartitionCheckpoint {
             position: 20,
             number: 2
         })
     );
-    let meters = db.load_meters(86_400_000, month()).await.unwrap();
+    let meters = db.load_meters(0, 86_400_000, month()).await.unwrap();
     let m = &meters["acme"];
     assert_eq!(m.watermark_ms, NOV + 150);
     assert_eq!(m.dedupe_floor_hour, 9);
@@ -532,7 +545,7 @@ async fn checkpoints_round_trip(db: Db) {
     .await;
     assert_eq!(db.list_enforcement(&org, 100).await.unwrap().len(), 2);
     assert_eq!(
-        db.load_meters(86_400_000, month()).await.unwrap()["acme"].dedupe,
+        db.load_meters(0, 86_400_000, month()).await.unwrap()["acme"].dedupe,
         vec![(11, u128::MAX), (11, u128::MAX)]
     );
 }
@@ -570,6 +583,98 @@ async fn text_is_stored_verbatim(db: Db) {
     assert_eq!(db.list_users(&org.dir.id, &q).await.unwrap().0.len(), 1);
 }
 
+async fn a_deposed_owner_is_fenced_out(db: Db) {
+    let _org = Org::create(&db, "acme").await;
+    let acme = || OrgId::new("acme").unwrap();
+    let one = |spend| MeterChanges {
+        counters: vec![counter(SubjectKind::User, "alice", spend)],
+        ..MeterChanges::default()
+    };
+    let first = db.claim_partition(3, NOV).await.unwrap();
+    assert_eq!(
+        first.checkpoint,
+        PartitionCheckpoint {
+            position: -1,
+            number: 0
+        }
+    );
+    let at = |position, number| PartitionCheckpoint { position, number };
+    db.write_checkpoint(3, first.epoch, at(10, 1), &[(acme(), one(5))], &[], NOV)
+        .await
+        .unwrap();
+    // A new owner takes over from checkpoint 1.
+    let second = db.claim_partition(3, NOV).await.unwrap();
+    assert_eq!(second.checkpoint, at(10, 1));
+    assert!(second.epoch > first.epoch);
+    // The old owner can no longer write.
+    let stale = db
+        .write_checkpoint(3, first.epoch, at(20, 2), &[(acme(), one(99))], &[], NOV)
+        .await;
+    assert!(
+        matches!(stale, Err(Error::Fenced { partition: 3 })),
+        "{stale:?}"
+    );
+    db.write_checkpoint(3, second.epoch, at(15, 2), &[(acme(), one(7))], &[], NOV)
+        .await
+        .unwrap();
+    // A retry of a checkpoint that already committed is refused too; the
+    // caller learns from load_checkpoint that it landed.
+    let again = db
+        .write_checkpoint(3, second.epoch, at(15, 2), &[(acme(), one(7))], &[], NOV)
+        .await;
+    assert!(matches!(again, Err(Error::Fenced { .. })));
+    assert_eq!(
+        db.load_checkpoint(3).await.unwrap().unwrap().checkpoint,
+        at(15, 2)
+    );
+    let meters = db.load_meters(3, 86_400_000, month()).await.unwrap();
+    assert_eq!(
+        meters["acme"].counters,
+        vec![counter(SubjectKind::User, "alice", 7)]
+    );
+    assert!(
+        db.load_meters(4, 86_400_000, month())
+            .await
+            .unwrap()
+            .is_empty(),
+        "by partition"
+    );
+}
+
+async fn dead_letters_are_kept_once(db: Db) {
+    let claim = db.claim_partition(1, NOV).await.unwrap();
+    let letter = |position, org: Option<&str>| DeadLetter {
+        position,
+        logged_at_ms: NOV + position,
+        org_id: org.map(str::to_owned),
+        reason: "unknown_user".into(),
+        message: "user_id names no user of the org".into(),
+        payload: vec![1, 2, 3],
+    };
+    let letters = [letter(4, Some("acme")), letter(5, None)];
+    let at = PartitionCheckpoint {
+        position: 5,
+        number: 1,
+    };
+    db.write_checkpoint(1, claim.epoch, at, &[], &letters, NOV)
+        .await
+        .unwrap();
+    // Replayed after a crash, the same letters are not kept twice.
+    let at = PartitionCheckpoint {
+        position: 5,
+        number: 2,
+    };
+    db.write_checkpoint(1, claim.epoch, at, &[], &letters, NOV)
+        .await
+        .unwrap();
+    let all = db.list_dead_letters(None, 100).await.unwrap();
+    assert_eq!(all.len(), 2);
+    assert_eq!(all[0].position, 5, "newest first");
+    let acme = db.list_dead_letters(Some("acme"), 100).await.unwrap();
+    assert_eq!(acme.len(), 1);
+    assert_eq!(acme[0].reason, "unknown_user");
+}
+
 macro_rules! contract {
     ($($test:ident),* $(,)?) => {
         mod sqlite {
@@ -598,4 +703,6 @@ contract!(
     checkpoints_round_trip,
     usage_log_positions_only_grow,
     text_is_stored_verbatim,
+    a_deposed_owner_is_fenced_out,
+    dead_letters_are_kept_once,
 );

@@ -14,6 +14,7 @@ use tally_core::dedupe::DedupeConfig;
 use tally_core::org::MeterConfig;
 use tally_core::secret::{SecretHash, hash_secret};
 use tally_engine::clock::SystemClock;
+use tally_engine::embedded::EmbeddedLog;
 use tally_engine::meter::MeterOptions;
 use tally_engine::{Engine, EngineOptions, random_secret};
 use tally_store::{Db, DbOptions, redact};
@@ -112,6 +113,7 @@ async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
             checkpoint_interval: cfg.checkpoint_interval,
             checkpoint_events_max: cfg.checkpoint_events_max,
             usage_retention: cfg.usage_retention,
+            window_ms: cfg.dedupe_window_ms,
         },
         meter_config: MeterConfig {
             dedupe: DedupeConfig {
@@ -123,6 +125,10 @@ async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
     };
     let engine =
         Arc::new(Engine::start(db.clone(), Arc::new(SystemClock), opts, token_hash).await?);
+    // Embedded mode: this process meters every org, from the SQL usage log.
+    let exclusive = exclusive_use(&cfg, &db).await?;
+    let log = Arc::new(EmbeddedLog::recover(Arc::clone(&engine.meter)).await?);
+    engine.set_sink(Arc::clone(&log) as Arc<dyn tally_engine::UsageSink>);
     let listener = tokio::net::TcpListener::bind(&cfg.listen)
         .await
         .with_context(|| format!("listening on {}", cfg.listen))?;
@@ -142,6 +148,19 @@ async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
         let engine = Arc::clone(&engine);
         let stop = stopped(stop_rx.clone());
         async move { engine.meter.run(stop).await }
+    });
+    let housekeeping = tokio::spawn({
+        let stop = stopped(stop_rx.clone());
+        async move {
+            tokio::pin!(stop);
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(600));
+            loop {
+                tokio::select! {
+                    () = &mut stop => return,
+                    _ = tick.tick() => log.purge().await,
+                }
+            }
+        }
     });
     let upkeep = tokio::spawn({
         let handle = metrics.clone();
@@ -186,15 +205,42 @@ async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
     let _ = stop_tx.send(true);
     let _ = meter_loop.await;
     let _ = upkeep.await;
+    let _ = housekeeping.await;
     if why == "meter failure" {
+        drop(exclusive);
         db.close().await;
         bail!("the meter stopped after a usage log failure; restart to recover from the log");
     }
     tracing::info!("shutting down: final checkpoint");
     engine.meter.shutdown().await.context("final checkpoint")?;
+    // Closing the pool waits for every connection, the lock's included.
+    drop(exclusive);
     db.close().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Keeps a second process off the same state: a file lock in the data dir
+/// (SQLite) or a session lock (PostgreSQL), held until the process exits.
+async fn exclusive_use(
+    cfg: &ServeConfig,
+    db: &Db,
+) -> anyhow::Result<Box<dyn std::any::Any + Send>> {
+    if let Some(dir) = &cfg.data_dir {
+        let path = dir.join("tally.lock");
+        let file =
+            std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+        match file.try_lock() {
+            Ok(()) => return Ok(Box::new(file)),
+            Err(std::fs::TryLockError::WouldBlock) => {
+                bail!("another tally serve is using {}", dir.display())
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(e).with_context(|| format!("locking {}", path.display()));
+            }
+        }
+    }
+    Ok(Box::new(db.lock_exclusive().await?))
 }
 
 /// Resolves on ctrl-c or SIGTERM.

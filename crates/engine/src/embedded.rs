@@ -1,0 +1,162 @@
+//! The embedded usage log: usage posted over HTTP is counted and appended to
+//! an SQL table (one row per batch), which is partition 0 of the meter.
+//!
+//! An ingest runs as one spawned task under the meter's write lock: count,
+//! append, answer. The log position and the in-memory state therefore agree
+//! at every checkpoint, and a client hanging up cannot stop it between the
+//! two. If the append fails, memory is ahead of the log: the meter is
+//! poisoned and the process must restart to recover from the log.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use tally_core::org::UsageOutcome;
+use tally_core::usage::UsageEvent;
+
+use crate::meter::{IngestReport, Meter, Positioned};
+use crate::metrics as m;
+use crate::{BoxFuture, Error, Result, UsageSink};
+
+/// The embedded mode has one partition: the whole usage log.
+pub const PARTITION: i32 = 0;
+/// Log records read per round trip while replaying.
+const REPLAY_PAGE_LEN: i64 = 256;
+
+#[derive(Debug)]
+pub struct EmbeddedLog {
+    meter: Arc<Meter>,
+}
+
+impl EmbeddedLog {
+    /// Claims the log's partition, replays the log after its checkpoint, and
+    /// marks the meter ready.
+    pub async fn recover(meter: Arc<Meter>) -> Result<EmbeddedLog> {
+        let started = Instant::now();
+        let _ = meter.claim(PARTITION).await?;
+        let log = EmbeddedLog { meter };
+        let replayed = log.replay().await?;
+        log.meter.set_ready(true);
+        tracing::info!(
+            orgs = log.meter.registry().len(),
+            position = log.meter.position(PARTITION).unwrap_or(-1),
+            replayed,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "usage log recovered"
+        );
+        Ok(log)
+    }
+
+    async fn replay(&self) -> Result<u64> {
+        let _w = self.meter.write_lock().await;
+        let mut replayed = 0u64;
+        let mut next_report = 1_000_000u64;
+        loop {
+            let from = self.meter.position(PARTITION).unwrap_or(-1);
+            let records = self.meter.db().read_usage(from, REPLAY_PAGE_LEN).await?;
+            if records.is_empty() {
+                break;
+            }
+            for rec in &records {
+                let events = tally_proto::decode_usage_batch(&rec.payload)
+                    .map_err(|e| Error::Corrupt(format!("usage log record {}: {e}", rec.seq)))?;
+                let positioned: Vec<Positioned<'_>> = events
+                    .iter()
+                    .map(|event| Positioned {
+                        position: rec.seq,
+                        logged_at_ms: rec.logged_at_ms,
+                        event,
+                    })
+                    .collect();
+                let _ = self.meter.apply(PARTITION, &positioned);
+                self.meter.set_position(PARTITION, rec.seq);
+                replayed += events.len() as u64;
+            }
+            if replayed >= next_report {
+                next_report += 1_000_000;
+                tracing::info!(replayed, "replaying the usage log");
+            }
+        }
+        metrics::counter!(m::REPLAYED_EVENTS).increment(replayed);
+        Ok(replayed)
+    }
+
+    /// Deletes checkpointed batches older than the retention.
+    pub async fn purge(&self) {
+        let Some(position) = self.meter.committed_position(PARTITION) else {
+            return;
+        };
+        let retention_ms =
+            i64::try_from(self.meter.options().usage_retention.as_millis()).unwrap_or(i64::MAX);
+        let before = self.meter.now_ms().saturating_sub(retention_ms);
+        match self.meter.db().purge_usage(position, before).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(records = n, "purged checkpointed usage past retention"),
+            Err(e) => tracing::warn!(error = %e, "usage log purge failed"),
+        }
+    }
+}
+
+async fn ingest(meter: Arc<Meter>, events: Vec<(usize, UsageEvent)>) -> Result<IngestReport> {
+    let _w = meter.write_lock().await;
+    if !meter.is_ready() {
+        return Err(Error::Unavailable(
+            "the meter is not accepting usage".into(),
+        ));
+    }
+    let logged_at_ms = meter.now_ms();
+    let position = meter.position(PARTITION).unwrap_or(-1);
+    let positioned: Vec<Positioned<'_>> = events
+        .iter()
+        .map(|(_, event)| Positioned {
+            position,
+            logged_at_ms,
+            event,
+        })
+        .collect();
+    let outcomes = meter.apply(PARTITION, &positioned);
+    let mut report = IngestReport::default();
+    let mut counted = Vec::with_capacity(events.len());
+    for ((index, event), outcome) in events.iter().zip(outcomes) {
+        match outcome {
+            UsageOutcome::Applied => {
+                report.accepted += 1;
+                counted.push(event.clone());
+            }
+            UsageOutcome::Duplicate => report.duplicates += 1,
+            UsageOutcome::Rejected(r) => report.reject(*index, r),
+        }
+    }
+    m::count_outcomes(&report);
+    if counted.is_empty() {
+        return Ok(report);
+    }
+    let payload = tally_proto::encode_usage_batch(&counted);
+    match meter
+        .db()
+        .append_usage(logged_at_ms, counted.len(), &payload)
+        .await
+    {
+        Ok(seq) => meter.set_position(PARTITION, seq),
+        Err(e) => {
+            meter.poison(&format!("usage log append failed after counting: {e}"));
+            return Err(e.into());
+        }
+    }
+    if meter.wants_checkpoint(PARTITION) {
+        // Failures are logged and retried by the next checkpoint.
+        let _ = meter.checkpoint_locked().await;
+    }
+    Ok(report)
+}
+
+impl UsageSink for EmbeddedLog {
+    fn ingest(&self, events: Vec<(usize, UsageEvent)>) -> BoxFuture<'_, Result<IngestReport>> {
+        let meter = Arc::clone(&self.meter);
+        Box::pin(async move {
+            // Spawned: once counting starts, the append must happen.
+            tokio::spawn(ingest(meter, events))
+                .await
+                .map_err(|e| Error::Unavailable(format!("ingest task failed: {e}")))?
+        })
+    }
+}

@@ -51,9 +51,10 @@ pub(crate) fn decode_user(sort: UserSort, s: &str) -> Result<Cursor, ApiError> {
             value,
             Value::String(id),
         ] if list == "users" && key == sort.as_str() => {
+            let text_sort = matches!(sort, UserSort::Name | UserSort::Email);
             let value = match value {
-                Value::String(t) => SortValue::Text(t.clone()),
-                Value::Number(n) => SortValue::Int(n.as_i64().ok_or_else(bad)?),
+                Value::String(t) if text_sort => SortValue::Text(t.clone()),
+                Value::Number(n) if !text_sort => SortValue::Int(n.as_i64().ok_or_else(bad)?),
                 _ => return Err(bad()),
             };
             Ok(Cursor {

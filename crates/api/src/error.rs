@@ -96,6 +96,7 @@ impl From<tally_store::Error> for ApiError {
             tally_store::Error::Conflict { .. } => {
                 ApiError::conflict("the org changed concurrently; retry the request")
             }
+            tally_store::Error::Invalid(m) => ApiError::invalid(m),
             e => {
                 tracing::error!(error = %e, "request failed");
                 ApiError::internal()

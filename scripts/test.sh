@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # The whole test suite, services included: starts a throw-away PostgreSQL,
+# installs the pinned Kafka-protocol broker the Kafka tests start,
 # builds everything, runs every test of the workspace, stops the services.
 # Extra arguments go to `cargo test` (e.g. a test name filter).
 set -euo pipefail
@@ -8,6 +9,7 @@ source scripts/services.sh
 trap stop_services EXIT
 
 start_postgres
+install_tansu
 # Tests that need a service fail instead of skipping when it is missing.
 export TALLY_REQUIRE_SERVICES=1
 

@@ -404,3 +404,124 @@ pub fn now_rfc3339() -> String {
         ms % 1000
     )
 }
+
+/// A free TCP port on loopback (bound, then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+/// A Kafka-protocol broker of this test's own: the pinned Tansu, in memory.
+#[derive(Debug)]
+pub struct Broker {
+    child: Option<Child>,
+    pub port: u16,
+    log: PathBuf,
+}
+
+impl Broker {
+    /// The broker binary, or `None` (with a note) when there is none and
+    /// services are not required.
+    pub fn bin() -> anyhow::Result<Option<PathBuf>> {
+        match std::env::var_os("TALLY_TEST_TANSU_BIN") {
+            Some(p) => Ok(Some(PathBuf::from(p))),
+            None if std::env::var_os("TALLY_REQUIRE_SERVICES").is_some() => {
+                bail!("TALLY_TEST_TANSU_BIN is not set: run scripts/test.sh")
+            }
+            None => {
+                eprintln!("skipped: no Kafka broker (scripts/test.sh installs one)");
+                Ok(None)
+            }
+        }
+    }
+
+    pub fn start() -> anyhow::Result<Option<Broker>> {
+        let Some(_) = Broker::bin()? else {
+            return Ok(None);
+        };
+        let port = free_port();
+        let log = temp_dir("broker").join("broker.log");
+        let mut b = Broker {
+            child: None,
+            port,
+            log,
+        };
+        b.spawn()?;
+        Ok(Some(b))
+    }
+
+    fn spawn(&mut self) -> anyhow::Result<()> {
+        let bin = Broker::bin()?.expect("checked at start");
+        let url = format!("tcp://127.0.0.1:{}", self.port);
+        let child = Command::new(bin)
+            .args(["broker", "--storage-engine", "memory://tansu/"])
+            .args(["--listener-url", &url, "--advertised-listener-url", &url])
+            .stdout(Stdio::null())
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&self.log)?,
+            )
+            .spawn()
+            .context("starting the broker")?;
+        self.child = Some(child);
+        // Ready when it accepts connections.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            if Instant::now() > deadline {
+                bail!("the broker did not listen on {}", self.port);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+
+    pub fn brokers(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Kills the broker (its in-memory data goes with it).
+    pub fn kill(&mut self) {
+        self.resume();
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Freezes the broker (SIGSTOP): unreachable, its log kept.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Thaws it (SIGCONT).
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, sig: &str) {
+        if let Some(c) = &self.child {
+            let ok = Command::new("kill")
+                .args([sig, &c.id().to_string()])
+                .status()
+                .is_ok_and(|s| s.success());
+            assert!(ok, "kill {sig} failed");
+        }
+    }
+
+    /// Starts it again on the same port.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.kill();
+        self.spawn()
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

@@ -67,7 +67,9 @@ impl EmbeddedLog {
                         event,
                     })
                     .collect();
-                let _ = self.meter.apply(PARTITION, &positioned);
+                let _ = self.meter.apply(PARTITION, &positioned).ok_or_else(|| {
+                    Error::Unavailable("the usage log's partition is not claimed".into())
+                })?;
                 self.meter.set_position(PARTITION, rec.seq);
                 replayed += events.len() as u64;
             }
@@ -113,7 +115,9 @@ async fn ingest(meter: Arc<Meter>, events: Vec<(usize, UsageEvent)>) -> Result<I
             event,
         })
         .collect();
-    let outcomes = meter.apply(PARTITION, &positioned);
+    let outcomes = meter
+        .apply(PARTITION, &positioned)
+        .ok_or_else(|| Error::Unavailable("the usage log's partition is not claimed".into()))?;
     let mut report = IngestReport::default();
     let mut counted = Vec::with_capacity(events.len());
     for ((index, event), outcome) in events.iter().zip(outcomes) {

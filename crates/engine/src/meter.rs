@@ -284,6 +284,7 @@ impl Meter {
         }
         let position = part.position;
         let _ = parts.by_id.insert(p, part);
+        metrics::gauge!(m::PARTITIONS_OWNED).set(parts.by_id.len() as f64);
         tracing::info!(
             partition = p,
             epoch = claim.epoch,
@@ -302,20 +303,14 @@ impl Meter {
         release_locked(&mut parts, &self.registry, p);
     }
 
-    /// Applies events read from partition `p`, in order. Returns one outcome
-    /// per event; an event of a partition this process does not own is
-    /// rejected as `wrong_partition` and nothing moves.
-    pub fn apply(&self, p: i32, events: &[Positioned<'_>]) -> Vec<UsageOutcome> {
+    /// Applies events read from partition `p`, in order: one outcome per
+    /// event, or `None` when this process does not own `p` (any more), and
+    /// nothing moved.
+    pub fn apply(&self, p: i32, events: &[Positioned<'_>]) -> Option<Vec<UsageOutcome>> {
         let mut out = Vec::with_capacity(events.len());
         let mut parts = self.parts.lock();
         let Parts { by_id, org_part } = &mut *parts;
-        let Some(part) = by_id.get_mut(&p) else {
-            out.resize(
-                events.len(),
-                UsageOutcome::Rejected(Rejection::WrongPartition),
-            );
-            return out;
-        };
+        let part = by_id.get_mut(&p)?;
         let mut counted = 0u64;
         let mut i = 0;
         while i < events.len() {
@@ -336,7 +331,7 @@ impl Meter {
             };
             if let Some(o) = outcome {
                 out.extend(std::iter::repeat_n(o, run));
-                part.position = batch[run - 1].position.max(part.position);
+                part.position = batch[run - 1].position;
                 continue;
             }
             let cell = self.registry.org(org_id).expect("checked above");
@@ -359,7 +354,7 @@ impl Meter {
             }
         }
         part.counted_since += counted;
-        out
+        Some(out)
     }
 
     /// Moves partition `p`'s position without applying anything (the
@@ -373,7 +368,7 @@ impl Meter {
     /// Keeps a dead letter for the next checkpoint of partition `p`.
     pub fn dead_letter(&self, p: i32, letter: DeadLetter) {
         if let Some(part) = self.parts.lock().by_id.get_mut(&p) {
-            part.position = part.position.max(letter.position);
+            part.position = letter.position;
             part.dead_letters.push(letter);
         }
     }
@@ -711,6 +706,7 @@ fn release_locked(parts: &mut Parts, registry: &Registry, p: i32) {
     let Some(part) = parts.by_id.remove(&p) else {
         return;
     };
+    metrics::gauge!(m::PARTITIONS_OWNED).set(parts.by_id.len() as f64);
     for org_id in &part.orgs {
         let _ = parts.org_part.remove(org_id);
         if let Some(cell) = registry.org(org_id) {

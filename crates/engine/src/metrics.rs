@@ -18,6 +18,8 @@ pub const COMMANDS: &str = "tally_commands_total";
 pub const AUTHORIZE_DECISIONS: &str = "tally_authorize_decisions_total";
 /// 1 once the checkpoint is loaded and the usage log replayed.
 pub const READY: &str = "tally_ready";
+/// Partitions of the usage log this process meters.
+pub const PARTITIONS_OWNED: &str = "tally_partitions_owned";
 /// Usage events replayed from the log at start.
 pub const REPLAYED_EVENTS: &str = "tally_replayed_events_total";
 

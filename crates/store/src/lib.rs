@@ -40,6 +40,9 @@ pub enum Error {
     /// another sort).
     #[error("{0}")]
     Invalid(String),
+    /// Publishing the entity log failed (the relay retries).
+    #[error("relay: {0}")]
+    Relay(String),
     #[error("corrupt state: {0}")]
     Corrupt(String),
     #[error("{0}")]

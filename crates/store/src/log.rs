@@ -149,6 +149,62 @@ impl Db {
             .collect()
     }
 
+    /// One step of the outbox relay: the events after the relayed position
+    /// (at most `limit`) go to `publish`, and only when it succeeds does the
+    /// position move, in one transaction. On PostgreSQL a transaction lock
+    /// makes one process the relay at a time; `None` when another holds it.
+    /// Publishing is at least once: a crash between publish and commit
+    /// publishes again, and followers skip events by seq.
+    pub async fn relay_step<F, Fut>(&self, limit: u32, publish: F) -> Result<Option<usize>>
+    where
+        F: FnOnce(Vec<(i64, EntityEvent)>) -> Fut,
+        Fut: std::future::Future<Output = std::result::Result<(), String>>,
+    {
+        let mut tx = self.writer().begin().await?;
+        if self.backend() == crate::Backend::Postgres {
+            let mine: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock(7243920)")
+                .fetch_one(&mut *tx)
+                .await?;
+            if !mine {
+                return Ok(None);
+            }
+        }
+        let position: Option<String> =
+            sqlx::query_scalar("SELECT value FROM tally_meta WHERE key = 'relay_position'")
+                .fetch_optional(&mut *tx)
+                .await?;
+        let position: i64 = match position {
+            Some(p) => p
+                .parse()
+                .map_err(|_| Error::Corrupt(format!("relay position {p:?}")))?,
+            None => 0,
+        };
+        let rows =
+            sqlx::query("SELECT pos, payload FROM events WHERE pos > $1 ORDER BY pos LIMIT $2")
+                .bind(position)
+                .bind(i64::from(limit))
+                .fetch_all(&mut *tx)
+                .await?;
+        let events = rows
+            .iter()
+            .map(|r| Ok((r.try_get("pos")?, decode_row(r)?)))
+            .collect::<Result<Vec<(i64, EntityEvent)>>>()?;
+        let Some(last) = events.last().map(|(pos, _)| *pos) else {
+            return Ok(Some(0));
+        };
+        let n = events.len();
+        publish(events).await.map_err(Error::Relay)?;
+        let _ = sqlx::query(
+            "INSERT INTO tally_meta (key, value) VALUES ('relay_position', $1) \
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        )
+        .bind(last.to_string())
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(Some(n))
+    }
+
     /// Drops every read model and projects the whole log again, in one
     /// transaction: readers see the old models until it commits.
     /// `progress` is called every few thousand events with the count so far.

@@ -24,6 +24,9 @@ pub(crate) enum Command {
     Serve(ServeArgs),
     /// Drop every read model and project the whole entity log again.
     RebuildProjections(StoreArgs),
+    /// Publish realistic usage for an org to the usage topic, as a gateway
+    /// would (an example producer).
+    Produce(ProduceArgs),
 }
 
 #[derive(Debug, Clone, Args, Default)]
@@ -75,6 +78,29 @@ pub(crate) struct ServeArgs {
     /// RUST_LOG (default info).
     #[arg(long, env = "TALLY_LOG_FORMAT")]
     pub(crate) log_format: Option<String>,
+    #[command(flatten)]
+    pub(crate) kafka: KafkaArgs,
+}
+
+/// Distributed mode: usage from Kafka, any number of processes.
+#[derive(Debug, Clone, Args, Default)]
+pub(crate) struct KafkaArgs {
+    /// Kafka brokers (host:port,…): run in distributed mode, metering the
+    /// `tally.usage` topic in a consumer group. Needs --database-url.
+    #[arg(long, env = "TALLY_KAFKA_BROKERS")]
+    pub(crate) kafka_brokers: Option<String>,
+    /// The metering consumer group [default: tally-meter].
+    #[arg(long, env = "TALLY_KAFKA_GROUP")]
+    pub(crate) kafka_group: Option<String>,
+    /// Prefix of the topic names [default: tally.].
+    #[arg(long, env = "TALLY_KAFKA_TOPIC_PREFIX")]
+    pub(crate) kafka_topic_prefix: Option<String>,
+    /// Partitions of the usage topic when Tally creates it [default: 8].
+    #[arg(long, env = "TALLY_KAFKA_USAGE_PARTITIONS")]
+    pub(crate) kafka_usage_partitions: Option<i32>,
+    /// Replication factor of the topics Tally creates [default: 1].
+    #[arg(long, env = "TALLY_KAFKA_REPLICATION")]
+    pub(crate) kafka_replication: Option<i32>,
 }
 
 /// The options after layering, with defaults applied and checked.
@@ -92,6 +118,7 @@ pub(crate) struct ServeConfig {
     pub(crate) body_bytes_max: usize,
     pub(crate) usage_batch_len_max: usize,
     pub(crate) json_logs: bool,
+    pub(crate) kafka: Option<tally_kafka::KafkaOptions>,
 }
 
 /// The file layer: the same options, snake_case; unknown keys are errors.
@@ -110,6 +137,11 @@ struct FileConfig {
     body_bytes_max: Option<usize>,
     usage_batch_len_max: Option<usize>,
     log_format: Option<String>,
+    kafka_brokers: Option<String>,
+    kafka_group: Option<String>,
+    kafka_topic_prefix: Option<String>,
+    kafka_usage_partitions: Option<i32>,
+    kafka_replication: Option<i32>,
 }
 
 fn read_file(path: Option<&Path>) -> anyhow::Result<FileConfig> {
@@ -175,10 +207,46 @@ impl ServeConfig {
         if !(1..=24 * 31).contains(&window_hours) {
             bail!("dedupe window must be 1 to 744 hours, got {window_hours}");
         }
+        let kafka = match args.kafka.kafka_brokers.or(file.kafka_brokers) {
+            None => None,
+            Some(brokers) => {
+                if data_dir.is_some() {
+                    bail!(
+                        "distributed mode (--kafka-brokers) keeps its state in PostgreSQL: give --database-url"
+                    );
+                }
+                let mut k = tally_kafka::KafkaOptions::new(brokers);
+                if let Some(g) = args.kafka.kafka_group.or(file.kafka_group) {
+                    k.group = g;
+                }
+                if let Some(p) = args.kafka.kafka_topic_prefix.or(file.kafka_topic_prefix) {
+                    k.topic_prefix = p;
+                }
+                if let Some(n) = args
+                    .kafka
+                    .kafka_usage_partitions
+                    .or(file.kafka_usage_partitions)
+                {
+                    if !(1..=10_000).contains(&n) {
+                        bail!("usage partitions must be 1 to 10000, got {n}");
+                    }
+                    k.usage_partitions = n;
+                }
+                if let Some(n) = args.kafka.kafka_replication.or(file.kafka_replication) {
+                    if !(1..=32).contains(&n) {
+                        bail!("replication factor must be 1 to 32, got {n}");
+                    }
+                    k.replication = n;
+                }
+                Some(k)
+            }
+        };
+        // Distributed processes publish counters after each checkpoint, so a
+        // shorter interval shows a cutoff on every process sooner.
         let checkpoint_ms = args
             .checkpoint_interval_ms
             .or(file.checkpoint_interval_ms)
-            .unwrap_or(1000);
+            .unwrap_or(if kafka.is_some() { 250 } else { 1000 });
         if !(10..=600_000).contains(&checkpoint_ms) {
             bail!("checkpoint interval must be 10 ms to 10 minutes, got {checkpoint_ms} ms");
         }
@@ -223,6 +291,41 @@ impl ServeConfig {
                 .unwrap_or(10_000)
                 .clamp(1, 100_000),
             json_logs,
+            kafka,
         })
     }
+}
+
+#[derive(Debug, Clone, Args)]
+pub(crate) struct ProduceArgs {
+    /// Kafka brokers (host:port,…).
+    #[arg(long, env = "TALLY_KAFKA_BROKERS")]
+    pub(crate) kafka_brokers: String,
+    /// Prefix of the topic names.
+    #[arg(long, env = "TALLY_KAFKA_TOPIC_PREFIX", default_value = "tally.")]
+    pub(crate) kafka_topic_prefix: String,
+    /// The org the usage belongs to.
+    #[arg(long)]
+    pub(crate) org: String,
+    /// Comma-separated user ids the calls are spread over.
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub(crate) users: Vec<String>,
+    /// Comma-separated key ids, one per user (user i calls with key i).
+    #[arg(long, value_delimiter = ',')]
+    pub(crate) keys: Vec<String>,
+    /// How many distinct calls.
+    #[arg(long, default_value_t = 1000)]
+    pub(crate) events: u64,
+    /// Calls per second (default: as fast as the broker takes them).
+    #[arg(long)]
+    pub(crate) rate: Option<u64>,
+    /// Publish JSON (with content-type: application/json) instead of protobuf.
+    #[arg(long)]
+    pub(crate) json: bool,
+    /// Percent of calls published twice, as a retrying gateway would.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=100))]
+    pub(crate) duplicate_percent: u8,
+    /// Seed of the generator (also keeps request ids of runs apart).
+    #[arg(long, default_value_t = 1)]
+    pub(crate) seed: u64,
 }

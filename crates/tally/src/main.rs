@@ -36,6 +36,10 @@ fn main() -> anyhow::Result<()> {
             init_logs(cfg.json_logs);
             runtime.block_on(serve(cfg))
         }
+        Command::Produce(args) => {
+            init_logs(false);
+            runtime.block_on(produce(args))
+        }
         Command::RebuildProjections(args) => {
             init_logs(false);
             let store = config::layered_store(cli.config.as_deref(), args)?;
@@ -125,20 +129,38 @@ async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
     };
     let engine =
         Arc::new(Engine::start(db.clone(), Arc::new(SystemClock), opts, token_hash).await?);
-    // Embedded mode: this process meters every org, from the SQL usage log.
-    let exclusive = exclusive_use(&cfg, &db).await?;
-    let log = Arc::new(EmbeddedLog::recover(Arc::clone(&engine.meter)).await?);
-    engine.set_sink(Arc::clone(&log) as Arc<dyn tally_engine::UsageSink>);
+    let mode = match &cfg.kafka {
+        // Distributed: partitions of the usage topic, claimed as the
+        // consumer group assigns them.
+        Some(kafka) => {
+            let dist = tally_kafka::Distributed::start(Arc::clone(&engine), kafka.clone())
+                .await
+                .with_context(|| format!("starting on Kafka at {}", kafka.brokers))?;
+            Mode::Distributed(dist)
+        }
+        // Embedded: this process meters every org, from the SQL usage log.
+        None => {
+            let exclusive = exclusive_use(&cfg, &db).await?;
+            let log = Arc::new(EmbeddedLog::recover(Arc::clone(&engine.meter)).await?);
+            engine.set_sink(Arc::clone(&log) as Arc<dyn tally_engine::UsageSink>);
+            Mode::Embedded { log, exclusive }
+        }
+    };
     let listener = tokio::net::TcpListener::bind(&cfg.listen)
         .await
         .with_context(|| format!("listening on {}", cfg.listen))?;
     let addr: SocketAddr = listener.local_addr()?;
-    let mode = match &cfg.data_dir {
-        Some(dir) => format!("embedded, data in {}", dir.display()),
-        None => format!("database {}", redact(&cfg.database_url)),
+    let described = match (&cfg.data_dir, &cfg.kafka) {
+        (_, Some(k)) => format!(
+            "distributed, Kafka {}, database {}",
+            k.brokers,
+            redact(&cfg.database_url)
+        ),
+        (Some(dir), None) => format!("embedded, data in {}", dir.display()),
+        (None, None) => format!("embedded, database {}", redact(&cfg.database_url)),
     };
-    println!("tally listening on http://{addr} ({mode})");
-    tracing::info!(%addr, mode, startup_ms = started.elapsed().as_millis() as u64, "serving");
+    println!("tally listening on http://{addr} ({described})");
+    tracing::info!(%addr, mode = described, startup_ms = started.elapsed().as_millis() as u64, "serving");
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = |mut rx: watch::Receiver<bool>| async move {
@@ -151,7 +173,12 @@ async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
     });
     let housekeeping = tokio::spawn({
         let stop = stopped(stop_rx.clone());
+        let log = match &mode {
+            Mode::Embedded { log, .. } => Some(Arc::clone(log)),
+            Mode::Distributed(_) => None,
+        };
         async move {
+            let Some(log) = log else { return };
             tokio::pin!(stop);
             let mut tick = tokio::time::interval(std::time::Duration::from_secs(600));
             loop {
@@ -206,10 +233,18 @@ async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
     let _ = meter_loop.await;
     let _ = upkeep.await;
     let _ = housekeeping.await;
+    let exclusive = match mode {
+        // Leaving the group checkpoints and hands over every partition.
+        Mode::Distributed(dist) => {
+            dist.shutdown().await;
+            None
+        }
+        Mode::Embedded { exclusive, .. } => Some(exclusive),
+    };
     if why == "meter failure" {
         drop(exclusive);
         db.close().await;
-        bail!("the meter stopped after a usage log failure; restart to recover from the log");
+        bail!("the meter stopped after a failure; restart to recover from the log");
     }
     tracing::info!("shutting down: final checkpoint");
     engine.meter.shutdown().await.context("final checkpoint")?;
@@ -218,6 +253,15 @@ async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
     db.close().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// How this process meters.
+enum Mode {
+    Embedded {
+        log: Arc<EmbeddedLog>,
+        exclusive: Box<dyn std::any::Any + Send>,
+    },
+    Distributed(tally_kafka::Distributed),
 }
 
 /// Keeps a second process off the same state: a file lock in the data dir
@@ -282,6 +326,39 @@ async fn rebuild(url: &str) -> anyhow::Result<()> {
     db.close().await;
     println!(
         "rebuilt read models from {n} events in {} ms",
+        started.elapsed().as_millis()
+    );
+    Ok(())
+}
+
+async fn produce(args: config::ProduceArgs) -> anyhow::Result<()> {
+    let mut opts = tally_kafka::KafkaOptions::new(args.kafka_brokers);
+    opts.topic_prefix = args.kafka_topic_prefix;
+    let produce_args = tally_kafka::produce::ProduceArgs {
+        org: args.org,
+        users: args.users,
+        keys: args.keys,
+        events: args.events,
+        rate: args.rate,
+        json: args.json,
+        duplicate_percent: args.duplicate_percent,
+        seed: args.seed,
+    };
+    let started = Instant::now();
+    let summary = tally_kafka::produce::produce(&opts, &produce_args, |s| {
+        eprintln!(
+            "  {} messages published ({} distinct)",
+            s.published, s.distinct
+        );
+    })
+    .await
+    .context("publishing usage")?;
+    println!(
+        "published {} messages ({} distinct calls, {} in total) to {} in {} ms",
+        summary.published,
+        summary.distinct,
+        tally_core::money::format_usd(summary.cost_micros),
+        opts.usage_topic(),
         started.elapsed().as_millis()
     );
     Ok(())

@@ -1,0 +1,78 @@
+//! Tally's topics, created when missing (and again if a broker lost them).
+
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::types::RDKafkaErrorCode;
+use tokio::sync::watch;
+
+use crate::{Error, KafkaOptions, Result};
+
+/// Creates every topic Tally uses that does not exist yet.
+pub async fn ensure(opts: &KafkaOptions) -> Result<()> {
+    let admin: AdminClient<DefaultClientContext> = opts.base().create()?;
+    let (usage, events, enforcement, dead) = (
+        opts.usage_topic(),
+        opts.events_topic(),
+        opts.enforcement_topic(),
+        opts.dead_letter_topic(),
+    );
+    let replication = || TopicReplication::Fixed(opts.replication);
+    let topics = [
+        NewTopic::new(&usage, opts.usage_partitions, replication()),
+        NewTopic::new(&events, opts.partitions, replication()),
+        // Compacted: the latest state of each subject is all that matters.
+        NewTopic::new(&enforcement, opts.partitions, replication())
+            .set("cleanup.policy", "compact"),
+        NewTopic::new(&dead, 1, replication()),
+    ];
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    for result in admin.create_topics(&topics, &options).await? {
+        match result {
+            Ok(topic) => tracing::info!(topic, "created topic"),
+            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((topic, code)) => {
+                return Err(Error::Config(format!("creating topic {topic}: {code}")));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// How many partitions `topic` has.
+pub async fn partition_count(opts: &KafkaOptions, topic: &str) -> Result<i32> {
+    let consumer: BaseConsumer = opts.consumer_config("tally-metadata").create()?;
+    let topic = topic.to_owned();
+    let count = tokio::task::spawn_blocking(move || -> Result<i32> {
+        for _ in 0..30 {
+            let md = consumer.fetch_metadata(Some(&topic), Duration::from_secs(5))?;
+            if let Some(t) = md.topics().iter().find(|t| t.name() == topic)
+                && t.error().is_none()
+                && !t.partitions().is_empty()
+            {
+                return Ok(i32::try_from(t.partitions().len()).unwrap_or(i32::MAX));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        Err(Error::Config(format!("topic {topic} has no partitions")))
+    })
+    .await
+    .map_err(|e| Error::Config(format!("metadata task failed: {e}")))??;
+    Ok(count)
+}
+
+/// Re-creates missing topics every ten seconds, until stopped: a broker that
+/// lost its data (or a topic deleted by hand) heals without a restart.
+pub async fn keep(opts: KafkaOptions, mut stop: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => return,
+            () = tokio::time::sleep(Duration::from_secs(10)) => {}
+        }
+        if let Err(e) = ensure(&opts).await {
+            tracing::debug!(error = %e, "checking topics failed; retrying");
+        }
+    }
+}

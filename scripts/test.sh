@@ -10,6 +10,7 @@ trap stop_services EXIT
 
 start_postgres
 install_tansu
+install_promtool
 # Tests that need a service fail instead of skipping when it is missing.
 export TALLY_REQUIRE_SERVICES=1
 

@@ -666,3 +666,49 @@ async fn bad_messages_are_dead_lettered_and_the_partition_moves_on() {
     assert_eq!(listed["items"].as_array().unwrap().len(), 6, "{listed}");
     tally.stop().unwrap();
 }
+
+#[tokio::test]
+async fn the_example_producer_publishes_countable_usage() {
+    let Some((broker, backend)) = services("kafka_produce").await else {
+        return;
+    };
+    let tally = start(&backend, &broker);
+    ready(&tally).await;
+    let op = tally.operator();
+    org_fixture(&op, "oscar", 3, 1, None).await;
+    let out = std::process::Command::new(tally_tests::tally_bin())
+        .args([
+            "produce",
+            "--kafka-brokers",
+            &broker.brokers(),
+            "--org",
+            "oscar",
+        ])
+        .args([
+            "--users",
+            "oscar-u0,oscar-u1,oscar-u2",
+            "--keys",
+            "oscar-k0,oscar-k1,oscar-k2",
+        ])
+        .args(["--events", "3000", "--duplicate-percent", "10", "--json"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let total: i64 = stdout
+        .split("costing ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{stdout}"));
+    assert!(total > 0);
+    wait_for("the produced usage", Duration::from_secs(60), || async {
+        org_spend(&op, "oscar").await == total
+    })
+    .await;
+    tally.stop().unwrap();
+}

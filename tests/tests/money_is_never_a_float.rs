@@ -15,6 +15,14 @@ const ALLOWED: &[(&str, &str)] = &[
         "crates/api/src/dto.rs",
         "the utilization field of users and groups",
     ),
+    (
+        "crates/engine/src/meter.rs",
+        "a partition count for a metrics gauge",
+    ),
+    (
+        "tests/tests/kafka.rs",
+        "Prometheus text values (counts) read back in a test",
+    ),
 ];
 
 fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {

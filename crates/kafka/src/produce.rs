@@ -169,7 +169,7 @@ pub async fn produce(
         summary.distinct += 1;
         summary.cost_micros += cost;
         if let Some(rate) = args.rate.filter(|r| *r > 0) {
-            let due = Duration::from_secs_f64_checked(summary.distinct, rate);
+            let due = per_rate(summary.distinct, rate);
             if let Some(wait) = due.checked_sub(started.elapsed()) {
                 tokio::time::sleep(wait).await;
             }
@@ -192,12 +192,6 @@ fn delivered<E>(
 }
 
 /// `n / rate` seconds as a duration, in integers.
-trait PerRate {
-    fn from_secs_f64_checked(n: u64, rate: u64) -> Duration;
-}
-
-impl PerRate for Duration {
-    fn from_secs_f64_checked(n: u64, rate: u64) -> Duration {
-        Duration::from_micros(n.saturating_mul(1_000_000) / rate.max(1))
-    }
+fn per_rate(n: u64, rate: u64) -> Duration {
+    Duration::from_micros(n.saturating_mul(1_000_000) / rate.max(1))
 }

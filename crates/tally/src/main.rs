@@ -354,9 +354,10 @@ async fn produce(args: config::ProduceArgs) -> anyhow::Result<()> {
     .await
     .context("publishing usage")?;
     println!(
-        "published {} messages ({} distinct calls, {} in total) to {} in {} ms",
+        "published {} messages ({} distinct calls costing {} micro-USD, {}) to {} in {} ms",
         summary.published,
         summary.distinct,
+        summary.cost_micros,
         tally_core::money::format_usd(summary.cost_micros),
         opts.usage_topic(),
         started.elapsed().as_millis()

@@ -81,10 +81,11 @@ pub(crate) async fn insert_many(
     head: &str,
     tail: &str,
     rows: Vec<Vec<Val>>,
-) -> Result<()> {
+) -> Result<u64> {
     let Some(width) = rows.first().map(Vec::len) else {
-        return Ok(());
+        return Ok(0);
     };
+    let mut affected = 0;
     let per_statement = (PARAMS_MAX / width).max(1);
     let mut rows = rows.into_iter().peekable();
     while rows.peek().is_some() {
@@ -119,9 +120,9 @@ pub(crate) async fn insert_many(
                 Val::Blob(x) => q.bind(x),
             };
         }
-        let _ = q.execute(&mut **tx).await?;
+        affected += q.execute(&mut **tx).await?.rows_affected();
     }
-    Ok(())
+    Ok(affected)
 }
 
 fn hashes_to_blob(hashes: &[RequestHash]) -> Vec<u8> {
@@ -379,7 +380,7 @@ impl Db {
                 ]);
             }
         }
-        insert_many(
+        let _ = insert_many(
             &mut tx,
             "INSERT INTO spend_monthly (org_id, kind, subject_id, month, spend_micros, requests, \
              last_at_ms, fired_bps, cut_off, ordinal)",
@@ -390,7 +391,7 @@ impl Db {
             counters,
         )
         .await?;
-        insert_many(
+        let _ = insert_many(
             &mut tx,
             "INSERT INTO spend_daily (org_id, kind, subject_id, day, spend_micros, requests)",
             "ON CONFLICT (org_id, kind, subject_id, day) DO UPDATE SET \
@@ -399,14 +400,14 @@ impl Db {
             days,
         )
         .await?;
-        insert_many(
+        let _ = insert_many(
             &mut tx,
             "INSERT INTO dedupe_chunks (org_id, hour, chunk, hashes)",
             "ON CONFLICT (org_id, hour, chunk) DO NOTHING",
             chunks,
         )
         .await?;
-        insert_many(
+        let _ = insert_many(
             &mut tx,
             "INSERT INTO meter_orgs (org_id, partition_id, watermark_ms, dedupe_floor_hour, \
              rolled_month)",
@@ -416,7 +417,7 @@ impl Db {
             meters,
         )
         .await?;
-        insert_many(
+        let _ = insert_many(
             &mut tx,
             "INSERT INTO enforcement_events (org_id, subject_kind, subject_id, month, event, \
              threshold_bps, ordinal, reason, spend_micros, limit_micros, at_ms)",
@@ -425,7 +426,7 @@ impl Db {
             enforcement,
         )
         .await?;
-        insert_many(
+        let _ = insert_many(
             &mut tx,
             "INSERT INTO dead_letters (partition_id, position, logged_at_ms, org_id, reason, \
              message, payload)",

@@ -12,6 +12,9 @@ use tally_core::entity::{EntityEvent, EventKind};
 use tally_core::ids::OrgId;
 use tally_proto::{decode_entity_event, encode_entity_event};
 
+use std::collections::{BTreeMap, HashMap};
+
+use crate::checkpoint::{Val, insert_many};
 use crate::{Db, Error, Result};
 
 /// Rows read per round trip when scanning the log.
@@ -53,6 +56,7 @@ impl Db {
         let Some(first) = events.first() else {
             return Ok(());
         };
+        let last = events.last().expect("not empty");
         let mut tx = self.writer().begin().await?;
         if self.backend() == crate::Backend::Postgres {
             // One appender at a time: `pos` then follows commit order, so a
@@ -61,28 +65,37 @@ impl Db {
                 .execute(&mut *tx)
                 .await?;
         }
+        let mut rows = Vec::with_capacity(events.len());
         for (i, e) in events.iter().enumerate() {
             assert_eq!(e.org_id, first.org_id, "one org per append");
             assert_eq!(e.seq, first.seq + i as u64, "consecutive seqs");
-            let inserted = sqlx::query(
-                "INSERT INTO events (org_id, seq, kind, actor, at_ms, payload) \
-                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (org_id, seq) DO NOTHING",
-            )
-            .bind(e.org_id.as_str())
-            .bind(seq_i64(e.seq))
-            .bind(e.kind.name())
-            .bind(e.actor.to_string())
-            .bind(e.at_ms)
-            .bind(encode_entity_event(e))
-            .execute(&mut *tx)
-            .await?;
-            if inserted.rows_affected() == 0 {
-                return Err(Error::Conflict {
-                    org_id: e.org_id.to_string(),
-                });
-            }
-            project(&mut tx, e).await?;
+            rows.push(vec![
+                Val::Text(e.org_id.to_string()),
+                Val::Int(seq_i64(e.seq)),
+                Val::Text(e.kind.name().to_owned()),
+                Val::Text(e.actor.to_string()),
+                Val::Int(e.at_ms),
+                Val::Blob(encode_entity_event(e)),
+            ]);
         }
+        let inserted = insert_many(
+            &mut tx,
+            "INSERT INTO events (org_id, seq, kind, actor, at_ms, payload)",
+            "ON CONFLICT (org_id, seq) DO NOTHING",
+            rows,
+        )
+        .await?;
+        if inserted != events.len() as u64 {
+            return Err(Error::Conflict {
+                org_id: first.org_id.to_string(),
+            });
+        }
+        if !project_bulk(&mut tx, events).await? {
+            for e in events {
+                project(&mut tx, e).await?;
+            }
+        }
+        set_seq(&mut tx, first.org_id.as_str(), last.seq, last.at_ms).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -237,7 +250,9 @@ impl Db {
             let Some(last) = rows.last() else { break };
             after = (last.try_get("org_id")?, last.try_get("seq")?);
             for row in &rows {
-                project(&mut tx, &decode_row(row)?).await?;
+                let e = decode_row(row)?;
+                project(&mut tx, &e).await?;
+                set_seq(&mut tx, e.org_id.as_str(), e.seq, e.at_ms).await?;
                 n += 1;
             }
             progress(n);
@@ -473,11 +488,193 @@ async fn project(tx: &mut Transaction<'static, Any>, e: &EntityEvent) -> Result<
             at,
         ),
     }
-    exec!(
-        "UPDATE orgs SET seq = $2, updated_at_ms = $3 WHERE id = $1",
-        org,
-        seq_i64(e.seq),
-        at
-    );
     Ok(())
+}
+
+async fn set_seq(
+    tx: &mut Transaction<'static, Any>,
+    org: &str,
+    seq: u64,
+    at_ms: i64,
+) -> Result<()> {
+    let _ = sqlx::query("UPDATE orgs SET seq = $2, updated_at_ms = $3 WHERE id = $1")
+        .bind(org)
+        .bind(seq_i64(seq))
+        .bind(at_ms)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+/// Ids bound per `IN (…)` list.
+const IN_LIST_LEN: usize = 5_000;
+
+/// `… IN ($k, $k+1, …)` for `n` values after `k - 1` other parameters.
+fn in_list(first: usize, n: usize) -> String {
+    let mut s = String::with_capacity(n * 6);
+    for i in 0..n {
+        if i > 0 {
+            s.push_str(", ");
+        }
+        s.push('$');
+        s.push_str(&(first + i).to_string());
+    }
+    s
+}
+
+/// Runs `sql_head … IN (ids)` in chunks; `params` are bound before the ids.
+async fn exec_in(
+    tx: &mut Transaction<'static, Any>,
+    sql_head: &str,
+    params: &[Val],
+    ids: &[String],
+) -> Result<()> {
+    for chunk in ids.chunks(IN_LIST_LEN) {
+        let sql = format!("{sql_head} IN ({})", in_list(params.len() + 1, chunk.len()));
+        // Only placeholders are interpolated; values are bound.
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for v in params {
+            q = match v {
+                Val::Int(x) => q.bind(*x),
+                Val::OptInt(x) => q.bind(*x),
+                Val::Text(x) => q.bind(x.clone()),
+                Val::OptText(x) => q.bind(x.clone()),
+                Val::Blob(x) => q.bind(x.clone()),
+            };
+        }
+        for id in chunk {
+            q = q.bind(id.clone());
+        }
+        let _ = q.execute(&mut **tx).await?;
+    }
+    Ok(())
+}
+
+/// Projects a bulk change (memberships, limits, statuses of many users) in a
+/// few set-wise statements instead of one per event. Applies when every
+/// event is of those kinds and each user's events come in the order
+/// removals, additions, limit, status — the order `BulkUpdateUsers`
+/// produces — so that grouping them by kind changes nothing. Returns false
+/// (projecting nothing) otherwise.
+async fn project_bulk(tx: &mut Transaction<'static, Any>, events: &[EntityEvent]) -> Result<bool> {
+    if events.len() < 8 {
+        return Ok(false);
+    }
+    let phase = |k: &EventKind| match k {
+        EventKind::MemberRemoved { .. } => Some(0),
+        EventKind::MemberAdded { .. } => Some(1),
+        EventKind::UserLimitSet { .. } => Some(2),
+        EventKind::UserActivated { .. }
+        | EventKind::UserSuspended { .. }
+        | EventKind::UserRemoved { .. } => Some(3),
+        _ => None,
+    };
+    let mut last_phase: HashMap<&str, u8> = HashMap::new();
+    for e in events {
+        let (Some(p), Some(u)) = (phase(&e.kind), e.kind.user_id()) else {
+            return Ok(false);
+        };
+        let before = last_phase.insert(u.as_str(), p).unwrap_or(0);
+        if p < before {
+            return Ok(false);
+        }
+    }
+    let org = events[0].org_id.to_string();
+    let at = events[0].at_ms;
+    let mut removed: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+    let mut added = Vec::new();
+    let mut limits: BTreeMap<Option<i64>, Vec<String>> = BTreeMap::new();
+    let mut statuses: BTreeMap<&'static str, Vec<String>> = BTreeMap::new();
+    for e in events {
+        match &e.kind {
+            EventKind::MemberRemoved { group_id, user_id } => {
+                removed
+                    .entry(group_id.as_str())
+                    .or_default()
+                    .push(user_id.to_string());
+            }
+            EventKind::MemberAdded { group_id, user_id } => added.push(vec![
+                Val::Text(org.clone()),
+                Val::Text(group_id.to_string()),
+                Val::Text(user_id.to_string()),
+                Val::Int(e.at_ms),
+            ]),
+            EventKind::UserLimitSet {
+                user_id,
+                monthly_limit_micros,
+            } => {
+                limits
+                    .entry(*monthly_limit_micros)
+                    .or_default()
+                    .push(user_id.to_string());
+            }
+            EventKind::UserActivated { user_id } => {
+                statuses
+                    .entry("active")
+                    .or_default()
+                    .push(user_id.to_string());
+            }
+            EventKind::UserSuspended { user_id } => {
+                statuses
+                    .entry("suspended")
+                    .or_default()
+                    .push(user_id.to_string());
+            }
+            EventKind::UserRemoved { user_id } => {
+                statuses
+                    .entry("removed")
+                    .or_default()
+                    .push(user_id.to_string());
+            }
+            _ => unreachable!("checked above"),
+        }
+    }
+    for (group, users) in removed {
+        exec_in(
+            tx,
+            "DELETE FROM group_members WHERE org_id = $1 AND group_id = $2 AND user_id",
+            &[Val::Text(org.clone()), Val::Text(group.to_owned())],
+            &users,
+        )
+        .await?;
+    }
+    let _ = insert_many(
+        tx,
+        "INSERT INTO group_members (org_id, group_id, user_id, added_at_ms)",
+        "",
+        added,
+    )
+    .await?;
+    for (limit, users) in limits {
+        exec_in(
+            tx,
+            "UPDATE users SET monthly_limit_micros = $2, updated_at_ms = $3 WHERE org_id = $1 AND id",
+            &[Val::Text(org.clone()), Val::OptInt(limit), Val::Int(at)],
+            &users,
+        )
+        .await?;
+    }
+    for (status, users) in statuses {
+        exec_in(
+            tx,
+            "UPDATE users SET status = $2, updated_at_ms = $3 WHERE org_id = $1 AND id",
+            &[
+                Val::Text(org.clone()),
+                Val::Text(status.to_owned()),
+                Val::Int(at),
+            ],
+            &users,
+        )
+        .await?;
+        if status == "removed" {
+            exec_in(
+                tx,
+                "DELETE FROM group_members WHERE org_id = $1 AND user_id",
+                &[Val::Text(org.clone())],
+                &users,
+            )
+            .await?;
+        }
+    }
+    Ok(true)
 }

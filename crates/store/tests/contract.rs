@@ -275,12 +275,37 @@ async fn rebuild_gives_the_same_read_models(db: Db) {
         },
     )
     .await;
+    // A second bulk change that moves users between groups, sets a limit and
+    // removes them: projected set-wise, then checked against the one-by-one
+    // rebuild below.
+    org.run(
+        &db,
+        Command::CreateGroup {
+            group_id: GroupId::new("h").unwrap(),
+            name: "H".into(),
+            monthly_limit_micros: None,
+        },
+    )
+    .await;
+    org.run(
+        &db,
+        Command::BulkUpdateUsers {
+            user_ids: (5..15)
+                .map(|i| UserId::new(&format!("u{i:02}")).unwrap())
+                .collect(),
+            add_groups: vec![GroupId::new("h").unwrap()],
+            remove_groups: vec![GroupId::new("g").unwrap()],
+            monthly_limit_micros: Some(Some(77)),
+            status: Some(UserStatus::Removed),
+        },
+    )
+    .await;
     org.run(
         &db,
         Command::CreateKey {
             key_id: KeyId::new("k").unwrap(),
             name: "K".into(),
-            user_id: Some(UserId::new("u11").unwrap()),
+            user_id: Some(UserId::new("u20").unwrap()),
             group_ids: vec![GroupId::new("g").unwrap()],
             features: vec!["chat".into()],
             monthly_limit_micros: None,
@@ -319,7 +344,8 @@ async fn rebuild_gives_the_same_read_models(db: Db) {
         )
     };
     let before = snapshot(&db).await;
-    assert_eq!(before.1[0].member_count, 10);
+    assert_eq!(before.1[0].member_count, 5, "u05..u09 left g");
+    assert_eq!(before.1[1].member_count, 0, "removed users leave h too");
     assert_eq!(before.2[0].group_ids, vec!["g".to_string()]);
     let mut calls = 0;
     let n = db.rebuild_projections(|_| calls += 1).await.unwrap();

@@ -14,6 +14,54 @@ use crate::error::ApiError;
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Fraction(pub u32);
 
+impl utoipa::PartialSchema for Fraction {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        utoipa::openapi::ObjectBuilder::new()
+            .schema_type(utoipa::openapi::schema::Type::Number)
+            .description(Some("a fraction of a limit, e.g. 0.8 for 80 %"))
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for Fraction {}
+
+/// One entry of the audit trail: `org_id`, `seq`, `at`, `actor`, `type` and
+/// the fields of that type of event.
+#[derive(Debug, Serialize)]
+#[serde(transparent)]
+pub(crate) struct EventJson(pub(crate) serde_json::Value);
+
+impl utoipa::PartialSchema for EventJson {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::ObjectBuilder;
+        use utoipa::openapi::schema::Type;
+        let string = || ObjectBuilder::new().schema_type(Type::String);
+        ObjectBuilder::new()
+            .property("org_id", string())
+            .property("seq", ObjectBuilder::new().schema_type(Type::Integer))
+            .property("at", string().description(Some("RFC 3339")))
+            .property(
+                "actor",
+                string().description(Some("operator, or token:<id>")),
+            )
+            .property(
+                "type",
+                string().description(Some("org_created, user_added, …")),
+            )
+            .required("org_id")
+            .required("seq")
+            .required("at")
+            .required("actor")
+            .required("type")
+            .additional_properties(Some(
+                utoipa::openapi::schema::AdditionalProperties::FreeForm(true),
+            ))
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for EventJson {}
+
 impl Serialize for Fraction {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let n: serde_json::Number = format_bps(self.0)
@@ -46,7 +94,7 @@ fn cut_off(spend: i64, limit: Option<i64>) -> bool {
     limit.is_some_and(|l| spend >= l)
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub(crate) struct OrgJson {
     pub id: String,
     pub name: String,
@@ -73,7 +121,7 @@ impl OrgJson {
     }
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub(crate) struct UserJson {
     pub id: String,
     pub email: String,
@@ -108,7 +156,7 @@ impl From<UserRow> for UserJson {
     }
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub(crate) struct GroupJson {
     pub id: String,
     pub name: String,
@@ -137,7 +185,7 @@ impl From<GroupRow> for GroupJson {
     }
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub(crate) struct KeyJson {
     pub id: String,
     pub name: String,
@@ -176,7 +224,7 @@ impl From<KeyRow> for KeyJson {
     }
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub(crate) struct MonthSpend {
     pub month: String,
     pub spend_micros: i64,
@@ -185,14 +233,14 @@ pub(crate) struct MonthSpend {
     pub change_micros: Option<i64>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub(crate) struct DaySpend {
     pub day: String,
     pub spend_micros: i64,
     pub requests: i64,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub(crate) struct History {
     pub months: Vec<MonthSpend>,
     pub days: Vec<DaySpend>,
@@ -239,7 +287,7 @@ impl History {
     }
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub(crate) struct ListJson<T> {
     pub items: Vec<T>,
     pub next_cursor: Option<String>,

@@ -107,9 +107,28 @@ impl From<tally_store::Error> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = serde_json::json!({ "error": { "code": self.code, "message": self.message } });
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: self.code.to_owned(),
+                message: self.message,
+            },
+        };
         (self.status, Json(body)).into_response()
     }
 }
 
 pub(crate) type ApiResult<T> = Result<T, ApiError>;
+
+/// The body of every error response (for the OpenAPI document).
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub(crate) struct ErrorBody {
+    error: ErrorDetail,
+}
+
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub(crate) struct ErrorDetail {
+    /// invalid_input, unauthorized, forbidden, not_found, conflict,
+    /// too_large, rule_violated, unavailable, internal
+    code: String,
+    message: String,
+}

@@ -12,10 +12,11 @@ use tally_core::time::Month;
 use tally_engine::random_id;
 
 use crate::cursor;
-use crate::dto::{GroupJson, History, ListJson, present};
+use crate::dto::{GroupJson, History, ListJson, UserJson, present};
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{Caller, JsonBody, Params};
 use crate::{AppState, org_access, page_len};
+use tally_store::query::{UserFilter, UserListQuery, UserSort};
 
 fn group_id(s: &str) -> ApiResult<GroupId> {
     GroupId::new(s).map_err(|e| ApiError::invalid(e.to_string()))
@@ -34,7 +35,7 @@ async fn group_json(state: &AppState, org_id: &OrgId, group: &GroupId) -> ApiRes
         .ok_or_else(|| ApiError::not_found(format!("group {:?} does not exist", group.as_str())))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct CreateGroup {
     id: Option<String>,
@@ -43,6 +44,7 @@ pub(crate) struct CreateGroup {
     monthly_limit_micros: Option<i64>,
 }
 
+#[utoipa::path(post, path = "/v1/orgs/{org}/groups", tag = "groups", params(("org" = String, Path, description = "org id")), request_body = CreateGroup, responses((status = 201, body = GroupJson), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody), (status = 409, description = "conflict", body = crate::error::ErrorBody), (status = 422, description = "a rule forbids it", body = crate::error::ErrorBody)))]
 pub(crate) async fn create(
     State(state): State<AppState>,
     caller: Caller,
@@ -70,13 +72,15 @@ pub(crate) async fn create(
     ))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct PageParams {
     cursor: Option<String>,
     limit: Option<u32>,
 }
 
+#[utoipa::path(get, path = "/v1/orgs/{org}/groups", tag = "groups", params(("org" = String, Path, description = "org id"), PageParams), responses((status = 200, body = ListJson<GroupJson>), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody)))]
 pub(crate) async fn list(
     State(state): State<AppState>,
     caller: Caller,
@@ -117,13 +121,20 @@ pub(crate) async fn list(
     Ok(Json(ListJson { items, next_cursor }))
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub(crate) struct GroupDetail {
     #[serde(flatten)]
     group: GroupJson,
     history: History,
+    /// The members who spent most this month (at most 100), for the
+    /// breakdown; the full list is `GET …/users?group=…`.
+    members: Vec<UserJson>,
 }
 
+/// How many members a group's detail shows.
+const MEMBERS_SHOWN: u32 = 100;
+
+#[utoipa::path(get, path = "/v1/orgs/{org}/groups/{group}", tag = "groups", params(("org" = String, Path, description = "org id"), ("group" = String, Path)), responses((status = 200, body = GroupDetail), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody)))]
 pub(crate) async fn get(
     State(state): State<AppState>,
     caller: Caller,
@@ -139,20 +150,35 @@ pub(crate) async fn get(
         .db
         .history(&org_id, "group", &group_id, month)
         .await?;
+    let query = UserListQuery {
+        sort: UserSort::Spend,
+        descending: true,
+        filter: UserFilter {
+            group: Some(group_id.to_string()),
+            ..UserFilter::default()
+        },
+        after: None,
+        limit: MEMBERS_SHOWN,
+        month,
+    };
+    let (members, _) = state.engine.db.list_users(&org_id, &query).await?;
     Ok(Json(GroupDetail {
         group,
         history: History::new(months, days),
+        members: members.into_iter().map(UserJson::from).collect(),
     }))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct PatchGroup {
     name: Option<String>,
     #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<i64>)]
     monthly_limit_micros: Option<Option<i64>>,
 }
 
+#[utoipa::path(patch, path = "/v1/orgs/{org}/groups/{group}", tag = "groups", params(("org" = String, Path, description = "org id"), ("group" = String, Path)), request_body = PatchGroup, responses((status = 200, body = GroupJson), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody), (status = 409, description = "conflict", body = crate::error::ErrorBody), (status = 422, description = "a rule forbids it", body = crate::error::ErrorBody)))]
 pub(crate) async fn patch(
     State(state): State<AppState>,
     caller: Caller,
@@ -175,6 +201,7 @@ pub(crate) async fn patch(
     Ok(Json(group_json(&state, &org_id, &group_id).await?))
 }
 
+#[utoipa::path(delete, path = "/v1/orgs/{org}/groups/{group}", tag = "groups", params(("org" = String, Path, description = "org id"), ("group" = String, Path)), responses((status = 204, description = "deleted"), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody), (status = 409, description = "conflict", body = crate::error::ErrorBody), (status = 422, description = "a rule forbids it", body = crate::error::ErrorBody)))]
 pub(crate) async fn delete(
     State(state): State<AppState>,
     caller: Caller,
@@ -221,6 +248,7 @@ async fn membership(
 }
 
 /// Idempotent: adding a member twice changes nothing.
+#[utoipa::path(put, path = "/v1/orgs/{org}/groups/{group}/members/{user}", tag = "groups", params(("org" = String, Path, description = "org id"), ("group" = String, Path), ("user" = String, Path)), responses((status = 200, body = GroupJson), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody), (status = 409, description = "conflict", body = crate::error::ErrorBody), (status = 422, description = "a rule forbids it", body = crate::error::ErrorBody)))]
 pub(crate) async fn add_member(
     State(state): State<AppState>,
     caller: Caller,
@@ -229,6 +257,7 @@ pub(crate) async fn add_member(
     membership(state, caller, path, true).await
 }
 
+#[utoipa::path(delete, path = "/v1/orgs/{org}/groups/{group}/members/{user}", tag = "groups", params(("org" = String, Path, description = "org id"), ("group" = String, Path), ("user" = String, Path)), responses((status = 200, body = GroupJson), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody), (status = 409, description = "conflict", body = crate::error::ErrorBody), (status = 422, description = "a rule forbids it", body = crate::error::ErrorBody)))]
 pub(crate) async fn remove_member(
     State(state): State<AppState>,
     caller: Caller,

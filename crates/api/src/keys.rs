@@ -4,7 +4,7 @@
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tally_core::entity::Command;
 use tally_core::ids::{GroupId, KeyId, OrgId, UserId};
@@ -13,7 +13,7 @@ use tally_core::time::Month;
 use tally_engine::{random_id, random_secret};
 
 use crate::cursor;
-use crate::dto::{KeyJson, ListJson, present};
+use crate::dto::{History, KeyJson, ListJson, present};
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{Caller, JsonBody, Params};
 use crate::{AppState, org_access, page_len};
@@ -35,7 +35,7 @@ async fn key_json(state: &AppState, org_id: &OrgId, key: &KeyId) -> ApiResult<Ke
         .ok_or_else(|| ApiError::not_found(format!("key {:?} does not exist", key.as_str())))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct CreateKey {
     id: Option<String>,
@@ -49,6 +49,7 @@ pub(crate) struct CreateKey {
     monthly_limit_micros: Option<i64>,
 }
 
+#[utoipa::path(post, path = "/v1/orgs/{org}/keys", tag = "keys", params(("org" = String, Path, description = "org id")), request_body = CreateKey, responses((status = 201, body = KeyJson), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody), (status = 409, description = "conflict", body = crate::error::ErrorBody), (status = 422, description = "a rule forbids it", body = crate::error::ErrorBody)))]
 pub(crate) async fn create(
     State(state): State<AppState>,
     caller: Caller,
@@ -91,13 +92,15 @@ pub(crate) async fn create(
     Ok((StatusCode::CREATED, Json(key)))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct PageParams {
     cursor: Option<String>,
     limit: Option<u32>,
 }
 
+#[utoipa::path(get, path = "/v1/orgs/{org}/keys", tag = "keys", params(("org" = String, Path, description = "org id"), PageParams), responses((status = 200, body = ListJson<KeyJson>), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody)))]
 pub(crate) async fn list(
     State(state): State<AppState>,
     caller: Caller,
@@ -138,26 +141,47 @@ pub(crate) async fn list(
     Ok(Json(ListJson { items, next_cursor }))
 }
 
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub(crate) struct KeyDetail {
+    #[serde(flatten)]
+    key: KeyJson,
+    history: History,
+}
+
+#[utoipa::path(get, path = "/v1/orgs/{org}/keys/{key}", tag = "keys", params(("org" = String, Path, description = "org id"), ("key" = String, Path)), responses((status = 200, body = KeyDetail), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody)))]
 pub(crate) async fn get(
     State(state): State<AppState>,
     caller: Caller,
     Path((org, key)): Path<(String, String)>,
-) -> ApiResult<Json<KeyJson>> {
+) -> ApiResult<Json<KeyDetail>> {
     let org_id = org_access(&state, &caller, &org)?;
+    let key_id = key_id(&key)?;
     state.engine.meter.flush().await?;
-    Ok(Json(key_json(&state, &org_id, &key_id(&key)?).await?))
+    let key = key_json(&state, &org_id, &key_id).await?;
+    let month = Month::from_unix_ms(state.engine.now_ms());
+    let (months, days) = state
+        .engine
+        .db
+        .history(&org_id, "key", &key_id, month)
+        .await?;
+    Ok(Json(KeyDetail {
+        key,
+        history: History::new(months, days),
+    }))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct PatchKey {
     features: Option<Vec<String>>,
     #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<i64>)]
     monthly_limit_micros: Option<Option<i64>>,
     /// `true` revokes the key (final); `false` is refused.
     revoked: Option<bool>,
 }
 
+#[utoipa::path(patch, path = "/v1/orgs/{org}/keys/{key}", tag = "keys", params(("org" = String, Path, description = "org id"), ("key" = String, Path)), request_body = PatchKey, responses((status = 200, body = KeyJson), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody), (status = 409, description = "conflict", body = crate::error::ErrorBody), (status = 422, description = "a rule forbids it", body = crate::error::ErrorBody)))]
 pub(crate) async fn patch(
     State(state): State<AppState>,
     caller: Caller,
@@ -186,6 +210,7 @@ pub(crate) async fn patch(
     Ok(Json(key_json(&state, &org_id, &key_id).await?))
 }
 
+#[utoipa::path(delete, path = "/v1/orgs/{org}/keys/{key}", tag = "keys", params(("org" = String, Path, description = "org id"), ("key" = String, Path)), responses((status = 200, body = KeyJson), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody), (status = 409, description = "conflict", body = crate::error::ErrorBody), (status = 422, description = "a rule forbids it", body = crate::error::ErrorBody)))]
 pub(crate) async fn revoke(
     State(state): State<AppState>,
     caller: Caller,

@@ -8,6 +8,7 @@ mod error;
 mod extract;
 mod groups;
 mod keys;
+mod openapi;
 mod ops;
 mod orgs;
 mod usage;
@@ -91,6 +92,7 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))
+        .route("/openapi.json", get(ops::openapi))
         .fallback(ops::not_found)
         .method_not_allowed_fallback(ops::method_not_allowed)
         .layer(DefaultBodyLimit::max(body_max))

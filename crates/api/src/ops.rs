@@ -5,8 +5,15 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
 use crate::AppState;
+
+/// `ok` (alive) or `ready`.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub(crate) struct StatusJson {
+    status: &'static str,
+}
 use crate::error::ApiError;
 
+#[utoipa::path(get, path = "/healthz", tag = "ops", security(), responses((status = 200, description = "alive", body = StatusJson)))]
 pub(crate) async fn healthz() -> Response {
     (
         StatusCode::OK,
@@ -16,6 +23,7 @@ pub(crate) async fn healthz() -> Response {
 }
 
 /// Ready once the checkpoint is loaded and the usage log replayed.
+#[utoipa::path(get, path = "/readyz", tag = "ops", security(), responses((status = 200, description = "ready", body = StatusJson), (status = 503, description = "recovering or stopped", body = crate::error::ErrorBody)))]
 pub(crate) async fn readyz(State(state): State<AppState>) -> Response {
     if state.engine.meter.is_ready() {
         (
@@ -28,6 +36,7 @@ pub(crate) async fn readyz(State(state): State<AppState>) -> Response {
     }
 }
 
+#[utoipa::path(get, path = "/metrics", tag = "ops", security(), responses((status = 200, description = "Prometheus text exposition", content_type = "text/plain")))]
 pub(crate) async fn metrics(State(state): State<AppState>) -> Response {
     match &state.metrics {
         Some(handle) => (
@@ -49,4 +58,14 @@ pub(crate) async fn method_not_allowed() -> Response {
     e.status = StatusCode::METHOD_NOT_ALLOWED;
     e.code = "method_not_allowed";
     e.into_response()
+}
+
+/// The OpenAPI document of this API.
+pub(crate) async fn openapi() -> Response {
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "application/json")],
+        crate::openapi::json(),
+    )
+        .into_response()
 }

@@ -7,34 +7,36 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tally_core::entity::{Command, EntityEvent};
 use tally_core::ids::{OrgId, TokenId};
-use tally_core::ratio::format_bps;
 use tally_core::secret::{ORG_TOKEN_PREFIX, hash_secret};
 use tally_core::time::Month;
 use tally_engine::{random_id, random_secret};
 use tally_proto::format_rfc3339_ms;
 
 use crate::cursor;
-use crate::dto::{Fraction, ListJson, OrgJson, fractions_to_bps, present};
+use crate::dto::{EventJson, Fraction, History, ListJson, OrgJson, fractions_to_bps, present};
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{Caller, JsonBody, OptionalJson, Params};
 use crate::{AppState, org_access, page_len};
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct CreateOrg {
     id: Option<String>,
     name: String,
     #[serde(default)]
     default_monthly_limit_micros: Option<i64>,
+    #[schema(value_type = Option<Vec<crate::dto::Fraction>>)]
     alert_thresholds: Option<Vec<serde_json::Number>>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct PatchOrg {
     name: Option<String>,
     #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<i64>)]
     default_monthly_limit_micros: Option<Option<i64>>,
+    #[schema(value_type = Option<Vec<crate::dto::Fraction>>)]
     alert_thresholds: Option<Vec<serde_json::Number>>,
 }
 
@@ -50,6 +52,7 @@ async fn org_json(state: &AppState, org_id: &OrgId) -> ApiResult<Json<OrgJson>> 
     Ok(Json(OrgJson::new(row, month)))
 }
 
+#[utoipa::path(post, path = "/v1/orgs", tag = "orgs", request_body = CreateOrg, responses((status = 201, body = OrgJson), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody), (status = 409, description = "conflict", body = crate::error::ErrorBody), (status = 422, description = "a rule forbids it", body = crate::error::ErrorBody)))]
 pub(crate) async fn create(
     State(state): State<AppState>,
     caller: Caller,
@@ -78,15 +81,35 @@ pub(crate) async fn create(
     Ok((StatusCode::CREATED, org_json(&state, &org_id).await?))
 }
 
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub(crate) struct OrgDetail {
+    #[serde(flatten)]
+    org: OrgJson,
+    history: History,
+}
+
+/// The org's settings, this month's spend, and its history.
+#[utoipa::path(get, path = "/v1/orgs/{org}", tag = "orgs", params(("org" = String, Path, description = "org id")), responses((status = 200, body = OrgDetail), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody)))]
 pub(crate) async fn get(
     State(state): State<AppState>,
     caller: Caller,
     Path(org): Path<String>,
-) -> ApiResult<Json<OrgJson>> {
+) -> ApiResult<Json<OrgDetail>> {
     let org_id = org_access(&state, &caller, &org)?;
-    org_json(&state, &org_id).await
+    let Json(org) = org_json(&state, &org_id).await?;
+    let month = Month::from_unix_ms(state.engine.now_ms());
+    let (months, days) = state
+        .engine
+        .db
+        .history(&org_id, "org", &org_id, month)
+        .await?;
+    Ok(Json(OrgDetail {
+        org,
+        history: History::new(months, days),
+    }))
 }
 
+#[utoipa::path(patch, path = "/v1/orgs/{org}", tag = "orgs", params(("org" = String, Path, description = "org id")), request_body = PatchOrg, responses((status = 200, body = OrgJson), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody), (status = 409, description = "conflict", body = crate::error::ErrorBody), (status = 422, description = "a rule forbids it", body = crate::error::ErrorBody)))]
 pub(crate) async fn patch(
     State(state): State<AppState>,
     caller: Caller,
@@ -111,13 +134,13 @@ pub(crate) async fn patch(
     org_json(&state, &org_id).await
 }
 
-#[derive(Debug, Deserialize, Default)]
+#[derive(Debug, Deserialize, Default, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct CreateToken {
     id: Option<String>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub(crate) struct TokenJson {
     id: String,
     org_id: String,
@@ -125,6 +148,7 @@ pub(crate) struct TokenJson {
     token: String,
 }
 
+#[utoipa::path(post, path = "/v1/orgs/{org}/tokens", tag = "orgs", params(("org" = String, Path, description = "org id")), request_body(content = Option<CreateToken>, description = "optional"), responses((status = 201, body = TokenJson), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody), (status = 409, description = "conflict", body = crate::error::ErrorBody), (status = 422, description = "a rule forbids it", body = crate::error::ErrorBody)))]
 pub(crate) async fn create_token(
     State(state): State<AppState>,
     caller: Caller,
@@ -158,14 +182,15 @@ pub(crate) async fn create_token(
     ))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct PageParams {
     cursor: Option<String>,
     limit: Option<u32>,
 }
 
-fn event_json(e: &EntityEvent) -> serde_json::Value {
+fn event_json(e: &EntityEvent) -> EventJson {
     let mut v = serde_json::to_value(e).expect("events serialize");
     if let Some(o) = v.as_object_mut() {
         let _ = o.insert("at".into(), json!(format_rfc3339_ms(e.at_ms)));
@@ -182,16 +207,17 @@ fn event_json(e: &EntityEvent) -> serde_json::Value {
             }
         }
     }
-    v
+    EventJson(v)
 }
 
 /// The audit trail: every change with its actor and time, oldest first.
+#[utoipa::path(get, path = "/v1/orgs/{org}/events", tag = "orgs", params(("org" = String, Path, description = "org id"), PageParams), responses((status = 200, body = ListJson<crate::dto::EventJson>), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody)))]
 pub(crate) async fn events(
     State(state): State<AppState>,
     caller: Caller,
     Path(org): Path<String>,
     Params(p): Params<PageParams>,
-) -> ApiResult<Json<ListJson<serde_json::Value>>> {
+) -> ApiResult<Json<ListJson<EventJson>>> {
     let org_id = org_access(&state, &caller, &org)?;
     let limit = page_len(p.limit)?;
     let after = match &p.cursor {
@@ -214,19 +240,39 @@ pub(crate) async fn events(
     Ok(Json(ListJson { items, next_cursor }))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct LimitParams {
     limit: Option<u32>,
 }
 
+/// A threshold crossed, a cutoff or a lift.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub(crate) struct EnforcementJson {
+    /// user, group, key or org
+    subject_kind: String,
+    subject_id: String,
+    month: String,
+    /// threshold_crossed, cut_off or cutoff_lifted
+    event: String,
+    /// For threshold_crossed: the fraction of the limit.
+    threshold: Option<Fraction>,
+    /// For cutoff_lifted: limit_raised, limit_removed or new_month.
+    reason: Option<String>,
+    spend_micros: i64,
+    limit_micros: Option<i64>,
+    at: String,
+}
+
 /// Thresholds crossed, cutoffs and lifts, newest first.
+#[utoipa::path(get, path = "/v1/orgs/{org}/enforcement", tag = "orgs", params(("org" = String, Path, description = "org id"), LimitParams), responses((status = 200, body = ListJson<EnforcementJson>), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody)))]
 pub(crate) async fn enforcement(
     State(state): State<AppState>,
     caller: Caller,
     Path(org): Path<String>,
     Params(p): Params<LimitParams>,
-) -> ApiResult<Json<ListJson<serde_json::Value>>> {
+) -> ApiResult<Json<ListJson<EnforcementJson>>> {
     let org_id = org_access(&state, &caller, &org)?;
     state.engine.meter.flush().await?;
     let rows = state
@@ -236,20 +282,22 @@ pub(crate) async fn enforcement(
         .await?;
     let items = rows
         .into_iter()
-        .map(|r| {
-            json!({
-                "subject_kind": r.subject_kind,
-                "subject_id": r.subject_id,
-                "month": u32::try_from(r.month).ok().and_then(Month::from_yyyymm).map(|m| m.to_string()),
-                "event": r.event,
-                "threshold": (r.threshold_bps > 0).then(|| {
-                    format_bps(u32::try_from(r.threshold_bps).unwrap_or(0)).parse::<serde_json::Number>().ok()
-                }).flatten(),
-                "reason": r.reason,
-                "spend_micros": r.spend_micros,
-                "limit_micros": r.limit_micros,
-                "at": format_rfc3339_ms(r.at_ms),
-            })
+        .map(|r| EnforcementJson {
+            subject_kind: r.subject_kind,
+            subject_id: r.subject_id,
+            month: u32::try_from(r.month)
+                .ok()
+                .and_then(Month::from_yyyymm)
+                .map_or_else(|| r.month.to_string(), |m| m.to_string()),
+            event: r.event,
+            threshold: u32::try_from(r.threshold_bps)
+                .ok()
+                .filter(|t| *t > 0)
+                .map(Fraction),
+            reason: r.reason,
+            spend_micros: r.spend_micros,
+            limit_micros: r.limit_micros,
+            at: format_rfc3339_ms(r.at_ms),
         })
         .collect();
     Ok(Json(ListJson {
@@ -258,24 +306,37 @@ pub(crate) async fn enforcement(
     }))
 }
 
-fn dead_letter_json(r: tally_store::query::DeadLetterRow) -> serde_json::Value {
-    json!({
-        "partition": r.partition_id,
-        "position": r.position,
-        "logged_at": format_rfc3339_ms(r.logged_at_ms),
-        "org_id": r.org_id,
-        "reason": r.reason,
-        "message": r.message,
-    })
+/// Usage that could not be counted.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub(crate) struct DeadLetterJson {
+    /// The usage log partition and position it was read from.
+    partition: i64,
+    position: i64,
+    logged_at: String,
+    org_id: Option<String>,
+    reason: String,
+    message: String,
+}
+
+fn dead_letter_json(r: tally_store::query::DeadLetterRow) -> DeadLetterJson {
+    DeadLetterJson {
+        partition: r.partition_id,
+        position: r.position,
+        logged_at: format_rfc3339_ms(r.logged_at_ms),
+        org_id: r.org_id,
+        reason: r.reason,
+        message: r.message,
+    }
 }
 
 /// Usage of this org that could not be counted, newest first.
+#[utoipa::path(get, path = "/v1/orgs/{org}/dead-letters", tag = "usage", params(("org" = String, Path, description = "org id"), LimitParams), responses((status = 200, body = ListJson<DeadLetterJson>), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody)))]
 pub(crate) async fn dead_letters(
     State(state): State<AppState>,
     caller: Caller,
     Path(org): Path<String>,
     Params(p): Params<LimitParams>,
-) -> ApiResult<Json<ListJson<serde_json::Value>>> {
+) -> ApiResult<Json<ListJson<DeadLetterJson>>> {
     let org_id = org_access(&state, &caller, &org)?;
     state.engine.meter.flush().await?;
     let rows = state
@@ -290,11 +351,12 @@ pub(crate) async fn dead_letters(
 }
 
 /// Every dead letter, also those of no known org (operator token).
+#[utoipa::path(get, path = "/v1/dead-letters", tag = "usage", params(LimitParams), responses((status = 200, body = ListJson<DeadLetterJson>), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody)))]
 pub(crate) async fn all_dead_letters(
     State(state): State<AppState>,
     caller: Caller,
     Params(p): Params<LimitParams>,
-) -> ApiResult<Json<ListJson<serde_json::Value>>> {
+) -> ApiResult<Json<ListJson<DeadLetterJson>>> {
     caller.require_operator()?;
     state.engine.meter.flush().await?;
     let rows = state

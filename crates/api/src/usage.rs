@@ -11,20 +11,21 @@ use crate::AppState;
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{Caller, JsonBody};
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct IngestRequest {
+    #[schema(value_type = Vec<Object>)]
     events: Vec<serde_json::Value>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub(crate) struct RejectedJson {
     index: usize,
     code: &'static str,
     message: String,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub(crate) struct IngestResponse {
     accepted: u32,
     duplicates: u32,
@@ -35,6 +36,7 @@ pub(crate) struct IngestResponse {
 /// rejected by index with a reason, the good ones are counted, duplicates
 /// (same org and request id within the window) are counted once. Answers
 /// after the counted events are durable.
+#[utoipa::path(post, path = "/v1/usage", tag = "usage", request_body = IngestRequest, responses((status = 200, body = IngestResponse), (status = 413, description = "too many events or too large", body = crate::error::ErrorBody), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody)))]
 pub(crate) async fn ingest(
     State(state): State<AppState>,
     caller: Caller,
@@ -83,7 +85,7 @@ pub(crate) async fn ingest(
     }))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct AuthorizeRequest {
     api_key: String,
@@ -92,7 +94,7 @@ pub(crate) struct AuthorizeRequest {
     user_id: Option<String>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub(crate) struct AuthorizeResponse {
     allowed: bool,
     reason: &'static str,
@@ -105,6 +107,7 @@ pub(crate) struct AuthorizeResponse {
 }
 
 /// The gateway's question before each call (operator token).
+#[utoipa::path(post, path = "/v1/authorize", tag = "usage", request_body = AuthorizeRequest, responses((status = 200, body = AuthorizeResponse), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody)))]
 pub(crate) async fn authorize(
     State(state): State<AppState>,
     caller: Caller,

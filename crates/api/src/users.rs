@@ -49,7 +49,7 @@ async fn user_json(state: &AppState, org_id: &OrgId, user: &UserId) -> ApiResult
     Ok(row.into())
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct AddUser {
     id: Option<String>,
@@ -57,11 +57,13 @@ pub(crate) struct AddUser {
     name: String,
     /// Absent: the org's default; `null`: unlimited.
     #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<i64>)]
     monthly_limit_micros: Option<Option<i64>>,
     /// `invited` (default) or `active`.
     status: Option<String>,
 }
 
+#[utoipa::path(post, path = "/v1/orgs/{org}/users", tag = "users", params(("org" = String, Path, description = "org id")), request_body = AddUser, responses((status = 201, body = UserJson), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody), (status = 409, description = "conflict", body = crate::error::ErrorBody), (status = 422, description = "a rule forbids it", body = crate::error::ErrorBody)))]
 pub(crate) async fn add(
     State(state): State<AppState>,
     caller: Caller,
@@ -100,7 +102,8 @@ pub(crate) async fn add(
     ))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct ListParams {
     sort: Option<String>,
@@ -113,6 +116,7 @@ pub(crate) struct ListParams {
     limit: Option<u32>,
 }
 
+#[utoipa::path(get, path = "/v1/orgs/{org}/users", tag = "users", params(("org" = String, Path, description = "org id"), ListParams), responses((status = 200, body = ListJson<UserJson>), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody)))]
 pub(crate) async fn list(
     State(state): State<AppState>,
     caller: Caller,
@@ -176,13 +180,14 @@ pub(crate) async fn list(
     }))
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub(crate) struct UserDetail {
     #[serde(flatten)]
     user: UserJson,
     history: History,
 }
 
+#[utoipa::path(get, path = "/v1/orgs/{org}/users/{user}", tag = "users", params(("org" = String, Path, description = "org id"), ("user" = String, Path)), responses((status = 200, body = UserDetail), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody)))]
 pub(crate) async fn get(
     State(state): State<AppState>,
     caller: Caller,
@@ -204,17 +209,19 @@ pub(crate) async fn get(
     }))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct PatchUser {
     email: Option<String>,
     name: Option<String>,
     /// `null`: unlimited.
     #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<i64>)]
     monthly_limit_micros: Option<Option<i64>>,
     status: Option<String>,
 }
 
+#[utoipa::path(patch, path = "/v1/orgs/{org}/users/{user}", tag = "users", params(("org" = String, Path, description = "org id"), ("user" = String, Path)), request_body = PatchUser, responses((status = 200, body = UserJson), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody), (status = 409, description = "conflict", body = crate::error::ErrorBody), (status = 422, description = "a rule forbids it", body = crate::error::ErrorBody)))]
 pub(crate) async fn patch(
     State(state): State<AppState>,
     caller: Caller,
@@ -241,6 +248,7 @@ pub(crate) async fn patch(
 
 /// Removes a member: the status becomes `removed`, memberships end, the
 /// history stays.
+#[utoipa::path(delete, path = "/v1/orgs/{org}/users/{user}", tag = "users", params(("org" = String, Path, description = "org id"), ("user" = String, Path)), responses((status = 200, body = UserJson), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody), (status = 409, description = "conflict", body = crate::error::ErrorBody), (status = 422, description = "a rule forbids it", body = crate::error::ErrorBody)))]
 pub(crate) async fn remove(
     State(state): State<AppState>,
     caller: Caller,
@@ -263,7 +271,7 @@ pub(crate) async fn remove(
     Ok(Json(user_json(&state, &org_id, &user_id).await?))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct Bulk {
     user_ids: Vec<String>,
@@ -272,21 +280,23 @@ pub(crate) struct Bulk {
     #[serde(default)]
     remove_groups: Vec<String>,
     #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<i64>)]
     monthly_limit_micros: Option<Option<i64>>,
     status: Option<String>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub(crate) struct BulkResult {
     /// Users named in the request.
     users: usize,
     /// Users that actually changed.
     users_changed: usize,
     /// Events written, by kind (member_added, user_limit_set, …).
-    changes: BTreeMap<&'static str, usize>,
+    changes: BTreeMap<String, usize>,
 }
 
 /// One change to many users, all or nothing.
+#[utoipa::path(post, path = "/v1/orgs/{org}/users/bulk", tag = "users", params(("org" = String, Path, description = "org id")), request_body = Bulk, responses((status = 200, body = BulkResult), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody), (status = 409, description = "conflict", body = crate::error::ErrorBody), (status = 422, description = "a rule forbids it", body = crate::error::ErrorBody)))]
 pub(crate) async fn bulk(
     State(state): State<AppState>,
     caller: Caller,
@@ -314,7 +324,7 @@ pub(crate) async fn bulk(
     let mut changes = BTreeMap::new();
     let mut changed = std::collections::HashSet::new();
     for e in &events {
-        *changes.entry(e.kind.name()).or_default() += 1;
+        *changes.entry(e.kind.name().to_owned()).or_default() += 1;
         if let Some(u) = e.kind.user_id() {
             let _ = changed.insert(u.clone());
         }

@@ -1,0 +1,62 @@
+//! The OpenAPI 3.1 document, generated from the handlers and types
+//! themselves (utoipa) and served at `/openapi.json`.
+
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi};
+
+use crate::{groups, keys, ops, orgs, usage, users};
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "Tally",
+        description = "Spend control for LLM API gateways. Money is integer micro-USD (fields \
+                       ending in _micros); times are RFC 3339; errors are an object `error` with a \
+                       `code` and a `message`. Every endpoint but the ops ones needs \
+                       `Authorization: Bearer <token>`: the operator token, or an org admin token \
+                       for its own org.",
+    ),
+    paths(
+        orgs::create, orgs::get, orgs::patch, orgs::create_token, orgs::events, orgs::enforcement,
+        orgs::dead_letters, orgs::all_dead_letters,
+        users::add, users::list, users::get, users::patch, users::remove, users::bulk,
+        groups::create, groups::list, groups::get, groups::patch, groups::delete,
+        groups::add_member, groups::remove_member,
+        keys::create, keys::list, keys::get, keys::patch, keys::revoke,
+        usage::ingest, usage::authorize,
+        ops::healthz, ops::readyz, ops::metrics,
+    ),
+    modifiers(&Bearer),
+    security(("bearer" = [])),
+    tags(
+        (name = "orgs", description = "Orgs, admin tokens, the audit trail and enforcement history"),
+        (name = "users", description = "Members: add, list, change, remove, bulk changes"),
+        (name = "groups", description = "Groups and their members"),
+        (name = "keys", description = "API keys: owners, groups, feature flags, limits"),
+        (name = "usage", description = "For gateways: usage ingest and authorize; dead letters"),
+        (name = "ops", description = "Health, readiness, metrics"),
+    )
+)]
+pub(crate) struct ApiDoc;
+
+struct Bearer;
+
+impl Modify for Bearer {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+/// The document as JSON, built once.
+pub(crate) fn json() -> &'static str {
+    static DOC: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    DOC.get_or_init(|| {
+        ApiDoc::openapi()
+            .to_json()
+            .expect("the OpenAPI document serializes")
+    })
+}

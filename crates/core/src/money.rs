@@ -44,6 +44,43 @@ pub fn check_cost(got: i64) -> Result<i64, MoneyError> {
     }
 }
 
+/// Parses dollars as people write them (`50`, `12.5`, `$1,234.50`,
+/// `0.000001`) into micro-USD, exactly: no float on the way.
+pub fn parse_usd(s: &str) -> Option<i64> {
+    let t: String = s
+        .trim()
+        .trim_start_matches('$')
+        .chars()
+        .filter(|c| *c != ',')
+        .collect();
+    let (neg, t) = match t.strip_prefix('-') {
+        Some(rest) => (true, rest.to_owned()),
+        None => (false, t),
+    };
+    let (int, frac) = t.split_once('.').unwrap_or((&t, ""));
+    if int.is_empty() && frac.is_empty() {
+        return None;
+    }
+    if !int.bytes().all(|b| b.is_ascii_digit()) || !frac.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let frac = frac.trim_end_matches('0');
+    if frac.len() > 6 {
+        return None;
+    }
+    let whole: i64 = if int.is_empty() { 0 } else { int.parse().ok()? };
+    let mut micros: i64 = if frac.is_empty() {
+        0
+    } else {
+        frac.parse().ok()?
+    };
+    for _ in frac.len()..6 {
+        micros *= 10;
+    }
+    let v = whole.checked_mul(MICROS_PER_USD)?.checked_add(micros)?;
+    Some(if neg { -v } else { v })
+}
+
 /// Formats micro-USD as dollars for people: `$1,234.50`, `-$0.000001`.
 /// Cents always; sub-cent digits only when they are not zero.
 pub fn format_usd(micros: i64) -> String {
@@ -82,6 +119,29 @@ mod tests {
         assert_eq!(format_usd(1_234_560), "$1.23456");
         assert_eq!(format_usd(-1_500_000), "-$1.50");
         assert_eq!(format_usd(1_000_000_000_000_000), "$1,000,000,000.00");
+    }
+
+    #[test]
+    fn dollars_parse_exactly() {
+        assert_eq!(parse_usd("50"), Some(50 * MICROS_PER_USD));
+        assert_eq!(parse_usd("$1,234.50"), Some(1_234_500_000));
+        assert_eq!(parse_usd("0.000001"), Some(1));
+        assert_eq!(parse_usd(".5"), Some(500_000));
+        assert_eq!(parse_usd("-2.25"), Some(-2_250_000));
+        for bad in [
+            "",
+            "$",
+            "1.0000001",
+            "1e3",
+            "abc",
+            "1.2.3",
+            "99999999999999999999",
+        ] {
+            assert_eq!(parse_usd(bad), None, "{bad}");
+        }
+        for m in [0, 1, 999_999, 50_000_000, 1_234_567_891] {
+            assert_eq!(parse_usd(&format_usd(m)), Some(m));
+        }
     }
 
     #[test]

@@ -27,6 +27,36 @@ pub(crate) enum Command {
     /// Publish realistic usage for an org to the usage topic, as a gateway
     /// would (an example producer).
     Produce(ProduceArgs),
+    /// Orgs, over the HTTP API: create, show, mint an admin token.
+    Orgs {
+        #[command(flatten)]
+        conn: crate::cli::Conn,
+        #[command(subcommand)]
+        cmd: crate::cli::Orgs,
+    },
+    /// Members, over the HTTP API: list (sort, filter), add, show, update,
+    /// remove, bulk.
+    Users {
+        #[command(flatten)]
+        conn: crate::cli::Conn,
+        #[command(subcommand)]
+        cmd: crate::cli::Users,
+    },
+    /// Groups, over the HTTP API: list, create, show, add-members,
+    /// remove-members, delete.
+    Groups {
+        #[command(flatten)]
+        conn: crate::cli::Conn,
+        #[command(subcommand)]
+        cmd: crate::cli::Groups,
+    },
+    /// API keys, over the HTTP API: list, create, revoke.
+    Keys {
+        #[command(flatten)]
+        conn: crate::cli::Conn,
+        #[command(subcommand)]
+        cmd: crate::cli::Keys,
+    },
 }
 
 #[derive(Debug, Clone, Args, Default)]

@@ -1,5 +1,6 @@
 //! The `tally` command.
 
+mod cli;
 mod config;
 
 use std::net::SocketAddr;
@@ -36,6 +37,10 @@ fn main() -> anyhow::Result<()> {
             init_logs(cfg.json_logs);
             runtime.block_on(serve(cfg))
         }
+        Command::Orgs { conn, cmd } => print(runtime.block_on(cli::orgs(conn, cmd))),
+        Command::Users { conn, cmd } => print(runtime.block_on(cli::users(conn, cmd))),
+        Command::Groups { conn, cmd } => print(runtime.block_on(cli::groups(conn, cmd))),
+        Command::Keys { conn, cmd } => print(runtime.block_on(cli::keys(conn, cmd))),
         Command::Produce(args) => {
             init_logs(false);
             runtime.block_on(produce(args))
@@ -47,6 +52,11 @@ fn main() -> anyhow::Result<()> {
             runtime.block_on(rebuild(&url))
         }
     }
+}
+
+fn print(out: anyhow::Result<String>) -> anyhow::Result<()> {
+    print!("{}", out?);
+    Ok(())
 }
 
 fn init_logs(json: bool) {

@@ -19,3 +19,7 @@ cargo build --workspace --all-targets --locked
 export TALLY_BIN="$(pwd)/target/debug/tally"
 log "testing"
 cargo test --workspace --locked "$@"
+if [ $# -eq 0 ]; then
+  log "benchmarks, once each in quick mode (figures: cargo bench)"
+  cargo test --workspace --locked --benches
+fi

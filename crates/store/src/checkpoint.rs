@@ -71,8 +71,11 @@ pub(crate) enum Val {
     Blob(Vec<u8>),
 }
 
-/// Most parameters one statement binds (SQLite allows 32 766).
-const PARAMS_MAX: usize = 30_000;
+/// Most parameters one statement binds. Binding costs grow faster than
+/// linearly with a statement's parameters (measured: 4 020 rows took 1.7 s in
+/// 30 000-parameter statements, 16 ms in 200-parameter ones), so statements
+/// stay small.
+const PARAMS_MAX: usize = 360;
 
 /// `INSERT INTO … VALUES (…), (…) <tail>` in as few statements as the
 /// parameter limit allows.

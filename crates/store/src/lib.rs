@@ -263,6 +263,17 @@ impl Db {
         Ok(Some(ExclusiveLock { _conn: conn }))
     }
 
+    /// Refreshes the query planner's statistics (after a bulk load; on
+    /// PostgreSQL autovacuum does it within a minute or so anyway).
+    pub async fn analyze(&self) -> Result<()> {
+        let sql = match self.backend {
+            Backend::Sqlite => "PRAGMA optimize",
+            Backend::Postgres => "ANALYZE",
+        };
+        let _ = sqlx::raw_sql(sql).execute(&self.write).await?;
+        Ok(())
+    }
+
     /// Runs one statement as written, for tools and tests (creating a
     /// database, checking that the log refuses edits). Never called with
     /// request data.

@@ -507,7 +507,7 @@ async fn set_seq(
 }
 
 /// Ids bound per `IN (…)` list.
-const IN_LIST_LEN: usize = 5_000;
+const IN_LIST_LEN: usize = 500;
 
 /// `… IN ($k, $k+1, …)` for `n` values after `k - 1` other parameters.
 fn in_list(first: usize, n: usize) -> String {

@@ -119,7 +119,15 @@ impl UserSort {
         }
     }
 
-    fn is_text(self) -> bool {
+    /// Sorted by a value that moves as usage comes in.
+    pub fn is_live(self) -> bool {
+        matches!(
+            self,
+            UserSort::Spend | UserSort::Utilization | UserSort::LastActive
+        )
+    }
+
+    pub fn is_text(self) -> bool {
         matches!(self, UserSort::Name | UserSort::Email)
     }
 }
@@ -257,13 +265,15 @@ impl Db {
         .transpose()
     }
 
-    /// One page of users and the cursor of the next page, if any.
-    pub async fn list_users(
+    /// The SQL of a user listing and its bound values. `ids_only` selects
+    /// just the ids (for a snapshot); `limit` is the rows to read.
+    fn user_list_sql(
         &self,
         org_id: &OrgId,
         q: &UserListQuery,
-    ) -> Result<(Vec<UserRow>, Option<Cursor>)> {
-        let limit = q.limit.clamp(1, PAGE_LEN_MAX);
+        ids_only: bool,
+        limit: u32,
+    ) -> Result<(String, Vec<SortValue>)> {
         let mut b = Binds { values: Vec::new() };
         let org = b.push(SortValue::Text(org_id.to_string()));
         let month = b.push(SortValue::Int(i64::from(q.month.yyyymm())));
@@ -276,13 +286,19 @@ impl Db {
             )),
             None => filters.push("u.status <> 'removed'".into()),
         }
-        if let Some(g) = &q.filter.group {
-            let g = b.push(SortValue::Text(g.clone()));
-            filters.push(format!(
-                "EXISTS (SELECT 1 FROM group_members gm WHERE gm.org_id = u.org_id \
-                 AND gm.user_id = u.id AND gm.group_id = {g})"
-            ));
-        }
+        // With a group, the group's members drive the query (a group is
+        // small next to the org): `CROSS JOIN` makes SQLite keep that order;
+        // PostgreSQL plans it on its own.
+        let from = match &q.filter.group {
+            Some(g) => {
+                let g = b.push(SortValue::Text(g.clone()));
+                filters.push(format!(
+                    "gm.org_id = {org} AND gm.group_id = {g} AND u.id = gm.user_id"
+                ));
+                "group_members gm CROSS JOIN users u"
+            }
+            None => "users u",
+        };
         if let Some(text) = &q.filter.q {
             let p = b.push(SortValue::Text(escape_like(text)));
             filters.push(format!(
@@ -319,34 +335,51 @@ impl Db {
             filters.push(format!("({key} {op} {v} OR ({key} = {v} AND u.id > {id}))"));
         }
         let dir = if q.descending { "DESC" } else { "ASC" };
+        let columns = if ids_only {
+            format!("u.id, {key} AS sort_key")
+        } else {
+            format!(
+                "u.id, u.email, u.name, u.status, u.monthly_limit_micros, u.created_at_ms, \
+                 COALESCE(s.spend_micros, 0) AS spend_micros, COALESCE(s.requests, 0) AS requests, \
+                 {LAST_ACTIVE_SQL} AS last_at_ms, {key} AS sort_key"
+            )
+        };
         let sql = format!(
-            "SELECT u.id, u.email, u.name, u.status, u.monthly_limit_micros, u.created_at_ms, \
-             COALESCE(s.spend_micros, 0) AS spend_micros, COALESCE(s.requests, 0) AS requests, \
-             {LAST_ACTIVE_SQL} AS last_at_ms, {key} AS sort_key \
-             FROM users u LEFT JOIN spend_monthly s ON s.org_id = u.org_id AND s.kind = 'user' \
+            "SELECT {columns} \
+             FROM {from} LEFT JOIN spend_monthly s ON s.org_id = u.org_id AND s.kind = 'user' \
              AND s.subject_id = u.id AND s.month = {month} \
-             WHERE {} ORDER BY sort_key {dir}, u.id ASC LIMIT {}",
+             WHERE {} ORDER BY sort_key {dir}, u.id ASC LIMIT {limit}",
             filters.join(" AND "),
-            limit + 1
         );
+        Ok((sql, b.values))
+    }
+
+    async fn fetch(&self, sql: String, values: Vec<SortValue>) -> Result<Vec<AnyRow>> {
         let mut query = sqlx::query(AssertSqlSafe(sql));
-        for v in b.values {
+        for v in values {
             query = match v {
                 SortValue::Int(i) => query.bind(i),
                 SortValue::Text(t) => query.bind(t),
             };
         }
-        let rows = query.fetch_all(self.reader()).await?;
+        Ok(query.fetch_all(self.reader()).await?)
+    }
+
+    /// One page of users and the cursor of the next page, if any.
+    pub async fn list_users(
+        &self,
+        org_id: &OrgId,
+        q: &UserListQuery,
+    ) -> Result<(Vec<UserRow>, Option<Cursor>)> {
+        let limit = q.limit.clamp(1, PAGE_LEN_MAX);
+        let (sql, values) = self.user_list_sql(org_id, q, false, limit + 1)?;
+        let rows = self.fetch(sql, values).await?;
         let more = rows.len() > limit as usize;
         let mut out = Vec::with_capacity(limit as usize);
         let mut last_key = None;
         for r in rows.iter().take(limit as usize) {
             out.push(user_row(r)?);
-            last_key = Some(if q.sort.is_text() {
-                SortValue::Text(r.try_get("sort_key")?)
-            } else {
-                SortValue::Int(r.try_get("sort_key")?)
-            });
+            last_key = Some(self.sort_value(q.sort, r)?);
         }
         self.fill_user_groups(org_id, &mut out).await?;
         let next = match (more, last_key, out.last()) {
@@ -357,6 +390,75 @@ impl Db {
             _ => None,
         };
         Ok((out, next))
+    }
+
+    fn sort_value(&self, sort: UserSort, r: &AnyRow) -> Result<SortValue> {
+        Ok(if sort.is_text() {
+            SortValue::Text(r.try_get("sort_key")?)
+        } else {
+            SortValue::Int(r.try_get("sort_key")?)
+        })
+    }
+
+    /// Every user the query matches (its cursor and limit aside), in its
+    /// order, as (id, sort key), at most `max`: a snapshot to page through
+    /// while the sort key moves.
+    pub async fn list_user_keys(
+        &self,
+        org_id: &OrgId,
+        q: &UserListQuery,
+        max: u32,
+    ) -> Result<Vec<Cursor>> {
+        let q = UserListQuery {
+            after: None,
+            ..q.clone()
+        };
+        let (sql, values) = self.user_list_sql(org_id, &q, true, max)?;
+        self.fetch(sql, values)
+            .await?
+            .iter()
+            .map(|r| {
+                Ok(Cursor {
+                    value: self.sort_value(q.sort, r)?,
+                    id: r.try_get("id")?,
+                })
+            })
+            .collect()
+    }
+
+    /// Users by id, in the order given (ids that no longer exist skipped).
+    pub async fn users_by_ids(
+        &self,
+        org_id: &OrgId,
+        ids: &[String],
+        month: Month,
+    ) -> Result<Vec<UserRow>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let placeholders: Vec<String> = (3..ids.len() + 3).map(|i| format!("${i}")).collect();
+        let sql = format!(
+            "SELECT u.id, u.email, u.name, u.status, u.monthly_limit_micros, u.created_at_ms, \
+             COALESCE(s.spend_micros, 0) AS spend_micros, COALESCE(s.requests, 0) AS requests, \
+             {LAST_ACTIVE_SQL} AS last_at_ms \
+             FROM users u LEFT JOIN spend_monthly s ON s.org_id = u.org_id AND s.kind = 'user' \
+             AND s.subject_id = u.id AND s.month = $2 WHERE u.org_id = $1 AND u.id IN ({})",
+            placeholders.join(", ")
+        );
+        let mut query = sqlx::query(AssertSqlSafe(sql))
+            .bind(org_id.as_str())
+            .bind(i64::from(month.yyyymm()));
+        for id in ids {
+            query = query.bind(id.clone());
+        }
+        let mut by_id: HashMap<String, UserRow> = HashMap::new();
+        for r in query.fetch_all(self.reader()).await? {
+            let u = user_row(&r)?;
+            let _ = by_id.insert(u.id.clone(), u);
+        }
+        let mut out: Vec<UserRow> = ids.iter().filter_map(|id| by_id.remove(id)).collect();
+        self.fill_user_groups(org_id, &mut out).await?;
+        Ok(out)
     }
 
     async fn fill_user_groups(&self, org_id: &OrgId, users: &mut [UserRow]) -> Result<()> {

@@ -32,34 +32,67 @@ fn decode(s: &str) -> Result<Vec<Value>, ApiError> {
     }
 }
 
-pub(crate) fn encode_user(sort: UserSort, c: &Cursor) -> String {
-    let value = match &c.value {
+/// Where the next page of a user listing starts: after `after` (its last
+/// row), and, for a live sort, at `offset` in the snapshot `snapshot`.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct UserCursor {
+    pub(crate) after: Cursor,
+    pub(crate) snapshot: Option<(u64, u64)>,
+}
+
+pub(crate) fn encode_user(sort: UserSort, c: &UserCursor) -> String {
+    let value = match &c.after.value {
         SortValue::Int(i) => json!(i),
         SortValue::Text(t) => json!(t),
     };
-    hex(json!(["users", sort.as_str(), value, c.id])
-        .to_string()
-        .as_bytes())
+    let v = match c.snapshot {
+        // The id as a string: JSON numbers beyond 2^53 lose digits in some
+        // clients, and a cursor should survive being stored by one.
+        Some((id, offset)) => {
+            json!([
+                "users",
+                sort.as_str(),
+                value,
+                c.after.id,
+                format!("{id:x}"),
+                offset
+            ])
+        }
+        None => json!(["users", sort.as_str(), value, c.after.id]),
+    };
+    hex(v.to_string().as_bytes())
 }
 
-pub(crate) fn decode_user(sort: UserSort, s: &str) -> Result<Cursor, ApiError> {
+pub(crate) fn decode_user(sort: UserSort, s: &str) -> Result<UserCursor, ApiError> {
     let v = decode(s)?;
-    match v.as_slice() {
+    let (head, snapshot) = match v.as_slice() {
+        [head @ .., Value::String(id), Value::Number(offset)] if head.len() == 4 => (
+            head,
+            Some((
+                u64::from_str_radix(id, 16).map_err(|_| bad())?,
+                offset.as_u64().ok_or_else(bad)?,
+            )),
+        ),
+        head => (head, None),
+    };
+    match head {
         [
             Value::String(list),
             Value::String(key),
             value,
             Value::String(id),
         ] if list == "users" && key == sort.as_str() => {
-            let text_sort = matches!(sort, UserSort::Name | UserSort::Email);
             let value = match value {
-                Value::String(t) if text_sort => SortValue::Text(t.clone()),
-                Value::Number(n) if !text_sort => SortValue::Int(n.as_i64().ok_or_else(bad)?),
+                Value::String(t) if sort.is_text() => SortValue::Text(t.clone()),
+                Value::Number(n) if !sort.is_text() => SortValue::Int(n.as_i64().ok_or_else(bad)?),
                 _ => return Err(bad()),
             };
-            Ok(Cursor {
-                value,
-                id: id.clone(),
+            Ok(UserCursor {
+                after: Cursor {
+                    value,
+                    id: id.clone(),
+                },
+                snapshot,
             })
         }
         _ => Err(bad()),
@@ -88,9 +121,15 @@ mod tests {
             value: SortValue::Int(-1),
             id: "a'b".into(),
         };
-        let s = encode_user(UserSort::Spend, &c);
-        assert_eq!(decode_user(UserSort::Spend, &s).unwrap(), c);
-        assert!(decode_user(UserSort::Name, &s).is_err());
+        for snapshot in [None, Some((u64::MAX, 50))] {
+            let c = UserCursor {
+                after: c.clone(),
+                snapshot,
+            };
+            let s = encode_user(UserSort::Spend, &c);
+            assert_eq!(decode_user(UserSort::Spend, &s).unwrap(), c);
+            assert!(decode_user(UserSort::Name, &s).is_err());
+        }
         assert!(decode_user(UserSort::Spend, "zz").is_err());
         let g = encode_after("groups", &json!("eng"));
         assert_eq!(decode_after("groups", &g).unwrap(), json!("eng"));

@@ -11,6 +11,7 @@ mod keys;
 mod openapi;
 mod ops;
 mod orgs;
+mod snapshot;
 mod usage;
 mod users;
 
@@ -24,6 +25,7 @@ use tally_core::ids::OrgId;
 use tally_engine::Engine;
 
 pub use error::ApiError;
+pub use snapshot::Snapshots;
 
 use crate::error::ApiResult;
 use crate::extract::Caller;
@@ -51,6 +53,8 @@ pub struct AppState {
     pub engine: Arc<Engine>,
     pub metrics: Option<PrometheusHandle>,
     pub limits: Limits,
+    /// Orders of live-sorted user listings being paged through.
+    pub snapshots: Arc<Snapshots>,
 }
 
 /// Every route of the API.

@@ -12,12 +12,13 @@ use tally_core::ids::{GroupId, OrgId, UserId};
 use tally_core::ratio::parse_fraction_bps;
 use tally_core::time::Month;
 use tally_engine::random_id;
-use tally_store::query::{UserFilter, UserListQuery, UserSort};
+use tally_store::query::{UserFilter, UserListQuery, UserRow, UserSort};
 
-use crate::cursor;
+use crate::cursor::{self, UserCursor};
 use crate::dto::{History, ListJson, UserJson, present};
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{Caller, JsonBody, Params};
+use crate::snapshot::{Next, SNAPSHOT_LEN_MAX, SNAPSHOT_PAGES};
 use crate::{AppState, org_access, page_len};
 
 fn user_id(s: &str) -> ApiResult<UserId> {
@@ -106,13 +107,23 @@ pub(crate) async fn add(
 #[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct ListParams {
+    /// name (default), email, spend, limit, utilization or last_active;
+    /// prefix `-` for descending.
     sort: Option<String>,
+    /// invited, active, suspended or removed; absent: all but removed.
     status: Option<String>,
+    /// Members of this group only.
     group: Option<String>,
+    /// Case-insensitive substring of id, name or email.
     q: Option<String>,
+    /// Users at or above this fraction of their limit, e.g. `0.8`.
     min_utilization: Option<String>,
+    /// Only users cut off (`true`) or only those not cut off (`false`).
     cut_off: Option<bool>,
+    /// `next_cursor` of the previous page. Sorted by spend, utilization or
+    /// last_active, pages keep the first page's order (figures current).
     cursor: Option<String>,
+    /// Rows a page (default 50, at most 1 000).
     limit: Option<u32>,
 }
 
@@ -159,24 +170,100 @@ pub(crate) async fn list(
             .transpose()?,
         cut_off: p.cut_off,
     };
-    let after = p
+    let from = p
         .cursor
         .as_deref()
         .map(|c| cursor::decode_user(sort, c))
         .transpose()?;
     state.engine.meter.flush().await?;
-    let query = UserListQuery {
+    let month = Month::from_unix_ms(state.engine.now_ms());
+    // A snapshot serves only the listing it was taken of.
+    let listing = format!("{org_id}\u{1f}{sort_param}\u{1f}{month}\u{1f}{filter:?}");
+    let mut query = UserListQuery {
         sort,
         descending,
         filter,
-        after,
+        after: None,
         limit: page_len(p.limit)?,
-        month: Month::from_unix_ms(state.engine.now_ms()),
+        month,
     };
-    let (rows, next) = state.engine.db.list_users(&org_id, &query).await?;
+    let db = &state.engine.db;
+    if sort.is_live() {
+        let page = match &from {
+            None => {
+                let depth = query
+                    .limit
+                    .saturating_mul(SNAPSHOT_PAGES)
+                    .min(SNAPSHOT_LEN_MAX);
+                let keys = db.list_user_keys(&org_id, &query, depth).await?;
+                let cut = keys.len() >= depth as usize;
+                let len = query.limit as usize;
+                Some(if keys.len() > len {
+                    let page = keys[..len].to_vec();
+                    let id = state.snapshots.keep(listing, keys, cut);
+                    (
+                        page,
+                        Next::Snapshot {
+                            id,
+                            offset: len as u64,
+                        },
+                    )
+                } else {
+                    (keys, if cut { Next::After } else { Next::End })
+                })
+            }
+            Some(UserCursor {
+                snapshot: Some((id, offset)),
+                ..
+            }) => state
+                .snapshots
+                .page(*id, &listing, *offset, query.limit as usize),
+            // Gone (expired, or taken by another process): keyset paging
+            // from the cursor's last row.
+            Some(UserCursor { snapshot: None, .. }) => None,
+        };
+        if let Some((keys, next)) = page {
+            let ids: Vec<String> = keys.iter().map(|k| k.id.clone()).collect();
+            let rows = db.users_by_ids(&org_id, &ids, month).await?;
+            let snapshot = match next {
+                Next::Snapshot { id, offset } => Some(Some((id, offset))),
+                Next::After => Some(None),
+                Next::End => None,
+            };
+            let next_cursor = snapshot.zip(keys.last()).map(|(snapshot, last)| {
+                cursor::encode_user(
+                    sort,
+                    &UserCursor {
+                        after: last.clone(),
+                        snapshot,
+                    },
+                )
+            });
+            // Order and membership are the snapshot's, figures current;
+            // a user whose status no longer matches drops out.
+            let keep = |u: &UserRow| match query.filter.status {
+                Some(s) => u.status == s.as_str(),
+                None => u.status != UserStatus::Removed.as_str(),
+            };
+            return Ok(Json(ListJson {
+                items: rows.into_iter().filter(keep).map(UserJson::from).collect(),
+                next_cursor,
+            }));
+        }
+    }
+    query.after = from.map(|c| c.after);
+    let (rows, next) = db.list_users(&org_id, &query).await?;
     Ok(Json(ListJson {
         items: rows.into_iter().map(UserJson::from).collect(),
-        next_cursor: next.map(|c| cursor::encode_user(sort, &c)),
+        next_cursor: next.map(|c| {
+            cursor::encode_user(
+                sort,
+                &UserCursor {
+                    after: c,
+                    snapshot: None,
+                },
+            )
+        }),
     }))
 }
 

@@ -479,7 +479,28 @@ async fn users_sort_filter_and_paginate(db: Db) {
                     "{sort:?} {desc} {page}"
                 );
             }
+            // A snapshot's keys come in the same order, cut at `max`.
+            let keys = db
+                .list_user_keys(&org.dir.id, &query(sort, desc), 4)
+                .await
+                .unwrap();
+            let keys: Vec<String> = keys.into_iter().map(|k| k.id).collect();
+            assert_eq!(keys, whole[..4], "{sort:?} {desc}");
         }
+    }
+    // Users by id come in the order asked, unknown ids skipped, with the
+    // figures the list shows.
+    let asked: Vec<String> = ["a6", "nobody", "a1", "a3"].map(String::from).into();
+    let rows = db.users_by_ids(&org.dir.id, &asked, month()).await.unwrap();
+    let got: Vec<&str> = rows.iter().map(|u| u.id.as_str()).collect();
+    assert_eq!(got, ["a6", "a1", "a3"]);
+    let listed = db
+        .list_users(&org.dir.id, &query(UserSort::Spend, true))
+        .await
+        .unwrap()
+        .0;
+    for u in &rows {
+        assert_eq!(Some(u), listed.iter().find(|l| l.id == u.id));
     }
     // A cursor of the wrong kind is refused.
     let mut q = query(UserSort::Spend, false);

@@ -221,6 +221,7 @@ async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
             body_bytes_max: cfg.body_bytes_max,
             usage_batch_len_max: cfg.usage_batch_len_max,
         },
+        snapshots: Arc::default(),
     };
     let failed = {
         let engine = Arc::clone(&engine);

@@ -37,6 +37,7 @@ async fn run(db: &Db, name: &str, n: &Scale) {
             name: "Big".into(),
             default_monthly_limit_micros: Some(100_000_000),
             alert_thresholds_bps: None,
+            monthly_limit_micros: None,
         },
     )
     .unwrap();

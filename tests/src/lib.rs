@@ -235,7 +235,7 @@ impl Tally {
 
     pub fn client(&self, token: &str) -> Client {
         Client {
-            http: reqwest::Client::new(),
+            http: http_client(),
             url: self.url.clone(),
             token: Some(token.to_owned()),
         }
@@ -247,7 +247,7 @@ impl Tally {
 
     pub fn anonymous(&self) -> Client {
         Client {
-            http: reqwest::Client::new(),
+            http: http_client(),
             url: self.url.clone(),
             token: None,
         }
@@ -524,4 +524,56 @@ impl Drop for Broker {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// An HTTP client for tests. reqwest is built with rustls but no crypto
+/// provider (see tally-webhooks); ring is installed once here.
+pub fn http_client() -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::new()
+}
+
+/// Prometheus's `promtool`, or `None` (a skip) when it is not installed and
+/// the suite does not require services.
+pub fn promtool() -> Option<PathBuf> {
+    let found = Command::new("promtool")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if found {
+        return Some(PathBuf::from("promtool"));
+    }
+    assert!(
+        std::env::var_os("TALLY_REQUIRE_SERVICES").is_none(),
+        "promtool is missing: run scripts/test.sh"
+    );
+    eprintln!("skipped: no promtool (scripts/test.sh installs it)");
+    None
+}
+
+/// Runs `promtool check metrics` on an exposition (its lint: help texts,
+/// counter suffixes, base units): fails the test on any problem.
+pub fn check_metrics(text: &str) {
+    use std::io::Write;
+    let Some(promtool) = promtool() else { return };
+    let mut child = Command::new(promtool)
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool runs");
+    child
+        .stdin
+        .take()
+        .expect("piped")
+        .write_all(text.as_bytes())
+        .expect("promtool reads");
+    let out = child.wait_with_output().expect("promtool ends");
+    assert!(
+        out.status.success(),
+        "promtool check metrics:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

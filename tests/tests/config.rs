@@ -27,6 +27,32 @@ async fn the_example_config_starts_a_server() {
     tally.stop().unwrap();
 }
 
+#[test]
+fn the_example_config_names_every_option() {
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/tally.toml");
+    let text = std::fs::read_to_string(example).unwrap();
+    let help = std::process::Command::new(tally_tests::tally_bin())
+        .args(["serve", "--help"])
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    let flags: Vec<String> = help
+        .split_whitespace()
+        .filter_map(|w| w.strip_prefix("--"))
+        .map(|f| f.trim_end_matches(|c: char| !c.is_ascii_alphanumeric() && c != '-'))
+        .filter(|f| !["help", "config", "version"].contains(f) && !f.is_empty())
+        .map(|f| f.replace('-', "_"))
+        .collect();
+    assert!(flags.len() >= 20, "{flags:?}");
+    for f in flags {
+        assert!(
+            text.lines()
+                .any(|l| l.trim_start_matches("# ").starts_with(&format!("{f} = "))),
+            "deploy/tally.toml does not show {f}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn flags_beat_the_environment_which_beats_the_file() {
     let dir = temp_dir("config-layers");

@@ -262,25 +262,11 @@ fn the_kubernetes_manifests_are_consistent() {
     }
 }
 
-fn promtool() -> Option<PathBuf> {
-    let found = Command::new("promtool")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if found {
-        return Some(PathBuf::from("promtool"));
-    }
-    assert!(
-        std::env::var_os("TALLY_REQUIRE_SERVICES").is_none(),
-        "promtool is missing: run scripts/test.sh"
-    );
-    eprintln!("skipped: no promtool (scripts/test.sh installs it)");
-    None
-}
-
 #[test]
 fn prometheus_configurations_pass_promtool() {
-    let Some(promtool) = promtool() else { return };
+    let Some(promtool) = tally_tests::promtool() else {
+        return;
+    };
     let check = |path: &Path| {
         let out = Command::new(&promtool)
             .args(["check", "config"])
@@ -305,4 +291,161 @@ fn prometheus_configurations_pass_promtool() {
     let path = dir.join("prometheus.yml");
     std::fs::write(&path, cm["data"]["prometheus.yml"].as_str().unwrap()).unwrap();
     check(&path);
+}
+
+#[test]
+fn alert_rules_pass_promtool_and_their_unit_tests() {
+    let Some(promtool) = tally_tests::promtool() else {
+        return;
+    };
+    let run = |args: &[&str], path: &Path| {
+        let out = Command::new(&promtool)
+            .args(args)
+            .arg(path)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "promtool {args:?} {}:\n{}{}",
+            path.display(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let rules = deploy().join("prometheus/rules/tally.rules.yml");
+    let _ = run(&["check", "rules"], &rules);
+    let _ = run(
+        &["test", "rules"],
+        &deploy().join("prometheus/tests/tally.rules.test.yml"),
+    );
+    // Every alert has a runbook line and a test that fires it.
+    let doc = &load(&rules)[0];
+    let tests =
+        std::fs::read_to_string(deploy().join("prometheus/tests/tally.rules.test.yml")).unwrap();
+    let mut alerts = 0;
+    for group in doc["groups"].as_vec().unwrap() {
+        for rule in group["rules"].as_vec().unwrap() {
+            let Some(name) = rule["alert"].as_str() else {
+                continue;
+            };
+            alerts += 1;
+            assert!(
+                rule["annotations"]["runbook"]
+                    .as_str()
+                    .is_some_and(|r| !r.is_empty()),
+                "{name} has no runbook line"
+            );
+            assert!(
+                tests.contains(&format!("alertname: {name}\n")),
+                "{name} has no promtool test case"
+            );
+        }
+    }
+    assert!(alerts >= 15, "{alerts} alerts");
+    // The Kubernetes ConfigMap carries the same rules.
+    let docs = load(&deploy().join("kubernetes/prometheus.yaml"));
+    let cm = docs
+        .iter()
+        .find(|d| d["kind"].as_str() == Some("ConfigMap"))
+        .unwrap();
+    assert_eq!(
+        cm["data"]["tally.rules.yml"].as_str(),
+        Some(std::fs::read_to_string(&rules).unwrap().as_str()),
+        "deploy/kubernetes/prometheus.yaml embeds a different copy of the rules"
+    );
+}
+
+/// Every metric name Tally's code declares (`pub const …: &str = "tally_…"`).
+fn declared_metrics() -> BTreeSet<String> {
+    let mut files = Vec::new();
+    rust_files(&deploy().join("../crates"), &mut files);
+    let mut names = BTreeSet::new();
+    for f in files {
+        for line in std::fs::read_to_string(&f).unwrap().lines() {
+            let line = line.trim();
+            if line.starts_with("pub const") && line.contains(": &str = \"tally_") {
+                let name = line.split('"').nth(1).unwrap();
+                let _ = names.insert(name.to_owned());
+            }
+        }
+    }
+    names
+}
+
+fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            rust_files(&p, out);
+        } else if p.extension().is_some_and(|x| x == "rs") {
+            out.push(p);
+        }
+    }
+}
+
+/// `tally_…` names in a text, histogram suffixes taken off.
+fn referenced_metrics(text: &str) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    for (i, _) in text.match_indices("tally_") {
+        if text[..i]
+            .chars()
+            .next_back()
+            .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.' || c == '/')
+        {
+            continue;
+        }
+        let name: String = text[i..]
+            .chars()
+            .take_while(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_')
+            .collect();
+        let base = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s).filter(|b| b.ends_with("_seconds")))
+            .unwrap_or(&name);
+        let _ = out.insert(base.to_owned());
+    }
+    out
+}
+
+#[test]
+fn rules_dashboard_and_docs_name_only_real_metrics() {
+    let declared = declared_metrics();
+    assert!(declared.len() >= 30, "{declared:?}");
+    let dashboard =
+        std::fs::read_to_string(deploy().join("grafana/dashboards/tally.json")).unwrap();
+    let parsed: serde_json::Value = serde_json::from_str(&dashboard).unwrap();
+    assert_eq!(parsed["uid"], "tally");
+    assert!(parsed["panels"].as_array().is_some_and(|p| p.len() >= 10));
+    for (what, text) in [
+        (
+            "alert rules",
+            std::fs::read_to_string(deploy().join("prometheus/rules/tally.rules.yml")).unwrap(),
+        ),
+        ("dashboard", dashboard.clone()),
+        (
+            "docs/operations.md",
+            std::fs::read_to_string(deploy().join("../docs/operations.md")).unwrap(),
+        ),
+    ] {
+        let used = referenced_metrics(&text);
+        assert!(!used.is_empty(), "{what} names no metric");
+        let unknown: Vec<&String> = used.iter().filter(|m| !declared.contains(*m)).collect();
+        assert!(
+            unknown.is_empty(),
+            "{what} names metrics Tally does not have: {unknown:?}"
+        );
+    }
+    // The dashboard's panels cover the pipeline and the money.
+    let used = referenced_metrics(&dashboard);
+    for m in [
+        "tally_org_spend_micros",
+        "tally_group_spend_micros",
+        "tally_org_users_over_threshold",
+        "tally_consumer_lag_messages",
+        "tally_checkpoint_duration_seconds",
+        "tally_webhook_deliveries_total",
+    ] {
+        assert!(used.contains(m), "the dashboard shows no {m}");
+    }
 }

@@ -252,7 +252,9 @@ fn expected(calls: &[Call], groups: usize) -> Expected {
 
 /// How many partitions a process meters (from its metrics).
 async fn owned(t: &Tally) -> i64 {
-    let text = reqwest::get(format!("{}/metrics", t.url))
+    let text = tally_tests::http_client()
+        .get(format!("{}/metrics", t.url))
+        .send()
         .await
         .unwrap()
         .text()
@@ -335,12 +337,26 @@ async fn every_distinct_event_counts_once() {
         (sent as u128 * 1000) / elapsed.as_millis().max(1)
     );
     check_every_figure(&op, &e).await;
-    let metrics = reqwest::get(format!("{}/metrics", tally.url))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    // Distributed-mode gauges: consumer lag per owned partition (from the
+    // consumer's statistics, each second) and the relay backlog.
+    let scrape = || async {
+        tally_tests::http_client()
+            .get(format!("{}/metrics", tally.url))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+    wait_for("distributed gauges", Duration::from_secs(30), || async {
+        let text = scrape().await;
+        text.contains("tally_consumer_lag_messages{partition=")
+            && text.contains("tally_relay_backlog_events ")
+    })
+    .await;
+    let metrics = scrape().await;
+    tally_tests::check_metrics(&metrics);
     let duplicates: f64 = metrics
         .lines()
         .find(|l| l.starts_with("tally_usage_events_total") && l.contains("outcome=\"duplicate\""))
@@ -547,6 +563,24 @@ async fn a_cutoff_on_one_process_is_seen_on_the_other_within_a_second() {
         .await
         .expect(200);
     assert_eq!(d["reason"], "user_monthly_limit");
+    // b learnt the entities through the events topic: its projection lag
+    // histogram has the observations, and its exposition passes promtool.
+    let text = tally_tests::http_client()
+        .get(format!("{}/metrics", b.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let followed: u64 = text
+        .lines()
+        .find(|l| l.starts_with("tally_projection_lag_seconds_count "))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    assert!(followed > 0, "projection lag observed on b:\n{text}");
+    tally_tests::check_metrics(&text);
     a.stop().unwrap();
     b.stop().unwrap();
 }

@@ -48,7 +48,39 @@ fn endpoints(org: &str) -> Vec<(&'static str, String, Option<Value>)> {
         ("GET", o("/keys/k1"), None),
         ("PATCH", o("/keys/k1"), Some(json!({"features": ["all"]}))),
         ("DELETE", o("/keys/k1"), None),
+        (
+            "PUT",
+            o("/webhook"),
+            Some(json!({"url": "http://127.0.0.1:9/stolen"})),
+        ),
+        ("GET", o("/webhook"), None),
+        ("DELETE", o("/webhook"), None),
+        ("GET", o("/webhook/deliveries"), None),
+        ("POST", o("/webhook/deliveries/1/redeliver"), None),
     ]
+}
+
+/// The org-scoped endpoints of the OpenAPI document, as (method, path with
+/// the test's ids): the matrix must cover every one.
+async fn documented_endpoints(op: &Client, org: &str) -> Vec<(String, String)> {
+    let doc = op.get("/openapi.json").await.expect(200);
+    let mut out = Vec::new();
+    for (path, ops) in doc["paths"].as_object().unwrap() {
+        if !path.starts_with("/v1/orgs/{org}") {
+            continue;
+        }
+        let concrete = path
+            .replace("{org}", org)
+            .replace("{user}", "u1")
+            .replace("{group}", "g1")
+            .replace("{key}", "k1")
+            .replace("{id}", "1");
+        for method in ops.as_object().unwrap().keys() {
+            out.push((method.to_uppercase(), concrete.clone()));
+        }
+    }
+    out.sort();
+    out
 }
 
 async fn seed(op: &Client, org: &str) -> (String, String) {
@@ -121,7 +153,13 @@ async fn every_admin_endpoint_refuses_the_wrong_caller() {
         assert_eq!(keys, ["error"], "{method} {path}: no data for another org");
         checked += 1;
     }
-    assert_eq!(checked, 24);
+    let mut covered: Vec<(String, String)> = endpoints("other")
+        .into_iter()
+        .map(|(m, p, _)| (m.to_owned(), p))
+        .collect();
+    covered.sort();
+    assert_eq!(covered, documented_endpoints(&op, "other").await);
+    assert_eq!(checked, 29);
     // Operator-only endpoints.
     for (method, path, body) in [
         ("POST", "/v1/orgs", Some(json!({"name": "Mine"}))),
@@ -147,6 +185,18 @@ async fn tokens_and_key_secrets_are_stored_only_as_hashes() {
     let tally = Tally::start(&backend).unwrap();
     let op = tally.operator();
     let (token, secret) = seed(&op, "acme").await;
+    let hook = op
+        .raw(
+            "PUT",
+            "/v1/orgs/acme/webhook",
+            json!({"url": "https://hooks.acme.test/t"})
+                .to_string()
+                .as_bytes(),
+        )
+        .await
+        .expect(200);
+    let signing = hook["secret"].as_str().unwrap().to_owned();
+    assert!(signing.starts_with("whsec_"), "{hook}");
     // Not in any answer after the creating one.
     let keys = op.get("/v1/orgs/acme/keys").await.expect(200);
     let events = op.get("/v1/orgs/acme/events?limit=1000").await.expect(200);
@@ -154,9 +204,13 @@ async fn tokens_and_key_secrets_are_stored_only_as_hashes() {
         &keys,
         &events,
         &op.get("/v1/orgs/acme/keys/k1").await.expect(200),
+        &op.get("/v1/orgs/acme/webhook").await.expect(200),
+        &op.get("/v1/orgs/acme").await.expect(200),
     ] {
         let text = body.to_string();
-        assert!(!text.contains(&secret) && !text.contains(&token), "{text}");
+        for needle in [&secret, &token, &signing] {
+            assert!(!text.contains(needle.as_str()), "{text}");
+        }
     }
     tally.stop().unwrap();
     // Not on disk either (database, WAL, logs).
@@ -165,7 +219,7 @@ async fn tokens_and_key_secrets_are_stored_only_as_hashes() {
     };
     for entry in std::fs::read_dir(dir).unwrap().flatten() {
         let bytes = std::fs::read(entry.path()).unwrap();
-        for needle in [&secret, &token] {
+        for needle in [&secret, &token, &signing] {
             let found = bytes.windows(needle.len()).any(|w| w == needle.as_bytes());
             assert!(!found, "{} holds a secret", entry.path().display());
         }

@@ -86,7 +86,7 @@ pub(crate) fn present<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
     T::deserialize(d).map(Some)
 }
 
-fn time(ms: i64) -> String {
+pub(crate) fn time(ms: i64) -> String {
     format_rfc3339_ms(ms)
 }
 
@@ -100,9 +100,15 @@ pub(crate) struct OrgJson {
     pub name: String,
     pub default_monthly_limit_micros: Option<i64>,
     pub alert_thresholds: Vec<Fraction>,
+    /// The org's own limit on its total spend; `null`: none.
+    pub monthly_limit_micros: Option<i64>,
     pub spend_micros: i64,
+    pub utilization: Option<f64>,
+    pub cut_off: bool,
     pub requests: i64,
     pub month: String,
+    /// Where threshold and cutoff notifications go; `null`: nowhere.
+    pub webhook_url: Option<String>,
     pub created_at: String,
 }
 
@@ -113,9 +119,13 @@ impl OrgJson {
             name: r.name,
             default_monthly_limit_micros: r.default_monthly_limit_micros,
             alert_thresholds: r.alert_thresholds_bps.into_iter().map(Fraction).collect(),
+            monthly_limit_micros: r.monthly_limit_micros,
             spend_micros: r.spend_micros,
+            utilization: utilization(r.spend_micros, r.monthly_limit_micros),
+            cut_off: cut_off(r.spend_micros, r.monthly_limit_micros),
             requests: r.requests,
             month: month.to_string(),
+            webhook_url: r.webhook.map(|(url, _, _)| url),
             created_at: time(r.created_at_ms),
         }
     }

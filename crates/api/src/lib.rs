@@ -14,6 +14,7 @@ mod orgs;
 mod snapshot;
 mod usage;
 mod users;
+mod webhooks;
 
 use std::sync::Arc;
 
@@ -55,6 +56,10 @@ pub struct AppState {
     pub limits: Limits,
     /// Orders of live-sorted user listings being paged through.
     pub snapshots: Arc<Snapshots>,
+    /// Derives webhook signing secrets (shown when a webhook is set).
+    pub webhook_keys: Arc<tally_webhooks::Keyring>,
+    /// What `/metrics` computes at each scrape.
+    pub metrics_options: tally_engine::gauges::GaugeOptions,
 }
 
 /// Every route of the API.
@@ -91,6 +96,20 @@ pub fn router(state: AppState) -> Router {
             "/v1/orgs/{org}/keys/{key}",
             get(keys::get).patch(keys::patch).delete(keys::revoke),
         )
+        .route(
+            "/v1/orgs/{org}/webhook",
+            get(webhooks::get)
+                .put(webhooks::set)
+                .delete(webhooks::remove),
+        )
+        .route(
+            "/v1/orgs/{org}/webhook/deliveries",
+            get(webhooks::deliveries),
+        )
+        .route(
+            "/v1/orgs/{org}/webhook/deliveries/{id}/redeliver",
+            post(webhooks::redeliver),
+        )
         .route("/v1/usage", post(usage::ingest))
         .route("/v1/authorize", post(usage::authorize))
         .route("/healthz", get(ops::healthz))
@@ -100,7 +119,50 @@ pub fn router(state: AppState) -> Router {
         .fallback(ops::not_found)
         .method_not_allowed_fallback(ops::method_not_allowed)
         .layer(DefaultBodyLimit::max(body_max))
+        .layer(axum::middleware::from_fn(observe))
         .with_state(state)
+}
+
+/// Seconds to answer a request, by `method`, `route` (the template, e.g.
+/// `/v1/orgs/{org}/users`) and `status`.
+pub const HTTP_SECONDS: &str = "tally_http_request_duration_seconds";
+
+pub fn describe_metrics() {
+    metrics::describe_histogram!(
+        HTTP_SECONDS,
+        metrics::Unit::Seconds,
+        "duration of an HTTP request by method, route and status"
+    );
+}
+
+/// Every request in a span (method and route template), timed; a server
+/// error is logged as a warning, the rest at debug level.
+async fn observe(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use tracing::Instrument;
+    let started = std::time::Instant::now();
+    let method = req.method().clone();
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or("unmatched", |p| p.as_str())
+        .to_owned();
+    let span = tracing::info_span!("request", %method, %route);
+    let resp = next.run(req).instrument(span.clone()).await;
+    let status = resp.status().as_u16();
+    let took = started.elapsed();
+    metrics::histogram!(HTTP_SECONDS, "method" => method.to_string(), "route" => route, "status" => status.to_string())
+        .record(took.as_secs_f64());
+    let _e = span.enter();
+    let took_us = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+    if status >= 500 {
+        tracing::warn!(status, took_us, "request failed");
+    } else {
+        tracing::debug!(status, took_us, "request");
+    }
+    resp
 }
 
 /// Checks the caller may touch `org` and that it exists.

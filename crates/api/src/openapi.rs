@@ -4,7 +4,7 @@
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use crate::{groups, keys, ops, orgs, usage, users};
+use crate::{groups, keys, ops, orgs, usage, users, webhooks};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -23,6 +23,7 @@ use crate::{groups, keys, ops, orgs, usage, users};
         groups::create, groups::list, groups::get, groups::patch, groups::delete,
         groups::add_member, groups::remove_member,
         keys::create, keys::list, keys::get, keys::patch, keys::revoke,
+        webhooks::set, webhooks::get, webhooks::remove, webhooks::deliveries, webhooks::redeliver,
         usage::ingest, usage::authorize,
         ops::healthz, ops::readyz, ops::metrics,
     ),
@@ -33,6 +34,7 @@ use crate::{groups, keys, ops, orgs, usage, users};
         (name = "users", description = "Members: add, list, change, remove, bulk changes"),
         (name = "groups", description = "Groups and their members"),
         (name = "keys", description = "API keys: owners, groups, feature flags, limits"),
+        (name = "webhooks", description = "Threshold and cutoff notifications: the org's webhook and its deliveries"),
         (name = "usage", description = "For gateways: usage ingest and authorize; dead letters"),
         (name = "ops", description = "Health, readiness, metrics"),
     )

@@ -38,15 +38,27 @@ pub(crate) async fn readyz(State(state): State<AppState>) -> Response {
 
 #[utoipa::path(get, path = "/metrics", tag = "ops", security(), responses((status = 200, description = "Prometheus text exposition", content_type = "text/plain")))]
 pub(crate) async fn metrics(State(state): State<AppState>) -> Response {
-    match &state.metrics {
-        Some(handle) => (
-            StatusCode::OK,
-            [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-            handle.render(),
-        )
-            .into_response(),
-        None => ApiError::not_found("metrics are not enabled").into_response(),
+    let Some(handle) = &state.metrics else {
+        return ApiError::not_found("metrics are not enabled").into_response();
+    };
+    // Gauges of the current state, set now, so a scrape sees this moment.
+    let took = state.engine.update_gauges(&state.metrics_options);
+    if took.as_millis() > 100 {
+        tracing::warn!(
+            took_ms = took.as_millis() as u64,
+            "computing the spend gauges was slow; consider fewer per-group or per-user series"
+        );
     }
+    match state.engine.db.pending_deliveries().await {
+        Ok(n) => metrics::gauge!(tally_webhooks::PENDING).set(n as f64),
+        Err(e) => tracing::warn!(error = %e, "counting pending webhook deliveries failed"),
+    }
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        handle.render(),
+    )
+        .into_response()
 }
 
 pub(crate) async fn not_found() -> Response {

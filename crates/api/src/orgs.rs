@@ -27,6 +27,10 @@ pub(crate) struct CreateOrg {
     default_monthly_limit_micros: Option<i64>,
     #[schema(value_type = Option<Vec<crate::dto::Fraction>>)]
     alert_thresholds: Option<Vec<serde_json::Number>>,
+    /// The org's own limit on its total monthly spend (absent or null:
+    /// none).
+    #[serde(default)]
+    monthly_limit_micros: Option<i64>,
 }
 
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
@@ -38,6 +42,10 @@ pub(crate) struct PatchOrg {
     default_monthly_limit_micros: Option<Option<i64>>,
     #[schema(value_type = Option<Vec<crate::dto::Fraction>>)]
     alert_thresholds: Option<Vec<serde_json::Number>>,
+    /// `null`: no org limit.
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<i64>)]
+    monthly_limit_micros: Option<Option<i64>>,
 }
 
 async fn org_json(state: &AppState, org_id: &OrgId) -> ApiResult<Json<OrgJson>> {
@@ -72,6 +80,7 @@ pub(crate) async fn create(
             .as_deref()
             .map(fractions_to_bps)
             .transpose()?,
+        monthly_limit_micros: req.monthly_limit_micros,
     };
     let _ = state
         .engine
@@ -125,6 +134,7 @@ pub(crate) async fn patch(
             .as_deref()
             .map(fractions_to_bps)
             .transpose()?,
+        monthly_limit_micros: req.monthly_limit_micros,
     };
     let _ = state
         .engine

@@ -31,6 +31,7 @@ pub enum Reason {
     UserMonthlyLimit,
     KeyMonthlyLimit,
     GroupMonthlyLimit,
+    OrgMonthlyLimit,
     FeatureNotEnabled,
 }
 
@@ -48,6 +49,7 @@ impl Reason {
             Reason::UserMonthlyLimit => "user_monthly_limit",
             Reason::KeyMonthlyLimit => "key_monthly_limit",
             Reason::GroupMonthlyLimit => "group_monthly_limit",
+            Reason::OrgMonthlyLimit => "org_monthly_limit",
             Reason::FeatureNotEnabled => "feature_not_enabled",
         }
     }
@@ -222,6 +224,20 @@ pub fn authorize(
             );
         }
     }
+    let spend = org.spend(month, Subject::Org).spend_micros;
+    if budget(dir.monthly_limit_micros, spend) {
+        let limit = dir.monthly_limit_micros.unwrap_or_default();
+        return deny(
+            &mut d,
+            Reason::OrgMonthlyLimit,
+            format!(
+                "org {} reached its monthly limit of {} (spent {} in {month})",
+                dir.id,
+                format_usd(limit),
+                format_usd(spend)
+            ),
+        );
+    }
     if let Some(f) = feature
         && !key.features.iter().any(|k| k == f)
     {
@@ -376,6 +392,45 @@ mod tests {
             decide(&s, "kg", None, Some("alice")).reason,
             Reason::GroupMonthlyLimit
         );
+    }
+
+    #[test]
+    fn the_org_limit_cuts_everyone_off_and_a_raise_lifts_it() {
+        let mut s = org();
+        let set = |s: &mut OrgState, limit| {
+            let ev = EntityEvent {
+                org_id: s.dir.id.clone(),
+                seq: s.dir.seq + 1,
+                at_ms: NOV,
+                actor: crate::entity::Actor::Operator,
+                kind: EventKind::OrgLimitSet {
+                    monthly_limit_micros: limit,
+                },
+            };
+            s.apply_entity(&ev);
+        };
+        set(&mut s, Some(60 * USD));
+        spend(&mut s, "r1", "alice", "ka", 25 * USD);
+        // The org's 35 left is more than the key's 5: the key's counts.
+        assert_eq!(decide(&s, "ka", None, None).remaining_micros, Some(5 * USD));
+        spend(&mut s, "r2", "bob", "", 35 * USD);
+        let d = decide(&s, "kg", None, Some("alice"));
+        assert_eq!(d.reason, Reason::OrgMonthlyLimit, "{d:?}");
+        assert!(
+            d.message.contains("monthly limit of $60.00"),
+            "{}",
+            d.message
+        );
+        let cut =
+            s.meter.ledger.pending_enforcement().iter().any(|e| {
+                e.subject == Subject::Org && e.kind == crate::ledger::EnforcementKind::CutOff
+            });
+        assert!(cut, "the org's cutoff is an enforcement event");
+        set(&mut s, Some(100 * USD));
+        let d = decide(&s, "kg", None, Some("alice"));
+        assert!(d.allowed, "{d:?}");
+        // user 50 - 25, group 100 - 25, org 100 - 60: the user's is least.
+        assert_eq!(d.remaining_micros, Some(25 * USD));
     }
 
     #[test]

@@ -131,6 +131,16 @@ pub enum EventKind {
         default_monthly_limit_micros: Limit,
         alert_thresholds_bps: Vec<u32>,
     },
+    /// The org's own monthly limit: its total spend across everyone.
+    OrgLimitSet {
+        monthly_limit_micros: Limit,
+    },
+    /// Where threshold and cutoff notifications go. The signing secret is
+    /// derived from the server's key and this event's seq, never logged.
+    WebhookSet {
+        url: String,
+    },
+    WebhookRemoved,
     TokenCreated {
         token_id: TokenId,
         #[serde(skip)]
@@ -229,6 +239,9 @@ impl EventKind {
         match self {
             EventKind::OrgCreated { .. } => "org_created",
             EventKind::OrgSettingsChanged { .. } => "org_settings_changed",
+            EventKind::OrgLimitSet { .. } => "org_limit_set",
+            EventKind::WebhookSet { .. } => "webhook_set",
+            EventKind::WebhookRemoved => "webhook_removed",
             EventKind::TokenCreated { .. } => "token_created",
             EventKind::UserAdded { .. } => "user_added",
             EventKind::UserActivated { .. } => "user_activated",
@@ -258,13 +271,21 @@ pub enum Command {
         default_monthly_limit_micros: Limit,
         /// `None`: the defaults (50 %, 80 %, 100 %).
         alert_thresholds_bps: Option<Vec<u32>>,
+        /// The org's own limit on its total spend.
+        monthly_limit_micros: Limit,
     },
     /// Fields left `None` stay as they are.
     ChangeSettings {
         name: Option<String>,
         default_monthly_limit_micros: Option<Limit>,
         alert_thresholds_bps: Option<Vec<u32>>,
+        monthly_limit_micros: Option<Limit>,
     },
+    /// Sets (or replaces, with a new secret) the org's webhook.
+    SetWebhook {
+        url: String,
+    },
+    RemoveWebhook,
     CreateToken {
         token_id: TokenId,
         token_hash: SecretHash,
@@ -433,11 +454,23 @@ pub struct Key {
     pub created_at_ms: i64,
 }
 
+/// An org's webhook: where notifications go, and the seq of the event that
+/// set it (which, with the server's key, gives its signing secret).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Webhook {
+    pub url: String,
+    pub seq: u64,
+    pub set_at_ms: i64,
+}
+
 /// One org's entities: the fold of its entity log.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OrgDirectory {
     pub id: OrgId,
     pub settings: OrgSettings,
+    /// The org's limit on its total spend.
+    pub monthly_limit_micros: Limit,
+    pub webhook: Option<Webhook>,
     pub created_at_ms: i64,
     /// The seq of the last event folded in.
     pub seq: u64,
@@ -520,6 +553,7 @@ pub fn handle_create(exists: bool, org_id: &OrgId, cmd: &Command) -> CmdResult<V
         name,
         default_monthly_limit_micros,
         alert_thresholds_bps,
+        monthly_limit_micros,
     } = cmd
     else {
         return Err(not_found("org", org_id.as_str()));
@@ -529,7 +563,7 @@ pub fn handle_create(exists: bool, org_id: &OrgId, cmd: &Command) -> CmdResult<V
             "org {org_id:?} already exists"
         )));
     }
-    Ok(vec![EventKind::OrgCreated {
+    let mut events = vec![EventKind::OrgCreated {
         name: check_name("name", name)?,
         default_monthly_limit_micros: check_limit(
             "default_monthly_limit_micros",
@@ -539,7 +573,43 @@ pub fn handle_create(exists: bool, org_id: &OrgId, cmd: &Command) -> CmdResult<V
             Some(t) => check_thresholds(t.clone())?,
             None => DEFAULT_THRESHOLDS_BPS.to_vec(),
         },
-    }])
+    }];
+    let limit = check_limit("monthly_limit_micros", *monthly_limit_micros)?;
+    if limit.is_some() {
+        events.push(EventKind::OrgLimitSet {
+            monthly_limit_micros: limit,
+        });
+    }
+    Ok(events)
+}
+
+/// Longest webhook URL accepted.
+pub const WEBHOOK_URL_LEN_MAX: usize = 2_048;
+
+/// An absolute `http://` or `https://` URL with a host, printable ASCII
+/// only. (Whether it answers is the delivery's business.)
+fn check_webhook_url(url: &str) -> CmdResult<String> {
+    let invalid = |why: &str| CommandError::Invalid(format!("webhook url {why}"));
+    if url.len() > WEBHOOK_URL_LEN_MAX {
+        return Err(invalid(&format!(
+            "is longer than {WEBHOOK_URL_LEN_MAX} bytes"
+        )));
+    }
+    if !url.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(invalid(
+            "must be printable ASCII without spaces (percent-encode the rest)",
+        ));
+    }
+    let rest = url
+        .strip_prefix("https://")
+        .or_else(|| url.strip_prefix("http://"))
+        .ok_or_else(|| invalid("must start with http:// or https://"))?;
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    let host = authority.rsplit('@').next().unwrap_or("");
+    if host.is_empty() || host.starts_with(':') {
+        return Err(invalid("must name a host"));
+    }
+    Ok(url.to_owned())
 }
 
 impl OrgDirectory {
@@ -571,6 +641,8 @@ impl OrgDirectory {
                 default_monthly_limit_micros: *default_monthly_limit_micros,
                 alert_thresholds_bps: alert_thresholds_bps.clone(),
             },
+            monthly_limit_micros: None,
+            webhook: None,
             created_at_ms: event.at_ms,
             seq: 1,
             users: HashMap::new(),
@@ -637,6 +709,7 @@ impl OrgDirectory {
                 name,
                 default_monthly_limit_micros,
                 alert_thresholds_bps,
+                monthly_limit_micros,
             } => {
                 let s = &self.settings;
                 let next = OrgSettings {
@@ -653,16 +726,31 @@ impl OrgDirectory {
                         None => s.alert_thresholds_bps.clone(),
                     },
                 };
-                if &next == s {
-                    vec![]
-                } else {
-                    vec![EventKind::OrgSettingsChanged {
+                let mut events = Vec::new();
+                if &next != s {
+                    events.push(EventKind::OrgSettingsChanged {
                         name: next.name,
                         default_monthly_limit_micros: next.default_monthly_limit_micros,
                         alert_thresholds_bps: next.alert_thresholds_bps,
-                    }]
+                    });
                 }
+                if let Some(limit) = monthly_limit_micros {
+                    let limit = check_limit("monthly_limit_micros", *limit)?;
+                    if limit != self.monthly_limit_micros {
+                        events.push(EventKind::OrgLimitSet {
+                            monthly_limit_micros: limit,
+                        });
+                    }
+                }
+                events
             }
+            Command::SetWebhook { url } => vec![EventKind::WebhookSet {
+                url: check_webhook_url(url)?,
+            }],
+            Command::RemoveWebhook => match self.webhook {
+                Some(_) => vec![EventKind::WebhookRemoved],
+                None => vec![],
+            },
             Command::CreateToken {
                 token_id,
                 token_hash,
@@ -1103,6 +1191,17 @@ impl OrgDirectory {
                     alert_thresholds_bps: alert_thresholds_bps.clone(),
                 };
             }
+            EventKind::OrgLimitSet {
+                monthly_limit_micros,
+            } => self.monthly_limit_micros = *monthly_limit_micros,
+            EventKind::WebhookSet { url } => {
+                self.webhook = Some(Webhook {
+                    url: url.clone(),
+                    seq: event.seq,
+                    set_at_ms: at,
+                });
+            }
+            EventKind::WebhookRemoved => self.webhook = None,
             EventKind::TokenCreated {
                 token_id,
                 token_hash,
@@ -1457,6 +1556,7 @@ pub(crate) mod tests {
             name: "Acme".into(),
             default_monthly_limit_micros: Some(50 * USD),
             alert_thresholds_bps: None,
+            monthly_limit_micros: None,
         };
         assert_eq!(
             handle_create(false, &org(), &cmd),
@@ -1470,11 +1570,84 @@ pub(crate) mod tests {
             name: " ".into(),
             default_monthly_limit_micros: None,
             alert_thresholds_bps: None,
+            monthly_limit_micros: None,
         };
         assert!(matches!(
             handle_create(false, &org(), &bad),
             Err(CommandError::Invalid(_))
         ));
+    }
+
+    #[test]
+    fn an_org_limit_is_set_at_creation_or_later_and_only_when_it_changes() {
+        let cmd = Command::CreateOrg {
+            name: "Acme".into(),
+            default_monthly_limit_micros: None,
+            alert_thresholds_bps: None,
+            monthly_limit_micros: Some(1_000 * USD),
+        };
+        let limit_set = |l| EventKind::OrgLimitSet {
+            monthly_limit_micros: l,
+        };
+        assert_eq!(
+            handle_create(false, &org(), &cmd),
+            Ok(vec![created(None), limit_set(Some(1_000 * USD))])
+        );
+        let change = |limit| Command::ChangeSettings {
+            name: None,
+            default_monthly_limit_micros: None,
+            alert_thresholds_bps: None,
+            monthly_limit_micros: Some(limit),
+        };
+        let dir = given(vec![created(None), limit_set(Some(1_000 * USD))])
+            .when(change(Some(2_000 * USD)))
+            .then_expect_events(vec![limit_set(Some(2_000 * USD))]);
+        assert_eq!(dir.monthly_limit_micros, Some(2_000 * USD));
+        let _ = given(vec![created(None), limit_set(Some(1_000 * USD))])
+            .when(change(Some(1_000 * USD)))
+            .then_expect_events(vec![]);
+        given(vec![created(None)])
+            .when(change(Some(0)))
+            .then_expect_error(|e| matches!(e, CommandError::Invalid(_)));
+    }
+
+    #[test]
+    fn a_webhook_needs_an_http_url_and_each_set_is_a_new_secret_version() {
+        for bad in [
+            "ftp://x.test/",
+            "https://",
+            "https:///path",
+            "http://:80/",
+            "https://x.test/a b",
+            "https://x.test/\u{e9}",
+            "x.test",
+        ] {
+            given(vec![created(None)])
+                .when(Command::SetWebhook { url: bad.into() })
+                .then_expect_error(|e| matches!(e, CommandError::Invalid(_)));
+        }
+        let long = format!("https://x.test/{}", "a".repeat(WEBHOOK_URL_LEN_MAX));
+        given(vec![created(None)])
+            .when(Command::SetWebhook { url: long })
+            .then_expect_error(|e| matches!(e, CommandError::Invalid(_)));
+        let set = |url: &str| EventKind::WebhookSet { url: url.into() };
+        let dir = given(vec![created(None), set("https://a.test/hook")])
+            .when(Command::SetWebhook {
+                url: "http://127.0.0.1:9/hook?x=1".into(),
+            })
+            .then_expect_events(vec![set("http://127.0.0.1:9/hook?x=1")]);
+        let hook = dir.webhook.clone().unwrap();
+        assert_eq!(
+            (hook.url.as_str(), hook.seq),
+            ("http://127.0.0.1:9/hook?x=1", 3)
+        );
+        let dir = given(vec![created(None), set("https://a.test/hook")])
+            .when(Command::RemoveWebhook)
+            .then_expect_events(vec![EventKind::WebhookRemoved]);
+        assert_eq!(dir.webhook, None);
+        let _ = given(vec![created(None)])
+            .when(Command::RemoveWebhook)
+            .then_expect_events(vec![]);
     }
 
     #[test]
@@ -1520,6 +1693,7 @@ pub(crate) mod tests {
             name: None,
             default_monthly_limit_micros: Some(Some(80 * USD)),
             alert_thresholds_bps: None,
+            monthly_limit_micros: None,
         })
         .then_expect_events(vec![EventKind::OrgSettingsChanged {
             name: "Acme".into(),

@@ -15,6 +15,7 @@
 pub mod authorize;
 pub mod dedupe;
 pub mod entity;
+pub mod gauges;
 pub mod ids;
 pub mod ledger;
 pub mod money;

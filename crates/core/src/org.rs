@@ -238,6 +238,9 @@ impl OrgState {
                 Subject::Key(self.dir.keys[key_id].idx),
                 *monthly_limit_micros,
             ),
+            EventKind::OrgLimitSet {
+                monthly_limit_micros,
+            } => (Subject::Org, *monthly_limit_micros),
             _ => return,
         };
         let budget = Budget {
@@ -289,7 +292,13 @@ impl OrgState {
         };
         let cost = ev.cost_micros;
         let ledger = &mut meter.ledger;
-        ledger.add(Subject::Org, at, cost, budget(None), logged_at_ms);
+        ledger.add(
+            Subject::Org,
+            at,
+            cost,
+            budget(self.dir.monthly_limit_micros),
+            logged_at_ms,
+        );
         ledger.add(
             Subject::User(user.idx),
             at,
@@ -450,7 +459,7 @@ impl OrgState {
     /// now in the directory (a limit may have changed after the checkpoint).
     pub fn reconcile(&mut self, at_ms: i64) {
         let thresholds = self.dir.settings.alert_thresholds_bps.clone();
-        let mut subjects = Vec::new();
+        let mut subjects = vec![(Subject::Org, self.dir.monthly_limit_micros)];
         for u in self.dir.users.values() {
             subjects.push((Subject::User(u.idx), u.monthly_limit_micros));
         }

@@ -7,6 +7,7 @@
 pub mod clock;
 pub mod commands;
 pub mod embedded;
+pub mod gauges;
 pub mod meter;
 pub mod metrics;
 pub mod registry;
@@ -170,6 +171,7 @@ impl Engine {
         feature: Option<&str>,
         user_id: Option<&str>,
     ) -> (Option<OrgId>, Decision) {
+        let started = Instant::now();
         let hash = hash_secret(secret);
         let decision = match self.registry.org_of_key(&hash) {
             None => (None, Decision::unknown_key()),
@@ -187,8 +189,15 @@ impl Engine {
                 }
             },
         };
-        ::metrics::counter!(crate::metrics::AUTHORIZE_DECISIONS, "reason" => decision.1.reason.as_str())
+        let outcome = if decision.1.allowed {
+            "allowed"
+        } else {
+            "denied"
+        };
+        ::metrics::counter!(crate::metrics::AUTHORIZE_DECISIONS, "outcome" => outcome, "reason" => decision.1.reason.as_str())
             .increment(1);
+        ::metrics::histogram!(crate::metrics::AUTHORIZE_SECONDS)
+            .record(started.elapsed().as_secs_f64());
         decision
     }
 }

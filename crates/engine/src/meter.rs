@@ -225,6 +225,11 @@ impl Meter {
         }
     }
 
+    /// The orgs this process meters.
+    pub fn metered_orgs(&self) -> Vec<OrgId> {
+        self.parts.lock().org_part.keys().cloned().collect()
+    }
+
     /// The partitions this process meters.
     pub fn owned_partitions(&self) -> Vec<i32> {
         self.parts.lock().by_id.keys().copied().collect()
@@ -307,6 +312,7 @@ impl Meter {
     /// event, or `None` when this process does not own `p` (any more), and
     /// nothing moved.
     pub fn apply(&self, p: i32, events: &[Positioned<'_>]) -> Option<Vec<UsageOutcome>> {
+        let started = Instant::now();
         let mut out = Vec::with_capacity(events.len());
         let mut parts = self.parts.lock();
         let Parts { by_id, org_part } = &mut *parts;
@@ -344,16 +350,24 @@ impl Meter {
                 let _ = org_part.insert(org_id.clone(), p);
                 let _ = part.orgs.insert(org_id.clone());
             }
+            let mut spent: u64 = 0;
             for e in batch {
                 let o = org.apply_usage(e.event, e.logged_at_ms);
                 if o == UsageOutcome::Applied {
                     counted += 1;
+                    spent += e.event.cost_micros.unsigned_abs();
                 }
                 out.push(o);
                 part.position = e.position;
             }
+            drop(org);
+            if spent > 0 {
+                metrics::counter!(m::ORG_SPEND_TOTAL, "org" => org_id.to_string()).increment(spent);
+            }
         }
         part.counted_since += counted;
+        drop(parts);
+        metrics::histogram!(m::APPLY_SECONDS).record(started.elapsed().as_secs_f64());
         Some(out)
     }
 
@@ -629,7 +643,7 @@ impl Meter {
                         .keys
                         .get(c.id.as_str())
                         .and_then(|k| k.monthly_limit_micros),
-                    SubjectKind::Org => None,
+                    SubjectKind::Org => org.dir.monthly_limit_micros,
                 };
                 states.push(PublishedState {
                     org_id: org_id.clone(),

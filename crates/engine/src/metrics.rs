@@ -14,8 +14,33 @@ pub const CHECKPOINT_FAILURES: &str = "tally_checkpoint_failures_total";
 pub const ENFORCEMENT_EVENTS: &str = "tally_enforcement_events_total";
 /// Entity commands by `outcome` (ok, or the error kind).
 pub const COMMANDS: &str = "tally_commands_total";
-/// Authorize decisions by `reason`.
+/// Authorize decisions by `outcome` (allowed, denied) and `reason`.
 pub const AUTHORIZE_DECISIONS: &str = "tally_authorize_decisions_total";
+/// Seconds one authorize decision took in process.
+pub const AUTHORIZE_SECONDS: &str = "tally_authorize_duration_seconds";
+/// Seconds one batch of usage took to apply to the meters.
+pub const APPLY_SECONDS: &str = "tally_apply_duration_seconds";
+/// Micro-USD counted per `org` by this process (for rates; a partition
+/// handed over may count the events since its last checkpoint again).
+pub const ORG_SPEND_TOTAL: &str = "tally_org_spend_micros_total";
+/// This month's spend of an `org`, in micro-USD.
+pub const ORG_SPEND: &str = "tally_org_spend_micros";
+/// An `org`'s own monthly limit (absent when it has none).
+pub const ORG_LIMIT: &str = "tally_org_limit_micros";
+/// Users of an `org` at or over a `threshold` of their limit this month.
+pub const ORG_USERS_OVER: &str = "tally_org_users_over_threshold";
+/// This month's spend of a `group` of an `org`.
+pub const GROUP_SPEND: &str = "tally_group_spend_micros";
+/// A group's monthly limit (absent when it has none).
+pub const GROUP_LIMIT: &str = "tally_group_limit_micros";
+/// Members of a group at or over a `threshold` of their own limit.
+pub const GROUP_USERS_OVER: &str = "tally_group_users_over_threshold";
+/// Subjects cut off now, by `kind` (user, group, key, org).
+pub const CUTOFFS_ACTIVE: &str = "tally_cutoffs_active";
+/// Opt-in: the share of their limit the top users spent, by `org`, `user`.
+pub const USER_UTILIZATION: &str = "tally_user_utilization_ratio";
+/// Orgs whose gauges this process reports.
+pub const ORGS_REPORTED: &str = "tally_orgs_reported";
 /// 1 once the checkpoint is loaded and the usage log replayed.
 pub const READY: &str = "tally_ready";
 /// Partitions of the usage log this process meters.
@@ -49,6 +74,49 @@ pub fn describe() {
         AUTHORIZE_DECISIONS,
         Unit::Count,
         "authorize decisions by reason"
+    );
+    describe_histogram!(
+        AUTHORIZE_SECONDS,
+        Unit::Seconds,
+        "duration of an authorize decision in process"
+    );
+    describe_histogram!(
+        APPLY_SECONDS,
+        Unit::Seconds,
+        "duration of applying one batch of usage"
+    );
+    describe_counter!(
+        ORG_SPEND_TOTAL,
+        "micro-USD of usage counted per org by this process"
+    );
+    describe_gauge!(ORG_SPEND, "this month's spend of an org, micro-USD");
+    describe_gauge!(ORG_LIMIT, "an org's own monthly limit, micro-USD");
+    describe_gauge!(
+        ORG_USERS_OVER,
+        Unit::Count,
+        "users of an org at or over a threshold of their limit"
+    );
+    describe_gauge!(GROUP_SPEND, "this month's spend of a group, micro-USD");
+    describe_gauge!(GROUP_LIMIT, "a group's monthly limit, micro-USD");
+    describe_gauge!(
+        GROUP_USERS_OVER,
+        Unit::Count,
+        "members of a group at or over a threshold of their limit"
+    );
+    describe_gauge!(CUTOFFS_ACTIVE, Unit::Count, "subjects cut off now, by kind");
+    describe_gauge!(
+        USER_UTILIZATION,
+        "share of their monthly limit the top users spent (opt-in)"
+    );
+    describe_gauge!(
+        ORGS_REPORTED,
+        Unit::Count,
+        "orgs whose gauges this process reports"
+    );
+    describe_gauge!(
+        PARTITIONS_OWNED,
+        Unit::Count,
+        "partitions of the usage log this process meters"
     );
     describe_gauge!(
         READY,

@@ -38,7 +38,7 @@ use tokio::runtime::Handle;
 use tokio::sync::watch;
 
 use crate::codec::{self, Bad, CONTENT_TYPE};
-use crate::metrics::{DEAD_LETTERS, REBALANCES};
+use crate::metrics::{CONSUMER_LAG, DEAD_LETTERS, REBALANCES};
 use crate::murmur2::partition_for;
 use crate::{KafkaOptions, Result};
 
@@ -53,9 +53,28 @@ const CLAIM_RETRY_FOR: Duration = Duration::from_secs(30);
 struct MeterContext {
     meter: Arc<Meter>,
     rt: Handle,
+    topic: String,
 }
 
-impl ClientContext for MeterContext {}
+impl ClientContext for MeterContext {
+    /// Consumer lag per owned partition, from the consumer's own view: the
+    /// high watermark its fetches saw, past the last position applied.
+    fn stats(&self, s: rdkafka::Statistics) {
+        let Some(topic) = s.topics.get(&self.topic) else {
+            return;
+        };
+        for (p, part) in &topic.partitions {
+            let Some(position) = self.meter.position(*p) else {
+                continue;
+            };
+            if part.hi_offset < 0 {
+                continue;
+            }
+            let lag = (part.hi_offset - (position + 1)).max(0);
+            metrics::gauge!(CONSUMER_LAG, "partition" => p.to_string()).set(lag as f64);
+        }
+    }
+}
 
 impl MeterContext {
     fn claim(&self, p: i32) -> Option<i64> {
@@ -183,9 +202,13 @@ pub fn spawn(
     let ctx = MeterContext {
         meter: Arc::clone(&meter),
         rt: rt.clone(),
+        topic: opts.usage_topic(),
     };
-    let consumer: BaseConsumer<MeterContext> =
-        opts.consumer_config(&opts.group).create_with_context(ctx)?;
+    let mut config = opts.consumer_config(&opts.group);
+    // Lag is computed from these (every second; the exporter drops a gauge
+    // not set for a minute, as for a partition handed over).
+    let _ = config.set("statistics.interval.ms", "1000");
+    let consumer: BaseConsumer<MeterContext> = config.create_with_context(ctx)?;
     consumer.subscribe(&[&opts.usage_topic()])?;
     let dead_topic = opts.dead_letter_topic();
     let thread = std::thread::Builder::new()

@@ -84,10 +84,16 @@ pub async fn events(engine: Arc<Engine>, opts: KafkaOptions, mut stop: watch::Re
                 continue;
             }
         };
-        if engine.registry.follow(&event) == Followed::Gap
+        let followed = engine.registry.follow(&event);
+        if followed == Followed::Gap
             && let Err(e) = engine.commands.catch_up(&event.org_id).await
         {
             tracing::warn!(org = %event.org_id, error = %e, "catching up from the SQL log failed");
+        }
+        if followed != Followed::Stale {
+            let lag_ms = engine.now_ms().saturating_sub(event.at_ms).max(0);
+            metrics::histogram!(crate::metrics::PROJECTION_LAG)
+                .record(std::time::Duration::from_millis(lag_ms.unsigned_abs()).as_secs_f64());
         }
     }
 }

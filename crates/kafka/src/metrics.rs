@@ -1,6 +1,6 @@
 //! The distributed mode's metric names, described once.
 
-use metrics::{Unit, describe_counter};
+use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
 
 /// Usage that could not be counted, by `reason`.
 pub const DEAD_LETTERS: &str = "tally_dead_letters_total";
@@ -8,6 +8,14 @@ pub const DEAD_LETTERS: &str = "tally_dead_letters_total";
 pub const REBALANCES: &str = "tally_rebalances_total";
 /// Usage published by `POST /v1/usage` to the usage topic, by `outcome`.
 pub const USAGE_PUBLISHED: &str = "tally_usage_published_total";
+/// Messages of an owned usage `partition` not applied yet, from the
+/// consumer's own fetch state.
+pub const CONSUMER_LAG: &str = "tally_consumer_lag_messages";
+/// Seconds from an entity event being logged to this process applying it
+/// from `tally.events`.
+pub const PROJECTION_LAG: &str = "tally_projection_lag_seconds";
+/// Entity events logged in SQL but not yet relayed to `tally.events`.
+pub const RELAY_BACKLOG: &str = "tally_relay_backlog_events";
 
 pub fn describe() {
     describe_counter!(
@@ -19,6 +27,21 @@ pub fn describe() {
         REBALANCES,
         Unit::Count,
         "consumer group rebalances, by kind"
+    );
+    describe_gauge!(
+        CONSUMER_LAG,
+        Unit::Count,
+        "usage messages of an owned partition not applied yet"
+    );
+    describe_histogram!(
+        PROJECTION_LAG,
+        Unit::Seconds,
+        "delay from an entity event logged to this process applying it"
+    );
+    describe_gauge!(
+        RELAY_BACKLOG,
+        Unit::Count,
+        "entity events not yet relayed to the events topic"
     );
     describe_counter!(
         USAGE_PUBLISHED,

@@ -14,7 +14,16 @@ const STEP_LEN: u32 = 1_000;
 
 /// Relays until stopped.
 pub async fn run(db: Db, producer: FutureProducer, topic: String, mut stop: watch::Receiver<bool>) {
+    let mut measured: Option<std::time::Instant> = None;
     loop {
+        // Every process reports the backlog (a fact of the shared log).
+        if measured.is_none_or(|t| t.elapsed() >= Duration::from_secs(5)) {
+            measured = Some(std::time::Instant::now());
+            match db.relay_backlog().await {
+                Ok(n) => metrics::gauge!(crate::metrics::RELAY_BACKLOG).set(n as f64),
+                Err(e) => tracing::debug!(error = %e, "measuring the relay backlog failed"),
+            }
+        }
         let step = db
             .relay_step(STEP_LEN, async |events| {
                 let mut waiting = Vec::with_capacity(events.len());

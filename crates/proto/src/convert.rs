@@ -121,6 +121,13 @@ pub fn encode_entity_event(e: &EntityEvent) -> Vec<u8> {
             default_monthly_limit_micros: *default_monthly_limit_micros,
             alert_thresholds_bps: alert_thresholds_bps.clone(),
         }),
+        EventKind::OrgLimitSet {
+            monthly_limit_micros,
+        } => K::OrgLimitSet(v1::OrgLimitSet {
+            monthly_limit_micros: *monthly_limit_micros,
+        }),
+        EventKind::WebhookSet { url } => K::WebhookSet(v1::WebhookSet { url: url.clone() }),
+        EventKind::WebhookRemoved => K::WebhookRemoved(v1::WebhookRemoved {}),
         EventKind::TokenCreated {
             token_id,
             token_hash,
@@ -255,6 +262,11 @@ pub fn decode_entity_event(bytes: &[u8]) -> Result<EntityEvent, ConvertError> {
             default_monthly_limit_micros: k.default_monthly_limit_micros,
             alert_thresholds_bps: k.alert_thresholds_bps,
         },
+        K::OrgLimitSet(k) => EventKind::OrgLimitSet {
+            monthly_limit_micros: k.monthly_limit_micros,
+        },
+        K::WebhookSet(k) => EventKind::WebhookSet { url: k.url },
+        K::WebhookRemoved(_) => EventKind::WebhookRemoved,
         K::TokenCreated(k) => EventKind::TokenCreated {
             token_id: id(TokenId::new, &k.token_id)?,
             token_hash: hash32(&k.token_hash, "token_hash")?,
@@ -372,6 +384,16 @@ mod tests {
                 default_monthly_limit_micros: None,
                 alert_thresholds_bps: vec![8000],
             },
+            EventKind::OrgLimitSet {
+                monthly_limit_micros: Some(7),
+            },
+            EventKind::OrgLimitSet {
+                monthly_limit_micros: None,
+            },
+            EventKind::WebhookSet {
+                url: "https://hooks.acme.test/tally?x=1".into(),
+            },
+            EventKind::WebhookRemoved,
             EventKind::TokenCreated {
                 token_id: TokenId::new("t1").unwrap(),
                 token_hash: [9; 32],

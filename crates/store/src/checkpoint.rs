@@ -429,6 +429,50 @@ impl Db {
             enforcement,
         )
         .await?;
+        // Orgs with a webhook get a delivery per enforcement event, in the
+        // same transaction: none is lost, and a replay adds none twice.
+        let mut deliveries = Vec::new();
+        for (org, ch) in orgs {
+            if ch.enforcement.is_empty() {
+                continue;
+            }
+            let hooked: Option<i64> =
+                sqlx::query_scalar("SELECT 1 FROM orgs WHERE id = $1 AND webhook_url IS NOT NULL")
+                    .bind(org.as_str())
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            if hooked.is_none() {
+                continue;
+            }
+            for e in &ch.enforcement {
+                let threshold = match e.event.kind {
+                    EnforcementKind::ThresholdCrossed { threshold_bps } => i64::from(threshold_bps),
+                    _ => 0,
+                };
+                deliveries.push(vec![
+                    Val::Text(org.to_string()),
+                    Val::Text(e.kind.as_str().to_owned()),
+                    Val::Text(e.id.clone()),
+                    Val::Int(month_i64(e.event.month)),
+                    Val::Text(e.event.kind.name().to_owned()),
+                    Val::Int(threshold),
+                    Val::Int(i64::from(e.event.ordinal)),
+                    Val::Text("pending".to_owned()),
+                    Val::Int(0),
+                    Val::Int(now_ms),
+                    Val::Int(now_ms),
+                ]);
+            }
+        }
+        let _ = insert_many(
+            &mut tx,
+            "INSERT INTO webhook_deliveries (org_id, subject_kind, subject_id, month, event, \
+             threshold_bps, ordinal, state, attempts, next_attempt_ms, created_ms)",
+            "ON CONFLICT (org_id, subject_kind, subject_id, month, event, threshold_bps, ordinal) \
+             DO NOTHING",
+            deliveries,
+        )
+        .await?;
         let _ = insert_many(
             &mut tx,
             "INSERT INTO dead_letters (partition_id, position, logged_at_ms, org_id, reason, \

@@ -18,6 +18,7 @@ pub mod log;
 pub mod query;
 mod schema;
 pub mod usage_log;
+pub mod webhook;
 
 use std::str::FromStr;
 use std::time::Duration;

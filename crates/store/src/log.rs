@@ -168,6 +168,19 @@ impl Db {
     /// makes one process the relay at a time; `None` when another holds it.
     /// Publishing is at least once: a crash between publish and commit
     /// publishes again, and followers skip events by seq.
+    /// Entity events logged but not relayed yet (distributed mode).
+    pub async fn relay_backlog(&self) -> Result<i64> {
+        let position: Option<String> =
+            sqlx::query_scalar("SELECT value FROM tally_meta WHERE key = 'relay_position'")
+                .fetch_optional(self.reader())
+                .await?;
+        let position: i64 = position.and_then(|p| p.parse().ok()).unwrap_or(0);
+        let newest: Option<i64> = sqlx::query_scalar("SELECT MAX(pos) FROM events")
+            .fetch_one(self.reader())
+            .await?;
+        Ok((newest.unwrap_or(0) - position).max(0))
+    }
+
     pub async fn relay_step<F, Fut>(&self, limit: u32, publish: F) -> Result<Option<usize>>
     where
         F: FnOnce(Vec<(i64, EntityEvent)>) -> Fut,
@@ -300,6 +313,26 @@ async fn project(tx: &mut Transaction<'static, Any>, e: &EntityEvent) -> Result<
             name.as_str(),
             *default_monthly_limit_micros,
             thresholds_to_text(alert_thresholds_bps),
+        ),
+        EventKind::OrgLimitSet {
+            monthly_limit_micros,
+        } => exec!(
+            "UPDATE orgs SET monthly_limit_micros = $2 WHERE id = $1",
+            org,
+            *monthly_limit_micros,
+        ),
+        EventKind::WebhookSet { url } => exec!(
+            "UPDATE orgs SET webhook_url = $2, webhook_seq = $3, webhook_set_at_ms = $4 \
+             WHERE id = $1",
+            org,
+            url.as_str(),
+            i64::try_from(e.seq).map_err(|_| Error::Corrupt(format!("seq {}", e.seq)))?,
+            at,
+        ),
+        EventKind::WebhookRemoved => exec!(
+            "UPDATE orgs SET webhook_url = NULL, webhook_seq = NULL, webhook_set_at_ms = NULL \
+             WHERE id = $1",
+            org,
         ),
         // Token hashes live in the log and in memory only.
         EventKind::TokenCreated { .. } => {}

@@ -30,6 +30,9 @@ pub struct OrgRow {
     pub id: String,
     pub name: String,
     pub default_monthly_limit_micros: Option<i64>,
+    pub monthly_limit_micros: Option<i64>,
+    /// (url, the seq that set it, when).
+    pub webhook: Option<(String, i64, i64)>,
     pub alert_thresholds_bps: Vec<u32>,
     pub created_at_ms: i64,
     pub seq: i64,
@@ -239,6 +242,7 @@ impl Db {
     pub async fn org(&self, org_id: &str, month: Month) -> Result<Option<OrgRow>> {
         let row = sqlx::query(
             "SELECT o.id, o.name, o.default_monthly_limit_micros, o.alert_thresholds_bps, \
+             o.monthly_limit_micros, o.webhook_url, o.webhook_seq, o.webhook_set_at_ms, \
              o.created_at_ms, o.seq, COALESCE(s.spend_micros, 0) AS spend_micros, \
              COALESCE(s.requests, 0) AS requests FROM orgs o \
              LEFT JOIN spend_monthly s ON s.org_id = o.id AND s.kind = 'org' \
@@ -253,6 +257,15 @@ impl Db {
                 id: r.try_get("id")?,
                 name: r.try_get("name")?,
                 default_monthly_limit_micros: r.try_get("default_monthly_limit_micros")?,
+                monthly_limit_micros: r.try_get("monthly_limit_micros")?,
+                webhook: match r.try_get::<Option<String>, _>("webhook_url")? {
+                    Some(url) => Some((
+                        url,
+                        r.try_get("webhook_seq")?,
+                        r.try_get("webhook_set_at_ms")?,
+                    )),
+                    None => None,
+                },
                 alert_thresholds_bps: thresholds_from_text(
                     &r.try_get::<String, _>("alert_thresholds_bps")?,
                 )?,

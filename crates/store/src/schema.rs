@@ -217,5 +217,39 @@ CREATE INDEX dead_letters_by_org ON dead_letters (org_id, logged_at_ms);
     // v3: no index on spend: no query sorts by it through an index (unset
     // spend counts as zero), and every checkpoint would pay to maintain it.
     let v3 = "DROP INDEX spend_monthly_by_month;".to_owned();
-    vec![(1, v1 + &append_only), (2, v2), (3, v3)]
+    // v4: the org's own limit and its webhook; webhook deliveries, one per
+    // enforcement event of an org that has a webhook (same key), with their
+    // state: pending (due at next_attempt_ms), delivered, failed (gave up)
+    // or cancelled (the webhook was removed).
+    let v4 = format!(
+        r#"
+ALTER TABLE orgs ADD COLUMN monthly_limit_micros BIGINT;
+ALTER TABLE orgs ADD COLUMN webhook_url TEXT;
+ALTER TABLE orgs ADD COLUMN webhook_seq BIGINT;
+ALTER TABLE orgs ADD COLUMN webhook_set_at_ms BIGINT;
+
+CREATE TABLE webhook_deliveries (
+    id {serial},
+    org_id {text} NOT NULL,
+    subject_kind TEXT NOT NULL,
+    subject_id {text} NOT NULL,
+    month BIGINT NOT NULL,
+    event TEXT NOT NULL,
+    threshold_bps BIGINT NOT NULL,
+    ordinal BIGINT NOT NULL,
+    state TEXT NOT NULL,
+    attempts BIGINT NOT NULL,
+    next_attempt_ms BIGINT NOT NULL,
+    last_status BIGINT,
+    last_error TEXT,
+    created_ms BIGINT NOT NULL,
+    delivered_ms BIGINT
+);
+CREATE UNIQUE INDEX webhook_deliveries_by_event ON webhook_deliveries
+    (org_id, subject_kind, subject_id, month, event, threshold_bps, ordinal);
+CREATE INDEX webhook_deliveries_due ON webhook_deliveries (state, next_attempt_ms);
+CREATE INDEX webhook_deliveries_by_org ON webhook_deliveries (org_id, id);
+"#
+    );
+    vec![(1, v1 + &append_only), (2, v2), (3, v3), (4, v4)]
 }

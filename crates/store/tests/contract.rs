@@ -11,6 +11,7 @@ use tally_core::org::{MeterChanges, SavedCounter, SavedDay, SavedEnforcement};
 use tally_core::time::{Day, Month};
 use tally_store::checkpoint::{DeadLetter, PartitionCheckpoint};
 use tally_store::query::{Cursor, SortValue, UserFilter, UserListQuery, UserSort};
+use tally_store::webhook::AttemptOutcome;
 use tally_store::{Db, DbOptions, Error};
 
 const NOV: i64 = 1_793_491_200_000; // 2026-11-01T00:00:00Z
@@ -70,6 +71,7 @@ impl Org {
             name: format!("Org {id}"),
             default_monthly_limit_micros: Some(50_000_000),
             alert_thresholds_bps: None,
+            monthly_limit_micros: None,
         };
         let kinds = handle_create(false, &org_id, &cmd).unwrap();
         let events: Vec<EntityEvent> = kinds
@@ -722,6 +724,174 @@ async fn dead_letters_are_kept_once(db: Db) {
     assert_eq!(acme[0].reason, "unknown_user");
 }
 
+fn cutoff(user: &str, ordinal: u16) -> SavedEnforcement {
+    SavedEnforcement {
+        kind: SubjectKind::User,
+        id: user.into(),
+        event: tally_core::ledger::Enforcement {
+            subject: Subject::User(0),
+            month: month(),
+            at_ms: NOV + 5,
+            spend_micros: 120,
+            limit_micros: Some(100),
+            ordinal,
+            kind: EnforcementKind::CutOff,
+        },
+    }
+}
+
+async fn webhook_deliveries_are_an_outbox(db: Db) {
+    let mut org = Org::create(&db, "acme").await;
+    let _quiet = Org::create(&db, "quiet").await;
+    org.run(
+        &db,
+        Command::SetWebhook {
+            url: "https://hooks.acme.test/t".into(),
+        },
+    )
+    .await;
+    org.run(
+        &db,
+        Command::ChangeSettings {
+            name: None,
+            default_monthly_limit_micros: None,
+            alert_thresholds_bps: None,
+            monthly_limit_micros: Some(Some(9_000_000)),
+        },
+    )
+    .await;
+    let row = db.org("acme", month()).await.unwrap().unwrap();
+    assert_eq!(row.monthly_limit_micros, Some(9_000_000));
+    assert_eq!(
+        row.webhook,
+        Some(("https://hooks.acme.test/t".into(), 2, NOV + 1_000))
+    );
+    let changes = |e: Vec<SavedEnforcement>| MeterChanges {
+        enforcement: e,
+        ..MeterChanges::default()
+    };
+    checkpoint(
+        &db,
+        "acme",
+        1,
+        changes(vec![cutoff("alice", 1), cutoff("bob", 1)]),
+    )
+    .await;
+    // Replayed after a crash: no second delivery for the same event.
+    checkpoint(&db, "acme", 2, changes(vec![cutoff("alice", 1)])).await;
+    // An org without a webhook gets none.
+    checkpoint(&db, "quiet", 3, changes(vec![cutoff("carol", 1)])).await;
+    assert_eq!(db.pending_deliveries().await.unwrap(), 2);
+    assert_eq!(db.delivery_counts("quiet").await.unwrap(), vec![]);
+
+    // Claims are exclusive while their lease runs.
+    let due = db.claim_deliveries(NOV, 60_000, 10).await.unwrap();
+    assert_eq!(due.len(), 2);
+    assert_eq!(
+        due[0].webhook,
+        Some(("https://hooks.acme.test/t".into(), 2))
+    );
+    assert_eq!(
+        (due[0].attempts, due[0].event.event.as_str()),
+        (1, "cut_off")
+    );
+    assert_eq!(due[0].event.spend_micros, 120);
+    assert!(
+        db.claim_deliveries(NOV + 1, 60_000, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let (alice, bob) = (&due[0], &due[1]);
+    let retry = AttemptOutcome::Retry {
+        status: Some(500),
+        error: "HTTP 500".into(),
+        next_attempt_ms: NOV + 100,
+    };
+    assert!(db.finish_delivery(alice, &retry, NOV).await.unwrap());
+    // bob's sender stalls past its lease; another takes bob over.
+    let again = db.claim_deliveries(NOV + 60_001, 60_000, 10).await.unwrap();
+    assert_eq!(again.len(), 2, "alice is due again, bob's lease ran out");
+    let delivered = AttemptOutcome::Delivered { status: 204 };
+    assert!(
+        !db.finish_delivery(bob, &delivered, NOV).await.unwrap(),
+        "stale claim"
+    );
+    for d in &again {
+        assert_eq!(d.attempts, 2);
+        assert!(
+            db.finish_delivery(d, &delivered, NOV + 60_002)
+                .await
+                .unwrap()
+        );
+    }
+    let list = db.list_deliveries("acme", None, None, 10).await.unwrap();
+    assert_eq!(list.len(), 2);
+    assert!(list[0].id > list[1].id, "newest first");
+    assert!(
+        list.iter()
+            .all(|d| d.state == "delivered" && d.attempts == 2)
+    );
+    assert_eq!(list[0].next_attempt_ms, None);
+    assert_eq!(
+        db.delivery_counts("acme").await.unwrap(),
+        vec![("delivered".into(), 2)]
+    );
+    let page = db
+        .list_deliveries("acme", Some("delivered"), Some(list[0].id), 10)
+        .await
+        .unwrap();
+    assert_eq!(page, list[1..]);
+    assert!(
+        db.list_deliveries("acme", Some("failed"), None, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    // Given up, then sent again on request; removed webhooks cancel.
+    checkpoint(&db, "acme", 4, changes(vec![cutoff("alice", 2)])).await;
+    let due = db.claim_deliveries(NOV + 70_000, 60_000, 10).await.unwrap();
+    let gave_up = AttemptOutcome::GaveUp {
+        status: None,
+        error: "connection refused".into(),
+    };
+    assert!(db.finish_delivery(&due[0], &gave_up, NOV).await.unwrap());
+    assert!(
+        !db.redeliver("quiet", due[0].id, NOV).await.unwrap(),
+        "another org's"
+    );
+    assert!(db.redeliver("acme", due[0].id, NOV + 70_001).await.unwrap());
+    assert!(
+        !db.redeliver("acme", due[0].id, NOV).await.unwrap(),
+        "pending already"
+    );
+    org.run(&db, Command::RemoveWebhook).await;
+    let due = db.claim_deliveries(NOV + 70_001, 60_000, 10).await.unwrap();
+    assert_eq!(
+        (due.len(), due[0].attempts, due[0].webhook.clone()),
+        (1, 1, None)
+    );
+    assert!(
+        db.finish_delivery(&due[0], &AttemptOutcome::Cancelled, NOV)
+            .await
+            .unwrap()
+    );
+    assert_eq!(db.pending_deliveries().await.unwrap(), 0);
+    let last = &db
+        .list_deliveries("acme", Some("cancelled"), None, 1)
+        .await
+        .unwrap()[0];
+    assert_eq!(
+        last.last_error.as_deref(),
+        Some("the org has no webhook any more")
+    );
+    assert_eq!(
+        db.org("acme", month()).await.unwrap().unwrap().webhook,
+        None
+    );
+}
+
 macro_rules! contract {
     ($($test:ident),* $(,)?) => {
         mod sqlite {
@@ -752,4 +922,5 @@ contract!(
     text_is_stored_verbatim,
     a_deposed_owner_is_fenced_out,
     dead_letters_are_kept_once,
+    webhook_deliveries_are_an_outbox,
 );

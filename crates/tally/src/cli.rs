@@ -37,6 +37,10 @@ pub(crate) enum Orgs {
         /// The monthly limit new members get, in dollars (or `unlimited`).
         #[arg(long)]
         default_limit: Option<String>,
+        /// The org's own monthly limit on everyone's spend together, in
+        /// dollars.
+        #[arg(long)]
+        limit: Option<String>,
     },
     /// The org, its spend this month and its history.
     Show,
@@ -354,6 +358,7 @@ pub(crate) async fn orgs(conn: Conn, cmd: Orgs) -> anyhow::Result<String> {
             id,
             name,
             default_limit,
+            limit: org_limit,
         } => {
             let mut body = json!({"name": name});
             if let Some(id) = id {
@@ -362,23 +367,28 @@ pub(crate) async fn orgs(conn: Conn, cmd: Orgs) -> anyhow::Result<String> {
             if let Some(l) = default_limit {
                 body["default_monthly_limit_micros"] = limit(&l)?;
             }
+            if let Some(l) = org_limit {
+                body["monthly_limit_micros"] = limit(&l)?;
+            }
             let o = api.post("/v1/orgs", body).await?;
             format!(
-                "created org {} ({}), default limit {}\n",
+                "created org {} ({}), default limit {}, org limit {}\n",
                 text(&o["id"]),
                 text(&o["name"]),
-                dollars(&o["default_monthly_limit_micros"])
+                dollars(&o["default_monthly_limit_micros"]),
+                dollars(&o["monthly_limit_micros"])
             )
         }
         Orgs::Show => {
             let o = api.get(&format!("/v1/orgs/{}", path(api.org()?))).await?;
             format!(
-                "{} ({})\nspend in {}: {} over {} requests\ndefault limit for new members: {}\nalert thresholds: {}\n\n{}",
+                "{} ({})\nspend in {}: {} over {} requests, org limit {}\ndefault limit for new members: {}\nalert thresholds: {}\n\n{}",
                 text(&o["name"]),
                 text(&o["id"]),
                 text(&o["month"]),
                 dollars(&o["spend_micros"]),
                 text(&o["requests"]),
+                dollars(&o["monthly_limit_micros"]),
                 dollars(&o["default_monthly_limit_micros"]),
                 text(&o["alert_thresholds"]),
                 history(&o)

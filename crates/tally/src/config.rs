@@ -108,8 +108,36 @@ pub(crate) struct ServeArgs {
     /// RUST_LOG (default info).
     #[arg(long, env = "TALLY_LOG_FORMAT")]
     pub(crate) log_format: Option<String>,
+    /// Export the utilization of this many users (the highest) as a metric
+    /// labelled by user, 0 to 1000 [default: 0: no per-user series].
+    #[arg(long, env = "TALLY_METRICS_TOP_USERS")]
+    pub(crate) metrics_top_users: Option<usize>,
+    /// Groups exported with spend, limit and users over thresholds, the
+    /// most spending first [default: 1000].
+    #[arg(long, env = "TALLY_METRICS_GROUPS_MAX")]
+    pub(crate) metrics_groups_max: Option<usize>,
+    #[command(flatten)]
+    pub(crate) webhooks: WebhookArgs,
     #[command(flatten)]
     pub(crate) kafka: KafkaArgs,
+}
+
+/// Webhook deliveries (threshold and cutoff notifications).
+#[derive(Debug, Clone, Args, Default)]
+pub(crate) struct WebhookArgs {
+    /// One delivery attempt's time limit [default: 10000].
+    #[arg(long, env = "TALLY_WEBHOOK_TIMEOUT_MS")]
+    pub(crate) webhook_timeout_ms: Option<u64>,
+    /// The wait after a first failed attempt; it doubles per further
+    /// failure [default: 5000].
+    #[arg(long, env = "TALLY_WEBHOOK_RETRY_BASE_MS")]
+    pub(crate) webhook_retry_base_ms: Option<u64>,
+    /// The longest wait between attempts [default: 3600000].
+    #[arg(long, env = "TALLY_WEBHOOK_RETRY_MAX_MS")]
+    pub(crate) webhook_retry_max_ms: Option<u64>,
+    /// Attempts before a delivery is given up [default: 12].
+    #[arg(long, env = "TALLY_WEBHOOK_ATTEMPTS_MAX")]
+    pub(crate) webhook_attempts_max: Option<u32>,
 }
 
 /// Distributed mode: usage from Kafka, any number of processes.
@@ -148,6 +176,9 @@ pub(crate) struct ServeConfig {
     pub(crate) body_bytes_max: usize,
     pub(crate) usage_batch_len_max: usize,
     pub(crate) json_logs: bool,
+    pub(crate) metrics_top_users: usize,
+    pub(crate) metrics_groups_max: usize,
+    pub(crate) webhooks: tally_webhooks::SenderOptions,
     pub(crate) kafka: Option<tally_kafka::KafkaOptions>,
 }
 
@@ -167,6 +198,12 @@ struct FileConfig {
     body_bytes_max: Option<usize>,
     usage_batch_len_max: Option<usize>,
     log_format: Option<String>,
+    metrics_top_users: Option<usize>,
+    metrics_groups_max: Option<usize>,
+    webhook_timeout_ms: Option<u64>,
+    webhook_retry_base_ms: Option<u64>,
+    webhook_retry_max_ms: Option<u64>,
+    webhook_attempts_max: Option<u32>,
     kafka_brokers: Option<String>,
     kafka_group: Option<String>,
     kafka_topic_prefix: Option<String>,
@@ -280,6 +317,54 @@ impl ServeConfig {
         if !(10..=600_000).contains(&checkpoint_ms) {
             bail!("checkpoint interval must be 10 ms to 10 minutes, got {checkpoint_ms} ms");
         }
+        let metrics_top_users = args
+            .metrics_top_users
+            .or(file.metrics_top_users)
+            .unwrap_or(0);
+        if metrics_top_users > 1_000 {
+            bail!("metrics top users must be 0 to 1000, got {metrics_top_users}");
+        }
+        let metrics_groups_max = args
+            .metrics_groups_max
+            .or(file.metrics_groups_max)
+            .unwrap_or(1_000);
+        if metrics_groups_max > 100_000 {
+            bail!("metrics groups max must be 0 to 100000, got {metrics_groups_max}");
+        }
+        let w = args.webhooks;
+        let ms = |name: &str, v: Option<u64>, default: u64, max: u64| -> anyhow::Result<Duration> {
+            let v = v.unwrap_or(default);
+            if !(1..=max).contains(&v) {
+                bail!("{name} must be 1 to {max} ms, got {v}");
+            }
+            Ok(Duration::from_millis(v))
+        };
+        let webhooks = tally_webhooks::SenderOptions {
+            timeout: ms(
+                "webhook timeout",
+                w.webhook_timeout_ms.or(file.webhook_timeout_ms),
+                10_000,
+                300_000,
+            )?,
+            retry_base: ms(
+                "webhook retry base",
+                w.webhook_retry_base_ms.or(file.webhook_retry_base_ms),
+                5_000,
+                86_400_000,
+            )?,
+            retry_max: ms(
+                "webhook retry max",
+                w.webhook_retry_max_ms.or(file.webhook_retry_max_ms),
+                3_600_000,
+                7 * 86_400_000,
+            )?,
+            attempts_max: match w.webhook_attempts_max.or(file.webhook_attempts_max) {
+                None => 12,
+                Some(n @ 1..=100) => n,
+                Some(n) => bail!("webhook attempts max must be 1 to 100, got {n}"),
+            },
+            ..tally_webhooks::SenderOptions::default()
+        };
         Ok(ServeConfig {
             database_url,
             data_dir,
@@ -321,6 +406,9 @@ impl ServeConfig {
                 .unwrap_or(10_000)
                 .clamp(1, 100_000),
             json_logs,
+            metrics_top_users,
+            metrics_groups_max,
+            webhooks,
             kafka,
         })
     }

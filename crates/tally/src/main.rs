@@ -28,6 +28,8 @@ const OPERATOR_TOKEN_META: &str = "operator_token_sha256";
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    // For every HTTP client of the process: the CLI's and the webhooks'.
+    tally_webhooks::install_tls_crypto();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -113,9 +115,24 @@ async fn operator_token_hash(db: &Db, configured: Option<&str>) -> anyhow::Resul
     unhex32(&stored)
 }
 
+/// Bucket bounds of every latency histogram: 100 µs to a minute.
+const LATENCY_BUCKETS_SECONDS: [f64; 18] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0, 30.0, 60.0,
+];
+
 async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
     let started = Instant::now();
     let metrics = PrometheusBuilder::new()
+        // Histograms as buckets, which add up across processes.
+        .set_buckets(&LATENCY_BUCKETS_SECONDS)
+        .context("histogram buckets")?
+        // Gauges are set at every scrape; those not set for a minute belong
+        // to orgs, groups or partitions that went away.
+        .idle_timeout(
+            metrics_util::MetricKindMask::GAUGE,
+            Some(std::time::Duration::from_secs(60)),
+        )
         .install_recorder()
         .context("installing metrics")?;
     let db = Db::open(&DbOptions::new(cfg.database_url.clone()))
@@ -199,6 +216,18 @@ async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
             }
         }
     });
+    // Every process sends webhook deliveries; each is claimed by one.
+    let webhook_keys = Arc::new(
+        tally_webhooks::Keyring::load_or_create(&db)
+            .await
+            .map_err(|e| anyhow::anyhow!("loading the webhook key: {e}"))?,
+    );
+    tally_webhooks::describe();
+    tally_api::describe_metrics();
+    let sender =
+        tally_webhooks::Sender::new(db.clone(), Arc::clone(&webhook_keys), cfg.webhooks.clone())
+            .map_err(|e| anyhow::anyhow!(e))?;
+    let webhooks = tokio::spawn(sender.run(stop_rx.clone()));
     let upkeep = tokio::spawn({
         let handle = metrics.clone();
         let stop = stopped(stop_rx.clone());
@@ -222,6 +251,12 @@ async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
             usage_batch_len_max: cfg.usage_batch_len_max,
         },
         snapshots: Arc::default(),
+        webhook_keys,
+        metrics_options: tally_engine::gauges::GaugeOptions {
+            all_orgs: cfg.kafka.is_none(),
+            top_users: cfg.metrics_top_users,
+            groups_max: cfg.metrics_groups_max,
+        },
     };
     let failed = {
         let engine = Arc::clone(&engine);
@@ -243,6 +278,7 @@ async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
     let _ = stop_tx.send(true);
     let _ = meter_loop.await;
     let _ = upkeep.await;
+    let _ = webhooks.await;
     let _ = housekeeping.await;
     let exclusive = match mode {
         // Leaving the group checkpoints and hands over every partition.

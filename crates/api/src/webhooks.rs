@@ -1,0 +1,257 @@
+//! An org's webhook: set (the signing secret shown once), read with its
+//! delivery counts, remove; deliveries listed with their state, and a failed
+//! one sent again.
+
+use std::collections::BTreeMap;
+
+use axum::Json;
+use axum::extract::{Path, State};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tally_core::entity::{Command, EventKind};
+use tally_core::ids::OrgId;
+use tally_core::time::Month;
+use tally_store::webhook::DeliveryRow;
+
+use crate::cursor;
+use crate::dto::{Fraction, ListJson, time};
+use crate::error::{ApiError, ApiResult};
+use crate::extract::{Caller, JsonBody, Params};
+use crate::{AppState, org_access, page_len};
+
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct SetWebhook {
+    /// `http://` or `https://`; notifications are POSTed here.
+    url: String,
+}
+
+/// The org's webhook and how its deliveries stand.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub(crate) struct WebhookJson {
+    /// `null`: no webhook.
+    url: Option<String>,
+    set_at: Option<String>,
+    /// The HMAC-SHA256 signing secret: only in the answer that set it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    secret: Option<String>,
+    /// Deliveries by state: pending, delivered, failed, cancelled.
+    deliveries: BTreeMap<String, i64>,
+}
+
+async fn webhook_json(
+    state: &AppState,
+    org_id: &OrgId,
+    secret: Option<String>,
+) -> ApiResult<Json<WebhookJson>> {
+    let db = &state.engine.db;
+    let month = Month::from_unix_ms(state.engine.now_ms());
+    let row = db
+        .org(org_id, month)
+        .await?
+        .ok_or_else(|| ApiError::not_found("no such org"))?;
+    let mut deliveries: BTreeMap<String, i64> = ["pending", "delivered", "failed", "cancelled"]
+        .into_iter()
+        .map(|s| (s.to_owned(), 0))
+        .collect();
+    deliveries.extend(db.delivery_counts(org_id).await?);
+    let (url, set_at) = match row.webhook {
+        Some((url, _, at)) => (Some(url), Some(time(at))),
+        None => (None, None),
+    };
+    Ok(Json(WebhookJson {
+        url,
+        set_at,
+        secret,
+        deliveries,
+    }))
+}
+
+/// Sets the org's webhook (replacing any, with a new secret).
+#[utoipa::path(put, path = "/v1/orgs/{org}/webhook", tag = "webhooks", params(("org" = String, Path, description = "org id")), request_body = SetWebhook, responses((status = 200, body = WebhookJson), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody)))]
+pub(crate) async fn set(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(org): Path<String>,
+    JsonBody(req): JsonBody<SetWebhook>,
+) -> ApiResult<Json<WebhookJson>> {
+    let org_id = org_access(&state, &caller, &org)?;
+    let events = state
+        .engine
+        .commands
+        .execute(
+            &org_id,
+            caller.actor(),
+            &Command::SetWebhook { url: req.url },
+        )
+        .await?;
+    let seq = events
+        .iter()
+        .find(|e| matches!(e.kind, EventKind::WebhookSet { .. }))
+        .map(|e| e.seq)
+        .ok_or_else(ApiError::internal)?;
+    let seq = i64::try_from(seq).map_err(|_| ApiError::internal())?;
+    let secret = state.webhook_keys.secret(&org_id, seq);
+    webhook_json(&state, &org_id, Some(secret)).await
+}
+
+#[utoipa::path(get, path = "/v1/orgs/{org}/webhook", tag = "webhooks", params(("org" = String, Path, description = "org id")), responses((status = 200, body = WebhookJson), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody)))]
+pub(crate) async fn get(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(org): Path<String>,
+) -> ApiResult<Json<WebhookJson>> {
+    let org_id = org_access(&state, &caller, &org)?;
+    webhook_json(&state, &org_id, None).await
+}
+
+/// Removes the webhook: pending deliveries are cancelled.
+#[utoipa::path(delete, path = "/v1/orgs/{org}/webhook", tag = "webhooks", params(("org" = String, Path, description = "org id")), responses((status = 200, body = WebhookJson), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody)))]
+pub(crate) async fn remove(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(org): Path<String>,
+) -> ApiResult<Json<WebhookJson>> {
+    let org_id = org_access(&state, &caller, &org)?;
+    let _ = state
+        .engine
+        .commands
+        .execute(&org_id, caller.actor(), &Command::RemoveWebhook)
+        .await?;
+    webhook_json(&state, &org_id, None).await
+}
+
+/// One notification and how its delivery went.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub(crate) struct DeliveryJson {
+    id: i64,
+    /// The `Idempotency-Key` header and the body's `id`.
+    key: String,
+    /// pending, delivered, failed (gave up) or cancelled (webhook removed)
+    state: String,
+    attempts: i64,
+    /// When pending: the next attempt.
+    next_attempt_at: Option<String>,
+    /// The receiver's last HTTP status, if it answered.
+    last_status: Option<i64>,
+    last_error: Option<String>,
+    created_at: String,
+    delivered_at: Option<String>,
+    /// threshold_crossed, cut_off or cutoff_lifted
+    event: String,
+    subject_kind: String,
+    subject_id: String,
+    month: String,
+    threshold: Option<Fraction>,
+    spend_micros: i64,
+    limit_micros: Option<i64>,
+    occurred_at: String,
+}
+
+fn delivery_json(org_id: &str, d: DeliveryRow) -> DeliveryJson {
+    let e = &d.event;
+    DeliveryJson {
+        id: d.id,
+        key: tally_webhooks::idempotency_key(org_id, e),
+        state: d.state,
+        attempts: d.attempts,
+        next_attempt_at: d.next_attempt_ms.map(time),
+        last_status: d.last_status,
+        last_error: d.last_error,
+        created_at: time(d.created_ms),
+        delivered_at: d.delivered_ms.map(time),
+        event: e.event.clone(),
+        subject_kind: e.subject_kind.clone(),
+        subject_id: e.subject_id.clone(),
+        month: u32::try_from(e.month)
+            .ok()
+            .and_then(Month::from_yyyymm)
+            .map_or_else(|| e.month.to_string(), |m| m.to_string()),
+        threshold: (e.event == "threshold_crossed")
+            .then(|| u32::try_from(e.threshold_bps).ok().map(Fraction))
+            .flatten(),
+        spend_micros: e.spend_micros,
+        limit_micros: e.limit_micros,
+        occurred_at: time(e.at_ms),
+    }
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct DeliveryParams {
+    /// pending, delivered, failed or cancelled
+    state: Option<String>,
+    cursor: Option<String>,
+    limit: Option<u32>,
+}
+
+/// The org's deliveries, newest first.
+#[utoipa::path(get, path = "/v1/orgs/{org}/webhook/deliveries", tag = "webhooks", params(("org" = String, Path, description = "org id"), DeliveryParams), responses((status = 200, body = ListJson<DeliveryJson>), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody)))]
+pub(crate) async fn deliveries(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(org): Path<String>,
+    Params(p): Params<DeliveryParams>,
+) -> ApiResult<Json<ListJson<DeliveryJson>>> {
+    let org_id = org_access(&state, &caller, &org)?;
+    if let Some(s) = &p.state
+        && !["pending", "delivered", "failed", "cancelled"].contains(&s.as_str())
+    {
+        return Err(ApiError::invalid(format!(
+            "state {s:?} is not one of pending, delivered, failed, cancelled"
+        )));
+    }
+    let limit = page_len(p.limit)?;
+    let before = match &p.cursor {
+        Some(c) => Some(
+            cursor::decode_after("deliveries", c)?
+                .as_i64()
+                .ok_or_else(|| ApiError::invalid("cursor is malformed"))?,
+        ),
+        None => None,
+    };
+    let rows = state
+        .engine
+        .db
+        .list_deliveries(&org_id, p.state.as_deref(), before, limit + 1)
+        .await?;
+    let more = rows.len() > limit as usize;
+    let next_cursor = more
+        .then(|| rows.get(limit as usize - 1))
+        .flatten()
+        .map(|d| cursor::encode_after("deliveries", &json!(d.id)));
+    let items = rows
+        .into_iter()
+        .take(limit as usize)
+        .map(|d| delivery_json(&org_id, d))
+        .collect();
+    Ok(Json(ListJson { items, next_cursor }))
+}
+
+/// Sends a failed or cancelled delivery again, from its first attempt.
+#[utoipa::path(post, path = "/v1/orgs/{org}/webhook/deliveries/{id}/redeliver", tag = "webhooks", params(("org" = String, Path, description = "org id"), ("id" = i64, Path, description = "delivery id")), responses((status = 200, body = WebhookJson), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody), (status = 409, description = "the delivery is pending or delivered", body = crate::error::ErrorBody)))]
+pub(crate) async fn redeliver(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((org, id)): Path<(String, String)>,
+) -> ApiResult<Json<WebhookJson>> {
+    let org_id = org_access(&state, &caller, &org)?;
+    let id: i64 = id
+        .parse()
+        .map_err(|_| ApiError::invalid(format!("delivery id {id:?} is not a number")))?;
+    let db = &state.engine.db;
+    if !db.redeliver(&org_id, id, state.engine.now_ms()).await? {
+        let found = db
+            .list_deliveries(&org_id, None, id.checked_add(1), 1)
+            .await?;
+        return Err(if found.first().is_some_and(|d| d.id == id) {
+            ApiError::conflict(format!(
+                "delivery {id} is pending or delivered: only failed or cancelled ones are sent again"
+            ))
+        } else {
+            ApiError::not_found(format!("delivery {id} does not exist"))
+        });
+    }
+    webhook_json(&state, &org_id, None).await
+}

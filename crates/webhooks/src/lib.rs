@@ -1,0 +1,481 @@
+//! Webhook notifications of thresholds crossed, cutoffs and lifts.
+//!
+//! Checkpoints write one delivery per enforcement event of an org with a
+//! webhook, in the checkpoint's own transaction (see
+//! `tally_store::webhook`). The [`Sender`] here works them off: it claims due
+//! deliveries, POSTs each one's JSON, signed, and records the outcome; a
+//! failure is retried with exponential backoff until `attempts_max`.
+//!
+//! What a receiver gets:
+//! - the body: the event as JSON, the same bytes on every attempt;
+//! - `Idempotency-Key`: the event's key (also the body's `id`): one per
+//!   crossing, the same on every attempt and from every process, so a
+//!   receiver drops what it has seen;
+//! - `Tally-Timestamp` (unix seconds of the attempt) and `Tally-Signature:
+//!   v1=<hex>`, the HMAC-SHA256 of `"<timestamp>.<body>"` under the org's
+//!   webhook secret.
+//!
+//! The secret is derived, never stored: HMAC-SHA256 under the server's
+//! webhook key (generated once, in the database) of the org id and the seq of
+//! the `webhook_set` event. Setting the webhook again gives a new secret.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+use tally_core::ratio::format_bps;
+use tally_core::time::Month;
+use tally_store::Db;
+use tally_store::webhook::{AttemptOutcome, DeliveryEvent, DueDelivery};
+use tokio::sync::watch;
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// Deliveries by `outcome`: delivered, retried, failed (gave up),
+/// cancelled (the webhook was removed).
+pub const DELIVERIES: &str = "tally_webhook_deliveries_total";
+/// Seconds one delivery attempt took, whatever its outcome.
+pub const ATTEMPT_SECONDS: &str = "tally_webhook_attempt_duration_seconds";
+/// Deliveries waiting to be sent, in every org (set at scrape).
+pub const PENDING: &str = "tally_webhook_deliveries_pending";
+
+pub fn describe() {
+    metrics::describe_counter!(
+        DELIVERIES,
+        metrics::Unit::Count,
+        "webhook delivery attempts by outcome"
+    );
+    metrics::describe_gauge!(
+        PENDING,
+        metrics::Unit::Count,
+        "webhook deliveries waiting to be sent"
+    );
+    metrics::describe_histogram!(
+        ATTEMPT_SECONDS,
+        metrics::Unit::Seconds,
+        "duration of one webhook delivery attempt"
+    );
+}
+
+/// Where `tally_meta` keeps the server's webhook key.
+pub const KEY_META: &str = "webhook_key";
+
+/// The server's webhook key: org secrets derive from it.
+#[derive(Clone)]
+pub struct Keyring {
+    key: [u8; 32],
+}
+
+impl std::fmt::Debug for Keyring {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Keyring(..)")
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn hmac(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
+    let mut mac = HmacSha256::new_from_slice(key).expect("HMAC takes keys of any length");
+    for p in parts {
+        mac.update(p);
+    }
+    mac.finalize().into_bytes().into()
+}
+
+impl Keyring {
+    pub fn new(key: [u8; 32]) -> Keyring {
+        Keyring { key }
+    }
+
+    /// The key stored in `db`, generated (and stored, once for every
+    /// process) at first start.
+    pub async fn load_or_create(db: &Db) -> Result<Keyring, String> {
+        let mut fresh = [0u8; 32];
+        getrandom::fill(&mut fresh).map_err(|e| format!("no randomness: {e}"))?;
+        let stored = db
+            .meta_init(KEY_META, &hex(&fresh))
+            .await
+            .map_err(|e| e.to_string())?;
+        let bytes: Vec<u8> = (0..stored.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(stored.get(i..i + 2).unwrap_or("zz"), 16))
+            .collect::<Result<_, _>>()
+            .map_err(|_| format!("{KEY_META} in tally_meta is not hex"))?;
+        let key = bytes
+            .try_into()
+            .map_err(|_| format!("{KEY_META} in tally_meta is not 32 bytes"))?;
+        Ok(Keyring { key })
+    }
+
+    /// The signing secret of an org's webhook, as set by the event `seq`.
+    pub fn secret(&self, org_id: &str, seq: i64) -> String {
+        let mac = hmac(
+            &self.key,
+            &[
+                b"tally webhook secret\0",
+                org_id.as_bytes(),
+                b"\0",
+                &seq.to_be_bytes(),
+            ],
+        );
+        format!("whsec_{}", hex(&mac))
+    }
+}
+
+/// `v1=<hex HMAC-SHA256 of "<timestamp>.<body>" under secret>`.
+pub fn signature(secret: &str, timestamp_s: i64, body: &[u8]) -> String {
+    let mac = hmac(
+        secret.as_bytes(),
+        &[timestamp_s.to_string().as_bytes(), b".", body],
+    );
+    format!("v1={}", hex(&mac))
+}
+
+/// The event's key: one per crossing, cutoff or lift.
+pub fn idempotency_key(org_id: &str, e: &DeliveryEvent) -> String {
+    format!(
+        "{org_id}:{}:{}:{}:{}:{}:{}",
+        e.subject_kind, e.subject_id, e.month, e.event, e.threshold_bps, e.ordinal
+    )
+}
+
+/// The JSON body: the same bytes for every attempt of a delivery.
+pub fn body(org_id: &str, e: &DeliveryEvent) -> Vec<u8> {
+    let month = u32::try_from(e.month)
+        .ok()
+        .and_then(Month::from_yyyymm)
+        .map_or_else(|| e.month.to_string(), |m| m.to_string());
+    let threshold = (e.event == "threshold_crossed")
+        .then(|| u32::try_from(e.threshold_bps).ok())
+        .flatten()
+        .and_then(|bps| format_bps(bps).parse::<serde_json::Number>().ok());
+    serde_json::json!({
+        "id": idempotency_key(org_id, e),
+        "type": e.event,
+        "org_id": org_id,
+        "subject": { "kind": e.subject_kind, "id": e.subject_id },
+        "month": month,
+        "threshold": threshold,
+        "spend_micros": e.spend_micros,
+        "limit_micros": e.limit_micros,
+        "reason": e.reason,
+        "occurred_at": tally_proto::format_rfc3339_ms(e.at_ms),
+    })
+    .to_string()
+    .into_bytes()
+}
+
+/// How the sender works.
+#[derive(Debug, Clone)]
+pub struct SenderOptions {
+    /// One attempt's time limit (connect to last byte).
+    pub timeout: Duration,
+    /// The delay after a first failure; it doubles with each further one.
+    pub retry_base: Duration,
+    /// The longest delay between attempts.
+    pub retry_max: Duration,
+    /// Attempts before a delivery is given up (`failed`).
+    pub attempts_max: u32,
+    /// How often due deliveries are looked for.
+    pub poll: Duration,
+    /// Deliveries claimed (and sent concurrently) at once.
+    pub batch: u32,
+}
+
+impl Default for SenderOptions {
+    fn default() -> Self {
+        SenderOptions {
+            timeout: Duration::from_secs(10),
+            retry_base: Duration::from_secs(5),
+            retry_max: Duration::from_secs(3_600),
+            attempts_max: 12,
+            poll: Duration::from_millis(500),
+            batch: 32,
+        }
+    }
+}
+
+impl SenderOptions {
+    /// The delay before attempt `attempts + 1`: `retry_base` doubled per
+    /// failure so far, at most `retry_max`, with the upper half jittered so
+    /// that receivers coming back are not met by every retry at once.
+    pub fn backoff(&self, attempts: i64, jitter: u64) -> Duration {
+        let doublings = u32::try_from(attempts.saturating_sub(1).clamp(0, 30)).unwrap_or(30);
+        let full = self
+            .retry_base
+            .saturating_mul(1u32 << doublings)
+            .min(self.retry_max);
+        let half = full / 2;
+        let spread = u64::try_from(half.as_millis()).unwrap_or(u64::MAX).max(1);
+        half + Duration::from_millis(jitter % spread)
+    }
+}
+
+/// Sends due deliveries until stopped.
+#[derive(Debug)]
+pub struct Sender {
+    db: Db,
+    keys: Arc<Keyring>,
+    client: reqwest::Client,
+    opts: SenderOptions,
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// Error text kept for admins: the first 300 characters.
+fn clip(s: String) -> String {
+    match s.char_indices().nth(300) {
+        Some((i, _)) => format!("{}…", &s[..i]),
+        None => s,
+    }
+}
+
+/// Makes rustls' ring provider the process's TLS crypto: reqwest is built
+/// without a provider of its own (ring builds without cmake). Call before
+/// building any HTTP client; calling again is harmless.
+pub fn install_tls_crypto() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// An HTTP client with TLS (rustls, the platform's roots) that follows no
+/// redirect: a webhook is where it says.
+pub fn client(timeout: Duration) -> Result<reqwest::Client, String> {
+    install_tls_crypto();
+    reqwest::Client::builder()
+        .timeout(timeout)
+        .connect_timeout(timeout)
+        .redirect(reqwest::redirect::Policy::none())
+        .user_agent(concat!("tally-webhooks/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .map_err(|e| format!("building the webhook HTTP client: {e}"))
+}
+
+impl Sender {
+    pub fn new(db: Db, keys: Arc<Keyring>, opts: SenderOptions) -> Result<Sender, String> {
+        Ok(Sender {
+            db,
+            keys,
+            client: client(opts.timeout)?,
+            opts,
+        })
+    }
+
+    /// Claims and sends what is due until `stop` turns true.
+    pub async fn run(self, mut stop: watch::Receiver<bool>) {
+        let sender = Arc::new(self);
+        loop {
+            // Stopping drops attempts in flight: their claims run out and
+            // the deliveries are sent again (receivers drop repeats by key).
+            let step = tokio::select! {
+                _ = stop.wait_for(|s| *s) => return,
+                r = Arc::clone(&sender).step() => r,
+            };
+            let sent = match step {
+                Ok(n) => n,
+                Err(e) => {
+                    tracing::warn!(error = %e, "webhook deliveries: claiming failed; retrying");
+                    0
+                }
+            };
+            let pause = if sent == sender.opts.batch as usize {
+                Duration::ZERO
+            } else {
+                sender.opts.poll
+            };
+            tokio::select! {
+                _ = stop.wait_for(|s| *s) => return,
+                () = tokio::time::sleep(pause) => {}
+            }
+        }
+    }
+
+    /// One round: claims what is due and sends it; returns how many.
+    pub async fn step(self: Arc<Self>) -> Result<usize, tally_store::Error> {
+        // The lease outlasts an attempt, so a live sender keeps its claim.
+        let lease = i64::try_from(self.opts.timeout.as_millis()).unwrap_or(i64::MAX) + 30_000;
+        let due = self
+            .db
+            .claim_deliveries(now_ms(), lease, self.opts.batch)
+            .await?;
+        let n = due.len();
+        let mut tasks = tokio::task::JoinSet::new();
+        for d in due {
+            let sender = Arc::clone(&self);
+            let _ = tasks.spawn(async move { sender.deliver(d).await });
+        }
+        while tasks.join_next().await.is_some() {}
+        Ok(n)
+    }
+
+    async fn deliver(&self, d: DueDelivery) {
+        let outcome = match &d.webhook {
+            None => AttemptOutcome::Cancelled,
+            Some((url, seq)) => self.attempt(&d, url, *seq).await,
+        };
+        let label = match &outcome {
+            AttemptOutcome::Delivered { .. } => "delivered",
+            AttemptOutcome::Retry { .. } => "retried",
+            AttemptOutcome::GaveUp { .. } => "failed",
+            AttemptOutcome::Cancelled => "cancelled",
+        };
+        metrics::counter!(DELIVERIES, "outcome" => label).increment(1);
+        match &outcome {
+            AttemptOutcome::Retry { error, .. } | AttemptOutcome::GaveUp { error, .. } => {
+                tracing::warn!(org = %d.org_id, delivery = d.id, attempts = d.attempts, error = %error, outcome = label, "webhook delivery failed");
+            }
+            _ => {
+                tracing::info!(org = %d.org_id, delivery = d.id, attempts = d.attempts, outcome = label, "webhook delivery");
+            }
+        }
+        match self.db.finish_delivery(&d, &outcome, now_ms()).await {
+            Ok(true) => {}
+            Ok(false) => tracing::warn!(
+                delivery = d.id,
+                "webhook delivery outcome not recorded: its claim ran out and another sender took it"
+            ),
+            // The claim's lease runs out and the delivery is tried again.
+            Err(e) => {
+                tracing::warn!(delivery = d.id, error = %e, "recording a webhook outcome failed")
+            }
+        }
+    }
+
+    async fn attempt(&self, d: &DueDelivery, url: &str, seq: i64) -> AttemptOutcome {
+        let body = body(&d.org_id, &d.event);
+        let ts = now_ms() / 1_000;
+        let secret = self.keys.secret(&d.org_id, seq);
+        let started = Instant::now();
+        let sent = self
+            .client
+            .post(url)
+            .header("content-type", "application/json")
+            .header("idempotency-key", idempotency_key(&d.org_id, &d.event))
+            .header("tally-timestamp", ts.to_string())
+            .header("tally-signature", signature(&secret, ts, &body))
+            .header("tally-attempt", d.attempts.to_string())
+            .body(body)
+            .send()
+            .await;
+        metrics::histogram!(ATTEMPT_SECONDS).record(started.elapsed().as_secs_f64());
+        let (status, error) = match sent {
+            Ok(r) if r.status().is_success() => {
+                return AttemptOutcome::Delivered {
+                    status: i64::from(r.status().as_u16()),
+                };
+            }
+            Ok(r) => (
+                Some(i64::from(r.status().as_u16())),
+                format!("the receiver answered HTTP {}", r.status()),
+            ),
+            Err(e) => (None, clip(error_chain(&e))),
+        };
+        if d.attempts >= i64::from(self.opts.attempts_max) {
+            return AttemptOutcome::GaveUp { status, error };
+        }
+        let mut jitter = [0u8; 8];
+        let _ = getrandom::fill(&mut jitter);
+        let delay = self.opts.backoff(d.attempts, u64::from_le_bytes(jitter));
+        AttemptOutcome::Retry {
+            status,
+            error,
+            next_attempt_ms: now_ms()
+                .saturating_add(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX)),
+        }
+    }
+}
+
+/// An error with its causes: "error sending request: connection refused".
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cause = c.source();
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event() -> DeliveryEvent {
+        DeliveryEvent {
+            subject_kind: "user".into(),
+            subject_id: "alice".into(),
+            month: 202_611,
+            event: "threshold_crossed".into(),
+            threshold_bps: 8_000,
+            ordinal: 0,
+            reason: None,
+            spend_micros: 40_000_000,
+            limit_micros: Some(50_000_000),
+            at_ms: 1_795_000_000_000,
+        }
+    }
+
+    #[test]
+    fn hmac_matches_rfc_4231_case_2() {
+        let mac = hmac(b"Jefe", &[b"what do ya want ", b"for nothing?"]);
+        assert_eq!(
+            hex(&mac),
+            "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+        );
+    }
+
+    #[test]
+    fn secrets_differ_by_org_and_by_each_setting() {
+        let k = Keyring::new([7; 32]);
+        let a = k.secret("acme", 2);
+        assert!(a.starts_with("whsec_") && a.len() == 6 + 64, "{a}");
+        assert_eq!(a, k.secret("acme", 2));
+        assert_ne!(a, k.secret("acme", 3));
+        assert_ne!(a, k.secret("acme2", 2));
+        assert_ne!(a, Keyring::new([8; 32]).secret("acme", 2));
+    }
+
+    #[test]
+    fn the_body_is_stable_and_says_what_happened() {
+        let b = body("acme", &event());
+        assert_eq!(b, body("acme", &event()));
+        let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({
+                "id": "acme:user:alice:202611:threshold_crossed:8000:0",
+                "type": "threshold_crossed", "org_id": "acme",
+                "subject": {"kind": "user", "id": "alice"}, "month": "2026-11",
+                "threshold": 0.8, "spend_micros": 40_000_000, "limit_micros": 50_000_000,
+                "reason": null, "occurred_at": tally_proto::format_rfc3339_ms(1_795_000_000_000),
+            })
+        );
+        let sig = signature("whsec_x", 1_700_000_000, &b);
+        assert_eq!(sig, signature("whsec_x", 1_700_000_000, &b));
+        assert_ne!(sig, signature("whsec_x", 1_700_000_001, &b));
+        assert!(sig.starts_with("v1=") && sig.len() == 3 + 64);
+    }
+
+    #[test]
+    fn backoff_doubles_within_bounds() {
+        let o = SenderOptions {
+            retry_base: Duration::from_secs(2),
+            retry_max: Duration::from_secs(60),
+            ..SenderOptions::default()
+        };
+        for (attempts, full) in [(1, 2), (2, 4), (3, 8), (6, 60), (40, 60)] {
+            let full = Duration::from_secs(full);
+            for jitter in [0, 1, 999, u64::MAX] {
+                let d = o.backoff(attempts, jitter);
+                assert!(d >= full / 2 && d <= full, "{attempts} {jitter} {d:?}");
+            }
+        }
+    }
+}

@@ -2,7 +2,7 @@
 
 //! The metering core's apply path (decode excluded), against a bare
 //! `DashMap<u64, u64>` increment loop over the same user keys: the ratio of
-//! the two is the figure to watch.
+//! the two is the figure to watch. And what a metrics scrape costs per org.
 
 use std::hint::black_box;
 
@@ -41,5 +41,24 @@ fn apply(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, apply);
+/// What a Prometheus scrape costs per org: the spend gauges (per group,
+/// users over each threshold) and the top users, of an org of 100 000 users
+/// in 1 000 groups, every user with spend.
+fn gauges(c: &mut Criterion) {
+    let (users, groups) = (100_000, 1_000);
+    let mut state = org(users, groups);
+    for e in &usage(users, users) {
+        black_box(state.apply_usage(e, NOV_MS + 2_000_000));
+    }
+    let month = tally_core::time::Month::from_unix_ms(NOV_MS);
+    let mut g = c.benchmark_group("scrape_100k_users_1k_groups");
+    g.sample_size(20);
+    g.bench_function("org_gauges", |b| b.iter(|| black_box(state.gauges(month))));
+    g.bench_function("top_100_users", |b| {
+        b.iter(|| black_box(state.top_users(month, 100)))
+    });
+    g.finish();
+}
+
+criterion_group!(benches, apply, gauges);
 criterion_main!(benches);

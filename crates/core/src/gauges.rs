@@ -77,38 +77,47 @@ impl OrgState {
             let s = spend(Subject::User(idx));
             thresholds.iter().rposition(|t| reached(s, l, *t))
         };
-        let count = |levels: &mut dyn Iterator<Item = Option<usize>>| -> Vec<(u32, u32)> {
-            let mut n = vec![0u32; thresholds.len()];
-            for reached_up_to in levels.flatten() {
-                for c in &mut n[..=reached_up_to] {
-                    *c += 1;
+        // One pass over the users, no hashing: each live user's level counts
+        // for the org and for the groups of its open memberships (by index).
+        let (mut org_n, mut group_n) = (
+            vec![0u32; thresholds.len()],
+            vec![vec![0u32; thresholds.len()]; dir.group_ids.len()],
+        );
+        for u in dir.users.values() {
+            if u.status == UserStatus::Removed {
+                continue;
+            }
+            let Some(top) = level(u.idx, u.monthly_limit_micros) else {
+                continue;
+            };
+            for c in &mut org_n[..=top] {
+                *c += 1;
+            }
+            for m in u.memberships.iter().filter(|m| m.until_ms == i64::MAX) {
+                if let Some(n) = group_n.get_mut(m.group_idx as usize) {
+                    for c in &mut n[..=top] {
+                        *c += 1;
+                    }
                 }
             }
-            thresholds.iter().copied().zip(n).collect()
+        }
+        let pairs = |n: &[u32]| -> Vec<(u32, u32)> {
+            thresholds.iter().copied().zip(n.iter().copied()).collect()
         };
-        let live = |status: UserStatus| status != UserStatus::Removed;
-        let users_over = count(
-            &mut dir
-                .users
-                .values()
-                .filter(|u| live(u.status))
-                .map(|u| level(u.idx, u.monthly_limit_micros)),
-        );
-        let mut groups: Vec<GroupGauges> =
-            dir.groups
-                .values()
-                .filter(|g| !g.deleted)
-                .map(|g| GroupGauges {
-                    id: g.id.clone(),
-                    spend_micros: spend(Subject::Group(g.idx)),
-                    limit_micros: g.monthly_limit_micros,
-                    users_over: count(
-                        &mut g.members.iter().filter_map(|m| dir.users.get(m)).map(|u| {
-                            level(u.idx, u.monthly_limit_micros).filter(|_| live(u.status))
-                        }),
-                    ),
-                })
-                .collect();
+        let users_over = pairs(&org_n);
+        let mut groups: Vec<GroupGauges> = dir
+            .groups
+            .values()
+            .filter(|g| !g.deleted)
+            .map(|g| GroupGauges {
+                id: g.id.clone(),
+                spend_micros: spend(Subject::Group(g.idx)),
+                limit_micros: g.monthly_limit_micros,
+                users_over: group_n
+                    .get(g.idx as usize)
+                    .map_or_else(|| pairs(&vec![0; thresholds.len()]), |n| pairs(n)),
+            })
+            .collect();
         groups.sort_by(|a, b| a.id.cmp(&b.id));
         let cut = |v: Option<&Vec<crate::ledger::Counter>>| {
             v.map_or(0, |v| {
@@ -132,7 +141,7 @@ impl OrgState {
     /// Users with a limit and some spend in `month`, the highest share of
     /// their limit first, at most `n`.
     pub fn top_users(&self, month: Month, n: usize) -> Vec<UserUtilization> {
-        let Some(counters) = self.meter.ledger.month(month) else {
+        let Some(counters) = self.meter.ledger.month(month).filter(|_| n > 0) else {
             return Vec::new();
         };
         let mut all: Vec<UserUtilization> = self

@@ -2,14 +2,15 @@
 //! events over it, built without I/O so the benches measure the core alone.
 
 use tally_core::entity::{Actor, EntityEvent, EventKind};
-use tally_core::ids::{GroupId, OrgId, UserId};
+use tally_core::ids::{GroupId, KeyId, OrgId, UserId};
 use tally_core::org::{MeterConfig, OrgState};
 use tally_core::usage::{RawUsage, UsageEvent};
 
 /// 2026-11-01T00:00:00Z.
 pub const NOV_MS: i64 = 1_793_491_200_000;
 
-/// An org with `users` active members in `groups` groups (each user in one).
+/// An org with `users` active members in `groups` groups (each user in one),
+/// each with a personal API key `k<n>`.
 pub fn org(users: u32, groups: u32) -> OrgState {
     let org_id = OrgId::new("bench").expect("id");
     let mut seq = 0;
@@ -44,25 +45,46 @@ pub fn org(users: u32, groups: u32) -> OrgState {
             name: format!("user {u}"),
             monthly_limit_micros: Some(1_000_000_000_000),
         }));
+        state.apply_entity(&ev(EventKind::UserActivated {
+            user_id: user_id.clone(),
+        }));
         if groups > 0 {
             state.apply_entity(&ev(EventKind::MemberAdded {
                 group_id: GroupId::new(&format!("g{}", u % groups)).expect("id"),
-                user_id,
+                user_id: user_id.clone(),
             }));
         }
+        let mut secret_hash = [0u8; 32];
+        secret_hash[..4].copy_from_slice(&u.to_le_bytes());
+        state.apply_entity(&ev(EventKind::KeyCreated {
+            key_id: KeyId::new(&format!("k{u}")).expect("id"),
+            name: format!("key {u}"),
+            user_id: Some(user_id),
+            group_ids: vec![],
+            features: vec!["chat".into()],
+            monthly_limit_micros: Some(1_000_000_000_000),
+            secret_hash,
+        }));
     }
     state
 }
 
-/// `n` distinct usage events spread over the org's users, one second apart
-/// in event time, all in November 2026.
+/// `n` distinct usage events spread over the org's users (each with the
+/// user's key), 10 ms apart in event time, all in November 2026.
 pub fn usage(n: u32, users: u32) -> Vec<UsageEvent> {
-    (0..n)
+    usage_from(0, n, users)
+}
+
+/// As [`usage`], numbered from `first` (request ids and times go on).
+pub fn usage_from(first: u32, n: u32, users: u32) -> Vec<UsageEvent> {
+    (first..first + n)
         .map(|i| {
+            let user = i % users;
             RawUsage {
                 request_id: &format!("req-{i}"),
                 org_id: "bench",
-                user_id: &format!("u{}", i % users),
+                user_id: &format!("u{user}"),
+                api_key_id: &format!("k{user}"),
                 cost_micros: Some(1_000 + i64::from(i % 1000)),
                 occurred_at_ms: Some(NOV_MS + i64::from(i) * 10),
                 ..RawUsage::default()

@@ -75,11 +75,18 @@ pub struct DedupeWindow {
     config: DedupeConfig,
     seen: HashSet128,
     /// Oldest first; hours strictly ascending.
-    buckets: VecDeque<(i64, Vec<RequestHash>)>,
+    buckets: VecDeque<Bucket>,
     /// Hours below this are forgotten: usage in them is too late.
     floor_hour: i64,
-    /// Added since the last [`DedupeWindow::take_added`], by hour.
-    added: Vec<(i64, RequestHash)>,
+}
+
+/// The ids of one hour; those from `saved` on were added since the last
+/// [`DedupeWindow::take_added`].
+#[derive(Debug, Clone)]
+struct Bucket {
+    hour: i64,
+    hashes: Vec<RequestHash>,
+    saved: usize,
 }
 
 impl DedupeWindow {
@@ -89,7 +96,6 @@ impl DedupeWindow {
             seen: HashSet128::default(),
             buckets: VecDeque::new(),
             floor_hour: i64::MIN,
-            added: Vec::new(),
         }
     }
 
@@ -135,13 +141,12 @@ impl DedupeWindow {
         }
         let hour = occurred_ms.div_euclid(MS_PER_HOUR);
         self.bucket(hour).push(hash);
-        self.added.push((hour, hash));
         // Over capacity, hours older than the watermark's go early. The
         // watermark's own hour (and later ones) always stay: forgetting them
         // would refuse the org's current usage as too late, hour after hour.
         let keep_from = watermark_ms.max(occurred_ms).div_euclid(MS_PER_HOUR);
         while self.seen.len() > self.config.entries_max
-            && self.buckets.front().is_some_and(|(h, _)| *h < keep_from)
+            && self.buckets.front().is_some_and(|b| b.hour < keep_from)
         {
             self.forget_oldest_bucket();
         }
@@ -149,15 +154,29 @@ impl DedupeWindow {
     }
 
     fn bucket(&mut self, hour: i64) -> &mut Vec<RequestHash> {
-        let at = self.buckets.partition_point(|(h, _)| *h < hour);
-        if self.buckets.get(at).is_none_or(|(h, _)| *h != hour) {
-            self.buckets.insert(at, (hour, Vec::new()));
-        }
-        &mut self.buckets[at].1
+        // Usage mostly lands in the newest hour.
+        let at = match self.buckets.back() {
+            Some(b) if b.hour == hour => self.buckets.len() - 1,
+            _ => {
+                let at = self.buckets.partition_point(|b| b.hour < hour);
+                if self.buckets.get(at).is_none_or(|b| b.hour != hour) {
+                    self.buckets.insert(
+                        at,
+                        Bucket {
+                            hour,
+                            hashes: Vec::new(),
+                            saved: 0,
+                        },
+                    );
+                }
+                at
+            }
+        };
+        &mut self.buckets[at].hashes
     }
 
     fn forget_oldest_bucket(&mut self) {
-        if let Some((hour, hashes)) = self.buckets.pop_front() {
+        if let Some(Bucket { hour, hashes, .. }) = self.buckets.pop_front() {
             for h in &hashes {
                 let _ = self.seen.remove(h);
             }
@@ -171,7 +190,7 @@ impl DedupeWindow {
         let cutoff = watermark_ms.saturating_sub(self.config.window_ms);
         // An hour [h, h+1) is wholly older when (h + 1) * hour <= cutoff.
         let keep_from = cutoff.div_euclid(MS_PER_HOUR);
-        while self.buckets.front().is_some_and(|(h, _)| *h < keep_from) {
+        while self.buckets.front().is_some_and(|b| b.hour < keep_from) {
             self.forget_oldest_bucket();
         }
         self.floor_hour = self.floor_hour.max(keep_from);
@@ -179,7 +198,12 @@ impl DedupeWindow {
 
     /// The ids remembered since the last call, for the checkpoint.
     pub fn take_added(&mut self) -> Vec<(i64, RequestHash)> {
-        std::mem::take(&mut self.added)
+        let mut out = Vec::new();
+        for b in &mut self.buckets {
+            out.extend(b.hashes[b.saved..].iter().map(|h| (b.hour, *h)));
+            b.saved = b.hashes.len();
+        }
+        out
     }
 
     /// Rebuilds a window from a checkpoint.
@@ -194,6 +218,9 @@ impl DedupeWindow {
             if hour >= floor_hour && w.seen.insert(hash) {
                 w.bucket(hour).push(hash);
             }
+        }
+        for b in &mut w.buckets {
+            b.saved = b.hashes.len();
         }
         while w.seen.len() > config.entries_max {
             w.forget_oldest_bucket();

@@ -6,7 +6,7 @@
 //! appended them to the log and folds them back in with
 //! [`OrgDirectory::apply`]. The directory is exactly the fold of its log.
 
-use std::collections::{HashMap, HashSet};
+use crate::fast::{Map as HashMap, Set as HashSet};
 
 use crate::ids::{GroupId, IdError, KeyId, OrgId, TokenId, UserId};
 use crate::money::{Limit, MoneyError, check_limit};
@@ -482,6 +482,8 @@ pub struct OrgDirectory {
     pub user_ids: Vec<UserId>,
     pub group_ids: Vec<GroupId>,
     pub key_ids: Vec<KeyId>,
+    /// Each group's limit by index: the hot path's view of `groups`.
+    group_limits: Vec<Limit>,
     key_by_hash: HashMap<SecretHash, KeyId>,
     /// Lowercased email → user, for users not removed.
     user_by_email: HashMap<String, UserId>,
@@ -645,16 +647,22 @@ impl OrgDirectory {
             webhook: None,
             created_at_ms: event.at_ms,
             seq: 1,
-            users: HashMap::new(),
-            groups: HashMap::new(),
-            keys: HashMap::new(),
-            tokens: HashMap::new(),
+            users: HashMap::default(),
+            groups: HashMap::default(),
+            keys: HashMap::default(),
+            tokens: HashMap::default(),
             user_ids: Vec::new(),
             group_ids: Vec::new(),
             key_ids: Vec::new(),
-            key_by_hash: HashMap::new(),
-            user_by_email: HashMap::new(),
+            group_limits: Vec::new(),
+            key_by_hash: HashMap::default(),
+            user_by_email: HashMap::default(),
         }
+    }
+
+    /// The limit of the group with index `idx`.
+    pub fn group_limit(&self, idx: u32) -> Limit {
+        self.group_limits.get(idx as usize).copied().flatten()
     }
 
     pub fn key_by_hash(&self, hash: &SecretHash) -> Option<&Key> {
@@ -1103,7 +1111,7 @@ impl OrgDirectory {
         let limit = limit
             .map(|l| check_limit("monthly_limit_micros", l))
             .transpose()?;
-        let mut seen = HashSet::with_capacity(user_ids.len());
+        let mut seen = HashSet::with_capacity_and_hasher(user_ids.len(), Default::default());
         let mut events = Vec::new();
         for user_id in user_ids {
             if !seen.insert(user_id) {
@@ -1282,6 +1290,7 @@ impl OrgDirectory {
             } => {
                 let idx = dense_idx(self.group_ids.len());
                 self.group_ids.push(group_id.clone());
+                self.group_limits.push(*monthly_limit_micros);
                 let _ = self.groups.insert(
                     group_id.clone(),
                     Group {
@@ -1289,7 +1298,7 @@ impl OrgDirectory {
                         id: group_id.clone(),
                         name: name.clone(),
                         monthly_limit_micros: *monthly_limit_micros,
-                        members: HashSet::new(),
+                        members: HashSet::default(),
                         deleted: false,
                         created_at_ms: at,
                     },
@@ -1315,7 +1324,10 @@ impl OrgDirectory {
                 group_id,
                 monthly_limit_micros,
             } => {
-                self.group_mut(group_id).monthly_limit_micros = *monthly_limit_micros;
+                let group = self.group_mut(group_id);
+                group.monthly_limit_micros = *monthly_limit_micros;
+                let idx = group.idx as usize;
+                self.group_limits[idx] = *monthly_limit_micros;
             }
             EventKind::MemberAdded { group_id, user_id } => {
                 let group = self.groups.get_mut(group_id).expect("group exists");

@@ -5,8 +5,6 @@
 //! one [`MonthLedger`] per UTC month still open to late usage. Every change
 //! marks its counter dirty so a checkpoint writes only what moved.
 
-use std::collections::HashMap;
-
 use crate::money::Limit;
 use crate::ratio::reached;
 use crate::time::{Day, Month};
@@ -179,6 +177,7 @@ impl MonthLedger {
         }
     }
 
+    #[inline]
     fn get_mut(&mut self, s: Subject) -> &mut Counter {
         fn slot(v: &mut Vec<Counter>, i: u32) -> &mut Counter {
             let i = i as usize;
@@ -210,8 +209,71 @@ pub struct Ledger {
     /// Ascending by month; usually one or two.
     months: Vec<MonthLedger>,
     dirty: Vec<(Month, Subject)>,
-    days: HashMap<(Subject, Day), DayDelta>,
+    /// Ascending by day; usually one (today).
+    days: Vec<DayLedger>,
     pending: Vec<Enforcement>,
+}
+
+/// One call being counted: its month and day slots in the ledger.
+#[derive(Debug, Clone, Copy)]
+pub struct Call {
+    month: Month,
+    month_at: usize,
+    day_at: usize,
+    occurred_at_ms: i64,
+}
+
+/// One day's spend deltas since the last checkpoint, by subject index.
+#[derive(Debug, Clone)]
+struct DayLedger {
+    day: Day,
+    org: DayDelta,
+    users: Vec<DayDelta>,
+    groups: Vec<DayDelta>,
+    keys: Vec<DayDelta>,
+    /// Subjects with a delta, each once (its delta went from empty).
+    touched: Vec<Subject>,
+}
+
+impl DayLedger {
+    fn new(day: Day) -> DayLedger {
+        DayLedger {
+            day,
+            org: DayDelta::default(),
+            users: Vec::new(),
+            groups: Vec::new(),
+            keys: Vec::new(),
+            touched: Vec::new(),
+        }
+    }
+
+    #[inline]
+    fn get_mut(&mut self, s: Subject) -> &mut DayDelta {
+        fn slot(v: &mut Vec<DayDelta>, i: u32) -> &mut DayDelta {
+            let i = i as usize;
+            if v.len() <= i {
+                v.resize(i + 1, DayDelta::default());
+            }
+            &mut v[i]
+        }
+        match s {
+            Subject::User(i) => slot(&mut self.users, i),
+            Subject::Group(i) => slot(&mut self.groups, i),
+            Subject::Key(i) => slot(&mut self.keys, i),
+            Subject::Org => &mut self.org,
+        }
+    }
+
+    #[inline]
+    fn add(&mut self, s: Subject, cost_micros: i64) {
+        let d = self.get_mut(s);
+        let first = d.requests == 0;
+        d.spend_micros += cost_micros;
+        d.requests += 1;
+        if first {
+            self.touched.push(s);
+        }
+    }
 }
 
 /// A budget rule for one subject: its limit and the org's thresholds.
@@ -254,27 +316,75 @@ impl Ledger {
         budget: Budget<'_>,
         logged_at_ms: i64,
     ) {
-        let month = Month::from_unix_ms(occurred_at_ms);
-        let c = counter_slot(&mut self.months, &mut self.dirty, month, s);
+        self.add_call(
+            Day::from_unix_ms(occurred_at_ms),
+            occurred_at_ms,
+            cost_micros,
+            [(s, budget)].into_iter(),
+            logged_at_ms,
+        );
+    }
+
+    /// Counts one call's cost for each of its subjects (the org, the user,
+    /// the key, the groups) and fires what each crosses. The month and day
+    /// are worked out once for all of them: `day` is `occurred_at_ms`'s.
+    pub fn add_call<'a>(
+        &mut self,
+        day: Day,
+        occurred_at_ms: i64,
+        cost_micros: i64,
+        subjects: impl Iterator<Item = (Subject, Budget<'a>)>,
+        logged_at_ms: i64,
+    ) {
+        let call = self.begin_call(day, occurred_at_ms);
+        for (s, budget) in subjects {
+            self.count(call, s, cost_micros, budget, logged_at_ms);
+        }
+    }
+
+    /// Where one call's subjects are counted: see [`Ledger::count`].
+    pub fn begin_call(&mut self, day: Day, occurred_at_ms: i64) -> Call {
+        debug_assert_eq!(day, Day::from_unix_ms(occurred_at_ms));
+        let month = day.month();
+        Call {
+            month,
+            month_at: month_index(&mut self.months, month),
+            day_at: day_index(&mut self.days, day),
+            occurred_at_ms,
+        }
+    }
+
+    /// Counts a call (begun with [`Ledger::begin_call`]) for one subject and
+    /// fires what it crosses.
+    pub fn count(
+        &mut self,
+        call: Call,
+        s: Subject,
+        cost_micros: i64,
+        budget: Budget<'_>,
+        logged_at_ms: i64,
+    ) {
+        let c = self.months[call.month_at].get_mut(s);
+        if !c.dirty {
+            c.dirty = true;
+            self.dirty.push((call.month, s));
+        }
         // Callers check `would_overflow` first; spend only grows.
         c.spend_micros += cost_micros;
         c.requests += 1;
-        c.last_at_ms = c.last_at_ms.max(occurred_at_ms);
-        evaluate(
-            c,
-            s,
-            month,
-            budget,
-            logged_at_ms,
-            LiftReason::LimitRaised,
-            &mut self.pending,
-        );
-        let day = self
-            .days
-            .entry((s, Day::from_unix_ms(occurred_at_ms)))
-            .or_default();
-        day.spend_micros += cost_micros;
-        day.requests += 1;
+        c.last_at_ms = c.last_at_ms.max(call.occurred_at_ms);
+        if budget.limit_micros.is_some() || c.cut_off {
+            evaluate(
+                c,
+                s,
+                call.month,
+                budget,
+                logged_at_ms,
+                LiftReason::LimitRaised,
+                &mut self.pending,
+            );
+        }
+        self.days[call.day_at].add(s, cost_micros);
     }
 
     /// Re-evaluates a subject after its limit changed, in the month of the
@@ -361,9 +471,20 @@ impl Ledger {
             c.dirty = false;
             counters.push((month, s, *c));
         }
+        let mut days = Vec::new();
+        for l in &mut self.days {
+            for s in std::mem::take(&mut l.touched) {
+                days.push(((s, l.day), std::mem::take(l.get_mut(s))));
+            }
+        }
+        // Today's deltas keep their memory for the next interval.
+        if self.days.len() > 1 {
+            let newest = self.days.len() - 1;
+            let _ = self.days.drain(..newest);
+        }
         LedgerChanges {
             counters,
-            days: self.days.drain().collect(),
+            days,
             enforcement: std::mem::take(&mut self.pending),
         }
     }
@@ -385,11 +506,36 @@ impl Ledger {
 }
 
 fn month_slot(months: &mut Vec<MonthLedger>, month: Month) -> &mut MonthLedger {
+    let at = month_index(months, month);
+    &mut months[at]
+}
+
+/// The index of `month` in `months`, inserted when missing. The newest is
+/// checked first: that is where usage goes.
+fn month_index(months: &mut Vec<MonthLedger>, month: Month) -> usize {
+    if let Some(last) = months.last()
+        && last.month == month
+    {
+        return months.len() - 1;
+    }
     let at = months.partition_point(|m| m.month < month);
     if months.get(at).is_none_or(|m| m.month != month) {
         months.insert(at, MonthLedger::new(month));
     }
-    &mut months[at]
+    at
+}
+
+fn day_index(days: &mut Vec<DayLedger>, day: Day) -> usize {
+    if let Some(last) = days.last()
+        && last.day == day
+    {
+        return days.len() - 1;
+    }
+    let at = days.partition_point(|d| d.day < day);
+    if days.get(at).is_none_or(|d| d.day != day) {
+        days.insert(at, DayLedger::new(day));
+    }
+    at
 }
 
 /// The counter of `s` in `month`, created when missing and marked dirty.

@@ -15,6 +15,7 @@
 pub mod authorize;
 pub mod dedupe;
 pub mod entity;
+pub mod fast;
 pub mod gauges;
 pub mod ids;
 pub mod ledger;

@@ -270,7 +270,8 @@ impl OrgState {
         if at > logged_at_ms.saturating_add(self.meter.config.future_skew_ms) {
             return UsageOutcome::Rejected(Rejection::FromTheFuture);
         }
-        let month = Month::from_unix_ms(at);
+        let day = Day::from_unix_ms(at);
+        let month = day.month();
         let meter = &mut self.meter;
         // Checked before the id is remembered: a refused event must stay
         // countable once the cause is fixed.
@@ -285,44 +286,47 @@ impl OrgState {
             Seen::Duplicate => return UsageOutcome::Duplicate,
             Seen::TooLate => return UsageOutcome::Rejected(Rejection::TooLate),
         }
-        let thresholds = &self.dir.settings.alert_thresholds_bps;
+        let dir = &self.dir;
+        let thresholds = &dir.settings.alert_thresholds_bps;
         let budget = |limit_micros| Budget {
             limit_micros,
             thresholds_bps: thresholds,
         };
         let cost = ev.cost_micros;
         let ledger = &mut meter.ledger;
-        ledger.add(
+        let call = ledger.begin_call(day, at);
+        ledger.count(
+            call,
             Subject::Org,
-            at,
             cost,
-            budget(self.dir.monthly_limit_micros),
+            budget(dir.monthly_limit_micros),
             logged_at_ms,
         );
-        ledger.add(
+        let user_budget = budget(user.monthly_limit_micros);
+        ledger.count(
+            call,
             Subject::User(user.idx),
-            at,
             cost,
-            budget(user.monthly_limit_micros),
+            user_budget,
             logged_at_ms,
         );
-        if let Some(key) = key {
-            ledger.add(
-                Subject::Key(key.idx),
-                at,
-                cost,
-                budget(key.monthly_limit_micros),
-                logged_at_ms,
-            );
+        if let Some(k) = key {
+            let key_budget = budget(k.monthly_limit_micros);
+            ledger.count(call, Subject::Key(k.idx), cost, key_budget, logged_at_ms);
         }
         // Membership is judged by when the usage was logged, on the same
         // (server) clock that dated the membership change: a gateway's clock
         // or a late event cannot move a call into or out of a group.
         for m in &user.memberships {
             if m.from_ms <= logged_at_ms && logged_at_ms < m.until_ms {
-                let group = &self.dir.groups[&self.dir.group_ids[m.group_idx as usize]];
-                let limit = budget(group.monthly_limit_micros);
-                ledger.add(Subject::Group(m.group_idx), at, cost, limit, logged_at_ms);
+                let group_budget = budget(dir.group_limit(m.group_idx));
+                ledger.count(
+                    call,
+                    Subject::Group(m.group_idx),
+                    cost,
+                    group_budget,
+                    logged_at_ms,
+                );
             }
         }
         if at > meter.watermark_ms {

@@ -12,6 +12,8 @@ use std::time::Instant;
 
 use tally_core::org::UsageOutcome;
 use tally_core::usage::UsageEvent;
+use tally_store::Db;
+use tokio::sync::mpsc;
 
 use crate::meter::{IngestReport, Meter, Positioned};
 use crate::metrics as m;
@@ -19,8 +21,9 @@ use crate::{BoxFuture, Error, Result, UsageSink};
 
 /// The embedded mode has one partition: the whole usage log.
 pub const PARTITION: i32 = 0;
-/// Log records read per round trip while replaying.
-const REPLAY_PAGE_LEN: i64 = 256;
+/// Log records read per round trip while replaying (a record is one ingest
+/// batch: up to a few thousand events).
+const REPLAY_PAGE_LEN: i64 = 64;
 
 #[derive(Debug)]
 pub struct EmbeddedLog {
@@ -46,20 +49,23 @@ impl EmbeddedLog {
         Ok(log)
     }
 
+    /// Replays the log after the checkpoint. Reading and decoding run a page
+    /// ahead, on other threads, while this one applies: decoding costs about
+    /// as much as applying, and they overlap.
     async fn replay(&self) -> Result<u64> {
         let _w = self.meter.write_lock().await;
+        let (tx, mut rx) = tokio::sync::mpsc::channel(1);
+        let reader = tokio::spawn(read_ahead(
+            self.meter.db().clone(),
+            self.meter.position(PARTITION).unwrap_or(-1),
+            tx,
+        ));
         let mut replayed = 0u64;
         let mut next_report = 1_000_000u64;
-        loop {
-            let from = self.meter.position(PARTITION).unwrap_or(-1);
-            let records = self.meter.db().read_usage(from, REPLAY_PAGE_LEN).await?;
-            if records.is_empty() {
-                break;
-            }
-            for rec in &records {
-                let events = tally_proto::decode_usage_batch(&rec.payload)
-                    .map_err(|e| Error::Corrupt(format!("usage log record {}: {e}", rec.seq)))?;
-                let positioned: Vec<Positioned<'_>> = events
+        while let Some(page) = rx.recv().await {
+            for rec in page? {
+                let positioned: Vec<Positioned<'_>> = rec
+                    .events
                     .iter()
                     .map(|event| Positioned {
                         position: rec.seq,
@@ -71,13 +77,16 @@ impl EmbeddedLog {
                     Error::Unavailable("the usage log's partition is not claimed".into())
                 })?;
                 self.meter.set_position(PARTITION, rec.seq);
-                replayed += events.len() as u64;
+                replayed += rec.events.len() as u64;
             }
             if replayed >= next_report {
                 next_report += 1_000_000;
                 tracing::info!(replayed, "replaying the usage log");
             }
         }
+        reader
+            .await
+            .map_err(|e| Error::Unavailable(format!("usage log reader failed: {e}")))?;
         metrics::counter!(m::REPLAYED_EVENTS).increment(replayed);
         Ok(replayed)
     }
@@ -94,6 +103,52 @@ impl EmbeddedLog {
             Ok(0) => {}
             Ok(n) => tracing::info!(records = n, "purged checkpointed usage past retention"),
             Err(e) => tracing::warn!(error = %e, "usage log purge failed"),
+        }
+    }
+}
+
+/// One usage log record, decoded.
+struct Decoded {
+    seq: i64,
+    logged_at_ms: i64,
+    events: Vec<UsageEvent>,
+}
+
+/// Reads the log after `from` page by page and decodes each page on the
+/// blocking pool, one page ahead of the consumer. Stops at the end of the
+/// log, at the first error (sent on), or when the consumer is gone.
+async fn read_ahead(db: Db, mut from: i64, tx: mpsc::Sender<Result<Vec<Decoded>>>) {
+    loop {
+        let page = match db.read_usage(from, REPLAY_PAGE_LEN).await {
+            Ok(records) => records,
+            Err(e) => {
+                let _ = tx.send(Err(e.into())).await;
+                return;
+            }
+        };
+        let Some(last) = page.last() else {
+            return;
+        };
+        from = last.seq;
+        let decoded = tokio::task::spawn_blocking(move || {
+            page.into_iter()
+                .map(|rec| {
+                    let events = tally_proto::decode_usage_batch(&rec.payload).map_err(|e| {
+                        Error::Corrupt(format!("usage log record {}: {e}", rec.seq))
+                    })?;
+                    Ok(Decoded {
+                        seq: rec.seq,
+                        logged_at_ms: rec.logged_at_ms,
+                        events,
+                    })
+                })
+                .collect::<Result<Vec<_>>>()
+        })
+        .await
+        .unwrap_or_else(|e| Err(Error::Unavailable(format!("decoding failed: {e}"))));
+        let failed = decoded.is_err();
+        if tx.send(decoded).await.is_err() || failed {
+            return;
         }
     }
 }

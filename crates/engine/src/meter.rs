@@ -41,8 +41,8 @@ pub struct MeterOptions {
     /// How often checkpoints are written when something changed. Default 1 s.
     pub checkpoint_interval: Duration,
     /// A checkpoint is also written once a partition counted this many events
-    /// since its last one, so replay after a crash stays short. Default
-    /// 100 000.
+    /// since its last one, so replay after a crash stays short (about a
+    /// second at this count). Default 1 000 000.
     pub checkpoint_events_max: u64,
     /// How long checkpointed usage stays in the embedded usage log. Default
     /// 7 days.
@@ -55,7 +55,7 @@ impl Default for MeterOptions {
     fn default() -> Self {
         MeterOptions {
             checkpoint_interval: Duration::from_secs(1),
-            checkpoint_events_max: 100_000,
+            checkpoint_events_max: 1_000_000,
             usage_retention: Duration::from_secs(7 * 86_400),
             window_ms: 24 * 3_600_000,
         }
@@ -510,6 +510,13 @@ impl Meter {
         match result {
             Ok(()) => {
                 metrics::histogram!(m::CHECKPOINT_SECONDS).record(started.elapsed().as_secs_f64());
+                tracing::debug!(
+                    partition = p,
+                    position = at.position,
+                    orgs = orgs.len(),
+                    elapsed_us = started.elapsed().as_micros() as u64,
+                    "checkpoint written"
+                );
                 self.committed(p, at, &orgs);
                 Ok(true)
             }

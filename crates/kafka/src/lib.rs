@@ -144,6 +144,11 @@ impl KafkaOptions {
             .set("max.poll.interval.ms", "300000")
             .set("partition.assignment.strategy", "range")
             .set("fetch.wait.max.ms", "100")
+            // Once its local queue is full (queued.min.messages), librdkafka
+            // stops fetching for this long (default 1 s): a consumer slower
+            // than the network then idles in 1 s steps. Measured with
+            // `tally bench kafka`: see docs/performance.md.
+            .set("fetch.queue.backoff.ms", "10")
             .set("allow.auto.create.topics", "false");
         c
     }

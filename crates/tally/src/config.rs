@@ -24,6 +24,9 @@ pub(crate) enum Command {
     Serve(ServeArgs),
     /// Drop every read model and project the whole entity log again.
     RebuildProjections(StoreArgs),
+    /// End-to-end figures on this machine: HTTP ingest, authorize latency,
+    /// restart time, Kafka metering against a bare consumer.
+    Bench(crate::bench::BenchArgs),
     /// Publish realistic usage for an org to the usage topic, as a gateway
     /// would (an example producer).
     Produce(ProduceArgs),
@@ -85,7 +88,7 @@ pub(crate) struct ServeArgs {
     /// How often the metering engine checkpoints [default: 1000].
     #[arg(long, env = "TALLY_CHECKPOINT_INTERVAL_MS")]
     pub(crate) checkpoint_interval_ms: Option<u64>,
-    /// Events counted between forced checkpoints [default: 100000].
+    /// Events counted between forced checkpoints [default: 1000000].
     #[arg(long, env = "TALLY_CHECKPOINT_EVENTS_MAX")]
     pub(crate) checkpoint_events_max: Option<u64>,
     /// How far behind an org's latest usage events are still accepted and
@@ -380,7 +383,7 @@ impl ServeConfig {
             checkpoint_events_max: args
                 .checkpoint_events_max
                 .or(file.checkpoint_events_max)
-                .unwrap_or(100_000)
+                .unwrap_or(1_000_000)
                 .max(1),
             dedupe_window_ms: i64::from(window_hours) * 3_600_000,
             dedupe_entries_max: args

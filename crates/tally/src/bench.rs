@@ -1,0 +1,708 @@
+//! `tally bench`: end-to-end figures on this machine. Each scenario runs real
+//! `tally serve` processes (this very binary) and prints its configuration
+//! and its figures; none asserts a time. `--quick` shrinks every scenario to
+//! a smoke run (the test suite runs it so the command cannot rot).
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::{Args, ValueEnum};
+use serde_json::{Value, json};
+use tally_core::usage::RawUsage;
+use tally_store::{Db, DbOptions};
+
+const TOKEN: &str = "bench-operator-token-0123456789";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum Scenario {
+    /// Every scenario (kafka only with --kafka-brokers and --database-url).
+    All,
+    /// Usage over HTTP in batches, applied and checkpointed (embedded).
+    Embedded,
+    /// `POST /v1/authorize` over loopback with 64 connections.
+    Authorize,
+    /// Time to ready with millions of events behind the last checkpoint.
+    Restart,
+    /// Consume-apply-checkpoint from Kafka against a bare consumer.
+    Kafka,
+}
+
+#[derive(Debug, Clone, Args)]
+pub(crate) struct BenchArgs {
+    #[arg(value_enum, default_value_t = Scenario::All)]
+    pub(crate) scenario: Scenario,
+    /// A smoke run: every scenario, small.
+    #[arg(long)]
+    pub(crate) quick: bool,
+    /// Kafka brokers for the kafka scenario.
+    #[arg(long, env = "TALLY_KAFKA_BROKERS")]
+    pub(crate) kafka_brokers: Option<String>,
+    /// PostgreSQL for the kafka scenario: a fresh database (its orgs and
+    /// topics are named after the run; partition checkpoints are not).
+    #[arg(long, env = "TALLY_DATABASE_URL")]
+    pub(crate) database_url: Option<String>,
+    /// Where the scenarios keep their data [default: a temp dir, removed].
+    #[arg(long)]
+    pub(crate) dir: Option<PathBuf>,
+}
+
+/// A `tally serve` child process.
+struct Server {
+    child: Child,
+    url: String,
+    http: reqwest::Client,
+    log: PathBuf,
+}
+
+impl Server {
+    fn start(dir: &Path, name: &str, args: &[&str]) -> anyhow::Result<Server> {
+        let log = dir.join(format!("{name}.log"));
+        let mut child = Command::new(std::env::current_exe()?)
+            .arg("serve")
+            .args(["--listen", "127.0.0.1:0", "--operator-token", TOKEN])
+            .args(args)
+            .env(
+                "RUST_LOG",
+                std::env::var("TALLY_BENCH_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()
+            .context("starting tally serve")?;
+        let stdout = child.stdout.take().context("stdout")?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        let _ = std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(rest) = line.strip_prefix("tally listening on ") {
+                    let _ = tx.send(rest.split_whitespace().next().unwrap_or("").to_owned());
+                }
+            }
+        });
+        let Ok(url) = rx.recv_timeout(Duration::from_secs(600)) else {
+            let _ = child.kill();
+            bail!(
+                "tally serve did not start; its log:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        };
+        Ok(Server {
+            child,
+            url,
+            http: reqwest::Client::new(),
+            log,
+        })
+    }
+
+    async fn call(&self, method: &str, path: &str, body: Option<Value>) -> anyhow::Result<Value> {
+        let mut req = self
+            .http
+            .request(method.parse()?, format!("{}{path}", self.url))
+            .bearer_auth(TOKEN);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let r = req.send().await?;
+        let status = r.status();
+        let v: Value = r.json().await?;
+        if !status.is_success() {
+            bail!("{method} {path}: {status} {v}");
+        }
+        Ok(v)
+    }
+
+    async fn ready(&self) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(600);
+        loop {
+            let r = self.http.get(format!("{}/readyz", self.url)).send().await;
+            if r.is_ok_and(|r| r.status().is_success()) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("not ready after 10 minutes: see {}", self.log.display());
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// SIGTERM, and wait: the final checkpoint is written.
+    fn stop(mut self) -> anyhow::Result<()> {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let status = self.child.wait()?;
+        if !status.success() {
+            bail!(
+                "tally serve exited with {status}; its log:\n{}",
+                std::fs::read_to_string(&self.log).unwrap_or_default()
+            );
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+fn rate(n: u64, d: Duration) -> String {
+    let per_s = (u128::from(n) * 1_000_000) / d.as_micros().max(1);
+    format!("{per_s} events/s ({n} in {} ms)", d.as_millis())
+}
+
+/// An org `org` with `users` active members u0…, each with a key k0….
+async fn seed_org(s: &Server, org: &str, users: u32) -> anyhow::Result<Vec<String>> {
+    let _ = s
+        .call("POST", "/v1/orgs", Some(json!({"id": org, "name": org})))
+        .await?;
+    let mut secrets = Vec::new();
+    for u in 0..users {
+        let _ = s
+            .call(
+                "POST",
+                &format!("/v1/orgs/{org}/users"),
+                Some(
+                    json!({"id": format!("u{u}"), "email": format!("u{u}@{org}.test"),
+                            "name": format!("user {u}"), "status": "active"}),
+                ),
+            )
+            .await?;
+        let k = s
+            .call(
+                "POST",
+                &format!("/v1/orgs/{org}/keys"),
+                Some(json!({"id": format!("k{u}"), "name": format!("key {u}"),
+                            "user_id": format!("u{u}"), "features": ["chat"]})),
+            )
+            .await?;
+        secrets.push(k["secret"].as_str().unwrap_or_default().to_owned());
+    }
+    Ok(secrets)
+}
+
+fn cost(i: u64) -> i64 {
+    1_000 + i64::try_from(i % 1_000).unwrap_or(0)
+}
+
+fn expected_spend(first: u64, n: u64) -> i64 {
+    (first..first + n).map(cost).sum()
+}
+
+async fn spend(s: &Server, org: &str) -> anyhow::Result<i64> {
+    let v = s.call("GET", &format!("/v1/orgs/{org}"), None).await?;
+    v["spend_micros"].as_i64().context("spend_micros")
+}
+
+/// Usage events counted so far (`tally_usage_events_total`, accepted).
+async fn accepted(s: &Server) -> anyhow::Result<u64> {
+    let text = s
+        .http
+        .get(format!("{}/metrics", s.url))
+        .send()
+        .await?
+        .text()
+        .await?;
+    Ok(text
+        .lines()
+        .filter(|l| {
+            l.starts_with("tally_usage_events_total{") && l.contains("outcome=\"accepted\"")
+        })
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<u64>().ok())
+        .sum())
+}
+
+fn header(args: &BenchArgs) {
+    let cpus = std::thread::available_parallelism().map_or(0, usize::from);
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines().find_map(|l| {
+                Some(
+                    l.strip_prefix("model name")?
+                        .split_once(':')?
+                        .1
+                        .trim()
+                        .to_owned(),
+                )
+            })
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    println!(
+        "tally {} bench: {}, {cpus} CPUs ({model}), {}{}",
+        env!("CARGO_PKG_VERSION"),
+        if cfg!(debug_assertions) {
+            "debug build (figures are not representative: cargo run --release -- bench)"
+        } else {
+            "release build"
+        },
+        std::env::consts::OS,
+        if args.quick {
+            ", quick (smoke) mode"
+        } else {
+            ""
+        },
+    );
+}
+
+pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    header(&args);
+    let temp = args.dir.is_none();
+    let dir = match &args.dir {
+        Some(d) => d.clone(),
+        None => std::env::temp_dir().join(format!("tally-bench-{}", std::process::id())),
+    };
+    std::fs::create_dir_all(&dir)?;
+    let run = |s: Scenario| args.scenario == Scenario::All || args.scenario == s;
+    let result = async {
+        if run(Scenario::Embedded) {
+            embedded(&args, &dir.join("embedded")).await?;
+        }
+        if run(Scenario::Authorize) {
+            authorize(&args, &dir.join("authorize")).await?;
+        }
+        if run(Scenario::Restart) {
+            restart(&args, &dir.join("restart")).await?;
+        }
+        if run(Scenario::Kafka) {
+            match (&args.kafka_brokers, &args.database_url) {
+                (Some(b), Some(d)) => kafka(&args, &dir.join("kafka"), b, d).await?,
+                _ if args.scenario == Scenario::Kafka => {
+                    bail!("the kafka scenario needs --kafka-brokers and --database-url")
+                }
+                _ => println!("kafka: skipped (give --kafka-brokers and --database-url)"),
+            }
+        }
+        anyhow::Ok(())
+    }
+    .await;
+    if temp && result.is_ok() {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    result
+}
+
+/// (a) Usage over HTTP into the embedded mode: batches posted by a few
+/// concurrent clients, then a read that waits for the checkpoint.
+async fn embedded(args: &BenchArgs, dir: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let (users, events, batch, clients) = if args.quick {
+        (10, 20_000u64, 1_000u64, 4usize)
+    } else {
+        (1_000, 1_000_000, 1_000, 4)
+    };
+    let data = dir.display().to_string();
+    let s = Server::start(dir, "serve", &["--data-dir", &data])?;
+    s.ready().await?;
+    let _ = seed_org(&s, "bench", users).await?;
+    let now = now_ms();
+    let bodies: Vec<String> = (0..events / batch)
+        .map(|b| {
+            let evs: Vec<Value> = (b * batch..(b + 1) * batch)
+                .map(|i| {
+                    let u = i % u64::from(users);
+                    json!({"request_id": format!("e-{i}"), "org_id": "bench",
+                           "user_id": format!("u{u}"), "api_key_id": format!("k{u}"),
+                           "model": "gpt-4o", "provider": "openai", "input_tokens": 1200,
+                           "output_tokens": 300, "cost_micros": cost(i),
+                           "occurred_at": tally_proto::format_rfc3339_ms(now - 1_000)})
+                })
+                .collect();
+            json!({ "events": evs }).to_string()
+        })
+        .collect();
+    let bodies = Arc::new(bodies);
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..clients {
+        let (bodies, next) = (Arc::clone(&bodies), Arc::clone(&next));
+        let (http, url) = (s.http.clone(), s.url.clone());
+        let _ = tasks.spawn(async move {
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(body) = bodies.get(i) else {
+                    return anyhow::Ok(());
+                };
+                let r = http
+                    .post(format!("{url}/v1/usage"))
+                    .bearer_auth(TOKEN)
+                    .header("content-type", "application/json")
+                    .body(body.clone())
+                    .send()
+                    .await?;
+                let v: Value = r.json().await?;
+                if v["accepted"] != json!(batch) {
+                    bail!("batch {i} not accepted: {v}");
+                }
+            }
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r??;
+    }
+    let ingested = started.elapsed();
+    let got = spend(&s, "bench").await?;
+    let checkpointed = started.elapsed();
+    if got != expected_spend(0, events) {
+        bail!("spend {got} != {}", expected_spend(0, events));
+    }
+    println!(
+        "embedded: {events} events, {users} users, batches of {batch}, {clients} concurrent clients, SQLite"
+    );
+    println!(
+        "embedded: ingested (applied, logged, answered): {}",
+        rate(events, ingested)
+    );
+    println!(
+        "embedded: ingested and checkpointed: {}",
+        rate(events, checkpointed)
+    );
+    s.stop()
+}
+
+/// (c) Authorize over loopback HTTP with 64 connections: closed loop (each
+/// asks again as soon as it has its answer: the machine's saturation), then
+/// paced at a fixed total rate, latency counted from each call's scheduled
+/// time so a stall is not hidden.
+async fn authorize(args: &BenchArgs, dir: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let (conns, warmup, measure, paced_rates): (usize, _, _, &[u64]) = if args.quick {
+        (
+            8,
+            Duration::from_millis(200),
+            Duration::from_millis(500),
+            &[1_000],
+        )
+    } else {
+        (
+            64,
+            Duration::from_secs(2),
+            Duration::from_secs(10),
+            &[5_000, 10_000, 20_000],
+        )
+    };
+    let data = dir.display().to_string();
+    let s = Server::start(dir, "serve", &["--data-dir", &data])?;
+    s.ready().await?;
+    let secrets = seed_org(&s, "bench", 64).await?;
+    println!(
+        "authorize: {conns} connections over loopback, client and server on the same machine, \
+         {} s measured after {} ms warm-up",
+        measure.as_secs_f64(),
+        warmup.as_millis()
+    );
+    for rate in std::iter::once(None).chain(paced_rates.iter().copied().map(Some)) {
+        let start_at = Instant::now() + warmup;
+        let end_at = start_at + measure;
+        let mut tasks = tokio::task::JoinSet::new();
+        for c in 0..conns {
+            // One client each: one connection each.
+            let http = reqwest::Client::builder()
+                .pool_max_idle_per_host(1)
+                .build()?;
+            let url = format!("{}/v1/authorize", s.url);
+            let body =
+                json!({"api_key": secrets[c % secrets.len()], "feature": "chat"}).to_string();
+            // Paced: this connection's calls are `every` apart, staggered.
+            let every = rate.map(|r| Duration::from_nanos(1_000_000_000 * conns as u64 / r));
+            let _ = tasks.spawn(async move {
+                let mut lat_us: Vec<u32> = Vec::new();
+                let mut due =
+                    Instant::now() + every.map_or(Duration::ZERO, |e| e * c as u32 / conns as u32);
+                let mut done = Instant::now();
+                loop {
+                    // A call counts from when it was sent, unless this
+                    // connection's previous answer came after its slot: then
+                    // from the slot (the wait is latency the caller saw).
+                    // The timer's own lateness (about 1 ms) is the client's,
+                    // not Tally's, and is not counted.
+                    let start = if every.is_some() {
+                        tokio::time::sleep_until(due.into()).await;
+                        if done > due { due } else { Instant::now() }
+                    } else {
+                        due = Instant::now();
+                        due
+                    };
+                    if due >= end_at {
+                        return anyhow::Ok(lat_us);
+                    }
+                    let r = http
+                        .post(&url)
+                        .bearer_auth(TOKEN)
+                        .header("content-type", "application/json")
+                        .body(body.clone())
+                        .send()
+                        .await?;
+                    let ok = r.status().is_success();
+                    let v: Value = r.json().await?;
+                    if !ok || v["allowed"] != json!(true) {
+                        bail!("authorize answered {v}");
+                    }
+                    done = Instant::now();
+                    if due >= start_at {
+                        lat_us.push(u32::try_from((done - start).as_micros()).unwrap_or(u32::MAX));
+                    }
+                    if let Some(e) = every {
+                        due += e;
+                    }
+                }
+            });
+        }
+        let mut all: Vec<u32> = Vec::new();
+        while let Some(r) = tasks.join_next().await {
+            all.extend(r??);
+        }
+        all.sort_unstable();
+        let pct = |p: usize| {
+            all.get((all.len() * p / 1000).min(all.len().saturating_sub(1)))
+                .copied()
+                .unwrap_or(0)
+        };
+        let load = match rate {
+            None => "closed loop (saturation)".to_owned(),
+            Some(r) => format!("paced at {r}/s"),
+        };
+        println!(
+            "authorize: {load}: {} decisions/s; latency p50 {} µs, p99 {} µs, p99.9 {} µs, max {} µs",
+            (all.len() as u128 * 1_000_000) / measure.as_micros().max(1),
+            pct(500),
+            pct(990),
+            pct(999),
+            all.last().copied().unwrap_or(0)
+        );
+    }
+    s.stop()
+}
+
+/// (d) Restart with millions of events in the usage log after the last
+/// checkpoint (as a crash would leave them): time until ready.
+async fn restart(args: &BenchArgs, dir: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let (users, events, batch) = if args.quick {
+        (10u32, 100_000u64, 1_000u64)
+    } else {
+        (1_000, 10_000_000, 1_000)
+    };
+    let data = dir.display().to_string();
+    let s = Server::start(dir, "seed", &["--data-dir", &data])?;
+    s.ready().await?;
+    let _ = seed_org(&s, "bench", users).await?;
+    s.stop()?;
+    // Append straight to the usage log, behind the last checkpoint.
+    let db = Db::open(&DbOptions::new(format!(
+        "sqlite://{}?mode=rwc",
+        dir.join("tally.db").display()
+    )))
+    .await?;
+    let now = now_ms();
+    let written = Instant::now();
+    for b in 0..events / batch {
+        let evs: Vec<_> = (b * batch..(b + 1) * batch)
+            .map(|i| {
+                let u = i % u64::from(users);
+                RawUsage {
+                    request_id: &format!("r-{i}"),
+                    org_id: "bench",
+                    user_id: &format!("u{u}"),
+                    api_key_id: &format!("k{u}"),
+                    model: "gpt-4o",
+                    provider: "openai",
+                    input_tokens: 1200,
+                    output_tokens: 300,
+                    cost_micros: Some(cost(i)),
+                    occurred_at_ms: Some(now - 60_000),
+                }
+                .validate()
+            })
+            .collect::<Result<_, _>>()?;
+        let _ = db
+            .append_usage(
+                now - 1_000,
+                evs.len(),
+                &tally_proto::encode_usage_batch(&evs),
+            )
+            .await?;
+    }
+    db.close().await;
+    let written = written.elapsed();
+    let started = Instant::now();
+    let s = Server::start(dir, "restart", &["--data-dir", &data])?;
+    s.ready().await?;
+    let ready = started.elapsed();
+    let got = spend(&s, "bench").await?;
+    if got != expected_spend(0, events) {
+        bail!("after replay spend {got} != {}", expected_spend(0, events));
+    }
+    println!(
+        "restart: {events} events ({} log records of {batch}) behind the last checkpoint, {users} users with keys, SQLite (written in {} ms)",
+        events / batch,
+        written.as_millis()
+    );
+    println!(
+        "restart: start to ready {} ms ({} replayed)",
+        ready.as_millis(),
+        rate(events, ready)
+    );
+    s.stop()
+}
+
+/// (b) Kafka: events published before Tally starts; Tally's metering
+/// (consume, decode, apply, checkpoint to PostgreSQL) against a bare
+/// consumer that only counts the same messages, in the same run.
+async fn kafka(
+    args: &BenchArgs,
+    dir: &Path,
+    brokers: &str,
+    database_url: &str,
+) -> anyhow::Result<()> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    std::fs::create_dir_all(dir)?;
+    let (users, events, partitions) = if args.quick {
+        (10u32, 20_000u64, 4)
+    } else {
+        (1_000, 1_000_000, 8)
+    };
+    // Checkpoints are per partition number, whatever the topic: a database
+    // that metered another run's topic would make this one skip offsets.
+    let db = Db::open(&DbOptions::new(database_url.to_owned())).await?;
+    for p in 0..partitions {
+        if db
+            .load_checkpoint(i64::from(p))
+            .await?
+            .is_some_and(|c| c.checkpoint.position >= 0)
+        {
+            bail!(
+                "the kafka scenario needs a database no Tally has metered in \
+                 (partition {p} has a checkpoint): give it a fresh one"
+            );
+        }
+    }
+    db.close().await;
+    let run = format!("b{}x{}", std::process::id(), now_ms() % 1_000_000);
+    let prefix = format!("{run}.");
+    let org = format!("bench-{run}");
+    let mut opts = tally_kafka::KafkaOptions::new(brokers);
+    opts.topic_prefix = prefix.clone();
+    opts.group = format!("{run}-meter");
+    opts.usage_partitions = partitions;
+    let parts = partitions.to_string();
+    let serve_args = [
+        "--kafka-brokers",
+        brokers,
+        "--database-url",
+        database_url,
+        "--kafka-topic-prefix",
+        &prefix,
+        "--kafka-group",
+        &opts.group,
+        "--kafka-usage-partitions",
+        &parts,
+    ];
+    let s = Server::start(dir, "seed", &serve_args)?;
+    s.ready().await?;
+    let _ = seed_org(&s, &org, users).await?;
+    s.stop()?;
+    let produce_args = tally_kafka::produce::ProduceArgs {
+        org: org.clone(),
+        users: (0..users).map(|u| format!("u{u}")).collect(),
+        keys: (0..users).map(|u| format!("k{u}")).collect(),
+        events,
+        rate: None,
+        json: false,
+        duplicate_percent: 0,
+        seed: 7,
+    };
+    let published = Instant::now();
+    let summary = tally_kafka::produce::produce(&opts, &produce_args, |_| {}).await?;
+    let published = published.elapsed();
+
+    // The bare consumer: same settings as Tally's, counts messages.
+    let bare = Instant::now();
+    let consumer: BaseConsumer = opts.consumer_config(&format!("{run}-bare")).create()?;
+    consumer.subscribe(&[&opts.usage_topic()])?;
+    let mut counted = 0u64;
+    let mut bare_first = None;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while counted < summary.published {
+        if let Some(m) = consumer.poll(Duration::from_millis(100)) {
+            let _ = m?;
+            counted += 1;
+            let _ = bare_first.get_or_insert_with(|| bare.elapsed());
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the bare consumer counted {counted} of {}",
+                summary.published
+            );
+        }
+    }
+    let bare = bare.elapsed();
+    drop(consumer);
+
+    let started = Instant::now();
+    let s = Server::start(dir, "meter", &serve_args)?;
+    s.ready().await?;
+    let ready = started.elapsed();
+    // Progress from the metrics (an admin read would checkpoint each time,
+    // for read-your-writes, and slow the meter down): every event counted,
+    // then one read, which checkpoints and checks the total.
+    let mut tally_first = None;
+    loop {
+        let counted = accepted(&s).await?;
+        if counted > 0 {
+            let _ = tally_first.get_or_insert_with(|| started.elapsed());
+        }
+        if counted >= summary.published {
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(600) {
+            bail!(
+                "tally counted {counted} of {} in 10 minutes",
+                summary.published
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let got = spend(&s, &org).await?;
+    if got != summary.cost_micros {
+        bail!("spend {got} != {}", summary.cost_micros);
+    }
+    let metered = started.elapsed();
+    println!(
+        "kafka: {} messages (protobuf) on {partitions} partitions, {users} users with keys, one Tally process, PostgreSQL checkpoints (published in {} ms)",
+        summary.published,
+        published.as_millis()
+    );
+    let bare_first = bare_first.unwrap_or_default();
+    let tally_first = tally_first.unwrap_or_default();
+    println!(
+        "kafka: bare consumer counting: {} (first message after {} ms: joining the group)",
+        rate(summary.published, bare),
+        bare_first.as_millis()
+    );
+    println!(
+        "kafka: tally consume, apply, checkpoint: {} (process start to every event visible; \
+         ready after {} ms, first event visible after {} ms)",
+        rate(summary.published, metered),
+        ready.as_millis(),
+        tally_first.as_millis()
+    );
+    println!(
+        "kafka: tally at {}% of the bare consumer from start to end, {}% from first message to last",
+        (bare.as_micros() * 100) / metered.as_micros().max(1),
+        ((bare - bare_first).as_micros() * 100) / (metered - tally_first).as_micros().max(1)
+    );
+    s.stop()
+}

@@ -1,0 +1,61 @@
+//! `tally bench --quick`: every end-to-end scenario runs once, small, against
+//! the real broker and PostgreSQL, so the command cannot rot. It checks the
+//! runs completed and printed their configuration and figures (each scenario
+//! checks its own totals); it asserts no timing.
+
+use tally_tests::{Backend, Broker, tally_bin, temp_dir};
+
+#[tokio::test]
+async fn every_bench_scenario_runs_in_quick_mode() {
+    let broker = Broker::start().unwrap();
+    let pg = Backend::postgres("bench").await.unwrap();
+    let mut cmd = std::process::Command::new(tally_bin());
+    let _ = cmd
+        .args(["bench", "all", "--quick", "--dir"])
+        .arg(temp_dir("bench"))
+        .env_remove("TALLY_KAFKA_BROKERS")
+        .env_remove("TALLY_DATABASE_URL");
+    let kafka = match (&broker, &pg) {
+        (Some(b), Some(Backend::Postgres(url))) => {
+            let _ = cmd
+                .args(["--kafka-brokers", &b.brokers()])
+                .args(["--database-url", url]);
+            true
+        }
+        _ => false,
+    };
+    let out = cmd.output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "tally bench failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut expected = vec![
+        "quick (smoke) mode",
+        "embedded: 20000 events, 10 users, batches of 1000",
+        "embedded: ingested and checkpointed: ",
+        "authorize: 8 connections over loopback",
+        "authorize: closed loop (saturation): ",
+        "authorize: paced at 1000/s: ",
+        "restart: 100000 events (100 log records of 1000)",
+        "restart: start to ready ",
+    ];
+    if kafka {
+        expected.extend([
+            "kafka: 20000 messages (protobuf) on 4 partitions",
+            "kafka: bare consumer counting: ",
+            "kafka: tally consume, apply, checkpoint",
+            "% of the bare consumer",
+        ]);
+    } else {
+        expected.push("kafka: skipped");
+    }
+    for line in expected {
+        assert!(stdout.contains(line), "no {line:?} in:\n{stdout}");
+    }
+    assert!(
+        stdout.lines().filter(|l| l.contains(" events/s (")).count() >= if kafka { 5 } else { 3 },
+        "{stdout}"
+    );
+}

@@ -38,6 +38,7 @@ async fn every_bench_scenario_runs_in_quick_mode() {
         "authorize: 8 connections over loopback",
         "authorize: closed loop (saturation): ",
         "authorize: paced at 1000/s: ",
+        "authorize: paced at 1000/s: in the server: p99 ≤ ",
         "restart: 100000 events (100 log records of 1000)",
         "restart: start to ready ",
     ];

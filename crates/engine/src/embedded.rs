@@ -63,7 +63,8 @@ impl EmbeddedLog {
         let mut replayed = 0u64;
         let mut next_report = 1_000_000u64;
         while let Some(page) = rx.recv().await {
-            for rec in page? {
+            let page = page?;
+            for rec in &page {
                 let positioned: Vec<Positioned<'_>> = rec
                     .events
                     .iter()
@@ -79,6 +80,9 @@ impl EmbeddedLog {
                 self.meter.set_position(PARTITION, rec.seq);
                 replayed += rec.events.len() as u64;
             }
+            // Freeing a page's events (millions of small strings) is work
+            // this thread, the bottleneck, can hand off.
+            drop(tokio::task::spawn_blocking(move || drop(page)));
             if replayed >= next_report {
                 next_report += 1_000_000;
                 tracing::info!(replayed, "replaying the usage log");

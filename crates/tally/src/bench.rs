@@ -406,6 +406,13 @@ async fn authorize(args: &BenchArgs, dir: &Path) -> anyhow::Result<()> {
     for rate in std::iter::once(None).chain(paced_rates.iter().copied().map(Some)) {
         let start_at = Instant::now() + warmup;
         let end_at = start_at + measure;
+        let before = {
+            let (http, url) = (s.http.clone(), s.url.clone());
+            tokio::spawn(async move {
+                tokio::time::sleep_until(start_at.into()).await;
+                authorize_buckets(&http, &url).await
+            })
+        };
         let mut tasks = tokio::task::JoinSet::new();
         for c in 0..conns {
             // One client each: one connection each.
@@ -482,8 +489,85 @@ async fn authorize(args: &BenchArgs, dir: &Path) -> anyhow::Result<()> {
             pct(999),
             all.last().copied().unwrap_or(0)
         );
+        // The same calls as the server timed them (its histogram, from the
+        // request's first byte to its answer): what the client adds is
+        // queueing on the machine's shared cores.
+        let before = before.await??;
+        let after = authorize_buckets(&s.http, &s.url).await?;
+        let delta: Vec<(u64, u64)> = after
+            .iter()
+            .map(|(le, n)| {
+                let was = before.iter().find(|(l, _)| l == le).map_or(0, |(_, n)| *n);
+                (*le, n - was)
+            })
+            .collect();
+        let total = delta.last().map_or(0, |(_, n)| *n).max(1);
+        let within = |us: u64| {
+            delta
+                .iter()
+                .find(|(le, _)| *le == us)
+                .map_or(0, |(_, n)| *n)
+        };
+        let p99_le = delta
+            .iter()
+            .find(|(_, n)| n * 100 >= total * 99)
+            .map_or(u64::MAX, |(le, _)| *le);
+        println!(
+            "authorize: {load}: in the server: p99 ≤ {} µs; {}.{}% within 1 ms ({total} calls)",
+            if p99_le == u64::MAX {
+                "∞".to_owned()
+            } else {
+                p99_le.to_string()
+            },
+            within(1_000) * 100 / total,
+            within(1_000) * 1_000 / total % 10,
+        );
     }
     s.stop()
+}
+
+/// The server's latency histogram of `POST /v1/authorize`: (bucket bound in
+/// µs, calls within it), ascending, `+Inf` as `u64::MAX`.
+async fn authorize_buckets(http: &reqwest::Client, url: &str) -> anyhow::Result<Vec<(u64, u64)>> {
+    let text = http
+        .get(format!("{url}/metrics"))
+        .send()
+        .await?
+        .text()
+        .await?;
+    let mut buckets: Vec<(u64, u64)> = Vec::new();
+    for line in text.lines() {
+        if !line.starts_with("tally_http_request_duration_seconds_bucket{")
+            || !line.contains("route=\"/v1/authorize\"")
+        {
+            continue;
+        }
+        let Some((labels, n)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let Some(le) = labels
+            .split("le=\"")
+            .nth(1)
+            .and_then(|r| r.split('"').next())
+        else {
+            continue;
+        };
+        let le = if le == "+Inf" {
+            u64::MAX
+        } else {
+            // Seconds, as a decimal, to µs.
+            let (whole, frac) = le.split_once('.').unwrap_or((le, ""));
+            let frac: String = frac.chars().chain(std::iter::repeat('0')).take(6).collect();
+            whole.parse::<u64>()? * 1_000_000 + frac.parse::<u64>()?
+        };
+        let n: u64 = n.parse()?;
+        match buckets.iter_mut().find(|(l, _)| *l == le) {
+            Some((_, sum)) => *sum += n,
+            None => buckets.push((le, n)),
+        }
+    }
+    buckets.sort_unstable();
+    Ok(buckets)
 }
 
 /// (d) Restart with millions of events in the usage log after the last

@@ -179,19 +179,8 @@ impl MonthLedger {
 
     #[inline]
     fn get_mut(&mut self, s: Subject) -> &mut Counter {
-        fn slot(v: &mut Vec<Counter>, i: u32) -> &mut Counter {
-            let i = i as usize;
-            if v.len() <= i {
-                v.resize(i + 1, Counter::default());
-            }
-            &mut v[i]
-        }
-        match s {
-            Subject::User(i) => slot(&mut self.users, i),
-            Subject::Group(i) => slot(&mut self.groups, i),
-            Subject::Key(i) => slot(&mut self.keys, i),
-            Subject::Org => &mut self.org,
-        }
+        let (users, groups, keys) = (&mut self.users, &mut self.groups, &mut self.keys);
+        subject_slot(&mut self.org, users, groups, keys, s)
     }
 }
 
@@ -214,10 +203,13 @@ pub struct Ledger {
     pending: Vec<Enforcement>,
 }
 
-/// One call being counted: its month and day slots in the ledger.
+/// One call being counted: its month and day, and where they were in the
+/// ledger when it began (checked at each use: a slot that moved since, by a
+/// newer call for an earlier day or a checkpoint, is looked up again).
 #[derive(Debug, Clone, Copy)]
 pub struct Call {
     month: Month,
+    day: Day,
     month_at: usize,
     day_at: usize,
     occurred_at_ms: i64,
@@ -249,19 +241,8 @@ impl DayLedger {
 
     #[inline]
     fn get_mut(&mut self, s: Subject) -> &mut DayDelta {
-        fn slot(v: &mut Vec<DayDelta>, i: u32) -> &mut DayDelta {
-            let i = i as usize;
-            if v.len() <= i {
-                v.resize(i + 1, DayDelta::default());
-            }
-            &mut v[i]
-        }
-        match s {
-            Subject::User(i) => slot(&mut self.users, i),
-            Subject::Group(i) => slot(&mut self.groups, i),
-            Subject::Key(i) => slot(&mut self.keys, i),
-            Subject::Org => &mut self.org,
-        }
+        let (users, groups, keys) = (&mut self.users, &mut self.groups, &mut self.keys);
+        subject_slot(&mut self.org, users, groups, keys, s)
     }
 
     #[inline]
@@ -348,6 +329,7 @@ impl Ledger {
         let month = day.month();
         Call {
             month,
+            day,
             month_at: month_index(&mut self.months, month),
             day_at: day_index(&mut self.days, day),
             occurred_at_ms,
@@ -364,7 +346,11 @@ impl Ledger {
         budget: Budget<'_>,
         logged_at_ms: i64,
     ) {
-        let c = self.months[call.month_at].get_mut(s);
+        let month_at = match self.months.get(call.month_at) {
+            Some(m) if m.month == call.month => call.month_at,
+            _ => month_index(&mut self.months, call.month),
+        };
+        let c = self.months[month_at].get_mut(s);
         if !c.dirty {
             c.dirty = true;
             self.dirty.push((call.month, s));
@@ -384,7 +370,11 @@ impl Ledger {
                 &mut self.pending,
             );
         }
-        self.days[call.day_at].add(s, cost_micros);
+        let day_at = match self.days.get(call.day_at) {
+            Some(d) if d.day == call.day => call.day_at,
+            _ => day_index(&mut self.days, call.day),
+        };
+        self.days[day_at].add(s, cost_micros);
     }
 
     /// Re-evaluates a subject after its limit changed, in the month of the
@@ -512,6 +502,29 @@ fn month_slot(months: &mut Vec<MonthLedger>, month: Month) -> &mut MonthLedger {
 
 /// The index of `month` in `months`, inserted when missing. The newest is
 /// checked first: that is where usage goes.
+/// Subject `s`'s slot among values kept per kind, by index: the vector of
+/// its kind grows to hold it.
+#[inline]
+fn subject_slot<'a, T: Clone + Default>(
+    org: &'a mut T,
+    users: &'a mut Vec<T>,
+    groups: &'a mut Vec<T>,
+    keys: &'a mut Vec<T>,
+    s: Subject,
+) -> &'a mut T {
+    let (v, i) = match s {
+        Subject::Org => return org,
+        Subject::User(i) => (users, i),
+        Subject::Group(i) => (groups, i),
+        Subject::Key(i) => (keys, i),
+    };
+    let i = i as usize;
+    if v.len() <= i {
+        v.resize(i + 1, T::default());
+    }
+    &mut v[i]
+}
+
 fn month_index(months: &mut Vec<MonthLedger>, month: Month) -> usize {
     if let Some(last) = months.last()
         && last.month == month
@@ -758,5 +771,34 @@ mod tests {
         );
         assert!(!l.has_changes());
         assert!(l.take_changes().counters.is_empty());
+    }
+
+    #[test]
+    fn a_call_counts_on_its_own_day_and_month_after_earlier_ones_were_inserted() {
+        let mut l = Ledger::default();
+        let dec = NOV + 30 * 86_400_000;
+        let late = l.begin_call(Day::from_unix_ms(dec), dec);
+        // A call for an earlier day and month moves the first one's slots.
+        let early = l.begin_call(Day::from_unix_ms(NOV), NOV);
+        l.count(early, Subject::Org, 1, budget(1_000), NOV);
+        l.count(late, Subject::Org, 10, budget(1_000), dec);
+        let dec_month = Month::from_unix_ms(dec);
+        assert_eq!(l.counter(dec_month, Subject::Org).unwrap().spend_micros, 10);
+        assert_eq!(
+            l.counter(Month::from_unix_ms(NOV), Subject::Org)
+                .unwrap()
+                .spend_micros,
+            1
+        );
+        let mut days = l.take_changes().days;
+        days.sort_by_key(|((_, d), _)| *d);
+        let spend: Vec<(Day, i64)> = days
+            .iter()
+            .map(|((_, d), x)| (*d, x.spend_micros))
+            .collect();
+        assert_eq!(
+            spend,
+            vec![(Day::from_unix_ms(NOV), 1), (Day::from_unix_ms(dec), 10)]
+        );
     }
 }

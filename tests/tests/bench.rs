@@ -35,6 +35,7 @@ async fn every_bench_scenario_runs_in_quick_mode() {
         "quick (smoke) mode",
         "embedded: 20000 events, 10 users, batches of 1000",
         "embedded: ingested and checkpointed: ",
+        "embedded: ingested while 2 admins read the org's spend in a loop: ",
         "authorize: 8 connections over loopback",
         "authorize: closed loop (saturation): ",
         "authorize: paced at 1000/s: ",
@@ -56,7 +57,7 @@ async fn every_bench_scenario_runs_in_quick_mode() {
         assert!(stdout.contains(line), "no {line:?} in:\n{stdout}");
     }
     assert!(
-        stdout.lines().filter(|l| l.contains(" events/s (")).count() >= if kafka { 5 } else { 3 },
+        stdout.lines().filter(|l| l.contains(" events/s (")).count() >= if kafka { 6 } else { 4 },
         "{stdout}"
     );
 }

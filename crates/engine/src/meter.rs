@@ -18,7 +18,7 @@
 //! task: a client hanging up drops the handler's future, not the task.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -150,6 +150,11 @@ pub struct Meter {
     clock: Arc<dyn Clock>,
     opts: MeterOptions,
     write: tokio::sync::Mutex<()>,
+    /// Checkpoints begun, numbered from 1 (under `write`), and the number
+    /// of the last one that wrote every owned partition: a flush that
+    /// arrived before a checkpoint began needs no other (see `flush`).
+    checkpoints_begun: AtomicU64,
+    checkpoint_done: AtomicU64,
     parts: parking_lot::Mutex<Parts>,
     ready: AtomicBool,
     poisoned: AtomicBool,
@@ -170,6 +175,8 @@ impl Meter {
             clock,
             opts,
             write: tokio::sync::Mutex::new(()),
+            checkpoints_begun: AtomicU64::new(0),
+            checkpoint_done: AtomicU64::new(0),
             parts: parking_lot::Mutex::new(Parts::default()),
             ready: AtomicBool::new(false),
             poisoned: AtomicBool::new(false),
@@ -441,6 +448,7 @@ impl Meter {
                 "the meter stopped; restart to recover".into(),
             ));
         }
+        let number = self.checkpoints_begun.fetch_add(1, Ordering::SeqCst) + 1;
         let mut written = 0;
         let mut first_error = None;
         for p in self.owned_partitions() {
@@ -456,7 +464,10 @@ impl Meter {
         }
         match first_error {
             Some(e) => Err(e),
-            None => Ok(written),
+            None => {
+                let _ = self.checkpoint_done.fetch_max(number, Ordering::SeqCst);
+                Ok(written)
+            }
         }
     }
 
@@ -669,11 +680,31 @@ impl Meter {
         }
     }
 
-    /// Makes every counted event visible to SQL readers: checkpoints when
-    /// anything is unsaved. Admin reads call it for read-your-writes.
+    /// Makes every event counted before this call visible to SQL readers:
+    /// checkpoints when anything is unsaved. Admin reads call it for
+    /// read-your-writes. Calls that arrive together share one checkpoint: a
+    /// checkpoint that began after a call arrived took everything counted
+    /// before it, so once one has succeeded the call has nothing to wait for
+    /// (without this, N concurrent reads during ingest wrote N checkpoints
+    /// one after the other under the write lock ingest needs).
     pub async fn flush(self: &Arc<Self>) -> Result<()> {
-        let _ = self.checkpoint().await?;
-        Ok(())
+        let arrived = self.checkpoints_begun.load(Ordering::SeqCst);
+        let meter = Arc::clone(self);
+        tokio::spawn(async move {
+            let _w = meter.write.lock().await;
+            if meter.checkpoint_done.load(Ordering::SeqCst) > arrived {
+                return Ok(());
+            }
+            meter.checkpoint_locked().await.map(|_| ())
+        })
+        .await
+        .map_err(|e| Error::Unavailable(format!("checkpoint task failed: {e}")))?
+    }
+
+    /// Checkpoints begun so far (each call of [`Meter::checkpoint`] or
+    /// [`Meter::checkpoint_locked`], whether it wrote anything or not).
+    pub fn checkpoints_begun(&self) -> u64 {
+        self.checkpoints_begun.load(Ordering::SeqCst)
     }
 
     /// Periodic work until `stop` resolves: checkpoints, and the new-month

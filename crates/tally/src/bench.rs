@@ -294,22 +294,81 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<()> {
 }
 
 /// (a) Usage over HTTP into the embedded mode: batches posted by a few
-/// concurrent clients, then a read that waits for the checkpoint.
+/// concurrent clients, then a read that waits for the checkpoint. Then the
+/// same again while admins read the org's spend in a loop (each read
+/// checkpoints first, for read-your-writes).
 async fn embedded(args: &BenchArgs, dir: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir)?;
-    let (users, events, batch, clients) = if args.quick {
-        (10, 20_000u64, 1_000u64, 4usize)
+    let (users, events, batch, clients, readers) = if args.quick {
+        (10, 20_000u64, 1_000u64, 4usize, 2usize)
     } else {
-        (1_000, 1_000_000, 1_000, 4)
+        (1_000, 1_000_000, 1_000, 4, 8)
     };
     let data = dir.display().to_string();
     let s = Server::start(dir, "serve", &["--data-dir", &data])?;
     s.ready().await?;
     let _ = seed_org(&s, "bench", users).await?;
+    println!(
+        "embedded: {events} events, {users} users, batches of {batch}, {clients} concurrent clients, SQLite"
+    );
+    let (ingested, checkpointed) = ingest_pass(&s, 0, events, batch, users, clients).await?;
+    println!(
+        "embedded: ingested (applied, logged, answered): {}",
+        rate(events, ingested)
+    );
+    println!(
+        "embedded: ingested and checkpointed: {}",
+        rate(events, checkpointed)
+    );
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut polling = tokio::task::JoinSet::new();
+    for _ in 0..readers {
+        let (stop, http, url) = (Arc::clone(&stop), s.http.clone(), s.url.clone());
+        let _ = polling.spawn(async move {
+            let mut reads = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let r = http
+                    .get(format!("{url}/v1/orgs/bench"))
+                    .bearer_auth(TOKEN)
+                    .send()
+                    .await?;
+                if !r.status().is_success() {
+                    bail!("reading the org: {}", r.status());
+                }
+                reads += 1;
+            }
+            anyhow::Ok(reads)
+        });
+    }
+    let (ingested, _) = ingest_pass(&s, events, events, batch, users, clients).await?;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut reads = 0;
+    while let Some(r) = polling.join_next().await {
+        reads += r??;
+    }
+    println!(
+        "embedded: ingested while {readers} admins read the org's spend in a loop: {}; {} reads/s",
+        rate(events, ingested),
+        (u128::from(reads) * 1_000) / ingested.as_millis().max(1)
+    );
+    s.stop()
+}
+
+/// Posts events `first..first + n` (JSON, in batches, from `clients`
+/// concurrent clients), then reads the org's spend (which checkpoints) and
+/// checks it. Returns the time to the last answer and to the read.
+async fn ingest_pass(
+    s: &Server,
+    first: u64,
+    n: u64,
+    batch: u64,
+    users: u32,
+    clients: usize,
+) -> anyhow::Result<(Duration, Duration)> {
     let now = now_ms();
-    let bodies: Vec<String> = (0..events / batch)
+    let bodies: Vec<String> = (0..n / batch)
         .map(|b| {
-            let evs: Vec<Value> = (b * batch..(b + 1) * batch)
+            let evs: Vec<Value> = (first + b * batch..first + (b + 1) * batch)
                 .map(|i| {
                     let u = i % u64::from(users);
                     json!({"request_id": format!("e-{i}"), "org_id": "bench",
@@ -353,23 +412,12 @@ async fn embedded(args: &BenchArgs, dir: &Path) -> anyhow::Result<()> {
         r??;
     }
     let ingested = started.elapsed();
-    let got = spend(&s, "bench").await?;
+    let got = spend(s, "bench").await?;
     let checkpointed = started.elapsed();
-    if got != expected_spend(0, events) {
-        bail!("spend {got} != {}", expected_spend(0, events));
+    if got != expected_spend(0, first + n) {
+        bail!("spend {got} != {}", expected_spend(0, first + n));
     }
-    println!(
-        "embedded: {events} events, {users} users, batches of {batch}, {clients} concurrent clients, SQLite"
-    );
-    println!(
-        "embedded: ingested (applied, logged, answered): {}",
-        rate(events, ingested)
-    );
-    println!(
-        "embedded: ingested and checkpointed: {}",
-        rate(events, checkpointed)
-    );
-    s.stop()
+    Ok((ingested, checkpointed))
 }
 
 /// (c) Authorize over loopback HTTP with 64 connections: closed loop (each

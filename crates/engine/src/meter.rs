@@ -151,8 +151,9 @@ pub struct Meter {
     opts: MeterOptions,
     write: tokio::sync::Mutex<()>,
     /// Checkpoints begun, numbered from 1 (under `write`), and the number
-    /// of the last one that wrote every owned partition: a flush that
-    /// arrived before a checkpoint began needs no other (see `flush`).
+    /// of the last one that ended without an error for any owned partition:
+    /// a flush that arrived before such a checkpoint began needs no other
+    /// (see `flush`).
     checkpoints_begun: AtomicU64,
     checkpoint_done: AtomicU64,
     parts: parking_lot::Mutex<Parts>,

@@ -54,7 +54,7 @@ impl EmbeddedLog {
     /// as much as applying, and they overlap.
     async fn replay(&self) -> Result<u64> {
         let _w = self.meter.write_lock().await;
-        let (tx, mut rx) = tokio::sync::mpsc::channel(1);
+        let (tx, mut rx) = mpsc::channel(1);
         let reader = tokio::spawn(read_ahead(
             self.meter.db().clone(),
             self.meter.position(PARTITION).unwrap_or(-1),

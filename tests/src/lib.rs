@@ -352,11 +352,38 @@ impl Client {
         self.send("DELETE", path, None).await.expect("DELETE")
     }
 
+    /// The `/metrics` exposition (no token needed).
+    pub async fn metrics(&self) -> String {
+        metrics_text(&self.url).await
+    }
+
+    /// Adds `id` to `org` as an active user (email `{id}@a.test`).
+    pub async fn add_active_user(&self, org: &str, id: &str) -> Value {
+        self.post(
+            &format!("/v1/orgs/{org}/users"),
+            serde_json::json!({"id": id, "email": format!("{id}@a.test"), "name": id, "status": "active"}),
+        )
+        .await
+        .expect(201)
+    }
+
     pub async fn raw(&self, method: &str, path: &str, body: &[u8]) -> Reply {
         self.send(method, path, Some(body.to_vec()))
             .await
             .expect("request")
     }
+}
+
+/// The `/metrics` exposition of the server at `url`.
+pub async fn metrics_text(url: &str) -> String {
+    http_client()
+        .get(format!("{url}/metrics"))
+        .send()
+        .await
+        .expect("scrape")
+        .text()
+        .await
+        .expect("metrics text")
 }
 
 /// Walks a JSON value and checks every `*_micros` field is an integer (or

@@ -65,6 +65,18 @@ async fn ready(t: &Tally) {
     .await;
 }
 
+/// A key for user 0 of `org` (from [`org_fixture`]); returns its secret.
+async fn auth_key(op: &Client, org: &str) -> String {
+    let key = op
+        .post(
+            &format!("/v1/orgs/{org}/keys"),
+            json!({"id": format!("{org}-auth"), "name": "a", "user_id": format!("{org}-u0")}),
+        )
+        .await
+        .expect(201);
+    key["secret"].as_str().unwrap().to_owned()
+}
+
 /// An org with `users` active members (`{org}-u{i}`, each with a key
 /// `{org}-k{i}`) split over `groups` groups (`{org}-g{j}`).
 async fn org_fixture(op: &Client, org: &str, users: usize, groups: usize, limit: Option<i64>) {
@@ -252,14 +264,7 @@ fn expected(calls: &[Call], groups: usize) -> Expected {
 
 /// How many partitions a process meters (from its metrics).
 async fn owned(t: &Tally) -> i64 {
-    let text = tally_tests::http_client()
-        .get(format!("{}/metrics", t.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = tally_tests::metrics_text(&t.url).await;
     text.lines()
         .find(|l| l.starts_with("tally_partitions_owned "))
         .and_then(|l| l.rsplit(' ').next())
@@ -339,16 +344,7 @@ async fn every_distinct_event_counts_once() {
     check_every_figure(&op, &e).await;
     // Distributed-mode gauges: consumer lag per owned partition (from the
     // consumer's statistics, each second) and the relay backlog.
-    let scrape = || async {
-        tally_tests::http_client()
-            .get(format!("{}/metrics", tally.url))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
-    };
+    let scrape = || tally_tests::metrics_text(&tally.url);
     wait_for("distributed gauges", Duration::from_secs(30), || async {
         let text = scrape().await;
         text.contains("tally_consumer_lag_messages{partition=")
@@ -448,14 +444,7 @@ async fn a_broker_outage_loses_nothing_and_authorize_keeps_answering() {
     ready(&tally).await;
     let op = tally.operator();
     org_fixture(&op, "kilo", 5, 1, Some(1_000 * USD)).await;
-    let key = op
-        .post(
-            "/v1/orgs/kilo/keys",
-            json!({"id": "kilo-auth", "name": "a", "user_id": "kilo-u0"}),
-        )
-        .await
-        .expect(201);
-    let secret = key["secret"].as_str().unwrap().to_owned();
+    let secret = auth_key(&op, "kilo").await;
     let all = calls(&["kilo"], 5, 6_000, 13, 4);
     let e = expected(&all, 1);
     let p = producer(&broker);
@@ -507,14 +496,7 @@ async fn a_cutoff_on_one_process_is_seen_on_the_other_within_a_second() {
     ready(&b).await;
     let op = a.operator();
     org_fixture(&op, "lima", 2, 1, Some(10 * USD)).await;
-    let key = op
-        .post(
-            "/v1/orgs/lima/keys",
-            json!({"id": "lima-auth", "name": "a", "user_id": "lima-u0"}),
-        )
-        .await
-        .expect(201);
-    let secret = key["secret"].as_str().unwrap().to_owned();
+    let secret = auth_key(&op, "lima").await;
     let (ca, cb) = (a.operator(), b.operator());
     let allowed = async |c: &Client| {
         c.post("/v1/authorize", json!({"api_key": secret}))
@@ -565,14 +547,7 @@ async fn a_cutoff_on_one_process_is_seen_on_the_other_within_a_second() {
     assert_eq!(d["reason"], "user_monthly_limit");
     // b learnt the entities through the events topic: its projection lag
     // histogram has the observations, and its exposition passes promtool.
-    let text = tally_tests::http_client()
-        .get(format!("{}/metrics", b.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = tally_tests::metrics_text(&b.url).await;
     let followed: u64 = text
         .lines()
         .find(|l| l.starts_with("tally_projection_lag_seconds_count "))

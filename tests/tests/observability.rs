@@ -12,7 +12,7 @@ use axum::http::{HeaderMap, StatusCode};
 use hmac::{Hmac, Mac};
 use serde_json::{Value, json};
 use sha2::Sha256;
-use tally_tests::{Backend, Client, Tally, check_metrics, http_client, now_rfc3339};
+use tally_tests::{Backend, Client, Tally, check_metrics, now_rfc3339};
 
 const USD: i64 = 1_000_000;
 
@@ -307,16 +307,7 @@ async fn metrics_scraped_under_load_pass_promtool_and_match_the_api() {
     let tally = Tally::start_with(&backend, &["--metrics-top-users", "2"]).unwrap();
     let op = tally.operator();
     let _ = seed(&op, &hook).await;
-    let http = http_client();
-    let scrape = || async {
-        http.get(format!("{}/metrics", op.url))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
-    };
+    let scrape = || op.metrics();
     // Load: batches of usage from another task while scraping.
     let load = tokio::spawn({
         let op = tally.operator();
@@ -433,14 +424,7 @@ async fn metrics_scraped_under_load_pass_promtool_and_match_the_api() {
     let op = plain.operator();
     let _ = seed(&op, &hook).await;
     spend(&op, "x", "alice", USD).await;
-    let text = http
-        .get(format!("{}/metrics", op.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = op.metrics().await;
     assert!(
         text.contains("tally_org_spend_micros{org=\"acme\"} 1000000"),
         "{text}"

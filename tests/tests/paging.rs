@@ -50,13 +50,7 @@ async fn pages_sorted_by_spend_hold_still_while_spend_moves() {
         .expect(201);
     for i in 0..USERS {
         let u = id(i);
-        let _ = op
-            .post(
-                "/v1/orgs/acme/users",
-                json!({"id": u, "email": format!("{u}@a.test"), "name": u, "status": "active"}),
-            )
-            .await
-            .expect(201);
+        let _ = op.add_active_user("acme", &u).await;
         // u29 spends most: the listing by -spend is u29, u28, …, u00.
         spend(&op, &format!("first-{i}"), &u, (i as i64 + 1) * 1_000).await;
     }
@@ -118,13 +112,7 @@ async fn pages_sorted_by_spend_hold_still_while_spend_moves() {
     // after its last row, without a gap or a repeat at the seam.
     for i in USERS..120 {
         let u = id(i);
-        let _ = op
-            .post(
-                "/v1/orgs/acme/users",
-                json!({"id": u, "email": format!("{u}@a.test"), "name": u, "status": "active"}),
-            )
-            .await
-            .expect(201);
+        let _ = op.add_active_user("acme", &u).await;
     }
     let whole = op
         .get("/v1/orgs/acme/users?sort=spend&limit=1000")

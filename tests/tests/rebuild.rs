@@ -28,13 +28,7 @@ async fn rebuilt_read_models_equal_the_live_ones() {
         .await
         .expect(201);
     for u in ["ann", "ben", "cid", "dot"] {
-        let _ = op
-            .post(
-                "/v1/orgs/acme/users",
-                json!({"id": u, "email": format!("{u}@a.test"), "name": u, "status": "active"}),
-            )
-            .await
-            .expect(201);
+        let _ = op.add_active_user("acme", u).await;
     }
     let _ = op
         .post(

@@ -512,6 +512,21 @@ mod tests {
         s
     }
 
+    /// Alice's limit set to `limit`, by the operator, at `at_ms`.
+    fn set_alice_limit(s: &mut OrgState, at_ms: i64, limit: crate::money::Limit) {
+        let event = EntityEvent {
+            org_id: s.dir.id.clone(),
+            seq: s.dir.seq + 1,
+            at_ms,
+            actor: crate::entity::Actor::Operator,
+            kind: EventKind::UserLimitSet {
+                user_id: user("alice"),
+                monthly_limit_micros: limit,
+            },
+        };
+        s.apply_entity(&event);
+    }
+
     fn usage(req: &str, user: &str, key: &str, cost: i64, at: i64) -> UsageEvent {
         RawUsage {
             request_id: req,
@@ -666,17 +681,7 @@ mod tests {
                 EnforcementKind::CutOff,
             ]
         );
-        let raise = EntityEvent {
-            org_id: s.dir.id.clone(),
-            seq: s.dir.seq + 1,
-            at_ms: NOV + 100,
-            actor: crate::entity::Actor::Operator,
-            kind: EventKind::UserLimitSet {
-                user_id: user("alice"),
-                monthly_limit_micros: Some(200 * USD),
-            },
-        };
-        s.apply_entity(&raise);
+        set_alice_limit(&mut s, NOV + 100, Some(200 * USD));
         assert!(!s.spend(month, Subject::User(0)).cut_off);
     }
 
@@ -732,17 +737,7 @@ mod tests {
             Counter::restored(1, 1, NOV, 0, false, 0),
         );
         assert_eq!(s.spend(month, Subject::User(0)).spend_micros, 120 * USD);
-        let raise = EntityEvent {
-            org_id: s.dir.id.clone(),
-            seq: s.dir.seq + 1,
-            at_ms: NOV + 5,
-            actor: crate::entity::Actor::Operator,
-            kind: EventKind::UserLimitSet {
-                user_id: user("alice"),
-                monthly_limit_micros: Some(500 * USD),
-            },
-        };
-        s.apply_entity(&raise);
+        set_alice_limit(&mut s, NOV + 5, Some(500 * USD));
         s.new_month(NOV + 40 * 86_400_000);
         assert!(!s.has_changes(), "a mirror never checkpoints or fires");
         // Owned again, a mirror write is ignored.
@@ -757,17 +752,7 @@ mod tests {
         let _ = s.apply_usage(&usage("r1", "alice", "", 90 * USD, NOV), NOV);
         let _ = s.take_changes();
         let dec = Month::from_unix_ms(NOV).next().start_ms();
-        let lower = EntityEvent {
-            org_id: s.dir.id.clone(),
-            seq: s.dir.seq + 1,
-            at_ms: dec + 1,
-            actor: crate::entity::Actor::Operator,
-            kind: EventKind::UserLimitSet {
-                user_id: user("alice"),
-                monthly_limit_micros: Some(10 * USD),
-            },
-        };
-        s.apply_entity(&lower);
+        set_alice_limit(&mut s, dec + 1, Some(10 * USD));
         assert!(
             s.take_changes().enforcement.is_empty(),
             "November keeps its verdicts"

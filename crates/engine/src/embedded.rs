@@ -183,7 +183,7 @@ async fn ingest(meter: Arc<Meter>, events: Vec<(usize, UsageEvent)>) -> Result<I
         match outcome {
             UsageOutcome::Applied => {
                 report.accepted += 1;
-                counted.push(event.clone());
+                counted.push(event);
             }
             UsageOutcome::Duplicate => report.duplicates += 1,
             UsageOutcome::Rejected(r) => report.reject(*index, r),
@@ -193,7 +193,7 @@ async fn ingest(meter: Arc<Meter>, events: Vec<(usize, UsageEvent)>) -> Result<I
     if counted.is_empty() {
         return Ok(report);
     }
-    let payload = tally_proto::encode_usage_batch(&counted);
+    let payload = tally_proto::encode_usage_batch(counted.iter().copied());
     match meter
         .db()
         .append_usage(logged_at_ms, counted.len(), &payload)

@@ -380,19 +380,24 @@ impl Run {
     fn catch_up(&self, events: &[(usize, UsageEvent)]) {
         let registry = &self.engine.registry;
         let mut orgs: Vec<&tally_core::ids::OrgId> = Vec::new();
-        for (_, e) in events {
-            if orgs.contains(&&e.org_id) {
+        // One lookup and one read lock per run of the same org (a batch is
+        // one partition's: its orgs come in runs), not per event.
+        for run in events.chunk_by(|(_, a), (_, b)| a.org_id == b.org_id) {
+            let org_id = &run[0].1.org_id;
+            if orgs.contains(&org_id) {
                 continue;
             }
-            let known = registry.org(&e.org_id).is_some_and(|cell| {
+            let known = registry.org(org_id).is_some_and(|cell| {
                 let org = cell.read();
-                org.dir.users.contains_key(&e.user_id)
-                    && e.api_key_id
-                        .as_ref()
-                        .is_none_or(|k| org.dir.keys.contains_key(k))
+                run.iter().all(|(_, e)| {
+                    org.dir.users.contains_key(&e.user_id)
+                        && e.api_key_id
+                            .as_ref()
+                            .is_none_or(|k| org.dir.keys.contains_key(k))
+                })
             });
             if !known {
-                orgs.push(&e.org_id);
+                orgs.push(org_id);
             }
         }
         for org in orgs {

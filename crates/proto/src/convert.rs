@@ -66,9 +66,9 @@ pub fn usage_to_proto(e: &UsageEvent) -> v1::UsageEvent {
     }
 }
 
-pub fn encode_usage_batch(events: &[UsageEvent]) -> Vec<u8> {
+pub fn encode_usage_batch<'a>(events: impl IntoIterator<Item = &'a UsageEvent>) -> Vec<u8> {
     v1::UsageBatch {
-        events: events.iter().map(usage_to_proto).collect(),
+        events: events.into_iter().map(usage_to_proto).collect(),
     }
     .encode_to_vec()
 }

@@ -20,7 +20,7 @@ use sqlx::{Any, Row, Transaction};
 use tally_core::dedupe::RequestHash;
 use tally_core::ids::OrgId;
 use tally_core::ledger::{Counter, EnforcementKind, SubjectKind};
-use tally_core::org::{MeterChanges, SavedCounter, SavedMeter};
+use tally_core::org::{MeterChanges, SavedCounter, SavedEnforcement, SavedMeter};
 use tally_core::time::Month;
 
 use crate::{Db, Error, Result};
@@ -143,6 +143,25 @@ fn blob_to_hashes(b: &[u8]) -> Result<Vec<RequestHash>> {
     Ok(b.chunks_exact(16)
         .map(|c| u128::from_be_bytes(c.try_into().expect("16 bytes")))
         .collect())
+}
+
+/// The columns that name an enforcement event, in both tables keyed by it
+/// (`enforcement_events`, `webhook_deliveries`): org, subject kind and id,
+/// month, event, threshold, ordinal.
+fn enforcement_key(org: &str, e: &SavedEnforcement) -> Vec<Val> {
+    let threshold = match e.event.kind {
+        EnforcementKind::ThresholdCrossed { threshold_bps } => i64::from(threshold_bps),
+        EnforcementKind::CutOff | EnforcementKind::CutoffLifted { .. } => 0,
+    };
+    vec![
+        Val::Text(org.to_owned()),
+        Val::Text(e.kind.as_str().to_owned()),
+        Val::Text(e.id.clone()),
+        Val::Int(month_i64(e.event.month)),
+        Val::Text(e.event.kind.name().to_owned()),
+        Val::Int(threshold),
+        Val::Int(i64::from(e.event.ordinal)),
+    ]
 }
 
 fn month_i64(m: Month) -> i64 {
@@ -359,28 +378,18 @@ impl Db {
             ]);
             for e in &ch.enforcement {
                 let ev = &e.event;
-                let (threshold, reason) = match ev.kind {
-                    EnforcementKind::ThresholdCrossed { threshold_bps } => {
-                        (i64::from(threshold_bps), None)
-                    }
-                    EnforcementKind::CutOff => (0, None),
-                    EnforcementKind::CutoffLifted { reason } => {
-                        (0, Some(reason.as_str().to_owned()))
-                    }
+                let reason = match ev.kind {
+                    EnforcementKind::CutoffLifted { reason } => Some(reason.as_str().to_owned()),
+                    _ => None,
                 };
-                enforcement.push(vec![
-                    Val::Text(org.to_owned()),
-                    Val::Text(e.kind.as_str().to_owned()),
-                    Val::Text(e.id.clone()),
-                    Val::Int(month_i64(ev.month)),
-                    Val::Text(ev.kind.name().to_owned()),
-                    Val::Int(threshold),
-                    Val::Int(i64::from(ev.ordinal)),
+                let mut row = enforcement_key(org, e);
+                row.extend([
                     Val::OptText(reason),
                     Val::Int(ev.spend_micros),
                     Val::OptInt(ev.limit_micros),
                     Val::Int(ev.at_ms),
                 ]);
+                enforcement.push(row);
             }
         }
         let _ = insert_many(
@@ -445,23 +454,14 @@ impl Db {
                 continue;
             }
             for e in &ch.enforcement {
-                let threshold = match e.event.kind {
-                    EnforcementKind::ThresholdCrossed { threshold_bps } => i64::from(threshold_bps),
-                    _ => 0,
-                };
-                deliveries.push(vec![
-                    Val::Text(org.to_string()),
-                    Val::Text(e.kind.as_str().to_owned()),
-                    Val::Text(e.id.clone()),
-                    Val::Int(month_i64(e.event.month)),
-                    Val::Text(e.event.kind.name().to_owned()),
-                    Val::Int(threshold),
-                    Val::Int(i64::from(e.event.ordinal)),
+                let mut row = enforcement_key(org.as_str(), e);
+                row.extend([
                     Val::Text("pending".to_owned()),
                     Val::Int(0),
                     Val::Int(now_ms),
                     Val::Int(now_ms),
                 ]);
+                deliveries.push(row);
             }
         }
         let _ = insert_many(

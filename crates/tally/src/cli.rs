@@ -245,6 +245,13 @@ struct Api {
 }
 
 impl Api {
+    fn new(conn: Conn) -> Api {
+        Api {
+            http: reqwest::Client::new(),
+            conn,
+        }
+    }
+
     fn org(&self) -> anyhow::Result<&str> {
         self.conn
             .org
@@ -304,11 +311,7 @@ fn user_rows(items: &[Value]) -> Vec<Vec<String>> {
                 dollars(&u["spend_micros"]),
                 dollars(&u["monthly_limit_micros"]),
                 percent(&u["spend_micros"], &u["monthly_limit_micros"]),
-                if u["cut_off"] == true {
-                    "CUT OFF".into()
-                } else {
-                    String::new()
-                },
+                flag(&u["cut_off"], "CUT OFF"),
                 text(&u["groups"]),
             ]
         })
@@ -349,10 +352,7 @@ fn path(segment: &str) -> String {
 }
 
 pub(crate) async fn orgs(conn: Conn, cmd: Orgs) -> anyhow::Result<String> {
-    let api = Api {
-        http: reqwest::Client::new(),
-        conn,
-    };
+    let api = Api::new(conn);
     Ok(match cmd {
         Orgs::Create {
             id,
@@ -408,10 +408,7 @@ pub(crate) async fn orgs(conn: Conn, cmd: Orgs) -> anyhow::Result<String> {
 }
 
 pub(crate) async fn users(conn: Conn, cmd: Users) -> anyhow::Result<String> {
-    let api = Api {
-        http: reqwest::Client::new(),
-        conn,
-    };
+    let api = Api::new(conn);
     let org = path(api.org()?);
     Ok(match cmd {
         Users::List {
@@ -556,6 +553,15 @@ pub(crate) async fn users(conn: Conn, cmd: Users) -> anyhow::Result<String> {
     })
 }
 
+/// `label` when the JSON value is `true`, else an empty cell.
+fn flag(v: &Value, label: &str) -> String {
+    if *v == true {
+        label.to_owned()
+    } else {
+        String::new()
+    }
+}
+
 fn group_rows(items: &[Value]) -> Vec<Vec<String>> {
     items
         .iter()
@@ -566,11 +572,7 @@ fn group_rows(items: &[Value]) -> Vec<Vec<String>> {
                 text(&g["member_count"]),
                 dollars(&g["spend_micros"]),
                 dollars(&g["monthly_limit_micros"]),
-                if g["cut_off"] == true {
-                    "CUT OFF".into()
-                } else {
-                    String::new()
-                },
+                flag(&g["cut_off"], "CUT OFF"),
             ]
         })
         .collect()
@@ -579,10 +581,7 @@ fn group_rows(items: &[Value]) -> Vec<Vec<String>> {
 const GROUP_HEADER: [&str; 6] = ["ID", "NAME", "MEMBERS", "SPEND", "LIMIT", ""];
 
 pub(crate) async fn groups(conn: Conn, cmd: Groups) -> anyhow::Result<String> {
-    let api = Api {
-        http: reqwest::Client::new(),
-        conn,
-    };
+    let api = Api::new(conn);
     let org = path(api.org()?);
     Ok(match cmd {
         Groups::List => {
@@ -674,11 +673,7 @@ fn key_rows(items: &[Value]) -> Vec<Vec<String>> {
                 text(&k["features"]),
                 dollars(&k["spend_micros"]),
                 dollars(&k["monthly_limit_micros"]),
-                if k["revoked"] == true {
-                    "REVOKED".into()
-                } else {
-                    String::new()
-                },
+                flag(&k["revoked"], "REVOKED"),
             ]
         })
         .collect()
@@ -689,10 +684,7 @@ const KEY_HEADER: [&str; 8] = [
 ];
 
 pub(crate) async fn keys(conn: Conn, cmd: Keys) -> anyhow::Result<String> {
-    let api = Api {
-        http: reqwest::Client::new(),
-        conn,
-    };
+    let api = Api::new(conn);
     let org = path(api.org()?);
     Ok(match cmd {
         Keys::List => {

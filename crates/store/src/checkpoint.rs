@@ -16,13 +16,14 @@
 
 use std::collections::HashMap;
 
-use sqlx::{Any, Row, Transaction};
+use sqlx::Row;
 use tally_core::dedupe::RequestHash;
 use tally_core::ids::OrgId;
 use tally_core::ledger::{Counter, EnforcementKind, SubjectKind};
 use tally_core::org::{MeterChanges, SavedCounter, SavedEnforcement, SavedMeter};
 use tally_core::time::Month;
 
+use crate::tx::WriteTx;
 use crate::{Db, Error, Result};
 
 /// Where a partition's metering stands.
@@ -80,7 +81,7 @@ const PARAMS_MAX: usize = 360;
 /// `INSERT INTO … VALUES (…), (…) <tail>` in as few statements as the
 /// parameter limit allows.
 pub(crate) async fn insert_many(
-    tx: &mut Transaction<'static, Any>,
+    tx: &mut WriteTx,
     head: &str,
     tail: &str,
     rows: Vec<Vec<Val>>,
@@ -192,6 +193,8 @@ impl Db {
     /// Takes a partition over: bumps its epoch (fencing out the previous
     /// owner) and returns where it stands.
     pub async fn claim_partition(&self, partition: i64, now_ms: i64) -> Result<Claim> {
+        // In a transaction: the row comes back before an implicit commit.
+        let mut tx = self.begin_write().await?;
         let row = sqlx::query(
             "INSERT INTO checkpoints (partition_id, position, number, epoch, updated_at_ms) \
              VALUES ($1, -1, 0, 1, $2) ON CONFLICT (partition_id) DO UPDATE SET \
@@ -199,8 +202,9 @@ impl Db {
         )
         .bind(partition)
         .bind(now_ms)
-        .fetch_one(self.writer())
+        .fetch_one(&mut *tx)
         .await?;
+        tx.commit().await?;
         claim_from(&row)
     }
 
@@ -302,7 +306,7 @@ impl Db {
         dead_letters: &[DeadLetter],
         now_ms: i64,
     ) -> Result<()> {
-        let mut tx = self.writer().begin().await?;
+        let mut tx = self.begin_write().await?;
         // First, so that it holds the row lock: a claim waits for this
         // transaction, and this one fails if a claim came first.
         let fenced = sqlx::query(

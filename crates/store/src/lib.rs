@@ -17,6 +17,7 @@ pub mod checkpoint;
 pub mod log;
 pub mod query;
 mod schema;
+mod tx;
 pub mod usage_log;
 pub mod webhook;
 
@@ -169,7 +170,7 @@ impl Db {
     }
 
     async fn migrate(&self) -> Result<()> {
-        let mut tx = self.write.begin().await?;
+        let mut tx = self.begin_write().await?;
         if self.backend == Backend::Postgres {
             // Two processes starting together must not both migrate.
             let _ = sqlx::query("SELECT pg_advisory_xact_lock(7243917)")

@@ -6,8 +6,8 @@
 //! corrupting the log. [`Db::rebuild_projections`] drops the read models and
 //! projects the whole log again.
 
+use sqlx::Row;
 use sqlx::any::AnyRow;
-use sqlx::{Any, Row, Transaction};
 use tally_core::entity::{EntityEvent, EventKind};
 use tally_core::ids::OrgId;
 use tally_proto::{decode_entity_event, encode_entity_event};
@@ -15,6 +15,7 @@ use tally_proto::{decode_entity_event, encode_entity_event};
 use std::collections::{BTreeMap, HashMap};
 
 use crate::checkpoint::{Val, insert_many};
+use crate::tx::WriteTx;
 use crate::{Db, Error, Result};
 
 /// Rows read per round trip when scanning the log.
@@ -57,7 +58,7 @@ impl Db {
             return Ok(());
         };
         let last = events.last().expect("not empty");
-        let mut tx = self.writer().begin().await?;
+        let mut tx = self.begin_write().await?;
         if self.backend() == crate::Backend::Postgres {
             // One appender at a time: `pos` then follows commit order, so a
             // relay reading `pos > n` never skips a later-committing row.
@@ -186,7 +187,7 @@ impl Db {
         F: FnOnce(Vec<(i64, EntityEvent)>) -> Fut,
         Fut: std::future::Future<Output = std::result::Result<(), String>>,
     {
-        let mut tx = self.writer().begin().await?;
+        let mut tx = self.begin_write().await?;
         if self.backend() == crate::Backend::Postgres {
             let mine: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock(7243920)")
                 .fetch_one(&mut *tx)
@@ -235,7 +236,7 @@ impl Db {
     /// transaction: readers see the old models until it commits.
     /// `progress` is called every few thousand events with the count so far.
     pub async fn rebuild_projections(&self, mut progress: impl FnMut(u64)) -> Result<u64> {
-        let mut tx = self.writer().begin().await?;
+        let mut tx = self.begin_write().await?;
         for table in [
             "api_key_groups",
             "api_keys",
@@ -280,7 +281,7 @@ fn seq_i64(seq: u64) -> i64 {
 }
 
 /// Applies one event to the read models.
-async fn project(tx: &mut Transaction<'static, Any>, e: &EntityEvent) -> Result<()> {
+async fn project(tx: &mut WriteTx, e: &EntityEvent) -> Result<()> {
     let org = e.org_id.as_str();
     let at = e.at_ms;
     macro_rules! exec {
@@ -524,12 +525,7 @@ async fn project(tx: &mut Transaction<'static, Any>, e: &EntityEvent) -> Result<
     Ok(())
 }
 
-async fn set_seq(
-    tx: &mut Transaction<'static, Any>,
-    org: &str,
-    seq: u64,
-    at_ms: i64,
-) -> Result<()> {
+async fn set_seq(tx: &mut WriteTx, org: &str, seq: u64, at_ms: i64) -> Result<()> {
     let _ = sqlx::query("UPDATE orgs SET seq = $2, updated_at_ms = $3 WHERE id = $1")
         .bind(org)
         .bind(seq_i64(seq))
@@ -556,12 +552,7 @@ fn in_list(first: usize, n: usize) -> String {
 }
 
 /// Runs `sql_head … IN (ids)` in chunks; `params` are bound before the ids.
-async fn exec_in(
-    tx: &mut Transaction<'static, Any>,
-    sql_head: &str,
-    params: &[Val],
-    ids: &[String],
-) -> Result<()> {
+async fn exec_in(tx: &mut WriteTx, sql_head: &str, params: &[Val], ids: &[String]) -> Result<()> {
     for chunk in ids.chunks(IN_LIST_LEN) {
         let sql = format!("{sql_head} IN ({})", in_list(params.len() + 1, chunk.len()));
         // Only placeholders are interpolated; values are bound.
@@ -589,7 +580,7 @@ async fn exec_in(
 /// removals, additions, limit, status — the order `BulkUpdateUsers`
 /// produces — so that grouping them by kind changes nothing. Returns false
 /// (projecting nothing) otherwise.
-async fn project_bulk(tx: &mut Transaction<'static, Any>, events: &[EntityEvent]) -> Result<bool> {
+async fn project_bulk(tx: &mut WriteTx, events: &[EntityEvent]) -> Result<bool> {
     if events.len() < 8 {
         return Ok(false);
     }

@@ -15,21 +15,26 @@ pub struct UsageRecord {
 }
 
 impl Db {
-    /// Appends one batch; returns its position.
+    /// Appends one batch; returns its position once its commit succeeded.
+    /// (In a transaction of its own: a statement that returns a row has
+    /// handed it over before its implicit commit, whose failure the caller
+    /// would then never see.)
     pub async fn append_usage(
         &self,
         logged_at_ms: i64,
         events: usize,
         payload: &[u8],
     ) -> Result<i64> {
+        let mut tx = self.begin_write().await?;
         let seq: i64 = sqlx::query_scalar(
             "INSERT INTO usage_log (logged_at_ms, events, payload) VALUES ($1, $2, $3) RETURNING seq",
         )
         .bind(logged_at_ms)
         .bind(i64::try_from(events).unwrap_or(i64::MAX))
         .bind(payload)
-        .fetch_one(self.writer())
+        .fetch_one(&mut *tx)
         .await?;
+        tx.commit().await?;
         Ok(seq)
     }
 

@@ -106,7 +106,7 @@ impl Db {
         lease_ms: i64,
         limit: u32,
     ) -> Result<Vec<DueDelivery>> {
-        let mut tx = self.writer().begin().await?;
+        let mut tx = self.begin_write().await?;
         // The outer conditions repeat the inner ones: on PostgreSQL a
         // concurrent claim of the same row is re-checked against them after
         // the row lock is granted, and then skipped.

@@ -1,0 +1,93 @@
+//! Write transactions that end for certain.
+//!
+//! Every write transaction of the store is a [`WriteTx`]: `BEGIN` on a
+//! connection of the write pool, `COMMIT` on success, and on anything else —
+//! an error on the way, a failed `COMMIT`, a future dropped halfway — the
+//! connection is closed rather than handed back to the pool. Closing ends
+//! whatever transaction the connection was in (the database rolls it back),
+//! so the next write starts on a connection in a known state.
+//!
+//! Why not sqlx's `Transaction`: it keeps its own count of how deep a
+//! connection is in transactions and lowers it only when its `ROLLBACK`
+//! succeeds. SQLite rolls a transaction back by itself when its `COMMIT`
+//! fails with a full disk or an I/O error; sqlx's `ROLLBACK` then fails ("no
+//! transaction is active"), the count stays at one, every later `begin()`
+//! became a `SAVEPOINT`, and the first one rolled back (`ROLLBACK TO`) left
+//! the connection inside a transaction that never committed again, while
+//! every write on it reported success. A connection whose transaction state
+//! is in doubt is worth less than opening a new one.
+
+use std::ops::{Deref, DerefMut};
+
+use sqlx::pool::PoolConnection;
+use sqlx::{Any, AnyConnection};
+
+use crate::{Backend, Db, Result};
+
+/// An open write transaction; see the module docs.
+#[derive(Debug)]
+pub(crate) struct WriteTx {
+    /// `None` once committed.
+    conn: Option<PoolConnection<Any>>,
+}
+
+impl Db {
+    /// Begins a write transaction. On SQLite it takes the write lock at once
+    /// (`BEGIN IMMEDIATE`), so it never fails halfway for want of it.
+    pub(crate) async fn begin_write(&self) -> Result<WriteTx> {
+        let mut conn = self.writer().acquire().await?;
+        let begin = match self.backend() {
+            Backend::Sqlite => "BEGIN IMMEDIATE",
+            Backend::Postgres => "BEGIN",
+        };
+        if let Err(e) = sqlx::raw_sql(begin).execute(&mut *conn).await {
+            conn.close_on_drop();
+            return Err(e.into());
+        }
+        Ok(WriteTx { conn: Some(conn) })
+    }
+}
+
+impl WriteTx {
+    /// Commits. Returns only once the database said the commit succeeded; on
+    /// any error the connection is closed, taking the transaction with it.
+    pub(crate) async fn commit(mut self) -> Result<()> {
+        let mut conn = self.conn.take().expect("a WriteTx is open until committed");
+        match sqlx::raw_sql("COMMIT").execute(&mut *conn).await {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                // Whatever state the transaction is in now (rolled back by
+                // the database, or still open), closing ends it.
+                let _ = conn.close().await;
+                Err(e.into())
+            }
+        }
+    }
+}
+
+impl Drop for WriteTx {
+    fn drop(&mut self) {
+        if let Some(conn) = &mut self.conn {
+            // Not committed: an error on the way, or the future was dropped.
+            conn.close_on_drop();
+        }
+    }
+}
+
+impl Deref for WriteTx {
+    type Target = AnyConnection;
+
+    fn deref(&self) -> &AnyConnection {
+        self.conn
+            .as_deref()
+            .expect("a WriteTx is open until committed")
+    }
+}
+
+impl DerefMut for WriteTx {
+    fn deref_mut(&mut self) -> &mut AnyConnection {
+        self.conn
+            .as_deref_mut()
+            .expect("a WriteTx is open until committed")
+    }
+}

@@ -85,7 +85,12 @@ impl Backend {
 
     fn log_dir(&self) -> PathBuf {
         match self {
-            Backend::Sqlite(dir) => dir.clone(),
+            // Beside the data, not in it: a test may fill the data's disk.
+            Backend::Sqlite(dir) => {
+                let logs = PathBuf::from(format!("{}.logs", dir.display()));
+                std::fs::create_dir_all(&logs).expect("log dir");
+                logs
+            }
             Backend::Postgres(_) => temp_dir("pglogs"),
         }
     }
@@ -274,6 +279,8 @@ pub struct Client {
 pub struct Reply {
     pub status: u16,
     pub body: Value,
+    /// The `Retry-After` header, if any.
+    pub retry_after: Option<String>,
 }
 
 impl Reply {
@@ -314,6 +321,11 @@ impl Client {
         }
         let resp = req.send().await?;
         let status = resp.status().as_u16();
+        let retry_after = resp
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
         let bytes = resp.bytes().await?;
         let body = if bytes.is_empty() {
             Value::Null
@@ -325,7 +337,11 @@ impl Client {
                 )
             })?
         };
-        Ok(Reply { status, body })
+        Ok(Reply {
+            status,
+            body,
+            retry_after,
+        })
     }
 
     pub async fn get(&self, path: &str) -> Reply {
@@ -603,4 +619,78 @@ pub fn check_metrics(text: &str) {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// A small tmpfs of a test's own, for filling a disk for real (the suite
+/// runs as root; `mount` needs it). Unmounted on drop.
+#[derive(Debug)]
+pub struct Tmpfs {
+    pub dir: PathBuf,
+}
+
+impl Tmpfs {
+    /// Mounts a tmpfs of `size` (as `mount -o size=` takes it, e.g. `16m`).
+    /// Fails clearly when it cannot, since the suite runs as root.
+    pub fn mount(name: &str, size: &str) -> anyhow::Result<Tmpfs> {
+        let dir = temp_dir(name);
+        let out = Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0755"),
+                "tmpfs",
+            ])
+            .arg(&dir)
+            .output()
+            .context("running mount")?;
+        if !out.status.success() {
+            bail!(
+                "cannot mount a tmpfs at {} ({}): the storage-fault tests fill a disk for \
+                 real and need root, as scripts/test.sh has in CI",
+                dir.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(Tmpfs { dir })
+    }
+
+    /// Gives the file system a new size, keeping its files.
+    pub fn resize(&self, size: &str) -> anyhow::Result<()> {
+        let status = Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(&self.dir)
+            .status()?;
+        if !status.success() {
+            bail!("remounting {} failed", self.dir.display());
+        }
+        Ok(())
+    }
+
+    /// Fills the file system with `name` until all but `leave` bytes are
+    /// taken; returns the file's path.
+    pub fn fill(&self, name: &str, leave: u64) -> anyhow::Result<PathBuf> {
+        use std::io::Write;
+        let path = self.dir.join(name);
+        let mut f = std::fs::File::create(&path)?;
+        let chunk = vec![0u8; 64 * 1024];
+        let mut written = 0u64;
+        loop {
+            match f.write(&chunk) {
+                Ok(0) => break,
+                Ok(n) => written += n as u64,
+                Err(e) if e.raw_os_error() == Some(28) => break, // ENOSPC
+                Err(e) => return Err(e.into()),
+            }
+        }
+        f.set_len(written.saturating_sub(leave))?;
+        f.sync_all()?;
+        Ok(path)
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
+    }
 }

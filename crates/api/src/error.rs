@@ -7,11 +7,17 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use tally_core::entity::CommandError;
 
+/// What a client is told to wait before retrying a request refused during a
+/// storage fault (the meter probes the store every second).
+pub(crate) const RETRY_AFTER_S: u32 = 2;
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ApiError {
     pub status: StatusCode,
     pub code: &'static str,
     pub message: String,
+    /// Sent as `Retry-After` (seconds).
+    pub retry_after_s: Option<u32>,
 }
 
 impl ApiError {
@@ -20,6 +26,7 @@ impl ApiError {
             status,
             code,
             message: message.into(),
+            retry_after_s: None,
         }
     }
 
@@ -55,6 +62,25 @@ impl ApiError {
         ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)
     }
 
+    /// 503 with `Retry-After`: the store cannot write (or be reached) now;
+    /// nothing of the request was done.
+    pub fn store_unavailable(reason: &str) -> ApiError {
+        ApiError {
+            retry_after_s: Some(RETRY_AFTER_S),
+            ..ApiError::unavailable(format!(
+                "the store cannot write ({reason}); nothing was done: retry after {RETRY_AFTER_S} s"
+            ))
+        }
+    }
+
+    /// The same error with another message.
+    pub fn with_message(self, message: impl Into<String>) -> ApiError {
+        ApiError {
+            message: message.into(),
+            ..self
+        }
+    }
+
     pub fn internal() -> ApiError {
         ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -81,6 +107,7 @@ impl From<tally_engine::Error> for ApiError {
             tally_engine::Error::Command(c) => c.into(),
             tally_engine::Error::UnknownOrg => ApiError::not_found("no such org"),
             tally_engine::Error::Store(s) => s.into(),
+            tally_engine::Error::StoreFault(f) => ApiError::store_unavailable(f.reason),
             tally_engine::Error::Unavailable(m) => ApiError::unavailable(m),
             e @ tally_engine::Error::Corrupt(_) => {
                 tracing::error!(error = %e, "request failed");
@@ -97,6 +124,11 @@ impl From<tally_store::Error> for ApiError {
                 ApiError::conflict("the org changed concurrently; retry the request")
             }
             tally_store::Error::Invalid(m) => ApiError::invalid(m),
+            e if e.unavailable().is_some() => {
+                let reason = e.unavailable().unwrap_or_default();
+                tracing::debug!(error = %e, "request refused: the store is unavailable");
+                ApiError::store_unavailable(reason)
+            }
             e => {
                 tracing::error!(error = %e, "request failed");
                 ApiError::internal()
@@ -113,7 +145,13 @@ impl IntoResponse for ApiError {
                 message: self.message,
             },
         };
-        (self.status, Json(body)).into_response()
+        let mut response = (self.status, Json(body)).into_response();
+        if let Some(s) = self.retry_after_s {
+            let _ = response
+                .headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, s.into());
+        }
+        response
     }
 }
 

@@ -98,7 +98,7 @@ pub(crate) async fn list(
         ),
         None => None,
     };
-    state.engine.meter.flush().await?;
+    state.engine.meter.flush_for_read().await?;
     let month = Month::from_unix_ms(state.engine.now_ms());
     let rows = state
         .engine
@@ -142,7 +142,7 @@ pub(crate) async fn get(
 ) -> ApiResult<Json<GroupDetail>> {
     let org_id = org_access(&state, &caller, &org)?;
     let group_id = group_id(&group)?;
-    state.engine.meter.flush().await?;
+    state.engine.meter.flush_for_read().await?;
     let group = group_json(&state, &org_id, &group_id).await?;
     let month = Month::from_unix_ms(state.engine.now_ms());
     let (months, days) = state
@@ -197,7 +197,7 @@ pub(crate) async fn patch(
         .commands
         .execute(&org_id, caller.actor(), &cmd)
         .await?;
-    state.engine.meter.flush().await?;
+    state.engine.meter.flush_for_read().await?;
     Ok(Json(group_json(&state, &org_id, &group_id).await?))
 }
 

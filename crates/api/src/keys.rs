@@ -118,7 +118,7 @@ pub(crate) async fn list(
         ),
         None => None,
     };
-    state.engine.meter.flush().await?;
+    state.engine.meter.flush_for_read().await?;
     let month = Month::from_unix_ms(state.engine.now_ms());
     let rows = state
         .engine
@@ -156,7 +156,7 @@ pub(crate) async fn get(
 ) -> ApiResult<Json<KeyDetail>> {
     let org_id = org_access(&state, &caller, &org)?;
     let key_id = key_id(&key)?;
-    state.engine.meter.flush().await?;
+    state.engine.meter.flush_for_read().await?;
     let key = key_json(&state, &org_id, &key_id).await?;
     let month = Month::from_unix_ms(state.engine.now_ms());
     let (months, days) = state
@@ -206,7 +206,7 @@ pub(crate) async fn patch(
         .commands
         .execute(&org_id, caller.actor(), &cmd)
         .await?;
-    state.engine.meter.flush().await?;
+    state.engine.meter.flush_for_read().await?;
     Ok(Json(key_json(&state, &org_id, &key_id).await?))
 }
 

@@ -157,7 +157,10 @@ async fn observe(
         .record(took.as_secs_f64());
     let _e = span.enter();
     let took_us = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
-    if status >= 500 {
+    // A 503 with Retry-After is a refusal during a storage fault, which the
+    // engine logs once; one line per refused request would flood the log.
+    let refused = resp.headers().contains_key(axum::http::header::RETRY_AFTER);
+    if status >= 500 && !refused {
         tracing::warn!(status, took_us, "request failed");
     } else {
         tracing::debug!(status, took_us, "request");

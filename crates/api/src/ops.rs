@@ -23,8 +23,18 @@ pub(crate) async fn healthz() -> Response {
 }
 
 /// Ready once the checkpoint is loaded and the usage log replayed.
-#[utoipa::path(get, path = "/readyz", tag = "ops", security(), responses((status = 200, description = "ready", body = StatusJson), (status = 503, description = "recovering or stopped", body = crate::error::ErrorBody)))]
+#[utoipa::path(get, path = "/readyz", tag = "ops", security(), responses((status = 200, description = "ready", body = StatusJson), (status = 503, description = "recovering, stopped, or the store cannot write", body = crate::error::ErrorBody)))]
 pub(crate) async fn readyz(State(state): State<AppState>) -> Response {
+    if let Some(fault) = state.engine.meter.health().fault() {
+        let since = tally_proto::format_rfc3339_ms(fault.since_ms);
+        return ApiError::store_unavailable(fault.reason)
+            .with_message(format!(
+                "not ready: {fault} since {since}, found by the {} path; usage and commands \
+                 are refused until a write commits again",
+                fault.path
+            ))
+            .into_response();
+    }
     if state.engine.meter.is_ready() {
         (
             StatusCode::OK,

@@ -49,7 +49,7 @@ pub(crate) struct PatchOrg {
 }
 
 async fn org_json(state: &AppState, org_id: &OrgId) -> ApiResult<Json<OrgJson>> {
-    state.engine.meter.flush().await?;
+    state.engine.meter.flush_for_read().await?;
     let month = Month::from_unix_ms(state.engine.now_ms());
     let row = state
         .engine
@@ -284,7 +284,7 @@ pub(crate) async fn enforcement(
     Params(p): Params<LimitParams>,
 ) -> ApiResult<Json<ListJson<EnforcementJson>>> {
     let org_id = org_access(&state, &caller, &org)?;
-    state.engine.meter.flush().await?;
+    state.engine.meter.flush_for_read().await?;
     let rows = state
         .engine
         .db
@@ -348,7 +348,7 @@ pub(crate) async fn dead_letters(
     Params(p): Params<LimitParams>,
 ) -> ApiResult<Json<ListJson<DeadLetterJson>>> {
     let org_id = org_access(&state, &caller, &org)?;
-    state.engine.meter.flush().await?;
+    state.engine.meter.flush_for_read().await?;
     let rows = state
         .engine
         .db
@@ -368,7 +368,7 @@ pub(crate) async fn all_dead_letters(
     Params(p): Params<LimitParams>,
 ) -> ApiResult<Json<ListJson<DeadLetterJson>>> {
     caller.require_operator()?;
-    state.engine.meter.flush().await?;
+    state.engine.meter.flush_for_read().await?;
     let rows = state
         .engine
         .db

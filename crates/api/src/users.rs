@@ -175,7 +175,7 @@ pub(crate) async fn list(
         .as_deref()
         .map(|c| cursor::decode_user(sort, c))
         .transpose()?;
-    state.engine.meter.flush().await?;
+    state.engine.meter.flush_for_read().await?;
     let month = Month::from_unix_ms(state.engine.now_ms());
     // A snapshot serves only the listing it was taken of.
     let listing = format!("{org_id}\u{1f}{sort_param}\u{1f}{month}\u{1f}{filter:?}");
@@ -282,7 +282,7 @@ pub(crate) async fn get(
 ) -> ApiResult<Json<UserDetail>> {
     let org_id = org_access(&state, &caller, &org)?;
     let user_id = user_id(&user)?;
-    state.engine.meter.flush().await?;
+    state.engine.meter.flush_for_read().await?;
     let user = user_json(&state, &org_id, &user_id).await?;
     let month = Month::from_unix_ms(state.engine.now_ms());
     let (months, days) = state
@@ -329,7 +329,7 @@ pub(crate) async fn patch(
         .commands
         .execute(&org_id, caller.actor(), &cmd)
         .await?;
-    state.engine.meter.flush().await?;
+    state.engine.meter.flush_for_read().await?;
     Ok(Json(user_json(&state, &org_id, &user_id).await?))
 }
 

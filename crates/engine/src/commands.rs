@@ -8,6 +8,12 @@
 //! fold (which would make a replay judge group membership differently). When
 //! another process appended to the org first (distributed mode), the log is
 //! read back into memory and the command is validated again.
+//!
+//! During a storage fault ([`crate::health`]) commands are refused before
+//! they are validated. An append that failed for a fault of the store may
+//! still have committed (PostgreSQL went away between COMMIT and its
+//! answer): the org's log is read back, and if it holds this very command's
+//! events, the command succeeded after all.
 
 use std::sync::Arc;
 
@@ -84,6 +90,9 @@ impl Commands {
         let mut attempt = 0;
         loop {
             let _w = self.meter.write_lock().await;
+            if let Some(fault) = self.meter.health().fault() {
+                return Err(Error::StoreFault(fault));
+            }
             match self.try_once(org_id, &actor, cmd).await {
                 Err(Error::Store(tally_store::Error::Conflict { .. }))
                     if attempt < CONFLICT_RETRIES =>
@@ -128,9 +137,61 @@ impl Commands {
                 kind,
             })
             .collect();
-        self.db.append(&events).await?;
+        match self.db.append(&events).await {
+            Ok(()) => {}
+            Err(e) => {
+                let e = Error::from(e);
+                if !self
+                    .meter
+                    .health()
+                    .write_failed("entity_log", &e, self.clock.now_ms())
+                {
+                    return Err(e);
+                }
+                return match self.landed(org_id, &events).await {
+                    Ok(true) => Ok(events),
+                    Ok(false) => Err(e),
+                    Err(resolving) => {
+                        tracing::warn!(org = %org_id, error = %resolving, "whether a failed append committed is unknown until the log can be read");
+                        Err(e)
+                    }
+                };
+            }
+        }
         self.registry.apply(&events);
+        self.meter.health().write_succeeded(self.clock.now_ms());
         Ok(events)
+    }
+
+    /// Whether `events`, whose append failed, are in the org's log after all
+    /// (then they are folded, as a successful append's would be). Another
+    /// process may have taken their seqs; then they are not.
+    async fn landed(&self, org_id: &OrgId, events: &[EntityEvent]) -> Result<bool> {
+        let Some(first) = events.first() else {
+            return Ok(false);
+        };
+        let stored = self
+            .db
+            .org_events(
+                org_id,
+                first.seq - 1,
+                u32::try_from(events.len()).unwrap_or(u32::MAX),
+            )
+            .await?;
+        if stored != events {
+            return Ok(false);
+        }
+        tracing::info!(org = %org_id, seq = first.seq, "a failed append had committed: folding it");
+        for e in events {
+            // Following, not applying: the relay may have brought it already.
+            if self.registry.follow(e) == Followed::Gap {
+                return Err(Error::Corrupt(format!(
+                    "the entity log of org {org_id} has a gap before seq {}",
+                    e.seq
+                )));
+            }
+        }
+        Ok(true)
     }
 
     /// Folds into memory whatever the org's log holds beyond it (written by

@@ -4,8 +4,11 @@
 //! An ingest runs as one spawned task under the meter's write lock: count,
 //! append, answer. The log position and the in-memory state therefore agree
 //! at every checkpoint, and a client hanging up cannot stop it between the
-//! two. If the append fails, memory is ahead of the log: the meter is
-//! poisoned and the process must restart to recover from the log.
+//! two. If the append fails, memory is ahead of the log by that batch: the
+//! meter is rebuilt from what is durable (the last checkpoint, then the log
+//! after it) before the lock is released, the batch is answered 503 and
+//! counts nowhere. While the store is in a fault ([`crate::health`]),
+//! batches are refused before anything is counted.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -54,45 +57,7 @@ impl EmbeddedLog {
     /// as much as applying, and they overlap.
     async fn replay(&self) -> Result<u64> {
         let _w = self.meter.write_lock().await;
-        let (tx, mut rx) = mpsc::channel(1);
-        let reader = tokio::spawn(read_ahead(
-            self.meter.db().clone(),
-            self.meter.position(PARTITION).unwrap_or(-1),
-            tx,
-        ));
-        let mut replayed = 0u64;
-        let mut next_report = 1_000_000u64;
-        while let Some(page) = rx.recv().await {
-            let page = page?;
-            for rec in &page {
-                let positioned: Vec<Positioned<'_>> = rec
-                    .events
-                    .iter()
-                    .map(|event| Positioned {
-                        position: rec.seq,
-                        logged_at_ms: rec.logged_at_ms,
-                        event,
-                    })
-                    .collect();
-                let _ = self.meter.apply(PARTITION, &positioned).ok_or_else(|| {
-                    Error::Unavailable("the usage log's partition is not claimed".into())
-                })?;
-                self.meter.set_position(PARTITION, rec.seq);
-                replayed += rec.events.len() as u64;
-            }
-            // Freeing a page's events (millions of small strings) is work
-            // this thread, the bottleneck, can hand off.
-            drop(tokio::task::spawn_blocking(move || drop(page)));
-            if replayed >= next_report {
-                next_report += 1_000_000;
-                tracing::info!(replayed, "replaying the usage log");
-            }
-        }
-        reader
-            .await
-            .map_err(|e| Error::Unavailable(format!("usage log reader failed: {e}")))?;
-        metrics::counter!(m::REPLAYED_EVENTS).increment(replayed);
-        Ok(replayed)
+        replay_locked(&self.meter).await
     }
 
     /// Deletes checkpointed batches older than the retention.
@@ -109,6 +74,49 @@ impl EmbeddedLog {
             Err(e) => tracing::warn!(error = %e, "usage log purge failed"),
         }
     }
+}
+
+/// [`EmbeddedLog::replay`] for callers that hold the meter's write lock.
+async fn replay_locked(meter: &Meter) -> Result<u64> {
+    let (tx, mut rx) = mpsc::channel(1);
+    let reader = tokio::spawn(read_ahead(
+        meter.db().clone(),
+        meter.position(PARTITION).unwrap_or(-1),
+        tx,
+    ));
+    let mut replayed = 0u64;
+    let mut next_report = 1_000_000u64;
+    while let Some(page) = rx.recv().await {
+        let page = page?;
+        for rec in &page {
+            let positioned: Vec<Positioned<'_>> = rec
+                .events
+                .iter()
+                .map(|event| Positioned {
+                    position: rec.seq,
+                    logged_at_ms: rec.logged_at_ms,
+                    event,
+                })
+                .collect();
+            let _ = meter.apply(PARTITION, &positioned).ok_or_else(|| {
+                Error::Unavailable("the usage log's partition is not claimed".into())
+            })?;
+            meter.set_position(PARTITION, rec.seq);
+            replayed += rec.events.len() as u64;
+        }
+        // Freeing a page's events (millions of small strings) is work
+        // this thread, the bottleneck, can hand off.
+        drop(tokio::task::spawn_blocking(move || drop(page)));
+        if replayed >= next_report {
+            next_report += 1_000_000;
+            tracing::info!(replayed, "replaying the usage log");
+        }
+    }
+    reader
+        .await
+        .map_err(|e| Error::Unavailable(format!("usage log reader failed: {e}")))?;
+    metrics::counter!(m::REPLAYED_EVENTS).increment(replayed);
+    Ok(replayed)
 }
 
 /// One usage log record, decoded.
@@ -159,6 +167,9 @@ async fn read_ahead(db: Db, mut from: i64, tx: mpsc::Sender<Result<Vec<Decoded>>
 
 async fn ingest(meter: Arc<Meter>, events: Vec<(usize, UsageEvent)>) -> Result<IngestReport> {
     let _w = meter.write_lock().await;
+    if let Some(fault) = meter.health().fault() {
+        return Err(Error::StoreFault(fault));
+    }
     if !meter.is_ready() {
         return Err(Error::Unavailable(
             "the meter is not accepting usage".into(),
@@ -189,8 +200,8 @@ async fn ingest(meter: Arc<Meter>, events: Vec<(usize, UsageEvent)>) -> Result<I
             UsageOutcome::Rejected(r) => report.reject(*index, r),
         }
     }
-    m::count_outcomes(&report);
     if counted.is_empty() {
+        m::count_outcomes(&report);
         return Ok(report);
     }
     let payload = tally_proto::encode_usage_batch(counted.iter().copied());
@@ -199,10 +210,29 @@ async fn ingest(meter: Arc<Meter>, events: Vec<(usize, UsageEvent)>) -> Result<I
         .append_usage(logged_at_ms, counted.len(), &payload)
         .await
     {
-        Ok(seq) => meter.set_position(PARTITION, seq),
+        Ok(seq) => {
+            meter.set_position(PARTITION, seq);
+            meter.health().write_succeeded(meter.now_ms());
+            m::count_outcomes(&report);
+        }
         Err(e) => {
-            meter.poison(&format!("usage log append failed after counting: {e}"));
-            return Err(e.into());
+            let e = Error::from(e);
+            let fault = meter.health().write_failed("usage_log", &e, meter.now_ms());
+            if !fault {
+                tracing::error!(error = %e, "usage log append failed");
+            }
+            // Memory counted a batch the log does not have. Before anything
+            // else is counted or answered, it goes back to what is durable.
+            if let Err(re) = rebuild(&meter).await {
+                meter.poison(&format!(
+                    "usage log append failed after counting ({e}), and rebuilding the meter \
+                     from the log failed too: {re}"
+                ));
+            }
+            return Err(match meter.health().fault() {
+                Some(fault) => Error::StoreFault(fault),
+                None => e,
+            });
         }
     }
     if meter.wants_checkpoint(PARTITION) {
@@ -210,6 +240,20 @@ async fn ingest(meter: Arc<Meter>, events: Vec<(usize, UsageEvent)>) -> Result<I
         let _ = meter.checkpoint_locked().await;
     }
     Ok(report)
+}
+
+/// Rebuilds partition 0 from the last checkpoint and the log after it (reads
+/// only: it works on a full disk). Under the meter's write lock.
+async fn rebuild(meter: &Meter) -> Result<()> {
+    let started = Instant::now();
+    let _ = meter.reload(PARTITION).await?;
+    let replayed = replay_locked(meter).await?;
+    tracing::info!(
+        replayed,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "meter rebuilt from the usage log: the refused batch counts nowhere"
+    );
+    Ok(())
 }
 
 impl UsageSink for EmbeddedLog {

@@ -8,6 +8,7 @@ pub mod clock;
 pub mod commands;
 pub mod embedded;
 pub mod gauges;
+pub mod health;
 pub mod meter;
 pub mod metrics;
 pub mod registry;
@@ -40,11 +41,26 @@ pub enum Error {
     Store(#[from] tally_store::Error),
     #[error("{0}")]
     Unavailable(String),
+    /// Refused without trying: the store is in a fault ([`health`]).
+    #[error("{0}")]
+    StoreFault(health::Fault),
     #[error("corrupt state: {0}")]
     Corrupt(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// What kind of storage fault this error is, if it is one: the request
+    /// may succeed when retried once the store can write again.
+    pub fn store_unavailable(&self) -> Option<&'static str> {
+        match self {
+            Error::Store(e) => e.unavailable(),
+            Error::StoreFault(f) => Some(f.reason),
+            _ => None,
+        }
+    }
+}
 
 /// A boxed future, for the object-safe [`UsageSink`].
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;

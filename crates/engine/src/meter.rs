@@ -32,6 +32,7 @@ use tally_store::checkpoint::{DeadLetter, PartitionCheckpoint};
 use tokio::sync::Notify;
 
 use crate::clock::Clock;
+use crate::health::StoreHealth;
 use crate::metrics as m;
 use crate::registry::Registry;
 use crate::{Error, Result};
@@ -161,6 +162,7 @@ pub struct Meter {
     poisoned: AtomicBool,
     failed: Notify,
     publisher: OnceLock<Arc<dyn StatePublisher>>,
+    health: StoreHealth,
 }
 
 impl Meter {
@@ -183,7 +185,13 @@ impl Meter {
             poisoned: AtomicBool::new(false),
             failed: Notify::new(),
             publisher: OnceLock::new(),
+            health: StoreHealth::new(),
         }
+    }
+
+    /// Whether the store can write; shared by every write path.
+    pub fn health(&self) -> &StoreHealth {
+        &self.health
     }
 
     pub fn options(&self) -> &MeterOptions {
@@ -268,12 +276,73 @@ impl Meter {
             .db
             .load_meters(i64::from(p), self.opts.window_ms, Month::from_unix_ms(now))
             .await?;
+        let (position, orgs) = self.install(p, claim.epoch, claim.checkpoint, saved, now, false);
+        tracing::info!(
+            partition = p,
+            epoch = claim.epoch,
+            position,
+            orgs,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "partition claimed"
+        );
+        Ok(position)
+    }
+
+    /// Starts partition `p` again from its last committed checkpoint, which
+    /// this process already owns: every org of the partition forgets what
+    /// it counted since (the caller replays the log after the returned
+    /// position). Reads only, so it works on a full disk. For the embedded
+    /// log, after counting a batch whose append then failed.
+    pub async fn reload(&self, p: i32) -> Result<i64> {
+        let now = self.clock.now_ms();
+        let stored = self
+            .db
+            .load_checkpoint(i64::from(p))
+            .await?
+            .ok_or_else(|| Error::Corrupt(format!("partition {p} has no checkpoint to reload")))?;
+        let saved = self
+            .db
+            .load_meters(i64::from(p), self.opts.window_ms, Month::from_unix_ms(now))
+            .await?;
+        let (position, orgs) = self.install(p, stored.epoch, stored.checkpoint, saved, now, true);
+        metrics::counter!(m::METER_REBUILDS).increment(1);
+        tracing::info!(
+            partition = p,
+            position,
+            orgs,
+            "meter reloaded from the last checkpoint"
+        );
+        Ok(position)
+    }
+
+    /// Makes `p` an owned partition at `checkpoint` with the `saved` meters
+    /// of its orgs; with `forget`, the orgs it had before start from zero
+    /// too (not only those the checkpoint names). Returns the position and
+    /// how many orgs the checkpoint named.
+    fn install(
+        &self,
+        p: i32,
+        epoch: i64,
+        checkpoint: PartitionCheckpoint,
+        saved: HashMap<String, tally_core::org::SavedMeter>,
+        now: i64,
+        forget: bool,
+    ) -> (i64, usize) {
         let mut parts = self.parts.lock();
+        let before: Vec<OrgId> = match parts.by_id.get(&p) {
+            Some(part) if forget => part.orgs.iter().cloned().collect(),
+            _ => Vec::new(),
+        };
         release_locked(&mut parts, &self.registry, p);
+        for org_id in &before {
+            if let Some(cell) = self.registry.org(org_id) {
+                cell.write().reset_meter();
+            }
+        }
         let mut part = Part {
-            epoch: claim.epoch,
-            position: claim.checkpoint.position,
-            committed: claim.checkpoint,
+            epoch,
+            position: checkpoint.position,
+            committed: checkpoint,
             ..Part::default()
         };
         let orgs = saved.len();
@@ -298,15 +367,7 @@ impl Meter {
         let position = part.position;
         let _ = parts.by_id.insert(p, part);
         metrics::gauge!(m::PARTITIONS_OWNED).set(parts.by_id.len() as f64);
-        tracing::info!(
-            partition = p,
-            epoch = claim.epoch,
-            position,
-            orgs,
-            elapsed_ms = started.elapsed().as_millis() as u64,
-            "partition claimed"
-        );
-        Ok(position)
+        (position, orgs)
     }
 
     /// Gives partition `p` up (after a last checkpoint, when the caller could
@@ -458,7 +519,13 @@ impl Meter {
                 Ok(false) => {}
                 Err(e) => {
                     metrics::counter!(m::CHECKPOINT_FAILURES).increment(1);
-                    tracing::warn!(partition = p, error = %e, "checkpoint failed; retrying with the next");
+                    // A storage fault is logged once, by the health.
+                    if !self
+                        .health
+                        .write_failed("checkpoint", &e, self.clock.now_ms())
+                    {
+                        tracing::warn!(partition = p, error = %e, "checkpoint failed; retrying with the next");
+                    }
                     let _ = first_error.get_or_insert(e);
                 }
             }
@@ -467,6 +534,9 @@ impl Meter {
             Some(e) => Err(e),
             None => {
                 let _ = self.checkpoint_done.fetch_max(number, Ordering::SeqCst);
+                if written > 0 {
+                    self.health.write_succeeded(self.clock.now_ms());
+                }
                 Ok(written)
             }
         }
@@ -702,6 +772,19 @@ impl Meter {
         .map_err(|e| Error::Unavailable(format!("checkpoint task failed: {e}")))?
     }
 
+    /// [`Meter::flush`] for an admin read, which answers whatever the store
+    /// can write: during a storage fault it skips the checkpoint and the
+    /// read shows spend as of the last one that committed.
+    pub async fn flush_for_read(self: &Arc<Self>) -> Result<()> {
+        if self.health.fault().is_some() {
+            return Ok(());
+        }
+        match self.flush().await {
+            Err(e) if e.store_unavailable().is_some() => Ok(()),
+            other => other,
+        }
+    }
+
     /// Checkpoints begun so far (each call of [`Meter::checkpoint`] or
     /// [`Meter::checkpoint_locked`], whether it wrote anything or not).
     pub fn checkpoints_begun(&self) -> u64 {
@@ -725,7 +808,22 @@ impl Meter {
             }
             self.new_month();
             // Failures are logged and counted; the next tick retries.
-            let _ = self.checkpoint().await;
+            let checkpointed = self.checkpoint().await;
+            if checkpointed.is_ok() && self.health.fault().is_some() {
+                self.probe().await;
+            }
+        }
+    }
+
+    /// During a storage fault: whether a write commits again (after the
+    /// checkpoint did, so what is pending fits too).
+    async fn probe(&self) {
+        let now = self.clock.now_ms();
+        match self.db.probe_write(now).await {
+            Ok(()) => self.health.write_succeeded(now),
+            Err(e) => {
+                let _ = self.health.write_failed("probe", &e.into(), now);
+            }
         }
     }
 

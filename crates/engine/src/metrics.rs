@@ -47,8 +47,32 @@ pub const READY: &str = "tally_ready";
 pub const PARTITIONS_OWNED: &str = "tally_partitions_owned";
 /// Usage events replayed from the log at start.
 pub const REPLAYED_EVENTS: &str = "tally_replayed_events_total";
+/// 1 while the store commits writes, 0 from a write that failed for a fault
+/// of the store (disk full, I/O error, database gone) until one succeeds.
+pub const STORE_WRITABLE: &str = "tally_store_writable";
+/// Writes that failed for a fault of the store, by `path` (usage_log,
+/// entity_log, checkpoint, probe).
+pub const STORE_WRITE_FAILURES: &str = "tally_store_write_failures_total";
+/// Times the meter was rebuilt from the durable log after counting a batch
+/// the log then refused.
+pub const METER_REBUILDS: &str = "tally_meter_rebuilds_total";
 
 pub fn describe() {
+    describe_gauge!(
+        STORE_WRITABLE,
+        Unit::Count,
+        "1 while the store commits writes, 0 during a storage fault"
+    );
+    describe_counter!(
+        STORE_WRITE_FAILURES,
+        Unit::Count,
+        "writes that failed for a fault of the store, by path"
+    );
+    describe_counter!(
+        METER_REBUILDS,
+        Unit::Count,
+        "meter rebuilds from the durable log after a refused append"
+    );
     describe_counter!(
         USAGE_EVENTS,
         Unit::Count,

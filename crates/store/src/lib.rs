@@ -53,6 +53,55 @@ pub enum Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+impl Error {
+    /// Why the database could not do what was asked, when that is a fault
+    /// of the database or its machine rather than of the request: a full
+    /// disk, an I/O error, a server that went away or is busy. Such a write
+    /// may succeed when tried again later; `None` for every other error.
+    pub fn unavailable(&self) -> Option<&'static str> {
+        let Error::Sql(e) = self else {
+            return None;
+        };
+        match e {
+            sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::Protocol(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::WorkerCrashed
+            | sqlx::Error::BeginFailed => Some("the database is unreachable"),
+            sqlx::Error::Database(d) => d.code().and_then(|c| unavailable_code(&c)),
+            _ => None,
+        }
+    }
+}
+
+/// Classifies a database error code: PostgreSQL's are five-character
+/// SQLSTATEs, SQLite's are (extended) result codes in decimal, below 10 000.
+fn unavailable_code(code: &str) -> Option<&'static str> {
+    if code.len() == 5 {
+        return match &code[..2] {
+            "53" if code == "53100" => Some("the disk is full"),
+            "08" | "57" => Some("the database is unreachable"),
+            "53" => Some("the database is out of resources"),
+            "58" => Some("an I/O error"),
+            "25" if code == "25006" => Some("the database is read-only"),
+            "40" => Some("the database is busy"),
+            _ => None,
+        };
+    }
+    // The primary result code is the low byte of an extended one.
+    match code.parse::<u32>().ok()? & 0xff {
+        13 => Some("the disk is full"),
+        10 => Some("an I/O error"),
+        5 | 6 => Some("the database is busy"),
+        7 => Some("out of memory"),
+        8 => Some("the database is read-only"),
+        14 => Some("the database file cannot be opened"),
+        _ => None,
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
     Sqlite,
@@ -242,6 +291,20 @@ impl Db {
         Ok(())
     }
 
+    /// Writes one small row in a transaction of its own: whether the store
+    /// can commit a write at all, asked while it could not.
+    pub async fn probe_write(&self, now_ms: i64) -> Result<()> {
+        let mut tx = self.begin_write().await?;
+        let _ = sqlx::query(
+            "INSERT INTO tally_meta (key, value) VALUES ('store_probe', $1) \
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        )
+        .bind(now_ms.to_string())
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await
+    }
+
     /// Makes this process the only one serving from this database, for as
     /// long as the returned guard lives: a PostgreSQL session lock on a
     /// connection of its own. The embedded mode meters every org in one
@@ -329,6 +392,21 @@ pub(crate) fn flag(v: i64) -> bool {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn faults_of_the_database_are_told_from_faults_of_the_request() {
+        use super::unavailable_code as c;
+        assert_eq!(c("13"), Some("the disk is full")); // SQLITE_FULL
+        assert_eq!(c("778"), Some("an I/O error")); // SQLITE_IOERR_WRITE
+        assert_eq!(c("5"), Some("the database is busy"));
+        assert_eq!(c("2067"), None); // SQLITE_CONSTRAINT_UNIQUE
+        assert_eq!(c("53100"), Some("the disk is full"));
+        assert_eq!(c("57P01"), Some("the database is unreachable")); // admin_shutdown
+        assert_eq!(c("08006"), Some("the database is unreachable"));
+        assert_eq!(c("23505"), None); // unique_violation
+        assert_eq!(c("P0001"), None); // raise_exception
+        assert_eq!(c("garbage"), None);
+    }
+
     #[test]
     fn passwords_are_redacted() {
         assert_eq!(

@@ -270,6 +270,8 @@ impl Sender {
     /// Claims and sends what is due until `stop` turns true.
     pub async fn run(self, mut stop: watch::Receiver<bool>) {
         let sender = Arc::new(self);
+        // Claiming fails every poll while the store is away: logged once.
+        let mut failing = false;
         loop {
             // Stopping drops attempts in flight: their claims run out and
             // the deliveries are sent again (receivers drop repeats by key).
@@ -278,9 +280,19 @@ impl Sender {
                 r = Arc::clone(&sender).step() => r,
             };
             let sent = match step {
-                Ok(n) => n,
+                Ok(n) => {
+                    if std::mem::take(&mut failing) {
+                        tracing::info!("webhook deliveries: claiming works again");
+                    }
+                    n
+                }
+                Err(e) if failing => {
+                    tracing::debug!(error = %e, "webhook deliveries: claiming still fails");
+                    0
+                }
                 Err(e) => {
-                    tracing::warn!(error = %e, "webhook deliveries: claiming failed; retrying");
+                    failing = true;
+                    tracing::warn!(error = %e, "webhook deliveries: claiming failed; retrying every poll");
                     0
                 }
             };

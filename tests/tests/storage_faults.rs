@@ -1,0 +1,251 @@
+//! Storage faults never lose acknowledged usage: the embedded service with
+//! its data directory on a small tmpfs of its own, filled for real, while a
+//! gateway posts batches. Every batch answered `accepted` is counted exactly
+//! once, whatever happens next (a kill -9 while the disk is still full, or
+//! space coming back); every refused batch and command is absent.
+
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use tally_tests::{Backend, Client, Tally, Tmpfs, now_rfc3339};
+
+const BATCH_LEN: usize = 200;
+const COST_MICROS: i64 = 1_000;
+/// How long a test posts before the disk must have filled.
+const BATCHES_MAX: usize = 3_000;
+
+fn batch(n: usize) -> Value {
+    let at = now_rfc3339();
+    let events: Vec<Value> = (0..BATCH_LEN)
+        .map(|i| {
+            json!({
+                "request_id": format!("b{n}-{i}"), "org_id": "acme", "user_id": "alice",
+                "api_key_id": "alice-key", "model": "gpt-4o", "provider": "openai",
+                "input_tokens": 1000, "output_tokens": 250,
+                "cost_micros": COST_MICROS, "occurred_at": at,
+            })
+        })
+        .collect();
+    json!({ "events": events })
+}
+
+struct Run {
+    disk: Tmpfs,
+    filler: std::path::PathBuf,
+    secret: String,
+    accepted: Vec<usize>,
+    refused: Vec<usize>,
+}
+
+/// An org with alice and her key on a 16 MiB disk, filled to its last
+/// 2 MiB; then batches until the store refuses them.
+async fn until_the_disk_is_full(name: &str) -> anyhow::Result<(Tally, Run)> {
+    let disk = Tmpfs::mount(name, "16m")?;
+    let backend = Backend::Sqlite(disk.dir.clone());
+    let tally = Tally::start(&backend)?;
+    let op = tally.operator();
+    let _ = op
+        .post("/v1/orgs", json!({"id": "acme", "name": "Acme"}))
+        .await
+        .expect(201);
+    let _ = op.add_active_user("acme", "alice").await;
+    let key = op
+        .post(
+            "/v1/orgs/acme/keys",
+            json!({"id": "alice-key", "name": "laptop", "user_id": "alice"}),
+        )
+        .await
+        .expect(201);
+    let secret = key["secret"].as_str().expect("secret").to_owned();
+    let filler = disk.fill("filler", 2 << 20)?;
+
+    let mut accepted = Vec::new();
+    let mut refused = Vec::new();
+    for n in 0..BATCHES_MAX {
+        let r = op.post("/v1/usage", batch(n)).await;
+        match r.status {
+            200 => {
+                assert_eq!(
+                    r.body,
+                    json!({"accepted": BATCH_LEN, "duplicates": 0, "rejected": []}),
+                    "batch {n}"
+                );
+                accepted.push(n);
+            }
+            503 => {
+                assert_eq!(r.body["error"]["code"], "unavailable", "{}", r.body);
+                let message = r.body["error"]["message"].as_str().unwrap_or_default();
+                assert!(message.contains("disk is full"), "{message}");
+                assert!(
+                    r.retry_after
+                        .as_deref()
+                        .is_some_and(|s| s.parse::<u32>().is_ok()),
+                    "a 503 says when to retry: {:?}",
+                    r.retry_after
+                );
+                refused.push(n);
+                if refused.len() == 5 {
+                    break;
+                }
+            }
+            other => panic!("batch {n}: unexpected {other}: {}", r.body),
+        }
+    }
+    assert!(
+        refused.len() == 5,
+        "the disk never filled: {} batches accepted",
+        accepted.len()
+    );
+    assert!(
+        !accepted.is_empty(),
+        "the disk was full before the first batch"
+    );
+    eprintln!(
+        "{} batches accepted, then refused from batch {}",
+        accepted.len(),
+        refused[0]
+    );
+    Ok((
+        tally,
+        Run {
+            disk,
+            filler,
+            secret,
+            accepted,
+            refused,
+        },
+    ))
+}
+
+/// While the store cannot write: readiness says why, the gauge is 0,
+/// authorize and admin reads answer, a command is refused and leaves no
+/// trace.
+async fn while_full(tally: &Tally, run: &Run) {
+    let op = tally.operator();
+    let ready = op.get("/readyz").await;
+    assert_eq!(ready.status, 503, "{}", ready.body);
+    let message = ready.body["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("the store cannot write (the disk is full)"),
+        "{message}"
+    );
+    let metrics = op.metrics().await;
+    assert!(
+        metrics.lines().any(|l| l == "tally_store_writable 0"),
+        "the gauge shows the fault"
+    );
+    let auth = op
+        .post("/v1/authorize", json!({"api_key": run.secret}))
+        .await
+        .expect(200);
+    assert_eq!(auth["allowed"], true, "{auth}");
+    let alice = op.get("/v1/orgs/acme/users/alice").await.expect(200);
+    assert_eq!(alice["id"], "alice");
+    let refused = op
+        .post(
+            "/v1/orgs/acme/users",
+            json!({"id": "mallory", "email": "m@a.test", "name": "Mallory"}),
+        )
+        .await;
+    assert_eq!(refused.status, 503, "{}", refused.body);
+    assert!(refused.retry_after.is_some());
+    // The fault is logged once, not per request.
+    let log = tally.log_text();
+    assert_eq!(
+        log.matches("the store cannot write: refusing usage and commands")
+            .count(),
+        1,
+        "{log}"
+    );
+}
+
+/// Exactly the accepted batches count; the refused ones are not even known
+/// as duplicates; the refused command left nothing.
+async fn exactly_what_was_accepted(op: &Client, run: &Run) {
+    let alice = op.get("/v1/orgs/acme/users/alice").await.expect(200);
+    let accepted = run.accepted.len() as i64;
+    assert_eq!(
+        alice["spend_micros"],
+        json!(accepted * BATCH_LEN as i64 * COST_MICROS),
+        "{alice}"
+    );
+    assert_eq!(alice["requests"], json!(accepted * BATCH_LEN as i64));
+    assert_eq!(op.get("/v1/orgs/acme/users/mallory").await.status, 404);
+    let events = op.get("/v1/orgs/acme/events?limit=1000").await.expect(200);
+    assert!(
+        !events.to_string().contains("mallory"),
+        "a refused command left an event: {events}"
+    );
+    let again = op
+        .post("/v1/usage", batch(run.accepted[0]))
+        .await
+        .expect(200);
+    assert_eq!(again["duplicates"], json!(BATCH_LEN), "{again}");
+    let refused = op
+        .post("/v1/usage", batch(run.refused[0]))
+        .await
+        .expect(200);
+    assert_eq!(
+        refused["accepted"],
+        json!(BATCH_LEN),
+        "a refused batch counts nowhere, not even as seen: {refused}"
+    );
+    let alice = op.get("/v1/orgs/acme/users/alice").await.expect(200);
+    assert_eq!(
+        alice["spend_micros"],
+        json!((accepted + 1) * BATCH_LEN as i64 * COST_MICROS)
+    );
+}
+
+#[tokio::test]
+async fn killed_while_the_disk_is_full_it_loses_nothing_acknowledged() -> anyhow::Result<()> {
+    let (tally, run) = until_the_disk_is_full("full-kill").await?;
+    while_full(&tally, &run).await;
+    // kill -9 with the disk still full; then the same files on a bigger one.
+    tally.kill9()?;
+    run.disk.resize("64m")?;
+    let tally = Tally::start(&Backend::Sqlite(run.disk.dir.clone()))?;
+    exactly_what_was_accepted(&tally.operator(), &run).await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn when_space_comes_back_it_resumes_by_itself() -> anyhow::Result<()> {
+    let (tally, run) = until_the_disk_is_full("full-free").await?;
+    while_full(&tally, &run).await;
+    std::fs::remove_file(&run.filler)?;
+    let op = tally.operator();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while op.get("/readyz").await.status != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "not ready again 30 s after space came back"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        op.metrics()
+            .await
+            .lines()
+            .any(|l| l == "tally_store_writable 1")
+    );
+    exactly_what_was_accepted(&op, &run).await;
+    // Commands work again too, and after a clean restart every figure holds.
+    let _ = op
+        .post(
+            "/v1/orgs/acme/users",
+            json!({"id": "mallory", "email": "m@a.test", "name": "Mallory"}),
+        )
+        .await
+        .expect(201);
+    let before = op.get("/v1/orgs/acme/users/alice").await.expect(200);
+    let tally = tally.restart()?;
+    let after = tally
+        .operator()
+        .get("/v1/orgs/acme/users/alice")
+        .await
+        .expect(200);
+    assert_eq!(before["spend_micros"], after["spend_micros"]);
+    assert_eq!(before["requests"], after["requests"]);
+    Ok(())
+}

@@ -694,3 +694,146 @@ impl Drop for Tmpfs {
         let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
     }
 }
+
+/// A PostgreSQL server of a test's own, so that the test can kill it: a
+/// throw-away cluster from the machine's PostgreSQL 15 (`PG_BIN`, default
+/// `/usr/lib/postgresql/15/bin`, as scripts/services.sh uses), run as the
+/// `postgres` user when the suite runs as root. Stopped and removed on drop.
+#[derive(Debug)]
+pub struct PgServer {
+    dir: PathBuf,
+    bin: PathBuf,
+    pub port: u16,
+}
+
+impl PgServer {
+    /// `None` (with a note) when the binaries are missing and services are
+    /// not required.
+    pub fn start() -> anyhow::Result<Option<PgServer>> {
+        let bin = PathBuf::from(
+            std::env::var("PG_BIN").unwrap_or_else(|_| "/usr/lib/postgresql/15/bin".into()),
+        );
+        if !bin.join("initdb").exists() {
+            if std::env::var_os("TALLY_REQUIRE_SERVICES").is_some() {
+                bail!("no PostgreSQL binaries in {}", bin.display());
+            }
+            eprintln!("skipped: no PostgreSQL binaries in {}", bin.display());
+            return Ok(None);
+        }
+        let dir = temp_dir("pgserver");
+        let root = is_root();
+        if root {
+            let _ = Command::new("chown")
+                .args(["postgres"])
+                .arg(&dir)
+                .status()?;
+        }
+        let pg = PgServer {
+            dir,
+            bin,
+            port: free_port(),
+        };
+        let out = pg
+            .command("initdb")
+            .arg("-D")
+            .arg(pg.dir.join("data"))
+            .args([
+                "-U",
+                "tally",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--locale=C.UTF-8",
+            ])
+            .output()?;
+        if !out.status.success() {
+            bail!("initdb failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        pg.pg_ctl_start()?;
+        Ok(Some(pg))
+    }
+
+    fn command(&self, tool: &str) -> Command {
+        let path = self.bin.join(tool);
+        if is_root() {
+            let mut c = Command::new("runuser");
+            let _ = c.args(["-u", "postgres", "--"]).arg(path);
+            c
+        } else {
+            Command::new(path)
+        }
+    }
+
+    fn pg_ctl_start(&self) -> anyhow::Result<()> {
+        let status = self
+            .command("pg_ctl")
+            .arg("-D")
+            .arg(self.dir.join("data"))
+            .arg("-l")
+            .arg(self.dir.join("postgres.log"))
+            .args(["-w", "-t", "60", "-o"])
+            .arg(format!(
+                "-p {} -k {} -c listen_addresses=127.0.0.1",
+                self.port,
+                self.dir.display()
+            ))
+            .arg("start")
+            .stdout(Stdio::null())
+            .status()?;
+        if !status.success() {
+            bail!(
+                "PostgreSQL did not start; log:\n{}",
+                std::fs::read_to_string(self.dir.join("postgres.log")).unwrap_or_default()
+            );
+        }
+        Ok(())
+    }
+
+    /// A URL of database `db` (`postgres` always exists).
+    pub fn url(&self, db: &str) -> String {
+        format!("postgres://tally@127.0.0.1:{}/{db}", self.port)
+    }
+
+    /// SIGKILL to the postmaster and every backend: a crash, as when the
+    /// machine or container of the database dies. Nothing is flushed.
+    pub fn kill9(&self) -> anyhow::Result<()> {
+        let pid = std::fs::read_to_string(self.dir.join("data/postmaster.pid"))?;
+        let pid = pid.lines().next().unwrap_or_default().trim().to_owned();
+        let _ = Command::new("pkill").args(["-9", "-P", &pid]).status()?;
+        let _ = Command::new("kill").args(["-9", &pid]).status()?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Path::new(&format!("/proc/{pid}")).exists() {
+            if Instant::now() > deadline {
+                bail!("postmaster {pid} outlived kill -9");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+
+    /// Starts the server again after [`PgServer::kill9`] (crash recovery).
+    pub fn restart(&self) -> anyhow::Result<()> {
+        self.pg_ctl_start()
+    }
+}
+
+impl Drop for PgServer {
+    fn drop(&mut self) {
+        let _ = self
+            .command("pg_ctl")
+            .arg("-D")
+            .arg(self.dir.join("data"))
+            .args(["-m", "immediate", "stop"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout.starts_with(b"0\n"))
+}

@@ -7,7 +7,7 @@
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use tally_tests::{Backend, Client, Tally, Tmpfs, now_rfc3339};
+use tally_tests::{Backend, Broker, Client, PgServer, Tally, Tmpfs, now_rfc3339};
 
 const BATCH_LEN: usize = 200;
 const COST_MICROS: i64 = 1_000;
@@ -15,8 +15,12 @@ const COST_MICROS: i64 = 1_000;
 const BATCHES_MAX: usize = 3_000;
 
 fn batch(n: usize) -> Value {
+    batch_of(n, BATCH_LEN)
+}
+
+fn batch_of(n: usize, len: usize) -> Value {
     let at = now_rfc3339();
-    let events: Vec<Value> = (0..BATCH_LEN)
+    let events: Vec<Value> = (0..len)
         .map(|i| {
             json!({
                 "request_id": format!("b{n}-{i}"), "org_id": "acme", "user_id": "alice",
@@ -247,5 +251,206 @@ async fn when_space_comes_back_it_resumes_by_itself() -> anyhow::Result<()> {
         .expect(200);
     assert_eq!(before["spend_micros"], after["spend_micros"]);
     assert_eq!(before["requests"], after["requests"]);
+    Ok(())
+}
+
+async fn wait_ready(op: &Client, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let r = op.get("/readyz").await;
+        if r.status == 200 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not ready within {within:?}: {}",
+            r.body
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Distributed mode: PostgreSQL is killed (-9, every backend with it) and
+/// restarted while usage streams in and admins add members. Every
+/// acknowledged event counts exactly once, every acknowledged command is
+/// there, a refused one is either absent or (its commit landed after all)
+/// present once; the process is ready again without a restart.
+#[tokio::test]
+async fn postgres_killed_under_ingest_and_commands_loses_nothing() -> anyhow::Result<()> {
+    let Some(pg) = PgServer::start()? else {
+        return Ok(());
+    };
+    let Some(broker) = Broker::start()? else {
+        return Ok(());
+    };
+    let backend = Backend::Postgres(pg.url("postgres"));
+    let tally = Tally::start_with(
+        &backend,
+        &[
+            "--kafka-brokers",
+            &broker.brokers(),
+            "--kafka-usage-partitions",
+            "2",
+        ],
+    )?;
+    let op = tally.operator();
+    wait_ready(&op, Duration::from_secs(60)).await;
+    let _ = op
+        .post("/v1/orgs", json!({"id": "acme", "name": "Acme"}))
+        .await
+        .expect(201);
+    let _ = op.add_active_user("acme", "alice").await;
+    let _ = op
+        .post(
+            "/v1/orgs/acme/keys",
+            json!({"id": "alice-key", "name": "laptop", "user_id": "alice"}),
+        )
+        .await
+        .expect(201);
+
+    // Usage and commands stream until a second after PostgreSQL is back; it
+    // stays away longer than a connection is waited for (10 s), so that
+    // requests are refused, not only delayed.
+    const LEN: usize = 50;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stopped = {
+        let stop = std::sync::Arc::clone(&stop);
+        move || stop.load(std::sync::atomic::Ordering::SeqCst)
+    };
+    let ingest = tokio::spawn({
+        let (op, stopped) = (op.clone(), stopped.clone());
+        async move {
+            let (mut batches, mut accepted) = (0usize, 0i64);
+            while !stopped() {
+                let r = op.post("/v1/usage", batch_of(batches, LEN)).await;
+                assert_eq!(
+                    r.status, 200,
+                    "usage goes to Kafka, not to PostgreSQL: {}",
+                    r.body
+                );
+                accepted += r.body["accepted"].as_i64().unwrap_or_default();
+                batches += 1;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            (batches, accepted)
+        }
+    });
+    let commands = tokio::spawn({
+        let op = op.clone();
+        async move {
+            let mut statuses = Vec::new();
+            while !stopped() {
+                let i = statuses.len();
+                let r = op
+                    .post(
+                        "/v1/orgs/acme/users",
+                        json!({"id": format!("m{i}"), "email": format!("m{i}@a.test"), "name": "M"}),
+                    )
+                    .await;
+                if r.status == 503 {
+                    assert!(r.retry_after.is_some(), "{}", r.body);
+                }
+                statuses.push(r.status);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            statuses
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    pg.kill9()?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let down = loop {
+        let r = op.get("/readyz").await;
+        if r.status == 503 {
+            break r;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still ready 30 s into the outage"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let auth = op.post("/v1/authorize", json!({"api_key": "nope"})).await;
+    assert_eq!(
+        auth.status, 200,
+        "authorize answers from memory: {}",
+        auth.body
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    pg.restart()?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (batches, accepted) = ingest.await?;
+    let statuses = commands.await?;
+    assert_eq!(
+        accepted,
+        (batches * LEN) as i64,
+        "the broker took every event"
+    );
+    let refused = statuses.iter().filter(|s| **s == 503).count();
+    eprintln!(
+        "{batches} batches; commands: {} created, {refused} refused while PostgreSQL was away; \
+         readyz then: {}",
+        statuses.iter().filter(|s| **s == 201).count(),
+        down.body
+    );
+    assert!(refused > 0, "the outage refused no command: {statuses:?}");
+    assert!(
+        statuses.iter().all(|s| *s == 201 || *s == 503),
+        "{statuses:?}"
+    );
+    let members = statuses.len();
+    wait_ready(&op, Duration::from_secs(60)).await;
+
+    // A refused command, retried, is created now or was created once.
+    for (i, status) in statuses.iter().enumerate() {
+        if *status == 201 {
+            continue;
+        }
+        let r = op
+            .post(
+                "/v1/orgs/acme/users",
+                json!({"id": format!("m{i}"), "email": format!("m{i}@a.test"), "name": "M"}),
+            )
+            .await;
+        assert!(
+            r.status == 201 || r.status == 409,
+            "m{i}: {} {}",
+            r.status,
+            r.body
+        );
+    }
+    let log = op.get("/v1/orgs/acme/events?limit=1000").await.expect(200);
+    let items = log["items"].as_array().expect("items");
+    for i in 0..members {
+        let id = format!("m{i}");
+        let added = items
+            .iter()
+            .filter(|e| e["type"] == "user_added" && e["user_id"] == id.as_str())
+            .count();
+        assert_eq!(added, 1, "{id} added once: {log}");
+    }
+    // Every event the broker took counts, once.
+    let want = accepted * COST_MICROS;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let alice = op.get("/v1/orgs/acme/users/alice").await.expect(200);
+        if alice["spend_micros"] == json!(want) {
+            assert_eq!(alice["requests"], json!(accepted));
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "spend {} never reached {want}",
+            alice["spend_micros"]
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // And stays there after a clean restart.
+    let tally = tally.restart()?;
+    let op = tally.operator();
+    wait_ready(&op, Duration::from_secs(60)).await;
+    let alice = op.get("/v1/orgs/acme/users/alice").await.expect(200);
+    assert_eq!(alice["spend_micros"], json!(want));
     Ok(())
 }

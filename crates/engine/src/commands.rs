@@ -85,6 +85,11 @@ impl Commands {
     }
 
     async fn run(&self, org_id: &OrgId, actor: Actor, cmd: &Command) -> Result<Vec<EntityEvent>> {
+        // Refused at once during a storage fault, not after waiting for the
+        // locks behind a checkpoint that waits for the database.
+        if let Some(fault) = self.meter.health().fault() {
+            return Err(Error::StoreFault(fault));
+        }
         let lock = Arc::clone(&self.locks.entry(org_id.clone()).or_default());
         let _org = lock.lock().await;
         let mut attempt = 0;

@@ -166,7 +166,11 @@ async fn read_ahead(db: Db, mut from: i64, tx: mpsc::Sender<Result<Vec<Decoded>>
 }
 
 async fn ingest(meter: Arc<Meter>, events: Vec<(usize, UsageEvent)>) -> Result<IngestReport> {
+    if let Some(fault) = meter.health().fault() {
+        return Err(Error::StoreFault(fault));
+    }
     let _w = meter.write_lock().await;
+    // Again: the fault may have begun while this batch waited.
     if let Some(fault) = meter.health().fault() {
         return Err(Error::StoreFault(fault));
     }

@@ -454,3 +454,95 @@ async fn postgres_killed_under_ingest_and_commands_loses_nothing() -> anyhow::Re
     assert_eq!(alice["spend_micros"], json!(want));
     Ok(())
 }
+
+/// How many partitions a process meters (from its metrics).
+async fn owned(t: &Tally) -> i64 {
+    let text = tally_tests::metrics_text(&t.url).await;
+    text.lines()
+        .find(|l| l.starts_with("tally_partitions_owned "))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<f64>().ok())
+        .map_or(0, |v| v as i64)
+}
+
+/// Distributed mode: an org and a member added on one process just before
+/// PostgreSQL dies, whose usage reaches the owner of the org's partition
+/// before the entity log's relay could tell it about them. The owner cannot read
+/// the member from SQL while the database is away; the usage waits for it
+/// instead of being dead-lettered as unattributable, and counts once the
+/// database is back. The relay polls once a minute here, so that it cannot
+/// bring the member first.
+#[tokio::test]
+async fn usage_of_a_member_the_owner_has_not_seen_waits_for_the_database() -> anyhow::Result<()> {
+    let Some(pg) = PgServer::start()? else {
+        return Ok(());
+    };
+    let Some(broker) = Broker::start()? else {
+        return Ok(());
+    };
+    let backend = Backend::Postgres(pg.url("postgres"));
+    let flags = [
+        "--kafka-brokers",
+        &broker.brokers(),
+        "--kafka-usage-partitions",
+        "1",
+        "--kafka-relay-interval-ms",
+        "60000",
+    ];
+    let a = Tally::start_with(&backend, &flags)?;
+    let b = Tally::start_with(&backend, &flags)?;
+    wait_ready(&a.operator(), Duration::from_secs(60)).await;
+    wait_ready(&b.operator(), Duration::from_secs(60)).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (owner, other) = loop {
+        match (owned(&a).await, owned(&b).await) {
+            (1, 0) => break (&a, &b),
+            (0, 1) => break (&b, &a),
+            _ => {}
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no single owner of the partition"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    // The org and its member are created on the other process: the owner
+    // has seen neither when the usage arrives.
+    let op = other.operator();
+    let _ = op
+        .post("/v1/orgs", json!({"id": "acme", "name": "Acme"}))
+        .await
+        .expect(201);
+    let _ = op.add_active_user("acme", "late").await;
+    pg.kill9()?;
+    let ev = json!({"events": [{
+        "request_id": "late-1", "org_id": "acme", "user_id": "late",
+        "cost_micros": 7_000, "occurred_at": now_rfc3339(),
+    }]});
+    let r = op.post("/v1/usage", ev).await.expect(200);
+    assert_eq!(r["accepted"], 1, "{r}");
+    // Longer than a connection is waited for (10 s): reading the log fails.
+    tokio::time::sleep(Duration::from_secs(13)).await;
+    pg.restart()?;
+    let op = owner.operator();
+    wait_ready(&op, Duration::from_secs(60)).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let late = op.get("/v1/orgs/acme/users/late").await;
+        if late.status == 200 && late.body["spend_micros"] == 7_000 {
+            break;
+        }
+        let dead = op.get("/v1/orgs/acme/dead-letters").await;
+        assert!(
+            Instant::now() < deadline,
+            "the usage never counted: {} {}; dead letters: {}",
+            late.status,
+            late.body,
+            dead.body
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let dead = op.get("/v1/orgs/acme/dead-letters").await.expect(200);
+    assert_eq!(dead["items"], json!([]), "{dead}");
+    Ok(())
+}

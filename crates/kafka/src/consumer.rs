@@ -49,6 +49,10 @@ const BATCH_WAIT: Duration = Duration::from_millis(20);
 /// How long a claim is retried before the meter gives up (and the process
 /// exits to be restarted).
 const CLAIM_RETRY_FOR: Duration = Duration::from_secs(30);
+/// How long usage of a subject this process has not seen waits for the
+/// org's log to be readable from SQL, rather than being dead-lettered as
+/// unattributable; well inside `max.poll.interval.ms` (300 s).
+const CATCH_UP_WAIT_MAX: Duration = Duration::from_secs(240);
 
 struct MeterContext {
     meter: Arc<Meter>,
@@ -221,6 +225,7 @@ pub fn spawn(
                 dead_topic,
                 usage_partitions,
                 rt,
+                stop: stop.clone(),
             };
             while !*stop.borrow() && !run.meter.is_poisoned() {
                 let batch = poll_batch(&consumer, run.meter.now_ms());
@@ -270,6 +275,7 @@ struct Run {
     dead_topic: String,
     usage_partitions: i32,
     rt: Handle,
+    stop: watch::Receiver<bool>,
 }
 
 impl Run {
@@ -281,11 +287,14 @@ impl Run {
         for (p, messages) in by_partition {
             self.process_partition(p, messages);
         }
-        if self
-            .meter
-            .owned_partitions()
-            .iter()
-            .any(|p| self.meter.wants_checkpoint(*p))
+        // During a storage fault the meter's periodic task retries the
+        // checkpoint; waiting for it here would only stall consumption.
+        if self.meter.health().fault().is_none()
+            && self
+                .meter
+                .owned_partitions()
+                .iter()
+                .any(|p| self.meter.wants_checkpoint(*p))
         {
             let _ = self.rt.block_on(self.meter.checkpoint());
         }
@@ -401,8 +410,40 @@ impl Run {
             }
         }
         for org in orgs {
-            if let Err(e) = self.rt.block_on(self.engine.commands.catch_up(org)) {
-                tracing::warn!(org = %org, error = %e, "catching up from the SQL log failed");
+            self.catch_up_org(org);
+        }
+    }
+
+    /// Reads `org`'s log from SQL. While the database cannot be reached the
+    /// usage waits for it (see [`CATCH_UP_WAIT_MAX`]): the member it names
+    /// may be in the log already, and calling the usage unattributable
+    /// would dead-letter acknowledged usage.
+    fn catch_up_org(&self, org: &tally_core::ids::OrgId) {
+        let started = Instant::now();
+        let mut waiting = false;
+        loop {
+            match self.rt.block_on(self.engine.commands.catch_up(org)) {
+                Ok(()) => {
+                    if waiting {
+                        tracing::info!(org = %org, waited_ms = started.elapsed().as_millis() as u64, "the org's log is readable again: usage goes on");
+                    }
+                    return;
+                }
+                Err(e)
+                    if e.store_unavailable().is_some()
+                        && started.elapsed() < CATCH_UP_WAIT_MAX
+                        && !*self.stop.borrow() =>
+                {
+                    if !waiting {
+                        tracing::warn!(org = %org, error = %e, "usage of a subject not seen yet waits until the org's log can be read from SQL");
+                        waiting = true;
+                    }
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+                Err(e) => {
+                    tracing::warn!(org = %org, error = %e, "catching up from the SQL log failed");
+                    return;
+                }
             }
         }
     }

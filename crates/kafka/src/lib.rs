@@ -63,6 +63,9 @@ pub struct KafkaOptions {
     pub replication: i32,
     /// The consumer group session timeout. Default 6 s.
     pub session_timeout: Duration,
+    /// How often the entity log relay looks for new events when it found
+    /// none. Default 100 ms.
+    pub relay_interval: Duration,
 }
 
 impl KafkaOptions {
@@ -75,6 +78,7 @@ impl KafkaOptions {
             partitions: 4,
             replication: 1,
             session_timeout: Duration::from_secs(6),
+            relay_interval: Duration::from_millis(100),
         }
     }
 
@@ -187,6 +191,7 @@ impl Distributed {
                 engine.db.clone(),
                 producer.clone(),
                 opts.events_topic(),
+                opts.relay_interval,
                 stop_rx.clone(),
             )),
             tokio::spawn(follow::events(

@@ -13,7 +13,13 @@ use tokio::sync::watch;
 const STEP_LEN: u32 = 1_000;
 
 /// Relays until stopped.
-pub async fn run(db: Db, producer: FutureProducer, topic: String, mut stop: watch::Receiver<bool>) {
+pub async fn run(
+    db: Db,
+    producer: FutureProducer,
+    topic: String,
+    interval: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
     let mut measured: Option<std::time::Instant> = None;
     loop {
         // Every process reports the backlog (a fact of the shared log).
@@ -49,10 +55,10 @@ pub async fn run(db: Db, producer: FutureProducer, topic: String, mut stop: watc
             .await;
         let pause = match step {
             Ok(Some(n)) if n as u32 == STEP_LEN => Duration::ZERO,
-            Ok(_) => Duration::from_millis(100),
+            Ok(_) => interval,
             Err(e) => {
                 tracing::warn!(error = %e, "relaying the entity log failed; retrying");
-                Duration::from_secs(1)
+                interval.max(Duration::from_secs(1))
             }
         };
         tokio::select! {

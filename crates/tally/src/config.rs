@@ -162,6 +162,10 @@ pub(crate) struct KafkaArgs {
     /// Replication factor of the topics Tally creates [default: 1].
     #[arg(long, env = "TALLY_KAFKA_REPLICATION")]
     pub(crate) kafka_replication: Option<i32>,
+    /// How often the entity log relay looks for new events when it has
+    /// none, in ms [default: 100].
+    #[arg(long, env = "TALLY_KAFKA_RELAY_INTERVAL_MS")]
+    pub(crate) kafka_relay_interval_ms: Option<u64>,
 }
 
 /// The options after layering, with defaults applied and checked.
@@ -212,6 +216,7 @@ struct FileConfig {
     kafka_topic_prefix: Option<String>,
     kafka_usage_partitions: Option<i32>,
     kafka_replication: Option<i32>,
+    kafka_relay_interval_ms: Option<u64>,
 }
 
 fn read_file(path: Option<&Path>) -> anyhow::Result<FileConfig> {
@@ -307,6 +312,16 @@ impl ServeConfig {
                         bail!("replication factor must be 1 to 32, got {n}");
                     }
                     k.replication = n;
+                }
+                if let Some(ms) = args
+                    .kafka
+                    .kafka_relay_interval_ms
+                    .or(file.kafka_relay_interval_ms)
+                {
+                    if !(1..=600_000).contains(&ms) {
+                        bail!("relay interval must be 1 to 600000 ms, got {ms}");
+                    }
+                    k.relay_interval = Duration::from_millis(ms);
                 }
                 Some(k)
             }

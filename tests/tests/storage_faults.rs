@@ -546,3 +546,75 @@ async fn usage_of_a_member_the_owner_has_not_seen_waits_for_the_database() -> an
     assert_eq!(dead["items"], json!([]), "{dead}");
     Ok(())
 }
+
+/// A command that meets the full disk itself (the first write to fail):
+/// refused with 503, and neither its event nor its read-model row exists
+/// once there is room again; then it succeeds.
+#[tokio::test]
+async fn a_command_refused_by_a_full_disk_leaves_no_trace() -> anyhow::Result<()> {
+    let disk = Tmpfs::mount("full-command", "16m")?;
+    let tally = Tally::start(&Backend::Sqlite(disk.dir.clone()))?;
+    let op = tally.operator();
+    let _ = op
+        .post("/v1/orgs", json!({"id": "acme", "name": "Acme"}))
+        .await
+        .expect(201);
+    let filler = disk.fill("filler", 0)?;
+    // Users with long names until one is refused (the WAL may have room for
+    // a few pages after the file system is full).
+    let name = "n".repeat(200);
+    let mut refused = None;
+    for i in 0..200 {
+        let r = op
+            .post(
+                "/v1/orgs/acme/users",
+                json!({"id": format!("u{i}"), "email": format!("u{i}@a.test"), "name": name}),
+            )
+            .await;
+        match r.status {
+            201 => {}
+            503 => {
+                assert!(r.retry_after.is_some(), "{}", r.body);
+                refused = Some(i);
+                break;
+            }
+            other => panic!("u{i}: {other} {}", r.body),
+        }
+    }
+    let refused = refused.expect("no command was refused on a full disk");
+    let log = tally.log_text();
+    assert!(
+        log.contains(r#"path="entity_log" reason="the disk is full""#),
+        "the command found the fault: {log}"
+    );
+    std::fs::remove_file(&filler)?;
+    wait_ready(&op, Duration::from_secs(30)).await;
+    let id = format!("u{refused}");
+    assert_eq!(
+        op.get(&format!("/v1/orgs/acme/users/{id}")).await.status,
+        404
+    );
+    let events = op.get("/v1/orgs/acme/events?limit=1000").await.expect(200);
+    assert!(
+        !events.to_string().contains(&format!("\"{id}\"")),
+        "{events}"
+    );
+    let users = op.get("/v1/orgs/acme/users?limit=1000").await.expect(200);
+    assert_eq!(users["items"].as_array().map(Vec::len), Some(refused));
+    let _ = op
+        .post(
+            "/v1/orgs/acme/users",
+            json!({"id": id, "email": "again@a.test", "name": "again"}),
+        )
+        .await
+        .expect(201);
+    // And after a restart, the same.
+    let tally = tally.restart()?;
+    let users = tally
+        .operator()
+        .get("/v1/orgs/acme/users?limit=1000")
+        .await
+        .expect(200);
+    assert_eq!(users["items"].as_array().map(Vec::len), Some(refused + 1));
+    Ok(())
+}

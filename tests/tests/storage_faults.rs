@@ -461,8 +461,8 @@ async fn owned(t: &Tally) -> i64 {
     text.lines()
         .find(|l| l.starts_with("tally_partitions_owned "))
         .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse::<f64>().ok())
-        .map_or(0, |v| v as i64)
+        .and_then(|v| v.split('.').next()?.parse::<i64>().ok())
+        .unwrap_or(0)
 }
 
 /// Distributed mode: an org and a member added on one process just before

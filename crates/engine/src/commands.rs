@@ -41,6 +41,10 @@ pub struct Commands {
     clock: Arc<dyn Clock>,
     /// One writer per org at a time; orgs do not wait on each other.
     locks: DashMap<OrgId, Arc<tokio::sync::Mutex<()>>>,
+    /// Orgs with an append whose outcome is unknown (it failed, and reading
+    /// the log back failed too): caught up from the log before their next
+    /// command.
+    unresolved: parking_lot::Mutex<std::collections::HashSet<OrgId>>,
 }
 
 impl Commands {
@@ -56,6 +60,7 @@ impl Commands {
             meter,
             clock,
             locks: DashMap::new(),
+            unresolved: parking_lot::Mutex::default(),
         }
     }
 
@@ -97,6 +102,10 @@ impl Commands {
             let _w = self.meter.write_lock().await;
             if let Some(fault) = self.meter.health().fault() {
                 return Err(Error::StoreFault(fault));
+            }
+            if self.unresolved.lock().contains(org_id) {
+                self.catch_up(org_id).await?;
+                let _ = self.unresolved.lock().remove(org_id);
             }
             match self.try_once(org_id, &actor, cmd).await {
                 Err(Error::Store(tally_store::Error::Conflict { .. }))
@@ -158,6 +167,7 @@ impl Commands {
                     Ok(false) => Err(e),
                     Err(resolving) => {
                         tracing::warn!(org = %org_id, error = %resolving, "whether a failed append committed is unknown until the log can be read");
+                        let _ = self.unresolved.lock().insert(org_id.clone());
                         Err(e)
                     }
                 };
@@ -187,13 +197,20 @@ impl Commands {
             return Ok(false);
         }
         tracing::info!(org = %org_id, seq = first.seq, "a failed append had committed: folding it");
-        for e in events {
-            // Following, not applying: the relay may have brought it already.
-            if self.registry.follow(e) == Followed::Gap {
-                return Err(Error::Corrupt(format!(
-                    "the entity log of org {org_id} has a gap before seq {}",
-                    e.seq
-                )));
+        let folded = self.registry.org(org_id).map_or(0, |c| c.read().dir.seq);
+        if folded + 1 == first.seq {
+            // All at once, as a successful append's, so that no reader sees
+            // half a command.
+            self.registry.apply(events);
+        } else {
+            // The relay may have brought some already.
+            for e in events {
+                if self.registry.follow(e) == Followed::Gap {
+                    return Err(Error::Corrupt(format!(
+                        "the entity log of org {org_id} has a gap before seq {}",
+                        e.seq
+                    )));
+                }
             }
         }
         Ok(true)

@@ -1,14 +1,14 @@
-//! The embedded usage log: usage posted over HTTP is counted and appended to
-//! an SQL table (one row per batch), which is partition 0 of the meter.
+//! The embedded usage log: usage posted over HTTP is appended to an SQL
+//! table (one row per batch), which is partition 0 of the meter, and counted.
 //!
-//! An ingest runs as one spawned task under the meter's write lock: count,
-//! append, answer. The log position and the in-memory state therefore agree
-//! at every checkpoint, and a client hanging up cannot stop it between the
-//! two. If the append fails, memory is ahead of the log by that batch: the
-//! meter is rebuilt from what is durable (the last checkpoint, then the log
-//! after it) before the lock is released, the batch is answered 503 and
-//! counts nowhere. While the store is in a fault ([`crate::health`]),
-//! batches are refused before anything is counted.
+//! An ingest runs as one spawned task under the meter's write lock: check
+//! attribution, append, count, answer. The log position and the in-memory
+//! state therefore agree at every checkpoint, and a client hanging up cannot
+//! stop it halfway. A record holds every attributable event of its batch,
+//! duplicates and late ones too: applying it decides which count, on first
+//! ingest as on replay. If the append fails, nothing was applied, and the
+//! batch is answered 503: it counts nowhere. While the store is in a fault
+//! ([`crate::health`]), batches are refused before anything is done.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -179,12 +179,61 @@ async fn ingest(meter: Arc<Meter>, events: Vec<(usize, UsageEvent)>) -> Result<I
             "the meter is not accepting usage".into(),
         ));
     }
+    if meter.log_tail_unknown() {
+        // An append failed in a way that may have committed after all: what
+        // the log holds beyond memory is applied before anything is added.
+        let replayed = replay_locked(&meter).await?;
+        meter.set_log_tail_unknown(false);
+        tracing::info!(
+            replayed,
+            "applied what the usage log holds beyond memory after a failed append"
+        );
+    }
+    // Attribution is the one decision a replay could make differently (an
+    // unknown user may be created later), so it is made before logging and
+    // the unattributable events stay out of the log. Everything else is
+    // decided by applying, after the append: a replay applies the same
+    // records onto the same state and decides the same.
+    let mut report = IngestReport::default();
+    let mut logged: Vec<(usize, &UsageEvent)> = Vec::with_capacity(events.len());
+    for (index, event) in &events {
+        match meter.attribution(PARTITION, event) {
+            Ok(()) => logged.push((*index, event)),
+            Err(r) => report.reject(*index, r),
+        }
+    }
+    if logged.is_empty() {
+        m::count_outcomes(&report);
+        return Ok(report);
+    }
     let logged_at_ms = meter.now_ms();
-    let position = meter.position(PARTITION).unwrap_or(-1);
-    let positioned: Vec<Positioned<'_>> = events
+    let payload = tally_proto::encode_usage_batch(logged.iter().map(|(_, e)| *e));
+    let seq = match meter
+        .db()
+        .append_usage(logged_at_ms, logged.len(), &payload)
+        .await
+    {
+        Ok(seq) => seq,
+        Err(e) => {
+            // Nothing was applied: memory is what the log was before. The
+            // append may still have committed (a database that went away
+            // between COMMIT and its answer): the next batch first applies
+            // whatever the log holds beyond memory.
+            meter.set_log_tail_unknown(true);
+            let e = Error::from(e);
+            if !meter.health().write_failed("usage_log", &e, meter.now_ms()) {
+                tracing::error!(error = %e, "usage log append failed");
+            }
+            return Err(match meter.health().fault() {
+                Some(fault) => Error::StoreFault(fault),
+                None => e,
+            });
+        }
+    };
+    let positioned: Vec<Positioned<'_>> = logged
         .iter()
         .map(|(_, event)| Positioned {
-            position,
+            position: seq,
             logged_at_ms,
             event,
         })
@@ -192,72 +241,21 @@ async fn ingest(meter: Arc<Meter>, events: Vec<(usize, UsageEvent)>) -> Result<I
     let outcomes = meter
         .apply(PARTITION, &positioned)
         .ok_or_else(|| Error::Unavailable("the usage log's partition is not claimed".into()))?;
-    let mut report = IngestReport::default();
-    let mut counted = Vec::with_capacity(events.len());
-    for ((index, event), outcome) in events.iter().zip(outcomes) {
+    for ((index, _), outcome) in logged.iter().zip(outcomes) {
         match outcome {
-            UsageOutcome::Applied => {
-                report.accepted += 1;
-                counted.push(event);
-            }
+            UsageOutcome::Applied => report.accepted += 1,
             UsageOutcome::Duplicate => report.duplicates += 1,
             UsageOutcome::Rejected(r) => report.reject(*index, r),
         }
     }
-    if counted.is_empty() {
-        m::count_outcomes(&report);
-        return Ok(report);
-    }
-    let payload = tally_proto::encode_usage_batch(counted.iter().copied());
-    match meter
-        .db()
-        .append_usage(logged_at_ms, counted.len(), &payload)
-        .await
-    {
-        Ok(seq) => {
-            meter.set_position(PARTITION, seq);
-            meter.health().write_succeeded(meter.now_ms());
-            m::count_outcomes(&report);
-        }
-        Err(e) => {
-            let e = Error::from(e);
-            let fault = meter.health().write_failed("usage_log", &e, meter.now_ms());
-            if !fault {
-                tracing::error!(error = %e, "usage log append failed");
-            }
-            // Memory counted a batch the log does not have. Before anything
-            // else is counted or answered, it goes back to what is durable.
-            if let Err(re) = rebuild(&meter).await {
-                meter.poison(&format!(
-                    "usage log append failed after counting ({e}), and rebuilding the meter \
-                     from the log failed too: {re}"
-                ));
-            }
-            return Err(match meter.health().fault() {
-                Some(fault) => Error::StoreFault(fault),
-                None => e,
-            });
-        }
-    }
+    report.rejected.sort_by_key(|r| r.index);
+    m::count_outcomes(&report);
+    meter.health().write_succeeded(meter.now_ms());
     if meter.wants_checkpoint(PARTITION) {
         // Failures are logged and retried by the next checkpoint.
         let _ = meter.checkpoint_locked().await;
     }
     Ok(report)
-}
-
-/// Rebuilds partition 0 from the last checkpoint and the log after it (reads
-/// only: it works on a full disk). Under the meter's write lock.
-async fn rebuild(meter: &Meter) -> Result<()> {
-    let started = Instant::now();
-    let _ = meter.reload(PARTITION).await?;
-    let replayed = replay_locked(meter).await?;
-    tracing::info!(
-        replayed,
-        elapsed_ms = started.elapsed().as_millis() as u64,
-        "meter rebuilt from the usage log: the refused batch counts nowhere"
-    );
-    Ok(())
 }
 
 impl UsageSink for EmbeddedLog {

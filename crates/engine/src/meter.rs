@@ -163,6 +163,7 @@ pub struct Meter {
     failed: Notify,
     publisher: OnceLock<Arc<dyn StatePublisher>>,
     health: StoreHealth,
+    log_tail_unknown: AtomicBool,
 }
 
 impl Meter {
@@ -186,6 +187,7 @@ impl Meter {
             failed: Notify::new(),
             publisher: OnceLock::new(),
             health: StoreHealth::new(),
+            log_tail_unknown: AtomicBool::new(false),
         }
     }
 
@@ -276,7 +278,7 @@ impl Meter {
             .db
             .load_meters(i64::from(p), self.opts.window_ms, Month::from_unix_ms(now))
             .await?;
-        let (position, orgs) = self.install(p, claim.epoch, claim.checkpoint, saved, now, false);
+        let (position, orgs) = self.install(p, claim.epoch, claim.checkpoint, saved, now);
         tracing::info!(
             partition = p,
             epoch = claim.epoch,
@@ -288,37 +290,9 @@ impl Meter {
         Ok(position)
     }
 
-    /// Starts partition `p` again from its last committed checkpoint, which
-    /// this process already owns: every org of the partition forgets what
-    /// it counted since (the caller replays the log after the returned
-    /// position). Reads only, so it works on a full disk. For the embedded
-    /// log, after counting a batch whose append then failed.
-    pub async fn reload(&self, p: i32) -> Result<i64> {
-        let now = self.clock.now_ms();
-        let stored = self
-            .db
-            .load_checkpoint(i64::from(p))
-            .await?
-            .ok_or_else(|| Error::Corrupt(format!("partition {p} has no checkpoint to reload")))?;
-        let saved = self
-            .db
-            .load_meters(i64::from(p), self.opts.window_ms, Month::from_unix_ms(now))
-            .await?;
-        let (position, orgs) = self.install(p, stored.epoch, stored.checkpoint, saved, now, true);
-        metrics::counter!(m::METER_REBUILDS).increment(1);
-        tracing::info!(
-            partition = p,
-            position,
-            orgs,
-            "meter reloaded from the last checkpoint"
-        );
-        Ok(position)
-    }
-
     /// Makes `p` an owned partition at `checkpoint` with the `saved` meters
-    /// of its orgs; with `forget`, the orgs it had before start from zero
-    /// too (not only those the checkpoint names). Returns the position and
-    /// how many orgs the checkpoint named.
+    /// of its orgs. Returns the position and how many orgs the checkpoint
+    /// named.
     fn install(
         &self,
         p: i32,
@@ -326,19 +300,9 @@ impl Meter {
         checkpoint: PartitionCheckpoint,
         saved: HashMap<String, tally_core::org::SavedMeter>,
         now: i64,
-        forget: bool,
     ) -> (i64, usize) {
         let mut parts = self.parts.lock();
-        let before: Vec<OrgId> = match parts.by_id.get(&p) {
-            Some(part) if forget => part.orgs.iter().cloned().collect(),
-            _ => Vec::new(),
-        };
         release_locked(&mut parts, &self.registry, p);
-        for org_id in &before {
-            if let Some(cell) = self.registry.org(org_id) {
-                cell.write().reset_meter();
-            }
-        }
         let mut part = Part {
             epoch,
             position: checkpoint.position,
@@ -375,6 +339,41 @@ impl Meter {
     pub fn release(&self, p: i32) {
         let mut parts = self.parts.lock();
         release_locked(&mut parts, &self.registry, p);
+    }
+
+    /// Whether `e` names an org, user and key that exist (and an org of
+    /// partition `p`): the part of applying it that a later replay could
+    /// judge differently, since entities never stop existing but may start.
+    /// The embedded log keeps unattributable usage out of its records.
+    pub fn attribution(&self, p: i32, e: &UsageEvent) -> Result<(), Rejection> {
+        if self
+            .parts
+            .lock()
+            .org_part
+            .get(&e.org_id)
+            .is_some_and(|q| *q != p)
+        {
+            return Err(Rejection::WrongPartition);
+        }
+        let cell = self.registry.org(&e.org_id).ok_or(Rejection::UnknownOrg)?;
+        let org = cell.read();
+        if !org.dir.users.contains_key(&e.user_id) {
+            return Err(Rejection::UnknownUser);
+        }
+        match &e.api_key_id {
+            Some(k) if !org.dir.keys.contains_key(k) => Err(Rejection::UnknownKey),
+            _ => Ok(()),
+        }
+    }
+
+    /// Whether the usage log may hold records beyond the position applied in
+    /// memory (an append failed, and may have committed all the same).
+    pub fn log_tail_unknown(&self) -> bool {
+        self.log_tail_unknown.load(Ordering::SeqCst)
+    }
+
+    pub fn set_log_tail_unknown(&self, unknown: bool) {
+        self.log_tail_unknown.store(unknown, Ordering::SeqCst);
     }
 
     /// Applies events read from partition `p`, in order: one outcome per
@@ -808,15 +807,14 @@ impl Meter {
             }
             self.new_month();
             // Failures are logged and counted; the next tick retries.
-            let checkpointed = self.checkpoint().await;
-            if checkpointed.is_ok() && self.health.fault().is_some() {
+            let _ = self.checkpoint().await;
+            if self.health.fault().is_some() {
                 self.probe().await;
             }
         }
     }
 
-    /// During a storage fault: whether a write commits again (after the
-    /// checkpoint did, so what is pending fits too).
+    /// During a storage fault: whether a write commits again.
     async fn probe(&self) {
         let now = self.clock.now_ms();
         match self.db.probe_write(now).await {

@@ -53,9 +53,6 @@ pub const STORE_WRITABLE: &str = "tally_store_writable";
 /// Writes that failed for a fault of the store, by `path` (usage_log,
 /// entity_log, checkpoint, probe).
 pub const STORE_WRITE_FAILURES: &str = "tally_store_write_failures_total";
-/// Times the meter was rebuilt from the durable log after counting a batch
-/// the log then refused.
-pub const METER_REBUILDS: &str = "tally_meter_rebuilds_total";
 
 pub fn describe() {
     describe_gauge!(
@@ -67,11 +64,6 @@ pub fn describe() {
         STORE_WRITE_FAILURES,
         Unit::Count,
         "writes that failed for a fault of the store, by path"
-    );
-    describe_counter!(
-        METER_REBUILDS,
-        Unit::Count,
-        "meter rebuilds from the durable log after a refused append"
     );
     describe_counter!(
         USAGE_EVENTS,

@@ -49,9 +49,10 @@ const BATCH_WAIT: Duration = Duration::from_millis(20);
 /// How long a claim is retried before the meter gives up (and the process
 /// exits to be restarted).
 const CLAIM_RETRY_FOR: Duration = Duration::from_secs(30);
-/// How long usage of a subject this process has not seen waits for the
-/// org's log to be readable from SQL, rather than being dead-lettered as
-/// unattributable; well inside `max.poll.interval.ms` (300 s).
+/// How long a batch with usage of subjects this process has not seen waits
+/// for their orgs' logs to be readable from SQL, rather than being
+/// dead-lettered as unattributable; well inside `max.poll.interval.ms`
+/// (300 s). While it waits, this process's partitions stand still.
 const CATCH_UP_WAIT_MAX: Duration = Duration::from_secs(240);
 
 struct MeterContext {
@@ -325,7 +326,11 @@ impl Run {
                 Err(b) => bad.push((i, b)),
             }
         }
-        self.catch_up(&good);
+        if !self.catch_up(&good) {
+            // Stopping while waiting for the database: the batch is not
+            // applied, and whoever owns the partition next reads it again.
+            return;
+        }
         let positioned: Vec<Positioned<'_>> = good
             .iter()
             .map(|(i, event)| Positioned {
@@ -386,7 +391,9 @@ impl Run {
     /// Usage can outrun the entity log's relay: an org, user or key created
     /// a moment ago on another process may not have reached this one. Before
     /// calling such usage unattributable, read the org's log from SQL.
-    fn catch_up(&self, events: &[(usize, UsageEvent)]) {
+    /// Returns false when the process is stopping and the batch must not
+    /// be applied (see [`Run::catch_up_org`]).
+    fn catch_up(&self, events: &[(usize, UsageEvent)]) -> bool {
         let registry = &self.engine.registry;
         let mut orgs: Vec<&tally_core::ids::OrgId> = Vec::new();
         // One lookup and one read lock per run of the same org (a batch is
@@ -409,16 +416,18 @@ impl Run {
                 orgs.push(org_id);
             }
         }
-        for org in orgs {
-            self.catch_up_org(org);
-        }
+        // One deadline for the whole batch: the thread polls again within
+        // max.poll.interval.ms however many orgs wait.
+        let deadline = Instant::now() + CATCH_UP_WAIT_MAX;
+        orgs.into_iter().all(|org| self.catch_up_org(org, deadline))
     }
 
     /// Reads `org`'s log from SQL. While the database cannot be reached the
-    /// usage waits for it (see [`CATCH_UP_WAIT_MAX`]): the member it names
-    /// may be in the log already, and calling the usage unattributable
-    /// would dead-letter acknowledged usage.
-    fn catch_up_org(&self, org: &tally_core::ids::OrgId) {
+    /// usage waits for it, until `deadline`: the member it names may be in
+    /// the log already, and calling the usage unattributable would
+    /// dead-letter acknowledged usage. Returns false when the process is
+    /// stopping meanwhile.
+    fn catch_up_org(&self, org: &tally_core::ids::OrgId, deadline: Instant) -> bool {
         let started = Instant::now();
         let mut waiting = false;
         loop {
@@ -427,13 +436,10 @@ impl Run {
                     if waiting {
                         tracing::info!(org = %org, waited_ms = started.elapsed().as_millis() as u64, "the org's log is readable again: usage goes on");
                     }
-                    return;
+                    return true;
                 }
-                Err(e)
-                    if e.store_unavailable().is_some()
-                        && started.elapsed() < CATCH_UP_WAIT_MAX
-                        && !*self.stop.borrow() =>
-                {
+                Err(_) if *self.stop.borrow() => return false,
+                Err(e) if e.store_unavailable().is_some() && Instant::now() < deadline => {
                     if !waiting {
                         tracing::warn!(org = %org, error = %e, "usage of a subject not seen yet waits until the org's log can be read from SQL");
                         waiting = true;
@@ -442,7 +448,7 @@ impl Run {
                 }
                 Err(e) => {
                     tracing::warn!(org = %org, error = %e, "catching up from the SQL log failed");
-                    return;
+                    return true;
                 }
             }
         }

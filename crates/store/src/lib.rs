@@ -82,11 +82,15 @@ fn unavailable_code(code: &str) -> Option<&'static str> {
     if code.len() == 5 {
         return match &code[..2] {
             "53" if code == "53100" => Some("the disk is full"),
+            // 57014 is a statement cancelled (a timeout): that request's
+            // failure, not the database's.
+            "57" if code == "57014" => None,
             "08" | "57" => Some("the database is unreachable"),
             "53" => Some("the database is out of resources"),
             "58" => Some("an I/O error"),
             "25" if code == "25006" => Some("the database is read-only"),
-            "40" => Some("the database is busy"),
+            // Class 40 (a deadlock, a serialization failure) fails one
+            // transaction, not the store.
             _ => None,
         };
     }
@@ -403,6 +407,8 @@ mod tests {
         assert_eq!(c("57P01"), Some("the database is unreachable")); // admin_shutdown
         assert_eq!(c("08006"), Some("the database is unreachable"));
         assert_eq!(c("23505"), None); // unique_violation
+        assert_eq!(c("40P01"), None); // deadlock_detected
+        assert_eq!(c("57014"), None); // query_canceled
         assert_eq!(c("P0001"), None); // raise_exception
         assert_eq!(c("garbage"), None);
     }

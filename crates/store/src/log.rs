@@ -193,6 +193,7 @@ impl Db {
                 .fetch_one(&mut *tx)
                 .await?;
             if !mine {
+                tx.rollback().await?;
                 return Ok(None);
             }
         }
@@ -217,6 +218,7 @@ impl Db {
             .map(|r| Ok((r.try_get("pos")?, decode_row(r)?)))
             .collect::<Result<Vec<(i64, EntityEvent)>>>()?;
         let Some(last) = events.last().map(|(pos, _)| *pos) else {
+            tx.rollback().await?;
             return Ok(Some(0));
         };
         let n = events.len();

@@ -27,7 +27,7 @@ use crate::{Backend, Db, Result};
 /// An open write transaction; see the module docs.
 #[derive(Debug)]
 pub(crate) struct WriteTx {
-    /// `None` once committed.
+    /// `None` once ended (committed or rolled back).
     conn: Option<PoolConnection<Any>>,
 }
 
@@ -35,30 +35,49 @@ impl Db {
     /// Begins a write transaction. On SQLite it takes the write lock at once
     /// (`BEGIN IMMEDIATE`), so it never fails halfway for want of it.
     pub(crate) async fn begin_write(&self) -> Result<WriteTx> {
-        let mut conn = self.writer().acquire().await?;
+        // In the WriteTx before BEGIN: if this future is dropped while BEGIN
+        // runs, the connection is closed, not pooled inside a transaction.
+        let mut tx = WriteTx {
+            conn: Some(self.writer().acquire().await?),
+        };
         let begin = match self.backend() {
             Backend::Sqlite => "BEGIN IMMEDIATE",
             Backend::Postgres => "BEGIN",
         };
-        if let Err(e) = sqlx::raw_sql(begin).execute(&mut *conn).await {
-            conn.close_on_drop();
-            return Err(e.into());
-        }
-        Ok(WriteTx { conn: Some(conn) })
+        let _ = sqlx::raw_sql(begin).execute(&mut *tx).await?;
+        Ok(tx)
     }
 }
 
 impl WriteTx {
     /// Commits. Returns only once the database said the commit succeeded; on
     /// any error the connection is closed, taking the transaction with it.
-    pub(crate) async fn commit(mut self) -> Result<()> {
-        let mut conn = self.conn.take().expect("a WriteTx is open until committed");
-        match sqlx::raw_sql("COMMIT").execute(&mut *conn).await {
-            Ok(_) => Ok(()),
+    pub(crate) async fn commit(self) -> Result<()> {
+        self.end("COMMIT").await
+    }
+
+    /// Rolls back, for a transaction that ends early without an error (it
+    /// found nothing to do): the connection goes back to the pool once the
+    /// database confirmed the rollback, and is closed otherwise.
+    pub(crate) async fn rollback(self) -> Result<()> {
+        self.end("ROLLBACK").await
+    }
+
+    async fn end(mut self, statement: &'static str) -> Result<()> {
+        // The connection stays in `self` until the database answered: a drop
+        // in between closes it (see Drop).
+        match sqlx::raw_sql(statement).execute(&mut *self).await {
+            Ok(_) => {
+                // Ended: the connection may be used again.
+                drop(self.conn.take());
+                Ok(())
+            }
             Err(e) => {
                 // Whatever state the transaction is in now (rolled back by
                 // the database, or still open), closing ends it.
-                let _ = conn.close().await;
+                if let Some(conn) = self.conn.take() {
+                    let _ = conn.close().await;
+                }
                 Err(e.into())
             }
         }
@@ -68,7 +87,7 @@ impl WriteTx {
 impl Drop for WriteTx {
     fn drop(&mut self) {
         if let Some(conn) = &mut self.conn {
-            // Not committed: an error on the way, or the future was dropped.
+            // Not ended: an error on the way, or the future was dropped.
             conn.close_on_drop();
         }
     }
@@ -80,7 +99,7 @@ impl Deref for WriteTx {
     fn deref(&self) -> &AnyConnection {
         self.conn
             .as_deref()
-            .expect("a WriteTx is open until committed")
+            .expect("a WriteTx is open until it ends")
     }
 }
 
@@ -88,6 +107,6 @@ impl DerefMut for WriteTx {
     fn deref_mut(&mut self) -> &mut AnyConnection {
         self.conn
             .as_deref_mut()
-            .expect("a WriteTx is open until committed")
+            .expect("a WriteTx is open until it ends")
     }
 }

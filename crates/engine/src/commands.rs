@@ -41,10 +41,6 @@ pub struct Commands {
     clock: Arc<dyn Clock>,
     /// One writer per org at a time; orgs do not wait on each other.
     locks: DashMap<OrgId, Arc<tokio::sync::Mutex<()>>>,
-    /// Orgs with an append whose outcome is unknown (it failed, and reading
-    /// the log back failed too): caught up from the log before their next
-    /// command.
-    unresolved: parking_lot::Mutex<std::collections::HashSet<OrgId>>,
 }
 
 impl Commands {
@@ -60,7 +56,6 @@ impl Commands {
             meter,
             clock,
             locks: DashMap::new(),
-            unresolved: parking_lot::Mutex::default(),
         }
     }
 
@@ -103,10 +98,7 @@ impl Commands {
             if let Some(fault) = self.meter.health().fault() {
                 return Err(Error::StoreFault(fault));
             }
-            if self.unresolved.lock().contains(org_id) {
-                self.catch_up(org_id).await?;
-                let _ = self.unresolved.lock().remove(org_id);
-            }
+            self.meter.resolve_unknown_appends().await?;
             match self.try_once(org_id, &actor, cmd).await {
                 Err(Error::Store(tally_store::Error::Conflict { .. }))
                     if attempt < CONFLICT_RETRIES =>
@@ -167,7 +159,7 @@ impl Commands {
                     Ok(false) => Err(e),
                     Err(resolving) => {
                         tracing::warn!(org = %org_id, error = %resolving, "whether a failed append committed is unknown until the log can be read");
-                        let _ = self.unresolved.lock().insert(org_id.clone());
+                        self.meter.append_unknown(org_id);
                         Err(e)
                     }
                 };
@@ -197,21 +189,12 @@ impl Commands {
             return Ok(false);
         }
         tracing::info!(org = %org_id, seq = first.seq, "a failed append had committed: folding it");
-        let folded = self.registry.org(org_id).map_or(0, |c| c.read().dir.seq);
-        if folded + 1 == first.seq {
-            // All at once, as a successful append's, so that no reader sees
-            // half a command.
-            self.registry.apply(events);
-        } else {
-            // The relay may have brought some already.
-            for e in events {
-                if self.registry.follow(e) == Followed::Gap {
-                    return Err(Error::Corrupt(format!(
-                        "the entity log of org {org_id} has a gap before seq {}",
-                        e.seq
-                    )));
-                }
-            }
+        // The relay may have brought some or all of them already.
+        if self.registry.fold_next(events) == Followed::Gap {
+            return Err(Error::Corrupt(format!(
+                "the entity log of org {org_id} has a gap before seq {}",
+                first.seq
+            )));
         }
         Ok(true)
     }
@@ -219,19 +202,24 @@ impl Commands {
     /// Folds into memory whatever the org's log holds beyond it (written by
     /// another process).
     pub async fn catch_up(&self, org_id: &OrgId) -> Result<()> {
-        loop {
-            let seq = self.registry.org(org_id).map_or(0, |c| c.read().dir.seq);
-            let events = self.db.org_events(org_id, seq, CATCH_UP_PAGE_LEN).await?;
-            if events.is_empty() {
-                return Ok(());
-            }
-            for e in &events {
-                if self.registry.follow(e) == Followed::Gap {
-                    return Err(Error::Corrupt(format!(
-                        "the entity log of org {org_id} has a gap before seq {}",
-                        e.seq
-                    )));
-                }
+        catch_up(&self.db, &self.registry, org_id).await
+    }
+}
+
+/// Folds into memory whatever `org_id`'s log holds beyond it.
+pub(crate) async fn catch_up(db: &Db, registry: &Registry, org_id: &OrgId) -> Result<()> {
+    loop {
+        let seq = registry.org(org_id).map_or(0, |c| c.read().dir.seq);
+        let events = db.org_events(org_id, seq, CATCH_UP_PAGE_LEN).await?;
+        if events.is_empty() {
+            return Ok(());
+        }
+        for e in &events {
+            if registry.follow(e) == Followed::Gap {
+                return Err(Error::Corrupt(format!(
+                    "the entity log of org {org_id} has a gap before seq {}",
+                    e.seq
+                )));
             }
         }
     }

@@ -7,7 +7,9 @@
 //! stop it halfway. A record holds every attributable event of its batch,
 //! duplicates and late ones too: applying it decides which count, on first
 //! ingest as on replay. If the append fails, nothing was applied, and the
-//! batch is answered 503: it counts nowhere. While the store is in a fault
+//! batch is answered 503 (should the append have committed all the same —
+//! a database gone between COMMIT and its answer — it counts once, from the
+//! log, and a retry is a duplicate). While the store is in a fault
 //! ([`crate::health`]), batches are refused before anything is done.
 
 use std::sync::Arc;
@@ -179,6 +181,15 @@ async fn ingest(meter: Arc<Meter>, events: Vec<(usize, UsageEvent)>) -> Result<I
             "the meter is not accepting usage".into(),
         ));
     }
+    if !meter.owned_partitions().contains(&PARTITION) {
+        // Never appended to a log this process does not own.
+        return Err(Error::Unavailable(
+            "the usage log's partition is not claimed".into(),
+        ));
+    }
+    // Entity appends of unknown outcome are resolved first: usage is judged
+    // by the directory as the log has it.
+    meter.resolve_unknown_appends().await?;
     if meter.log_tail_unknown() {
         // An append failed in a way that may have committed after all: what
         // the log holds beyond memory is applied before anything is added.
@@ -196,8 +207,9 @@ async fn ingest(meter: Arc<Meter>, events: Vec<(usize, UsageEvent)>) -> Result<I
     // records onto the same state and decides the same.
     let mut report = IngestReport::default();
     let mut logged: Vec<(usize, &UsageEvent)> = Vec::with_capacity(events.len());
-    for (index, event) in &events {
-        match meter.attribution(PARTITION, event) {
+    let all: Vec<&UsageEvent> = events.iter().map(|(_, e)| e).collect();
+    for ((index, event), attributed) in events.iter().zip(meter.attribution(PARTITION, &all)) {
+        match attributed {
             Ok(()) => logged.push((*index, event)),
             Err(r) => report.reject(*index, r),
         }

@@ -98,10 +98,7 @@ impl Engine {
         }
         metrics::gauge!(m::ORGS_REPORTED).set(orgs.len() as f64);
         metrics::gauge!(m::READY).set(if self.meter.is_ready() { 1.0 } else { 0.0 });
-        // Set at every scrape, not only when it changes: a gauge not set for
-        // a minute drops out, and the alert on it with it.
-        let writable = self.meter.health().fault().is_none();
-        metrics::gauge!(m::STORE_WRITABLE).set(if writable { 1.0 } else { 0.0 });
+        self.meter.health().publish();
         metrics::gauge!(m::PARTITIONS_OWNED).set(self.meter.owned_partitions().len() as f64);
         started.elapsed()
     }

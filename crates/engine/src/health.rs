@@ -45,6 +45,14 @@ impl StoreHealth {
         self.fault.lock().clone()
     }
 
+    /// Sets `tally_store_writable` again (at a scrape: a gauge not set for a
+    /// minute drops out, and the alert on it with it). Under the lock, so a
+    /// fault beginning meanwhile is not overwritten.
+    pub fn publish(&self) {
+        let fault = self.fault.lock();
+        metrics::gauge!(m::STORE_WRITABLE).set(if fault.is_none() { 1.0 } else { 0.0 });
+    }
+
     /// Records the failure of a write on `path`; returns whether it was a
     /// fault of the store (and so one the process is in now).
     pub fn write_failed(&self, path: &'static str, error: &crate::Error, now_ms: i64) -> bool {

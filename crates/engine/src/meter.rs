@@ -41,9 +41,9 @@ use crate::{Error, Result};
 pub struct MeterOptions {
     /// How often checkpoints are written when something changed. Default 1 s.
     pub checkpoint_interval: Duration,
-    /// A checkpoint is also written once a partition counted this many events
-    /// since its last one, so replay after a crash stays short (about a
-    /// second at this count). Default 1 000 000.
+    /// A checkpoint is also written once a partition applied this many
+    /// events (counted or not) since its last one, so replay after a crash
+    /// stays short (about a second at this count). Default 1 000 000.
     pub checkpoint_events_max: u64,
     /// How long checkpointed usage stays in the embedded usage log. Default
     /// 7 days.
@@ -164,6 +164,9 @@ pub struct Meter {
     publisher: OnceLock<Arc<dyn StatePublisher>>,
     health: StoreHealth,
     log_tail_unknown: AtomicBool,
+    /// Orgs with an entity append whose outcome is unknown (it failed, and
+    /// reading the log back failed too).
+    appends_unknown: parking_lot::Mutex<HashSet<OrgId>>,
 }
 
 impl Meter {
@@ -188,6 +191,7 @@ impl Meter {
             publisher: OnceLock::new(),
             health: StoreHealth::new(),
             log_tail_unknown: AtomicBool::new(false),
+            appends_unknown: parking_lot::Mutex::default(),
         }
     }
 
@@ -341,29 +345,38 @@ impl Meter {
         release_locked(&mut parts, &self.registry, p);
     }
 
-    /// Whether `e` names an org, user and key that exist (and an org of
-    /// partition `p`): the part of applying it that a later replay could
-    /// judge differently, since entities never stop existing but may start.
-    /// The embedded log keeps unattributable usage out of its records.
-    pub fn attribution(&self, p: i32, e: &UsageEvent) -> Result<(), Rejection> {
-        if self
-            .parts
-            .lock()
-            .org_part
-            .get(&e.org_id)
-            .is_some_and(|q| *q != p)
-        {
-            return Err(Rejection::WrongPartition);
+    /// Whether each event names an org, user and key that exist (and an org
+    /// of partition `p`): the part of applying usage that a later replay
+    /// could judge differently, since entities never stop existing but may
+    /// start. The embedded log keeps unattributable usage out of its
+    /// records. One lookup and read lock per run of an org's events.
+    pub fn attribution(&self, p: i32, events: &[&UsageEvent]) -> Vec<Result<(), Rejection>> {
+        let mut out = Vec::with_capacity(events.len());
+        // Lock order as in `apply`: parts, then an org.
+        let parts = self.parts.lock();
+        let org_part = &parts.org_part;
+        for run in events.chunk_by(|a, b| a.org_id == b.org_id) {
+            let org_id = &run[0].org_id;
+            if org_part.get(org_id).is_some_and(|q| *q != p) {
+                out.extend(run.iter().map(|_| Err(Rejection::WrongPartition)));
+                continue;
+            }
+            let Some(cell) = self.registry.org(org_id) else {
+                out.extend(run.iter().map(|_| Err(Rejection::UnknownOrg)));
+                continue;
+            };
+            let org = cell.read();
+            out.extend(run.iter().map(|e| {
+                if !org.dir.users.contains_key(&e.user_id) {
+                    return Err(Rejection::UnknownUser);
+                }
+                match &e.api_key_id {
+                    Some(k) if !org.dir.keys.contains_key(k) => Err(Rejection::UnknownKey),
+                    _ => Ok(()),
+                }
+            }));
         }
-        let cell = self.registry.org(&e.org_id).ok_or(Rejection::UnknownOrg)?;
-        let org = cell.read();
-        if !org.dir.users.contains_key(&e.user_id) {
-            return Err(Rejection::UnknownUser);
-        }
-        match &e.api_key_id {
-            Some(k) if !org.dir.keys.contains_key(k) => Err(Rejection::UnknownKey),
-            _ => Ok(()),
-        }
+        out
     }
 
     /// Whether the usage log may hold records beyond the position applied in
@@ -376,6 +389,26 @@ impl Meter {
         self.log_tail_unknown.store(unknown, Ordering::SeqCst);
     }
 
+    /// Records that an entity append of `org_id` may have committed without
+    /// being folded: the org's log is read before the next command, the
+    /// next usage batch, or when the store fault ends.
+    pub fn append_unknown(&self, org_id: &OrgId) {
+        let _ = self.appends_unknown.lock().insert(org_id.clone());
+    }
+
+    /// Folds whatever the logs of orgs with an unknown append hold beyond
+    /// memory. Under the write lock: no usage is counted between an event's
+    /// timestamp and its fold.
+    pub async fn resolve_unknown_appends(&self) -> Result<()> {
+        let orgs: Vec<OrgId> = self.appends_unknown.lock().iter().cloned().collect();
+        for org_id in orgs {
+            crate::commands::catch_up(&self.db, &self.registry, &org_id).await?;
+            tracing::info!(org = %org_id, "caught up an org whose append had an unknown outcome");
+            let _ = self.appends_unknown.lock().remove(&org_id);
+        }
+        Ok(())
+    }
+
     /// Applies events read from partition `p`, in order: one outcome per
     /// event, or `None` when this process does not own `p` (any more), and
     /// nothing moved.
@@ -385,7 +418,7 @@ impl Meter {
         let mut parts = self.parts.lock();
         let Parts { by_id, org_part } = &mut *parts;
         let part = by_id.get_mut(&p)?;
-        let mut counted = 0u64;
+        let mut seen = 0u64;
         let mut i = 0;
         while i < events.len() {
             // Consecutive events of one org share one lock.
@@ -419,10 +452,10 @@ impl Meter {
                 let _ = part.orgs.insert(org_id.clone());
             }
             let mut spent: u64 = 0;
+            seen += run as u64;
             for e in batch {
                 let o = org.apply_usage(e.event, e.logged_at_ms);
                 if o == UsageOutcome::Applied {
-                    counted += 1;
                     spent += e.event.cost_micros.unsigned_abs();
                 }
                 out.push(o);
@@ -433,7 +466,9 @@ impl Meter {
                 metrics::counter!(m::ORG_SPEND_TOTAL, "org" => org_id.to_string()).increment(spent);
             }
         }
-        part.counted_since += counted;
+        // Every event of an owned org, counted or not, is replayed from the
+        // log after a crash: they all bring the next checkpoint nearer.
+        part.counted_since += seen;
         drop(parts);
         metrics::histogram!(m::APPLY_SECONDS).record(started.elapsed().as_secs_f64());
         Some(out)
@@ -807,9 +842,18 @@ impl Meter {
             }
             self.new_month();
             // Failures are logged and counted; the next tick retries.
-            let _ = self.checkpoint().await;
-            if self.health.fault().is_some() {
+            let checkpointed = self.checkpoint().await;
+            // A checkpoint that fails for the store's fault keeps it: a probe
+            // row may fit where the checkpoint does not.
+            let blocked = matches!(&checkpointed, Err(e) if e.store_unavailable().is_some());
+            if self.health.fault().is_some() && !blocked {
                 self.probe().await;
+                if self.health.fault().is_none() {
+                    let _w = self.write.lock().await;
+                    if let Err(e) = self.resolve_unknown_appends().await {
+                        tracing::warn!(error = %e, "catching up orgs with an unknown append failed; retried before their next command or usage");
+                    }
+                }
             }
         }
     }

@@ -103,6 +103,36 @@ impl Registry {
         }
     }
 
+    /// Folds committed events of one org that may have been folded already,
+    /// in part or whole (by a follower): those beyond the org's seq, under
+    /// one lock, so that no reader sees part of them.
+    pub fn fold_next(&self, events: &[EntityEvent]) -> Followed {
+        let Some(first) = events.first() else {
+            return Followed::Stale;
+        };
+        let Some(cell) = self.org(&first.org_id) else {
+            if first.seq != 1 {
+                return Followed::Gap;
+            }
+            self.apply(events);
+            return Followed::Applied;
+        };
+        let mut org = cell.write();
+        let seq = org.dir.seq;
+        let fresh = events.iter().filter(|e| e.seq > seq);
+        match fresh.clone().next() {
+            None => Followed::Stale,
+            Some(e) if e.seq != seq + 1 => Followed::Gap,
+            Some(_) => {
+                for e in fresh {
+                    org.apply_entity(e);
+                    self.index(e);
+                }
+                Followed::Applied
+            }
+        }
+    }
+
     /// Folds one event read from a log that may repeat or skip (another
     /// process's relay): applied when it is the org's next, ignored when
     /// already folded, refused when events before it are missing.

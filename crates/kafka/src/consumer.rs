@@ -285,8 +285,14 @@ impl Run {
         for m in batch {
             by_partition.entry(m.partition).or_default().push(m);
         }
+        // One deadline for the whole poll: the thread polls again within
+        // max.poll.interval.ms however many partitions and orgs wait.
+        let deadline = Instant::now() + CATCH_UP_WAIT_MAX;
         for (p, messages) in by_partition {
-            self.process_partition(p, messages);
+            if *self.stop.borrow() {
+                return;
+            }
+            self.process_partition(p, messages, deadline);
         }
         // During a storage fault the meter's periodic task retries the
         // checkpoint; waiting for it here would only stall consumption.
@@ -301,7 +307,7 @@ impl Run {
         }
     }
 
-    fn process_partition(&mut self, p: i32, messages: Vec<Incoming>) {
+    fn process_partition(&mut self, p: i32, messages: Vec<Incoming>, deadline: Instant) {
         let mut good: Vec<(usize, UsageEvent)> = Vec::with_capacity(messages.len());
         let mut bad: Vec<(usize, Bad)> = Vec::new();
         for (i, m) in messages.iter().enumerate() {
@@ -326,7 +332,7 @@ impl Run {
                 Err(b) => bad.push((i, b)),
             }
         }
-        if !self.catch_up(&good) {
+        if !self.catch_up(&good, deadline) {
             // Stopping while waiting for the database: the batch is not
             // applied, and whoever owns the partition next reads it again.
             return;
@@ -393,7 +399,7 @@ impl Run {
     /// calling such usage unattributable, read the org's log from SQL.
     /// Returns false when the process is stopping and the batch must not
     /// be applied (see [`Run::catch_up_org`]).
-    fn catch_up(&self, events: &[(usize, UsageEvent)]) -> bool {
+    fn catch_up(&self, events: &[(usize, UsageEvent)], deadline: Instant) -> bool {
         let registry = &self.engine.registry;
         let mut orgs: Vec<&tally_core::ids::OrgId> = Vec::new();
         // One lookup and one read lock per run of the same org (a batch is
@@ -416,9 +422,6 @@ impl Run {
                 orgs.push(org_id);
             }
         }
-        // One deadline for the whole batch: the thread polls again within
-        // max.poll.interval.ms however many orgs wait.
-        let deadline = Instant::now() + CATCH_UP_WAIT_MAX;
         orgs.into_iter().all(|org| self.catch_up_org(org, deadline))
     }
 

@@ -89,8 +89,10 @@ fn unavailable_code(code: &str) -> Option<&'static str> {
             "53" => Some("the database is out of resources"),
             "58" => Some("an I/O error"),
             "25" if code == "25006" => Some("the database is read-only"),
-            // Class 40 (a deadlock, a serialization failure) fails one
-            // transaction, not the store.
+            // 40003: the server cannot tell whether the statement completed.
+            "40" if code == "40003" => Some("the database is unreachable"),
+            // The rest of class 40 (a deadlock, a serialization failure)
+            // fails one transaction, not the store.
             _ => None,
         };
     }

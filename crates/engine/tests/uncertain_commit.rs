@@ -1,8 +1,9 @@
 //! A command whose COMMIT reached PostgreSQL but whose answer never came
 //! back (the connection died in between) committed: the command path reads
 //! the org's log back and answers success, instead of an error for a change
-//! that is there. A real PostgreSQL server, behind a TCP proxy that cuts the
-//! connection right after forwarding a COMMIT.
+//! that is there; and when it cannot read the log either, the org is caught
+//! up once the database is back. A real PostgreSQL server, behind a TCP
+//! proxy that cuts the connection right after forwarding a COMMIT.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -20,9 +21,20 @@ use tokio::net::{TcpListener, TcpStream};
 /// A simple-protocol `COMMIT` as sqlx sends it: 'Q', length 11, the text.
 const COMMIT: &[u8] = b"Q\0\0\0\x0bCOMMIT\0";
 
-/// Forwards connections to `upstream`; when armed, the next COMMIT goes
-/// to the server and the connection is cut before its answer returns.
-async fn proxy(upstream: String, armed: Arc<AtomicBool>) -> u16 {
+/// What the proxy does to connections.
+#[derive(Debug, Default)]
+struct Faults {
+    /// The next COMMIT goes to the server, and its connection is cut before
+    /// the answer returns.
+    cut_commit: AtomicBool,
+    /// Every connection is cut, new ones too (the database is away).
+    down: AtomicBool,
+    /// `down` turns on with the cut.
+    down_after_cut: AtomicBool,
+}
+
+/// Forwards connections to `upstream`, with `faults`.
+async fn proxy(upstream: String, faults: Arc<Faults>) -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     drop(tokio::spawn(async move {
@@ -30,9 +42,12 @@ async fn proxy(upstream: String, armed: Arc<AtomicBool>) -> u16 {
             let Ok((client, _)) = listener.accept().await else {
                 return;
             };
-            let armed = Arc::clone(&armed);
+            let faults = Arc::clone(&faults);
             let upstream = upstream.clone();
             drop(tokio::spawn(async move {
+                if faults.down.load(Ordering::SeqCst) {
+                    return;
+                }
                 let Ok(server) = TcpStream::connect(&upstream).await else {
                     return;
                 };
@@ -40,11 +55,13 @@ async fn proxy(upstream: String, armed: Arc<AtomicBool>) -> u16 {
                 let (mut sr, mut sw) = server.into_split();
                 let cut = Arc::new(AtomicBool::new(false));
                 let back = {
-                    let cut = Arc::clone(&cut);
+                    let (cut, faults) = (Arc::clone(&cut), Arc::clone(&faults));
                     tokio::spawn(async move {
                         let mut buf = vec![0u8; 64 * 1024];
                         while let Ok(n @ 1..) = sr.read(&mut buf).await {
-                            if cut.load(Ordering::SeqCst) || cw.write_all(&buf[..n]).await.is_err()
+                            if cut.load(Ordering::SeqCst)
+                                || faults.down.load(Ordering::SeqCst)
+                                || cw.write_all(&buf[..n]).await.is_err()
                             {
                                 return;
                             }
@@ -53,10 +70,17 @@ async fn proxy(upstream: String, armed: Arc<AtomicBool>) -> u16 {
                 };
                 let mut buf = vec![0u8; 64 * 1024];
                 while let Ok(n @ 1..) = cr.read(&mut buf).await {
+                    if faults.down.load(Ordering::SeqCst) {
+                        back.abort();
+                        return;
+                    }
                     let chunk = &buf[..n];
                     let commit = chunk.windows(COMMIT.len()).any(|w| w == COMMIT);
-                    if commit && armed.swap(false, Ordering::SeqCst) {
+                    if commit && faults.cut_commit.swap(false, Ordering::SeqCst) {
                         cut.store(true, Ordering::SeqCst);
+                        if faults.down_after_cut.load(Ordering::SeqCst) {
+                            faults.down.store(true, Ordering::SeqCst);
+                        }
                         let _ = sw.write_all(chunk).await;
                         // Let the server commit, then drop both sides.
                         tokio::time::sleep(Duration::from_millis(300)).await;
@@ -73,17 +97,18 @@ async fn proxy(upstream: String, armed: Arc<AtomicBool>) -> u16 {
     port
 }
 
-#[tokio::test]
-async fn a_command_whose_commit_answer_was_lost_succeeds() {
+/// An engine on a fresh PostgreSQL database reached through the proxy, with
+/// org acme; `None` when there is no server.
+async fn engine_behind_a_proxy(name: &str) -> Option<(Engine, Db, Arc<Faults>)> {
     let Ok(admin) = std::env::var("TALLY_TEST_POSTGRES_ADMIN_URL") else {
         assert!(
             std::env::var_os("TALLY_REQUIRE_SERVICES").is_none(),
             "TALLY_TEST_POSTGRES_ADMIN_URL is not set: run scripts/test.sh"
         );
         eprintln!("skipped: no PostgreSQL server (scripts/test.sh starts one)");
-        return;
+        return None;
     };
-    let name = format!("uncertain_{}", std::process::id());
+    let name = format!("{name}_{}", std::process::id());
     let server = Db::open(&DbOptions {
         migrate: false,
         ..DbOptions::new(admin.clone())
@@ -111,10 +136,15 @@ async fn a_command_whose_commit_answer_was_lost_succeeds() {
         .split_once('@')
         .unwrap()
         .0;
-    let armed = Arc::new(AtomicBool::new(false));
-    let port = proxy(host_port, Arc::clone(&armed)).await;
+    let faults = Arc::new(Faults::default());
+    let port = proxy(host_port, Arc::clone(&faults)).await;
     let url = format!("postgres://{user}@127.0.0.1:{port}/{name}");
-    let db = Db::open(&DbOptions::new(url.clone())).await.unwrap();
+    let db = Db::open(&DbOptions {
+        acquire_timeout: Duration::from_secs(1),
+        ..DbOptions::new(url)
+    })
+    .await
+    .unwrap();
     let engine = Engine::start(
         db.clone(),
         Arc::new(SystemClock),
@@ -123,30 +153,62 @@ async fn a_command_whose_commit_answer_was_lost_succeeds() {
     )
     .await
     .unwrap();
-    let org = OrgId::new("acme").unwrap();
-    let run = |cmd: Command| {
-        let (commands, org) = (Arc::clone(&engine.commands), org.clone());
-        async move { commands.execute(&org, Actor::Operator, &cmd).await }
-    };
-    let _ = run(Command::CreateOrg {
-        name: "Acme".into(),
-        default_monthly_limit_micros: None,
-        alert_thresholds_bps: None,
-        monthly_limit_micros: None,
-    })
-    .await
-    .unwrap();
-    let bob = || Command::AddUser {
+    let _ = engine
+        .commands
+        .execute(
+            &OrgId::new("acme").unwrap(),
+            Actor::Operator,
+            &Command::CreateOrg {
+                name: "Acme".into(),
+                default_monthly_limit_micros: None,
+                alert_thresholds_bps: None,
+                monthly_limit_micros: None,
+            },
+        )
+        .await
+        .unwrap();
+    Some((engine, db, faults))
+}
+
+fn add_bob() -> Command {
+    Command::AddUser {
         user_id: UserId::new("bob").unwrap(),
         email: "bob@acme.test".into(),
         name: "Bob".into(),
         monthly_limit_micros: None,
         activate: true,
-    };
+    }
+}
 
-    armed.store(true, Ordering::SeqCst);
-    let events = run(bob()).await.expect("the append committed: success");
-    assert!(!armed.load(Ordering::SeqCst), "the proxy cut a COMMIT");
+/// Runs the meter's periodic task until the storage fault is over.
+async fn until_the_fault_ends(engine: &Engine) {
+    let stop = tokio::sync::Notify::new();
+    let meter = Arc::clone(&engine.meter);
+    let ticks = tokio::spawn(async move { meter.run(async { stop.notified().await }).await });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while engine.meter.health().fault().is_some() {
+        assert!(Instant::now() < deadline, "the probe never ended the fault");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    ticks.abort();
+}
+
+#[tokio::test]
+async fn a_command_whose_commit_answer_was_lost_succeeds() {
+    let Some((engine, db, faults)) = engine_behind_a_proxy("uncertain").await else {
+        return;
+    };
+    let org = OrgId::new("acme").unwrap();
+    let run = |cmd: Command| {
+        let (commands, org) = (Arc::clone(&engine.commands), org.clone());
+        async move { commands.execute(&org, Actor::Operator, &cmd).await }
+    };
+    faults.cut_commit.store(true, Ordering::SeqCst);
+    let events = run(add_bob()).await.expect("the append committed: success");
+    assert!(
+        !faults.cut_commit.load(Ordering::SeqCst),
+        "the proxy cut a COMMIT"
+    );
     let cell = engine.registry.org(&org).unwrap();
     assert!(
         cell.read().dir.users.contains_key("bob"),
@@ -158,18 +220,51 @@ async fn a_command_whose_commit_answer_was_lost_succeeds() {
     // The lost answer counted as a storage fault until a write commits.
     let fault = engine.meter.health().fault().expect("a fault");
     assert_eq!(fault.path, "entity_log");
-    let stop = tokio::sync::Notify::new();
-    let meter = Arc::clone(&engine.meter);
-    let ticks = tokio::spawn(async move { meter.run(async { stop.notified().await }).await });
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while engine.meter.health().fault().is_some() {
-        assert!(Instant::now() < deadline, "the probe never ended the fault");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    ticks.abort();
+    until_the_fault_ends(&engine).await;
     // Now the same command again is a conflict: it happened, once.
     assert!(matches!(
-        run(bob()).await,
+        run(add_bob()).await,
+        Err(Error::Command(CommandError::Conflict(_)))
+    ));
+}
+
+/// The same, with the database away right after the COMMIT: the command
+/// cannot learn its outcome and is refused; when the database is back, the
+/// org is caught up from the log by itself, before anything else uses it.
+#[tokio::test]
+async fn a_commit_of_unknown_outcome_is_folded_when_the_database_is_back() {
+    let Some((engine, db, faults)) = engine_behind_a_proxy("unknown").await else {
+        return;
+    };
+    let org = OrgId::new("acme").unwrap();
+    faults.down_after_cut.store(true, Ordering::SeqCst);
+    faults.cut_commit.store(true, Ordering::SeqCst);
+    let refused = engine
+        .commands
+        .execute(&org, Actor::Operator, &add_bob())
+        .await;
+    assert!(
+        refused
+            .as_ref()
+            .is_err_and(|e| e.store_unavailable().is_some()),
+        "{refused:?}"
+    );
+    let cell = engine.registry.org(&org).unwrap();
+    assert!(!cell.read().dir.users.contains_key("bob"), "not folded yet");
+    assert!(engine.meter.health().fault().is_some());
+
+    faults.down.store(false, Ordering::SeqCst);
+    until_the_fault_ends(&engine).await;
+    assert!(
+        cell.read().dir.users.contains_key("bob"),
+        "caught up from the log when the fault ended"
+    );
+    assert_eq!(db.org_events(&org, 0, 100).await.unwrap().len(), 3);
+    assert!(matches!(
+        engine
+            .commands
+            .execute(&org, Actor::Operator, &add_bob())
+            .await,
         Err(Error::Command(CommandError::Conflict(_)))
     ));
 }

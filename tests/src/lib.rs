@@ -227,6 +227,11 @@ impl Tally {
         }
     }
 
+    /// The exit status if the process has exited, without waiting.
+    pub fn try_wait(&mut self) -> anyhow::Result<Option<std::process::ExitStatus>> {
+        Ok(self.child.try_wait()?)
+    }
+
     /// SIGKILL: no chance to checkpoint.
     pub fn kill9(mut self) -> anyhow::Result<()> {
         self.child.kill()?;

@@ -618,3 +618,89 @@ async fn a_command_refused_by_a_full_disk_leaves_no_trace() -> anyhow::Result<()
     assert_eq!(users["items"].as_array().map(Vec::len), Some(refused + 1));
     Ok(())
 }
+
+/// Distributed mode: a rebalance while PostgreSQL is away (the other
+/// process died) cannot claim partitions until the database is back. The
+/// process waits for it instead of giving up and exiting into the same
+/// outage, and meters every partition once it is back.
+#[tokio::test]
+async fn a_rebalance_during_a_postgres_outage_waits_for_the_database() -> anyhow::Result<()> {
+    let Some(pg) = PgServer::start()? else {
+        return Ok(());
+    };
+    let Some(broker) = Broker::start()? else {
+        return Ok(());
+    };
+    let backend = Backend::Postgres(pg.url("postgres"));
+    let flags = [
+        "--kafka-brokers",
+        &broker.brokers(),
+        "--kafka-usage-partitions",
+        "2",
+    ];
+    let mut a = Tally::start_with(&backend, &flags)?;
+    let b = Tally::start_with(&backend, &flags)?;
+    let op = a.operator();
+    wait_ready(&op, Duration::from_secs(60)).await;
+    wait_ready(&b.operator(), Duration::from_secs(60)).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while (owned(&a).await, owned(&b).await) != (1, 1) {
+        assert!(Instant::now() < deadline, "the partitions were not shared");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let _ = op
+        .post("/v1/orgs", json!({"id": "acme", "name": "Acme"}))
+        .await
+        .expect(201);
+    let _ = op.add_active_user("acme", "alice").await;
+    let _ = op
+        .post(
+            "/v1/orgs/acme/keys",
+            json!({"id": "alice-key", "name": "laptop", "user_id": "alice"}),
+        )
+        .await
+        .expect(201);
+    let r = op.post("/v1/usage", batch_of(0, 10)).await.expect(200);
+    assert_eq!(r["accepted"], 10);
+
+    pg.kill9()?;
+    b.kill9()?;
+    // The group notices b is gone after its session (6 s) and gives both
+    // partitions to a, whose claims wait: its revocation's checkpoint waits
+    // 10 s for a connection, then the claims outlast the 30 s a claim that
+    // fails for other reasons is retried.
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    assert!(
+        a.try_wait()?.is_none(),
+        "tally exited during the outage; log:\n{}",
+        a.log_text()
+    );
+    pg.restart()?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while owned(&a).await != 2 {
+        assert!(
+            Instant::now() < deadline,
+            "a never claimed both partitions; log:\n{}",
+            a.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    wait_ready(&op, Duration::from_secs(60)).await;
+    let r = op.post("/v1/usage", batch_of(1, 10)).await.expect(200);
+    assert_eq!(r["accepted"], 10);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let alice = op.get("/v1/orgs/acme/users/alice").await;
+        if alice.status == 200 && alice.body["spend_micros"] == 20 * COST_MICROS {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "spend never reached 20 events: {} {}",
+            alice.status,
+            alice.body
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Ok(())
+}

@@ -47,7 +47,8 @@ const BATCH_LEN_MAX: usize = 1_000;
 /// How long a batch may wait to fill once it has a message.
 const BATCH_WAIT: Duration = Duration::from_millis(20);
 /// How long a claim is retried before the meter gives up (and the process
-/// exits to be restarted).
+/// exits to be restarted); while the database is unreachable, as long as
+/// [`CATCH_UP_WAIT_MAX`].
 const CLAIM_RETRY_FOR: Duration = Duration::from_secs(30);
 /// How long a batch with usage of subjects this process has not seen waits
 /// for their orgs' logs to be readable from SQL, rather than being
@@ -84,9 +85,20 @@ impl ClientContext for MeterContext {
 impl MeterContext {
     fn claim(&self, p: i32) -> Option<i64> {
         let started = Instant::now();
+        let mut warned = false;
         loop {
             match self.rt.block_on(self.meter.claim(p)) {
                 Ok(position) => return Some(position),
+                // The database is away: exiting would only restart into the
+                // same outage. Waited for as long as the group allows.
+                Err(e)
+                    if e.store_unavailable().is_some() && started.elapsed() < CATCH_UP_WAIT_MAX =>
+                {
+                    if !std::mem::replace(&mut warned, true) {
+                        tracing::warn!(partition = p, error = %e, "claiming a partition waits for the database");
+                    }
+                    std::thread::sleep(Duration::from_millis(500));
+                }
                 Err(e) if started.elapsed() < CLAIM_RETRY_FOR => {
                     tracing::warn!(partition = p, error = %e, "claiming a partition failed; retrying");
                     std::thread::sleep(Duration::from_millis(500));

@@ -33,6 +33,24 @@ fn batch_of(n: usize, len: usize) -> Value {
     json!({ "events": events })
 }
 
+/// Org acme with an active alice and her key `alice-key`; returns the key's
+/// secret.
+async fn acme_with_alice(op: &Client) -> String {
+    let _ = op
+        .post("/v1/orgs", json!({"id": "acme", "name": "Acme"}))
+        .await
+        .expect(201);
+    let _ = op.add_active_user("acme", "alice").await;
+    let key = op
+        .post(
+            "/v1/orgs/acme/keys",
+            json!({"id": "alice-key", "name": "laptop", "user_id": "alice"}),
+        )
+        .await
+        .expect(201);
+    key["secret"].as_str().expect("secret").to_owned()
+}
+
 struct Run {
     disk: Tmpfs,
     filler: std::path::PathBuf,
@@ -48,19 +66,7 @@ async fn until_the_disk_is_full(name: &str) -> anyhow::Result<(Tally, Run)> {
     let backend = Backend::Sqlite(disk.dir.clone());
     let tally = Tally::start(&backend)?;
     let op = tally.operator();
-    let _ = op
-        .post("/v1/orgs", json!({"id": "acme", "name": "Acme"}))
-        .await
-        .expect(201);
-    let _ = op.add_active_user("acme", "alice").await;
-    let key = op
-        .post(
-            "/v1/orgs/acme/keys",
-            json!({"id": "alice-key", "name": "laptop", "user_id": "alice"}),
-        )
-        .await
-        .expect(201);
-    let secret = key["secret"].as_str().expect("secret").to_owned();
+    let secret = acme_with_alice(&op).await;
     let filler = disk.fill("filler", 2 << 20)?;
 
     let mut accepted = Vec::new();
@@ -219,14 +225,7 @@ async fn when_space_comes_back_it_resumes_by_itself() -> anyhow::Result<()> {
     while_full(&tally, &run).await;
     std::fs::remove_file(&run.filler)?;
     let op = tally.operator();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while op.get("/readyz").await.status != 200 {
-        assert!(
-            Instant::now() < deadline,
-            "not ready again 30 s after space came back"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_ready(&op, Duration::from_secs(30)).await;
     assert!(
         op.metrics()
             .await
@@ -254,6 +253,68 @@ async fn when_space_comes_back_it_resumes_by_itself() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A PostgreSQL server and a broker of the test's own, and the `serve` flags
+/// of distributed mode on them.
+struct Cluster {
+    pg: PgServer,
+    _broker: Broker,
+    backend: Backend,
+    flags: Vec<String>,
+}
+
+impl Cluster {
+    /// `None` when the suite runs without the services.
+    fn new(partitions: &str, extra: &[&str]) -> anyhow::Result<Option<Cluster>> {
+        let Some(pg) = PgServer::start()? else {
+            return Ok(None);
+        };
+        let Some(broker) = Broker::start()? else {
+            return Ok(None);
+        };
+        let backend = Backend::Postgres(pg.url("postgres"));
+        let mut flags: Vec<String> = [
+            "--kafka-brokers",
+            &broker.brokers(),
+            "--kafka-usage-partitions",
+            partitions,
+        ]
+        .map(str::to_owned)
+        .to_vec();
+        flags.extend(extra.iter().map(|s| (*s).to_owned()));
+        Ok(Some(Cluster {
+            pg,
+            _broker: broker,
+            backend,
+            flags,
+        }))
+    }
+
+    fn start(&self) -> anyhow::Result<Tally> {
+        let flags: Vec<&str> = self.flags.iter().map(String::as_str).collect();
+        Tally::start_with(&self.backend, &flags)
+    }
+}
+
+/// Waits until `user`'s spend is `want_micros`; returns the user.
+async fn wait_for_spend(op: &Client, user: &str, want_micros: i64) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let r = op.get(&format!("/v1/orgs/acme/users/{user}")).await;
+        if r.status == 200 && r.body["spend_micros"] == want_micros {
+            return r.body;
+        }
+        let dead = op.get("/v1/orgs/acme/dead-letters").await;
+        assert!(
+            Instant::now() < deadline,
+            "{user}'s spend never reached {want_micros}: {} {}; dead letters: {}",
+            r.status,
+            r.body,
+            dead.body
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 async fn wait_ready(op: &Client, within: Duration) {
     let deadline = Instant::now() + within;
     loop {
@@ -277,36 +338,13 @@ async fn wait_ready(op: &Client, within: Duration) {
 /// present once; the process is ready again without a restart.
 #[tokio::test]
 async fn postgres_killed_under_ingest_and_commands_loses_nothing() -> anyhow::Result<()> {
-    let Some(pg) = PgServer::start()? else {
+    let Some(cluster) = Cluster::new("2", &[])? else {
         return Ok(());
     };
-    let Some(broker) = Broker::start()? else {
-        return Ok(());
-    };
-    let backend = Backend::Postgres(pg.url("postgres"));
-    let tally = Tally::start_with(
-        &backend,
-        &[
-            "--kafka-brokers",
-            &broker.brokers(),
-            "--kafka-usage-partitions",
-            "2",
-        ],
-    )?;
+    let (pg, tally) = (&cluster.pg, cluster.start()?);
     let op = tally.operator();
     wait_ready(&op, Duration::from_secs(60)).await;
-    let _ = op
-        .post("/v1/orgs", json!({"id": "acme", "name": "Acme"}))
-        .await
-        .expect(201);
-    let _ = op.add_active_user("acme", "alice").await;
-    let _ = op
-        .post(
-            "/v1/orgs/acme/keys",
-            json!({"id": "alice-key", "name": "laptop", "user_id": "alice"}),
-        )
-        .await
-        .expect(201);
+    let _ = acme_with_alice(&op).await;
 
     // Usage and commands stream until a second after PostgreSQL is back; it
     // stays away longer than a connection is waited for (10 s), so that
@@ -432,20 +470,8 @@ async fn postgres_killed_under_ingest_and_commands_loses_nothing() -> anyhow::Re
     }
     // Every event the broker took counts, once.
     let want = accepted * COST_MICROS;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let alice = op.get("/v1/orgs/acme/users/alice").await.expect(200);
-        if alice["spend_micros"] == json!(want) {
-            assert_eq!(alice["requests"], json!(accepted));
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "spend {} never reached {want}",
-            alice["spend_micros"]
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let alice = wait_for_spend(&op, "alice", want).await;
+    assert_eq!(alice["requests"], json!(accepted));
     // And stays there after a clean restart.
     let tally = tally.restart()?;
     let op = tally.operator();
@@ -474,23 +500,12 @@ async fn owned(t: &Tally) -> i64 {
 /// bring the member first.
 #[tokio::test]
 async fn usage_of_a_member_the_owner_has_not_seen_waits_for_the_database() -> anyhow::Result<()> {
-    let Some(pg) = PgServer::start()? else {
+    let Some(cluster) = Cluster::new("1", &["--kafka-relay-interval-ms", "60000"])? else {
         return Ok(());
     };
-    let Some(broker) = Broker::start()? else {
-        return Ok(());
-    };
-    let backend = Backend::Postgres(pg.url("postgres"));
-    let flags = [
-        "--kafka-brokers",
-        &broker.brokers(),
-        "--kafka-usage-partitions",
-        "1",
-        "--kafka-relay-interval-ms",
-        "60000",
-    ];
-    let a = Tally::start_with(&backend, &flags)?;
-    let b = Tally::start_with(&backend, &flags)?;
+    let pg = &cluster.pg;
+    let a = cluster.start()?;
+    let b = cluster.start()?;
     wait_ready(&a.operator(), Duration::from_secs(60)).await;
     wait_ready(&b.operator(), Duration::from_secs(60)).await;
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -526,22 +541,7 @@ async fn usage_of_a_member_the_owner_has_not_seen_waits_for_the_database() -> an
     pg.restart()?;
     let op = owner.operator();
     wait_ready(&op, Duration::from_secs(60)).await;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let late = op.get("/v1/orgs/acme/users/late").await;
-        if late.status == 200 && late.body["spend_micros"] == 7_000 {
-            break;
-        }
-        let dead = op.get("/v1/orgs/acme/dead-letters").await;
-        assert!(
-            Instant::now() < deadline,
-            "the usage never counted: {} {}; dead letters: {}",
-            late.status,
-            late.body,
-            dead.body
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let _ = wait_for_spend(&op, "late", 7_000).await;
     let dead = op.get("/v1/orgs/acme/dead-letters").await.expect(200);
     assert_eq!(dead["items"], json!([]), "{dead}");
     Ok(())
@@ -625,21 +625,12 @@ async fn a_command_refused_by_a_full_disk_leaves_no_trace() -> anyhow::Result<()
 /// outage, and meters every partition once it is back.
 #[tokio::test]
 async fn a_rebalance_during_a_postgres_outage_waits_for_the_database() -> anyhow::Result<()> {
-    let Some(pg) = PgServer::start()? else {
+    let Some(cluster) = Cluster::new("2", &[])? else {
         return Ok(());
     };
-    let Some(broker) = Broker::start()? else {
-        return Ok(());
-    };
-    let backend = Backend::Postgres(pg.url("postgres"));
-    let flags = [
-        "--kafka-brokers",
-        &broker.brokers(),
-        "--kafka-usage-partitions",
-        "2",
-    ];
-    let mut a = Tally::start_with(&backend, &flags)?;
-    let b = Tally::start_with(&backend, &flags)?;
+    let pg = &cluster.pg;
+    let mut a = cluster.start()?;
+    let b = cluster.start()?;
     let op = a.operator();
     wait_ready(&op, Duration::from_secs(60)).await;
     wait_ready(&b.operator(), Duration::from_secs(60)).await;
@@ -648,18 +639,7 @@ async fn a_rebalance_during_a_postgres_outage_waits_for_the_database() -> anyhow
         assert!(Instant::now() < deadline, "the partitions were not shared");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let _ = op
-        .post("/v1/orgs", json!({"id": "acme", "name": "Acme"}))
-        .await
-        .expect(201);
-    let _ = op.add_active_user("acme", "alice").await;
-    let _ = op
-        .post(
-            "/v1/orgs/acme/keys",
-            json!({"id": "alice-key", "name": "laptop", "user_id": "alice"}),
-        )
-        .await
-        .expect(201);
+    let _ = acme_with_alice(&op).await;
     let r = op.post("/v1/usage", batch_of(0, 10)).await.expect(200);
     assert_eq!(r["accepted"], 10);
 
@@ -688,19 +668,6 @@ async fn a_rebalance_during_a_postgres_outage_waits_for_the_database() -> anyhow
     wait_ready(&op, Duration::from_secs(60)).await;
     let r = op.post("/v1/usage", batch_of(1, 10)).await.expect(200);
     assert_eq!(r["accepted"], 10);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let alice = op.get("/v1/orgs/acme/users/alice").await;
-        if alice.status == 200 && alice.body["spend_micros"] == 20 * COST_MICROS {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "spend never reached 20 events: {} {}",
-            alice.status,
-            alice.body
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let _ = wait_for_spend(&op, "alice", 20 * COST_MICROS).await;
     Ok(())
 }

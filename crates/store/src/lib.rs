@@ -297,18 +297,10 @@ impl Db {
         Ok(())
     }
 
-    /// Writes one small row in a transaction of its own: whether the store
-    /// can commit a write at all, asked while it could not.
+    /// Writes one small row: whether the store can commit a write at all,
+    /// asked while it could not.
     pub async fn probe_write(&self, now_ms: i64) -> Result<()> {
-        let mut tx = self.begin_write().await?;
-        let _ = sqlx::query(
-            "INSERT INTO tally_meta (key, value) VALUES ('store_probe', $1) \
-             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-        )
-        .bind(now_ms.to_string())
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await
+        self.meta_set("store_probe", &now_ms.to_string()).await
     }
 
     /// Makes this process the only one serving from this database, for as

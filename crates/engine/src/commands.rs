@@ -166,7 +166,7 @@ impl Commands {
             }
         }
         self.registry.apply(&events);
-        self.meter.health().write_succeeded(self.clock.now_ms());
+        self.meter.wrote();
         Ok(events)
     }
 

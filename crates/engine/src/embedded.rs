@@ -262,7 +262,7 @@ async fn ingest(meter: Arc<Meter>, events: Vec<(usize, UsageEvent)>) -> Result<I
     }
     report.rejected.sort_by_key(|r| r.index);
     m::count_outcomes(&report);
-    meter.health().write_succeeded(meter.now_ms());
+    meter.wrote();
     if meter.wants_checkpoint(PARTITION) {
         // Failures are logged and retried by the next checkpoint.
         let _ = meter.checkpoint_locked().await;

@@ -569,7 +569,7 @@ impl Meter {
             None => {
                 let _ = self.checkpoint_done.fetch_max(number, Ordering::SeqCst);
                 if written > 0 {
-                    self.health.write_succeeded(self.clock.now_ms());
+                    self.wrote();
                 }
                 Ok(written)
             }
@@ -848,24 +848,37 @@ impl Meter {
             let blocked = matches!(&checkpointed, Err(e) if e.store_unavailable().is_some());
             if self.health.fault().is_some() && !blocked {
                 self.probe().await;
-                if self.health.fault().is_none() {
-                    let _w = self.write.lock().await;
-                    if let Err(e) = self.resolve_unknown_appends().await {
-                        tracing::warn!(error = %e, "catching up orgs with an unknown append failed; retried before their next command or usage");
-                    }
-                }
             }
         }
     }
 
     /// During a storage fault: whether a write commits again.
+    /// The fault ends only once the orgs whose appends had an unknown
+    /// outcome are caught up, so that nothing reads them stale after it.
     async fn probe(&self) {
         let now = self.clock.now_ms();
-        match self.db.probe_write(now).await {
-            Ok(()) => self.health.write_succeeded(now),
-            Err(e) => {
-                let _ = self.health.write_failed("probe", &e.into(), now);
+        let probed = match self.db.probe_write(now).await {
+            Ok(()) => {
+                let _w = self.write.lock().await;
+                self.resolve_unknown_appends().await
             }
+            Err(e) => Err(e.into()),
+        };
+        match probed {
+            Ok(()) => self.wrote(),
+            Err(e) => {
+                if !self.health.write_failed("probe", &e, now) {
+                    tracing::warn!(error = %e, "probing the store failed");
+                }
+            }
+        }
+    }
+
+    /// A write committed: the storage fault, if any, is over, unless an
+    /// org's append still has an unknown outcome (see [`Meter::probe`]).
+    pub fn wrote(&self) {
+        if self.appends_unknown.lock().is_empty() {
+            self.health.write_succeeded(self.clock.now_ms());
         }
     }
 

@@ -428,11 +428,34 @@ pub fn assert_money_is_integer(v: &Value) {
 /// recent for the server to take it, so tests stamp it with the real clock.
 pub fn now_rfc3339() -> String {
     // The server's clock decides the month; use the same instant, to the ms.
-    let ms = std::time::SystemTime::now()
+    rfc3339(now_ms())
+}
+
+/// Milliseconds since the Unix epoch, now.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
-        .as_millis() as i64;
-    let secs = ms / 1000;
+        .as_millis() as i64
+}
+
+/// The start of the UTC month of `ms`, in ms.
+pub fn month_start_ms(ms: i64) -> i64 {
+    let t = rfc3339(ms);
+    let (y, m): (i64, i64) = (t[0..4].parse().unwrap(), t[5..7].parse().unwrap());
+    // days_from_civil (Hinnant).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = if m > 2 { m - 3 } else { m + 9 };
+    let doy = (153 * mp + 2) / 5;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    (era * 146_097 + doe - 719_468) * 86_400_000
+}
+
+/// `ms` as an RFC 3339 UTC time, to the millisecond.
+pub fn rfc3339(ms: i64) -> String {
+    let secs = ms.div_euclid(1000);
     let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
     // civil_from_days (Hinnant), to stay independent of the code under test.
     let z = days + 719_468;
@@ -449,7 +472,7 @@ pub fn now_rfc3339() -> String {
         rem / 3600,
         rem / 60 % 60,
         rem % 60,
-        ms % 1000
+        ms.rem_euclid(1000)
     )
 }
 

@@ -206,10 +206,14 @@ impl DedupeWindow {
         out
     }
 
-    /// Rebuilds a window from a checkpoint.
+    /// Rebuilds a window from a checkpoint of an org whose watermark is
+    /// `watermark_ms`. Over capacity, it forgets what live eviction
+    /// forgets: hours older than the watermark's, never the watermark's own
+    /// or later ones.
     pub fn restore(
         config: DedupeConfig,
         floor_hour: i64,
+        watermark_ms: i64,
         entries: impl IntoIterator<Item = (i64, RequestHash)>,
     ) -> DedupeWindow {
         let mut w = DedupeWindow::new(config);
@@ -222,7 +226,10 @@ impl DedupeWindow {
         for b in &mut w.buckets {
             b.saved = b.hashes.len();
         }
-        while w.seen.len() > config.entries_max {
+        let keep_from = watermark_ms.div_euclid(MS_PER_HOUR);
+        while w.seen.len() > config.entries_max
+            && w.buckets.front().is_some_and(|b| b.hour < keep_from)
+        {
             w.forget_oldest_bucket();
         }
         w
@@ -303,7 +310,7 @@ mod tests {
         for i in 0..100u128 {
             let _ = w.insert(i, (i as i64) * 1000, 100_000);
         }
-        let r = DedupeWindow::restore(cfg, w.floor_hour(), w.take_added());
+        let r = DedupeWindow::restore(cfg, w.floor_hour(), 100_000, w.take_added());
         for i in 0..200u128 {
             assert_eq!(r.check(i, 0, 100_000), w.check(i, 0, 100_000));
         }

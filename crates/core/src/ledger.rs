@@ -213,6 +213,19 @@ pub struct Call {
     month_at: usize,
     day_at: usize,
     occurred_at_ms: i64,
+    /// Whether the call's month was over when the call was counted.
+    closed: bool,
+}
+
+impl Call {
+    /// Marks the call as counted after its month ended, when the org's new
+    /// month lift already ran for `rolled` (see [`Ledger::count`]).
+    pub fn after_rollover(self, rolled: Option<Month>) -> Call {
+        Call {
+            closed: rolled.is_some_and(|r| r > self.month),
+            ..self
+        }
+    }
 }
 
 /// One day's spend deltas since the last checkpoint, by subject index.
@@ -333,11 +346,15 @@ impl Ledger {
             month_at: month_index(&mut self.months, month),
             day_at: day_index(&mut self.days, day),
             occurred_at_ms,
+            closed: false,
         }
     }
 
     /// Counts a call (begun with [`Ledger::begin_call`]) for one subject and
-    /// fires what it crosses.
+    /// fires what it crosses. A cutoff of a month that is over (late usage
+    /// counted after the new month's lift) is lifted at once, as the new
+    /// month lifted the others: a receiver is never left with a block that
+    /// no longer applies.
     pub fn count(
         &mut self,
         call: Call,
@@ -360,6 +377,7 @@ impl Ledger {
         c.requests += 1;
         c.last_at_ms = c.last_at_ms.max(call.occurred_at_ms);
         if budget.limit_micros.is_some() || c.cut_off {
+            let was_cut = c.cut_off;
             evaluate(
                 c,
                 s,
@@ -369,6 +387,9 @@ impl Ledger {
                 LiftReason::LimitRaised,
                 &mut self.pending,
             );
+            if call.closed && c.cut_off && !was_cut {
+                self.lift_for_new_month(s, call.month.next(), logged_at_ms);
+            }
         }
         let day_at = match self.days.get(call.day_at) {
             Some(d) if d.day == call.day => call.day_at,
@@ -426,19 +447,26 @@ impl Ledger {
             lifted.push((Subject::Key(i as u32), *c));
         }
         for (subject, _) in lifted {
-            let spend_micros = self.counter(month, subject).map_or(0, |c| c.spend_micros);
-            self.pending.push(Enforcement {
-                subject,
-                month,
-                at_ms,
-                spend_micros,
-                limit_micros: None,
-                ordinal: 0,
-                kind: EnforcementKind::CutoffLifted {
-                    reason: LiftReason::NewMonth,
-                },
-            });
+            self.lift_for_new_month(subject, month, at_ms);
         }
+    }
+
+    /// `month`'s lift of the cutoff `s` had at the end of the month before.
+    /// One per subject and month: a subject cut off when the month ended
+    /// stays cut off in that month, so no late usage cuts it off again.
+    fn lift_for_new_month(&mut self, s: Subject, month: Month, at_ms: i64) {
+        let spend_micros = self.counter(month, s).map_or(0, |c| c.spend_micros);
+        self.pending.push(Enforcement {
+            subject: s,
+            month,
+            at_ms,
+            spend_micros,
+            limit_micros: None,
+            ordinal: 0,
+            kind: EnforcementKind::CutoffLifted {
+                reason: LiftReason::NewMonth,
+            },
+        });
     }
 
     /// Forgets everything: counters, unsaved changes, pending events.

@@ -293,8 +293,15 @@ impl OrgState {
             thresholds_bps: thresholds,
         };
         let cost = ev.cost_micros;
+        // Usage logged in a new month starts it, as the meter's periodic
+        // lift would (whichever comes first; see `new_month`).
+        let logged_month = Month::from_unix_ms(logged_at_ms);
+        if meter.rolled.is_none_or(|r| r < logged_month) {
+            meter.rolled = Some(logged_month);
+            meter.ledger.new_month(logged_month, logged_at_ms);
+        }
         let ledger = &mut meter.ledger;
-        let call = ledger.begin_call(day, at);
+        let call = ledger.begin_call(day, at).after_rollover(meter.rolled);
         ledger.count(
             call,
             Subject::Org,
@@ -447,8 +454,12 @@ impl OrgState {
         let meter = &mut self.meter;
         meter.watermark_ms = saved.watermark_ms;
         meter.rolled = saved.rolled_month;
-        meter.dedupe =
-            DedupeWindow::restore(meter.config.dedupe, saved.dedupe_floor_hour, saved.dedupe);
+        meter.dedupe = DedupeWindow::restore(
+            meter.config.dedupe,
+            saved.dedupe_floor_hour,
+            saved.watermark_ms,
+            saved.dedupe,
+        );
         let mut unknown = Vec::new();
         for c in saved.counters {
             match self.subject(c.kind, &c.id) {
@@ -717,6 +728,120 @@ mod tests {
             r.apply_usage(&usage("r3", "alice", "", 1, NOV), NOV),
             UsageOutcome::Duplicate
         );
+    }
+
+    /// What a checkpoint of `s` would load back, restored into a new state.
+    fn restarted(
+        s: &mut OrgState,
+        mut ch: MeterChanges,
+        kinds: Vec<EventKind>,
+        config: MeterConfig,
+    ) -> OrgState {
+        ch.merge(s.take_changes());
+        let evs = events(kinds);
+        let mut r = OrgState::new(&evs[0], config);
+        for e in &evs[1..] {
+            r.apply_entity(e);
+        }
+        let _ = r.restore(SavedMeter {
+            watermark_ms: ch.watermark_ms,
+            rolled_month: ch.rolled_month,
+            dedupe_floor_hour: ch.dedupe_floor_hour,
+            dedupe: ch.dedupe_added,
+            counters: ch.counters,
+        });
+        r
+    }
+
+    #[test]
+    fn a_restored_dedupe_window_keeps_the_current_hour_as_live_does() {
+        let config = MeterConfig {
+            dedupe: DedupeConfig {
+                entries_max: 2,
+                ..DedupeConfig::default()
+            },
+            ..MeterConfig::default()
+        };
+        let evs = events(eng());
+        let mut s = OrgState::new(&evs[0], config);
+        for e in &evs[1..] {
+            s.apply_entity(e);
+        }
+        let at = NOV + 10 * MS_PER_HOUR;
+        for i in 0..3 {
+            let e = usage(&format!("a{i}"), "alice", "", 1, at + i);
+            assert_eq!(s.apply_usage(&e, at + i), UsageOutcome::Applied);
+        }
+        let first = s.take_changes();
+        let e = usage("a3", "alice", "", 1, at + 3);
+        assert_eq!(s.apply_usage(&e, at + 3), UsageOutcome::Applied);
+        let mut r = restarted(&mut s, first, eng(), config);
+        for i in 4..6 {
+            let e = usage(&format!("a{i}"), "alice", "", 1, at + i);
+            assert_eq!(
+                r.apply_usage(&e, at + i),
+                s.apply_usage(&e, at + i),
+                "event {i} after the restart"
+            );
+        }
+        let e = usage("a1", "alice", "", 1, at + 1);
+        assert_eq!(r.apply_usage(&e, at + 9), UsageOutcome::Duplicate);
+    }
+
+    /// Alice's enforcement events, as (event, month).
+    fn alice_events(s: &mut OrgState) -> Vec<(EnforcementKind, Month)> {
+        s.take_changes()
+            .enforcement
+            .into_iter()
+            .filter(|e| e.kind == SubjectKind::User && e.id == "alice")
+            .map(|e| (e.event.kind, e.event.month))
+            .filter(|(k, _)| !matches!(k, EnforcementKind::ThresholdCrossed { .. }))
+            .collect()
+    }
+
+    #[test]
+    fn a_cutoff_decided_after_its_month_ended_is_lifted_at_once() {
+        let nov = Month::from_unix_ms(NOV);
+        let dec = nov.next();
+        let lifted = EnforcementKind::CutoffLifted {
+            reason: crate::ledger::LiftReason::NewMonth,
+        };
+        // A December call first; then November's last half hour, late.
+        let mut s = state(eng());
+        let d = dec.start_ms();
+        let e = usage("d1", "alice", "", USD, d + 600_000);
+        assert_eq!(s.apply_usage(&e, d + 600_000), UsageOutcome::Applied);
+        let _ = s.take_changes();
+        let e = usage("n1", "alice", "", 150 * USD, d - 1_800_000);
+        assert_eq!(s.apply_usage(&e, d + 660_000), UsageOutcome::Applied);
+        assert_eq!(
+            alice_events(&mut s),
+            vec![(EnforcementKind::CutOff, nov), (lifted, dec)]
+        );
+        s.new_month(d + 700_000);
+        assert_eq!(alice_events(&mut s), vec![], "lifted once");
+        assert!(!s.spend(dec, Subject::User(0)).cut_off);
+
+        // The new month's lift ran before a call logged in November.
+        let mut s = state(eng());
+        s.new_month(d + 50);
+        let _ = s.take_changes();
+        let e = usage("n2", "alice", "", 150 * USD, d - 10);
+        assert_eq!(s.apply_usage(&e, d - 1), UsageOutcome::Applied);
+        assert_eq!(
+            alice_events(&mut s),
+            vec![(EnforcementKind::CutOff, nov), (lifted, dec)]
+        );
+
+        // Cut off inside November: lifted when December begins, once.
+        let mut s = state(eng());
+        let e = usage("n3", "alice", "", 150 * USD, d - 10);
+        assert_eq!(s.apply_usage(&e, d - 5), UsageOutcome::Applied);
+        assert_eq!(alice_events(&mut s), vec![(EnforcementKind::CutOff, nov)]);
+        let e = usage("d3", "alice", "", USD, d + 10);
+        assert_eq!(s.apply_usage(&e, d + 10), UsageOutcome::Applied);
+        s.new_month(d + 50);
+        assert_eq!(alice_events(&mut s), vec![(lifted, dec)]);
     }
 
     #[test]

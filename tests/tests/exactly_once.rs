@@ -1,0 +1,125 @@
+//! The review's exactly-once defects, each shown on real processes: the
+//! embedded service restarted, or two distributed processes on the real
+//! broker and PostgreSQL.
+
+use serde_json::{Value, json};
+use tally_tests::{Backend, Client, Tally, month_start_ms, now_ms, rfc3339};
+
+const USD: i64 = 1_000_000;
+
+fn event(request_id: &str, cost_micros: i64, at_ms: i64) -> Value {
+    json!({
+        "request_id": request_id, "org_id": "acme", "user_id": "alice",
+        "model": "gpt-4o", "provider": "openai", "input_tokens": 10, "output_tokens": 5,
+        "cost_micros": cost_micros, "occurred_at": rfc3339(at_ms),
+    })
+}
+
+async fn post(op: &Client, events: Vec<Value>) -> Value {
+    op.post("/v1/usage", json!({ "events": events }))
+        .await
+        .expect(200)
+}
+
+/// Org acme with an active alice whose limit is `limit_micros`; returns
+/// the secret of her key.
+async fn acme_with_alice(op: &Client, limit_micros: i64) -> String {
+    let _ = op
+        .post("/v1/orgs", json!({"id": "acme", "name": "Acme"}))
+        .await
+        .expect(201);
+    let _ = op.add_active_user("acme", "alice").await;
+    let _ = op
+        .patch(
+            "/v1/orgs/acme/users/alice",
+            json!({"monthly_limit_micros": limit_micros}),
+        )
+        .await
+        .expect(200);
+    let key = op
+        .post(
+            "/v1/orgs/acme/keys",
+            json!({"id": "alice-key", "name": "laptop", "user_id": "alice"}),
+        )
+        .await
+        .expect(201);
+    key["secret"].as_str().expect("secret").to_owned()
+}
+
+/// Restoring the dedupe window after a restart keeps what live eviction
+/// keeps: the org's current hour, however far past the bound.
+#[tokio::test]
+async fn a_restart_past_the_dedupe_bound_keeps_counting_the_current_hour() -> anyhow::Result<()> {
+    let backend = Backend::sqlite("exactly-once-dedupe");
+    let tally = Tally::start_with(&backend, &["--dedupe-entries-max", "2"])?;
+    let op = tally.operator();
+    let _ = acme_with_alice(&op, 1_000 * USD).await;
+    let at = now_ms() - 1_000;
+    let three = (0..3).map(|i| event(&format!("r{i}"), 1, at)).collect();
+    assert_eq!(post(&op, three).await["accepted"], 3);
+    let _ = op.get("/v1/orgs/acme/users/alice").await.expect(200);
+    assert_eq!(post(&op, vec![event("r3", 1, at)]).await["accepted"], 1);
+
+    let tally = tally.restart()?;
+    let op = tally.operator();
+    let two = (4..6).map(|i| event(&format!("r{i}"), 1, at)).collect();
+    let r = post(&op, two).await;
+    assert_eq!(r["accepted"], 2, "{r}");
+    let r = post(&op, vec![event("r1", 1, at)]).await;
+    assert_eq!(r["duplicates"], 1, "{r}");
+    let alice = op.get("/v1/orgs/acme/users/alice").await.expect(200);
+    assert_eq!(alice["spend_micros"], 6, "{alice}");
+    tally.stop()
+}
+
+/// Late usage that cuts a subject off in the month before is followed by
+/// the lift: nobody is left believing a block that no longer applies.
+#[tokio::test]
+async fn a_late_cutoff_of_the_month_before_is_lifted() -> anyhow::Result<()> {
+    let backend = Backend::sqlite("exactly-once-late-cutoff");
+    let tally = Tally::start(&backend)?;
+    let op = tally.operator();
+    let secret = acme_with_alice(&op, USD).await;
+    let start = month_start_ms(now_ms());
+    let r = post(&op, vec![event("this-month", 10_000, start + 60_000)]).await;
+    assert_eq!(r["accepted"], 1, "{r}");
+    let r = post(&op, vec![event("last-month", 2 * USD, start - 1_800_000)]).await;
+    assert_eq!(r["accepted"], 1, "{r}");
+
+    let this_month = &rfc3339(start)[..7];
+    let last_month = &rfc3339(start - 1)[..7];
+    let listed = op.get("/v1/orgs/acme/enforcement").await.expect(200);
+    let mut alice: Vec<(String, String, Value)> = listed["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .filter(|e| e["subject_id"] == "alice" && e["event"] != "threshold_crossed")
+        .map(|e| {
+            (
+                e["event"].as_str().unwrap_or_default().to_owned(),
+                e["month"].as_str().unwrap_or_default().to_owned(),
+                e["reason"].clone(),
+            )
+        })
+        .collect();
+    alice.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
+    assert_eq!(
+        alice,
+        vec![
+            ("cut_off".to_owned(), last_month.to_owned(), Value::Null),
+            (
+                "cutoff_lifted".to_owned(),
+                this_month.to_owned(),
+                json!("new_month")
+            ),
+        ],
+        "{listed}"
+    );
+    // Still allowed: this month's spend is $0.01 of $1.
+    let a = op
+        .post("/v1/authorize", json!({"api_key": secret}))
+        .await
+        .expect(200);
+    assert_eq!(a["allowed"], true, "{a}");
+    tally.stop()
+}

@@ -482,10 +482,12 @@ impl Meter {
         }
     }
 
-    /// Keeps a dead letter for the next checkpoint of partition `p`.
+    /// Keeps a dead letter for the next checkpoint of partition `p`. The
+    /// position moves forward only: a batch's dead letters are kept after
+    /// its good messages, which may come later in the log.
     pub fn dead_letter(&self, p: i32, letter: DeadLetter) {
         if let Some(part) = self.parts.lock().by_id.get_mut(&p) {
-            part.position = letter.position;
+            part.position = part.position.max(letter.position);
             part.dead_letters.push(letter);
         }
     }

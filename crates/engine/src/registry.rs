@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use dashmap::DashMap;
+use dashmap::mapref::entry::Entry;
 use parking_lot::RwLock;
 use tally_core::entity::{EntityEvent, EventKind};
 use tally_core::ids::{OrgId, TokenId};
@@ -76,46 +77,49 @@ impl Registry {
     }
 
     /// Folds committed events of one org into memory, creating the org on
-    /// its first event, and keeps the secret indexes in step.
+    /// its first event, and keeps the secret indexes in step. Events folded
+    /// already (by a follower, racing) are skipped: see
+    /// [`Registry::fold_next`].
     pub fn apply(&self, events: &[EntityEvent]) {
-        let Some(first) = events.first() else { return };
-        let cell = match &first.kind {
-            EventKind::OrgCreated { .. } => {
-                let mut state = OrgState::new(first, self.meter);
-                // The meter adopts an org when it claims its partition or
-                // counts its first usage; until then its counters mirror.
-                state.meter.owned = false;
-                let cell = Arc::new(RwLock::new(state));
-                let _ = self.orgs.insert(first.org_id.clone(), Arc::clone(&cell));
-                self.index(first);
-                for e in &events[1..] {
-                    cell.write().apply_entity(e);
-                    self.index(e);
-                }
-                return;
-            }
-            _ => self.org(&first.org_id).expect("events of a known org"),
-        };
-        let mut org = cell.write();
-        for e in events {
-            org.apply_entity(e);
-            self.index(e);
+        if self.fold_next(events) == Followed::Gap
+            && let Some(e) = events.first()
+        {
+            // Committed events always follow the org's last one.
+            tracing::error!(org = %e.org_id, seq = e.seq, "committed entity events do not follow the org's state in memory; not folded");
         }
     }
 
     /// Folds committed events of one org that may have been folded already,
     /// in part or whole (by a follower): those beyond the org's seq, under
-    /// one lock, so that no reader sees part of them.
+    /// one lock, so that no reader sees part of them. Two callers creating
+    /// the same org at once create it once: the second folds into the
+    /// first's cell, never replaces it.
     pub fn fold_next(&self, events: &[EntityEvent]) -> Followed {
         let Some(first) = events.first() else {
             return Followed::Stale;
         };
-        let Some(cell) = self.org(&first.org_id) else {
-            if first.seq != 1 {
-                return Followed::Gap;
+        let cell = match self.orgs.entry(first.org_id.clone()) {
+            Entry::Occupied(o) => Arc::clone(o.get()),
+            Entry::Vacant(v) => {
+                if first.seq != 1 || !matches!(first.kind, EventKind::OrgCreated { .. }) {
+                    return Followed::Gap;
+                }
+                let mut state = OrgState::new(first, self.meter);
+                // The meter adopts an org when it claims its partition or
+                // counts its first usage; until then its counters mirror.
+                state.meter.owned = false;
+                let cell = Arc::new(RwLock::new(state));
+                // Locked before it is visible: whoever finds it waits for
+                // the rest of these events.
+                let mut org = cell.write();
+                let _ = v.insert(Arc::clone(&cell));
+                self.index(first);
+                for e in &events[1..] {
+                    org.apply_entity(e);
+                    self.index(e);
+                }
+                return Followed::Applied;
             }
-            self.apply(events);
-            return Followed::Applied;
         };
         let mut org = cell.write();
         let seq = org.dir.seq;
@@ -137,25 +141,7 @@ impl Registry {
     /// process's relay): applied when it is the org's next, ignored when
     /// already folded, refused when events before it are missing.
     pub fn follow(&self, e: &EntityEvent) -> Followed {
-        match self.org(&e.org_id) {
-            None if e.seq == 1 => {
-                self.apply(std::slice::from_ref(e));
-                Followed::Applied
-            }
-            None => Followed::Gap,
-            Some(cell) => {
-                let mut org = cell.write();
-                if e.seq <= org.dir.seq {
-                    return Followed::Stale;
-                }
-                if e.seq != org.dir.seq + 1 {
-                    return Followed::Gap;
-                }
-                org.apply_entity(e);
-                self.index(e);
-                Followed::Applied
-            }
-        }
+        self.fold_next(std::slice::from_ref(e))
     }
 
     fn index(&self, e: &EntityEvent) {
@@ -173,5 +159,85 @@ impl Registry {
             }
             _ => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tally_core::entity::Actor;
+
+    fn event(org: &OrgId, seq: u64, kind: EventKind) -> EntityEvent {
+        EntityEvent {
+            org_id: org.clone(),
+            seq,
+            at_ms: 1_000 + seq as i64,
+            actor: Actor::Operator,
+            kind,
+        }
+    }
+
+    /// The events follower and a consumer's catch-up fold the same new org
+    /// at once: whichever creates it, the other folds into the same cell,
+    /// and nothing folded (or counted) in it is replaced.
+    #[test]
+    fn two_folders_of_a_new_org_never_replace_each_others_state() {
+        let registry = Arc::new(Registry::new(MeterConfig::default()));
+        let barrier = Arc::new(std::sync::Barrier::new(2));
+        let orgs: Vec<OrgId> = (0..10_000)
+            .map(|i| OrgId::new(&format!("org-{i}")).unwrap())
+            .collect();
+        let created = |org: &OrgId| {
+            event(
+                org,
+                1,
+                EventKind::OrgCreated {
+                    name: "Org".into(),
+                    default_monthly_limit_micros: None,
+                    alert_thresholds_bps: vec![],
+                },
+            )
+        };
+        let renamed = |org: &OrgId| {
+            event(
+                org,
+                2,
+                EventKind::OrgSettingsChanged {
+                    name: "Renamed".into(),
+                    default_monthly_limit_micros: None,
+                    alert_thresholds_bps: vec![],
+                },
+            )
+        };
+        let threads: Vec<_> = (0..2)
+            .map(|t| {
+                let (registry, barrier, orgs) =
+                    (Arc::clone(&registry), Arc::clone(&barrier), orgs.clone());
+                std::thread::spawn(move || {
+                    for org in &orgs {
+                        let _ = barrier.wait();
+                        if t == 0 {
+                            let _ = registry.follow(&created(org));
+                            let _ = registry.follow(&renamed(org));
+                        } else {
+                            let _ = registry.fold_next(&[created(org)]);
+                        }
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let behind: Vec<&OrgId> = orgs
+            .iter()
+            .filter(|o| registry.org(o).unwrap().read().dir.seq != 2)
+            .collect();
+        assert!(
+            behind.is_empty(),
+            "{} of {} orgs lost a folded event",
+            behind.len(),
+            orgs.len()
+        );
     }
 }

@@ -817,6 +817,21 @@ impl PgServer {
         Ok(())
     }
 
+    /// Runs `sql` in database `db` with psql; fails when it does.
+    pub fn sql(&self, db: &str, sql: &str) -> anyhow::Result<()> {
+        let out = self
+            .command("psql")
+            .args(["-v", "ON_ERROR_STOP=1", "-q", "-d"])
+            .arg(self.url(db))
+            .arg("-c")
+            .arg(sql)
+            .output()?;
+        if !out.status.success() {
+            bail!("psql failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(())
+    }
+
     /// A URL of database `db` (`postgres` always exists).
     pub fn url(&self, db: &str) -> String {
         format!("postgres://tally@127.0.0.1:{}/{db}", self.port)
@@ -864,4 +879,93 @@ fn is_root() -> bool {
         .arg("-u")
         .output()
         .is_ok_and(|o| o.stdout.starts_with(b"0\n"))
+}
+
+/// Distributed mode's services for one test: its own PostgreSQL and
+/// broker, and the flags that point processes at them.
+#[derive(Debug)]
+pub struct Cluster {
+    pub pg: PgServer,
+    _broker: Broker,
+    pub backend: Backend,
+    flags: Vec<String>,
+}
+
+impl Cluster {
+    /// `None` when the suite runs without the services.
+    pub fn new(partitions: &str, extra: &[&str]) -> anyhow::Result<Option<Cluster>> {
+        let Some(pg) = PgServer::start()? else {
+            return Ok(None);
+        };
+        let Some(broker) = Broker::start()? else {
+            return Ok(None);
+        };
+        let backend = Backend::Postgres(pg.url("postgres"));
+        let mut flags: Vec<String> = [
+            "--kafka-brokers",
+            &broker.brokers(),
+            "--kafka-usage-partitions",
+            partitions,
+        ]
+        .map(str::to_owned)
+        .to_vec();
+        flags.extend(extra.iter().map(|s| (*s).to_owned()));
+        Ok(Some(Cluster {
+            pg,
+            _broker: broker,
+            backend,
+            flags,
+        }))
+    }
+
+    pub fn start(&self) -> anyhow::Result<Tally> {
+        let flags: Vec<&str> = self.flags.iter().map(String::as_str).collect();
+        Tally::start_with(&self.backend, &flags)
+    }
+}
+
+/// Waits until `user`'s spend is `want_micros`; returns the user.
+pub async fn wait_for_spend(op: &Client, user: &str, want_micros: i64) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let r = op.get(&format!("/v1/orgs/acme/users/{user}")).await;
+        if r.status == 200 && r.body["spend_micros"] == want_micros {
+            return r.body;
+        }
+        let dead = op.get("/v1/orgs/acme/dead-letters").await;
+        assert!(
+            Instant::now() < deadline,
+            "{user}'s spend never reached {want_micros}: {} {}; dead letters: {}",
+            r.status,
+            r.body,
+            dead.body
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+pub async fn wait_ready(op: &Client, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let r = op.get("/readyz").await;
+        if r.status == 200 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not ready within {within:?}: {}",
+            r.body
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The `tally_partitions_owned` gauge of `t`.
+pub async fn owned(t: &Tally) -> i64 {
+    let text = metrics_text(&t.url).await;
+    text.lines()
+        .find(|l| l.starts_with("tally_partitions_owned "))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.split('.').next()?.parse::<i64>().ok())
+        .unwrap_or(0)
 }

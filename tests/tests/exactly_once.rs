@@ -3,7 +3,12 @@
 //! broker and PostgreSQL.
 
 use serde_json::{Value, json};
-use tally_tests::{Backend, Client, Tally, month_start_ms, now_ms, rfc3339};
+use std::time::{Duration, Instant};
+
+use tally_tests::{
+    Backend, Client, Cluster, Tally, month_start_ms, now_ms, owned, rfc3339, wait_for_spend,
+    wait_ready,
+};
 
 const USD: i64 = 1_000_000;
 
@@ -122,4 +127,53 @@ async fn a_late_cutoff_of_the_month_before_is_lifted() -> anyhow::Result<()> {
         .expect(200);
     assert_eq!(a["allowed"], true, "{a}");
     tally.stop()
+}
+
+/// Distributed mode: the owner of the partition reads a member it has not
+/// seen from SQL, and that read fails for a moment (here: the log's table
+/// is renamed away for 3 s, an error that is not "the database is
+/// unreachable"). The usage waits and counts; it is never dead-lettered
+/// as `unknown_user`.
+#[tokio::test]
+async fn a_failed_catch_up_read_never_dead_letters_usage() -> anyhow::Result<()> {
+    let Some(cluster) = Cluster::new("1", &["--kafka-relay-interval-ms", "60000"])? else {
+        return Ok(());
+    };
+    let a = cluster.start()?;
+    let b = cluster.start()?;
+    wait_ready(&a.operator(), Duration::from_secs(60)).await;
+    wait_ready(&b.operator(), Duration::from_secs(60)).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (owner, other) = loop {
+        match (owned(&a).await, owned(&b).await) {
+            (1, 0) => break (&a, &b),
+            (0, 1) => break (&b, &a),
+            _ => {}
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no single owner of the partition"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let op = other.operator();
+    let _ = op
+        .post("/v1/orgs", json!({"id": "acme", "name": "Acme"}))
+        .await
+        .expect(201);
+    let _ = op.add_active_user("acme", "alice").await;
+    cluster
+        .pg
+        .sql("postgres", "ALTER TABLE events RENAME TO events_away")?;
+    let r = post(&op, vec![event("while-away", 7_000, now_ms() - 1_000)]).await;
+    assert_eq!(r["accepted"], 1, "{r}");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    cluster
+        .pg
+        .sql("postgres", "ALTER TABLE events_away RENAME TO events")?;
+    let op = owner.operator();
+    let _ = wait_for_spend(&op, "alice", 7_000).await;
+    let dead = op.get("/v1/orgs/acme/dead-letters").await.expect(200);
+    assert_eq!(dead["items"], json!([]), "{dead}");
+    Ok(())
 }

@@ -7,7 +7,9 @@
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use tally_tests::{Backend, Broker, Client, PgServer, Tally, Tmpfs, now_rfc3339};
+use tally_tests::{
+    Backend, Client, Cluster, Tally, Tmpfs, now_rfc3339, owned, wait_for_spend, wait_ready,
+};
 
 const BATCH_LEN: usize = 200;
 const COST_MICROS: i64 = 1_000;
@@ -255,82 +257,6 @@ async fn when_space_comes_back_it_resumes_by_itself() -> anyhow::Result<()> {
 
 /// A PostgreSQL server and a broker of the test's own, and the `serve` flags
 /// of distributed mode on them.
-struct Cluster {
-    pg: PgServer,
-    _broker: Broker,
-    backend: Backend,
-    flags: Vec<String>,
-}
-
-impl Cluster {
-    /// `None` when the suite runs without the services.
-    fn new(partitions: &str, extra: &[&str]) -> anyhow::Result<Option<Cluster>> {
-        let Some(pg) = PgServer::start()? else {
-            return Ok(None);
-        };
-        let Some(broker) = Broker::start()? else {
-            return Ok(None);
-        };
-        let backend = Backend::Postgres(pg.url("postgres"));
-        let mut flags: Vec<String> = [
-            "--kafka-brokers",
-            &broker.brokers(),
-            "--kafka-usage-partitions",
-            partitions,
-        ]
-        .map(str::to_owned)
-        .to_vec();
-        flags.extend(extra.iter().map(|s| (*s).to_owned()));
-        Ok(Some(Cluster {
-            pg,
-            _broker: broker,
-            backend,
-            flags,
-        }))
-    }
-
-    fn start(&self) -> anyhow::Result<Tally> {
-        let flags: Vec<&str> = self.flags.iter().map(String::as_str).collect();
-        Tally::start_with(&self.backend, &flags)
-    }
-}
-
-/// Waits until `user`'s spend is `want_micros`; returns the user.
-async fn wait_for_spend(op: &Client, user: &str, want_micros: i64) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let r = op.get(&format!("/v1/orgs/acme/users/{user}")).await;
-        if r.status == 200 && r.body["spend_micros"] == want_micros {
-            return r.body;
-        }
-        let dead = op.get("/v1/orgs/acme/dead-letters").await;
-        assert!(
-            Instant::now() < deadline,
-            "{user}'s spend never reached {want_micros}: {} {}; dead letters: {}",
-            r.status,
-            r.body,
-            dead.body
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-async fn wait_ready(op: &Client, within: Duration) {
-    let deadline = Instant::now() + within;
-    loop {
-        let r = op.get("/readyz").await;
-        if r.status == 200 {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "not ready within {within:?}: {}",
-            r.body
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 /// Distributed mode: PostgreSQL is killed (-9, every backend with it) and
 /// restarted while usage streams in and admins add members. Every
 /// acknowledged event counts exactly once, every acknowledged command is
@@ -482,15 +408,6 @@ async fn postgres_killed_under_ingest_and_commands_loses_nothing() -> anyhow::Re
 }
 
 /// How many partitions a process meters (from its metrics).
-async fn owned(t: &Tally) -> i64 {
-    let text = tally_tests::metrics_text(&t.url).await;
-    text.lines()
-        .find(|l| l.starts_with("tally_partitions_owned "))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.split('.').next()?.parse::<i64>().ok())
-        .unwrap_or(0)
-}
-
 /// Distributed mode: an org and a member added on one process just before
 /// PostgreSQL dies, whose usage reaches the owner of the org's partition
 /// before the entity log's relay could tell it about them. The owner cannot read

@@ -437,11 +437,14 @@ impl Run {
         orgs.into_iter().all(|org| self.catch_up_org(org, deadline))
     }
 
-    /// Reads `org`'s log from SQL. While the database cannot be reached the
-    /// usage waits for it, until `deadline`: the member it names may be in
-    /// the log already, and calling the usage unattributable would
-    /// dead-letter acknowledged usage. Returns false when the process is
-    /// stopping meanwhile.
+    /// Reads `org`'s log from SQL. While the read fails (the database cannot
+    /// be reached, or any other error) the usage waits, until `deadline`:
+    /// the member it names may be in the log already, and calling the usage
+    /// unattributable would dead-letter acknowledged usage. Past the
+    /// deadline the meter stops (the process restarts and replays from its
+    /// checkpoint); nothing is dead-lettered for a read that failed.
+    /// Returns false when the batch must not be applied: the process is
+    /// stopping, or the meter stopped.
     fn catch_up_org(&self, org: &tally_core::ids::OrgId, deadline: Instant) -> bool {
         let started = Instant::now();
         let mut waiting = false;
@@ -454,7 +457,7 @@ impl Run {
                     return true;
                 }
                 Err(_) if *self.stop.borrow() => return false,
-                Err(e) if e.store_unavailable().is_some() && Instant::now() < deadline => {
+                Err(e) if Instant::now() < deadline => {
                     if !waiting {
                         tracing::warn!(org = %org, error = %e, "usage of a subject not seen yet waits until the org's log can be read from SQL");
                         waiting = true;
@@ -462,8 +465,11 @@ impl Run {
                     std::thread::sleep(Duration::from_secs(1));
                 }
                 Err(e) => {
-                    tracing::warn!(org = %org, error = %e, "catching up from the SQL log failed");
-                    return true;
+                    self.meter.poison(&format!(
+                        "the entity log of org {org} could not be read for {} s: {e}",
+                        started.elapsed().as_secs()
+                    ));
+                    return false;
                 }
             }
         }

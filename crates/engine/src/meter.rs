@@ -126,15 +126,35 @@ struct Part {
     /// Changes taken from the orgs, not yet committed.
     pending: HashMap<OrgId, MeterChanges>,
     dead_letters: Vec<DeadLetter>,
-    /// A checkpoint whose outcome is unknown (its commit may have landed).
-    in_flight: Option<InFlight>,
+    /// The checkpoints attempted on `committed` whose outcome is unknown
+    /// (a commit may still land), oldest first. Each carried every layer
+    /// before its own; at most one of them commits (each writes only on
+    /// top of `committed`), and the stored number says which.
+    uncertain: Vec<Attempt>,
+    /// The highest checkpoint number attempted: every attempt has its own.
+    last_number: i64,
 }
 
+/// One checkpoint attempt of unknown outcome: its number and what it added
+/// to the attempts before it.
 #[derive(Debug)]
-struct InFlight {
+struct Attempt {
     at: PartitionCheckpoint,
-    orgs: Vec<(OrgId, MeterChanges)>,
+    orgs: HashMap<OrgId, MeterChanges>,
     dead_letters: Vec<DeadLetter>,
+}
+
+/// Folds `later` into `into`: counters take the later state, the rest
+/// accumulates (see [`MeterChanges::merge`]).
+fn merge_orgs(into: &mut HashMap<OrgId, MeterChanges>, later: HashMap<OrgId, MeterChanges>) {
+    for (org_id, ch) in later {
+        match into.get_mut(&org_id) {
+            Some(c) => c.merge(ch),
+            None => {
+                let _ = into.insert(org_id, ch);
+            }
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -311,6 +331,7 @@ impl Meter {
             epoch,
             position: checkpoint.position,
             committed: checkpoint,
+            last_number: checkpoint.number,
             ..Part::default()
         };
         let orgs = saved.len();
@@ -579,8 +600,8 @@ impl Meter {
     }
 
     async fn checkpoint_partition(&self, p: i32) -> Result<bool> {
-        self.resolve_in_flight(p).await?;
-        let (epoch, at, orgs, dead_letters) = {
+        self.resolve_uncertain(p).await?;
+        let (epoch, base, at, layer, content, letters) = {
             let mut parts = self.parts.lock();
             let Some(part) = parts.by_id.get_mut(&p) else {
                 return Ok(false);
@@ -593,35 +614,56 @@ impl Meter {
                     continue;
                 }
                 let changes = cell.write().take_changes();
-                match part.pending.get_mut(org_id) {
-                    Some(pending) => pending.merge(changes),
-                    None => {
-                        let _ = part.pending.insert(org_id.clone(), changes);
-                    }
-                }
+                merge_orgs(
+                    &mut part.pending,
+                    HashMap::from([(org_id.clone(), changes)]),
+                );
             }
             if part.position == part.committed.position
                 && part.pending.is_empty()
                 && part.dead_letters.is_empty()
+                && part.uncertain.is_empty()
             {
                 return Ok(false);
             }
+            part.last_number = part.last_number.max(part.committed.number) + 1;
             let at = PartitionCheckpoint {
                 position: part.position,
-                number: part.committed.number + 1,
+                number: part.last_number,
             };
-            let orgs: Vec<(OrgId, MeterChanges)> = part.pending.drain().collect();
-            (part.epoch, at, orgs, std::mem::take(&mut part.dead_letters))
+            let layer = Attempt {
+                at,
+                orgs: std::mem::take(&mut part.pending),
+                dead_letters: std::mem::take(&mut part.dead_letters),
+            };
+            // An attempt carries what the uncertain ones before it carried:
+            // whichever of them commits, if any, this one is fenced.
+            let mut content: HashMap<OrgId, MeterChanges> = HashMap::new();
+            let mut letters = Vec::new();
+            for a in part.uncertain.iter().chain(std::iter::once(&layer)) {
+                merge_orgs(&mut content, a.orgs.clone());
+                letters.extend(a.dead_letters.iter().cloned());
+            }
+            let content: Vec<(OrgId, MeterChanges)> = content.into_iter().collect();
+            (
+                part.epoch,
+                part.committed.number,
+                at,
+                layer,
+                content,
+                letters,
+            )
         };
         let started = Instant::now();
         let result = self
             .db
-            .write_checkpoint(
+            .write_checkpoint_after(
                 i64::from(p),
                 epoch,
+                base,
                 at,
-                &orgs,
-                &dead_letters,
+                &content,
+                &letters,
                 self.clock.now_ms(),
             )
             .await;
@@ -631,51 +673,49 @@ impl Meter {
                 tracing::debug!(
                     partition = p,
                     position = at.position,
-                    orgs = orgs.len(),
+                    number = at.number,
+                    orgs = content.len(),
                     elapsed_us = started.elapsed().as_micros() as u64,
                     "checkpoint written"
                 );
-                self.committed(p, at, &orgs);
+                // The uncertain attempts were on the same base: none of them
+                // can commit any more.
+                if let Some(part) = self.parts.lock().by_id.get_mut(&p) {
+                    part.uncertain.clear();
+                }
+                self.committed(p, at, &content);
                 Ok(true)
             }
             Err(tally_store::Error::Fenced { .. }) => {
-                // Either another process claimed the partition, or a previous
-                // attempt of this very checkpoint committed after all.
-                self.set_in_flight(p, at, orgs, dead_letters);
-                self.resolve_in_flight(p).await?;
+                // Either another process claimed the partition, or an
+                // uncertain attempt committed after all.
+                self.push_uncertain(p, layer);
+                self.resolve_uncertain(p).await?;
                 Ok(true)
             }
             Err(e) => {
-                self.set_in_flight(p, at, orgs, dead_letters);
+                self.push_uncertain(p, layer);
                 Err(e.into())
             }
         }
     }
 
-    fn set_in_flight(
-        &self,
-        p: i32,
-        at: PartitionCheckpoint,
-        orgs: Vec<(OrgId, MeterChanges)>,
-        dead_letters: Vec<DeadLetter>,
-    ) {
+    fn push_uncertain(&self, p: i32, attempt: Attempt) {
         if let Some(part) = self.parts.lock().by_id.get_mut(&p) {
-            part.in_flight = Some(InFlight {
-                at,
-                orgs,
-                dead_letters,
-            });
+            part.uncertain.push(attempt);
         }
     }
 
-    /// Learns whether an uncertain checkpoint landed: if so it counts as
-    /// committed; if not, its changes go back in front of the pending ones;
-    /// if the partition has a newer owner, it is given up.
-    async fn resolve_in_flight(&self, p: i32) -> Result<()> {
+    /// Learns whether one of the uncertain attempts committed: then it and
+    /// the ones before it count as committed, and what later ones added goes
+    /// back in front of the pending changes. While none has, they stay
+    /// uncertain (one may still land) and the next attempt carries them. If
+    /// the partition has a newer owner, it is given up.
+    async fn resolve_uncertain(&self, p: i32) -> Result<()> {
         let epoch = {
             let parts = self.parts.lock();
             match parts.by_id.get(&p) {
-                Some(part) if part.in_flight.is_some() => part.epoch,
+                Some(part) if !part.uncertain.is_empty() => part.epoch,
                 _ => return Ok(()),
             }
         };
@@ -684,37 +724,51 @@ impl Meter {
         let Some(part) = parts.by_id.get_mut(&p) else {
             return Ok(());
         };
-        let Some(f) = part.in_flight.take() else {
+        let Some(s) = stored else {
             return Ok(());
         };
-        match stored {
-            Some(s) if s.epoch != epoch => {
-                tracing::warn!(
-                    partition = p,
-                    "partition claimed by another process: giving it up"
-                );
-                release_locked(&mut parts, &self.registry, p);
-            }
-            Some(s) if s.checkpoint.number >= f.at.number => {
-                drop(parts);
-                self.committed(p, f.at, &f.orgs);
-            }
-            _ => {
-                let mut orgs: HashMap<OrgId, MeterChanges> = f.orgs.into_iter().collect();
-                for (org_id, later) in part.pending.drain() {
-                    match orgs.get_mut(&org_id) {
-                        Some(c) => c.merge(later),
-                        None => {
-                            let _ = orgs.insert(org_id, later);
-                        }
-                    }
-                }
-                part.pending = orgs;
-                let mut letters = f.dead_letters;
-                letters.append(&mut part.dead_letters);
-                part.dead_letters = letters;
-            }
+        if s.epoch != epoch {
+            tracing::warn!(
+                partition = p,
+                "partition claimed by another process: giving it up"
+            );
+            release_locked(&mut parts, &self.registry, p);
+            return Ok(());
         }
+        let number = s.checkpoint.number;
+        if number == part.committed.number {
+            return Ok(());
+        }
+        let Some(j) = part.uncertain.iter().position(|a| a.at.number == number) else {
+            return Err(Error::Corrupt(format!(
+                "partition {p}: checkpoint {number} is stored, which this process did not attempt"
+            )));
+        };
+        let mut attempts = std::mem::take(&mut part.uncertain).into_iter();
+        let mut landed: HashMap<OrgId, MeterChanges> = HashMap::new();
+        let mut at = part.committed;
+        for a in attempts.by_ref().take(j + 1) {
+            merge_orgs(&mut landed, a.orgs);
+            at = a.at;
+        }
+        let mut back: HashMap<OrgId, MeterChanges> = HashMap::new();
+        let mut letters = Vec::new();
+        for mut a in attempts {
+            merge_orgs(&mut back, a.orgs);
+            letters.append(&mut a.dead_letters);
+        }
+        merge_orgs(&mut back, std::mem::take(&mut part.pending));
+        part.pending = back;
+        letters.append(&mut part.dead_letters);
+        part.dead_letters = letters;
+        tracing::info!(
+            partition = p,
+            number,
+            "a checkpoint of unknown outcome had committed"
+        );
+        drop(parts);
+        let landed: Vec<(OrgId, MeterChanges)> = landed.into_iter().collect();
+        self.committed(p, at, &landed);
         Ok(())
     }
 

@@ -12,7 +12,10 @@ use std::time::{Duration, Instant};
 use tally_core::entity::{Actor, Command, CommandError};
 use tally_core::ids::{OrgId, UserId};
 use tally_core::secret::hash_secret;
+use tally_core::time::Month;
+use tally_core::usage::RawUsage;
 use tally_engine::clock::SystemClock;
+use tally_engine::meter::Positioned;
 use tally_engine::{Engine, EngineOptions, Error};
 use tally_store::{Db, DbOptions};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -31,6 +34,11 @@ struct Faults {
     down: AtomicBool,
     /// `down` turns on with the cut.
     down_after_cut: AtomicBool,
+    /// The next COMMIT is held: its client is cut at once (the commit's
+    /// outcome is unknown to it), and the COMMIT reaches the server only
+    /// when `release` is notified.
+    hold_commit: AtomicBool,
+    release: tokio::sync::Notify,
 }
 
 /// Forwards connections to `upstream`, with `faults`.
@@ -76,6 +84,16 @@ async fn proxy(upstream: String, faults: Arc<Faults>) -> u16 {
                     }
                     let chunk = &buf[..n];
                     let commit = chunk.windows(COMMIT.len()).any(|w| w == COMMIT);
+                    if commit && faults.hold_commit.swap(false, Ordering::SeqCst) {
+                        back.abort();
+                        let held = chunk.to_vec();
+                        drop(tokio::spawn(async move {
+                            faults.release.notified().await;
+                            let _ = sw.write_all(&held).await;
+                            tokio::time::sleep(Duration::from_millis(300)).await;
+                        }));
+                        return;
+                    }
                     if commit && faults.cut_commit.swap(false, Ordering::SeqCst) {
                         cut.store(true, Ordering::SeqCst);
                         if faults.down_after_cut.load(Ordering::SeqCst) {
@@ -267,4 +285,81 @@ async fn a_commit_of_unknown_outcome_is_folded_when_the_database_is_back() {
             .await,
         Err(Error::Command(CommandError::Conflict(_)))
     ));
+}
+
+/// A checkpoint whose COMMIT reaches the server only after the meter gave
+/// up on it and began the next one: the next is fenced by the late one,
+/// and only what the late one carried counts as committed; the rest is
+/// written by the checkpoint after. Nothing is lost, nothing is counted
+/// twice.
+#[tokio::test]
+async fn a_checkpoint_that_commits_late_is_told_from_its_retry() {
+    let Some((engine, db, faults)) = engine_behind_a_proxy("late_checkpoint").await else {
+        return;
+    };
+    let org = OrgId::new("acme").unwrap();
+    let _ = engine
+        .commands
+        .execute(&org, Actor::Operator, &add_bob())
+        .await
+        .unwrap();
+    let meter = Arc::clone(&engine.meter);
+    assert_eq!(meter.claim(0).await.unwrap(), -1);
+    let now = engine.now_ms();
+    let usage = |i: i64| {
+        RawUsage {
+            request_id: &format!("r{i}"),
+            org_id: "acme",
+            user_id: "bob",
+            cost_micros: Some(100 * (i + 1)),
+            occurred_at_ms: Some(now - 1_000),
+            ..RawUsage::default()
+        }
+        .validate()
+        .unwrap()
+    };
+    let apply = |i: i64| {
+        let e = usage(i);
+        let applied = meter.apply(
+            0,
+            &[Positioned {
+                position: i,
+                logged_at_ms: now,
+                event: &e,
+            }],
+        );
+        assert!(applied.is_some());
+    };
+    // Attempt 1 carries r0; its COMMIT is held and its client cut.
+    apply(0);
+    faults.hold_commit.store(true, Ordering::SeqCst);
+    assert!(meter.checkpoint().await.is_err(), "the client was cut");
+    // Attempt 2 carries r0 and r1; it waits for attempt 1's row lock, and
+    // attempt 1 commits meanwhile.
+    apply(1);
+    let second = tokio::spawn({
+        let meter = Arc::clone(&meter);
+        async move { meter.checkpoint().await }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    faults.release.notify_one();
+    let _ = second.await.unwrap();
+    // Whatever the meter believes, a later checkpoint leaves the database
+    // with both.
+    let _ = meter.checkpoint().await;
+    let _ = meter.checkpoint().await.unwrap();
+    let saved = db
+        .load_meters(0, 86_400_000, Month::from_unix_ms(now))
+        .await
+        .unwrap();
+    let bob = saved["acme"]
+        .counters
+        .iter()
+        .find(|c| c.id == "bob")
+        .expect("bob's counter");
+    assert_eq!(bob.counter.spend_micros, 300, "{bob:?}");
+    assert_eq!(bob.counter.requests, 2, "{bob:?}");
+    let hashes = saved["acme"].dedupe.len();
+    assert_eq!(hashes, 2, "both request ids are in the saved dedupe window");
+    assert_eq!(meter.committed_position(0), Some(1));
 }

@@ -293,10 +293,8 @@ impl Db {
         Ok(out)
     }
 
-    /// Writes checkpoint `at.number` of `partition` (see the module docs).
-    /// Fails with [`Error::Fenced`] when `epoch` is no longer the partition's
-    /// or the previous checkpoint is not `at.number - 1` (then the caller
-    /// reads [`Db::load_checkpoint`] to learn which).
+    /// Writes checkpoint `at.number` of `partition` right after checkpoint
+    /// `at.number - 1` (see [`Db::write_checkpoint_after`]).
     pub async fn write_checkpoint(
         &self,
         partition: i64,
@@ -306,6 +304,37 @@ impl Db {
         dead_letters: &[DeadLetter],
         now_ms: i64,
     ) -> Result<()> {
+        self.write_checkpoint_after(
+            partition,
+            epoch,
+            at.number - 1,
+            at,
+            orgs,
+            dead_letters,
+            now_ms,
+        )
+        .await
+    }
+
+    /// Writes checkpoint `at.number` of `partition` on top of the stored
+    /// checkpoint `base` (see the module docs). Fails with
+    /// [`Error::Fenced`] when `epoch` is no longer the partition's or the
+    /// stored checkpoint is not `base` (then the caller reads
+    /// [`Db::load_checkpoint`] to learn which). Every attempt has a number
+    /// of its own (greater than `base`): of the attempts on one base, at
+    /// most one commits, and the stored number tells which.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn write_checkpoint_after(
+        &self,
+        partition: i64,
+        epoch: i64,
+        base: i64,
+        at: PartitionCheckpoint,
+        orgs: &[(OrgId, MeterChanges)],
+        dead_letters: &[DeadLetter],
+        now_ms: i64,
+    ) -> Result<()> {
+        debug_assert!(at.number > base);
         let mut tx = self.begin_write().await?;
         // First, so that it holds the row lock: a claim waits for this
         // transaction, and this one fails if a claim came first.
@@ -318,7 +347,7 @@ impl Db {
         .bind(now_ms)
         .bind(partition)
         .bind(epoch)
-        .bind(at.number - 1)
+        .bind(base)
         .execute(&mut *tx)
         .await?;
         if fenced.rows_affected() != 1 {

@@ -96,6 +96,18 @@ impl Counter {
             dirty: false,
         }
     }
+
+    /// Whether this state of a subject's month comes before `other`, as
+    /// its metering process went: requests, fired thresholds and the
+    /// cutoff/lift ordinal never go down, and every change moves one of
+    /// them up. How a mirror tells a late or repeated published state from
+    /// a newer one, whichever owner published it (a new owner resumes from
+    /// the last committed checkpoint, at or past every state published).
+    pub fn is_behind(&self, other: &Counter) -> bool {
+        self.requests < other.requests
+            || self.ordinal < other.ordinal
+            || self.fired_bps < other.fired_bps
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

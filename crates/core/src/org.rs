@@ -371,14 +371,24 @@ impl OrgState {
     }
 
     /// Mirrors a counter published by the process that meters this org.
-    /// Ignored when this process meters it, or the subject is unknown here.
+    /// Ignored when this process meters it, the subject is unknown here, or
+    /// the state is older than the one mirrored (published states can
+    /// arrive late or twice, from an old owner after a handover).
     pub fn mirror(&mut self, kind: SubjectKind, id: &str, month: Month, counter: Counter) {
         if self.meter.owned {
             return;
         }
-        if let Some(s) = self.subject(kind, id) {
-            self.meter.ledger.restore(month, s, counter);
+        let Some(s) = self.subject(kind, id) else {
+            return;
+        };
+        let ledger = &mut self.meter.ledger;
+        if ledger
+            .counter(month, s)
+            .is_some_and(|c| counter.is_behind(c))
+        {
+            return;
         }
+        ledger.restore(month, s, counter);
     }
 
     /// A subject by kind and id.
@@ -842,6 +852,25 @@ mod tests {
         assert_eq!(s.apply_usage(&e, d + 10), UsageOutcome::Applied);
         s.new_month(d + 50);
         assert_eq!(alice_events(&mut s), vec![(lifted, dec)]);
+    }
+
+    #[test]
+    fn a_mirror_never_goes_back_to_an_older_published_state() {
+        let mut s = state(eng());
+        s.meter.owned = false;
+        let month = Month::from_unix_ms(NOV);
+        let cut = Counter::restored(120 * USD, 4, NOV + 4, 10_000, true, 1);
+        let before = Counter::restored(90 * USD, 3, NOV + 3, 8_000, false, 0);
+        s.mirror(SubjectKind::User, "alice", month, cut);
+        // The old owner's publisher re-sends a state from before the cutoff.
+        s.mirror(SubjectKind::User, "alice", month, before);
+        assert_eq!(s.spend(month, Subject::User(0)), cut);
+        // A lift (same requests, a later ordinal) is newer.
+        let lifted = Counter::restored(120 * USD, 4, NOV + 4, 10_000, false, 2);
+        s.mirror(SubjectKind::User, "alice", month, lifted);
+        assert_eq!(s.spend(month, Subject::User(0)), lifted);
+        s.mirror(SubjectKind::User, "alice", month, cut);
+        assert_eq!(s.spend(month, Subject::User(0)), lifted);
     }
 
     #[test]

@@ -177,3 +177,75 @@ async fn a_failed_catch_up_read_never_dead_letters_usage() -> anyhow::Result<()>
     assert_eq!(dead["items"], json!([]), "{dead}");
     Ok(())
 }
+
+/// The single owner of the one partition among `a` and `b`: (owner, other).
+async fn owner_of_the_partition<'t>(a: &'t Tally, b: &'t Tally) -> (&'t Tally, &'t Tally) {
+    wait_ready(&a.operator(), Duration::from_secs(60)).await;
+    wait_ready(&b.operator(), Duration::from_secs(60)).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match (owned(a).await, owned(b).await) {
+            (1, 0) => return (a, b),
+            (0, 1) => return (b, a),
+            _ => {}
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no single owner of the partition"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Distributed mode: the owner of the partition counts an org created on
+/// itself, checkpoints, and dies (-9) before the relay could tell the other
+/// process about the org. The other claims the partition: it brings the
+/// org up to date from SQL before restoring the checkpoint, so the month's
+/// spend and the dedupe window carry over (before: the checkpoint's org was
+/// skipped, its spend restarted at zero and a retry counted twice).
+#[tokio::test]
+async fn a_new_owner_restores_orgs_it_has_not_folded_yet() -> anyhow::Result<()> {
+    let Some(cluster) = Cluster::new("1", &["--kafka-relay-interval-ms", "60000"])? else {
+        return Ok(());
+    };
+    let a = cluster.start()?;
+    let b = cluster.start()?;
+    let (owner, other) = owner_of_the_partition(&a, &b).await;
+    let op = owner.operator();
+    let _ = acme_with_alice(&op, 1_000 * USD).await;
+    let at = now_ms() - 1_000;
+    assert_eq!(
+        post(&op, vec![event("first", 5_000, at)]).await["accepted"],
+        1
+    );
+    let _ = wait_for_spend(&op, "alice", 5_000).await;
+    let (owner_was_a, other) = (std::ptr::eq(owner, &a), other);
+    let op = other.operator();
+    assert_eq!(
+        op.get("/v1/orgs/acme").await.status,
+        404,
+        "the other process has not seen the org yet"
+    );
+    if owner_was_a {
+        a.kill9()?
+    } else {
+        b.kill9()?
+    }
+
+    // A new call through the survivor adds to the month's spend; then the
+    // retry of the first call is a duplicate.
+    let r = post(&op, vec![event("second", 7_000, at)]).await;
+    assert_eq!(r["accepted"], 1, "{r}");
+    let _ = wait_for_spend(&op, "alice", 12_000).await;
+    let r = post(
+        &op,
+        vec![event("first", 5_000, at), event("third", 1_000, at)],
+    )
+    .await;
+    assert_eq!(r["accepted"], 2, "{r}");
+    let alice = wait_for_spend(&op, "alice", 13_000).await;
+    assert_eq!(alice["requests"], 3, "{alice}");
+    let dead = op.get("/v1/orgs/acme/dead-letters").await.expect(200);
+    assert_eq!(dead["items"], json!([]), "{dead}");
+    Ok(())
+}

@@ -298,6 +298,20 @@ impl Meter {
         let started = Instant::now();
         let now = self.clock.now_ms();
         let claim = self.db.claim_partition(i64::from(p), now).await?;
+        // Every org the checkpoint names is restored onto its directory as
+        // the log has it now: an org or subject created on another process
+        // may not have reached this one yet, and a meter restored without
+        // it would start the month (and the dedupe window) from zero.
+        let mut caught_up = 0usize;
+        for (org_id, seq) in self.db.last_seqs_of_partition(i64::from(p)).await? {
+            let folded = self.registry.org(&org_id).map_or(0, |c| c.read().dir.seq);
+            if folded < seq {
+                let org_id = OrgId::new(&org_id)
+                    .map_err(|e| Error::Corrupt(format!("checkpoint names org {org_id:?}: {e}")))?;
+                crate::commands::catch_up(&self.db, &self.registry, &org_id).await?;
+                caught_up += 1;
+            }
+        }
         let saved = self
             .db
             .load_meters(i64::from(p), self.opts.window_ms, Month::from_unix_ms(now))
@@ -308,6 +322,7 @@ impl Meter {
             epoch = claim.epoch,
             position,
             orgs,
+            caught_up,
             elapsed_ms = started.elapsed().as_millis() as u64,
             "partition claimed"
         );

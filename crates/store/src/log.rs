@@ -126,6 +126,27 @@ impl Db {
         }
     }
 
+    /// The last seq in the log of each org metered on `partition` (as the
+    /// partition's checkpoints name them): what a new owner must have
+    /// folded before it restores their meters.
+    pub async fn last_seqs_of_partition(&self, partition: i64) -> Result<Vec<(String, u64)>> {
+        let rows = sqlx::query(
+            "SELECT m.org_id, (SELECT MAX(e.seq) FROM events e WHERE e.org_id = m.org_id) \
+             FROM meter_orgs m WHERE m.partition_id = $1",
+        )
+        .bind(partition)
+        .fetch_all(self.reader())
+        .await?;
+        rows.iter()
+            .map(|r| {
+                let seq: Option<i64> = r.try_get(1)?;
+                let seq = u64::try_from(seq.unwrap_or(0))
+                    .map_err(|_| Error::Corrupt(format!("negative seq {seq:?}")))?;
+                Ok((r.try_get(0)?, seq))
+            })
+            .collect()
+    }
+
     /// The events of one org with seq > `after_seq`, at most `limit`.
     pub async fn org_events(
         &self,

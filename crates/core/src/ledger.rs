@@ -103,10 +103,13 @@ impl Counter {
     /// them up. How a mirror tells a late or repeated published state from
     /// a newer one, whichever owner published it (a new owner resumes from
     /// the last committed checkpoint, at or past every state published).
+    /// States that are not ordered this way (histories that diverged, as
+    /// when a new owner re-judged the log after a handover) are not behind:
+    /// the one published last wins.
     pub fn is_behind(&self, other: &Counter) -> bool {
-        self.requests < other.requests
-            || self.ordinal < other.ordinal
-            || self.fired_bps < other.fired_bps
+        let progress = |c: &Counter| (c.requests, u64::from(c.ordinal), u64::from(c.fired_bps));
+        let (a, b) = (progress(self), progress(other));
+        a.0 <= b.0 && a.1 <= b.1 && a.2 <= b.2 && a != b
     }
 }
 
@@ -365,8 +368,9 @@ impl Ledger {
     /// Counts a call (begun with [`Ledger::begin_call`]) for one subject and
     /// fires what it crosses. A cutoff of a month that is over (late usage
     /// counted after the new month's lift) is lifted at once, as the new
-    /// month lifted the others: a receiver is never left with a block that
-    /// no longer applies.
+    /// month lifted the others — unless the subject is cut off in the new
+    /// month too: a receiver is never left with a block that no longer
+    /// applies, nor told of a lift while one does.
     pub fn count(
         &mut self,
         call: Call,
@@ -399,8 +403,13 @@ impl Ledger {
                 LiftReason::LimitRaised,
                 &mut self.pending,
             );
-            if call.closed && c.cut_off && !was_cut {
-                self.lift_for_new_month(s, call.month.next(), logged_at_ms);
+            let next = call.month.next();
+            if call.closed
+                && c.cut_off
+                && !was_cut
+                && !self.counter(next, s).is_some_and(|n| n.cut_off)
+            {
+                self.lift_for_new_month(s, next, logged_at_ms.max(next.start_ms()));
             }
         }
         let day_at = match self.days.get(call.day_at) {

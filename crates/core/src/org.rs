@@ -293,13 +293,6 @@ impl OrgState {
             thresholds_bps: thresholds,
         };
         let cost = ev.cost_micros;
-        // Usage logged in a new month starts it, as the meter's periodic
-        // lift would (whichever comes first; see `new_month`).
-        let logged_month = Month::from_unix_ms(logged_at_ms);
-        if meter.rolled.is_none_or(|r| r < logged_month) {
-            meter.rolled = Some(logged_month);
-            meter.ledger.new_month(logged_month, logged_at_ms);
-        }
         let ledger = &mut meter.ledger;
         let call = ledger.begin_call(day, at).after_rollover(meter.rolled);
         ledger.count(
@@ -816,11 +809,13 @@ mod tests {
         let lifted = EnforcementKind::CutoffLifted {
             reason: crate::ledger::LiftReason::NewMonth,
         };
-        // A December call first; then November's last half hour, late.
+        // A December call, December begun; then November's last half hour,
+        // late.
         let mut s = state(eng());
         let d = dec.start_ms();
         let e = usage("d1", "alice", "", USD, d + 600_000);
         assert_eq!(s.apply_usage(&e, d + 600_000), UsageOutcome::Applied);
+        s.new_month(d + 620_000);
         let _ = s.take_changes();
         let e = usage("n1", "alice", "", 150 * USD, d - 1_800_000);
         assert_eq!(s.apply_usage(&e, d + 660_000), UsageOutcome::Applied);
@@ -842,6 +837,17 @@ mod tests {
             alice_events(&mut s),
             vec![(EnforcementKind::CutOff, nov), (lifted, dec)]
         );
+
+        // Already cut off in December: a late November cutoff is not
+        // followed by a lift that would read as "unblocked".
+        let mut s = state(eng());
+        let e = usage("d4", "alice", "", 120 * USD, d + 10);
+        assert_eq!(s.apply_usage(&e, d + 10), UsageOutcome::Applied);
+        s.new_month(d + 50);
+        assert_eq!(alice_events(&mut s), vec![(EnforcementKind::CutOff, dec)]);
+        let e = usage("n4", "alice", "", 150 * USD, d - 10);
+        assert_eq!(s.apply_usage(&e, d + 60), UsageOutcome::Applied);
+        assert_eq!(alice_events(&mut s), vec![(EnforcementKind::CutOff, nov)]);
 
         // Cut off inside November: lifted when December begins, once.
         let mut s = state(eng());
@@ -871,6 +877,11 @@ mod tests {
         assert_eq!(s.spend(month, Subject::User(0)), lifted);
         s.mirror(SubjectKind::User, "alice", month, cut);
         assert_eq!(s.spend(month, Subject::User(0)), lifted);
+        // A new owner that re-judged the log: more requests, a lower
+        // ordinal. Not ordered with the old state, so the later one wins.
+        let rejudged = Counter::restored(130 * USD, 5, NOV + 5, 10_000, true, 1);
+        s.mirror(SubjectKind::User, "alice", month, rejudged);
+        assert_eq!(s.spend(month, Subject::User(0)), rejudged);
     }
 
     #[test]

@@ -139,6 +139,8 @@ struct Part {
 /// to the attempts before it.
 #[derive(Debug)]
 struct Attempt {
+    /// The ownership it was made under.
+    epoch: i64,
     at: PartitionCheckpoint,
     orgs: HashMap<OrgId, MeterChanges>,
     dead_letters: Vec<DeadLetter>,
@@ -306,10 +308,20 @@ impl Meter {
         for (org_id, seq) in self.db.last_seqs_of_partition(i64::from(p)).await? {
             let folded = self.registry.org(&org_id).map_or(0, |c| c.read().dir.seq);
             if folded < seq {
-                let org_id = OrgId::new(&org_id)
-                    .map_err(|e| Error::Corrupt(format!("checkpoint names org {org_id:?}: {e}")))?;
-                crate::commands::catch_up(&self.db, &self.registry, &org_id).await?;
-                caught_up += 1;
+                let Ok(id) = OrgId::new(&org_id) else {
+                    tracing::warn!(org = %org_id, "checkpoint names an org id that is not valid");
+                    continue;
+                };
+                match crate::commands::catch_up(&self.db, &self.registry, &id).await {
+                    Ok(()) => caught_up += 1,
+                    // The claim is retried while the database is away.
+                    Err(e) if e.store_unavailable().is_some() => return Err(e),
+                    // One org's broken log must not keep the partition's
+                    // other orgs from being metered.
+                    Err(e) => {
+                        tracing::error!(org = %org_id, error = %e, "catching up an org of the claimed partition failed")
+                    }
+                }
             }
         }
         let saved = self
@@ -647,6 +659,7 @@ impl Meter {
                 number: part.last_number,
             };
             let layer = Attempt {
+                epoch: part.epoch,
                 at,
                 orgs: std::mem::take(&mut part.pending),
                 dead_letters: std::mem::take(&mut part.dead_letters),
@@ -694,11 +707,16 @@ impl Meter {
                     "checkpoint written"
                 );
                 // The uncertain attempts were on the same base: none of them
-                // can commit any more.
-                if let Some(part) = self.parts.lock().by_id.get_mut(&p) {
-                    part.uncertain.clear();
+                // can commit any more. (Unless the partition was claimed
+                // anew meanwhile: then this ownership's state is gone.)
+                {
+                    let mut parts = self.parts.lock();
+                    match parts.by_id.get_mut(&p) {
+                        Some(part) if part.epoch == epoch => part.uncertain.clear(),
+                        _ => return Ok(true),
+                    }
                 }
-                self.committed(p, at, &content);
+                self.committed(p, epoch, at, &content);
                 Ok(true)
             }
             Err(tally_store::Error::Fenced { .. }) => {
@@ -716,7 +734,9 @@ impl Meter {
     }
 
     fn push_uncertain(&self, p: i32, attempt: Attempt) {
-        if let Some(part) = self.parts.lock().by_id.get_mut(&p) {
+        if let Some(part) = self.parts.lock().by_id.get_mut(&p)
+            && part.epoch == attempt.epoch
+        {
             part.uncertain.push(attempt);
         }
     }
@@ -739,6 +759,11 @@ impl Meter {
         let Some(part) = parts.by_id.get_mut(&p) else {
             return Ok(());
         };
+        if part.epoch != epoch {
+            // Claimed anew while the checkpoint was read: nothing of the
+            // attempts resolved belongs to this ownership.
+            return Ok(());
+        }
         let Some(s) = stored else {
             return Ok(());
         };
@@ -783,12 +808,21 @@ impl Meter {
         );
         drop(parts);
         let landed: Vec<(OrgId, MeterChanges)> = landed.into_iter().collect();
-        self.committed(p, at, &landed);
+        self.committed(p, epoch, at, &landed);
         Ok(())
     }
 
-    fn committed(&self, p: i32, at: PartitionCheckpoint, orgs: &[(OrgId, MeterChanges)]) {
-        if let Some(part) = self.parts.lock().by_id.get_mut(&p) {
+    /// Checkpoint `at` of partition `p`, made under `epoch`, committed.
+    fn committed(
+        &self,
+        p: i32,
+        epoch: i64,
+        at: PartitionCheckpoint,
+        orgs: &[(OrgId, MeterChanges)],
+    ) {
+        if let Some(part) = self.parts.lock().by_id.get_mut(&p)
+            && part.epoch == epoch
+        {
             part.committed = at;
             part.counted_since = 0;
         }

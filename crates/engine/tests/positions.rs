@@ -96,4 +96,5 @@ async fn a_dead_letter_of_an_earlier_message_keeps_the_position_of_the_batch() {
     assert_eq!(meter.position(PARTITION), Some(11));
     let _ = meter.checkpoint().await.unwrap();
     assert_eq!(meter.committed_position(PARTITION), Some(11));
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -362,4 +362,13 @@ async fn a_checkpoint_that_commits_late_is_told_from_its_retry() {
     let hashes = saved["acme"].dedupe.len();
     assert_eq!(hashes, 2, "both request ids are in the saved dedupe window");
     assert_eq!(meter.committed_position(0), Some(1));
+    // The day rollup is additive: a layer written twice would show here.
+    let (_, days) = db
+        .history(&org, "user", "bob", Month::from_unix_ms(now))
+        .await
+        .unwrap();
+    let total: (i64, i64) = days
+        .iter()
+        .fold((0, 0), |t, d| (t.0 + d.spend_micros, t.1 + d.requests));
+    assert_eq!(total, (300, 2), "{days:?}");
 }

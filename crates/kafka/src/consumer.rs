@@ -301,7 +301,7 @@ impl Run {
         // max.poll.interval.ms however many partitions and orgs wait.
         let deadline = Instant::now() + CATCH_UP_WAIT_MAX;
         for (p, messages) in by_partition {
-            if *self.stop.borrow() {
+            if *self.stop.borrow() || self.meter.is_poisoned() {
                 return;
             }
             self.process_partition(p, messages, deadline);
@@ -357,6 +357,10 @@ impl Run {
                 event,
             })
             .collect();
+        // The batch's outcomes and its dead letters reach the meter under
+        // the write lock: no checkpoint sees the position past a message
+        // whose dead letter is not kept yet.
+        let _w = self.rt.block_on(self.meter.write_lock());
         let Some(outcomes) = self.meter.apply(p, &positioned) else {
             // Revoked meanwhile: the new owner reads these.
             return;
@@ -457,7 +461,10 @@ impl Run {
                     return true;
                 }
                 Err(_) if *self.stop.borrow() => return false,
-                Err(e) if Instant::now() < deadline => {
+                Err(e)
+                    if Instant::now() < deadline
+                        && !matches!(e, tally_engine::Error::Corrupt(_)) =>
+                {
                     if !waiting {
                         tracing::warn!(org = %org, error = %e, "usage of a subject not seen yet waits until the org's log can be read from SQL");
                         waiting = true;

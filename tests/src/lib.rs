@@ -969,3 +969,22 @@ pub async fn owned(t: &Tally) -> i64 {
         .and_then(|v| v.split('.').next()?.parse::<i64>().ok())
         .unwrap_or(0)
 }
+
+/// The single owner of the one partition among `a` and `b`: (owner, other).
+pub async fn owner_of_the_partition<'t>(a: &'t Tally, b: &'t Tally) -> (&'t Tally, &'t Tally) {
+    wait_ready(&a.operator(), Duration::from_secs(60)).await;
+    wait_ready(&b.operator(), Duration::from_secs(60)).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match (owned(a).await, owned(b).await) {
+            (1, 0) => return (a, b),
+            (0, 1) => return (b, a),
+            _ => {}
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no single owner of the partition"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

@@ -6,8 +6,8 @@ use serde_json::{Value, json};
 use std::time::{Duration, Instant};
 
 use tally_tests::{
-    Backend, Client, Cluster, Tally, month_start_ms, now_ms, owned, rfc3339, wait_for_spend,
-    wait_ready,
+    Backend, Client, Cluster, Tally, month_start_ms, now_ms, owner_of_the_partition, rfc3339,
+    wait_for_spend,
 };
 
 const USD: i64 = 1_000_000;
@@ -148,21 +148,7 @@ async fn a_failed_catch_up_read_never_dead_letters_usage() -> anyhow::Result<()>
     };
     let a = cluster.start()?;
     let b = cluster.start()?;
-    wait_ready(&a.operator(), Duration::from_secs(60)).await;
-    wait_ready(&b.operator(), Duration::from_secs(60)).await;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let (owner, other) = loop {
-        match (owned(&a).await, owned(&b).await) {
-            (1, 0) => break (&a, &b),
-            (0, 1) => break (&b, &a),
-            _ => {}
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no single owner of the partition"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let (owner, other) = owner_of_the_partition(&a, &b).await;
     let op = other.operator();
     let _ = op
         .post("/v1/orgs", json!({"id": "acme", "name": "Acme"}))
@@ -183,25 +169,6 @@ async fn a_failed_catch_up_read_never_dead_letters_usage() -> anyhow::Result<()>
     let dead = op.get("/v1/orgs/acme/dead-letters").await.expect(200);
     assert_eq!(dead["items"], json!([]), "{dead}");
     Ok(())
-}
-
-/// The single owner of the one partition among `a` and `b`: (owner, other).
-async fn owner_of_the_partition<'t>(a: &'t Tally, b: &'t Tally) -> (&'t Tally, &'t Tally) {
-    wait_ready(&a.operator(), Duration::from_secs(60)).await;
-    wait_ready(&b.operator(), Duration::from_secs(60)).await;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        match (owned(a).await, owned(b).await) {
-            (1, 0) => return (a, b),
-            (0, 1) => return (b, a),
-            _ => {}
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no single owner of the partition"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 }
 
 /// Distributed mode: the owner of the partition counts an org created on

@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use tally_tests::{
-    Backend, Client, Cluster, Tally, Tmpfs, now_rfc3339, owned, wait_for_spend, wait_ready,
+    Backend, Client, Cluster, Tally, Tmpfs, now_rfc3339, owned, owner_of_the_partition,
+    wait_for_spend, wait_ready,
 };
 
 const BATCH_LEN: usize = 200;
@@ -423,21 +424,7 @@ async fn usage_of_a_member_the_owner_has_not_seen_waits_for_the_database() -> an
     let pg = &cluster.pg;
     let a = cluster.start()?;
     let b = cluster.start()?;
-    wait_ready(&a.operator(), Duration::from_secs(60)).await;
-    wait_ready(&b.operator(), Duration::from_secs(60)).await;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let (owner, other) = loop {
-        match (owned(&a).await, owned(&b).await) {
-            (1, 0) => break (&a, &b),
-            (0, 1) => break (&b, &a),
-            _ => {}
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no single owner of the partition"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let (owner, other) = owner_of_the_partition(&a, &b).await;
     // The org and its member are created on the other process: the owner
     // has seen neither when the usage arrives.
     let op = other.operator();

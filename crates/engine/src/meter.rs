@@ -641,10 +641,12 @@ impl Meter {
                     continue;
                 }
                 let changes = cell.write().take_changes();
-                merge_orgs(
-                    &mut part.pending,
-                    HashMap::from([(org_id.clone(), changes)]),
-                );
+                match part.pending.get_mut(org_id) {
+                    Some(pending) => pending.merge(changes),
+                    None => {
+                        let _ = part.pending.insert(org_id.clone(), changes);
+                    }
+                }
             }
             if part.position == part.committed.position
                 && part.pending.is_empty()

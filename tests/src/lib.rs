@@ -918,6 +918,27 @@ impl Cluster {
         }))
     }
 
+    /// Two processes on a one-partition usage topic, once one of them owns
+    /// the partition: (owner, other).
+    pub async fn owner_and_other(&self) -> anyhow::Result<(Tally, Tally)> {
+        let (a, b) = (self.start()?, self.start()?);
+        wait_ready(&a.operator(), Duration::from_secs(60)).await;
+        wait_ready(&b.operator(), Duration::from_secs(60)).await;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            match (owned(&a).await, owned(&b).await) {
+                (1, 0) => return Ok((a, b)),
+                (0, 1) => return Ok((b, a)),
+                _ => {}
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no single owner of the partition"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     pub fn start(&self) -> anyhow::Result<Tally> {
         let flags: Vec<&str> = self.flags.iter().map(String::as_str).collect();
         Tally::start_with(&self.backend, &flags)
@@ -968,23 +989,4 @@ pub async fn owned(t: &Tally) -> i64 {
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.split('.').next()?.parse::<i64>().ok())
         .unwrap_or(0)
-}
-
-/// The single owner of the one partition among `a` and `b`: (owner, other).
-pub async fn owner_of_the_partition<'t>(a: &'t Tally, b: &'t Tally) -> (&'t Tally, &'t Tally) {
-    wait_ready(&a.operator(), Duration::from_secs(60)).await;
-    wait_ready(&b.operator(), Duration::from_secs(60)).await;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        match (owned(a).await, owned(b).await) {
-            (1, 0) => return (a, b),
-            (0, 1) => return (b, a),
-            _ => {}
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no single owner of the partition"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 }

@@ -8,8 +8,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use tally_tests::{
-    Backend, Client, Cluster, Tally, Tmpfs, now_rfc3339, owned, owner_of_the_partition,
-    wait_for_spend, wait_ready,
+    Backend, Client, Cluster, Tally, Tmpfs, now_rfc3339, owned, wait_for_spend, wait_ready,
 };
 
 const BATCH_LEN: usize = 200;
@@ -422,9 +421,7 @@ async fn usage_of_a_member_the_owner_has_not_seen_waits_for_the_database() -> an
         return Ok(());
     };
     let pg = &cluster.pg;
-    let a = cluster.start()?;
-    let b = cluster.start()?;
-    let (owner, other) = owner_of_the_partition(&a, &b).await;
+    let (owner, other) = cluster.owner_and_other().await?;
     // The org and its member are created on the other process: the owner
     // has seen neither when the usage arrives.
     let op = other.operator();

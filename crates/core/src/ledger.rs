@@ -403,13 +403,11 @@ impl Ledger {
                 LiftReason::LimitRaised,
                 &mut self.pending,
             );
-            let next = call.month.next();
-            if call.closed
-                && c.cut_off
-                && !was_cut
-                && !self.counter(next, s).is_some_and(|n| n.cut_off)
-            {
-                self.lift_for_new_month(s, next, logged_at_ms.max(next.start_ms()));
+            if call.closed && c.cut_off && !was_cut {
+                let next = call.month.next();
+                if !self.counter(next, s).is_some_and(|n| n.cut_off) {
+                    self.lift_for_new_month(s, next, logged_at_ms.max(next.start_ms()));
+                }
             }
         }
         let day_at = match self.days.get(call.day_at) {

@@ -98,28 +98,33 @@ impl Registry {
         let Some(first) = events.first() else {
             return Followed::Stale;
         };
-        let cell = match self.orgs.entry(first.org_id.clone()) {
-            Entry::Occupied(o) => Arc::clone(o.get()),
-            Entry::Vacant(v) => {
-                if first.seq != 1 || !matches!(first.kind, EventKind::OrgCreated { .. }) {
-                    return Followed::Gap;
+        // A known org is found under its shard's read lock; only a new one
+        // takes the write lock, to be created once.
+        let cell = match self.org(&first.org_id) {
+            Some(cell) => cell,
+            None => match self.orgs.entry(first.org_id.clone()) {
+                Entry::Occupied(o) => Arc::clone(o.get()),
+                Entry::Vacant(v) => {
+                    if first.seq != 1 || !matches!(first.kind, EventKind::OrgCreated { .. }) {
+                        return Followed::Gap;
+                    }
+                    let mut state = OrgState::new(first, self.meter);
+                    // The meter adopts an org when it claims its partition or
+                    // counts its first usage; until then its counters mirror.
+                    state.meter.owned = false;
+                    let cell = Arc::new(RwLock::new(state));
+                    // Locked before it is visible: whoever finds it waits for
+                    // the rest of these events.
+                    let mut org = cell.write();
+                    let _ = v.insert(Arc::clone(&cell));
+                    self.index(first);
+                    for e in &events[1..] {
+                        org.apply_entity(e);
+                        self.index(e);
+                    }
+                    return Followed::Applied;
                 }
-                let mut state = OrgState::new(first, self.meter);
-                // The meter adopts an org when it claims its partition or
-                // counts its first usage; until then its counters mirror.
-                state.meter.owned = false;
-                let cell = Arc::new(RwLock::new(state));
-                // Locked before it is visible: whoever finds it waits for
-                // the rest of these events.
-                let mut org = cell.write();
-                let _ = v.insert(Arc::clone(&cell));
-                self.index(first);
-                for e in &events[1..] {
-                    org.apply_entity(e);
-                    self.index(e);
-                }
-                return Followed::Applied;
-            }
+            },
         };
         let mut org = cell.write();
         let seq = org.dir.seq;

@@ -42,13 +42,13 @@ async fn run(db: &Db, name: &str, n: &Scale) {
     )
     .unwrap();
     let mut dir = OrgDirectory::from_created(&wrap(&org_id, 0, events)[0]);
-    db.append(&wrap(&org_id, 0, vec![dir_created(&dir)]))
+    db.append(&mut wrap(&org_id, 0, vec![dir_created(&dir)]))
         .await
         .unwrap();
     let exec = async |dir: &mut OrgDirectory, cmd: Command| {
         let kinds = dir.handle(&cmd).unwrap();
-        let events = wrap(&org_id, dir.seq, kinds);
-        db.append(&events).await.unwrap();
+        let mut events = wrap(&org_id, dir.seq, kinds);
+        db.append(&mut events).await.unwrap();
         for e in &events {
             dir.apply(e);
         }
@@ -87,10 +87,10 @@ async fn run(db: &Db, name: &str, n: &Scale) {
             },
         );
         if pending.len() >= 20_000 {
-            db.append(&std::mem::take(&mut pending)).await.unwrap();
+            db.append(&mut std::mem::take(&mut pending)).await.unwrap();
         }
     }
-    db.append(&std::mem::take(&mut pending)).await.unwrap();
+    db.append(&mut std::mem::take(&mut pending)).await.unwrap();
     // Each user in one group (the groups hold users/groups members each).
     for g in 0..n.groups {
         let members: Vec<UserId> = (0..n.users)

@@ -886,7 +886,7 @@ fn is_root() -> bool {
 #[derive(Debug)]
 pub struct Cluster {
     pub pg: PgServer,
-    _broker: Broker,
+    pub broker: Broker,
     pub backend: Backend,
     flags: Vec<String>,
 }
@@ -912,7 +912,7 @@ impl Cluster {
         flags.extend(extra.iter().map(|s| (*s).to_owned()));
         Ok(Some(Cluster {
             pg,
-            _broker: broker,
+            broker,
             backend,
             flags,
         }))

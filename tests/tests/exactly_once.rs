@@ -213,3 +213,121 @@ async fn a_new_owner_restores_orgs_it_has_not_folded_yet() -> anyhow::Result<()>
     assert_eq!(dead["items"], json!([]), "{dead}");
     Ok(())
 }
+
+/// Distributed mode: a gateway whose clock is 25 h ahead publishes straight
+/// to the usage topic (the message's timestamp and `occurred_at` are its
+/// own clock). Its event is refused as `from_the_future` against a server
+/// clock, and an on-time event after it counts (before: the gateway's
+/// clock was the log time, its event passed and moved the org's watermark
+/// a day ahead, and every on-time event was refused as `too_late`).
+#[tokio::test]
+async fn a_gateway_clock_ahead_never_makes_on_time_usage_too_late() -> anyhow::Result<()> {
+    use rdkafka::ClientConfig;
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+
+    let Some(cluster) = Cluster::new("1", &[])? else {
+        return Ok(());
+    };
+    let tally = cluster.start()?;
+    let op = tally.operator();
+    tally_tests::wait_ready(&op, Duration::from_secs(60)).await;
+    let _ = acme_with_alice(&op, 1_000 * USD).await;
+
+    let ahead = now_ms() + 25 * 3_600_000;
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", cluster.broker.brokers())
+        .set("partitioner", "murmur2_random")
+        .set("acks", "all")
+        .create()?;
+    let value = event("ahead", 3_000, ahead).to_string();
+    let record = FutureRecord::<str, str>::to("tally.usage")
+        .key("acme")
+        .payload(&value)
+        .timestamp(ahead)
+        .headers(OwnedHeaders::new().insert(Header {
+            key: "content-type",
+            value: Some("application/json"),
+        }));
+    let _ = producer
+        .send(record, Duration::from_secs(30))
+        .await
+        .map_err(|(e, _)| e)?;
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let dead = loop {
+        let dead = op.get("/v1/orgs/acme/dead-letters").await.expect(200);
+        let alice = op.get("/v1/orgs/acme/users/alice").await.expect(200);
+        if dead["items"].as_array().is_some_and(|d| !d.is_empty()) || alice["requests"] != 0 {
+            break dead;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the ahead event was never judged"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(dead["items"][0]["reason"], "from_the_future", "{dead}");
+
+    let r = post(&op, vec![event("on-time", 2_000, now_ms() - 1_000)]).await;
+    assert_eq!(r["accepted"], 1, "{r}");
+    let alice = wait_for_spend(&op, "alice", 2_000).await;
+    assert_eq!(alice["requests"], 1, "{alice}");
+    // Tansu stamps no broker time (it keeps the producer's), so this
+    // process's clock stood in for the gateway's.
+    let metrics = op.metrics().await;
+    assert!(
+        metrics.contains(r#"tally_usage_log_time_total{source="clamped"} 1"#),
+        "{metrics}"
+    );
+    tally.stop()
+}
+
+/// Distributed mode: alice joins `eng` on the process that does not meter
+/// acme, and the relay is slow (nothing relayed for 10 minutes), so the
+/// owner has not followed the membership when her next call arrives. The
+/// owner still counts that call for `eng`, as a replay would: usage is
+/// judged with every membership change logged before it (before: the
+/// owner looked the log up only for a user it did not know, and `eng`
+/// stayed at 0).
+#[tokio::test]
+async fn a_membership_not_relayed_yet_counts_usage_logged_after_it() -> anyhow::Result<()> {
+    let Some(cluster) = Cluster::new("1", &["--kafka-relay-interval-ms", "600000"])? else {
+        return Ok(());
+    };
+    let (owner, other) = cluster.owner_and_other().await?;
+    let op = other.operator();
+    let _ = acme_with_alice(&op, 1_000 * USD).await;
+    let _ = op
+        .post(
+            "/v1/orgs/acme/groups",
+            json!({"id": "eng", "name": "Engineering"}),
+        )
+        .await
+        .expect(201);
+    let r = post(&op, vec![event("before", 1_000, now_ms() - 1_000)]).await;
+    assert_eq!(r["accepted"], 1, "{r}");
+    let metered = owner.operator();
+    let _ = wait_for_spend(&metered, "alice", 1_000).await;
+
+    let _ = op
+        .put("/v1/orgs/acme/groups/eng/members/alice")
+        .await
+        .expect(200);
+    let r = post(&op, vec![event("after", 2_000, now_ms() - 1_000)]).await;
+    assert_eq!(r["accepted"], 1, "{r}");
+    let _ = wait_for_spend(&metered, "alice", 3_000).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let eng = metered.get("/v1/orgs/acme/groups/eng").await.expect(200);
+        if eng["spend_micros"] == 2_000 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "eng counts the call alice made as a member: {eng}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Ok(())
+}

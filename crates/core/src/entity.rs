@@ -402,14 +402,25 @@ pub struct OrgSettings {
     pub alert_thresholds_bps: Vec<u32>,
 }
 
-/// A stretch of time during which a user was in a group: `[from_ms,
-/// until_ms)` on the server's clock. Group spend counts a member's usage
+/// A stretch of time during which a user was in a group: `(from_ms,
+/// until_ms]` on the server's clock. Group spend counts a member's usage
 /// logged (received by Tally) inside it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Membership {
     pub group_idx: u32,
     pub from_ms: i64,
     pub until_ms: i64,
+}
+
+impl Membership {
+    /// Whether usage logged at `logged_at_ms` counts for the group. Open at
+    /// its start and closed at its end: usage logged in the very
+    /// millisecond of a join or a leave is judged as if logged just before
+    /// the change, which is what a process applying that usage before
+    /// folding the change decides too (a replay agrees with it).
+    pub fn covers(&self, logged_at_ms: i64) -> bool {
+        self.from_ms < logged_at_ms && logged_at_ms <= self.until_ms
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

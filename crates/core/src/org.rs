@@ -314,20 +314,18 @@ impl OrgState {
             let key_budget = budget(k.monthly_limit_micros);
             ledger.count(call, Subject::Key(k.idx), cost, key_budget, logged_at_ms);
         }
-        // Membership is judged by when the usage was logged, on the same
-        // (server) clock that dated the membership change: a gateway's clock
-        // or a late event cannot move a call into or out of a group.
-        for m in &user.memberships {
-            if m.from_ms <= logged_at_ms && logged_at_ms < m.until_ms {
-                let group_budget = budget(dir.group_limit(m.group_idx));
-                ledger.count(
-                    call,
-                    Subject::Group(m.group_idx),
-                    cost,
-                    group_budget,
-                    logged_at_ms,
-                );
-            }
+        // Membership is judged by when the usage was logged, on a server
+        // clock as the membership change was: a gateway's clock or a late
+        // event cannot move a call into or out of a group.
+        for m in user.memberships.iter().filter(|m| m.covers(logged_at_ms)) {
+            let group_budget = budget(dir.group_limit(m.group_idx));
+            ledger.count(
+                call,
+                Subject::Group(m.group_idx),
+                cost,
+                group_budget,
+                logged_at_ms,
+            );
         }
         if at > meter.watermark_ms {
             let hour_before = meter.watermark_ms.div_euclid(MS_PER_HOUR);
@@ -661,6 +659,46 @@ mod tests {
         let _ = s.apply_usage(&usage("d", "bob", "", 100, NOV + 5_000), NOV + 6_900);
         assert_eq!(spend_of(&s, Subject::User(1)), 120);
         assert_eq!(spend_of(&s, Subject::Group(0)), 111);
+    }
+
+    /// Usage logged in the very millisecond of a join or a leave is judged
+    /// as if logged just before the change, whichever of the two a process
+    /// happened to fold first: a live meter that applied it before folding
+    /// the change and a replay that has the change agree.
+    #[test]
+    fn usage_logged_in_the_millisecond_of_a_membership_change_is_judged_before_it() {
+        let mut kinds = eng();
+        kinds.push(EventKind::MemberRemoved {
+            group_id: group("eng"),
+            user_id: user("bob"),
+        });
+        let evs: Vec<EntityEvent> = events(kinds)
+            .into_iter()
+            .map(|mut e| {
+                e.at_ms += NOV;
+                e
+            })
+            .collect();
+        let (joined, left) = (NOV + 6_000, NOV + 7_000);
+        let (join, leave) = (evs.len() - 2, evs.len() - 1);
+        assert_eq!((evs[join].at_ms, evs[leave].at_ms), (joined, left));
+        // Group spend of one call of bob's logged at `at`, with the events
+        // before `folded` folded before the call and the rest after it.
+        let group_spend = |at: i64, folded: usize| {
+            let mut s = OrgState::new(&evs[0], MeterConfig::default());
+            for e in &evs[1..folded] {
+                s.apply_entity(e);
+            }
+            let _ = s.apply_usage(&usage("r", "bob", "", 10, at), at);
+            for e in &evs[folded..] {
+                s.apply_entity(e);
+            }
+            spend_of(&s, Subject::Group(0))
+        };
+        assert_eq!(group_spend(joined, join), 0, "applied before the join");
+        assert_eq!(group_spend(joined, join + 1), 0, "the join folded first");
+        assert_eq!(group_spend(left, leave), 10, "applied before the leave");
+        assert_eq!(group_spend(left, leave + 1), 10, "the leave folded first");
     }
 
     #[test]

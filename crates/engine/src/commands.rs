@@ -132,7 +132,7 @@ impl Commands {
                 (org.dir.handle(cmd)?, org.dir.seq + 1)
             }
         };
-        let events: Vec<EntityEvent> = kinds
+        let mut events: Vec<EntityEvent> = kinds
             .into_iter()
             .enumerate()
             .map(|(i, kind)| EntityEvent {
@@ -143,7 +143,8 @@ impl Commands {
                 kind,
             })
             .collect();
-        match self.db.append(&events).await {
+        // The log may date them anew (PostgreSQL's clock, see `Db::append`).
+        match self.db.append(&mut events).await {
             Ok(()) => {}
             Err(e) => {
                 let e = Error::from(e);
@@ -203,6 +204,30 @@ impl Commands {
     /// another process).
     pub async fn catch_up(&self, org_id: &OrgId) -> Result<()> {
         catch_up(&self.db, &self.registry, org_id).await
+    }
+
+    /// Brings `orgs` up to date with their logs: reads their heads in one
+    /// query and catches up each one this process is behind on. Returns the
+    /// log's clock at the read ([`Db::log_heads`]): every change to these
+    /// orgs dated up to it is folded now.
+    pub async fn sync(&self, orgs: &[&OrgId]) -> Result<i64> {
+        let ids: Vec<&str> = orgs.iter().map(|o| o.as_str()).collect();
+        let (now_ms, heads) = self.db.log_heads(&ids).await?;
+        let by_id: std::collections::HashMap<&str, &OrgId> =
+            orgs.iter().map(|o| (o.as_str(), *o)).collect();
+        for (id, seq) in heads {
+            let Some(org) = by_id.get(id.as_str()) else {
+                continue;
+            };
+            if self
+                .registry
+                .org(org)
+                .is_none_or(|c| c.read().dir.seq < seq)
+            {
+                self.catch_up(org).await?;
+            }
+        }
+        Ok(now_ms)
     }
 }
 

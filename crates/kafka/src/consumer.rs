@@ -19,16 +19,17 @@
 //! The thread is a plain OS thread: rebalance callbacks run inside `poll`,
 //! and block on the runtime for their SQL work.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rdkafka::ClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
-use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders, Timestamp};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::types::RDKafkaRespErr;
+use tally_core::ids::OrgId;
 use tally_core::org::{Rejection, UsageOutcome};
 use tally_core::usage::UsageEvent;
 use tally_engine::Engine;
@@ -38,10 +39,14 @@ use tokio::runtime::Handle;
 use tokio::sync::watch;
 
 use crate::codec::{self, Bad, CONTENT_TYPE};
-use crate::metrics::{CONSUMER_LAG, DEAD_LETTERS, REBALANCES};
+use crate::metrics::{CONSUMER_LAG, DEAD_LETTERS, REBALANCES, USAGE_LOG_TIME};
 use crate::murmur2::partition_for;
 use crate::{KafkaOptions, Result};
 
+/// How long a batch waits for the log's clock to pass its usage's log time
+/// (a database clock behind the broker's or this process's); past it, the
+/// batch is applied all the same.
+const LOG_CLOCK_WAIT_MAX: Duration = Duration::from_secs(1);
 /// Messages applied per lock of the meter.
 const BATCH_LEN_MAX: usize = 1_000;
 /// How long a batch may wait to fill once it has a message.
@@ -187,21 +192,71 @@ struct Incoming {
     payload: Option<Vec<u8>>,
 }
 
+/// Where a message's log time came from (the `source` label of
+/// [`USAGE_LOG_TIME`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LogTime {
+    /// The broker's clock: the topic's `message.timestamp.type` is
+    /// `LogAppendTime`.
+    Broker,
+    /// The producer's clock (`CreateTime`), not ahead of this process's.
+    Producer,
+    /// The producer's clock was ahead of this process's: clamped to it.
+    Clamped,
+    /// No timestamp at all: this process's clock.
+    Consumer,
+}
+
+impl LogTime {
+    const ALL: [LogTime; 4] = [
+        LogTime::Broker,
+        LogTime::Producer,
+        LogTime::Clamped,
+        LogTime::Consumer,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            LogTime::Broker => "broker",
+            LogTime::Producer => "producer",
+            LogTime::Clamped => "clamped",
+            LogTime::Consumer => "consumer",
+        }
+    }
+
+    /// A message's log time: the reference of "from the future" and of
+    /// group membership. The broker's clock when it stamps messages; a
+    /// producer's clock (a gateway's) is never trusted ahead of this
+    /// process's, so one gateway's clock cannot pass its own usage off as
+    /// on time, move the org's watermark and make everyone else's usage
+    /// too late.
+    fn of(timestamp: Timestamp, now_ms: i64) -> (i64, LogTime) {
+        match timestamp {
+            Timestamp::LogAppendTime(t) => (t, LogTime::Broker),
+            Timestamp::CreateTime(t) if t <= now_ms => (t, LogTime::Producer),
+            Timestamp::CreateTime(_) => (now_ms, LogTime::Clamped),
+            Timestamp::NotAvailable => (now_ms, LogTime::Consumer),
+        }
+    }
+}
+
 impl Incoming {
-    fn from<M: Message>(m: &M, now_ms: i64) -> Incoming {
+    fn from<M: Message>(m: &M, now_ms: i64) -> (Incoming, LogTime) {
         let content_type = m.headers().and_then(|h| {
             h.iter()
                 .find(|h| h.key.eq_ignore_ascii_case(CONTENT_TYPE))
                 .and_then(|h| h.value.map(<[u8]>::to_vec))
         });
-        Incoming {
+        let (logged_at_ms, source) = LogTime::of(m.timestamp(), now_ms);
+        let incoming = Incoming {
             partition: m.partition(),
             offset: m.offset(),
-            logged_at_ms: m.timestamp().to_millis().unwrap_or(now_ms),
+            logged_at_ms,
             key: m.key().map(<[u8]>::to_vec),
             content_type,
             payload: m.payload().map(<[u8]>::to_vec),
-        }
+        };
+        (incoming, source)
     }
 }
 
@@ -232,6 +287,8 @@ pub fn spawn(
         .name("tally-meter".into())
         .spawn(move || {
             let mut run = Run {
+                synced: HashMap::new(),
+                skew_warned: None,
                 engine,
                 meter,
                 producer,
@@ -241,7 +298,7 @@ pub fn spawn(
                 stop: stop.clone(),
             };
             while !*stop.borrow() && !run.meter.is_poisoned() {
-                let batch = poll_batch(&consumer, run.meter.now_ms());
+                let batch = poll_batch(&consumer, &run.meter);
                 run.process(batch);
             }
             // Leaving the group revokes (and checkpoints) every partition.
@@ -256,8 +313,9 @@ pub fn spawn(
     Ok(thread)
 }
 
-fn poll_batch(consumer: &BaseConsumer<MeterContext>, now_ms: i64) -> Vec<Incoming> {
+fn poll_batch(consumer: &BaseConsumer<MeterContext>, meter: &Meter) -> Vec<Incoming> {
     let mut batch = Vec::new();
+    let mut sources = [0u64; LogTime::ALL.len()];
     let mut first_at: Option<Instant> = None;
     loop {
         let wait = match first_at {
@@ -266,22 +324,37 @@ fn poll_batch(consumer: &BaseConsumer<MeterContext>, now_ms: i64) -> Vec<Incomin
         };
         match consumer.poll(wait) {
             Some(Ok(m)) => {
-                batch.push(Incoming::from(&m, now_ms));
+                // This process's clock when the message reached it: an
+                // honest producer's timestamp is never later.
+                let (incoming, source) = Incoming::from(&m, meter.now_ms());
+                sources[source as usize] += 1;
+                batch.push(incoming);
                 let _ = first_at.get_or_insert_with(Instant::now);
                 if batch.len() >= BATCH_LEN_MAX {
-                    return batch;
+                    break;
                 }
             }
             Some(Err(e)) => {
                 tracing::debug!(error = %e, "consumer error (retried by librdkafka)");
-                return batch;
+                break;
             }
-            None => return batch,
+            None => break,
         }
     }
+    for (source, n) in LogTime::ALL.iter().zip(sources) {
+        if n > 0 {
+            metrics::counter!(USAGE_LOG_TIME, "source" => source.label()).increment(n);
+        }
+    }
+    batch
 }
 
 struct Run {
+    /// Per org, the log's clock when this process last read its log: every
+    /// change dated up to it is folded here.
+    synced: HashMap<OrgId, i64>,
+    /// When the log's clock was last reported behind the usage's.
+    skew_warned: Option<Instant>,
     engine: Arc<Engine>,
     meter: Arc<Meter>,
     producer: FutureProducer,
@@ -344,7 +417,7 @@ impl Run {
                 Err(b) => bad.push((i, b)),
             }
         }
-        if !self.catch_up(&good, deadline) {
+        if !self.sync(&messages, &good, deadline) {
             // Stopping while waiting for the database: the batch is not
             // applied, and whoever owns the partition next reads it again.
             return;
@@ -410,73 +483,131 @@ impl Run {
         }
     }
 
-    /// Usage can outrun the entity log's relay: an org, user or key created
-    /// a moment ago on another process may not have reached this one. Before
-    /// calling such usage unattributable, read the org's log from SQL.
-    /// Returns false when the process is stopping and the batch must not
-    /// be applied (see [`Run::catch_up_org`]).
-    fn catch_up(&self, events: &[(usize, UsageEvent)], deadline: Instant) -> bool {
+    /// Usage can outrun the entity log's relay: an org, user, key or
+    /// membership made a moment ago on another process may not have reached
+    /// this one. Usage is judged with every change logged before it, live as
+    /// on a replay: an org is read from SQL when the batch names a subject
+    /// not known here, or usage logged later than this process last read
+    /// the org's log ([`tally_engine::commands::Commands::sync`]). Returns
+    /// false when the batch must not be applied (see [`Run::read_logs`]).
+    fn sync(
+        &mut self,
+        messages: &[Incoming],
+        events: &[(usize, UsageEvent)],
+        deadline: Instant,
+    ) -> bool {
         let registry = &self.engine.registry;
-        let mut orgs: Vec<&tally_core::ids::OrgId> = Vec::new();
+        // Orgs to read, each with the latest log time of its usage here.
+        let mut stale: Vec<(&OrgId, i64)> = Vec::new();
         // One lookup and one read lock per run of the same org (a batch is
         // one partition's: its orgs come in runs), not per event.
         for run in events.chunk_by(|(_, a), (_, b)| a.org_id == b.org_id) {
             let org_id = &run[0].1.org_id;
-            if orgs.contains(&org_id) {
+            let logged = run
+                .iter()
+                .map(|(i, _)| messages[*i].logged_at_ms)
+                .max()
+                .unwrap_or(i64::MIN);
+            if let Some((_, at)) = stale.iter_mut().find(|(o, _)| *o == org_id) {
+                *at = (*at).max(logged);
                 continue;
             }
-            let known = registry.org(org_id).is_some_and(|cell| {
-                let org = cell.read();
-                run.iter().all(|(_, e)| {
-                    org.dir.users.contains_key(&e.user_id)
-                        && e.api_key_id
-                            .as_ref()
-                            .is_none_or(|k| org.dir.keys.contains_key(k))
-                })
-            });
+            let synced = self.synced.get(org_id).is_some_and(|s| *s >= logged);
+            let known = synced
+                && registry.org(org_id).is_some_and(|cell| {
+                    let org = cell.read();
+                    run.iter().all(|(_, e)| {
+                        org.dir.users.contains_key(&e.user_id)
+                            && e.api_key_id
+                                .as_ref()
+                                .is_none_or(|k| org.dir.keys.contains_key(k))
+                    })
+                });
             if !known {
-                orgs.push(org_id);
+                stale.push((org_id, logged));
             }
         }
-        orgs.into_iter().all(|org| self.catch_up_org(org, deadline))
+        let Some(until) = stale.iter().map(|(_, at)| *at).max() else {
+            return true;
+        };
+        let orgs: Vec<&OrgId> = stale.iter().map(|(o, _)| *o).collect();
+        let started = Instant::now();
+        loop {
+            let Some(log_now) = self.read_logs(&orgs, deadline) else {
+                return false;
+            };
+            for org in &orgs {
+                let at = self.synced.entry((*org).clone()).or_insert(log_now);
+                *at = (*at).max(log_now);
+            }
+            if log_now >= until {
+                return true;
+            }
+            // The log's clock (the database's) is behind the usage's (the
+            // broker's, or this process's): a change may still be dated
+            // before this usage. Wait for it, but not for long.
+            if started.elapsed() >= LOG_CLOCK_WAIT_MAX {
+                if self
+                    .skew_warned
+                    .is_none_or(|t| t.elapsed() >= Duration::from_secs(60))
+                {
+                    self.skew_warned = Some(Instant::now());
+                    tracing::warn!(
+                        behind_ms = until - log_now,
+                        "the database's clock is behind the usage log's: usage is applied without \
+                         waiting longer, and a membership change dated in between may be judged \
+                         differently by a replay"
+                    );
+                }
+                return true;
+            }
+            let wait = u64::try_from(until - log_now).unwrap_or(0).min(100);
+            std::thread::sleep(Duration::from_millis(wait));
+        }
     }
 
-    /// Reads `org`'s log from SQL. While the read fails (the database cannot
-    /// be reached, or any other error) the usage waits, until `deadline`:
-    /// the member it names may be in the log already, and calling the usage
-    /// unattributable would dead-letter acknowledged usage. Past the
-    /// deadline the meter stops (the process restarts and replays from its
-    /// checkpoint); nothing is dead-lettered for a read that failed.
-    /// Returns false when the batch must not be applied: the process is
-    /// stopping, or the meter stopped.
-    fn catch_up_org(&self, org: &tally_core::ids::OrgId, deadline: Instant) -> bool {
+    /// Reads `orgs`' logs from SQL; returns the log's clock at the read.
+    /// While the read fails (the database cannot be reached, or any other
+    /// error) the usage waits, until `deadline`: the member it names may be
+    /// in the log already, and calling the usage unattributable would
+    /// dead-letter acknowledged usage. Past the deadline the meter stops
+    /// (the process restarts and replays from its checkpoint); nothing is
+    /// dead-lettered for a read that failed. `None` when the batch must not
+    /// be applied: the process is stopping, or the meter stopped.
+    fn read_logs(&self, orgs: &[&OrgId], deadline: Instant) -> Option<i64> {
         let started = Instant::now();
         let mut waiting = false;
         loop {
-            match self.rt.block_on(self.engine.commands.catch_up(org)) {
-                Ok(()) => {
+            match self.rt.block_on(self.engine.commands.sync(orgs)) {
+                Ok(log_now) => {
                     if waiting {
-                        tracing::info!(org = %org, waited_ms = started.elapsed().as_millis() as u64, "the org's log is readable again: usage goes on");
+                        tracing::info!(
+                            orgs = orgs.len(),
+                            waited_ms = started.elapsed().as_millis() as u64,
+                            "the orgs' logs are readable again: usage goes on"
+                        );
                     }
-                    return true;
+                    return Some(log_now);
                 }
-                Err(_) if *self.stop.borrow() => return false,
+                Err(_) if *self.stop.borrow() => return None,
                 Err(e)
                     if Instant::now() < deadline
                         && !matches!(e, tally_engine::Error::Corrupt(_)) =>
                 {
                     if !waiting {
-                        tracing::warn!(org = %org, error = %e, "usage of a subject not seen yet waits until the org's log can be read from SQL");
+                        tracing::warn!(org = %orgs[0], orgs = orgs.len(), error = %e, "usage waits until its orgs' logs can be read from SQL");
                         waiting = true;
                     }
                     std::thread::sleep(Duration::from_secs(1));
                 }
                 Err(e) => {
                     self.meter.poison(&format!(
-                        "the entity log of org {org} could not be read for {} s: {e}",
+                        "the entity log of org {} ({} orgs read together) could not be read for {} s: {e}",
+                        orgs[0],
+                        orgs.len(),
                         started.elapsed().as_secs()
                     ));
-                    return false;
+                    return None;
                 }
             }
         }

@@ -173,6 +173,7 @@ impl Distributed {
     pub async fn start(engine: Arc<Engine>, opts: KafkaOptions) -> Result<Distributed> {
         crate::metrics::describe();
         topics::ensure(&opts).await?;
+        topics::check_log_time(&opts).await;
         let usage_partitions = topics::partition_count(&opts, &opts.usage_topic()).await?;
         let (stop, stop_rx) = watch::channel(false);
         let producer: rdkafka::producer::FutureProducer = opts.producer_config().create()?;

@@ -16,6 +16,11 @@ pub const CONSUMER_LAG: &str = "tally_consumer_lag_messages";
 pub const PROJECTION_LAG: &str = "tally_projection_lag_seconds";
 /// Entity events logged in SQL but not yet relayed to `tally.events`.
 pub const RELAY_BACKLOG: &str = "tally_relay_backlog_events";
+/// Usage messages read, by the `source` of their log time: `broker`
+/// (LogAppendTime), `producer` (CreateTime, trusted as it was not ahead of
+/// this process's clock), `clamped` (CreateTime ahead of this process's
+/// clock, which was taken instead) or `consumer` (no timestamp).
+pub const USAGE_LOG_TIME: &str = "tally_usage_log_time_total";
 
 pub fn describe() {
     describe_counter!(
@@ -42,6 +47,11 @@ pub fn describe() {
         RELAY_BACKLOG,
         Unit::Count,
         "entity events not yet relayed to the events topic"
+    );
+    describe_counter!(
+        USAGE_LOG_TIME,
+        Unit::Count,
+        "usage messages read, by where their log time came from"
     );
     describe_counter!(
         USAGE_PUBLISHED,

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::types::RDKafkaErrorCode;
@@ -21,7 +21,10 @@ pub async fn ensure(opts: &KafkaOptions) -> Result<()> {
     );
     let replication = || TopicReplication::Fixed(opts.replication);
     let topics = [
-        NewTopic::new(&usage, opts.usage_partitions, replication()),
+        // Dated by the broker: usage's log time is one server clock, not
+        // each gateway's (see `consumer::LogTime`).
+        NewTopic::new(&usage, opts.usage_partitions, replication())
+            .set(TIMESTAMP_TYPE, LOG_APPEND_TIME),
         NewTopic::new(&events, opts.partitions, replication()),
         // Compacted: the latest state of each subject is all that matters.
         NewTopic::new(&enforcement, opts.partitions, replication())
@@ -39,6 +42,47 @@ pub async fn ensure(opts: &KafkaOptions) -> Result<()> {
         }
     }
     Ok(())
+}
+
+const TIMESTAMP_TYPE: &str = "message.timestamp.type";
+const LOG_APPEND_TIME: &str = "LogAppendTime";
+
+/// Says, once at start, whether the usage topic is dated by the broker. A
+/// topic made elsewhere with `CreateTime` still meters correctly (a
+/// producer's timestamp ahead of this process's clock is clamped to it),
+/// but a replay may date such a message later than live counting did: the
+/// operator is told how to fix it. Never fatal: the answer only informs.
+pub async fn check_log_time(opts: &KafkaOptions) {
+    let topic = opts.usage_topic();
+    let describe = async {
+        let admin: AdminClient<DefaultClientContext> = opts.base().create()?;
+        let options = AdminOptions::new().request_timeout(Some(Duration::from_secs(10)));
+        let results = admin
+            .describe_configs(&[ResourceSpecifier::Topic(&topic)], &options)
+            .await?;
+        Ok::<_, Error>(
+            results
+                .into_iter()
+                .next()
+                .and_then(|r| r.ok()?.get(TIMESTAMP_TYPE).and_then(|e| e.value.clone())),
+        )
+    };
+    match describe.await {
+        Ok(Some(t)) if t == LOG_APPEND_TIME => {
+            tracing::info!(
+                topic,
+                "the usage topic is dated by the broker ({TIMESTAMP_TYPE}={t})"
+            );
+        }
+        Ok(Some(t)) => tracing::warn!(
+            topic,
+            "the usage topic is dated by its producers ({TIMESTAMP_TYPE}={t}): a gateway's clock \
+             ahead of this process's is clamped to it, and a replay may judge such a message \
+             differently; set {TIMESTAMP_TYPE}={LOG_APPEND_TIME} on the topic"
+        ),
+        Ok(None) => tracing::warn!(topic, "the broker did not say how the usage topic is dated"),
+        Err(e) => tracing::warn!(topic, error = %e, "asking how the usage topic is dated failed"),
+    }
 }
 
 /// How many partitions `topic` has.

@@ -53,23 +53,38 @@ fn decode_row(row: &AnyRow) -> Result<EntityEvent> {
 impl Db {
     /// Appends events of one org (consecutive seqs, continuing the log) and
     /// projects them, in one transaction.
-    pub async fn append(&self, events: &[EntityEvent]) -> Result<()> {
+    ///
+    /// On PostgreSQL the events are dated here, by the database's clock,
+    /// once this append holds the log's lock (their `at_ms` is rewritten,
+    /// before anything is written): every event is then dated after every
+    /// [`Db::log_heads`] that did not see it, which is what lets a meter
+    /// know it has every change logged before a time. On SQLite (one
+    /// process) the caller's date stands.
+    pub async fn append(&self, events: &mut [EntityEvent]) -> Result<()> {
         let Some(first) = events.first() else {
             return Ok(());
         };
-        let last = events.last().expect("not empty");
+        let first_org = first.org_id.clone();
+        let first_seq = first.seq;
         let mut tx = self.begin_write().await?;
         if self.backend() == crate::Backend::Postgres {
             // One appender at a time: `pos` then follows commit order, so a
             // relay reading `pos > n` never skips a later-committing row.
-            let _ = sqlx::query("SELECT pg_advisory_xact_lock(7243918)")
+            let _ = sqlx::query("SELECT pg_advisory_xact_lock($1)")
+                .bind(LOG_LOCK)
                 .execute(&mut *tx)
                 .await?;
+            let at_ms: i64 = sqlx::query_scalar(PG_NOW_MS).fetch_one(&mut *tx).await?;
+            for e in events.iter_mut() {
+                e.at_ms = at_ms;
+            }
         }
+        let events: &[EntityEvent] = events;
+        let (first, last) = (&events[0], &events[events.len() - 1]);
         let mut rows = Vec::with_capacity(events.len());
         for (i, e) in events.iter().enumerate() {
-            assert_eq!(e.org_id, first.org_id, "one org per append");
-            assert_eq!(e.seq, first.seq + i as u64, "consecutive seqs");
+            assert_eq!(e.org_id, first_org, "one org per append");
+            assert_eq!(e.seq, first_seq + i as u64, "consecutive seqs");
             rows.push(vec![
                 Val::Text(e.org_id.to_string()),
                 Val::Int(seq_i64(e.seq)),
@@ -124,6 +139,50 @@ impl Db {
                 n += 1;
             }
         }
+    }
+
+    /// The last seq in the log of each of `orgs` that has one, and the time
+    /// (the log's clock: PostgreSQL's, or this process's on SQLite) from
+    /// which every later event is dated: on PostgreSQL the heads are read
+    /// once no append is under way (the appenders' lock, shared), so an
+    /// event not counted here is dated later than the time returned.
+    pub async fn log_heads(&self, orgs: &[&str]) -> Result<(i64, Vec<(String, u64)>)> {
+        let mut tx = self.reader().begin().await?;
+        let now_ms: i64 = match self.backend() {
+            crate::Backend::Postgres => {
+                let _ = sqlx::query("SELECT pg_advisory_xact_lock_shared($1)")
+                    .bind(LOG_LOCK)
+                    .execute(&mut *tx)
+                    .await?;
+                sqlx::query_scalar(PG_NOW_MS).fetch_one(&mut *tx).await?
+            }
+            crate::Backend::Sqlite => {
+                let d = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap_or_default();
+                i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+            }
+        };
+        let mut heads = Vec::with_capacity(orgs.len());
+        for chunk in orgs.chunks(IN_LIST_LEN) {
+            let sql = format!(
+                "SELECT id, seq FROM orgs WHERE id IN ({})",
+                in_list(1, chunk.len())
+            );
+            // Only placeholders are interpolated; values are bound.
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for id in chunk {
+                q = q.bind(*id);
+            }
+            for r in q.fetch_all(&mut *tx).await? {
+                let seq: i64 = r.try_get(1)?;
+                let seq = u64::try_from(seq)
+                    .map_err(|_| Error::Corrupt(format!("negative seq {seq}")))?;
+                heads.push((r.try_get(0)?, seq));
+            }
+        }
+        tx.commit().await?;
+        Ok((now_ms, heads))
     }
 
     /// The last seq in the log of each org metered on `partition` (as the
@@ -557,6 +616,13 @@ async fn set_seq(tx: &mut WriteTx, org: &str, seq: u64, at_ms: i64) -> Result<()
         .await?;
     Ok(())
 }
+
+/// The PostgreSQL transaction lock every entity append holds (exclusive)
+/// and [`Db::log_heads`] waits for (shared).
+const LOG_LOCK: i64 = 7_243_918;
+
+/// PostgreSQL's clock, in Unix milliseconds: the date of entity events.
+const PG_NOW_MS: &str = "SELECT FLOOR(EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::BIGINT";
 
 /// Ids bound per `IN (…)` list.
 const IN_LIST_LEN: usize = 500;

@@ -78,7 +78,7 @@ impl Org {
             monthly_limit_micros: None,
         };
         let kinds = handle_create(false, &org_id, &cmd).unwrap();
-        let events: Vec<EntityEvent> = kinds
+        let mut events: Vec<EntityEvent> = kinds
             .into_iter()
             .map(|kind| EntityEvent {
                 org_id: org_id.clone(),
@@ -88,7 +88,7 @@ impl Org {
                 kind,
             })
             .collect();
-        db.append(&events).await.unwrap();
+        db.append(&mut events).await.unwrap();
         Org {
             dir: OrgDirectory::from_created(&events[0]),
         }
@@ -96,7 +96,7 @@ impl Org {
 
     async fn run(&mut self, db: &Db, cmd: Command) {
         let kinds = self.dir.handle(&cmd).unwrap();
-        let events: Vec<EntityEvent> = kinds
+        let mut events: Vec<EntityEvent> = kinds
             .into_iter()
             .enumerate()
             .map(|(i, kind)| EntityEvent {
@@ -107,7 +107,7 @@ impl Org {
                 kind,
             })
             .collect();
-        db.append(&events).await.unwrap();
+        db.append(&mut events).await.unwrap();
         for e in &events {
             self.dir.apply(e);
         }
@@ -230,7 +230,7 @@ async fn appends_project_and_conflict(db: Db) {
         },
     };
     assert!(matches!(
-        db.append(&[stale]).await,
+        db.append(&mut [stale]).await,
         Err(Error::Conflict { .. })
     ));
     let user = db
@@ -246,6 +246,40 @@ async fn appends_project_and_conflict(db: Db) {
             .is_err()
     );
     assert!(db.execute_raw("DELETE FROM events").await.is_err());
+}
+
+/// `log_heads` names the last seq of each org that has a log, and a time
+/// every later append is dated after: on PostgreSQL appends are dated by
+/// the database's clock under the log's lock (a meter that read the heads
+/// at T has every change dated up to T); on SQLite the caller's date stands.
+async fn log_heads_date_every_later_append(db: Db) {
+    let mut org = Org::create(&db, "acme").await;
+    org.add_user(&db, "alice", "Alice", None).await;
+    let seq = org.dir.seq;
+    let (read_at, heads) = db.log_heads(&["acme", "nobody"]).await.unwrap();
+    assert_eq!(heads, vec![("acme".to_string(), seq)]);
+    org.run(
+        &db,
+        Command::CreateGroup {
+            group_id: GroupId::new("eng").unwrap(),
+            name: "Engineering".into(),
+            monthly_limit_micros: None,
+        },
+    )
+    .await;
+    let later = db.org_events(&org.dir.id, seq, 10).await.unwrap();
+    assert_eq!(later.len(), 1);
+    match db.backend() {
+        tally_store::Backend::Postgres => assert!(
+            later[0].at_ms >= read_at,
+            "dated {} before the heads read at {read_at}",
+            later[0].at_ms
+        ),
+        tally_store::Backend::Sqlite => assert_eq!(later[0].at_ms, NOV + 1_000),
+    }
+    assert_eq!(org.dir.groups.len(), 1, "folded as stored");
+    let (_, heads) = db.log_heads(&["acme"]).await.unwrap();
+    assert_eq!(heads, vec![("acme".to_string(), seq + 1)]);
 }
 
 async fn rebuild_gives_the_same_read_models(db: Db) {
@@ -766,9 +800,11 @@ async fn webhook_deliveries_are_an_outbox(db: Db) {
     .await;
     let row = db.org("acme", month()).await.unwrap().unwrap();
     assert_eq!(row.monthly_limit_micros, Some(9_000_000));
+    // Dated as logged (by PostgreSQL's clock there, see `Db::append`).
+    let set_at = db.org_events(&org.dir.id, 1, 1).await.unwrap()[0].at_ms;
     assert_eq!(
         row.webhook,
-        Some(("https://hooks.acme.test/t".into(), 2, NOV + 1_000))
+        Some(("https://hooks.acme.test/t".into(), 2, set_at))
     );
     let changes = |e: Vec<SavedEnforcement>| MeterChanges {
         enforcement: e,
@@ -1061,7 +1097,7 @@ async fn a_failed_commit_leaves_the_connection_clean(db: Db, url: String, fault:
             .collect::<Vec<_>>()
     };
     let next_seq = org.dir.seq + 1;
-    let bob = add("bob", next_seq);
+    let mut bob = add("bob", next_seq);
     let changes = |spend| MeterChanges {
         counters: vec![counter(SubjectKind::User, "alice", spend)],
         ..MeterChanges::default()
@@ -1072,7 +1108,7 @@ async fn a_failed_commit_leaves_the_connection_clean(db: Db, url: String, fault:
     };
 
     fault.arm(&db).await;
-    assert!(db.append(&bob).await.is_err(), "an entity append fails");
+    assert!(db.append(&mut bob).await.is_err(), "an entity append fails");
     assert!(
         db.write_checkpoint(0, epoch, at(1), &[(acme.clone(), changes(5))], &[], NOV)
             .await
@@ -1087,13 +1123,13 @@ async fn a_failed_commit_leaves_the_connection_clean(db: Db, url: String, fault:
 
     // A transaction that fails halfway (another writer took the seq) must
     // not leave one open either.
-    let stale = add("carol", 1);
+    let mut stale = add("carol", 1);
     assert!(matches!(
-        db.append(&stale).await,
+        db.append(&mut stale).await,
         Err(Error::Conflict { .. })
     ));
     // What comes next commits, for real.
-    db.append(&bob).await.unwrap();
+    db.append(&mut bob).await.unwrap();
     db.write_checkpoint(0, epoch, at(1), &[(acme.clone(), changes(7))], &[], NOV)
         .await
         .unwrap();
@@ -1176,6 +1212,7 @@ mod failed_commit {
 
 contract!(
     appends_project_and_conflict,
+    log_heads_date_every_later_append,
     rebuild_gives_the_same_read_models,
     users_sort_filter_and_paginate,
     checkpoints_round_trip,

@@ -418,14 +418,24 @@ impl Ledger {
     }
 
     /// Re-evaluates a subject after its limit changed, in the month of the
-    /// change and later ones (a month that has ended keeps its verdicts).
-    pub fn limit_changed(&mut self, s: Subject, budget: Budget<'_>, at_ms: i64) {
+    /// change and later ones (a month that has ended keeps its verdicts),
+    /// and none before `rolled`, the month the meter has begun.
+    pub fn limit_changed(
+        &mut self,
+        s: Subject,
+        budget: Budget<'_>,
+        at_ms: i64,
+        rolled: Option<Month>,
+    ) {
         let reason = if budget.limit_micros.is_some() {
             LiftReason::LimitRaised
         } else {
             LiftReason::LimitRemoved
         };
-        let from = Month::from_unix_ms(at_ms);
+        // Months before the one the meter has begun are closed: a cutoff
+        // there would block nothing and never be lifted.
+        let month = Month::from_unix_ms(at_ms);
+        let from = rolled.map_or(month, |r| month.max(r));
         let months: Vec<Month> = self
             .months
             .iter()
@@ -730,7 +740,7 @@ mod tests {
         let u = Subject::User(3);
         l.add(u, NOV, 100, budget(100), NOV);
         let _ = l.take_changes();
-        l.limit_changed(u, budget(200), NOV + 1);
+        l.limit_changed(u, budget(200), NOV + 1, None);
         let ch = l.take_changes();
         assert_eq!(ch.enforcement.len(), 1);
         assert_eq!(
@@ -741,7 +751,7 @@ mod tests {
         );
         assert_eq!(ch.enforcement[0].ordinal, 2);
         assert_eq!(ch.counters.len(), 1);
-        l.limit_changed(u, budget(50), NOV + 2);
+        l.limit_changed(u, budget(50), NOV + 2, None);
         assert_eq!(kinds(&mut l), vec![EnforcementKind::CutOff]);
         l.limit_changed(
             u,
@@ -750,6 +760,7 @@ mod tests {
                 thresholds_bps: &T,
             },
             NOV + 3,
+            None,
         );
         assert_eq!(
             kinds(&mut l),

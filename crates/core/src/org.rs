@@ -247,9 +247,10 @@ impl OrgState {
             limit_micros: limit,
             thresholds_bps: thresholds,
         };
-        self.meter
+        let meter = &mut self.meter;
+        meter
             .ledger
-            .limit_changed(subject, budget, event.at_ms);
+            .limit_changed(subject, budget, event.at_ms, meter.rolled);
     }
 
     /// Counts one usage event, once. `logged_at_ms` is when it entered the
@@ -490,7 +491,8 @@ impl OrgState {
                 limit_micros: limit,
                 thresholds_bps: &thresholds,
             };
-            self.meter.ledger.limit_changed(s, budget, at_ms);
+            let rolled = self.meter.rolled;
+            self.meter.ledger.limit_changed(s, budget, at_ms, rolled);
         }
     }
 
@@ -838,6 +840,32 @@ mod tests {
             .map(|e| (e.event.kind, e.event.month))
             .filter(|(k, _)| !matches!(k, EnforcementKind::ThresholdCrossed { .. }))
             .collect()
+    }
+
+    /// A limit lowered in a month the meter has closed (its change folded
+    /// after the rollover, say relayed late) re-judges only the months still
+    /// open: a closed month's cutoff would block nothing, and no lift would
+    /// ever follow it.
+    #[test]
+    fn a_limit_change_dated_in_a_closed_month_judges_only_open_months() {
+        let nov = Month::from_unix_ms(NOV);
+        let dec = nov.next();
+        let d = dec.start_ms();
+        let mut s = state(eng());
+        let e = usage("n1", "alice", "", 50 * USD, d - 1_800_000);
+        assert_eq!(s.apply_usage(&e, d - 1_800_000), UsageOutcome::Applied);
+        let e = usage("d1", "alice", "", 20 * USD, d + 10);
+        assert_eq!(s.apply_usage(&e, d + 10), UsageOutcome::Applied);
+        s.new_month(d + 50);
+        let _ = s.take_changes();
+        set_alice_limit(&mut s, d - 1_000, Some(30 * USD));
+        assert_eq!(alice_events(&mut s), vec![], "November is closed");
+        set_alice_limit(&mut s, d - 900, Some(10 * USD));
+        assert_eq!(
+            alice_events(&mut s),
+            vec![(EnforcementKind::CutOff, dec)],
+            "December is still open"
+        );
     }
 
     #[test]

@@ -353,7 +353,8 @@ struct Run {
     /// Per org, the log's clock when this process last read its log: every
     /// change dated up to it is folded here.
     synced: HashMap<OrgId, i64>,
-    /// When the log's clock was last reported behind the usage's.
+    /// When a batch last gave up waiting for the log's clock (reported
+    /// then; no batch waits again for a minute).
     skew_warned: Option<Instant>,
     engine: Arc<Engine>,
     meter: Arc<Meter>,
@@ -498,7 +499,7 @@ impl Run {
     ) -> bool {
         let registry = &self.engine.registry;
         // Orgs to read, each with the latest log time of its usage here.
-        let mut stale: Vec<(&OrgId, i64)> = Vec::new();
+        let mut stale: HashMap<&OrgId, i64> = HashMap::new();
         // One lookup and one read lock per run of the same org (a batch is
         // one partition's: its orgs come in runs), not per event.
         for run in events.chunk_by(|(_, a), (_, b)| a.org_id == b.org_id) {
@@ -508,7 +509,7 @@ impl Run {
                 .map(|(i, _)| messages[*i].logged_at_ms)
                 .max()
                 .unwrap_or(i64::MIN);
-            if let Some((_, at)) = stale.iter_mut().find(|(o, _)| *o == org_id) {
+            if let Some(at) = stale.get_mut(org_id) {
                 *at = (*at).max(logged);
                 continue;
             }
@@ -524,19 +525,20 @@ impl Run {
                     })
                 });
             if !known {
-                stale.push((org_id, logged));
+                let _ = stale.insert(org_id, logged);
             }
         }
-        let Some(until) = stale.iter().map(|(_, at)| *at).max() else {
+        let Some(until) = stale.values().copied().max() else {
             return true;
         };
-        let orgs: Vec<&OrgId> = stale.iter().map(|(o, _)| *o).collect();
+        let orgs: Vec<&OrgId> = stale.into_keys().collect();
         let started = Instant::now();
         loop {
             let Some(log_now) = self.read_logs(&orgs, deadline) else {
                 return false;
             };
-            for org in &orgs {
+            // Only orgs that exist: ids of unknown orgs are not kept.
+            for org in orgs.iter().filter(|o| registry.org(o).is_some()) {
                 let at = self.synced.entry((*org).clone()).or_insert(log_now);
                 *at = (*at).max(log_now);
             }
@@ -546,11 +548,13 @@ impl Run {
             // The log's clock (the database's) is behind the usage's (the
             // broker's, or this process's): a change may still be dated
             // before this usage. Wait for it, but not for long.
-            if started.elapsed() >= LOG_CLOCK_WAIT_MAX {
-                if self
-                    .skew_warned
-                    .is_none_or(|t| t.elapsed() >= Duration::from_secs(60))
-                {
+            // After giving up once, batches of the next minute do not wait
+            // again: a clock that far behind would stall every batch.
+            let gave_up_lately = self
+                .skew_warned
+                .is_some_and(|t| t.elapsed() < Duration::from_secs(60));
+            if gave_up_lately || started.elapsed() >= LOG_CLOCK_WAIT_MAX {
+                if !gave_up_lately {
                     self.skew_warned = Some(Instant::now());
                     tracing::warn!(
                         behind_ms = until - log_now,
@@ -650,5 +654,40 @@ impl Run {
         if let Err((e, _)) = self.producer.send_result(record) {
             tracing::warn!(error = %e, "queueing a dead letter failed");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_log_time_is_the_brokers_or_never_later_than_this_process() {
+        let now = 1_000_000;
+        let of = |t| LogTime::of(t, now);
+        // The broker's clock is trusted, even ahead of this process's.
+        assert_eq!(
+            of(Timestamp::LogAppendTime(now + 5)),
+            (now + 5, LogTime::Broker)
+        );
+        assert_eq!(
+            of(Timestamp::CreateTime(now - 5)),
+            (now - 5, LogTime::Producer)
+        );
+        assert_eq!(of(Timestamp::CreateTime(now)), (now, LogTime::Producer));
+        // A producer's clock ahead is not.
+        assert_eq!(
+            of(Timestamp::CreateTime(now + 90_000_000)),
+            (now, LogTime::Clamped)
+        );
+        assert_eq!(of(Timestamp::NotAvailable), (now, LogTime::Consumer));
+        let labels: Vec<&str> = LogTime::ALL.iter().map(|t| t.label()).collect();
+        assert_eq!(labels, ["broker", "producer", "clamped", "consumer"]);
+        assert!(
+            LogTime::ALL
+                .iter()
+                .enumerate()
+                .all(|(i, t)| *t as usize == i)
+        );
     }
 }

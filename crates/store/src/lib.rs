@@ -126,6 +126,10 @@ pub struct DbOptions {
     /// Create or update Tally's schema on open. Default true; false only to
     /// administer a server (e.g. create a database).
     pub migrate: bool,
+    /// Date entity events by the database's clock (PostgreSQL only; see
+    /// [`Db::append`]): for the distributed mode, where processes read each
+    /// other's changes. Default false: the caller's clock stands.
+    pub dated_by_database: bool,
 }
 
 impl DbOptions {
@@ -135,6 +139,7 @@ impl DbOptions {
             max_connections: 8,
             acquire_timeout: Duration::from_secs(10),
             migrate: true,
+            dated_by_database: false,
         }
     }
 }
@@ -143,6 +148,8 @@ impl DbOptions {
 #[derive(Debug, Clone)]
 pub struct Db {
     backend: Backend,
+    /// Entity events are dated by PostgreSQL's clock.
+    dated_by_database: bool,
     read: AnyPool,
     write: AnyPool,
 }
@@ -197,11 +204,18 @@ impl Db {
         };
         let db = Db {
             backend,
+            dated_by_database: opts.dated_by_database && backend == Backend::Postgres,
             read,
             write,
         };
         db.migrate().await?;
         Ok(db)
+    }
+
+    /// Whether entity events are dated by the database's clock
+    /// ([`DbOptions::dated_by_database`]).
+    pub fn dated_by_database(&self) -> bool {
+        self.dated_by_database
     }
 
     pub fn backend(&self) -> Backend {

@@ -54,12 +54,14 @@ impl Db {
     /// Appends events of one org (consecutive seqs, continuing the log) and
     /// projects them, in one transaction.
     ///
-    /// On PostgreSQL the events are dated here, by the database's clock,
-    /// once this append holds the log's lock (their `at_ms` is rewritten,
-    /// before anything is written): every event is then dated after every
-    /// [`Db::log_heads`] that did not see it, which is what lets a meter
-    /// know it has every change logged before a time. On SQLite (one
-    /// process) the caller's date stands.
+    /// When the database dates entity events (the distributed mode on
+    /// PostgreSQL, [`crate::DbOptions::dated_by_database`]) they are dated
+    /// here, by its clock, once this append holds the log's lock (their
+    /// `at_ms` is rewritten before anything is written): every event is
+    /// then dated after every [`Db::log_heads`] that did not see it, which
+    /// is what lets a meter know it has every change logged before a time.
+    /// Otherwise (one process: embedded, on SQLite or PostgreSQL) the
+    /// caller's date stands, on the clock its usage is dated by.
     pub async fn append(&self, events: &mut [EntityEvent]) -> Result<()> {
         let Some(first) = events.first() else {
             return Ok(());
@@ -74,9 +76,11 @@ impl Db {
                 .bind(LOG_LOCK)
                 .execute(&mut *tx)
                 .await?;
-            let at_ms: i64 = sqlx::query_scalar(PG_NOW_MS).fetch_one(&mut *tx).await?;
-            for e in events.iter_mut() {
-                e.at_ms = at_ms;
+            if self.dated_by_database {
+                let at_ms: i64 = sqlx::query_scalar(PG_NOW_MS).fetch_one(&mut *tx).await?;
+                for e in events.iter_mut() {
+                    e.at_ms = at_ms;
+                }
             }
         }
         let events: &[EntityEvent] = events;
@@ -141,46 +145,37 @@ impl Db {
         }
     }
 
-    /// The last seq in the log of each of `orgs` that has one, and the time
-    /// (the log's clock: PostgreSQL's, or this process's on SQLite) from
-    /// which every later event is dated: on PostgreSQL the heads are read
-    /// once no append is under way (the appenders' lock, shared), so an
-    /// event not counted here is dated later than the time returned.
+    /// The last seq in the log of each of `orgs` that has one, and the
+    /// log's clock at the read. When the database dates entity events (see
+    /// [`Db::append`]) the heads are read once no append is under way (the
+    /// appenders' lock, shared, waited for at most [`LOG_LOCK_WAIT`]), so
+    /// an event not counted here is dated later than the time returned.
+    /// Otherwise the time is this process's clock and promises nothing
+    /// about other processes.
     pub async fn log_heads(&self, orgs: &[&str]) -> Result<(i64, Vec<(String, u64)>)> {
-        let mut tx = self.reader().begin().await?;
-        let now_ms: i64 = match self.backend() {
-            crate::Backend::Postgres => {
-                let _ = sqlx::query("SELECT pg_advisory_xact_lock_shared($1)")
-                    .bind(LOG_LOCK)
-                    .execute(&mut *tx)
-                    .await?;
-                sqlx::query_scalar(PG_NOW_MS).fetch_one(&mut *tx).await?
-            }
-            crate::Backend::Sqlite => {
-                let d = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .unwrap_or_default();
-                i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
-            }
-        };
-        let mut heads = Vec::with_capacity(orgs.len());
-        for chunk in orgs.chunks(IN_LIST_LEN) {
-            let sql = format!(
-                "SELECT id, seq FROM orgs WHERE id IN ({})",
-                in_list(1, chunk.len())
-            );
-            // Only placeholders are interpolated; values are bound.
-            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
-            for id in chunk {
-                q = q.bind(*id);
-            }
-            for r in q.fetch_all(&mut *tx).await? {
-                let seq: i64 = r.try_get(1)?;
-                let seq = u64::try_from(seq)
-                    .map_err(|_| Error::Corrupt(format!("negative seq {seq}")))?;
-                heads.push((r.try_get(0)?, seq));
-            }
+        if !self.dated_by_database {
+            let d = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default();
+            let now_ms = i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
+            let mut conn = self.reader().acquire().await?;
+            return Ok((now_ms, heads_of(&mut conn, orgs).await?));
         }
+        // A read-only transaction: the lock lives as long as it does, and
+        // a failed end leaves nothing written behind.
+        let mut tx = self.reader().begin().await?;
+        let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SET LOCAL lock_timeout = '{}ms'",
+            LOG_LOCK_WAIT.as_millis()
+        )))
+        .execute(&mut *tx)
+        .await?;
+        let _ = sqlx::query("SELECT pg_advisory_xact_lock_shared($1)")
+            .bind(LOG_LOCK)
+            .execute(&mut *tx)
+            .await?;
+        let now_ms: i64 = sqlx::query_scalar(PG_NOW_MS).fetch_one(&mut *tx).await?;
+        let heads = heads_of(&mut tx, orgs).await?;
         tx.commit().await?;
         Ok((now_ms, heads))
     }
@@ -616,6 +611,33 @@ async fn set_seq(tx: &mut WriteTx, org: &str, seq: u64, at_ms: i64) -> Result<()
         .await?;
     Ok(())
 }
+
+/// The last seq of each of `orgs` that has a log.
+async fn heads_of(conn: &mut sqlx::AnyConnection, orgs: &[&str]) -> Result<Vec<(String, u64)>> {
+    let mut heads = Vec::with_capacity(orgs.len());
+    for chunk in orgs.chunks(IN_LIST_LEN) {
+        let sql = format!(
+            "SELECT id, seq FROM orgs WHERE id IN ({})",
+            in_list(1, chunk.len())
+        );
+        // Only placeholders are interpolated; values are bound.
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for id in chunk {
+            q = q.bind(*id);
+        }
+        for r in q.fetch_all(&mut *conn).await? {
+            let seq: i64 = r.try_get(1)?;
+            let seq =
+                u64::try_from(seq).map_err(|_| Error::Corrupt(format!("negative seq {seq}")))?;
+            heads.push((r.try_get(0)?, seq));
+        }
+    }
+    Ok(heads)
+}
+
+/// How long [`Db::log_heads`] waits for an append under way (then it
+/// fails, and the caller retries).
+pub const LOG_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The PostgreSQL transaction lock every entity append holds (exclusive)
 /// and [`Db::log_heads`] waits for (shared).

@@ -60,7 +60,12 @@ async fn postgres_with_url() -> Option<(Db, String)> {
         .unwrap();
     admin_db.close().await;
     let url = format!("{}/{name}", admin.rsplit_once('/').unwrap().0);
-    Some((Db::open(&DbOptions::new(url.clone())).await.unwrap(), url))
+    // As the distributed mode opens it.
+    let opts = DbOptions {
+        dated_by_database: true,
+        ..DbOptions::new(url.clone())
+    };
+    Some((Db::open(&opts).await.unwrap(), url))
 }
 
 /// Runs commands the way the engine does: validate, append, fold.
@@ -249,9 +254,10 @@ async fn appends_project_and_conflict(db: Db) {
 }
 
 /// `log_heads` names the last seq of each org that has a log, and a time
-/// every later append is dated after: on PostgreSQL appends are dated by
-/// the database's clock under the log's lock (a meter that read the heads
-/// at T has every change dated up to T); on SQLite the caller's date stands.
+/// every later append is dated after: where the database dates entity
+/// events (PostgreSQL, as the distributed mode opens it) appends are dated
+/// by its clock under the log's lock, so a meter that read the heads at T
+/// has every change dated up to T; elsewhere the caller's date stands.
 async fn log_heads_date_every_later_append(db: Db) {
     let mut org = Org::create(&db, "acme").await;
     org.add_user(&db, "alice", "Alice", None).await;
@@ -269,13 +275,14 @@ async fn log_heads_date_every_later_append(db: Db) {
     .await;
     let later = db.org_events(&org.dir.id, seq, 10).await.unwrap();
     assert_eq!(later.len(), 1);
-    match db.backend() {
-        tally_store::Backend::Postgres => assert!(
+    if db.dated_by_database() {
+        assert!(
             later[0].at_ms >= read_at,
             "dated {} before the heads read at {read_at}",
             later[0].at_ms
-        ),
-        tally_store::Backend::Sqlite => assert_eq!(later[0].at_ms, NOV + 1_000),
+        );
+    } else {
+        assert_eq!(later[0].at_ms, NOV + 1_000, "the caller's date");
     }
     assert_eq!(org.dir.groups.len(), 1, "folded as stored");
     let (_, heads) = db.log_heads(&["acme"]).await.unwrap();

@@ -146,9 +146,13 @@ async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
         )
         .install_recorder()
         .context("installing metrics")?;
-    let db = Db::open(&DbOptions::new(cfg.database_url.clone()))
-        .await
-        .with_context(|| format!("opening {}", redact(&cfg.database_url)))?;
+    let db = Db::open(&DbOptions {
+        // Processes read each other's changes: one clock dates them all.
+        dated_by_database: cfg.kafka.is_some(),
+        ..DbOptions::new(cfg.database_url.clone())
+    })
+    .await
+    .with_context(|| format!("opening {}", redact(&cfg.database_url)))?;
     let token_hash = operator_token_hash(&db, cfg.operator_token.as_deref()).await?;
     let opts = EngineOptions {
         meter: MeterOptions {

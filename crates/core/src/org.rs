@@ -634,22 +634,26 @@ mod tests {
         assert_eq!(spend_of(&s, Subject::User(0)), 7);
     }
 
-    #[test]
-    fn group_spend_counts_usage_logged_while_a_member() {
-        // The events helper stamps event i at i seconds; move them to November:
-        // bob joins eng at NOV + 6 s and leaves at NOV + 7 s.
+    /// `eng()`, then bob leaves eng, in November: the events helper stamps
+    /// event i at i seconds, so bob joins at NOV + 6 s and leaves at NOV + 7 s.
+    fn bob_joins_and_leaves_eng() -> Vec<EntityEvent> {
         let mut kinds = eng();
         kinds.push(EventKind::MemberRemoved {
             group_id: group("eng"),
             user_id: user("bob"),
         });
-        let evs: Vec<EntityEvent> = events(kinds)
+        events(kinds)
             .into_iter()
             .map(|mut e| {
                 e.at_ms += NOV;
                 e
             })
-            .collect();
+            .collect()
+    }
+
+    #[test]
+    fn group_spend_counts_usage_logged_while_a_member() {
+        let evs = bob_joins_and_leaves_eng();
         let mut s = OrgState::new(&evs[0], MeterConfig::default());
         for e in &evs[1..] {
             s.apply_entity(e);
@@ -669,18 +673,7 @@ mod tests {
     /// the change and a replay that has the change agree.
     #[test]
     fn usage_logged_in_the_millisecond_of_a_membership_change_is_judged_before_it() {
-        let mut kinds = eng();
-        kinds.push(EventKind::MemberRemoved {
-            group_id: group("eng"),
-            user_id: user("bob"),
-        });
-        let evs: Vec<EntityEvent> = events(kinds)
-            .into_iter()
-            .map(|mut e| {
-                e.at_ms += NOV;
-                e
-            })
-            .collect();
+        let evs = bob_joins_and_leaves_eng();
         let (joined, left) = (NOV + 6_000, NOV + 7_000);
         let (join, leave) = (evs.len() - 2, evs.len() - 1);
         assert_eq!((evs[join].at_ms, evs[leave].at_ms), (joined, left));

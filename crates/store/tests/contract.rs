@@ -118,6 +118,18 @@ impl Org {
         }
     }
 
+    async fn create_group(&mut self, db: &Db, id: &str, name: &str, limit: Option<i64>) {
+        self.run(
+            db,
+            Command::CreateGroup {
+                group_id: GroupId::new(id).unwrap(),
+                name: name.into(),
+                monthly_limit_micros: limit,
+            },
+        )
+        .await;
+    }
+
     async fn add_user(&mut self, db: &Db, id: &str, name: &str, limit: Option<i64>) {
         self.run(
             db,
@@ -195,15 +207,7 @@ async fn all_pages(db: &Db, org: &OrgId, mut q: UserListQuery, page: u32) -> Vec
 async fn appends_project_and_conflict(db: Db) {
     let mut org = Org::create(&db, "acme").await;
     org.add_user(&db, "alice", "Alice", Some(10)).await;
-    org.run(
-        &db,
-        Command::CreateGroup {
-            group_id: GroupId::new("eng").unwrap(),
-            name: "Engineering".into(),
-            monthly_limit_micros: None,
-        },
-    )
-    .await;
+    org.create_group(&db, "eng", "Engineering", None).await;
     org.run(
         &db,
         Command::AddMember {
@@ -264,15 +268,7 @@ async fn log_heads_date_every_later_append(db: Db) {
     let seq = org.dir.seq;
     let (read_at, heads) = db.log_heads(&["acme", "nobody"]).await.unwrap();
     assert_eq!(heads, vec![("acme".to_string(), seq)]);
-    org.run(
-        &db,
-        Command::CreateGroup {
-            group_id: GroupId::new("eng").unwrap(),
-            name: "Engineering".into(),
-            monthly_limit_micros: None,
-        },
-    )
-    .await;
+    org.create_group(&db, "eng", "Engineering", None).await;
     let later = db.org_events(&org.dir.id, seq, 10).await.unwrap();
     assert_eq!(later.len(), 1);
     if db.dated_by_database() {
@@ -300,15 +296,7 @@ async fn rebuild_gives_the_same_read_models(db: Db) {
         )
         .await;
     }
-    org.run(
-        &db,
-        Command::CreateGroup {
-            group_id: GroupId::new("g").unwrap(),
-            name: "G".into(),
-            monthly_limit_micros: Some(5),
-        },
-    )
-    .await;
+    org.create_group(&db, "g", "G", Some(5)).await;
     org.run(
         &db,
         Command::BulkUpdateUsers {
@@ -325,15 +313,7 @@ async fn rebuild_gives_the_same_read_models(db: Db) {
     // A second bulk change that moves users between groups, sets a limit and
     // removes them: projected set-wise, then checked against the one-by-one
     // rebuild below.
-    org.run(
-        &db,
-        Command::CreateGroup {
-            group_id: GroupId::new("h").unwrap(),
-            name: "H".into(),
-            monthly_limit_micros: None,
-        },
-    )
-    .await;
+    org.create_group(&db, "h", "H", None).await;
     org.run(
         &db,
         Command::BulkUpdateUsers {
@@ -425,15 +405,7 @@ async fn users_sort_filter_and_paginate(db: Db) {
     for (id, name, limit) in people {
         org.add_user(&db, id, name, limit).await;
     }
-    org.run(
-        &db,
-        Command::CreateGroup {
-            group_id: GroupId::new("eng").unwrap(),
-            name: "E".into(),
-            monthly_limit_micros: None,
-        },
-    )
-    .await;
+    org.create_group(&db, "eng", "E", None).await;
     org.run(
         &db,
         Command::BulkUpdateUsers {

@@ -207,6 +207,10 @@ async fn workflow(backend: Backend) {
     assert_eq!(e["reason"], "feature_not_enabled");
     let e = authorize(&op, &secrets.eng, None, Some("erin")).await;
     assert_eq!(e["reason"], "user_not_in_key_groups");
+    assert_eq!(
+        e["user_id"], "erin",
+        "the decision names the user it judged"
+    );
     let e = authorize(&op, "tly_sk_nope", None, None).await;
     assert_eq!(
         (e["allowed"].clone(), e["reason"].clone()),
@@ -335,4 +339,55 @@ async fn admin_workflow_on_postgres() {
     if let Some(backend) = Backend::postgres("workflow").await.unwrap() {
         workflow(backend).await;
     }
+}
+
+/// A group limit caps its members' combined spend whatever key they call
+/// with (before: a member kept spending on a personal key past the group's
+/// limit, since only keys of the group were gated).
+#[tokio::test]
+async fn a_group_limit_caps_its_members_on_personal_keys() {
+    let tally = Tally::start(&Backend::sqlite("group-limit")).unwrap();
+    let op = tally.operator();
+    let _ = op
+        .post("/v1/orgs", json!({"id": "acme", "name": "Acme"}))
+        .await
+        .expect(201);
+    for u in ["alice", "bob"] {
+        let _ = op.add_active_user("acme", u).await;
+    }
+    let _ = op
+        .post(
+            "/v1/orgs/acme/groups",
+            json!({"id": "eng", "name": "Engineering", "monthly_limit_micros": 60 * USD}),
+        )
+        .await
+        .expect(201);
+    for u in ["alice", "bob"] {
+        let _ = op
+            .put(&format!("/v1/orgs/acme/groups/eng/members/{u}"))
+            .await
+            .expect(200);
+    }
+    let key = op
+        .post(
+            "/v1/orgs/acme/keys",
+            json!({"id": "k-alice", "name": "laptop", "user_id": "alice"}),
+        )
+        .await
+        .expect(201);
+    let secret = key["secret"].as_str().unwrap().to_owned();
+    spend(&op, "r-1", "alice", Some("k-alice"), 40 * USD).await;
+    let a = authorize(&op, &secret, None, None).await;
+    assert_eq!(
+        (a["allowed"].clone(), a["remaining_micros"].clone()),
+        (json!(true), json!(20 * USD)),
+        "{a}"
+    );
+    spend(&op, "r-2", "bob", None, 20 * USD).await;
+    let a = authorize(&op, &secret, None, None).await;
+    assert_eq!(a["allowed"], false, "{a}");
+    assert_eq!(a["reason"], "group_monthly_limit", "{a}");
+    assert_eq!(a["user_id"], "alice");
+    assert_eq!(a["group_ids"], json!(["eng"]));
+    tally.stop().unwrap();
 }

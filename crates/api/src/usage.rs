@@ -100,9 +100,14 @@ pub(crate) struct AuthorizeResponse {
     reason: &'static str,
     message: String,
     org_id: Option<String>,
+    /// The user the decision judged, refusals included (null only when
+    /// there is none: a group key called without `user_id`).
     user_id: Option<String>,
+    /// The user's groups and the key's groups: every one's limit gates the
+    /// call.
     group_ids: Vec<String>,
     features: Vec<String>,
+    /// The least budget left among the limits that apply.
     remaining_micros: Option<i64>,
 }
 

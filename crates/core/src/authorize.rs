@@ -1,8 +1,11 @@
 //! May this key make this call? A request with key K by user U is allowed
 //! iff U is active and under its monthly limit, K is not revoked and under its
-//! limit (if it has one), every group K is associated with is under its limit
-//! (if it has one), and the requested feature (if asked) is enabled on K.
-//! Otherwise the decision names the first rule that failed.
+//! limit (if it has one), every group U is a member of and every group K is
+//! associated with is under its limit (if it has one: a group limit caps its
+//! members' combined spend, whatever key they call with), the org is under
+//! its limit, and the requested feature (if asked) is enabled on K.
+//! Otherwise the decision names the first rule that failed, and always the
+//! user it judged.
 //!
 //! U is the key's owner. A key without an owner belongs to its groups: the
 //! gateway must name U (`user_id`), and U must be a member of one of them.
@@ -62,8 +65,8 @@ pub struct Decision {
     /// For people: which rule, with figures.
     pub message: String,
     pub user_id: Option<UserId>,
-    /// The user's groups (where the call's spend counts) and the key's groups
-    /// (whose limits gate it), sorted.
+    /// The user's groups (where the call's spend counts) and the key's
+    /// groups, sorted: the limits of all of them gate the call.
     pub group_ids: Vec<GroupId>,
     pub features: Vec<String>,
     /// The least budget left among the limits that apply; `None` when none do.
@@ -95,11 +98,14 @@ pub fn authorize(
 ) -> Decision {
     let month = Month::from_unix_ms(now_ms);
     let dir = &org.dir;
+    // The user the call is for: the one the gateway names, else the key's
+    // owner. Named in every decision, refusals included.
+    let judged = user_hint.or(key.user_id.as_ref().map(UserId::as_str));
     let mut d = Decision {
         allowed: false,
         reason: Reason::Ok,
         message: String::new(),
-        user_id: None,
+        user_id: judged.and_then(|u| UserId::new(u).ok()),
         group_ids: key.group_ids.clone(),
         features: key.features.clone(),
         remaining_micros: None,
@@ -206,7 +212,9 @@ pub fn authorize(
             ),
         );
     }
-    for gid in &key.group_ids {
+    d.group_ids.sort_unstable();
+    d.group_ids.dedup();
+    for gid in &d.group_ids.clone() {
         let Some(group) = dir.groups.get(gid).filter(|g| !g.deleted) else {
             continue;
         };
@@ -392,6 +400,56 @@ mod tests {
             decide(&s, "kg", None, Some("alice")).reason,
             Reason::GroupMonthlyLimit
         );
+    }
+
+    /// A group limit caps its members' combined spend, whatever key a
+    /// member calls with: alice's personal key (in no group) is refused once
+    /// eng, which she is a member of, reached its limit through bob.
+    #[test]
+    fn a_group_limit_gates_every_member_on_any_key() {
+        let mut s = org();
+        let join = EntityEvent {
+            org_id: s.dir.id.clone(),
+            seq: s.dir.seq + 1,
+            at_ms: 1,
+            actor: crate::entity::Actor::Operator,
+            kind: EventKind::MemberAdded {
+                group_id: group("eng"),
+                user_id: user("bob"),
+            },
+        };
+        s.apply_entity(&join);
+        spend(&mut s, "r1", "bob", "kg", 99 * USD);
+        let d = decide(&s, "ka", None, None);
+        assert!(d.allowed, "{d:?}");
+        // eng has 1 left, less than alice's 50 and her key's 30.
+        assert_eq!(d.remaining_micros, Some(USD));
+        spend(&mut s, "r2", "bob", "kg", USD);
+        let d = decide(&s, "ka", None, None);
+        assert_eq!(d.reason, Reason::GroupMonthlyLimit, "{d:?}");
+        assert!(d.message.contains("group eng"), "{}", d.message);
+        assert_eq!(d.user_id, Some(user("alice")));
+        assert_eq!(d.group_ids, vec![group("eng")]);
+    }
+
+    /// Every decision names the user it judged, refusals included.
+    #[test]
+    fn every_decision_names_the_user_it_judged() {
+        let s = org();
+        let named = |k: &str, hint: Option<&str>| decide(&s, k, None, hint).user_id;
+        assert_eq!(
+            named("kg", Some("bob")),
+            Some(user("bob")),
+            "not in kg's groups"
+        );
+        assert_eq!(
+            named("ka", Some("bob")),
+            Some(user("bob")),
+            "not ka's owner"
+        );
+        assert_eq!(named("ka", None), Some(user("alice")));
+        assert_eq!(named("kg", Some("carol")), Some(user("carol")), "unknown");
+        assert_eq!(named("kg", None), None, "no user to judge");
     }
 
     #[test]

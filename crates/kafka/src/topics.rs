@@ -90,17 +90,24 @@ pub async fn partition_count(opts: &KafkaOptions, topic: &str) -> Result<i32> {
     let consumer: BaseConsumer = opts.consumer_config("tally-metadata").create()?;
     let topic = topic.to_owned();
     let count = tokio::task::spawn_blocking(move || -> Result<i32> {
+        // A broker that just created the topic (or dropped a connection)
+        // may need a moment: errors are retried like a missing topic.
+        let mut last = format!("topic {topic} has no partitions");
         for _ in 0..30 {
-            let md = consumer.fetch_metadata(Some(&topic), Duration::from_secs(5))?;
-            if let Some(t) = md.topics().iter().find(|t| t.name() == topic)
-                && t.error().is_none()
-                && !t.partitions().is_empty()
-            {
-                return Ok(i32::try_from(t.partitions().len()).unwrap_or(i32::MAX));
+            match consumer.fetch_metadata(Some(&topic), Duration::from_secs(5)) {
+                Ok(md) => {
+                    if let Some(t) = md.topics().iter().find(|t| t.name() == topic)
+                        && t.error().is_none()
+                        && !t.partitions().is_empty()
+                    {
+                        return Ok(i32::try_from(t.partitions().len()).unwrap_or(i32::MAX));
+                    }
+                }
+                Err(e) => last = format!("metadata of topic {topic}: {e}"),
             }
             std::thread::sleep(Duration::from_millis(200));
         }
-        Err(Error::Config(format!("topic {topic} has no partitions")))
+        Err(Error::Config(last))
     })
     .await
     .map_err(|e| Error::Config(format!("metadata task failed: {e}")))??;

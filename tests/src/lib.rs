@@ -388,6 +388,31 @@ impl Client {
         .expect(201)
     }
 
+    /// Creates group `id` of `org` (named `name`, with `limit_micros`) and
+    /// adds `members` to it.
+    pub async fn add_group(
+        &self,
+        org: &str,
+        id: &str,
+        name: &str,
+        limit_micros: Option<i64>,
+        members: &[&str],
+    ) {
+        let _ = self
+            .post(
+                &format!("/v1/orgs/{org}/groups"),
+                serde_json::json!({"id": id, "name": name, "monthly_limit_micros": limit_micros}),
+            )
+            .await
+            .expect(201);
+        for u in members {
+            let _ = self
+                .put(&format!("/v1/orgs/{org}/groups/{id}/members/{u}"))
+                .await
+                .expect(200);
+        }
+    }
+
     pub async fn raw(&self, method: &str, path: &str, body: &[u8]) -> Reply {
         self.send(method, path, Some(body.to_vec()))
             .await

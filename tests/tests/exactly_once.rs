@@ -299,13 +299,7 @@ async fn a_membership_not_relayed_yet_counts_usage_logged_after_it() -> anyhow::
     let (owner, other) = cluster.owner_and_other().await?;
     let op = other.operator();
     let _ = acme_with_alice(&op, 1_000 * USD).await;
-    let _ = op
-        .post(
-            "/v1/orgs/acme/groups",
-            json!({"id": "eng", "name": "Engineering"}),
-        )
-        .await
-        .expect(201);
+    op.add_group("acme", "eng", "Engineering", None, &[]).await;
     let r = post(&op, vec![event("before", 1_000, now_ms() - 1_000)]).await;
     assert_eq!(r["accepted"], 1, "{r}");
     let metered = owner.operator();

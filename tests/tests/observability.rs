@@ -117,19 +117,8 @@ async fn seed(op: &Client, hook: &str) -> String {
             .await
             .expect(201);
     }
-    let _ = op
-        .post(
-            "/v1/orgs/acme/groups",
-            json!({"id": "eng", "name": "Eng", "monthly_limit_micros": 15 * USD}),
-        )
-        .await
-        .expect(201);
-    for u in ["alice", "bob"] {
-        let _ = op
-            .put(&format!("/v1/orgs/acme/groups/eng/members/{u}"))
-            .await
-            .expect(200);
-    }
+    op.add_group("acme", "eng", "Eng", Some(15 * USD), &["alice", "bob"])
+        .await;
     set["secret"].as_str().unwrap().to_owned()
 }
 

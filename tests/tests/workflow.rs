@@ -355,19 +355,14 @@ async fn a_group_limit_caps_its_members_on_personal_keys() {
     for u in ["alice", "bob"] {
         let _ = op.add_active_user("acme", u).await;
     }
-    let _ = op
-        .post(
-            "/v1/orgs/acme/groups",
-            json!({"id": "eng", "name": "Engineering", "monthly_limit_micros": 60 * USD}),
-        )
-        .await
-        .expect(201);
-    for u in ["alice", "bob"] {
-        let _ = op
-            .put(&format!("/v1/orgs/acme/groups/eng/members/{u}"))
-            .await
-            .expect(200);
-    }
+    op.add_group(
+        "acme",
+        "eng",
+        "Engineering",
+        Some(60 * USD),
+        &["alice", "bob"],
+    )
+    .await;
     let key = op
         .post(
             "/v1/orgs/acme/keys",

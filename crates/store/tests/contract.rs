@@ -285,6 +285,43 @@ async fn log_heads_date_every_later_append(db: Db) {
     assert_eq!(heads, vec![("acme".to_string(), seq + 1)]);
 }
 
+/// Where the database dates entity events, `log_heads` waits for an append
+/// under way (it holds the log's lock): another connection holds that lock
+/// for 1 s, and the heads read after it began is answered only once it is
+/// released, with a time after it.
+async fn log_heads_wait_for_an_append_under_way(db: Db) {
+    if !db.dated_by_database() {
+        return;
+    }
+    let _ = Org::create(&db, "acme").await;
+    let holder = db.clone();
+    let started_ms = ms_now();
+    let hold = tokio::spawn(async move {
+        holder
+            .execute_raw(
+                "BEGIN; SELECT pg_advisory_xact_lock(7243918); SELECT pg_sleep(1); COMMIT;",
+            )
+            .await
+            .unwrap()
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let (read_at, heads) = db.log_heads(&["acme"]).await.unwrap();
+    assert_eq!(heads, vec![("acme".to_string(), 1)]);
+    assert!(
+        read_at >= started_ms + 900,
+        "read at {read_at}, {} ms after the lock was taken: it did not wait",
+        read_at - started_ms
+    );
+    let _ = hold.await.unwrap();
+}
+
+fn ms_now() -> i64 {
+    let d = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    i64::try_from(d.as_millis()).unwrap()
+}
+
 async fn rebuild_gives_the_same_read_models(db: Db) {
     let mut org = Org::create(&db, "acme").await;
     for i in 0..30 {
@@ -1192,6 +1229,7 @@ mod failed_commit {
 contract!(
     appends_project_and_conflict,
     log_heads_date_every_later_append,
+    log_heads_wait_for_an_append_under_way,
     rebuild_gives_the_same_read_models,
     users_sort_filter_and_paginate,
     checkpoints_round_trip,

@@ -175,7 +175,6 @@ pub fn authorize(
                 format!("user {uid} is not in the org"),
             );
         };
-        d.user_id = Some(user.id.clone());
         d.group_ids.extend(user.groups.iter().cloned());
         if user.status != UserStatus::Active {
             return deny(
@@ -214,23 +213,19 @@ pub fn authorize(
     }
     d.group_ids.sort_unstable();
     d.group_ids.dedup();
-    for gid in &d.group_ids.clone() {
-        let Some(group) = dir.groups.get(gid).filter(|g| !g.deleted) else {
-            continue;
-        };
+    let full_group = d.group_ids.iter().find_map(|gid| {
+        let group = dir.groups.get(gid).filter(|g| !g.deleted)?;
         let spend = org.spend(month, Subject::Group(group.idx)).spend_micros;
-        if budget(group.monthly_limit_micros, spend) {
-            let limit = group.monthly_limit_micros.unwrap_or_default();
-            return deny(
-                &mut d,
-                Reason::GroupMonthlyLimit,
-                format!(
-                    "group {gid} reached its monthly limit of {} (spent {} in {month})",
-                    format_usd(limit),
-                    format_usd(spend)
-                ),
-            );
-        }
+        budget(group.monthly_limit_micros, spend).then(|| {
+            format!(
+                "group {gid} reached its monthly limit of {} (spent {} in {month})",
+                format_usd(group.monthly_limit_micros.unwrap_or_default()),
+                format_usd(spend)
+            )
+        })
+    });
+    if let Some(message) = full_group {
+        return deny(&mut d, Reason::GroupMonthlyLimit, message);
     }
     let spend = org.spend(month, Subject::Org).spend_micros;
     if budget(dir.monthly_limit_micros, spend) {

@@ -154,12 +154,8 @@ impl Db {
     /// about other processes.
     pub async fn log_heads(&self, orgs: &[&str]) -> Result<(i64, Vec<(String, u64)>)> {
         if !self.dated_by_database {
-            let d = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap_or_default();
-            let now_ms = i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
             let mut conn = self.reader().acquire().await?;
-            return Ok((now_ms, heads_of(&mut conn, orgs).await?));
+            return Ok((crate::now_ms(), heads_of(&mut conn, orgs).await?));
         }
         // A read-only transaction: the lock lives as long as it does, and
         // a failed end leaves nothing written behind.

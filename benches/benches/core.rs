@@ -222,7 +222,7 @@ fn authorize(c: &mut Criterion) {
         b.iter(|| {
             for h in &hashes {
                 let k = state.dir.key_by_hash(h).expect("key");
-                let d = tally_core::authorize::authorize(&state, k, Some("chat"), None, now);
+                let d = tally_core::authorize::authorize(&state, k, Some("chat"), None, now, 0);
                 assert!(d.allowed);
                 black_box(d);
             }

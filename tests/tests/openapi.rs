@@ -247,6 +247,8 @@ async fn the_document_matches_every_real_response() {
         ("get", "/v1/orgs/{org}/events"),
         ("post", "/v1/usage"),
         ("post", "/v1/authorize"),
+        ("get", "/v1/orgs/{org}/holds"),
+        ("delete", "/v1/orgs/{org}/holds/{request_id}"),
         ("get", "/metrics"),
         ("get", "/healthz"),
         ("get", "/readyz"),
@@ -450,6 +452,37 @@ async fn the_document_matches_every_real_response() {
         Some(json!({"api_key": "nope"})),
     )
     .await;
+    // Holds: placed, refused for budget, repeated with another reserve,
+    // listed, released.
+    for body in [
+        json!({"api_key": secret, "request_id": "h-1", "reserve_micros": 10_000, "hold_ttl_ms": 60_000}),
+        json!({"api_key": secret, "request_id": "h-2", "reserve_micros": 900_000_000}),
+        json!({"api_key": secret, "request_id": "h-1", "reserve_micros": 20_000}),
+        json!({"api_key": secret, "reserve_micros": 1}),
+    ] {
+        call(s, &op, "post", "/v1/authorize", "/v1/authorize", Some(body)).await;
+    }
+    call(
+        s,
+        &op,
+        "get",
+        "/v1/orgs/{org}/holds",
+        "/v1/orgs/acme/holds?limit=1",
+        None,
+    )
+    .await;
+    for id in ["h-1", "h-1"] {
+        let path = format!("/v1/orgs/acme/holds/{id}");
+        call(
+            s,
+            &op,
+            "delete",
+            "/v1/orgs/{org}/holds/{request_id}",
+            &path,
+            None,
+        )
+        .await;
+    }
     call(
         s,
         &admin,

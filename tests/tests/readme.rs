@@ -41,7 +41,7 @@ async fn the_quickstart_works_as_written() {
         .iter()
         .filter(|l| l.starts_with("{\"allowed\""))
         .collect();
-    assert_eq!(authorize.len(), 3, "{stdout}");
+    assert_eq!(authorize.len(), 4, "{stdout}");
     assert!(authorize[0].starts_with("{\"allowed\":true"), "{stdout}");
     assert!(
         authorize[1].contains("\"allowed\":false,\"reason\":\"user_monthly_limit\""),
@@ -51,6 +51,15 @@ async fn the_quickstart_works_as_written() {
     assert!(authorize[2].starts_with("{\"allowed\":true"), "{stdout}");
     assert!(
         authorize[2].contains("\"remaining_micros\":49000000"),
+        "{stdout}"
+    );
+    assert!(authorize[3].starts_with("{\"allowed\":true"), "{stdout}");
+    assert!(
+        authorize[3].contains("\"hold\":{\"request_id\":\"req-3\",\"held_micros\":2000000"),
+        "{stdout}"
+    );
+    assert!(
+        authorize[3].contains("\"remaining_micros\":47000000"),
         "{stdout}"
     );
     assert!(

@@ -3,8 +3,10 @@
 //! numbers computed from exact integers.
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use tally_core::ledger::SubjectKind;
 use tally_core::ratio::{format_bps, parse_fraction_bps, utilization};
 use tally_core::time::{Day, Month};
+use tally_engine::Engine;
 use tally_proto::format_rfc3339_ms;
 use tally_store::query::{GroupRow, KeyRow, OrgRow, PeriodSpend, UserRow};
 
@@ -103,6 +105,8 @@ pub(crate) struct OrgJson {
     /// The org's own limit on its total spend; `null`: none.
     pub monthly_limit_micros: Option<i64>,
     pub spend_micros: i64,
+    /// What live holds (calls in flight) hold on it.
+    pub held_micros: i64,
     pub utilization: Option<f64>,
     pub cut_off: bool,
     pub requests: i64,
@@ -121,6 +125,7 @@ impl OrgJson {
             alert_thresholds: r.alert_thresholds_bps.into_iter().map(Fraction).collect(),
             monthly_limit_micros: r.monthly_limit_micros,
             spend_micros: r.spend_micros,
+            held_micros: 0,
             utilization: utilization(r.spend_micros, r.monthly_limit_micros),
             cut_off: cut_off(r.spend_micros, r.monthly_limit_micros),
             requests: r.requests,
@@ -140,6 +145,8 @@ pub(crate) struct UserJson {
     pub groups: Vec<String>,
     pub monthly_limit_micros: Option<i64>,
     pub spend_micros: i64,
+    /// What live holds (calls in flight) hold on it.
+    pub held_micros: i64,
     pub utilization: Option<f64>,
     pub cut_off: bool,
     pub last_active_at: Option<String>,
@@ -159,6 +166,7 @@ impl From<UserRow> for UserJson {
             groups: u.groups,
             monthly_limit_micros: u.monthly_limit_micros,
             spend_micros: u.spend_micros,
+            held_micros: 0,
             last_active_at: u.last_active_at_ms.map(time),
             requests: u.requests,
             created_at: time(u.created_at_ms),
@@ -173,6 +181,8 @@ pub(crate) struct GroupJson {
     pub member_count: i64,
     pub monthly_limit_micros: Option<i64>,
     pub spend_micros: i64,
+    /// What live holds (calls in flight) hold on it.
+    pub held_micros: i64,
     pub utilization: Option<f64>,
     pub cut_off: bool,
     pub requests: i64,
@@ -189,6 +199,7 @@ impl From<GroupRow> for GroupJson {
             member_count: g.member_count,
             monthly_limit_micros: g.monthly_limit_micros,
             spend_micros: g.spend_micros,
+            held_micros: 0,
             requests: g.requests,
             created_at: time(g.created_at_ms),
         }
@@ -204,6 +215,8 @@ pub(crate) struct KeyJson {
     pub features: Vec<String>,
     pub monthly_limit_micros: Option<i64>,
     pub spend_micros: i64,
+    /// What live holds (calls in flight) hold on it.
+    pub held_micros: i64,
     pub cut_off: bool,
     pub requests: i64,
     pub revoked: bool,
@@ -225,6 +238,7 @@ impl From<KeyRow> for KeyJson {
             features: k.features,
             monthly_limit_micros: k.monthly_limit_micros,
             spend_micros: k.spend_micros,
+            held_micros: 0,
             requests: k.requests,
             revoked: k.revoked,
             last_used_at: k.last_used_at_ms.map(time),
@@ -301,4 +315,48 @@ impl History {
 pub(crate) struct ListJson<T> {
     pub items: Vec<T>,
     pub next_cursor: Option<String>,
+}
+
+/// A spend-bearing object, which also shows what live holds hold on it.
+pub(crate) trait Holding {
+    const KIND: SubjectKind;
+    fn subject_id(&self) -> &str;
+    fn set_held(&mut self, micros: i64);
+}
+
+macro_rules! holding {
+    ($t:ty, $kind:expr) => {
+        impl Holding for $t {
+            const KIND: SubjectKind = $kind;
+            fn subject_id(&self) -> &str {
+                &self.id
+            }
+            fn set_held(&mut self, micros: i64) {
+                self.held_micros = micros;
+            }
+        }
+    };
+}
+
+holding!(OrgJson, SubjectKind::Org);
+holding!(UserJson, SubjectKind::User);
+holding!(GroupJson, SubjectKind::Group);
+holding!(KeyJson, SubjectKind::Key);
+
+/// Fills in `held_micros` from memory (one read of the org).
+pub(crate) fn with_held<T: Holding>(engine: &Engine, org: &str, mut items: Vec<T>) -> Vec<T> {
+    let held = {
+        let ids: Vec<&str> = items.iter().map(Holding::subject_id).collect();
+        engine.held(org, T::KIND, &ids)
+    };
+    for (item, h) in items.iter_mut().zip(held) {
+        item.set_held(h);
+    }
+    items
+}
+
+/// [`with_held`] for one object.
+pub(crate) fn one_with_held<T: Holding>(engine: &Engine, org: &str, item: T) -> T {
+    let mut v = with_held(engine, org, vec![item]);
+    v.pop().expect("one in, one out")
 }

@@ -12,7 +12,7 @@ use tally_core::time::Month;
 use tally_engine::random_id;
 
 use crate::cursor;
-use crate::dto::{GroupJson, History, ListJson, UserJson, present};
+use crate::dto::{GroupJson, History, ListJson, UserJson, one_with_held, present, with_held};
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{Caller, JsonBody, Params};
 use crate::{AppState, org_access, page_len};
@@ -31,7 +31,7 @@ async fn group_json(state: &AppState, org_id: &OrgId, group: &GroupId) -> ApiRes
         .await?;
     rows.into_iter()
         .next()
-        .map(GroupJson::from)
+        .map(|g| one_with_held(&state.engine, org_id, GroupJson::from(g)))
         .ok_or_else(|| ApiError::not_found(format!("group {:?} does not exist", group.as_str())))
 }
 
@@ -111,6 +111,7 @@ pub(crate) async fn list(
         .take(limit as usize)
         .map(GroupJson::from)
         .collect();
+    let items = with_held(&state.engine, &org_id, items);
     let next_cursor = more
         .then(|| {
             items
@@ -165,7 +166,11 @@ pub(crate) async fn get(
     Ok(Json(GroupDetail {
         group,
         history: History::new(months, days),
-        members: members.into_iter().map(UserJson::from).collect(),
+        members: with_held(
+            &state.engine,
+            &org_id,
+            members.into_iter().map(UserJson::from).collect(),
+        ),
     }))
 }
 

@@ -13,7 +13,7 @@ use tally_core::time::Month;
 use tally_engine::{random_id, random_secret};
 
 use crate::cursor;
-use crate::dto::{History, KeyJson, ListJson, present};
+use crate::dto::{History, KeyJson, ListJson, one_with_held, present, with_held};
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{Caller, JsonBody, Params};
 use crate::{AppState, org_access, page_len};
@@ -31,7 +31,7 @@ async fn key_json(state: &AppState, org_id: &OrgId, key: &KeyId) -> ApiResult<Ke
         .await?;
     rows.into_iter()
         .next()
-        .map(KeyJson::from)
+        .map(|k| one_with_held(&state.engine, org_id, KeyJson::from(k)))
         .ok_or_else(|| ApiError::not_found(format!("key {:?} does not exist", key.as_str())))
 }
 
@@ -131,6 +131,7 @@ pub(crate) async fn list(
         .take(limit as usize)
         .map(KeyJson::from)
         .collect();
+    let items = with_held(&state.engine, &org_id, items);
     let next_cursor = more
         .then(|| {
             items

@@ -7,6 +7,7 @@ mod dto;
 mod error;
 mod extract;
 mod groups;
+mod holds;
 mod keys;
 mod openapi;
 mod ops;
@@ -109,6 +110,11 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/v1/orgs/{org}/webhook/deliveries/{id}/redeliver",
             post(webhooks::redeliver),
+        )
+        .route("/v1/orgs/{org}/holds", get(holds::list))
+        .route(
+            "/v1/orgs/{org}/holds/{request_id}",
+            axum::routing::delete(holds::release),
         )
         .route("/v1/usage", post(usage::ingest))
         .route("/v1/authorize", post(usage::authorize))

@@ -4,7 +4,7 @@
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use crate::{groups, keys, ops, orgs, usage, users, webhooks};
+use crate::{groups, holds, keys, ops, orgs, usage, users, webhooks};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -25,6 +25,7 @@ use crate::{groups, keys, ops, orgs, usage, users, webhooks};
         keys::create, keys::list, keys::get, keys::patch, keys::revoke,
         webhooks::set, webhooks::get, webhooks::remove, webhooks::deliveries, webhooks::redeliver,
         usage::ingest, usage::authorize,
+        holds::list, holds::release,
         ops::healthz, ops::readyz, ops::metrics,
     ),
     modifiers(&Bearer),
@@ -36,6 +37,7 @@ use crate::{groups, keys, ops, orgs, usage, users, webhooks};
         (name = "keys", description = "API keys: owners, groups, feature flags, limits"),
         (name = "webhooks", description = "Threshold and cutoff notifications: the org's webhook and its deliveries"),
         (name = "usage", description = "For gateways: usage ingest and authorize; dead letters"),
+        (name = "holds", description = "Budget reserved by authorize for calls in flight: list, release"),
         (name = "ops", description = "Health, readiness, metrics"),
     )
 )]

@@ -3,6 +3,10 @@
 use axum::Json;
 use axum::extract::State;
 use serde::{Deserialize, Serialize};
+use tally_core::authorize::HoldRequest;
+use tally_core::holds::HOLD_TTL_MIN_MS;
+use tally_core::ids::check_request_id;
+use tally_core::money::COST_MICROS_MAX;
 use tally_engine::Principal;
 use tally_engine::meter::Rejected;
 use tally_proto::usage_from_json;
@@ -92,6 +96,23 @@ pub(crate) struct AuthorizeRequest {
     feature: Option<String>,
     /// The caller, for keys that belong to groups only.
     user_id: Option<String>,
+    /// The id the call's usage event will carry: its hold is settled by it.
+    request_id: Option<String>,
+    /// The call's estimated cost: with it, the call is admitted only if
+    /// committed + held + this fits every limit it counts against, and then
+    /// this much is held on all of them until the usage, a release or the
+    /// TTL. Needs `request_id`.
+    reserve_micros: Option<i64>,
+    /// How long the hold lives unsettled (default 10 minutes, at most an
+    /// hour, at least a second).
+    hold_ttl_ms: Option<i64>,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub(crate) struct HoldJson {
+    request_id: String,
+    held_micros: i64,
+    expires_at: String,
 }
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -103,16 +124,25 @@ pub(crate) struct AuthorizeResponse {
     /// The user the decision judged, refusals included (null only when
     /// there is none: a group key called without `user_id`).
     user_id: Option<String>,
+    api_key_id: Option<String>,
     /// The user's groups and the key's groups: every one's limit gates the
     /// call.
     group_ids: Vec<String>,
     features: Vec<String>,
-    /// The least budget left among the limits that apply.
+    /// The least budget left among the limits that apply, live holds
+    /// counted as spent.
     remaining_micros: Option<i64>,
+    /// The largest reserve that would be admitted now: on a refusal for
+    /// budget, ask again with at most this much (a smaller `max_tokens`).
+    affordable_micros: Option<i64>,
+    /// The hold placed (or the live one a repeat names).
+    hold: Option<HoldJson>,
 }
 
-/// The gateway's question before each call (operator token).
-#[utoipa::path(post, path = "/v1/authorize", tag = "usage", request_body = AuthorizeRequest, responses((status = 200, body = AuthorizeResponse), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody)))]
+/// The gateway's question before each call (operator token). With
+/// `reserve_micros`, admits the call only if its estimated cost fits every
+/// limit it counts against, and holds that much until its usage arrives.
+#[utoipa::path(post, path = "/v1/authorize", tag = "usage", request_body = AuthorizeRequest, responses((status = 200, body = AuthorizeResponse), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 409, description = "request_id holds a different reserve, or its usage was counted already", body = crate::error::ErrorBody), (status = 503, description = "holds are unavailable (distributed mode) or the hold journal cannot be written", body = crate::error::ErrorBody)))]
 pub(crate) async fn authorize(
     State(state): State<AppState>,
     caller: Caller,
@@ -122,18 +152,65 @@ pub(crate) async fn authorize(
     if req.api_key.is_empty() || req.api_key.len() > 256 {
         return Err(ApiError::invalid("api_key must have 1 to 256 characters"));
     }
-    let (org_id, d) =
-        state
-            .engine
-            .authorize(&req.api_key, req.feature.as_deref(), req.user_id.as_deref());
+    if let Some(id) = &req.request_id {
+        check_request_id(id).map_err(|e| ApiError::invalid(e.to_string()))?;
+    }
+    let hold = match (req.reserve_micros, &req.request_id) {
+        (None, _) => {
+            if req.hold_ttl_ms.is_some() {
+                return Err(ApiError::invalid("hold_ttl_ms needs reserve_micros"));
+            }
+            None
+        }
+        (Some(_), None) => {
+            return Err(ApiError::invalid(
+                "reserve_micros needs request_id: the id the call's usage event will carry",
+            ));
+        }
+        (Some(micros), Some(id)) => {
+            if !(0..=COST_MICROS_MAX).contains(&micros) {
+                return Err(ApiError::invalid(format!(
+                    "reserve_micros must be between 0 and {COST_MICROS_MAX}, got {micros}"
+                )));
+            }
+            let o = state.engine.hold_options();
+            let ttl = req.hold_ttl_ms.unwrap_or(o.ttl_default_ms);
+            if !(HOLD_TTL_MIN_MS..=o.ttl_max_ms).contains(&ttl) {
+                return Err(ApiError::invalid(format!(
+                    "hold_ttl_ms must be between {HOLD_TTL_MIN_MS} and {}, got {ttl}",
+                    o.ttl_max_ms
+                )));
+            }
+            Some(HoldRequest {
+                request_id: id,
+                reserve_micros: micros,
+                ttl_ms: ttl,
+            })
+        }
+    };
+    let (feature, user) = (req.feature.as_deref(), req.user_id.as_deref());
+    let (org_id, d, placed) = match hold {
+        None => {
+            let (org_id, d) = state.engine.authorize(&req.api_key, feature, user);
+            (org_id, d, None)
+        }
+        Some(h) => state.engine.reserve(&req.api_key, feature, user, h)?,
+    };
     Ok(Json(AuthorizeResponse {
         allowed: d.allowed,
         reason: d.reason.as_str(),
         message: d.message,
         org_id: org_id.map(|o| o.to_string()),
         user_id: d.user_id.map(|u| u.to_string()),
+        api_key_id: d.api_key_id.map(|k| k.to_string()),
         group_ids: d.group_ids.iter().map(ToString::to_string).collect(),
         features: d.features,
         remaining_micros: d.remaining_micros,
+        affordable_micros: d.affordable_micros,
+        hold: placed.zip(req.request_id).map(|(p, request_id)| HoldJson {
+            request_id,
+            held_micros: p.held_micros,
+            expires_at: crate::dto::time(p.expires_at_ms),
+        }),
     }))
 }

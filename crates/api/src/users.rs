@@ -15,7 +15,7 @@ use tally_engine::random_id;
 use tally_store::query::{UserFilter, UserListQuery, UserRow, UserSort};
 
 use crate::cursor::{self, UserCursor};
-use crate::dto::{History, ListJson, UserJson, present};
+use crate::dto::{History, ListJson, UserJson, one_with_held, present, with_held};
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{Caller, JsonBody, Params};
 use crate::snapshot::{Next, SNAPSHOT_LEN_MAX, SNAPSHOT_PAGES};
@@ -47,7 +47,7 @@ async fn user_json(state: &AppState, org_id: &OrgId, user: &UserId) -> ApiResult
         .user(org_id, user, month)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("user {:?} does not exist", user.as_str())))?;
-    Ok(row.into())
+    Ok(one_with_held(&state.engine, org_id, row.into()))
 }
 
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
@@ -246,7 +246,11 @@ pub(crate) async fn list(
                 None => u.status != UserStatus::Removed.as_str(),
             };
             return Ok(Json(ListJson {
-                items: rows.into_iter().filter(keep).map(UserJson::from).collect(),
+                items: with_held(
+                    &state.engine,
+                    &org_id,
+                    rows.into_iter().filter(keep).map(UserJson::from).collect(),
+                ),
                 next_cursor,
             }));
         }
@@ -254,7 +258,11 @@ pub(crate) async fn list(
     query.after = from.map(|c| c.after);
     let (rows, next) = db.list_users(&org_id, &query).await?;
     Ok(Json(ListJson {
-        items: rows.into_iter().map(UserJson::from).collect(),
+        items: with_held(
+            &state.engine,
+            &org_id,
+            rows.into_iter().map(UserJson::from).collect(),
+        ),
         next_cursor: next.map(|c| {
             cursor::encode_user(
                 sort,

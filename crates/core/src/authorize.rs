@@ -11,7 +11,8 @@
 //! gateway must name U (`user_id`), and U must be a member of one of them.
 
 use crate::entity::{Key, UserStatus};
-use crate::ids::{GroupId, UserId};
+use crate::holds::{HOLDS_PER_ORG_MAX, Hold};
+use crate::ids::{GroupId, KeyId, UserId};
 use crate::ledger::Subject;
 use crate::money::{Limit, format_usd};
 use crate::org::OrgState;
@@ -36,6 +37,8 @@ pub enum Reason {
     GroupMonthlyLimit,
     OrgMonthlyLimit,
     FeatureNotEnabled,
+    /// The org holds [`HOLDS_PER_ORG_MAX`] live holds already.
+    TooManyHolds,
 }
 
 impl Reason {
@@ -54,7 +57,19 @@ impl Reason {
             Reason::GroupMonthlyLimit => "group_monthly_limit",
             Reason::OrgMonthlyLimit => "org_monthly_limit",
             Reason::FeatureNotEnabled => "feature_not_enabled",
+            Reason::TooManyHolds => "too_many_holds",
         }
+    }
+
+    /// A refusal for budget: a smaller reserve may still be admitted.
+    pub fn is_budget(self) -> bool {
+        matches!(
+            self,
+            Reason::UserMonthlyLimit
+                | Reason::KeyMonthlyLimit
+                | Reason::GroupMonthlyLimit
+                | Reason::OrgMonthlyLimit
+        )
     }
 }
 
@@ -65,12 +80,18 @@ pub struct Decision {
     /// For people: which rule, with figures.
     pub message: String,
     pub user_id: Option<UserId>,
+    pub api_key_id: Option<KeyId>,
     /// The user's groups (where the call's spend counts) and the key's
     /// groups, sorted: the limits of all of them gate the call.
     pub group_ids: Vec<GroupId>,
     pub features: Vec<String>,
-    /// The least budget left among the limits that apply; `None` when none do.
+    /// The least budget left among the limits that apply, live holds
+    /// counted as spent; `None` when none do.
     pub remaining_micros: Option<i64>,
+    /// The largest reserve that would be admitted now (the least headroom
+    /// of every limit the call counts against): set when the call is
+    /// allowed or refused for budget, `None` when no limit applies.
+    pub affordable_micros: Option<i64>,
 }
 
 impl Decision {
@@ -80,21 +101,76 @@ impl Decision {
             reason: Reason::UnknownKey,
             message: "the api key is unknown".into(),
             user_id: None,
+            api_key_id: None,
             group_ids: Vec::new(),
             features: Vec::new(),
             remaining_micros: None,
+            affordable_micros: None,
         }
+    }
+}
+
+/// The budgets a call counts against, judged for a reserve: committed
+/// spend + live holds + reserve must fit each limit, and a limit already
+/// reached refuses even a reserve of zero.
+struct Budgets<'a> {
+    org: &'a OrgState,
+    month: Month,
+    reserve: i64,
+    /// The least headroom seen so far.
+    least: Option<i64>,
+    /// The first limit that refused, with its message.
+    refused: Option<(Reason, String)>,
+}
+
+impl Budgets<'_> {
+    /// Judges `subject` against `limit`; `who` names it in a refusal.
+    fn judge(&mut self, s: Subject, limit: Limit, reason: Reason, who: impl FnOnce() -> String) {
+        let Some(limit) = limit else { return };
+        let spend = self.org.spend(self.month, s).spend_micros;
+        let held = self.org.meter.holds.held(s);
+        let used = spend.saturating_add(held);
+        let left = limit.saturating_sub(used).max(0);
+        self.least = Some(self.least.map_or(left, |l| l.min(left)));
+        if self.refused.is_some() || (used < limit && used.saturating_add(self.reserve) <= limit) {
+            return;
+        }
+        let month = self.month;
+        let spent = if held > 0 {
+            format!("spent {}, held {}", format_usd(spend), format_usd(held))
+        } else {
+            format!("spent {}", format_usd(spend))
+        };
+        let message = if used >= limit {
+            format!(
+                "{} reached the monthly limit of {} ({spent} in {month})",
+                who(),
+                format_usd(limit)
+            )
+        } else {
+            format!(
+                "{}: a reserve of {} does not fit the monthly limit of {} ({spent} in {month}; {} left)",
+                who(),
+                format_usd(self.reserve),
+                format_usd(limit),
+                format_usd(left)
+            )
+        };
+        self.refused = Some((reason, message));
     }
 }
 
 /// Decides for `key` of `org` at `now_ms`. `user_hint` is the caller's user
 /// when the gateway knows it (needed for group keys without an owner).
+/// `reserve` is what the call would hold (0 for a plain authorize): it is
+/// admitted only if committed + held + reserve fits every limit.
 pub fn authorize(
     org: &OrgState,
     key: &Key,
     feature: Option<&str>,
     user_hint: Option<&str>,
     now_ms: i64,
+    reserve: i64,
 ) -> Decision {
     let month = Month::from_unix_ms(now_ms);
     let dir = &org.dir;
@@ -106,9 +182,11 @@ pub fn authorize(
         reason: Reason::Ok,
         message: String::new(),
         user_id: judged.and_then(|u| UserId::new(u).ok()),
+        api_key_id: Some(key.id.clone()),
         group_ids: key.group_ids.clone(),
         features: key.features.clone(),
         remaining_micros: None,
+        affordable_micros: None,
     };
     let deny = |d: &mut Decision, reason: Reason, message: String| {
         d.reason = reason;
@@ -124,7 +202,7 @@ pub fn authorize(
             format!("key {} is revoked", key.id),
         );
     }
-    let user_id = match (&key.user_id, user_hint) {
+    let uid = match (&key.user_id, user_hint) {
         (Some(owner), Some(hint)) if owner.as_str() != hint => {
             return deny(
                 &mut d,
@@ -158,102 +236,223 @@ pub fn authorize(
             hint
         }
     };
-    let mut remaining: Option<i64> = None;
-    let mut budget = |limit: Limit, spend: i64| {
-        if let Some(l) = limit {
-            let left = (l - spend).max(0);
-            remaining = Some(remaining.map_or(left, |r: i64| r.min(left)));
-        }
-        limit.is_some_and(|l| spend >= l)
-    };
-    {
-        let uid = user_id;
-        let Some(user) = dir.users.get(uid) else {
-            return deny(
-                &mut d,
-                Reason::UnknownUser,
-                format!("user {uid} is not in the org"),
-            );
-        };
-        d.group_ids.extend(user.groups.iter().cloned());
-        if user.status != UserStatus::Active {
-            return deny(
-                &mut d,
-                Reason::UserNotActive,
-                format!("user {uid} is {}, not active", user.status.as_str()),
-            );
-        }
-        let spend = org.spend(month, Subject::User(user.idx)).spend_micros;
-        if budget(user.monthly_limit_micros, spend) {
-            let limit = user.monthly_limit_micros.unwrap_or_default();
-            return deny(
-                &mut d,
-                Reason::UserMonthlyLimit,
-                format!(
-                    "user {uid} reached the monthly limit of {} (spent {} in {month})",
-                    format_usd(limit),
-                    format_usd(spend)
-                ),
-            );
-        }
-    }
-    let spend = org.spend(month, Subject::Key(key.idx)).spend_micros;
-    if budget(key.monthly_limit_micros, spend) {
-        let limit = key.monthly_limit_micros.unwrap_or_default();
+    let Some(user) = dir.users.get(uid) else {
         return deny(
             &mut d,
-            Reason::KeyMonthlyLimit,
-            format!(
-                "key {} reached its monthly limit of {} (spent {} in {month})",
-                key.id,
-                format_usd(limit),
-                format_usd(spend)
-            ),
+            Reason::UnknownUser,
+            format!("user {uid} is not in the org"),
         );
-    }
+    };
+    d.group_ids.extend(user.groups.iter().cloned());
     d.group_ids.sort_unstable();
     d.group_ids.dedup();
-    let full_group = d.group_ids.iter().find_map(|gid| {
-        let group = dir.groups.get(gid).filter(|g| !g.deleted)?;
-        let spend = org.spend(month, Subject::Group(group.idx)).spend_micros;
-        budget(group.monthly_limit_micros, spend).then(|| {
-            format!(
-                "group {gid} reached its monthly limit of {} (spent {} in {month})",
-                format_usd(group.monthly_limit_micros.unwrap_or_default()),
-                format_usd(spend)
-            )
-        })
-    });
-    if let Some(message) = full_group {
-        return deny(&mut d, Reason::GroupMonthlyLimit, message);
-    }
-    let spend = org.spend(month, Subject::Org).spend_micros;
-    if budget(dir.monthly_limit_micros, spend) {
-        let limit = dir.monthly_limit_micros.unwrap_or_default();
+    if user.status != UserStatus::Active {
         return deny(
             &mut d,
-            Reason::OrgMonthlyLimit,
-            format!(
-                "org {} reached its monthly limit of {} (spent {} in {month})",
-                dir.id,
-                format_usd(limit),
-                format_usd(spend)
-            ),
+            Reason::UserNotActive,
+            format!("user {uid} is {}, not active", user.status.as_str()),
         );
+    }
+    // Every limit is judged (the least headroom is the affordable reserve);
+    // the first that refuses names the refusal.
+    let mut b = Budgets {
+        org,
+        month,
+        reserve,
+        least: None,
+        refused: None,
+    };
+    b.judge(
+        Subject::User(user.idx),
+        user.monthly_limit_micros,
+        Reason::UserMonthlyLimit,
+        || format!("user {uid}"),
+    );
+    b.judge(
+        Subject::Key(key.idx),
+        key.monthly_limit_micros,
+        Reason::KeyMonthlyLimit,
+        || format!("key {}", key.id),
+    );
+    for gid in &d.group_ids {
+        if let Some(group) = dir.groups.get(gid).filter(|g| !g.deleted) {
+            b.judge(
+                Subject::Group(group.idx),
+                group.monthly_limit_micros,
+                Reason::GroupMonthlyLimit,
+                || format!("group {gid}"),
+            );
+        }
+    }
+    b.judge(
+        Subject::Org,
+        dir.monthly_limit_micros,
+        Reason::OrgMonthlyLimit,
+        || format!("org {}", dir.id),
+    );
+    d.affordable_micros = b.least;
+    if let Some((reason, message)) = b.refused {
+        return deny(&mut d, reason, message);
     }
     if let Some(f) = feature
         && !key.features.iter().any(|k| k == f)
     {
+        d.affordable_micros = None;
         return deny(
             &mut d,
             Reason::FeatureNotEnabled,
             format!("feature {f:?} is not enabled on key {}", key.id),
         );
     }
-    d.remaining_micros = remaining;
-    let mut d = deny(&mut d, Reason::Ok, "allowed".into());
+    d.remaining_micros = b.least;
     d.allowed = true;
+    d.message = "allowed".into();
     d
+}
+
+/// What a reserving authorize asks for.
+#[derive(Debug, Clone, Copy)]
+pub struct HoldRequest<'a> {
+    /// The id the call's usage event will carry.
+    pub request_id: &'a str,
+    pub reserve_micros: i64,
+    pub ttl_ms: i64,
+}
+
+/// A hold as the gateway sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlacedHold {
+    pub held_micros: i64,
+    pub expires_at_ms: i64,
+    /// False when the request repeated a live hold (nothing new placed).
+    pub new: bool,
+}
+
+/// Why a reserve was not judged at all.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HoldConflict {
+    #[error(
+        "request_id {request_id:?} holds {held} for user {user} on key {key} already; \
+         a repeat must name the same reserve, user and key"
+    )]
+    Differs {
+        request_id: String,
+        held: String,
+        user: String,
+        key: String,
+    },
+    #[error("usage with request_id {0:?} was counted already: a request id names one call")]
+    Counted(String),
+}
+
+/// Authorize with a reserve: decides as [`authorize`] does with
+/// `req.reserve_micros`, and when the call is admitted places the hold on
+/// every scope it counts against (the user, the key, the org, the user's
+/// groups and the key's groups), all at once. Idempotent: a repeat of a live
+/// hold (same reserve, user and key) answers allowed with that hold and
+/// places nothing. Expire due holds first ([`crate::holds::Holds::expire`]).
+pub fn reserve(
+    org: &mut OrgState,
+    key_id: &KeyId,
+    feature: Option<&str>,
+    user_hint: Option<&str>,
+    req: HoldRequest<'_>,
+    now_ms: i64,
+) -> Result<(Decision, Option<PlacedHold>), HoldConflict> {
+    let Some(key) = org.dir.keys.get(key_id) else {
+        return Ok((Decision::unknown_key(), None));
+    };
+    if let Some(live) = org.meter.holds.get(req.request_id) {
+        let dir = &org.dir;
+        let user_ok = user_hint
+            .or(key.user_id.as_ref().map(UserId::as_str))
+            .and_then(|u| dir.users.get(u))
+            .is_some_and(|u| u.idx == live.user);
+        if live.amount_micros != req.reserve_micros || live.key != key.idx || !user_ok {
+            return Err(HoldConflict::Differs {
+                request_id: req.request_id.to_owned(),
+                held: format_usd(live.amount_micros),
+                user: dir.user_ids[live.user as usize].to_string(),
+                key: dir.key_ids[live.key as usize].to_string(),
+            });
+        }
+        let placed = PlacedHold {
+            held_micros: live.amount_micros,
+            expires_at_ms: live.expires_at_ms,
+            new: false,
+        };
+        // The call stays admitted; the figures are as of now, with its own
+        // hold counted once, as when it was placed.
+        let key_id = key.id.clone();
+        let Some(hold) = org.meter.holds.remove(req.request_id) else {
+            return Ok((Decision::unknown_key(), None));
+        };
+        let mut d = match org.dir.keys.get(&key_id) {
+            Some(key) => authorize(org, key, feature, user_hint, now_ms, 0),
+            None => Decision::unknown_key(),
+        };
+        let after = d.affordable_micros.map(|a| (a - hold.amount_micros).max(0));
+        org.meter.holds.insert(req.request_id, hold);
+        d.allowed = true;
+        d.reason = Reason::Ok;
+        d.message = format!(
+            "allowed: the hold for request_id {:?} is live",
+            req.request_id
+        );
+        d.remaining_micros = after;
+        d.affordable_micros = after;
+        return Ok((d, Some(placed)));
+    }
+    if org
+        .meter
+        .dedupe
+        .contains(crate::dedupe::hash_request_id(req.request_id))
+    {
+        return Err(HoldConflict::Counted(req.request_id.to_owned()));
+    }
+    let d = authorize(org, key, feature, user_hint, now_ms, req.reserve_micros);
+    if !d.allowed {
+        return Ok((d, None));
+    }
+    if org.meter.holds.len() >= HOLDS_PER_ORG_MAX {
+        let mut d = d;
+        d.allowed = false;
+        d.reason = Reason::TooManyHolds;
+        d.message =
+            format!("the org holds {HOLDS_PER_ORG_MAX} live holds already: settle or release some");
+        return Ok((d, None));
+    }
+    let dir = &org.dir;
+    // An admitted call always has its user.
+    let Some(user) = d.user_id.as_ref().and_then(|u| dir.users.get(u)) else {
+        return Ok((Decision::unknown_key(), None));
+    };
+    let user = user.idx;
+    let mut groups: Vec<u32> = d
+        .group_ids
+        .iter()
+        .filter_map(|g| dir.groups.get(g).filter(|g| !g.deleted).map(|g| g.idx))
+        .collect();
+    groups.sort_unstable();
+    let hold = Hold {
+        amount_micros: req.reserve_micros,
+        placed_at_ms: now_ms,
+        expires_at_ms: now_ms.saturating_add(req.ttl_ms),
+        user,
+        key: key.idx,
+        groups: groups.into(),
+    };
+    let placed = PlacedHold {
+        held_micros: hold.amount_micros,
+        expires_at_ms: hold.expires_at_ms,
+        new: true,
+    };
+    org.meter.holds.insert(req.request_id, hold);
+    // The figures after the hold: it is on every scope that was judged.
+    let mut d = d;
+    d.remaining_micros = d.remaining_micros.map(|r| r - req.reserve_micros);
+    d.affordable_micros = d.affordable_micros.map(|r| r - req.reserve_micros);
+    Ok((d, Some(placed)))
 }
 
 #[cfg(test)]
@@ -326,7 +525,7 @@ mod tests {
     }
 
     fn decide(s: &OrgState, k: &str, feature: Option<&str>, hint: Option<&str>) -> Decision {
-        authorize(s, &s.dir.keys[k], feature, hint, NOV + 1)
+        authorize(s, &s.dir.keys[k], feature, hint, NOV + 1, 0)
     }
 
     #[test]
@@ -508,7 +707,327 @@ mod tests {
         spend(&mut s, "r1", "alice", "", 50 * USD);
         assert!(!decide(&s, "ka", None, None).allowed);
         let dec = Month::from_unix_ms(NOV).next().start_ms();
-        let d = authorize(&s, &s.dir.keys["ka"], None, None, dec);
+        let d = authorize(&s, &s.dir.keys["ka"], None, None, dec, 0);
         assert!(d.allowed, "{d:?}");
+    }
+}
+
+#[cfg(test)]
+mod hold_tests {
+    use super::*;
+    use crate::entity::EventKind;
+    use crate::entity::tests::{added, created, events, group, key, user};
+    use crate::holds::{HOLD_TTL_DEFAULT_MS, Hold};
+    use crate::org::MeterConfig;
+    use crate::usage::RawUsage;
+    use proptest::prelude::*;
+
+    const NOV: i64 = 1_793_491_200_000;
+    const USD: i64 = 1_000_000;
+
+    /// alice ($0.60 on her key ka) and bob (kb, no limit) share eng ($1.00)
+    /// and the group key kg; the org is capped at $1.50.
+    fn org() -> OrgState {
+        let personal = |id: &str, owner: &str, limit| EventKind::KeyCreated {
+            key_id: key(id),
+            name: id.into(),
+            user_id: Some(user(owner)),
+            group_ids: vec![],
+            features: vec![],
+            monthly_limit_micros: limit,
+            secret_hash: [id.as_bytes()[1]; 32],
+        };
+        let evs = events(vec![
+            created(None),
+            added("alice", None),
+            added("bob", None),
+            EventKind::UserActivated {
+                user_id: user("alice"),
+            },
+            EventKind::UserActivated {
+                user_id: user("bob"),
+            },
+            EventKind::GroupCreated {
+                group_id: group("eng"),
+                name: "E".into(),
+                monthly_limit_micros: Some(USD),
+            },
+            EventKind::MemberAdded {
+                group_id: group("eng"),
+                user_id: user("alice"),
+            },
+            EventKind::MemberAdded {
+                group_id: group("eng"),
+                user_id: user("bob"),
+            },
+            personal("ka", "alice", Some(600_000)),
+            personal("kb", "bob", None),
+            EventKind::KeyCreated {
+                key_id: key("kg"),
+                name: "team".into(),
+                user_id: None,
+                group_ids: vec![group("eng")],
+                features: vec![],
+                monthly_limit_micros: None,
+                secret_hash: [9; 32],
+            },
+            EventKind::OrgLimitSet {
+                monthly_limit_micros: Some(1_500_000),
+            },
+        ]);
+        let mut s = OrgState::new(&evs[0], MeterConfig::default());
+        for e in &evs[1..] {
+            s.apply_entity(e);
+        }
+        s
+    }
+
+    fn hold(
+        s: &mut OrgState,
+        k: &str,
+        who: Option<&str>,
+        req: &str,
+        micros: i64,
+        now: i64,
+    ) -> Result<(Decision, Option<PlacedHold>), HoldConflict> {
+        let req = HoldRequest {
+            request_id: req,
+            reserve_micros: micros,
+            ttl_ms: HOLD_TTL_DEFAULT_MS,
+        };
+        reserve(s, &key(k), None, who, req, now)
+    }
+
+    fn usage(s: &mut OrgState, req: &str, who: &str, k: &str, cost: i64, at: i64) {
+        let ev = RawUsage {
+            request_id: req,
+            org_id: "acme",
+            user_id: who,
+            api_key_id: k,
+            cost_micros: Some(cost),
+            occurred_at_ms: Some(at),
+            ..RawUsage::default()
+        }
+        .validate()
+        .unwrap();
+        let _ = s.apply_usage(&ev, at);
+    }
+
+    fn spent(s: &OrgState, subject: Subject) -> i64 {
+        s.spend(Month::from_unix_ms(NOV), subject).spend_micros
+    }
+
+    #[test]
+    fn a_reserve_fits_every_limit_or_is_refused_with_what_would_fit() {
+        let mut s = org();
+        let eng = Subject::Group(s.dir.groups["eng"].idx);
+        let (d, h) = hold(&mut s, "ka", None, "r1", 500_000, NOV).unwrap();
+        assert!(d.allowed, "{d:?}");
+        assert_eq!(h.unwrap().held_micros, 500_000);
+        // Held on every scope: alice, ka, eng and the org.
+        for subject in [Subject::User(0), Subject::Key(0), eng, Subject::Org] {
+            assert_eq!(s.meter.holds.held(subject), 500_000, "{subject:?}");
+        }
+        // ka has $0.10 left: a reserve of $0.11 is refused, never clamped.
+        let (d, h) = hold(&mut s, "ka", None, "r2", 110_000, NOV).unwrap();
+        assert_eq!(d.reason, Reason::KeyMonthlyLimit, "{d:?}");
+        assert_eq!(d.affordable_micros, Some(100_000));
+        assert!(
+            d.message.contains("monthly limit of $0.60"),
+            "{}",
+            d.message
+        );
+        assert!(h.is_none());
+        assert_eq!(s.meter.holds.held(Subject::Org), 500_000, "all or none");
+        // bob on the group key: eng has $0.50 left after alice's hold.
+        let (d, _) = hold(&mut s, "kg", Some("bob"), "r3", 600_000, NOV).unwrap();
+        assert_eq!(d.reason, Reason::GroupMonthlyLimit, "{d:?}");
+        assert_eq!(d.affordable_micros, Some(500_000));
+        let (d, _) = hold(&mut s, "kb", None, "r3", 500_000, NOV).unwrap();
+        assert!(d.allowed, "{d:?}");
+        // eng is fully held: a plain authorize counts holds as spent.
+        let d = authorize(&s, &s.dir.keys["kb"], None, None, NOV, 0);
+        assert_eq!(d.reason, Reason::GroupMonthlyLimit, "{d:?}");
+        assert!(d.message.contains("held $1.00"), "{}", d.message);
+        // Settling: alice's call cost $0.20, not $0.50; bob's nothing.
+        usage(&mut s, "r1", "alice", "ka", 200_000, NOV + 5);
+        assert_eq!(s.meter.holds.held(eng), 500_000);
+        assert_eq!(spent(&s, eng), 200_000);
+        let d = authorize(&s, &s.dir.keys["kb"], None, None, NOV, 0);
+        assert_eq!(d.remaining_micros, Some(300_000), "{d:?}");
+        assert_eq!(s.meter.holds.take_counts().settled, 1);
+    }
+
+    #[test]
+    fn a_repeat_returns_the_same_hold_and_a_different_one_conflicts() {
+        let mut s = org();
+        let (_, first) = hold(&mut s, "ka", None, "r1", 300_000, NOV).unwrap();
+        let (d, again) = hold(&mut s, "ka", None, "r1", 300_000, NOV + 1_000).unwrap();
+        assert!(d.allowed, "{d:?}");
+        let (first, again) = (first.unwrap(), again.unwrap());
+        assert_eq!(first.expires_at_ms, again.expires_at_ms);
+        assert!(first.new && !again.new);
+        assert_eq!(s.meter.holds.held(Subject::Org), 300_000, "never a second");
+        let other = hold(&mut s, "ka", None, "r1", 300_001, NOV).unwrap_err();
+        assert!(matches!(other, HoldConflict::Differs { .. }), "{other}");
+        let other = hold(&mut s, "kg", Some("alice"), "r1", 300_000, NOV).unwrap_err();
+        assert!(matches!(other, HoldConflict::Differs { .. }), "{other}");
+        usage(&mut s, "r1", "alice", "ka", 300_000, NOV + 5);
+        let counted = hold(&mut s, "ka", None, "r1", 300_000, NOV + 10).unwrap_err();
+        assert_eq!(counted, HoldConflict::Counted("r1".into()));
+    }
+
+    #[test]
+    fn expiry_and_release_free_the_budget() {
+        let mut s = org();
+        let (_, h) = hold(&mut s, "ka", None, "r1", 600_000, NOV).unwrap();
+        let expires = h.unwrap().expires_at_ms;
+        assert!(!hold(&mut s, "ka", None, "r2", 1, NOV).unwrap().0.allowed);
+        assert_eq!(s.meter.holds.expire(expires - 1), 0);
+        assert_eq!(s.meter.holds.expire(expires), 1);
+        assert!(
+            hold(&mut s, "ka", None, "r2", 600_000, expires)
+                .unwrap()
+                .0
+                .allowed
+        );
+        assert!(s.meter.holds.remove("r2").is_some());
+        assert_eq!(s.meter.holds.held(Subject::Org), 0);
+        // The first call's usage arrives after its hold expired: counted in
+        // full, and counted as late.
+        usage(&mut s, "r1", "alice", "ka", 700_000, NOV + 5);
+        assert_eq!(spent(&s, Subject::Key(0)), 700_000);
+        assert_eq!(s.meter.holds.take_counts().usage_after_expiry, 1);
+    }
+
+    /// An org's first usage on a partition resets its meter; the holds
+    /// placed before it stay (they were dropped: 113 calls admitted on a
+    /// $1.00 org limit in the suite's group scenario).
+    #[test]
+    fn holds_outlive_a_meter_reset() {
+        let mut s = org();
+        let (d, _) = hold(&mut s, "kb", None, "r1", USD, NOV).unwrap();
+        assert!(d.allowed, "{d:?}");
+        s.reset_meter();
+        assert_eq!(s.meter.holds.held(Subject::Org), USD);
+        let (d, _) = hold(&mut s, "kb", None, "r2", 1, NOV).unwrap();
+        assert_eq!(d.reason, Reason::GroupMonthlyLimit, "{d:?}");
+    }
+
+    /// Only counted usage settles: refused usage leaves its hold (so a
+    /// restart, which goes by the counted request ids, agrees).
+    #[test]
+    fn refused_usage_leaves_its_hold() {
+        let mut s = org();
+        let (d, _) = hold(&mut s, "ka", None, "r1", 100_000, NOV).unwrap();
+        assert!(d.allowed, "{d:?}");
+        let ahead = NOV + 3_600_000;
+        let ev = RawUsage {
+            request_id: "r1",
+            org_id: "acme",
+            user_id: "alice",
+            api_key_id: "ka",
+            cost_micros: Some(100_000),
+            occurred_at_ms: Some(ahead),
+            ..RawUsage::default()
+        }
+        .validate()
+        .unwrap();
+        assert_eq!(
+            s.apply_usage(&ev, NOV),
+            crate::org::UsageOutcome::Rejected(crate::org::Rejection::FromTheFuture)
+        );
+        assert!(s.meter.holds.get("r1").is_some());
+        usage(&mut s, "r1", "alice", "ka", 100_000, NOV + 5);
+        assert!(s.meter.holds.get("r1").is_none());
+        assert_eq!(s.meter.holds.held(Subject::Org), 0);
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        /// Who calls (alice on ka, bob on kb, alice or bob on kg), request, reserve, TTL.
+        Reserve(u8, u8, i64, i64),
+        /// The request's usage with its actual cost (plain usage for a
+        /// request that holds nothing).
+        Usage(u8, i64),
+        Release(u8),
+        Wait(i64),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            4 => (0u8..4, 0u8..40, 0i64..400_000, 1_000i64..100_000).prop_map(|(w, r, m, t)| Op::Reserve(w, r, m, t)),
+            3 => (0u8..40, 0i64..500_000).prop_map(|(r, c)| Op::Usage(r, c)),
+            1 => (0u8..40).prop_map(Op::Release),
+            1 => (0i64..60_000).prop_map(Op::Wait),
+        ]
+    }
+
+    /// held(s) = the sum of the live holds placed on s, for every subject.
+    fn sums_match(s: &OrgState) -> Result<(), TestCaseError> {
+        let mut subjects = vec![Subject::Org];
+        subjects.extend((0..2).map(Subject::User));
+        subjects.extend((0..3).map(Subject::Key));
+        subjects.push(Subject::Group(0));
+        for subject in subjects {
+            let sum: i64 = s
+                .meter
+                .holds
+                .iter()
+                .filter(|(_, h)| h.subjects().any(|x| x == subject))
+                .map(|(_, h): (&str, &Hold)| h.amount_micros)
+                .sum();
+            prop_assert_eq!(s.meter.holds.held(subject), sum, "{:?}", subject);
+        }
+        Ok(())
+    }
+
+    proptest! {
+        /// For any interleaving of reserve, settle, release, expiry and plain
+        /// usage, every admitted reserve leaves committed + held within every
+        /// limit it counts against, and held equals the live holds' sum.
+        #[test]
+        fn admitted_reserves_never_pass_a_limit(ops in proptest::collection::vec(op(), 1..300)) {
+            let mut s = org();
+            let mut now = NOV;
+            let callers = [("ka", None, "alice"), ("kb", None, "bob"), ("kg", Some("alice"), "alice"), ("kg", Some("bob"), "bob")];
+            let mut who_of: std::collections::HashMap<u8, usize> = Default::default();
+            for op in ops {
+                let _ = s.meter.holds.expire(now);
+                match op {
+                    Op::Reserve(w, r, micros, ttl) => {
+                        let (k, hint, _) = callers[w as usize];
+                        let req = HoldRequest { request_id: &format!("r{r}"), reserve_micros: micros, ttl_ms: ttl };
+                        let Ok((d, h)) = reserve(&mut s, &key(k), None, hint, req, now) else { continue };
+                        if let Some(h) = h.filter(|h| h.new) {
+                            prop_assert!(d.allowed);
+                            let _ = who_of.insert(r, w as usize);
+                            let placed = s.meter.holds.get(&format!("r{r}")).unwrap().clone();
+                            for subject in placed.subjects() {
+                                let limit = match subject {
+                                    Subject::Org => s.dir.monthly_limit_micros,
+                                    Subject::User(_) => None,
+                                    Subject::Key(i) => s.dir.keys[s.dir.key_ids[i as usize].as_str()].monthly_limit_micros,
+                                    Subject::Group(i) => s.dir.group_limit(i),
+                                };
+                                if let Some(limit) = limit {
+                                    let used = spent(&s, subject) + s.meter.holds.held(subject);
+                                    prop_assert!(used <= limit, "{subject:?}: {used} > {limit} after {h:?}");
+                                }
+                            }
+                        }
+                    }
+                    Op::Usage(r, cost) => {
+                        let w = who_of.get(&r).copied().unwrap_or(usize::from(r) % 4);
+                        let (k, _, u) = callers[w];
+                        usage(&mut s, &format!("r{r}"), u, k, cost, now);
+                        prop_assert!(s.meter.holds.get(&format!("r{r}")).is_none(), "settled");
+                    }
+                    Op::Release(r) => { let _ = s.meter.holds.remove(&format!("r{r}")); }
+                    Op::Wait(ms) => now += ms,
+                }
+                sums_match(&s)?;
+            }
+        }
     }
 }

@@ -120,6 +120,11 @@ impl DedupeWindow {
             || occurred_ms.div_euclid(MS_PER_HOUR) < self.floor_hour
     }
 
+    /// Whether `hash` is remembered (counted within the window).
+    pub fn contains(&self, hash: RequestHash) -> bool {
+        self.seen.contains(&hash)
+    }
+
     /// Looks without remembering.
     pub fn check(&self, hash: RequestHash, occurred_ms: i64, watermark_ms: i64) -> Seen {
         if self.too_late(occurred_ms, watermark_ms) {

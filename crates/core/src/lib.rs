@@ -10,13 +10,15 @@
 //! - [`ledger`]: monthly spend per user, group, key and org, thresholds and
 //!   cutoffs; [`dedupe`]: the bounded request-id window.
 //! - [`org`]: one org's whole state (directory + meter), the unit of locking.
-//! - [`authorize`]: may this key make this call, and why not.
+//! - [`authorize`]: may this key make this call, and why not; with a
+//!   reserve, the [`holds`] that make admission exact under concurrency.
 
 pub mod authorize;
 pub mod dedupe;
 pub mod entity;
 pub mod fast;
 pub mod gauges;
+pub mod holds;
 pub mod ids;
 pub mod ledger;
 pub mod money;

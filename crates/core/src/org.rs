@@ -4,6 +4,7 @@
 
 use crate::dedupe::{DedupeConfig, DedupeWindow, RequestHash, Seen, hash_request_id};
 use crate::entity::{EntityEvent, EventKind, OrgDirectory};
+use crate::holds::Holds;
 use crate::ledger::{Budget, Counter, DayDelta, Enforcement, Ledger, Subject, SubjectKind};
 use crate::time::{Day, MS_PER_HOUR, Month};
 use crate::usage::UsageEvent;
@@ -92,6 +93,8 @@ pub struct OrgMeter {
     /// mirror the states its metering process publishes (for authorize), and
     /// nothing here fires enforcement events or goes to a checkpoint.
     pub owned: bool,
+    /// Budget reserved for calls in flight (only where the org is metered).
+    pub holds: Holds,
     config: MeterConfig,
     /// The month whose start was last handled by [`OrgState::new_month`].
     rolled: Option<Month>,
@@ -203,6 +206,7 @@ impl OrgState {
                 dedupe: DedupeWindow::new(config.dedupe),
                 watermark_ms: 0,
                 owned: true,
+                holds: Holds::default(),
                 config,
                 rolled: None,
             },
@@ -283,7 +287,16 @@ impl OrgState {
             .dedupe
             .insert(hash_request_id(&ev.request_id), at, meter.watermark_ms)
         {
-            Seen::New => {}
+            // Counted: the call's hold goes (usage is a fact, counted in
+            // full, above or below the hold). Only counted usage settles,
+            // so a hold is settled exactly when its request id is in the
+            // dedupe window, which is what a restart goes by. Usage refused
+            // above leaves its hold to a release or its TTL.
+            Seen::New => {
+                if !meter.holds.is_idle() {
+                    let _ = meter.holds.settle(&ev.request_id);
+                }
+            }
             Seen::Duplicate => return UsageOutcome::Duplicate,
             Seen::TooLate => return UsageOutcome::Rejected(Rejection::TooLate),
         }
@@ -353,13 +366,16 @@ impl OrgState {
         self.meter.ledger.has_changes()
     }
 
-    /// Forgets the meter (before loading a checkpoint into it).
+    /// Forgets the meter (before loading a checkpoint into it), holds
+    /// excepted.
     pub fn reset_meter(&mut self) {
         let m = &mut self.meter;
         m.ledger.clear();
         m.dedupe = DedupeWindow::new(m.config.dedupe);
         m.watermark_ms = 0;
         m.rolled = None;
+        // Holds are not checkpointed state: an org's first usage on a
+        // partition must not drop the holds placed before it.
     }
 
     /// Mirrors a counter published by the process that meters this org.

@@ -50,11 +50,19 @@ impl Engine {
             let Some(cell) = self.registry.org(org_id) else {
                 continue;
             };
-            let (g, users) = {
+            let (g, users, held, holds) = {
                 let org = cell.read();
-                (org.gauges(month), org.top_users(month, o.top_users))
+                let h = &org.meter.holds;
+                (
+                    org.gauges(month),
+                    org.top_users(month, o.top_users),
+                    h.held(tally_core::ledger::Subject::Org),
+                    h.len(),
+                )
             };
             let org = org_id.to_string();
+            metrics::gauge!(m::ORG_HELD, "org" => org.clone()).set(value(held));
+            metrics::gauge!(m::ORG_HOLDS, "org" => org.clone()).set(holds as f64);
             metrics::gauge!(m::ORG_SPEND, "org" => org.clone()).set(value(g.spend_micros));
             if let Some(l) = g.limit_micros {
                 metrics::gauge!(m::ORG_LIMIT, "org" => org.clone()).set(value(l));

@@ -9,6 +9,7 @@ pub mod commands;
 pub mod embedded;
 pub mod gauges;
 pub mod health;
+pub mod holds;
 pub mod meter;
 pub mod metrics;
 pub mod registry;
@@ -28,6 +29,7 @@ use tally_store::Db;
 
 use crate::clock::Clock;
 use crate::commands::Commands;
+use crate::holds::{HoldJournal, HoldOptions};
 use crate::meter::{IngestReport, Meter, MeterOptions};
 use crate::registry::Registry;
 
@@ -46,6 +48,9 @@ pub enum Error {
     StoreFault(health::Fault),
     #[error("corrupt state: {0}")]
     Corrupt(String),
+    /// A reserve names a live hold with other terms, or a counted call.
+    #[error("{0}")]
+    HoldConflict(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -77,6 +82,7 @@ pub trait UsageSink: Send + Sync + std::fmt::Debug {
 pub struct EngineOptions {
     pub meter: MeterOptions,
     pub meter_config: MeterConfig,
+    pub holds: HoldOptions,
 }
 
 /// Who is calling, from a bearer token.
@@ -95,6 +101,8 @@ pub struct Engine {
     pub commands: Arc<Commands>,
     pub meter: Arc<Meter>,
     sink: OnceLock<Arc<dyn UsageSink>>,
+    hold_journal: OnceLock<Arc<HoldJournal>>,
+    hold_options: HoldOptions,
     clock: Arc<dyn Clock>,
     operator_token_hash: SecretHash,
 }
@@ -145,6 +153,8 @@ impl Engine {
             commands,
             meter,
             sink: OnceLock::new(),
+            hold_journal: OnceLock::new(),
+            hold_options: opts.holds,
             clock,
             operator_token_hash,
         })
@@ -181,6 +191,7 @@ impl Engine {
     }
 
     /// The gateway's question: may the holder of `secret` make this call?
+    /// Live holds count as spent.
     pub fn authorize(
         &self,
         secret: &str,
@@ -189,33 +200,48 @@ impl Engine {
     ) -> (Option<OrgId>, Decision) {
         let started = Instant::now();
         let hash = hash_secret(secret);
-        let decision = match self.registry.org_of_key(&hash) {
+        let found = self
+            .registry
+            .org_of_key(&hash)
+            .and_then(|o| self.registry.org(&o).map(|c| (o, c)));
+        let decision = match found {
             None => (None, Decision::unknown_key()),
-            Some(org_id) => match self.registry.org(&org_id) {
-                None => (None, Decision::unknown_key()),
-                Some(cell) => {
+            Some((org_id, cell)) => {
+                let now = self.clock.now_ms();
+                let decide = |org: &tally_core::org::OrgState| {
+                    org.dir
+                        .key_by_hash(&hash)
+                        .map(|key| authorize(org, key, feature, user_id, now, 0))
+                };
+                let d = {
                     let org = cell.read();
-                    match org.dir.key_by_hash(&hash) {
-                        Some(key) => {
-                            let d = authorize(&org, key, feature, user_id, self.clock.now_ms());
-                            (Some(org_id), d)
-                        }
-                        None => (None, Decision::unknown_key()),
-                    }
+                    (org.meter.holds.next_expiry_ms() > now).then(|| decide(&org))
+                };
+                // A hold is due to expire: free it first, so an expired
+                // hold never counts.
+                let d = d.unwrap_or_else(|| {
+                    let mut org = cell.write();
+                    let _ = org.meter.holds.expire(now);
+                    decide(&org)
+                });
+                match d {
+                    Some(d) => (Some(org_id), d),
+                    None => (None, Decision::unknown_key()),
                 }
-            },
+            }
         };
-        let outcome = if decision.1.allowed {
-            "allowed"
-        } else {
-            "denied"
-        };
-        ::metrics::counter!(crate::metrics::AUTHORIZE_DECISIONS, "outcome" => outcome, "reason" => decision.1.reason.as_str())
-            .increment(1);
-        ::metrics::histogram!(crate::metrics::AUTHORIZE_SECONDS)
-            .record(started.elapsed().as_secs_f64());
+        record_decision(&decision.1, "plain", started);
         decision
     }
+}
+
+/// Counts and times one authorize decision.
+pub(crate) fn record_decision(d: &Decision, kind: &'static str, started: Instant) {
+    let outcome = if d.allowed { "allowed" } else { "denied" };
+    ::metrics::counter!(crate::metrics::AUTHORIZE_DECISIONS, "outcome" => outcome, "reason" => d.reason.as_str())
+        .increment(1);
+    ::metrics::histogram!(crate::metrics::AUTHORIZE_SECONDS, "kind" => kind)
+        .record(started.elapsed().as_secs_f64());
 }
 
 /// A new secret: `prefix` and 256 random bits in hex.

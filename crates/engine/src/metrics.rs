@@ -18,6 +18,14 @@ pub const COMMANDS: &str = "tally_commands_total";
 pub const AUTHORIZE_DECISIONS: &str = "tally_authorize_decisions_total";
 /// Seconds one authorize decision took in process.
 pub const AUTHORIZE_SECONDS: &str = "tally_authorize_duration_seconds";
+/// Holds by `event`: placed, settled, released, expired.
+pub const HOLDS: &str = "tally_holds_total";
+/// Usage that arrived after its hold had expired (counted in full).
+pub const USAGE_AFTER_HOLD_EXPIRED: &str = "tally_usage_after_hold_expired_total";
+/// What an `org`'s live holds hold, in micro-USD.
+pub const ORG_HELD: &str = "tally_org_held_micros";
+/// An `org`'s live holds.
+pub const ORG_HOLDS: &str = "tally_org_holds";
 /// Seconds one batch of usage took to apply to the meters.
 pub const APPLY_SECONDS: &str = "tally_apply_duration_seconds";
 /// Micro-USD counted per `org` by this process (for rates; a partition
@@ -96,6 +104,18 @@ pub fn describe() {
         Unit::Seconds,
         "duration of an authorize decision in process"
     );
+    describe_counter!(
+        HOLDS,
+        Unit::Count,
+        "holds placed, settled, released and expired"
+    );
+    describe_counter!(
+        USAGE_AFTER_HOLD_EXPIRED,
+        Unit::Count,
+        "usage that arrived after its hold expired (counted in full)"
+    );
+    describe_gauge!(ORG_HELD, "what an org's live holds hold, micro-USD");
+    describe_gauge!(ORG_HOLDS, Unit::Count, "an org's live holds");
     describe_histogram!(
         APPLY_SECONDS,
         Unit::Seconds,

@@ -21,7 +21,7 @@ pub(crate) struct Cli {
 #[derive(Debug, Subcommand)]
 pub(crate) enum Command {
     /// Run the service: HTTP API, metering engine, checkpoints.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Drop every read model and project the whole entity log again.
     RebuildProjections(StoreArgs),
     /// End-to-end figures on this machine: HTTP ingest, authorize latency,
@@ -119,6 +119,18 @@ pub(crate) struct ServeArgs {
     /// most spending first [default: 1000].
     #[arg(long, env = "TALLY_METRICS_GROUPS_MAX")]
     pub(crate) metrics_groups_max: Option<usize>,
+    /// How long a hold lives unsettled when authorize names no
+    /// `hold_ttl_ms` [default: 600000].
+    #[arg(long, env = "TALLY_HOLD_TTL_DEFAULT_MS")]
+    pub(crate) hold_ttl_default_ms: Option<i64>,
+    /// The longest `hold_ttl_ms` authorize accepts, 1000 to 3600000
+    /// [default: 3600000].
+    #[arg(long, env = "TALLY_HOLD_TTL_MAX_MS")]
+    pub(crate) hold_ttl_max_ms: Option<i64>,
+    /// Where the embedded mode journals live holds [default: <data-dir>/holds;
+    /// embedded on --database-url, holds need this].
+    #[arg(long, env = "TALLY_HOLDS_DIR")]
+    pub(crate) holds_dir: Option<PathBuf>,
     #[command(flatten)]
     pub(crate) webhooks: WebhookArgs,
     #[command(flatten)]
@@ -187,6 +199,9 @@ pub(crate) struct ServeConfig {
     pub(crate) metrics_groups_max: usize,
     pub(crate) webhooks: tally_webhooks::SenderOptions,
     pub(crate) kafka: Option<tally_kafka::KafkaOptions>,
+    pub(crate) holds: tally_engine::holds::HoldOptions,
+    /// Where live holds are journaled (embedded mode only).
+    pub(crate) holds_dir: Option<PathBuf>,
 }
 
 /// The file layer: the same options, snake_case; unknown keys are errors.
@@ -207,6 +222,9 @@ struct FileConfig {
     log_format: Option<String>,
     metrics_top_users: Option<usize>,
     metrics_groups_max: Option<usize>,
+    hold_ttl_default_ms: Option<i64>,
+    hold_ttl_max_ms: Option<i64>,
+    holds_dir: Option<PathBuf>,
     webhook_timeout_ms: Option<u64>,
     webhook_retry_base_ms: Option<u64>,
     webhook_retry_max_ms: Option<u64>,
@@ -349,6 +367,29 @@ impl ServeConfig {
         if metrics_groups_max > 100_000 {
             bail!("metrics groups max must be 0 to 100000, got {metrics_groups_max}");
         }
+        let ttl_max = args
+            .hold_ttl_max_ms
+            .or(file.hold_ttl_max_ms)
+            .unwrap_or(tally_core::holds::HOLD_TTL_MAX_MS);
+        let ttl_range = tally_core::holds::HOLD_TTL_MIN_MS..=tally_core::holds::HOLD_TTL_MAX_MS;
+        if !ttl_range.contains(&ttl_max) {
+            bail!("hold TTL max must be 1000 to 3600000 ms, got {ttl_max} ms");
+        }
+        let ttl_default = args
+            .hold_ttl_default_ms
+            .or(file.hold_ttl_default_ms)
+            .unwrap_or(tally_core::holds::HOLD_TTL_DEFAULT_MS.min(ttl_max));
+        if !(tally_core::holds::HOLD_TTL_MIN_MS..=ttl_max).contains(&ttl_default) {
+            bail!(
+                "hold TTL default must be 1000 ms to the TTL max ({ttl_max} ms), got {ttl_default} ms"
+            );
+        }
+        let holds_dir = match (args.holds_dir.or(file.holds_dir), &data_dir, &kafka) {
+            (_, _, Some(_)) => None,
+            (Some(dir), _, None) => Some(dir),
+            (None, Some(data), None) => Some(data.join("holds")),
+            (None, None, None) => None,
+        };
         let w = args.webhooks;
         let ms = |name: &str, v: Option<u64>, default: u64, max: u64| -> anyhow::Result<Duration> {
             let v = v.unwrap_or(default);
@@ -428,6 +469,11 @@ impl ServeConfig {
             metrics_groups_max,
             webhooks,
             kafka,
+            holds: tally_engine::holds::HoldOptions {
+                ttl_default_ms: ttl_default,
+                ttl_max_ms: ttl_max,
+            },
+            holds_dir,
         })
     }
 }

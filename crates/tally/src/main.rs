@@ -17,6 +17,7 @@ use tally_core::org::MeterConfig;
 use tally_core::secret::{SecretHash, hash_secret};
 use tally_engine::clock::SystemClock;
 use tally_engine::embedded::EmbeddedLog;
+use tally_engine::holds::HoldJournal;
 use tally_engine::meter::MeterOptions;
 use tally_engine::{Engine, EngineOptions, random_secret};
 use tally_store::{Db, DbOptions, redact};
@@ -42,7 +43,7 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     match cli.command {
         Command::Serve(args) => {
-            let cfg = ServeConfig::load(cli.config.as_deref(), args)?;
+            let cfg = ServeConfig::load(cli.config.as_deref(), *args)?;
             init_logs(cfg.json_logs);
             runtime.block_on(serve(cfg))
         }
@@ -168,6 +169,7 @@ async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
             },
             ..MeterConfig::default()
         },
+        holds: cfg.holds,
     };
     let engine =
         Arc::new(Engine::start(db.clone(), Arc::new(SystemClock), opts, token_hash).await?);
@@ -185,6 +187,26 @@ async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
             let exclusive = exclusive_use(&cfg, &db).await?;
             let log = Arc::new(EmbeddedLog::recover(Arc::clone(&engine.meter)).await?);
             engine.set_sink(Arc::clone(&log) as Arc<dyn tally_engine::UsageSink>);
+            // After the recovery: a hold whose usage was counted is settled.
+            if let Some(dir) = &cfg.holds_dir {
+                let (journal, restored) = HoldJournal::open(dir, &engine.registry, engine.now_ms())
+                    .with_context(|| format!("opening the hold journal in {}", dir.display()))?;
+                tracing::info!(
+                    live = restored.live,
+                    expired = restored.expired,
+                    settled = restored.settled,
+                    orphaned = restored.orphaned,
+                    unreadable = restored.unreadable,
+                    "holds restored"
+                );
+                if restored.unreadable > 0 {
+                    tracing::warn!(
+                        lines = restored.unreadable,
+                        "the hold journal had unreadable lines; their holds are gone"
+                    );
+                }
+                engine.set_hold_journal(Arc::new(journal));
+            }
             Mode::Embedded { log, exclusive }
         }
     };
@@ -243,6 +265,23 @@ async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
         tally_webhooks::Sender::new(db.clone(), Arc::clone(&webhook_keys), cfg.webhooks.clone())
             .map_err(|e| anyhow::anyhow!(e))?;
     let webhooks = tokio::spawn(sender.run(stop_rx.clone()));
+    let hold_upkeep = tokio::spawn({
+        let engine = Arc::clone(&engine);
+        let stop = stopped(stop_rx.clone());
+        async move {
+            tokio::pin!(stop);
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+            loop {
+                tokio::select! {
+                    () = &mut stop => return,
+                    _ = tick.tick() => {
+                        let engine = Arc::clone(&engine);
+                        let _ = tokio::task::spawn_blocking(move || engine.hold_upkeep()).await;
+                    }
+                }
+            }
+        }
+    });
     let upkeep = tokio::spawn({
         let handle = metrics.clone();
         let stop = stopped(stop_rx.clone());
@@ -293,6 +332,9 @@ async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
     let _ = stop_tx.send(true);
     let _ = meter_loop.await;
     let _ = upkeep.await;
+    let _ = hold_upkeep.await;
+    // The last holds written survive a power loss too.
+    engine.hold_upkeep();
     let _ = webhooks.await;
     let _ = housekeeping.await;
     let exclusive = match mode {

@@ -1,0 +1,112 @@
+//! Holds: the live ones of an org, and release for a call that failed or
+//! was cancelled (authorize places them, usage settles them).
+
+use axum::Json;
+use axum::extract::{Path, State};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tally_core::ids::check_request_id;
+
+use crate::cursor;
+use crate::dto::{ListJson, time};
+use crate::error::{ApiError, ApiResult};
+use crate::extract::{Caller, Params};
+use crate::{AppState, org_access, page_len};
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub(crate) struct HoldRowJson {
+    request_id: String,
+    user_id: String,
+    api_key_id: String,
+    /// The groups it is held on (the user's and the key's when placed).
+    group_ids: Vec<String>,
+    /// Held on the user, the key, each group and the org alike.
+    held_micros: i64,
+    placed_at: String,
+    expires_at: String,
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct PageParams {
+    cursor: Option<String>,
+    limit: Option<u32>,
+}
+
+/// The org's live holds, by request id.
+#[utoipa::path(get, path = "/v1/orgs/{org}/holds", tag = "holds", params(("org" = String, Path, description = "org id"), PageParams), responses((status = 200, body = ListJson<HoldRowJson>), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org", body = crate::error::ErrorBody)))]
+pub(crate) async fn list(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(org): Path<String>,
+    Params(p): Params<PageParams>,
+) -> ApiResult<Json<ListJson<HoldRowJson>>> {
+    let org_id = org_access(&state, &caller, &org)?;
+    let limit = page_len(p.limit)? as usize;
+    let after = match &p.cursor {
+        Some(c) => Some(
+            cursor::decode_after("holds", c)?
+                .as_str()
+                .map(str::to_owned)
+                .ok_or_else(|| ApiError::invalid("cursor is malformed"))?,
+        ),
+        None => None,
+    };
+    let mut rows = state
+        .engine
+        .live_holds(&org_id, after.as_deref(), limit + 1)?;
+    let more = rows.len() > limit;
+    rows.truncate(limit);
+    let next_cursor = more
+        .then(|| {
+            rows.last()
+                .map(|h| cursor::encode_after("holds", &json!(h.request_id)))
+        })
+        .flatten();
+    let items = rows
+        .into_iter()
+        .map(|h| HoldRowJson {
+            request_id: h.request_id,
+            user_id: h.user_id,
+            api_key_id: h.api_key_id,
+            group_ids: h.group_ids,
+            held_micros: h.held_micros,
+            placed_at: time(h.placed_at_ms),
+            expires_at: time(h.expires_at_ms),
+        })
+        .collect();
+    Ok(Json(ListJson { items, next_cursor }))
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub(crate) struct ReleasedJson {
+    request_id: String,
+    /// What the release found: `released` (a live hold, freed now),
+    /// `settled` (its usage was counted), `expired`, or `unknown`.
+    found: &'static str,
+    /// What was freed (0 unless `released`).
+    released_micros: i64,
+}
+
+/// Frees a hold at once, for a call that failed or was cancelled.
+/// Idempotent: a hold that is not live answers 200 with what was found.
+#[utoipa::path(delete, path = "/v1/orgs/{org}/holds/{request_id}", tag = "holds", params(("org" = String, Path, description = "org id"), ("request_id" = String, Path)), responses((status = 200, body = ReleasedJson), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org", body = crate::error::ErrorBody), (status = 503, description = "holds are unavailable (distributed mode) or the journal cannot be written", body = crate::error::ErrorBody)))]
+pub(crate) async fn release(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((org, request_id)): Path<(String, String)>,
+) -> ApiResult<Json<ReleasedJson>> {
+    let org_id = org_access(&state, &caller, &org)?;
+    check_request_id(&request_id).map_err(|e| ApiError::invalid(e.to_string()))?;
+    let found = state.engine.release(&org_id, &request_id)?;
+    let released_micros = match found {
+        tally_engine::holds::ReleaseFound::Released { held_micros } => held_micros,
+        _ => 0,
+    };
+    Ok(Json(ReleasedJson {
+        request_id,
+        found: found.as_str(),
+        released_micros,
+    }))
+}

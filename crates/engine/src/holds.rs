@@ -1,0 +1,708 @@
+//! Holds in the running engine: reserving authorize, release, expiry, and
+//! the journal that keeps live holds across a restart or a `kill -9`.
+//!
+//! The journal is a directory of append-only segments, one line per record:
+//!
+//! ```text
+//! P <org> <request_id> <user> <key> <micros> <placed_ms> <expires_ms> [<group> …]
+//! R <org> <request_id>
+//! ```
+//!
+//! Ids contain no spaces (entity ids are `[A-Za-z0-9._-]`, request ids
+//! printable ASCII without spaces), so the fields need no quoting. A reserve
+//! is answered after its line was written to the file (it survives the
+//! process being killed at once) and the file is synced every second (a
+//! power loss loses at most that second of holds: their budget opens again
+//! until their usage arrives, which is counted in full). Settlement writes
+//! nothing: on restart a hold whose request id the meter counted is dropped,
+//! and expiry is a function of the clock. At start, and when a segment
+//! passes [`SEGMENT_BYTES_MAX`], the live holds are written to a new segment
+//! and the older ones deleted.
+
+use std::fmt::Write as _;
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Write as _};
+use std::path::{Path, PathBuf};
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use parking_lot::Mutex;
+use tally_core::authorize::{Decision, HoldRequest, PlacedHold, reserve};
+use tally_core::dedupe::hash_request_id;
+use tally_core::holds::Hold;
+use tally_core::ids::OrgId;
+use tally_core::ledger::SubjectKind;
+use tally_core::org::OrgState;
+use tally_core::secret::hash_secret;
+
+use crate::registry::Registry;
+use crate::{Error, Result};
+
+/// A segment past this size is compacted into a new one.
+pub const SEGMENT_BYTES_MAX: u64 = 64 << 20;
+
+#[derive(Debug)]
+struct Segment {
+    n: u64,
+    file: File,
+    bytes: u64,
+    /// A write failed part way: its fragment (no newline) ends this
+    /// segment, and the next record goes to a new one.
+    broken: bool,
+}
+
+/// The embedded mode's record of placed and released holds.
+#[derive(Debug)]
+pub struct HoldJournal {
+    dir: PathBuf,
+    current: Mutex<Segment>,
+    /// A compaction or a sync failed: rewrite every live hold to a new
+    /// segment at the next upkeep.
+    redo: std::sync::atomic::AtomicBool,
+}
+
+/// What [`HoldJournal::open`] found.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Restored {
+    pub live: usize,
+    pub expired: usize,
+    /// Their usage was counted before the restart.
+    pub settled: usize,
+    /// Their org, user, key or group is not known (any more).
+    pub orphaned: usize,
+    /// Lines that could not be read (a torn last line is not one).
+    pub unreadable: usize,
+}
+
+fn segment_path(dir: &Path, n: u64) -> PathBuf {
+    dir.join(format!("{n:012}.holds"))
+}
+
+fn segments(dir: &Path) -> Result<Vec<u64>> {
+    let mut ns = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(|e| io("reading", dir, &e))? {
+        let entry = entry.map_err(|e| io("reading", dir, &e))?;
+        let name = entry.file_name();
+        let Some(n) = name
+            .to_str()
+            .and_then(|s| s.strip_suffix(".holds"))
+            .and_then(|s| s.parse().ok())
+        else {
+            continue;
+        };
+        ns.push(n);
+    }
+    ns.sort_unstable();
+    Ok(ns)
+}
+
+/// Makes the directory's entries (new and deleted segments) durable.
+fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| io("syncing", dir, &e))
+}
+
+fn io(what: &str, path: &Path, e: &std::io::Error) -> Error {
+    Error::Unavailable(format!("hold journal: {what} {}: {e}", path.display()))
+}
+
+/// One placed hold as a journal line.
+fn placed_line(out: &mut String, org: &OrgState, request_id: &str, h: &Hold) {
+    let dir = &org.dir;
+    let _ = write!(
+        out,
+        "P {} {request_id} {} {} {} {} {}",
+        dir.id,
+        dir.user_ids[h.user as usize],
+        dir.key_ids[h.key as usize],
+        h.amount_micros,
+        h.placed_at_ms,
+        h.expires_at_ms
+    );
+    for &g in &h.groups {
+        let _ = write!(out, " {}", dir.group_ids[g as usize]);
+    }
+    out.push('\n');
+}
+
+enum Record<'a> {
+    Placed {
+        org: &'a str,
+        request_id: &'a str,
+        user: &'a str,
+        key: &'a str,
+        micros: i64,
+        placed_ms: i64,
+        expires_ms: i64,
+        groups: Vec<&'a str>,
+    },
+    Released {
+        org: &'a str,
+        request_id: &'a str,
+    },
+}
+
+fn parse(line: &str) -> Option<Record<'_>> {
+    let mut f = line.split(' ');
+    match f.next()? {
+        "P" => {
+            let org = f.next()?;
+            let request_id = f.next()?;
+            let user = f.next()?;
+            let key = f.next()?;
+            let micros = f.next()?.parse().ok()?;
+            let placed_ms = f.next()?.parse().ok()?;
+            let expires_ms = f.next()?.parse().ok()?;
+            Some(Record::Placed {
+                org,
+                request_id,
+                user,
+                key,
+                micros,
+                placed_ms,
+                expires_ms,
+                groups: f.collect(),
+            })
+        }
+        "R" => {
+            let org = f.next()?;
+            let request_id = f.next()?;
+            f.next()
+                .is_none()
+                .then_some(Record::Released { org, request_id })
+        }
+        _ => None,
+    }
+}
+
+/// A hold as read back, resolved against the org's directory.
+fn resolve(
+    org: &OrgState,
+    user: &str,
+    key: &str,
+    groups: &[&str],
+    micros: i64,
+    placed_ms: i64,
+    expires_ms: i64,
+) -> Option<Hold> {
+    let dir = &org.dir;
+    let groups: Option<Vec<u32>> = groups
+        .iter()
+        .map(|g| dir.groups.get(*g).map(|g| g.idx))
+        .collect();
+    Some(Hold {
+        amount_micros: micros,
+        placed_at_ms: placed_ms,
+        expires_at_ms: expires_ms,
+        user: dir.users.get(user)?.idx,
+        key: dir.keys.get(key)?.idx,
+        groups: groups?.into(),
+    })
+}
+
+impl HoldJournal {
+    /// Reads the journal in `dir` (created when missing) into the orgs of
+    /// `registry`, as of `now_ms`, then compacts it into a new segment.
+    /// Call after the meter recovered (so counted request ids are known).
+    pub fn open(dir: &Path, registry: &Registry, now_ms: i64) -> Result<(HoldJournal, Restored)> {
+        std::fs::create_dir_all(dir).map_err(|e| io("creating", dir, &e))?;
+        let ns = segments(dir)?;
+        // Latest record per (org, request id), in journal order.
+        let mut placed: Vec<(OrgId, String, Option<Hold>)> = Vec::new();
+        let mut at: std::collections::HashMap<(String, String), usize> = Default::default();
+        let mut restored = Restored::default();
+        for &n in &ns {
+            let path = segment_path(dir, n);
+            let file = File::open(&path).map_err(|e| io("opening", &path, &e))?;
+            let mut reader = BufReader::new(file);
+            let mut buf = String::new();
+            loop {
+                buf.clear();
+                let read = reader
+                    .read_line(&mut buf)
+                    .map_err(|e| io("reading", &path, &e))?;
+                if read == 0 {
+                    break;
+                }
+                // A line without its newline was torn by a crash mid-write:
+                // its reserve was never answered.
+                let Some(line) = buf.strip_suffix('\n') else {
+                    break;
+                };
+                let Some(record) = parse(line) else {
+                    restored.unreadable += 1;
+                    continue;
+                };
+                let (org, request_id, hold) = match record {
+                    Record::Placed {
+                        org,
+                        request_id,
+                        user,
+                        key,
+                        micros,
+                        placed_ms,
+                        expires_ms,
+                        groups,
+                    } => {
+                        let hold = registry.org(org).and_then(|cell| {
+                            resolve(
+                                &cell.read(),
+                                user,
+                                key,
+                                &groups,
+                                micros,
+                                placed_ms,
+                                expires_ms,
+                            )
+                        });
+                        if hold.is_none() {
+                            restored.orphaned += 1;
+                        }
+                        (org, request_id, hold)
+                    }
+                    Record::Released { org, request_id } => (org, request_id, None),
+                };
+                let Ok(org_id) = OrgId::new(org) else {
+                    restored.unreadable += 1;
+                    continue;
+                };
+                let k = (org.to_owned(), request_id.to_owned());
+                match at.get(&k) {
+                    Some(&i) => placed[i].2 = hold,
+                    None => {
+                        let _ = at.insert(k, placed.len());
+                        placed.push((org_id, request_id.to_owned(), hold));
+                    }
+                }
+            }
+        }
+        for (org_id, request_id, hold) in placed {
+            let (Some(hold), Some(cell)) = (hold, registry.org(&org_id)) else {
+                continue;
+            };
+            let mut org = cell.write();
+            if hold.expires_at_ms <= now_ms {
+                // Usage after it is told apart as after any expiry.
+                org.meter
+                    .holds
+                    .remember_expired(&request_id, hold.expires_at_ms);
+                restored.expired += 1;
+            } else if org.meter.dedupe.contains(hash_request_id(&request_id)) {
+                restored.settled += 1;
+            } else {
+                org.meter.holds.insert(&request_id, hold);
+                restored.live += 1;
+            }
+        }
+        let next = ns.last().map_or(1, |n| n + 1);
+        let journal = HoldJournal {
+            dir: dir.to_owned(),
+            current: Mutex::new(HoldJournal::create(dir, next)?),
+            redo: std::sync::atomic::AtomicBool::new(false),
+        };
+        journal.compact_into_current(registry)?;
+        Ok((journal, restored))
+    }
+
+    fn create(dir: &Path, n: u64) -> Result<Segment> {
+        let path = segment_path(dir, n);
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|e| io("creating", &path, &e))?;
+        let bytes = file.metadata().map_or(0, |m| m.len());
+        // The new file's name survives a power loss too.
+        sync_dir(dir)?;
+        Ok(Segment {
+            n,
+            file,
+            bytes,
+            broken: false,
+        })
+    }
+
+    fn write(&self, line: &str) -> Result<()> {
+        let mut seg = self.current.lock();
+        if seg.broken {
+            let n = seg.n + 1;
+            *seg = HoldJournal::create(&self.dir, n)?;
+        }
+        if let Err(e) = seg.file.write_all(line.as_bytes()) {
+            // A part may have been written: cut it off, or never append
+            // after it.
+            let bytes = seg.bytes;
+            seg.broken = seg.file.set_len(bytes).is_err();
+            return Err(io("writing", &segment_path(&self.dir, seg.n), &e));
+        }
+        seg.bytes += line.len() as u64;
+        Ok(())
+    }
+
+    /// Records a placed hold. Call holding the org's lock, so an org's
+    /// records are in the order its holds changed.
+    pub fn placed(&self, org: &OrgState, request_id: &str, hold: &Hold) -> Result<()> {
+        let mut line = String::with_capacity(128);
+        placed_line(&mut line, org, request_id, hold);
+        self.write(&line)
+    }
+
+    /// Records a released hold (holding the org's lock).
+    pub fn released(&self, org: &str, request_id: &str) -> Result<()> {
+        self.write(&format!("R {org} {request_id}\n"))
+    }
+
+    /// Makes what was written survive a power loss.
+    pub fn sync(&self) -> Result<()> {
+        let (file, n) = {
+            let seg = self.current.lock();
+            (seg.file.try_clone(), seg.n)
+        };
+        let path = segment_path(&self.dir, n);
+        file.and_then(|f| f.sync_data())
+            .map_err(|e| io("syncing", &path, &e))
+    }
+
+    /// The segment grew past [`SEGMENT_BYTES_MAX`], or a sync or a
+    /// compaction failed (and the live holds must be written again).
+    pub fn needs_compaction(&self) -> bool {
+        self.redo.load(std::sync::atomic::Ordering::Relaxed)
+            || self.current.lock().bytes > SEGMENT_BYTES_MAX
+    }
+
+    /// [`HoldJournal::sync`] or [`HoldJournal::compact`], as needed; a
+    /// failure makes the next call compact.
+    pub fn upkeep(&self, registry: &Registry) -> Result<()> {
+        let done = if self.needs_compaction() {
+            self.compact(registry)
+        } else {
+            self.sync()
+        };
+        // After a failed fsync the kernel may have dropped the pages it
+        // could not write: only writing everything again is sure.
+        self.redo
+            .store(done.is_err(), std::sync::atomic::Ordering::Relaxed);
+        done
+    }
+
+    /// Starts a new segment with every live hold and deletes the older ones.
+    pub fn compact(&self, registry: &Registry) -> Result<()> {
+        let n = self.current.lock().n + 1;
+        let seg = HoldJournal::create(&self.dir, n)?;
+        // New records go to the new segment from here on; each org's live
+        // holds are written under its lock, after or before its own records,
+        // never between them.
+        *self.current.lock() = seg;
+        self.compact_into_current(registry)
+    }
+
+    fn compact_into_current(&self, registry: &Registry) -> Result<()> {
+        let mut line = String::new();
+        for (_, cell) in registry.all() {
+            let org = cell.read();
+            if org.meter.holds.is_empty() {
+                continue;
+            }
+            line.clear();
+            for (id, h) in org.meter.holds.iter() {
+                placed_line(&mut line, &org, id, h);
+            }
+            self.write(&line)?;
+        }
+        self.sync()?;
+        let n = self.current.lock().n;
+        for old in segments(&self.dir)?.into_iter().filter(|&o| o < n) {
+            let path = segment_path(&self.dir, old);
+            std::fs::remove_file(&path).map_err(|e| io("deleting", &path, &e))?;
+        }
+        sync_dir(&self.dir)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_read_back_as_written() {
+        let p = parse("P acme r-1 alice ka 10000 5 600005 eng ops").unwrap();
+        let Record::Placed {
+            org,
+            request_id,
+            user,
+            key,
+            micros,
+            placed_ms,
+            expires_ms,
+            groups,
+        } = p
+        else {
+            panic!("not a placement");
+        };
+        assert_eq!(
+            (org, request_id, user, key, micros, placed_ms, expires_ms),
+            ("acme", "r-1", "alice", "ka", 10_000, 5, 600_005)
+        );
+        assert_eq!(groups, vec!["eng", "ops"]);
+        assert!(matches!(
+            parse("R acme r-1"),
+            Some(Record::Released {
+                org: "acme",
+                request_id: "r-1"
+            })
+        ));
+        assert!(parse("R acme").is_none());
+        assert!(parse("P acme r-1 alice ka x 5 6").is_none());
+        assert!(parse("X").is_none());
+    }
+}
+
+/// How long holds live; see `--hold-ttl-default-ms`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HoldOptions {
+    pub ttl_default_ms: i64,
+    pub ttl_max_ms: i64,
+}
+
+impl Default for HoldOptions {
+    fn default() -> Self {
+        HoldOptions {
+            ttl_default_ms: tally_core::holds::HOLD_TTL_DEFAULT_MS,
+            ttl_max_ms: tally_core::holds::HOLD_TTL_MAX_MS,
+        }
+    }
+}
+
+/// What a release found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReleaseFound {
+    /// A live hold, now released.
+    Released {
+        held_micros: i64,
+    },
+    /// The call's usage was counted: its hold was settled.
+    Settled,
+    Expired,
+    /// No hold by that id (never placed, released before, or forgotten).
+    Unknown,
+}
+
+impl ReleaseFound {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReleaseFound::Released { .. } => "released",
+            ReleaseFound::Settled => "settled",
+            ReleaseFound::Expired => "expired",
+            ReleaseFound::Unknown => "unknown",
+        }
+    }
+}
+
+/// A live hold as admins see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HoldRow {
+    pub request_id: String,
+    pub user_id: String,
+    pub api_key_id: String,
+    pub group_ids: Vec<String>,
+    pub held_micros: i64,
+    pub placed_at_ms: i64,
+    pub expires_at_ms: i64,
+}
+
+fn count_hold(event: &'static str, n: u64) {
+    if n > 0 {
+        ::metrics::counter!(crate::metrics::HOLDS, "event" => event).increment(n);
+    }
+}
+
+fn flush_counts(org: &mut OrgState) {
+    let c = org.meter.holds.take_counts();
+    count_hold("settled", c.settled);
+    count_hold("expired", c.expired);
+    if c.usage_after_expiry > 0 {
+        ::metrics::counter!(crate::metrics::USAGE_AFTER_HOLD_EXPIRED)
+            .increment(c.usage_after_expiry);
+    }
+}
+
+impl crate::Engine {
+    /// Where holds are journaled; set once by the embedded mode. Without
+    /// it, reserving authorize and release answer unavailable.
+    pub fn set_hold_journal(&self, journal: Arc<HoldJournal>) {
+        let _ = self.hold_journal.set(journal);
+    }
+
+    pub fn hold_options(&self) -> HoldOptions {
+        self.hold_options
+    }
+
+    fn journal(&self) -> Result<&Arc<HoldJournal>> {
+        self.hold_journal.get().ok_or_else(|| {
+            Error::Unavailable(
+                "holds (authorize with reserve_micros, release) are available in the \
+                 embedded mode only so far; in the distributed mode call authorize \
+                 without reserve_micros"
+                    .into(),
+            )
+        })
+    }
+
+    /// Authorize with a reserve: the decision, and the hold when the call
+    /// was admitted (or the live one it repeats). Answers once a new hold is
+    /// journaled.
+    pub fn reserve(
+        &self,
+        secret: &str,
+        feature: Option<&str>,
+        user_id: Option<&str>,
+        req: HoldRequest<'_>,
+    ) -> Result<(Option<OrgId>, Decision, Option<PlacedHold>)> {
+        let started = Instant::now();
+        let journal = self.journal()?;
+        let hash = hash_secret(secret);
+        let found = self
+            .registry
+            .org_of_key(&hash)
+            .and_then(|o| self.registry.org(&o).map(|c| (o, c)));
+        let result = match found {
+            None => Ok((None, Decision::unknown_key(), None)),
+            Some((org_id, cell)) => {
+                let mut org = cell.write();
+                // Read under the lock: a repeat never answers a hold that
+                // expired while it waited.
+                let now = self.clock.now_ms();
+                match org.dir.key_by_hash(&hash).map(|k| k.id.clone()) {
+                    None => Ok((None, Decision::unknown_key(), None)),
+                    Some(key_id) => {
+                        let _ = org.meter.holds.expire(now);
+                        match reserve(&mut org, &key_id, feature, user_id, req, now) {
+                            Err(conflict) => Err(Error::HoldConflict(conflict.to_string())),
+                            Ok((d, placed)) => {
+                                if placed.as_ref().is_some_and(|p| p.new) {
+                                    let written = match org.meter.holds.get(req.request_id) {
+                                        Some(h) => journal.placed(&org, req.request_id, h),
+                                        None => Ok(()),
+                                    };
+                                    if let Err(e) = written {
+                                        // Not durable: not placed.
+                                        let _ = org.meter.holds.remove(req.request_id);
+                                        return Err(e);
+                                    }
+                                    count_hold("placed", 1);
+                                }
+                                Ok((Some(org_id), d, placed))
+                            }
+                        }
+                    }
+                }
+            }
+        };
+        if let Ok((_, d, _)) = &result {
+            crate::record_decision(d, "reserve", started);
+        }
+        result
+    }
+
+    /// Frees a hold at once (its call failed or was cancelled). Idempotent:
+    /// answers what it found.
+    pub fn release(&self, org_id: &str, request_id: &str) -> Result<ReleaseFound> {
+        let journal = self.journal()?;
+        let cell = self.registry.org(org_id).ok_or(Error::UnknownOrg)?;
+        let mut org = cell.write();
+        let found = match org.meter.holds.get(request_id) {
+            Some(h) => {
+                let held_micros = h.amount_micros;
+                journal.released(org_id, request_id)?;
+                let _ = org.meter.holds.remove(request_id);
+                count_hold("released", 1);
+                ReleaseFound::Released { held_micros }
+            }
+            None if org.meter.dedupe.contains(hash_request_id(request_id)) => ReleaseFound::Settled,
+            None if org.meter.holds.recently_expired(request_id) => ReleaseFound::Expired,
+            None => ReleaseFound::Unknown,
+        };
+        Ok(found)
+    }
+
+    /// Up to `limit` live holds of an org with request ids after `after`,
+    /// by request id.
+    pub fn live_holds(
+        &self,
+        org_id: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<HoldRow>> {
+        let cell = self.registry.org(org_id).ok_or(Error::UnknownOrg)?;
+        let org = cell.read();
+        let now = self.clock.now_ms();
+        // The `limit` smallest ids after the cursor, without sorting them all.
+        let mut first: std::collections::BinaryHeap<&str> = Default::default();
+        for (id, h) in org.meter.holds.iter() {
+            if after.is_some_and(|a| id <= a) || h.expires_at_ms <= now {
+                continue;
+            }
+            first.push(id);
+            if first.len() > limit {
+                let _ = first.pop();
+            }
+        }
+        let dir = &org.dir;
+        let rows = first
+            .into_sorted_vec()
+            .into_iter()
+            .filter_map(|id| Some((id, org.meter.holds.get(id)?)))
+            .map(|(id, h)| HoldRow {
+                request_id: id.to_owned(),
+                user_id: dir.user_ids[h.user as usize].to_string(),
+                api_key_id: dir.key_ids[h.key as usize].to_string(),
+                group_ids: h
+                    .groups
+                    .iter()
+                    .map(|&g| dir.group_ids[g as usize].to_string())
+                    .collect(),
+                held_micros: h.amount_micros,
+                placed_at_ms: h.placed_at_ms,
+                expires_at_ms: h.expires_at_ms,
+            })
+            .collect();
+        Ok(rows)
+    }
+
+    /// What live holds hold on each of `ids` (of one kind) in an org.
+    pub fn held(&self, org_id: &str, kind: SubjectKind, ids: &[&str]) -> Vec<i64> {
+        let Some(cell) = self.registry.org(org_id) else {
+            return vec![0; ids.len()];
+        };
+        let org = cell.read();
+        ids.iter()
+            .map(|id| org.subject(kind, id).map_or(0, |s| org.meter.holds.held(s)))
+            .collect()
+    }
+
+    /// Every second: frees expired holds, reports what happened to holds,
+    /// syncs the journal and compacts it when it grew. Blocking (file I/O).
+    pub fn hold_upkeep(&self) {
+        let now = self.clock.now_ms();
+        for (_, cell) in self.registry.all() {
+            {
+                let org = cell.read();
+                let h = &org.meter.holds;
+                if h.next_expiry_ms() > now && !h.has_counts() {
+                    continue;
+                }
+            }
+            let mut org = cell.write();
+            let _ = org.meter.holds.expire(now);
+            flush_counts(&mut org);
+        }
+        let Some(journal) = self.hold_journal.get() else {
+            return;
+        };
+        if let Err(e) = journal.upkeep(&self.registry) {
+            tracing::warn!(error = %e, "hold journal upkeep failed; retrying in a second");
+        }
+    }
+}

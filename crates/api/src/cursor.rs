@@ -111,6 +111,28 @@ pub(crate) fn decode_after(list: &str, s: &str) -> Result<Value, ApiError> {
     }
 }
 
+/// Where the next page of a listing by id starts: after the id in
+/// `cursor` (none: the first page).
+pub(crate) fn after_id(list: &str, cursor: Option<&str>) -> Result<Option<String>, ApiError> {
+    cursor
+        .map(|c| {
+            decode_after(list, c)?
+                .as_str()
+                .map(str::to_owned)
+                .ok_or_else(bad)
+        })
+        .transpose()
+}
+
+/// `?cursor=&limit=` of a listing.
+#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct PageParams {
+    pub(crate) cursor: Option<String>,
+    pub(crate) limit: Option<u32>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

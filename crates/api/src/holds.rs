@@ -3,11 +3,11 @@
 
 use axum::Json;
 use axum::extract::{Path, State};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use serde_json::json;
 use tally_core::ids::check_request_id;
 
-use crate::cursor;
+use crate::cursor::{self, PageParams};
 use crate::dto::{ListJson, time};
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{Caller, Params};
@@ -26,14 +26,6 @@ pub(crate) struct HoldRowJson {
     expires_at: String,
 }
 
-#[derive(Debug, Deserialize, utoipa::IntoParams)]
-#[into_params(parameter_in = Query)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct PageParams {
-    cursor: Option<String>,
-    limit: Option<u32>,
-}
-
 /// The org's live holds, by request id.
 #[utoipa::path(get, path = "/v1/orgs/{org}/holds", tag = "holds", params(("org" = String, Path, description = "org id"), PageParams), responses((status = 200, body = ListJson<HoldRowJson>), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org", body = crate::error::ErrorBody)))]
 pub(crate) async fn list(
@@ -44,15 +36,7 @@ pub(crate) async fn list(
 ) -> ApiResult<Json<ListJson<HoldRowJson>>> {
     let org_id = org_access(&state, &caller, &org)?;
     let limit = page_len(p.limit)? as usize;
-    let after = match &p.cursor {
-        Some(c) => Some(
-            cursor::decode_after("holds", c)?
-                .as_str()
-                .map(str::to_owned)
-                .ok_or_else(|| ApiError::invalid("cursor is malformed"))?,
-        ),
-        None => None,
-    };
+    let after = cursor::after_id("holds", p.cursor.as_deref())?;
     let mut rows = state
         .engine
         .live_holds(&org_id, after.as_deref(), limit + 1)?;

@@ -12,7 +12,7 @@ use tally_core::secret::{KEY_SECRET_PREFIX, hash_secret};
 use tally_core::time::Month;
 use tally_engine::{random_id, random_secret};
 
-use crate::cursor;
+use crate::cursor::{self, PageParams};
 use crate::dto::{History, KeyJson, ListJson, one_with_held, present, with_held};
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{Caller, JsonBody, Params};
@@ -92,14 +92,6 @@ pub(crate) async fn create(
     Ok((StatusCode::CREATED, Json(key)))
 }
 
-#[derive(Debug, Deserialize, utoipa::IntoParams)]
-#[into_params(parameter_in = Query)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct PageParams {
-    cursor: Option<String>,
-    limit: Option<u32>,
-}
-
 #[utoipa::path(get, path = "/v1/orgs/{org}/keys", tag = "keys", params(("org" = String, Path, description = "org id"), PageParams), responses((status = 200, body = ListJson<KeyJson>), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody)))]
 pub(crate) async fn list(
     State(state): State<AppState>,
@@ -109,15 +101,7 @@ pub(crate) async fn list(
 ) -> ApiResult<Json<ListJson<KeyJson>>> {
     let org_id = org_access(&state, &caller, &org)?;
     let limit = page_len(p.limit)?;
-    let after = match &p.cursor {
-        Some(c) => Some(
-            cursor::decode_after("keys", c)?
-                .as_str()
-                .map(str::to_owned)
-                .ok_or_else(|| ApiError::invalid("cursor is malformed"))?,
-        ),
-        None => None,
-    };
+    let after = cursor::after_id("keys", p.cursor.as_deref())?;
     state.engine.meter.flush_for_read().await?;
     let month = Month::from_unix_ms(state.engine.now_ms());
     let rows = state

@@ -12,7 +12,7 @@ use tally_core::time::Month;
 use tally_engine::{random_id, random_secret};
 use tally_proto::format_rfc3339_ms;
 
-use crate::cursor;
+use crate::cursor::{self, PageParams};
 use crate::dto::{
     EventJson, Fraction, History, ListJson, OrgJson, fractions_to_bps, one_with_held, present,
 };
@@ -196,14 +196,6 @@ pub(crate) async fn create_token(
             token,
         }),
     ))
-}
-
-#[derive(Debug, Deserialize, utoipa::IntoParams)]
-#[into_params(parameter_in = Query)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct PageParams {
-    cursor: Option<String>,
-    limit: Option<u32>,
 }
 
 fn event_json(e: &EntityEvent) -> EventJson {

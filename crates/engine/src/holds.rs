@@ -127,45 +127,36 @@ fn placed_line(out: &mut String, org: &OrgState, request_id: &str, h: &Hold) {
     out.push('\n');
 }
 
+/// A placed hold as a journal line has it.
+struct Placed<'a> {
+    org: &'a str,
+    request_id: &'a str,
+    user: &'a str,
+    key: &'a str,
+    micros: i64,
+    placed_ms: i64,
+    expires_ms: i64,
+    groups: Vec<&'a str>,
+}
+
 enum Record<'a> {
-    Placed {
-        org: &'a str,
-        request_id: &'a str,
-        user: &'a str,
-        key: &'a str,
-        micros: i64,
-        placed_ms: i64,
-        expires_ms: i64,
-        groups: Vec<&'a str>,
-    },
-    Released {
-        org: &'a str,
-        request_id: &'a str,
-    },
+    Placed(Placed<'a>),
+    Released { org: &'a str, request_id: &'a str },
 }
 
 fn parse(line: &str) -> Option<Record<'_>> {
     let mut f = line.split(' ');
     match f.next()? {
-        "P" => {
-            let org = f.next()?;
-            let request_id = f.next()?;
-            let user = f.next()?;
-            let key = f.next()?;
-            let micros = f.next()?.parse().ok()?;
-            let placed_ms = f.next()?.parse().ok()?;
-            let expires_ms = f.next()?.parse().ok()?;
-            Some(Record::Placed {
-                org,
-                request_id,
-                user,
-                key,
-                micros,
-                placed_ms,
-                expires_ms,
-                groups: f.collect(),
-            })
-        }
+        "P" => Some(Record::Placed(Placed {
+            org: f.next()?,
+            request_id: f.next()?,
+            user: f.next()?,
+            key: f.next()?,
+            micros: f.next()?.parse().ok()?,
+            placed_ms: f.next()?.parse().ok()?,
+            expires_ms: f.next()?.parse().ok()?,
+            groups: f.collect(),
+        })),
         "R" => {
             let org = f.next()?;
             let request_id = f.next()?;
@@ -178,26 +169,19 @@ fn parse(line: &str) -> Option<Record<'_>> {
 }
 
 /// A hold as read back, resolved against the org's directory.
-fn resolve(
-    org: &OrgState,
-    user: &str,
-    key: &str,
-    groups: &[&str],
-    micros: i64,
-    placed_ms: i64,
-    expires_ms: i64,
-) -> Option<Hold> {
+fn resolve(org: &OrgState, p: &Placed<'_>) -> Option<Hold> {
     let dir = &org.dir;
-    let groups: Option<Vec<u32>> = groups
+    let groups: Option<Vec<u32>> = p
+        .groups
         .iter()
         .map(|g| dir.groups.get(*g).map(|g| g.idx))
         .collect();
     Some(Hold {
-        amount_micros: micros,
-        placed_at_ms: placed_ms,
-        expires_at_ms: expires_ms,
-        user: dir.users.get(user)?.idx,
-        key: dir.keys.get(key)?.idx,
+        amount_micros: p.micros,
+        placed_at_ms: p.placed_ms,
+        expires_at_ms: p.expires_ms,
+        user: dir.users.get(p.user)?.idx,
+        key: dir.keys.get(p.key)?.idx,
         groups: groups?.into(),
     })
 }
@@ -236,31 +220,12 @@ impl HoldJournal {
                     continue;
                 };
                 let (org, request_id, hold) = match record {
-                    Record::Placed {
-                        org,
-                        request_id,
-                        user,
-                        key,
-                        micros,
-                        placed_ms,
-                        expires_ms,
-                        groups,
-                    } => {
-                        let hold = registry.org(org).and_then(|cell| {
-                            resolve(
-                                &cell.read(),
-                                user,
-                                key,
-                                &groups,
-                                micros,
-                                placed_ms,
-                                expires_ms,
-                            )
-                        });
+                    Record::Placed(p) => {
+                        let hold = registry.org(p.org).and_then(|c| resolve(&c.read(), &p));
                         if hold.is_none() {
                             restored.orphaned += 1;
                         }
-                        (org, request_id, hold)
+                        (p.org, p.request_id, hold)
                     }
                     Record::Released { org, request_id } => (org, request_id, None),
                 };
@@ -427,25 +392,15 @@ mod tests {
 
     #[test]
     fn lines_read_back_as_written() {
-        let p = parse("P acme r-1 alice ka 10000 5 600005 eng ops").unwrap();
-        let Record::Placed {
-            org,
-            request_id,
-            user,
-            key,
-            micros,
-            placed_ms,
-            expires_ms,
-            groups,
-        } = p
-        else {
+        let Some(Record::Placed(p)) = parse("P acme r-1 alice ka 10000 5 600005 eng ops") else {
             panic!("not a placement");
         };
         assert_eq!(
-            (org, request_id, user, key, micros, placed_ms, expires_ms),
-            ("acme", "r-1", "alice", "ka", 10_000, 5, 600_005)
+            (p.org, p.request_id, p.user, p.key),
+            ("acme", "r-1", "alice", "ka")
         );
-        assert_eq!(groups, vec!["eng", "ops"]);
+        assert_eq!((p.micros, p.placed_ms, p.expires_ms), (10_000, 5, 600_005));
+        assert_eq!(p.groups, vec!["eng", "ops"]);
         assert!(matches!(
             parse("R acme r-1"),
             Some(Record::Released {

@@ -228,6 +228,33 @@ fn authorize(c: &mut Criterion) {
             }
         });
     });
+    // With a reserve: decide against spent + held, place the hold on the
+    // user, key, group and org; then release it (both counted per element).
+    let keys: Vec<tally_core::KeyId> = (0..USERS)
+        .map(|u| tally_core::KeyId::new(&format!("k{u}")).expect("id"))
+        .collect();
+    let ids: Vec<String> = (0..USERS)
+        .map(|u| format!("{u:08x}-0000-4000-8000-000000000000"))
+        .collect();
+    g.bench_function("reserve_then_release", |b| {
+        b.iter(|| {
+            for (k, id) in keys.iter().zip(&ids) {
+                let req = tally_core::authorize::HoldRequest {
+                    request_id: id,
+                    reserve_micros: 1_000,
+                    ttl_ms: 600_000,
+                };
+                let (d, h) =
+                    tally_core::authorize::reserve(&mut state, k, Some("chat"), None, req, now)
+                        .expect("no conflict");
+                assert!(d.allowed && h.is_some());
+                black_box(d);
+            }
+            for id in &ids {
+                black_box(state.meter.holds.remove(id));
+            }
+        });
+    });
     g.bench_function("hash_secret", |b| {
         b.iter(|| {
             for s in &secrets {

@@ -101,4 +101,31 @@ fn main() {
         per((applied - dedupe) / 2)
     );
     assert!(state.meter.ledger.months().len() == 1);
+    // Live holds: one per user (a call in flight each), request ids as
+    // UUIDs (36 bytes), each user in one group.
+    let keys: Vec<tally_core::KeyId> = (0..users)
+        .map(|u| tally_core::KeyId::new(&format!("k{u}")).expect("id"))
+        .collect();
+    let ids: Vec<String> = (0..users)
+        .map(|u| format!("{u:08x}-0000-4000-8000-000000000000"))
+        .collect();
+    let now = tally_benches::NOV_MS + 1_000_000;
+    let from = live();
+    for (k, id) in keys.iter().zip(&ids) {
+        let req = tally_core::authorize::HoldRequest {
+            request_id: id,
+            reserve_micros: 1_000,
+            ttl_ms: 600_000,
+        };
+        let (d, _) = tally_core::authorize::reserve(&mut state, k, None, None, req, now)
+            .expect("no conflict");
+        assert!(d.allowed, "{d:?}");
+    }
+    let held = live() - from;
+    assert_eq!(state.meter.holds.len(), users as usize);
+    println!(
+        "memory: per live hold: {} bytes (its map entry, id and groups, its expiry, \
+         and the held sums of scopes that had none)",
+        per(held)
+    );
 }

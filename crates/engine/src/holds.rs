@@ -267,7 +267,7 @@ impl HoldJournal {
             current: Mutex::new(HoldJournal::create(dir, next)?),
             redo: std::sync::atomic::AtomicBool::new(false),
         };
-        journal.compact_into_current(registry)?;
+        journal.compact(registry)?;
         Ok((journal, restored))
     }
 
@@ -354,31 +354,50 @@ impl HoldJournal {
 
     /// Starts a new segment with every live hold and deletes the older ones.
     pub fn compact(&self, registry: &Registry) -> Result<()> {
-        let n = self.current.lock().n + 1;
-        let seg = HoldJournal::create(&self.dir, n)?;
-        // New records go to the new segment from here on; each org's live
-        // holds are written under its lock, after or before its own records,
-        // never between them.
-        *self.current.lock() = seg;
-        self.compact_into_current(registry)
-    }
-
-    fn compact_into_current(&self, registry: &Registry) -> Result<()> {
-        let mut line = String::new();
+        // New records go to a new segment from here on; the live holds go
+        // to the one before it. Replayed in order, each request id ends as
+        // its last record since the swap says, or, without one, as the
+        // snapshot found it (unchanged since the swap): so the snapshot
+        // needs no lock beyond a clone of each org's holds, and writing it
+        // blocks no reserve.
+        let snapshot = {
+            let mut seg = self.current.lock();
+            let snapshot = seg.n + 1;
+            *seg = HoldJournal::create(&self.dir, snapshot + 1)?;
+            snapshot
+        };
+        let path = segment_path(&self.dir, snapshot);
+        let mut file = HoldJournal::create(&self.dir, snapshot)?.file;
+        let mut lines = String::new();
         for (_, cell) in registry.all() {
-            let org = cell.read();
-            if org.meter.holds.is_empty() {
+            let live: Vec<(String, Hold)> = {
+                let org = cell.read();
+                org.meter
+                    .holds
+                    .iter()
+                    .map(|(id, h)| (id.to_owned(), h.clone()))
+                    .collect()
+            };
+            if live.is_empty() {
                 continue;
             }
-            line.clear();
-            for (id, h) in org.meter.holds.iter() {
-                placed_line(&mut line, &org, id, h);
+            // Formatted in chunks, each under a short read lock (indexes
+            // name the same entities for ever), so a reserve waits for one
+            // chunk at most.
+            for chunk in live.chunks(4_096) {
+                lines.clear();
+                {
+                    let org = cell.read();
+                    for (id, h) in chunk {
+                        placed_line(&mut lines, &org, id, h);
+                    }
+                }
+                file.write_all(lines.as_bytes())
+                    .map_err(|e| io("writing", &path, &e))?;
             }
-            self.write(&line)?;
         }
-        self.sync()?;
-        let n = self.current.lock().n;
-        for old in segments(&self.dir)?.into_iter().filter(|&o| o < n) {
+        file.sync_data().map_err(|e| io("syncing", &path, &e))?;
+        for old in segments(&self.dir)?.into_iter().filter(|&o| o < snapshot) {
             let path = segment_path(&self.dir, old);
             std::fs::remove_file(&path).map_err(|e| io("deleting", &path, &e))?;
         }

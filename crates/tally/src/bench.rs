@@ -451,7 +451,14 @@ async fn authorize(args: &BenchArgs, dir: &Path) -> anyhow::Result<()> {
         measure.as_secs_f64(),
         warmup.as_millis()
     );
-    for rate in std::iter::once(None).chain(paced_rates.iter().copied().map(Some)) {
+    // Plain authorize, then authorize with a reserve (each call places a
+    // hold of its own: decided against spent + held, journaled).
+    let runs = [false, true].into_iter().flat_map(|reserve| {
+        std::iter::once(None)
+            .chain(paced_rates.iter().copied().map(Some))
+            .map(move |rate| (reserve, rate))
+    });
+    for (reserve, rate) in runs {
         let start_at = Instant::now() + warmup;
         let end_at = start_at + measure;
         let before = {
@@ -468,8 +475,15 @@ async fn authorize(args: &BenchArgs, dir: &Path) -> anyhow::Result<()> {
                 .pool_max_idle_per_host(1)
                 .build()?;
             let url = format!("{}/v1/authorize", s.url);
-            let body =
-                json!({"api_key": secrets[c % secrets.len()], "feature": "chat"}).to_string();
+            let secret = secrets[c % secrets.len()].clone();
+            let body = move |n: u64| {
+                let mut b = json!({"api_key": secret, "feature": "chat"});
+                if reserve {
+                    b["request_id"] = json!(format!("{}-c{c}-{n}", rate.unwrap_or(0)));
+                    b["reserve_micros"] = json!(1_000);
+                }
+                b.to_string()
+            };
             // Paced: this connection's calls are `every` apart, staggered.
             let every = rate.map(|r| Duration::from_nanos(1_000_000_000 * conns as u64 / r));
             let _ = tasks.spawn(async move {
@@ -477,7 +491,7 @@ async fn authorize(args: &BenchArgs, dir: &Path) -> anyhow::Result<()> {
                 let mut due =
                     Instant::now() + every.map_or(Duration::ZERO, |e| e * c as u32 / conns as u32);
                 let mut done = Instant::now();
-                loop {
+                for n in 0.. {
                     // A call counts from when it was sent, unless this
                     // connection's previous answer came after its slot: then
                     // from the slot (the wait is latency the caller saw).
@@ -497,7 +511,7 @@ async fn authorize(args: &BenchArgs, dir: &Path) -> anyhow::Result<()> {
                         .post(&url)
                         .bearer_auth(TOKEN)
                         .header("content-type", "application/json")
-                        .body(body.clone())
+                        .body(body(n))
                         .send()
                         .await?;
                     let ok = r.status().is_success();
@@ -513,6 +527,7 @@ async fn authorize(args: &BenchArgs, dir: &Path) -> anyhow::Result<()> {
                         due += e;
                     }
                 }
+                anyhow::Ok(lat_us)
             });
         }
         let mut all: Vec<u32> = Vec::new();
@@ -528,6 +543,11 @@ async fn authorize(args: &BenchArgs, dir: &Path) -> anyhow::Result<()> {
         let load = match rate {
             None => "closed loop (saturation)".to_owned(),
             Some(r) => format!("paced at {r}/s"),
+        };
+        let load = if reserve {
+            format!("with a reserve, {load}")
+        } else {
+            load
         };
         println!(
             "authorize: {load}: {} decisions/s; latency p50 {} µs, p99 {} µs, p99.9 {} µs, max {} µs",

@@ -86,6 +86,9 @@ pub struct Holds {
     expired: VecDeque<(i64, RequestHash)>,
     expired_ids: Set<RequestHash>,
     counts: HoldCounts,
+    /// Request ids of holds settled or expired since the last
+    /// [`Holds::take_gone`], kept only when [`Holds::track_gone`] is on.
+    gone: Option<Vec<Box<str>>>,
 }
 
 impl Holds {
@@ -174,7 +177,12 @@ impl Holds {
     }
 
     fn take(&mut self, h: RequestHash) -> Option<Hold> {
-        let Live { hold, .. } = self.live.remove(&h)?;
+        self.take_live(h).map(|l| l.hold)
+    }
+
+    fn take_live(&mut self, h: RequestHash) -> Option<Live> {
+        let live = self.live.remove(&h)?;
+        let hold = &live.hold;
         for s in hold.subjects() {
             self.add(s, -hold.amount_micros);
         }
@@ -185,7 +193,7 @@ impl Holds {
                 .map(|(h, l)| Reverse((l.hold.expires_at_ms, *h)));
             self.expiries = live.collect();
         }
-        Some(hold)
+        Some(live)
     }
 
     /// Takes the hold off every scope it was placed on.
@@ -198,9 +206,10 @@ impl Holds {
     pub fn settle(&mut self, request_id: &str) -> Option<Hold> {
         let h = hash_request_id(request_id);
         let expired = !self.expired_ids.is_empty() && self.expired_ids.remove(&h);
-        match self.take(h) {
-            Some(hold) => {
+        match self.take_live(h) {
+            Some(Live { request_id, hold }) => {
                 self.counts.settled += 1;
+                self.went(request_id);
                 Some(hold)
             }
             None => {
@@ -243,7 +252,9 @@ impl Holds {
             if self.live.get(&h).is_none_or(|l| l.hold.expires_at_ms != at) {
                 continue;
             }
-            let _ = self.take(h);
+            if let Some(live) = self.take_live(h) {
+                self.went(live.request_id);
+            }
             if self.expired_ids.insert(h) {
                 self.expired.push_back((now_ms, h));
             }
@@ -251,6 +262,24 @@ impl Holds {
         }
         self.counts.expired += freed as u64;
         freed
+    }
+
+    /// Keep the request ids of holds that settle or expire, for a store
+    /// that deletes them at the next checkpoint (the distributed mode's
+    /// holds table); off, nothing is kept.
+    pub fn track_gone(&mut self, on: bool) {
+        self.gone = on.then(Vec::new);
+    }
+
+    /// The request ids settled or expired since the last call.
+    pub fn take_gone(&mut self) -> Vec<Box<str>> {
+        self.gone.as_mut().map(std::mem::take).unwrap_or_default()
+    }
+
+    fn went(&mut self, request_id: Box<str>) {
+        if let Some(gone) = &mut self.gone {
+            gone.push(request_id);
+        }
     }
 
     /// Settled, expired and late-usage counts since the last call.

@@ -110,6 +110,9 @@ pub struct MeterChanges {
     pub watermark_ms: i64,
     pub rolled_month: Option<Month>,
     pub enforcement: Vec<SavedEnforcement>,
+    /// Request ids of holds settled or expired since the last checkpoint
+    /// (when the holds are kept in SQL: see [`Holds::track_gone`]).
+    pub holds_gone: Vec<String>,
 }
 
 impl MeterChanges {
@@ -145,6 +148,7 @@ impl MeterChanges {
         self.watermark_ms = later.watermark_ms;
         self.rolled_month = later.rolled_month;
         self.enforcement.extend(later.enforcement);
+        self.holds_gone.extend(later.holds_gone);
     }
 
     pub fn is_empty(&self) -> bool {
@@ -152,6 +156,7 @@ impl MeterChanges {
             && self.days.is_empty()
             && self.dedupe_added.is_empty()
             && self.enforcement.is_empty()
+            && self.holds_gone.is_empty()
     }
 }
 
@@ -456,6 +461,12 @@ impl OrgState {
                     id: id_of(event.subject),
                     event,
                 })
+                .collect(),
+            holds_gone: meter
+                .holds
+                .take_gone()
+                .into_iter()
+                .map(String::from)
                 .collect(),
         };
         let horizon = meter

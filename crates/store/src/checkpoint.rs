@@ -397,6 +397,14 @@ impl Db {
                     Val::Blob(hashes_to_blob(&hashes)),
                 ]);
             }
+            // Holds settled or expired up to this position: the rows left
+            // are the live holds as of it.
+            let gone: Vec<(String, String)> = ch
+                .holds_gone
+                .iter()
+                .map(|id| (org.to_owned(), id.clone()))
+                .collect();
+            crate::holds::delete_holds(&mut tx, &gone).await?;
             let _ = sqlx::query("DELETE FROM dedupe_chunks WHERE org_id = $1 AND hour < $2")
                 .bind(org)
                 .bind(ch.dedupe_floor_hour)

@@ -14,6 +14,7 @@
 //! anyway), so writers queue in the pool instead of failing with `BUSY`.
 
 pub mod checkpoint;
+pub mod holds;
 pub mod log;
 pub mod query;
 mod schema;

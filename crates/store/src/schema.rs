@@ -251,5 +251,23 @@ CREATE INDEX webhook_deliveries_due ON webhook_deliveries (state, next_attempt_m
 CREATE INDEX webhook_deliveries_by_org ON webhook_deliveries (org_id, id);
 "#
     );
-    vec![(1, v1 + &append_only), (2, v2), (3, v3), (4, v4)]
+    // v5: live holds of the distributed mode, per partition (see holds.rs).
+    let v5 = format!(
+        r#"
+CREATE TABLE holds (
+    org_id {text} NOT NULL,
+    request_id {text} NOT NULL,
+    partition_id BIGINT NOT NULL,
+    user_id {text} NOT NULL,
+    key_id {text} NOT NULL,
+    group_ids TEXT NOT NULL,
+    amount_micros BIGINT NOT NULL,
+    placed_at_ms BIGINT NOT NULL,
+    expires_at_ms BIGINT NOT NULL,
+    PRIMARY KEY (org_id, request_id)
+);
+CREATE INDEX holds_by_partition ON holds (partition_id);
+"#
+    );
+    vec![(1, v1 + &append_only), (2, v2), (3, v3), (4, v4), (5, v5)]
 }

@@ -603,6 +603,7 @@ async fn checkpoints_round_trip(db: Db) {
         watermark_ms: NOV + spend,
         rolled_month: Some(month()),
         enforcement: vec![enforcement.clone()],
+        holds_gone: Vec::new(),
     };
     checkpoint(&db, "acme", 1, changes(100)).await;
     checkpoint(&db, "acme", 2, changes(150)).await;
@@ -742,6 +743,84 @@ async fn a_deposed_owner_is_fenced_out(db: Db) {
             .is_empty(),
         "by partition"
     );
+}
+
+async fn holds_are_fenced_and_go_with_checkpoints(db: Db) {
+    use tally_store::holds::StoredHold;
+    let _org = Org::create(&db, "acme").await;
+    let hold = |id: &str, micros| StoredHold {
+        org_id: "acme".into(),
+        request_id: id.into(),
+        user_id: "alice".into(),
+        key_id: "ka".into(),
+        group_ids: vec!["eng".into(), "ops".into()],
+        amount_micros: micros,
+        placed_at_ms: NOV,
+        expires_at_ms: NOV + 600_000,
+    };
+    let first = db.claim_partition(5, NOV).await.unwrap();
+    db.place_holds(5, first.epoch, &[hold("r1", 10), hold("r2", 20)])
+        .await
+        .unwrap();
+    assert_eq!(
+        db.load_holds(5).await.unwrap(),
+        vec![hold("r1", 10), hold("r2", 20)]
+    );
+    assert!(db.load_holds(6).await.unwrap().is_empty(), "by partition");
+    // A release deletes; a placement under the same id replaces.
+    db.release_holds(5, first.epoch, &[("acme".into(), "r2".into())])
+        .await
+        .unwrap();
+    db.place_holds(5, first.epoch, &[hold("r1", 15)])
+        .await
+        .unwrap();
+    assert_eq!(db.load_holds(5).await.unwrap(), vec![hold("r1", 15)]);
+    // A checkpoint deletes the holds settled or expired up to it.
+    let gone = MeterChanges {
+        holds_gone: vec!["r1".into()],
+        ..MeterChanges::default()
+    };
+    let at = PartitionCheckpoint {
+        position: 10,
+        number: 1,
+    };
+    db.write_checkpoint(
+        5,
+        first.epoch,
+        at,
+        &[(OrgId::new("acme").unwrap(), gone)],
+        &[],
+        NOV,
+    )
+    .await
+    .unwrap();
+    assert!(db.load_holds(5).await.unwrap().is_empty());
+    // A new owner fences the old one out of placing and releasing.
+    db.place_holds(5, first.epoch, &[hold("r3", 30)])
+        .await
+        .unwrap();
+    let second = db.claim_partition(5, NOV).await.unwrap();
+    let stale = db.place_holds(5, first.epoch, &[hold("r4", 40)]).await;
+    assert!(
+        matches!(stale, Err(Error::Fenced { partition: 5 })),
+        "{stale:?}"
+    );
+    let stale = db
+        .release_holds(5, first.epoch, &[("acme".into(), "r3".into())])
+        .await;
+    assert!(
+        matches!(stale, Err(Error::Fenced { partition: 5 })),
+        "{stale:?}"
+    );
+    assert_eq!(
+        db.load_holds(5).await.unwrap(),
+        vec![hold("r3", 30)],
+        "the new owner finds what the old one placed before the claim"
+    );
+    db.place_holds(5, second.epoch, &[hold("r4", 40)])
+        .await
+        .unwrap();
+    assert_eq!(db.load_holds(5).await.unwrap().len(), 2);
 }
 
 async fn dead_letters_are_kept_once(db: Db) {
@@ -1236,6 +1315,7 @@ contract!(
     usage_log_positions_only_grow,
     text_is_stored_verbatim,
     a_deposed_owner_is_fenced_out,
+    holds_are_fenced_and_go_with_checkpoints,
     dead_letters_are_kept_once,
     webhook_deliveries_are_an_outbox,
 );

@@ -1,0 +1,138 @@
+//! Live holds in SQL, for the distributed mode: the process metering a
+//! partition places and releases holds of its orgs here, fenced by the
+//! partition's epoch, and the next owner loads them when it claims the
+//! partition. A checkpoint deletes the holds settled or expired up to its
+//! log position in the same transaction (see [`crate::checkpoint`]), so the
+//! rows are the live holds as of the checkpoint, and the usage replayed after
+//! it settles the rest.
+//!
+//! Fencing: every write first updates the partition's checkpoint row where
+//! the epoch is the writer's. On PostgreSQL that takes the row's lock, so a
+//! claim (which bumps the epoch) waits for a write under way and the writer
+//! of an older epoch finds no row: a process that lost the partition never
+//! places a hold on it again, and a claim sees every hold placed before it.
+
+use sqlx::Row;
+
+use crate::tx::WriteTx;
+use crate::{Db, Error, Result};
+
+/// A hold as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredHold {
+    pub org_id: String,
+    pub request_id: String,
+    pub user_id: String,
+    pub key_id: String,
+    pub group_ids: Vec<String>,
+    pub amount_micros: i64,
+    pub placed_at_ms: i64,
+    pub expires_at_ms: i64,
+}
+
+/// Fails with [`Error::Fenced`] unless `epoch` is `partition`'s, and holds
+/// the partition's row until the transaction ends.
+async fn fence(tx: &mut WriteTx, partition: i64, epoch: i64) -> Result<()> {
+    let fenced =
+        sqlx::query("UPDATE checkpoints SET epoch = epoch WHERE partition_id = $1 AND epoch = $2")
+            .bind(partition)
+            .bind(epoch)
+            .execute(&mut **tx)
+            .await?;
+    if fenced.rows_affected() == 1 {
+        Ok(())
+    } else {
+        Err(Error::Fenced { partition })
+    }
+}
+
+impl Db {
+    /// Records holds placed on orgs of `partition` (replacing any under the
+    /// same org and request id), if `epoch` is still the partition's.
+    pub async fn place_holds(
+        &self,
+        partition: i64,
+        epoch: i64,
+        holds: &[StoredHold],
+    ) -> Result<()> {
+        let mut tx = self.begin_write().await?;
+        fence(&mut tx, partition, epoch).await?;
+        for h in holds {
+            let _ = sqlx::query(
+                "INSERT INTO holds (org_id, request_id, partition_id, user_id, key_id, \
+                 group_ids, amount_micros, placed_at_ms, expires_at_ms) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
+                 ON CONFLICT (org_id, request_id) DO UPDATE SET \
+                 partition_id = excluded.partition_id, user_id = excluded.user_id, \
+                 key_id = excluded.key_id, group_ids = excluded.group_ids, \
+                 amount_micros = excluded.amount_micros, placed_at_ms = excluded.placed_at_ms, \
+                 expires_at_ms = excluded.expires_at_ms",
+            )
+            .bind(&h.org_id)
+            .bind(&h.request_id)
+            .bind(partition)
+            .bind(&h.user_id)
+            .bind(&h.key_id)
+            .bind(h.group_ids.join(" "))
+            .bind(h.amount_micros)
+            .bind(h.placed_at_ms)
+            .bind(h.expires_at_ms)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await
+    }
+
+    /// Deletes holds (org id, request id) of `partition`, if `epoch` is
+    /// still the partition's.
+    pub async fn release_holds(
+        &self,
+        partition: i64,
+        epoch: i64,
+        holds: &[(String, String)],
+    ) -> Result<()> {
+        let mut tx = self.begin_write().await?;
+        fence(&mut tx, partition, epoch).await?;
+        delete_holds(&mut tx, holds).await?;
+        tx.commit().await
+    }
+
+    /// The holds stored for `partition`'s orgs.
+    pub async fn load_holds(&self, partition: i64) -> Result<Vec<StoredHold>> {
+        let rows = sqlx::query(
+            "SELECT org_id, request_id, user_id, key_id, group_ids, amount_micros, \
+             placed_at_ms, expires_at_ms FROM holds WHERE partition_id = $1 \
+             ORDER BY org_id, request_id",
+        )
+        .bind(partition)
+        .fetch_all(self.writer())
+        .await?;
+        rows.iter()
+            .map(|r| {
+                let groups: String = r.try_get("group_ids")?;
+                Ok(StoredHold {
+                    org_id: r.try_get("org_id")?,
+                    request_id: r.try_get("request_id")?,
+                    user_id: r.try_get("user_id")?,
+                    key_id: r.try_get("key_id")?,
+                    group_ids: groups.split_whitespace().map(str::to_owned).collect(),
+                    amount_micros: r.try_get("amount_micros")?,
+                    placed_at_ms: r.try_get("placed_at_ms")?,
+                    expires_at_ms: r.try_get("expires_at_ms")?,
+                })
+            })
+            .collect()
+    }
+}
+
+/// Deletes holds by (org id, request id) inside `tx`.
+pub(crate) async fn delete_holds(tx: &mut WriteTx, holds: &[(String, String)]) -> Result<()> {
+    for (org, request_id) in holds {
+        let _ = sqlx::query("DELETE FROM holds WHERE org_id = $1 AND request_id = $2")
+            .bind(org)
+            .bind(request_id)
+            .execute(&mut **tx)
+            .await?;
+    }
+    Ok(())
+}

@@ -520,3 +520,68 @@ async fn a_hold_the_full_journal_refuses_is_not_placed() -> anyhow::Result<()> {
     tally.stop()?;
     Ok(())
 }
+
+/// Distributed: the process metering the org's partition places its holds
+/// (in PostgreSQL, fenced by the partition's epoch). 64 workers stop at
+/// exactly the limit; after a `kill -9` of that process the survivor, which
+/// takes the partition over, knows every live hold.
+#[tokio::test]
+async fn distributed_holds_are_exact_and_survive_the_owners_kill_9() -> anyhow::Result<()> {
+    use tally_tests::{Cluster, owned, wait_for_spend};
+    let Some(cluster) = Cluster::new("1", &[])? else {
+        return Ok(());
+    };
+    let (owner, other) = cluster.owner_and_other().await?;
+    let op = owner.operator();
+    let secrets = org(&op, &[("alice", Some(USD)), ("bob", Some(USD))]).await;
+    let r = run(&op, 64, &[("alice", &secrets[0])], Some(CENT), CENT).await;
+    assert_eq!(r.admitted.load(Ordering::Relaxed), 100);
+    let alice = wait_for_spend(&op, "alice", USD).await;
+    assert_eq!(spend_of(&alice), (USD, 0), "{alice}");
+    // The other process does not place the org's holds (yet: no forwarding).
+    let far = other
+        .operator()
+        .post(
+            "/v1/authorize",
+            json!({"api_key": secrets[1], "request_id": "b-far", "reserve_micros": CENT}),
+        )
+        .await;
+    assert_eq!(far.status, 503, "{}", far.body);
+    assert!(
+        far.body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("metered by another process"),
+        "{}",
+        far.body
+    );
+    // Live holds, one of them settled, then the owner is killed.
+    for id in ["b-1", "b-2"] {
+        let a = reserve(&op, &secrets[1], id, 40 * CENT).await;
+        assert_eq!(a["allowed"], true, "{a}");
+    }
+    usage(&op, "b-1", "bob", 35 * CENT).await;
+    let _ = wait_for_spend(&op, "bob", 35 * CENT).await;
+    owner.kill9()?;
+    let op = other.operator();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while owned(&other).await != 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the survivor never took the partition"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let bob = wait_for_spend(&op, "bob", 35 * CENT).await;
+    assert_eq!(spend_of(&bob), (35 * CENT, 40 * CENT), "{bob}");
+    let refused = reserve(&op, &secrets[1], "b-3", 30 * CENT).await;
+    assert_eq!(refused["allowed"], false, "{refused}");
+    assert_eq!(refused["affordable_micros"], 25 * CENT);
+    let again = reserve(&op, &secrets[1], "b-2", 40 * CENT).await;
+    assert_eq!(again["hold"]["held_micros"], 40 * CENT, "{again}");
+    let rel = op.delete("/v1/orgs/acme/holds/b-2").await.expect(200);
+    assert_eq!(rel["found"], "released", "{rel}");
+    let ok = reserve(&op, &secrets[1], "b-3", 65 * CENT).await;
+    assert_eq!(ok["allowed"], true, "{ok}");
+    Ok(())
+}

@@ -83,7 +83,7 @@ pub(crate) async fn release(
 ) -> ApiResult<Json<ReleasedJson>> {
     let org_id = org_access(&state, &caller, &org)?;
     check_request_id(&request_id).map_err(|e| ApiError::invalid(e.to_string()))?;
-    let found = state.engine.release(&org_id, &request_id)?;
+    let found = state.engine.release(&org_id, &request_id).await?;
     let released_micros = match found {
         tally_engine::holds::ReleaseFound::Released { held_micros } => held_micros,
         _ => 0,

@@ -194,7 +194,7 @@ pub(crate) async fn authorize(
             let (org_id, d) = state.engine.authorize(&req.api_key, feature, user);
             (org_id, d, None)
         }
-        Some(h) => state.engine.reserve(&req.api_key, feature, user, h)?,
+        Some(h) => state.engine.reserve(&req.api_key, feature, user, h).await?,
     };
     Ok(Json(AuthorizeResponse {
         allowed: d.allowed,

@@ -268,7 +268,16 @@ impl Holds {
     /// that deletes them at the next checkpoint (the distributed mode's
     /// holds table); off, nothing is kept.
     pub fn track_gone(&mut self, on: bool) {
-        self.gone = on.then(Vec::new);
+        match (on, &self.gone) {
+            (true, Some(_)) => {}
+            (true, None) => self.gone = Some(Vec::new()),
+            (false, _) => self.gone = None,
+        }
+    }
+
+    /// Forgets every hold (the org is metered elsewhere now).
+    pub fn clear(&mut self) {
+        *self = Holds::default();
     }
 
     /// The request ids settled or expired since the last call.

@@ -433,6 +433,53 @@ mod tests {
     }
 }
 
+/// Which partition of the usage topic carries an org (the distributed
+/// mode): `partitioner(org id, partitions)`.
+#[derive(Debug, Clone, Copy)]
+pub struct PartitionOf {
+    pub partitions: i32,
+    pub partitioner: fn(&[u8], i32) -> i32,
+}
+
+/// How a new hold becomes durable.
+#[derive(Clone, Copy)]
+enum Durability<'a> {
+    /// Embedded: a line in the journal, under the org's lock.
+    Journal(&'a HoldJournal),
+    /// Distributed: a row in SQL, fenced by the partition's epoch.
+    Sql { partition: i32, epoch: i64 },
+}
+
+/// A hold as the SQL store keeps it.
+fn stored_hold(org: &OrgState, request_id: &str, h: &Hold) -> tally_store::holds::StoredHold {
+    let dir = &org.dir;
+    tally_store::holds::StoredHold {
+        org_id: dir.id.to_string(),
+        request_id: request_id.to_owned(),
+        user_id: dir.user_ids[h.user as usize].to_string(),
+        key_id: dir.key_ids[h.key as usize].to_string(),
+        group_ids: h
+            .groups
+            .iter()
+            .map(|&g| dir.group_ids[g as usize].to_string())
+            .collect(),
+        amount_micros: h.amount_micros,
+        placed_at_ms: h.placed_at_ms,
+        expires_at_ms: h.expires_at_ms,
+    }
+}
+
+/// A write the partition's new owner fenced out: the hold is placed there.
+fn moved(e: tally_store::Error, partition: i32) -> Error {
+    match e {
+        tally_store::Error::Fenced { .. } => Error::Unavailable(format!(
+            "partition {partition} of the usage topic moved to another process while the \
+             hold was placed; retry"
+        )),
+        e => Error::Store(e),
+    }
+}
+
 /// How long holds live; see `--hold-ttl-default-ms`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HoldOptions {
@@ -513,21 +560,41 @@ impl crate::Engine {
         self.hold_options
     }
 
-    fn journal(&self) -> Result<&Arc<HoldJournal>> {
-        self.hold_journal.get().ok_or_else(|| {
-            Error::Unavailable(
-                "holds (authorize with reserve_micros, release) are available in the \
-                 embedded mode only so far; in the distributed mode call authorize \
-                 without reserve_micros"
+    /// The distributed mode: holds are placed by the process metering the
+    /// org's partition, in SQL; `partition_of` names an org's partition.
+    pub fn set_hold_partitions(&self, partition_of: PartitionOf) {
+        let _ = self.hold_partition_of.set(partition_of);
+    }
+
+    /// How a hold of `org` is made durable here, or why it cannot be.
+    fn durability(&self, org: &str) -> Result<Durability<'_>> {
+        if let Some(j) = self.hold_journal.get() {
+            return Ok(Durability::Journal(j));
+        }
+        let Some(partition_of) = self.hold_partition_of.get() else {
+            return Err(Error::Unavailable(
+                "holds need a place to be kept: the embedded mode on --database-url \
+                 keeps them in --holds-dir"
                     .into(),
-            )
-        })
+            ));
+        };
+        let partition = (partition_of.partitioner)(org.as_bytes(), partition_of.partitions);
+        match self.meter.owned_epoch(partition) {
+            Some(epoch) => Ok(Durability::Sql { partition, epoch }),
+            None => Err(Error::Unavailable(format!(
+                "org {org} is metered by another process (partition {partition} of the \
+                 usage topic), which places its holds; forwarding between processes is \
+                 not built yet: retry, or send reserving authorize and releases to that \
+                 process"
+            ))),
+        }
     }
 
     /// Authorize with a reserve: the decision, and the hold when the call
     /// was admitted (or the live one it repeats). Answers once a new hold is
-    /// journaled.
-    pub fn reserve(
+    /// durable: journaled (embedded), or stored in SQL under the epoch of
+    /// the org's partition (distributed, on the process metering it).
+    pub async fn reserve(
         &self,
         secret: &str,
         feature: Option<&str>,
@@ -535,70 +602,131 @@ impl crate::Engine {
         req: HoldRequest<'_>,
     ) -> Result<(Option<OrgId>, Decision, Option<PlacedHold>)> {
         let started = Instant::now();
-        let journal = self.journal()?;
         let hash = hash_secret(secret);
         let found = self
             .registry
             .org_of_key(&hash)
             .and_then(|o| self.registry.org(&o).map(|c| (o, c)));
-        let result = match found {
-            None => Ok((None, Decision::unknown_key(), None)),
-            Some((org_id, cell)) => {
-                let mut org = cell.write();
-                // Read under the lock: a repeat never answers a hold that
-                // expired while it waited.
-                let now = self.clock.now_ms();
-                match org.dir.key_by_hash(&hash).map(|k| k.id.clone()) {
-                    None => Ok((None, Decision::unknown_key(), None)),
-                    Some(key_id) => {
-                        let _ = org.meter.holds.expire(now);
-                        match reserve(&mut org, &key_id, feature, user_id, req, now) {
-                            Err(conflict) => Err(Error::HoldConflict(conflict.to_string())),
-                            Ok((d, placed)) => {
-                                if placed.as_ref().is_some_and(|p| p.new) {
-                                    let written = match org.meter.holds.get(req.request_id) {
-                                        Some(h) => journal.placed(&org, req.request_id, h),
-                                        None => Ok(()),
-                                    };
-                                    if let Err(e) = written {
-                                        // Not durable: not placed.
-                                        let _ = org.meter.holds.remove(req.request_id);
-                                        return Err(e);
-                                    }
-                                    count_hold("placed", 1);
-                                }
-                                Ok((Some(org_id), d, placed))
-                            }
+        let Some((org_id, cell)) = found else {
+            let d = Decision::unknown_key();
+            crate::record_decision(&d, "reserve", started);
+            return Ok((None, d, None));
+        };
+        let durable = self.durability(&org_id)?;
+        let (d, placed, stored) = {
+            let mut org = cell.write();
+            // Read under the lock: a repeat never answers a hold that
+            // expired while it waited.
+            let now = self.clock.now_ms();
+            let Some(key_id) = org.dir.key_by_hash(&hash).map(|k| k.id.clone()) else {
+                let d = Decision::unknown_key();
+                crate::record_decision(&d, "reserve", started);
+                return Ok((None, d, None));
+            };
+            let _ = org.meter.holds.expire(now);
+            let (d, placed) = reserve(&mut org, &key_id, feature, user_id, req, now)
+                .map_err(|c| Error::HoldConflict(c.to_string()))?;
+            let mut stored = None;
+            if placed.as_ref().is_some_and(|p| p.new)
+                && let Some(h) = org.meter.holds.get(req.request_id)
+            {
+                match durable {
+                    Durability::Journal(journal) => {
+                        if let Err(e) = journal.placed(&org, req.request_id, h) {
+                            // Not durable: not placed.
+                            let _ = org.meter.holds.remove(req.request_id);
+                            return Err(e);
                         }
+                    }
+                    Durability::Sql { .. } => {
+                        stored = Some(stored_hold(&org, req.request_id, h));
+                        org.meter.holds.track_gone(true);
                     }
                 }
             }
+            (d, placed, stored)
         };
-        if let Ok((_, d, _)) = &result {
-            crate::record_decision(d, "reserve", started);
+        if let (Some(stored), Durability::Sql { partition, epoch }) = (stored, durable) {
+            let written = if self.meter.note_hold_org(partition, epoch, &org_id) {
+                self.db
+                    .place_holds(i64::from(partition), epoch, std::slice::from_ref(&stored))
+                    .await
+                    .map_err(|e| moved(e, partition))
+            } else {
+                Err(moved(
+                    tally_store::Error::Fenced {
+                        partition: i64::from(partition),
+                    },
+                    partition,
+                ))
+            };
+            if let Err(e) = written {
+                // Not durable: not placed (unless its usage came meanwhile).
+                let mut org = cell.write();
+                if org
+                    .meter
+                    .holds
+                    .get(req.request_id)
+                    .is_some_and(|h| h.placed_at_ms == stored.placed_at_ms)
+                {
+                    let _ = org.meter.holds.remove(req.request_id);
+                }
+                return Err(e);
+            }
         }
-        result
+        if placed.as_ref().is_some_and(|p| p.new) {
+            count_hold("placed", 1);
+        }
+        crate::record_decision(&d, "reserve", started);
+        Ok((Some(org_id), d, placed))
     }
 
     /// Frees a hold at once (its call failed or was cancelled). Idempotent:
     /// answers what it found.
-    pub fn release(&self, org_id: &str, request_id: &str) -> Result<ReleaseFound> {
-        let journal = self.journal()?;
+    pub async fn release(&self, org_id: &str, request_id: &str) -> Result<ReleaseFound> {
         let cell = self.registry.org(org_id).ok_or(Error::UnknownOrg)?;
-        let mut org = cell.write();
-        let found = match org.meter.holds.get(request_id) {
-            Some(h) => {
-                let held_micros = h.amount_micros;
+        let durable = self.durability(org_id)?;
+        let not_live = |org: &OrgState| {
+            if org.meter.dedupe.contains(hash_request_id(request_id)) {
+                ReleaseFound::Settled
+            } else if org.meter.holds.recently_expired(request_id) {
+                ReleaseFound::Expired
+            } else {
+                ReleaseFound::Unknown
+            }
+        };
+        match durable {
+            Durability::Journal(journal) => {
+                let mut org = cell.write();
+                let Some(held_micros) = org.meter.holds.get(request_id).map(|h| h.amount_micros)
+                else {
+                    return Ok(not_live(&org));
+                };
                 journal.released(org_id, request_id)?;
                 let _ = org.meter.holds.remove(request_id);
                 count_hold("released", 1);
-                ReleaseFound::Released { held_micros }
+                Ok(ReleaseFound::Released { held_micros })
             }
-            None if org.meter.dedupe.contains(hash_request_id(request_id)) => ReleaseFound::Settled,
-            None if org.meter.holds.recently_expired(request_id) => ReleaseFound::Expired,
-            None => ReleaseFound::Unknown,
-        };
-        Ok(found)
+            Durability::Sql { partition, epoch } => {
+                let held = cell
+                    .read()
+                    .meter
+                    .holds
+                    .get(request_id)
+                    .map(|h| h.amount_micros);
+                let Some(held_micros) = held else {
+                    return Ok(not_live(&cell.read()));
+                };
+                let row = (org_id.to_owned(), request_id.to_owned());
+                self.db
+                    .release_holds(i64::from(partition), epoch, &[row])
+                    .await
+                    .map_err(|e| moved(e, partition))?;
+                let _ = cell.write().meter.holds.remove(request_id);
+                count_hold("released", 1);
+                Ok(ReleaseFound::Released { held_micros })
+            }
+        }
     }
 
     /// Up to `limit` live holds of an org with request ids after `after`,

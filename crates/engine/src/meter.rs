@@ -123,6 +123,8 @@ struct Part {
     committed: PartitionCheckpoint,
     counted_since: u64,
     orgs: HashSet<OrgId>,
+    /// Orgs of this partition with holds placed here (usage or not yet).
+    hold_orgs: HashSet<OrgId>,
     /// Changes taken from the orgs, not yet committed.
     pending: HashMap<OrgId, MeterChanges>,
     dead_letters: Vec<DeadLetter>,
@@ -189,6 +191,9 @@ pub struct Meter {
     /// Orgs with an entity append whose outcome is unknown (it failed, and
     /// reading the log back failed too).
     appends_unknown: parking_lot::Mutex<HashSet<OrgId>>,
+    /// The distributed mode keeps live holds in SQL, per partition: a claim
+    /// loads them, a release forgets them here.
+    holds_in_sql: AtomicBool,
 }
 
 impl Meter {
@@ -214,6 +219,7 @@ impl Meter {
             health: StoreHealth::new(),
             log_tail_unknown: AtomicBool::new(false),
             appends_unknown: parking_lot::Mutex::default(),
+            holds_in_sql: AtomicBool::new(false),
         }
     }
 
@@ -329,6 +335,9 @@ impl Meter {
             .load_meters(i64::from(p), self.opts.window_ms, Month::from_unix_ms(now))
             .await?;
         let (position, orgs) = self.install(p, claim.epoch, claim.checkpoint, saved, now);
+        if self.holds_in_sql.load(Ordering::Relaxed) {
+            self.load_holds(p, now).await?;
+        }
         tracing::info!(
             partition = p,
             epoch = claim.epoch,
@@ -384,6 +393,90 @@ impl Meter {
         let _ = parts.by_id.insert(p, part);
         metrics::gauge!(m::PARTITIONS_OWNED).set(parts.by_id.len() as f64);
         (position, orgs)
+    }
+
+    /// Keep live holds in SQL (the distributed mode): see `holds_in_sql`.
+    pub fn keep_holds_in_sql(&self) {
+        self.holds_in_sql.store(true, Ordering::Relaxed);
+    }
+
+    /// The epoch under which this process meters partition `p`, if it does.
+    pub fn owned_epoch(&self, p: i32) -> Option<i64> {
+        self.parts.lock().by_id.get(&p).map(|part| part.epoch)
+    }
+
+    /// Notes that `org` has holds placed here on partition `p` (forgotten
+    /// with the partition). False when `p` is not owned (any more) under
+    /// `epoch`.
+    pub fn note_hold_org(&self, p: i32, epoch: i64, org: &OrgId) -> bool {
+        match self.parts.lock().by_id.get_mut(&p) {
+            Some(part) if part.epoch == epoch => {
+                if !part.hold_orgs.contains(org) {
+                    let _ = part.hold_orgs.insert(org.clone());
+                }
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The holds stored for partition `p`, into its orgs: the live holds as
+    /// of the checkpoint, less those expired or counted since; the replay
+    /// after the checkpoint settles the rest.
+    async fn load_holds(&self, p: i32, now: i64) -> Result<()> {
+        let stored = self.db.load_holds(i64::from(p)).await?;
+        let (mut live, mut dropped) = (0usize, 0usize);
+        let mut parts = self.parts.lock();
+        let Some(part) = parts.by_id.get_mut(&p) else {
+            return Ok(());
+        };
+        for h in stored {
+            let Some(cell) = self.registry.org(&h.org_id) else {
+                dropped += 1;
+                continue;
+            };
+            let mut org = cell.write();
+            let dir = &org.dir;
+            let groups: Option<Vec<u32>> = h
+                .group_ids
+                .iter()
+                .map(|g| dir.groups.get(g.as_str()).map(|g| g.idx))
+                .collect();
+            let hold = match (
+                dir.users.get(h.user_id.as_str()),
+                dir.keys.get(h.key_id.as_str()),
+                groups,
+            ) {
+                (Some(u), Some(k), Some(groups)) => tally_core::holds::Hold {
+                    amount_micros: h.amount_micros,
+                    placed_at_ms: h.placed_at_ms,
+                    expires_at_ms: h.expires_at_ms,
+                    user: u.idx,
+                    key: k.idx,
+                    groups: groups.into(),
+                },
+                _ => {
+                    dropped += 1;
+                    continue;
+                }
+            };
+            org.meter.holds.track_gone(true);
+            let counted = org
+                .meter
+                .dedupe
+                .contains(tally_core::dedupe::hash_request_id(&h.request_id));
+            if hold.expires_at_ms <= now || counted {
+                dropped += 1;
+                continue;
+            }
+            org.meter.holds.insert(&h.request_id, hold);
+            let org_id = org.dir.id.clone();
+            drop(org);
+            let _ = part.hold_orgs.insert(org_id);
+            live += 1;
+        }
+        tracing::info!(partition = p, live, dropped, "holds loaded");
+        Ok(())
     }
 
     /// Gives partition `p` up (after a last checkpoint, when the caller could
@@ -1027,6 +1120,12 @@ fn release_locked(parts: &mut Parts, registry: &Registry, p: i32) {
             org.meter.owned = false;
             // Unsaved changes and pending events belong to the next owner now.
             let _ = org.take_changes();
+        }
+    }
+    // The holds too: the next owner loads them from SQL.
+    for org_id in &part.hold_orgs {
+        if let Some(cell) = registry.org(org_id) {
+            cell.write().meter.holds.clear();
         }
     }
     tracing::info!(partition = p, orgs = part.orgs.len(), "partition released");

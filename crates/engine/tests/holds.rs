@@ -114,17 +114,19 @@ async fn a_hold_expires_at_its_ttl_on_the_engines_clock() {
     acme(&engine).await;
     let (_, d, h) = engine
         .reserve(SECRET, None, None, hold("r1", 600_000, 10 * MINUTE))
+        .await
         .unwrap();
     assert!(d.allowed, "{d:?}");
     assert_eq!(h.unwrap().expires_at_ms, T0 + 10 * MINUTE);
-    let refused = |engine: &Engine| {
+    async fn refused(engine: &Engine) -> tally_core::authorize::Decision {
         let (_, d, _) = engine
             .reserve(SECRET, None, None, hold("r2", 500_000, MINUTE))
+            .await
             .unwrap();
         d
-    };
+    }
     clock.set(T0 + 10 * MINUTE - 1);
-    assert_eq!(refused(&engine).reason, Reason::UserMonthlyLimit);
+    assert_eq!(refused(&engine).await.reason, Reason::UserMonthlyLimit);
     let (_, plain) = engine.authorize(SECRET, None, None);
     assert_eq!(plain.remaining_micros, Some(400_000), "{plain:?}");
     // At the TTL the hold is gone: for a plain authorize (which frees it
@@ -132,10 +134,13 @@ async fn a_hold_expires_at_its_ttl_on_the_engines_clock() {
     clock.set(T0 + 10 * MINUTE);
     let (_, plain) = engine.authorize(SECRET, None, None);
     assert_eq!(plain.remaining_micros, Some(1_000_000), "{plain:?}");
-    assert!(refused(&engine).allowed);
-    assert_eq!(engine.release("acme", "r1").unwrap(), ReleaseFound::Expired);
+    assert!(refused(&engine).await.allowed);
     assert_eq!(
-        engine.release("acme", "r2").unwrap(),
+        engine.release("acme", "r1").await.unwrap(),
+        ReleaseFound::Expired
+    );
+    assert_eq!(
+        engine.release("acme", "r2").await.unwrap(),
         ReleaseFound::Released {
             held_micros: 500_000
         }
@@ -158,10 +163,11 @@ async fn the_journal_restores_live_holds_and_drops_settled_and_expired_ones() {
         ] {
             let (_, d, _) = engine
                 .reserve(SECRET, None, None, hold(id, 100_000, ttl))
+                .await
                 .unwrap();
             assert!(d.allowed, "{id}: {d:?}");
         }
-        let _ = engine.release("acme", "released").unwrap();
+        let _ = engine.release("acme", "released").await.unwrap();
         let usage = RawUsage {
             request_id: "settled",
             org_id: "acme",

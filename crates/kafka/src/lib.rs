@@ -175,6 +175,12 @@ impl Distributed {
         topics::ensure(&opts).await?;
         topics::check_log_time(&opts).await;
         let usage_partitions = topics::partition_count(&opts, &opts.usage_topic()).await?;
+        // Before any claim: a claim loads the partition's holds from SQL.
+        engine.meter.keep_holds_in_sql();
+        engine.set_hold_partitions(tally_engine::holds::PartitionOf {
+            partitions: usage_partitions,
+            partitioner: crate::murmur2::partition_for,
+        });
         let (stop, stop_rx) = watch::channel(false);
         let producer: rdkafka::producer::FutureProducer = opts.producer_config().create()?;
         let publisher = Arc::new(publisher::Publisher::new(

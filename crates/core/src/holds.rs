@@ -252,9 +252,7 @@ impl Holds {
             if self.live.get(&h).is_none_or(|l| l.hold.expires_at_ms != at) {
                 continue;
             }
-            if let Some(live) = self.take_live(h) {
-                self.went(live.request_id);
-            }
+            let _ = self.take(h);
             if self.expired_ids.insert(h) {
                 self.expired.push_back((now_ms, h));
             }
@@ -264,9 +262,10 @@ impl Holds {
         freed
     }
 
-    /// Keep the request ids of holds that settle or expire, for a store
-    /// that deletes them at the next checkpoint (the distributed mode's
-    /// holds table); off, nothing is kept.
+    /// Keep the request ids of holds that settle, for a store that deletes
+    /// them at the next checkpoint (the distributed mode's holds table,
+    /// whose expired rows the checkpoint deletes by time); off, nothing is
+    /// kept.
     pub fn track_gone(&mut self, on: bool) {
         match (on, &self.gone) {
             (true, Some(_)) => {}
@@ -280,9 +279,15 @@ impl Holds {
         *self = Holds::default();
     }
 
-    /// The request ids settled or expired since the last call.
+    /// The request ids settled since the last call.
     pub fn take_gone(&mut self) -> Vec<Box<str>> {
         self.gone.as_mut().map(std::mem::take).unwrap_or_default()
+    }
+
+    /// Records `request_id` as settled for the store (its row was written
+    /// after its usage settled it in memory).
+    pub fn note_settled(&mut self, request_id: &str) {
+        self.went(request_id.into());
     }
 
     fn went(&mut self, request_id: Box<str>) {

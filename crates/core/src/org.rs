@@ -110,8 +110,8 @@ pub struct MeterChanges {
     pub watermark_ms: i64,
     pub rolled_month: Option<Month>,
     pub enforcement: Vec<SavedEnforcement>,
-    /// Request ids of holds settled or expired since the last checkpoint
-    /// (when the holds are kept in SQL: see [`Holds::track_gone`]).
+    /// Request ids of holds settled since the last checkpoint (when the
+    /// holds are kept in SQL: see [`Holds::track_gone`]).
     pub holds_gone: Vec<String>,
 }
 

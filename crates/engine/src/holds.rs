@@ -560,6 +560,16 @@ impl crate::Engine {
         self.hold_options
     }
 
+    fn hold_write_lock(&self, org: &str) -> Arc<tokio::sync::Mutex<()>> {
+        if let Some(m) = self.hold_writes.get(org) {
+            return Arc::clone(&m);
+        }
+        let Ok(id) = OrgId::new(org) else {
+            return Arc::default();
+        };
+        Arc::clone(&self.hold_writes.entry(id).or_default())
+    }
+
     /// The distributed mode: holds are placed by the process metering the
     /// org's partition, in SQL; `partition_of` names an org's partition.
     pub fn set_hold_partitions(&self, partition_of: PartitionOf) {
@@ -579,13 +589,13 @@ impl crate::Engine {
             ));
         };
         let partition = (partition_of.partitioner)(org.as_bytes(), partition_of.partitions);
-        match self.meter.owned_epoch(partition) {
+        match self.meter.hold_epoch(partition) {
             Some(epoch) => Ok(Durability::Sql { partition, epoch }),
             None => Err(Error::Unavailable(format!(
                 "org {org} is metered by another process (partition {partition} of the \
-                 usage topic), which places its holds; forwarding between processes is \
-                 not built yet: retry, or send reserving authorize and releases to that \
-                 process"
+                 usage topic), which places its holds, or this process is taking the \
+                 partition over; forwarding between processes is not built yet: retry, \
+                 or send reserving authorize and releases to that process"
             ))),
         }
     }
@@ -613,6 +623,13 @@ impl crate::Engine {
             return Ok((None, d, None));
         };
         let durable = self.durability(&org_id)?;
+        // Distributed, a hold is in memory before its row commits: a repeat
+        // or a release of it in between must wait for the outcome (or it
+        // would answer from a hold that may never be stored).
+        let _serial = match durable {
+            Durability::Sql { .. } => Some(self.hold_write_lock(&org_id).lock_owned().await),
+            Durability::Journal(_) => None,
+        };
         let (d, placed, stored) = {
             let mut org = cell.write();
             // Read under the lock: a repeat never answers a hold that
@@ -673,6 +690,12 @@ impl crate::Engine {
                 }
                 return Err(e);
             }
+            // Its usage may have settled it while the row was written (a
+            // checkpoint then deleted nothing): the next one deletes it.
+            let mut org = cell.write();
+            if org.meter.holds.get(req.request_id).is_none() {
+                org.meter.holds.note_settled(req.request_id);
+            }
         }
         if placed.as_ref().is_some_and(|p| p.new) {
             count_hold("placed", 1);
@@ -708,6 +731,7 @@ impl crate::Engine {
                 Ok(ReleaseFound::Released { held_micros })
             }
             Durability::Sql { partition, epoch } => {
+                let _serial = self.hold_write_lock(org_id).lock_owned().await;
                 let held = cell
                     .read()
                     .meter

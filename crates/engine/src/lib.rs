@@ -103,6 +103,9 @@ pub struct Engine {
     sink: OnceLock<Arc<dyn UsageSink>>,
     hold_journal: OnceLock<Arc<HoldJournal>>,
     hold_partition_of: OnceLock<crate::holds::PartitionOf>,
+    /// Distributed: one SQL write of an org's holds at a time (see
+    /// `Engine::reserve`).
+    hold_writes: dashmap::DashMap<OrgId, Arc<tokio::sync::Mutex<()>>>,
     hold_options: HoldOptions,
     clock: Arc<dyn Clock>,
     operator_token_hash: SecretHash,
@@ -156,6 +159,7 @@ impl Engine {
             sink: OnceLock::new(),
             hold_journal: OnceLock::new(),
             hold_partition_of: OnceLock::new(),
+            hold_writes: dashmap::DashMap::new(),
             hold_options: opts.holds,
             clock,
             operator_token_hash,

@@ -125,6 +125,9 @@ struct Part {
     orgs: HashSet<OrgId>,
     /// Orgs of this partition with holds placed here (usage or not yet).
     hold_orgs: HashSet<OrgId>,
+    /// The holds stored for the partition are loaded: until then no hold is
+    /// placed on it (it would be judged without the previous owner's).
+    holds_ready: bool,
     /// Changes taken from the orgs, not yet committed.
     pending: HashMap<OrgId, MeterChanges>,
     dead_letters: Vec<DeadLetter>,
@@ -336,7 +339,7 @@ impl Meter {
             .await?;
         let (position, orgs) = self.install(p, claim.epoch, claim.checkpoint, saved, now);
         if self.holds_in_sql.load(Ordering::Relaxed) {
-            self.load_holds(p, now).await?;
+            self.load_holds(p, claim.epoch, now).await?;
         }
         tracing::info!(
             partition = p,
@@ -400,9 +403,15 @@ impl Meter {
         self.holds_in_sql.store(true, Ordering::Relaxed);
     }
 
-    /// The epoch under which this process meters partition `p`, if it does.
-    pub fn owned_epoch(&self, p: i32) -> Option<i64> {
-        self.parts.lock().by_id.get(&p).map(|part| part.epoch)
+    /// The epoch under which this process meters partition `p` and places
+    /// its holds, if it does (and has loaded the holds stored for it).
+    pub fn hold_epoch(&self, p: i32) -> Option<i64> {
+        self.parts
+            .lock()
+            .by_id
+            .get(&p)
+            .filter(|part| part.holds_ready)
+            .map(|part| part.epoch)
     }
 
     /// Notes that `org` has holds placed here on partition `p` (forgotten
@@ -421,18 +430,27 @@ impl Meter {
     }
 
     /// The holds stored for partition `p`, into its orgs: the live holds as
-    /// of the checkpoint, less those expired or counted since; the replay
-    /// after the checkpoint settles the rest.
-    async fn load_holds(&self, p: i32, now: i64) -> Result<()> {
+    /// of the checkpoint, less those expired or counted since (their rows
+    /// are deleted); the replay after the checkpoint settles the rest. The
+    /// orgs the rows name are caught up with their logs first (an org, user
+    /// or key created on the previous owner may not have reached this
+    /// process); a row that still names something unknown is kept, not
+    /// placed, and logged. Holds are placed on `p` only after this.
+    async fn load_holds(&self, p: i32, epoch: i64, now: i64) -> Result<()> {
         let stored = self.db.load_holds(i64::from(p)).await?;
-        let (mut live, mut dropped) = (0usize, 0usize);
-        let mut parts = self.parts.lock();
-        let Some(part) = parts.by_id.get_mut(&p) else {
-            return Ok(());
-        };
+        let mut orgs: Vec<&str> = stored.iter().map(|h| h.org_id.as_str()).collect();
+        orgs.dedup();
+        for org in orgs {
+            if let Ok(id) = OrgId::new(org) {
+                crate::commands::catch_up(&self.db, &self.registry, &id).await?;
+            }
+        }
+        let (mut live, mut unknown) = (0usize, 0usize);
+        let mut dropped: Vec<(String, String)> = Vec::new();
+        let mut placed: Vec<OrgId> = Vec::new();
         for h in stored {
             let Some(cell) = self.registry.org(&h.org_id) else {
-                dropped += 1;
+                unknown += 1;
                 continue;
             };
             let mut org = cell.write();
@@ -442,40 +460,56 @@ impl Meter {
                 .iter()
                 .map(|g| dir.groups.get(g.as_str()).map(|g| g.idx))
                 .collect();
-            let hold = match (
+            let (Some(u), Some(k), Some(groups)) = (
                 dir.users.get(h.user_id.as_str()),
                 dir.keys.get(h.key_id.as_str()),
                 groups,
-            ) {
-                (Some(u), Some(k), Some(groups)) => tally_core::holds::Hold {
-                    amount_micros: h.amount_micros,
-                    placed_at_ms: h.placed_at_ms,
-                    expires_at_ms: h.expires_at_ms,
-                    user: u.idx,
-                    key: k.idx,
-                    groups: groups.into(),
-                },
-                _ => {
-                    dropped += 1;
-                    continue;
-                }
+            ) else {
+                unknown += 1;
+                continue;
+            };
+            let hold = tally_core::holds::Hold {
+                amount_micros: h.amount_micros,
+                placed_at_ms: h.placed_at_ms,
+                expires_at_ms: h.expires_at_ms,
+                user: u.idx,
+                key: k.idx,
+                groups: groups.into(),
             };
             org.meter.holds.track_gone(true);
             let counted = org
                 .meter
                 .dedupe
                 .contains(tally_core::dedupe::hash_request_id(&h.request_id));
-            if hold.expires_at_ms <= now || counted {
-                dropped += 1;
-                continue;
+            if hold.expires_at_ms <= now {
+                org.meter
+                    .holds
+                    .remember_expired(&h.request_id, hold.expires_at_ms);
+                dropped.push((h.org_id, h.request_id));
+            } else if counted {
+                dropped.push((h.org_id, h.request_id));
+            } else {
+                org.meter.holds.insert(&h.request_id, hold);
+                placed.push(org.dir.id.clone());
+                live += 1;
             }
-            org.meter.holds.insert(&h.request_id, hold);
-            let org_id = org.dir.id.clone();
-            drop(org);
-            let _ = part.hold_orgs.insert(org_id);
-            live += 1;
         }
-        tracing::info!(partition = p, live, dropped, "holds loaded");
+        if !dropped.is_empty() {
+            self.db.release_holds(i64::from(p), epoch, &dropped).await?;
+        }
+        if unknown > 0 {
+            tracing::warn!(
+                partition = p,
+                rows = unknown,
+                "hold rows name an org, user, key or group this process does not know; kept, not placed"
+            );
+        }
+        let mut parts = self.parts.lock();
+        if let Some(part) = parts.by_id.get_mut(&p).filter(|part| part.epoch == epoch) {
+            part.hold_orgs.extend(placed);
+            part.holds_ready = true;
+        }
+        tracing::info!(partition = p, live, dropped = dropped.len(), "holds loaded");
         Ok(())
     }
 

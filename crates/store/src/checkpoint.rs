@@ -353,6 +353,13 @@ impl Db {
         if fenced.rows_affected() != 1 {
             return Err(Error::Fenced { partition });
         }
+        // Holds past their TTL hold nothing: their rows go, whether or not
+        // their org had usage since.
+        let _ = sqlx::query("DELETE FROM holds WHERE partition_id = $1 AND expires_at_ms <= $2")
+            .bind(partition)
+            .bind(now_ms)
+            .execute(&mut *tx)
+            .await?;
         let mut counters = Vec::new();
         let mut days = Vec::new();
         let mut chunks = Vec::new();

@@ -771,11 +771,19 @@ async fn holds_are_fenced_and_go_with_checkpoints(db: Db) {
     db.release_holds(5, first.epoch, &[("acme".into(), "r2".into())])
         .await
         .unwrap();
-    db.place_holds(5, first.epoch, &[hold("r1", 15)])
+    let expired = StoredHold {
+        expires_at_ms: NOV,
+        ..hold("r0", 5)
+    };
+    db.place_holds(5, first.epoch, &[hold("r1", 15), expired.clone()])
         .await
         .unwrap();
-    assert_eq!(db.load_holds(5).await.unwrap(), vec![hold("r1", 15)]);
-    // A checkpoint deletes the holds settled or expired up to it.
+    assert_eq!(
+        db.load_holds(5).await.unwrap(),
+        vec![expired, hold("r1", 15)]
+    );
+    // A checkpoint deletes the holds settled up to it, and those past
+    // their TTL.
     let gone = MeterChanges {
         holds_gone: vec!["r1".into()],
         ..MeterChanges::default()

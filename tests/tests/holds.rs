@@ -66,6 +66,25 @@ async fn usage(op: &Client, request_id: &str, user: &str, cost: i64) {
     assert_eq!(r["accepted"], 1, "{request_id}: {r}");
 }
 
+/// A worker's authorize: while the org's partition moves between
+/// processes (503, or a process gone), the same request is asked again, as
+/// a gateway would.
+async fn decide(op: &Client, body: &Value) -> Value {
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    loop {
+        match op
+            .send("POST", "/v1/authorize", Some(body.to_string().into_bytes()))
+            .await
+        {
+            Ok(r) if r.status == 200 => return r.body,
+            Ok(r) if r.status != 503 => panic!("{}: {}", r.status, r.body),
+            _ => {}
+        }
+        assert!(std::time::Instant::now() < deadline, "no answer for {body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// What the workers of [`run`] got admitted.
 #[derive(Debug, Default)]
 struct Run {
@@ -79,6 +98,7 @@ struct Run {
 /// `reserve` each call holds that much, else it asks a plain authorize.
 async fn run(
     op: &Client,
+    tag: &str,
     workers: usize,
     users: &[(&str, &str)],
     reserve_micros: Option<i64>,
@@ -88,11 +108,14 @@ async fn run(
     let mut tasks = Vec::new();
     for w in 0..workers {
         let (op, out) = (op.clone(), Arc::clone(&out));
-        let tag = if reserve_micros.is_some() {
-            "held"
-        } else {
-            "plain"
-        };
+        let tag = format!(
+            "{tag}-{}",
+            if reserve_micros.is_some() {
+                "held"
+            } else {
+                "plain"
+            }
+        );
         let (user, secret) = (
             users[w % users.len()].0.to_owned(),
             users[w % users.len()].1.to_owned(),
@@ -104,7 +127,7 @@ async fn run(
                 if let Some(r) = reserve_micros {
                     body["reserve_micros"] = json!(r);
                 }
-                let d = op.post("/v1/authorize", body).await.expect(200);
+                let d = decide(&op, &body).await;
                 if d["allowed"] != true {
                     return;
                 }
@@ -139,7 +162,7 @@ async fn sixty_four_workers_stop_at_the_limit_exactly() {
     let tally = Tally::start(&Backend::sqlite("holds-64")).unwrap();
     let op = tally.operator();
     let secrets = org(&op, &[("alice", Some(USD)), ("bob", Some(USD))]).await;
-    let plain = run(&op, 64, &[("bob", &secrets[1])], None, CENT).await;
+    let plain = run(&op, "a", 64, &[("bob", &secrets[1])], None, CENT).await;
     let plain = plain.admitted.load(Ordering::Relaxed);
     let bob = op.get("/v1/orgs/acme/users/bob").await.expect(200);
     eprintln!(
@@ -151,7 +174,7 @@ async fn sixty_four_workers_stop_at_the_limit_exactly() {
         "plain authorize stops at the limit at the earliest"
     );
 
-    let held = run(&op, 64, &[("alice", &secrets[0])], Some(CENT), CENT).await;
+    let held = run(&op, "a", 64, &[("alice", &secrets[0])], Some(CENT), CENT).await;
     assert_eq!(held.admitted.load(Ordering::Relaxed), 100);
     let alice = op.get("/v1/orgs/acme/users/alice").await.expect(200);
     assert_eq!(spend_of(&alice), (USD, 0), "{alice}");
@@ -178,7 +201,7 @@ async fn holds_below_the_cost_overshoot_within_the_stated_bound() {
     let tally = Tally::start(&Backend::sqlite("holds-under")).unwrap();
     let op = tally.operator();
     let secrets = org(&op, &[("alice", Some(USD))]).await;
-    let r = run(&op, 64, &[("alice", &secrets[0])], Some(8_000), CENT).await;
+    let r = run(&op, "a", 64, &[("alice", &secrets[0])], Some(8_000), CENT).await;
     let admitted = i64::from(r.admitted.load(Ordering::Relaxed));
     let bound = r.beyond_holds.load(Ordering::Relaxed);
     assert_eq!(bound, admitted * 2_000);
@@ -222,7 +245,7 @@ async fn group_and_org_limits_are_exact_under_concurrency() {
         ("carol", secrets[2].as_str()),
         ("carol", secrets[2].as_str()),
     ];
-    let r = run(&op, 64, &users, Some(CENT), CENT).await;
+    let r = run(&op, "a", 64, &users, Some(CENT), CENT).await;
     let org = op.get("/v1/orgs/acme").await.expect(200);
     eprintln!("{org}\n{}", op.get("/v1/orgs/acme/groups/eng").await.body);
     assert_eq!(r.admitted.load(Ordering::Relaxed), 100);
@@ -522,9 +545,10 @@ async fn a_hold_the_full_journal_refuses_is_not_placed() -> anyhow::Result<()> {
 }
 
 /// Distributed: the process metering the org's partition places its holds
-/// (in PostgreSQL, fenced by the partition's epoch). 64 workers stop at
-/// exactly the limit; after a `kill -9` of that process the survivor, which
-/// takes the partition over, knows every live hold.
+/// (in PostgreSQL, fenced by the partition's epoch); the other forwards
+/// reserves to it. 64 workers split across both processes stop at exactly
+/// the limit; after a `kill -9` of the owner the survivor, which takes the
+/// partition over, knows every live hold.
 #[tokio::test]
 async fn distributed_holds_are_exact_and_survive_the_owners_kill_9() -> anyhow::Result<()> {
     use tally_tests::{Cluster, owned, wait_for_spend};
@@ -534,26 +558,39 @@ async fn distributed_holds_are_exact_and_survive_the_owners_kill_9() -> anyhow::
     let (owner, other) = cluster.owner_and_other().await?;
     let op = owner.operator();
     let secrets = org(&op, &[("alice", Some(USD)), ("bob", Some(USD))]).await;
-    let r = run(&op, 64, &[("alice", &secrets[0])], Some(CENT), CENT).await;
-    assert_eq!(r.admitted.load(Ordering::Relaxed), 100);
+    // Half the workers call the other process, which forwards their
+    // reserves to the owner (once the org has reached it).
+    let far = other.operator();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while far.get("/v1/orgs/acme/users/bob").await.status != 200 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the org never reached the other process"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let users = [("alice", secrets[0].as_str())];
+    let (near, away) = tokio::join!(
+        run(&op, "near", 32, &users, Some(CENT), CENT),
+        run(&far, "far", 32, &users, Some(CENT), CENT),
+    );
+    let (near, away) = (
+        near.admitted.load(Ordering::Relaxed),
+        away.admitted.load(Ordering::Relaxed),
+    );
+    assert_eq!(
+        near + away,
+        100,
+        "{near} on the owner, {away} through the other"
+    );
+    assert!(away > 0, "the other process admitted none");
     let alice = wait_for_spend(&op, "alice", USD).await;
     assert_eq!(spend_of(&alice), (USD, 0), "{alice}");
-    // The other process does not place the org's holds (yet: no forwarding).
-    let far = other
-        .operator()
-        .post(
-            "/v1/authorize",
-            json!({"api_key": secrets[1], "request_id": "b-far", "reserve_micros": CENT}),
-        )
-        .await;
-    assert_eq!(far.status, 503, "{}", far.body);
-    assert!(
-        far.body["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("metered by another process"),
-        "{}",
-        far.body
+    let listed = far.get("/v1/orgs/acme/holds").await.expect(200);
+    assert_eq!(
+        listed["items"],
+        json!([]),
+        "forwarded to the owner: {listed}"
     );
     // Live holds, one of them settled, then the owner is killed.
     for id in ["b-1", "b-2"] {
@@ -583,5 +620,65 @@ async fn distributed_holds_are_exact_and_survive_the_owners_kill_9() -> anyhow::
     assert_eq!(rel["found"], "released", "{rel}");
     let ok = reserve(&op, &secrets[1], "b-3", 65 * CENT).await;
     assert_eq!(ok["allowed"], true, "{ok}");
+    Ok(())
+}
+
+/// Distributed: the owner is killed in the middle of the scenario. Workers
+/// on the other process keep asking (their reserves were forwarded to the
+/// owner; then the survivor takes the partition over with every stored
+/// hold): spend still ends at or below the limit, every admitted call
+/// counted.
+#[tokio::test]
+async fn killing_the_owner_mid_scenario_never_passes_the_limit() -> anyhow::Result<()> {
+    use tally_tests::{Cluster, wait_for_spend};
+    let Some(cluster) = Cluster::new("1", &[])? else {
+        return Ok(());
+    };
+    let (owner, other) = cluster.owner_and_other().await?;
+    let op = owner.operator();
+    let secrets = org(&op, &[("alice", Some(USD))]).await;
+    let far = other.operator();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while far.get("/v1/orgs/acme/users/alice").await.status != 200 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the org never reached the other process"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let users = [("alice", secrets[0].as_str())];
+    let work = tokio::spawn({
+        let far = far.clone();
+        let users: Vec<(String, String)> = users
+            .iter()
+            .map(|(u, s)| ((*u).to_owned(), (*s).to_owned()))
+            .collect();
+        async move {
+            let users: Vec<(&str, &str)> = users
+                .iter()
+                .map(|(u, s)| (u.as_str(), s.as_str()))
+                .collect();
+            run(&far, "kill", 32, &users, Some(CENT), CENT).await
+        }
+    });
+    // Some calls in, then the owner goes.
+    while owner.operator().get("/v1/orgs/acme/users/alice").await.body["spend_micros"]
+        .as_i64()
+        .unwrap_or(0)
+        < 20 * CENT
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    owner.kill9()?;
+    let r = work.await?;
+    let admitted = i64::from(r.admitted.load(Ordering::Relaxed));
+    assert!(
+        admitted <= 100,
+        "{admitted} calls of $0.01 admitted on $1.00"
+    );
+    let alice = wait_for_spend(&far, "alice", admitted * CENT).await;
+    let (spend, _) = spend_of(&alice);
+    assert!(spend <= USD, "{alice}");
+    eprintln!("admitted {admitted}, spend {spend}");
     Ok(())
 }

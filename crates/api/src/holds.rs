@@ -3,6 +3,7 @@
 
 use axum::Json;
 use axum::extract::{Path, State};
+use axum::response::IntoResponse;
 use serde::Serialize;
 use serde_json::json;
 use tally_core::ids::check_request_id;
@@ -31,15 +32,25 @@ pub(crate) struct HoldRowJson {
 pub(crate) async fn list(
     State(state): State<AppState>,
     caller: Caller,
+    headers: axum::http::HeaderMap,
+    uri: axum::http::Uri,
     Path(org): Path<String>,
     Params(p): Params<PageParams>,
-) -> ApiResult<Json<ListJson<HoldRowJson>>> {
+) -> ApiResult<axum::response::Response> {
     let org_id = org_access(&state, &caller, &org)?;
     let limit = page_len(p.limit)? as usize;
     let after = cursor::after_id("holds", p.cursor.as_deref())?;
-    let mut rows = state
+    let mut rows = match state
         .engine
-        .live_holds(&org_id, after.as_deref(), limit + 1)?;
+        .live_holds(&org_id, after.as_deref(), limit + 1)
+    {
+        Err(e @ tally_engine::Error::NotOwner { partition, .. }) => {
+            let path = uri.path_and_query().map_or(uri.path(), |p| p.as_str());
+            return crate::forward::to_owner(&state, &headers, "GET", path, None, partition, e)
+                .await;
+        }
+        r => r?,
+    };
     let more = rows.len() > limit;
     rows.truncate(limit);
     let next_cursor = more
@@ -60,7 +71,7 @@ pub(crate) async fn list(
             expires_at: time(h.expires_at_ms),
         })
         .collect();
-    Ok(Json(ListJson { items, next_cursor }))
+    Ok(Json(ListJson { items, next_cursor }).into_response())
 }
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -79,11 +90,20 @@ pub(crate) struct ReleasedJson {
 pub(crate) async fn release(
     State(state): State<AppState>,
     caller: Caller,
+    headers: axum::http::HeaderMap,
+    uri: axum::http::Uri,
     Path((org, request_id)): Path<(String, String)>,
-) -> ApiResult<Json<ReleasedJson>> {
+) -> ApiResult<axum::response::Response> {
     let org_id = org_access(&state, &caller, &org)?;
     check_request_id(&request_id).map_err(|e| ApiError::invalid(e.to_string()))?;
-    let found = state.engine.release(&org_id, &request_id).await?;
+    let found = match state.engine.release(&org_id, &request_id).await {
+        Err(e @ tally_engine::Error::NotOwner { partition, .. }) => {
+            let path = uri.path_and_query().map_or(uri.path(), |p| p.as_str());
+            return crate::forward::to_owner(&state, &headers, "DELETE", path, None, partition, e)
+                .await;
+        }
+        r => r?,
+    };
     let released_micros = match found {
         tally_engine::holds::ReleaseFound::Released { held_micros } => held_micros,
         _ => 0,
@@ -92,5 +112,6 @@ pub(crate) async fn release(
         request_id,
         found: found.as_str(),
         released_micros,
-    }))
+    })
+    .into_response())
 }

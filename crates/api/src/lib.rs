@@ -6,6 +6,7 @@ mod cursor;
 mod dto;
 mod error;
 mod extract;
+mod forward;
 mod groups;
 mod holds;
 mod keys;

@@ -2,6 +2,7 @@
 
 use axum::Json;
 use axum::extract::State;
+use axum::response::IntoResponse;
 use serde::{Deserialize, Serialize};
 use tally_core::authorize::HoldRequest;
 use tally_core::holds::HOLD_TTL_MIN_MS;
@@ -146,8 +147,9 @@ pub(crate) struct AuthorizeResponse {
 pub(crate) async fn authorize(
     State(state): State<AppState>,
     caller: Caller,
+    headers: axum::http::HeaderMap,
     JsonBody(req): JsonBody<AuthorizeRequest>,
-) -> ApiResult<Json<AuthorizeResponse>> {
+) -> ApiResult<axum::response::Response> {
     caller.require_operator()?;
     if req.api_key.is_empty() || req.api_key.len() > 256 {
         return Err(ApiError::invalid("api_key must have 1 to 256 characters"));
@@ -194,7 +196,26 @@ pub(crate) async fn authorize(
             let (org_id, d) = state.engine.authorize(&req.api_key, feature, user);
             (org_id, d, None)
         }
-        Some(h) => state.engine.reserve(&req.api_key, feature, user, h).await?,
+        Some(h) => match state.engine.reserve(&req.api_key, feature, user, h).await {
+            Err(e @ tally_engine::Error::NotOwner { partition, .. }) => {
+                let body = serde_json::json!({
+                    "api_key": req.api_key, "feature": req.feature, "user_id": req.user_id,
+                    "request_id": req.request_id, "reserve_micros": req.reserve_micros,
+                    "hold_ttl_ms": req.hold_ttl_ms,
+                });
+                return crate::forward::to_owner(
+                    &state,
+                    &headers,
+                    "POST",
+                    "/v1/authorize",
+                    Some(body),
+                    partition,
+                    e,
+                )
+                .await;
+            }
+            r => r?,
+        },
     };
     Ok(Json(AuthorizeResponse {
         allowed: d.allowed,
@@ -212,5 +233,6 @@ pub(crate) async fn authorize(
             held_micros: p.held_micros,
             expires_at: crate::dto::time(p.expires_at_ms),
         }),
-    }))
+    })
+    .into_response())
 }

@@ -576,6 +576,13 @@ impl crate::Engine {
         let _ = self.hold_partition_of.set(partition_of);
     }
 
+    /// Where the process placing `org`'s holds answers (the distributed
+    /// mode), when it is not this one.
+    pub async fn hold_owner_url(&self, partition: i32) -> Result<Option<String>> {
+        let url = self.db.owner_url(i64::from(partition)).await?;
+        Ok(url.filter(|u| Some(u.as_str()) != self.meter.advertised_url()))
+    }
+
     /// How a hold of `org` is made durable here, or why it cannot be.
     fn durability(&self, org: &str) -> Result<Durability<'_>> {
         if let Some(j) = self.hold_journal.get() {
@@ -591,12 +598,10 @@ impl crate::Engine {
         let partition = (partition_of.partitioner)(org.as_bytes(), partition_of.partitions);
         match self.meter.hold_epoch(partition) {
             Some(epoch) => Ok(Durability::Sql { partition, epoch }),
-            None => Err(Error::Unavailable(format!(
-                "org {org} is metered by another process (partition {partition} of the \
-                 usage topic), which places its holds, or this process is taking the \
-                 partition over; forwarding between processes is not built yet: retry, \
-                 or send reserving authorize and releases to that process"
-            ))),
+            None => Err(Error::NotOwner {
+                org: org.to_owned(),
+                partition,
+            }),
         }
     }
 

@@ -51,6 +51,13 @@ pub enum Error {
     /// A reserve names a live hold with other terms, or a counted call.
     #[error("{0}")]
     HoldConflict(String),
+    /// Another process meters the org's partition (or this one is taking
+    /// it over): hold requests are the owner's.
+    #[error(
+        "org {org} is metered by another process (partition {partition} of the usage \
+         topic), which places its holds, or this process is taking the partition over: retry"
+    )]
+    NotOwner { org: String, partition: i32 },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -197,6 +197,9 @@ pub struct Meter {
     /// The distributed mode keeps live holds in SQL, per partition: a claim
     /// loads them, a release forgets them here.
     holds_in_sql: AtomicBool,
+    /// Where this process answers, for hold requests other processes
+    /// forward to the owner of a partition.
+    advertised_url: OnceLock<String>,
 }
 
 impl Meter {
@@ -223,6 +226,7 @@ impl Meter {
             log_tail_unknown: AtomicBool::new(false),
             appends_unknown: parking_lot::Mutex::default(),
             holds_in_sql: AtomicBool::new(false),
+            advertised_url: OnceLock::new(),
         }
     }
 
@@ -339,6 +343,11 @@ impl Meter {
             .await?;
         let (position, orgs) = self.install(p, claim.epoch, claim.checkpoint, saved, now);
         if self.holds_in_sql.load(Ordering::Relaxed) {
+            if let Some(url) = self.advertised_url.get() {
+                self.db
+                    .set_owner_url(i64::from(p), claim.epoch, url)
+                    .await?;
+            }
             self.load_holds(p, claim.epoch, now).await?;
         }
         tracing::info!(
@@ -396,6 +405,15 @@ impl Meter {
         let _ = parts.by_id.insert(p, part);
         metrics::gauge!(m::PARTITIONS_OWNED).set(parts.by_id.len() as f64);
         (position, orgs)
+    }
+
+    /// Where this process answers (see `advertised_url`).
+    pub fn set_advertised_url(&self, url: String) {
+        let _ = self.advertised_url.set(url);
+    }
+
+    pub fn advertised_url(&self) -> Option<&str> {
+        self.advertised_url.get().map(String::as_str)
     }
 
     /// Keep live holds in SQL (the distributed mode): see `holds_in_sql`.

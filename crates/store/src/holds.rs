@@ -97,6 +97,29 @@ impl Db {
         tx.commit().await
     }
 
+    /// Records where the owner of `partition` under `epoch` answers.
+    pub async fn set_owner_url(&self, partition: i64, epoch: i64, url: &str) -> Result<()> {
+        let mut tx = self.begin_write().await?;
+        let _ = sqlx::query(
+            "UPDATE checkpoints SET owner_url = $3 WHERE partition_id = $1 AND epoch = $2",
+        )
+        .bind(partition)
+        .bind(epoch)
+        .bind(url)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await
+    }
+
+    /// Where the owner of `partition` answers, if it said.
+    pub async fn owner_url(&self, partition: i64) -> Result<Option<String>> {
+        let row = sqlx::query("SELECT owner_url FROM checkpoints WHERE partition_id = $1")
+            .bind(partition)
+            .fetch_optional(self.reader())
+            .await?;
+        Ok(row.and_then(|r| r.try_get::<Option<String>, _>(0).ok().flatten()))
+    }
+
     /// The holds stored for `partition`'s orgs.
     pub async fn load_holds(&self, partition: i64) -> Result<Vec<StoredHold>> {
         let rows = sqlx::query(

@@ -269,5 +269,15 @@ CREATE TABLE holds (
 CREATE INDEX holds_by_partition ON holds (partition_id);
 "#
     );
-    vec![(1, v1 + &append_only), (2, v2), (3, v3), (4, v4), (5, v5)]
+    // v6: where a partition's owner answers (its hold requests are
+    // forwarded there).
+    let v6 = "ALTER TABLE checkpoints ADD COLUMN owner_url TEXT;".to_owned();
+    vec![
+        (1, v1 + &append_only),
+        (2, v2),
+        (3, v3),
+        (4, v4),
+        (5, v5),
+        (6, v6),
+    ]
 }

@@ -127,6 +127,11 @@ pub(crate) struct ServeArgs {
     /// [default: 3600000].
     #[arg(long, env = "TALLY_HOLD_TTL_MAX_MS")]
     pub(crate) hold_ttl_max_ms: Option<i64>,
+    /// The URL other processes reach this one at, for hold requests they
+    /// forward to the process metering an org (distributed mode)
+    /// [default: http://<the bound --listen address>].
+    #[arg(long, env = "TALLY_ADVERTISE_URL")]
+    pub(crate) advertise_url: Option<String>,
     /// Where the embedded mode journals live holds [default: <data-dir>/holds;
     /// embedded on --database-url, holds need this].
     #[arg(long, env = "TALLY_HOLDS_DIR")]
@@ -202,6 +207,7 @@ pub(crate) struct ServeConfig {
     pub(crate) holds: tally_engine::holds::HoldOptions,
     /// Where live holds are journaled (embedded mode only).
     pub(crate) holds_dir: Option<PathBuf>,
+    pub(crate) advertise_url: Option<String>,
 }
 
 /// The file layer: the same options, snake_case; unknown keys are errors.
@@ -225,6 +231,7 @@ struct FileConfig {
     hold_ttl_default_ms: Option<i64>,
     hold_ttl_max_ms: Option<i64>,
     holds_dir: Option<PathBuf>,
+    advertise_url: Option<String>,
     webhook_timeout_ms: Option<u64>,
     webhook_retry_base_ms: Option<u64>,
     webhook_retry_max_ms: Option<u64>,
@@ -474,6 +481,10 @@ impl ServeConfig {
                 ttl_max_ms: ttl_max,
             },
             holds_dir,
+            advertise_url: args
+                .advertise_url
+                .or(file.advertise_url)
+                .map(|u| u.trim_end_matches('/').to_owned()),
         })
     }
 }

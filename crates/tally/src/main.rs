@@ -173,6 +173,17 @@ async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
     };
     let engine =
         Arc::new(Engine::start(db.clone(), Arc::new(SystemClock), opts, token_hash).await?);
+    // Bound before the mode starts: a partition's owner says where it
+    // answers when it claims the partition.
+    let listener = tokio::net::TcpListener::bind(&cfg.listen)
+        .await
+        .with_context(|| format!("listening on {}", cfg.listen))?;
+    let addr: SocketAddr = listener.local_addr()?;
+    engine.meter.set_advertised_url(
+        cfg.advertise_url
+            .clone()
+            .unwrap_or_else(|| format!("http://{addr}")),
+    );
     let mode = match &cfg.kafka {
         // Distributed: partitions of the usage topic, claimed as the
         // consumer group assigns them.
@@ -210,10 +221,6 @@ async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
             Mode::Embedded { log, exclusive }
         }
     };
-    let listener = tokio::net::TcpListener::bind(&cfg.listen)
-        .await
-        .with_context(|| format!("listening on {}", cfg.listen))?;
-    let addr: SocketAddr = listener.local_addr()?;
     let described = match (&cfg.data_dir, &cfg.kafka) {
         (_, Some(k)) => format!(
             "distributed, Kafka {}, database {}",

@@ -597,6 +597,14 @@ async fn distributed_holds_are_exact_and_survive_the_owners_kill_9() -> anyhow::
         let a = reserve(&op, &secrets[1], id, 40 * CENT).await;
         assert_eq!(a["allowed"], true, "{a}");
     }
+    let listed = far.get("/v1/orgs/acme/holds").await.expect(200);
+    let ids: Vec<&str> = listed["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["request_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["b-1", "b-2"], "listed by the owner: {listed}");
     usage(&op, "b-1", "bob", 35 * CENT).await;
     let _ = wait_for_spend(&op, "bob", 35 * CENT).await;
     owner.kill9()?;

@@ -21,7 +21,11 @@ fn client() -> &'static reqwest::Client {
     static CLIENT: OnceLock<reqwest::Client> = OnceLock::new();
     CLIENT.get_or_init(|| {
         reqwest::Client::builder()
+            // A dead owner fails fast; the gateway retries once the
+            // partition has moved.
+            .connect_timeout(Duration::from_secs(1))
             .timeout(Duration::from_secs(10))
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .unwrap_or_default()
     })

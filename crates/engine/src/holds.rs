@@ -469,6 +469,29 @@ fn stored_hold(org: &OrgState, request_id: &str, h: &Hold) -> tally_store::holds
     }
 }
 
+/// A hold in memory whose row has not committed: taken back on drop unless
+/// disarmed (`cell` set to `None`), unless its usage settled it meanwhile.
+struct Tentative<'a> {
+    cell: Option<&'a crate::registry::OrgCell>,
+    request_id: &'a str,
+    placed_at_ms: i64,
+}
+
+impl Drop for Tentative<'_> {
+    fn drop(&mut self) {
+        let Some(cell) = self.cell else { return };
+        let mut org = cell.write();
+        if org
+            .meter
+            .holds
+            .get(self.request_id)
+            .is_some_and(|h| h.placed_at_ms == self.placed_at_ms)
+        {
+            let _ = org.meter.holds.remove(self.request_id);
+        }
+    }
+}
+
 /// A write the partition's new owner fenced out: the hold is placed there.
 fn moved(e: tally_store::Error, partition: i32) -> Error {
     match e {
@@ -669,6 +692,13 @@ impl crate::Engine {
             (d, placed, stored)
         };
         if let (Some(stored), Durability::Sql { partition, epoch }) = (stored, durable) {
+            // Until its row commits the hold is tentative: if this future
+            // fails or is dropped (the caller went away), it is taken back.
+            let mut tentative = Tentative {
+                cell: Some(&cell),
+                request_id: req.request_id,
+                placed_at_ms: stored.placed_at_ms,
+            };
             let written = if self.meter.note_hold_org(partition, epoch, &org_id) {
                 self.db
                     .place_holds(i64::from(partition), epoch, std::slice::from_ref(&stored))
@@ -682,19 +712,8 @@ impl crate::Engine {
                     partition,
                 ))
             };
-            if let Err(e) = written {
-                // Not durable: not placed (unless its usage came meanwhile).
-                let mut org = cell.write();
-                if org
-                    .meter
-                    .holds
-                    .get(req.request_id)
-                    .is_some_and(|h| h.placed_at_ms == stored.placed_at_ms)
-                {
-                    let _ = org.meter.holds.remove(req.request_id);
-                }
-                return Err(e);
-            }
+            written?;
+            tentative.cell = None;
             // Its usage may have settled it while the row was written (a
             // checkpoint then deleted nothing): the next one deletes it.
             let mut org = cell.write();
@@ -767,6 +786,8 @@ impl crate::Engine {
         limit: usize,
     ) -> Result<Vec<HoldRow>> {
         let cell = self.registry.org(org_id).ok_or(Error::UnknownOrg)?;
+        // Only the process that places an org's holds knows them all.
+        let _ = self.durability(org_id)?;
         let org = cell.read();
         let now = self.clock.now_ms();
         // The `limit` smallest ids after the cursor, without sorting them all.

@@ -458,9 +458,18 @@ impl Meter {
         let stored = self.db.load_holds(i64::from(p)).await?;
         let mut orgs: Vec<&str> = stored.iter().map(|h| h.org_id.as_str()).collect();
         orgs.dedup();
+        // Rows come ordered by org id: `dedup` leaves each org once.
         for org in orgs {
-            if let Ok(id) = OrgId::new(org) {
-                crate::commands::catch_up(&self.db, &self.registry, &id).await?;
+            let Ok(id) = OrgId::new(org) else { continue };
+            match crate::commands::catch_up(&self.db, &self.registry, &id).await {
+                Ok(()) => {}
+                // The claim is retried while the database is away.
+                Err(e) if e.store_unavailable().is_some() => return Err(e),
+                // One org's broken log must not keep the partition's other
+                // holds from being loaded; its rows stay, unplaced.
+                Err(e) => {
+                    tracing::error!(org = %id, error = %e, "catching up an org named by stored holds failed")
+                }
             }
         }
         let (mut live, mut unknown) = (0usize, 0usize);

@@ -481,10 +481,12 @@ impl ServeConfig {
                 ttl_max_ms: ttl_max,
             },
             holds_dir,
-            advertise_url: args
-                .advertise_url
-                .or(file.advertise_url)
-                .map(|u| u.trim_end_matches('/').to_owned()),
+            advertise_url: match args.advertise_url.or(file.advertise_url) {
+                Some(u) if !(u.starts_with("http://") || u.starts_with("https://")) => {
+                    bail!("advertise URL must start with http:// or https://, got {u:?}")
+                }
+                u => u.map(|u| u.trim_end_matches('/').to_owned()),
+            },
         })
     }
 }

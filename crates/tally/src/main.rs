@@ -179,6 +179,19 @@ async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("listening on {}", cfg.listen))?;
     let addr: SocketAddr = listener.local_addr()?;
+    if cfg.kafka.is_some() && cfg.advertise_url.is_none() {
+        // Every process would advertise the same address, or one the others
+        // cannot reach: hold requests would not reach the org's owner.
+        if addr.ip().is_unspecified() {
+            bail!(
+                "listening on {addr}, the other processes cannot tell where this one answers: \
+                 give --advertise-url (the URL they reach it at)"
+            );
+        }
+        if addr.ip().is_loopback() {
+            tracing::warn!(%addr, "distributed on a loopback address without --advertise-url: only processes on this host can forward hold requests here");
+        }
+    }
     engine.meter.set_advertised_url(
         cfg.advertise_url
             .clone()

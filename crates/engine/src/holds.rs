@@ -450,6 +450,14 @@ enum Durability<'a> {
     Sql { partition: i32, epoch: i64 },
 }
 
+/// The ids of the groups a hold is placed on.
+fn group_ids(org: &OrgState, h: &Hold) -> Vec<String> {
+    h.groups
+        .iter()
+        .map(|&g| org.dir.group_ids[g as usize].to_string())
+        .collect()
+}
+
 /// A hold as the SQL store keeps it.
 fn stored_hold(org: &OrgState, request_id: &str, h: &Hold) -> tally_store::holds::StoredHold {
     let dir = &org.dir;
@@ -458,11 +466,7 @@ fn stored_hold(org: &OrgState, request_id: &str, h: &Hold) -> tally_store::holds
         request_id: request_id.to_owned(),
         user_id: dir.user_ids[h.user as usize].to_string(),
         key_id: dir.key_ids[h.key as usize].to_string(),
-        group_ids: h
-            .groups
-            .iter()
-            .map(|&g| dir.group_ids[g as usize].to_string())
-            .collect(),
+        group_ids: group_ids(org, h),
         amount_micros: h.amount_micros,
         placed_at_ms: h.placed_at_ms,
         expires_at_ms: h.expires_at_ms,
@@ -810,11 +814,7 @@ impl crate::Engine {
                 request_id: id.to_owned(),
                 user_id: dir.user_ids[h.user as usize].to_string(),
                 api_key_id: dir.key_ids[h.key as usize].to_string(),
-                group_ids: h
-                    .groups
-                    .iter()
-                    .map(|&g| dir.group_ids[g as usize].to_string())
-                    .collect(),
+                group_ids: group_ids(&org, h),
                 held_micros: h.amount_micros,
                 placed_at_ms: h.placed_at_ms,
                 expires_at_ms: h.expires_at_ms,

@@ -544,6 +544,28 @@ async fn a_hold_the_full_journal_refuses_is_not_placed() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Two processes of `cluster` on a one-partition topic, (owner, other),
+/// with acme and `users` (made on the owner) folded by both; the secrets
+/// of the users' keys.
+async fn two_processes(
+    cluster: &tally_tests::Cluster,
+    users: &[(&str, Option<i64>)],
+) -> anyhow::Result<(Tally, Tally, Vec<String>)> {
+    let (owner, other) = cluster.owner_and_other().await?;
+    let secrets = org(&owner.operator(), users).await;
+    let (last, _) = users.last().expect("a user");
+    let far = other.operator();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while far.get(&format!("/v1/orgs/acme/users/{last}")).await.status != 200 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the org never reached the other process"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok((owner, other, secrets))
+}
+
 /// Distributed: the process metering the org's partition places its holds
 /// (in PostgreSQL, fenced by the partition's epoch); the other forwards
 /// reserves to it. 64 workers split across both processes stop at exactly
@@ -555,20 +577,12 @@ async fn distributed_holds_are_exact_and_survive_the_owners_kill_9() -> anyhow::
     let Some(cluster) = Cluster::new("1", &[])? else {
         return Ok(());
     };
-    let (owner, other) = cluster.owner_and_other().await?;
+    let (owner, other, secrets) =
+        two_processes(&cluster, &[("alice", Some(USD)), ("bob", Some(USD))]).await?;
     let op = owner.operator();
-    let secrets = org(&op, &[("alice", Some(USD)), ("bob", Some(USD))]).await;
     // Half the workers call the other process, which forwards their
-    // reserves to the owner (once the org has reached it).
+    // reserves to the owner.
     let far = other.operator();
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while far.get("/v1/orgs/acme/users/bob").await.status != 200 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the org never reached the other process"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
     let users = [("alice", secrets[0].as_str())];
     let (near, away) = tokio::join!(
         run(&op, "near", 32, &users, Some(CENT), CENT),
@@ -642,18 +656,8 @@ async fn killing_the_owner_mid_scenario_never_passes_the_limit() -> anyhow::Resu
     let Some(cluster) = Cluster::new("1", &[])? else {
         return Ok(());
     };
-    let (owner, other) = cluster.owner_and_other().await?;
-    let op = owner.operator();
-    let secrets = org(&op, &[("alice", Some(USD))]).await;
+    let (owner, other, secrets) = two_processes(&cluster, &[("alice", Some(USD))]).await?;
     let far = other.operator();
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while far.get("/v1/orgs/acme/users/alice").await.status != 200 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the org never reached the other process"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
     let users = [("alice", secrets[0].as_str())];
     let work = tokio::spawn({
         let far = far.clone();

@@ -64,9 +64,9 @@ pub(crate) async fn list(
         .map(|h| HoldRowJson {
             request_id: h.request_id,
             user_id: h.user_id,
-            api_key_id: h.api_key_id,
+            api_key_id: h.key_id,
             group_ids: h.group_ids,
-            held_micros: h.held_micros,
+            held_micros: h.amount_micros,
             placed_at: time(h.placed_at_ms),
             expires_at: time(h.expires_at_ms),
         })

@@ -201,10 +201,10 @@ impl Holds {
         self.take(hash_request_id(request_id))
     }
 
-    /// The call's usage was counted: its hold (if live) goes. Counted once
-    /// per hold; usage whose hold already expired is counted as such.
-    pub fn settle(&mut self, request_id: &str) -> Option<Hold> {
-        let h = hash_request_id(request_id);
+    /// The call's usage was counted: the hold of the request id hashed to
+    /// `h` (if live) goes. Counted once per hold; usage whose hold already
+    /// expired is counted as such.
+    pub fn settle(&mut self, h: RequestHash) -> Option<Hold> {
         let expired = !self.expired_ids.is_empty() && self.expired_ids.remove(&h);
         match self.take_live(h) {
             Some(Live { request_id, hold }) => {
@@ -332,9 +332,9 @@ mod tests {
         assert_eq!(h.expire(50), 1);
         assert_eq!(h.held(Subject::Org), 10);
         assert_eq!(h.next_expiry_ms(), 100);
-        assert!(h.settle("a").is_some());
+        assert!(h.settle(hash_request_id("a")).is_some());
         assert_eq!(h.held(Subject::Org), 0);
-        assert!(h.settle("b").is_none(), "expired");
+        assert!(h.settle(hash_request_id("b")).is_none(), "expired");
         assert_eq!(
             h.take_counts(),
             HoldCounts {
@@ -347,7 +347,7 @@ mod tests {
         h.insert("c", hold(1, 60, 0, 0, &[]));
         assert_eq!(h.expire(60), 1);
         let _ = h.expire(60 + HOLD_TTL_MAX_MS);
-        assert!(h.settle("c").is_none());
+        assert!(h.settle(hash_request_id("c")).is_none());
         assert_eq!(h.take_counts().usage_after_expiry, 0);
         assert_eq!(h.next_expiry_ms(), i64::MAX);
     }

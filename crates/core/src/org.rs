@@ -288,10 +288,8 @@ impl OrgState {
         if meter.ledger.would_overflow(month, ev.cost_micros) {
             return UsageOutcome::Rejected(Rejection::Overflow);
         }
-        match meter
-            .dedupe
-            .insert(hash_request_id(&ev.request_id), at, meter.watermark_ms)
-        {
+        let request = hash_request_id(&ev.request_id);
+        match meter.dedupe.insert(request, at, meter.watermark_ms) {
             // Counted: the call's hold goes (usage is a fact, counted in
             // full, above or below the hold). Only counted usage settles,
             // so a hold is settled exactly when its request id is in the
@@ -299,7 +297,7 @@ impl OrgState {
             // above leaves its hold to a release or its TTL.
             Seen::New => {
                 if !meter.holds.is_idle() {
-                    let _ = meter.holds.settle(&ev.request_id);
+                    let _ = meter.holds.settle(request);
                 }
             }
             Seen::Duplicate => return UsageOutcome::Duplicate,

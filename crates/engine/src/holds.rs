@@ -35,6 +35,7 @@ use tally_core::ids::OrgId;
 use tally_core::ledger::SubjectKind;
 use tally_core::org::OrgState;
 use tally_core::secret::hash_secret;
+use tally_store::holds::StoredHold;
 
 use crate::registry::Registry;
 use crate::{Error, Result};
@@ -168,20 +169,27 @@ fn parse(line: &str) -> Option<Record<'_>> {
     }
 }
 
-/// A hold as read back, resolved against the org's directory.
-fn resolve(org: &OrgState, p: &Placed<'_>) -> Option<Hold> {
+/// A hold read back (from the journal or the SQL store), resolved against
+/// the org's directory; `None` when it names something the directory does
+/// not know.
+pub(crate) fn resolve<'a>(
+    org: &OrgState,
+    user: &str,
+    key: &str,
+    groups: impl IntoIterator<Item = &'a str>,
+    (amount_micros, placed_at_ms, expires_at_ms): (i64, i64, i64),
+) -> Option<Hold> {
     let dir = &org.dir;
-    let groups: Option<Vec<u32>> = p
-        .groups
-        .iter()
-        .map(|g| dir.groups.get(*g).map(|g| g.idx))
+    let groups: Option<Vec<u32>> = groups
+        .into_iter()
+        .map(|g| dir.groups.get(g).map(|g| g.idx))
         .collect();
     Some(Hold {
-        amount_micros: p.micros,
-        placed_at_ms: p.placed_ms,
-        expires_at_ms: p.expires_ms,
-        user: dir.users.get(p.user)?.idx,
-        key: dir.keys.get(p.key)?.idx,
+        amount_micros,
+        placed_at_ms,
+        expires_at_ms,
+        user: dir.users.get(user)?.idx,
+        key: dir.keys.get(key)?.idx,
         groups: groups?.into(),
     })
 }
@@ -193,9 +201,9 @@ impl HoldJournal {
     pub fn open(dir: &Path, registry: &Registry, now_ms: i64) -> Result<(HoldJournal, Restored)> {
         std::fs::create_dir_all(dir).map_err(|e| io("creating", dir, &e))?;
         let ns = segments(dir)?;
-        // Latest record per (org, request id), in journal order.
-        let mut placed: Vec<(OrgId, String, Option<Hold>)> = Vec::new();
-        let mut at: std::collections::HashMap<(String, String), usize> = Default::default();
+        // The last record of each (org, request id) decides.
+        let mut latest: std::collections::HashMap<(String, String), Option<Hold>> =
+            Default::default();
         let mut restored = Restored::default();
         for &n in &ns {
             let path = segment_path(dir, n);
@@ -221,7 +229,10 @@ impl HoldJournal {
                 };
                 let (org, request_id, hold) = match record {
                     Record::Placed(p) => {
-                        let hold = registry.org(p.org).and_then(|c| resolve(&c.read(), &p));
+                        let hold = registry.org(p.org).and_then(|c| {
+                            let times = (p.micros, p.placed_ms, p.expires_ms);
+                            resolve(&c.read(), p.user, p.key, p.groups, times)
+                        });
                         if hold.is_none() {
                             restored.orphaned += 1;
                         }
@@ -229,21 +240,10 @@ impl HoldJournal {
                     }
                     Record::Released { org, request_id } => (org, request_id, None),
                 };
-                let Ok(org_id) = OrgId::new(org) else {
-                    restored.unreadable += 1;
-                    continue;
-                };
-                let k = (org.to_owned(), request_id.to_owned());
-                match at.get(&k) {
-                    Some(&i) => placed[i].2 = hold,
-                    None => {
-                        let _ = at.insert(k, placed.len());
-                        placed.push((org_id, request_id.to_owned(), hold));
-                    }
-                }
+                let _ = latest.insert((org.to_owned(), request_id.to_owned()), hold);
             }
         }
-        for (org_id, request_id, hold) in placed {
+        for ((org_id, request_id), hold) in latest {
             let (Some(hold), Some(cell)) = (hold, registry.org(&org_id)) else {
                 continue;
             };
@@ -405,34 +405,6 @@ impl HoldJournal {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn lines_read_back_as_written() {
-        let Some(Record::Placed(p)) = parse("P acme r-1 alice ka 10000 5 600005 eng ops") else {
-            panic!("not a placement");
-        };
-        assert_eq!(
-            (p.org, p.request_id, p.user, p.key),
-            ("acme", "r-1", "alice", "ka")
-        );
-        assert_eq!((p.micros, p.placed_ms, p.expires_ms), (10_000, 5, 600_005));
-        assert_eq!(p.groups, vec!["eng", "ops"]);
-        assert!(matches!(
-            parse("R acme r-1"),
-            Some(Record::Released {
-                org: "acme",
-                request_id: "r-1"
-            })
-        ));
-        assert!(parse("R acme").is_none());
-        assert!(parse("P acme r-1 alice ka x 5 6").is_none());
-        assert!(parse("X").is_none());
-    }
-}
-
 /// Which partition of the usage topic carries an org (the distributed
 /// mode): `partitioner(org id, partitions)`.
 #[derive(Debug, Clone, Copy)]
@@ -450,23 +422,20 @@ enum Durability<'a> {
     Sql { partition: i32, epoch: i64 },
 }
 
-/// The ids of the groups a hold is placed on.
-fn group_ids(org: &OrgState, h: &Hold) -> Vec<String> {
-    h.groups
-        .iter()
-        .map(|&g| org.dir.group_ids[g as usize].to_string())
-        .collect()
-}
-
-/// A hold as the SQL store keeps it.
-fn stored_hold(org: &OrgState, request_id: &str, h: &Hold) -> tally_store::holds::StoredHold {
+/// A hold with its entities named, as the SQL store keeps it and admins
+/// list it.
+fn stored_hold(org: &OrgState, request_id: &str, h: &Hold) -> StoredHold {
     let dir = &org.dir;
-    tally_store::holds::StoredHold {
+    StoredHold {
         org_id: dir.id.to_string(),
         request_id: request_id.to_owned(),
         user_id: dir.user_ids[h.user as usize].to_string(),
         key_id: dir.key_ids[h.key as usize].to_string(),
-        group_ids: group_ids(org, h),
+        group_ids: h
+            .groups
+            .iter()
+            .map(|&g| dir.group_ids[g as usize].to_string())
+            .collect(),
         amount_micros: h.amount_micros,
         placed_at_ms: h.placed_at_ms,
         expires_at_ms: h.expires_at_ms,
@@ -546,18 +515,6 @@ impl ReleaseFound {
             ReleaseFound::Unknown => "unknown",
         }
     }
-}
-
-/// A live hold as admins see it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HoldRow {
-    pub request_id: String,
-    pub user_id: String,
-    pub api_key_id: String,
-    pub group_ids: Vec<String>,
-    pub held_micros: i64,
-    pub placed_at_ms: i64,
-    pub expires_at_ms: i64,
 }
 
 fn count_hold(event: &'static str, n: u64) {
@@ -645,11 +602,7 @@ impl crate::Engine {
     ) -> Result<(Option<OrgId>, Decision, Option<PlacedHold>)> {
         let started = Instant::now();
         let hash = hash_secret(secret);
-        let found = self
-            .registry
-            .org_of_key(&hash)
-            .and_then(|o| self.registry.org(&o).map(|c| (o, c)));
-        let Some((org_id, cell)) = found else {
+        let Some((org_id, cell)) = self.registry.org_of_secret(&hash) else {
             let d = Decision::unknown_key();
             crate::record_decision(&d, "reserve", started);
             return Ok((None, d, None));
@@ -788,7 +741,7 @@ impl crate::Engine {
         org_id: &str,
         after: Option<&str>,
         limit: usize,
-    ) -> Result<Vec<HoldRow>> {
+    ) -> Result<Vec<StoredHold>> {
         let cell = self.registry.org(org_id).ok_or(Error::UnknownOrg)?;
         // Only the process that places an org's holds knows them all.
         let _ = self.durability(org_id)?;
@@ -805,20 +758,10 @@ impl crate::Engine {
                 let _ = first.pop();
             }
         }
-        let dir = &org.dir;
         let rows = first
             .into_sorted_vec()
             .into_iter()
-            .filter_map(|id| Some((id, org.meter.holds.get(id)?)))
-            .map(|(id, h)| HoldRow {
-                request_id: id.to_owned(),
-                user_id: dir.user_ids[h.user as usize].to_string(),
-                api_key_id: dir.key_ids[h.key as usize].to_string(),
-                group_ids: group_ids(&org, h),
-                held_micros: h.amount_micros,
-                placed_at_ms: h.placed_at_ms,
-                expires_at_ms: h.expires_at_ms,
-            })
+            .filter_map(|id| Some(stored_hold(&org, id, org.meter.holds.get(id)?)))
             .collect();
         Ok(rows)
     }
@@ -856,5 +799,33 @@ impl crate::Engine {
         if let Err(e) = journal.upkeep(&self.registry) {
             tracing::warn!(error = %e, "hold journal upkeep failed; retrying in a second");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_read_back_as_written() {
+        let Some(Record::Placed(p)) = parse("P acme r-1 alice ka 10000 5 600005 eng ops") else {
+            panic!("not a placement");
+        };
+        assert_eq!(
+            (p.org, p.request_id, p.user, p.key),
+            ("acme", "r-1", "alice", "ka")
+        );
+        assert_eq!((p.micros, p.placed_ms, p.expires_ms), (10_000, 5, 600_005));
+        assert_eq!(p.groups, vec!["eng", "ops"]);
+        assert!(matches!(
+            parse("R acme r-1"),
+            Some(Record::Released {
+                org: "acme",
+                request_id: "r-1"
+            })
+        ));
+        assert!(parse("R acme").is_none());
+        assert!(parse("P acme r-1 alice ka x 5 6").is_none());
+        assert!(parse("X").is_none());
     }
 }

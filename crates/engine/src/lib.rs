@@ -213,11 +213,7 @@ impl Engine {
     ) -> (Option<OrgId>, Decision) {
         let started = Instant::now();
         let hash = hash_secret(secret);
-        let found = self
-            .registry
-            .org_of_key(&hash)
-            .and_then(|o| self.registry.org(&o).map(|c| (o, c)));
-        let decision = match found {
+        let decision = match self.registry.org_of_secret(&hash) {
             None => (None, Decision::unknown_key()),
             Some((org_id, cell)) => {
                 let now = self.clock.now_ms();

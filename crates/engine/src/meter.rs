@@ -481,27 +481,12 @@ impl Meter {
                 continue;
             };
             let mut org = cell.write();
-            let dir = &org.dir;
-            let groups: Option<Vec<u32>> = h
-                .group_ids
-                .iter()
-                .map(|g| dir.groups.get(g.as_str()).map(|g| g.idx))
-                .collect();
-            let (Some(u), Some(k), Some(groups)) = (
-                dir.users.get(h.user_id.as_str()),
-                dir.keys.get(h.key_id.as_str()),
-                groups,
-            ) else {
+            let times = (h.amount_micros, h.placed_at_ms, h.expires_at_ms);
+            let groups = h.group_ids.iter().map(String::as_str);
+            let Some(hold) = crate::holds::resolve(&org, &h.user_id, &h.key_id, groups, times)
+            else {
                 unknown += 1;
                 continue;
-            };
-            let hold = tally_core::holds::Hold {
-                amount_micros: h.amount_micros,
-                placed_at_ms: h.placed_at_ms,
-                expires_at_ms: h.expires_at_ms,
-                user: u.idx,
-                key: k.idx,
-                groups: groups.into(),
             };
             org.meter.holds.track_gone(true);
             let counted = org

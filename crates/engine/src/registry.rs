@@ -72,6 +72,13 @@ impl Registry {
         self.keys.get(hash).map(|o| o.clone())
     }
 
+    /// The org of the key with secret hash `hash`, and its state.
+    pub fn org_of_secret(&self, hash: &SecretHash) -> Option<(OrgId, OrgCell)> {
+        let org = self.org_of_key(hash)?;
+        let cell = self.org(&org)?;
+        Some((org, cell))
+    }
+
     pub fn token(&self, hash: &SecretHash) -> Option<(OrgId, TokenId)> {
         self.tokens.get(hash).map(|t| t.clone())
     }

@@ -124,8 +124,8 @@ fn main() {
     let held = live() - from;
     assert_eq!(state.meter.holds.len(), users as usize);
     println!(
-        "memory: per live hold: {} bytes (its map entry, id and groups, its expiry, \
-         and the held sums of scopes that had none)",
+        "memory: per live hold: {} bytes (its slot, index entry and id, its place in \
+         the expiry heap, a share of its group set, and the held sums of scopes that had none)",
         per(held)
     );
 }

@@ -717,7 +717,7 @@ mod hold_tests {
     use super::*;
     use crate::entity::EventKind;
     use crate::entity::tests::{added, created, events, group, key, user};
-    use crate::holds::{HOLD_TTL_DEFAULT_MS, Hold};
+    use crate::holds::HOLD_TTL_DEFAULT_MS;
     use crate::org::MeterConfig;
     use crate::usage::RawUsage;
     use proptest::prelude::*;
@@ -975,7 +975,7 @@ mod hold_tests {
                 .holds
                 .iter()
                 .filter(|(_, h)| h.subjects().any(|x| x == subject))
-                .map(|(_, h): (&str, &Hold)| h.amount_micros)
+                .map(|(_, h)| h.amount_micros)
                 .sum();
             prop_assert_eq!(s.meter.holds.held(subject), sum, "{:?}", subject);
         }
@@ -1002,7 +1002,7 @@ mod hold_tests {
                         if let Some(h) = h.filter(|h| h.new) {
                             prop_assert!(d.allowed);
                             let _ = who_of.insert(r, w as usize);
-                            let placed = s.meter.holds.get(&format!("r{r}")).unwrap().clone();
+                            let placed = s.meter.holds.get(&format!("r{r}")).unwrap().owned();
                             for subject in placed.subjects() {
                                 let limit = match subject {
                                     Subject::Org => s.dir.monthly_limit_micros,

@@ -10,11 +10,13 @@
 //! budget held in the new month until it is settled or expires (at most
 //! [`HOLD_TTL_MAX_MS`]).
 
-use std::cmp::Reverse;
-use std::collections::{BinaryHeap, VecDeque};
+use std::collections::VecDeque;
+use std::hash::BuildHasher;
+
+use hashbrown::HashTable;
 
 use crate::dedupe::{RequestHash, hash_request_id};
-use crate::fast::{Map, Set};
+use crate::fast::{FastHash, Map, Set};
 use crate::ledger::Subject;
 
 /// The TTL of a hold when authorize names none: 10 minutes.
@@ -26,9 +28,9 @@ pub const HOLD_TTL_MAX_MS: i64 = 60 * 60_000;
 /// Live holds per org, at most.
 pub const HOLDS_PER_ORG_MAX: usize = 1_000_000;
 
-/// One call's reserved budget.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Hold {
+/// One call's reserved budget; [`HoldRef`] is a live one, read in place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Hold<G = Box<[u32]>> {
     pub amount_micros: i64,
     pub placed_at_ms: i64,
     pub expires_at_ms: i64,
@@ -37,10 +39,13 @@ pub struct Hold {
     pub key: u32,
     /// The groups it is held on: the user's and the key's at placement,
     /// sorted. Settling removes it from exactly these.
-    pub groups: Box<[u32]>,
+    pub groups: G,
 }
 
-impl Hold {
+/// A live hold as [`Holds`] keeps it, its groups borrowed.
+pub type HoldRef<'a> = Hold<&'a [u32]>;
+
+impl<G: AsRef<[u32]>> Hold<G> {
     /// Every scope the hold is placed on.
     pub fn subjects(&self) -> impl Iterator<Item = Subject> + '_ {
         [
@@ -49,15 +54,97 @@ impl Hold {
             Subject::Key(self.key),
         ]
         .into_iter()
-        .chain(self.groups.iter().map(|&g| Subject::Group(g)))
+        .chain(self.groups.as_ref().iter().map(|&g| Subject::Group(g)))
+    }
+
+    pub fn as_ref(&self) -> HoldRef<'_> {
+        Hold {
+            amount_micros: self.amount_micros,
+            placed_at_ms: self.placed_at_ms,
+            expires_at_ms: self.expires_at_ms,
+            user: self.user,
+            key: self.key,
+            groups: self.groups.as_ref(),
+        }
+    }
+
+    pub fn owned(&self) -> Hold {
+        Hold {
+            amount_micros: self.amount_micros,
+            placed_at_ms: self.placed_at_ms,
+            expires_at_ms: self.expires_at_ms,
+            user: self.user,
+            key: self.key,
+            groups: self.groups.as_ref().into(),
+        }
     }
 }
 
-/// A live hold with its request id (the map is keyed by the id's hash).
+/// A live hold in the slab: 56 bytes, so that a million live holds take
+/// about 120 MB with their index, expiry heap and ids (measured by the
+/// memory bench; `docs/performance.md`).
 #[derive(Debug, Clone)]
-struct Live {
+struct Slot {
     request_id: Box<str>,
-    hold: Hold,
+    amount_micros: i64,
+    expires_at_ms: i64,
+    user: u32,
+    key: u32,
+    /// Its group set, interned in [`GroupSets`].
+    groups: u32,
+    /// `expires_at_ms - placed_at_ms`: at most [`HOLD_TTL_MAX_MS`].
+    ttl_ms: u32,
+    /// Where it sits in [`Holds::expiries`].
+    heap_pos: u32,
+    /// Its request id's seeded hash, truncated: where the index finds it.
+    hash: u32,
+}
+
+const _: () = assert!(std::mem::size_of::<Slot>() == 56);
+
+/// Group sets of live holds, each kept once: the holds of an org's members
+/// share a handful of sets, so a hold names its set in 4 bytes.
+#[derive(Debug, Clone, Default)]
+struct GroupSets {
+    /// By id: the set and how many live holds name it.
+    sets: Vec<(Box<[u32]>, u32)>,
+    ids: Map<Box<[u32]>, u32>,
+    free: Vec<u32>,
+}
+
+impl GroupSets {
+    fn get(&self, id: u32) -> &[u32] {
+        &self.sets[id as usize].0
+    }
+
+    fn intern(&mut self, set: Box<[u32]>) -> u32 {
+        if let Some(&id) = self.ids.get(&set) {
+            self.sets[id as usize].1 += 1;
+            return id;
+        }
+        let id = match self.free.pop() {
+            Some(id) => {
+                self.sets[id as usize] = (set.clone(), 1);
+                id
+            }
+            None => {
+                self.sets.push((set.clone(), 1));
+                (self.sets.len() - 1) as u32
+            }
+        };
+        let _ = self.ids.insert(set, id);
+        id
+    }
+
+    fn release(&mut self, id: u32) {
+        let (set, refs) = &mut self.sets[id as usize];
+        *refs -= 1;
+        if *refs == 0 {
+            let set = std::mem::take(set);
+            let _ = self.ids.remove(&set);
+            self.free.push(id);
+        }
+    }
 }
 
 /// What happened to holds since the last [`Holds::take_counts`].
@@ -70,17 +157,20 @@ pub struct HoldCounts {
 }
 
 /// An org's live holds and the sums they hold per scope.
+///
+/// The holds live in a dense slab (removal moves the last slot into the
+/// gap); an index of slot numbers finds one by request id, and a min-heap
+/// of slot numbers, each slot knowing its place in it, orders them by
+/// expiry, so a settled or released hold leaves the heap at once.
 #[derive(Debug, Clone, Default)]
 pub struct Holds {
-    live: Map<RequestHash, Live>,
-    users: Vec<i64>,
-    keys: Vec<i64>,
-    groups: Vec<i64>,
-    org: i64,
-    /// Expiries, earliest first; entries of holds gone since (settled,
-    /// released, replaced) are skipped when they come up, and the heap is
-    /// rebuilt when they outnumber the live ones.
-    expiries: BinaryHeap<Reverse<(i64, RequestHash)>>,
+    slots: Vec<Slot>,
+    index: HashTable<u32>,
+    /// Seeds the index's hash: request ids are chosen by callers.
+    seed: FastHash,
+    group_sets: GroupSets,
+    expiries: Vec<u32>,
+    sums: Sums,
     /// Request ids of holds that expired within the longest TTL, oldest
     /// first, to count usage that arrives after its hold expired.
     expired: VecDeque<(i64, RequestHash)>,
@@ -91,59 +181,16 @@ pub struct Holds {
     gone: Option<Vec<Box<str>>>,
 }
 
-impl Holds {
-    pub fn len(&self) -> usize {
-        self.live.len()
-    }
+/// What live holds hold, per scope (directory index).
+#[derive(Debug, Clone, Default)]
+struct Sums {
+    users: Vec<i64>,
+    keys: Vec<i64>,
+    groups: Vec<i64>,
+    org: i64,
+}
 
-    pub fn is_empty(&self) -> bool {
-        self.live.is_empty()
-    }
-
-    /// No live hold and no recent expiry: usage has nothing to settle.
-    pub fn is_idle(&self) -> bool {
-        self.live.is_empty() && self.expired_ids.is_empty()
-    }
-
-    /// Whether a hold under `request_id` expired lately (within the
-    /// longest TTL).
-    pub fn recently_expired(&self, request_id: &str) -> bool {
-        !self.expired_ids.is_empty() && self.expired_ids.contains(&hash_request_id(request_id))
-    }
-
-    /// Whether [`Holds::take_counts`] has something to report.
-    pub fn has_counts(&self) -> bool {
-        self.counts != HoldCounts::default()
-    }
-
-    /// What the live holds hold on `s`.
-    pub fn held(&self, s: Subject) -> i64 {
-        let at = |v: &Vec<i64>, i: u32| v.get(i as usize).copied().unwrap_or(0);
-        match s {
-            Subject::Org => self.org,
-            Subject::User(i) => at(&self.users, i),
-            Subject::Key(i) => at(&self.keys, i),
-            Subject::Group(i) => at(&self.groups, i),
-        }
-    }
-
-    pub fn get(&self, request_id: &str) -> Option<&Hold> {
-        self.live.get(&hash_request_id(request_id)).map(|l| &l.hold)
-    }
-
-    /// Live holds, in no order.
-    pub fn iter(&self) -> impl Iterator<Item = (&str, &Hold)> {
-        self.live.values().map(|l| (&*l.request_id, &l.hold))
-    }
-
-    /// When the earliest hold expires (`i64::MAX` when none does); may be
-    /// earlier than any live hold's, never later.
-    pub fn next_expiry_ms(&self) -> i64 {
-        self.expiries
-            .peek()
-            .map_or(i64::MAX, |Reverse((at, _))| *at)
-    }
-
+impl Sums {
     fn add(&mut self, s: Subject, amount: i64) {
         fn slot(v: &mut Vec<i64>, i: u32) -> &mut i64 {
             let i = i as usize;
@@ -160,63 +207,274 @@ impl Holds {
         };
         *sum = sum.saturating_add(amount);
     }
+}
+
+/// The index's 64-bit hash of a slot's 32: hashbrown picks the bucket from
+/// the low bits and its tag from the top 7.
+fn spread(hash: u32) -> u64 {
+    let h = u64::from(hash);
+    h | (h << 32)
+}
+
+impl Holds {
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+
+    /// No live hold and no recent expiry: usage has nothing to settle.
+    pub fn is_idle(&self) -> bool {
+        self.slots.is_empty() && self.expired_ids.is_empty()
+    }
+
+    /// Whether a hold under `request_id` expired lately (within the
+    /// longest TTL).
+    pub fn recently_expired(&self, request_id: &str) -> bool {
+        !self.expired_ids.is_empty() && self.expired_ids.contains(&hash_request_id(request_id))
+    }
+
+    /// Whether [`Holds::take_counts`] has something to report.
+    pub fn has_counts(&self) -> bool {
+        self.counts != HoldCounts::default()
+    }
+
+    /// What the live holds hold on `s`.
+    pub fn held(&self, s: Subject) -> i64 {
+        let at = |v: &Vec<i64>, i: u32| v.get(i as usize).copied().unwrap_or(0);
+        let sums = &self.sums;
+        match s {
+            Subject::Org => sums.org,
+            Subject::User(i) => at(&sums.users, i),
+            Subject::Key(i) => at(&sums.keys, i),
+            Subject::Group(i) => at(&sums.groups, i),
+        }
+    }
+
+    fn view(&self, slot: &Slot) -> HoldRef<'_> {
+        Hold {
+            amount_micros: slot.amount_micros,
+            placed_at_ms: slot.expires_at_ms - i64::from(slot.ttl_ms),
+            expires_at_ms: slot.expires_at_ms,
+            user: slot.user,
+            key: slot.key,
+            groups: self.group_sets.get(slot.groups),
+        }
+    }
+
+    fn hash(&self, h: RequestHash) -> u32 {
+        self.seed.hash_one(h) as u32
+    }
+
+    /// The slot of the live hold under `request_id` (hashed to `h`).
+    fn find(&self, h: RequestHash, request_id: &str) -> Option<usize> {
+        let hash = self.hash(h);
+        self.index
+            .find(spread(hash), |&i| {
+                let slot = &self.slots[i as usize];
+                slot.hash == hash && *slot.request_id == *request_id
+            })
+            .map(|&i| i as usize)
+    }
+
+    pub fn get(&self, request_id: &str) -> Option<HoldRef<'_>> {
+        let i = self.find(hash_request_id(request_id), request_id)?;
+        Some(self.view(&self.slots[i]))
+    }
+
+    /// Live holds, in no order.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, HoldRef<'_>)> {
+        self.slots.iter().map(|s| (&*s.request_id, self.view(s)))
+    }
+
+    /// When the earliest hold expires (`i64::MAX` when none does).
+    pub fn next_expiry_ms(&self) -> i64 {
+        self.expiries
+            .first()
+            .map_or(i64::MAX, |&i| self.slots[i as usize].expires_at_ms)
+    }
+
+    fn add_hold(&mut self, slot: usize, sign: i64) {
+        let s = &self.slots[slot];
+        let amount = sign * s.amount_micros;
+        let groups = self.group_sets.get(s.groups).iter();
+        let subjects = [Subject::Org, Subject::User(s.user), Subject::Key(s.key)];
+        for subject in subjects
+            .into_iter()
+            .chain(groups.map(|&g| Subject::Group(g)))
+        {
+            self.sums.add(subject, amount);
+        }
+    }
 
     /// Places `hold` under `request_id`, replacing one placed under it.
     pub fn insert(&mut self, request_id: &str, hold: Hold) {
         let h = hash_request_id(request_id);
-        let _ = self.take(h);
-        for s in hold.subjects() {
-            self.add(s, hold.amount_micros);
+        let _ = self.take(h, request_id);
+        debug_assert!(
+            (0..=i64::from(u32::MAX)).contains(&(hold.expires_at_ms - hold.placed_at_ms)),
+            "a hold's TTL is at most {HOLD_TTL_MAX_MS} ms"
+        );
+        let ttl_ms = (hold.expires_at_ms - hold.placed_at_ms).clamp(0, i64::from(u32::MAX));
+        let i = self.slots.len();
+        let hash = self.hash(h);
+        if self.index.len() == self.index.capacity() {
+            self.rebuild_index(self.index.len() + 1);
         }
-        self.expiries.push(Reverse((hold.expires_at_ms, h)));
-        let live = Live {
+        self.slots.push(Slot {
             request_id: request_id.into(),
-            hold,
+            amount_micros: hold.amount_micros,
+            expires_at_ms: hold.expires_at_ms,
+            user: hold.user,
+            key: hold.key,
+            groups: self.group_sets.intern(hold.groups),
+            ttl_ms: ttl_ms as u32,
+            heap_pos: self.expiries.len() as u32,
+            hash,
+        });
+        let slots = &self.slots;
+        let _ = self
+            .index
+            .insert_unique(spread(hash), i as u32, |&j| spread(slots[j as usize].hash));
+        self.expiries.push(i as u32);
+        self.sift_up(self.expiries.len() - 1);
+        self.add_hold(i, 1);
+    }
+
+    /// Takes the live hold under `request_id` (hashed to `h`) off every
+    /// scope, the index and the heap; the last slot moves into its place.
+    fn take(&mut self, h: RequestHash, request_id: &str) -> Option<(Box<str>, Hold)> {
+        let i = self.find(h, request_id)?;
+        Some(self.take_slot(i))
+    }
+
+    fn take_slot(&mut self, i: usize) -> (Box<str>, Hold) {
+        self.add_hold(i, -1);
+        let index_of = |slots: &[Slot], i: usize| {
+            let hash = spread(slots[i].hash);
+            (hash, move |&j: &u32| j as usize == i)
         };
-        let _ = self.live.insert(h, live);
+        let (hash, is) = index_of(&self.slots, i);
+        if let Ok(e) = self.index.find_entry(hash, is) {
+            let _ = e.remove();
+        }
+        self.heap_remove(self.slots[i].heap_pos as usize);
+        let last = self.slots.len() - 1;
+        if i != last {
+            let (hash, is) = index_of(&self.slots, last);
+            if let Some(j) = self.index.find_mut(hash, is) {
+                *j = i as u32;
+            }
+            self.expiries[self.slots[last].heap_pos as usize] = i as u32;
+        }
+        let slot = self.slots.swap_remove(i);
+        let hold = self.view(&slot).owned();
+        self.group_sets.release(slot.groups);
+        if self.slots.capacity() > 4 * self.slots.len() + 1_024 {
+            self.shrink();
+        }
+        (slot.request_id, hold)
     }
 
-    fn take(&mut self, h: RequestHash) -> Option<Hold> {
-        self.take_live(h).map(|l| l.hold)
+    /// Gives back memory after a peak: to twice what is live.
+    fn shrink(&mut self) {
+        let keep = 2 * self.slots.len();
+        self.slots.shrink_to(keep);
+        self.expiries.shrink_to(keep);
+        self.rebuild_index(keep);
     }
 
-    fn take_live(&mut self, h: RequestHash) -> Option<Live> {
-        let live = self.live.remove(&h)?;
-        let hold = &live.hold;
-        for s in hold.subjects() {
-            self.add(s, -hold.amount_micros);
+    /// A new index for `capacity` holds, built in slot order. Growing the
+    /// table in place would read the slots in the old table's (random)
+    /// order: at a million holds that took several times longer, under
+    /// the org's lock.
+    fn rebuild_index(&mut self, capacity: usize) {
+        let slots = &self.slots;
+        let rehash = |&j: &u32| spread(slots[j as usize].hash);
+        let mut index = HashTable::with_capacity(capacity.max(slots.len()));
+        for (i, slot) in slots.iter().enumerate() {
+            let _ = index.insert_unique(spread(slot.hash), i as u32, rehash);
         }
-        if self.expiries.len() > 2 * self.live.len() + 1_024 {
-            let live = self
-                .live
-                .iter()
-                .map(|(h, l)| Reverse((l.hold.expires_at_ms, *h)));
-            self.expiries = live.collect();
+        self.index = index;
+    }
+
+    fn expires(&self, pos: usize) -> i64 {
+        self.slots[self.expiries[pos] as usize].expires_at_ms
+    }
+
+    fn heap_swap(&mut self, a: usize, b: usize) {
+        self.expiries.swap(a, b);
+        self.slots[self.expiries[a] as usize].heap_pos = a as u32;
+        self.slots[self.expiries[b] as usize].heap_pos = b as u32;
+    }
+
+    fn sift_up(&mut self, mut pos: usize) {
+        while pos > 0 {
+            let parent = (pos - 1) / 2;
+            if self.expires(parent) <= self.expires(pos) {
+                break;
+            }
+            self.heap_swap(parent, pos);
+            pos = parent;
         }
-        Some(live)
+    }
+
+    fn sift_down(&mut self, mut pos: usize) {
+        let n = self.expiries.len();
+        loop {
+            let (l, r) = (2 * pos + 1, 2 * pos + 2);
+            let mut least = pos;
+            if l < n && self.expires(l) < self.expires(least) {
+                least = l;
+            }
+            if r < n && self.expires(r) < self.expires(least) {
+                least = r;
+            }
+            if least == pos {
+                break;
+            }
+            self.heap_swap(pos, least);
+            pos = least;
+        }
+    }
+
+    fn heap_remove(&mut self, pos: usize) {
+        let last = self.expiries.len() - 1;
+        if pos != last {
+            self.heap_swap(pos, last);
+        }
+        let _ = self.expiries.pop();
+        if pos < self.expiries.len() {
+            self.sift_down(pos);
+            self.sift_up(pos);
+        }
     }
 
     /// Takes the hold off every scope it was placed on.
     pub fn remove(&mut self, request_id: &str) -> Option<Hold> {
-        self.take(hash_request_id(request_id))
+        self.take(hash_request_id(request_id), request_id)
+            .map(|(_, h)| h)
     }
 
-    /// The call's usage was counted: the hold of the request id hashed to
-    /// `h` (if live) goes. Counted once per hold; usage whose hold already
-    /// expired is counted as such.
-    pub fn settle(&mut self, h: RequestHash) -> Option<Hold> {
+    /// The call's usage under `request_id` (hashed to `h`) was counted: its
+    /// hold (if live) goes; returns whether one did. Counted once per hold;
+    /// usage whose hold already expired is counted as such.
+    pub fn settle(&mut self, h: RequestHash, request_id: &str) -> bool {
         let expired = !self.expired_ids.is_empty() && self.expired_ids.remove(&h);
-        match self.take_live(h) {
-            Some(Live { request_id, hold }) => {
+        match self.find(h, request_id) {
+            Some(i) => {
+                let (request_id, _) = self.take_slot(i);
                 self.counts.settled += 1;
                 self.went(request_id);
-                Some(hold)
+                true
             }
             None => {
                 if expired {
                     self.counts.usage_after_expiry += 1;
                 }
-                None
+                false
             }
         }
     }
@@ -243,16 +501,12 @@ impl Holds {
             let _ = self.expired_ids.remove(&h);
         }
         let mut freed = 0;
-        while let Some(&Reverse((at, h))) = self.expiries.peek() {
-            if at > now_ms {
+        while let Some(&i) = self.expiries.first() {
+            if self.slots[i as usize].expires_at_ms > now_ms {
                 break;
             }
-            let _ = self.expiries.pop();
-            // A stale entry: the hold went, or was replaced by a later one.
-            if self.live.get(&h).is_none_or(|l| l.hold.expires_at_ms != at) {
-                continue;
-            }
-            let _ = self.take(h);
+            let (request_id, _) = self.take_slot(i as usize);
+            let h = hash_request_id(&request_id);
             if self.expired_ids.insert(h) {
                 self.expired.push_back((now_ms, h));
             }
@@ -332,9 +586,9 @@ mod tests {
         assert_eq!(h.expire(50), 1);
         assert_eq!(h.held(Subject::Org), 10);
         assert_eq!(h.next_expiry_ms(), 100);
-        assert!(h.settle(hash_request_id("a")).is_some());
+        assert!(h.settle(hash_request_id("a"), "a"));
         assert_eq!(h.held(Subject::Org), 0);
-        assert!(h.settle(hash_request_id("b")).is_none(), "expired");
+        assert!(!h.settle(hash_request_id("b"), "b"), "expired");
         assert_eq!(
             h.take_counts(),
             HoldCounts {
@@ -347,7 +601,7 @@ mod tests {
         h.insert("c", hold(1, 60, 0, 0, &[]));
         assert_eq!(h.expire(60), 1);
         let _ = h.expire(60 + HOLD_TTL_MAX_MS);
-        assert!(h.settle(hash_request_id("c")).is_none());
+        assert!(!h.settle(hash_request_id("c"), "c"));
         assert_eq!(h.take_counts().usage_after_expiry, 0);
         assert_eq!(h.next_expiry_ms(), i64::MAX);
     }
@@ -361,5 +615,139 @@ mod tests {
         assert_eq!(h.held(Subject::User(0)), 0);
         assert_eq!(h.held(Subject::User(2)), 3);
         assert_eq!(h.held(Subject::Org), 3);
+    }
+
+    #[test]
+    fn memory_goes_back_after_a_peak_and_every_hold_stays_found() {
+        let mut h = Holds::default();
+        for i in 0..10_000 {
+            h.insert(
+                &format!("r{i}"),
+                hold(1, 10_000 - i, i as u32 % 7, 0, &[i as u32 % 3]),
+            );
+        }
+        let peak = h.slots.capacity();
+        for i in 0..9_900 {
+            assert!(h.remove(&format!("r{i}")).is_some());
+        }
+        assert!(
+            h.slots.capacity() < peak / 4,
+            "{} of {peak}",
+            h.slots.capacity()
+        );
+        assert_eq!(h.held(Subject::Org), 100);
+        for i in 9_900..10_000 {
+            assert_eq!(
+                h.get(&format!("r{i}")).map(|h| h.expires_at_ms),
+                Some(10_000 - i)
+            );
+        }
+        assert_eq!(h.next_expiry_ms(), 1);
+        assert_eq!(h.expire(50), 50);
+        assert_eq!(h.held(Subject::Org), 50);
+        assert_eq!(h.group_sets.ids.len(), 3);
+    }
+
+    /// The slab, its index and its expiry heap against a plain map, under
+    /// random placements, replacements, releases, settlements and expiries.
+    mod model {
+        use std::collections::BTreeMap;
+
+        use proptest::prelude::*;
+
+        use super::*;
+
+        #[derive(Debug, Clone)]
+        enum Op {
+            Insert {
+                id: u8,
+                amount: i64,
+                ttl: i64,
+                user: u32,
+                groups: Vec<u32>,
+            },
+            Remove(u8),
+            Settle(u8),
+            Advance(i64),
+        }
+
+        fn op() -> impl Strategy<Value = Op> {
+            prop_oneof![
+                4 => (any::<u8>(), 1..1_000i64, 1..100i64, 0..5u32, proptest::collection::vec(0..4u32, 0..3))
+                    .prop_map(|(id, amount, ttl, user, mut groups)| {
+                        groups.sort_unstable();
+                        groups.dedup();
+                        Op::Insert { id, amount, ttl, user, groups }
+                    }),
+                1 => any::<u8>().prop_map(Op::Remove),
+                1 => any::<u8>().prop_map(Op::Settle),
+                1 => (0..30i64).prop_map(Op::Advance),
+            ]
+        }
+
+        proptest! {
+            #[test]
+            fn holds_match_a_plain_map(ops in proptest::collection::vec(op(), 1..400)) {
+                let mut holds = Holds::default();
+                let mut model: BTreeMap<String, Hold> = BTreeMap::new();
+                let mut now = 0i64;
+                for op in ops {
+                    match op {
+                        Op::Insert { id, amount, ttl, user, groups } => {
+                            let id = format!("req-{id}");
+                            let hold = Hold {
+                                amount_micros: amount,
+                                placed_at_ms: now,
+                                expires_at_ms: now + ttl,
+                                user,
+                                key: user % 2,
+                                groups: groups.into(),
+                            };
+                            holds.insert(&id, hold.clone());
+                            let _ = model.insert(id, hold);
+                        }
+                        Op::Remove(id) => {
+                            let id = format!("req-{id}");
+                            prop_assert_eq!(holds.remove(&id), model.remove(&id));
+                        }
+                        Op::Settle(id) => {
+                            let id = format!("req-{id}");
+                            let settled = holds.settle(hash_request_id(&id), &id);
+                            prop_assert_eq!(settled, model.remove(&id).is_some());
+                        }
+                        Op::Advance(by) => {
+                            now += by;
+                            let before = model.len();
+                            model.retain(|_, h| h.expires_at_ms > now);
+                            prop_assert_eq!(holds.expire(now), before - model.len());
+                        }
+                    }
+                    prop_assert_eq!(holds.len(), model.len());
+                    let earliest = model.values().map(|h| h.expires_at_ms).min();
+                    prop_assert_eq!(holds.next_expiry_ms(), earliest.unwrap_or(i64::MAX));
+                    let mut listed: Vec<(String, Hold)> =
+                        holds.iter().map(|(id, h)| (id.to_owned(), h.owned())).collect();
+                    listed.sort_by(|a, b| a.0.cmp(&b.0));
+                    let expected: Vec<(String, Hold)> = model.clone().into_iter().collect();
+                    prop_assert_eq!(&listed, &expected);
+                    for (id, h) in &model {
+                        prop_assert_eq!(holds.get(id), Some(h.as_ref()));
+                    }
+                    let subjects = [Subject::Org]
+                        .into_iter()
+                        .chain((0..5).map(Subject::User))
+                        .chain((0..2).map(Subject::Key))
+                        .chain((0..4).map(Subject::Group));
+                    for subject in subjects {
+                        let sum: i64 = model
+                            .values()
+                            .filter(|h| h.subjects().any(|s| s == subject))
+                            .map(|h| h.amount_micros)
+                            .sum();
+                        prop_assert_eq!(holds.held(subject), sum, "{:?}", subject);
+                    }
+                }
+            }
+        }
     }
 }

@@ -297,7 +297,7 @@ impl OrgState {
             // above leaves its hold to a release or its TTL.
             Seen::New => {
                 if !meter.holds.is_idle() {
-                    let _ = meter.holds.settle(request);
+                    let _ = meter.holds.settle(request, &ev.request_id);
                 }
             }
             Seen::Duplicate => return UsageOutcome::Duplicate,

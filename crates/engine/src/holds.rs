@@ -30,7 +30,7 @@ use std::time::Instant;
 use parking_lot::Mutex;
 use tally_core::authorize::{Decision, HoldRequest, PlacedHold, reserve};
 use tally_core::dedupe::hash_request_id;
-use tally_core::holds::Hold;
+use tally_core::holds::{Hold, HoldRef};
 use tally_core::ids::OrgId;
 use tally_core::ledger::SubjectKind;
 use tally_core::org::OrgState;
@@ -110,7 +110,7 @@ fn io(what: &str, path: &Path, e: &std::io::Error) -> Error {
 }
 
 /// One placed hold as a journal line.
-fn placed_line(out: &mut String, org: &OrgState, request_id: &str, h: &Hold) {
+fn placed_line(out: &mut String, org: &OrgState, request_id: &str, h: HoldRef<'_>) {
     let dir = &org.dir;
     let _ = write!(
         out,
@@ -122,7 +122,7 @@ fn placed_line(out: &mut String, org: &OrgState, request_id: &str, h: &Hold) {
         h.placed_at_ms,
         h.expires_at_ms
     );
-    for &g in &h.groups {
+    for &g in h.groups {
         let _ = write!(out, " {}", dir.group_ids[g as usize]);
     }
     out.push('\n');
@@ -308,7 +308,7 @@ impl HoldJournal {
 
     /// Records a placed hold. Call holding the org's lock, so an org's
     /// records are in the order its holds changed.
-    pub fn placed(&self, org: &OrgState, request_id: &str, hold: &Hold) -> Result<()> {
+    pub fn placed(&self, org: &OrgState, request_id: &str, hold: HoldRef<'_>) -> Result<()> {
         let mut line = String::with_capacity(128);
         placed_line(&mut line, org, request_id, hold);
         self.write(&line)
@@ -375,7 +375,7 @@ impl HoldJournal {
                 org.meter
                     .holds
                     .iter()
-                    .map(|(id, h)| (id.to_owned(), h.clone()))
+                    .map(|(id, h)| (id.to_owned(), h.owned()))
                     .collect()
             };
             if live.is_empty() {
@@ -389,7 +389,7 @@ impl HoldJournal {
                 {
                     let org = cell.read();
                     for (id, h) in chunk {
-                        placed_line(&mut lines, &org, id, h);
+                        placed_line(&mut lines, &org, id, h.as_ref());
                     }
                 }
                 file.write_all(lines.as_bytes())
@@ -424,7 +424,7 @@ enum Durability<'a> {
 
 /// A hold with its entities named, as the SQL store keeps it and admins
 /// list it.
-fn stored_hold(org: &OrgState, request_id: &str, h: &Hold) -> StoredHold {
+fn stored_hold(org: &OrgState, request_id: &str, h: HoldRef<'_>) -> StoredHold {
     let dir = &org.dir;
     StoredHold {
         org_id: dir.id.to_string(),

@@ -562,54 +562,104 @@ async fn authorize(args: &BenchArgs, dir: &Path) -> anyhow::Result<()> {
         // queueing on the machine's shared cores.
         let before = before.await??;
         let after = authorize_buckets(&s.http, &s.url).await?;
-        let delta: Vec<(u64, u64)> = after
-            .iter()
-            .map(|(le, n)| {
-                let was = before.iter().find(|(l, _)| l == le).map_or(0, |(_, n)| *n);
-                (*le, n - was)
-            })
-            .collect();
-        let total = delta.last().map_or(0, |(_, n)| *n).max(1);
-        let within = |us: u64| {
-            delta
-                .iter()
-                .find(|(le, _)| *le == us)
-                .map_or(0, |(_, n)| *n)
+        let server = Histogram::delta(&before.http, &after.http);
+        let engine = if reserve {
+            Histogram::delta(&before.reserve, &after.reserve)
+        } else {
+            Histogram::delta(&before.plain, &after.plain)
         };
-        let p99_le = delta
-            .iter()
-            .find(|(_, n)| n * 100 >= total * 99)
-            .map_or(u64::MAX, |(le, _)| *le);
         println!(
-            "authorize: {load}: in the server: p99 ≤ {} µs; {}.{}% within 1 ms ({total} calls)",
-            if p99_le == u64::MAX {
-                "∞".to_owned()
-            } else {
-                p99_le.to_string()
-            },
-            within(1_000) * 100 / total,
-            within(1_000) * 1_000 / total % 10,
+            "authorize: {load}: in the server: p99 ≤ {} µs (in the engine ≤ {} µs); {} within 1 ms ({} calls)",
+            server.p99_le(),
+            engine.p99_le(),
+            server.within_ms(),
+            server.total()
         );
     }
     s.stop()
 }
 
-/// The server's latency histogram of `POST /v1/authorize`: (bucket bound in
-/// µs, calls within it), ascending, `+Inf` as `u64::MAX`.
-async fn authorize_buckets(http: &reqwest::Client, url: &str) -> anyhow::Result<Vec<(u64, u64)>> {
+/// The server's latency histograms of `POST /v1/authorize`: the HTTP
+/// request's (from its first byte to its answer) and the engine's decision
+/// alone, plain and with a reserve.
+#[derive(Default)]
+struct AuthorizeBuckets {
+    http: Histogram,
+    plain: Histogram,
+    reserve: Histogram,
+}
+
+/// (bucket bound in µs, calls within it), ascending, `+Inf` as `u64::MAX`.
+#[derive(Default)]
+struct Histogram(Vec<(u64, u64)>);
+
+impl Histogram {
+    fn add(&mut self, le: u64, n: u64) {
+        match self.0.iter_mut().find(|(l, _)| *l == le) {
+            Some((_, sum)) => *sum += n,
+            None => self.0.push((le, n)),
+        }
+    }
+
+    /// The calls counted in `after` and not in `before`.
+    fn delta(before: &Histogram, after: &Histogram) -> Histogram {
+        let was = |le: u64| {
+            before
+                .0
+                .iter()
+                .find(|(l, _)| *l == le)
+                .map_or(0, |(_, n)| *n)
+        };
+        Histogram(after.0.iter().map(|&(le, n)| (le, n - was(le))).collect())
+    }
+
+    fn total(&self) -> u64 {
+        self.0.last().map_or(0, |(_, n)| *n)
+    }
+
+    /// The least bucket bound that 99 % of the calls are within.
+    fn p99_le(&self) -> String {
+        let total = self.total().max(1);
+        match self.0.iter().find(|(_, n)| n * 100 >= total * 99) {
+            Some(&(le, _)) if le != u64::MAX => le.to_string(),
+            _ => "∞".to_owned(),
+        }
+    }
+
+    /// The share of calls within 1 ms, as a percentage to a tenth.
+    fn within_ms(&self) -> String {
+        let total = self.total().max(1);
+        let n = self
+            .0
+            .iter()
+            .find(|(le, _)| *le == 1_000)
+            .map_or(0, |(_, n)| *n);
+        format!("{}.{}%", n * 100 / total, n * 1_000 / total % 10)
+    }
+}
+
+async fn authorize_buckets(http: &reqwest::Client, url: &str) -> anyhow::Result<AuthorizeBuckets> {
     let text = http
         .get(format!("{url}/metrics"))
         .send()
         .await?
         .text()
         .await?;
-    let mut buckets: Vec<(u64, u64)> = Vec::new();
+    let mut buckets = AuthorizeBuckets::default();
     for line in text.lines() {
-        if !line.starts_with("tally_http_request_duration_seconds_bucket{")
-            || !line.contains("route=\"/v1/authorize\"")
+        let histogram = if line.starts_with("tally_http_request_duration_seconds_bucket{")
+            && line.contains("route=\"/v1/authorize\"")
         {
+            &mut buckets.http
+        } else if line.starts_with("tally_authorize_duration_seconds_bucket{") {
+            if line.contains("kind=\"reserve\"") {
+                &mut buckets.reserve
+            } else {
+                &mut buckets.plain
+            }
+        } else {
             continue;
-        }
+        };
         let Some((labels, n)) = line.rsplit_once(' ') else {
             continue;
         };
@@ -628,13 +678,11 @@ async fn authorize_buckets(http: &reqwest::Client, url: &str) -> anyhow::Result<
             let frac: String = frac.chars().chain(std::iter::repeat('0')).take(6).collect();
             whole.parse::<u64>()? * 1_000_000 + frac.parse::<u64>()?
         };
-        let n: u64 = n.parse()?;
-        match buckets.iter_mut().find(|(l, _)| *l == le) {
-            Some((_, sum)) => *sum += n,
-            None => buckets.push((le, n)),
-        }
+        histogram.add(le, n.parse()?);
     }
-    buckets.sort_unstable();
+    for h in [&mut buckets.http, &mut buckets.plain, &mut buckets.reserve] {
+        h.0.sort_unstable();
+    }
     Ok(buckets)
 }
 

@@ -580,6 +580,8 @@ async fn distributed_holds_are_exact_and_survive_the_owners_kill_9() -> anyhow::
     let (owner, other, secrets) =
         two_processes(&cluster, &[("alice", Some(USD)), ("bob", Some(USD))]).await?;
     let op = owner.operator();
+    op.add_group("acme", "ops", "Operations", None, &["bob"])
+        .await;
     // Half the workers call the other process, which forwards their
     // reserves to the owner.
     let far = other.operator();
@@ -619,8 +621,40 @@ async fn distributed_holds_are_exact_and_survive_the_owners_kill_9() -> anyhow::
         .map(|h| h["request_id"].as_str().unwrap())
         .collect();
     assert_eq!(ids, ["b-1", "b-2"], "listed by the owner: {listed}");
+    // The other process shows what is held from the stored holds: bob's
+    // two, on him, his key, his group and the org.
+    let held_far = |path: &'static str, micros: i64| {
+        let far = far.clone();
+        async move {
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            loop {
+                let got = far.get(path).await.expect(200);
+                if got["held_micros"] == micros {
+                    return;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "{path} never held {micros}: {got}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    for path in [
+        "/v1/orgs/acme",
+        "/v1/orgs/acme/users/bob",
+        "/v1/orgs/acme/groups/ops",
+        "/v1/orgs/acme/keys/k-bob",
+    ] {
+        held_far(path, 80 * CENT).await;
+    }
+    let alice_far = far.get("/v1/orgs/acme/users/alice").await.expect(200);
+    assert_eq!(alice_far["held_micros"], 0, "{alice_far}");
     usage(&op, "b-1", "bob", 35 * CENT).await;
     let _ = wait_for_spend(&op, "bob", 35 * CENT).await;
+    // Settled: gone from the other's view at the owner's next checkpoint.
+    held_far("/v1/orgs/acme/users/bob", 40 * CENT).await;
+    held_far("/v1/orgs/acme/groups/ops", 40 * CENT).await;
     owner.kill9()?;
     let op = other.operator();
     let deadline = std::time::Instant::now() + Duration::from_secs(60);

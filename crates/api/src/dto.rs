@@ -343,20 +343,29 @@ holding!(UserJson, SubjectKind::User);
 holding!(GroupJson, SubjectKind::Group);
 holding!(KeyJson, SubjectKind::Key);
 
-/// Fills in `held_micros` from memory (one read of the org).
-pub(crate) fn with_held<T: Holding>(engine: &Engine, org: &str, mut items: Vec<T>) -> Vec<T> {
+/// Fills in `held_micros`: from memory where the org's holds are placed,
+/// elsewhere from the stored holds (one read either way).
+pub(crate) async fn with_held<T: Holding>(
+    engine: &Engine,
+    org: &str,
+    mut items: Vec<T>,
+) -> crate::error::ApiResult<Vec<T>> {
     let held = {
         let ids: Vec<&str> = items.iter().map(Holding::subject_id).collect();
-        engine.held(org, T::KIND, &ids)
+        engine.held(org, T::KIND, &ids).await?
     };
     for (item, h) in items.iter_mut().zip(held) {
         item.set_held(h);
     }
-    items
+    Ok(items)
 }
 
 /// [`with_held`] for one object.
-pub(crate) fn one_with_held<T: Holding>(engine: &Engine, org: &str, item: T) -> T {
-    let mut v = with_held(engine, org, vec![item]);
-    v.pop().expect("one in, one out")
+pub(crate) async fn one_with_held<T: Holding>(
+    engine: &Engine,
+    org: &str,
+    item: T,
+) -> crate::error::ApiResult<T> {
+    let mut v = with_held(engine, org, vec![item]).await?;
+    Ok(v.pop().expect("one in, one out"))
 }

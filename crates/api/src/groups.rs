@@ -29,10 +29,11 @@ async fn group_json(state: &AppState, org_id: &OrgId, group: &GroupId) -> ApiRes
         .db
         .list_groups(org_id, month, None, Some(group), 1)
         .await?;
-    rows.into_iter()
+    let group = rows
+        .into_iter()
         .next()
-        .map(|g| one_with_held(&state.engine, org_id, GroupJson::from(g)))
-        .ok_or_else(|| ApiError::not_found(format!("group {:?} does not exist", group.as_str())))
+        .ok_or_else(|| ApiError::not_found(format!("group {:?} does not exist", group.as_str())))?;
+    one_with_held(&state.engine, org_id, GroupJson::from(group)).await
 }
 
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
@@ -95,7 +96,7 @@ pub(crate) async fn list(
         .take(limit as usize)
         .map(GroupJson::from)
         .collect();
-    let items = with_held(&state.engine, &org_id, items);
+    let items = with_held(&state.engine, &org_id, items).await?;
     let next_cursor = more
         .then(|| {
             items
@@ -154,7 +155,8 @@ pub(crate) async fn get(
             &state.engine,
             &org_id,
             members.into_iter().map(UserJson::from).collect(),
-        ),
+        )
+        .await?,
     }))
 }
 

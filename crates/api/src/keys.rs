@@ -29,10 +29,11 @@ async fn key_json(state: &AppState, org_id: &OrgId, key: &KeyId) -> ApiResult<Ke
         .db
         .list_keys(org_id, month, None, Some(key), 1)
         .await?;
-    rows.into_iter()
+    let key = rows
+        .into_iter()
         .next()
-        .map(|k| one_with_held(&state.engine, org_id, KeyJson::from(k)))
-        .ok_or_else(|| ApiError::not_found(format!("key {:?} does not exist", key.as_str())))
+        .ok_or_else(|| ApiError::not_found(format!("key {:?} does not exist", key.as_str())))?;
+    one_with_held(&state.engine, org_id, KeyJson::from(key)).await
 }
 
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
@@ -115,7 +116,7 @@ pub(crate) async fn list(
         .take(limit as usize)
         .map(KeyJson::from)
         .collect();
-    let items = with_held(&state.engine, &org_id, items);
+    let items = with_held(&state.engine, &org_id, items).await?;
     let next_cursor = more
         .then(|| {
             items

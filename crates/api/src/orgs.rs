@@ -59,11 +59,9 @@ async fn org_json(state: &AppState, org_id: &OrgId) -> ApiResult<Json<OrgJson>> 
         .org(org_id, month)
         .await?
         .ok_or_else(|| ApiError::not_found("no such org"))?;
-    Ok(Json(one_with_held(
-        &state.engine,
-        org_id,
-        OrgJson::new(row, month),
-    )))
+    Ok(Json(
+        one_with_held(&state.engine, org_id, OrgJson::new(row, month)).await?,
+    ))
 }
 
 #[utoipa::path(post, path = "/v1/orgs", tag = "orgs", request_body = CreateOrg, responses((status = 201, body = OrgJson), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody), (status = 409, description = "conflict", body = crate::error::ErrorBody), (status = 422, description = "a rule forbids it", body = crate::error::ErrorBody)))]

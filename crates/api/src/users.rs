@@ -47,7 +47,7 @@ async fn user_json(state: &AppState, org_id: &OrgId, user: &UserId) -> ApiResult
         .user(org_id, user, month)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("user {:?} does not exist", user.as_str())))?;
-    Ok(one_with_held(&state.engine, org_id, row.into()))
+    one_with_held(&state.engine, org_id, row.into()).await
 }
 
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
@@ -250,7 +250,8 @@ pub(crate) async fn list(
                     &state.engine,
                     &org_id,
                     rows.into_iter().filter(keep).map(UserJson::from).collect(),
-                ),
+                )
+                .await?,
                 next_cursor,
             }));
         }
@@ -262,7 +263,8 @@ pub(crate) async fn list(
             &state.engine,
             &org_id,
             rows.into_iter().map(UserJson::from).collect(),
-        ),
+        )
+        .await?,
         next_cursor: next.map(|c| {
             cursor::encode_user(
                 sort,

@@ -13,6 +13,7 @@
 //! places a hold on it again, and a claim sees every hold placed before it.
 
 use sqlx::Row;
+use tally_core::ledger::SubjectKind;
 
 use crate::tx::WriteTx;
 use crate::{Db, Error, Result};
@@ -118,6 +119,51 @@ impl Db {
             .fetch_optional(self.reader())
             .await?;
         Ok(row.and_then(|r| r.try_get::<Option<String>, _>(0).ok().flatten()))
+    }
+
+    /// What the stored holds of `org_id` that expire after `now_ms` hold
+    /// on each of `ids` (of one kind): what a process that does not meter
+    /// the org shows. Rows settled since the owner's last checkpoint still
+    /// count, until it deletes them. One scan of the org's rows.
+    pub async fn held_sums(
+        &self,
+        org_id: &str,
+        kind: SubjectKind,
+        ids: &[&str],
+        now_ms: i64,
+    ) -> Result<Vec<i64>> {
+        let by = match kind {
+            SubjectKind::Org => "org_id",
+            SubjectKind::User => "user_id",
+            SubjectKind::Key => "key_id",
+            // Summed by group set, then split below.
+            SubjectKind::Group => "group_ids",
+        };
+        // `by` is one of the four column names above.
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {by}, CAST(SUM(amount_micros) AS BIGINT) FROM holds \
+             WHERE org_id = $1 AND expires_at_ms > $2 GROUP BY {by}"
+        )))
+        .bind(org_id)
+        .bind(now_ms)
+        .fetch_all(self.reader())
+        .await?;
+        let mut sums: std::collections::HashMap<String, i64> = Default::default();
+        for r in &rows {
+            let of: String = r.try_get(0)?;
+            let micros: i64 = r.try_get(1)?;
+            if kind == SubjectKind::Group {
+                for g in of.split_whitespace() {
+                    *sums.entry(g.to_owned()).or_default() += micros;
+                }
+            } else {
+                let _ = sums.insert(of, micros);
+            }
+        }
+        Ok(ids
+            .iter()
+            .map(|id| sums.get(*id).copied().unwrap_or(0))
+            .collect())
     }
 
     /// The holds stored for `partition`'s orgs.

@@ -179,6 +179,8 @@ pub struct Holds {
     /// Request ids of holds settled or expired since the last
     /// [`Holds::take_gone`], kept only when [`Holds::track_gone`] is on.
     gone: Option<Vec<Box<str>>>,
+    #[cfg(test)]
+    index_rebuilds: usize,
 }
 
 /// What live holds hold, per scope (directory index).
@@ -321,7 +323,11 @@ impl Holds {
         let i = self.slots.len();
         let hash = self.hash(h);
         if self.index.len() == self.index.capacity() {
-            self.rebuild_index(self.index.len() + 1);
+            // Full (removals leave tombstones that use its room up): room
+            // for half as many again, so that a rebuild (every hold, under
+            // the org's lock) pays for as many placements as it moves.
+            let len = self.index.len();
+            self.rebuild_index(len + len / 2 + 1);
         }
         self.slots.push(Slot {
             request_id: request_id.into(),
@@ -398,6 +404,10 @@ impl Holds {
             let _ = index.insert_unique(spread(slot.hash), i as u32, rehash);
         }
         self.index = index;
+        #[cfg(test)]
+        {
+            self.index_rebuilds += 1;
+        }
     }
 
     fn expires(&self, pos: usize) -> i64 {
@@ -490,6 +500,16 @@ impl Holds {
 
     /// Frees every hold whose TTL has passed at `now_ms`; returns how many.
     /// O(log n) per hold freed.
+    /// Whether [`Holds::expire`] has work at `now_ms`: a hold to free, or
+    /// an expired request id to forget.
+    pub fn expiry_due(&self, now_ms: i64) -> bool {
+        self.next_expiry_ms() <= now_ms
+            || self
+                .expired
+                .front()
+                .is_some_and(|&(at, _)| at <= now_ms.saturating_sub(HOLD_TTL_MAX_MS))
+    }
+
     pub fn expire(&mut self, now_ms: i64) -> usize {
         // Forget expiries older than any hold could live: usage after them
         // is no longer told apart.
@@ -646,6 +666,29 @@ mod tests {
         assert_eq!(h.expire(50), 50);
         assert_eq!(h.held(Subject::Org), 50);
         assert_eq!(h.group_sets.ids.len(), 3);
+    }
+
+    /// Steady churn (one hold settles, one is placed) at a size just under
+    /// the index's load limit rebuilds the index rarely: a rebuild costs
+    /// all the org's holds under its write lock, so it must leave room for
+    /// many placements, not for the few the last table size had left.
+    #[test]
+    fn churn_just_under_the_index_load_limit_rebuilds_the_index_rarely() {
+        // 7/8 of 2^14 buckets, less 4: a table sized for one more has 4
+        // places left.
+        let live = 14_336 - 4;
+        let mut h = Holds::default();
+        for i in 0..live {
+            h.insert(&format!("r{i}"), hold(1, 1_000, 0, 0, &[]));
+        }
+        let before = h.index_rebuilds;
+        for i in live..live + 20_000 {
+            assert!(h.remove(&format!("r{}", i - live)).is_some());
+            h.insert(&format!("r{i}"), hold(1, 1_000, 0, 0, &[]));
+        }
+        assert_eq!(h.slots.len(), live);
+        let rebuilds = h.index_rebuilds - before;
+        assert!(rebuilds <= 2, "{rebuilds} rebuilds in 20 000 placements");
     }
 
     /// The slab, its index and its expiry heap against a plain map, under

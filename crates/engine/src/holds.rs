@@ -672,9 +672,14 @@ impl crate::Engine {
             written?;
             tentative.cell = None;
             // Its usage may have settled it while the row was written (a
-            // checkpoint then deleted nothing): the next one deletes it.
+            // checkpoint then deleted nothing): the next one deletes it. A
+            // hold that expired meanwhile is not settled: its row goes by
+            // time, and deleting it by request id would take the row of a
+            // hold placed again under that id.
             let mut org = cell.write();
-            if org.meter.holds.get(req.request_id).is_none() {
+            if org.meter.holds.get(req.request_id).is_none()
+                && org.meter.dedupe.contains(hash_request_id(req.request_id))
+            {
                 org.meter.holds.note_settled(req.request_id);
             }
         }
@@ -792,7 +797,7 @@ impl crate::Engine {
             {
                 let org = cell.read();
                 let h = &org.meter.holds;
-                if h.next_expiry_ms() > now && !h.has_counts() {
+                if !h.expiry_due(now) && !h.has_counts() {
                     continue;
                 }
             }

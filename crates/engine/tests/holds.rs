@@ -224,3 +224,30 @@ async fn the_journal_restores_live_holds_and_drops_settled_and_expired_ones() {
         "{after:?} after {segment:?}"
     );
 }
+
+/// An expired hold's request id is remembered for the longest TTL, also in
+/// an org where nothing else happens: then it is forgotten.
+#[tokio::test]
+async fn an_idle_org_forgets_expired_holds_after_the_longest_ttl() {
+    let dir = temp("forget-expired");
+    let clock = ManualClock::new(T0);
+    let (engine, _) = engine(&dir, &clock).await;
+    acme(&engine).await;
+    let (_, d, _) = engine
+        .reserve(SECRET, None, None, hold("r1", 100_000, MINUTE))
+        .await
+        .unwrap();
+    assert!(d.allowed, "{d:?}");
+    clock.set(T0 + 2 * MINUTE);
+    engine.hold_upkeep();
+    assert_eq!(
+        engine.release("acme", "r1").await.unwrap(),
+        ReleaseFound::Expired
+    );
+    clock.set(T0 + 2 * MINUTE + 60 * MINUTE);
+    engine.hold_upkeep();
+    assert_eq!(
+        engine.release("acme", "r1").await.unwrap(),
+        ReleaseFound::Unknown
+    );
+}

@@ -47,6 +47,9 @@ async fn fence(tx: &mut WriteTx, partition: i64, epoch: i64) -> Result<()> {
     }
 }
 
+/// The most ids [`Db::held_sums`] names in its query.
+const HELD_SUMS_NAMED_MAX: usize = 500;
+
 impl Db {
     /// Records holds placed on orgs of `partition` (replacing any under the
     /// same org and request id), if `epoch` is still the partition's.
@@ -124,7 +127,8 @@ impl Db {
     /// What the stored holds of `org_id` that expire after `now_ms` hold
     /// on each of `ids` (of one kind): what a process that does not meter
     /// the org shows. Rows settled since the owner's last checkpoint still
-    /// count, until it deletes them. One scan of the org's rows.
+    /// count, until it deletes them. Users and keys read their own rows;
+    /// groups and the org read all the org's rows, summed by group set.
     pub async fn held_sums(
         &self,
         org_id: &str,
@@ -132,22 +136,37 @@ impl Db {
         ids: &[&str],
         now_ms: i64,
     ) -> Result<Vec<i64>> {
-        let by = match kind {
-            SubjectKind::Org => "org_id",
-            SubjectKind::User => "user_id",
-            SubjectKind::Key => "key_id",
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (by, own_rows) = match kind {
+            SubjectKind::Org => ("org_id", false),
+            SubjectKind::User => ("user_id", true),
+            SubjectKind::Key => ("key_id", true),
             // Summed by group set, then split below.
-            SubjectKind::Group => "group_ids",
+            SubjectKind::Group => ("group_ids", false),
         };
-        // `by` is one of the four column names above.
-        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+        // A page of ids is named in the query; more read all the rows.
+        let only = if own_rows && ids.len() <= HELD_SUMS_NAMED_MAX {
+            let marks: Vec<String> = (0..ids.len()).map(|i| format!("${}", i + 3)).collect();
+            format!(" AND {by} IN ({})", marks.join(", "))
+        } else {
+            String::new()
+        };
+        // `by` is one of the four column names above, `only` placeholders.
+        let sql = format!(
             "SELECT {by}, CAST(SUM(amount_micros) AS BIGINT) FROM holds \
-             WHERE org_id = $1 AND expires_at_ms > $2 GROUP BY {by}"
-        )))
-        .bind(org_id)
-        .bind(now_ms)
-        .fetch_all(self.reader())
-        .await?;
+             WHERE org_id = $1 AND expires_at_ms > $2{only} GROUP BY {by}"
+        );
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(org_id)
+            .bind(now_ms);
+        if !only.is_empty() {
+            for id in ids {
+                query = query.bind(*id);
+            }
+        }
+        let rows = query.fetch_all(self.reader()).await?;
         let mut sums: std::collections::HashMap<String, i64> = Default::default();
         for r in &rows {
             let of: String = r.try_get(0)?;

@@ -831,6 +831,80 @@ async fn holds_are_fenced_and_go_with_checkpoints(db: Db) {
     assert_eq!(db.load_holds(5).await.unwrap().len(), 2);
 }
 
+/// What the stored holds hold per scope, as a process that does not meter
+/// the org shows it: live rows only, a hold counted on each of its groups.
+async fn held_sums_add_up_the_live_rows_per_scope(db: Db) {
+    use tally_store::holds::StoredHold;
+    let _org = Org::create(&db, "acme").await;
+    let hold = |id: &str, user: &str, key: &str, groups: &[&str], micros, expires| StoredHold {
+        org_id: "acme".into(),
+        request_id: id.into(),
+        user_id: user.into(),
+        key_id: key.into(),
+        group_ids: groups.iter().map(|g| (*g).to_owned()).collect(),
+        amount_micros: micros,
+        placed_at_ms: NOV,
+        expires_at_ms: expires,
+    };
+    let live = NOV + 600_000;
+    let claim = db.claim_partition(3, NOV).await.unwrap();
+    db.place_holds(
+        3,
+        claim.epoch,
+        &[
+            hold("r1", "alice", "ka", &["eng", "ops"], 10, live),
+            hold("r2", "alice", "ka2", &["eng"], 20, live),
+            hold("r3", "bob", "kb", &[], 40, live),
+            // Past its TTL: holds nothing any more.
+            hold("r4", "bob", "kb", &["ops"], 1_000, NOV + 1),
+            // Large sums stay exact (PostgreSQL sums bigints as numeric).
+            hold("r5", "carol", "kc", &["ops"], 3_000_000_000_000, live),
+        ],
+    )
+    .await
+    .unwrap();
+    let now = NOV + 1;
+    let sums = |kind, ids: &'static [&'static str]| {
+        let db = db.clone();
+        async move { db.held_sums("acme", kind, ids, now).await.unwrap() }
+    };
+    assert_eq!(
+        sums(SubjectKind::User, &["alice", "bob", "carol", "dave"]).await,
+        vec![30, 40, 3_000_000_000_000, 0]
+    );
+    assert_eq!(
+        sums(SubjectKind::Key, &["kb", "ka", "ka2"]).await,
+        vec![40, 10, 20]
+    );
+    assert_eq!(
+        sums(SubjectKind::Group, &["eng", "ops", "none"]).await,
+        vec![30, 3_000_000_000_010, 0]
+    );
+    assert_eq!(
+        sums(SubjectKind::Org, &["acme"]).await,
+        vec![3_000_000_000_070]
+    );
+    assert!(sums(SubjectKind::User, &[]).await.is_empty());
+    // More ids than a query names: the same answer from all the rows.
+    let many: Vec<String> = (0..600).map(|i| format!("u{i}")).collect();
+    let mut ids: Vec<&str> = many.iter().map(String::as_str).collect();
+    ids.push("bob");
+    let all = db
+        .held_sums("acme", SubjectKind::User, &ids, now)
+        .await
+        .unwrap();
+    assert_eq!(all.len(), 601);
+    assert_eq!(all[600], 40);
+    assert!(all[..600].iter().all(|&h| h == 0));
+    // Another org's rows are not summed.
+    assert_eq!(
+        db.held_sums("beta", SubjectKind::User, &["alice"], now)
+            .await
+            .unwrap(),
+        vec![0]
+    );
+}
+
 async fn dead_letters_are_kept_once(db: Db) {
     let claim = db.claim_partition(1, NOV).await.unwrap();
     let letter = |position, org: Option<&str>| DeadLetter {
@@ -1324,6 +1398,7 @@ contract!(
     text_is_stored_verbatim,
     a_deposed_owner_is_fenced_out,
     holds_are_fenced_and_go_with_checkpoints,
+    held_sums_add_up_the_live_rows_per_scope,
     dead_letters_are_kept_once,
     webhook_deliveries_are_an_outbox,
 );

@@ -424,6 +424,9 @@ async fn ingest_pass(
 /// asks again as soon as it has its answer: the machine's saturation), then
 /// paced at a fixed total rate, latency counted from each call's scheduled
 /// time so a stall is not hidden.
+/// The TTL of the holds the authorize scenario places.
+const HOLD_TTL_MS: u64 = 10_000;
+
 async fn authorize(args: &BenchArgs, dir: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir)?;
     let (conns, warmup, measure, paced_rates): (usize, _, _, &[u64]) = if args.quick {
@@ -452,13 +455,21 @@ async fn authorize(args: &BenchArgs, dir: &Path) -> anyhow::Result<()> {
         warmup.as_millis()
     );
     // Plain authorize, then authorize with a reserve (each call places a
-    // hold of its own: decided against spent + held, journaled).
+    // hold of its own: decided against spent + held, journaled). Each
+    // reserving run has an org of its own and its holds a TTL of 10 s, so
+    // that the live holds (at most 10 s of calls) stay below an org's cap
+    // however fast the machine.
     let runs = [false, true].into_iter().flat_map(|reserve| {
         std::iter::once(None)
             .chain(paced_rates.iter().copied().map(Some))
             .map(move |rate| (reserve, rate))
     });
-    for (reserve, rate) in runs {
+    for (run, (reserve, rate)) in runs.enumerate() {
+        let secrets = if reserve {
+            seed_org(&s, &format!("bench-{run}"), 64).await?
+        } else {
+            secrets.clone()
+        };
         let start_at = Instant::now() + warmup;
         let end_at = start_at + measure;
         let before = {
@@ -481,6 +492,7 @@ async fn authorize(args: &BenchArgs, dir: &Path) -> anyhow::Result<()> {
                 if reserve {
                     b["request_id"] = json!(format!("{}-c{c}-{n}", rate.unwrap_or(0)));
                     b["reserve_micros"] = json!(1_000);
+                    b["hold_ttl_ms"] = json!(HOLD_TTL_MS);
                 }
                 b.to_string()
             };

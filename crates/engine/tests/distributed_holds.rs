@@ -1,0 +1,190 @@
+//! Holds kept in PostgreSQL (the distributed mode's store), on one engine
+//! that meters the only partition, with a clock the test moves and a real
+//! PostgreSQL server (started by scripts/test.sh).
+
+use std::sync::Arc;
+
+use sqlx::Connection as _;
+use tally_core::authorize::HoldRequest;
+use tally_core::entity::{Actor, Command};
+use tally_core::ids::{KeyId, OrgId, UserId};
+use tally_core::secret::hash_secret;
+use tally_core::usage::RawUsage;
+use tally_engine::clock::ManualClock;
+use tally_engine::holds::PartitionOf;
+use tally_engine::meter::Positioned;
+use tally_engine::{Engine, EngineOptions};
+use tally_store::{Db, DbOptions};
+
+const SECRET: &str = "tly_sk_distributed_holds_test";
+const T0: i64 = 1_796_083_200_000; // 2026-12-01T00:00:00Z
+
+/// A fresh PostgreSQL database: its URL, or `None` when there is no server.
+async fn fresh_database(name: &str) -> Option<String> {
+    let Ok(admin) = std::env::var("TALLY_TEST_POSTGRES_ADMIN_URL") else {
+        assert!(
+            std::env::var_os("TALLY_REQUIRE_SERVICES").is_none(),
+            "TALLY_TEST_POSTGRES_ADMIN_URL is not set: run scripts/test.sh"
+        );
+        eprintln!("skipped: no PostgreSQL server (scripts/test.sh starts one)");
+        return None;
+    };
+    let name = format!("{name}_{}", std::process::id());
+    let server = Db::open(&DbOptions {
+        migrate: false,
+        ..DbOptions::new(admin.clone())
+    })
+    .await
+    .unwrap();
+    let _ = server
+        .execute_raw(&format!("CREATE DATABASE {name}"))
+        .await
+        .unwrap();
+    server.close().await;
+    Some(format!("{}/{name}", admin.rsplit_once('/').unwrap().0))
+}
+
+/// An engine keeping holds in SQL, metering the only partition, with acme,
+/// alice and her key.
+async fn engine(url: &str, clock: &ManualClock) -> Arc<Engine> {
+    let db = Db::open(&DbOptions {
+        dated_by_database: true,
+        ..DbOptions::new(url.to_owned())
+    })
+    .await
+    .unwrap();
+    let engine = Arc::new(
+        Engine::start(
+            db,
+            Arc::new(clock.clone()),
+            EngineOptions::default(),
+            hash_secret("operator"),
+        )
+        .await
+        .unwrap(),
+    );
+    engine.meter.keep_holds_in_sql();
+    engine.set_hold_partitions(PartitionOf {
+        partitions: 1,
+        partitioner: |_, _| 0,
+    });
+    let org = OrgId::new("acme").unwrap();
+    for cmd in [
+        Command::CreateOrg {
+            name: "Acme".into(),
+            default_monthly_limit_micros: None,
+            alert_thresholds_bps: None,
+            monthly_limit_micros: None,
+        },
+        Command::AddUser {
+            user_id: UserId::new("alice").unwrap(),
+            email: "alice@acme.test".into(),
+            name: "Alice".into(),
+            monthly_limit_micros: Some(Some(1_000_000)),
+            activate: true,
+        },
+        Command::CreateKey {
+            key_id: KeyId::new("ka").unwrap(),
+            name: "laptop".into(),
+            user_id: Some(UserId::new("alice").unwrap()),
+            group_ids: vec![],
+            features: vec![],
+            monthly_limit_micros: None,
+            secret_hash: hash_secret(SECRET),
+        },
+    ] {
+        let _ = engine
+            .commands
+            .execute(&org, Actor::Operator, &cmd)
+            .await
+            .unwrap();
+    }
+    let _ = engine.meter.claim(0).await.unwrap();
+    engine
+}
+
+fn hold(request_id: &str, micros: i64, ttl_ms: i64) -> HoldRequest<'_> {
+    HoldRequest {
+        request_id,
+        reserve_micros: micros,
+        ttl_ms,
+    }
+}
+
+/// A hold that expired in memory while its row was being written is not
+/// settled: the checkpoint must not delete the row of a hold placed again
+/// under its request id (the next owner would not know that one).
+#[tokio::test]
+async fn a_hold_that_expired_while_its_row_was_written_is_not_taken_for_settled() {
+    let Some(url) = fresh_database("expired_while_written").await else {
+        return;
+    };
+    let clock = ManualClock::new(T0);
+    let engine = engine(&url, &clock).await;
+    // Another connection holds the partition's checkpoint row, so the
+    // hold's write (which fences on that row) waits.
+    let mut blocker = sqlx::PgConnection::connect(&url).await.unwrap();
+    let _ = sqlx::raw_sql("BEGIN; SELECT 1 FROM checkpoints WHERE partition_id = 0 FOR UPDATE")
+        .execute(&mut blocker)
+        .await
+        .unwrap();
+    let placing = {
+        let engine = Arc::clone(&engine);
+        tokio::spawn(async move {
+            engine
+                .reserve(SECRET, None, None, hold("r1", 100_000, 1_000))
+                .await
+                .map(|(_, d, h)| (d.allowed, h))
+        })
+    };
+    // The hold is in memory, its row waits: its TTL passes meanwhile.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(!placing.is_finished(), "the write waits for the row lock");
+    clock.set(T0 + 2_000);
+    engine.hold_upkeep();
+    let _ = sqlx::raw_sql("COMMIT").execute(&mut blocker).await.unwrap();
+    let (allowed, _) = placing.await.unwrap().unwrap();
+    assert!(allowed);
+    // The gateway asks again (its answer was late): a new hold, a new row.
+    let (_, d, h) = engine
+        .reserve(SECRET, None, None, hold("r1", 100_000, 60_000))
+        .await
+        .unwrap();
+    assert!(d.allowed && h.unwrap().new, "{d:?}");
+    // Usage of another call, and a checkpoint.
+    let event = RawUsage {
+        request_id: "other",
+        org_id: "acme",
+        user_id: "alice",
+        cost_micros: Some(1_000),
+        occurred_at_ms: Some(T0 + 1_000),
+        ..RawUsage::default()
+    }
+    .validate()
+    .unwrap();
+    let _ = engine
+        .meter
+        .apply(
+            0,
+            &[Positioned {
+                position: 0,
+                logged_at_ms: T0 + 2_000,
+                event: &event,
+            }],
+        )
+        .unwrap();
+    let _ = engine.meter.checkpoint().await.unwrap();
+    let rows: Vec<_> = engine
+        .db
+        .load_holds(0)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|h| (h.request_id, h.expires_at_ms))
+        .collect();
+    assert_eq!(
+        rows,
+        vec![("r1".to_owned(), T0 + 2_000 + 60_000)],
+        "the live hold's row is kept"
+    );
+}

@@ -213,14 +213,30 @@ impl Db {
     }
 }
 
-/// Deletes holds by (org id, request id) inside `tx`.
+/// The most request ids one statement of [`delete_holds`] names.
+const DELETE_BATCH: usize = 500;
+
+/// Deletes holds by (org id, request id) inside `tx`: one statement per
+/// org and [`DELETE_BATCH`] ids.
 pub(crate) async fn delete_holds(tx: &mut WriteTx, holds: &[(String, String)]) -> Result<()> {
+    let mut by_org: std::collections::BTreeMap<&str, Vec<&str>> = Default::default();
     for (org, request_id) in holds {
-        let _ = sqlx::query("DELETE FROM holds WHERE org_id = $1 AND request_id = $2")
-            .bind(org)
-            .bind(request_id)
-            .execute(&mut **tx)
-            .await?;
+        by_org.entry(org).or_default().push(request_id);
+    }
+    for (org, ids) in by_org {
+        for batch in ids.chunks(DELETE_BATCH) {
+            let marks: Vec<String> = (0..batch.len()).map(|i| format!("${}", i + 2)).collect();
+            // Only placeholders are formatted into the statement.
+            let sql = format!(
+                "DELETE FROM holds WHERE org_id = $1 AND request_id IN ({})",
+                marks.join(", ")
+            );
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(org);
+            for id in batch {
+                q = q.bind(*id);
+            }
+            let _ = q.execute(&mut **tx).await?;
+        }
     }
     Ok(())
 }

@@ -272,6 +272,12 @@ CREATE INDEX holds_by_partition ON holds (partition_id);
     // v6: where a partition's owner answers (its hold requests are
     // forwarded there).
     let v6 = "ALTER TABLE checkpoints ADD COLUMN owner_url TEXT;".to_owned();
+    // v7: a checkpoint deletes the holds past their TTL by partition and
+    // time (it scanned the partition's rows, holding the row that every
+    // new hold's write waits for).
+    let v7 = "DROP INDEX holds_by_partition;\n\
+              CREATE INDEX holds_by_partition_expiry ON holds (partition_id, expires_at_ms);"
+        .to_owned();
     vec![
         (1, v1 + &append_only),
         (2, v2),
@@ -279,5 +285,6 @@ CREATE INDEX holds_by_partition ON holds (partition_id);
         (4, v4),
         (5, v5),
         (6, v6),
+        (7, v7),
     ]
 }

@@ -905,6 +905,60 @@ async fn held_sums_add_up_the_live_rows_per_scope(db: Db) {
     );
 }
 
+/// A checkpoint deletes any number of settled holds (in batches), of its
+/// own org only.
+async fn a_checkpoint_deletes_many_settled_holds(db: Db) {
+    use tally_store::holds::StoredHold;
+    let _acme = Org::create(&db, "acme").await;
+    let _beta = Org::create(&db, "beta").await;
+    let hold = |org: &str, i: usize| StoredHold {
+        org_id: org.into(),
+        request_id: format!("r{i}"),
+        user_id: "alice".into(),
+        key_id: "ka".into(),
+        group_ids: vec![],
+        amount_micros: 1,
+        placed_at_ms: NOV,
+        expires_at_ms: NOV + 600_000,
+    };
+    let claim = db.claim_partition(4, NOV).await.unwrap();
+    let mut holds: Vec<StoredHold> = (0..1_200).map(|i| hold("acme", i)).collect();
+    holds.push(hold("beta", 7));
+    db.place_holds(4, claim.epoch, &holds).await.unwrap();
+    let gone = MeterChanges {
+        holds_gone: (0..1_100).map(|i| format!("r{i}")).collect(),
+        ..MeterChanges::default()
+    };
+    let at = PartitionCheckpoint {
+        position: 1,
+        number: 1,
+    };
+    db.write_checkpoint(
+        4,
+        claim.epoch,
+        at,
+        &[(OrgId::new("acme").unwrap(), gone)],
+        &[],
+        NOV,
+    )
+    .await
+    .unwrap();
+    let mut left: Vec<(String, String)> = db
+        .load_holds(4)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|h| (h.org_id, h.request_id))
+        .collect();
+    left.sort();
+    let mut want: Vec<(String, String)> = (1_100..1_200)
+        .map(|i| ("acme".to_owned(), format!("r{i}")))
+        .collect();
+    want.push(("beta".to_owned(), "r7".to_owned()));
+    want.sort();
+    assert_eq!(left, want);
+}
+
 async fn dead_letters_are_kept_once(db: Db) {
     let claim = db.claim_partition(1, NOV).await.unwrap();
     let letter = |position, org: Option<&str>| DeadLetter {
@@ -1399,6 +1453,7 @@ contract!(
     a_deposed_owner_is_fenced_out,
     holds_are_fenced_and_go_with_checkpoints,
     held_sums_add_up_the_live_rows_per_scope,
+    a_checkpoint_deletes_many_settled_holds,
     dead_letters_are_kept_once,
     webhook_deliveries_are_an_outbox,
 );

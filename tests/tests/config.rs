@@ -135,7 +135,7 @@ async fn a_second_process_cannot_take_the_same_data() {
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("another tally serve is using"), "{err}");
+    assert!(err.contains("another tally process is using"), "{err}");
     // The first one is unharmed.
     assert_eq!(
         first.anonymous().get("/readyz").await.expect(200)["status"],

@@ -2,7 +2,7 @@
 //! entity log again: the admin's view afterwards is the same.
 
 use serde_json::{Value, json};
-use tally_tests::{Backend, Client, Tally, now_rfc3339, tally_bin};
+use tally_tests::{Backend, Client, Cluster, Tally, now_rfc3339, tally_bin};
 
 async fn view(op: &Client) -> Value {
     json!({
@@ -71,19 +71,16 @@ async fn rebuilt_read_models_equal_the_live_ones() {
     ]});
     assert_eq!(op.post("/v1/usage", usage).await.expect(200)["accepted"], 2);
     let before = view(&op).await;
-    tally.stop().unwrap();
-
     let Backend::Sqlite(dir) = &backend else {
         unreachable!()
     };
-    let out = std::process::Command::new(tally_bin())
-        .args([
-            "rebuild-projections",
-            "--data-dir",
-            &dir.display().to_string(),
-        ])
-        .output()
-        .unwrap();
+    let args = ["--data-dir".to_owned(), dir.display().to_string()];
+    // Not under the running service: refused, and it serves on unharmed.
+    refused_while_served(&args);
+    assert_eq!(view(&op).await, before);
+    tally.stop().unwrap();
+
+    let out = rebuild(&args);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -98,4 +95,77 @@ async fn rebuilt_read_models_equal_the_live_ones() {
     let tally = Tally::start(&backend).unwrap();
     assert_eq!(view(&tally.operator()).await, before);
     tally.stop().unwrap();
+}
+
+fn rebuild(args: &[String]) -> std::process::Output {
+    std::process::Command::new(tally_bin())
+        .arg("rebuild-projections")
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// `rebuild-projections` on the state of a running `tally serve` is refused
+/// with a message that says why.
+fn refused_while_served(args: &[String]) {
+    let out = rebuild(args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("a tally serve is using") && stderr.contains("stop"),
+        "{stderr}"
+    );
+}
+
+async fn org_with_a_user(op: &Client) {
+    let _ = op
+        .post("/v1/orgs", json!({"id": "acme", "name": "Acme"}))
+        .await
+        .expect(201);
+    let _ = op.add_active_user("acme", "ann").await;
+}
+
+#[tokio::test]
+async fn rebuild_is_refused_while_an_embedded_serve_uses_the_postgresql_database() {
+    let Some(backend) = Backend::postgres("rebuild_refused").await.unwrap() else {
+        return;
+    };
+    let Backend::Postgres(url) = &backend else {
+        unreachable!()
+    };
+    let args = ["--database-url".to_owned(), url.clone()];
+    let tally = Tally::start(&backend).unwrap();
+    let op = tally.operator();
+    org_with_a_user(&op).await;
+    let before = view(&op).await;
+    refused_while_served(&args);
+    assert_eq!(view(&op).await, before);
+    tally.stop().unwrap();
+    let out = rebuild(&args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test]
+async fn rebuild_is_refused_while_a_distributed_serve_uses_the_database() {
+    let Some(cluster) = Cluster::new("1", &[]).unwrap() else {
+        return;
+    };
+    let Backend::Postgres(url) = &cluster.backend else {
+        unreachable!()
+    };
+    let args = ["--database-url".to_owned(), url.clone()];
+    let tally = cluster.start().unwrap();
+    tally_tests::wait_ready(&tally.operator(), std::time::Duration::from_secs(60)).await;
+    refused_while_served(&args);
+    tally.stop().unwrap();
+    let out = rebuild(&args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

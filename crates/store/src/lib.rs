@@ -318,27 +318,66 @@ impl Db {
         self.meta_set("store_probe", &now_ms.to_string()).await
     }
 
-    /// Makes this process the only one serving from this database, for as
-    /// long as the returned guard lives: a PostgreSQL session lock on a
-    /// connection of its own. The embedded mode meters every org in one
-    /// process, so a second one would overwrite its counters. (SQLite is
-    /// guarded by a file lock in the data directory instead.)
-    pub async fn lock_exclusive(&self) -> Result<Option<ExclusiveLock>> {
+    /// Marks this process as serving from this database for as long as
+    /// the returned guard lives: a shared PostgreSQL session lock that
+    /// every `tally serve` holds, so that a maintenance command rewriting
+    /// what they serve ([`Db::lock_maintenance`]) refuses while one runs.
+    /// `exclusive` (the embedded mode, which meters every org in one
+    /// process, so a second one would overwrite its counters) also makes
+    /// it the only process serving. On a connection of its own, outside
+    /// the pools. (SQLite is guarded by a file lock beside the database.)
+    pub async fn lock_serving(&self, exclusive: bool) -> Result<Option<SessionLock>> {
         if self.backend != Backend::Postgres {
             return Ok(None);
         }
-        let mut conn = self.write.acquire().await?;
-        let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock(7243919)")
-            .fetch_one(&mut *conn)
+        let mut conn = self.write.acquire().await?.detach();
+        let serving: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock_shared($1)")
+            .bind(MAINTENANCE_LOCK)
+            .fetch_one(&mut conn)
             .await?;
-        if !locked {
+        if !serving {
             return Err(Error::Config(
-                "another tally serve without Kafka uses this database; run one, or give every \
-                 process --kafka-brokers"
+                "tally rebuild-projections is running on this database: serve once it has \
+                 finished"
                     .into(),
             ));
         }
-        Ok(Some(ExclusiveLock { _conn: conn }))
+        if exclusive {
+            let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+                .bind(EMBEDDED_LOCK)
+                .fetch_one(&mut conn)
+                .await?;
+            if !locked {
+                return Err(Error::Config(
+                    "another tally serve without Kafka uses this database; run one, or give \
+                     every process --kafka-brokers"
+                        .into(),
+                ));
+            }
+        }
+        Ok(Some(SessionLock { _conn: conn }))
+    }
+
+    /// Makes this process the only one using this database, for a
+    /// maintenance command: refused while any `tally serve` uses it (see
+    /// [`Db::lock_serving`]). SQLite is guarded by the file lock instead.
+    pub async fn lock_maintenance(&self) -> Result<Option<SessionLock>> {
+        if self.backend != Backend::Postgres {
+            return Ok(None);
+        }
+        let mut conn = self.write.acquire().await?.detach();
+        let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+            .bind(MAINTENANCE_LOCK)
+            .fetch_one(&mut conn)
+            .await?;
+        if !locked {
+            return Err(Error::Config(
+                "a tally serve is using this database: stop every tally serve on it first \
+                 (this command rewrites what they serve)"
+                    .into(),
+            ));
+        }
+        Ok(Some(SessionLock { _conn: conn }))
     }
 
     /// Refreshes the query planner's statistics (after a bulk load; on
@@ -368,12 +407,20 @@ impl Db {
     }
 }
 
-/// Holds [`Db::lock_exclusive`]'s lock; dropping it ends the session lock
-/// when its connection closes.
+/// Holds a session lock of [`Db::lock_serving`] or [`Db::lock_maintenance`]
+/// on a connection outside the pools: dropping it closes the connection,
+/// which ends the lock.
 #[derive(Debug)]
-pub struct ExclusiveLock {
-    _conn: sqlx::pool::PoolConnection<sqlx::Any>,
+pub struct SessionLock {
+    _conn: sqlx::AnyConnection,
 }
+
+/// The session lock that every embedded `tally serve` on a PostgreSQL
+/// database holds alone.
+const EMBEDDED_LOCK: i64 = 7_243_919;
+/// The session lock that every `tally serve` holds shared and a
+/// maintenance command alone.
+const MAINTENANCE_LOCK: i64 = 7_243_921;
 
 /// The URL without its password, for messages.
 pub fn redact(url: &str) -> String {

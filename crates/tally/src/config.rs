@@ -22,7 +22,8 @@ pub(crate) struct Cli {
 pub(crate) enum Command {
     /// Run the service: HTTP API, metering engine, checkpoints.
     Serve(Box<ServeArgs>),
-    /// Drop every read model and project the whole entity log again.
+    /// Drop every read model and project the whole entity log again (offline:
+    /// refused while any tally serve uses the same data dir or database).
     RebuildProjections(StoreArgs),
     /// End-to-end figures on this machine: HTTP ingest, authorize latency,
     /// restart time, Kafka metering against a bare consumer.

@@ -5,6 +5,7 @@ mod cli;
 mod config;
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -155,6 +156,8 @@ async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
     })
     .await
     .with_context(|| format!("opening {}", redact(&cfg.database_url)))?;
+    // Before anything reads or writes the state.
+    let state_lock = lock_serving(&cfg, &db).await?;
     let token_hash = operator_token_hash(&db, cfg.operator_token.as_deref()).await?;
     let opts = EngineOptions {
         meter: MeterOptions {
@@ -209,7 +212,6 @@ async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
         }
         // Embedded: this process meters every org, from the SQL usage log.
         None => {
-            let exclusive = exclusive_use(&cfg, &db).await?;
             let log = Arc::new(EmbeddedLog::recover(Arc::clone(&engine.meter)).await?);
             engine.set_sink(Arc::clone(&log) as Arc<dyn tally_engine::UsageSink>);
             // After the recovery: a hold whose usage was counted is settled.
@@ -232,7 +234,7 @@ async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
                 }
                 engine.set_hold_journal(Arc::new(journal));
             }
-            Mode::Embedded { log, exclusive }
+            Mode::Embedded { log }
         }
     };
     let described = match (&cfg.data_dir, &cfg.kafka) {
@@ -358,23 +360,18 @@ async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
     engine.hold_upkeep();
     let _ = webhooks.await;
     let _ = housekeeping.await;
-    let exclusive = match mode {
-        // Leaving the group checkpoints and hands over every partition.
-        Mode::Distributed(dist) => {
-            dist.shutdown().await;
-            None
-        }
-        Mode::Embedded { exclusive, .. } => Some(exclusive),
-    };
+    // Leaving the group checkpoints and hands over every partition.
+    if let Mode::Distributed(dist) = mode {
+        dist.shutdown().await;
+    }
     if why == "meter failure" {
-        drop(exclusive);
+        drop(state_lock);
         db.close().await;
         bail!("the meter stopped after a failure; restart to recover from the log");
     }
     tracing::info!("shutting down: final checkpoint");
     engine.meter.shutdown().await.context("final checkpoint")?;
-    // Closing the pool waits for every connection, the lock's included.
-    drop(exclusive);
+    drop(state_lock);
     db.close().await;
     tracing::info!("stopped");
     Ok(())
@@ -382,34 +379,49 @@ async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
 
 /// How this process meters.
 enum Mode {
-    Embedded {
-        log: Arc<EmbeddedLog>,
-        exclusive: Box<dyn std::any::Any + Send>,
-    },
+    Embedded { log: Arc<EmbeddedLog> },
     Distributed(tally_kafka::Distributed),
 }
 
-/// Keeps a second process off the same state: a file lock in the data dir
-/// (SQLite) or a session lock (PostgreSQL), held until the process exits.
-async fn exclusive_use(
-    cfg: &ServeConfig,
-    db: &Db,
-) -> anyhow::Result<Box<dyn std::any::Any + Send>> {
-    if let Some(dir) = &cfg.data_dir {
-        let path = dir.join("tally.lock");
-        let file =
-            std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
-        match file.try_lock() {
-            Ok(()) => return Ok(Box::new(file)),
-            Err(std::fs::TryLockError::WouldBlock) => {
-                bail!("another tally serve is using {}", dir.display())
-            }
-            Err(std::fs::TryLockError::Error(e)) => {
-                return Err(e).with_context(|| format!("locking {}", path.display()));
-            }
+/// Keeps maintenance commands off the state this process serves, and in
+/// the embedded mode a second process too: a file lock beside an SQLite
+/// database, session locks on PostgreSQL; held until the process exits.
+async fn lock_serving(cfg: &ServeConfig, db: &Db) -> anyhow::Result<Box<dyn std::any::Any + Send>> {
+    if let Some(path) = sqlite_lock_path(&cfg.database_url) {
+        return match lock_file(&path)? {
+            Some(file) => Ok(Box::new(file)),
+            None => bail!(
+                "another tally process is using {} (a serve, or rebuild-projections)",
+                redact(&cfg.database_url)
+            ),
+        };
+    }
+    Ok(Box::new(db.lock_serving(cfg.kafka.is_none()).await?))
+}
+
+/// The lock file of an SQLite database (`tally.lock` beside `tally.db`):
+/// `None` for another backend or an in-memory database.
+fn sqlite_lock_path(url: &str) -> Option<PathBuf> {
+    let rest = url.strip_prefix("sqlite:")?;
+    let rest = rest.strip_prefix("//").unwrap_or(rest);
+    let path = rest.split('?').next().unwrap_or_default();
+    if path.is_empty() || path == ":memory:" {
+        return None;
+    }
+    Some(Path::new(path).with_extension("lock"))
+}
+
+/// Takes `path`'s exclusive file lock: `None` when another process has it.
+fn lock_file(path: &Path) -> anyhow::Result<Option<std::fs::File>> {
+    let file =
+        std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(Some(file)),
+        Err(std::fs::TryLockError::WouldBlock) => Ok(None),
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(e).with_context(|| format!("locking {}", path.display()))
         }
     }
-    Ok(Box::new(db.lock_exclusive().await?))
 }
 
 /// Resolves on ctrl-c or SIGTERM.
@@ -437,9 +449,21 @@ async fn signal() {
 
 async fn rebuild(url: &str) -> anyhow::Result<()> {
     let started = Instant::now();
+    // Never under a running service: it serves the read models this drops.
+    let _file_lock = match sqlite_lock_path(url) {
+        Some(path) => match lock_file(&path)? {
+            Some(file) => Some(file),
+            None => bail!(
+                "a tally serve is using {}: stop it first (this command rewrites what it serves)",
+                redact(url)
+            ),
+        },
+        None => None,
+    };
     let db = Db::open(&DbOptions::new(url))
         .await
         .with_context(|| format!("opening {}", redact(url)))?;
+    let _session_lock = db.lock_maintenance().await?;
     eprintln!(
         "rebuilding read models from the entity log in {}",
         redact(url)

@@ -355,7 +355,7 @@ impl Db {
                 ));
             }
         }
-        Ok(Some(SessionLock { _conn: conn }))
+        Ok(Some(SessionLock { conn }))
     }
 
     /// Makes this process the only one using this database, for a
@@ -377,7 +377,7 @@ impl Db {
                     .into(),
             ));
         }
-        Ok(Some(SessionLock { _conn: conn }))
+        Ok(Some(SessionLock { conn }))
     }
 
     /// Refreshes the query planner's statistics (after a bulk load; on
@@ -412,7 +412,18 @@ impl Db {
 /// which ends the lock.
 #[derive(Debug)]
 pub struct SessionLock {
-    _conn: sqlx::AnyConnection,
+    conn: sqlx::AnyConnection,
+}
+
+impl SessionLock {
+    /// Ends the lock before it returns (a dropped one ends when the server
+    /// notices its connection closed, a moment later).
+    pub async fn release(mut self) {
+        let _ = sqlx::query("SELECT pg_advisory_unlock_all()")
+            .execute(&mut self.conn)
+            .await;
+        let _ = sqlx::Connection::close(self.conn).await;
+    }
 }
 
 /// The session lock that every embedded `tally serve` on a PostgreSQL

@@ -1457,3 +1457,33 @@ contract!(
     dead_letters_are_kept_once,
     webhook_deliveries_are_an_outbox,
 );
+
+/// On PostgreSQL, serving and maintenance exclude each other through
+/// session locks: any number of distributed serves, one embedded serve,
+/// and a maintenance command only alone.
+#[tokio::test]
+async fn serving_and_maintenance_locks_exclude_each_other() {
+    let Some((db, url)) = postgres_with_url().await else {
+        return;
+    };
+    let other = Db::open(&DbOptions::new(url)).await.unwrap();
+    let maintenance = db.lock_maintenance().await.unwrap();
+    assert!(maintenance.is_some());
+    let refused = other.lock_serving(false).await.unwrap_err().to_string();
+    assert!(
+        refused.contains("rebuild-projections is running"),
+        "{refused}"
+    );
+    maintenance.unwrap().release().await;
+    let first = other.lock_serving(false).await.unwrap();
+    let second = db.lock_serving(false).await.unwrap();
+    let embedded = db.lock_serving(true).await.unwrap();
+    let refused = other.lock_serving(true).await.unwrap_err().to_string();
+    assert!(refused.contains("another tally serve"), "{refused}");
+    let refused = other.lock_maintenance().await.unwrap_err().to_string();
+    assert!(refused.contains("a tally serve is using"), "{refused}");
+    for lock in [first, second, embedded] {
+        lock.unwrap().release().await;
+    }
+    assert!(other.lock_maintenance().await.unwrap().is_some());
+}

@@ -365,13 +365,13 @@ async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
         dist.shutdown().await;
     }
     if why == "meter failure" {
-        drop(state_lock);
+        state_lock.release().await;
         db.close().await;
         bail!("the meter stopped after a failure; restart to recover from the log");
     }
     tracing::info!("shutting down: final checkpoint");
     engine.meter.shutdown().await.context("final checkpoint")?;
-    drop(state_lock);
+    state_lock.release().await;
     db.close().await;
     tracing::info!("stopped");
     Ok(())
@@ -386,17 +386,36 @@ enum Mode {
 /// Keeps maintenance commands off the state this process serves, and in
 /// the embedded mode a second process too: a file lock beside an SQLite
 /// database, session locks on PostgreSQL; held until the process exits.
-async fn lock_serving(cfg: &ServeConfig, db: &Db) -> anyhow::Result<Box<dyn std::any::Any + Send>> {
+async fn lock_serving(cfg: &ServeConfig, db: &Db) -> anyhow::Result<StateLock> {
     if let Some(path) = sqlite_lock_path(&cfg.database_url) {
         return match lock_file(&path)? {
-            Some(file) => Ok(Box::new(file)),
+            Some(file) => Ok(StateLock::File(file)),
             None => bail!(
                 "another tally process is using {} (a serve, or rebuild-projections)",
                 redact(&cfg.database_url)
             ),
         };
     }
-    Ok(Box::new(db.lock_serving(cfg.kafka.is_none()).await?))
+    Ok(StateLock::Session(
+        db.lock_serving(cfg.kafka.is_none()).await?,
+    ))
+}
+
+/// What keeps others off the state this process serves.
+enum StateLock {
+    File(std::fs::File),
+    Session(Option<tally_store::SessionLock>),
+}
+
+impl StateLock {
+    /// Lets the others on at once.
+    async fn release(self) {
+        match self {
+            StateLock::File(file) => drop(file),
+            StateLock::Session(Some(lock)) => lock.release().await,
+            StateLock::Session(None) => {}
+        }
+    }
 }
 
 /// The lock file of an SQLite database (`tally.lock` beside `tally.db`):
@@ -463,7 +482,7 @@ async fn rebuild(url: &str) -> anyhow::Result<()> {
     let db = Db::open(&DbOptions::new(url))
         .await
         .with_context(|| format!("opening {}", redact(url)))?;
-    let _session_lock = db.lock_maintenance().await?;
+    let session_lock = db.lock_maintenance().await?;
     eprintln!(
         "rebuilding read models from the entity log in {}",
         redact(url)
@@ -472,6 +491,9 @@ async fn rebuild(url: &str) -> anyhow::Result<()> {
         .rebuild_projections(|n| eprintln!("  {n} events projected"))
         .await
         .context("rebuilding projections")?;
+    if let Some(lock) = session_lock {
+        lock.release().await;
+    }
     db.close().await;
     println!(
         "rebuilt read models from {n} events in {} ms",

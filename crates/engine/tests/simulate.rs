@@ -101,6 +101,9 @@ struct ModelHold {
 /// A membership: joined, and left (by the log's clock).
 type Span = (i64, Option<i64>);
 
+/// What a restart must keep of a counter (see [`Sim::snapshot`]).
+type Kept = (i64, u64, i64, bool, u16, u16);
+
 /// What the engine must hold.
 #[derive(Debug, Default)]
 struct Model {
@@ -218,6 +221,9 @@ struct Sim {
     trail: Vec<String>,
     /// How often each kind of thing happened, for the run's summary.
     stats: BTreeMap<&'static str, u64>,
+    /// A restart must also keep the thresholds fired and the count of
+    /// cutoffs and lifts (see [`Sim::snapshot`]).
+    strict: bool,
 }
 
 impl Sim {
@@ -256,6 +262,7 @@ impl Sim {
             running: Some(running),
             trail: Vec::new(),
             stats: BTreeMap::new(),
+            strict: false,
         }
     }
 
@@ -623,13 +630,87 @@ impl Sim {
     }
 
     async fn crash_and_restart(&mut self) {
+        let before = self.snapshot();
         // Dropped as a kill would leave it: nothing flushed, nothing closed.
         drop(self.running.take());
         let running = Running::start(&self.dir, &self.clock).await;
         running.engine.meter.new_month();
         self.running = Some(running);
+        let after = self.snapshot();
+        if before != after {
+            let differ: Vec<_> = before
+                .iter()
+                .filter(|(k, v)| after.get(*k) != Some(*v))
+                .map(|(k, v)| format!("{k:?}: {v:?} before, {:?} after", after.get(k)))
+                .collect();
+            self.check(false, || format!("the restart changed {differ:?}"));
+        }
         self.count("crashes");
         self.note("crash and restart".into());
+    }
+
+    /// Every counter of every subject in the months that can still receive
+    /// usage, and what holds hold on every user: (spend, requests, latest
+    /// usage, cut off this month, and when `strict`: cut off in earlier
+    /// months, the highest threshold fired and the count of cutoffs and
+    /// lifts).
+    ///
+    /// The last two are a known gap, shown by the ignored test below: what
+    /// a limit change does to enforcement (a cutoff, a lift, thresholds) is
+    /// not durable with the change, and a replay judges usage against the
+    /// limits of now, not of its log time. So a crash after a limit change
+    /// and before the next checkpoint can lose a lift and cutoff that
+    /// happened live (seed 1, step 318: 5 cutoffs and lifts before, 3
+    /// after), and late usage replayed under a changed limit fires other
+    /// thresholds than it did live (seed 2, step 171: 100 % before, 80 %
+    /// after). And an earlier month's cutoff differs too (seed 2, step 224:
+    /// November cut off before the crash, in December, and not after it).
+    fn snapshot(&self) -> BTreeMap<(String, Month), Kept> {
+        let strict = self.strict;
+        let this_month = Month::from_unix_ms(self.now());
+        let cell = self.engine().registry.org(ORG).expect("the org");
+        let org = cell.read();
+        let open = Month::from_unix_ms(self.model.watermark - DEDUPE_WINDOW_MS);
+        let mut subjects = vec![("org".to_owned(), Subject::Org)];
+        for user in self.model.users.keys() {
+            for (kind, id) in [
+                (SubjectKind::User, user.clone()),
+                (SubjectKind::Key, format!("k-{user}")),
+            ] {
+                subjects.push((id.clone(), org.subject(kind, &id).expect("a subject")));
+            }
+        }
+        for g in GROUPS {
+            subjects.push((
+                g.to_owned(),
+                org.subject(SubjectKind::Group, g).expect("a group"),
+            ));
+        }
+        let mut out = BTreeMap::new();
+        for month in self.model.months().into_iter().filter(|m| *m >= open) {
+            for (id, s) in &subjects {
+                let c = org.spend(month, *s);
+                let _ = out.insert(
+                    (id.clone(), month),
+                    (
+                        c.spend_micros,
+                        c.requests,
+                        c.last_at_ms,
+                        c.cut_off && (strict || month == this_month),
+                        if strict { c.fired_bps } else { 0 },
+                        if strict { c.ordinal } else { 0 },
+                    ),
+                );
+            }
+        }
+        for user in self.model.users.keys() {
+            let s = org.subject(SubjectKind::User, user).expect("a user");
+            let _ = out.insert(
+                (format!("held by {user}"), Month::from_unix_ms(0)),
+                (org.meter.holds.held(s), 0, 0, false, 0, 0),
+            );
+        }
+        out
     }
 
     fn check_invariants(&self) {
@@ -721,16 +802,10 @@ fn from_env(name: &str) -> Option<u64> {
     })
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn seeded_runs_keep_every_invariant() {
-    let seeds: Vec<u64> = match (from_env("TALLY_SIM_SEED"), from_env("TALLY_SIM_SEEDS")) {
-        (Some(seed), _) => vec![seed],
-        (None, Some(n)) => (1..=n).collect(),
-        (None, None) => SEEDS.collect(),
-    };
-    let steps = from_env("TALLY_SIM_STEPS").unwrap_or(STEPS);
+async fn run_seeds(seeds: Vec<u64>, steps: u64, strict: bool) {
     for seed in seeds {
         let mut sim = Sim::new(seed).await;
+        sim.strict = strict;
         for _ in 0..steps {
             sim.step().await;
         }
@@ -744,4 +819,23 @@ async fn seeded_runs_keep_every_invariant() {
         );
         let _ = std::fs::remove_dir_all(dir);
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seeded_runs_keep_every_invariant() {
+    let seeds: Vec<u64> = match (from_env("TALLY_SIM_SEED"), from_env("TALLY_SIM_SEEDS")) {
+        (Some(seed), _) => vec![seed],
+        (None, Some(n)) => (1..=n).collect(),
+        (None, None) => SEEDS.collect(),
+    };
+    run_seeds(seeds, from_env("TALLY_SIM_STEPS").unwrap_or(STEPS), false).await;
+}
+
+/// The known gap of [`Sim::snapshot`]: fails on seed 1 (step 318) and
+/// seed 2 (step 171) today. Run with `-- --ignored`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "known defect: a limit change's enforcement is not durable with it, and replay \
+            judges usage against today's limits (issue 13's note)"]
+async fn a_restart_keeps_thresholds_fired_and_cutoffs_counted() {
+    run_seeds(SEEDS.collect(), STEPS, true).await;
 }

@@ -6,43 +6,17 @@ use std::sync::Arc;
 
 use sqlx::Connection as _;
 use tally_core::authorize::HoldRequest;
-use tally_core::entity::{Actor, Command};
-use tally_core::ids::{KeyId, OrgId, UserId};
-use tally_core::secret::hash_secret;
 use tally_core::usage::RawUsage;
+use tally_engine::Engine;
 use tally_engine::clock::ManualClock;
 use tally_engine::holds::PartitionOf;
 use tally_engine::meter::Positioned;
-use tally_engine::{Engine, EngineOptions};
 use tally_store::{Db, DbOptions};
 
 const SECRET: &str = "tly_sk_distributed_holds_test";
 const T0: i64 = 1_796_083_200_000; // 2026-12-01T00:00:00Z
 
-/// A fresh PostgreSQL database: its URL, or `None` when there is no server.
-async fn fresh_database(name: &str) -> Option<String> {
-    let Ok(admin) = std::env::var("TALLY_TEST_POSTGRES_ADMIN_URL") else {
-        assert!(
-            std::env::var_os("TALLY_REQUIRE_SERVICES").is_none(),
-            "TALLY_TEST_POSTGRES_ADMIN_URL is not set: run scripts/test.sh"
-        );
-        eprintln!("skipped: no PostgreSQL server (scripts/test.sh starts one)");
-        return None;
-    };
-    let name = format!("{name}_{}", std::process::id());
-    let server = Db::open(&DbOptions {
-        migrate: false,
-        ..DbOptions::new(admin.clone())
-    })
-    .await
-    .unwrap();
-    let _ = server
-        .execute_raw(&format!("CREATE DATABASE {name}"))
-        .await
-        .unwrap();
-    server.close().await;
-    Some(format!("{}/{name}", admin.rsplit_once('/').unwrap().0))
-}
+mod support;
 
 /// An engine keeping holds in SQL, metering the only partition, with acme,
 /// alice and her key.
@@ -53,52 +27,13 @@ async fn engine(url: &str, clock: &ManualClock) -> Arc<Engine> {
     })
     .await
     .unwrap();
-    let engine = Arc::new(
-        Engine::start(
-            db,
-            Arc::new(clock.clone()),
-            EngineOptions::default(),
-            hash_secret("operator"),
-        )
-        .await
-        .unwrap(),
-    );
+    let engine = support::engine_on(db, Arc::new(clock.clone())).await;
     engine.meter.keep_holds_in_sql();
     engine.set_hold_partitions(PartitionOf {
         partitions: 1,
         partitioner: |_, _| 0,
     });
-    let org = OrgId::new("acme").unwrap();
-    for cmd in [
-        Command::CreateOrg {
-            name: "Acme".into(),
-            default_monthly_limit_micros: None,
-            alert_thresholds_bps: None,
-            monthly_limit_micros: None,
-        },
-        Command::AddUser {
-            user_id: UserId::new("alice").unwrap(),
-            email: "alice@acme.test".into(),
-            name: "Alice".into(),
-            monthly_limit_micros: Some(Some(1_000_000)),
-            activate: true,
-        },
-        Command::CreateKey {
-            key_id: KeyId::new("ka").unwrap(),
-            name: "laptop".into(),
-            user_id: Some(UserId::new("alice").unwrap()),
-            group_ids: vec![],
-            features: vec![],
-            monthly_limit_micros: None,
-            secret_hash: hash_secret(SECRET),
-        },
-    ] {
-        let _ = engine
-            .commands
-            .execute(&org, Actor::Operator, &cmd)
-            .await
-            .unwrap();
-    }
+    support::acme_with_alice(&engine, SECRET).await;
     let _ = engine.meter.claim(0).await.unwrap();
     engine
 }
@@ -116,7 +51,7 @@ fn hold(request_id: &str, micros: i64, ttl_ms: i64) -> HoldRequest<'_> {
 /// under its request id (the next owner would not know that one).
 #[tokio::test]
 async fn a_hold_that_expired_while_its_row_was_written_is_not_taken_for_settled() {
-    let Some(url) = fresh_database("expired_while_written").await else {
+    let Some(url) = support::fresh_postgres("expired_while_written").await else {
         return;
     };
     let clock = ManualClock::new(T0);

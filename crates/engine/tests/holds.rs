@@ -6,89 +6,25 @@ use std::path::Path;
 use std::sync::Arc;
 
 use tally_core::authorize::{HoldRequest, Reason};
-use tally_core::entity::{Actor, Command};
-use tally_core::ids::{KeyId, OrgId, UserId};
-use tally_core::secret::hash_secret;
 use tally_core::usage::RawUsage;
+use tally_engine::Engine;
 use tally_engine::clock::ManualClock;
-use tally_engine::embedded::EmbeddedLog;
-use tally_engine::holds::{HoldJournal, ReleaseFound, Restored};
-use tally_engine::{Engine, EngineOptions};
-use tally_store::{Db, DbOptions};
+use tally_engine::holds::{ReleaseFound, Restored};
 
 const SECRET: &str = "tly_sk_holds_test";
 const T0: i64 = 1_796_083_200_000; // 2026-12-01T00:00:00Z
 const MINUTE: i64 = 60_000;
 
+mod support;
+
 /// An engine on the SQLite database in `dir`, metering, with its journal.
 async fn engine(dir: &Path, clock: &ManualClock) -> (Arc<Engine>, Restored) {
-    let db = Db::open(&DbOptions::new(format!(
-        "sqlite://{}?mode=rwc",
-        dir.join("tally.db").display()
-    )))
-    .await
-    .unwrap();
-    let engine = Arc::new(
-        Engine::start(
-            db,
-            Arc::new(clock.clone()),
-            EngineOptions::default(),
-            hash_secret("operator"),
-        )
-        .await
-        .unwrap(),
-    );
-    let log = Arc::new(
-        EmbeddedLog::recover(Arc::clone(&engine.meter))
-            .await
-            .unwrap(),
-    );
-    engine.set_sink(log);
-    let (journal, restored) =
-        HoldJournal::open(&dir.join("holds"), &engine.registry, clock_now(clock)).unwrap();
-    engine.set_hold_journal(Arc::new(journal));
-    (engine, restored)
-}
-
-fn clock_now(c: &ManualClock) -> i64 {
-    use tally_engine::clock::Clock;
-    c.now_ms()
+    support::embedded(dir, clock).await
 }
 
 /// acme, alice with a $1.00 limit and her key.
 async fn acme(engine: &Engine) {
-    let org = OrgId::new("acme").unwrap();
-    let cmds = [
-        Command::CreateOrg {
-            name: "Acme".into(),
-            default_monthly_limit_micros: None,
-            alert_thresholds_bps: None,
-            monthly_limit_micros: None,
-        },
-        Command::AddUser {
-            user_id: UserId::new("alice").unwrap(),
-            email: "alice@acme.test".into(),
-            name: "Alice".into(),
-            monthly_limit_micros: Some(Some(1_000_000)),
-            activate: true,
-        },
-        Command::CreateKey {
-            key_id: KeyId::new("ka").unwrap(),
-            name: "laptop".into(),
-            user_id: Some(UserId::new("alice").unwrap()),
-            group_ids: vec![],
-            features: vec![],
-            monthly_limit_micros: None,
-            secret_hash: hash_secret(SECRET),
-        },
-    ];
-    for cmd in cmds {
-        let _ = engine
-            .commands
-            .execute(&org, Actor::Operator, &cmd)
-            .await
-            .unwrap();
-    }
+    support::acme_with_alice(engine, SECRET).await;
 }
 
 fn hold(request_id: &str, micros: i64, ttl_ms: i64) -> HoldRequest<'_> {

@@ -115,45 +115,16 @@ async fn proxy(upstream: String, faults: Arc<Faults>) -> u16 {
     port
 }
 
+mod support;
+
 /// An engine on a fresh PostgreSQL database reached through the proxy, with
 /// org acme; `None` when there is no server.
 async fn engine_behind_a_proxy(name: &str) -> Option<(Engine, Db, Arc<Faults>)> {
-    let Ok(admin) = std::env::var("TALLY_TEST_POSTGRES_ADMIN_URL") else {
-        assert!(
-            std::env::var_os("TALLY_REQUIRE_SERVICES").is_none(),
-            "TALLY_TEST_POSTGRES_ADMIN_URL is not set: run scripts/test.sh"
-        );
-        eprintln!("skipped: no PostgreSQL server (scripts/test.sh starts one)");
-        return None;
-    };
-    let name = format!("{name}_{}", std::process::id());
-    let server = Db::open(&DbOptions {
-        migrate: false,
-        ..DbOptions::new(admin.clone())
-    })
-    .await
-    .unwrap();
-    let _ = server
-        .execute_raw(&format!("CREATE DATABASE {name}"))
-        .await
-        .unwrap();
-    server.close().await;
-    // postgres://user@host:port/db → host:port
-    let host_port = admin
-        .split_once('@')
-        .unwrap()
-        .1
-        .split_once('/')
-        .unwrap()
-        .0
-        .to_owned();
-    let user = admin
-        .split_once("://")
-        .unwrap()
-        .1
-        .split_once('@')
-        .unwrap()
-        .0;
+    let direct = support::fresh_postgres(name).await?;
+    // postgres://user@host:port/db → user, host:port and db
+    let (user, rest) = direct.split_once("://").unwrap().1.split_once('@').unwrap();
+    let (host_port, name) = rest.split_once('/').unwrap();
+    let (user, host_port, name) = (user.to_owned(), host_port.to_owned(), name.to_owned());
     let faults = Arc::new(Faults::default());
     let port = proxy(host_port, Arc::clone(&faults)).await;
     let url = format!("postgres://{user}@127.0.0.1:{port}/{name}");

@@ -1,0 +1,122 @@
+//! What the engine's tests share: an engine wired as `tally serve` wires
+//! it, a fresh PostgreSQL database, and commands run as the operator.
+
+#![allow(dead_code)] // Each test file uses a part.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use tally_core::entity::{Actor, Command};
+use tally_core::ids::OrgId;
+use tally_core::secret::hash_secret;
+use tally_engine::clock::{Clock, ManualClock};
+use tally_engine::embedded::EmbeddedLog;
+use tally_engine::holds::{HoldJournal, Restored};
+use tally_engine::{Engine, EngineOptions};
+use tally_store::{Db, DbOptions};
+
+/// An engine on `db` with `clock`, as `tally serve` starts it (the entity
+/// log folded), before its mode is wired.
+pub(crate) async fn engine_on(db: Db, clock: Arc<dyn Clock>) -> Arc<Engine> {
+    Arc::new(
+        Engine::start(db, clock, EngineOptions::default(), hash_secret("operator"))
+            .await
+            .unwrap(),
+    )
+}
+
+/// An embedded engine on the SQLite database in `dir`, as `tally serve
+/// --data-dir` wires it: the meter recovered from the usage log, then the
+/// hold journal read.
+pub(crate) async fn embedded(dir: &Path, clock: &ManualClock) -> (Arc<Engine>, Restored) {
+    let db = Db::open(&DbOptions::new(format!(
+        "sqlite://{}?mode=rwc",
+        dir.join("tally.db").display()
+    )))
+    .await
+    .unwrap();
+    let engine = engine_on(db, Arc::new(clock.clone())).await;
+    let log = Arc::new(
+        EmbeddedLog::recover(Arc::clone(&engine.meter))
+            .await
+            .unwrap(),
+    );
+    engine.set_sink(log);
+    let (journal, restored) =
+        HoldJournal::open(&dir.join("holds"), &engine.registry, clock.now_ms()).unwrap();
+    engine.set_hold_journal(Arc::new(journal));
+    (engine, restored)
+}
+
+/// A fresh database on the suite's PostgreSQL server: its URL, or `None`
+/// (with a note) when there is no server and services are not required.
+pub(crate) async fn fresh_postgres(name: &str) -> Option<String> {
+    let Ok(admin) = std::env::var("TALLY_TEST_POSTGRES_ADMIN_URL") else {
+        assert!(
+            std::env::var_os("TALLY_REQUIRE_SERVICES").is_none(),
+            "TALLY_TEST_POSTGRES_ADMIN_URL is not set: run scripts/test.sh"
+        );
+        eprintln!("skipped: no PostgreSQL server (scripts/test.sh starts one)");
+        return None;
+    };
+    let name = format!("{name}_{}", std::process::id());
+    let server = Db::open(&DbOptions {
+        migrate: false,
+        ..DbOptions::new(admin.clone())
+    })
+    .await
+    .unwrap();
+    let _ = server
+        .execute_raw(&format!("CREATE DATABASE {name}"))
+        .await
+        .unwrap();
+    server.close().await;
+    Some(format!("{}/{name}", admin.rsplit_once('/').unwrap().0))
+}
+
+/// Runs `cmds` on `org` as the operator; each must succeed.
+pub(crate) async fn run(engine: &Engine, org: &str, cmds: impl IntoIterator<Item = Command>) {
+    let org = OrgId::new(org).unwrap();
+    for cmd in cmds {
+        let _ = engine
+            .commands
+            .execute(&org, Actor::Operator, &cmd)
+            .await
+            .unwrap();
+    }
+}
+
+/// Org acme, alice with a $1.00 limit, and her key `ka` with `secret`.
+pub(crate) async fn acme_with_alice(engine: &Engine, secret: &str) {
+    use tally_core::ids::{KeyId, UserId};
+    let alice = UserId::new("alice").unwrap();
+    run(
+        engine,
+        "acme",
+        [
+            Command::CreateOrg {
+                name: "Acme".into(),
+                default_monthly_limit_micros: None,
+                alert_thresholds_bps: None,
+                monthly_limit_micros: None,
+            },
+            Command::AddUser {
+                user_id: alice.clone(),
+                email: "alice@acme.test".into(),
+                name: "Alice".into(),
+                monthly_limit_micros: Some(Some(1_000_000)),
+                activate: true,
+            },
+            Command::CreateKey {
+                key_id: KeyId::new("ka").unwrap(),
+                name: "laptop".into(),
+                user_id: Some(alice),
+                group_ids: vec![],
+                features: vec![],
+                monthly_limit_micros: None,
+                secret_hash: hash_secret(secret),
+            },
+        ],
+    )
+    .await;
+}

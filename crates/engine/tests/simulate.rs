@@ -202,7 +202,10 @@ struct Sim {
 
 impl Sim {
     async fn new(seed: u64) -> Sim {
-        let dir = std::env::temp_dir().join(format!("tally-sim-{}-{seed}", std::process::id()));
+        static RUNS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let run = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir =
+            std::env::temp_dir().join(format!("tally-sim-{}-{run}-{seed}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let clock = ManualClock::new(START_MS);
@@ -279,6 +282,7 @@ impl Sim {
         self.step += 1;
         let users = self.model.users.len();
         match self.rng.below(100) {
+            _ if users == 0 => self.add_user().await,
             0..=7 if users < USERS_MAX => self.add_user().await,
             0..=14 if users > 0 => self.set_limit().await,
             15..=19 if users > 0 => self.membership().await,
@@ -493,12 +497,23 @@ impl Sim {
         // twice; the window is kept in hourly buckets, so its line is
         // within an hour of it); every new event is at most half an hour
         // late.
+        // (The batch's own new events may have moved the watermark first.)
+        let watermark = self.model.watermark.max(watermark);
+        if !report.rejected.is_empty() {
+            self.count("batches with too-late repeats");
+        }
         for r in &report.rejected {
             let s = &batch[r.index];
             let too_late = self.model.counted.contains_key(&s.request_id)
                 && s.occurred_at_ms < watermark - DEDUPE_WINDOW_MS + 60 * MINUTE;
             self.check(r.code == "too_late" && too_late, || {
-                format!("{} rejected: {r:?}", s.request_id)
+                format!(
+                    "{} (occurred at {}, counted before: {}) rejected: {r:?}; now {now}, watermark \
+                     {watermark}",
+                    s.request_id,
+                    s.occurred_at_ms,
+                    self.model.counted.contains_key(&s.request_id)
+                )
             });
         }
         self.check(report.accepted == new, || {
@@ -508,7 +523,11 @@ impl Sim {
 
     async fn reserve(&mut self) {
         let user = self.pick_user();
-        let amount = self.rng.between(0, 60_000);
+        let amount = if self.rng.chance(5) {
+            0
+        } else {
+            self.rng.between(1, 60_000)
+        };
         let ttl = self.rng.between(1, 20) * MINUTE;
         let request_id = self.model.id("h");
         let now = self.now();
@@ -545,8 +564,9 @@ impl Sim {
         if d.allowed {
             self.check(placed.is_some(), || "admitted without a hold".into());
             if let Some(limit) = limit {
-                self.check(spent + held + amount <= limit, || {
-                    format!("admitted: {spent} + {held} + {amount} > {limit}")
+                // A reached limit refuses even a reserve of 0.
+                self.check(spent < limit && spent + held + amount <= limit, || {
+                    format!("admitted: {spent} + {held} + {amount} against {limit}")
                 });
             }
             let _ = self.model.holds.insert(
@@ -590,20 +610,30 @@ impl Sim {
     /// The clock moves on, by seconds to an hour; the meter starts a new
     /// month as its run loop would.
     fn advance(&mut self) {
-        let by = if self.rng.chance(80) {
-            self.rng.between(1, 300) * 1_000
-        } else {
-            self.rng.between(5, 60) * MINUTE
+        let by = match self.rng.below(100) {
+            0..=79 => self.rng.between(1, 300) * 1_000,
+            80..=96 => self.rng.between(5, 60) * MINUTE,
+            // Past the dedupe window now and then: old months leave
+            // memory, old repeats come too late.
+            _ => self.rng.between(6, 30) * 60 * MINUTE,
         };
         self.clock.set(self.now() + by);
         self.engine().meter.new_month();
-        self.engine().hold_upkeep();
-        let now = self.now();
-        self.model.holds.retain(|_, h| h.expires_at_ms > now);
-        self.note(format!("clock +{by} ms"));
+        // The upkeep frees expired holds every second; until it runs, an
+        // expired hold is freed when something needs its budget.
+        let upkeep = self.rng.chance(70);
+        if upkeep {
+            self.engine().hold_upkeep();
+            let now = self.now();
+            self.model.holds.retain(|_, h| h.expires_at_ms > now);
+        }
+        self.note(format!("clock +{by} ms (upkeep: {upkeep})"));
     }
 
     async fn crash_and_restart(&mut self) {
+        // Expired holds hold nothing, freed yet or not (a restart drops
+        // them): compare what live holds hold.
+        self.engine().hold_upkeep();
         let before = self.snapshot();
         // Dropped as a kill would leave it: nothing flushed, nothing closed.
         drop(self.running.take());

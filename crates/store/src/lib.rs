@@ -209,7 +209,9 @@ impl Db {
             read,
             write,
         };
-        db.migrate().await?;
+        if opts.migrate {
+            db.migrate().await?;
+        }
         Ok(db)
     }
 
@@ -239,7 +241,9 @@ impl Db {
         }
     }
 
-    async fn migrate(&self) -> Result<()> {
+    /// Brings the schema to this version (what [`Db::open`] does unless
+    /// [`DbOptions::migrate`] is off).
+    pub async fn migrate(&self) -> Result<()> {
         let mut tx = self.begin_write().await?;
         if self.backend == Backend::Postgres {
             // Two processes starting together must not both migrate.
@@ -366,14 +370,18 @@ impl Db {
             return Ok(None);
         }
         let mut conn = self.write.acquire().await?.detach();
-        let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
-            .bind(MAINTENANCE_LOCK)
-            .fetch_one(&mut conn)
-            .await?;
+        let locked: bool =
+            sqlx::query_scalar("SELECT pg_try_advisory_lock($1) AND pg_try_advisory_lock($2)")
+                .bind(MAINTENANCE_LOCK)
+                // An embedded serve holds this one alone (one of before the shared
+                // lock only this one).
+                .bind(EMBEDDED_LOCK)
+                .fetch_one(&mut conn)
+                .await?;
         if !locked {
             return Err(Error::Config(
-                "a tally serve is using this database: stop every tally serve on it first \
-                 (this command rewrites what they serve)"
+                "a tally serve (or another maintenance command) is using this database: stop \
+                 every tally serve on it first (this command rewrites what they serve)"
                     .into(),
             ));
         }
@@ -433,6 +441,29 @@ const EMBEDDED_LOCK: i64 = 7_243_919;
 /// maintenance command alone.
 const MAINTENANCE_LOCK: i64 = 7_243_921;
 
+/// The lock file that keeps maintenance commands and serves of an SQLite
+/// database apart: `tally.lock` beside `tally.db` (the file named by the
+/// URL, as SQLite opens it, with the extension `lock`). `None` for another
+/// backend, an in-memory database, or a URL that names no file.
+pub fn sqlite_lock_path(url: &str) -> Option<std::path::PathBuf> {
+    use std::str::FromStr as _;
+    if !url.starts_with("sqlite:") || url.contains(":memory:") || url.contains("mode=memory") {
+        return None;
+    }
+    let opts = sqlx::sqlite::SqliteConnectOptions::from_str(url).ok()?;
+    let file = opts.get_filename();
+    if file.as_os_str().is_empty() {
+        return None;
+    }
+    let lock = file.with_extension("lock");
+    // A database named `*.lock` is its own lock file: one more extension.
+    Some(if lock == file {
+        file.with_extension("lock.lock")
+    } else {
+        lock
+    })
+}
+
 /// The URL without its password, for messages.
 pub fn redact(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
@@ -487,5 +518,34 @@ mod tests {
             "postgres://u:***@h:5/db"
         );
         assert_eq!(super::redact("sqlite:///x.db"), "sqlite:///x.db");
+    }
+}
+
+#[cfg(test)]
+mod lock_path_tests {
+    use super::sqlite_lock_path;
+    use std::path::PathBuf;
+
+    #[test]
+    fn the_lock_file_is_the_one_sqlite_opens_with_the_extension_lock() {
+        let lock = |url: &str| sqlite_lock_path(url);
+        assert_eq!(
+            lock("sqlite:///srv/tally-data/tally.db?mode=rwc"),
+            Some(PathBuf::from("/srv/tally-data/tally.lock"))
+        );
+        // Escapes are decoded, as SQLite opens the file.
+        assert_eq!(
+            lock("sqlite:///srv/my%20data/t.db"),
+            Some(PathBuf::from("/srv/my data/t.lock"))
+        );
+        assert_eq!(lock("sqlite://rel/t.db"), Some(PathBuf::from("rel/t.lock")));
+        // Never the database itself.
+        assert_eq!(
+            lock("sqlite:///srv/x.lock"),
+            Some(PathBuf::from("/srv/x.lock.lock"))
+        );
+        assert_eq!(lock("sqlite::memory:"), None);
+        assert_eq!(lock("sqlite:///srv/t.db?mode=memory"), None);
+        assert_eq!(lock("postgres://tally@db/tally"), None);
     }
 }

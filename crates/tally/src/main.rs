@@ -5,7 +5,7 @@ mod cli;
 mod config;
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -149,15 +149,27 @@ async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
         )
         .install_recorder()
         .context("installing metrics")?;
+    // The state is locked before anything reads or writes it (the schema's
+    // migration included).
+    let file_lock = lock_sqlite(
+        &cfg.database_url,
+        "another tally process is using {} (a serve, or rebuild-projections)",
+    )?;
     let db = Db::open(&DbOptions {
         // Processes read each other's changes: one clock dates them all.
         dated_by_database: cfg.kafka.is_some(),
+        migrate: false,
         ..DbOptions::new(cfg.database_url.clone())
     })
     .await
     .with_context(|| format!("opening {}", redact(&cfg.database_url)))?;
-    // Before anything reads or writes the state.
-    let state_lock = lock_serving(&cfg, &db).await?;
+    let state_lock = match file_lock {
+        Some(file) => StateLock::File(file),
+        None => StateLock::Session(db.lock_serving(cfg.kafka.is_none()).await?),
+    };
+    db.migrate()
+        .await
+        .with_context(|| format!("migrating {}", redact(&cfg.database_url)))?;
     let token_hash = operator_token_hash(&db, cfg.operator_token.as_deref()).await?;
     let opts = EngineOptions {
         meter: MeterOptions {
@@ -365,14 +377,14 @@ async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
         dist.shutdown().await;
     }
     if why == "meter failure" {
-        state_lock.release().await;
         db.close().await;
+        state_lock.release().await;
         bail!("the meter stopped after a failure; restart to recover from the log");
     }
     tracing::info!("shutting down: final checkpoint");
     engine.meter.shutdown().await.context("final checkpoint")?;
-    state_lock.release().await;
     db.close().await;
+    state_lock.release().await;
     tracing::info!("stopped");
     Ok(())
 }
@@ -383,22 +395,17 @@ enum Mode {
     Distributed(tally_kafka::Distributed),
 }
 
-/// Keeps maintenance commands off the state this process serves, and in
-/// the embedded mode a second process too: a file lock beside an SQLite
-/// database, session locks on PostgreSQL; held until the process exits.
-async fn lock_serving(cfg: &ServeConfig, db: &Db) -> anyhow::Result<StateLock> {
-    if let Some(path) = sqlite_lock_path(&cfg.database_url) {
-        return match lock_file(&path)? {
-            Some(file) => Ok(StateLock::File(file)),
-            None => bail!(
-                "another tally process is using {} (a serve, or rebuild-projections)",
-                redact(&cfg.database_url)
-            ),
-        };
+/// Takes the lock file of an SQLite database (see
+/// [`tally_store::sqlite_lock_path`]): `None` for another backend; refused
+/// with `busy` (naming the database) while another process holds it.
+fn lock_sqlite(url: &str, busy: &str) -> anyhow::Result<Option<std::fs::File>> {
+    let Some(path) = tally_store::sqlite_lock_path(url) else {
+        return Ok(None);
+    };
+    match lock_file(&path)? {
+        Some(file) => Ok(Some(file)),
+        None => bail!("{}", busy.replacen("{}", &redact(url), 1)),
     }
-    Ok(StateLock::Session(
-        db.lock_serving(cfg.kafka.is_none()).await?,
-    ))
 }
 
 /// What keeps others off the state this process serves.
@@ -418,22 +425,15 @@ impl StateLock {
     }
 }
 
-/// The lock file of an SQLite database (`tally.lock` beside `tally.db`):
-/// `None` for another backend or an in-memory database.
-fn sqlite_lock_path(url: &str) -> Option<PathBuf> {
-    let rest = url.strip_prefix("sqlite:")?;
-    let rest = rest.strip_prefix("//").unwrap_or(rest);
-    let path = rest.split('?').next().unwrap_or_default();
-    if path.is_empty() || path == ":memory:" {
-        return None;
-    }
-    Some(Path::new(path).with_extension("lock"))
-}
-
 /// Takes `path`'s exclusive file lock: `None` when another process has it.
 fn lock_file(path: &Path) -> anyhow::Result<Option<std::fs::File>> {
-    let file =
-        std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+    // Never truncated: it may be any file a URL names.
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
     match file.try_lock() {
         Ok(()) => Ok(Some(file)),
         Err(std::fs::TryLockError::WouldBlock) => Ok(None),
@@ -469,20 +469,22 @@ async fn signal() {
 async fn rebuild(url: &str) -> anyhow::Result<()> {
     let started = Instant::now();
     // Never under a running service: it serves the read models this drops.
-    let _file_lock = match sqlite_lock_path(url) {
-        Some(path) => match lock_file(&path)? {
-            Some(file) => Some(file),
-            None => bail!(
-                "a tally serve is using {}: stop it first (this command rewrites what it serves)",
-                redact(url)
-            ),
-        },
-        None => None,
-    };
-    let db = Db::open(&DbOptions::new(url))
-        .await
-        .with_context(|| format!("opening {}", redact(url)))?;
+    // Locked before the schema's migration too.
+    let _file_lock = lock_sqlite(
+        url,
+        "a tally serve (or another maintenance command) is using {}: stop it first (this \
+         command rewrites what it serves)",
+    )?;
+    let db = Db::open(&DbOptions {
+        migrate: false,
+        ..DbOptions::new(url)
+    })
+    .await
+    .with_context(|| format!("opening {}", redact(url)))?;
     let session_lock = db.lock_maintenance().await?;
+    db.migrate()
+        .await
+        .with_context(|| format!("migrating {}", redact(url)))?;
     eprintln!(
         "rebuilding read models from the entity log in {}",
         redact(url)

@@ -115,6 +115,23 @@ fn a_bad_config_file_is_a_clear_error() {
     assert!(err.contains("listen_port"), "{err}");
 }
 
+/// The distributed mode keeps its state in PostgreSQL: an SQLite database
+/// with Kafka is refused at start, not run by processes that would share
+/// one file.
+#[test]
+fn the_distributed_mode_refuses_an_sqlite_database() {
+    let dir = temp_dir("config-kafka-sqlite");
+    let url = format!("sqlite://{}/tally.db?mode=rwc", dir.display());
+    let out = std::process::Command::new(tally_tests::tally_bin())
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .args(["--kafka-brokers", "127.0.0.1:9", "--database-url", &url])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("keeps its state in PostgreSQL"), "{err}");
+}
+
 #[tokio::test]
 async fn a_second_process_cannot_take_the_same_data() {
     let backend = Backend::sqlite("exclusive");

@@ -311,9 +311,9 @@ impl ServeConfig {
         let kafka = match args.kafka.kafka_brokers.or(file.kafka_brokers) {
             None => None,
             Some(brokers) => {
-                if data_dir.is_some() {
+                if data_dir.is_some() || database_url.starts_with("sqlite:") {
                     bail!(
-                        "distributed mode (--kafka-brokers) keeps its state in PostgreSQL: give --database-url"
+                        "distributed mode (--kafka-brokers) keeps its state in PostgreSQL: give --database-url postgres://…"
                     );
                 }
                 let mut k = tally_kafka::KafkaOptions::new(brokers);

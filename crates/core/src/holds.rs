@@ -498,8 +498,6 @@ impl Holds {
         }
     }
 
-    /// Frees every hold whose TTL has passed at `now_ms`; returns how many.
-    /// O(log n) per hold freed.
     /// Whether [`Holds::expire`] has work at `now_ms`: a hold to free, or
     /// an expired request id to forget.
     pub fn expiry_due(&self, now_ms: i64) -> bool {
@@ -510,6 +508,8 @@ impl Holds {
                 .is_some_and(|&(at, _)| at <= now_ms.saturating_sub(HOLD_TTL_MAX_MS))
     }
 
+    /// Frees every hold whose TTL has passed at `now_ms`; returns how many.
+    /// O(log n) per hold freed.
     pub fn expire(&mut self, now_ms: i64) -> usize {
         // Forget expiries older than any hold could live: usage after them
         // is no longer told apart.

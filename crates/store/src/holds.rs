@@ -148,8 +148,7 @@ impl Db {
         };
         // A page of ids is named in the query; more read all the rows.
         let only = if own_rows && ids.len() <= HELD_SUMS_NAMED_MAX {
-            let marks: Vec<String> = (0..ids.len()).map(|i| format!("${}", i + 3)).collect();
-            format!(" AND {by} IN ({})", marks.join(", "))
+            format!(" AND {by} IN ({})", crate::placeholders(3, ids.len()))
         } else {
             String::new()
         };
@@ -225,11 +224,10 @@ pub(crate) async fn delete_holds(tx: &mut WriteTx, holds: &[(String, String)]) -
     }
     for (org, ids) in by_org {
         for batch in ids.chunks(DELETE_BATCH) {
-            let marks: Vec<String> = (0..batch.len()).map(|i| format!("${}", i + 2)).collect();
             // Only placeholders are formatted into the statement.
             let sql = format!(
                 "DELETE FROM holds WHERE org_id = $1 AND request_id IN ({})",
-                marks.join(", ")
+                crate::placeholders(2, batch.len())
             );
             let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(org);
             for id in batch {

@@ -464,6 +464,15 @@ pub fn sqlite_lock_path(url: &str) -> Option<std::path::PathBuf> {
     })
 }
 
+/// `$first, $first+1, …`: `n` numbered placeholders for a statement's
+/// list of bound values.
+pub(crate) fn placeholders(first: usize, n: usize) -> String {
+    (first..first + n)
+        .map(|i| format!("${i}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// The URL without its password, for messages.
 pub fn redact(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {

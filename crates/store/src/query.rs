@@ -449,14 +449,13 @@ impl Db {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
-        let placeholders: Vec<String> = (3..ids.len() + 3).map(|i| format!("${i}")).collect();
         let sql = format!(
             "SELECT u.id, u.email, u.name, u.status, u.monthly_limit_micros, u.created_at_ms, \
              COALESCE(s.spend_micros, 0) AS spend_micros, COALESCE(s.requests, 0) AS requests, \
              {LAST_ACTIVE_SQL} AS last_at_ms \
              FROM users u LEFT JOIN spend_monthly s ON s.org_id = u.org_id AND s.kind = 'user' \
              AND s.subject_id = u.id AND s.month = $2 WHERE u.org_id = $1 AND u.id IN ({})",
-            placeholders.join(", ")
+            crate::placeholders(3, ids.len())
         );
         let mut query = sqlx::query(AssertSqlSafe(sql))
             .bind(org_id.as_str())

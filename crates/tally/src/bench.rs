@@ -420,13 +420,13 @@ async fn ingest_pass(
     Ok((ingested, checkpointed))
 }
 
+/// The TTL of the holds the authorize scenario places.
+const HOLD_TTL_MS: u64 = 10_000;
+
 /// (c) Authorize over loopback HTTP with 64 connections: closed loop (each
 /// asks again as soon as it has its answer: the machine's saturation), then
 /// paced at a fixed total rate, latency counted from each call's scheduled
 /// time so a stall is not hidden.
-/// The TTL of the holds the authorize scenario places.
-const HOLD_TTL_MS: u64 = 10_000;
-
 async fn authorize(args: &BenchArgs, dir: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir)?;
     let (conns, warmup, measure, paced_rates): (usize, _, _, &[u64]) = if args.quick {

@@ -585,6 +585,12 @@ async fn distributed_holds_are_exact_and_survive_the_owners_kill_9() -> anyhow::
     // Half the workers call the other process, which forwards their
     // reserves to the owner.
     let far = other.operator();
+    // One call through the other process first: under a loaded machine its
+    // forwarded reserves can lose every race to the owner's own below.
+    let first = json!({"api_key": secrets[0], "request_id": "far-first", "reserve_micros": CENT});
+    let d = decide(&far, &first).await;
+    assert_eq!(d["allowed"], true, "the first forwarded reserve: {d}");
+    usage(&far, "far-first", "alice", CENT).await;
     let users = [("alice", secrets[0].as_str())];
     let (near, away) = tokio::join!(
         run(&op, "near", 32, &users, Some(CENT), CENT),
@@ -595,11 +601,10 @@ async fn distributed_holds_are_exact_and_survive_the_owners_kill_9() -> anyhow::
         away.admitted.load(Ordering::Relaxed),
     );
     assert_eq!(
-        near + away,
+        1 + near + away,
         100,
-        "{near} on the owner, {away} through the other"
+        "1 + {near} on the owner, {away} through the other"
     );
-    assert!(away > 0, "the other process admitted none");
     let alice = wait_for_spend(&op, "alice", USD).await;
     assert_eq!(spend_of(&alice), (USD, 0), "{alice}");
     let listed = far.get("/v1/orgs/acme/holds").await.expect(200);

@@ -485,6 +485,10 @@ pub struct OrgDirectory {
     pub created_at_ms: i64,
     /// The seq of the last event folded in.
     pub seq: u64,
+    /// When a limit or the alert thresholds last changed (see
+    /// [`OrgDirectory::rejudges`]): the date a restart re-judges the
+    /// checkpoint's counters by.
+    pub rejudged_at_ms: i64,
     /// Users and keys are boxed so these maps' entries stay small (an id
     /// and a pointer): finding the user and key of each usage event then
     /// probes a compact table (apply at 10 000 users: +12–20 %).
@@ -661,6 +665,7 @@ impl OrgDirectory {
             webhook: None,
             created_at_ms: event.at_ms,
             seq: 1,
+            rejudged_at_ms: event.at_ms,
             users: HashMap::default(),
             groups: HashMap::default(),
             keys: HashMap::default(),
@@ -671,6 +676,25 @@ impl OrgDirectory {
             group_limits: Vec::new(),
             key_by_hash: HashMap::default(),
             user_by_email: HashMap::default(),
+        }
+    }
+
+    /// Whether folding `kind` changes how counted spend is judged: a limit
+    /// set, or other alert thresholds. The meter re-evaluates the subjects
+    /// such an event touches at once, and a command that writes one first
+    /// checkpoints the org's meter (`tally-engine`'s command path), so a
+    /// replay never applies usage logged before the change under it.
+    pub fn rejudges(&self, kind: &EventKind) -> bool {
+        match kind {
+            EventKind::OrgLimitSet { .. }
+            | EventKind::UserLimitSet { .. }
+            | EventKind::GroupLimitSet { .. }
+            | EventKind::KeyLimitSet { .. } => true,
+            EventKind::OrgSettingsChanged {
+                alert_thresholds_bps,
+                ..
+            } => *alert_thresholds_bps != self.settings.alert_thresholds_bps,
+            _ => false,
         }
     }
 
@@ -1206,6 +1230,9 @@ impl OrgDirectory {
         );
         self.seq = event.seq;
         let at = event.at_ms;
+        if self.rejudges(&event.kind) {
+            self.rejudged_at_ms = at;
+        }
         match &event.kind {
             EventKind::OrgCreated { .. } => panic!("org {} created twice", self.id),
             EventKind::OrgSettingsChanged {

@@ -220,8 +220,15 @@ impl OrgState {
 
     /// Folds an entity event in and re-evaluates the budgets it changes.
     pub fn apply_entity(&mut self, event: &EntityEvent) {
+        let rejudges = self.dir.rejudges(&event.kind);
         self.dir.apply(event);
-        if !self.meter.owned {
+        if !self.meter.owned || !rejudges {
+            return;
+        }
+        if matches!(event.kind, EventKind::OrgSettingsChanged { .. }) {
+            // Other thresholds: one crossed already fires now, as it would
+            // at the next restart (see `reconcile`).
+            self.rejudge_all(event.at_ms);
             return;
         }
         let thresholds = &self.dir.settings.alert_thresholds_bps;
@@ -498,8 +505,20 @@ impl OrgState {
     }
 
     /// After a restore: re-evaluates every loaded counter against the limits
-    /// now in the directory (a limit may have changed after the checkpoint).
-    pub fn reconcile(&mut self, at_ms: i64) {
+    /// now in the directory (a limit may have changed after the checkpoint),
+    /// as of the latest change that re-judges spend. Embedded, a command
+    /// that makes one checkpoints the meter first, so only its own change
+    /// can follow the checkpoint, and this decides what folding it did live,
+    /// dated the same and in the same months (the change may have been made
+    /// in the month before the one the restart sees). Counters already
+    /// judged under today's limits stay as they are.
+    pub fn reconcile(&mut self) {
+        self.rejudge_all(self.dir.rejudged_at_ms);
+    }
+
+    /// Re-evaluates every counter against today's limits and thresholds, as
+    /// of `at_ms`.
+    fn rejudge_all(&mut self, at_ms: i64) {
         let thresholds = self.dir.settings.alert_thresholds_bps.clone();
         let mut subjects = vec![(Subject::Org, self.dir.monthly_limit_micros)];
         for u in self.dir.users.values() {
@@ -776,7 +795,7 @@ mod tests {
             counters: ch.counters.clone(),
         });
         assert!(skipped.is_empty());
-        r.reconcile(NOV + 100);
+        r.reconcile();
         assert!(
             r.take_changes().enforcement.is_empty(),
             "nothing to fire again"
@@ -884,6 +903,93 @@ mod tests {
             vec![(EnforcementKind::CutOff, dec)],
             "December is still open"
         );
+    }
+
+    /// A limit lowered in November's last second, then a crash before the
+    /// next checkpoint, and a restart in December: the restart re-judges
+    /// the checkpoint as of the change, as live folding did, so November's
+    /// cutoff is recorded (and lifted by the new month) just as it was live.
+    /// Judged as of the restart, it would re-judge December only.
+    #[test]
+    fn a_restart_rejudges_a_change_after_the_checkpoint_as_of_the_change() {
+        let nov = Month::from_unix_ms(NOV);
+        let dec = nov.next();
+        let d = dec.start_ms();
+        let lifted = EnforcementKind::CutoffLifted {
+            reason: crate::ledger::LiftReason::NewMonth,
+        };
+        let mut live = state(eng());
+        live.new_month(NOV + 10);
+        let e = usage("n1", "alice", "", 50 * USD, d - 60_000);
+        assert_eq!(live.apply_usage(&e, d - 60_000), UsageOutcome::Applied);
+        let checkpoint = live.take_changes();
+        set_alice_limit(&mut live, d - 1_000, Some(30 * USD));
+        assert_eq!(
+            alice_events(&mut live),
+            vec![(EnforcementKind::CutOff, nov)]
+        );
+        live.new_month(d + 5_000);
+        assert_eq!(alice_events(&mut live), vec![(lifted, dec)]);
+
+        // The restart: the directory as the log has it, the meter as the
+        // checkpoint has it.
+        let mut r = state(eng());
+        set_alice_limit(&mut r, d - 1_000, Some(30 * USD));
+        let _ = r.take_changes();
+        let _ = r.restore(SavedMeter {
+            watermark_ms: checkpoint.watermark_ms,
+            rolled_month: checkpoint.rolled_month,
+            dedupe_floor_hour: checkpoint.dedupe_floor_hour,
+            dedupe: checkpoint.dedupe_added,
+            counters: checkpoint.counters,
+        });
+        r.reconcile();
+        assert_eq!(alice_events(&mut r), vec![(EnforcementKind::CutOff, nov)]);
+        r.new_month(d + 5_000);
+        assert_eq!(alice_events(&mut r), vec![(lifted, dec)]);
+        assert_eq!(
+            r.spend(nov, Subject::User(0)),
+            live.spend(nov, Subject::User(0))
+        );
+    }
+
+    /// A threshold added below a subject's utilization fires when the
+    /// change is folded, not at the subject's next call (nor, differently,
+    /// at the next restart, which re-judges every counter).
+    #[test]
+    fn a_threshold_added_below_utilization_fires_at_once() {
+        let mut s = state(eng());
+        let e = usage("n1", "alice", "", 65 * USD, NOV + 10);
+        assert_eq!(s.apply_usage(&e, NOV + 10), UsageOutcome::Applied);
+        let _ = s.take_changes();
+        let event = EntityEvent {
+            org_id: s.dir.id.clone(),
+            seq: s.dir.seq + 1,
+            at_ms: NOV + 20,
+            actor: crate::entity::Actor::Operator,
+            kind: EventKind::OrgSettingsChanged {
+                name: "Acme".into(),
+                default_monthly_limit_micros: Some(100 * USD),
+                alert_thresholds_bps: vec![5000, 6000, 10000],
+            },
+        };
+        s.apply_entity(&event);
+        let fired: Vec<(String, EnforcementKind)> = s
+            .take_changes()
+            .enforcement
+            .into_iter()
+            .map(|e| (e.id, e.event.kind))
+            .collect();
+        assert_eq!(
+            fired,
+            vec![(
+                "alice".to_owned(),
+                EnforcementKind::ThresholdCrossed {
+                    threshold_bps: 6000
+                }
+            )]
+        );
+        assert_eq!(s.dir.rejudged_at_ms, NOV + 20);
     }
 
     #[test]

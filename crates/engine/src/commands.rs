@@ -128,8 +128,21 @@ impl Commands {
                 (kinds, 1)
             }
             Some(cell) => {
-                let org = cell.read();
-                (org.dir.handle(cmd)?, org.dir.seq + 1)
+                let (kinds, next_seq, rejudges) = {
+                    let org = cell.read();
+                    let kinds = org.dir.handle(cmd)?;
+                    let rejudges = kinds.iter().any(|k| org.dir.rejudges(k));
+                    (kinds, org.dir.seq + 1, rejudges)
+                };
+                if rejudges && self.meter.meters(org_id) {
+                    // Everything counted so far is judged under the limits
+                    // it was counted under: checkpointed before the change,
+                    // so a replay applies only usage counted after it. (The
+                    // seq stays the one validated against: an event folded
+                    // meanwhile makes the append a conflict, and a retry.)
+                    let _ = self.meter.checkpoint_locked().await?;
+                }
+                (kinds, next_seq)
             }
         };
         let mut events: Vec<EntityEvent> = kinds

@@ -287,6 +287,11 @@ impl Meter {
         self.parts.lock().org_part.keys().cloned().collect()
     }
 
+    /// Whether this process meters `org`.
+    pub fn meters(&self, org: &OrgId) -> bool {
+        self.parts.lock().org_part.contains_key(org)
+    }
+
     /// The partitions this process meters.
     pub fn owned_partitions(&self) -> Vec<i32> {
         self.parts.lock().by_id.keys().copied().collect()
@@ -341,7 +346,7 @@ impl Meter {
             .db
             .load_meters(i64::from(p), self.opts.window_ms, Month::from_unix_ms(now))
             .await?;
-        let (position, orgs) = self.install(p, claim.epoch, claim.checkpoint, saved, now);
+        let (position, orgs) = self.install(p, claim.epoch, claim.checkpoint, saved);
         if self.holds_in_sql.load(Ordering::Relaxed) {
             if let Some(url) = self.advertised_url.get() {
                 self.db
@@ -371,7 +376,6 @@ impl Meter {
         epoch: i64,
         checkpoint: PartitionCheckpoint,
         saved: HashMap<String, tally_core::org::SavedMeter>,
-        now: i64,
     ) -> (i64, usize) {
         let mut parts = self.parts.lock();
         release_locked(&mut parts, &self.registry, p);
@@ -396,7 +400,7 @@ impl Meter {
                 tracing::warn!(org = %org_id, kind = c.kind.as_str(), id = %c.id, "checkpoint names an unknown subject");
             }
             // A limit may have changed after the checkpoint.
-            org.reconcile(now);
+            org.reconcile();
             drop(org);
             let _ = parts.org_part.insert(org_id.clone(), p);
             let _ = part.orgs.insert(org_id);

@@ -1090,7 +1090,14 @@ impl Meter {
             if self.is_poisoned() {
                 return;
             }
-            self.new_month();
+            {
+                // Under the lock commands and usage take: a limit command
+                // checkpoints, then folds its change, and the month must not
+                // begin in between (a restart would judge the change in the
+                // month the checkpoint saw, not the one live folding did).
+                let _w = self.write.lock().await;
+                self.new_month();
+            }
             // Failures are logged and counted; the next tick retries.
             let checkpointed = self.checkpoint().await;
             // A checkpoint that fails for the store's fault keeps it: a probe

@@ -787,13 +787,7 @@ mod tests {
         }
         let ch = s.take_changes();
         let mut r = state(eng());
-        let skipped = r.restore(SavedMeter {
-            watermark_ms: ch.watermark_ms,
-            rolled_month: ch.rolled_month,
-            dedupe_floor_hour: ch.dedupe_floor_hour,
-            dedupe: ch.dedupe_added.clone(),
-            counters: ch.counters.clone(),
-        });
+        let skipped = r.restore(loaded(ch.clone()));
         assert!(skipped.is_empty());
         r.reconcile();
         assert!(
@@ -810,6 +804,18 @@ mod tests {
         );
     }
 
+    /// What the store loads back of a checkpoint that wrote `ch` (its only
+    /// one).
+    fn loaded(ch: MeterChanges) -> SavedMeter {
+        SavedMeter {
+            watermark_ms: ch.watermark_ms,
+            rolled_month: ch.rolled_month,
+            dedupe_floor_hour: ch.dedupe_floor_hour,
+            dedupe: ch.dedupe_added,
+            counters: ch.counters,
+        }
+    }
+
     /// What a checkpoint of `s` would load back, restored into a new state.
     fn restarted(
         s: &mut OrgState,
@@ -823,13 +829,7 @@ mod tests {
         for e in &evs[1..] {
             r.apply_entity(e);
         }
-        let _ = r.restore(SavedMeter {
-            watermark_ms: ch.watermark_ms,
-            rolled_month: ch.rolled_month,
-            dedupe_floor_hour: ch.dedupe_floor_hour,
-            dedupe: ch.dedupe_added,
-            counters: ch.counters,
-        });
+        let _ = r.restore(loaded(ch));
         r
     }
 
@@ -936,13 +936,7 @@ mod tests {
         let mut r = state(eng());
         set_alice_limit(&mut r, d - 1_000, Some(30 * USD));
         let _ = r.take_changes();
-        let _ = r.restore(SavedMeter {
-            watermark_ms: checkpoint.watermark_ms,
-            rolled_month: checkpoint.rolled_month,
-            dedupe_floor_hour: checkpoint.dedupe_floor_hour,
-            dedupe: checkpoint.dedupe_added,
-            counters: checkpoint.counters,
-        });
+        let _ = r.restore(loaded(checkpoint));
         r.reconcile();
         assert_eq!(alice_events(&mut r), vec![(EnforcementKind::CutOff, nov)]);
         r.new_month(d + 5_000);

@@ -3,16 +3,16 @@
 
 use std::sync::Arc;
 
-use tally_core::entity::{Actor, Command};
-use tally_core::ids::{OrgId, UserId};
-use tally_core::secret::hash_secret;
+use tally_core::entity::Command;
+use tally_core::ids::UserId;
 use tally_core::usage::RawUsage;
 use tally_engine::clock::SystemClock;
 use tally_engine::embedded::{EmbeddedLog, PARTITION};
 use tally_engine::meter::Positioned;
-use tally_engine::{Engine, EngineOptions};
 use tally_store::checkpoint::DeadLetter;
 use tally_store::{Db, DbOptions};
+
+mod support;
 
 #[tokio::test]
 async fn a_dead_letter_of_an_earlier_message_keeps_the_position_of_the_batch() {
@@ -21,36 +21,27 @@ async fn a_dead_letter_of_an_earlier_message_keeps_the_position_of_the_batch() {
     std::fs::create_dir_all(&dir).unwrap();
     let url = format!("sqlite://{}?mode=rwc", dir.join("tally.db").display());
     let db = Db::open(&DbOptions::new(url)).await.unwrap();
-    let engine = Engine::start(
-        db,
-        Arc::new(SystemClock),
-        EngineOptions::default(),
-        hash_secret("operator"),
+    let engine = support::engine_on(db, Arc::new(SystemClock)).await;
+    support::run(
+        &engine,
+        "acme",
+        [
+            Command::CreateOrg {
+                name: "Acme".into(),
+                default_monthly_limit_micros: None,
+                alert_thresholds_bps: None,
+                monthly_limit_micros: None,
+            },
+            Command::AddUser {
+                user_id: UserId::new("alice").unwrap(),
+                email: "alice@acme.test".into(),
+                name: "Alice".into(),
+                monthly_limit_micros: None,
+                activate: true,
+            },
+        ],
     )
-    .await
-    .unwrap();
-    let org = OrgId::new("acme").unwrap();
-    for cmd in [
-        Command::CreateOrg {
-            name: "Acme".into(),
-            default_monthly_limit_micros: None,
-            alert_thresholds_bps: None,
-            monthly_limit_micros: None,
-        },
-        Command::AddUser {
-            user_id: UserId::new("alice").unwrap(),
-            email: "alice@acme.test".into(),
-            name: "Alice".into(),
-            monthly_limit_micros: None,
-            activate: true,
-        },
-    ] {
-        let _ = engine
-            .commands
-            .execute(&org, Actor::Operator, &cmd)
-            .await
-            .unwrap();
-    }
+    .await;
     let log = Arc::new(
         EmbeddedLog::recover(Arc::clone(&engine.meter))
             .await

@@ -6,6 +6,7 @@ use crate::dedupe::{DedupeConfig, DedupeWindow, RequestHash, Seen, hash_request_
 use crate::entity::{EntityEvent, EventKind, OrgDirectory};
 use crate::holds::Holds;
 use crate::ledger::{Budget, Counter, DayDelta, Enforcement, Ledger, Subject, SubjectKind};
+use crate::money::Limit;
 use crate::time::{Day, MS_PER_HOUR, Month};
 use crate::usage::UsageEvent;
 
@@ -218,55 +219,78 @@ impl OrgState {
         }
     }
 
+    /// Folds the events of one command in, then re-evaluates the budgets
+    /// they change, once, under all of them: between two of its events
+    /// (other thresholds, then the org's limit) the directory is in a state
+    /// no restart sees, and a threshold fired there could not be undone.
+    pub fn apply_entities(&mut self, events: &[EntityEvent]) {
+        // Subjects whose limit changed, with their last; every subject
+        // when thresholds did.
+        let mut all = false;
+        let mut touched: Vec<(Subject, Limit)> = Vec::new();
+        let mut at_ms = None;
+        for event in events {
+            let rejudges = self.dir.rejudges(&event.kind);
+            self.dir.apply(event);
+            if !rejudges {
+                continue;
+            }
+            at_ms = Some(event.at_ms);
+            let dir = &self.dir;
+            let (subject, limit) = match &event.kind {
+                EventKind::UserLimitSet {
+                    user_id,
+                    monthly_limit_micros,
+                } => (Subject::User(dir.users[user_id].idx), *monthly_limit_micros),
+                EventKind::GroupLimitSet {
+                    group_id,
+                    monthly_limit_micros,
+                } => (
+                    Subject::Group(dir.groups[group_id].idx),
+                    *monthly_limit_micros,
+                ),
+                EventKind::KeyLimitSet {
+                    key_id,
+                    monthly_limit_micros,
+                } => (Subject::Key(dir.keys[key_id].idx), *monthly_limit_micros),
+                EventKind::OrgLimitSet {
+                    monthly_limit_micros,
+                } => (Subject::Org, *monthly_limit_micros),
+                // Other thresholds: one crossed already fires now, as it
+                // would at the next restart (see `reconcile`).
+                _ => {
+                    all = true;
+                    continue;
+                }
+            };
+            match touched.iter_mut().find(|(s, _)| *s == subject) {
+                Some(t) => t.1 = limit,
+                None => touched.push((subject, limit)),
+            }
+        }
+        let Some(at_ms) = at_ms else { return };
+        if !self.meter.owned {
+            return;
+        }
+        if all {
+            self.rejudge_all(at_ms);
+            return;
+        }
+        for (subject, limit) in touched {
+            let budget = Budget {
+                limit_micros: limit,
+                thresholds_bps: &self.dir.settings.alert_thresholds_bps,
+            };
+            let meter = &mut self.meter;
+            meter
+                .ledger
+                .limit_changed(subject, budget, at_ms, meter.rolled);
+        }
+    }
+
     /// Folds an entity event in and re-evaluates the budgets it changes.
     pub fn apply_entity(&mut self, event: &EntityEvent) {
-        let rejudges = self.dir.rejudges(&event.kind);
-        self.dir.apply(event);
-        if !self.meter.owned || !rejudges {
-            return;
-        }
-        if matches!(event.kind, EventKind::OrgSettingsChanged { .. }) {
-            // Other thresholds: one crossed already fires now, as it would
-            // at the next restart (see `reconcile`).
-            self.rejudge_all(event.at_ms);
-            return;
-        }
-        let thresholds = &self.dir.settings.alert_thresholds_bps;
-        let (subject, limit) = match &event.kind {
-            EventKind::UserLimitSet {
-                user_id,
-                monthly_limit_micros,
-            } => (
-                Subject::User(self.dir.users[user_id].idx),
-                *monthly_limit_micros,
-            ),
-            EventKind::GroupLimitSet {
-                group_id,
-                monthly_limit_micros,
-            } => (
-                Subject::Group(self.dir.groups[group_id].idx),
-                *monthly_limit_micros,
-            ),
-            EventKind::KeyLimitSet {
-                key_id,
-                monthly_limit_micros,
-            } => (
-                Subject::Key(self.dir.keys[key_id].idx),
-                *monthly_limit_micros,
-            ),
-            EventKind::OrgLimitSet {
-                monthly_limit_micros,
-            } => (Subject::Org, *monthly_limit_micros),
-            _ => return,
-        };
-        let budget = Budget {
-            limit_micros: limit,
-            thresholds_bps: thresholds,
-        };
-        let meter = &mut self.meter;
-        meter
-            .ledger
-            .limit_changed(subject, budget, event.at_ms, meter.rolled);
+        self.apply_entities(std::slice::from_ref(event));
     }
 
     /// Counts one usage event, once. `logged_at_ms` is when it entered the
@@ -984,6 +1008,72 @@ mod tests {
             )]
         );
         assert_eq!(s.dir.rejudged_at_ms, NOV + 20);
+    }
+
+    /// One settings change of both the alert thresholds and the org's
+    /// limit is judged once, under both: live folding decides what a
+    /// restart (which re-judges the checkpoint under today's directory)
+    /// decides. Judged under the new thresholds and the old limit between
+    /// its two events, the org would fire 6 000 bps live (65 of 100) and not
+    /// after a restart (65 of 200).
+    #[test]
+    fn a_change_of_thresholds_and_the_org_limit_is_judged_once_under_both() {
+        let mut acme = eng();
+        acme.push(EventKind::OrgLimitSet {
+            monthly_limit_micros: Some(100 * USD),
+        });
+        let mut live = state(acme.clone());
+        let e = usage("n1", "alice", "", 65 * USD, NOV + 10);
+        assert_eq!(live.apply_usage(&e, NOV + 10), UsageOutcome::Applied);
+        let checkpoint = live.take_changes();
+        let seq = live.dir.seq;
+        let change = |i: u64, kind: EventKind| EntityEvent {
+            org_id: live.dir.id.clone(),
+            seq: seq + i,
+            at_ms: NOV + 20,
+            actor: crate::entity::Actor::Operator,
+            kind,
+        };
+        let command = vec![
+            change(
+                1,
+                EventKind::OrgSettingsChanged {
+                    name: "Acme".into(),
+                    default_monthly_limit_micros: Some(100 * USD),
+                    alert_thresholds_bps: vec![5000, 6000, 10000],
+                },
+            ),
+            change(
+                2,
+                EventKind::OrgLimitSet {
+                    monthly_limit_micros: Some(200 * USD),
+                },
+            ),
+        ];
+        let fired = |s: &mut OrgState| -> Vec<(String, EnforcementKind)> {
+            let ch = s.take_changes();
+            ch.enforcement
+                .into_iter()
+                .map(|e| (e.id, e.event.kind))
+                .collect()
+        };
+        live.apply_entities(&command);
+        let six = EnforcementKind::ThresholdCrossed {
+            threshold_bps: 6000,
+        };
+        assert_eq!(fired(&mut live), vec![("alice".to_owned(), six)]);
+
+        let mut r = state(acme);
+        r.apply_entities(&command);
+        let _ = r.take_changes();
+        let _ = r.restore(loaded(checkpoint));
+        r.reconcile();
+        assert_eq!(fired(&mut r), vec![("alice".to_owned(), six)]);
+        let month = Month::from_unix_ms(NOV);
+        assert_eq!(
+            r.spend(month, Subject::Org),
+            live.spend(month, Subject::Org)
+        );
     }
 
     #[test]

@@ -125,8 +125,8 @@ impl Registry {
                     let mut org = cell.write();
                     let _ = v.insert(Arc::clone(&cell));
                     self.index(first);
+                    org.apply_entities(&events[1..]);
                     for e in &events[1..] {
-                        org.apply_entity(e);
                         self.index(e);
                     }
                     return Followed::Applied;
@@ -135,13 +135,15 @@ impl Registry {
         };
         let mut org = cell.write();
         let seq = org.dir.seq;
-        let fresh = events.iter().filter(|e| e.seq > seq);
-        match fresh.clone().next() {
+        // Events come in seq order: the fresh ones are a suffix, folded as
+        // one command's (see `OrgState::apply_entities`).
+        let fresh = &events[events.partition_point(|e| e.seq <= seq)..];
+        match fresh.first() {
             None => Followed::Stale,
             Some(e) if e.seq != seq + 1 => Followed::Gap,
             Some(_) => {
+                org.apply_entities(fresh);
                 for e in fresh {
-                    org.apply_entity(e);
                     self.index(e);
                 }
                 Followed::Applied

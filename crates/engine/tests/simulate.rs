@@ -4,7 +4,10 @@
 //! clock the simulator moves. After every step it checks the engine against
 //! a plain model of what it must hold.
 //!
-//! Work: users added and their limits changed, usage in batches with
+//! Work: users added and their limits changed (one by one and in bulk),
+//! the limits of groups, keys and the org changed, the alert thresholds
+//! changed (alone or with the org's limit, in one settings change), usage
+//! in batches with
 //! duplicates and late events (also across a month's end), holds reserved,
 //! settled by their usage, released and expired, checkpoints, and crashes:
 //! the engine dropped without a word at any step and started again from
@@ -13,11 +16,13 @@
 //! Invariants after every step, for every user, its key and the org, in
 //! every month the model knows:
 //! - spend and requests are the sums over the distinct counted events;
-//! - this month, a user is cut off exactly when a limit is set and spend has
-//!   reached it;
+//! - this month, a user, key, group or the org is cut off exactly when a
+//!   limit is set and spend has reached it, and every alert threshold its
+//!   spend has reached has fired;
 //! - what holds hold is the sum of the live holds the model placed;
-//! - after every admitted reserve, spent + held ≤ the user's limit, and a
-//!   reserve refused for the user's limit would have passed it;
+//! - after every admitted reserve, spent + held ≤ the limit of every budget
+//!   the call is judged against (its user, key, groups and org), and a
+//!   reserve refused for one of them would have passed its limit;
 //! - a restart recovers exactly the state before the crash: every counter
 //!   (spend, requests, latest usage, cut off, the highest threshold fired,
 //!   the count of cutoffs and lifts) and what holds hold, compared right
@@ -39,6 +44,7 @@ use tally_core::authorize::{HoldRequest, Reason};
 use tally_core::entity::Command;
 use tally_core::ids::{GroupId, KeyId, UserId};
 use tally_core::ledger::{Subject, SubjectKind};
+use tally_core::ratio::{DEFAULT_THRESHOLDS_BPS, reached};
 use tally_core::secret::hash_secret;
 use tally_core::time::Month;
 use tally_core::usage::{RawUsage, UsageEvent};
@@ -59,6 +65,9 @@ const USERS_MAX: usize = 6;
 /// The meter's default dedupe window.
 const DEDUPE_WINDOW_MS: i64 = 24 * 60 * MINUTE;
 const GROUPS: [&str; 2] = ["g0", "g1"];
+/// Group and org limits are a user's times these (several users spend).
+const GROUP_LIMIT_SCALE: i64 = 5;
+const ORG_LIMIT_SCALE: i64 = 20;
 
 /// splitmix64: small, fast, and the same on every machine.
 struct Rng(u64);
@@ -98,8 +107,20 @@ struct Sent {
 #[derive(Debug, Clone)]
 struct ModelHold {
     user: String,
+    /// The groups the user was in when it was placed: it holds on them.
+    groups: Vec<String>,
     amount_micros: i64,
     expires_at_ms: i64,
+}
+
+/// A budget a call is judged against: what it is, the refusal it gives,
+/// spent and held this month, its limit.
+struct ModelBudget {
+    what: String,
+    refusal: Reason,
+    spent: i64,
+    held: i64,
+    limit: Option<i64>,
 }
 
 /// A membership: joined, and left (by the log's clock).
@@ -109,10 +130,15 @@ type Span = (i64, Option<i64>);
 type Kept = (i64, u64, i64, bool, u16, u16);
 
 /// What the engine must hold.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Model {
     /// Users by id: their limit.
     users: BTreeMap<String, Option<i64>>,
+    /// The limits of the org ("org"), groups and keys, by id (none:
+    /// unlimited).
+    limits: BTreeMap<String, Option<i64>>,
+    /// The org's alert thresholds.
+    thresholds: Vec<u32>,
     /// Every event sent, by request id (to send again).
     sent: Vec<Sent>,
     /// Request ids counted.
@@ -133,6 +159,98 @@ struct Model {
 }
 
 impl Model {
+    fn new() -> Model {
+        Model {
+            users: BTreeMap::new(),
+            limits: BTreeMap::new(),
+            thresholds: DEFAULT_THRESHOLDS_BPS.to_vec(),
+            sent: Vec::new(),
+            counted: HashMap::new(),
+            spend: HashMap::new(),
+            memberships: HashMap::new(),
+            group_spend: HashMap::new(),
+            holds: BTreeMap::new(),
+            watermark: 0,
+            next_id: 0,
+        }
+    }
+
+    fn limit(&self, id: &str) -> Option<i64> {
+        self.limits.get(id).copied().flatten()
+    }
+
+    /// Whether `user` is in `group` now, as the directory has it.
+    fn member(&self, group: &str, user: &str) -> bool {
+        self.memberships
+            .get(&(group.to_owned(), user.to_owned()))
+            .and_then(|spans| spans.last())
+            .is_some_and(|s| s.1.is_none())
+    }
+
+    fn group_spend(&self, group: &str, month: Month) -> (i64, u64) {
+        self.group_spend
+            .get(&(group.to_owned(), month))
+            .copied()
+            .unwrap_or_default()
+    }
+
+    fn org_spend(&self, month: Month) -> (i64, u64) {
+        self.users.keys().fold((0, 0), |acc, u| {
+            let s = self.spend(u, month);
+            (acc.0 + s.0, acc.1 + s.1)
+        })
+    }
+
+    /// The budgets a call of `user`'s is judged against at `now`.
+    fn budgets(&self, user: &str, now_ms: i64) -> Vec<ModelBudget> {
+        let month = Month::from_unix_ms(now_ms);
+        let live = |h: &&ModelHold| h.expires_at_ms > now_ms;
+        let held = |of: &dyn Fn(&ModelHold) -> bool| -> i64 {
+            self.holds
+                .values()
+                .filter(live)
+                .filter(|h| of(h))
+                .map(|h| h.amount_micros)
+                .sum()
+        };
+        let spent = self.spend(user, month).0;
+        let by_user = held(&|h| h.user == user);
+        let key = format!("k-{user}");
+        let mut out = vec![
+            ModelBudget {
+                what: user.to_owned(),
+                refusal: Reason::UserMonthlyLimit,
+                spent,
+                held: by_user,
+                limit: self.users[user],
+            },
+            ModelBudget {
+                limit: self.limit(&key),
+                what: key,
+                refusal: Reason::KeyMonthlyLimit,
+                spent,
+                held: by_user,
+            },
+            ModelBudget {
+                what: "org".into(),
+                refusal: Reason::OrgMonthlyLimit,
+                spent: self.org_spend(month).0,
+                held: held(&|_| true),
+                limit: self.limit("org"),
+            },
+        ];
+        for g in GROUPS.into_iter().filter(|g| self.member(g, user)) {
+            out.push(ModelBudget {
+                what: g.to_owned(),
+                refusal: Reason::GroupMonthlyLimit,
+                spent: self.group_spend(g, month).0,
+                held: held(&|h| h.groups.iter().any(|x| x == g)),
+                limit: self.limit(g),
+            });
+        }
+        out
+    }
+
     fn spend(&self, user: &str, month: Month) -> (i64, u64) {
         self.spend
             .get(&(user.to_owned(), month))
@@ -214,7 +332,7 @@ impl Sim {
                 monthly_limit_micros: None,
             })
             .await;
-        let model = Model::default();
+        let model = Model::new();
         for g in GROUPS {
             running
                 .run(Command::CreateGroup {
@@ -278,7 +396,10 @@ impl Sim {
         match self.rng.below(100) {
             _ if users == 0 => self.add_user().await,
             0..=7 if users < USERS_MAX => self.add_user().await,
-            0..=14 if users > 0 => self.set_limit().await,
+            0..=9 if users > 0 => self.set_limit().await,
+            10..=11 if users > 0 => self.bulk().await,
+            12..=13 => self.set_other_limit().await,
+            14 => self.change_settings().await,
             15..=19 if users > 0 => self.membership().await,
             0..=49 if users > 0 => self.usage().await,
             50..=69 if users > 0 => self.reserve().await,
@@ -331,12 +452,16 @@ impl Sim {
         self.model.users.keys().nth(i).expect("a user").clone()
     }
 
+    /// A limit: none now and then, else $0.01 to $0.40.
+    fn some_limit(&mut self) -> Option<i64> {
+        self.rng
+            .chance(80)
+            .then(|| self.rng.between(1, 40) * 10_000)
+    }
+
     async fn set_limit(&mut self) {
         let user = self.pick_user();
-        let limit = self
-            .rng
-            .chance(80)
-            .then(|| self.rng.between(1, 40) * 10_000);
+        let limit = self.some_limit();
         self.running
             .as_ref()
             .expect("running")
@@ -350,6 +475,145 @@ impl Sim {
             .await;
         self.note(format!("limit of {user}: {limit:?}"));
         let _ = self.model.users.insert(user, limit);
+    }
+
+    /// One change of many users: a limit for all of them, and now and then
+    /// a group they all join or leave (those already in or out stay).
+    async fn bulk(&mut self) {
+        let users: Vec<String> = self
+            .model
+            .users
+            .keys()
+            .filter(|_| self.rng.chance(50))
+            .cloned()
+            .collect();
+        if users.is_empty() {
+            return;
+        }
+        let limit = self.some_limit();
+        let group = self
+            .rng
+            .chance(40)
+            .then(|| GROUPS[self.rng.below(GROUPS.len() as u64) as usize]);
+        let join = self.rng.chance(50);
+        let now = self.now();
+        let mut add_groups = vec![];
+        let mut remove_groups = vec![];
+        if let Some(g) = group {
+            let id = GroupId::new(g).unwrap();
+            if join {
+                add_groups.push(id)
+            } else {
+                remove_groups.push(id)
+            }
+            for u in &users {
+                let spans = self
+                    .model
+                    .memberships
+                    .entry((g.to_owned(), u.clone()))
+                    .or_default();
+                let open = spans.last_mut().filter(|s| s.1.is_none());
+                match (open, join) {
+                    (Some(open), false) => open.1 = Some(now),
+                    (None, true) => spans.push((now, None)),
+                    _ => {}
+                }
+            }
+        }
+        self.running
+            .as_ref()
+            .expect("running")
+            .run(Command::BulkUpdateUsers {
+                user_ids: users.iter().map(|u| UserId::new(u).unwrap()).collect(),
+                add_groups,
+                remove_groups,
+                monthly_limit_micros: Some(limit),
+                status: None,
+            })
+            .await;
+        self.count("bulk changes");
+        self.note(format!(
+            "bulk: limit {limit:?} for {users:?}, group {group:?} (join: {join})"
+        ));
+        for u in users {
+            let _ = self.model.users.insert(u, limit);
+        }
+    }
+
+    /// The limit of a group, a user's key or the org.
+    async fn set_other_limit(&mut self) {
+        let limit = self.some_limit();
+        let (id, limit, cmd) = match self.rng.below(3) {
+            0 => {
+                let g = GROUPS[self.rng.below(GROUPS.len() as u64) as usize];
+                let limit = limit.map(|l| l * GROUP_LIMIT_SCALE);
+                let cmd = Command::UpdateGroup {
+                    group_id: GroupId::new(g).unwrap(),
+                    name: None,
+                    monthly_limit_micros: Some(limit),
+                };
+                (g.to_owned(), limit, cmd)
+            }
+            1 if !self.model.users.is_empty() => {
+                let key = format!("k-{}", self.pick_user());
+                let cmd = Command::UpdateKey {
+                    key_id: KeyId::new(&key).unwrap(),
+                    features: None,
+                    monthly_limit_micros: Some(limit),
+                    revoke: false,
+                };
+                (key, limit, cmd)
+            }
+            _ => {
+                let limit = limit.map(|l| l * ORG_LIMIT_SCALE);
+                let cmd = Command::ChangeSettings {
+                    name: None,
+                    default_monthly_limit_micros: None,
+                    alert_thresholds_bps: None,
+                    monthly_limit_micros: Some(limit),
+                };
+                ("org".to_owned(), limit, cmd)
+            }
+        };
+        self.running.as_ref().expect("running").run(cmd).await;
+        self.count("limits of others");
+        self.note(format!("limit of {id}: {limit:?}"));
+        let _ = self.model.limits.insert(id, limit);
+    }
+
+    /// Other alert thresholds, with the org's limit in the same change now
+    /// and then.
+    async fn change_settings(&mut self) {
+        const CHOICES: [u32; 6] = [2_500, 5_000, 7_500, 8_000, 9_000, 10_000];
+        let mut thresholds: Vec<u32> = CHOICES
+            .into_iter()
+            .filter(|_| self.rng.chance(40))
+            .collect();
+        if thresholds.is_empty() {
+            thresholds.push(CHOICES[self.rng.below(CHOICES.len() as u64) as usize]);
+        }
+        let org_limit = self
+            .rng
+            .chance(50)
+            .then(|| self.some_limit().map(|l| l * ORG_LIMIT_SCALE));
+        self.running
+            .as_ref()
+            .expect("running")
+            .run(Command::ChangeSettings {
+                name: None,
+                default_monthly_limit_micros: None,
+                alert_thresholds_bps: Some(thresholds.clone()),
+                monthly_limit_micros: org_limit,
+            })
+            .await;
+        self.count("settings changes");
+        self.note(format!(
+            "thresholds {thresholds:?}, org limit {org_limit:?}"
+        ));
+        self.model.thresholds = thresholds;
+        if let Some(limit) = org_limit {
+            let _ = self.model.limits.insert("org".into(), limit);
+        }
     }
 
     /// A user joins or leaves a group.
@@ -524,11 +788,9 @@ impl Sim {
         let ttl = self.rng.between(1, 20) * MINUTE;
         let request_id = self.model.id("h");
         let now = self.now();
-        let month = Month::from_unix_ms(now);
         // Spent and held as the engine decides on them: holds past their
         // TTL are gone.
-        let (spent, _) = self.model.spend(&user, month);
-        let held = self.model.held(&user, now);
+        let budgets = self.model.budgets(&user, now);
         let (_, d, placed) = self
             .engine()
             .reserve(
@@ -543,40 +805,52 @@ impl Sim {
             )
             .await
             .unwrap();
-        let limit = self.model.users[&user];
+        let shown: Vec<String> = budgets
+            .iter()
+            .map(|b| format!("{} {}+{}/{:?}", b.what, b.spent, b.held, b.limit))
+            .collect();
         self.note(format!(
-            "reserve {request_id} {amount} for {user} (spent {spent}, held {held}, limit \
-             {limit:?}): {:?}",
+            "reserve {request_id} {amount} for {user} ({shown:?}): {:?}",
             d.reason
         ));
         self.count(if d.allowed {
             "reserves admitted"
         } else {
-            "reserves refused"
+            d.reason.as_str()
         });
+        // A reached limit refuses even a reserve of 0.
+        let passes = |b: &ModelBudget| {
+            b.limit
+                .is_none_or(|l| b.spent < l && b.spent + b.held + amount <= l)
+        };
         if d.allowed {
             self.check(placed.is_some(), || "admitted without a hold".into());
-            if let Some(limit) = limit {
-                // A reached limit refuses even a reserve of 0.
-                self.check(spent < limit && spent + held + amount <= limit, || {
-                    format!("admitted: {spent} + {held} + {amount} against {limit}")
+            for b in &budgets {
+                self.check(passes(b), || {
+                    format!(
+                        "admitted: {} + {} + {amount} against {}'s {:?}",
+                        b.spent, b.held, b.what, b.limit
+                    )
                 });
             }
+            let groups = GROUPS
+                .into_iter()
+                .filter(|g| self.model.member(g, &user))
+                .map(str::to_owned)
+                .collect();
             let _ = self.model.holds.insert(
                 request_id,
                 ModelHold {
                     user,
+                    groups,
                     amount_micros: amount,
                     expires_at_ms: now + ttl,
                 },
             );
         } else {
-            self.check(d.reason == Reason::UserMonthlyLimit, || {
-                format!("refused for {:?}", d.reason)
-            });
-            let limit = limit.unwrap_or(i64::MAX);
-            self.check(spent >= limit || spent + held + amount > limit, || {
-                format!("refused though {spent} + {held} + {amount} <= {limit}")
+            let failing = budgets.iter().any(|b| b.refusal == d.reason && !passes(b));
+            self.check(failing, || {
+                format!("refused for {:?}, which every budget passes", d.reason)
             });
         }
     }
@@ -764,7 +1038,7 @@ impl Sim {
         let open = Month::from_unix_ms(self.model.watermark - DEDUPE_WINDOW_MS);
         for month in self.model.months().into_iter().filter(|m| *m >= open) {
             let mut org_spend = (0, 0);
-            for (user, limit) in &self.model.users {
+            for user in self.model.users.keys() {
                 let want = self.model.spend(user, month);
                 org_spend.0 += want.0;
                 org_spend.1 += want.1;
@@ -778,16 +1052,6 @@ impl Sim {
                         format!(
                             "{kind:?} {id} in {month}: spend {} requests {}, the model {want:?}",
                             c.spend_micros, c.requests
-                        )
-                    });
-                }
-                if month == this_month {
-                    let c = org.spend(month, org.subject(SubjectKind::User, user).unwrap());
-                    let reached = limit.is_some_and(|l| want.0 >= l);
-                    self.check(c.cut_off == reached, || {
-                        format!(
-                            "{user} in {month}: cut off {} with spend {} and limit {limit:?}",
-                            c.cut_off, want.0
                         )
                     });
                 }
@@ -815,6 +1079,7 @@ impl Sim {
                 )
             });
         }
+        self.check_budgets(&org, this_month);
         for user in self.model.users.keys() {
             let s = org.subject(SubjectKind::User, user).expect("a user");
             let held = org.meter.holds.held(s);
@@ -829,6 +1094,70 @@ impl Sim {
                 .sum();
             self.check(held >= want && held <= want + lazily, || {
                 format!("{user} holds {held}, the model {want} (+{lazily} expired)")
+            });
+        }
+    }
+}
+
+impl Sim {
+    /// This month, every subject is cut off exactly when it has a limit and
+    /// its spend has reached it, and every threshold its spend has reached
+    /// has fired.
+    fn check_budgets(&self, org: &tally_core::org::OrgState, month: Month) {
+        let m = &self.model;
+        let mut budgets = vec![(
+            Subject::Org,
+            "org".to_owned(),
+            m.org_spend(month).0,
+            m.limit("org"),
+        )];
+        for (user, limit) in &m.users {
+            let spent = m.spend(user, month).0;
+            let key = format!("k-{user}");
+            budgets.push((
+                org.subject(SubjectKind::User, user).unwrap(),
+                user.clone(),
+                spent,
+                *limit,
+            ));
+            budgets.push((
+                org.subject(SubjectKind::Key, &key).unwrap(),
+                key.clone(),
+                spent,
+                m.limit(&key),
+            ));
+        }
+        for g in GROUPS {
+            let spent = m.group_spend(g, month).0;
+            budgets.push((
+                org.subject(SubjectKind::Group, g).unwrap(),
+                g.to_owned(),
+                spent,
+                m.limit(g),
+            ));
+        }
+        for (s, id, spent, limit) in budgets {
+            let c = org.spend(month, s);
+            let cut = limit.is_some_and(|l| spent >= l);
+            self.check(c.cut_off == cut, || {
+                format!(
+                    "{id} in {month}: cut off {} with spend {spent} and limit {limit:?}",
+                    c.cut_off
+                )
+            });
+            let Some(limit) = limit else { continue };
+            let due = m
+                .thresholds
+                .iter()
+                .copied()
+                .filter(|&t| reached(spent, limit, t))
+                .max()
+                .unwrap_or(0);
+            self.check(u32::from(c.fired_bps) >= due, || {
+                format!(
+                    "{id} in {month}: spend {spent} of {limit} reached {due} bps of {:?}, fired {}",
+                    m.thresholds, c.fired_bps
+                )
             });
         }
     }

@@ -563,6 +563,26 @@ async fn two_processes(
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // Every key too, in the other process's memory (it is created after its
+    // user: seeing the last user does not mean seeing its key yet; under
+    // the whole suite's load, workers started then were refused with
+    // unknown_key and the scenario never began).
+    for secret in &secrets {
+        loop {
+            let a = far
+                .post("/v1/authorize", json!({ "api_key": secret }))
+                .await
+                .expect(200);
+            if a["reason"] != "unknown_key" {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "a key never reached the other process: {a}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
     Ok((owner, other, secrets))
 }
 
@@ -713,11 +733,16 @@ async fn killing_the_owner_mid_scenario_never_passes_the_limit() -> anyhow::Resu
         }
     });
     // Some calls in, then the owner goes.
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
     while owner.operator().get("/v1/orgs/acme/users/alice").await.body["spend_micros"]
         .as_i64()
         .unwrap_or(0)
         < 20 * CENT
     {
+        assert!(
+            std::time::Instant::now() < deadline && !work.is_finished(),
+            "the workers stopped (or never got going) before $0.20 was spent"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     owner.kill9()?;

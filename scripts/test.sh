@@ -13,6 +13,10 @@ install_tansu
 install_promtool
 # Tests that need a service fail instead of skipping when it is missing.
 export TALLY_REQUIRE_SERVICES=1
+# No core files: a test that deletes the usage topic under a running tally
+# expects librdkafka to crash it on the pinned broker (see tests/tests/kafka.rs);
+# each core would be a gigabyte in tests/.
+ulimit -c 0
 
 log "building"
 cargo build --workspace --all-targets --locked

@@ -110,7 +110,7 @@ async fn run(db: &Db, name: &str, n: &Scale) {
         .await;
     }
     // Spend for every user this month, as a checkpoint writes it.
-    let claim = db.claim_partition(0, NOV).await.unwrap();
+    let claim = db.claim_partition(0, "bench", NOV).await.unwrap();
     let counters = (0..n.users)
         .map(|u| SavedCounter {
             kind: SubjectKind::User,
@@ -136,6 +136,7 @@ async fn run(db: &Db, name: &str, n: &Scale) {
         PartitionCheckpoint {
             position: 1,
             number: 1,
+            mark: None,
         },
         &[(org_id.clone(), changes)],
         &[],

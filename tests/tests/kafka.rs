@@ -721,3 +721,179 @@ async fn the_example_producer_publishes_countable_usage() {
     .await;
     tally.stop().unwrap();
 }
+
+/// The value of an unlabelled gauge on `t`'s /metrics (0 when absent, or
+/// when the process does not answer: it may be dying).
+async fn gauge(t: &Tally, name: &str) -> f64 {
+    let scraped = tally_tests::http_client()
+        .get(format!("{}/metrics", t.url))
+        .send()
+        .await;
+    let text = match scraped {
+        Ok(r) => r.text().await.unwrap_or_default(),
+        Err(_) => String::new(),
+    };
+    text.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// The usage topic deleted and created again under a running deployment,
+/// and refilled: the partition the checkpoint had metered is refused, not
+/// resumed at its old offsets of a log that no longer exists; a restart
+/// refuses it too; `tally reset-usage-positions`
+/// (with the service stopped) makes the next start read the new topic from
+/// its beginning, keeping what was counted.
+#[tokio::test]
+async fn a_recreated_usage_topic_is_refused_until_its_positions_are_reset() {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::client::DefaultClientContext;
+    let Some((broker, backend)) = services("kafka_recreated").await else {
+        return;
+    };
+    let mut t = start(&backend, &broker);
+    ready(&t).await;
+    let op = t.operator();
+    org_fixture(&op, "oscar", 4, 1, None).await;
+    let p = producer(&broker);
+    let first = calls(&["oscar"], 4, 300, 21, 0);
+    let _ = publish(&p, "tally.usage", &first, |i| i % 10 == 0).await;
+    let before = expected(&first, 1);
+    wait_for_totals(&op, &before, Duration::from_secs(60)).await;
+    // Checkpointed (every second), with the mark of its position.
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", broker.brokers())
+        .create()
+        .unwrap();
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    let deleted = admin
+        .delete_topics(&["tally.usage"], &options)
+        .await
+        .unwrap();
+    assert!(deleted.iter().all(Result::is_ok), "{deleted:?}");
+    let topic = NewTopic::new("tally.usage", 4, TopicReplication::Fixed(1));
+    // Tally re-creates a missing topic by itself within ten seconds: either
+    // may come first.
+    let created = admin.create_topics(&[topic], &options).await.unwrap();
+    eprintln!("re-created: {created:?}");
+    // Refilled past the checkpoint's position: the message there is
+    // another. (Refilled less, a Kafka broker answers the fetch at the
+    // position with OFFSET_OUT_OF_RANGE, the consumer starts again from the
+    // log's start, and the offset going back is refused; the pinned Tansu
+    // answers with nothing, and does not say where its log ends.)
+    let second = calls(&["oscar"], 4, 400, 22, 0);
+    let _ = publish(&p, "tally.usage", &second, |_| false).await;
+    // On the pinned Tansu, the deletion kills the process (SIGSEGV in
+    // librdkafka 2.12.1: a metadata update whose topic has no name, from the
+    // broker's answer about the deleted topic). A supervisor restarts it;
+    // so does this test. Either way the partition must be refused.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let t = loop {
+        if let Some(status) = t.try_wait().unwrap() {
+            eprintln!(
+                "FIGURE topic deletion under a running tally: it exited ({status}); restarted"
+            );
+            let t = start(&backend, &broker);
+            ready(&t).await;
+            break t;
+        }
+        if gauge(&t, "tally_usage_partitions_refused").await >= 1.0 {
+            eprintln!(
+                "FIGURE topic deletion under a running tally: refused in the running process"
+            );
+            break t;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for the refusal"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let op = t.operator();
+    wait_for("the partition refused", Duration::from_secs(60), || async {
+        gauge(&t, "tally_usage_partitions_refused").await >= 1.0
+    })
+    .await;
+    let refusal = "is not the log its checkpoint was taken from";
+    assert!(t.log_text().contains(refusal), "{}", t.log_text());
+    assert!(t.log_text().contains("tally reset-usage-positions"));
+    // Nothing of the new topic counted, and the service answers.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(org_spend(&op, "oscar").await, before.org["oscar"]);
+
+    let t = t.restart().unwrap();
+    ready(&t).await;
+    wait_for(
+        "the partition refused again",
+        Duration::from_secs(60),
+        || async { gauge(&t, "tally_usage_partitions_refused").await >= 1.0 },
+    )
+    .await;
+    assert_eq!(org_spend(&t.operator(), "oscar").await, before.org["oscar"]);
+    t.stop().unwrap();
+
+    let Backend::Postgres(url) = &backend else {
+        unreachable!("distributed mode runs on PostgreSQL")
+    };
+    let out = std::process::Command::new(tally_tests::tally_bin())
+        .args(["reset-usage-positions", "--database-url", url])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("reset the positions of 4 usage partitions"),
+        "{stdout}"
+    );
+
+    let t = start(&backend, &broker);
+    ready(&t).await;
+    let op = t.operator();
+    let all: Vec<Call> = first.iter().chain(&second).cloned().collect();
+    let e = expected(&all, 1);
+    wait_for_totals(&op, &e, Duration::from_secs(60)).await;
+    check_every_figure(&op, &e).await;
+    assert_eq!(gauge(&t, "tally_usage_partitions_refused").await, 0.0);
+    t.stop().unwrap();
+}
+
+/// A database metered from the embedded usage log is never resumed at a
+/// Kafka topic's offsets: the distributed process stops at its first claim
+/// and says why (and what to do), before it fences anyone.
+#[tokio::test]
+async fn a_database_of_the_embedded_log_is_refused_under_kafka() {
+    let Some((broker, backend)) = services("kafka_other_log").await else {
+        return;
+    };
+    let embedded = Tally::start(&backend).unwrap();
+    ready(&embedded).await;
+    embedded.stop().unwrap();
+    let mut t = start(&backend, &broker);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = t.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still running:\n{}",
+            t.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let log = t.log_text();
+    assert!(!status.success(), "{log}");
+    assert!(
+        log.contains("belongs to usage log embedded, not to kafka:tally.usage")
+            && log.contains("tally reset-usage-positions"),
+        "{log}"
+    );
+}

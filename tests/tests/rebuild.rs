@@ -77,6 +77,7 @@ async fn rebuilt_read_models_equal_the_live_ones() {
     let args = ["--data-dir".to_owned(), dir.display().to_string()];
     // Not under the running service: refused, and it serves on unharmed.
     refused_while_served(&args);
+    refused_while_served_to("reset-usage-positions", &args);
     assert_eq!(view(&op).await, before);
     tally.stop().unwrap();
 
@@ -92,8 +93,12 @@ async fn rebuilt_read_models_equal_the_live_ones() {
 }
 
 fn rebuild(args: &[String]) -> std::process::Output {
+    maintenance("rebuild-projections", args)
+}
+
+fn maintenance(command: &str, args: &[String]) -> std::process::Output {
     std::process::Command::new(tally_bin())
-        .arg("rebuild-projections")
+        .arg(command)
         .args(args)
         .output()
         .unwrap()
@@ -114,7 +119,13 @@ fn rebuilt(args: &[String]) -> String {
 /// `rebuild-projections` on the state of a running `tally serve` is refused
 /// with a message that says why.
 fn refused_while_served(args: &[String]) {
-    let out = rebuild(args);
+    refused_while_served_to("rebuild-projections", args);
+}
+
+/// A maintenance command on the state of a running `tally serve` is refused
+/// with a message that says why.
+fn refused_while_served_to(command: &str, args: &[String]) {
+    let out = maintenance(command, args);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{stderr}");
     assert!(
@@ -163,6 +174,7 @@ async fn rebuild_is_refused_while_a_distributed_serve_uses_the_database() {
     let tally = cluster.start().unwrap();
     tally_tests::wait_ready(&tally.operator(), std::time::Duration::from_secs(60)).await;
     refused_while_served(&args);
+    refused_while_served_to("reset-usage-positions", &args);
     tally.stop().unwrap();
     let _ = rebuilt(&args);
 }

@@ -30,6 +30,11 @@ pub const PARTITION: i32 = 0;
 /// batch: up to a few thousand events).
 const REPLAY_PAGE_LEN: i64 = 64;
 
+/// The name the embedded usage log binds its checkpoint to: a database
+/// metered from it is never resumed from a Kafka topic's offsets (see
+/// [`tally_store::Db::claim_partition`]).
+pub const LOG: &str = "embedded";
+
 #[derive(Debug)]
 pub struct EmbeddedLog {
     meter: Arc<Meter>,
@@ -40,7 +45,7 @@ impl EmbeddedLog {
     /// marks the meter ready.
     pub async fn recover(meter: Arc<Meter>) -> Result<EmbeddedLog> {
         let started = Instant::now();
-        let _ = meter.claim(PARTITION).await?;
+        let _ = meter.claim(PARTITION, LOG).await?;
         let log = EmbeddedLog { meter };
         let replayed = log.replay().await?;
         log.meter.set_ready(true);

@@ -107,6 +107,20 @@ impl IngestReport {
     }
 }
 
+/// Where an owned partition stands in its log, for a reader that must check
+/// that the log it reads is the one the checkpoint was taken from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogPoint {
+    /// The last position applied.
+    pub position: i64,
+    /// The fingerprint of the message at `position`, if known.
+    pub mark: Option<i64>,
+    /// Whether the first message read since the claim was checked.
+    pub checked: bool,
+    /// Whether the partition is refused (not metered).
+    pub refused: bool,
+}
+
 /// One usage event to apply: where it was read, when it was logged.
 #[derive(Debug, Clone)]
 pub struct Positioned<'a> {
@@ -120,6 +134,15 @@ struct Part {
     epoch: i64,
     /// The last position applied in memory.
     position: i64,
+    /// The fingerprint of the message at `position`, where the log has them
+    /// (see [`PartitionCheckpoint::mark`]).
+    mark: Option<i64>,
+    /// Whether the first message read since the claim was checked against
+    /// the checkpoint (see [`LogPoint`]).
+    checked: bool,
+    /// Why the partition is not metered: its log is not the one its
+    /// checkpoint was taken from.
+    refused: Option<String>,
     committed: PartitionCheckpoint,
     counted_since: u64,
     orgs: HashSet<OrgId>,
@@ -311,13 +334,75 @@ impl Meter {
         self.parts.lock().by_id.get(&p).map(|part| part.position)
     }
 
-    /// Takes partition `p` over: fences out its previous owner, loads its
-    /// checkpoint into its orgs, and returns the last position it applied
-    /// (-1 when none): the log is to be read from the next one.
-    pub async fn claim(&self, p: i32) -> Result<i64> {
+    /// Where owned partition `p` stands in its log.
+    pub fn log_point(&self, p: i32) -> Option<LogPoint> {
+        self.parts.lock().by_id.get(&p).map(|part| LogPoint {
+            position: part.position,
+            mark: part.mark,
+            checked: part.checked,
+            refused: part.refused.is_some(),
+        })
+    }
+
+    /// The first message read of partition `p` since its claim was checked
+    /// against the checkpoint and found to follow it.
+    pub fn log_checked(&self, p: i32) {
+        if let Some(part) = self.parts.lock().by_id.get_mut(&p) {
+            part.checked = true;
+        }
+    }
+
+    /// Records the fingerprint of the message at `position`, the last one
+    /// of partition `p` applied (or kept as a dead letter). Under the write
+    /// lock, with the batch that moved the position there: a checkpoint
+    /// never pairs a position with another message's mark.
+    pub fn mark(&self, p: i32, position: i64, mark: i64) {
+        if let Some(part) = self.parts.lock().by_id.get_mut(&p)
+            && part.position == position
+        {
+            part.mark = Some(mark);
+        }
+    }
+
+    /// Stops metering partition `p`: its log is not the one its checkpoint
+    /// was taken from. Nothing more of it is applied while this process owns
+    /// it; a new claim (after a rebalance, or a restart) checks again.
+    pub fn refuse(&self, p: i32, why: String) {
+        let mut parts = self.parts.lock();
+        let Some(part) = parts.by_id.get_mut(&p) else {
+            return;
+        };
+        tracing::error!(
+            partition = p,
+            why,
+            "usage partition refused: none of it is metered"
+        );
+        part.refused = Some(why);
+        let refused = parts.by_id.values().filter(|x| x.refused.is_some()).count();
+        metrics::gauge!(m::PARTITIONS_REFUSED).set(refused as f64);
+    }
+
+    /// Why each refused partition is refused (see [`Meter::refuse`]).
+    pub fn refused(&self) -> Vec<(i32, String)> {
+        let parts = self.parts.lock();
+        let mut out: Vec<(i32, String)> = parts
+            .by_id
+            .iter()
+            .filter_map(|(p, part)| part.refused.clone().map(|why| (*p, why)))
+            .collect();
+        out.sort_unstable();
+        out
+    }
+
+    /// Takes partition `p` of usage log `log` over: fences out its previous
+    /// owner, loads its checkpoint into its orgs, and returns the checkpoint
+    /// (its position is -1 when none): the log is to be read from the next
+    /// one. Refused when the partition's checkpoint belongs to another log
+    /// ([`tally_store::Error::OtherLog`]).
+    pub async fn claim(&self, p: i32, log: &str) -> Result<PartitionCheckpoint> {
         let started = Instant::now();
         let now = self.clock.now_ms();
-        let claim = self.db.claim_partition(i64::from(p), now).await?;
+        let claim = self.db.claim_partition(i64::from(p), log, now).await?;
         // Every org the checkpoint names is restored onto its directory as
         // the log has it now: an org or subject created on another process
         // may not have reached this one yet, and a meter restored without
@@ -347,6 +432,7 @@ impl Meter {
             .load_meters(i64::from(p), self.opts.window_ms, Month::from_unix_ms(now))
             .await?;
         let (position, orgs) = self.install(p, claim.epoch, claim.checkpoint, saved);
+        debug_assert_eq!(position, claim.checkpoint.position);
         if self.holds_in_sql.load(Ordering::Relaxed) {
             if let Some(url) = self.advertised_url.get() {
                 self.db
@@ -364,7 +450,7 @@ impl Meter {
             elapsed_ms = started.elapsed().as_millis() as u64,
             "partition claimed"
         );
-        Ok(position)
+        Ok(claim.checkpoint)
     }
 
     /// Makes `p` an owned partition at `checkpoint` with the `saved` meters
@@ -382,6 +468,7 @@ impl Meter {
         let mut part = Part {
             epoch,
             position: checkpoint.position,
+            mark: checkpoint.mark,
             committed: checkpoint,
             last_number: checkpoint.number,
             ..Part::default()
@@ -630,6 +717,7 @@ impl Meter {
             if let Some(o) = outcome {
                 out.extend(std::iter::repeat_n(o, run));
                 part.position = batch[run - 1].position;
+                part.mark = None;
                 continue;
             }
             let cell = self.registry.org(org_id).expect("checked above");
@@ -651,6 +739,7 @@ impl Meter {
                 }
                 out.push(o);
                 part.position = e.position;
+                part.mark = None;
             }
             drop(org);
             if spent > 0 {
@@ -670,6 +759,7 @@ impl Meter {
     pub fn set_position(&self, p: i32, position: i64) {
         if let Some(part) = self.parts.lock().by_id.get_mut(&p) {
             part.position = position;
+            part.mark = None;
         }
     }
 
@@ -678,7 +768,10 @@ impl Meter {
     /// its good messages, which may come later in the log.
     pub fn dead_letter(&self, p: i32, letter: DeadLetter) {
         if let Some(part) = self.parts.lock().by_id.get_mut(&p) {
-            part.position = part.position.max(letter.position);
+            if letter.position > part.position {
+                part.position = letter.position;
+                part.mark = None;
+            }
             part.dead_letters.push(letter);
         }
     }
@@ -792,6 +885,7 @@ impl Meter {
                 }
             }
             if part.position == part.committed.position
+                && part.mark == part.committed.mark
                 && part.pending.is_empty()
                 && part.dead_letters.is_empty()
                 && part.uncertain.is_empty()
@@ -802,6 +896,7 @@ impl Meter {
             let at = PartitionCheckpoint {
                 position: part.position,
                 number: part.last_number,
+                mark: part.mark,
             };
             let layer = Attempt {
                 epoch: part.epoch,
@@ -1170,6 +1265,10 @@ fn release_locked(parts: &mut Parts, registry: &Registry, p: i32) {
         return;
     };
     metrics::gauge!(m::PARTITIONS_OWNED).set(parts.by_id.len() as f64);
+    if part.refused.is_some() {
+        let refused = parts.by_id.values().filter(|x| x.refused.is_some()).count();
+        metrics::gauge!(m::PARTITIONS_REFUSED).set(refused as f64);
+    }
     for org_id in &part.orgs {
         let _ = parts.org_part.remove(org_id);
         if let Some(cell) = registry.org(org_id) {

@@ -53,6 +53,10 @@ pub const ORGS_REPORTED: &str = "tally_orgs_reported";
 pub const READY: &str = "tally_ready";
 /// Partitions of the usage log this process meters.
 pub const PARTITIONS_OWNED: &str = "tally_partitions_owned";
+/// Partitions of the usage log this process owns but does not meter: the
+/// log is not the one their checkpoint was taken from (a topic deleted and
+/// created again, or a database of another deployment).
+pub const PARTITIONS_REFUSED: &str = "tally_usage_partitions_refused";
 /// Usage events replayed from the log at start.
 pub const REPLAYED_EVENTS: &str = "tally_replayed_events_total";
 /// 1 while the store commits writes, 0 from a write that failed for a fault
@@ -153,6 +157,11 @@ pub fn describe() {
         PARTITIONS_OWNED,
         Unit::Count,
         "partitions of the usage log this process meters"
+    );
+    describe_gauge!(
+        PARTITIONS_REFUSED,
+        Unit::Count,
+        "owned partitions of the usage log not metered: the log is not their checkpoint's"
     );
     describe_gauge!(
         READY,

@@ -34,7 +34,7 @@ async fn engine(url: &str, clock: &ManualClock) -> Arc<Engine> {
         partitioner: |_, _| 0,
     });
     support::acme_with_alice(&engine, SECRET).await;
-    let _ = engine.meter.claim(0).await.unwrap();
+    let _ = engine.meter.claim(0, "kafka:test").await.unwrap();
     engine
 }
 

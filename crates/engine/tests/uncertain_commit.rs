@@ -275,7 +275,7 @@ async fn a_checkpoint_that_commits_late_is_told_from_its_retry() {
         .await
         .unwrap();
     let meter = Arc::clone(&engine.meter);
-    assert_eq!(meter.claim(0).await.unwrap(), -1);
+    assert_eq!(meter.claim(0, "kafka:test").await.unwrap().position, -1);
     let now = engine.now_ms();
     let usage = |i: i64| {
         RawUsage {

@@ -4,9 +4,18 @@
 //! - **Assignment**: each assigned partition is claimed ([`Meter::claim`]:
 //!   its epoch is bumped, fencing out the previous owner, and its checkpoint
 //!   is loaded into its orgs) and the consumer starts at the checkpoint's
-//!   position + 1. Kafka offsets are never committed: the checkpoint, written
-//!   in the same SQL transaction as the state it belongs to, is the only
-//!   record of how far a partition was applied.
+//!   position, to read the last message applied again. Kafka offsets are
+//!   never committed: the checkpoint, written in the same SQL transaction as
+//!   the state it belongs to, is the only record of how far a partition was
+//!   applied.
+//! - **The log is the checkpoint's**: a checkpoint keeps a fingerprint (its
+//!   mark) of the message at its position. The first message read after a
+//!   claim must be that message, the same, or a later one; a log that goes
+//!   back (a topic deleted and created again, or another deployment's
+//!   database) refuses the partition: none of it is metered, the error says
+//!   why, and `tally_usage_partitions_refused` counts it. A first message
+//!   past the next offset is checked against the log's start: usage deleted
+//!   by retention before it was metered is reported, not skipped silently.
 //! - **Messages**: decoded and checked (the key is the org, the org belongs on
 //!   this partition by murmur2); counted, or kept as dead letters — in the
 //!   checkpoint (exactly once, for admins) and on the dead-letter topic (at
@@ -33,13 +42,13 @@ use tally_core::ids::OrgId;
 use tally_core::org::{Rejection, UsageOutcome};
 use tally_core::usage::UsageEvent;
 use tally_engine::Engine;
-use tally_engine::meter::{Meter, Positioned};
-use tally_store::checkpoint::DeadLetter;
+use tally_engine::meter::{LogPoint, Meter, Positioned};
+use tally_store::checkpoint::{DeadLetter, PartitionCheckpoint};
 use tokio::runtime::Handle;
 use tokio::sync::watch;
 
 use crate::codec::{self, Bad, CONTENT_TYPE};
-use crate::metrics::{CONSUMER_LAG, DEAD_LETTERS, REBALANCES, USAGE_LOG_TIME};
+use crate::metrics::{CONSUMER_LAG, DEAD_LETTERS, REBALANCES, USAGE_LOG_TIME, USAGE_LOST};
 use crate::murmur2::partition_for;
 use crate::{KafkaOptions, Result};
 
@@ -65,6 +74,8 @@ struct MeterContext {
     meter: Arc<Meter>,
     rt: Handle,
     topic: String,
+    /// The name partitions are bound to in the checkpoints table.
+    log: String,
 }
 
 impl ClientContext for MeterContext {
@@ -88,12 +99,17 @@ impl ClientContext for MeterContext {
 }
 
 impl MeterContext {
-    fn claim(&self, p: i32) -> Option<i64> {
+    fn claim(&self, p: i32) -> Option<PartitionCheckpoint> {
         let started = Instant::now();
         let mut warned = false;
         loop {
-            match self.rt.block_on(self.meter.claim(p)) {
-                Ok(position) => return Some(position),
+            match self.rt.block_on(self.meter.claim(p, &self.log)) {
+                Ok(checkpoint) => return Some(checkpoint),
+                // The database meters another log: no retry changes that.
+                Err(e @ tally_engine::Error::Store(tally_store::Error::OtherLog { .. })) => {
+                    self.meter.poison(&e.to_string());
+                    return None;
+                }
                 // The database is away: exiting would only restart into the
                 // same outage. Waited for as long as the group allows.
                 Err(e)
@@ -134,13 +150,16 @@ impl ConsumerContext for MeterContext {
                     .map(|e| (e.topic().to_owned(), e.partition()))
                     .collect();
                 for (topic, p) in &assigned {
-                    let Some(position) = self.claim(*p) else {
+                    let Some(checkpoint) = self.claim(*p) else {
                         return;
                     };
-                    let offset = if position < 0 {
-                        Offset::Beginning
-                    } else {
-                        Offset::Offset(position + 1)
+                    // From the message applied last, to check it is the
+                    // same (see `follows`); without its mark (a checkpoint
+                    // older than marks), from the next.
+                    let offset = match (checkpoint.position, checkpoint.mark) {
+                        (p, _) if p < 0 => Offset::Beginning,
+                        (p, Some(_)) => Offset::Offset(p),
+                        (p, None) => Offset::Offset(p + 1),
                     };
                     if let Err(e) = tpl.set_partition_offset(topic, *p, offset) {
                         tracing::error!(partition = p, error = %e, "setting a start offset failed");
@@ -148,6 +167,12 @@ impl ConsumerContext for MeterContext {
                 }
                 if let Err(e) = consumer.assign(tpl) {
                     tracing::error!(error = %e, "assigning partitions failed");
+                }
+                // A partition refused before (and paused) may come back: it
+                // is checked again, so it must be fetched again. A pause
+                // outlives an assignment in librdkafka.
+                if let Err(e) = consumer.resume(tpl) {
+                    tracing::error!(error = %e, "resuming assigned partitions failed");
                 }
                 tracing::info!(partitions = ?assigned.iter().map(|(_, p)| p).collect::<Vec<_>>(), "partitions assigned");
                 self.meter.set_ready(true);
@@ -186,6 +211,8 @@ impl ConsumerContext for MeterContext {
 struct Incoming {
     partition: i32,
     offset: i64,
+    /// Its timestamp as the log keeps it (-1 when none).
+    stamp: i64,
     logged_at_ms: i64,
     key: Option<Vec<u8>>,
     content_type: Option<Vec<u8>>,
@@ -241,6 +268,32 @@ impl LogTime {
 }
 
 impl Incoming {
+    /// The message's fingerprint, its mark in a checkpoint: FNV-1a (64
+    /// bits) of its timestamp, key and payload. Two messages at one offset
+    /// of two incarnations of a topic share it by chance only (2^-64): they
+    /// were produced at other times, or are other usage.
+    fn mark(&self) -> i64 {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        let mut eat = |bytes: &[u8]| {
+            for b in bytes {
+                h ^= u64::from(*b);
+                h = h.wrapping_mul(0x0100_0000_01b3);
+            }
+        };
+        eat(&self.stamp.to_be_bytes());
+        for part in [&self.key, &self.payload] {
+            match part {
+                Some(b) => {
+                    eat(&[1]);
+                    eat(&(b.len() as u64).to_be_bytes());
+                    eat(b);
+                }
+                None => eat(&[0]),
+            }
+        }
+        h as i64
+    }
+
     fn from<M: Message>(m: &M, now_ms: i64) -> (Incoming, LogTime) {
         let content_type = m.headers().and_then(|h| {
             h.iter()
@@ -251,6 +304,7 @@ impl Incoming {
         let incoming = Incoming {
             partition: m.partition(),
             offset: m.offset(),
+            stamp: m.timestamp().to_millis().unwrap_or(-1),
             logged_at_ms,
             key: m.key().map(<[u8]>::to_vec),
             content_type,
@@ -275,6 +329,7 @@ pub fn spawn(
         meter: Arc::clone(&meter),
         rt: rt.clone(),
         topic: opts.usage_topic(),
+        log: format!("kafka:{}", opts.usage_topic()),
     };
     let mut config = opts.consumer_config(&opts.group);
     // Lag is computed from these (every second; the exporter drops a gauge
@@ -299,7 +354,7 @@ pub fn spawn(
             };
             while !*stop.borrow() && !run.meter.is_poisoned() {
                 let batch = poll_batch(&consumer, &run.meter);
-                run.process(batch);
+                run.process(&consumer, batch);
             }
             // Leaving the group revokes (and checkpoints) every partition.
             consumer.unsubscribe();
@@ -365,8 +420,60 @@ struct Run {
     stop: watch::Receiver<bool>,
 }
 
+/// What the first message read of a partition since its claim (or any
+/// batch's first) says about the log, given where the partition stands.
+#[derive(Debug, PartialEq, Eq)]
+enum Follows {
+    /// A later message than the last applied: go on.
+    Next,
+    /// The message applied last, read again as the claim asked: the log is
+    /// the checkpoint's; go on after it.
+    Same,
+    /// Past the next offset, on the first read since the claim or by more
+    /// than [`GAP_CHECKED`] later: what is between may have been deleted
+    /// (retention) before it was metered, or be transaction markers and
+    /// aborted messages. The log's start tells.
+    Gap,
+    /// Not the log the checkpoint was taken from: why.
+    Other(String),
+}
+
+/// A jump of more offsets than this between two batches of a running
+/// partition is checked against the log's start (a consumer that fell
+/// behind retention is moved to the start by librdkafka without a word);
+/// smaller ones are transaction markers and aborted messages.
+const GAP_CHECKED: i64 = 64;
+
+fn follows(at: LogPoint, offset: i64, mark: i64) -> Follows {
+    let position = at.position;
+    match offset.cmp(&position) {
+        std::cmp::Ordering::Less => Follows::Other(format!(
+            "the log went back: offset {offset} was read after offset {position} was applied (a \
+             topic deleted and created again, or a database that meters another deployment's \
+             topic)"
+        )),
+        std::cmp::Ordering::Equal if !at.checked && at.mark == Some(mark) => Follows::Same,
+        std::cmp::Ordering::Equal if !at.checked && at.mark.is_some() => Follows::Other(format!(
+            "the message at offset {offset} is not the one the checkpoint applied there (a topic \
+             deleted and created again, or a database that meters another deployment's topic)"
+        )),
+        std::cmp::Ordering::Equal => Follows::Other(format!(
+            "offset {offset}, applied already, was read again (the log was reset: a topic deleted \
+             and created again)"
+        )),
+        std::cmp::Ordering::Greater
+            if position >= 0
+                && offset > position + 1
+                && (!at.checked || offset > position + 1 + GAP_CHECKED) =>
+        {
+            Follows::Gap
+        }
+        std::cmp::Ordering::Greater => Follows::Next,
+    }
+}
+
 impl Run {
-    fn process(&mut self, batch: Vec<Incoming>) {
+    fn process(&mut self, consumer: &BaseConsumer<MeterContext>, batch: Vec<Incoming>) {
         let mut by_partition: BTreeMap<i32, Vec<Incoming>> = BTreeMap::new();
         for m in batch {
             by_partition.entry(m.partition).or_default().push(m);
@@ -378,7 +485,7 @@ impl Run {
             if *self.stop.borrow() || self.meter.is_poisoned() {
                 return;
             }
-            self.process_partition(p, messages, deadline);
+            self.process_partition(consumer, p, messages, deadline);
         }
         // During a storage fault the meter's periodic task retries the
         // checkpoint; waiting for it here would only stall consumption.
@@ -393,7 +500,109 @@ impl Run {
         }
     }
 
-    fn process_partition(&mut self, p: i32, messages: Vec<Incoming>, deadline: Instant) {
+    /// Checks that `messages` (a batch of partition `p`, in offset order)
+    /// follow what the partition applied; drops a first message applied
+    /// already. False when none of them may be applied.
+    fn check_log(
+        &self,
+        consumer: &BaseConsumer<MeterContext>,
+        p: i32,
+        messages: &mut Vec<Incoming>,
+    ) -> bool {
+        let Some(at) = self.meter.log_point(p) else {
+            // Not owned (revoked meanwhile): the owner reads these.
+            return false;
+        };
+        if at.refused {
+            return false;
+        }
+        let Some(first) = messages.first() else {
+            return false;
+        };
+        match follows(at, first.offset, first.mark()) {
+            Follows::Next => {}
+            Follows::Same => {
+                let _ = messages.remove(0);
+            }
+            Follows::Gap => self.report_lost(consumer, p, at.position, first.offset),
+            Follows::Other(why) => {
+                let topic = consumer_topic(consumer);
+                self.meter.refuse(
+                    p,
+                    format!(
+                        "partition {p} of {topic} is not the log its checkpoint was taken from: \
+                         {why}. If this topic is meant to replace the \
+                         old one, stop every tally serve and run `tally reset-usage-positions`; \
+                         otherwise point the service at the right brokers and topic"
+                    ),
+                );
+                let mut tpl = TopicPartitionList::new();
+                let _ = tpl.add_partition(&topic, p);
+                if let Err(e) = consumer.pause(&tpl) {
+                    tracing::warn!(partition = p, error = %e, "pausing a refused partition failed");
+                }
+                return false;
+            }
+        }
+        self.meter.log_checked(p);
+        !messages.is_empty()
+    }
+
+    /// A batch of `p` starts past `position` + 1 (see [`Follows::Gap`]): if
+    /// the log's start is past it too, the usage in between was deleted
+    /// before this deployment metered it.
+    fn report_lost(
+        &self,
+        consumer: &BaseConsumer<MeterContext>,
+        p: i32,
+        position: i64,
+        first: i64,
+    ) {
+        let topic = consumer_topic(consumer);
+        match consumer.fetch_watermarks(&topic, p, Duration::from_secs(5)) {
+            Ok((low, _)) if low > position + 1 => {
+                let lost = low - (position + 1);
+                metrics::counter!(USAGE_LOST, "partition" => p.to_string())
+                    .increment(lost.unsigned_abs());
+                tracing::error!(
+                    partition = p,
+                    from = position + 1,
+                    to = low - 1,
+                    lost,
+                    "usage lost to retention: offsets {}..={} of partition {p} were deleted from \
+                     {topic} before they were metered (at most {lost} messages); raise the topic's \
+                     retention above the longest time tally may be down",
+                    position + 1,
+                    low - 1
+                );
+            }
+            Ok(_) => tracing::debug!(
+                partition = p,
+                position,
+                first,
+                "offsets skipped are transaction markers or aborted messages"
+            ),
+            Err(e) => tracing::warn!(
+                partition = p,
+                position,
+                first,
+                error = %e,
+                "the log resumes past the offset after the checkpoint, and its start could not be \
+                 read: usage may have been lost to retention"
+            ),
+        }
+    }
+
+    fn process_partition(
+        &mut self,
+        consumer: &BaseConsumer<MeterContext>,
+        p: i32,
+        mut messages: Vec<Incoming>,
+        deadline: Instant,
+    ) {
+        if !self.check_log(consumer, p, &mut messages) {
+            return;
+        }
         let mut good: Vec<(usize, UsageEvent)> = Vec::with_capacity(messages.len());
         let mut bad: Vec<(usize, Bad)> = Vec::new();
         for (i, m) in messages.iter().enumerate() {
@@ -481,6 +690,11 @@ impl Run {
                     payload: m.payload.clone().unwrap_or_default(),
                 },
             );
+        }
+        // The position is the batch's last message now, counted or kept
+        // as a dead letter: its mark goes with it.
+        if let Some(last) = messages.last() {
+            self.meter.mark(p, last.offset, last.mark());
         }
     }
 
@@ -657,9 +871,99 @@ impl Run {
     }
 }
 
+/// The usage topic this consumer reads (it subscribes to one).
+fn consumer_topic(consumer: &BaseConsumer<MeterContext>) -> String {
+    consumer.context().topic.clone()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn at(position: i64, mark: Option<i64>, checked: bool) -> LogPoint {
+        LogPoint {
+            position,
+            mark,
+            checked,
+            refused: false,
+        }
+    }
+
+    #[test]
+    fn a_claimed_partition_resumes_only_on_the_log_its_checkpoint_was_taken_from() {
+        // The claim reads the message applied last again: the same one.
+        assert_eq!(follows(at(41, Some(7), false), 41, 7), Follows::Same);
+        // Another message there, or an earlier offset: another log.
+        assert!(matches!(
+            follows(at(41, Some(7), false), 41, 8),
+            Follows::Other(_)
+        ));
+        assert!(matches!(
+            follows(at(41, Some(7), false), 0, 7),
+            Follows::Other(_)
+        ));
+        // The message at the position is gone (retention): the next one
+        // follows; further on, the log's start decides.
+        assert_eq!(follows(at(41, Some(7), false), 42, 1), Follows::Next);
+        assert_eq!(follows(at(41, Some(7), false), 50, 1), Follows::Gap);
+        // A checkpoint without a mark (older than marks) resumes after it.
+        assert_eq!(follows(at(41, None, false), 42, 1), Follows::Next);
+        assert!(matches!(
+            follows(at(41, None, false), 41, 1),
+            Follows::Other(_)
+        ));
+        // Before the first message applied, any offset follows.
+        assert_eq!(follows(at(-1, None, false), 0, 1), Follows::Next);
+        assert_eq!(follows(at(-1, None, false), 900, 1), Follows::Next);
+    }
+
+    #[test]
+    fn a_running_partition_refuses_a_log_that_goes_back() {
+        // Checked since the claim: later offsets follow, small gaps
+        // included (transaction markers take offsets); a jump further on
+        // (moved to the log's start past retention) is checked.
+        assert_eq!(follows(at(41, Some(7), true), 42, 1), Follows::Next);
+        assert_eq!(follows(at(41, Some(7), true), 45, 1), Follows::Next);
+        assert_eq!(
+            follows(at(41, Some(7), true), 42 + GAP_CHECKED, 1),
+            Follows::Next
+        );
+        assert_eq!(
+            follows(at(41, Some(7), true), 43 + GAP_CHECKED, 1),
+            Follows::Gap
+        );
+        // An offset applied already (the log was reset) never is.
+        assert!(matches!(
+            follows(at(41, Some(7), true), 41, 7),
+            Follows::Other(_)
+        ));
+        assert!(matches!(
+            follows(at(41, Some(7), true), 3, 7),
+            Follows::Other(_)
+        ));
+    }
+
+    #[test]
+    fn a_mark_is_the_messages_own() {
+        let m = |stamp, key: Option<&[u8]>, payload: Option<&[u8]>| {
+            Incoming {
+                partition: 0,
+                offset: 0,
+                stamp,
+                logged_at_ms: 0,
+                key: key.map(<[u8]>::to_vec),
+                content_type: None,
+                payload: payload.map(<[u8]>::to_vec),
+            }
+            .mark()
+        };
+        let base = m(5, Some(b"acme"), Some(b"usage"));
+        assert_eq!(base, m(5, Some(b"acme"), Some(b"usage")));
+        assert_ne!(base, m(6, Some(b"acme"), Some(b"usage")));
+        assert_ne!(base, m(5, Some(b"acm"), Some(b"eusage")));
+        assert_ne!(base, m(5, None, Some(b"usage")));
+        assert_ne!(base, m(5, Some(b"acme"), None));
+    }
 
     #[test]
     fn the_log_time_is_the_brokers_or_never_later_than_this_process() {

@@ -4,6 +4,9 @@ use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
 
 /// Usage that could not be counted, by `reason`.
 pub const DEAD_LETTERS: &str = "tally_dead_letters_total";
+/// Usage messages deleted from a `partition` of the usage topic (by
+/// retention) before they were metered; at most, as offsets count.
+pub const USAGE_LOST: &str = "tally_usage_lost_messages_total";
 /// Consumer group rebalances seen, by `kind` (assign, revoke).
 pub const REBALANCES: &str = "tally_rebalances_total";
 /// Usage published by `POST /v1/usage` to the usage topic, by `outcome`.
@@ -27,6 +30,11 @@ pub fn describe() {
         DEAD_LETTERS,
         Unit::Count,
         "usage kept as dead letters, by reason"
+    );
+    describe_counter!(
+        USAGE_LOST,
+        Unit::Count,
+        "usage messages deleted from the usage topic before they were metered"
     );
     describe_counter!(
         REBALANCES,

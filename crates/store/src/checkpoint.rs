@@ -33,6 +33,13 @@ pub struct PartitionCheckpoint {
     pub position: i64,
     /// Counts checkpoints; also names the dedupe chunks each one wrote.
     pub number: i64,
+    /// A fingerprint of the message at `position`, where the log can be
+    /// another than the one the checkpoint was taken from (a Kafka topic
+    /// deleted and created again under the same name): the meter resumes
+    /// by reading that message again and comparing. None before the first
+    /// message, for the embedded usage log (in this database) and for
+    /// checkpoints written before marks existed.
+    pub mark: Option<i64>,
 }
 
 impl Default for PartitionCheckpoint {
@@ -40,6 +47,7 @@ impl Default for PartitionCheckpoint {
         PartitionCheckpoint {
             position: -1,
             number: 0,
+            mark: None,
         }
     }
 }
@@ -170,10 +178,19 @@ fn month_i64(m: Month) -> i64 {
 }
 
 fn claim_from(r: &sqlx::any::AnyRow) -> Result<Claim> {
+    let position: i64 = r.try_get(0)?;
+    let mark_position: Option<i64> = r.try_get(4)?;
     Ok(Claim {
         checkpoint: PartitionCheckpoint {
-            position: r.try_get(0)?,
+            position,
             number: r.try_get(1)?,
+            // Only the mark of the position: a process of a version before
+            // marks moves the position on and leaves the mark as it was.
+            mark: if mark_position == Some(position) {
+                r.try_get(3)?
+            } else {
+                None
+            },
         },
         epoch: r.try_get(2)?,
     })
@@ -182,30 +199,85 @@ fn claim_from(r: &sqlx::any::AnyRow) -> Result<Claim> {
 impl Db {
     /// A partition's last checkpoint and epoch, if it has one.
     pub async fn load_checkpoint(&self, partition: i64) -> Result<Option<Claim>> {
-        let row =
-            sqlx::query("SELECT position, number, epoch FROM checkpoints WHERE partition_id = $1")
-                .bind(partition)
-                .fetch_optional(self.writer())
-                .await?;
+        let row = sqlx::query(
+            "SELECT position, number, epoch, mark, mark_position FROM checkpoints \
+             WHERE partition_id = $1",
+        )
+        .bind(partition)
+        .fetch_optional(self.writer())
+        .await?;
         row.as_ref().map(claim_from).transpose()
     }
 
-    /// Takes a partition over: bumps its epoch (fencing out the previous
-    /// owner) and returns where it stands.
-    pub async fn claim_partition(&self, partition: i64, now_ms: i64) -> Result<Claim> {
+    /// Takes a partition of usage log `log` over: bumps its epoch (fencing
+    /// out the previous owner) and returns where it stands. A partition is
+    /// bound to the log its first claim names; a claim for another log
+    /// fails with [`Error::OtherLog`] and changes nothing (it fences no
+    /// owner of the right one).
+    pub async fn claim_partition(&self, partition: i64, log: &str, now_ms: i64) -> Result<Claim> {
         // In a transaction: the row comes back before an implicit commit.
         let mut tx = self.begin_write().await?;
         let row = sqlx::query(
-            "INSERT INTO checkpoints (partition_id, position, number, epoch, updated_at_ms) \
-             VALUES ($1, -1, 0, 1, $2) ON CONFLICT (partition_id) DO UPDATE SET \
-             epoch = checkpoints.epoch + 1 RETURNING position, number, epoch",
+            "INSERT INTO checkpoints (partition_id, position, number, epoch, updated_at_ms, \
+             usage_log) VALUES ($1, -1, 0, 1, $2, $3) ON CONFLICT (partition_id) DO UPDATE SET \
+             epoch = checkpoints.epoch + 1, \
+             usage_log = COALESCE(checkpoints.usage_log, excluded.usage_log) \
+             WHERE checkpoints.usage_log IS NULL OR checkpoints.usage_log = excluded.usage_log \
+             RETURNING position, number, epoch, mark, mark_position",
         )
         .bind(partition)
         .bind(now_ms)
-        .fetch_one(&mut *tx)
+        .bind(log)
+        .fetch_optional(&mut *tx)
         .await?;
+        let Some(row) = row else {
+            let bound: String =
+                sqlx::query_scalar("SELECT usage_log FROM checkpoints WHERE partition_id = $1")
+                    .bind(partition)
+                    .fetch_one(&mut *tx)
+                    .await?;
+            tx.rollback().await?;
+            return Err(Error::OtherLog {
+                partition,
+                bound,
+                log: log.to_owned(),
+            });
+        };
         tx.commit().await?;
         claim_from(&row)
+    }
+
+    /// Forgets where every partition of the usage log stood and which log
+    /// it was (`tally reset-usage-positions`, with no service running): the
+    /// next claim binds the partition to the log it names and reads it from
+    /// its beginning. Counted spend, dedupe windows and holds stay. Returns
+    /// how many partitions it reset. Refused for a database metered from
+    /// the embedded usage log: that log is never created again, and reading
+    /// it from its start would only dead-letter what it kept.
+    pub async fn reset_usage_positions(&self, now_ms: i64) -> Result<u64> {
+        let mut tx = self.begin_write().await?;
+        let embedded: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM checkpoints WHERE usage_log = 'embedded'")
+                .fetch_one(&mut *tx)
+                .await?;
+        if embedded > 0 {
+            tx.rollback().await?;
+            return Err(Error::Config(
+                "this database is metered from the embedded usage log (tally serve without \
+                 --kafka-brokers), which is never created again: it has no positions to reset"
+                    .into(),
+            ));
+        }
+        let n = sqlx::query(
+            "UPDATE checkpoints SET position = -1, mark = NULL, mark_position = NULL, \
+             usage_log = NULL, epoch = epoch + 1, updated_at_ms = $1",
+        )
+        .bind(now_ms)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        tx.commit().await?;
+        Ok(n)
     }
 
     /// Loads the saved meters of the orgs metered on `partition`:
@@ -339,12 +411,13 @@ impl Db {
         // First, so that it holds the row lock: a claim waits for this
         // transaction, and this one fails if a claim came first.
         let fenced = sqlx::query(
-            "UPDATE checkpoints SET position = $1, number = $2, updated_at_ms = $3 \
-             WHERE partition_id = $4 AND epoch = $5 AND number = $6",
+            "UPDATE checkpoints SET position = $1, number = $2, updated_at_ms = $3, mark = $4, \
+             mark_position = $1 WHERE partition_id = $5 AND epoch = $6 AND number = $7",
         )
         .bind(at.position)
         .bind(at.number)
         .bind(now_ms)
+        .bind(at.mark)
         .bind(partition)
         .bind(epoch)
         .bind(base)

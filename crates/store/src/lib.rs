@@ -39,6 +39,18 @@ pub enum Error {
     /// before this one is not the one expected).
     #[error("partition {partition} is fenced: another owner claimed it")]
     Fenced { partition: i64 },
+    /// The partition's checkpoint was taken from another usage log than
+    /// the one being claimed for (see [`Db::claim_partition`]).
+    #[error(
+        "partition {partition}'s checkpoint belongs to usage log {bound}, not to {log}: this \
+         database meters another log. Point the service at {bound}, or, if {log} is meant to \
+         replace it, stop every tally serve and run `tally reset-usage-positions`"
+    )]
+    OtherLog {
+        partition: i64,
+        bound: String,
+        log: String,
+    },
     /// A well-formed request that the query cannot answer (e.g. a cursor of
     /// another sort).
     #[error("{0}")]

@@ -278,6 +278,14 @@ CREATE INDEX holds_by_partition ON holds (partition_id);
     let v7 = "DROP INDEX holds_by_partition;\n\
               CREATE INDEX holds_by_partition_expiry ON holds (partition_id, expires_at_ms);"
         .to_owned();
+    // v8: checkpoints bound to their usage log: its name (bound at the
+    // first claim) and a fingerprint of the message at a position (the
+    // position it was taken at: a binary older than marks moves the
+    // position on without it).
+    let v8 = "ALTER TABLE checkpoints ADD COLUMN usage_log TEXT;\n\
+              ALTER TABLE checkpoints ADD COLUMN mark BIGINT;\n\
+              ALTER TABLE checkpoints ADD COLUMN mark_position BIGINT;"
+        .to_owned();
     vec![
         (1, v1 + &append_only),
         (2, v2),
@@ -286,5 +294,6 @@ CREATE INDEX holds_by_partition ON holds (partition_id);
         (5, v5),
         (6, v6),
         (7, v7),
+        (8, v8),
     ]
 }

@@ -161,12 +161,13 @@ fn counter(kind: SubjectKind, id: &str, spend: i64) -> SavedCounter {
 /// Claims partition 0 and writes checkpoints 1..=n of it, one per call.
 async fn checkpoint(db: &Db, org: &str, number: i64, changes: MeterChanges) {
     if number == 1 {
-        let _ = db.claim_partition(0, NOV).await.unwrap();
+        let _ = db.claim_partition(0, "test", NOV).await.unwrap();
     }
     let epoch = db.load_checkpoint(0).await.unwrap().unwrap().epoch;
     let at = PartitionCheckpoint {
         position: number * 10,
         number,
+        mark: None,
     };
     db.write_checkpoint(
         0,
@@ -611,7 +612,8 @@ async fn checkpoints_round_trip(db: Db) {
         db.load_checkpoint(0).await.unwrap().map(|c| c.checkpoint),
         Some(PartitionCheckpoint {
             position: 20,
-            number: 2
+            number: 2,
+            mark: None
         })
     );
     let meters = db.load_meters(0, 86_400_000, month()).await.unwrap();
@@ -694,20 +696,25 @@ async fn a_deposed_owner_is_fenced_out(db: Db) {
         counters: vec![counter(SubjectKind::User, "alice", spend)],
         ..MeterChanges::default()
     };
-    let first = db.claim_partition(3, NOV).await.unwrap();
+    let first = db.claim_partition(3, "test", NOV).await.unwrap();
     assert_eq!(
         first.checkpoint,
         PartitionCheckpoint {
             position: -1,
-            number: 0
+            number: 0,
+            mark: None
         }
     );
-    let at = |position, number| PartitionCheckpoint { position, number };
+    let at = |position, number| PartitionCheckpoint {
+        position,
+        number,
+        mark: None,
+    };
     db.write_checkpoint(3, first.epoch, at(10, 1), &[(acme(), one(5))], &[], NOV)
         .await
         .unwrap();
     // A new owner takes over from checkpoint 1.
-    let second = db.claim_partition(3, NOV).await.unwrap();
+    let second = db.claim_partition(3, "test", NOV).await.unwrap();
     assert_eq!(second.checkpoint, at(10, 1));
     assert!(second.epoch > first.epoch);
     // The old owner can no longer write.
@@ -745,6 +752,87 @@ async fn a_deposed_owner_is_fenced_out(db: Db) {
     );
 }
 
+/// A partition is bound to the usage log of its first claim: a claim for
+/// another log is refused and fences no one; the mark of the position comes
+/// back with the claim; resetting the positions keeps what was counted.
+async fn a_checkpoint_is_bound_to_its_usage_log(db: Db) {
+    let _org = Org::create(&db, "acme").await;
+    let acme = || OrgId::new("acme").unwrap();
+    let changes = MeterChanges {
+        counters: vec![counter(SubjectKind::User, "alice", 5)],
+        ..MeterChanges::default()
+    };
+    let first = db.claim_partition(2, "kafka:a", NOV).await.unwrap();
+    let at = PartitionCheckpoint {
+        position: 10,
+        number: 1,
+        mark: Some(-42),
+    };
+    db.write_checkpoint(2, first.epoch, at, &[(acme(), changes)], &[], NOV)
+        .await
+        .unwrap();
+    let other = db.claim_partition(2, "kafka:b", NOV).await;
+    match &other {
+        Err(Error::OtherLog {
+            partition: 2,
+            bound,
+            log,
+        }) => assert_eq!((bound.as_str(), log.as_str()), ("kafka:a", "kafka:b")),
+        other => panic!("{other:?}"),
+    }
+    let text = other.unwrap_err().to_string();
+    assert!(text.contains("tally reset-usage-positions"), "{text}");
+    let stored = db.load_checkpoint(2).await.unwrap().unwrap();
+    assert_eq!((stored.epoch, stored.checkpoint), (first.epoch, at));
+    // Other partitions are bound on their own.
+    let _ = db.claim_partition(3, "kafka:b", NOV).await.unwrap();
+    let again = db.claim_partition(2, "kafka:a", NOV).await.unwrap();
+    assert_eq!(again.checkpoint, at);
+    assert!(again.epoch > first.epoch);
+    // A process older than marks moves the position on and leaves the mark
+    // as it was: it is not the mark of the new position.
+    let _ = db
+        .execute_raw("UPDATE checkpoints SET position = 25 WHERE partition_id = 2")
+        .await
+        .unwrap();
+    let older = db.claim_partition(2, "kafka:a", NOV).await.unwrap();
+    assert_eq!(
+        older.checkpoint,
+        PartitionCheckpoint {
+            position: 25,
+            number: 1,
+            mark: None
+        }
+    );
+    let again = older;
+
+    assert_eq!(db.reset_usage_positions(NOV).await.unwrap(), 2);
+    let stale = db.write_checkpoint(2, again.epoch, at, &[], &[], NOV).await;
+    assert!(matches!(stale, Err(Error::Fenced { .. })), "{stale:?}");
+    let rebound = db.claim_partition(2, "kafka:b", NOV).await.unwrap();
+    assert_eq!(
+        rebound.checkpoint,
+        PartitionCheckpoint {
+            position: -1,
+            number: 1,
+            mark: None
+        }
+    );
+    let meters = db.load_meters(2, 86_400_000, month()).await.unwrap();
+    assert_eq!(
+        meters["acme"].counters,
+        vec![counter(SubjectKind::User, "alice", 5)],
+        "counted spend stays"
+    );
+    // The embedded log is never created again: nothing to reset.
+    let _ = db.claim_partition(7, "embedded", NOV).await.unwrap();
+    let refused = db.reset_usage_positions(NOV).await;
+    assert!(
+        matches!(&refused, Err(Error::Config(m)) if m.contains("embedded usage log")),
+        "{refused:?}"
+    );
+}
+
 async fn holds_are_fenced_and_go_with_checkpoints(db: Db) {
     use tally_store::holds::StoredHold;
     let _org = Org::create(&db, "acme").await;
@@ -758,7 +846,7 @@ async fn holds_are_fenced_and_go_with_checkpoints(db: Db) {
         placed_at_ms: NOV,
         expires_at_ms: NOV + 600_000,
     };
-    let first = db.claim_partition(5, NOV).await.unwrap();
+    let first = db.claim_partition(5, "test", NOV).await.unwrap();
     db.place_holds(5, first.epoch, &[hold("r1", 10), hold("r2", 20)])
         .await
         .unwrap();
@@ -791,6 +879,7 @@ async fn holds_are_fenced_and_go_with_checkpoints(db: Db) {
     let at = PartitionCheckpoint {
         position: 10,
         number: 1,
+        mark: None,
     };
     db.write_checkpoint(
         5,
@@ -807,7 +896,7 @@ async fn holds_are_fenced_and_go_with_checkpoints(db: Db) {
     db.place_holds(5, first.epoch, &[hold("r3", 30)])
         .await
         .unwrap();
-    let second = db.claim_partition(5, NOV).await.unwrap();
+    let second = db.claim_partition(5, "test", NOV).await.unwrap();
     let stale = db.place_holds(5, first.epoch, &[hold("r4", 40)]).await;
     assert!(
         matches!(stale, Err(Error::Fenced { partition: 5 })),
@@ -847,7 +936,7 @@ async fn held_sums_add_up_the_live_rows_per_scope(db: Db) {
         expires_at_ms: expires,
     };
     let live = NOV + 600_000;
-    let claim = db.claim_partition(3, NOV).await.unwrap();
+    let claim = db.claim_partition(3, "test", NOV).await.unwrap();
     db.place_holds(
         3,
         claim.epoch,
@@ -921,7 +1010,7 @@ async fn a_checkpoint_deletes_many_settled_holds(db: Db) {
         placed_at_ms: NOV,
         expires_at_ms: NOV + 600_000,
     };
-    let claim = db.claim_partition(4, NOV).await.unwrap();
+    let claim = db.claim_partition(4, "test", NOV).await.unwrap();
     let mut holds: Vec<StoredHold> = (0..1_200).map(|i| hold("acme", i)).collect();
     holds.push(hold("beta", 7));
     db.place_holds(4, claim.epoch, &holds).await.unwrap();
@@ -932,6 +1021,7 @@ async fn a_checkpoint_deletes_many_settled_holds(db: Db) {
     let at = PartitionCheckpoint {
         position: 1,
         number: 1,
+        mark: None,
     };
     db.write_checkpoint(
         4,
@@ -960,7 +1050,7 @@ async fn a_checkpoint_deletes_many_settled_holds(db: Db) {
 }
 
 async fn dead_letters_are_kept_once(db: Db) {
-    let claim = db.claim_partition(1, NOV).await.unwrap();
+    let claim = db.claim_partition(1, "test", NOV).await.unwrap();
     let letter = |position, org: Option<&str>| DeadLetter {
         position,
         logged_at_ms: NOV + position,
@@ -973,6 +1063,7 @@ async fn dead_letters_are_kept_once(db: Db) {
     let at = PartitionCheckpoint {
         position: 5,
         number: 1,
+        mark: None,
     };
     db.write_checkpoint(1, claim.epoch, at, &[], &letters, NOV)
         .await
@@ -981,6 +1072,7 @@ async fn dead_letters_are_kept_once(db: Db) {
     let at = PartitionCheckpoint {
         position: 5,
         number: 2,
+        mark: None,
     };
     db.write_checkpoint(1, claim.epoch, at, &[], &letters, NOV)
         .await
@@ -1301,7 +1393,7 @@ async fn a_failed_commit_leaves_the_connection_clean(db: Db, url: String, fault:
     let acme = OrgId::new("acme").unwrap();
     let mut org = Org::create(&db, "acme").await;
     org.add_user(&db, "alice", "Alice", Some(10)).await;
-    let _ = db.claim_partition(0, NOV).await.unwrap();
+    let _ = db.claim_partition(0, "test", NOV).await.unwrap();
     let epoch = db.load_checkpoint(0).await.unwrap().unwrap().epoch;
     let first = db.append_usage(NOV, 1, b"before").await.unwrap();
     let add = |id: &str, seq: u64| {
@@ -1336,6 +1428,7 @@ async fn a_failed_commit_leaves_the_connection_clean(db: Db, url: String, fault:
     let at = |number| PartitionCheckpoint {
         position: first,
         number,
+        mark: None,
     };
 
     fault.arm(&db).await;
@@ -1451,6 +1544,7 @@ contract!(
     usage_log_positions_only_grow,
     text_is_stored_verbatim,
     a_deposed_owner_is_fenced_out,
+    a_checkpoint_is_bound_to_its_usage_log,
     holds_are_fenced_and_go_with_checkpoints,
     held_sums_add_up_the_live_rows_per_scope,
     a_checkpoint_deletes_many_settled_holds,

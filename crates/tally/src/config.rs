@@ -25,6 +25,13 @@ pub(crate) enum Command {
     /// Drop every read model and project the whole entity log again (offline:
     /// refused while any tally serve uses the same data dir or database).
     RebuildProjections(StoreArgs),
+    /// Forget where each partition of the usage log stood, and which log it
+    /// was: the next start reads the configured usage topic from its
+    /// beginning. For a usage topic deleted and created again on purpose
+    /// (the service refuses its partitions until then). Counted spend stays.
+    /// Offline: refused while any tally serve uses the same data dir or
+    /// database.
+    ResetUsagePositions(StoreArgs),
     /// End-to-end figures on this machine: HTTP ingest, authorize latency,
     /// restart time, Kafka metering against a bare consumer.
     Bench(crate::bench::BenchArgs),

@@ -16,7 +16,7 @@ use tally_api::{AppState, Limits};
 use tally_core::dedupe::DedupeConfig;
 use tally_core::org::MeterConfig;
 use tally_core::secret::{SecretHash, hash_secret};
-use tally_engine::clock::SystemClock;
+use tally_engine::clock::{Clock as _, SystemClock};
 use tally_engine::embedded::EmbeddedLog;
 use tally_engine::holds::HoldJournal;
 use tally_engine::meter::MeterOptions;
@@ -65,6 +65,12 @@ fn main() -> anyhow::Result<()> {
             let store = config::layered_store(cli.config.as_deref(), args)?;
             let (url, _) = config::database_url(&store)?;
             runtime.block_on(rebuild(&url))
+        }
+        Command::ResetUsagePositions(args) => {
+            init_logs(false);
+            let store = config::layered_store(cli.config.as_deref(), args)?;
+            let (url, _) = config::database_url(&store)?;
+            runtime.block_on(reset_usage_positions(&url))
         }
     }
 }
@@ -466,11 +472,13 @@ async fn signal() {
     tracing::info!("signal received: stopping");
 }
 
-async fn rebuild(url: &str) -> anyhow::Result<()> {
-    let started = Instant::now();
-    // Never under a running service: it serves the read models this drops.
-    // Locked before the schema's migration too.
-    let _file_lock = lock_sqlite(
+/// The database at `url`, opened for a maintenance command: never under a
+/// running service (it serves what these commands rewrite), locked before
+/// the schema's migration too. Hand the locks back to [`close_offline`].
+async fn open_offline(
+    url: &str,
+) -> anyhow::Result<(Db, Option<std::fs::File>, Option<tally_store::SessionLock>)> {
+    let file_lock = lock_sqlite(
         url,
         "a tally serve (or another maintenance command) is using {}: stop it first (this \
          command rewrites what it serves)",
@@ -485,6 +493,24 @@ async fn rebuild(url: &str) -> anyhow::Result<()> {
     db.migrate()
         .await
         .with_context(|| format!("migrating {}", redact(url)))?;
+    Ok((db, file_lock, session_lock))
+}
+
+async fn close_offline(
+    db: Db,
+    file_lock: Option<std::fs::File>,
+    session_lock: Option<tally_store::SessionLock>,
+) {
+    if let Some(lock) = session_lock {
+        lock.release().await;
+    }
+    db.close().await;
+    drop(file_lock);
+}
+
+async fn rebuild(url: &str) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let (db, file_lock, session_lock) = open_offline(url).await?;
     eprintln!(
         "rebuilding read models from the entity log in {}",
         redact(url)
@@ -493,13 +519,26 @@ async fn rebuild(url: &str) -> anyhow::Result<()> {
         .rebuild_projections(|n| eprintln!("  {n} events projected"))
         .await
         .context("rebuilding projections")?;
-    if let Some(lock) = session_lock {
-        lock.release().await;
-    }
-    db.close().await;
+    close_offline(db, file_lock, session_lock).await;
     println!(
         "rebuilt read models from {n} events in {} ms",
         started.elapsed().as_millis()
+    );
+    Ok(())
+}
+
+async fn reset_usage_positions(url: &str) -> anyhow::Result<()> {
+    let (db, file_lock, session_lock) = open_offline(url).await?;
+    let now_ms = SystemClock.now_ms();
+    let n = db
+        .reset_usage_positions(now_ms)
+        .await
+        .context("resetting the usage positions")?;
+    close_offline(db, file_lock, session_lock).await;
+    println!(
+        "reset the positions of {n} usage partitions: the next tally serve reads its usage topic \
+         from the beginning (counted spend is kept; usage read again counts once, and usage older \
+         than the dedupe window is dead-lettered as too late)"
     );
     Ok(())
 }

@@ -42,6 +42,10 @@ async fn every_bench_scenario_runs_in_quick_mode() {
         "authorize: paced at 1000/s: in the server: p99 ≤ ",
         "restart: 100000 events (100 log records of 1000)",
         "restart: start to ready ",
+        "soak: 60 s embedded, 20 users; ingest paced at ",
+        "soak: totals exact: spend ",
+        " kills -9, restart to ready ",
+        "soak: memory of run 0: ",
     ];
     if kafka {
         expected.extend([

@@ -19,7 +19,8 @@ const TOKEN: &str = "bench-operator-token-0123456789";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub(crate) enum Scenario {
-    /// Every scenario (kafka only with --kafka-brokers and --database-url).
+    /// Every scenario (kafka only with --kafka-brokers and --database-url;
+    /// soak only with --quick).
     All,
     /// Usage over HTTP in batches, applied and checkpointed (embedded).
     Embedded,
@@ -29,6 +30,10 @@ pub(crate) enum Scenario {
     Restart,
     /// Consume-apply-checkpoint from Kafka against a bare consumer.
     Kafka,
+    /// Mixed load (ingest at half the measured maximum, authorize with
+    /// holds, admin reads and bulk changes) with a kill -9 and restart every
+    /// minute: memory, and totals exact at the end (embedded).
+    Soak,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -48,6 +53,10 @@ pub(crate) struct BenchArgs {
     /// Where the scenarios keep their data [default: a temp dir, removed].
     #[arg(long)]
     pub(crate) dir: Option<PathBuf>,
+    /// How long the soak scenario runs, in seconds [default: 600; 60 with
+    /// --quick].
+    #[arg(long)]
+    pub(crate) soak_secs: Option<u64>,
 }
 
 /// A `tally serve` child process.
@@ -60,10 +69,14 @@ struct Server {
 
 impl Server {
     fn start(dir: &Path, name: &str, args: &[&str]) -> anyhow::Result<Server> {
+        Server::start_on(dir, name, "127.0.0.1:0", args)
+    }
+
+    fn start_on(dir: &Path, name: &str, listen: &str, args: &[&str]) -> anyhow::Result<Server> {
         let log = dir.join(format!("{name}.log"));
         let mut child = Command::new(std::env::current_exe()?)
             .arg("serve")
-            .args(["--listen", "127.0.0.1:0", "--operator-token", TOKEN])
+            .args(["--listen", listen, "--operator-token", TOKEN])
             .args(args)
             .env(
                 "RUST_LOG",
@@ -275,6 +288,12 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<()> {
         if run(Scenario::Restart) {
             restart(&args, &dir.join("restart")).await?;
         }
+        // Ten minutes: on its own only, but in every quick run.
+        if args.scenario == Scenario::Soak || (args.quick && run(Scenario::Soak)) {
+            soak(&args, &dir.join("soak")).await?;
+        } else if run(Scenario::Soak) {
+            println!("soak: skipped (ten minutes: run `tally bench soak`)");
+        }
         if run(Scenario::Kafka) {
             match (&args.kafka_brokers, &args.database_url) {
                 (Some(b), Some(d)) => kafka(&args, &dir.join("kafka"), b, d).await?,
@@ -365,13 +384,26 @@ async fn ingest_pass(
     users: u32,
     clients: usize,
 ) -> anyhow::Result<(Duration, Duration)> {
+    ingest_pass_org(s, "bench", first, n, batch, users, clients).await
+}
+
+/// [`ingest_pass`] for the org `org`.
+async fn ingest_pass_org(
+    s: &Server,
+    org: &str,
+    first: u64,
+    n: u64,
+    batch: u64,
+    users: u32,
+    clients: usize,
+) -> anyhow::Result<(Duration, Duration)> {
     let now = now_ms();
     let bodies: Vec<String> = (0..n / batch)
         .map(|b| {
             let evs: Vec<Value> = (first + b * batch..first + (b + 1) * batch)
                 .map(|i| {
                     let u = i % u64::from(users);
-                    json!({"request_id": format!("e-{i}"), "org_id": "bench",
+                    json!({"request_id": format!("e-{i}"), "org_id": org,
                            "user_id": format!("u{u}"), "api_key_id": format!("k{u}"),
                            "model": "gpt-4o", "provider": "openai", "input_tokens": 1200,
                            "output_tokens": 300, "cost_micros": cost(i),
@@ -412,7 +444,7 @@ async fn ingest_pass(
         r??;
     }
     let ingested = started.elapsed();
-    let got = spend(s, "bench").await?;
+    let got = spend(s, org).await?;
     let checkpointed = started.elapsed();
     if got != expected_spend(0, first + n) {
         bail!("spend {got} != {}", expected_spend(0, first + n));
@@ -917,4 +949,353 @@ async fn kafka(
         ((bare - bare_first).as_micros() * 100) / (metered - tally_first).as_micros().max(1)
     );
     s.stop()
+}
+
+/// Shared by the soak's workers: what was acknowledged, and when to stop.
+#[derive(Default)]
+struct SoakBook {
+    stop: std::sync::atomic::AtomicBool,
+    /// Spend of the usage Tally acknowledged (accepted or duplicate).
+    spend: std::sync::atomic::AtomicI64,
+    events: std::sync::atomic::AtomicU64,
+    reserves: std::sync::atomic::AtomicU64,
+    admitted: std::sync::atomic::AtomicU64,
+    reads: std::sync::atomic::AtomicU64,
+    bulk: std::sync::atomic::AtomicU64,
+    /// Calls that found the server away (killed, restarting): retried.
+    retries: std::sync::atomic::AtomicU64,
+}
+
+impl SoakBook {
+    fn stopped(&self) -> bool {
+        self.stop.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn add(n: &std::sync::atomic::AtomicU64, by: u64) {
+        let _ = n.fetch_add(by, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// One call of a soak worker, asked again until the server answers (it may
+/// be dead or restarting): the answer's status and body. None once stopped.
+async fn soak_call(
+    http: &reqwest::Client,
+    book: &SoakBook,
+    url: &str,
+    path: &str,
+    body: Option<&str>,
+) -> Option<(u16, Value)> {
+    loop {
+        let req = match body {
+            Some(b) => http
+                .post(format!("{url}{path}"))
+                .header("content-type", "application/json")
+                .body(b.to_owned()),
+            None => http.get(format!("{url}{path}")),
+        };
+        let sent = req
+            .bearer_auth(TOKEN)
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await;
+        match sent {
+            Ok(r) if r.status().as_u16() != 503 => {
+                let status = r.status().as_u16();
+                if let Ok(v) = r.json::<Value>().await {
+                    return Some((status, v));
+                }
+            }
+            _ => {}
+        }
+        // A body with a lost answer is sent again as is: usage is
+        // deduplicated by request id, a hold by its request id.
+        SoakBook::add(&book.retries, 1);
+        if book.stopped() {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The soak server's dedupe window, in request ids.
+const DEDUPE_IDS: u64 = 500_000;
+
+/// Resident memory of process `pid`, in KiB (Linux; 0 elsewhere).
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// (e) Soak, embedded: ingest at half the maximum measured first, authorize
+/// with holds (each admitted call's usage settles its hold), admin reads
+/// and bulk limit changes, all at once, with a kill -9 and restart of the
+/// server every `kill_every`. Every call is asked again until answered
+/// (usage by its request id, counted once). At the end: the org's spend is
+/// exactly the acknowledged usage's, and resident memory per incarnation
+/// after its warm-up is printed.
+async fn soak(args: &BenchArgs, dir: &Path) -> anyhow::Result<()> {
+    use std::sync::atomic::Ordering::Relaxed;
+    std::fs::create_dir_all(dir)?;
+    let (secs, kill_every, users, warmup) = if args.quick {
+        (args.soak_secs.unwrap_or(60), 25, 20u32, 10)
+    } else {
+        (args.soak_secs.unwrap_or(600), 60, 1_000, 10)
+    };
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let url = format!("http://{listen}");
+    let data = dir.display().to_string();
+    // A dedupe window that fills within the warm-up: past it, memory
+    // should stay flat (the default window, 20 million ids an org, would
+    // take minutes to fill at this rate).
+    let serve = [
+        "--data-dir",
+        data.as_str(),
+        "--dedupe-entries-max",
+        &DEDUPE_IDS.to_string(),
+    ];
+    let mut server = Server::start_on(dir, "soak-0", &listen, &serve)?;
+    server.ready().await?;
+    let secrets = seed_org(&server, "soak", users).await?;
+    // Half the maximum: a closed-loop pass first.
+    let (batch, clients) = (500u64, 4usize);
+    let probe = 20 * batch * clients as u64;
+    let (probed, _) = ingest_pass_org(&server, "soak", 0, probe, batch, users, clients).await?;
+    let max_per_s = u128::from(probe) * 1_000 / probed.as_millis().max(1);
+    let target_per_s = u64::try_from(max_per_s / 2).unwrap_or(u64::MAX).max(batch);
+    let book = Arc::new(SoakBook::default());
+    book.spend.store(expected_spend(0, probe), Relaxed);
+    book.events.store(probe, Relaxed);
+    println!(
+        "soak: {secs} s embedded, {users} users; ingest paced at {target_per_s} events/s (half of \
+         {max_per_s} measured), 8 authorize workers with holds, 2 admin readers, a bulk limit \
+         change a second; kill -9 and restart every {kill_every} s; dedupe window {DEDUPE_IDS} ids"
+    );
+    let http = reqwest::Client::new();
+    let mut tasks = tokio::task::JoinSet::new();
+    // Ingest, paced in batches.
+    for c in 0..clients as u64 {
+        let (book, http, url) = (Arc::clone(&book), http.clone(), url.clone());
+        let per_client = target_per_s / clients as u64;
+        let _ = tasks.spawn(async move {
+            let every = Duration::from_micros(1_000_000 * batch / per_client.max(1));
+            let mut next = Instant::now();
+            let mut b = 0u64;
+            while !book.stopped() {
+                let first = probe + (b * clients as u64 + c) * batch;
+                let now = now_ms();
+                let evs: Vec<Value> = (first..first + batch)
+                    .map(|i| {
+                        let u = i % u64::from(users);
+                        json!({"request_id": format!("e-{i}"), "org_id": "soak",
+                               "user_id": format!("u{u}"), "api_key_id": format!("k{u}"),
+                               "model": "gpt-4o", "provider": "openai", "cost_micros": cost(i),
+                               "occurred_at": tally_proto::format_rfc3339_ms(now - 1_000)})
+                    })
+                    .collect();
+                let body = json!({ "events": evs }).to_string();
+                let Some((status, v)) =
+                    soak_call(&http, &book, &url, "/v1/usage", Some(&body)).await
+                else {
+                    break;
+                };
+                let counted =
+                    v["accepted"].as_u64().unwrap_or(0) + v["duplicates"].as_u64().unwrap_or(0);
+                if status != 200 || counted != batch {
+                    bail!("usage batch at {first}: {status} {v}");
+                }
+                let _ = book.spend.fetch_add(expected_spend(first, batch), Relaxed);
+                SoakBook::add(&book.events, batch);
+                b += 1;
+                next += every;
+                tokio::time::sleep_until(next.into()).await;
+            }
+            anyhow::Ok(())
+        });
+    }
+    // Authorize with a hold, then the call's usage (which settles it).
+    for w in 0..8u64 {
+        let (book, http, url) = (Arc::clone(&book), http.clone(), url.clone());
+        let secrets = secrets.clone();
+        let _ = tasks.spawn(async move {
+            let mut i = 0u64;
+            while !book.stopped() {
+                let u = (w * 7 + i) % u64::from(users);
+                let id = format!("h-{w}-{i}");
+                let c = 2_000 + i64::try_from(i % 500).unwrap_or(0);
+                let body = json!({"api_key": secrets[usize::try_from(u).unwrap_or(0)],
+                                  "request_id": id, "reserve_micros": c, "hold_ttl_ms": 60_000})
+                .to_string();
+                let Some((_, a)) =
+                    soak_call(&http, &book, &url, "/v1/authorize", Some(&body)).await
+                else {
+                    break;
+                };
+                SoakBook::add(&book.reserves, 1);
+                i += 1;
+                if a["allowed"] != json!(true) {
+                    continue;
+                }
+                SoakBook::add(&book.admitted, 1);
+                let ev = json!({"events": [{"request_id": id, "org_id": "soak",
+                    "user_id": format!("u{u}"), "api_key_id": format!("k{u}"),
+                    "model": "gpt-4o", "provider": "openai", "cost_micros": c,
+                    "occurred_at": tally_proto::format_rfc3339_ms(now_ms())}]})
+                .to_string();
+                let Some((status, v)) = soak_call(&http, &book, &url, "/v1/usage", Some(&ev)).await
+                else {
+                    break;
+                };
+                let counted =
+                    v["accepted"].as_u64().unwrap_or(0) + v["duplicates"].as_u64().unwrap_or(0);
+                if status != 200 || counted != 1 {
+                    bail!("usage of {id}: {status} {v}");
+                }
+                let _ = book.spend.fetch_add(c, Relaxed);
+                SoakBook::add(&book.events, 1);
+            }
+            anyhow::Ok(())
+        });
+    }
+    // Admins: the users list by spend, and a bulk limit change a second.
+    for r in 0..3u64 {
+        let (book, http, url) = (Arc::clone(&book), http.clone(), url.clone());
+        let _ = tasks.spawn(async move {
+            let mut i = 0u64;
+            while !book.stopped() {
+                i += 1;
+                if r < 2 {
+                    let Some((status, v)) = soak_call(
+                        &http,
+                        &book,
+                        &url,
+                        "/v1/orgs/soak/users?sort=-spend&limit=50",
+                        None,
+                    )
+                    .await
+                    else {
+                        break;
+                    };
+                    if status != 200 {
+                        bail!("listing users: {status} {v}");
+                    }
+                    SoakBook::add(&book.reads, 1);
+                    continue;
+                }
+                let ids: Vec<String> = (0..10)
+                    .map(|k| format!("u{}", (i * 10 + k) % u64::from(users)))
+                    .collect();
+                let limit = 50_000_000 * (1 + i64::try_from(i % 20).unwrap_or(0));
+                let body = json!({"user_ids": ids, "monthly_limit_micros": limit}).to_string();
+                let Some((status, v)) =
+                    soak_call(&http, &book, &url, "/v1/orgs/soak/users/bulk", Some(&body)).await
+                else {
+                    break;
+                };
+                if status != 200 {
+                    bail!("bulk change: {status} {v}");
+                }
+                SoakBook::add(&book.bulk, 1);
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            anyhow::Ok(())
+        });
+    }
+    // The clock: kills, restarts, memory.
+    let started = Instant::now();
+    let mut incarnation = 0u32;
+    let mut born = Instant::now();
+    let mut after_warmup: Option<u64> = None;
+    let mut lives: Vec<(u64, u64, u64)> = Vec::new(); // (after warm-up, peak, last) KiB
+    let mut peak = 0u64;
+    let mut last = 0u64;
+    let mut recoveries: Vec<u128> = Vec::new();
+    while started.elapsed() < Duration::from_secs(secs) {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let rss = rss_kib(server.child.id());
+        if born.elapsed() >= Duration::from_secs(warmup) {
+            let _ = after_warmup.get_or_insert(rss);
+            peak = peak.max(rss);
+            last = rss;
+        }
+        if born.elapsed() >= Duration::from_secs(kill_every)
+            && started.elapsed() + Duration::from_secs(5) < Duration::from_secs(secs)
+        {
+            if let Some(warm) = after_warmup.take() {
+                lives.push((warm, peak, last));
+            }
+            (peak, last) = (0, 0);
+            server.child.kill()?;
+            let _ = server.child.wait()?;
+            incarnation += 1;
+            let down = Instant::now();
+            server = Server::start_on(dir, &format!("soak-{incarnation}"), &listen, &serve)?;
+            server.ready().await?;
+            recoveries.push(down.elapsed().as_millis());
+            born = Instant::now();
+        }
+    }
+    if let Some(warm) = after_warmup.take() {
+        lives.push((warm, peak, last));
+    }
+    book.stop.store(true, Relaxed);
+    while let Some(r) = tasks.join_next().await {
+        r??;
+    }
+    // Every acknowledged call counted once, after a clean restart too.
+    server.stop()?;
+    let server = Server::start_on(dir, "soak-end", &listen, &serve)?;
+    server.ready().await?;
+    let got = spend(&server, "soak").await?;
+    let want = book.spend.load(Relaxed);
+    if got != want {
+        bail!("soak: spend {got} != {want}, the acknowledged usage's");
+    }
+    let elapsed = started.elapsed();
+    println!(
+        "soak: totals exact: spend {got} µ$ = the {} acknowledged events' ({} reserves, {} \
+         admitted; {} user list reads, {} bulk changes; {} calls asked again while the server \
+         was away) in {} s",
+        book.events.load(Relaxed),
+        book.reserves.load(Relaxed),
+        book.admitted.load(Relaxed),
+        book.reads.load(Relaxed),
+        book.bulk.load(Relaxed),
+        book.retries.load(Relaxed),
+        elapsed.as_secs()
+    );
+    println!(
+        "soak: {} kills -9, restart to ready {} ms (each)",
+        recoveries.len(),
+        recoveries
+            .iter()
+            .map(u128::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    for (i, (warm, peak, last)) in lives.iter().enumerate() {
+        // Per mille, in integers: the growth since the warm-up.
+        let pm = i128::from(*last) * 1_000 / i128::from((*warm).max(1)) - 1_000;
+        let growth = format!(
+            "{}{}.{}",
+            if pm < 0 { '-' } else { '+' },
+            pm.abs() / 10,
+            pm.abs() % 10
+        );
+        println!(
+            "soak: memory of run {i}: {} MiB after {warmup} s warm-up, peak {} MiB, last {} MiB ({growth} %)",
+            warm / 1024,
+            peak / 1024,
+            last / 1024
+        );
+    }
+    server.stop()
 }

@@ -420,6 +420,18 @@ impl Client {
     }
 }
 
+/// The stdout of a command that must have succeeded (else its output is the
+/// failure's message).
+pub fn succeeded(out: &std::process::Output) -> String {
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
 /// The `/metrics` exposition of the server at `url`.
 pub async fn metrics_text(url: &str) -> String {
     http_client()

@@ -685,29 +685,22 @@ async fn the_example_producer_publishes_countable_usage() {
     ready(&tally).await;
     let op = tally.operator();
     org_fixture(&op, "oscar", 3, 1, None).await;
-    let out = std::process::Command::new(tally_tests::tally_bin())
-        .args([
-            "produce",
-            "--kafka-brokers",
-            &broker.brokers(),
-            "--org",
-            "oscar",
-        ])
-        .args([
-            "--users",
-            "oscar-u0,oscar-u1,oscar-u2",
-            "--keys",
-            "oscar-k0,oscar-k1,oscar-k2",
-        ])
-        .args(["--events", "3000", "--duplicate-percent", "10", "--json"])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = tally_ok(&[
+        "produce",
+        "--kafka-brokers",
+        &broker.brokers(),
+        "--org",
+        "oscar",
+        "--users",
+        "oscar-u0,oscar-u1,oscar-u2",
+        "--keys",
+        "oscar-k0,oscar-k1,oscar-k2",
+        "--events",
+        "3000",
+        "--duplicate-percent",
+        "10",
+        "--json",
+    ]);
     let total: i64 = stdout
         .split("costing ")
         .nth(1)
@@ -720,6 +713,15 @@ async fn the_example_producer_publishes_countable_usage() {
     })
     .await;
     tally.stop().unwrap();
+}
+
+/// Runs the tally binary with `args`, which must succeed: what it printed.
+fn tally_ok(args: &[&str]) -> String {
+    let out = std::process::Command::new(tally_tests::tally_bin())
+        .args(args)
+        .output()
+        .unwrap();
+    tally_tests::succeeded(&out)
 }
 
 /// The value of an unlabelled gauge on `t`'s /metrics (0 when absent, or
@@ -839,16 +841,7 @@ async fn a_recreated_usage_topic_is_refused_until_its_positions_are_reset() {
     let Backend::Postgres(url) = &backend else {
         unreachable!("distributed mode runs on PostgreSQL")
     };
-    let out = std::process::Command::new(tally_tests::tally_bin())
-        .args(["reset-usage-positions", "--database-url", url])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = tally_ok(&["reset-usage-positions", "--database-url", url]);
     assert!(
         stdout.contains("reset the positions of 4 usage partitions"),
         "{stdout}"

@@ -106,14 +106,7 @@ fn maintenance(command: &str, args: &[String]) -> std::process::Output {
 
 /// Runs `rebuild-projections`, which must succeed: what it printed.
 fn rebuilt(args: &[String]) -> String {
-    let out = rebuild(args);
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
+    tally_tests::succeeded(&rebuild(args))
 }
 
 /// `rebuild-projections` on the state of a running `tally serve` is refused

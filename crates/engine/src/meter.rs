@@ -140,8 +140,8 @@ struct Part {
     /// Whether the first message read since the claim was checked against
     /// the checkpoint (see [`LogPoint`]).
     checked: bool,
-    /// Why the partition is not metered: its log is not the one its
-    /// checkpoint was taken from.
+    /// Why the partition is not metered (its log is not the one its
+    /// checkpoint was taken from): logged, and counted by a gauge.
     refused: Option<String>,
     committed: PartitionCheckpoint,
     counted_since: u64,
@@ -380,18 +380,6 @@ impl Meter {
         part.refused = Some(why);
         let refused = parts.by_id.values().filter(|x| x.refused.is_some()).count();
         metrics::gauge!(m::PARTITIONS_REFUSED).set(refused as f64);
-    }
-
-    /// Why each refused partition is refused (see [`Meter::refuse`]).
-    pub fn refused(&self) -> Vec<(i32, String)> {
-        let parts = self.parts.lock();
-        let mut out: Vec<(i32, String)> = parts
-            .by_id
-            .iter()
-            .filter_map(|(p, part)| part.refused.clone().map(|why| (*p, why)))
-            .collect();
-        out.sort_unstable();
-        out
     }
 
     /// Takes partition `p` of usage log `log` over: fences out its previous

@@ -4,14 +4,14 @@
 
 use std::sync::Arc;
 
-use tally_core::entity::{Actor, Command};
-use tally_core::ids::{OrgId, UserId};
 use tally_core::secret::hash_secret;
 use tally_core::usage::RawUsage;
 use tally_engine::clock::SystemClock;
 use tally_engine::embedded::{EmbeddedLog, PARTITION};
 use tally_engine::{Engine, EngineOptions};
 use tally_store::{Db, DbOptions};
+
+mod support;
 
 #[tokio::test]
 async fn concurrent_flushes_share_one_checkpoint_that_holds_what_came_before() {
@@ -28,26 +28,7 @@ async fn concurrent_flushes_share_one_checkpoint_that_holds_what_came_before() {
     let engine = Engine::start(db, clock, EngineOptions::default(), hash_secret("operator"))
         .await
         .unwrap();
-    let org = OrgId::new("acme").unwrap();
-    let run = |cmd: Command| {
-        let (commands, org) = (Arc::clone(&engine.commands), org.clone());
-        async move { commands.execute(&org, Actor::Operator, &cmd).await.unwrap() }
-    };
-    let _ = run(Command::CreateOrg {
-        name: "Acme".into(),
-        default_monthly_limit_micros: None,
-        alert_thresholds_bps: None,
-        monthly_limit_micros: None,
-    })
-    .await;
-    let _ = run(Command::AddUser {
-        user_id: UserId::new("alice").unwrap(),
-        email: "alice@acme.test".into(),
-        name: "Alice".into(),
-        monthly_limit_micros: None,
-        activate: true,
-    })
-    .await;
+    support::acme_and_alice(&engine, None).await;
     let log = Arc::new(
         EmbeddedLog::recover(Arc::clone(&engine.meter))
             .await

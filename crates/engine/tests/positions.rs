@@ -3,8 +3,6 @@
 
 use std::sync::Arc;
 
-use tally_core::entity::Command;
-use tally_core::ids::UserId;
 use tally_core::usage::RawUsage;
 use tally_engine::clock::SystemClock;
 use tally_engine::embedded::{EmbeddedLog, PARTITION};
@@ -22,26 +20,7 @@ async fn a_dead_letter_of_an_earlier_message_keeps_the_position_of_the_batch() {
     let url = format!("sqlite://{}?mode=rwc", dir.join("tally.db").display());
     let db = Db::open(&DbOptions::new(url)).await.unwrap();
     let engine = support::engine_on(db, Arc::new(SystemClock)).await;
-    support::run(
-        &engine,
-        "acme",
-        [
-            Command::CreateOrg {
-                name: "Acme".into(),
-                default_monthly_limit_micros: None,
-                alert_thresholds_bps: None,
-                monthly_limit_micros: None,
-            },
-            Command::AddUser {
-                user_id: UserId::new("alice").unwrap(),
-                email: "alice@acme.test".into(),
-                name: "Alice".into(),
-                monthly_limit_micros: None,
-                activate: true,
-            },
-        ],
-    )
-    .await;
+    support::acme_and_alice(&engine, None).await;
     let log = Arc::new(
         EmbeddedLog::recover(Arc::clone(&engine.meter))
             .await

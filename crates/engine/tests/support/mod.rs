@@ -86,10 +86,8 @@ pub(crate) async fn run(engine: &Engine, org: &str, cmds: impl IntoIterator<Item
     }
 }
 
-/// Org acme, alice with a $1.00 limit, and her key `ka` with `secret`.
-pub(crate) async fn acme_with_alice(engine: &Engine, secret: &str) {
-    use tally_core::ids::{KeyId, UserId};
-    let alice = UserId::new("alice").unwrap();
+/// Org acme and its active member alice, with `limit`.
+pub(crate) async fn acme_and_alice(engine: &Engine, limit: Option<i64>) {
     run(
         engine,
         "acme",
@@ -101,22 +99,33 @@ pub(crate) async fn acme_with_alice(engine: &Engine, secret: &str) {
                 monthly_limit_micros: None,
             },
             Command::AddUser {
-                user_id: alice.clone(),
+                user_id: tally_core::ids::UserId::new("alice").unwrap(),
                 email: "alice@acme.test".into(),
                 name: "Alice".into(),
-                monthly_limit_micros: Some(Some(1_000_000)),
+                monthly_limit_micros: Some(limit),
                 activate: true,
             },
-            Command::CreateKey {
-                key_id: KeyId::new("ka").unwrap(),
-                name: "laptop".into(),
-                user_id: Some(alice),
-                group_ids: vec![],
-                features: vec![],
-                monthly_limit_micros: None,
-                secret_hash: hash_secret(secret),
-            },
         ],
+    )
+    .await;
+}
+
+/// Org acme, alice with a $1.00 limit, and her key `ka` with `secret`.
+pub(crate) async fn acme_with_alice(engine: &Engine, secret: &str) {
+    use tally_core::ids::{KeyId, UserId};
+    acme_and_alice(engine, Some(1_000_000)).await;
+    run(
+        engine,
+        "acme",
+        [Command::CreateKey {
+            key_id: KeyId::new("ka").unwrap(),
+            name: "laptop".into(),
+            user_id: Some(UserId::new("alice").unwrap()),
+            group_ids: vec![],
+            features: vec![],
+            monthly_limit_micros: None,
+            secret_hash: hash_secret(secret),
+        }],
     )
     .await;
 }

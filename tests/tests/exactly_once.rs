@@ -51,9 +51,10 @@ async fn acme_with_alice(op: &Client, limit_micros: i64) -> String {
 }
 
 /// Restoring the dedupe window after a restart keeps what live eviction
-/// keeps: the org's current hour, however far past the bound.
+/// keeps: the last minute behind the org's latest usage, however far past
+/// the bound.
 #[tokio::test]
-async fn a_restart_past_the_dedupe_bound_keeps_counting_the_current_hour() -> anyhow::Result<()> {
+async fn a_restart_past_the_dedupe_bound_keeps_counting_the_last_minute() -> anyhow::Result<()> {
     let backend = Backend::sqlite("exactly-once-dedupe");
     let tally = Tally::start_with(&backend, &["--dedupe-entries-max", "2"])?;
     let op = tally.operator();

@@ -1,17 +1,31 @@
 //! The bounded window of request ids already counted, per org.
 //!
-//! A request id is remembered by its 128-bit hash in hourly buckets of the
-//! event's `occurred_at`. The window follows the org's watermark (the latest
-//! `occurred_at` applied): usage older than `watermark - window` is refused as
-//! too late instead of being counted, so a duplicate can never slip past a
-//! forgotten id. When the window holds more than `entries_max` ids, the
-//! oldest hours are forgotten early and the too-late line moves up with them:
-//! memory stays bounded and nothing is ever counted twice.
+//! A request id is remembered by its 128-bit hash in buckets of one minute
+//! of the event's `occurred_at`. The window follows the org's watermark (the
+//! latest `occurred_at` applied): usage older than `watermark - window` is
+//! refused as too late instead of being counted, so a duplicate can never
+//! slip past a forgotten id. When the window holds more than `entries_max`
+//! ids, the oldest minutes are forgotten early and the too-late line moves up
+//! with them, but never closer than [`LATE_MIN_MS`] behind the watermark:
+//! memory stays bounded by the cap or by two minutes of the org's usage,
+//! whichever is more, and nothing is ever counted twice.
 
 use std::collections::{HashSet, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
 
 use crate::time::MS_PER_HOUR;
+
+/// The width of a bucket: ids are forgotten a minute at a time.
+pub const MS_PER_MINUTE: i64 = 60_000;
+
+/// How far behind the watermark usage is always accepted, however full the
+/// window: forgetting closer would refuse the org's current usage (a
+/// gateway's batch, events of a second gateway a little behind) as too late.
+pub const LATE_MIN_MS: i64 = MS_PER_MINUTE;
+
+fn minute_of(ms: i64) -> i64 {
+    ms.div_euclid(MS_PER_MINUTE)
+}
 
 /// The hash of a request id.
 pub type RequestHash = u128;
@@ -46,9 +60,10 @@ pub struct DedupeConfig {
     /// How far behind the watermark usage is still accepted (and its ids
     /// remembered). Default 24 h.
     pub window_ms: i64,
-    /// The most ids one org remembers (about 50 bytes each): past it, hours
-    /// older than the watermark's are forgotten early. The watermark's own
-    /// hour is kept whatever its size. Default 20 million (about 1 GiB).
+    /// The most ids one org remembers (about 60 bytes each): past it, the
+    /// oldest minutes are forgotten early, down to [`LATE_MIN_MS`] behind
+    /// the watermark, which is kept whatever its size. Default 20 million
+    /// (about 1.2 GB).
     pub entries_max: usize,
 }
 
@@ -74,17 +89,17 @@ pub enum Seen {
 pub struct DedupeWindow {
     config: DedupeConfig,
     seen: HashSet128,
-    /// Oldest first; hours strictly ascending.
+    /// Oldest first; minutes strictly ascending.
     buckets: VecDeque<Bucket>,
-    /// Hours below this are forgotten: usage in them is too late.
-    floor_hour: i64,
+    /// Minutes below this are forgotten: usage in them is too late.
+    floor_minute: i64,
 }
 
-/// The ids of one hour; those from `saved` on were added since the last
+/// The ids of one minute; those from `saved` on were added since the last
 /// [`DedupeWindow::take_added`].
 #[derive(Debug, Clone)]
 struct Bucket {
-    hour: i64,
+    minute: i64,
     hashes: Vec<RequestHash>,
     saved: usize,
 }
@@ -95,7 +110,7 @@ impl DedupeWindow {
             config,
             seen: HashSet128::default(),
             buckets: VecDeque::new(),
-            floor_hour: i64::MIN,
+            floor_minute: i64::MIN,
         }
     }
 
@@ -111,13 +126,14 @@ impl DedupeWindow {
         self.seen.is_empty()
     }
 
-    pub fn floor_hour(&self) -> i64 {
-        self.floor_hour
+    /// Minutes (since the epoch) below this are forgotten.
+    pub fn floor_minute(&self) -> i64 {
+        self.floor_minute
     }
 
     fn too_late(&self, occurred_ms: i64, watermark_ms: i64) -> bool {
         occurred_ms < watermark_ms.saturating_sub(self.config.window_ms)
-            || occurred_ms.div_euclid(MS_PER_HOUR) < self.floor_hour
+            || minute_of(occurred_ms) < self.floor_minute
     }
 
     /// Whether `hash` is remembered (counted within the window).
@@ -144,31 +160,36 @@ impl DedupeWindow {
         if !self.seen.insert(hash) {
             return Seen::Duplicate;
         }
-        let hour = occurred_ms.div_euclid(MS_PER_HOUR);
-        self.bucket(hour).push(hash);
-        // Over capacity, hours older than the watermark's go early. The
-        // watermark's own hour (and later ones) always stay: forgetting them
-        // would refuse the org's current usage as too late, hour after hour.
-        let keep_from = watermark_ms.max(occurred_ms).div_euclid(MS_PER_HOUR);
-        while self.seen.len() > self.config.entries_max
-            && self.buckets.front().is_some_and(|b| b.hour < keep_from)
-        {
-            self.forget_oldest_bucket();
-        }
+        self.bucket(minute_of(occurred_ms)).push(hash);
+        self.shrink(watermark_ms.max(occurred_ms));
         Seen::New
     }
 
-    fn bucket(&mut self, hour: i64) -> &mut Vec<RequestHash> {
-        // Usage mostly lands in the newest hour.
+    /// Over capacity, forgets the oldest minutes wholly older than
+    /// [`LATE_MIN_MS`] behind `watermark_ms`.
+    fn shrink(&mut self, watermark_ms: i64) {
+        if self.seen.len() <= self.config.entries_max {
+            return;
+        }
+        let keep_from = minute_of(watermark_ms.saturating_sub(LATE_MIN_MS));
+        while self.seen.len() > self.config.entries_max
+            && self.buckets.front().is_some_and(|b| b.minute < keep_from)
+        {
+            self.forget_oldest_bucket();
+        }
+    }
+
+    fn bucket(&mut self, minute: i64) -> &mut Vec<RequestHash> {
+        // Usage mostly lands in the newest minute.
         let at = match self.buckets.back() {
-            Some(b) if b.hour == hour => self.buckets.len() - 1,
+            Some(b) if b.minute == minute => self.buckets.len() - 1,
             _ => {
-                let at = self.buckets.partition_point(|b| b.hour < hour);
-                if self.buckets.get(at).is_none_or(|b| b.hour != hour) {
+                let at = self.buckets.partition_point(|b| b.minute < minute);
+                if self.buckets.get(at).is_none_or(|b| b.minute != minute) {
                     self.buckets.insert(
                         at,
                         Bucket {
-                            hour,
+                            minute,
                             hashes: Vec::new(),
                             saved: 0,
                         },
@@ -181,62 +202,57 @@ impl DedupeWindow {
     }
 
     fn forget_oldest_bucket(&mut self) {
-        if let Some(Bucket { hour, hashes, .. }) = self.buckets.pop_front() {
+        if let Some(Bucket { minute, hashes, .. }) = self.buckets.pop_front() {
             for h in &hashes {
                 let _ = self.seen.remove(h);
             }
-            self.floor_hour = self.floor_hour.max(hour + 1);
+            self.floor_minute = self.floor_minute.max(minute + 1);
         }
     }
 
-    /// Forgets the hours wholly older than `watermark - window`: usage in
+    /// Forgets the minutes wholly older than `watermark - window`: usage in
     /// them is refused as too late anyway.
     pub fn evict(&mut self, watermark_ms: i64) {
         let cutoff = watermark_ms.saturating_sub(self.config.window_ms);
-        // An hour [h, h+1) is wholly older when (h + 1) * hour <= cutoff.
-        let keep_from = cutoff.div_euclid(MS_PER_HOUR);
-        while self.buckets.front().is_some_and(|b| b.hour < keep_from) {
+        // A minute [m, m+1) is wholly older when (m + 1) * minute <= cutoff.
+        let keep_from = minute_of(cutoff);
+        while self.buckets.front().is_some_and(|b| b.minute < keep_from) {
             self.forget_oldest_bucket();
         }
-        self.floor_hour = self.floor_hour.max(keep_from);
+        self.floor_minute = self.floor_minute.max(keep_from);
     }
 
     /// The ids remembered since the last call, for the checkpoint.
     pub fn take_added(&mut self) -> Vec<(i64, RequestHash)> {
         let mut out = Vec::new();
         for b in &mut self.buckets {
-            out.extend(b.hashes[b.saved..].iter().map(|h| (b.hour, *h)));
+            out.extend(b.hashes[b.saved..].iter().map(|h| (b.minute, *h)));
             b.saved = b.hashes.len();
         }
         out
     }
 
     /// Rebuilds a window from a checkpoint of an org whose watermark is
-    /// `watermark_ms`. Over capacity, it forgets what live eviction
-    /// forgets: hours older than the watermark's, never the watermark's own
-    /// or later ones.
+    /// `watermark_ms`, from its (minute, hash) entries. Over capacity, it
+    /// forgets what live eviction forgets: the oldest minutes, never the
+    /// last [`LATE_MIN_MS`] behind the watermark.
     pub fn restore(
         config: DedupeConfig,
-        floor_hour: i64,
+        floor_minute: i64,
         watermark_ms: i64,
         entries: impl IntoIterator<Item = (i64, RequestHash)>,
     ) -> DedupeWindow {
         let mut w = DedupeWindow::new(config);
-        w.floor_hour = floor_hour;
-        for (hour, hash) in entries {
-            if hour >= floor_hour && w.seen.insert(hash) {
-                w.bucket(hour).push(hash);
+        w.floor_minute = floor_minute;
+        for (minute, hash) in entries {
+            if minute >= floor_minute && w.seen.insert(hash) {
+                w.bucket(minute).push(hash);
             }
         }
         for b in &mut w.buckets {
             b.saved = b.hashes.len();
         }
-        let keep_from = watermark_ms.div_euclid(MS_PER_HOUR);
-        while w.seen.len() > config.entries_max
-            && w.buckets.front().is_some_and(|b| b.hour < keep_from)
-        {
-            w.forget_oldest_bucket();
-        }
+        w.shrink(watermark_ms);
         w
     }
 }
@@ -276,8 +292,10 @@ mod tests {
         );
     }
 
+    const M: i64 = MS_PER_MINUTE;
+
     #[test]
-    fn over_capacity_the_oldest_hours_go_and_the_too_late_line_follows() {
+    fn over_capacity_the_oldest_minutes_go_and_the_too_late_line_follows() {
         let cfg = DedupeConfig {
             window_ms: 24 * H,
             entries_max: 2,
@@ -287,25 +305,56 @@ mod tests {
         assert_eq!(w.insert(2, 2 * H, 3 * H), Seen::New);
         assert_eq!(w.insert(3, 3 * H, 3 * H), Seen::New);
         assert_eq!(w.len(), 2);
-        // Hour 1 is forgotten, so its ids are refused, not recounted.
+        // Hour 1's minute is forgotten, so its ids are refused, not recounted.
         assert_eq!(w.insert(1, H, 3 * H), Seen::TooLate);
         assert_eq!(w.insert(2, 2 * H, 3 * H), Seen::Duplicate);
+        assert_eq!(w.floor_minute(), H / M + 1);
     }
 
     #[test]
-    fn over_capacity_the_current_hour_is_never_forgotten() {
+    fn over_capacity_the_last_minute_behind_the_watermark_is_never_forgotten() {
         let cfg = DedupeConfig {
             window_ms: 24 * H,
             entries_max: 2,
         };
         let mut w = DedupeWindow::new(cfg);
+        let watermark = 5 * H + 30 * M + 20;
         for id in 0..10u128 {
-            assert_eq!(w.insert(id, 5 * H + id as i64, 5 * H + 20), Seen::New);
+            let at = watermark - LATE_MIN_MS + id as i64;
+            assert_eq!(w.insert(id, at, watermark), Seen::New);
         }
-        // Past the bound, but the org's current hour keeps counting once.
+        // Past the bound, but the org's last minute keeps counting once.
         assert_eq!(w.len(), 10);
-        assert_eq!(w.insert(3, 5 * H + 3, 5 * H + 20), Seen::Duplicate);
-        assert_eq!(w.insert(11, 5 * H + 11, 5 * H + 20), Seen::New);
+        assert_eq!(
+            w.insert(3, watermark - LATE_MIN_MS + 3, watermark),
+            Seen::Duplicate
+        );
+        assert_eq!(w.insert(11, watermark - LATE_MIN_MS, watermark), Seen::New);
+    }
+
+    /// The cap bounds the window within the hour too: at one id a second
+    /// (one org, steady usage), a cap of 100 holds at most 100 ids or two
+    /// minutes of them, never the hour's 3 600.
+    #[test]
+    fn over_capacity_an_hour_of_steady_usage_stays_bounded() {
+        let cfg = DedupeConfig {
+            window_ms: 24 * H,
+            entries_max: 100,
+        };
+        let mut w = DedupeWindow::new(cfg);
+        let start = 7 * H;
+        let mut most = 0;
+        for s in 0..3_600i64 {
+            let at = start + s * 1_000;
+            assert_eq!(w.insert(s as u128, at, at), Seen::New);
+            // A second gateway a little behind is still counted.
+            let behind = at - LATE_MIN_MS;
+            assert_ne!(w.insert(1_000_000 + s as u128, behind, at), Seen::TooLate);
+            w.evict(at);
+            most = most.max(w.len());
+        }
+        assert!(most <= 2 * 120 + 2, "{most} ids remembered");
+        assert_eq!(w.insert(0, start, start + H), Seen::TooLate);
     }
 
     #[test]
@@ -315,7 +364,7 @@ mod tests {
         for i in 0..100u128 {
             let _ = w.insert(i, (i as i64) * 1000, 100_000);
         }
-        let r = DedupeWindow::restore(cfg, w.floor_hour(), 100_000, w.take_added());
+        let r = DedupeWindow::restore(cfg, w.floor_minute(), 100_000, w.take_added());
         for i in 0..200u128 {
             assert_eq!(r.check(i, 0, 100_000), w.check(i, 0, 100_000));
         }

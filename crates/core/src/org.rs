@@ -106,8 +106,10 @@ pub struct OrgMeter {
 pub struct MeterChanges {
     pub counters: Vec<SavedCounter>,
     pub days: Vec<SavedDay>,
+    /// (minute since the epoch, hash) of each id remembered since the last
+    /// checkpoint.
     pub dedupe_added: Vec<(i64, RequestHash)>,
-    pub dedupe_floor_hour: i64,
+    pub dedupe_floor_minute: i64,
     pub watermark_ms: i64,
     pub rolled_month: Option<Month>,
     pub enforcement: Vec<SavedEnforcement>,
@@ -145,7 +147,7 @@ impl MeterChanges {
             }
         }
         self.dedupe_added.extend(later.dedupe_added);
-        self.dedupe_floor_hour = later.dedupe_floor_hour;
+        self.dedupe_floor_minute = later.dedupe_floor_minute;
         self.watermark_ms = later.watermark_ms;
         self.rolled_month = later.rolled_month;
         self.enforcement.extend(later.enforcement);
@@ -189,7 +191,7 @@ pub struct SavedEnforcement {
 pub struct SavedMeter {
     pub watermark_ms: i64,
     pub rolled_month: Option<Month>,
-    pub dedupe_floor_hour: i64,
+    pub dedupe_floor_minute: i64,
     pub dedupe: Vec<(i64, RequestHash)>,
     pub counters: Vec<SavedCounter>,
 }
@@ -479,7 +481,7 @@ impl OrgState {
                 })
                 .collect(),
             dedupe_added: meter.dedupe.take_added(),
-            dedupe_floor_hour: meter.dedupe.floor_hour(),
+            dedupe_floor_minute: meter.dedupe.floor_minute(),
             watermark_ms: meter.watermark_ms,
             rolled_month: meter.rolled,
             enforcement: changes
@@ -514,7 +516,7 @@ impl OrgState {
         meter.rolled = saved.rolled_month;
         meter.dedupe = DedupeWindow::restore(
             meter.config.dedupe,
-            saved.dedupe_floor_hour,
+            saved.dedupe_floor_minute,
             saved.watermark_ms,
             saved.dedupe,
         );
@@ -834,7 +836,7 @@ mod tests {
         SavedMeter {
             watermark_ms: ch.watermark_ms,
             rolled_month: ch.rolled_month,
-            dedupe_floor_hour: ch.dedupe_floor_hour,
+            dedupe_floor_minute: ch.dedupe_floor_minute,
             dedupe: ch.dedupe_added,
             counters: ch.counters,
         }
@@ -858,7 +860,7 @@ mod tests {
     }
 
     #[test]
-    fn a_restored_dedupe_window_keeps_the_current_hour_as_live_does() {
+    fn a_restored_dedupe_window_keeps_the_last_minute_as_live_does() {
         let config = MeterConfig {
             dedupe: DedupeConfig {
                 entries_max: 2,

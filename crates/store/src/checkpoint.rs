@@ -293,7 +293,7 @@ impl Db {
     ) -> Result<HashMap<String, SavedMeter>> {
         let mut out: HashMap<String, SavedMeter> = HashMap::new();
         let rows = sqlx::query(
-            "SELECT org_id, watermark_ms, dedupe_floor_hour, rolled_month FROM meter_orgs \
+            "SELECT org_id, watermark_ms, dedupe_floor_minute, rolled_month FROM meter_orgs \
              WHERE partition_id = $1",
         )
         .bind(partition)
@@ -303,7 +303,7 @@ impl Db {
         for r in rows {
             let m = out.entry(r.try_get("org_id")?).or_default();
             m.watermark_ms = r.try_get("watermark_ms")?;
-            m.dedupe_floor_hour = r.try_get("dedupe_floor_hour")?;
+            m.dedupe_floor_minute = r.try_get("dedupe_floor_minute")?;
             m.rolled_month = u32::try_from(r.try_get::<i64, _>("rolled_month")?)
                 .ok()
                 .and_then(Month::from_yyyymm);
@@ -348,19 +348,19 @@ impl Db {
                 .push(saved);
         }
         let rows = sqlx::query(
-            "SELECT d.org_id, d.hour, d.hashes FROM dedupe_chunks d \
+            "SELECT d.org_id, d.minute, d.hashes FROM dedupe_chunks d \
              JOIN meter_orgs m ON m.org_id = d.org_id WHERE m.partition_id = $1 \
-             ORDER BY d.org_id, d.hour",
+             ORDER BY d.org_id, d.minute",
         )
         .bind(partition)
         .fetch_all(self.reader())
         .await?;
         for r in rows {
-            let hour: i64 = r.try_get("hour")?;
+            let minute: i64 = r.try_get("minute")?;
             let blob: Vec<u8> = r.try_get("hashes")?;
             let m = out.entry(r.try_get("org_id")?).or_default();
             m.dedupe
-                .extend(blob_to_hashes(&blob)?.into_iter().map(|h| (hour, h)));
+                .extend(blob_to_hashes(&blob)?.into_iter().map(|h| (minute, h)));
         }
         Ok(out)
     }
@@ -465,14 +465,14 @@ impl Db {
                     Val::Int(i64::try_from(d.delta.requests).unwrap_or(i64::MAX)),
                 ]);
             }
-            let mut by_hour: HashMap<i64, Vec<RequestHash>> = HashMap::new();
-            for (hour, h) in &ch.dedupe_added {
-                by_hour.entry(*hour).or_default().push(*h);
+            let mut by_minute: HashMap<i64, Vec<RequestHash>> = HashMap::new();
+            for (minute, h) in &ch.dedupe_added {
+                by_minute.entry(*minute).or_default().push(*h);
             }
-            for (hour, hashes) in by_hour {
+            for (minute, hashes) in by_minute {
                 chunks.push(vec![
                     Val::Text(org.to_owned()),
-                    Val::Int(hour),
+                    Val::Int(minute),
                     Val::Int(at.number),
                     Val::Blob(hashes_to_blob(&hashes)),
                 ]);
@@ -485,16 +485,16 @@ impl Db {
                 .map(|id| (org.to_owned(), id.clone()))
                 .collect();
             crate::holds::delete_holds(&mut tx, &gone).await?;
-            let _ = sqlx::query("DELETE FROM dedupe_chunks WHERE org_id = $1 AND hour < $2")
+            let _ = sqlx::query("DELETE FROM dedupe_chunks WHERE org_id = $1 AND minute < $2")
                 .bind(org)
-                .bind(ch.dedupe_floor_hour)
+                .bind(ch.dedupe_floor_minute)
                 .execute(&mut *tx)
                 .await?;
             meters.push(vec![
                 Val::Text(org.to_owned()),
                 Val::Int(partition),
                 Val::Int(ch.watermark_ms),
-                Val::Int(ch.dedupe_floor_hour),
+                Val::Int(ch.dedupe_floor_minute),
                 Val::Int(ch.rolled_month.map_or(0, month_i64)),
             ]);
             for e in &ch.enforcement {
@@ -535,17 +535,17 @@ impl Db {
         .await?;
         let _ = insert_many(
             &mut tx,
-            "INSERT INTO dedupe_chunks (org_id, hour, chunk, hashes)",
-            "ON CONFLICT (org_id, hour, chunk) DO NOTHING",
+            "INSERT INTO dedupe_chunks (org_id, minute, chunk, hashes)",
+            "ON CONFLICT (org_id, minute, chunk) DO NOTHING",
             chunks,
         )
         .await?;
         let _ = insert_many(
             &mut tx,
-            "INSERT INTO meter_orgs (org_id, partition_id, watermark_ms, dedupe_floor_hour, \
+            "INSERT INTO meter_orgs (org_id, partition_id, watermark_ms, dedupe_floor_minute, \
              rolled_month)",
             "ON CONFLICT (org_id) DO UPDATE SET partition_id = excluded.partition_id, \
-             watermark_ms = excluded.watermark_ms, dedupe_floor_hour = excluded.dedupe_floor_hour, \
+             watermark_ms = excluded.watermark_ms, dedupe_floor_minute = excluded.dedupe_floor_minute, \
              rolled_month = excluded.rolled_month",
             meters,
         )

@@ -256,6 +256,13 @@ impl Db {
     /// Brings the schema to this version (what [`Db::open`] does unless
     /// [`DbOptions::migrate`] is off).
     pub async fn migrate(&self) -> Result<()> {
+        self.migrate_to(i64::MAX).await
+    }
+
+    /// Brings the schema to `version` at most: how a test makes a database
+    /// of an older release.
+    #[doc(hidden)]
+    pub async fn migrate_to(&self, version_max: i64) -> Result<()> {
         let mut tx = self.begin_write().await?;
         if self.backend == Backend::Postgres {
             // Two processes starting together must not both migrate.
@@ -272,7 +279,7 @@ impl Db {
             .fetch_one(&mut *tx)
             .await?;
         for (version, ddl) in schema::migrations(self.backend) {
-            if current.is_some_and(|c| c >= version) {
+            if current.is_some_and(|c| c >= version) || version > version_max {
                 continue;
             }
             tracing::info!(version, "migrating database schema");

@@ -286,6 +286,17 @@ CREATE INDEX holds_by_partition ON holds (partition_id);
               ALTER TABLE checkpoints ADD COLUMN mark BIGINT;\n\
               ALTER TABLE checkpoints ADD COLUMN mark_position BIGINT;"
         .to_owned();
+    // v9: the dedupe window forgets a minute at a time (it forgot an hour
+    // at a time, so its cap could not bound it within an hour). An hour's
+    // ids go to its last minute: they are remembered until the whole hour
+    // is too late, as before. The floor becomes a minute (the "no floor
+    // yet" value, far below any hour of use, stays as it is).
+    let v9 = "ALTER TABLE meter_orgs RENAME COLUMN dedupe_floor_hour TO dedupe_floor_minute;\n\
+              UPDATE meter_orgs SET dedupe_floor_minute = dedupe_floor_minute * 60 \
+              WHERE dedupe_floor_minute BETWEEN -1000000000 AND 1000000000;\n\
+              ALTER TABLE dedupe_chunks RENAME COLUMN hour TO minute;\n\
+              UPDATE dedupe_chunks SET minute = minute * 60 + 59;"
+        .to_owned();
     vec![
         (1, v1 + &append_only),
         (2, v2),
@@ -295,5 +306,6 @@ CREATE INDEX holds_by_partition ON holds (partition_id);
         (6, v6),
         (7, v7),
         (8, v8),
+        (9, v9),
     ]
 }

@@ -27,10 +27,18 @@ fn unique(prefix: &str) -> String {
 }
 
 async fn sqlite() -> Option<Db> {
+    sqlite_with(true).await
+}
+
+async fn sqlite_with(migrate: bool) -> Option<Db> {
     let dir = std::env::temp_dir().join(unique("tally-store-test"));
     std::fs::create_dir_all(&dir).unwrap();
     let url = format!("sqlite://{}/tally.db?mode=rwc", dir.display());
-    Some(Db::open(&DbOptions::new(url)).await.unwrap())
+    let opts = DbOptions {
+        migrate,
+        ..DbOptions::new(url)
+    };
+    Some(Db::open(&opts).await.unwrap())
 }
 
 async fn postgres() -> Option<Db> {
@@ -38,6 +46,10 @@ async fn postgres() -> Option<Db> {
 }
 
 async fn postgres_with_url() -> Option<(Db, String)> {
+    postgres_with(true).await
+}
+
+async fn postgres_with(migrate: bool) -> Option<(Db, String)> {
     let Ok(admin) = std::env::var("TALLY_TEST_POSTGRES_ADMIN_URL") else {
         assert!(
             std::env::var_os("TALLY_REQUIRE_SERVICES").is_none(),
@@ -63,6 +75,7 @@ async fn postgres_with_url() -> Option<(Db, String)> {
     // As the distributed mode opens it.
     let opts = DbOptions {
         dated_by_database: true,
+        migrate,
         ..DbOptions::new(url.clone())
     };
     Some((Db::open(&opts).await.unwrap(), url))
@@ -600,7 +613,7 @@ async fn checkpoints_round_trip(db: Db) {
             },
         }],
         dedupe_added: vec![(10, 1), (10, 2), (11, u128::MAX)],
-        dedupe_floor_hour: 9,
+        dedupe_floor_minute: 9,
         watermark_ms: NOV + spend,
         rolled_month: Some(month()),
         enforcement: vec![enforcement.clone()],
@@ -619,7 +632,7 @@ async fn checkpoints_round_trip(db: Db) {
     let meters = db.load_meters(0, 86_400_000, month()).await.unwrap();
     let m = &meters["acme"];
     assert_eq!(m.watermark_ms, NOV + 150);
-    assert_eq!(m.dedupe_floor_hour, 9);
+    assert_eq!(m.dedupe_floor_minute, 9);
     assert_eq!(m.dedupe.len(), 6, "both checkpoints' chunks");
     let mut counters = m.counters.clone();
     counters.sort_by_key(|a| a.kind);
@@ -631,7 +644,7 @@ async fn checkpoints_round_trip(db: Db) {
     assert_eq!(days.len(), 1);
     assert_eq!((days[0].spend_micros, days[0].requests), (14, 2));
     assert_eq!(db.list_enforcement(&org, 100).await.unwrap().len(), 1);
-    // A lift with another ordinal is a new event; the floor evicts old hours.
+    // A lift with another ordinal is a new event; the floor evicts old minutes.
     let mut lift = enforcement.clone();
     lift.event.kind = EnforcementKind::CutoffLifted {
         reason: LiftReason::LimitRaised,
@@ -643,7 +656,7 @@ async fn checkpoints_round_trip(db: Db) {
         3,
         MeterChanges {
             enforcement: vec![lift],
-            dedupe_floor_hour: 11,
+            dedupe_floor_minute: 11,
             watermark_ms: NOV,
             ..MeterChanges::default()
         },
@@ -1551,6 +1564,68 @@ contract!(
     dead_letters_are_kept_once,
     webhook_deliveries_are_an_outbox,
 );
+
+/// A database of a release whose dedupe window forgot an hour at a time
+/// (schema 8) keeps every remembered id through the migration: an hour's
+/// ids stay until the whole hour is too late, and the floor stays a floor.
+async fn an_hourly_dedupe_window_migrates_to_minutes(db: Db) {
+    use tally_core::dedupe::{DedupeConfig, DedupeWindow, MS_PER_MINUTE, Seen};
+    use tally_core::time::MS_PER_HOUR;
+
+    db.migrate_to(8).await.unwrap();
+    let hour = NOV / MS_PER_HOUR + 10;
+    let watermark = (hour + 1) * MS_PER_HOUR + 5 * MS_PER_MINUTE;
+    let blob = match db.backend() {
+        tally_store::Backend::Sqlite => format!("X'{:032x}{:032x}'", 7u128, 8u128),
+        tally_store::Backend::Postgres => format!("'\\x{:032x}{:032x}'::bytea", 7u128, 8u128),
+    };
+    let _ = db
+        .execute_raw(&format!(
+            "INSERT INTO meter_orgs (org_id, partition_id, watermark_ms, dedupe_floor_hour, \
+             rolled_month) VALUES ('acme', 0, {watermark}, {floor}, 0); \
+             INSERT INTO dedupe_chunks (org_id, hour, chunk, hashes) \
+             VALUES ('acme', {hour}, 1, {blob})",
+            floor = hour - 1,
+        ))
+        .await
+        .unwrap();
+    db.migrate().await.unwrap();
+    let saved = db.load_meters(0, 86_400_000, month()).await.unwrap()["acme"].clone();
+    assert_eq!(saved.dedupe_floor_minute, (hour - 1) * 60);
+    assert_eq!(saved.dedupe, vec![(hour * 60 + 59, 7), (hour * 60 + 59, 8)]);
+    let window = DedupeWindow::restore(
+        DedupeConfig::default(),
+        saved.dedupe_floor_minute,
+        watermark,
+        saved.dedupe,
+    );
+    // Usage of the hour's last minute is still a duplicate, not new.
+    let late_in_the_hour = (hour + 1) * MS_PER_HOUR - 1;
+    assert_eq!(
+        window.check(8, late_in_the_hour, watermark),
+        Seen::Duplicate
+    );
+    assert_eq!(
+        window.check(9, (hour - 2) * MS_PER_HOUR, watermark),
+        Seen::TooLate
+    );
+}
+
+mod migrations {
+    #[tokio::test]
+    async fn sqlite() {
+        if let Some(db) = super::sqlite_with(false).await {
+            super::an_hourly_dedupe_window_migrates_to_minutes(db).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn postgres() {
+        if let Some((db, _)) = super::postgres_with(false).await {
+            super::an_hourly_dedupe_window_migrates_to_minutes(db).await;
+        }
+    }
+}
 
 /// On PostgreSQL, serving and maintenance exclude each other through
 /// session locks: any number of distributed serves, one embedded serve,

@@ -1065,11 +1065,16 @@ async fn soak(args: &BenchArgs, dir: &Path) -> anyhow::Result<()> {
     let mut server = Server::start_on(dir, "soak-0", &listen, &serve)?;
     server.ready().await?;
     let secrets = seed_org(&server, "soak", users).await?;
-    // Half the maximum: a closed-loop pass first.
+    // Half the maximum: closed-loop passes first, a short one to warm up,
+    // then the measured one (a few seconds of the steady rate).
     let (batch, clients) = (500u64, 4usize);
-    let probe = 20 * batch * clients as u64;
-    let (probed, _) = ingest_pass_org(&server, "soak", 0, probe, batch, users, clients).await?;
-    let max_per_s = u128::from(probe) * 1_000 / probed.as_millis().max(1);
+    let warm = 20 * batch * clients as u64;
+    let measured = if args.quick { 5 } else { 10 } * warm;
+    let _ = ingest_pass_org(&server, "soak", 0, warm, batch, users, clients).await?;
+    let (probed, _) =
+        ingest_pass_org(&server, "soak", warm, measured, batch, users, clients).await?;
+    let probe = warm + measured;
+    let max_per_s = u128::from(measured) * 1_000 / probed.as_millis().max(1);
     let target_per_s = u64::try_from(max_per_s / 2).unwrap_or(u64::MAX).max(batch);
     let book = Arc::new(SoakBook::default());
     book.spend.store(expected_spend(0, probe), Relaxed);

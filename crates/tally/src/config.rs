@@ -103,7 +103,9 @@ pub(crate) struct ServeArgs {
     /// deduplicated [default: 24].
     #[arg(long, env = "TALLY_DEDUPE_WINDOW_HOURS")]
     pub(crate) dedupe_window_hours: Option<u32>,
-    /// Request ids one org's dedupe window holds at most [default: 20000000].
+    /// Request ids one org's dedupe window holds at most; past it the oldest
+    /// minutes are forgotten early, never the last one behind the org's
+    /// latest usage [default: 20000000].
     #[arg(long, env = "TALLY_DEDUPE_ENTRIES_MAX")]
     pub(crate) dedupe_entries_max: Option<usize>,
     /// Days checkpointed usage stays in the embedded usage log [default: 7].

@@ -11,7 +11,11 @@
 //! duplicates and late events (also across a month's end), holds reserved,
 //! settled by their usage, released and expired, checkpoints, and crashes:
 //! the engine dropped without a word at any step and started again from
-//! what it wrote.
+//! what it wrote. Storage faults: a write of the store fails (an SQLite
+//! trigger aborts it) at one of its durability points — the usage log's
+//! append, the entity log's append, or a checkpoint at its position, its
+//! counters, its dedupe ids or its enforcement events — during usage, a
+//! command or a checkpoint; then, half the time, a crash right after.
 //!
 //! Invariants after every step, for every user, its key and the org, in
 //! every month the model knows:
@@ -23,6 +27,9 @@
 //! - after every admitted reserve, spent + held ≤ the limit of every budget
 //!   the call is judged against (its user, key, groups and org), and a
 //!   reserve refused for one of them would have passed its limit;
+//! - a write refused by a fault changes nothing: usage it refused is not
+//!   counted, a command it refused is not applied, a checkpoint it refused
+//!   is written later with everything it carried;
 //! - a restart recovers exactly the state before the crash: every counter
 //!   (spend, requests, latest usage, cut off, the highest threshold fired,
 //!   the count of cutoffs and lifts) and what holds hold, compared right
@@ -68,6 +75,19 @@ const GROUPS: [&str; 2] = ["g0", "g1"];
 /// Group and org limits are a user's times these (several users spend).
 const GROUP_LIMIT_SCALE: i64 = 5;
 const ORG_LIMIT_SCALE: i64 = 20;
+
+/// Where a store write can fail: (name, the writes a trigger aborts).
+const FAULT_POINTS: [(&str, &str); 6] = [
+    ("usage log append", "BEFORE INSERT ON usage_log"),
+    ("entity log append", "BEFORE INSERT ON events"),
+    ("checkpoint position", "BEFORE UPDATE ON checkpoints"),
+    ("checkpoint counters", "BEFORE INSERT ON spend_monthly"),
+    ("checkpoint dedupe ids", "BEFORE INSERT ON dedupe_chunks"),
+    (
+        "checkpoint enforcement",
+        "BEFORE INSERT ON enforcement_events",
+    ),
+];
 
 /// splitmix64: small, fast, and the same on every machine.
 struct Rng(u64);
@@ -298,6 +318,63 @@ impl Running {
     async fn run(&self, cmd: Command) {
         support::run(&self.engine, ORG, [cmd]).await;
     }
+
+    async fn try_run(&self, cmd: &Command) -> tally_engine::Result<()> {
+        let org = tally_core::ids::OrgId::new(ORG).unwrap();
+        self.engine
+            .commands
+            .execute(&org, tally_core::entity::Actor::Operator, cmd)
+            .await
+            .map(|_| ())
+    }
+}
+
+/// A second connection to the engine's database that makes its writes fail
+/// on demand: a trigger per point of [`FAULT_POINTS`] aborts the write (and
+/// so its transaction) while the point is armed.
+struct Faults {
+    db: tally_store::Db,
+    armed: Option<&'static str>,
+}
+
+impl Faults {
+    async fn install(dir: &Path) -> Faults {
+        let db = tally_store::Db::open(&tally_store::DbOptions {
+            migrate: false,
+            ..tally_store::DbOptions::new(format!(
+                "sqlite://{}?mode=rwc",
+                dir.join("tally.db").display()
+            ))
+        })
+        .await
+        .unwrap();
+        let mut sql = "CREATE TABLE sim_faults (point TEXT PRIMARY KEY);".to_owned();
+        for (i, (point, writes)) in FAULT_POINTS.iter().enumerate() {
+            sql += &format!(
+                "CREATE TRIGGER sim_fault_{i} {writes} WHEN EXISTS (SELECT 1 FROM sim_faults \
+                 WHERE point = '{point}') BEGIN SELECT RAISE(ABORT, 'simulated fault: {point}'); \
+                 END;"
+            );
+        }
+        let _ = db.execute_raw(&sql).await.unwrap();
+        Faults { db, armed: None }
+    }
+
+    async fn arm(&mut self, point: &'static str) {
+        let _ = self
+            .db
+            .execute_raw(&format!(
+                "INSERT INTO sim_faults (point) VALUES ('{point}')"
+            ))
+            .await
+            .unwrap();
+        self.armed = Some(point);
+    }
+
+    async fn disarm(&mut self) {
+        let _ = self.db.execute_raw("DELETE FROM sim_faults").await.unwrap();
+        self.armed = None;
+    }
 }
 
 struct Sim {
@@ -308,6 +385,7 @@ struct Sim {
     dir: PathBuf,
     model: Model,
     running: Option<Running>,
+    faults: Faults,
     /// What happened, for a failure's report.
     trail: Vec<String>,
     /// How often each kind of thing happened, for the run's summary.
@@ -342,6 +420,7 @@ impl Sim {
                 })
                 .await;
         }
+        let faults = Faults::install(&dir).await;
         Sim {
             seed,
             step: 0,
@@ -350,6 +429,7 @@ impl Sim {
             dir,
             model,
             running: Some(running),
+            faults,
             trail: Vec::new(),
             stats: BTreeMap::new(),
         }
@@ -406,14 +486,78 @@ impl Sim {
             70..=79 if !self.model.holds.is_empty() => self.settle_or_release().await,
             70..=79 if users > 0 => self.usage().await,
             80..=89 => self.advance(),
-            90..=94 => {
-                let _ = self.engine().meter.checkpoint().await.unwrap();
-                self.count("checkpoints");
-                self.note("checkpoint".into());
-            }
+            90..=93 => self.checkpoint().await,
+            94..=95 if users > 0 => self.fault().await,
             _ => self.crash_and_restart().await,
         }
         self.check_invariants();
+    }
+
+    async fn checkpoint(&mut self) {
+        match self.engine().meter.checkpoint().await {
+            Ok(_) => {
+                self.count("checkpoints");
+                self.note("checkpoint".into());
+            }
+            Err(e) => self.refused("checkpoint", &e),
+        }
+    }
+
+    /// A write that fails: work that reaches one durability point meets a
+    /// fault there, then (half the time) the process dies right after.
+    async fn fault(&mut self) {
+        let (point, _) = FAULT_POINTS[self.rng.below(FAULT_POINTS.len() as u64) as usize];
+        if point.starts_with("checkpoint") {
+            // Something for the checkpoint to write.
+            self.usage().await;
+        }
+        self.faults.arm(point).await;
+        self.note(format!("fault armed: {point}"));
+        match point {
+            "usage log append" => self.usage().await,
+            // Every limit command checkpoints the meter first.
+            _ if point == "entity log append" || self.rng.chance(40) => match self.rng.below(4) {
+                0 => self.set_limit().await,
+                1 => self.bulk().await,
+                2 => self.set_other_limit().await,
+                _ => self.membership().await,
+            },
+            _ => self.checkpoint().await,
+        }
+        self.faults.disarm().await;
+        self.count("faults");
+        if self.rng.chance(50) {
+            self.check_invariants();
+            self.crash_and_restart().await;
+        }
+    }
+
+    /// Work the store refused: only while a fault is armed, and with its
+    /// message.
+    fn refused(&mut self, what: &str, e: &tally_engine::Error) {
+        let armed = self.faults.armed;
+        self.check(
+            armed.is_some_and(|p| e.to_string().contains(&format!("simulated fault: {p}"))),
+            || format!("{what} failed without a fault armed ({armed:?}): {e}"),
+        );
+        self.count("writes refused by a fault");
+        if let Some(point) = armed {
+            self.count(point);
+        }
+        self.note(format!("{what} refused: {e}"));
+    }
+
+    /// Runs one command; whether it was applied (it may be refused only by
+    /// an armed fault).
+    async fn command(&mut self, cmd: Command) -> bool {
+        let result = self.running.as_ref().expect("running").try_run(&cmd).await;
+        match result {
+            Ok(()) => true,
+            Err(e) => {
+                self.refused("command", &e);
+                false
+            }
+        }
     }
 
     async fn add_user(&mut self) {
@@ -462,17 +606,16 @@ impl Sim {
     async fn set_limit(&mut self) {
         let user = self.pick_user();
         let limit = self.some_limit();
-        self.running
-            .as_ref()
-            .expect("running")
-            .run(Command::UpdateUser {
-                user_id: UserId::new(&user).unwrap(),
-                email: None,
-                name: None,
-                monthly_limit_micros: Some(limit),
-                status: None,
-            })
-            .await;
+        let cmd = Command::UpdateUser {
+            user_id: UserId::new(&user).unwrap(),
+            email: None,
+            name: None,
+            monthly_limit_micros: Some(limit),
+            status: None,
+        };
+        if !self.command(cmd).await {
+            return;
+        }
         self.note(format!("limit of {user}: {limit:?}"));
         let _ = self.model.users.insert(user, limit);
     }
@@ -506,6 +649,18 @@ impl Sim {
             } else {
                 remove_groups.push(id)
             }
+        }
+        let cmd = Command::BulkUpdateUsers {
+            user_ids: users.iter().map(|u| UserId::new(u).unwrap()).collect(),
+            add_groups,
+            remove_groups,
+            monthly_limit_micros: Some(limit),
+            status: None,
+        };
+        if !self.command(cmd).await {
+            return;
+        }
+        if let Some(g) = group {
             for u in &users {
                 let spans = self
                     .model
@@ -520,17 +675,6 @@ impl Sim {
                 }
             }
         }
-        self.running
-            .as_ref()
-            .expect("running")
-            .run(Command::BulkUpdateUsers {
-                user_ids: users.iter().map(|u| UserId::new(u).unwrap()).collect(),
-                add_groups,
-                remove_groups,
-                monthly_limit_micros: Some(limit),
-                status: None,
-            })
-            .await;
         self.count("bulk changes");
         self.note(format!(
             "bulk: limit {limit:?} for {users:?}, group {group:?} (join: {join})"
@@ -575,7 +719,9 @@ impl Sim {
                 ("org".to_owned(), limit, cmd)
             }
         };
-        self.running.as_ref().expect("running").run(cmd).await;
+        if !self.command(cmd).await {
+            return;
+        }
         self.count("limits of others");
         self.note(format!("limit of {id}: {limit:?}"));
         let _ = self.model.limits.insert(id, limit);
@@ -596,16 +742,15 @@ impl Sim {
             .rng
             .chance(50)
             .then(|| self.some_limit().map(|l| l * ORG_LIMIT_SCALE));
-        self.running
-            .as_ref()
-            .expect("running")
-            .run(Command::ChangeSettings {
-                name: None,
-                default_monthly_limit_micros: None,
-                alert_thresholds_bps: Some(thresholds.clone()),
-                monthly_limit_micros: org_limit,
-            })
-            .await;
+        let cmd = Command::ChangeSettings {
+            name: None,
+            default_monthly_limit_micros: None,
+            alert_thresholds_bps: Some(thresholds.clone()),
+            monthly_limit_micros: org_limit,
+        };
+        if !self.command(cmd).await {
+            return;
+        }
         self.count("settings changes");
         self.note(format!(
             "thresholds {thresholds:?}, org limit {org_limit:?}"
@@ -622,21 +767,28 @@ impl Sim {
         let group = GROUPS[self.rng.below(GROUPS.len() as u64) as usize];
         let (group_id, user_id) = (GroupId::new(group).unwrap(), UserId::new(&user).unwrap());
         let now = self.now();
-        let spans = self
+        let key = (group.to_owned(), user.clone());
+        // A member now: the last membership has not ended.
+        let member = self
             .model
             .memberships
-            .entry((group.to_owned(), user.clone()))
-            .or_default();
-        // A member now: the last membership has not ended.
-        let cmd = if let Some(open) = spans.last_mut().filter(|s| s.1.is_none()) {
-            open.1 = Some(now);
+            .get(&key)
+            .and_then(|spans| spans.last())
+            .is_some_and(|s| s.1.is_none());
+        let cmd = if member {
             Command::RemoveMember { group_id, user_id }
         } else {
-            spans.push((now, None));
             Command::AddMember { group_id, user_id }
         };
         self.note(format!("{cmd:?}"));
-        self.running.as_ref().expect("running").run(cmd).await;
+        if !self.command(cmd).await {
+            return;
+        }
+        let spans = self.model.memberships.entry(key).or_default();
+        match spans.last_mut().filter(|s| s.1.is_none()) {
+            Some(open) => open.1 = Some(now),
+            None => spans.push((now, None)),
+        }
     }
 
     /// A batch of new events, repeats of sent ones and the usage of live
@@ -692,7 +844,10 @@ impl Sim {
             })
             .collect();
         let watermark = self.model.watermark;
-        let report = self.engine().ingest(events).await.unwrap();
+        let report = match self.engine().ingest(events).await {
+            Ok(report) => report,
+            Err(e) => return self.refused("usage", &e),
+        };
         self.count("usage batches");
         if batch
             .iter()
@@ -751,8 +906,8 @@ impl Sim {
         ));
         // Only a repeat of an event counted about the dedupe window behind
         // the org's latest usage is refused (too late: never counted
-        // twice; the window is kept in hourly buckets, so its line is
-        // within an hour of it); every new event is at most half an hour
+        // twice; the window is kept in buckets of a minute, so its line is
+        // within a minute of it); every new event is at most half an hour
         // late.
         // (The batch's own new events may have moved the watermark first.)
         let watermark = self.model.watermark.max(watermark);
@@ -762,7 +917,7 @@ impl Sim {
         for r in &report.rejected {
             let s = &batch[r.index];
             let too_late = self.model.counted.contains_key(&s.request_id)
-                && s.occurred_at_ms < watermark - DEDUPE_WINDOW_MS + 60 * MINUTE;
+                && s.occurred_at_ms < watermark - DEDUPE_WINDOW_MS + MINUTE;
             self.check(r.code == "too_late" && too_late, || {
                 format!(
                     "{} (occurred at {}, counted before: {}) rejected: {r:?}; now {now}, watermark \

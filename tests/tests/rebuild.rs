@@ -171,3 +171,107 @@ async fn rebuild_is_refused_while_a_distributed_serve_uses_the_database() {
     tally.stop().unwrap();
     let _ = rebuilt(&args);
 }
+
+/// The pid of the serve's state-lock connection on the database `url`
+/// names, once there is one other than `not`.
+async fn lock_pid(db: &tally_store::Db, not: Option<i64>) -> i64 {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        let pids = db
+            .query_i64(
+                "SELECT pid::bigint FROM pg_stat_activity WHERE datname = current_database() \
+                 AND application_name = 'tally serve (state lock)'",
+            )
+            .await
+            .unwrap();
+        if let Some(pid) = pids.into_iter().find(|p| Some(*p) != not) {
+            return pid;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no state lock other than {not:?} within 15 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// A serve whose PostgreSQL state lock lost its connection (here an
+/// operator's pg_terminate_backend; a restart or a dropped connection ends
+/// it the same way) takes it again and keeps maintenance out; if a
+/// maintenance command got it first, the serve stops instead of writing
+/// under it.
+#[tokio::test]
+async fn a_lost_state_lock_is_taken_again_or_the_serve_stops() {
+    let Some(backend) = Backend::postgres("state_lock_lost").await.unwrap() else {
+        return;
+    };
+    let Backend::Postgres(url) = &backend else {
+        unreachable!()
+    };
+    let args = ["--database-url".to_owned(), url.clone()];
+    let sql = tally_store::Db::open(&tally_store::DbOptions::new(url.clone()))
+        .await
+        .unwrap();
+    let mut tally = Tally::start(&backend).unwrap();
+    let op = tally.operator();
+    org_with_a_user(&op).await;
+    let first = lock_pid(&sql, None).await;
+    let _ = sql
+        .execute_raw(&format!("SELECT pg_terminate_backend({first})"))
+        .await
+        .unwrap();
+    let second = lock_pid(&sql, Some(first)).await;
+    let out = rebuild(&args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!("held by pid {second} (tally serve (state lock)"))
+            && stderr.contains("pg_terminate_backend(pid)"),
+        "{stderr}"
+    );
+    let _ = view(&op).await;
+    assert!(
+        tally
+            .log_text()
+            .contains("the state lock was lost and taken again")
+    );
+
+    // A maintenance command waits for the lock; when the serve's
+    // connection goes, the command has it before the serve can take it
+    // again (PostgreSQL grants a waiting request before later ones).
+    let maintenance = tally_store::Db::open(&tally_store::DbOptions::new(url.clone()))
+        .await
+        .unwrap();
+    let waiting = tokio::spawn(async move {
+        let _ = maintenance
+            .execute_raw("SELECT pg_advisory_lock(7243921)")
+            .await
+            .unwrap();
+        maintenance
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let _ = sql
+        .execute_raw(&format!("SELECT pg_terminate_backend({second})"))
+        .await
+        .unwrap();
+    let maintenance = waiting.await.unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = tally.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the serve still runs 20 s after a maintenance command took its lock"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert!(!status.success());
+    let log = tally.log_text();
+    assert!(
+        log.contains("the state lock was lost and another process took it"),
+        "{log}"
+    );
+    maintenance.close().await;
+    sql.close().await;
+}

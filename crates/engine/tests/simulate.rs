@@ -12,7 +12,10 @@
 //! settled by their usage, released and expired, checkpoints, and crashes:
 //! the engine dropped without a word at any step and started again from
 //! what it wrote. Storage faults: a write of the store fails (an SQLite
-//! trigger aborts it) at one of its durability points — the usage log's
+//! trigger aborts it, an error the engine does not take for the store
+//! being unavailable: the refuse-everything mode of a full disk and its
+//! probe are the tmpfs test's, tests/tests/storage_faults.rs) at one of its
+//! durability points — the usage log's
 //! append, the entity log's append, or a checkpoint at its position, its
 //! counters, its dedupe ids or its enforcement events — during usage, a
 //! command or a checkpoint; then, half the time, a crash right after.
@@ -386,6 +389,8 @@ struct Sim {
     model: Model,
     running: Option<Running>,
     faults: Faults,
+    /// The last usage batch a fault refused, for the gateway to resend.
+    unsent: Option<Vec<Sent>>,
     /// What happened, for a failure's report.
     trail: Vec<String>,
     /// How often each kind of thing happened, for the run's summary.
@@ -430,6 +435,7 @@ impl Sim {
             model,
             running: Some(running),
             faults,
+            unsent: None,
             trail: Vec::new(),
             stats: BTreeMap::new(),
         }
@@ -526,6 +532,15 @@ impl Sim {
         }
         self.faults.disarm().await;
         self.count("faults");
+        // A gateway answered 503 sends the same batch again, half the time
+        // before the process dies.
+        if let Some(batch) = self.unsent.take()
+            && self.rng.chance(50)
+        {
+            self.note("the refused batch again".into());
+            self.send_usage(batch).await;
+            self.count("refused batches sent again");
+        }
         if self.rng.chance(50) {
             self.check_invariants();
             self.crash_and_restart().await;
@@ -822,6 +837,13 @@ impl Sim {
             };
             batch.push(sent);
         }
+        self.send_usage(batch).await;
+    }
+
+    /// Sends a batch and checks the answer against the model.
+    async fn send_usage(&mut self, batch: Vec<Sent>) {
+        let now = self.now();
+        let n = batch.len();
         let events: Vec<(usize, UsageEvent)> = batch
             .iter()
             .enumerate()
@@ -846,8 +868,17 @@ impl Sim {
         let watermark = self.model.watermark;
         let report = match self.engine().ingest(events).await {
             Ok(report) => report,
-            Err(e) => return self.refused("usage", &e),
+            Err(e) => {
+                self.refused("usage", &e);
+                self.unsent = Some(batch);
+                return;
+            }
         };
+        // Which events were counted before this batch.
+        let before: Vec<bool> = batch
+            .iter()
+            .map(|s| self.model.counted.contains_key(&s.request_id))
+            .collect();
         self.count("usage batches");
         if batch
             .iter()
@@ -916,15 +947,13 @@ impl Sim {
         }
         for r in &report.rejected {
             let s = &batch[r.index];
-            let too_late = self.model.counted.contains_key(&s.request_id)
-                && s.occurred_at_ms < watermark - DEDUPE_WINDOW_MS + MINUTE;
+            let too_late =
+                before[r.index] && s.occurred_at_ms < watermark - DEDUPE_WINDOW_MS + MINUTE;
             self.check(r.code == "too_late" && too_late, || {
                 format!(
                     "{} (occurred at {}, counted before: {}) rejected: {r:?}; now {now}, watermark \
                      {watermark}",
-                    s.request_id,
-                    s.occurred_at_ms,
-                    self.model.counted.contains_key(&s.request_id)
+                    s.request_id, s.occurred_at_ms, before[r.index]
                 )
             });
         }
@@ -1178,6 +1207,18 @@ impl Sim {
                 (org.meter.holds.held(s), 0, 0, false, 0, 0),
             );
         }
+        // The dedupe window: its ids, its too-late line, the watermark.
+        let _ = out.insert(
+            ("dedupe window".to_owned(), Month::from_unix_ms(0)),
+            (
+                org.meter.dedupe.floor_minute(),
+                org.meter.dedupe.len() as u64,
+                org.meter.watermark_ms,
+                false,
+                0,
+                0,
+            ),
+        );
         out
     }
 
@@ -1326,6 +1367,8 @@ fn from_env(name: &str) -> Option<u64> {
 }
 
 async fn run_seeds(seeds: Vec<u64>, steps: u64) {
+    let mut refused_at: BTreeMap<&'static str, u64> = BTreeMap::new();
+    let all = seeds.len() >= SEEDS.count();
     for seed in seeds {
         let mut sim = Sim::new(seed).await;
         for _ in 0..steps {
@@ -1336,11 +1379,21 @@ async fn run_seeds(seeds: Vec<u64>, steps: u64) {
         let dir = sim.dir.clone();
         let months = sim.model.months().len();
         let stats = std::mem::take(&mut sim.stats);
+        for (point, _) in FAULT_POINTS {
+            *refused_at.entry(point).or_default() += stats.get(point).copied().unwrap_or(0);
+        }
         drop(sim);
         eprintln!(
             "seed {seed}: {steps} steps, {counted} events counted in {months} months; {stats:?}"
         );
         let _ = std::fs::remove_dir_all(dir);
+    }
+    eprintln!("writes refused by a fault, by point: {refused_at:?}");
+    // The suite's seeds reach every durability point.
+    if all {
+        for (point, n) in &refused_at {
+            assert!(*n > 0, "no write was refused at {point}");
+        }
     }
 }
 

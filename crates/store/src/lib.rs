@@ -278,7 +278,15 @@ impl Db {
         let current: Option<i64> = sqlx::query_scalar("SELECT MAX(version) FROM tally_schema")
             .fetch_one(&mut *tx)
             .await?;
-        for (version, ddl) in schema::migrations(self.backend) {
+        let migrations = schema::migrations(self.backend);
+        let newest = migrations.last().map_or(0, |(v, _)| *v);
+        if let Some(current) = current.filter(|c| *c > newest) {
+            return Err(Error::Config(format!(
+                "the database's schema is version {current}, newer than this tally's \
+                 ({newest}): run the release that upgraded it, or a newer one"
+            )));
+        }
+        for (version, ddl) in migrations {
             if current.is_some_and(|c| c >= version) || version > version_max {
                 continue;
             }
@@ -353,17 +361,17 @@ impl Db {
         if self.backend != Backend::Postgres {
             return Ok(None);
         }
-        let mut conn = self.write.acquire().await?.detach();
+        let mut conn = self.lock_connection(SERVE_LOCK_NAME).await?;
         let serving: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock_shared($1)")
             .bind(MAINTENANCE_LOCK)
             .fetch_one(&mut conn)
             .await?;
         if !serving {
-            return Err(Error::Config(
-                "tally rebuild-projections is running on this database: serve once it has \
-                 finished"
-                    .into(),
-            ));
+            return Err(Error::Config(format!(
+                "a maintenance command (tally rebuild-projections or reset-usage-positions) is \
+                 running on this database: serve once it has finished{}",
+                lock_holders(&mut conn).await
+            )));
         }
         if exclusive {
             let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
@@ -371,14 +379,29 @@ impl Db {
                 .fetch_one(&mut conn)
                 .await?;
             if !locked {
-                return Err(Error::Config(
+                return Err(Error::Config(format!(
                     "another tally serve without Kafka uses this database; run one, or give \
-                     every process --kafka-brokers"
-                        .into(),
-                ));
+                     every process --kafka-brokers{}",
+                    lock_holders(&mut conn).await
+                )));
             }
         }
-        Ok(Some(SessionLock { conn }))
+        Ok(Some(SessionLock {
+            conn,
+            locks: 1 + i64::from(exclusive),
+        }))
+    }
+
+    /// A connection of its own, outside the pools, for a session lock:
+    /// named `name` in `pg_stat_activity`, so that an operator can tell
+    /// who holds it.
+    async fn lock_connection(&self, name: &str) -> Result<sqlx::AnyConnection> {
+        let mut conn = self.write.acquire().await?.detach();
+        let _ = sqlx::query("SELECT set_config('application_name', $1, false)")
+            .bind(name)
+            .execute(&mut conn)
+            .await?;
+        Ok(conn)
     }
 
     /// Makes this process the only one using this database, for a
@@ -388,7 +411,7 @@ impl Db {
         if self.backend != Backend::Postgres {
             return Ok(None);
         }
-        let mut conn = self.write.acquire().await?.detach();
+        let mut conn = self.lock_connection(MAINTENANCE_LOCK_NAME).await?;
         let locked: bool =
             sqlx::query_scalar("SELECT pg_try_advisory_lock($1) AND pg_try_advisory_lock($2)")
                 .bind(MAINTENANCE_LOCK)
@@ -398,13 +421,13 @@ impl Db {
                 .fetch_one(&mut conn)
                 .await?;
         if !locked {
-            return Err(Error::Config(
+            return Err(Error::Config(format!(
                 "a tally serve (or another maintenance command) is using this database: stop \
-                 every tally serve on it first (this command rewrites what they serve)"
-                    .into(),
-            ));
+                 every tally serve on it first (this command rewrites what they serve){}",
+                lock_holders(&mut conn).await
+            )));
         }
-        Ok(Some(SessionLock { conn }))
+        Ok(Some(SessionLock { conn, locks: 2 }))
     }
 
     /// Refreshes the query planner's statistics (after a bulk load; on
@@ -428,6 +451,15 @@ impl Db {
         Ok(done.rows_affected())
     }
 
+    /// Runs one query of a single BIGINT column, as written, for tools and
+    /// tests (never with request data).
+    #[doc(hidden)]
+    pub async fn query_i64(&self, sql: &str) -> Result<Vec<i64>> {
+        Ok(sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_owned()))
+            .fetch_all(&self.read)
+            .await?)
+    }
+
     pub async fn close(&self) {
         self.write.close().await;
         self.read.close().await;
@@ -440,9 +472,25 @@ impl Db {
 #[derive(Debug)]
 pub struct SessionLock {
     conn: sqlx::AnyConnection,
+    /// How many advisory locks it holds.
+    locks: i64,
 }
 
 impl SessionLock {
+    /// Whether its connection still holds its locks: false once the
+    /// connection went away (a database restart, a dropped connection, an
+    /// operator's `pg_terminate_backend`), which ended them.
+    pub async fn held(&mut self) -> bool {
+        let held: std::result::Result<i64, _> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "SELECT COUNT(*) FROM pg_locks WHERE locktype = 'advisory' AND granted \
+             AND pid = pg_backend_pid() AND classid = 0 \
+             AND objid IN ({EMBEDDED_LOCK}, {MAINTENANCE_LOCK})"
+        )))
+        .fetch_one(&mut self.conn)
+        .await;
+        held.is_ok_and(|n| n >= self.locks)
+    }
+
     /// Ends the lock before it returns (a dropped one ends when the server
     /// notices its connection closed, a moment later).
     pub async fn release(mut self) {
@@ -451,6 +499,50 @@ impl SessionLock {
             .await;
         let _ = sqlx::Connection::close(self.conn).await;
     }
+}
+
+/// What a serve's and a maintenance command's lock connections are named
+/// in `pg_stat_activity.application_name` (docs/operations.md).
+pub const SERVE_LOCK_NAME: &str = "tally serve (state lock)";
+pub const MAINTENANCE_LOCK_NAME: &str = "tally maintenance (state lock)";
+
+/// Who else holds the state locks, for a refusal: "; held by pid 4711
+/// (tally serve (state lock), 10.0.0.5, since …)…", and how to end a stale
+/// one. Empty when it cannot be read.
+async fn lock_holders(conn: &mut sqlx::AnyConnection) -> String {
+    use sqlx::Row as _;
+    let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT DISTINCT a.pid::bigint AS pid, COALESCE(a.application_name, '') AS name, \
+         COALESCE(host(a.client_addr), 'local') AS addr, \
+         to_char(a.backend_start AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"') AS since \
+         FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
+         WHERE l.locktype = 'advisory' AND l.granted AND l.classid = 0 \
+         AND l.objid IN ({EMBEDDED_LOCK}, {MAINTENANCE_LOCK}) AND l.pid <> pg_backend_pid() \
+         ORDER BY 1 LIMIT 20"
+    )))
+    .fetch_all(conn)
+    .await;
+    let Ok(rows) = rows else {
+        return String::new();
+    };
+    let holders: Vec<String> = rows
+        .iter()
+        .filter_map(|r| {
+            let pid: i64 = r.try_get("pid").ok()?;
+            let name: String = r.try_get("name").ok()?;
+            let addr: String = r.try_get("addr").ok()?;
+            let since: String = r.try_get("since").ok()?;
+            Some(format!("pid {pid} ({name}, {addr}, since {since})"))
+        })
+        .collect();
+    if holders.is_empty() {
+        return String::new();
+    }
+    format!(
+        "; held by {}. A holder whose process is gone can be ended with SELECT \
+         pg_terminate_backend(pid)",
+        holders.join(", ")
+    )
 }
 
 /// The session lock that every embedded `tally serve` on a PostgreSQL

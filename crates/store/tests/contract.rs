@@ -1563,6 +1563,7 @@ contract!(
     a_checkpoint_deletes_many_settled_holds,
     dead_letters_are_kept_once,
     webhook_deliveries_are_an_outbox,
+    a_newer_schema_is_refused,
 );
 
 /// A database of a release whose dedupe window forgot an hour at a time
@@ -1582,32 +1583,80 @@ async fn an_hourly_dedupe_window_migrates_to_minutes(db: Db) {
     let _ = db
         .execute_raw(&format!(
             "INSERT INTO meter_orgs (org_id, partition_id, watermark_ms, dedupe_floor_hour, \
-             rolled_month) VALUES ('acme', 0, {watermark}, {floor}, 0); \
+             rolled_month) VALUES ('acme', 0, {watermark}, {floor}, 0), \
+             ('idle', 0, 0, {none}, 0); \
              INSERT INTO dedupe_chunks (org_id, hour, chunk, hashes) \
-             VALUES ('acme', {hour}, 1, {blob})",
+             VALUES ('acme', {hour}, 1, {blob}), ('acme', {below}, 1, {blob})",
             floor = hour - 1,
+            below = hour - 2,
+            none = i64::MIN,
         ))
         .await
         .unwrap();
     db.migrate().await.unwrap();
-    let saved = db.load_meters(0, 86_400_000, month()).await.unwrap()["acme"].clone();
-    assert_eq!(saved.dedupe_floor_minute, (hour - 1) * 60);
-    assert_eq!(saved.dedupe, vec![(hour * 60 + 59, 7), (hour * 60 + 59, 8)]);
-    let window = DedupeWindow::restore(
-        DedupeConfig::default(),
-        saved.dedupe_floor_minute,
-        watermark,
-        saved.dedupe,
-    );
-    // Usage of the hour's last minute is still a duplicate, not new.
-    let late_in_the_hour = (hour + 1) * MS_PER_HOUR - 1;
+    let meters = db.load_meters(0, 86_400_000, month()).await.unwrap();
     assert_eq!(
-        window.check(8, late_in_the_hour, watermark),
-        Seen::Duplicate
+        meters["idle"].dedupe_floor_minute,
+        i64::MIN,
+        "no floor stays none"
     );
+    let saved = meters["acme"].clone();
+    assert_eq!(saved.dedupe_floor_minute, (hour - 1) * 60);
+    let minute = hour * 60 + 59;
+    let below = (hour - 2) * 60 + 59;
+    assert_eq!(
+        saved.dedupe,
+        vec![(below, 7), (below, 8), (minute, 7), (minute, 8)]
+    );
+    let restore = |entries_max, watermark| {
+        let config = DedupeConfig {
+            entries_max,
+            ..DedupeConfig::default()
+        };
+        DedupeWindow::restore(
+            config,
+            saved.dedupe_floor_minute,
+            watermark,
+            saved.dedupe.clone(),
+        )
+    };
+    let window = restore(1_000, watermark);
+    // Below the floor: forgotten, too late.
+    assert_eq!(window.len(), 2);
     assert_eq!(
         window.check(9, (hour - 2) * MS_PER_HOUR, watermark),
         Seen::TooLate
+    );
+    // The hour's ids are still remembered in each of its minutes.
+    for m in [0, 5, 59] {
+        let at = hour * MS_PER_HOUR + m * MS_PER_MINUTE;
+        assert_eq!(
+            window.check(8, at, watermark),
+            Seen::Duplicate,
+            "minute {m}"
+        );
+    }
+    // Past the cap, half an hour on, the hour is forgotten as a whole: its
+    // early minutes are too late, never new (had its ids gone to its first
+    // minute, they would be new from its second minute on).
+    let later = (hour + 1) * MS_PER_HOUR + 30 * MS_PER_MINUTE;
+    let window = restore(1, later);
+    assert_eq!(window.len(), 0);
+    let early = hour * MS_PER_HOUR + 5 * MS_PER_MINUTE;
+    assert_eq!(window.check(8, early, later), Seen::TooLate);
+}
+
+/// A binary never writes under a schema newer than its own (a rolled-back
+/// release against an upgraded database).
+async fn a_newer_schema_is_refused(db: Db) {
+    let _ = db
+        .execute_raw("INSERT INTO tally_schema (version, applied_at_ms) VALUES (1000000, 0)")
+        .await
+        .unwrap();
+    let refused = db.migrate().await.unwrap_err().to_string();
+    assert!(
+        refused.contains("schema is version 1000000, newer than this tally's"),
+        "{refused}"
     );
 }
 
@@ -1640,7 +1689,9 @@ async fn serving_and_maintenance_locks_exclude_each_other() {
     assert!(maintenance.is_some());
     let refused = other.lock_serving(false).await.unwrap_err().to_string();
     assert!(
-        refused.contains("rebuild-projections is running"),
+        refused.contains("a maintenance command (tally rebuild-projections")
+            && refused.contains("(tally maintenance (state lock), ")
+            && refused.contains("pg_terminate_backend(pid)"),
         "{refused}"
     );
     maintenance.unwrap().release().await;
@@ -1658,4 +1709,35 @@ async fn serving_and_maintenance_locks_exclude_each_other() {
         lock.unwrap().release().await;
     }
     assert!(other.lock_maintenance().await.unwrap().is_some());
+}
+
+/// A state lock knows when its connection went away (which ended it), so
+/// that a serve can take it again.
+#[tokio::test]
+async fn a_state_lock_knows_when_its_connection_went_away() {
+    let Some((db, url)) = postgres_with_url().await else {
+        return;
+    };
+    let other = Db::open(&DbOptions::new(url)).await.unwrap();
+    let mut lock = db.lock_serving(true).await.unwrap().unwrap();
+    assert!(lock.held().await);
+    let _ = other
+        .execute_raw(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = \
+             current_database() AND application_name = 'tally serve (state lock)'",
+        )
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while lock.held().await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still held after 10 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let maintenance = other.lock_maintenance().await.unwrap();
+    assert!(maintenance.is_some());
+    let refused = db.lock_serving(false).await.unwrap_err().to_string();
+    assert!(refused.contains("a maintenance command"), "{refused}");
 }

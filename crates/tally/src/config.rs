@@ -104,7 +104,7 @@ pub(crate) struct ServeArgs {
     #[arg(long, env = "TALLY_DEDUPE_WINDOW_HOURS")]
     pub(crate) dedupe_window_hours: Option<u32>,
     /// Request ids one org's dedupe window holds at most; past it the oldest
-    /// minutes are forgotten early, never the last one behind the org's
+    /// minutes are forgotten early, never the last minute behind the org's
     /// latest usage [default: 20000000].
     #[arg(long, env = "TALLY_DEDUPE_ENTRIES_MAX")]
     pub(crate) dedupe_entries_max: Option<usize>,

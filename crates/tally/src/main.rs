@@ -171,7 +171,9 @@ async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
     .with_context(|| format!("opening {}", redact(&cfg.database_url)))?;
     let state_lock = match file_lock {
         Some(file) => StateLock::File(file),
-        None => StateLock::Session(db.lock_serving(cfg.kafka.is_none()).await?),
+        None => StateLock::Session(Arc::new(tokio::sync::Mutex::new(
+            db.lock_serving(cfg.kafka.is_none()).await?,
+        ))),
     };
     db.migrate()
         .await
@@ -276,6 +278,16 @@ async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
         let stop = stopped(stop_rx.clone());
         async move { engine.meter.run(stop).await }
     });
+    let lock_watch = match &state_lock {
+        StateLock::Session(lock) => Some(tokio::spawn(watch_state_lock(
+            db.clone(),
+            Arc::clone(lock),
+            cfg.kafka.is_none(),
+            Arc::clone(&engine),
+            stopped(stop_rx.clone()),
+        ))),
+        StateLock::File(_) => None,
+    };
     let housekeeping = tokio::spawn({
         let stop = stopped(stop_rx.clone());
         let log = match &mode {
@@ -372,6 +384,9 @@ async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
     let why = *why_rx.borrow_and_update();
     let _ = stop_tx.send(true);
     let _ = meter_loop.await;
+    if let Some(watch) = lock_watch {
+        let _ = watch.await;
+    }
     let _ = upkeep.await;
     let _ = hold_upkeep.await;
     // The last holds written survive a power loss too.
@@ -417,7 +432,8 @@ fn lock_sqlite(url: &str, busy: &str) -> anyhow::Result<Option<std::fs::File>> {
 /// What keeps others off the state this process serves.
 enum StateLock {
     File(std::fs::File),
-    Session(Option<tally_store::SessionLock>),
+    /// Watched by [`watch_state_lock`].
+    Session(Arc<tokio::sync::Mutex<Option<tally_store::SessionLock>>>),
 }
 
 impl StateLock {
@@ -425,8 +441,71 @@ impl StateLock {
     async fn release(self) {
         match self {
             StateLock::File(file) => drop(file),
-            StateLock::Session(Some(lock)) => lock.release().await,
-            StateLock::Session(None) => {}
+            StateLock::Session(lock) => {
+                if let Some(lock) = lock.lock().await.take() {
+                    lock.release().await;
+                }
+            }
+        }
+    }
+}
+
+/// How often a serve checks that it still holds its PostgreSQL state lock.
+const STATE_LOCK_CHECK: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Keeps the PostgreSQL state lock held while the process serves. A lock
+/// whose connection went away (a database restart, a dropped connection,
+/// `pg_terminate_backend`) ended with it: it is taken again at once. If a
+/// maintenance command (or, embedded, another serve) took it meanwhile, this
+/// process must not write any more: the meter stops, and with it the serve.
+async fn watch_state_lock(
+    db: Db,
+    lock: Arc<tokio::sync::Mutex<Option<tally_store::SessionLock>>>,
+    exclusive: bool,
+    engine: Arc<Engine>,
+    stop: impl std::future::Future<Output = ()>,
+) {
+    tokio::pin!(stop);
+    let mut tick = tokio::time::interval(STATE_LOCK_CHECK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut lost_since: Option<std::time::Instant> = None;
+    loop {
+        tokio::select! {
+            () = &mut stop => return,
+            _ = tick.tick() => {}
+        }
+        let mut held = lock.lock().await;
+        if let Some(l) = held.as_mut()
+            && l.held().await
+        {
+            continue;
+        }
+        if lost_since.is_none() {
+            tracing::warn!("the state lock's connection to PostgreSQL went away: taking it again");
+        }
+        let since = *lost_since.get_or_insert_with(std::time::Instant::now);
+        match db.lock_serving(exclusive).await {
+            Ok(again) => {
+                *held = again;
+                lost_since = None;
+                tracing::warn!(
+                    lost_ms = since.elapsed().as_millis() as u64,
+                    "the state lock was lost and taken again"
+                );
+            }
+            Err(e @ tally_store::Error::Config(_)) => {
+                *held = None;
+                tracing::error!(error = %e, "the state lock was lost and another process took it");
+                engine.meter.poison(&format!(
+                    "the state lock was lost and another process took it: {e}"
+                ));
+                return;
+            }
+            // The database is unreachable: so are this process's writes.
+            Err(e) => {
+                *held = None;
+                tracing::debug!(error = %e, "taking the state lock again failed; retrying");
+            }
         }
     }
 }

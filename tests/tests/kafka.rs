@@ -890,3 +890,115 @@ async fn a_database_of_the_embedded_log_is_refused_under_kafka() {
         "{log}"
     );
 }
+
+/// A limit change made on a process that does not meter the org reaches
+/// the one that does through the events topic; that one checkpoints before
+/// folding it, as for a change made on itself. So a kill -9 right after
+/// replays only usage counted after the change under it: the cutoff the old
+/// limit caused and the lift the new one caused both survive (replayed
+/// from the checkpoint before the cutoff, the usage would be judged under
+/// the new limit only, and neither would ever be recorded). No periodic
+/// checkpoint runs meanwhile (the interval is ten minutes), and nothing
+/// reads the owner's spend (a read checkpoints first): authorize tells.
+#[tokio::test]
+async fn a_limit_change_from_another_process_survives_the_owners_kill_9() {
+    let Some(cluster) =
+        tally_tests::Cluster::new("1", &["--checkpoint-interval-ms", "600000"]).unwrap()
+    else {
+        return;
+    };
+    let (owner, other) = cluster.owner_and_other().await.unwrap();
+    let (op, far) = (owner.operator(), other.operator());
+    let _ = op
+        .post("/v1/orgs", json!({"id": "acme", "name": "Acme"}))
+        .await
+        .expect(201);
+    let _ = op
+        .post(
+            "/v1/orgs/acme/users",
+            json!({"id": "alice", "email": "alice@acme.test", "name": "Alice",
+                   "monthly_limit_micros": USD}),
+        )
+        .await
+        .expect(201);
+    let key = op
+        .post(
+            "/v1/orgs/acme/keys",
+            json!({"id": "alice-key", "name": "laptop", "user_id": "alice"}),
+        )
+        .await
+        .expect(201);
+    let secret = key["secret"].as_str().unwrap().to_owned();
+    let allowed = async |c: &Client| {
+        c.post("/v1/authorize", json!({"api_key": secret}))
+            .await
+            .expect(200)["allowed"]
+            .as_bool()
+            .unwrap()
+    };
+    wait_for("the key on both", Duration::from_secs(30), || async {
+        allowed(&op).await && allowed(&far).await
+    })
+    .await;
+    let call = Call {
+        request_id: "over".into(),
+        org: "acme".into(),
+        user: "alice".into(),
+        key: "alice-key".into(),
+        cost: USD + USD / 5,
+        json: false,
+    };
+    let _ = publish(&producer(&cluster.broker), "tally.usage", &[call], |_| {
+        false
+    })
+    .await;
+    wait_for("alice cut off", Duration::from_secs(30), || async {
+        !allowed(&op).await
+    })
+    .await;
+    let _ = far
+        .patch(
+            "/v1/orgs/acme/users/alice",
+            json!({"monthly_limit_micros": 10 * USD}),
+        )
+        .await
+        .expect(200);
+    wait_for(
+        "the raise on the owner",
+        Duration::from_secs(30),
+        || async { allowed(&op).await },
+    )
+    .await;
+    owner.kill9().unwrap();
+    wait_for(
+        "the other owning the partition",
+        Duration::from_secs(60),
+        || async { owned(&other).await == 1 },
+    )
+    .await;
+    let events = async || -> Vec<String> {
+        let listed = far.get("/v1/orgs/acme/enforcement").await.expect(200);
+        listed["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["subject_id"] == "alice" && e["event"] != "threshold_crossed")
+            .map(|e| e["event"].as_str().unwrap_or_default().to_owned())
+            .collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut alice = events().await;
+        alice.sort();
+        if alice == ["cut_off", "cutoff_lifted"] {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "alice's cutoff and lift after the owner's kill: {alice:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(allowed(&far).await);
+    other.stop().unwrap();
+}

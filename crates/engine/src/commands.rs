@@ -216,7 +216,46 @@ impl Commands {
     /// Folds into memory whatever the org's log holds beyond it (written by
     /// another process).
     pub async fn catch_up(&self, org_id: &OrgId) -> Result<()> {
-        catch_up(&self.db, &self.registry, org_id).await
+        catch_up_with(&self.db, &self.registry, org_id, Some(self)).await
+    }
+
+    /// Folds events another process committed (read from the events topic
+    /// or the SQL log). When this process meters the org and they change
+    /// how spend is judged (a limit, other thresholds), the meter is
+    /// checkpointed first, under the write lock usage takes, as for a
+    /// command made here: a replay then applies only usage counted after
+    /// the change under it. A failed checkpoint does not hold the change
+    /// back (it is committed); it is logged, and a crash before the next
+    /// checkpoint may then judge the usage since the last one under it.
+    pub async fn fold_foreign(&self, events: &[EntityEvent]) -> Followed {
+        let Some(first) = events.first() else {
+            return Followed::Stale;
+        };
+        // Whether this process would have to checkpoint first: it meters
+        // the org, and the events that follow its state change a limit or
+        // the thresholds. Asked again under the lock (the org may be
+        // adopted by its first usage meanwhile).
+        let rejudges = || {
+            self.meter.meters(&first.org_id)
+                && self.registry.org(&first.org_id).is_some_and(|cell| {
+                    let org = cell.read();
+                    let fresh = &events[events.partition_point(|e| e.seq <= org.dir.seq)..];
+                    fresh.first().is_some_and(|e| e.seq == org.dir.seq + 1)
+                        && fresh.iter().any(|e| org.dir.rejudges(&e.kind))
+                })
+        };
+        // Not during a storage fault: the checkpoint would wait for the
+        // database under the lock all usage takes.
+        if self.meter.health().fault().is_some() || !rejudges() {
+            return self.registry.fold_next(events);
+        }
+        let _w = self.meter.write_lock().await;
+        if rejudges()
+            && let Err(e) = self.meter.checkpoint_locked().await
+        {
+            tracing::warn!(org = %first.org_id, error = %e, "the checkpoint before another process's limit change failed; folding the change anyway");
+        }
+        self.registry.fold_next(events)
     }
 
     /// Brings `orgs` up to date with their logs: reads their heads in one
@@ -246,6 +285,17 @@ impl Commands {
 
 /// Folds into memory whatever `org_id`'s log holds beyond it.
 pub(crate) async fn catch_up(db: &Db, registry: &Registry, org_id: &OrgId) -> Result<()> {
+    catch_up_with(db, registry, org_id, None).await
+}
+
+/// [`catch_up`], each page folded by `foreign`'s
+/// [`Commands::fold_foreign`] when given.
+async fn catch_up_with(
+    db: &Db,
+    registry: &Registry,
+    org_id: &OrgId,
+    foreign: Option<&Commands>,
+) -> Result<()> {
     loop {
         let seq = registry.org(org_id).map_or(0, |c| c.read().dir.seq);
         let events = db.org_events(org_id, seq, CATCH_UP_PAGE_LEN).await?;
@@ -254,7 +304,11 @@ pub(crate) async fn catch_up(db: &Db, registry: &Registry, org_id: &OrgId) -> Re
         }
         // A page at once: a command's events are judged together (see
         // `OrgState::apply_entities`), as a restart judges them.
-        if registry.fold_next(&events) == Followed::Gap {
+        let followed = match foreign {
+            Some(commands) => commands.fold_foreign(&events).await,
+            None => registry.fold_next(&events),
+        };
+        if followed == Followed::Gap {
             return Err(Error::Corrupt(format!(
                 "the entity log of org {org_id} has a gap before seq {}",
                 events[0].seq

@@ -386,10 +386,7 @@ impl Db {
                 )));
             }
         }
-        Ok(Some(SessionLock {
-            conn,
-            locks: 1 + i64::from(exclusive),
-        }))
+        Ok(Some(SessionLock::new(conn, 1 + i64::from(exclusive)).await))
     }
 
     /// A connection of its own, outside the pools, for a session lock:
@@ -427,7 +424,26 @@ impl Db {
                 lock_holders(&mut conn).await
             )));
         }
-        Ok(Some(SessionLock { conn, locks: 2 }))
+        Ok(Some(SessionLock::new(conn, 2).await))
+    }
+
+    /// Ends the server process of a lock [`SessionLock::held`] found lost,
+    /// should it still run (a half-open connection keeps its locks until
+    /// the server notices): only that process, by its pid and start time.
+    pub async fn end_lost_lock(&self, lock: SessionLock) -> Result<()> {
+        let Some((pid, started)) = lock.backend else {
+            return Ok(());
+        };
+        drop(lock.conn);
+        let _ = sqlx::query(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE pid = $1 AND backend_start::text = $2",
+        )
+        .bind(pid)
+        .bind(started)
+        .fetch_all(&self.write)
+        .await?;
+        Ok(())
     }
 
     /// Refreshes the query planner's statistics (after a bulk load; on
@@ -474,16 +490,34 @@ pub struct SessionLock {
     conn: sqlx::AnyConnection,
     /// How many advisory locks it holds.
     locks: i64,
+    /// Its server process: (pid, start time as text), to end it by.
+    backend: Option<(i64, String)>,
 }
 
 impl SessionLock {
+    async fn new(mut conn: sqlx::AnyConnection, locks: i64) -> SessionLock {
+        let backend = sqlx::query_as::<_, (i64, String)>(
+            "SELECT pid::bigint, backend_start::text FROM pg_stat_activity \
+             WHERE pid = pg_backend_pid()",
+        )
+        .fetch_optional(&mut conn)
+        .await
+        .ok()
+        .flatten();
+        SessionLock {
+            conn,
+            locks,
+            backend,
+        }
+    }
+
     /// Whether its connection still holds its locks: false once the
     /// connection went away (a database restart, a dropped connection, an
     /// operator's `pg_terminate_backend`), which ended them.
     pub async fn held(&mut self) -> bool {
         let held: std::result::Result<i64, _> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
             "SELECT COUNT(*) FROM pg_locks WHERE locktype = 'advisory' AND granted \
-             AND pid = pg_backend_pid() AND classid = 0 \
+             AND pid = pg_backend_pid() AND classid = 0 AND objsubid = 1 \
              AND objid IN ({EMBEDDED_LOCK}, {MAINTENANCE_LOCK})"
         )))
         .fetch_one(&mut self.conn)
@@ -513,10 +547,11 @@ async fn lock_holders(conn: &mut sqlx::AnyConnection) -> String {
     use sqlx::Row as _;
     let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
         "SELECT DISTINCT a.pid::bigint AS pid, COALESCE(a.application_name, '') AS name, \
-         COALESCE(host(a.client_addr), 'local') AS addr, \
+         COALESCE(host(a.client_addr), 'unknown address') AS addr, \
          to_char(a.backend_start AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"') AS since \
          FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
-         WHERE l.locktype = 'advisory' AND l.granted AND l.classid = 0 \
+         WHERE l.locktype = 'advisory' AND l.granted AND l.classid = 0 AND l.objsubid = 1 \
+         AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
          AND l.objid IN ({EMBEDDED_LOCK}, {MAINTENANCE_LOCK}) AND l.pid <> pg_backend_pid() \
          ORDER BY 1 LIMIT 20"
     )))

@@ -465,6 +465,9 @@ async fn watch_state_lock(
     engine: Arc<Engine>,
     stop: impl std::future::Future<Output = ()>,
 ) {
+    // Each database call is bounded: a half-open connection must neither
+    // hang the watch nor the shutdown waiting for it.
+    const CALL_MAX: std::time::Duration = std::time::Duration::from_secs(5);
     tokio::pin!(stop);
     let mut tick = tokio::time::interval(STATE_LOCK_CHECK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -474,38 +477,55 @@ async fn watch_state_lock(
             () = &mut stop => return,
             _ = tick.tick() => {}
         }
-        let mut held = lock.lock().await;
-        if let Some(l) = held.as_mut()
-            && l.held().await
-        {
-            continue;
-        }
-        if lost_since.is_none() {
-            tracing::warn!("the state lock's connection to PostgreSQL went away: taking it again");
-        }
-        let since = *lost_since.get_or_insert_with(std::time::Instant::now);
-        match db.lock_serving(exclusive).await {
-            Ok(again) => {
-                *held = again;
-                lost_since = None;
+        let check = async {
+            let mut held = lock.lock().await;
+            if let Some(l) = held.as_mut()
+                && tokio::time::timeout(CALL_MAX, l.held()).await == Ok(true)
+            {
+                return true;
+            }
+            if lost_since.is_none() {
                 tracing::warn!(
-                    lost_ms = since.elapsed().as_millis() as u64,
-                    "the state lock was lost and taken again"
+                    "the state lock's connection to PostgreSQL went away: taking it again"
                 );
             }
-            Err(e @ tally_store::Error::Config(_)) => {
-                *held = None;
-                tracing::error!(error = %e, "the state lock was lost and another process took it");
-                engine.meter.poison(&format!(
-                    "the state lock was lost and another process took it: {e}"
-                ));
-                return;
+            let since = *lost_since.get_or_insert_with(std::time::Instant::now);
+            // Its server process may still run (and hold it): end it first.
+            if let Some(old) = held.take()
+                && let Ok(Err(e)) = tokio::time::timeout(CALL_MAX, db.end_lost_lock(old)).await
+            {
+                tracing::debug!(error = %e, "ending the lost lock's connection failed");
             }
-            // The database is unreachable: so are this process's writes.
-            Err(e) => {
-                *held = None;
-                tracing::debug!(error = %e, "taking the state lock again failed; retrying");
+            match tokio::time::timeout(CALL_MAX, db.lock_serving(exclusive)).await {
+                Ok(Ok(again)) => {
+                    *held = again;
+                    lost_since = None;
+                    tracing::warn!(
+                        lost_ms = since.elapsed().as_millis() as u64,
+                        "the state lock was lost and taken again"
+                    );
+                }
+                Ok(Err(e @ tally_store::Error::Config(_))) => {
+                    tracing::error!(error = %e, "the state lock was lost and another process took it");
+                    engine.meter.poison(&format!(
+                        "the state lock was lost and another process took it: {e}"
+                    ));
+                    return false;
+                }
+                // The database is unreachable: so are this process's writes.
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %e, "taking the state lock again failed; retrying");
+                }
+                Err(_) => tracing::debug!("taking the state lock again timed out; retrying"),
             }
+            true
+        };
+        let go_on = tokio::select! {
+            () = &mut stop => return,
+            go_on = check => go_on,
+        };
+        if !go_on {
+            return;
         }
     }
 }

@@ -65,6 +65,15 @@ async fn ready(t: &Tally) {
     .await;
 }
 
+/// Whether authorize on `c` allows the key with `secret`.
+async fn allowed(c: &Client, secret: &str) -> bool {
+    c.post("/v1/authorize", json!({"api_key": secret}))
+        .await
+        .expect(200)["allowed"]
+        .as_bool()
+        .unwrap()
+}
+
 /// A key for user 0 of `org` (from [`org_fixture`]); returns its secret.
 async fn auth_key(op: &Client, org: &str) -> String {
     let key = op
@@ -498,13 +507,7 @@ async fn a_cutoff_on_one_process_is_seen_on_the_other_within_a_second() {
     org_fixture(&op, "lima", 2, 1, Some(10 * USD)).await;
     let secret = auth_key(&op, "lima").await;
     let (ca, cb) = (a.operator(), b.operator());
-    let allowed = async |c: &Client| {
-        c.post("/v1/authorize", json!({"api_key": secret}))
-            .await
-            .expect(200)["allowed"]
-            .as_bool()
-            .unwrap()
-    };
+    let allowed = async |c: &Client| allowed(c, &secret).await;
     // Both know the key (b through the relayed entity log).
     wait_for("the key on both", Duration::from_secs(30), || async {
         allowed(&ca).await && allowed(&cb).await
@@ -929,13 +932,7 @@ async fn a_limit_change_from_another_process_survives_the_owners_kill_9() {
         .await
         .expect(201);
     let secret = key["secret"].as_str().unwrap().to_owned();
-    let allowed = async |c: &Client| {
-        c.post("/v1/authorize", json!({"api_key": secret}))
-            .await
-            .expect(200)["allowed"]
-            .as_bool()
-            .unwrap()
-    };
+    let allowed = async |c: &Client| allowed(c, &secret).await;
     wait_for("the key on both", Duration::from_secs(30), || async {
         allowed(&op).await && allowed(&far).await
     })

@@ -140,7 +140,7 @@ impl Commands {
                     // so a replay applies only usage counted after it. (The
                     // seq stays the one validated against: an event folded
                     // meanwhile makes the append a conflict, and a retry.)
-                    let _ = self.meter.checkpoint_locked().await?;
+                    let _ = self.meter.checkpoint_org_locked(org_id).await?;
                 }
                 (kinds, next_seq)
             }
@@ -251,7 +251,7 @@ impl Commands {
         }
         let _w = self.meter.write_lock().await;
         if rejudges()
-            && let Err(e) = self.meter.checkpoint_locked().await
+            && let Err(e) = self.meter.checkpoint_org_locked(&first.org_id).await
         {
             tracing::warn!(org = %first.org_id, error = %e, "the checkpoint before another process's limit change failed; folding the change anyway");
         }

@@ -819,9 +819,35 @@ impl Meter {
             ));
         }
         let number = self.checkpoints_begun.fetch_add(1, Ordering::SeqCst) + 1;
+        let written = self.checkpoint_partitions(self.owned_partitions()).await?;
+        let _ = self.checkpoint_done.fetch_max(number, Ordering::SeqCst);
+        Ok(written)
+    }
+
+    /// Checkpoints the partition that meters `org` only (none when this
+    /// process does not meter it), for callers that hold the write lock:
+    /// what a change of the org's limits needs before it is folded. It
+    /// does not count as a checkpoint of everything for
+    /// [`Meter::flush_for_read`].
+    pub async fn checkpoint_org_locked(&self, org: &OrgId) -> Result<usize> {
+        if self.is_poisoned() {
+            return Err(Error::Unavailable(
+                "the meter stopped; restart to recover".into(),
+            ));
+        }
+        let part = self.parts.lock().org_part.get(org).copied();
+        match part {
+            Some(p) => self.checkpoint_partitions(vec![p]).await,
+            None => Ok(0),
+        }
+    }
+
+    /// Writes a checkpoint of each of `partitions` that changed; the first
+    /// failure is returned once all were tried.
+    async fn checkpoint_partitions(&self, partitions: Vec<i32>) -> Result<usize> {
         let mut written = 0;
         let mut first_error = None;
-        for p in self.owned_partitions() {
+        for p in partitions {
             match self.checkpoint_partition(p).await {
                 Ok(true) => written += 1,
                 Ok(false) => {}
@@ -841,7 +867,6 @@ impl Meter {
         match first_error {
             Some(e) => Err(e),
             None => {
-                let _ = self.checkpoint_done.fetch_max(number, Ordering::SeqCst);
                 if written > 0 {
                     self.wrote();
                 }

@@ -123,3 +123,97 @@ async fn a_hold_that_expired_while_its_row_was_written_is_not_taken_for_settled(
         "the live hold's row is kept"
     );
 }
+
+/// A limit change checkpoints the partition that meters its org, not every
+/// partition the process owns: the others' usage is judged under limits
+/// the change does not touch (and their checkpoint failing must not refuse
+/// the change).
+#[tokio::test]
+async fn a_limit_change_checkpoints_its_orgs_partition_only() {
+    use tally_core::entity::Command;
+    use tally_core::ids::UserId;
+    let Some(url) = support::fresh_postgres("limit_checkpoint_partition").await else {
+        return;
+    };
+    let clock = ManualClock::new(T0 + 10_000);
+    let engine = engine(&url, &clock).await;
+    support::run(
+        &engine,
+        "beta",
+        [
+            Command::CreateOrg {
+                name: "Beta".into(),
+                default_monthly_limit_micros: None,
+                alert_thresholds_bps: None,
+                monthly_limit_micros: None,
+            },
+            Command::AddUser {
+                user_id: UserId::new("bob").unwrap(),
+                email: "bob@beta.test".into(),
+                name: "Bob".into(),
+                monthly_limit_micros: None,
+                activate: true,
+            },
+        ],
+    )
+    .await;
+    let _ = engine.meter.claim(1, "kafka:test").await.unwrap();
+    let usage = |request_id: &'static str, org_id: &'static str, user_id: &'static str| {
+        RawUsage {
+            request_id,
+            org_id,
+            user_id,
+            cost_micros: Some(1_000),
+            occurred_at_ms: Some(T0 + 1_000),
+            ..RawUsage::default()
+        }
+        .validate()
+        .unwrap()
+    };
+    let apply = |p: i32, position: i64, event: &tally_core::usage::UsageEvent| {
+        let _ = engine
+            .meter
+            .apply(
+                p,
+                &[Positioned {
+                    position,
+                    logged_at_ms: T0 + 2_000,
+                    event,
+                }],
+            )
+            .unwrap();
+    };
+    apply(0, 0, &usage("a1", "acme", "alice"));
+    apply(1, 0, &usage("b1", "beta", "bob"));
+    let _ = engine.meter.checkpoint().await.unwrap();
+    apply(0, 1, &usage("a2", "acme", "alice"));
+    apply(1, 1, &usage("b2", "beta", "bob"));
+    let number = async |p: i64| {
+        engine
+            .db
+            .load_checkpoint(p)
+            .await
+            .unwrap()
+            .unwrap()
+            .checkpoint
+            .number
+    };
+    let before = (number(0).await, number(1).await);
+    support::run(
+        &engine,
+        "acme",
+        [Command::UpdateUser {
+            user_id: UserId::new("alice").unwrap(),
+            email: None,
+            name: None,
+            monthly_limit_micros: Some(Some(5_000_000)),
+            status: None,
+        }],
+    )
+    .await;
+    assert_eq!(
+        (number(0).await, number(1).await),
+        (before.0 + 1, before.1),
+        "acme's partition checkpointed, beta's left for its next"
+    );
+}

@@ -472,6 +472,7 @@ async fn watch_state_lock(
     let mut tick = tokio::time::interval(STATE_LOCK_CHECK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut lost_since: Option<std::time::Instant> = None;
+    let mut refusals = 0u32;
     loop {
         tokio::select! {
             () = &mut stop => return,
@@ -500,10 +501,20 @@ async fn watch_state_lock(
                 Ok(Ok(again)) => {
                     *held = again;
                     lost_since = None;
+                    refusals = 0;
                     tracing::warn!(
                         lost_ms = since.elapsed().as_millis() as u64,
                         "the state lock was lost and taken again"
                     );
+                }
+                // Our own lost connection's process may not have exited yet
+                // (it frees the lock as it does): refused by the embedded
+                // lock alone, try again for a few checks.
+                Ok(Err(tally_store::Error::Config(why)))
+                    if !why.contains("maintenance command") && refusals < 3 =>
+                {
+                    refusals += 1;
+                    tracing::debug!(why, "the state lock is still held; trying again");
                 }
                 Ok(Err(e @ tally_store::Error::Config(_))) => {
                     tracing::error!(error = %e, "the state lock was lost and another process took it");

@@ -231,18 +231,16 @@ impl Commands {
         let Some(first) = events.first() else {
             return Followed::Stale;
         };
-        // Whether this process would have to checkpoint first: it meters
-        // the org, and the events that follow its state change a limit or
-        // the thresholds. Asked again under the lock (the org may be
-        // adopted by its first usage meanwhile).
+        // Whether the events that follow the org's state change a limit or
+        // the thresholds. Then whether this process meters the org is asked
+        // under the lock: its first usage may adopt it until then.
         let rejudges = || {
-            self.meter.meters(&first.org_id)
-                && self.registry.org(&first.org_id).is_some_and(|cell| {
-                    let org = cell.read();
-                    let fresh = &events[events.partition_point(|e| e.seq <= org.dir.seq)..];
-                    fresh.first().is_some_and(|e| e.seq == org.dir.seq + 1)
-                        && fresh.iter().any(|e| org.dir.rejudges(&e.kind))
-                })
+            self.registry.org(&first.org_id).is_some_and(|cell| {
+                let org = cell.read();
+                let fresh = &events[events.partition_point(|e| e.seq <= org.dir.seq)..];
+                fresh.first().is_some_and(|e| e.seq == org.dir.seq + 1)
+                    && fresh.iter().any(|e| org.dir.rejudges(&e.kind))
+            })
         };
         // Not during a storage fault: the checkpoint would wait for the
         // database under the lock all usage takes.
@@ -250,7 +248,8 @@ impl Commands {
             return self.registry.fold_next(events);
         }
         let _w = self.meter.write_lock().await;
-        if rejudges()
+        if self.meter.meters(&first.org_id)
+            && rejudges()
             && let Err(e) = self.meter.checkpoint_org_locked(&first.org_id).await
         {
             tracing::warn!(org = %first.org_id, error = %e, "the checkpoint before another process's limit change failed; folding the change anyway");

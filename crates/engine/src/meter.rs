@@ -828,7 +828,7 @@ impl Meter {
     /// process does not meter it), for callers that hold the write lock:
     /// what a change of the org's limits needs before it is folded. It
     /// does not count as a checkpoint of everything for
-    /// [`Meter::flush_for_read`].
+    /// [`Meter::flush`].
     pub async fn checkpoint_org_locked(&self, org: &OrgId) -> Result<usize> {
         if self.is_poisoned() {
             return Err(Error::Unavailable(

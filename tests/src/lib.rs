@@ -388,6 +388,36 @@ impl Client {
         .expect(201)
     }
 
+    /// Org acme with an active alice (whose limit is `limit_micros` when
+    /// given) and her key `alice-key`; returns the key's secret.
+    pub async fn acme_with_alice(&self, limit_micros: Option<i64>) -> String {
+        let _ = self
+            .post(
+                "/v1/orgs",
+                serde_json::json!({"id": "acme", "name": "Acme"}),
+            )
+            .await
+            .expect(201);
+        let _ = self.add_active_user("acme", "alice").await;
+        if let Some(limit) = limit_micros {
+            let _ = self
+                .patch(
+                    "/v1/orgs/acme/users/alice",
+                    serde_json::json!({"monthly_limit_micros": limit}),
+                )
+                .await
+                .expect(200);
+        }
+        let key = self
+            .post(
+                "/v1/orgs/acme/keys",
+                serde_json::json!({"id": "alice-key", "name": "laptop", "user_id": "alice"}),
+            )
+            .await
+            .expect(201);
+        key["secret"].as_str().expect("secret").to_owned()
+    }
+
     /// Creates group `id` of `org` (named `name`, with `limit_micros`) and
     /// adds `members` to it.
     pub async fn add_group(

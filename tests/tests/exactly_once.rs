@@ -25,31 +25,6 @@ async fn post(op: &Client, events: Vec<Value>) -> Value {
         .expect(200)
 }
 
-/// Org acme with an active alice whose limit is `limit_micros`; returns
-/// the secret of her key.
-async fn acme_with_alice(op: &Client, limit_micros: i64) -> String {
-    let _ = op
-        .post("/v1/orgs", json!({"id": "acme", "name": "Acme"}))
-        .await
-        .expect(201);
-    let _ = op.add_active_user("acme", "alice").await;
-    let _ = op
-        .patch(
-            "/v1/orgs/acme/users/alice",
-            json!({"monthly_limit_micros": limit_micros}),
-        )
-        .await
-        .expect(200);
-    let key = op
-        .post(
-            "/v1/orgs/acme/keys",
-            json!({"id": "alice-key", "name": "laptop", "user_id": "alice"}),
-        )
-        .await
-        .expect(201);
-    key["secret"].as_str().expect("secret").to_owned()
-}
-
 /// Restoring the dedupe window after a restart keeps what live eviction
 /// keeps: the last minute behind the org's latest usage, however far past
 /// the bound.
@@ -58,7 +33,7 @@ async fn a_restart_past_the_dedupe_bound_keeps_counting_the_last_minute() -> any
     let backend = Backend::sqlite("exactly-once-dedupe");
     let tally = Tally::start_with(&backend, &["--dedupe-entries-max", "2"])?;
     let op = tally.operator();
-    let _ = acme_with_alice(&op, 1_000 * USD).await;
+    let _ = op.acme_with_alice(Some(1_000 * USD)).await;
     let at = now_ms() - 1_000;
     let three = (0..3).map(|i| event(&format!("r{i}"), 1, at)).collect();
     assert_eq!(post(&op, three).await["accepted"], 3);
@@ -84,7 +59,7 @@ async fn a_late_cutoff_of_the_month_before_is_lifted() -> anyhow::Result<()> {
     let backend = Backend::sqlite("exactly-once-late-cutoff");
     let tally = Tally::start(&backend)?;
     let op = tally.operator();
-    let secret = acme_with_alice(&op, USD).await;
+    let secret = op.acme_with_alice(Some(USD)).await;
     let start = month_start_ms(now_ms());
     let r = post(&op, vec![event("this-month", 10_000, start + 60_000)]).await;
     assert_eq!(r["accepted"], 1, "{r}");
@@ -182,7 +157,7 @@ async fn a_new_owner_restores_orgs_it_has_not_folded_yet() -> anyhow::Result<()>
     };
     let (owner, other) = cluster.owner_and_other().await?;
     let op = owner.operator();
-    let _ = acme_with_alice(&op, 1_000 * USD).await;
+    let _ = op.acme_with_alice(Some(1_000 * USD)).await;
     let at = now_ms() - 1_000;
     assert_eq!(
         post(&op, vec![event("first", 5_000, at)]).await["accepted"],
@@ -233,7 +208,7 @@ async fn a_gateway_clock_ahead_never_makes_on_time_usage_too_late() -> anyhow::R
     let tally = cluster.start()?;
     let op = tally.operator();
     tally_tests::wait_ready(&op, Duration::from_secs(60)).await;
-    let _ = acme_with_alice(&op, 1_000 * USD).await;
+    let _ = op.acme_with_alice(Some(1_000 * USD)).await;
 
     let ahead = now_ms() + 25 * 3_600_000;
     let producer: FutureProducer = ClientConfig::new()
@@ -299,7 +274,7 @@ async fn a_membership_not_relayed_yet_counts_usage_logged_after_it() -> anyhow::
     };
     let (owner, other) = cluster.owner_and_other().await?;
     let op = other.operator();
-    let _ = acme_with_alice(&op, 1_000 * USD).await;
+    let _ = op.acme_with_alice(Some(1_000 * USD)).await;
     op.add_group("acme", "eng", "Engineering", None, &[]).await;
     let r = post(&op, vec![event("before", 1_000, now_ms() - 1_000)]).await;
     assert_eq!(r["accepted"], 1, "{r}");

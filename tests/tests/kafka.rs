@@ -912,26 +912,7 @@ async fn a_limit_change_from_another_process_survives_the_owners_kill_9() {
     };
     let (owner, other) = cluster.owner_and_other().await.unwrap();
     let (op, far) = (owner.operator(), other.operator());
-    let _ = op
-        .post("/v1/orgs", json!({"id": "acme", "name": "Acme"}))
-        .await
-        .expect(201);
-    let _ = op
-        .post(
-            "/v1/orgs/acme/users",
-            json!({"id": "alice", "email": "alice@acme.test", "name": "Alice",
-                   "monthly_limit_micros": USD}),
-        )
-        .await
-        .expect(201);
-    let key = op
-        .post(
-            "/v1/orgs/acme/keys",
-            json!({"id": "alice-key", "name": "laptop", "user_id": "alice"}),
-        )
-        .await
-        .expect(201);
-    let secret = key["secret"].as_str().unwrap().to_owned();
+    let secret = op.acme_with_alice(Some(USD)).await;
     let allowed = async |c: &Client| allowed(c, &secret).await;
     wait_for("the key on both", Duration::from_secs(30), || async {
         allowed(&op).await && allowed(&far).await

@@ -35,24 +35,6 @@ fn batch_of(n: usize, len: usize) -> Value {
     json!({ "events": events })
 }
 
-/// Org acme with an active alice and her key `alice-key`; returns the key's
-/// secret.
-async fn acme_with_alice(op: &Client) -> String {
-    let _ = op
-        .post("/v1/orgs", json!({"id": "acme", "name": "Acme"}))
-        .await
-        .expect(201);
-    let _ = op.add_active_user("acme", "alice").await;
-    let key = op
-        .post(
-            "/v1/orgs/acme/keys",
-            json!({"id": "alice-key", "name": "laptop", "user_id": "alice"}),
-        )
-        .await
-        .expect(201);
-    key["secret"].as_str().expect("secret").to_owned()
-}
-
 struct Run {
     disk: Tmpfs,
     filler: std::path::PathBuf,
@@ -68,7 +50,7 @@ async fn until_the_disk_is_full(name: &str) -> anyhow::Result<(Tally, Run)> {
     let backend = Backend::Sqlite(disk.dir.clone());
     let tally = Tally::start(&backend)?;
     let op = tally.operator();
-    let secret = acme_with_alice(&op).await;
+    let secret = op.acme_with_alice(None).await;
     let filler = disk.fill("filler", 2 << 20)?;
 
     let mut accepted = Vec::new();
@@ -270,7 +252,7 @@ async fn postgres_killed_under_ingest_and_commands_loses_nothing() -> anyhow::Re
     let (pg, tally) = (&cluster.pg, cluster.start()?);
     let op = tally.operator();
     wait_ready(&op, Duration::from_secs(60)).await;
-    let _ = acme_with_alice(&op).await;
+    let _ = op.acme_with_alice(None).await;
 
     // Usage and commands stream until a second after PostgreSQL is back; it
     // stays away longer than a connection is waited for (10 s), so that
@@ -540,7 +522,7 @@ async fn a_rebalance_during_a_postgres_outage_waits_for_the_database() -> anyhow
         assert!(Instant::now() < deadline, "the partitions were not shared");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let _ = acme_with_alice(&op).await;
+    let _ = op.acme_with_alice(None).await;
     let r = op.post("/v1/usage", batch_of(0, 10)).await.expect(200);
     assert_eq!(r["accepted"], 10);
 

@@ -13,16 +13,14 @@
 use std::collections::{HashSet, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
 
-use crate::time::MS_PER_HOUR;
-
-/// The width of a bucket: ids are forgotten a minute at a time.
-pub const MS_PER_MINUTE: i64 = 60_000;
+use crate::time::{MS_PER_HOUR, MS_PER_MINUTE};
 
 /// How far behind the watermark usage is always accepted, however full the
 /// window: forgetting closer would refuse the org's current usage (a
 /// gateway's batch, events of a second gateway a little behind) as too late.
 pub const LATE_MIN_MS: i64 = MS_PER_MINUTE;
 
+/// The bucket of `ms`: ids are forgotten a minute at a time.
 fn minute_of(ms: i64) -> i64 {
     ms.div_euclid(MS_PER_MINUTE)
 }

@@ -5,6 +5,7 @@ use std::fmt;
 
 pub const MS_PER_DAY: i64 = 86_400_000;
 pub const MS_PER_HOUR: i64 = 3_600_000;
+pub const MS_PER_MINUTE: i64 = 60_000;
 
 /// Days since 1970-01-01 → (year, month 1..=12, day 1..=31).
 /// Howard Hinnant's `civil_from_days`, exact for the whole `i64` day range

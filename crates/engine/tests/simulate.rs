@@ -323,12 +323,7 @@ impl Running {
     }
 
     async fn try_run(&self, cmd: &Command) -> tally_engine::Result<()> {
-        let org = tally_core::ids::OrgId::new(ORG).unwrap();
-        self.engine
-            .commands
-            .execute(&org, tally_core::entity::Actor::Operator, cmd)
-            .await
-            .map(|_| ())
+        support::try_run(&self.engine, ORG, cmd).await
     }
 }
 

@@ -544,8 +544,7 @@ pub const MAINTENANCE_LOCK_NAME: &str = "tally maintenance (state lock)";
 /// (tally serve (state lock), 10.0.0.5, since …)…", and how to end a stale
 /// one. Empty when it cannot be read.
 async fn lock_holders(conn: &mut sqlx::AnyConnection) -> String {
-    use sqlx::Row as _;
-    let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+    let rows = sqlx::query_as::<_, (i64, String, String, String)>(sqlx::AssertSqlSafe(format!(
         "SELECT DISTINCT a.pid::bigint AS pid, COALESCE(a.application_name, '') AS name, \
          COALESCE(host(a.client_addr), 'unknown address') AS addr, \
          to_char(a.backend_start AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"') AS since \
@@ -561,14 +560,8 @@ async fn lock_holders(conn: &mut sqlx::AnyConnection) -> String {
         return String::new();
     };
     let holders: Vec<String> = rows
-        .iter()
-        .filter_map(|r| {
-            let pid: i64 = r.try_get("pid").ok()?;
-            let name: String = r.try_get("name").ok()?;
-            let addr: String = r.try_get("addr").ok()?;
-            let since: String = r.try_get("since").ok()?;
-            Some(format!("pid {pid} ({name}, {addr}, since {since})"))
-        })
+        .into_iter()
+        .map(|(pid, name, addr, since)| format!("pid {pid} ({name}, {addr}, since {since})"))
         .collect();
     if holders.is_empty() {
         return String::new();

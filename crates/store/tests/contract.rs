@@ -1570,8 +1570,8 @@ contract!(
 /// (schema 8) keeps every remembered id through the migration: an hour's
 /// ids stay until the whole hour is too late, and the floor stays a floor.
 async fn an_hourly_dedupe_window_migrates_to_minutes(db: Db) {
-    use tally_core::dedupe::{DedupeConfig, DedupeWindow, MS_PER_MINUTE, Seen};
-    use tally_core::time::MS_PER_HOUR;
+    use tally_core::dedupe::{DedupeConfig, DedupeWindow, Seen};
+    use tally_core::time::{MS_PER_HOUR, MS_PER_MINUTE};
 
     db.migrate_to(8).await.unwrap();
     let hour = NOV / MS_PER_HOUR + 10;

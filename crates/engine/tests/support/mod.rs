@@ -76,14 +76,19 @@ pub(crate) async fn fresh_postgres(name: &str) -> Option<String> {
 
 /// Runs `cmds` on `org` as the operator; each must succeed.
 pub(crate) async fn run(engine: &Engine, org: &str, cmds: impl IntoIterator<Item = Command>) {
-    let org = OrgId::new(org).unwrap();
     for cmd in cmds {
-        let _ = engine
-            .commands
-            .execute(&org, Actor::Operator, &cmd)
-            .await
-            .unwrap();
+        try_run(engine, org, &cmd).await.unwrap();
     }
+}
+
+/// Runs `cmd` on `org` as the operator.
+pub(crate) async fn try_run(engine: &Engine, org: &str, cmd: &Command) -> tally_engine::Result<()> {
+    let org = OrgId::new(org).unwrap();
+    engine
+        .commands
+        .execute(&org, Actor::Operator, cmd)
+        .await
+        .map(|_| ())
 }
 
 /// Org acme and its active member alice, with `limit`.

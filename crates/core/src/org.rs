@@ -414,6 +414,17 @@ impl OrgState {
         // partition must not drop the holds placed before it.
     }
 
+    /// Forgets which requests were counted, when this process stops metering
+    /// the org: only its owner knows that, from its checkpoint on. (A later
+    /// claim of the partition here must not judge holds by the memory of
+    /// this ownership: usage counted and never checkpointed is counted again
+    /// by the replay.) The counters stay, as mirrors.
+    pub fn forget_counted(&mut self) {
+        let m = &mut self.meter;
+        m.dedupe = DedupeWindow::new(m.config.dedupe);
+        m.watermark_ms = 0;
+    }
+
     /// Mirrors a counter published by the process that meters this org.
     /// Ignored when this process meters it, the subject is unknown here, or
     /// the state is older than the one mirrored (published states can

@@ -93,6 +93,7 @@ impl Commands {
         let lock = Arc::clone(&self.locks.entry(org_id.clone()).or_default());
         let _org = lock.lock().await;
         let mut attempt = 0;
+        let mut judged_on_the_log = false;
         loop {
             let _w = self.meter.write_lock().await;
             if let Some(fault) = self.meter.health().fault() {
@@ -106,6 +107,23 @@ impl Commands {
                     attempt += 1;
                     drop(_w);
                     self.catch_up(org_id).await?;
+                }
+                // Refused on what memory holds, which may be behind the log
+                // (distributed: another process appended, and the relay has
+                // not brought it here yet). Judged again once, on the log,
+                // if it holds more.
+                Err(e @ (Error::UnknownOrg | Error::Command(_))) if !judged_on_the_log => {
+                    if matches!(e, Error::Command(CommandError::Invalid(_))) {
+                        return Err(e);
+                    }
+                    judged_on_the_log = true;
+                    drop(_w);
+                    let seq = |r: &Registry| r.org(org_id).map_or(0, |c| c.read().dir.seq);
+                    let before = seq(&self.registry);
+                    self.catch_up(org_id).await?;
+                    if seq(&self.registry) == before {
+                        return Err(e);
+                    }
                 }
                 other => return other,
             }

@@ -1289,6 +1289,7 @@ fn release_locked(parts: &mut Parts, registry: &Registry, p: i32) {
             org.meter.owned = false;
             // Unsaved changes and pending events belong to the next owner now.
             let _ = org.take_changes();
+            org.forget_counted();
         }
     }
     // The holds too: the next owner loads them from SQL.

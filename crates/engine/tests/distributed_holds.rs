@@ -217,3 +217,71 @@ async fn a_limit_change_checkpoints_its_orgs_partition_only() {
         "acme's partition checkpointed, beta's left for its next"
     );
 }
+
+/// A process that claims a partition again keeps nothing of what it counted
+/// in its earlier ownership beyond the checkpoint: a hold whose usage it
+/// counted then (never checkpointed) is live again, its row kept, until the
+/// replay counts the usage. Found by the distributed simulator (seed 5,
+/// step 32): the memory of the earlier ownership took the hold for settled
+/// and deleted its row, and its budget was free to spend again.
+#[tokio::test]
+async fn a_claim_again_judges_holds_by_the_checkpoint_not_an_earlier_ownership() {
+    let Some(url) = support::fresh_postgres("claim_again_holds").await else {
+        return;
+    };
+    let clock = ManualClock::new(T0);
+    let engine = engine(&url, &clock).await;
+    let (_, d, _) = engine
+        .reserve(SECRET, None, None, hold("r1", 100_000, 600_000))
+        .await
+        .unwrap();
+    assert!(d.allowed, "{d:?}");
+    let event = RawUsage {
+        request_id: "r1",
+        org_id: "acme",
+        user_id: "alice",
+        cost_micros: Some(90_000),
+        occurred_at_ms: Some(T0 + 1_000),
+        ..RawUsage::default()
+    }
+    .validate()
+    .unwrap();
+    let applied = || {
+        engine.meter.apply(
+            0,
+            &[Positioned {
+                position: 0,
+                logged_at_ms: T0 + 2_000,
+                event: &event,
+            }],
+        )
+    };
+    let _ = applied().unwrap();
+    // The partition is lost before any checkpoint, and claimed again.
+    engine.meter.release(0);
+    let _ = engine.meter.claim(0, "kafka:test").await.unwrap();
+    let rows: Vec<String> = engine
+        .db
+        .load_holds(0)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|h| h.request_id)
+        .collect();
+    assert_eq!(rows, vec!["r1".to_owned()], "the hold's row is kept");
+    let held = engine
+        .held("acme", tally_core::ledger::SubjectKind::User, &["alice"])
+        .await
+        .unwrap();
+    assert_eq!(held, vec![100_000], "the hold holds again");
+    // The replay counts the usage once, and settles the hold.
+    assert_eq!(
+        applied().unwrap(),
+        vec![tally_core::org::UsageOutcome::Applied]
+    );
+    let held = engine
+        .held("acme", tally_core::ledger::SubjectKind::User, &["alice"])
+        .await
+        .unwrap();
+    assert_eq!(held, vec![0]);
+}

@@ -63,6 +63,8 @@ use tally_engine::clock::{Clock as _, ManualClock};
 
 mod support;
 
+use support::Rng;
+
 /// The seeds the suite runs, and the steps of each.
 const SEEDS: std::ops::Range<u64> = 1..17;
 const STEPS: u64 = 500;
@@ -91,32 +93,6 @@ const FAULT_POINTS: [(&str, &str); 6] = [
         "BEFORE INSERT ON enforcement_events",
     ),
 ];
-
-/// splitmix64: small, fast, and the same on every machine.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `0..n` (`n` > 0).
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-
-    fn chance(&mut self, percent: u64) -> bool {
-        self.below(100) < percent
-    }
-
-    fn between(&mut self, lo: i64, hi: i64) -> i64 {
-        lo + self.below((hi - lo + 1) as u64) as i64
-    }
-}
 
 /// One usage event as the gateway sent it (repeats send it again as is).
 #[derive(Debug, Clone)]

@@ -63,7 +63,7 @@ use tally_engine::clock::{Clock as _, ManualClock};
 
 mod support;
 
-use support::Rng;
+use support::{Faults, Rng, from_env};
 
 /// The seeds the suite runs, and the steps of each.
 const SEEDS: std::ops::Range<u64> = 1..17;
@@ -306,49 +306,26 @@ impl Running {
 /// A second connection to the engine's database that makes its writes fail
 /// on demand: a trigger per point of [`FAULT_POINTS`] aborts the write (and
 /// so its transaction) while the point is armed.
-struct Faults {
-    db: tally_store::Db,
-    armed: Option<&'static str>,
-}
-
-impl Faults {
-    async fn install(dir: &Path) -> Faults {
-        let db = tally_store::Db::open(&tally_store::DbOptions {
-            migrate: false,
-            ..tally_store::DbOptions::new(format!(
-                "sqlite://{}?mode=rwc",
-                dir.join("tally.db").display()
-            ))
-        })
-        .await
-        .unwrap();
-        let mut sql = "CREATE TABLE sim_faults (point TEXT PRIMARY KEY);".to_owned();
-        for (i, (point, writes)) in FAULT_POINTS.iter().enumerate() {
-            sql += &format!(
-                "CREATE TRIGGER sim_fault_{i} {writes} WHEN EXISTS (SELECT 1 FROM sim_faults \
+async fn install_faults(dir: &Path) -> Faults {
+    let db = tally_store::Db::open(&tally_store::DbOptions {
+        migrate: false,
+        ..tally_store::DbOptions::new(format!(
+            "sqlite://{}?mode=rwc",
+            dir.join("tally.db").display()
+        ))
+    })
+    .await
+    .unwrap();
+    let mut sql = "CREATE TABLE sim_faults (point TEXT PRIMARY KEY);".to_owned();
+    for (i, (point, writes)) in FAULT_POINTS.iter().enumerate() {
+        sql += &format!(
+            "CREATE TRIGGER sim_fault_{i} {writes} WHEN EXISTS (SELECT 1 FROM sim_faults \
                  WHERE point = '{point}') BEGIN SELECT RAISE(ABORT, 'simulated fault: {point}'); \
                  END;"
-            );
-        }
-        let _ = db.execute_raw(&sql).await.unwrap();
-        Faults { db, armed: None }
+        );
     }
-
-    async fn arm(&mut self, point: &'static str) {
-        let _ = self
-            .db
-            .execute_raw(&format!(
-                "INSERT INTO sim_faults (point) VALUES ('{point}')"
-            ))
-            .await
-            .unwrap();
-        self.armed = Some(point);
-    }
-
-    async fn disarm(&mut self) {
-        let _ = self.db.execute_raw("DELETE FROM sim_faults").await.unwrap();
-        self.armed = None;
-    }
+    let _ = db.execute_raw(&sql).await.unwrap();
+    Faults { db, armed: None }
 }
 
 struct Sim {
@@ -396,7 +373,7 @@ impl Sim {
                 })
                 .await;
         }
-        let faults = Faults::install(&dir).await;
+        let faults = install_faults(&dir).await;
         Sim {
             seed,
             step: 0,
@@ -1330,13 +1307,6 @@ impl Sim {
     }
 }
 
-fn from_env(name: &str) -> Option<u64> {
-    std::env::var(name).ok().map(|v| {
-        v.parse()
-            .unwrap_or_else(|_| panic!("{name} is not a number: {v}"))
-    })
-}
-
 async fn run_seeds(seeds: Vec<u64>, steps: u64) {
     let mut refused_at: BTreeMap<&'static str, u64> = BTreeMap::new();
     let all = seeds.len() >= SEEDS.count();
@@ -1370,10 +1340,6 @@ async fn run_seeds(seeds: Vec<u64>, steps: u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn seeded_runs_keep_every_invariant() {
-    let seeds: Vec<u64> = match (from_env("TALLY_SIM_SEED"), from_env("TALLY_SIM_SEEDS")) {
-        (Some(seed), _) => vec![seed],
-        (None, Some(n)) => (1..=n).collect(),
-        (None, None) => SEEDS.collect(),
-    };
+    let seeds = support::sim_seeds(SEEDS);
     run_seeds(seeds, from_env("TALLY_SIM_STEPS").unwrap_or(STEPS)).await;
 }

@@ -67,7 +67,7 @@ use tally_store::{Db, DbOptions};
 
 mod support;
 
-use support::Rng;
+use support::{Faults, Rng, from_env};
 
 const SEEDS: std::ops::Range<u64> = 1..9;
 const STEPS: u64 = 400;
@@ -262,49 +262,26 @@ impl Node {
 
 /// A second connection that makes store writes fail on demand: a trigger
 /// per point of [`FAULT_POINTS`] aborts the write while the point is armed.
-struct Faults {
-    db: Db,
-    armed: Option<&'static str>,
-}
-
-impl Faults {
-    async fn install(url: &str) -> Faults {
-        let db = Db::open(&DbOptions {
-            migrate: false,
-            ..DbOptions::new(url.to_owned())
-        })
-        .await
-        .unwrap();
-        let mut sql = "CREATE TABLE sim_faults (point TEXT PRIMARY KEY); CREATE FUNCTION \
+async fn install_faults(url: &str) -> Faults {
+    let db = Db::open(&DbOptions {
+        migrate: false,
+        ..DbOptions::new(url.to_owned())
+    })
+    .await
+    .unwrap();
+    let mut sql = "CREATE TABLE sim_faults (point TEXT PRIMARY KEY); CREATE FUNCTION \
                        sim_fault() RETURNS trigger AS $$ BEGIN IF EXISTS (SELECT 1 FROM \
                        sim_faults WHERE point = TG_ARGV[0]) THEN RAISE EXCEPTION 'simulated \
                        fault: %', TG_ARGV[0]; END IF; RETURN NEW; END $$ LANGUAGE plpgsql;"
-            .to_owned();
-        for (i, (point, writes)) in FAULT_POINTS.iter().enumerate() {
-            sql += &format!(
-                "CREATE TRIGGER sim_fault_{i} {writes} FOR EACH ROW EXECUTE FUNCTION \
+        .to_owned();
+    for (i, (point, writes)) in FAULT_POINTS.iter().enumerate() {
+        sql += &format!(
+            "CREATE TRIGGER sim_fault_{i} {writes} FOR EACH ROW EXECUTE FUNCTION \
                  sim_fault('{point}');"
-            );
-        }
-        let _ = db.execute_raw(&sql).await.unwrap();
-        Faults { db, armed: None }
+        );
     }
-
-    async fn arm(&mut self, point: &'static str) {
-        let _ = self
-            .db
-            .execute_raw(&format!(
-                "INSERT INTO sim_faults (point) VALUES ('{point}')"
-            ))
-            .await
-            .unwrap();
-        self.armed = Some(point);
-    }
-
-    async fn disarm(&mut self) {
-        let _ = self.db.execute_raw("DELETE FROM sim_faults").await.unwrap();
-        self.armed = None;
-    }
+    let _ = db.execute_raw(&sql).await.unwrap();
+    Faults { db, armed: None }
 }
 
 struct Sim {
@@ -366,7 +343,7 @@ impl Sim {
             support::run(&node.engine, org, cmds).await;
             let _ = users.insert(org.to_owned(), vec![user]);
         }
-        let faults = Faults::install(&url).await;
+        let faults = install_faults(&url).await;
         let mut nodes: Vec<Option<Node>> = (0..SLOTS).map(|_| None).collect();
         nodes[0] = Some(node);
         let mut sim = Sim {
@@ -1593,20 +1570,9 @@ fn usage(request_id: &str, org: &str, user: &str, cost: i64, at: i64) -> UsageEv
     .unwrap()
 }
 
-fn from_env(name: &str) -> Option<u64> {
-    std::env::var(name).ok().map(|v| {
-        v.parse()
-            .unwrap_or_else(|_| panic!("{name} is not a number: {v}"))
-    })
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn seeded_distributed_runs_keep_every_invariant() {
-    let seeds: Vec<u64> = match (from_env("TALLY_SIM_SEED"), from_env("TALLY_SIM_SEEDS")) {
-        (Some(seed), _) => vec![seed],
-        (None, Some(n)) => (1..=n).collect(),
-        (None, None) => SEEDS.collect(),
-    };
+    let seeds = support::sim_seeds(SEEDS);
     let steps = from_env("TALLY_SIM_STEPS").unwrap_or(STEPS);
     let mut totals: BTreeMap<&'static str, u64> = BTreeMap::new();
     for seed in seeds {

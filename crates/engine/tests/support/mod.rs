@@ -160,3 +160,46 @@ impl Rng {
         lo + self.below((hi - lo + 1) as u64) as i64
     }
 }
+
+/// Store writes that fail on demand, for the simulators: each makes a table
+/// `sim_faults` and a trigger per durability point that aborts the write
+/// while its point is in the table.
+pub(crate) struct Faults {
+    pub(crate) db: Db,
+    pub(crate) armed: Option<&'static str>,
+}
+
+impl Faults {
+    pub(crate) async fn arm(&mut self, point: &'static str) {
+        let _ = self
+            .db
+            .execute_raw(&format!(
+                "INSERT INTO sim_faults (point) VALUES ('{point}')"
+            ))
+            .await
+            .unwrap();
+        self.armed = Some(point);
+    }
+
+    pub(crate) async fn disarm(&mut self) {
+        let _ = self.db.execute_raw("DELETE FROM sim_faults").await.unwrap();
+        self.armed = None;
+    }
+}
+
+pub(crate) fn from_env(name: &str) -> Option<u64> {
+    std::env::var(name).ok().map(|v| {
+        v.parse()
+            .unwrap_or_else(|_| panic!("{name} is not a number: {v}"))
+    })
+}
+
+/// The seeds a simulator runs: `TALLY_SIM_SEED` alone, seeds 1 to
+/// `TALLY_SIM_SEEDS`, or the suite's.
+pub(crate) fn sim_seeds(suite: std::ops::Range<u64>) -> Vec<u64> {
+    match (from_env("TALLY_SIM_SEED"), from_env("TALLY_SIM_SEEDS")) {
+        (Some(seed), _) => vec![seed],
+        (None, Some(n)) => (1..=n).collect(),
+        (None, None) => suite.collect(),
+    }
+}

@@ -120,7 +120,11 @@ impl Commands {
                     drop(_w);
                     let seq = |r: &Registry| r.org(org_id).map_or(0, |c| c.read().dir.seq);
                     let before = seq(&self.registry);
-                    self.catch_up(org_id).await?;
+                    // A log that cannot be read leaves the answer memory gave.
+                    if let Err(read) = self.catch_up(org_id).await {
+                        tracing::debug!(org = %org_id, error = %read, "reading the log of a refused command failed");
+                        return Err(e);
+                    }
                     if seq(&self.registry) == before {
                         return Err(e);
                     }

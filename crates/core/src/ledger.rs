@@ -157,7 +157,9 @@ pub struct Enforcement {
     pub spend_micros: i64,
     pub limit_micros: Limit,
     /// The counter's ordinal after this event (cutoffs and lifts); 0 for
-    /// thresholds and new-month lifts.
+    /// thresholds and the lift of a cutoff a month ended with; for the lift
+    /// of a closed month's late cutoff, that cutoff's ordinal (see
+    /// [`Ledger::count`]).
     pub ordinal: u16,
     pub kind: EnforcementKind,
 }
@@ -404,9 +406,9 @@ impl Ledger {
                 &mut self.pending,
             );
             if call.closed && c.cut_off && !was_cut {
-                let next = call.month.next();
+                let (next, cut) = (call.month.next(), c.ordinal);
                 if !self.counter(next, s).is_some_and(|n| n.cut_off) {
-                    self.lift_for_new_month(s, next, logged_at_ms.max(next.start_ms()));
+                    self.lift_for_new_month(s, next, logged_at_ms.max(next.start_ms()), cut);
                 }
             }
         }
@@ -456,7 +458,7 @@ impl Ledger {
     }
 
     /// A new month lifts every cutoff of the month before: records that for
-    /// each subject cut off at the end of `month.prev()`.
+    /// each subject cut off at the end of `month.prev()` and not in `month`.
     pub fn new_month(&mut self, month: Month, at_ms: i64) {
         let Some(prev) = self.month(month.prev()) else {
             return;
@@ -475,15 +477,23 @@ impl Ledger {
         for (i, c) in prev.keys.iter().enumerate().filter(|(_, c)| cut(c)) {
             lifted.push((Subject::Key(i as u32), *c));
         }
+        // Usage of `month` counted before it began may have cut a subject
+        // off in it already: no lift would apply.
         for (subject, _) in lifted {
-            self.lift_for_new_month(subject, month, at_ms);
+            if !self.counter(month, subject).is_some_and(|c| c.cut_off) {
+                self.lift_for_new_month(subject, month, at_ms, 0);
+            }
         }
     }
 
-    /// `month`'s lift of the cutoff `s` had at the end of the month before.
-    /// One per subject and month: a subject cut off when the month ended
-    /// stays cut off in that month, so no late usage cuts it off again.
-    fn lift_for_new_month(&mut self, s: Subject, month: Month, at_ms: i64) {
+    /// `month`'s lift of a cutoff `s` had in the month before: the one it
+    /// had when that month ended (`cut_ordinal` 0), or one that late usage
+    /// decided after it ended, named by that cutoff's ordinal. A closed
+    /// month can be cut off late more than once (late usage under a raised
+    /// limit lifts it, later late usage cuts it again), and each such lift
+    /// needs a key of its own: a cutoff's ordinal is odd, and `month`'s own
+    /// lifts have even ones, so none is shared.
+    fn lift_for_new_month(&mut self, s: Subject, month: Month, at_ms: i64, cut_ordinal: u16) {
         let spend_micros = self.counter(month, s).map_or(0, |c| c.spend_micros);
         self.pending.push(Enforcement {
             subject: s,
@@ -491,7 +501,7 @@ impl Ledger {
             at_ms,
             spend_micros,
             limit_micros: None,
-            ordinal: 0,
+            ordinal: cut_ordinal,
             kind: EnforcementKind::CutoffLifted {
                 reason: LiftReason::NewMonth,
             },

@@ -1147,6 +1147,76 @@ mod tests {
         assert_eq!(alice_events(&mut s), vec![(lifted, dec)]);
     }
 
+    /// A closed month can be cut off late more than once (late usage under
+    /// a raised limit lifts its cutoff, later late usage under a lowered one
+    /// cuts it again): each late cutoff comes with a lift of its own, never
+    /// one that shares the first one's key (the store and receivers drop a
+    /// repeated key, which left the second cutoff standing; found by the
+    /// simulator, seed 19 of 80, step 191).
+    #[test]
+    fn every_late_cutoff_of_a_closed_month_has_a_lift_of_its_own() {
+        let nov = Month::from_unix_ms(NOV);
+        let dec = nov.next();
+        let d = dec.start_ms();
+        let mut s = state(eng());
+        s.new_month(d + 10);
+        let _ = s.take_changes();
+        let late = |s: &mut OrgState, id: &str, cost: i64, logged: i64| {
+            let e = usage(id, "alice", "", cost, d - 60_000);
+            assert_eq!(s.apply_usage(&e, logged), UsageOutcome::Applied);
+            s.take_changes()
+                .enforcement
+                .into_iter()
+                .filter(|e| e.kind == SubjectKind::User && e.id == "alice")
+                .map(|e| (e.event.kind.name(), e.event.month, e.event.ordinal))
+                .filter(|(k, _, _)| *k != "threshold_crossed")
+                .collect::<Vec<_>>()
+        };
+        let first = late(&mut s, "n1", 150 * USD, d + 1_000);
+        assert_eq!(first[0], ("cut_off", nov, 1));
+        assert_eq!(first[1].0, "cutoff_lifted");
+        set_alice_limit(&mut s, d + 2_000, Some(300 * USD));
+        let _ = s.take_changes();
+        assert_eq!(
+            late(&mut s, "n2", USD, d + 3_000),
+            vec![("cutoff_lifted", nov, 2)],
+            "under the raised limit"
+        );
+        set_alice_limit(&mut s, d + 4_000, Some(100 * USD));
+        let _ = s.take_changes();
+        let second = late(&mut s, "n3", USD, d + 5_000);
+        assert_eq!(second[0], ("cut_off", nov, 3));
+        assert_eq!(second[1].0, "cutoff_lifted");
+        assert_ne!(
+            (first[1].1, first[1].2),
+            (second[1].1, second[1].2),
+            "two lifts under one key"
+        );
+        assert!(!s.spend(dec, Subject::User(0)).cut_off);
+    }
+
+    /// Usage of a new month can be counted before the meter begins it (the
+    /// meter's tick, or a restart's replay, comes after it): a subject that
+    /// new usage already cut off is not told "lifted" when the month then
+    /// begins (a receiver would let it through; found by the simulator, seed
+    /// 21, step 47).
+    #[test]
+    fn a_new_month_lifts_no_cutoff_of_a_subject_already_cut_off_in_it() {
+        let nov = Month::from_unix_ms(NOV);
+        let dec = nov.next();
+        let d = dec.start_ms();
+        let mut s = state(eng());
+        let e = usage("n1", "alice", "", 150 * USD, d - 60_000);
+        assert_eq!(s.apply_usage(&e, d - 50_000), UsageOutcome::Applied);
+        assert_eq!(alice_events(&mut s), vec![(EnforcementKind::CutOff, nov)]);
+        let e = usage("d1", "alice", "", 120 * USD, d + 1_000);
+        assert_eq!(s.apply_usage(&e, d + 1_000), UsageOutcome::Applied);
+        assert_eq!(alice_events(&mut s), vec![(EnforcementKind::CutOff, dec)]);
+        s.new_month(d + 2_000);
+        assert_eq!(alice_events(&mut s), vec![], "still cut off in December");
+        assert!(s.spend(dec, Subject::User(0)).cut_off);
+    }
+
     #[test]
     fn a_mirror_never_goes_back_to_an_older_published_state() {
         let mut s = state(eng());

@@ -26,6 +26,11 @@
 //! - this month, a user, key, group or the org is cut off exactly when a
 //!   limit is set and spend has reached it, and every alert threshold its
 //!   spend has reached has fired;
+//! - after every checkpoint, the enforcement events stored tell receivers
+//!   what the counters hold: each subject's last cutoff or lift (in the
+//!   order stored) says blocked exactly when it is cut off this month, and
+//!   the highest threshold event of each subject and month is the one its
+//!   counter fired;
 //! - what holds hold is the sum of the live holds the model placed;
 //! - after every admitted reserve, spent + held ≤ the limit of every budget
 //!   the call is judged against (its user, key, groups and org), and a
@@ -452,6 +457,7 @@ impl Sim {
             Ok(_) => {
                 self.count("checkpoints");
                 self.note("checkpoint".into());
+                self.check_enforcement().await;
             }
             Err(e) => self.refused("checkpoint", &e),
         }
@@ -1087,6 +1093,7 @@ impl Sim {
     async fn rebuild_and_compare(&mut self) {
         self.step += 1;
         let _ = self.engine().meter.checkpoint().await.unwrap();
+        self.check_enforcement().await;
         let before = self.views().await;
         drop(self.running.take());
         let db = tally_store::Db::open(&tally_store::DbOptions::new(format!(
@@ -1244,6 +1251,80 @@ impl Sim {
 }
 
 impl Sim {
+    /// What receivers of the enforcement events (webhooks, the audit list)
+    /// have been told, right after a checkpoint wrote them: for every
+    /// subject, its last cutoff or lift (in the order they were stored:
+    /// SQLite's rowid) says it is blocked exactly when it is cut off this
+    /// month (never a
+    /// block that no longer applies, as a late cutoff of a closed month
+    /// would leave without its lift), and the highest threshold event of
+    /// each subject and month is the threshold its counter has fired (each
+    /// one once: the store's key).
+    async fn check_enforcement(&self) {
+        use sqlx::Connection as _;
+        let url = format!("sqlite://{}", self.dir.join("tally.db").display());
+        let mut conn = sqlx::SqliteConnection::connect(&url).await.unwrap();
+        let rows: Vec<(String, String, i64, String, i64, i64, i64)> = sqlx::query_as(
+            "SELECT subject_kind, subject_id, month, event, threshold_bps, ordinal, rowid \
+             FROM enforcement_events WHERE org_id = ?",
+        )
+        .bind(ORG)
+        .fetch_all(&mut conn)
+        .await
+        .unwrap();
+        conn.close().await.unwrap();
+        // (kind, id) → (rowid, month, ordinal, a cutoff) of its last cutoff
+        // or lift; (kind, id, month) → the highest threshold event.
+        let mut last: BTreeMap<(String, String), (i64, i64, i64, bool)> = BTreeMap::new();
+        let mut fired: BTreeMap<(String, String, i64), i64> = BTreeMap::new();
+        for (kind, id, month, event, bps, ordinal, rowid) in rows {
+            if event == "threshold_crossed" {
+                let top = fired.entry((kind, id, month)).or_default();
+                *top = (*top).max(bps);
+                continue;
+            }
+            let told = (rowid, month, ordinal, event == "cut_off");
+            let at = last.entry((kind, id)).or_insert(told);
+            *at = (*at).max(told);
+        }
+        let cell = self.engine().registry.org(ORG).expect("the org");
+        let org = cell.read();
+        let this_month = Month::from_unix_ms(self.now());
+        let open = Month::from_unix_ms(self.model.watermark - DEDUPE_WINDOW_MS);
+        let mut subjects = vec![(SubjectKind::Org, ORG.to_owned())];
+        for user in self.model.users.keys() {
+            subjects.push((SubjectKind::User, user.clone()));
+            subjects.push((SubjectKind::Key, format!("k-{user}")));
+        }
+        subjects.extend(GROUPS.map(|g| (SubjectKind::Group, g.to_owned())));
+        for (kind, id) in subjects {
+            let s = org.subject(kind, &id).expect("a subject");
+            let key = (kind.as_str().to_owned(), id);
+            let told = last.get(&key).copied();
+            let cut = org.spend(this_month, s).cut_off;
+            self.check(told.is_some_and(|t| t.3) == cut, || {
+                format!(
+                    "{key:?} is cut off in {this_month}: {cut}, but its last cutoff or lift \
+                     stored is {told:?} (rowid, month, ordinal, a cutoff)"
+                )
+            });
+            for month in self.model.months().into_iter().filter(|m| *m >= open) {
+                let c = org.spend(month, s);
+                let stored = fired
+                    .get(&(key.0.clone(), key.1.clone(), i64::from(month.yyyymm())))
+                    .copied()
+                    .unwrap_or(0);
+                self.check(stored == i64::from(c.fired_bps), || {
+                    format!(
+                        "{key:?} in {month} fired {} bps, the highest stored threshold event is \
+                         {stored}",
+                        c.fired_bps
+                    )
+                });
+            }
+        }
+    }
+
     /// This month, every subject is cut off exactly when it has a limit and
     /// its spend has reached it, and every threshold its spend has reached
     /// has fired.

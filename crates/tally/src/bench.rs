@@ -964,6 +964,10 @@ struct SoakBook {
     bulk: std::sync::atomic::AtomicU64,
     /// Calls that found the server away (killed, restarting): retried.
     retries: std::sync::atomic::AtomicU64,
+    /// Events of the paced ingest acknowledged, and its batches that left
+    /// late (every batch in flight still unanswered at their time).
+    ingested: std::sync::atomic::AtomicU64,
+    late: std::sync::atomic::AtomicU64,
 }
 
 impl SoakBook {
@@ -1019,6 +1023,12 @@ async fn soak_call(
 
 /// The soak server's dedupe window, in request ids.
 const DEDUPE_IDS: u64 = 500_000;
+/// How long the soak's dedupe window takes to fill: over its cap it keeps
+/// one to two minutes of the org's ids.
+const SOAK_WINDOW_FULL_SECS: u64 = 120;
+/// Usage batches of the soak's paced ingest that may wait for an answer at
+/// once.
+const INGEST_IN_FLIGHT_MAX: usize = 16;
 
 /// Resident memory of process `pid`, in KiB (Linux; 0 elsewhere).
 fn rss_kib(pid: u32) -> u64 {
@@ -1037,8 +1047,10 @@ fn rss_kib(pid: u32) -> u64 {
 /// and bulk limit changes, all at once, with a kill -9 and restart of the
 /// server every `kill_every`. Every call is asked again until answered
 /// (usage by its request id, counted once). At the end: the org's spend is
-/// exactly the acknowledged usage's, and resident memory per incarnation
-/// after its warm-up is printed.
+/// exactly the acknowledged usage's; printed are the ingest rate reached
+/// and each incarnation's resident memory past the run's warm-up (the
+/// dedupe window filling) and its own first seconds, with whether the
+/// highest peak is within 10 % of the lowest.
 async fn soak(args: &BenchArgs, dir: &Path) -> anyhow::Result<()> {
     use std::sync::atomic::Ordering::Relaxed;
     std::fs::create_dir_all(dir)?;
@@ -1055,7 +1067,7 @@ async fn soak(args: &BenchArgs, dir: &Path) -> anyhow::Result<()> {
     let data = dir.display().to_string();
     // A dedupe window that fills within the warm-up: past it, memory
     // should stay flat (the default window, 20 million ids an org, would
-    // take minutes to fill at this rate).
+    // take many minutes to fill at this rate).
     let serve = [
         "--data-dir",
         data.as_str(),
@@ -1081,47 +1093,71 @@ async fn soak(args: &BenchArgs, dir: &Path) -> anyhow::Result<()> {
     book.events.store(probe, Relaxed);
     println!(
         "soak: {secs} s embedded, {users} users; ingest paced at {target_per_s} events/s (half of \
-         {max_per_s} measured), 8 authorize workers with holds, 2 admin readers, a bulk limit \
+         {max_per_s} measured; open loop), 8 authorize workers with holds, 2 admin readers, a bulk limit \
          change a second; kill -9 and restart every {kill_every} s; dedupe window {DEDUPE_IDS} ids"
     );
     let http = reqwest::Client::new();
     let mut tasks = tokio::task::JoinSet::new();
-    // Ingest, paced in batches.
-    for c in 0..clients as u64 {
+    // Ingest, open loop: a batch leaves every `every` whether or not the
+    // earlier ones were answered (at most `INGEST_IN_FLIGHT_MAX` batches in
+    // flight; a batch that finds them all busy leaves late, and the pace
+    // starts again from then rather than bursting to catch up).
+    let every = Duration::from_micros(1_000_000 * batch / target_per_s.max(1));
+    {
         let (book, http, url) = (Arc::clone(&book), http.clone(), url.clone());
-        let per_client = target_per_s / clients as u64;
         let _ = tasks.spawn(async move {
-            let every = Duration::from_micros(1_000_000 * batch / per_client.max(1));
-            let mut next = Instant::now();
+            let in_flight = Arc::new(tokio::sync::Semaphore::new(INGEST_IN_FLIGHT_MAX));
+            let mut batches = tokio::task::JoinSet::new();
+            let mut next = tokio::time::Instant::now();
             let mut b = 0u64;
             while !book.stopped() {
-                let first = probe + (b * clients as u64 + c) * batch;
-                let now = now_ms();
-                let evs: Vec<Value> = (first..first + batch)
-                    .map(|i| {
-                        let u = i % u64::from(users);
-                        json!({"request_id": format!("e-{i}"), "org_id": "soak",
-                               "user_id": format!("u{u}"), "api_key_id": format!("k{u}"),
-                               "model": "gpt-4o", "provider": "openai", "cost_micros": cost(i),
-                               "occurred_at": tally_proto::format_rfc3339_ms(now - 1_000)})
-                    })
-                    .collect();
-                let body = json!({ "events": evs }).to_string();
-                let Some((status, v)) =
-                    soak_call(&http, &book, &url, "/v1/usage", Some(&body)).await
-                else {
+                tokio::time::sleep_until(next).await;
+                let Ok(permit) = Arc::clone(&in_flight).acquire_owned().await else {
                     break;
                 };
-                let counted =
-                    v["accepted"].as_u64().unwrap_or(0) + v["duplicates"].as_u64().unwrap_or(0);
-                if status != 200 || counted != batch {
-                    bail!("usage batch at {first}: {status} {v}");
+                let now = tokio::time::Instant::now();
+                if now > next + every {
+                    SoakBook::add(&book.late, 1);
+                    next = now;
                 }
-                let _ = book.spend.fetch_add(expected_spend(first, batch), Relaxed);
-                SoakBook::add(&book.events, batch);
-                b += 1;
                 next += every;
-                tokio::time::sleep_until(next.into()).await;
+                let first = probe + b * batch;
+                b += 1;
+                let (book, http, url) = (Arc::clone(&book), http.clone(), url.clone());
+                let _ = batches.spawn(async move {
+                    let _permit = permit;
+                    let at = tally_proto::format_rfc3339_ms(now_ms() - 1_000);
+                    let evs: Vec<Value> = (first..first + batch)
+                        .map(|i| {
+                            let u = i % u64::from(users);
+                            json!({"request_id": format!("e-{i}"), "org_id": "soak",
+                                   "user_id": format!("u{u}"), "api_key_id": format!("k{u}"),
+                                   "model": "gpt-4o", "provider": "openai",
+                                   "cost_micros": cost(i), "occurred_at": at})
+                        })
+                        .collect();
+                    let body = json!({ "events": evs }).to_string();
+                    let Some((status, v)) =
+                        soak_call(&http, &book, &url, "/v1/usage", Some(&body)).await
+                    else {
+                        return anyhow::Ok(());
+                    };
+                    let counted =
+                        v["accepted"].as_u64().unwrap_or(0) + v["duplicates"].as_u64().unwrap_or(0);
+                    if status != 200 || counted != batch {
+                        bail!("usage batch at {first}: {status} {v}");
+                    }
+                    let _ = book.spend.fetch_add(expected_spend(first, batch), Relaxed);
+                    SoakBook::add(&book.ingested, batch);
+                    SoakBook::add(&book.events, batch);
+                    anyhow::Ok(())
+                });
+                while let Some(done) = batches.try_join_next() {
+                    done??;
+                }
+            }
+            while let Some(done) = batches.join_next().await {
+                done??;
             }
             anyhow::Ok(())
         });
@@ -1214,33 +1250,31 @@ async fn soak(args: &BenchArgs, dir: &Path) -> anyhow::Result<()> {
             anyhow::Ok(())
         });
     }
-    // The clock: kills, restarts, memory.
+    // The clock: kills, restarts, memory. Memory is judged past the run's
+    // warm-up (the dedupe window, over its cap, keeps one to two minutes of
+    // ids: it is full after two) and each incarnation's own first seconds.
+    let run_warmup = Duration::from_secs(SOAK_WINDOW_FULL_SECS);
     let started = Instant::now();
     let mut incarnation = 0u32;
     let mut born = Instant::now();
-    let mut after_warmup: Option<u64> = None;
-    let mut lives: Vec<(u64, u64, u64)> = Vec::new(); // (after warm-up, peak, last) KiB
-    let mut peak = 0u64;
-    let mut last = 0u64;
+    // Per incarnation: (peak, last) resident KiB of the samples judged.
+    let mut lives: Vec<Option<(u64, u64)>> = vec![None];
     let mut recoveries: Vec<u128> = Vec::new();
     while started.elapsed() < Duration::from_secs(secs) {
         tokio::time::sleep(Duration::from_secs(1)).await;
         let rss = rss_kib(server.child.id());
-        if born.elapsed() >= Duration::from_secs(warmup) {
-            let _ = after_warmup.get_or_insert(rss);
-            peak = peak.max(rss);
-            last = rss;
+        if started.elapsed() >= run_warmup && born.elapsed() >= Duration::from_secs(warmup) {
+            let life = lives.last_mut().expect("one per incarnation");
+            let (peak, _) = life.unwrap_or((0, 0));
+            *life = Some((peak.max(rss), rss));
         }
         if born.elapsed() >= Duration::from_secs(kill_every)
             && started.elapsed() + Duration::from_secs(5) < Duration::from_secs(secs)
         {
-            if let Some(warm) = after_warmup.take() {
-                lives.push((warm, peak, last));
-            }
-            (peak, last) = (0, 0);
             server.child.kill()?;
             let _ = server.child.wait()?;
             incarnation += 1;
+            lives.push(None);
             let down = Instant::now();
             server = Server::start_on(dir, &format!("soak-{incarnation}"), &listen, &serve)?;
             server.ready().await?;
@@ -1248,9 +1282,7 @@ async fn soak(args: &BenchArgs, dir: &Path) -> anyhow::Result<()> {
             born = Instant::now();
         }
     }
-    if let Some(warm) = after_warmup.take() {
-        lives.push((warm, peak, last));
-    }
+    let ingest_secs = started.elapsed().as_secs().max(1);
     book.stop.store(true, Relaxed);
     while let Some(r) = tasks.join_next().await {
         r??;
@@ -1286,21 +1318,51 @@ async fn soak(args: &BenchArgs, dir: &Path) -> anyhow::Result<()> {
             .collect::<Vec<_>>()
             .join(", ")
     );
-    for (i, (warm, peak, last)) in lives.iter().enumerate() {
-        // Per mille, in integers: the growth since the warm-up.
-        let pm = i128::from(*last) * 1_000 / i128::from((*warm).max(1)) - 1_000;
-        let growth = format!(
-            "{}{}.{}",
-            if pm < 0 { '-' } else { '+' },
-            pm.abs() / 10,
-            pm.abs() % 10
-        );
+    println!(
+        "soak: ingest reached {} events/s of the {target_per_s} paced ({} batches left late, every \
+         one of {INGEST_IN_FLIGHT_MAX} in flight unanswered)",
+        book.ingested.load(Relaxed) / ingest_secs,
+        book.late.load(Relaxed)
+    );
+    let judged: Vec<(usize, u64, u64)> = lives
+        .iter()
+        .enumerate()
+        .filter_map(|(i, l)| l.map(|(peak, last)| (i, peak, last)))
+        .collect();
+    for (i, peak, last) in &judged {
         println!(
-            "soak: memory of run {i}: {} MiB after {warmup} s warm-up, peak {} MiB, last {} MiB ({growth} %)",
-            warm / 1024,
+            "soak: memory of run {i}: peak {} MiB, last {} MiB",
             peak / 1024,
             last / 1024
         );
+    }
+    let peaks = judged.iter().map(|(_, peak, _)| *peak);
+    match (peaks.clone().min(), peaks.max()) {
+        (Some(low), Some(high)) => {
+            // Per mille, in integers: how far the highest peak is above the
+            // lowest.
+            let pm = high * 1_000 / low.max(1) - 1_000;
+            println!(
+                "soak: memory after {} s of warm-up: peaks of {} runs {}–{} MiB, within {}.{} % \
+                 ({})",
+                run_warmup.as_secs(),
+                judged.len(),
+                low / 1024,
+                high / 1024,
+                pm / 10,
+                pm % 10,
+                if pm <= 100 {
+                    "flat"
+                } else {
+                    "NOT flat: over 10 %"
+                }
+            );
+        }
+        _ => println!(
+            "soak: memory not judged: the run is shorter than its warm-up ({} s, the dedupe \
+             window filling) and {warmup} s after a restart",
+            run_warmup.as_secs()
+        ),
     }
     server.stop()
 }

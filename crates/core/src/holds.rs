@@ -176,9 +176,11 @@ pub struct Holds {
     expired: VecDeque<(i64, RequestHash)>,
     expired_ids: Set<RequestHash>,
     counts: HoldCounts,
-    /// Request ids of holds settled or expired since the last
-    /// [`Holds::take_gone`], kept only when [`Holds::track_gone`] is on.
-    gone: Option<Vec<Box<str>>>,
+    /// Request ids of holds settled since the last [`Holds::take_gone`], for
+    /// the store that keeps holds: the embedded mode's journal records them
+    /// as their usage is applied, the distributed mode's checkpoint deletes
+    /// their rows.
+    gone: Vec<Box<str>>,
     #[cfg(test)]
     index_rebuilds: usize,
 }
@@ -536,18 +538,6 @@ impl Holds {
         freed
     }
 
-    /// Keep the request ids of holds that settle, for a store that deletes
-    /// them at the next checkpoint (the distributed mode's holds table,
-    /// whose expired rows the checkpoint deletes by time); off, nothing is
-    /// kept.
-    pub fn track_gone(&mut self, on: bool) {
-        match (on, &self.gone) {
-            (true, Some(_)) => {}
-            (true, None) => self.gone = Some(Vec::new()),
-            (false, _) => self.gone = None,
-        }
-    }
-
     /// Forgets every hold (the org is metered elsewhere now).
     pub fn clear(&mut self) {
         *self = Holds::default();
@@ -555,7 +545,7 @@ impl Holds {
 
     /// The request ids settled since the last call.
     pub fn take_gone(&mut self) -> Vec<Box<str>> {
-        self.gone.as_mut().map(std::mem::take).unwrap_or_default()
+        std::mem::take(&mut self.gone)
     }
 
     /// Records `request_id` as settled for the store (its row was written
@@ -565,9 +555,7 @@ impl Holds {
     }
 
     fn went(&mut self, request_id: Box<str>) {
-        if let Some(gone) = &mut self.gone {
-            gone.push(request_id);
-        }
+        self.gone.push(request_id);
     }
 
     /// Settled, expired and late-usage counts since the last call.

@@ -113,8 +113,9 @@ pub struct MeterChanges {
     pub watermark_ms: i64,
     pub rolled_month: Option<Month>,
     pub enforcement: Vec<SavedEnforcement>,
-    /// Request ids of holds settled since the last checkpoint (when the
-    /// holds are kept in SQL: see [`Holds::track_gone`]).
+    /// Request ids of holds settled since the last checkpoint, whose rows
+    /// it deletes (the distributed mode's holds table; the embedded mode's
+    /// journal takes them as usage is applied: see [`Holds::take_gone`]).
     pub holds_gone: Vec<String>,
 }
 

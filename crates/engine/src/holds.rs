@@ -6,6 +6,7 @@
 //! ```text
 //! P <org> <request_id> <user> <key> <micros> <placed_ms> <expires_ms> [<group> …]
 //! R <org> <request_id>
+//! S <org> <request_id>
 //! ```
 //!
 //! Ids contain no spaces (entity ids are `[A-Za-z0-9._-]`, request ids
@@ -13,9 +14,12 @@
 //! is answered after its line was written to the file (it survives the
 //! process being killed at once) and the file is synced every second (a
 //! power loss loses at most that second of holds: their budget opens again
-//! until their usage arrives, which is counted in full). Settlement writes
-//! nothing: on restart a hold whose request id the meter counted is dropped,
-//! and expiry is a function of the clock. At start, and when a segment
+//! until their usage arrives, which is counted in full). A hold its usage
+//! settled gets an `S` line as that usage is applied: the dedupe window
+//! alone cannot tell it apart on restart, since past its cap it forgets a
+//! request id after a minute or two, well within a hold's TTL (a hold whose
+//! request id the meter counted is dropped too, for a settle whose line was
+//! lost). Expiry is a function of the clock. At start, and when a segment
 //! passes [`SEGMENT_BYTES_MAX`], the live holds are written to a new segment
 //! and the older ones deleted.
 
@@ -62,6 +66,10 @@ pub struct HoldJournal {
     /// segment at the next upkeep.
     redo: std::sync::atomic::AtomicBool,
 }
+
+/// A journal's last word on a hold: its usage settled it.
+#[derive(Debug, Clone, Copy)]
+struct Settled;
 
 /// What [`HoldJournal::open`] found.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -143,6 +151,7 @@ struct Placed<'a> {
 enum Record<'a> {
     Placed(Placed<'a>),
     Released { org: &'a str, request_id: &'a str },
+    Settled { org: &'a str, request_id: &'a str },
 }
 
 fn parse(line: &str) -> Option<Record<'_>> {
@@ -158,12 +167,14 @@ fn parse(line: &str) -> Option<Record<'_>> {
             expires_ms: f.next()?.parse().ok()?,
             groups: f.collect(),
         })),
-        "R" => {
+        kind @ ("R" | "S") => {
             let org = f.next()?;
             let request_id = f.next()?;
-            f.next()
-                .is_none()
-                .then_some(Record::Released { org, request_id })
+            f.next().is_none().then_some(if kind == "R" {
+                Record::Released { org, request_id }
+            } else {
+                Record::Settled { org, request_id }
+            })
         }
         _ => None,
     }
@@ -201,8 +212,10 @@ impl HoldJournal {
     pub fn open(dir: &Path, registry: &Registry, now_ms: i64) -> Result<(HoldJournal, Restored)> {
         std::fs::create_dir_all(dir).map_err(|e| io("creating", dir, &e))?;
         let ns = segments(dir)?;
-        // The last record of each (org, request id) decides.
-        let mut latest: std::collections::HashMap<(String, String), Option<Hold>> =
+        // The last record of each (org, request id) decides: a hold (none
+        // when released, or when it names what the directory does not
+        // know), or settled.
+        let mut latest: std::collections::HashMap<(String, String), Result<Option<Hold>, Settled>> =
             Default::default();
         let mut restored = Restored::default();
         for &n in &ns {
@@ -236,14 +249,22 @@ impl HoldJournal {
                         if hold.is_none() {
                             restored.orphaned += 1;
                         }
-                        (p.org, p.request_id, hold)
+                        (p.org, p.request_id, Ok(hold))
                     }
-                    Record::Released { org, request_id } => (org, request_id, None),
+                    Record::Released { org, request_id } => (org, request_id, Ok(None)),
+                    Record::Settled { org, request_id } => (org, request_id, Err(Settled)),
                 };
                 let _ = latest.insert((org.to_owned(), request_id.to_owned()), hold);
             }
         }
         for ((org_id, request_id), hold) in latest {
+            let hold = match hold {
+                Ok(hold) => hold,
+                Err(Settled) => {
+                    restored.settled += 1;
+                    continue;
+                }
+            };
             let (Some(hold), Some(cell)) = (hold, registry.org(&org_id)) else {
                 continue;
             };
@@ -317,6 +338,20 @@ impl HoldJournal {
     /// Records a released hold (holding the org's lock).
     pub fn released(&self, org: &str, request_id: &str) -> Result<()> {
         self.write(&format!("R {org} {request_id}\n"))
+    }
+
+    /// Records holds their usage settled (holding the org's lock, as that
+    /// usage is applied). A failed write is logged and makes the next
+    /// upkeep compact the journal, which writes the live holds only.
+    pub fn settled(&self, org: &str, request_ids: &[Box<str>]) {
+        let mut lines = String::with_capacity(request_ids.len() * 48);
+        for id in request_ids {
+            let _ = writeln!(lines, "S {org} {id}");
+        }
+        if let Err(e) = self.write(&lines) {
+            tracing::warn!(org, error = %e, "recording settled holds failed; the journal will be compacted");
+            self.redo.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
     }
 
     /// Makes what was written survive a power loss.
@@ -535,8 +570,10 @@ fn flush_counts(org: &mut OrgState) {
 
 impl crate::Engine {
     /// Where holds are journaled; set once by the embedded mode. Without
-    /// it, reserving authorize and release answer unavailable.
+    /// it, reserving authorize and release answer unavailable. The meter
+    /// records there the holds that usage settles.
     pub fn set_hold_journal(&self, journal: Arc<HoldJournal>) {
+        self.meter.set_hold_journal(Arc::clone(&journal));
         let _ = self.hold_journal.set(journal);
     }
 
@@ -642,7 +679,6 @@ impl crate::Engine {
                     }
                     Durability::Sql { .. } => {
                         stored = Some(stored_hold(&org, req.request_id, h));
-                        org.meter.holds.track_gone(true);
                     }
                 }
             }
@@ -836,7 +872,15 @@ mod tests {
                 request_id: "r-1"
             })
         ));
+        assert!(matches!(
+            parse("S acme r-2"),
+            Some(Record::Settled {
+                org: "acme",
+                request_id: "r-2"
+            })
+        ));
         assert!(parse("R acme").is_none());
+        assert!(parse("S acme r-2 x").is_none());
         assert!(parse("P acme r-1 alice ka x 5 6").is_none());
         assert!(parse("X").is_none());
     }

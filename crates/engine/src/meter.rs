@@ -212,6 +212,9 @@ pub struct Meter {
     poisoned: AtomicBool,
     failed: Notify,
     publisher: OnceLock<Arc<dyn StatePublisher>>,
+    /// The embedded mode's hold journal: holds that usage settles are
+    /// recorded there as it is applied.
+    hold_journal: OnceLock<Arc<crate::holds::HoldJournal>>,
     health: StoreHealth,
     log_tail_unknown: AtomicBool,
     /// Orgs with an entity append whose outcome is unknown (it failed, and
@@ -245,6 +248,7 @@ impl Meter {
             poisoned: AtomicBool::new(false),
             failed: Notify::new(),
             publisher: OnceLock::new(),
+            hold_journal: OnceLock::new(),
             health: StoreHealth::new(),
             log_tail_unknown: AtomicBool::new(false),
             appends_unknown: parking_lot::Mutex::default(),
@@ -265,6 +269,11 @@ impl Meter {
     /// Sends every committed checkpoint's counters to `p` from now on.
     pub fn set_publisher(&self, p: Arc<dyn StatePublisher>) {
         let _ = self.publisher.set(p);
+    }
+
+    /// The embedded mode: record the holds usage settles in `journal`.
+    pub fn set_hold_journal(&self, journal: Arc<crate::holds::HoldJournal>) {
+        let _ = self.hold_journal.set(journal);
     }
 
     /// Serializes with checkpoints; see the module docs.
@@ -567,7 +576,6 @@ impl Meter {
                 unknown += 1;
                 continue;
             };
-            org.meter.holds.track_gone(true);
             let counted = org
                 .meter
                 .dedupe
@@ -728,6 +736,12 @@ impl Meter {
                 out.push(o);
                 part.position = e.position;
                 part.mark = None;
+            }
+            if let Some(journal) = self.hold_journal.get() {
+                let settled = org.meter.holds.take_gone();
+                if !settled.is_empty() {
+                    journal.settled(org_id.as_str(), &settled);
+                }
             }
             drop(org);
             if spent > 0 {

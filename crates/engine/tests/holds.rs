@@ -161,6 +161,65 @@ async fn the_journal_restores_live_holds_and_drops_settled_and_expired_ones() {
     );
 }
 
+/// A busy org's dedupe window, past its cap, keeps a request id only a
+/// minute or two: a hold its usage settled must not come back after a
+/// restart once its id is forgotten, holding budget until its TTL (it did:
+/// the journal recorded no settle, and the window no longer knew the id).
+#[tokio::test]
+async fn a_settled_hold_stays_settled_after_the_window_forgot_its_id() {
+    let dir = temp("settled-forgotten");
+    let clock = ManualClock::new(T0);
+    let mut options = tally_engine::EngineOptions::default();
+    options.meter_config.dedupe.entries_max = 10;
+    let usage = |id: &str, cost: i64, at: i64| {
+        RawUsage {
+            request_id: id,
+            org_id: "acme",
+            user_id: "alice",
+            api_key_id: "ka",
+            cost_micros: Some(cost),
+            occurred_at_ms: Some(at),
+            ..RawUsage::default()
+        }
+        .validate()
+        .unwrap()
+    };
+    {
+        let (engine, _) = support::embedded_with(&dir, &clock, options.clone()).await;
+        acme(&engine).await;
+        let (_, d, _) = engine
+            .reserve(SECRET, None, None, hold("h", 300_000, 30 * MINUTE))
+            .await
+            .unwrap();
+        assert!(d.allowed, "{d:?}");
+        let report = engine
+            .ingest(vec![(0, usage("h", 250_000, T0))])
+            .await
+            .unwrap();
+        assert_eq!(report.accepted, 1);
+        // Three minutes on, more ids than the window's cap: the first
+        // minute is forgotten.
+        clock.set(T0 + 3 * MINUTE);
+        let later: Vec<_> = (0..20)
+            .map(|i| (i, usage(&format!("u{i}"), 1_000, T0 + 3 * MINUTE)))
+            .collect();
+        assert_eq!(engine.ingest(later).await.unwrap().accepted, 20);
+        let cell = engine.registry.org("acme").unwrap();
+        let forgotten = !cell
+            .read()
+            .meter
+            .dedupe
+            .contains(tally_core::dedupe::hash_request_id("h"));
+        assert!(forgotten, "the window still holds the settled hold's id");
+        engine.meter.shutdown().await.unwrap();
+    }
+    clock.set(T0 + 4 * MINUTE);
+    let (engine, restored) = support::embedded_with(&dir, &clock, options).await;
+    assert_eq!((restored.live, restored.settled), (0, 1), "{restored:?}");
+    let (_, plain) = engine.authorize(SECRET, None, None);
+    assert_eq!(plain.remaining_micros, Some(1_000_000 - 250_000 - 20_000));
+}
+
 /// An expired hold's request id is remembered for the longest TTL, also in
 /// an org where nothing else happens: then it is forgotten.
 #[tokio::test]

@@ -19,6 +19,8 @@
 //! append, the entity log's append, or a checkpoint at its position, its
 //! counters, its dedupe ids or its enforcement events — during usage, a
 //! command or a checkpoint; then, half the time, a crash right after.
+//! Every fourth seed caps the dedupe window at 40 request ids, so that it
+//! keeps only its last minute or two, as a busy org's does.
 //!
 //! Invariants after every step, for every user, its key and the org, in
 //! every month the model knows:
@@ -81,6 +83,8 @@ const START_MS: i64 = 1_796_076_000_000;
 const USERS_MAX: usize = 6;
 /// The meter's default dedupe window.
 const DEDUPE_WINDOW_MS: i64 = 24 * 60 * MINUTE;
+/// The dedupe window's cap in every fourth seed.
+const SMALL_DEDUPE_IDS: usize = 40;
 const GROUPS: [&str; 2] = ["g0", "g1"];
 /// Group and org limits are a user's times these (several users spend).
 const GROUP_LIMIT_SCALE: i64 = 5;
@@ -99,6 +103,20 @@ const FAULT_POINTS: [(&str, &str); 6] = [
     ),
 ];
 
+/// The dedupe window's cap in a run of `seed`: every fourth seed a small
+/// one, which the run's usage passes again and again, so the window
+/// forgets all but its last minute or two (a busy org's window): ids of
+/// settled holds are forgotten within their TTL, usage more than a minute
+/// late is refused as too late, and restarts restore a window past its cap.
+/// The others keep the default, which the runs never reach.
+fn dedupe_ids_of(seed: u64) -> usize {
+    if seed.is_multiple_of(4) {
+        SMALL_DEDUPE_IDS
+    } else {
+        tally_core::dedupe::DedupeConfig::default().entries_max
+    }
+}
+
 /// One usage event as the gateway sent it (repeats send it again as is).
 #[derive(Debug, Clone)]
 struct Sent {
@@ -115,6 +133,8 @@ struct ModelHold {
     groups: Vec<String>,
     amount_micros: i64,
     expires_at_ms: i64,
+    /// The call's usage once sent: sent again, it is the same event.
+    usage: Option<Sent>,
 }
 
 /// A budget a call is judged against: what it is, the refusal it gives,
@@ -294,8 +314,11 @@ struct Running {
 }
 
 impl Running {
-    async fn start(dir: &Path, clock: &ManualClock) -> Running {
-        let (engine, _) = support::embedded(dir, clock).await;
+    /// The engine, its dedupe window capped at `dedupe_ids` request ids.
+    async fn start(dir: &Path, clock: &ManualClock, dedupe_ids: usize) -> Running {
+        let mut options = tally_engine::EngineOptions::default();
+        options.meter_config.dedupe.entries_max = dedupe_ids;
+        let (engine, _) = support::embedded_with(dir, clock, options).await;
         Running { engine }
     }
 
@@ -335,6 +358,8 @@ async fn install_faults(dir: &Path) -> Faults {
 
 struct Sim {
     seed: u64,
+    /// The dedupe window's cap (see [`dedupe_ids_of`]).
+    dedupe_ids: usize,
     step: u64,
     rng: Rng,
     clock: ManualClock,
@@ -359,7 +384,8 @@ impl Sim {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let clock = ManualClock::new(START_MS);
-        let running = Running::start(&dir, &clock).await;
+        let dedupe_ids = dedupe_ids_of(seed);
+        let running = Running::start(&dir, &clock, dedupe_ids).await;
         running
             .run(Command::CreateOrg {
                 name: "Acme".into(),
@@ -381,6 +407,7 @@ impl Sim {
         let faults = install_faults(&dir).await;
         Sim {
             seed,
+            dedupe_ids,
             step: 0,
             rng: Rng(seed),
             clock,
@@ -772,15 +799,18 @@ impl Sim {
                 self.model.sent[i].clone()
             } else if !self.model.holds.is_empty() && self.rng.chance(20) {
                 let i = self.rng.below(self.model.holds.len() as u64) as usize;
-                let (id, h) = self.model.holds.iter().nth(i).expect("a hold");
                 // The actual cost, above or below what was held.
-                let cost = (h.amount_micros + self.rng.between(-5_000, 5_000)).max(1);
-                Sent {
-                    request_id: id.clone(),
-                    user: h.user.clone(),
-                    cost_micros: cost,
-                    occurred_at_ms: now - self.rng.between(0, 30 * MINUTE),
-                }
+                let cost = self.rng.between(-5_000, 5_000);
+                let late = self.rng.between(0, 30 * MINUTE);
+                let (id, h) = self.model.holds.iter_mut().nth(i).expect("a hold");
+                h.usage
+                    .get_or_insert_with(|| Sent {
+                        request_id: id.clone(),
+                        user: h.user.clone(),
+                        cost_micros: (h.amount_micros + cost).max(1),
+                        occurred_at_ms: now - late,
+                    })
+                    .clone()
             } else {
                 Sent {
                     request_id: self.model.id("e"),
@@ -840,9 +870,12 @@ impl Sim {
         {
             self.count("batches with last month's usage");
         }
+        // Refused events are not counted (which ones may be is checked
+        // below).
+        let refused: Vec<usize> = report.rejected.iter().map(|r| r.index).collect();
         let mut new = 0;
-        for s in &batch {
-            if self.model.counted.contains_key(&s.request_id) {
+        for (i, s) in batch.iter().enumerate() {
+            if self.model.counted.contains_key(&s.request_id) || refused.contains(&i) {
                 continue;
             }
             new += 1;
@@ -893,16 +926,22 @@ impl Sim {
         // the org's latest usage is refused (too late: never counted
         // twice; the window is kept in buckets of a minute, so its line is
         // within a minute of it); every new event is at most half an hour
-        // late.
+        // late. Past a small cap the window keeps only the last minute or
+        // two: usage older than a minute behind the watermark, new or not,
+        // may be refused, never newer usage.
         // (The batch's own new events may have moved the watermark first.)
         let watermark = self.model.watermark.max(watermark);
         if !report.rejected.is_empty() {
-            self.count("batches with too-late repeats");
+            self.count("batches with too-late usage");
         }
+        let small = self.dedupe_ids == SMALL_DEDUPE_IDS;
         for r in &report.rejected {
             let s = &batch[r.index];
-            let too_late =
-                before[r.index] && s.occurred_at_ms < watermark - DEDUPE_WINDOW_MS + MINUTE;
+            let too_late = if small {
+                s.occurred_at_ms < watermark - MINUTE
+            } else {
+                before[r.index] && s.occurred_at_ms < watermark - DEDUPE_WINDOW_MS + MINUTE
+            };
             self.check(r.code == "too_late" && too_late, || {
                 format!(
                     "{} (occurred at {}, counted before: {}) rejected: {r:?}; now {now}, watermark \
@@ -983,6 +1022,7 @@ impl Sim {
                     groups,
                     amount_micros: amount,
                     expires_at_ms: now + ttl,
+                    usage: None,
                 },
             );
         } else {
@@ -1042,7 +1082,7 @@ impl Sim {
         let before = self.snapshot();
         // Dropped as a kill would leave it: nothing flushed, nothing closed.
         drop(self.running.take());
-        let running = Running::start(&self.dir, &self.clock).await;
+        let running = Running::start(&self.dir, &self.clock, self.dedupe_ids).await;
         running.engine.meter.new_month();
         self.running = Some(running);
         let after = self.snapshot();
@@ -1104,7 +1144,7 @@ impl Sim {
         .unwrap();
         let _ = db.rebuild_projections(|_| {}).await.unwrap();
         db.close().await;
-        self.running = Some(Running::start(&self.dir, &self.clock).await);
+        self.running = Some(Running::start(&self.dir, &self.clock, self.dedupe_ids).await);
         let after = self.views().await;
         self.check(before == after, || {
             format!("rebuilt read models differ:\n{before}\n---\n{after}")

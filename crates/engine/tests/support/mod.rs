@@ -18,8 +18,17 @@ use tally_store::{Db, DbOptions};
 /// An engine on `db` with `clock`, as `tally serve` starts it (the entity
 /// log folded), before its mode is wired.
 pub(crate) async fn engine_on(db: Db, clock: Arc<dyn Clock>) -> Arc<Engine> {
+    engine_with(db, clock, EngineOptions::default()).await
+}
+
+/// [`engine_on`] with `options`.
+pub(crate) async fn engine_with(
+    db: Db,
+    clock: Arc<dyn Clock>,
+    options: EngineOptions,
+) -> Arc<Engine> {
     Arc::new(
-        Engine::start(db, clock, EngineOptions::default(), hash_secret("operator"))
+        Engine::start(db, clock, options, hash_secret("operator"))
             .await
             .unwrap(),
     )
@@ -29,13 +38,22 @@ pub(crate) async fn engine_on(db: Db, clock: Arc<dyn Clock>) -> Arc<Engine> {
 /// --data-dir` wires it: the meter recovered from the usage log, then the
 /// hold journal read.
 pub(crate) async fn embedded(dir: &Path, clock: &ManualClock) -> (Arc<Engine>, Restored) {
+    embedded_with(dir, clock, EngineOptions::default()).await
+}
+
+/// [`embedded`] with `options`.
+pub(crate) async fn embedded_with(
+    dir: &Path,
+    clock: &ManualClock,
+    options: EngineOptions,
+) -> (Arc<Engine>, Restored) {
     let db = Db::open(&DbOptions::new(format!(
         "sqlite://{}?mode=rwc",
         dir.join("tally.db").display()
     )))
     .await
     .unwrap();
-    let engine = engine_on(db, Arc::new(clock.clone())).await;
+    let engine = engine_with(db, Arc::new(clock.clone()), options).await;
     let log = Arc::new(
         EmbeddedLog::recover(Arc::clone(&engine.meter))
             .await

@@ -19,7 +19,7 @@
 //! append, the entity log's append, or a checkpoint at its position, its
 //! counters, its dedupe ids or its enforcement events — during usage, a
 //! command or a checkpoint; then, half the time, a crash right after.
-//! Every fourth seed caps the dedupe window at 40 request ids, so that it
+//! Every fourth seed caps the dedupe window at 8 request ids, so that it
 //! keeps only its last minute or two, as a busy org's does.
 //!
 //! Invariants after every step, for every user, its key and the org, in
@@ -84,7 +84,7 @@ const USERS_MAX: usize = 6;
 /// The meter's default dedupe window.
 const DEDUPE_WINDOW_MS: i64 = 24 * 60 * MINUTE;
 /// The dedupe window's cap in every fourth seed.
-const SMALL_DEDUPE_IDS: usize = 40;
+const SMALL_DEDUPE_IDS: usize = 8;
 const GROUPS: [&str; 2] = ["g0", "g1"];
 /// Group and org limits are a user's times these (several users spend).
 const GROUP_LIMIT_SCALE: i64 = 5;
@@ -788,7 +788,7 @@ impl Sim {
     }
 
     /// A batch of new events, repeats of sent ones and the usage of live
-    /// holds, late by up to half an hour.
+    /// holds, late by up to half an hour (see [`Sim::lateness`]).
     async fn usage(&mut self) {
         let now = self.now();
         let n = self.rng.between(1, 12);
@@ -801,7 +801,7 @@ impl Sim {
                 let i = self.rng.below(self.model.holds.len() as u64) as usize;
                 // The actual cost, above or below what was held.
                 let cost = self.rng.between(-5_000, 5_000);
-                let late = self.rng.between(0, 30 * MINUTE);
+                let late = self.lateness();
                 let (id, h) = self.model.holds.iter_mut().nth(i).expect("a hold");
                 h.usage
                     .get_or_insert_with(|| Sent {
@@ -816,12 +816,25 @@ impl Sim {
                     request_id: self.model.id("e"),
                     user: self.pick_user(),
                     cost_micros: self.rng.between(1, 20_000),
-                    occurred_at_ms: now - self.rng.between(0, 30 * MINUTE),
+                    occurred_at_ms: now - self.lateness(),
                 }
             };
             batch.push(sent);
         }
         self.send_usage(batch).await;
+    }
+
+    /// How late a new event is: up to half an hour; under a small dedupe
+    /// window mostly within a minute and a half, so that its last minute
+    /// often holds more ids than its cap (a restart must keep them all, as
+    /// the live window does).
+    fn lateness(&mut self) -> i64 {
+        let within = if self.dedupe_ids == SMALL_DEDUPE_IDS && self.rng.chance(80) {
+            90_000
+        } else {
+            30 * MINUTE
+        };
+        self.rng.between(0, within)
     }
 
     /// Sends a batch and checks the answer against the model.

@@ -29,7 +29,9 @@
 //!   too), and a subject is cut off this month exactly when its limit (as
 //!   that process has it) is reached, with every threshold reached fired;
 //! - the partition's checkpoint in the store is exactly the log up to its
-//!   stored position: one owner's state, never a zombie's over it;
+//!   stored position: one owner's state, never a zombie's over it; the
+//!   enforcement events stored are its counters' history (a cutoff or lift
+//!   for each of a counter's ordinals, its highest threshold fired);
 //! - on the owner, what holds hold is the live holds placed and not settled
 //!   by usage it counted, across every failover (the new owner loads them);
 //!   after every admitted reserve, spent + held ≤ each limit; a process that
@@ -52,6 +54,7 @@ use tally_core::authorize::HoldRequest;
 use tally_core::entity::{Actor, Command, EntityEvent};
 use tally_core::ids::{KeyId, OrgId, UserId};
 use tally_core::ledger::{Counter, SubjectKind};
+use tally_core::org::SavedCounter;
 use tally_core::org::UsageOutcome;
 use tally_core::ratio::reached;
 use tally_core::secret::hash_secret;
@@ -112,6 +115,10 @@ fn secret(org: &str, user: &str) -> String {
 fn key_of(user: &str) -> String {
     format!("k-{user}")
 }
+
+/// A stored enforcement event: subject kind and id, month, event,
+/// threshold, ordinal, reason.
+type EnforcementRow = (String, String, i64, String, i64, i64, Option<String>);
 
 /// One message of the usage log.
 #[derive(Debug, Clone)]
@@ -1303,6 +1310,7 @@ impl Sim {
                         )
                     });
                 }
+                self.check_enforcement(p, org, &meter.counters).await;
                 for (cell, want) in t.sums.iter().filter(|(c, _)| &c.0 == org && c.3 >= recent) {
                     let got = meter
                         .counters
@@ -1318,6 +1326,60 @@ impl Sim {
                 }
             }
             self.count("store checks");
+        }
+    }
+
+    /// The enforcement events stored for `org` are its stored counters'
+    /// history, one owner's however often the partition changed hands: for
+    /// a counter at ordinal k, one event for each of 1..=k (a cutoff at each
+    /// odd one, a lift at each even one; a new month's lifts aside), and its
+    /// highest threshold event is the threshold it fired.
+    async fn check_enforcement(&self, p: i32, org: &str, counters: &[SavedCounter]) {
+        use sqlx::Connection as _;
+        let mut conn = sqlx::PgConnection::connect(&self.url).await.unwrap();
+        let rows: Vec<EnforcementRow> = sqlx::query_as(
+            "SELECT subject_kind, subject_id, month, event, threshold_bps, ordinal, reason \
+             FROM enforcement_events WHERE org_id = $1",
+        )
+        .bind(org)
+        .fetch_all(&mut conn)
+        .await
+        .unwrap();
+        conn.close().await.unwrap();
+        for c in counters {
+            let (kind, month) = (c.kind.as_str(), i64::from(c.month.yyyymm()));
+            let of = |r: &&EnforcementRow| r.0 == kind && r.1 == c.id && r.2 == month;
+            let mut told: Vec<(i64, bool)> = rows
+                .iter()
+                .filter(of)
+                .filter(|r| r.3 != "threshold_crossed" && r.6.as_deref() != Some("new_month"))
+                .map(|r| (r.5, r.3 == "cut_off"))
+                .collect();
+            told.sort_unstable();
+            let want: Vec<(i64, bool)> = (1..=i64::from(c.counter.ordinal))
+                .map(|k| (k, k % 2 == 1))
+                .collect();
+            self.check(told == want, || {
+                format!(
+                    "the store's checkpoint of {p}: {org} {kind} {} in {} at ordinal {} has \
+                     cutoffs and lifts {told:?} (ordinal, a cutoff)",
+                    c.id, c.month, c.counter.ordinal
+                )
+            });
+            let fired = rows
+                .iter()
+                .filter(of)
+                .filter(|r| r.3 == "threshold_crossed")
+                .map(|r| r.4)
+                .max()
+                .unwrap_or(0);
+            self.check(fired == i64::from(c.counter.fired_bps), || {
+                format!(
+                    "the store's checkpoint of {p}: {org} {kind} {} in {} fired {} bps, the \
+                     highest threshold event stored is {fired}",
+                    c.id, c.month, c.counter.fired_bps
+                )
+            });
         }
     }
 

@@ -479,7 +479,10 @@ impl Sim {
         self.check_invariants();
     }
 
+    /// What the meter's tick does: begins the month its clock is in, then
+    /// checkpoints.
     async fn checkpoint(&mut self) {
+        self.engine().meter.new_month();
         match self.engine().meter.checkpoint().await {
             Ok(_) => {
                 self.count("checkpoints");
@@ -1076,7 +1079,13 @@ impl Sim {
             _ => self.rng.between(6, 30) * 60 * MINUTE,
         };
         self.clock.set(self.now() + by);
-        self.engine().meter.new_month();
+        // Most often the meter's tick begins a new month at once; now and
+        // then usage of the new month comes first (the tick's next round,
+        // a checkpoint step here, begins it).
+        let tick = self.rng.chance(70);
+        if tick {
+            self.engine().meter.new_month();
+        }
         // The upkeep frees expired holds every second; until it runs, an
         // expired hold is freed when something needs its budget.
         let upkeep = self.rng.chance(70);
@@ -1085,7 +1094,7 @@ impl Sim {
             let now = self.now();
             self.model.holds.retain(|_, h| h.expires_at_ms > now);
         }
-        self.note(format!("clock +{by} ms (upkeep: {upkeep})"));
+        self.note(format!("clock +{by} ms (tick: {tick}, upkeep: {upkeep})"));
     }
 
     async fn crash_and_restart(&mut self) {
@@ -1145,6 +1154,7 @@ impl Sim {
     /// as `tally rebuild-projections` does) gives the same ones.
     async fn rebuild_and_compare(&mut self) {
         self.step += 1;
+        self.engine().meter.new_month();
         let _ = self.engine().meter.checkpoint().await.unwrap();
         self.check_enforcement().await;
         let before = self.views().await;

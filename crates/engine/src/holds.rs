@@ -365,25 +365,24 @@ impl HoldJournal {
             .map_err(|e| io("syncing", &path, &e))
     }
 
-    /// The segment grew past [`SEGMENT_BYTES_MAX`], or a sync or a
-    /// compaction failed (and the live holds must be written again).
-    pub fn needs_compaction(&self) -> bool {
-        self.redo.load(std::sync::atomic::Ordering::Relaxed)
-            || self.current.lock().bytes > SEGMENT_BYTES_MAX
-    }
-
-    /// [`HoldJournal::sync`] or [`HoldJournal::compact`], as needed; a
-    /// failure makes the next call compact.
+    /// [`HoldJournal::compact`] when the segment grew past
+    /// [`SEGMENT_BYTES_MAX`] or a write, sync or compaction failed (the live
+    /// holds must be written again), else [`HoldJournal::sync`]; a failure
+    /// makes the next call compact.
     pub fn upkeep(&self, registry: &Registry) -> Result<()> {
-        let done = if self.needs_compaction() {
+        use std::sync::atomic::Ordering::Relaxed;
+        // Taken, not read: a write that fails meanwhile asks again.
+        let redo = self.redo.swap(false, Relaxed);
+        let done = if redo || self.current.lock().bytes > SEGMENT_BYTES_MAX {
             self.compact(registry)
         } else {
             self.sync()
         };
         // After a failed fsync the kernel may have dropped the pages it
         // could not write: only writing everything again is sure.
-        self.redo
-            .store(done.is_err(), std::sync::atomic::Ordering::Relaxed);
+        if done.is_err() {
+            self.redo.store(true, Relaxed);
+        }
         done
     }
 

@@ -30,9 +30,10 @@ pub(crate) enum Scenario {
     Restart,
     /// Consume-apply-checkpoint from Kafka against a bare consumer.
     Kafka,
-    /// Mixed load (ingest at half the measured maximum, authorize with
-    /// holds, admin reads and bulk changes) with a kill -9 and restart every
-    /// minute: memory, and totals exact at the end (embedded).
+    /// Mixed load (authorize with holds, admin reads and bulk changes, and
+    /// ingest at half the maximum measured under them) with a kill -9 and
+    /// restart every minute: memory, and totals exact at the end
+    /// (embedded).
     Soak,
 }
 
@@ -397,6 +398,29 @@ async fn ingest_pass_org(
     users: u32,
     clients: usize,
 ) -> anyhow::Result<(Duration, Duration)> {
+    let started = Instant::now();
+    post_closed_loop(s, org, first, n, batch, users, clients).await?;
+    let ingested = started.elapsed();
+    let got = spend(s, org).await?;
+    let checkpointed = started.elapsed();
+    if got != expected_spend(0, first + n) {
+        bail!("spend {got} != {}", expected_spend(0, first + n));
+    }
+    Ok((ingested, checkpointed))
+}
+
+/// Posts events `first..first + n` of `org` (JSON, in batches, from
+/// `clients` concurrent clients, each waiting for its answer), every one
+/// accepted.
+async fn post_closed_loop(
+    s: &Server,
+    org: &str,
+    first: u64,
+    n: u64,
+    batch: u64,
+    users: u32,
+    clients: usize,
+) -> anyhow::Result<()> {
     let now = now_ms();
     let bodies: Vec<String> = (0..n / batch)
         .map(|b| {
@@ -415,7 +439,6 @@ async fn ingest_pass_org(
         .collect();
     let bodies = Arc::new(bodies);
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..clients {
         let (bodies, next) = (Arc::clone(&bodies), Arc::clone(&next));
@@ -443,13 +466,7 @@ async fn ingest_pass_org(
     while let Some(r) = tasks.join_next().await {
         r??;
     }
-    let ingested = started.elapsed();
-    let got = spend(s, org).await?;
-    let checkpointed = started.elapsed();
-    if got != expected_spend(0, first + n) {
-        bail!("spend {got} != {}", expected_spend(0, first + n));
-    }
-    Ok((ingested, checkpointed))
+    Ok(())
 }
 
 /// The TTL of the holds the authorize scenario places.
@@ -981,7 +998,9 @@ impl SoakBook {
 }
 
 /// One call of a soak worker, asked again until the server answers (it may
-/// be dead or restarting): the answer's status and body. None once stopped.
+/// be dead or restarting): the answer's status and body. None once stopped,
+/// but usage is asked on after the stop, for up to a minute (the server is
+/// up then): a batch it may have counted is never left out of the book.
 async fn soak_call(
     http: &reqwest::Client,
     book: &SoakBook,
@@ -989,6 +1008,8 @@ async fn soak_call(
     path: &str,
     body: Option<&str>,
 ) -> Option<(u16, Value)> {
+    let usage = path == "/v1/usage";
+    let mut stopped_at: Option<Instant> = None;
     loop {
         let req = match body {
             Some(b) => http
@@ -1015,7 +1036,10 @@ async fn soak_call(
         // deduplicated by request id, a hold by its request id.
         SoakBook::add(&book.retries, 1);
         if book.stopped() {
-            return None;
+            let since = *stopped_at.get_or_insert_with(Instant::now);
+            if !usage || since.elapsed() > Duration::from_secs(60) {
+                return None;
+            }
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -1042,15 +1066,16 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-/// (e) Soak, embedded: ingest at half the maximum measured first, authorize
-/// with holds (each admitted call's usage settles its hold), admin reads
-/// and bulk limit changes, all at once, with a kill -9 and restart of the
-/// server every `kill_every`. Every call is asked again until answered
-/// (usage by its request id, counted once). At the end: the org's spend is
-/// exactly the acknowledged usage's; printed are the ingest rate reached
-/// and each incarnation's resident memory past the run's warm-up (the
-/// dedupe window filling) and its own first seconds, with whether the
-/// highest peak is within 10 % of the lowest.
+/// (e) Soak, embedded: authorize with holds (each admitted call's usage
+/// settles its hold), admin reads and bulk limit changes, and ingest paced
+/// open loop at half the maximum measured under them, all at once, with a
+/// kill -9 and restart of the server every `kill_every`. Every call is
+/// asked again until answered (usage by its request id, counted once). At
+/// the end: the org's spend is exactly the acknowledged usage's; printed
+/// are the ingest rate reached and the resident memory of each incarnation
+/// begun past the run's warm-up (the dedupe window filling), after its own
+/// first seconds, with whether the highest median is within 10 % of the
+/// lowest.
 async fn soak(args: &BenchArgs, dir: &Path) -> anyhow::Result<()> {
     use std::sync::atomic::Ordering::Relaxed;
     std::fs::create_dir_all(dir)?;
@@ -1077,91 +1102,18 @@ async fn soak(args: &BenchArgs, dir: &Path) -> anyhow::Result<()> {
     let mut server = Server::start_on(dir, "soak-0", &listen, &serve)?;
     server.ready().await?;
     let secrets = seed_org(&server, "soak", users).await?;
-    // Half the maximum: closed-loop passes first, a short one to warm up,
-    // then the measured one (a few seconds of the steady rate).
+    // A closed-loop pass to warm up (its totals checked), then the mixed
+    // load without ingest, then ingest's maximum under it, closed loop: a
+    // few seconds of the steady rate. Ingest is paced at half that.
     let (batch, clients) = (500u64, 4usize);
     let warm = 20 * batch * clients as u64;
     let measured = if args.quick { 5 } else { 10 } * warm;
     let _ = ingest_pass_org(&server, "soak", 0, warm, batch, users, clients).await?;
-    let (probed, _) =
-        ingest_pass_org(&server, "soak", warm, measured, batch, users, clients).await?;
-    let probe = warm + measured;
-    let max_per_s = u128::from(measured) * 1_000 / probed.as_millis().max(1);
-    let target_per_s = u64::try_from(max_per_s / 2).unwrap_or(u64::MAX).max(batch);
     let book = Arc::new(SoakBook::default());
-    book.spend.store(expected_spend(0, probe), Relaxed);
-    book.events.store(probe, Relaxed);
-    println!(
-        "soak: {secs} s embedded, {users} users; ingest paced at {target_per_s} events/s (half of \
-         {max_per_s} measured; open loop), 8 authorize workers with holds, 2 admin readers, a bulk limit \
-         change a second; kill -9 and restart every {kill_every} s; dedupe window {DEDUPE_IDS} ids"
-    );
+    book.spend.store(expected_spend(0, warm), Relaxed);
+    book.events.store(warm, Relaxed);
     let http = reqwest::Client::new();
     let mut tasks = tokio::task::JoinSet::new();
-    // Ingest, open loop: a batch leaves every `every` whether or not the
-    // earlier ones were answered (at most `INGEST_IN_FLIGHT_MAX` batches in
-    // flight; a batch that finds them all busy leaves late, and the pace
-    // starts again from then rather than bursting to catch up).
-    let every = Duration::from_micros(1_000_000 * batch / target_per_s.max(1));
-    {
-        let (book, http, url) = (Arc::clone(&book), http.clone(), url.clone());
-        let _ = tasks.spawn(async move {
-            let in_flight = Arc::new(tokio::sync::Semaphore::new(INGEST_IN_FLIGHT_MAX));
-            let mut batches = tokio::task::JoinSet::new();
-            let mut next = tokio::time::Instant::now();
-            let mut b = 0u64;
-            while !book.stopped() {
-                tokio::time::sleep_until(next).await;
-                let Ok(permit) = Arc::clone(&in_flight).acquire_owned().await else {
-                    break;
-                };
-                let now = tokio::time::Instant::now();
-                if now > next + every {
-                    SoakBook::add(&book.late, 1);
-                    next = now;
-                }
-                next += every;
-                let first = probe + b * batch;
-                b += 1;
-                let (book, http, url) = (Arc::clone(&book), http.clone(), url.clone());
-                let _ = batches.spawn(async move {
-                    let _permit = permit;
-                    let at = tally_proto::format_rfc3339_ms(now_ms() - 1_000);
-                    let evs: Vec<Value> = (first..first + batch)
-                        .map(|i| {
-                            let u = i % u64::from(users);
-                            json!({"request_id": format!("e-{i}"), "org_id": "soak",
-                                   "user_id": format!("u{u}"), "api_key_id": format!("k{u}"),
-                                   "model": "gpt-4o", "provider": "openai",
-                                   "cost_micros": cost(i), "occurred_at": at})
-                        })
-                        .collect();
-                    let body = json!({ "events": evs }).to_string();
-                    let Some((status, v)) =
-                        soak_call(&http, &book, &url, "/v1/usage", Some(&body)).await
-                    else {
-                        return anyhow::Ok(());
-                    };
-                    let counted =
-                        v["accepted"].as_u64().unwrap_or(0) + v["duplicates"].as_u64().unwrap_or(0);
-                    if status != 200 || counted != batch {
-                        bail!("usage batch at {first}: {status} {v}");
-                    }
-                    let _ = book.spend.fetch_add(expected_spend(first, batch), Relaxed);
-                    SoakBook::add(&book.ingested, batch);
-                    SoakBook::add(&book.events, batch);
-                    anyhow::Ok(())
-                });
-                while let Some(done) = batches.try_join_next() {
-                    done??;
-                }
-            }
-            while let Some(done) = batches.join_next().await {
-                done??;
-            }
-            anyhow::Ok(())
-        });
-    }
     // Authorize with a hold, then the call's usage (which settles it).
     for w in 0..8u64 {
         let (book, http, url) = (Arc::clone(&book), http.clone(), url.clone());
@@ -1193,7 +1145,7 @@ async fn soak(args: &BenchArgs, dir: &Path) -> anyhow::Result<()> {
                 .to_string();
                 let Some((status, v)) = soak_call(&http, &book, &url, "/v1/usage", Some(&ev)).await
                 else {
-                    break;
+                    bail!("usage of {id}: no answer a minute after the run ended");
                 };
                 let counted =
                     v["accepted"].as_u64().unwrap_or(0) + v["duplicates"].as_u64().unwrap_or(0);
@@ -1250,23 +1202,104 @@ async fn soak(args: &BenchArgs, dir: &Path) -> anyhow::Result<()> {
             anyhow::Ok(())
         });
     }
-    // The clock: kills, restarts, memory. Memory is judged past the run's
-    // warm-up (the dedupe window, over its cap, keeps one to two minutes of
-    // ids: it is full after two) and each incarnation's own first seconds.
+    let probing = Instant::now();
+    post_closed_loop(&server, "soak", warm, measured, batch, users, clients).await?;
+    let probed = probing.elapsed();
+    let probe = warm + measured;
+    let _ = book
+        .spend
+        .fetch_add(expected_spend(warm, measured), Relaxed);
+    SoakBook::add(&book.events, measured);
+    let max_per_s = u128::from(measured) * 1_000 / probed.as_millis().max(1);
+    let target_per_s = u64::try_from(max_per_s / 2).unwrap_or(u64::MAX).max(batch);
+    println!(
+        "soak: {secs} s embedded, {users} users; ingest paced at {target_per_s} events/s (half of \
+         {max_per_s} measured under the rest of the load; open loop), 8 authorize workers with \
+         holds, 2 admin readers, a bulk limit change a second; kill -9 and restart every \
+         {kill_every} s; dedupe window {DEDUPE_IDS} ids"
+    );
+    // Ingest, open loop: a batch leaves every `every` whether or not the
+    // earlier ones were answered (at most `INGEST_IN_FLIGHT_MAX` batches in
+    // flight; a batch that finds them all busy leaves late, and the pace
+    // starts again from then rather than bursting to catch up).
+    let every = Duration::from_micros(1_000_000 * batch / target_per_s.max(1));
+    {
+        let (book, http, url) = (Arc::clone(&book), http.clone(), url.clone());
+        let _ = tasks.spawn(async move {
+            let in_flight = Arc::new(tokio::sync::Semaphore::new(INGEST_IN_FLIGHT_MAX));
+            let mut batches = tokio::task::JoinSet::new();
+            let mut next = tokio::time::Instant::now();
+            let mut b = 0u64;
+            while !book.stopped() {
+                tokio::time::sleep_until(next).await;
+                let Ok(permit) = Arc::clone(&in_flight).acquire_owned().await else {
+                    break;
+                };
+                let now = tokio::time::Instant::now();
+                if now > next + every {
+                    SoakBook::add(&book.late, 1);
+                    next = now;
+                }
+                next += every;
+                let first = probe + b * batch;
+                b += 1;
+                let (book, http, url) = (Arc::clone(&book), http.clone(), url.clone());
+                let _ = batches.spawn(async move {
+                    let _permit = permit;
+                    let at = tally_proto::format_rfc3339_ms(now_ms() - 1_000);
+                    let evs: Vec<Value> = (first..first + batch)
+                        .map(|i| {
+                            let u = i % u64::from(users);
+                            json!({"request_id": format!("e-{i}"), "org_id": "soak",
+                                   "user_id": format!("u{u}"), "api_key_id": format!("k{u}"),
+                                   "model": "gpt-4o", "provider": "openai",
+                                   "cost_micros": cost(i), "occurred_at": at})
+                        })
+                        .collect();
+                    let body = json!({ "events": evs }).to_string();
+                    let Some((status, v)) =
+                        soak_call(&http, &book, &url, "/v1/usage", Some(&body)).await
+                    else {
+                        bail!("usage batch at {first}: no answer a minute after the run ended");
+                    };
+                    let counted =
+                        v["accepted"].as_u64().unwrap_or(0) + v["duplicates"].as_u64().unwrap_or(0);
+                    if status != 200 || counted != batch {
+                        bail!("usage batch at {first}: {status} {v}");
+                    }
+                    let _ = book.spend.fetch_add(expected_spend(first, batch), Relaxed);
+                    SoakBook::add(&book.ingested, batch);
+                    SoakBook::add(&book.events, batch);
+                    anyhow::Ok(())
+                });
+                while let Some(done) = batches.try_join_next() {
+                    done??;
+                }
+            }
+            while let Some(done) = batches.join_next().await {
+                done??;
+            }
+            anyhow::Ok(())
+        });
+    }
+    // The clock: kills, restarts, memory. Memory is judged in the
+    // incarnations that began past the run's warm-up (the dedupe window,
+    // over its cap, keeps one to two minutes of ids: it is full after two),
+    // after their own first seconds, by each one's median sample (its
+    // peak is one sample, of a transient such as a checkpoint's batch).
     let run_warmup = Duration::from_secs(SOAK_WINDOW_FULL_SECS);
     let started = Instant::now();
     let mut incarnation = 0u32;
     let mut born = Instant::now();
-    // Per incarnation: (peak, last) resident KiB of the samples judged.
-    let mut lives: Vec<Option<(u64, u64)>> = vec![None];
+    let mut born_warm = false;
+    // Per incarnation: the resident KiB of each sample judged.
+    let mut lives: Vec<Vec<u64>> = vec![Vec::new()];
     let mut recoveries: Vec<u128> = Vec::new();
     while started.elapsed() < Duration::from_secs(secs) {
         tokio::time::sleep(Duration::from_secs(1)).await;
         let rss = rss_kib(server.child.id());
-        if started.elapsed() >= run_warmup && born.elapsed() >= Duration::from_secs(warmup) {
-            let life = lives.last_mut().expect("one per incarnation");
-            let (peak, _) = life.unwrap_or((0, 0));
-            *life = Some((peak.max(rss), rss));
+        if born_warm && born.elapsed() >= Duration::from_secs(warmup) {
+            lives.last_mut().expect("one per incarnation").push(rss);
         }
         if born.elapsed() >= Duration::from_secs(kill_every)
             && started.elapsed() + Duration::from_secs(5) < Duration::from_secs(secs)
@@ -1274,19 +1307,20 @@ async fn soak(args: &BenchArgs, dir: &Path) -> anyhow::Result<()> {
             server.child.kill()?;
             let _ = server.child.wait()?;
             incarnation += 1;
-            lives.push(None);
+            lives.push(Vec::new());
             let down = Instant::now();
             server = Server::start_on(dir, &format!("soak-{incarnation}"), &listen, &serve)?;
             server.ready().await?;
             recoveries.push(down.elapsed().as_millis());
             born = Instant::now();
+            born_warm = started.elapsed() >= run_warmup;
         }
     }
-    let ingest_secs = started.elapsed().as_secs().max(1);
     book.stop.store(true, Relaxed);
     while let Some(r) = tasks.join_next().await {
         r??;
     }
+    let ingest_secs = started.elapsed().as_secs().max(1);
     // Every acknowledged call counted once, after a clean restart too.
     server.stop()?;
     let server = Server::start_on(dir, "soak-end", &listen, &serve)?;
@@ -1324,27 +1358,38 @@ async fn soak(args: &BenchArgs, dir: &Path) -> anyhow::Result<()> {
         book.ingested.load(Relaxed) / ingest_secs,
         book.late.load(Relaxed)
     );
+    // (run, median, peak) of each run judged.
     let judged: Vec<(usize, u64, u64)> = lives
-        .iter()
+        .iter_mut()
         .enumerate()
-        .filter_map(|(i, l)| l.map(|(peak, last)| (i, peak, last)))
+        .filter(|(_, samples)| !samples.is_empty())
+        .map(|(i, samples)| {
+            samples.sort_unstable();
+            (i, samples[samples.len() / 2], samples[samples.len() - 1])
+        })
         .collect();
-    for (i, peak, last) in &judged {
+    for (i, median, peak) in &judged {
         println!(
-            "soak: memory of run {i}: peak {} MiB, last {} MiB",
-            peak / 1024,
-            last / 1024
+            "soak: memory of run {i}: median {} MiB, peak {} MiB",
+            median / 1024,
+            peak / 1024
         );
     }
-    let peaks = judged.iter().map(|(_, peak, _)| *peak);
-    match (peaks.clone().min(), peaks.max()) {
-        (Some(low), Some(high)) => {
-            // Per mille, in integers: how far the highest peak is above the
-            // lowest.
-            let pm = high * 1_000 / low.max(1) - 1_000;
+    // Per mille, in integers: how far the highest is above the lowest.
+    let spread = |of: &dyn Fn(&(usize, u64, u64)) -> u64| {
+        let (low, high) = judged
+            .iter()
+            .map(of)
+            .fold((u64::MAX, 0), |(l, h), v| (l.min(v), h.max(v)));
+        (low, high, high * 1_000 / low.max(1) - 1_000)
+    };
+    match judged.len() {
+        2.. => {
+            let (low, high, pm) = spread(&|r| r.1);
+            let (_, _, peaks_pm) = spread(&|r| r.2);
             println!(
-                "soak: memory after {} s of warm-up: peaks of {} runs {}–{} MiB, within {}.{} % \
-                 ({})",
+                "soak: memory of the runs begun after {} s of warm-up: medians of {} runs {}–{} \
+                 MiB, within {}.{} % ({}); peaks within {}.{} %",
                 run_warmup.as_secs(),
                 judged.len(),
                 low / 1024,
@@ -1355,12 +1400,14 @@ async fn soak(args: &BenchArgs, dir: &Path) -> anyhow::Result<()> {
                     "flat"
                 } else {
                     "NOT flat: over 10 %"
-                }
+                },
+                peaks_pm / 10,
+                peaks_pm % 10
             );
         }
         _ => println!(
-            "soak: memory not judged: the run is shorter than its warm-up ({} s, the dedupe \
-             window filling) and {warmup} s after a restart",
+            "soak: memory not judged: fewer than two runs began after the warm-up ({} s, the \
+             dedupe window filling)",
             run_warmup.as_secs()
         ),
     }

@@ -409,6 +409,23 @@ async fn ingest_pass_org(
     Ok((ingested, checkpointed))
 }
 
+/// The ingest request of events `first..first + batch` of `org` (event `i`
+/// is user `u{i % users}`'s, with key `k{…}`, costing [`cost`]`(i)`),
+/// occurred at `at_ms`.
+fn usage_body(org: &str, first: u64, batch: u64, users: u32, at_ms: i64) -> String {
+    let at = tally_proto::format_rfc3339_ms(at_ms);
+    let evs: Vec<Value> = (first..first + batch)
+        .map(|i| {
+            let u = i % u64::from(users);
+            json!({"request_id": format!("e-{i}"), "org_id": org,
+                   "user_id": format!("u{u}"), "api_key_id": format!("k{u}"),
+                   "model": "gpt-4o", "provider": "openai", "input_tokens": 1200,
+                   "output_tokens": 300, "cost_micros": cost(i), "occurred_at": at})
+        })
+        .collect();
+    json!({ "events": evs }).to_string()
+}
+
 /// Posts events `first..first + n` of `org` (JSON, in batches, from
 /// `clients` concurrent clients, each waiting for its answer), every one
 /// accepted.
@@ -423,19 +440,7 @@ async fn post_closed_loop(
 ) -> anyhow::Result<()> {
     let now = now_ms();
     let bodies: Vec<String> = (0..n / batch)
-        .map(|b| {
-            let evs: Vec<Value> = (first + b * batch..first + (b + 1) * batch)
-                .map(|i| {
-                    let u = i % u64::from(users);
-                    json!({"request_id": format!("e-{i}"), "org_id": org,
-                           "user_id": format!("u{u}"), "api_key_id": format!("k{u}"),
-                           "model": "gpt-4o", "provider": "openai", "input_tokens": 1200,
-                           "output_tokens": 300, "cost_micros": cost(i),
-                           "occurred_at": tally_proto::format_rfc3339_ms(now - 1_000)})
-                })
-                .collect();
-            json!({ "events": evs }).to_string()
-        })
+        .map(|b| usage_body(org, first + b * batch, batch, users, now - 1_000))
         .collect();
     let bodies = Arc::new(bodies);
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -1246,17 +1251,7 @@ async fn soak(args: &BenchArgs, dir: &Path) -> anyhow::Result<()> {
                 let (book, http, url) = (Arc::clone(&book), http.clone(), url.clone());
                 let _ = batches.spawn(async move {
                     let _permit = permit;
-                    let at = tally_proto::format_rfc3339_ms(now_ms() - 1_000);
-                    let evs: Vec<Value> = (first..first + batch)
-                        .map(|i| {
-                            let u = i % u64::from(users);
-                            json!({"request_id": format!("e-{i}"), "org_id": "soak",
-                                   "user_id": format!("u{u}"), "api_key_id": format!("k{u}"),
-                                   "model": "gpt-4o", "provider": "openai",
-                                   "cost_micros": cost(i), "occurred_at": at})
-                        })
-                        .collect();
-                    let body = json!({ "events": evs }).to_string();
+                    let body = usage_body("soak", first, batch, users, now_ms() - 1_000);
                     let Some((status, v)) =
                         soak_call(&http, &book, &url, "/v1/usage", Some(&body)).await
                     else {

@@ -70,8 +70,10 @@ pub struct Counter {
     /// Whether the subject is cut off (spend reached its limit).
     pub cut_off: bool,
     /// How many cutoffs and lifts happened this month: numbers them, so a
-    /// replay writes the same enforcement events again instead of new ones.
-    pub ordinal: u16,
+    /// replay writes the same enforcement events again instead of new ones
+    /// (a u32: a u16 could run out within a busy month, and past it every
+    /// event had the same number).
+    pub ordinal: u32,
     dirty: bool,
 }
 
@@ -84,7 +86,7 @@ impl Counter {
         last_at_ms: i64,
         fired_bps: u16,
         cut_off: bool,
-        ordinal: u16,
+        ordinal: u32,
     ) -> Counter {
         Counter {
             spend_micros,
@@ -160,7 +162,7 @@ pub struct Enforcement {
     /// thresholds and the lift of a cutoff a month ended with; for the lift
     /// of a closed month's late cutoff, that cutoff's ordinal (see
     /// [`Ledger::count`]).
-    pub ordinal: u16,
+    pub ordinal: u32,
     pub kind: EnforcementKind,
 }
 
@@ -493,7 +495,7 @@ impl Ledger {
     /// limit lifts it, later late usage cuts it again), and each such lift
     /// needs a key of its own: a cutoff's ordinal is odd, and `month`'s own
     /// lifts have even ones, so none is shared.
-    fn lift_for_new_month(&mut self, s: Subject, month: Month, at_ms: i64, cut_ordinal: u16) {
+    fn lift_for_new_month(&mut self, s: Subject, month: Month, at_ms: i64, cut_ordinal: u32) {
         let spend_micros = self.counter(month, s).map_or(0, |c| c.spend_micros);
         self.pending.push(Enforcement {
             subject: s,
@@ -742,6 +744,33 @@ mod tests {
         l.add(u, NOV, 6, budget(100), NOV);
         assert_eq!(kinds(&mut l), vec![]);
         assert!(l.counter(Month::from_unix_ms(NOV), u).unwrap().cut_off);
+    }
+
+    /// Each cutoff and lift of a subject's month has a key of its own, the
+    /// 65 536th too (a u16 ordinal saturated: later cutoffs all had 65 535,
+    /// so the store and receivers dropped them; review of issue 13).
+    #[test]
+    fn ordinals_never_run_out_within_a_month() {
+        let mut l = Ledger::default();
+        let u = Subject::User(0);
+        l.restore(
+            Month::from_unix_ms(NOV),
+            u,
+            Counter::restored(0, 0, NOV, 0, false, 65_534),
+        );
+        let mut ordinals = Vec::new();
+        // Cut off, lifted by a raised limit, cut off again.
+        for (cost, limit) in [(20, 10), (1, 1_000), (1_000, 1_000)] {
+            l.add(u, NOV, cost, budget(limit), NOV);
+            let ch = l.take_changes();
+            ordinals.extend(
+                ch.enforcement
+                    .iter()
+                    .filter(|e| !matches!(e.kind, EnforcementKind::ThresholdCrossed { .. }))
+                    .map(|e| u64::from(e.ordinal)),
+            );
+        }
+        assert_eq!(ordinals, [65_535, 65_536, 65_537]);
     }
 
     #[test]

@@ -151,7 +151,7 @@ struct ModelBudget {
 type Span = (i64, Option<i64>);
 
 /// What a restart must keep of a counter (see [`Sim::snapshot`]).
-type Kept = (i64, u64, i64, bool, u16, u16);
+type Kept = (i64, u64, i64, bool, u16, u32);
 
 /// What the engine must hold.
 #[derive(Debug)]

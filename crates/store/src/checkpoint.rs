@@ -331,7 +331,7 @@ impl Db {
                 r.try_get("last_at_ms")?,
                 u16::try_from(r.try_get::<i64, _>("fired_bps")?).map_err(|_| bad())?,
                 crate::flag(r.try_get("cut_off")?),
-                u16::try_from(r.try_get::<i64, _>("ordinal")?).map_err(|_| bad())?,
+                u32::try_from(r.try_get::<i64, _>("ordinal")?).map_err(|_| bad())?,
             );
             let saved = SavedCounter {
                 kind: SubjectKind::parse(&kind).ok_or_else(bad)?,

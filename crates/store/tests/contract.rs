@@ -1098,7 +1098,7 @@ async fn dead_letters_are_kept_once(db: Db) {
     assert_eq!(acme[0].reason, "unknown_user");
 }
 
-fn cutoff(user: &str, ordinal: u16) -> SavedEnforcement {
+fn cutoff(user: &str, ordinal: u32) -> SavedEnforcement {
     SavedEnforcement {
         kind: SubjectKind::User,
         id: user.into(),

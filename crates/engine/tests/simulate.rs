@@ -865,7 +865,6 @@ impl Sim {
                 (i, e)
             })
             .collect();
-        let watermark = self.model.watermark;
         let report = match self.engine().ingest(events).await {
             Ok(report) => report,
             Err(e) => {
@@ -889,8 +888,12 @@ impl Sim {
         // Refused events are not counted (which ones may be is checked
         // below).
         let refused: Vec<usize> = report.rejected.iter().map(|r| r.index).collect();
+        // The org's watermark as each event was judged: counted events move
+        // it, in the batch's order.
+        let mut judged_at: Vec<i64> = Vec::with_capacity(batch.len());
         let mut new = 0;
         for (i, s) in batch.iter().enumerate() {
+            judged_at.push(self.model.watermark);
             if self.model.counted.contains_key(&s.request_id) || refused.contains(&i) {
                 continue;
             }
@@ -944,15 +947,15 @@ impl Sim {
         // within a minute of it); every new event is at most half an hour
         // late. Past a small cap the window keeps only the last minute or
         // two: usage older than a minute behind the watermark, new or not,
-        // may be refused, never newer usage.
-        // (The batch's own new events may have moved the watermark first.)
-        let watermark = self.model.watermark.max(watermark);
+        // may be refused, never newer usage. Each is judged by the
+        // watermark it met (the batch's events before it may have moved it).
         if !report.rejected.is_empty() {
             self.count("batches with too-late usage");
         }
         let small = self.dedupe_ids == SMALL_DEDUPE_IDS;
         for r in &report.rejected {
             let s = &batch[r.index];
+            let watermark = judged_at[r.index];
             let too_late = if small {
                 s.occurred_at_ms < watermark - MINUTE
             } else {

@@ -35,6 +35,21 @@ fn hold(request_id: &str, micros: i64, ttl_ms: i64) -> HoldRequest<'_> {
     }
 }
 
+/// A call of alice's on her key: `cost` micro-USD at `at`.
+fn usage(request_id: &str, cost: i64, at: i64) -> tally_core::usage::UsageEvent {
+    RawUsage {
+        request_id,
+        org_id: "acme",
+        user_id: "alice",
+        api_key_id: "ka",
+        cost_micros: Some(cost),
+        occurred_at_ms: Some(at),
+        ..RawUsage::default()
+    }
+    .validate()
+    .unwrap()
+}
+
 fn temp(name: &str) -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!("tally-holds-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -104,18 +119,11 @@ async fn the_journal_restores_live_holds_and_drops_settled_and_expired_ones() {
             assert!(d.allowed, "{id}: {d:?}");
         }
         let _ = engine.release("acme", "released").await.unwrap();
-        let usage = RawUsage {
-            request_id: "settled",
-            org_id: "acme",
-            user_id: "alice",
-            api_key_id: "ka",
-            cost_micros: Some(90_000),
-            occurred_at_ms: Some(T0),
-            ..RawUsage::default()
-        }
-        .validate()
-        .unwrap();
-        assert_eq!(engine.ingest(vec![(0, usage)]).await.unwrap().accepted, 1);
+        let settling = usage("settled", 90_000, T0);
+        assert_eq!(
+            engine.ingest(vec![(0, settling)]).await.unwrap().accepted,
+            1
+        );
         // The engine goes without a last word (as after a kill -9, the
         // meter's checkpoint is not written), and a write was torn.
         engine.meter.shutdown().await.unwrap();
@@ -171,19 +179,6 @@ async fn a_settled_hold_stays_settled_after_the_window_forgot_its_id() {
     let clock = ManualClock::new(T0);
     let mut options = tally_engine::EngineOptions::default();
     options.meter_config.dedupe.entries_max = 10;
-    let usage = |id: &str, cost: i64, at: i64| {
-        RawUsage {
-            request_id: id,
-            org_id: "acme",
-            user_id: "alice",
-            api_key_id: "ka",
-            cost_micros: Some(cost),
-            occurred_at_ms: Some(at),
-            ..RawUsage::default()
-        }
-        .validate()
-        .unwrap()
-    };
     {
         let (engine, _) = support::embedded_with(&dir, &clock, options.clone()).await;
         acme(&engine).await;

@@ -1212,23 +1212,31 @@ impl Meter {
             if self.is_poisoned() {
                 return;
             }
-            {
-                // Under the lock commands and usage take: a limit command
-                // checkpoints, then folds its change, and the month must not
-                // begin in between (a restart would judge the change in the
-                // month the checkpoint saw, not the one live folding did).
-                let _w = self.write.lock().await;
-                self.new_month();
-            }
             // Failures are logged and counted; the next tick retries.
-            let checkpointed = self.checkpoint().await;
-            // A checkpoint that fails for the store's fault keeps it: a probe
-            // row may fit where the checkpoint does not.
-            let blocked = matches!(&checkpointed, Err(e) if e.store_unavailable().is_some());
-            if self.health.fault().is_some() && !blocked {
-                self.probe().await;
-            }
+            let _ = self.tick().await;
         }
+    }
+
+    /// One round of [`Meter::run`]: begins the month the clock is in,
+    /// checkpoints, and during a storage fault probes the store. Answers
+    /// the checkpoint's result.
+    pub async fn tick(self: &Arc<Self>) -> Result<usize> {
+        {
+            // Under the lock commands and usage take: a limit command
+            // checkpoints, then folds its change, and the month must not
+            // begin in between (a restart would judge the change in the
+            // month the checkpoint saw, not the one live folding did).
+            let _w = self.write.lock().await;
+            self.new_month();
+        }
+        let checkpointed = self.checkpoint().await;
+        // A checkpoint that fails for the store's fault keeps it: a probe
+        // row may fit where the checkpoint does not.
+        let blocked = matches!(&checkpointed, Err(e) if e.store_unavailable().is_some());
+        if self.health.fault().is_some() && !blocked {
+            self.probe().await;
+        }
+        checkpointed
     }
 
     /// During a storage fault: whether a write commits again.

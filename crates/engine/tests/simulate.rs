@@ -13,12 +13,16 @@
 //! the engine dropped without a word at any step and started again from
 //! what it wrote. Storage faults: a write of the store fails (an SQLite
 //! trigger aborts it, an error the engine does not take for the store
-//! being unavailable: the refuse-everything mode of a full disk and its
-//! probe are the tmpfs test's, tests/tests/storage_faults.rs) at one of its
-//! durability points — the usage log's
+//! being unavailable) at one of its durability points — the usage log's
 //! append, the entity log's append, or a checkpoint at its position, its
 //! counters, its dedupe ids or its enforcement events — during usage, a
-//! command or a checkpoint; then, half the time, a crash right after.
+//! command or a checkpoint; then, half the time, a crash right after. And
+//! the disk fills up for real: each run's directory is a tmpfs of its own
+//! (so the simulator runs as root, as the suite does), which a file fills
+//! to its last page or its last few, for a few steps of any work,
+//! restarts included, until an operator frees the space. The engine then
+//! refuses usage and commands (a storage fault) until its tick finds that
+//! a write commits again; the hold journal refuses what it cannot write.
 //! Every fourth seed caps the dedupe window at 8 request ids, so that it
 //! keeps only its last minute or two, as a busy org's does.
 //!
@@ -39,7 +43,13 @@
 //!   reserve refused for one of them would have passed its limit;
 //! - a write refused by a fault changes nothing: usage it refused is not
 //!   counted, a command it refused is not applied, a checkpoint it refused
-//!   is written later with everything it carried;
+//!   is written later with everything it carried, a hold the journal
+//!   could not record is not placed (nor released);
+//! - work is refused only for a fault armed, a full disk, or (without
+//!   trying) a storage fault the engine is in; in one, no usage or command
+//!   is taken; once the disk has room, the next tick ends it;
+//! - a restart reads every line of the hold journal back, and starts on
+//!   a full disk or fails for it alone;
 //! - a restart recovers exactly the state before the crash: every counter
 //!   (spend, requests, latest usage, cut off, the highest threshold fired,
 //!   the count of cutoffs and lifts) and what holds hold, compared right
@@ -70,7 +80,7 @@ use tally_engine::clock::{Clock as _, ManualClock};
 
 mod support;
 
-use support::{Faults, Rng, from_env};
+use support::{Faults, Rng, Tmpfs, from_env};
 
 /// The seeds the suite runs, and the steps of each.
 const SEEDS: std::ops::Range<u64> = 1..17;
@@ -78,6 +88,8 @@ const STEPS: u64 = 500;
 
 const ORG: &str = "acme";
 const MINUTE: i64 = 60_000;
+/// The size of a run's disk: a tmpfs of its own, which the run fills.
+const DISK_SIZE: &str = "32m";
 /// 2026-11-30T22:00:00Z: two hours before a month's end.
 const START_MS: i64 = 1_796_076_000_000;
 const USERS_MAX: usize = 6;
@@ -311,15 +323,26 @@ fn secret(user: &str) -> String {
 /// it: the meter recovered from the usage log, the hold journal read after.
 struct Running {
     engine: Arc<Engine>,
+    /// What the hold journal held at the start.
+    restored: tally_engine::holds::Restored,
 }
 
 impl Running {
     /// The engine, its dedupe window capped at `dedupe_ids` request ids.
     async fn start(dir: &Path, clock: &ManualClock, dedupe_ids: usize) -> Running {
+        Running::try_start(dir, clock, dedupe_ids).await.unwrap()
+    }
+
+    /// [`Running::start`], or why it could not.
+    async fn try_start(
+        dir: &Path,
+        clock: &ManualClock,
+        dedupe_ids: usize,
+    ) -> Result<Running, String> {
         let mut options = tally_engine::EngineOptions::default();
         options.meter_config.dedupe.entries_max = dedupe_ids;
-        let (engine, _) = support::embedded_with(dir, clock, options).await;
-        Running { engine }
+        let (engine, restored) = support::try_embedded_with(dir, clock, options).await?;
+        Ok(Running { engine, restored })
     }
 
     async fn run(&self, cmd: Command) {
@@ -367,6 +390,11 @@ struct Sim {
     model: Model,
     running: Option<Running>,
     faults: Faults,
+    /// The file that fills the disk, while it is full.
+    full: Option<PathBuf>,
+    /// Declared after `running` and `faults`: unmounted once they closed
+    /// their files.
+    disk: Tmpfs,
     /// The last usage batch a fault refused, for the gateway to resend.
     unsent: Option<Vec<Sent>>,
     /// What happened, for a failure's report.
@@ -383,6 +411,7 @@ impl Sim {
             std::env::temp_dir().join(format!("tally-sim-{}-{run}-{seed}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
+        let disk = Tmpfs::mount(&dir, DISK_SIZE);
         let clock = ManualClock::new(START_MS);
         let dedupe_ids = dedupe_ids_of(seed);
         let running = Running::start(&dir, &clock, dedupe_ids).await;
@@ -415,6 +444,8 @@ impl Sim {
             model,
             running: Some(running),
             faults,
+            full: None,
+            disk,
             unsent: None,
             trail: Vec::new(),
             stats: BTreeMap::new(),
@@ -459,9 +490,17 @@ impl Sim {
     async fn step(&mut self) {
         self.step += 1;
         let users = self.model.users.len();
+        // An operator frees space after a while.
+        if self.full.is_some() && self.rng.chance(12) {
+            self.free_disk();
+        }
         match self.rng.below(100) {
             _ if users == 0 => self.add_user().await,
-            0..=7 if users < USERS_MAX => self.add_user().await,
+            // (Its two commands are not refused: never while the store
+            // cannot write.)
+            0..=7 if users < USERS_MAX && self.full.is_none() && !self.in_storage_fault() => {
+                self.add_user().await
+            }
             0..=8 if users > 0 => self.set_limit().await,
             9..=10 if users > 0 => self.bulk().await,
             11..=12 => self.set_other_limit().await,
@@ -473,17 +512,23 @@ impl Sim {
             70..=79 if users > 0 => self.usage().await,
             80..=89 => self.advance(),
             90..=93 => self.checkpoint().await,
-            94..=95 if users > 0 => self.fault().await,
+            94..=95 if users > 0 && self.full.is_none() => {
+                if self.rng.chance(40) {
+                    self.fill_disk();
+                } else {
+                    self.fault().await;
+                }
+            }
             _ => self.crash_and_restart().await,
         }
         self.check_invariants();
     }
 
-    /// What the meter's tick does: begins the month its clock is in, then
-    /// checkpoints.
+    /// The meter's tick: begins the month its clock is in, checkpoints,
+    /// and during a storage fault probes the store. Once the disk has room
+    /// again, the fault is over after it.
     async fn checkpoint(&mut self) {
-        self.engine().meter.new_month();
-        match self.engine().meter.checkpoint().await {
+        match self.engine().meter.tick().await {
             Ok(_) => {
                 self.count("checkpoints");
                 self.note("checkpoint".into());
@@ -491,6 +536,35 @@ impl Sim {
             }
             Err(e) => self.refused("checkpoint", &e),
         }
+        if self.full.is_none() {
+            let fault = self.engine().meter.health().fault();
+            self.check(fault.is_none(), || {
+                format!("the disk has room, and a tick left the storage fault: {fault:?}")
+            });
+        }
+    }
+
+    /// The disk fills up: the rest of the tmpfs is taken by a file (the
+    /// durability points now fail for real, with SQLite's "database or
+    /// disk is full" and ENOSPC, wherever a write needs a new page). The
+    /// disk counts as full from here, while its last pages go.
+    fn fill_disk(&mut self) {
+        // Now and then a few pages are left, taken by the writes that come
+        // next: the one that finds the disk full may be any of them.
+        let leave = if self.rng.chance(50) {
+            self.rng.between(1, 16) as u64
+        } else {
+            0
+        };
+        self.full = Some(self.disk.fill("filler", leave));
+        self.count("disks filled");
+        self.note(format!("the disk is full (but {leave} pages)"));
+    }
+
+    fn free_disk(&mut self) {
+        let filler = self.full.take().expect("a full disk");
+        std::fs::remove_file(filler).unwrap();
+        self.note("the disk has room again".into());
     }
 
     /// A write that fails: work that reaches one durability point meets a
@@ -531,17 +605,43 @@ impl Sim {
         }
     }
 
+    /// Whether the engine is in a storage fault, refusing usage and
+    /// commands until a write commits.
+    fn in_storage_fault(&self) -> bool {
+        self.engine().meter.health().fault().is_some()
+    }
+
     /// Work the store refused: only while a fault is armed, and with its
-    /// message.
+    /// message; while the disk is full, for that; and while the engine is
+    /// in a storage fault, without trying.
     fn refused(&mut self, what: &str, e: &tally_engine::Error) {
         let armed = self.faults.armed;
-        self.check(
-            armed.is_some_and(|p| e.to_string().contains(&format!("simulated fault: {p}"))),
-            || format!("{what} failed without a fault armed ({armed:?}): {e}"),
-        );
+        let message = e.to_string();
+        let explained = if matches!(e, tally_engine::Error::StoreFault(_)) {
+            // Refused before trying: the fault an earlier write met.
+            e.store_unavailable() == Some("the disk is full")
+        } else if let Some(p) = armed {
+            message.contains(&format!("simulated fault: {p}"))
+        } else if self.full.is_some() {
+            // A write of the database, or of the hold journal.
+            e.store_unavailable() == Some("the disk is full")
+                || message.contains("hold journal") && message.contains("No space left on device")
+        } else {
+            false
+        };
+        self.check(explained, || {
+            format!(
+                "{what} failed (armed: {armed:?}, disk full: {}): {e}",
+                self.full.is_some()
+            )
+        });
         self.count("writes refused by a fault");
-        if let Some(point) = armed {
+        if matches!(e, tally_engine::Error::StoreFault(_)) {
+            self.count("refused in a storage fault");
+        } else if let Some(point) = armed {
             self.count(point);
+        } else {
+            self.count("refused by a full disk");
         }
         self.note(format!("{what} refused: {e}"));
     }
@@ -549,9 +649,15 @@ impl Sim {
     /// Runs one command; whether it was applied (it may be refused only by
     /// an armed fault).
     async fn command(&mut self, cmd: Command) -> bool {
+        let in_fault = self.in_storage_fault();
         let result = self.running.as_ref().expect("running").try_run(&cmd).await;
         match result {
-            Ok(()) => true,
+            Ok(()) => {
+                self.check(!in_fault, || {
+                    format!("{cmd:?} was applied during a storage fault")
+                });
+                true
+            }
             Err(e) => {
                 self.refused("command", &e);
                 false
@@ -793,6 +899,13 @@ impl Sim {
     /// A batch of new events, repeats of sent ones and the usage of live
     /// holds, late by up to half an hour (see [`Sim::lateness`]).
     async fn usage(&mut self) {
+        // A gateway answered 503 sends the batch again later.
+        if self.unsent.is_some() && self.rng.chance(30) {
+            let batch = self.unsent.take().expect("a refused batch");
+            self.note("a refused batch again, later".into());
+            self.count("refused batches sent again later");
+            return self.send_usage(batch).await;
+        }
         let now = self.now();
         let n = self.rng.between(1, 12);
         let mut batch: Vec<Sent> = Vec::new();
@@ -865,8 +978,14 @@ impl Sim {
                 (i, e)
             })
             .collect();
+        let in_fault = self.in_storage_fault();
         let report = match self.engine().ingest(events).await {
-            Ok(report) => report,
+            Ok(report) => {
+                self.check(!in_fault, || {
+                    "usage was accepted during a storage fault".into()
+                });
+                report
+            }
             Err(e) => {
                 self.refused("usage", &e);
                 self.unsent = Some(batch);
@@ -941,11 +1060,12 @@ impl Sim {
             "usage: {n} events, {new} new; engine accepted {} duplicates {} rejected {:?}",
             report.accepted, report.duplicates, report.rejected
         ));
-        // Only a repeat of an event counted about the dedupe window behind
-        // the org's latest usage is refused (too late: never counted
-        // twice; the window is kept in buckets of a minute, so its line is
-        // within a minute of it); every new event is at most half an hour
-        // late. Past a small cap the window keeps only the last minute or
+        // Only usage about the dedupe window behind the org's latest usage
+        // is refused (too late: it may have been counted, and is never
+        // counted twice; the window is kept in buckets of a minute, so its
+        // line is within a minute of it). A new event is at most half an
+        // hour late when first sent, but a batch the store refused may be
+        // sent again hours later. Past a small cap the window keeps only the last minute or
         // two: usage older than a minute behind the watermark, new or not,
         // may be refused, never newer usage. Each is judged by the
         // watermark it met (the batch's events before it may have moved it).
@@ -959,7 +1079,7 @@ impl Sim {
             let too_late = if small {
                 s.occurred_at_ms < watermark - MINUTE
             } else {
-                before[r.index] && s.occurred_at_ms < watermark - DEDUPE_WINDOW_MS + MINUTE
+                s.occurred_at_ms < watermark - DEDUPE_WINDOW_MS + MINUTE
             };
             self.check(r.code == "too_late" && too_late, || {
                 format!(
@@ -987,7 +1107,7 @@ impl Sim {
         // Spent and held as the engine decides on them: holds past their
         // TTL are gone.
         let budgets = self.model.budgets(&user, now);
-        let (_, d, placed) = self
+        let reserved = self
             .engine()
             .reserve(
                 &secret(&user),
@@ -999,8 +1119,12 @@ impl Sim {
                     ttl_ms: ttl,
                 },
             )
-            .await
-            .unwrap();
+            .await;
+        // The hold journal may not take its line: then no hold is placed.
+        let (_, d, placed) = match reserved {
+            Ok(r) => r,
+            Err(e) => return self.refused("reserve", &e),
+        };
         let shown: Vec<String> = budgets
             .iter()
             .map(|b| format!("{} {}+{}/{:?}", b.what, b.spent, b.held, b.limit))
@@ -1055,7 +1179,11 @@ impl Sim {
     async fn settle_or_release(&mut self) {
         let i = self.rng.below(self.model.holds.len() as u64) as usize;
         let id = self.model.holds.keys().nth(i).expect("a hold").clone();
-        let found = self.engine().release(ORG, &id).await.unwrap();
+        // The hold journal may not take the release: then the hold stays.
+        let found = match self.engine().release(ORG, &id).await {
+            Ok(found) => found,
+            Err(e) => return self.refused("release", &e),
+        };
         let h = self.model.holds.remove(&id).expect("a hold");
         let live = h.expires_at_ms > self.now();
         self.count("releases");
@@ -1107,9 +1235,30 @@ impl Sim {
         let before = self.snapshot();
         // Dropped as a kill would leave it: nothing flushed, nothing closed.
         drop(self.running.take());
-        let running = Running::start(&self.dir, &self.clock, self.dedupe_ids).await;
+        let running = match Running::try_start(&self.dir, &self.clock, self.dedupe_ids).await {
+            Ok(running) => running,
+            Err(e) => {
+                // Only a full disk keeps it from starting; it starts once an
+                // operator freed space.
+                self.check(self.full.is_some(), || format!("the restart failed: {e}"));
+                self.check(
+                    e.contains("No space left on device") || e.contains("disk is full"),
+                    || format!("the restart on a full disk failed for another reason: {e}"),
+                );
+                self.count("restarts refused by a full disk");
+                self.note(format!("restart refused: {e}"));
+                self.free_disk();
+                Running::start(&self.dir, &self.clock, self.dedupe_ids).await
+            }
+        };
         running.engine.meter.new_month();
+        // Every line of the hold journal reads back (a torn last line,
+        // never answered, is not counted), and names what is known.
+        let restored = running.restored;
         self.running = Some(running);
+        self.check(restored.unreadable == 0 && restored.orphaned == 0, || {
+            format!("the hold journal read back {restored:?}")
+        });
         let after = self.snapshot();
         if before != after {
             let differ: Vec<_> = before
@@ -1157,8 +1306,10 @@ impl Sim {
     /// as `tally rebuild-projections` does) gives the same ones.
     async fn rebuild_and_compare(&mut self) {
         self.step += 1;
-        self.engine().meter.new_month();
-        let _ = self.engine().meter.checkpoint().await.unwrap();
+        if self.full.is_some() {
+            self.free_disk();
+        }
+        let _ = self.engine().meter.tick().await.unwrap();
         self.check_enforcement().await;
         let before = self.views().await;
         drop(self.running.take());

@@ -47,23 +47,105 @@ pub(crate) async fn embedded_with(
     clock: &ManualClock,
     options: EngineOptions,
 ) -> (Arc<Engine>, Restored) {
+    try_embedded_with(dir, clock, options).await.unwrap()
+}
+
+/// [`embedded_with`], answering why it could not start (a full disk, say)
+/// as `tally serve` would report it.
+pub(crate) async fn try_embedded_with(
+    dir: &Path,
+    clock: &ManualClock,
+    options: EngineOptions,
+) -> Result<(Arc<Engine>, Restored), String> {
     let db = Db::open(&DbOptions::new(format!(
         "sqlite://{}?mode=rwc",
         dir.join("tally.db").display()
     )))
     .await
-    .unwrap();
-    let engine = engine_with(db, Arc::new(clock.clone()), options).await;
-    let log = Arc::new(
-        EmbeddedLog::recover(Arc::clone(&engine.meter))
-            .await
-            .unwrap(),
-    );
-    engine.set_sink(log);
+    .map_err(|e| format!("opening the database: {e}"))?;
+    let engine = Engine::start(
+        db,
+        Arc::new(clock.clone()),
+        options,
+        hash_secret("operator"),
+    )
+    .await
+    .map_err(|e| format!("starting the engine: {e}"))?;
+    let engine = Arc::new(engine);
+    let log = EmbeddedLog::recover(Arc::clone(&engine.meter))
+        .await
+        .map_err(|e| format!("recovering the usage log: {e}"))?;
+    engine.set_sink(Arc::new(log));
     let (journal, restored) =
-        HoldJournal::open(&dir.join("holds"), &engine.registry, clock.now_ms()).unwrap();
+        HoldJournal::open(&dir.join("holds"), &engine.registry, clock.now_ms())
+            .map_err(|e| format!("opening the hold journal: {e}"))?;
     engine.set_hold_journal(Arc::new(journal));
-    (engine, restored)
+    Ok((engine, restored))
+}
+
+/// A small tmpfs of a test's own, to fill a disk for real (the suite runs
+/// as root; `mount` needs it). Unmounted, lazily, on drop.
+pub(crate) struct Tmpfs {
+    pub(crate) dir: std::path::PathBuf,
+}
+
+impl Tmpfs {
+    /// Mounts a tmpfs of `size` (as `mount -o size=` takes it) at `dir`,
+    /// which must exist.
+    pub(crate) fn mount(dir: &Path, size: &str) -> Tmpfs {
+        let out = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0755"),
+                "tmpfs",
+            ])
+            .arg(dir)
+            .output()
+            .expect("running mount");
+        assert!(
+            out.status.success(),
+            "cannot mount a tmpfs at {} ({}): the simulator fills a disk for real and needs \
+             root, as scripts/test.sh has in CI",
+            dir.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        Tmpfs {
+            dir: dir.to_owned(),
+        }
+    }
+
+    /// Fills the file system with the file `name` until `leave` pages of
+    /// 4 KiB are left; answers its path.
+    pub(crate) fn fill(&self, name: &str, leave: u64) -> std::path::PathBuf {
+        use std::io::Write;
+        let path = self.dir.join(name);
+        let mut f = std::fs::File::create(&path).unwrap();
+        let chunk = vec![0u8; 64 * 1024];
+        let mut len = chunk.len();
+        // Smaller and smaller writes take the last partial chunk.
+        while len > 0 {
+            match f.write(&chunk[..len]) {
+                Ok(0) => len /= 2,
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(28) => len /= 2, // ENOSPC
+                Err(e) => panic!("filling {}: {e}", path.display()),
+            }
+        }
+        let size = f.metadata().unwrap().len();
+        f.set_len(size.saturating_sub(leave * 4_096)).unwrap();
+        path
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.dir)
+            .status();
+    }
 }
 
 /// A fresh database on the suite's PostgreSQL server: its URL, or `None`

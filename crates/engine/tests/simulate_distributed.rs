@@ -15,7 +15,13 @@
 //! come again); consumption; holds reserved on the partition's owner (or on
 //! a process that lost it without knowing), settled by their usage,
 //! released and expired; checkpoints, some failing at a store write (a
-//! trigger aborts it: the attempt's outcome counts as unknown); rebalances,
+//! trigger aborts it: the attempt's outcome counts as unknown), some
+//! committed while their answer is lost (the processes reach PostgreSQL
+//! through a proxy, which drops the server's answer to a COMMIT and cuts
+//! the connection: the process counts the attempt as uncertain, is in a
+//! storage fault and takes no command until its tick ends it, and its
+//! next checkpoint, or the next owner's claim, finds the attempt landed;
+//! the meter's tick is what the checkpoint step runs); rebalances,
 //! clean (a last checkpoint, then the claim) or not (the partition claimed
 //! while its old owner, a zombie, still meters it, checkpoints and places
 //! holds, until it learns); crashes (a process dropped without a word, its
@@ -70,7 +76,7 @@ use tally_store::{Db, DbOptions};
 
 mod support;
 
-use support::{Faults, Rng, from_env};
+use support::{Faults, ProxyFaults, Rng, from_env};
 
 const SEEDS: std::ops::Range<u64> = 1..9;
 const STEPS: u64 = 400;
@@ -297,6 +303,10 @@ struct Sim {
     rng: Rng,
     clock: ManualClock,
     url: String,
+    /// The database as the processes reach it: through a proxy that can
+    /// lose a COMMIT's answer.
+    node_url: String,
+    proxy: Arc<ProxyFaults>,
     nodes: Vec<Option<Node>>,
     /// The group's assignment: the slot each partition is assigned to.
     owner: BTreeMap<i32, usize>,
@@ -319,7 +329,9 @@ struct Sim {
 impl Sim {
     async fn new(seed: u64, url: String) -> Sim {
         let clock = ManualClock::new(START_MS);
-        let node = Node::start(&url, &clock).await;
+        let proxy = Arc::new(ProxyFaults::default());
+        let node_url = support::behind_a_proxy(&url, Arc::clone(&proxy)).await;
+        let node = Node::start(&node_url, &clock).await;
         let mut users = BTreeMap::new();
         for org in ORGS {
             let user = "u0".to_owned();
@@ -359,6 +371,8 @@ impl Sim {
             rng: Rng(seed),
             clock,
             url,
+            node_url,
+            proxy,
             nodes,
             owner: BTreeMap::new(),
             zombies: BTreeSet::new(),
@@ -485,13 +499,24 @@ impl Sim {
             return false;
         };
         let org_id = OrgId::new(org).unwrap();
-        let events = self
+        let in_fault = self.node(slot).engine.meter.health().fault().is_some();
+        let executed = self
             .node(slot)
             .engine
             .commands
             .execute(&org_id, Actor::Operator, &cmd)
-            .await
-            .unwrap_or_else(|e| panic!("seed {} step {}: {cmd:?}: {e}", self.seed, self.step));
+            .await;
+        let events = match executed {
+            Ok(events) => events,
+            // A process whose checkpoint lost its answer is in a storage
+            // fault until a write commits: it takes no command.
+            Err(tally_engine::Error::StoreFault(_)) if in_fault => {
+                self.count("commands refused in a storage fault");
+                self.note(format!("on {slot}, in a storage fault: {cmd:?} refused"));
+                return false;
+            }
+            Err(e) => panic!("seed {} step {}: {cmd:?}: {e}", self.seed, self.step),
+        };
         self.note(format!("on {slot}: {cmd:?}"));
         for to in self.live().into_iter().filter(|&to| to != slot) {
             let node = self.nodes[to].as_mut().expect("live");
@@ -523,20 +548,25 @@ impl Sim {
         if !added {
             return;
         }
-        let _ = self
-            .command(
-                org,
-                Command::CreateKey {
-                    key_id: KeyId::new(&key_of(&user)).unwrap(),
-                    name: "key".into(),
-                    user_id: Some(UserId::new(&user).unwrap()),
-                    group_ids: vec![],
-                    features: vec![],
-                    monthly_limit_micros: None,
-                    secret_hash: hash_secret(&secret(org, &user)),
-                },
-            )
-            .await;
+        let key = Command::CreateKey {
+            key_id: KeyId::new(&key_of(&user)).unwrap(),
+            name: "key".into(),
+            user_id: Some(UserId::new(&user).unwrap()),
+            group_ids: vec![],
+            features: vec![],
+            monthly_limit_micros: None,
+            secret_hash: hash_secret(&secret(org, &user)),
+        };
+        // Refused by a process in a storage fault, the admin tries again
+        // after its tick ended the fault.
+        while !self.command(org, key.clone()).await {
+            for slot in self.live() {
+                let meter = Arc::clone(&self.node(slot).engine.meter);
+                if meter.health().fault().is_some() {
+                    let _ = meter.tick().await;
+                }
+            }
+        }
         self.users.get_mut(org).expect("an org").push(user);
         self.count("users added");
     }
@@ -856,7 +886,7 @@ impl Sim {
         let Some(slot) = self.pick(&empty) else {
             return self.rebalance().await;
         };
-        self.nodes[slot] = Some(Node::start(&self.url, &self.clock).await);
+        self.nodes[slot] = Some(Node::start(&self.node_url, &self.clock).await);
         self.count("processes started");
         self.note(format!("{slot} started"));
     }
@@ -865,9 +895,15 @@ impl Sim {
         let Some(slot) = self.pick(&self.live()) else {
             return;
         };
-        let written = self.node(slot).engine.meter.checkpoint().await;
+        // The meter's tick: during a storage fault it also probes the
+        // store, and the fault is over after it.
+        let written = self.node(slot).engine.meter.tick().await;
         self.check(written.is_ok(), || {
             format!("checkpoint failed: {written:?}")
+        });
+        let fault = self.node(slot).engine.meter.health().fault();
+        self.check(fault.is_none(), || {
+            format!("a tick left the storage fault: {fault:?}")
         });
         self.count("checkpoints");
         self.note(format!("{slot} checkpointed: {written:?}"));
@@ -1227,7 +1263,63 @@ impl Sim {
         let Some((p, slot)) = self.pick(&owners) else {
             return;
         };
-        let (point, _) = FAULT_POINTS[self.rng.below(FAULT_POINTS.len() as u64) as usize];
+        // One of the trigger's points, or the answer to a checkpoint's
+        // COMMIT lost.
+        let choice = self.rng.below(FAULT_POINTS.len() as u64 + 1) as usize;
+        if choice == FAULT_POINTS.len() {
+            self.answer_lost(slot, p).await;
+        } else {
+            self.trigger_fault(slot, p, FAULT_POINTS[choice].0).await;
+        }
+        self.count("faults");
+        if self.rng.chance(40) {
+            self.check_invariants();
+            self.nodes[slot] = None;
+            self.owner.retain(|_, s| *s != slot);
+            self.zombies.retain(|(s, _)| *s != slot);
+            self.count("crashes after a fault");
+            self.note(format!("{slot} crashed after the fault"));
+        }
+    }
+
+    /// A checkpoint whose COMMIT the server commits but whose answer never
+    /// reaches the process (its connection is cut in between): it counts
+    /// the attempt as uncertain and is in a storage fault; its next
+    /// checkpoint learns that the attempt landed, and so does whoever
+    /// claims the partition next.
+    async fn answer_lost(&mut self, slot: usize, p: i32) {
+        self.produce();
+        let _ = self.consume(slot, p, 20).await;
+        self.proxy
+            .cut_commit
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.note(format!("the answer to {slot}'s next COMMIT will be lost"));
+        let written = self.node(slot).engine.meter.checkpoint().await;
+        // Whether a COMMIT was sent (none when nothing changed).
+        let cut = !self
+            .proxy
+            .cut_commit
+            .swap(false, std::sync::atomic::Ordering::SeqCst);
+        let ok = match &written {
+            Ok(n) => !cut && *n == 0,
+            Err(e) => cut && e.store_unavailable().is_some(),
+        };
+        self.check(ok, || {
+            format!("a checkpoint whose answer was lost (cut: {cut}): {written:?}")
+        });
+        if cut {
+            self.count("checkpoints whose answer was lost");
+            let fault = self.node(slot).engine.meter.health().fault();
+            self.check(fault.is_some(), || {
+                "a lost answer, and no storage fault".into()
+            });
+        }
+        self.note(format!("{slot} checkpointed, the answer lost: {written:?}"));
+        self.check_store().await;
+    }
+
+    /// A store write that a trigger aborts, at `point`.
+    async fn trigger_fault(&mut self, slot: usize, p: i32, point: &'static str) {
         self.faults.arm(point).await;
         self.note(format!("fault armed: {point}"));
         if point == "hold row" {
@@ -1271,15 +1363,6 @@ impl Sim {
             }
         }
         self.faults.disarm().await;
-        self.count("faults");
-        if self.rng.chance(40) {
-            self.check_invariants();
-            self.nodes[slot] = None;
-            self.owner.retain(|_, s| *s != slot);
-            self.zombies.retain(|(s, _)| *s != slot);
-            self.count("crashes after a fault");
-            self.note(format!("{slot} crashed after the fault"));
-        }
     }
 
     /// The store's checkpoint of every partition is exactly its log up to
@@ -1543,7 +1626,7 @@ impl Sim {
             meter.release(p);
         }
         if self.live().is_empty() {
-            self.nodes[0] = Some(Node::start(&self.url, &self.clock).await);
+            self.nodes[0] = Some(Node::start(&self.node_url, &self.clock).await);
         }
         for p in 0..PARTITIONS {
             if !self.owner.contains_key(&p) {

@@ -6,7 +6,7 @@
 //! proxy that cuts the connection right after forwarding a COMMIT.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use tally_core::entity::{Actor, Command, CommandError};
@@ -18,116 +18,17 @@ use tally_engine::clock::SystemClock;
 use tally_engine::meter::Positioned;
 use tally_engine::{Engine, EngineOptions, Error};
 use tally_store::{Db, DbOptions};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-
-/// A simple-protocol `COMMIT` as sqlx sends it: 'Q', length 11, the text.
-const COMMIT: &[u8] = b"Q\0\0\0\x0bCOMMIT\0";
-
-/// What the proxy does to connections.
-#[derive(Debug, Default)]
-struct Faults {
-    /// The next COMMIT goes to the server, and its connection is cut before
-    /// the answer returns.
-    cut_commit: AtomicBool,
-    /// Every connection is cut, new ones too (the database is away).
-    down: AtomicBool,
-    /// `down` turns on with the cut.
-    down_after_cut: AtomicBool,
-    /// The next COMMIT is held: its client is cut at once (the commit's
-    /// outcome is unknown to it), and the COMMIT reaches the server only
-    /// when `release` is notified.
-    hold_commit: AtomicBool,
-    release: tokio::sync::Notify,
-}
-
-/// Forwards connections to `upstream`, with `faults`.
-async fn proxy(upstream: String, faults: Arc<Faults>) -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    drop(tokio::spawn(async move {
-        loop {
-            let Ok((client, _)) = listener.accept().await else {
-                return;
-            };
-            let faults = Arc::clone(&faults);
-            let upstream = upstream.clone();
-            drop(tokio::spawn(async move {
-                if faults.down.load(Ordering::SeqCst) {
-                    return;
-                }
-                let Ok(server) = TcpStream::connect(&upstream).await else {
-                    return;
-                };
-                let (mut cr, mut cw) = client.into_split();
-                let (mut sr, mut sw) = server.into_split();
-                let cut = Arc::new(AtomicBool::new(false));
-                let back = {
-                    let (cut, faults) = (Arc::clone(&cut), Arc::clone(&faults));
-                    tokio::spawn(async move {
-                        let mut buf = vec![0u8; 64 * 1024];
-                        while let Ok(n @ 1..) = sr.read(&mut buf).await {
-                            if cut.load(Ordering::SeqCst)
-                                || faults.down.load(Ordering::SeqCst)
-                                || cw.write_all(&buf[..n]).await.is_err()
-                            {
-                                return;
-                            }
-                        }
-                    })
-                };
-                let mut buf = vec![0u8; 64 * 1024];
-                while let Ok(n @ 1..) = cr.read(&mut buf).await {
-                    if faults.down.load(Ordering::SeqCst) {
-                        back.abort();
-                        return;
-                    }
-                    let chunk = &buf[..n];
-                    let commit = chunk.windows(COMMIT.len()).any(|w| w == COMMIT);
-                    if commit && faults.hold_commit.swap(false, Ordering::SeqCst) {
-                        back.abort();
-                        let held = chunk.to_vec();
-                        drop(tokio::spawn(async move {
-                            faults.release.notified().await;
-                            let _ = sw.write_all(&held).await;
-                            tokio::time::sleep(Duration::from_millis(300)).await;
-                        }));
-                        return;
-                    }
-                    if commit && faults.cut_commit.swap(false, Ordering::SeqCst) {
-                        cut.store(true, Ordering::SeqCst);
-                        if faults.down_after_cut.load(Ordering::SeqCst) {
-                            faults.down.store(true, Ordering::SeqCst);
-                        }
-                        let _ = sw.write_all(chunk).await;
-                        // Let the server commit, then drop both sides.
-                        tokio::time::sleep(Duration::from_millis(300)).await;
-                        back.abort();
-                        return;
-                    }
-                    if sw.write_all(chunk).await.is_err() {
-                        return;
-                    }
-                }
-            }));
-        }
-    }));
-    port
-}
 
 mod support;
 
+use support::ProxyFaults;
+
 /// An engine on a fresh PostgreSQL database reached through the proxy, with
 /// org acme; `None` when there is no server.
-async fn engine_behind_a_proxy(name: &str) -> Option<(Engine, Db, Arc<Faults>)> {
+async fn engine_behind_a_proxy(name: &str) -> Option<(Engine, Db, Arc<ProxyFaults>)> {
     let direct = support::fresh_postgres(name).await?;
-    // postgres://user@host:port/db → user, host:port and db
-    let (user, rest) = direct.split_once("://").unwrap().1.split_once('@').unwrap();
-    let (host_port, name) = rest.split_once('/').unwrap();
-    let (user, host_port, name) = (user.to_owned(), host_port.to_owned(), name.to_owned());
-    let faults = Arc::new(Faults::default());
-    let port = proxy(host_port, Arc::clone(&faults)).await;
-    let url = format!("postgres://{user}@127.0.0.1:{port}/{name}");
+    let faults = Arc::new(ProxyFaults::default());
+    let url = support::behind_a_proxy(&direct, Arc::clone(&faults)).await;
     let db = Db::open(&DbOptions {
         acquire_timeout: Duration::from_secs(1),
         ..DbOptions::new(url)

@@ -5,6 +5,8 @@
 
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::sync::atomic::Ordering::SeqCst;
 
 use tally_core::entity::{Actor, Command};
 use tally_core::ids::OrgId;
@@ -302,4 +304,117 @@ pub(crate) fn sim_seeds(suite: std::ops::Range<u64>) -> Vec<u64> {
         (None, Some(n)) => (1..=n).collect(),
         (None, None) => suite.collect(),
     }
+}
+
+/// A simple-protocol `COMMIT` as sqlx sends it: 'Q', length 11, the text.
+const COMMIT: &[u8] = b"Q\0\0\0\x0bCOMMIT\0";
+
+/// What a [`pg_proxy`] does to the connections it forwards.
+#[derive(Debug, Default)]
+pub(crate) struct ProxyFaults {
+    /// The next COMMIT goes to the server, which commits and answers; the
+    /// answer is dropped and the client's connection cut.
+    pub(crate) cut_commit: AtomicBool,
+    /// Every connection is cut, new ones too (the database is away).
+    pub(crate) down: AtomicBool,
+    /// `down` turns on with the cut.
+    pub(crate) down_after_cut: AtomicBool,
+    /// The next COMMIT is held: its client is cut at once (the commit's
+    /// outcome is unknown to it), and the COMMIT reaches the server only
+    /// when `release` is notified.
+    pub(crate) hold_commit: AtomicBool,
+    pub(crate) release: tokio::sync::Notify,
+}
+
+/// `url` (`postgres://user@host:port/db`) through a [`pg_proxy`] with
+/// `faults`.
+pub(crate) async fn behind_a_proxy(url: &str, faults: Arc<ProxyFaults>) -> String {
+    let (user, rest) = url.split_once("://").unwrap().1.split_once('@').unwrap();
+    let (host_port, name) = rest.split_once('/').unwrap();
+    let port = pg_proxy(host_port.to_owned(), faults).await;
+    format!("postgres://{user}@127.0.0.1:{port}/{name}")
+}
+
+/// A TCP proxy to the PostgreSQL server at `upstream` (host:port) that
+/// does `faults` to the connections it forwards; answers its port.
+pub(crate) async fn pg_proxy(upstream: String, faults: Arc<ProxyFaults>) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    drop(tokio::spawn(async move {
+        loop {
+            let Ok((client, _)) = listener.accept().await else {
+                return;
+            };
+            let faults = Arc::clone(&faults);
+            let upstream = upstream.clone();
+            drop(tokio::spawn(async move {
+                if faults.down.load(SeqCst) {
+                    return;
+                }
+                let Ok(server) = TcpStream::connect(&upstream).await else {
+                    return;
+                };
+                let (mut cr, mut cw) = client.into_split();
+                let (mut sr, mut sw) = server.into_split();
+                // Set once a COMMIT's answer is to be dropped; notified when
+                // it came.
+                let cut = Arc::new(AtomicBool::new(false));
+                let answered = Arc::new(tokio::sync::Notify::new());
+                let back = {
+                    let (cut, answered, faults) =
+                        (Arc::clone(&cut), Arc::clone(&answered), Arc::clone(&faults));
+                    tokio::spawn(async move {
+                        let mut buf = vec![0u8; 64 * 1024];
+                        while let Ok(n @ 1..) = sr.read(&mut buf).await {
+                            if cut.load(SeqCst) {
+                                answered.notify_one();
+                                return;
+                            }
+                            if faults.down.load(SeqCst) || cw.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    })
+                };
+                let mut buf = vec![0u8; 64 * 1024];
+                while let Ok(n @ 1..) = cr.read(&mut buf).await {
+                    if faults.down.load(SeqCst) {
+                        back.abort();
+                        return;
+                    }
+                    let chunk = &buf[..n];
+                    let commit = chunk.windows(COMMIT.len()).any(|w| w == COMMIT);
+                    if commit && faults.hold_commit.swap(false, SeqCst) {
+                        back.abort();
+                        let held = chunk.to_vec();
+                        drop(tokio::spawn(async move {
+                            faults.release.notified().await;
+                            let _ = sw.write_all(&held).await;
+                            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+                        }));
+                        return;
+                    }
+                    if commit && faults.cut_commit.swap(false, SeqCst) {
+                        cut.store(true, SeqCst);
+                        if faults.down_after_cut.load(SeqCst) {
+                            faults.down.store(true, SeqCst);
+                        }
+                        let _ = sw.write_all(chunk).await;
+                        // The server committed once it answers: then both
+                        // sides are dropped, the client's without the answer.
+                        let wait = std::time::Duration::from_secs(10);
+                        let _ = tokio::time::timeout(wait, answered.notified()).await;
+                        back.abort();
+                        return;
+                    }
+                    if sw.write_all(chunk).await.is_err() {
+                        return;
+                    }
+                }
+            }));
+        }
+    }));
+    port
 }

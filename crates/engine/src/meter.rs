@@ -889,12 +889,33 @@ impl Meter {
         }
     }
 
+    /// Writes the checkpoint of partition `p` if anything changed; whether
+    /// it wrote one. An attempt fenced by an earlier one of its ownership
+    /// that committed late is written again on top of it: when this answers
+    /// success, everything it carried is saved (a limit command relies on
+    /// that before it folds its change).
     async fn checkpoint_partition(&self, p: i32) -> Result<bool> {
+        // Each fence is an attempt that landed late or a claim by another
+        // process (after which nothing is ours to write): a few suffice.
+        const ATTEMPTS: usize = 4;
+        for _ in 0..ATTEMPTS {
+            if let Some(written) = self.try_checkpoint_partition(p).await? {
+                return Ok(written);
+            }
+        }
+        Err(Error::Unavailable(format!(
+            "partition {p}: the checkpoint was fenced {ATTEMPTS} times in a row"
+        )))
+    }
+
+    /// One attempt of [`Meter::checkpoint_partition`]; `None` when it was
+    /// fenced (and the uncertain attempts resolved): to be made again.
+    async fn try_checkpoint_partition(&self, p: i32) -> Result<Option<bool>> {
         self.resolve_uncertain(p).await?;
         let (epoch, base, at, layer, content, letters) = {
             let mut parts = self.parts.lock();
             let Some(part) = parts.by_id.get_mut(&p) else {
-                return Ok(false);
+                return Ok(Some(false));
             };
             for org_id in &part.orgs {
                 let Some(cell) = self.registry.org(org_id) else {
@@ -917,7 +938,7 @@ impl Meter {
                 && part.dead_letters.is_empty()
                 && part.uncertain.is_empty()
             {
-                return Ok(false);
+                return Ok(Some(false));
             }
             part.last_number = part.last_number.max(part.committed.number) + 1;
             let at = PartitionCheckpoint {
@@ -980,18 +1001,19 @@ impl Meter {
                     let mut parts = self.parts.lock();
                     match parts.by_id.get_mut(&p) {
                         Some(part) if part.epoch == epoch => part.uncertain.clear(),
-                        _ => return Ok(true),
+                        _ => return Ok(Some(true)),
                     }
                 }
                 self.committed(p, epoch, at, &content);
-                Ok(true)
+                Ok(Some(true))
             }
             Err(tally_store::Error::Fenced { .. }) => {
-                // Either another process claimed the partition, or an
-                // uncertain attempt committed after all.
+                // Either another process claimed the partition (given up
+                // here), or an uncertain attempt committed after all: what
+                // this one carried beyond it is pending again.
                 self.push_uncertain(p, layer);
                 self.resolve_uncertain(p).await?;
-                Ok(true)
+                Ok(None)
             }
             Err(e) => {
                 self.push_uncertain(p, layer);

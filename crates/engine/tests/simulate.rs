@@ -34,8 +34,10 @@
 //!   spend has reached has fired;
 //! - after every checkpoint, the enforcement events stored tell receivers
 //!   what the counters hold: each subject's last cutoff or lift (in the
-//!   order stored) says blocked exactly when it is cut off this month, and
-//!   the highest threshold event of each subject and month is the one its
+//!   order stored) says blocked exactly when it is cut off this month,
+//!   each month's own cutoffs and lifts are stored exactly once (one for
+//!   each of its counter's ordinals, a cutoff at each odd one), and the
+//!   highest threshold event of each subject and month is the one its
 //!   counter fired;
 //! - what holds hold is the sum of the live holds the model placed;
 //! - after every admitted reserve, spent + held ≤ the limit of every budget
@@ -52,8 +54,10 @@
 //!   a full disk or fails for it alone;
 //! - a restart recovers exactly the state before the crash: every counter
 //!   (spend, requests, latest usage, cut off, the highest threshold fired,
-//!   the count of cutoffs and lifts) and what holds hold, compared right
-//!   before and after it;
+//!   the count of cutoffs and lifts), every live hold (its amount, expiry,
+//!   user, key and the groups it is held on) and what holds hold on every
+//!   budget, compared right before and after it (nothing is flushed or
+//!   compacted before the crash);
 //! - at the end of a run, after a last checkpoint, the read models agree
 //!   with the model, and rebuilding them from the entity log gives the
 //!   same ones.
@@ -1229,9 +1233,6 @@ impl Sim {
     }
 
     async fn crash_and_restart(&mut self) {
-        // Expired holds hold nothing, freed yet or not (a restart drops
-        // them): compare what live holds hold.
-        self.engine().hold_upkeep();
         let before = self.snapshot();
         // Dropped as a kill would leave it: nothing flushed, nothing closed.
         drop(self.running.take());
@@ -1372,11 +1373,47 @@ impl Sim {
                 );
             }
         }
-        for user in self.model.users.keys() {
-            let s = org.subject(SubjectKind::User, user).expect("a user");
+        // What holds hold on every budget, and every live hold as placed:
+        // its amount, expiry, user, key and the groups it is held on.
+        // (Expired holds hold nothing, freed yet or not: a restart drops
+        // them.)
+        let never = Month::from_unix_ms(0);
+        let now = self.now();
+        let live: Vec<_> = org
+            .meter
+            .holds
+            .iter()
+            .filter(|(_, h)| h.expires_at_ms > now)
+            .collect();
+        for (id, s) in &subjects {
+            let held = live
+                .iter()
+                .filter(|(_, h)| match *s {
+                    Subject::Org => true,
+                    Subject::User(u) => h.user == u,
+                    Subject::Key(k) => h.key == k,
+                    Subject::Group(g) => h.groups.contains(&g),
+                })
+                .map(|(_, h)| h.amount_micros)
+                .sum::<i64>();
+            let _ = out.insert((format!("held by {id}"), never), (held, 0, 0, false, 0, 0));
+        }
+        for (id, h) in live {
+            let dir = &org.dir;
+            let groups: Vec<&str> = h
+                .groups
+                .iter()
+                .map(|&g| dir.group_ids[g as usize].as_str())
+                .collect();
             let _ = out.insert(
-                (format!("held by {user}"), Month::from_unix_ms(0)),
-                (org.meter.holds.held(s), 0, 0, false, 0, 0),
+                (
+                    format!(
+                        "hold {id} of {} on {} and {groups:?}",
+                        dir.user_ids[h.user as usize], dir.key_ids[h.key as usize]
+                    ),
+                    never,
+                ),
+                (h.amount_micros, 0, h.expires_at_ms, false, 0, 0),
             );
         }
         // The dedupe window: its ids, its too-late line, the watermark.
@@ -1481,8 +1518,9 @@ impl Sim {
         use sqlx::Connection as _;
         let url = format!("sqlite://{}", self.dir.join("tally.db").display());
         let mut conn = sqlx::SqliteConnection::connect(&url).await.unwrap();
-        let rows: Vec<(String, String, i64, String, i64, i64, i64)> = sqlx::query_as(
-            "SELECT subject_kind, subject_id, month, event, threshold_bps, ordinal, rowid \
+        type Row = (String, String, i64, String, i64, i64, i64, Option<String>);
+        let rows: Vec<Row> = sqlx::query_as(
+            "SELECT subject_kind, subject_id, month, event, threshold_bps, ordinal, rowid, reason \
              FROM enforcement_events WHERE org_id = ?",
         )
         .bind(ORG)
@@ -1494,11 +1532,20 @@ impl Sim {
         // or lift; (kind, id, month) → the highest threshold event.
         let mut last: BTreeMap<(String, String), (i64, i64, i64, bool)> = BTreeMap::new();
         let mut fired: BTreeMap<(String, String, i64), i64> = BTreeMap::new();
-        for (kind, id, month, event, bps, ordinal, rowid) in rows {
+        // (kind, id, month) → the (ordinal, a cutoff) of its month's own
+        // cutoffs and lifts (a new month's lifts of the month before aside).
+        let mut owned: BTreeMap<(String, String, i64), Vec<(i64, bool)>> = BTreeMap::new();
+        for (kind, id, month, event, bps, ordinal, rowid, reason) in rows {
             if event == "threshold_crossed" {
                 let top = fired.entry((kind, id, month)).or_default();
                 *top = (*top).max(bps);
                 continue;
+            }
+            if reason.as_deref() != Some("new_month") {
+                owned
+                    .entry((kind.clone(), id.clone(), month))
+                    .or_default()
+                    .push((ordinal, event == "cut_off"));
             }
             let told = (rowid, month, ordinal, event == "cut_off");
             let at = last.entry((kind, id)).or_insert(told);
@@ -1527,10 +1574,22 @@ impl Sim {
             });
             for month in self.model.months().into_iter().filter(|m| *m >= open) {
                 let c = org.spend(month, s);
-                let stored = fired
-                    .get(&(key.0.clone(), key.1.clone(), i64::from(month.yyyymm())))
-                    .copied()
-                    .unwrap_or(0);
+                // Each cutoff and lift exactly once: one for each of the
+                // counter's ordinals 1..=k, a cutoff at each odd one.
+                let cell = (key.0.clone(), key.1.clone(), i64::from(month.yyyymm()));
+                let mut told = owned.get(&cell).cloned().unwrap_or_default();
+                told.sort_unstable();
+                let want: Vec<(i64, bool)> = (1..=i64::from(c.ordinal))
+                    .map(|k| (k, k % 2 == 1))
+                    .collect();
+                self.check(told == want, || {
+                    format!(
+                        "{key:?} in {month} at ordinal {} has stored cutoffs and lifts {told:?} \
+                         (ordinal, a cutoff)",
+                        c.ordinal
+                    )
+                });
+                let stored = fired.get(&cell).copied().unwrap_or(0);
                 self.check(stored == i64::from(c.fired_bps), || {
                     format!(
                         "{key:?} in {month} fired {} bps, the highest stored threshold event is \

@@ -20,6 +20,7 @@ use tally_core::usage::UsageEvent;
 use tally_store::Db;
 use tokio::sync::mpsc;
 
+use crate::holds::Replayed;
 use crate::meter::{IngestReport, Meter, Positioned};
 use crate::metrics as m;
 use crate::{BoxFuture, Error, Result, UsageSink};
@@ -38,6 +39,8 @@ pub const LOG: &str = "embedded";
 #[derive(Debug)]
 pub struct EmbeddedLog {
     meter: Arc<Meter>,
+    /// What the recovery replayed, until the hold journal takes it.
+    replayed: parking_lot::Mutex<Replayed>,
 }
 
 impl EmbeddedLog {
@@ -46,8 +49,15 @@ impl EmbeddedLog {
     pub async fn recover(meter: Arc<Meter>) -> Result<EmbeddedLog> {
         let started = Instant::now();
         let _ = meter.claim(PARTITION, LOG).await?;
-        let log = EmbeddedLog { meter };
-        let replayed = log.replay().await?;
+        let mut ids = Replayed::default();
+        let replayed = {
+            let _w = meter.write_lock().await;
+            replay_locked(&meter, Some(&mut ids)).await?
+        };
+        let log = EmbeddedLog {
+            meter,
+            replayed: parking_lot::Mutex::new(ids),
+        };
         log.meter.set_ready(true);
         tracing::info!(
             orgs = log.meter.registry().len(),
@@ -59,12 +69,10 @@ impl EmbeddedLog {
         Ok(log)
     }
 
-    /// Replays the log after the checkpoint. Reading and decoding run a page
-    /// ahead, on other threads, while this one applies: decoding costs about
-    /// as much as applying, and they overlap.
-    async fn replay(&self) -> Result<u64> {
-        let _w = self.meter.write_lock().await;
-        replay_locked(&self.meter).await
+    /// The usage the recovery replayed (the log after its checkpoint), for
+    /// [`crate::holds::HoldJournal::open`]; empty after the first call.
+    pub fn take_replayed(&self) -> Replayed {
+        std::mem::take(&mut *self.replayed.lock())
     }
 
     /// Deletes checkpointed batches older than the retention.
@@ -83,8 +91,11 @@ impl EmbeddedLog {
     }
 }
 
-/// [`EmbeddedLog::replay`] for callers that hold the meter's write lock.
-async fn replay_locked(meter: &Meter) -> Result<u64> {
+/// Replays the log after the checkpoint, for callers that hold the meter's
+/// write lock; notes the request ids replayed in `ids`, if given. Reading
+/// and decoding run a page ahead, on other threads, while this one applies:
+/// decoding costs about as much as applying, and they overlap.
+async fn replay_locked(meter: &Meter, mut ids: Option<&mut Replayed>) -> Result<u64> {
     let (tx, mut rx) = mpsc::channel(1);
     let reader = tokio::spawn(read_ahead(
         meter.db().clone(),
@@ -105,11 +116,20 @@ async fn replay_locked(meter: &Meter) -> Result<u64> {
                     event,
                 })
                 .collect();
-            let _ = meter.apply(PARTITION, &positioned).ok_or_else(|| {
+            let outcomes = meter.apply(PARTITION, &positioned).ok_or_else(|| {
                 Error::Unavailable("the usage log's partition is not claimed".into())
             })?;
             meter.set_position(PARTITION, rec.seq);
             replayed += rec.events.len() as u64;
+            // Counted now or before: a hold of that id is settled. (A record
+            // keeps the events applying refused, too late say: not those.)
+            if let Some(ids) = ids.as_deref_mut() {
+                for (e, o) in rec.events.iter().zip(&outcomes) {
+                    if !matches!(o, UsageOutcome::Rejected(_)) {
+                        ids.insert(e.org_id.as_str(), &e.request_id);
+                    }
+                }
+            }
         }
         // Freeing a page's events (millions of small strings) is work
         // this thread, the bottleneck, can hand off.
@@ -198,7 +218,7 @@ async fn ingest(meter: Arc<Meter>, events: Vec<(usize, UsageEvent)>) -> Result<I
     if meter.log_tail_unknown() {
         // An append failed in a way that may have committed after all: what
         // the log holds beyond memory is applied before anything is added.
-        let replayed = replay_locked(&meter).await?;
+        let replayed = replay_locked(&meter, None).await?;
         meter.set_log_tail_unknown(false);
         tracing::info!(
             replayed,

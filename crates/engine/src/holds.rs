@@ -71,6 +71,33 @@ pub struct HoldJournal {
 #[derive(Debug, Clone, Copy)]
 struct Settled;
 
+/// The usage a restart replayed from the usage log's tail (counted after
+/// the last checkpoint), by org and hashed request id. A hold whose id is
+/// here was settled, whatever the journal says: its settle line may not
+/// have been written (a full disk), and a checkpoint makes the journal
+/// whole before the usage leaves the tail ([`HoldJournal::upkeep`]).
+#[derive(Debug, Default)]
+pub struct Replayed(std::collections::HashMap<Box<str>, std::collections::HashSet<u128>>);
+
+impl Replayed {
+    pub fn insert(&mut self, org_id: &str, request_id: &str) {
+        let _ = match self.0.get_mut(org_id) {
+            Some(ids) => ids.insert(hash_request_id(request_id)),
+            None => self
+                .0
+                .entry(org_id.into())
+                .or_default()
+                .insert(hash_request_id(request_id)),
+        };
+    }
+
+    pub fn contains(&self, org_id: &str, request_id: &str) -> bool {
+        self.0
+            .get(org_id)
+            .is_some_and(|ids| ids.contains(&hash_request_id(request_id)))
+    }
+}
+
 /// What [`HoldJournal::open`] found.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Restored {
@@ -208,8 +235,14 @@ pub(crate) fn resolve<'a>(
 impl HoldJournal {
     /// Reads the journal in `dir` (created when missing) into the orgs of
     /// `registry`, as of `now_ms`, then compacts it into a new segment.
-    /// Call after the meter recovered (so counted request ids are known).
-    pub fn open(dir: &Path, registry: &Registry, now_ms: i64) -> Result<(HoldJournal, Restored)> {
+    /// Call after the meter recovered (so counted request ids are known:
+    /// those of its dedupe window, and those `replayed`).
+    pub fn open(
+        dir: &Path,
+        registry: &Registry,
+        now_ms: i64,
+        replayed: &Replayed,
+    ) -> Result<(HoldJournal, Restored)> {
         std::fs::create_dir_all(dir).map_err(|e| io("creating", dir, &e))?;
         let ns = segments(dir)?;
         // The last record of each (org, request id) decides: a hold (none
@@ -275,7 +308,9 @@ impl HoldJournal {
                     .holds
                     .remember_expired(&request_id, hold.expires_at_ms);
                 restored.expired += 1;
-            } else if org.meter.dedupe.contains(hash_request_id(&request_id)) {
+            } else if org.meter.dedupe.contains(hash_request_id(&request_id))
+                || replayed.contains(&org_id, &request_id)
+            {
                 restored.settled += 1;
             } else {
                 org.meter.holds.insert(&request_id, hold);
@@ -318,9 +353,11 @@ impl HoldJournal {
         }
         if let Err(e) = seg.file.write_all(line.as_bytes()) {
             // A part may have been written: cut it off, or never append
-            // after it.
+            // after it. The next upkeep writes every live hold again: a
+            // segment left behind is never synced on its own.
             let bytes = seg.bytes;
             seg.broken = seg.file.set_len(bytes).is_err();
+            self.redo.store(true, std::sync::atomic::Ordering::Relaxed);
             return Err(io("writing", &segment_path(&self.dir, seg.n), &e));
         }
         seg.bytes += line.len() as u64;
@@ -349,8 +386,8 @@ impl HoldJournal {
             let _ = writeln!(lines, "S {org} {id}");
         }
         if let Err(e) = self.write(&lines) {
+            // (The write asked for the compaction.)
             tracing::warn!(org, error = %e, "recording settled holds failed; the journal will be compacted");
-            self.redo.store(true, std::sync::atomic::Ordering::Relaxed);
         }
     }
 

@@ -859,6 +859,18 @@ impl Meter {
     /// Writes a checkpoint of each of `partitions` that changed; the first
     /// failure is returned once all were tried.
     async fn checkpoint_partitions(&self, partitions: Vec<i32>) -> Result<usize> {
+        // Embedded: the holds usage settled must be on the journal's disk
+        // before that usage leaves the log's tail. A restart settles the
+        // holds the journal has live by the tail's usage and the dedupe
+        // window, which may have forgotten older ids; a settle line the
+        // disk refused is made good by compacting the journal here.
+        if let Some(journal) = self.hold_journal.get()
+            && let Err(e) = journal.upkeep(&self.registry)
+        {
+            metrics::counter!(m::CHECKPOINT_FAILURES).increment(1);
+            tracing::warn!(error = %e, "the hold journal cannot be written: checkpoint postponed");
+            return Err(e);
+        }
         let mut written = 0;
         let mut first_error = None;
         for p in partitions {

@@ -313,3 +313,118 @@ async fn a_line_the_full_disk_tore_is_cut_off_before_the_next_one() {
     drop(engine);
     drop(disk);
 }
+
+/// A hold whose settle line the full disk refused stays settled after a
+/// restart, although the small dedupe window forgot its id by then (it came
+/// back live, holding budget until its TTL: the journal had its placement
+/// and nothing after it). The usage that settled it is in the usage log
+/// after the last checkpoint (a checkpoint first makes the journal whole).
+#[tokio::test]
+async fn a_settle_the_full_disk_refused_stays_settled_after_a_restart() {
+    settle_refused_then_restart("settle-refused", false).await;
+}
+
+/// The same, with a checkpoint once the disk has room: the usage leaves
+/// the log's tail, and the journal, compacted first, no longer has the
+/// hold.
+#[tokio::test]
+async fn a_settle_the_full_disk_refused_stays_settled_past_a_checkpoint() {
+    settle_refused_then_restart("settle-refused-checkpoint", true).await;
+}
+
+async fn settle_refused_then_restart(name: &str, checkpoint: bool) {
+    let dir = temp(name);
+    let disk = support::Tmpfs::mount(&dir, "16m");
+    let clock = ManualClock::new(T0);
+    let mut options = tally_engine::EngineOptions::default();
+    options.meter_config.dedupe.entries_max = 10;
+    {
+        let (engine, _) = support::embedded_with(&dir, &clock, options.clone()).await;
+        acme(&engine).await;
+        let segment = std::fs::read_dir(dir.join("holds"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .max()
+            .unwrap();
+        let size = || std::fs::metadata(&segment).unwrap().len();
+        let reserve = |id: String| {
+            let engine = Arc::clone(&engine);
+            async move {
+                let (_, d, _) = engine
+                    .reserve(SECRET, None, None, hold(&id, 1, 30 * MINUTE))
+                    .await
+                    .unwrap();
+                assert!(d.allowed, "{d:?}");
+            }
+        };
+        // `p`, then holds whose lines end the segment's page exactly: `p`'s
+        // settle line will need a new page.
+        reserve("p".into()).await;
+        let per_line = size() - 1; // a line but its id
+        for n in 0.. {
+            let room = 4_096 - size() % 4_096;
+            if room > per_line && room - per_line <= 60 {
+                let id_len = usize::try_from(room - per_line).unwrap();
+                reserve(format!("e{}", "x".repeat(id_len - 1))).await;
+                break;
+            }
+            reserve(format!("q{n}")).await;
+        }
+        assert_eq!(size() % 4_096, 0, "the page is full");
+        // The usage log's next write reuses its write-ahead log's pages:
+        // let that start over from its beginning, then fill the disk.
+        let db = tally_store::Db::open(&tally_store::DbOptions {
+            migrate: false,
+            ..tally_store::DbOptions::new(format!(
+                "sqlite://{}?mode=rwc",
+                dir.join("tally.db").display()
+            ))
+        })
+        .await
+        .unwrap();
+        let _ = db
+            .execute_raw("PRAGMA wal_checkpoint(RESTART)")
+            .await
+            .unwrap();
+        db.close().await;
+        let filler = disk.fill("filler", 0);
+        let report = engine
+            .ingest(vec![(0, usage("p", 250_000, T0))])
+            .await
+            .expect("the usage log's append fits the write-ahead log");
+        assert_eq!(report.accepted, 1);
+        std::fs::remove_file(filler).unwrap();
+        if checkpoint {
+            assert_eq!(engine.meter.checkpoint().await.unwrap(), 1);
+        }
+        // Three minutes on, more ids than the window's cap: the first
+        // minute is forgotten. Then a kill -9, before any checkpoint.
+        clock.set(T0 + 3 * MINUTE);
+        let later: Vec<_> = (0..20)
+            .map(|i| (i, usage(&format!("u{i}"), 1_000, T0 + 3 * MINUTE)))
+            .collect();
+        assert_eq!(engine.ingest(later).await.unwrap().accepted, 20);
+        let cell = engine.registry.org("acme").unwrap();
+        let forgotten = !cell
+            .read()
+            .meter
+            .dedupe
+            .contains(tally_core::dedupe::hash_request_id("p"));
+        assert!(forgotten, "the window still holds the settled hold's id");
+    }
+    clock.set(T0 + 4 * MINUTE);
+    let (engine, restored) = support::embedded_with(&dir, &clock, options).await;
+    let live: Vec<String> = engine
+        .live_holds("acme", None, 1_000)
+        .unwrap()
+        .into_iter()
+        .map(|h| h.request_id)
+        .collect();
+    assert!(
+        !live.iter().any(|id| id == "p"),
+        "p is live again: {restored:?}"
+    );
+    assert_eq!(restored.live, live.len());
+    drop(engine);
+    drop(disk);
+}

@@ -235,9 +235,13 @@ async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
             let log = Arc::new(EmbeddedLog::recover(Arc::clone(&engine.meter)).await?);
             engine.set_sink(Arc::clone(&log) as Arc<dyn tally_engine::UsageSink>);
             // After the recovery: a hold whose usage was counted is settled.
+            let replayed = log.take_replayed();
             if let Some(dir) = &cfg.holds_dir {
-                let (journal, restored) = HoldJournal::open(dir, &engine.registry, engine.now_ms())
-                    .with_context(|| format!("opening the hold journal in {}", dir.display()))?;
+                let (journal, restored) =
+                    HoldJournal::open(dir, &engine.registry, engine.now_ms(), &replayed)
+                        .with_context(|| {
+                            format!("opening the hold journal in {}", dir.display())
+                        })?;
                 tracing::info!(
                     live = restored.live,
                     expired = restored.expired,

@@ -77,10 +77,15 @@ pub(crate) async fn try_embedded_with(
     let log = EmbeddedLog::recover(Arc::clone(&engine.meter))
         .await
         .map_err(|e| format!("recovering the usage log: {e}"))?;
+    let replayed = log.take_replayed();
     engine.set_sink(Arc::new(log));
-    let (journal, restored) =
-        HoldJournal::open(&dir.join("holds"), &engine.registry, clock.now_ms())
-            .map_err(|e| format!("opening the hold journal: {e}"))?;
+    let (journal, restored) = HoldJournal::open(
+        &dir.join("holds"),
+        &engine.registry,
+        clock.now_ms(),
+        &replayed,
+    )
+    .map_err(|e| format!("opening the hold journal: {e}"))?;
     engine.set_hold_journal(Arc::new(journal));
     Ok((engine, restored))
 }

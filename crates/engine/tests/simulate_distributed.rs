@@ -21,7 +21,9 @@
 //! the connection: the process counts the attempt as uncertain, is in a
 //! storage fault and takes no command until its tick ends it, and its
 //! next checkpoint, or the next owner's claim, finds the attempt landed;
-//! the meter's tick is what the checkpoint step runs); rebalances,
+//! the meter's tick is what the checkpoint step runs), and commands whose
+//! append commits while its answer is lost (the command path reads the
+//! log back and answers success); rebalances,
 //! clean (a last checkpoint, then the claim) or not (the partition claimed
 //! while its old owner, a zombie, still meters it, checkpoints and places
 //! holds, until it learns); crashes (a process dropped without a word, its
@@ -499,23 +501,29 @@ impl Sim {
             return false;
         };
         let org_id = OrgId::new(org).unwrap();
-        let in_fault = self.node(slot).engine.meter.health().fault().is_some();
         let executed = self
             .node(slot)
             .engine
             .commands
             .execute(&org_id, Actor::Operator, &cmd)
             .await;
+        let in_fault = self.node(slot).engine.meter.health().fault().is_some();
         let events = match executed {
             Ok(events) => events,
-            // A process whose checkpoint lost its answer is in a storage
-            // fault until a write commits: it takes no command.
-            Err(tally_engine::Error::StoreFault(_)) if in_fault => {
+            // A process that lost a COMMIT's answer (now, or before) is in a
+            // storage fault until a write commits: it takes no command. (A
+            // command whose own append landed answers success.)
+            Err(e) if in_fault && e.store_unavailable().is_some() => {
                 self.count("commands refused in a storage fault");
-                self.note(format!("on {slot}, in a storage fault: {cmd:?} refused"));
+                self.note(format!(
+                    "on {slot}, in a storage fault: {cmd:?} refused: {e}"
+                ));
                 return false;
             }
-            Err(e) => panic!("seed {} step {}: {cmd:?}: {e}", self.seed, self.step),
+            Err(e) => {
+                self.check(false, || format!("on {slot}: {cmd:?}: {e}"));
+                unreachable!()
+            }
         };
         self.note(format!("on {slot}: {cmd:?}"));
         for to in self.live().into_iter().filter(|&to| to != slot) {
@@ -1263,11 +1271,13 @@ impl Sim {
         let Some((p, slot)) = self.pick(&owners) else {
             return;
         };
-        // One of the trigger's points, or the answer to a checkpoint's
-        // COMMIT lost.
-        let choice = self.rng.below(FAULT_POINTS.len() as u64 + 1) as usize;
+        // One of the trigger's points, or the answer to a checkpoint's or a
+        // command's COMMIT lost.
+        let choice = self.rng.below(FAULT_POINTS.len() as u64 + 2) as usize;
         if choice == FAULT_POINTS.len() {
             self.answer_lost(slot, p).await;
+        } else if choice > FAULT_POINTS.len() {
+            self.command_answer_lost().await;
         } else {
             self.trigger_fault(slot, p, FAULT_POINTS[choice].0).await;
         }
@@ -1316,6 +1326,26 @@ impl Sim {
         }
         self.note(format!("{slot} checkpointed, the answer lost: {written:?}"));
         self.check_store().await;
+    }
+
+    /// A command whose append commits but whose answer is lost: the
+    /// command path reads the org's log back and answers success (the
+    /// process is in a storage fault until a write commits).
+    async fn command_answer_lost(&mut self) {
+        self.proxy
+            .cut_commit
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.note("the answer to the next COMMIT will be lost".into());
+        // A new user: no limit of anyone changes, so nothing is
+        // checkpointed first, and its append is the COMMIT cut.
+        self.add_user().await;
+        let cut = !self
+            .proxy
+            .cut_commit
+            .swap(false, std::sync::atomic::Ordering::SeqCst);
+        if cut {
+            self.count("commands whose answer was lost");
+        }
     }
 
     /// A store write that a trigger aborts, at `point`.

@@ -109,6 +109,7 @@ impl From<tally_engine::Error> for ApiError {
             tally_engine::Error::Store(s) => s.into(),
             tally_engine::Error::StoreFault(f) => ApiError::store_unavailable(f.reason),
             tally_engine::Error::Unavailable(m) => ApiError::unavailable(m),
+            e @ tally_engine::Error::HoldJournal(_) => ApiError::unavailable(e.to_string()),
             tally_engine::Error::HoldConflict(m) => ApiError::conflict(m),
             e @ tally_engine::Error::NotOwner { .. } => ApiError::unavailable(e.to_string()),
             e @ tally_engine::Error::Corrupt(_) => {

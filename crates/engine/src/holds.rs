@@ -141,7 +141,7 @@ fn sync_dir(dir: &Path) -> Result<()> {
 }
 
 fn io(what: &str, path: &Path, e: &std::io::Error) -> Error {
-    Error::Unavailable(format!("hold journal: {what} {}: {e}", path.display()))
+    Error::HoldJournal(format!("{what} {}: {e}", path.display()))
 }
 
 /// One placed hold as a journal line.

@@ -43,6 +43,10 @@ pub enum Error {
     Store(#[from] tally_store::Error),
     #[error("{0}")]
     Unavailable(String),
+    /// The hold journal could not be written (or synced): a reserve or
+    /// release is refused, a checkpoint postponed.
+    #[error("hold journal: {0}")]
+    HoldJournal(String),
     /// Refused without trying: the store is in a fault ([`health`]).
     #[error("{0}")]
     StoreFault(health::Fault),

@@ -1213,14 +1213,16 @@ impl Meter {
     }
 
     /// [`Meter::flush`] for an admin read, which answers whatever the store
-    /// can write: during a storage fault it skips the checkpoint and the
-    /// read shows spend as of the last one that committed.
+    /// can write: during a storage fault, or while the hold journal cannot
+    /// be written (which postpones checkpoints), it skips the checkpoint and
+    /// the read shows spend as of the last one that committed.
     pub async fn flush_for_read(self: &Arc<Self>) -> Result<()> {
         if self.health.fault().is_some() {
             return Ok(());
         }
         match self.flush().await {
             Err(e) if e.store_unavailable().is_some() => Ok(()),
+            Err(Error::HoldJournal(_)) => Ok(()),
             other => other,
         }
     }

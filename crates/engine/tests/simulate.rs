@@ -4,7 +4,8 @@
 //! clock the simulator moves. After every step it checks the engine against
 //! a plain model of what it must hold.
 //!
-//! Work: users added and their limits changed (one by one and in bulk),
+//! Work: users added, suspended and made active again, their keys revoked,
+//! and their limits changed (one by one and in bulk),
 //! the limits of groups, keys and the org changed, the alert thresholds
 //! changed (alone or with the org's limit, in one settings change), usage
 //! in batches with
@@ -42,7 +43,8 @@
 //! - what holds hold is the sum of the live holds the model placed;
 //! - after every admitted reserve, spent + held ≤ the limit of every budget
 //!   the call is judged against (its user, key, groups and org), and a
-//!   reserve refused for one of them would have passed its limit;
+//!   reserve refused for one of them would have passed its limit; a reserve
+//!   with a revoked key, or of a suspended user, is refused for that;
 //! - a write refused by a fault changes nothing: usage it refused is not
 //!   counted, a command it refused is not applied, a checkpoint it refused
 //!   is written later with everything it carried, a hold the journal
@@ -193,6 +195,10 @@ struct Model {
     group_spend: HashMap<(String, Month), (i64, u64)>,
     /// Live holds by request id.
     holds: BTreeMap<String, ModelHold>,
+    /// Users suspended, and users whose key is revoked (for good): their
+    /// usage still counts, their reserves are refused.
+    suspended: std::collections::BTreeSet<String>,
+    revoked: std::collections::BTreeSet<String>,
     /// The latest `occurred_at` counted.
     watermark: i64,
     next_id: u64,
@@ -210,6 +216,8 @@ impl Model {
             memberships: HashMap::new(),
             group_spend: HashMap::new(),
             holds: BTreeMap::new(),
+            suspended: Default::default(),
+            revoked: Default::default(),
             watermark: 0,
             next_id: 0,
         }
@@ -509,7 +517,8 @@ impl Sim {
             9..=10 if users > 0 => self.bulk().await,
             11..=12 => self.set_other_limit().await,
             13..=14 => self.change_settings().await,
-            15..=19 if users > 0 => self.membership().await,
+            15..=18 if users > 0 => self.membership().await,
+            19 if users > 0 => self.status_or_revoke().await,
             0..=49 if users > 0 => self.usage().await,
             50..=69 if users > 0 => self.reserve().await,
             70..=79 if !self.model.holds.is_empty() => self.settle_or_release().await,
@@ -808,7 +817,12 @@ impl Sim {
                 (g.to_owned(), limit, cmd)
             }
             1 if !self.model.users.is_empty() => {
-                let key = format!("k-{}", self.pick_user());
+                let user = self.pick_user();
+                if self.model.revoked.contains(&user) {
+                    // A revoked key takes no change.
+                    return;
+                }
+                let key = format!("k-{user}");
                 let cmd = Command::UpdateKey {
                     key_id: KeyId::new(&key).unwrap(),
                     features: None,
@@ -867,6 +881,49 @@ impl Sim {
         self.model.thresholds = thresholds;
         if let Some(limit) = org_limit {
             let _ = self.model.limits.insert("org".into(), limit);
+        }
+    }
+
+    /// A user is suspended or active again, or (rarely: for good) the
+    /// user's key is revoked.
+    async fn status_or_revoke(&mut self) {
+        let user = self.pick_user();
+        if self.rng.chance(15) && !self.model.revoked.contains(&user) {
+            let cmd = Command::UpdateKey {
+                key_id: KeyId::new(&format!("k-{user}")).unwrap(),
+                features: None,
+                monthly_limit_micros: None,
+                revoke: true,
+            };
+            if self.command(cmd).await {
+                self.count("keys revoked");
+                self.note(format!("k-{user} revoked"));
+                let _ = self.model.revoked.insert(user);
+            }
+            return;
+        }
+        let suspend = !self.model.suspended.contains(&user);
+        let status = if suspend {
+            tally_core::entity::UserStatus::Suspended
+        } else {
+            tally_core::entity::UserStatus::Active
+        };
+        let cmd = Command::UpdateUser {
+            user_id: UserId::new(&user).unwrap(),
+            email: None,
+            name: None,
+            monthly_limit_micros: None,
+            status: Some(status),
+        };
+        if !self.command(cmd).await {
+            return;
+        }
+        self.count("status changes");
+        self.note(format!("{user} {status:?}"));
+        if suspend {
+            let _ = self.model.suspended.insert(user);
+        } else {
+            let _ = self.model.suspended.remove(&user);
         }
     }
 
@@ -1147,6 +1204,23 @@ impl Sim {
             b.limit
                 .is_none_or(|l| b.spent < l && b.spent + b.held + amount <= l)
         };
+        // A revoked key is refused first, then a user not active, whatever
+        // the budgets; their usage still counts.
+        let revoked = self.model.revoked.contains(&user);
+        let suspended = self.model.suspended.contains(&user);
+        if revoked || suspended {
+            let want = if revoked {
+                Reason::KeyRevoked
+            } else {
+                Reason::UserNotActive
+            };
+            self.check(!d.allowed && d.reason == want, || {
+                format!(
+                    "a reserve of {user} (key revoked: {revoked}, suspended: {suspended}): {d:?}"
+                )
+            });
+            return;
+        }
         if d.allowed {
             self.check(placed.is_some(), || "admitted without a hold".into());
             for b in &budgets {

@@ -9,7 +9,8 @@
 //! the limits of groups, keys and the org changed, the alert thresholds
 //! changed (alone or with the org's limit, in one settings change), usage
 //! in batches with
-//! duplicates and late events (also across a month's end), holds reserved,
+//! duplicates, late events (also across a month's end) and events from
+//! gateways whose clocks run ahead (by up to twice the skew allowed), holds reserved,
 //! settled by their usage, released and expired, checkpoints, and crashes:
 //! the engine dropped without a word at any step and started again from
 //! what it wrote. Storage faults: a write of the store fails (an SQLite
@@ -30,6 +31,8 @@
 //! Invariants after every step, for every user, its key and the org, in
 //! every month the model knows:
 //! - spend and requests are the sums over the distinct counted events;
+//!   usage is refused from the future exactly when it is dated further
+//!   ahead of the clock than the skew allowed;
 //! - this month, a user, key, group or the org is cut off exactly when a
 //!   limit is set and spend has reached it, and every alert threshold its
 //!   spend has reached has fired;
@@ -99,6 +102,8 @@ const DISK_SIZE: &str = "32m";
 /// 2026-11-30T22:00:00Z: two hours before a month's end.
 const START_MS: i64 = 1_796_076_000_000;
 const USERS_MAX: usize = 6;
+/// The skew allowed to gateways' clocks (the meter's default).
+const FUTURE_SKEW_MS: i64 = 5 * MINUTE;
 /// The meter's default dedupe window.
 const DEDUPE_WINDOW_MS: i64 = 24 * 60 * MINUTE;
 /// The dedupe window's cap in every fourth seed.
@@ -989,11 +994,18 @@ impl Sim {
                     })
                     .clone()
             } else {
+                // Now and then from a gateway whose clock runs ahead, by up
+                // to twice the skew allowed.
+                let at = if self.rng.chance(4) {
+                    now + self.rng.between(0, 2 * FUTURE_SKEW_MS)
+                } else {
+                    now - self.lateness()
+                };
                 Sent {
                     request_id: self.model.id("e"),
                     user: self.pick_user(),
                     cost_micros: self.rng.between(1, 20_000),
-                    occurred_at_ms: now - self.lateness(),
+                    occurred_at_ms: at,
                 }
             };
             batch.push(sent);
@@ -1134,7 +1146,26 @@ impl Sim {
             self.count("batches with too-late usage");
         }
         let small = self.dedupe_ids == SMALL_DEDUPE_IDS;
-        for r in &report.rejected {
+        // Usage dated further ahead of the clock than the skew allowed is
+        // refused (from the future: it may come again), and only that.
+        for (i, s) in batch.iter().enumerate() {
+            let future = s.occurred_at_ms > now + FUTURE_SKEW_MS;
+            let refused = report
+                .rejected
+                .iter()
+                .any(|r| r.index == i && r.code == "from_the_future");
+            self.check(future == refused, || {
+                format!(
+                    "{} occurred at {} (now {now}): refused from the future: {refused}",
+                    s.request_id, s.occurred_at_ms
+                )
+            });
+        }
+        for r in report
+            .rejected
+            .iter()
+            .filter(|r| r.code != "from_the_future")
+        {
             let s = &batch[r.index];
             let watermark = judged_at[r.index];
             let too_late = if small {

@@ -47,9 +47,14 @@ impl EmbeddedLog {
     /// Claims the log's partition, replays the log after its checkpoint, and
     /// marks the meter ready.
     pub async fn recover(meter: Arc<Meter>) -> Result<EmbeddedLog> {
+        EmbeddedLog::recover_watching(meter, Replayed::default()).await
+    }
+
+    /// [`EmbeddedLog::recover`], noting which of the holds `ids` watches
+    /// the replay counted ([`EmbeddedLog::take_replayed`]).
+    pub async fn recover_watching(meter: Arc<Meter>, mut ids: Replayed) -> Result<EmbeddedLog> {
         let started = Instant::now();
         let _ = meter.claim(PARTITION, LOG).await?;
-        let mut ids = Replayed::default();
         let replayed = {
             let _w = meter.write_lock().await;
             replay_locked(&meter, Some(&mut ids)).await?
@@ -126,7 +131,7 @@ async fn replay_locked(meter: &Meter, mut ids: Option<&mut Replayed>) -> Result<
             if let Some(ids) = ids.as_deref_mut() {
                 for (e, o) in rec.events.iter().zip(&outcomes) {
                     if !matches!(o, UsageOutcome::Rejected(_)) {
-                        ids.insert(e.org_id.as_str(), &e.request_id);
+                        ids.counted(e.org_id.as_str(), &e.request_id);
                     }
                 }
             }

@@ -71,30 +71,33 @@ pub struct HoldJournal {
 #[derive(Debug, Clone, Copy)]
 struct Settled;
 
-/// The usage a restart replayed from the usage log's tail (counted after
-/// the last checkpoint), by org and hashed request id. A hold whose id is
-/// here was settled, whatever the journal says: its settle line may not
-/// have been written (a full disk), and a checkpoint makes the journal
-/// whole before the usage leaves the tail ([`HoldJournal::upkeep`]).
+/// Which holds of the journal a restart's replay of the usage log's tail
+/// (the usage counted after the last checkpoint) counted, by org and
+/// hashed request id. A hold counted so was settled, whatever the journal
+/// says: its settle line may not have been written (a full disk), and a
+/// checkpoint makes the journal whole before the usage leaves the tail
+/// ([`HoldJournal::upkeep`]). Only the ids the journal placed are watched
+/// ([`HoldJournal::placed_ids`]), so it is as large as the journal, however
+/// long the tail.
 #[derive(Debug, Default)]
-pub struct Replayed(std::collections::HashMap<Box<str>, std::collections::HashSet<u128>>);
+pub struct Replayed(std::collections::HashMap<Box<str>, std::collections::HashMap<u128, bool>>);
 
 impl Replayed {
-    pub fn insert(&mut self, org_id: &str, request_id: &str) {
-        let _ = match self.0.get_mut(org_id) {
-            Some(ids) => ids.insert(hash_request_id(request_id)),
-            None => self
-                .0
-                .entry(org_id.into())
-                .or_default()
-                .insert(hash_request_id(request_id)),
-        };
+    /// `request_id` of `org_id` was counted (now or before).
+    pub fn counted(&mut self, org_id: &str, request_id: &str) {
+        if let Some(ids) = self.0.get_mut(org_id)
+            && let Some(counted) = ids.get_mut(&hash_request_id(request_id))
+        {
+            *counted = true;
+        }
     }
 
     pub fn contains(&self, org_id: &str, request_id: &str) -> bool {
         self.0
             .get(org_id)
-            .is_some_and(|ids| ids.contains(&hash_request_id(request_id)))
+            .and_then(|ids| ids.get(&hash_request_id(request_id)))
+            .copied()
+            .unwrap_or(false)
     }
 }
 
@@ -233,6 +236,30 @@ pub(crate) fn resolve<'a>(
 }
 
 impl HoldJournal {
+    /// The request ids the journal in `dir` placed holds under (none when
+    /// it does not exist), for the usage log's replay to watch.
+    pub fn placed_ids(dir: &Path) -> Result<Replayed> {
+        let mut watched = Replayed::default();
+        if !dir.exists() {
+            return Ok(watched);
+        }
+        for n in segments(dir)? {
+            let path = segment_path(dir, n);
+            let file = File::open(&path).map_err(|e| io("opening", &path, &e))?;
+            for line in BufReader::new(file).lines() {
+                let line = line.map_err(|e| io("reading", &path, &e))?;
+                if let Some(Record::Placed(p)) = parse(&line) {
+                    let _ = watched
+                        .0
+                        .entry(p.org.into())
+                        .or_default()
+                        .insert(hash_request_id(p.request_id), false);
+                }
+            }
+        }
+        Ok(watched)
+    }
+
     /// Reads the journal in `dir` (created when missing) into the orgs of
     /// `registry`, as of `now_ms`, then compacts it into a new segment.
     /// Call after the meter recovered (so counted request ids are known:

@@ -232,7 +232,14 @@ async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
         }
         // Embedded: this process meters every org, from the SQL usage log.
         None => {
-            let log = Arc::new(EmbeddedLog::recover(Arc::clone(&engine.meter)).await?);
+            // The replay notes which of the journal's holds it counts.
+            let watched = match &cfg.holds_dir {
+                Some(dir) => HoldJournal::placed_ids(dir)
+                    .with_context(|| format!("reading the hold journal in {}", dir.display()))?,
+                None => Default::default(),
+            };
+            let log =
+                Arc::new(EmbeddedLog::recover_watching(Arc::clone(&engine.meter), watched).await?);
             engine.set_sink(Arc::clone(&log) as Arc<dyn tally_engine::UsageSink>);
             // After the recovery: a hold whose usage was counted is settled.
             let replayed = log.take_replayed();

@@ -74,7 +74,9 @@ pub(crate) async fn try_embedded_with(
     .await
     .map_err(|e| format!("starting the engine: {e}"))?;
     let engine = Arc::new(engine);
-    let log = EmbeddedLog::recover(Arc::clone(&engine.meter))
+    let watched = HoldJournal::placed_ids(&dir.join("holds"))
+        .map_err(|e| format!("reading the hold journal: {e}"))?;
+    let log = EmbeddedLog::recover_watching(Arc::clone(&engine.meter), watched)
         .await
         .map_err(|e| format!("recovering the usage log: {e}"))?;
     let replayed = log.take_replayed();

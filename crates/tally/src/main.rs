@@ -277,6 +277,10 @@ async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
         (Some(dir), None) => format!("embedded, data in {}", dir.display()),
         (None, None) => format!("embedded, database {}", redact(&cfg.database_url)),
     };
+    // Registered before anything can tell the process is up: a SIGTERM
+    // right after stops it cleanly (it killed it while the handler waited
+    // for the server's first poll).
+    let stop_signal = signal();
     println!("tally listening on http://{addr} ({described})");
     tracing::info!(%addr, mode = described, startup_ms = started.elapsed().as_millis() as u64, "serving");
 
@@ -383,7 +387,7 @@ async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
     let (why_tx, mut why_rx) = watch::channel("");
     let shutdown = async move {
         let why = tokio::select! {
-            () = signal() => "signal",
+            () = stop_signal => "signal",
             () = failed => "meter failure",
         };
         let _ = why_tx.send(why);
@@ -570,27 +574,37 @@ fn lock_file(path: &Path) -> anyhow::Result<Option<std::fs::File>> {
     }
 }
 
-/// Resolves on ctrl-c or SIGTERM.
-async fn signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+/// Takes ctrl-c and SIGTERM from now on (they no longer kill the process);
+/// the future resolves on either.
+fn signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                let _ = s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
+    let (term, int) = {
+        use tokio::signal::unix::{SignalKind, signal};
+        (
+            signal(SignalKind::terminate()).ok(),
+            signal(SignalKind::interrupt()).ok(),
+        )
     };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {}
-        () = term => {}
+    async move {
+        #[cfg(unix)]
+        {
+            async fn recv(s: Option<tokio::signal::unix::Signal>) {
+                match s {
+                    Some(mut s) => {
+                        let _ = s.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            }
+            tokio::select! {
+                () = recv(term) => {}
+                () = recv(int) => {}
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = tokio::signal::ctrl_c().await;
+        tracing::info!("signal received: stopping");
     }
-    tracing::info!("signal received: stopping");
 }
 
 /// The database at `url`, opened for a maintenance command: never under a

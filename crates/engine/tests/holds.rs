@@ -50,6 +50,23 @@ fn usage(request_id: &str, cost: i64, at: i64) -> tally_core::usage::UsageEvent 
     .unwrap()
 }
 
+/// Three minutes on, more ids than a window capped at 10 keeps: its first
+/// minute is forgotten, as a busy org's is, and `id` with it.
+async fn forget_the_first_minute(engine: &Engine, clock: &ManualClock, id: &str) {
+    clock.set(T0 + 3 * MINUTE);
+    let later: Vec<_> = (0..20)
+        .map(|i| (i, usage(&format!("u{i}"), 1_000, T0 + 3 * MINUTE)))
+        .collect();
+    assert_eq!(engine.ingest(later).await.unwrap().accepted, 20);
+    let cell = engine.registry.org("acme").unwrap();
+    let forgotten = !cell
+        .read()
+        .meter
+        .dedupe
+        .contains(tally_core::dedupe::hash_request_id(id));
+    assert!(forgotten, "the window still holds the settled hold's id");
+}
+
 fn temp(name: &str) -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!("tally-holds-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -192,20 +209,7 @@ async fn a_settled_hold_stays_settled_after_the_window_forgot_its_id() {
             .await
             .unwrap();
         assert_eq!(report.accepted, 1);
-        // Three minutes on, more ids than the window's cap: the first
-        // minute is forgotten.
-        clock.set(T0 + 3 * MINUTE);
-        let later: Vec<_> = (0..20)
-            .map(|i| (i, usage(&format!("u{i}"), 1_000, T0 + 3 * MINUTE)))
-            .collect();
-        assert_eq!(engine.ingest(later).await.unwrap().accepted, 20);
-        let cell = engine.registry.org("acme").unwrap();
-        let forgotten = !cell
-            .read()
-            .meter
-            .dedupe
-            .contains(tally_core::dedupe::hash_request_id("h"));
-        assert!(forgotten, "the window still holds the settled hold's id");
+        forget_the_first_minute(&engine, &clock, "h").await;
         engine.meter.shutdown().await.unwrap();
     }
     clock.set(T0 + 4 * MINUTE);
@@ -373,15 +377,7 @@ async fn settle_refused_then_restart(name: &str, checkpoint: bool) {
         assert_eq!(size() % 4_096, 0, "the page is full");
         // The usage log's next write reuses its write-ahead log's pages:
         // let that start over from its beginning, then fill the disk.
-        let db = tally_store::Db::open(&tally_store::DbOptions {
-            migrate: false,
-            ..tally_store::DbOptions::new(format!(
-                "sqlite://{}?mode=rwc",
-                dir.join("tally.db").display()
-            ))
-        })
-        .await
-        .unwrap();
+        let db = support::second_connection(&dir).await;
         let _ = db
             .execute_raw("PRAGMA wal_checkpoint(RESTART)")
             .await
@@ -397,20 +393,8 @@ async fn settle_refused_then_restart(name: &str, checkpoint: bool) {
         if checkpoint {
             assert_eq!(engine.meter.checkpoint().await.unwrap(), 1);
         }
-        // Three minutes on, more ids than the window's cap: the first
-        // minute is forgotten. Then a kill -9, before any checkpoint.
-        clock.set(T0 + 3 * MINUTE);
-        let later: Vec<_> = (0..20)
-            .map(|i| (i, usage(&format!("u{i}"), 1_000, T0 + 3 * MINUTE)))
-            .collect();
-        assert_eq!(engine.ingest(later).await.unwrap().accepted, 20);
-        let cell = engine.registry.org("acme").unwrap();
-        let forgotten = !cell
-            .read()
-            .meter
-            .dedupe
-            .contains(tally_core::dedupe::hash_request_id("p"));
-        assert!(forgotten, "the window still holds the settled hold's id");
+        // Then a kill -9, before any checkpoint.
+        forget_the_first_minute(&engine, &clock, "p").await;
     }
     clock.set(T0 + 4 * MINUTE);
     let (engine, restored) = support::embedded_with(&dir, &clock, options).await;

@@ -375,15 +375,7 @@ impl Running {
 /// on demand: a trigger per point of [`FAULT_POINTS`] aborts the write (and
 /// so its transaction) while the point is armed.
 async fn install_faults(dir: &Path) -> Faults {
-    let db = tally_store::Db::open(&tally_store::DbOptions {
-        migrate: false,
-        ..tally_store::DbOptions::new(format!(
-            "sqlite://{}?mode=rwc",
-            dir.join("tally.db").display()
-        ))
-    })
-    .await
-    .unwrap();
+    let db = support::second_connection(dir).await;
     let mut sql = "CREATE TABLE sim_faults (point TEXT PRIMARY KEY);".to_owned();
     for (i, (point, writes)) in FAULT_POINTS.iter().enumerate() {
         sql += &format!(

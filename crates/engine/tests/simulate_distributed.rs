@@ -124,6 +124,19 @@ fn key_of(user: &str) -> String {
     format!("k-{user}")
 }
 
+/// The command that gives `user` of `org` its key.
+fn create_key(org: &str, user: &str) -> Command {
+    Command::CreateKey {
+        key_id: KeyId::new(&key_of(user)).unwrap(),
+        name: "key".into(),
+        user_id: Some(UserId::new(user).unwrap()),
+        group_ids: vec![],
+        features: vec![],
+        monthly_limit_micros: None,
+        secret_hash: hash_secret(&secret(org, user)),
+    }
+}
+
 /// A stored enforcement event: subject kind and id, month, event,
 /// threshold, ordinal, reason.
 type EnforcementRow = (String, String, i64, String, i64, i64, Option<String>);
@@ -351,15 +364,7 @@ impl Sim {
                     monthly_limit_micros: Some(Some(200_000)),
                     activate: true,
                 },
-                Command::CreateKey {
-                    key_id: KeyId::new(&key_of(&user)).unwrap(),
-                    name: "key".into(),
-                    user_id: Some(UserId::new(&user).unwrap()),
-                    group_ids: vec![],
-                    features: vec![],
-                    monthly_limit_micros: None,
-                    secret_hash: hash_secret(&secret(org, &user)),
-                },
+                create_key(org, &user),
             ];
             support::run(&node.engine, org, cmds).await;
             let _ = users.insert(org.to_owned(), vec![user]);
@@ -556,15 +561,7 @@ impl Sim {
         if !added {
             return;
         }
-        let key = Command::CreateKey {
-            key_id: KeyId::new(&key_of(&user)).unwrap(),
-            name: "key".into(),
-            user_id: Some(UserId::new(&user).unwrap()),
-            group_ids: vec![],
-            features: vec![],
-            monthly_limit_micros: None,
-            secret_hash: hash_secret(&secret(org, &user)),
-        };
+        let key = create_key(org, &user);
         // Refused by a process in a storage fault, the admin tries again
         // after its tick ended the fault.
         while !self.command(org, key.clone()).await {

@@ -92,6 +92,19 @@ pub(crate) async fn try_embedded_with(
     Ok((engine, restored))
 }
 
+/// A connection of a test's own to the embedded engine's database in `dir`.
+pub(crate) async fn second_connection(dir: &Path) -> Db {
+    Db::open(&DbOptions {
+        migrate: false,
+        ..DbOptions::new(format!(
+            "sqlite://{}?mode=rwc",
+            dir.join("tally.db").display()
+        ))
+    })
+    .await
+    .unwrap()
+}
+
 /// A small tmpfs of a test's own, to fill a disk for real (the suite runs
 /// as root; `mount` needs it). Unmounted, lazily, on drop.
 pub(crate) struct Tmpfs {

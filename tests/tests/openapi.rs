@@ -226,6 +226,8 @@ async fn the_document_matches_every_real_response() {
         ("get", "/v1/orgs/{org}"),
         ("patch", "/v1/orgs/{org}"),
         ("post", "/v1/orgs/{org}/tokens"),
+        ("get", "/v1/orgs/{org}/tokens"),
+        ("delete", "/v1/orgs/{org}/tokens/{token}"),
         ("post", "/v1/orgs/{org}/users"),
         ("get", "/v1/orgs/{org}/users"),
         ("get", "/v1/orgs/{org}/users/{user}"),
@@ -316,6 +318,43 @@ async fn the_document_matches_every_real_response() {
     )
     .await;
     let admin = tally.client(token["token"].as_str().unwrap());
+    let spare = call(
+        s,
+        &op,
+        "post",
+        "/v1/orgs/{org}/tokens",
+        "/v1/orgs/acme/tokens",
+        Some(json!({"id": "spare"})),
+    )
+    .await;
+    assert_eq!(spare["id"], "spare");
+    call(
+        s,
+        &admin,
+        "delete",
+        "/v1/orgs/{org}/tokens/{token}",
+        "/v1/orgs/acme/tokens/spare",
+        None,
+    )
+    .await;
+    call(
+        s,
+        &admin,
+        "delete",
+        "/v1/orgs/{org}/tokens/{token}",
+        "/v1/orgs/acme/tokens/nope",
+        None,
+    )
+    .await;
+    call(
+        s,
+        &admin,
+        "get",
+        "/v1/orgs/{org}/tokens",
+        "/v1/orgs/acme/tokens",
+        None,
+    )
+    .await;
     call(
         s,
         &admin,

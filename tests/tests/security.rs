@@ -11,6 +11,8 @@ fn endpoints(org: &str) -> Vec<(&'static str, String, Option<Value>)> {
         ("GET", o(""), None),
         ("PATCH", o(""), Some(json!({"name": "taken over"}))),
         ("POST", o("/tokens"), Some(json!({}))),
+        ("GET", o("/tokens"), None),
+        ("DELETE", o("/tokens/t1"), None),
         ("GET", o("/events"), None),
         ("GET", o("/enforcement"), None),
         ("GET", o("/dead-letters"), None),
@@ -77,7 +79,8 @@ async fn documented_endpoints(op: &Client, org: &str) -> Vec<(String, String)> {
             .replace("{group}", "g1")
             .replace("{key}", "k1")
             .replace("{id}", "1")
-            .replace("{request_id}", "r1");
+            .replace("{request_id}", "r1")
+            .replace("{token}", "t1");
         for method in ops.as_object().unwrap().keys() {
             out.push((method.to_uppercase(), concrete.clone()));
         }
@@ -162,7 +165,7 @@ async fn every_admin_endpoint_refuses_the_wrong_caller() {
         .collect();
     covered.sort();
     assert_eq!(covered, documented_endpoints(&op, "other").await);
-    assert_eq!(checked, 31);
+    assert_eq!(checked, 33);
     // Operator-only endpoints.
     for (method, path, body) in [
         ("POST", "/v1/orgs", Some(json!({"name": "Mine"}))),
@@ -179,6 +182,98 @@ async fn every_admin_endpoint_refuses_the_wrong_caller() {
     );
     let own = tally.client(&other_token);
     let _ = own.get("/v1/orgs/other/users").await.expect(200);
+    tally.stop().unwrap();
+}
+
+/// An org's admin tokens are listed (never their secrets) and revoked: a
+/// revoked token authenticates nothing from its next request on, also
+/// after a restart; revoking is in the audit log and idempotent; the
+/// other tokens go on working.
+#[tokio::test]
+async fn an_org_admin_lists_and_revokes_its_tokens() {
+    let tally = Tally::start(&Backend::sqlite("token-revoke")).unwrap();
+    let op = tally.operator();
+    let (first, _) = seed(&op, "acme").await;
+    let second = op
+        .post("/v1/orgs/acme/tokens", json!({"id": "second"}))
+        .await
+        .expect(201)["token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let admin = tally.client(&first);
+    let listed = admin.get("/v1/orgs/acme/tokens").await.expect(200);
+    let items = listed["items"].as_array().unwrap();
+    assert_eq!(items.len(), 2, "{listed}");
+    assert!(
+        items
+            .iter()
+            .any(|t| t["id"] == "second" && t["revoked_at"].is_null())
+    );
+    for secret in [&first, &second] {
+        assert!(!listed.to_string().contains(secret.as_str()), "{listed}");
+    }
+    // One at a time, by id.
+    let page = admin.get("/v1/orgs/acme/tokens?limit=1").await.expect(200);
+    let next = page["next_cursor"].as_str().expect("a second page");
+    let rest = admin
+        .get(&format!("/v1/orgs/acme/tokens?limit=1&cursor={next}"))
+        .await
+        .expect(200);
+    assert_eq!(rest["items"][0]["id"], items[1]["id"], "{rest}");
+    assert!(rest["next_cursor"].is_null(), "{rest}");
+
+    let revoked = admin.delete("/v1/orgs/acme/tokens/second").await;
+    assert_eq!(revoked.status, 204, "{}", revoked.body);
+    let gone = tally.client(&second);
+    assert_eq!(
+        gone.get("/v1/orgs/acme/users").await.error(401),
+        "unauthorized"
+    );
+    // Again: nothing to do; an unknown token: 404.
+    assert_eq!(
+        admin.delete("/v1/orgs/acme/tokens/second").await.status,
+        204
+    );
+    assert_eq!(
+        admin.delete("/v1/orgs/acme/tokens/nope").await.error(404),
+        "not_found"
+    );
+    let listed = admin.get("/v1/orgs/acme/tokens").await.expect(200);
+    let second_row = listed["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["id"] == "second")
+        .cloned()
+        .unwrap();
+    assert!(second_row["revoked_at"].is_string(), "{listed}");
+    let events = admin
+        .get("/v1/orgs/acme/events?limit=1000")
+        .await
+        .expect(200);
+    let revocations: Vec<&Value> = events["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["type"] == "token_revoked")
+        .collect();
+    assert_eq!(revocations.len(), 1, "{events}");
+    // The log keeps it so.
+    let tally = tally.restart().unwrap();
+    assert_eq!(
+        tally
+            .client(&second)
+            .get("/v1/orgs/acme/users")
+            .await
+            .error(401),
+        "unauthorized"
+    );
+    let _ = tally
+        .client(&first)
+        .get("/v1/orgs/acme/users")
+        .await
+        .expect(200);
     tally.stop().unwrap();
 }
 

@@ -70,7 +70,14 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/v1/orgs", post(orgs::create))
         .route("/v1/orgs/{org}", get(orgs::get).patch(orgs::patch))
-        .route("/v1/orgs/{org}/tokens", post(orgs::create_token))
+        .route(
+            "/v1/orgs/{org}/tokens",
+            post(orgs::create_token).get(orgs::list_tokens),
+        )
+        .route(
+            "/v1/orgs/{org}/tokens/{token}",
+            axum::routing::delete(orgs::revoke_token),
+        )
         .route("/v1/orgs/{org}/events", get(orgs::events))
         .route("/v1/orgs/{org}/enforcement", get(orgs::enforcement))
         .route("/v1/orgs/{org}/dead-letters", get(orgs::dead_letters))

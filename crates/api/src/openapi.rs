@@ -17,7 +17,7 @@ use crate::{groups, holds, keys, ops, orgs, usage, users, webhooks};
                        for its own org.",
     ),
     paths(
-        orgs::create, orgs::get, orgs::patch, orgs::create_token, orgs::events, orgs::enforcement,
+        orgs::create, orgs::get, orgs::patch, orgs::create_token, orgs::list_tokens, orgs::revoke_token, orgs::events, orgs::enforcement,
         orgs::dead_letters, orgs::all_dead_letters,
         users::add, users::list, users::get, users::patch, users::remove, users::bulk,
         groups::create, groups::list, groups::get, groups::patch, groups::delete,

@@ -196,6 +196,89 @@ pub(crate) async fn create_token(
     ))
 }
 
+/// An org admin token as listed: never its secret.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub(crate) struct TokenInfoJson {
+    id: String,
+    org_id: String,
+    created_at: String,
+    /// When it was revoked (null: it works).
+    revoked_at: Option<String>,
+}
+
+/// The org's admin tokens, revoked ones too, by id.
+#[utoipa::path(get, path = "/v1/orgs/{org}/tokens", tag = "orgs", params(("org" = String, Path, description = "org id"), PageParams), responses((status = 200, body = ListJson<TokenInfoJson>), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody)))]
+pub(crate) async fn list_tokens(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(org): Path<String>,
+    Params(p): Params<PageParams>,
+) -> ApiResult<Json<ListJson<TokenInfoJson>>> {
+    let org_id = org_access(&state, &caller, &org)?;
+    let limit = page_len(p.limit)? as usize;
+    let after = cursor::after_id("tokens", p.cursor.as_deref())?;
+    let cell = state
+        .engine
+        .registry
+        .org(&org_id)
+        .ok_or_else(|| ApiError::not_found(format!("org {org:?} does not exist")))?;
+    let mut rows: Vec<TokenInfoJson> = {
+        let org = cell.read();
+        let mut ids: Vec<&tally_core::ids::TokenId> = org
+            .dir
+            .tokens
+            .keys()
+            .filter(|id| after.as_deref().is_none_or(|a| id.as_str() > a))
+            .collect();
+        ids.sort_unstable();
+        ids.into_iter()
+            .take(limit + 1)
+            .map(|id| {
+                let t = &org.dir.tokens[id];
+                TokenInfoJson {
+                    id: id.to_string(),
+                    org_id: org_id.to_string(),
+                    created_at: format_rfc3339_ms(t.created_at_ms),
+                    revoked_at: t.revoked_at_ms.map(format_rfc3339_ms),
+                }
+            })
+            .collect()
+    };
+    let more = rows.len() > limit;
+    rows.truncate(limit);
+    let next_cursor = more
+        .then(|| {
+            rows.last()
+                .map(|t| cursor::encode_after("tokens", &json!(t.id)))
+        })
+        .flatten();
+    Ok(Json(ListJson {
+        items: rows,
+        next_cursor,
+    }))
+}
+
+/// Revokes an admin token: it authenticates nothing from the next request
+/// on (a process of the distributed mode, once the entity relay brought
+/// the change). Idempotent.
+#[utoipa::path(delete, path = "/v1/orgs/{org}/tokens/{token}", tag = "orgs", params(("org" = String, Path, description = "org id"), ("token" = String, Path, description = "token id")), responses((status = 204, description = "revoked"), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody)))]
+pub(crate) async fn revoke_token(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((org, token)): Path<(String, String)>,
+) -> ApiResult<StatusCode> {
+    let org_id = org_access(&state, &caller, &org)?;
+    let cmd = Command::RevokeToken {
+        token_id: TokenId::new(&token).map_err(|e| ApiError::invalid(e.to_string()))?,
+    };
+    let _ = state
+        .engine
+        .commands
+        .execute(&org_id, caller.actor(), &cmd)
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
 fn event_json(e: &EntityEvent) -> EventJson {
     let mut v = serde_json::to_value(e).expect("events serialize");
     if let Some(o) = v.as_object_mut() {

@@ -146,6 +146,9 @@ pub enum EventKind {
         #[serde(skip)]
         token_hash: SecretHash,
     },
+    TokenRevoked {
+        token_id: TokenId,
+    },
     UserAdded {
         user_id: UserId,
         email: String,
@@ -243,6 +246,7 @@ impl EventKind {
             EventKind::WebhookSet { .. } => "webhook_set",
             EventKind::WebhookRemoved => "webhook_removed",
             EventKind::TokenCreated { .. } => "token_created",
+            EventKind::TokenRevoked { .. } => "token_revoked",
             EventKind::UserAdded { .. } => "user_added",
             EventKind::UserActivated { .. } => "user_activated",
             EventKind::UserSuspended { .. } => "user_suspended",
@@ -289,6 +293,9 @@ pub enum Command {
     CreateToken {
         token_id: TokenId,
         token_hash: SecretHash,
+    },
+    RevokeToken {
+        token_id: TokenId,
     },
     AddUser {
         user_id: UserId,
@@ -451,6 +458,15 @@ pub struct Group {
     pub created_at_ms: i64,
 }
 
+/// An org admin token: only its hash is kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Token {
+    pub hash: SecretHash,
+    pub created_at_ms: i64,
+    /// When it was revoked: it authenticates nothing since.
+    pub revoked_at_ms: Option<i64>,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Key {
     pub idx: u32,
@@ -495,7 +511,8 @@ pub struct OrgDirectory {
     pub users: HashMap<UserId, Box<User>>,
     pub groups: HashMap<GroupId, Group>,
     pub keys: HashMap<KeyId, Box<Key>>,
-    pub tokens: HashMap<TokenId, SecretHash>,
+    /// Admin tokens, revoked ones too (an id is never given twice).
+    pub tokens: HashMap<TokenId, Token>,
     /// Index → id, for the ledger's dense counter slots.
     pub user_ids: Vec<UserId>,
     pub group_ids: Vec<GroupId>,
@@ -810,7 +827,8 @@ impl OrgDirectory {
                 if self.tokens.contains_key(token_id) {
                     return Err(CommandError::Conflict(format!("token {token_id:?} exists")));
                 }
-                if self.tokens.len() >= TOKENS_PER_ORG_MAX {
+                let live = self.tokens.values().filter(|t| t.revoked_at_ms.is_none());
+                if live.count() >= TOKENS_PER_ORG_MAX {
                     return Err(CommandError::Rule(format!(
                         "an org has at most {TOKENS_PER_ORG_MAX} admin tokens"
                     )));
@@ -820,6 +838,19 @@ impl OrgDirectory {
                     token_hash: *token_hash,
                 }]
             }
+            Command::RevokeToken { token_id } => match self.tokens.get(token_id) {
+                None => {
+                    return Err(CommandError::NotFound {
+                        what: "token",
+                        id: token_id.to_string(),
+                    });
+                }
+                // Idempotent: revoked already.
+                Some(t) if t.revoked_at_ms.is_some() => vec![],
+                Some(_) => vec![EventKind::TokenRevoked {
+                    token_id: token_id.clone(),
+                }],
+            },
             Command::AddUser {
                 user_id,
                 email,
@@ -1261,7 +1292,17 @@ impl OrgDirectory {
                 token_id,
                 token_hash,
             } => {
-                let _ = self.tokens.insert(token_id.clone(), *token_hash);
+                let token = Token {
+                    hash: *token_hash,
+                    created_at_ms: at,
+                    revoked_at_ms: None,
+                };
+                let _ = self.tokens.insert(token_id.clone(), token);
+            }
+            EventKind::TokenRevoked { token_id } => {
+                if let Some(t) = self.tokens.get_mut(token_id) {
+                    t.revoked_at_ms = Some(at);
+                }
             }
             EventKind::UserAdded {
                 user_id,
@@ -1998,6 +2039,47 @@ pub(crate) mod tests {
             }),
             Err(CommandError::Conflict(_))
         ));
+    }
+
+    #[test]
+    fn a_revoked_token_keeps_its_id_and_frees_its_place_under_the_cap() {
+        let t = |s: &str| TokenId::new(s).unwrap();
+        let mut kinds = vec![created(None)];
+        kinds.extend((0..TOKENS_PER_ORG_MAX).map(|i| EventKind::TokenCreated {
+            token_id: t(&format!("t{i}")),
+            token_hash: [i as u8; 32],
+        }));
+        let one_more = || Command::CreateToken {
+            token_id: t("new"),
+            token_hash: [7; 32],
+        };
+        given(kinds.clone())
+            .when(one_more())
+            .then_expect_error(|e| matches!(e, CommandError::Rule(_)));
+        given(vec![created(None)])
+            .when(Command::RevokeToken { token_id: t("t0") })
+            .then_expect_error(|e| matches!(e, CommandError::NotFound { .. }));
+        let revoke = Command::RevokeToken { token_id: t("t0") };
+        let dir = given(kinds.clone())
+            .when(revoke.clone())
+            .then_expect_events(vec![EventKind::TokenRevoked { token_id: t("t0") }]);
+        assert!(dir.tokens[&t("t0")].revoked_at_ms.is_some());
+        kinds.push(EventKind::TokenRevoked { token_id: t("t0") });
+        // Revoked again: nothing happens; its id is not given again; its
+        // place is.
+        let _ = given(kinds.clone()).when(revoke).then_expect_events(vec![]);
+        given(kinds.clone())
+            .when(Command::CreateToken {
+                token_id: t("t0"),
+                token_hash: [9; 32],
+            })
+            .then_expect_error(|e| matches!(e, CommandError::Conflict(_)));
+        let _ = given(kinds)
+            .when(one_more())
+            .then_expect_events(vec![EventKind::TokenCreated {
+                token_id: t("new"),
+                token_hash: [7; 32],
+            }]);
     }
 
     #[test]

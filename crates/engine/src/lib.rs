@@ -204,7 +204,8 @@ impl Engine {
         // The index found it by hash; confirm against the org's own record.
         let cell = self.registry.org(&org_id)?;
         let stored = *cell.read().dir.tokens.get(&token_id)?;
-        ct_eq(&stored, &hash).then_some(Principal::Org { org_id, token_id })
+        (stored.revoked_at_ms.is_none() && ct_eq(&stored.hash, &hash))
+            .then_some(Principal::Org { org_id, token_id })
     }
 
     /// The gateway's question: may the holder of `secret` make this call?

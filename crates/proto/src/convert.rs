@@ -135,6 +135,9 @@ pub fn encode_entity_event(e: &EntityEvent) -> Vec<u8> {
             token_id: token_id.to_string(),
             token_hash: token_hash.to_vec(),
         }),
+        EventKind::TokenRevoked { token_id } => K::TokenRevoked(v1::TokenRevoked {
+            token_id: token_id.to_string(),
+        }),
         EventKind::UserAdded {
             user_id,
             email,
@@ -271,6 +274,9 @@ pub fn decode_entity_event(bytes: &[u8]) -> Result<EntityEvent, ConvertError> {
             token_id: id(TokenId::new, &k.token_id)?,
             token_hash: hash32(&k.token_hash, "token_hash")?,
         },
+        K::TokenRevoked(k) => EventKind::TokenRevoked {
+            token_id: id(TokenId::new, &k.token_id)?,
+        },
         K::UserAdded(k) => EventKind::UserAdded {
             user_id: id(UserId::new, &k.user_id)?,
             email: k.email,
@@ -397,6 +403,9 @@ mod tests {
             EventKind::TokenCreated {
                 token_id: TokenId::new("t1").unwrap(),
                 token_hash: [9; 32],
+            },
+            EventKind::TokenRevoked {
+                token_id: TokenId::new("t1").unwrap(),
             },
             EventKind::UserAdded {
                 user_id: u(),

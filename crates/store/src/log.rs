@@ -409,7 +409,7 @@ async fn project(tx: &mut WriteTx, e: &EntityEvent) -> Result<()> {
             org,
         ),
         // Token hashes live in the log and in memory only.
-        EventKind::TokenCreated { .. } => {}
+        EventKind::TokenCreated { .. } | EventKind::TokenRevoked { .. } => {}
         EventKind::UserAdded {
             user_id,
             email,

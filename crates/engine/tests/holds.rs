@@ -67,6 +67,24 @@ async fn forget_the_first_minute(engine: &Engine, clock: &ManualClock, id: &str)
     assert!(forgotten, "the window still holds the settled hold's id");
 }
 
+/// The hold journal's newest segment in `dir`: where lines go now.
+fn last_segment(dir: &Path) -> std::path::PathBuf {
+    std::fs::read_dir(dir.join("holds"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .max()
+        .unwrap()
+}
+
+/// A hold of alice's, `micros` for half an hour, which must be admitted.
+async fn placed(engine: &Engine, id: &str, micros: i64) {
+    let (_, d, _) = engine
+        .reserve(SECRET, None, None, hold(id, micros, 30 * MINUTE))
+        .await
+        .unwrap();
+    assert!(d.allowed, "{id}: {d:?}");
+}
+
 fn temp(name: &str) -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!("tally-holds-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -145,11 +163,7 @@ async fn the_journal_restores_live_holds_and_drops_settled_and_expired_ones() {
         // meter's checkpoint is not written), and a write was torn.
         engine.meter.shutdown().await.unwrap();
     }
-    let segment = std::fs::read_dir(dir.join("holds"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .max()
-        .unwrap();
+    let segment = last_segment(&dir);
     let mut f = std::fs::OpenOptions::new()
         .append(true)
         .open(&segment)
@@ -199,11 +213,7 @@ async fn a_settled_hold_stays_settled_after_the_window_forgot_its_id() {
     {
         let (engine, _) = support::embedded_with(&dir, &clock, options.clone()).await;
         acme(&engine).await;
-        let (_, d, _) = engine
-            .reserve(SECRET, None, None, hold("h", 300_000, 30 * MINUTE))
-            .await
-            .unwrap();
-        assert!(d.allowed, "{d:?}");
+        placed(&engine, "h", 300_000).await;
         let report = engine
             .ingest(vec![(0, usage("h", 250_000, T0))])
             .await
@@ -260,25 +270,15 @@ async fn a_line_the_full_disk_tore_is_cut_off_before_the_next_one() {
     {
         let (engine, _) = engine(&dir, &clock).await;
         acme(&engine).await;
-        let segment = || {
-            std::fs::read_dir(dir.join("holds"))
-                .unwrap()
-                .map(|e| e.unwrap().path())
-                .max()
-                .unwrap()
-        };
-        let size = || std::fs::metadata(segment()).unwrap().len();
+        let segment = last_segment(&dir);
+        let size = || std::fs::metadata(&segment).unwrap().len();
         // Holds until the next line (over 50 bytes) crosses into a new
         // page.
         let mut placed = Vec::new();
         while size() == 0 || 4_096 - size() % 4_096 > 40 {
             assert!(placed.len() < 1_000, "no line ended near a page's end");
             let id = format!("r{}", placed.len());
-            let (_, d, _) = engine
-                .reserve(SECRET, None, None, hold(&id, 1, 30 * MINUTE))
-                .await
-                .unwrap();
-            assert!(d.allowed, "{d:?}");
+            self::placed(&engine, &id, 1).await;
             placed.push(id);
         }
         let before = size();
@@ -290,11 +290,7 @@ async fn a_line_the_full_disk_tore_is_cut_off_before_the_next_one() {
         assert!(e.contains("No space left on device"), "{e}");
         assert_eq!(size(), before, "the torn part stayed");
         std::fs::remove_file(filler).unwrap();
-        let (_, d, _) = engine
-            .reserve(SECRET, None, None, hold("after", 1, 30 * MINUTE))
-            .await
-            .unwrap();
-        assert!(d.allowed, "{d:?}");
+        self::placed(&engine, "after", 1).await;
         placed.push("after".into());
         ids = placed;
     }
@@ -345,34 +341,20 @@ async fn settle_refused_then_restart(name: &str, checkpoint: bool) {
     {
         let (engine, _) = support::embedded_with(&dir, &clock, options.clone()).await;
         acme(&engine).await;
-        let segment = std::fs::read_dir(dir.join("holds"))
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .max()
-            .unwrap();
+        let segment = last_segment(&dir);
         let size = || std::fs::metadata(&segment).unwrap().len();
-        let reserve = |id: String| {
-            let engine = Arc::clone(&engine);
-            async move {
-                let (_, d, _) = engine
-                    .reserve(SECRET, None, None, hold(&id, 1, 30 * MINUTE))
-                    .await
-                    .unwrap();
-                assert!(d.allowed, "{d:?}");
-            }
-        };
         // `p`, then holds whose lines end the segment's page exactly: `p`'s
         // settle line will need a new page.
-        reserve("p".into()).await;
+        placed(&engine, "p", 1).await;
         let per_line = size() - 1; // a line but its id
         for n in 0.. {
             let room = 4_096 - size() % 4_096;
             if room > per_line && room - per_line <= 60 {
                 let id_len = usize::try_from(room - per_line).unwrap();
-                reserve(format!("e{}", "x".repeat(id_len - 1))).await;
+                placed(&engine, &format!("e{}", "x".repeat(id_len - 1)), 1).await;
                 break;
             }
-            reserve(format!("q{n}")).await;
+            placed(&engine, &format!("q{n}"), 1).await;
         }
         assert_eq!(size() % 4_096, 0, "the page is full");
         // The usage log's next write reuses its write-ahead log's pages:

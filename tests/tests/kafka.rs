@@ -980,3 +980,83 @@ async fn a_limit_change_from_another_process_survives_the_owners_kill_9() {
     assert!(allowed(&far).await);
     other.stop().unwrap();
 }
+
+/// Revocation holds from the next request on every process: a token known
+/// to both processes, revoked through one, is refused by the other at
+/// once (an org's tokens: the org's log head is read per request; gateway
+/// tokens of every org: their table). A gateway token of every org made
+/// on one process works on the other at once.
+#[tokio::test]
+async fn a_token_revoked_on_one_process_is_refused_by_the_other_at_once() {
+    let Some((broker, backend)) = services("kafka_revoke").await else {
+        return;
+    };
+    let a = start(&backend, &broker);
+    ready(&a).await;
+    let b = start(&backend, &broker);
+    ready(&b).await;
+    let op = a.operator();
+    org_fixture(&op, "lima", 1, 1, None).await;
+    let secret = auth_key(&op, "lima").await;
+    let mint = async |id: &str, role: &str| {
+        op.post("/v1/orgs/lima/tokens", json!({"id": id, "role": role}))
+            .await
+            .expect(201)["token"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let admin = mint("adm", "admin").await;
+    let gateway = mint("gw", "gateway").await;
+    let edge = op
+        .post("/v1/gateway-tokens", json!({"id": "edge", "name": "edge"}))
+        .await
+        .expect(201)["token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // Made on a, known on b at once (read from the table).
+    let _ = b
+        .client(&edge)
+        .post("/v1/authorize", json!({"api_key": secret}))
+        .await
+        .expect(200);
+    // The org's tokens reach b with the relayed entity log.
+    wait_for("lima's tokens on b", Duration::from_secs(30), || async {
+        b.client(&admin).get("/v1/orgs/lima").await.status == 200
+            && b.client(&gateway)
+                .post("/v1/authorize", json!({"api_key": secret}))
+                .await
+                .status
+                == 200
+    })
+    .await;
+    // Revoked through a, refused by b on its next request; and the other
+    // way round.
+    assert_eq!(op.delete("/v1/orgs/lima/tokens/adm").await.status, 204);
+    assert_eq!(
+        b.client(&admin).get("/v1/orgs/lima").await.error(401),
+        "unauthorized"
+    );
+    assert_eq!(
+        b.operator().delete("/v1/orgs/lima/tokens/gw").await.status,
+        204
+    );
+    assert_eq!(
+        a.client(&gateway)
+            .post("/v1/authorize", json!({"api_key": secret}))
+            .await
+            .error(401),
+        "unauthorized"
+    );
+    assert_eq!(op.delete("/v1/gateway-tokens/edge").await.status, 204);
+    assert_eq!(
+        b.client(&edge)
+            .post("/v1/authorize", json!({"api_key": secret}))
+            .await
+            .error(401),
+        "unauthorized"
+    );
+    a.stop().unwrap();
+    b.stop().unwrap();
+}

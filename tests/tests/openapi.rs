@@ -228,6 +228,10 @@ async fn the_document_matches_every_real_response() {
         ("post", "/v1/orgs/{org}/tokens"),
         ("get", "/v1/orgs/{org}/tokens"),
         ("delete", "/v1/orgs/{org}/tokens/{token}"),
+        ("post", "/v1/gateway-tokens"),
+        ("get", "/v1/gateway-tokens"),
+        ("delete", "/v1/gateway-tokens/{token}"),
+        ("get", "/v1/audit"),
         ("post", "/v1/orgs/{org}/users"),
         ("get", "/v1/orgs/{org}/users"),
         ("get", "/v1/orgs/{org}/users/{user}"),
@@ -355,6 +359,71 @@ async fn the_document_matches_every_real_response() {
         None,
     )
     .await;
+    let viewer = call(
+        s,
+        &admin,
+        "post",
+        "/v1/orgs/{org}/tokens",
+        "/v1/orgs/acme/tokens",
+        Some(json!({"role": "viewer", "name": "finance"})),
+    )
+    .await;
+    assert_eq!(viewer["role"], "viewer");
+    call(
+        s,
+        &admin,
+        "post",
+        "/v1/orgs/{org}/tokens",
+        "/v1/orgs/acme/tokens",
+        Some(json!({"role": "gateway"})),
+    )
+    .await;
+    call(
+        s,
+        &op,
+        "post",
+        "/v1/gateway-tokens",
+        "/v1/gateway-tokens",
+        Some(json!({"id": "edge", "name": "edge proxies"})),
+    )
+    .await;
+    call(
+        s,
+        &op,
+        "post",
+        "/v1/gateway-tokens",
+        "/v1/gateway-tokens",
+        Some(json!({"id": "edge", "name": "again"})),
+    )
+    .await;
+    call(
+        s,
+        &op,
+        "delete",
+        "/v1/gateway-tokens/{token}",
+        "/v1/gateway-tokens/edge",
+        None,
+    )
+    .await;
+    call(
+        s,
+        &op,
+        "delete",
+        "/v1/gateway-tokens/{token}",
+        "/v1/gateway-tokens/nope",
+        None,
+    )
+    .await;
+    call(
+        s,
+        &op,
+        "get",
+        "/v1/gateway-tokens",
+        "/v1/gateway-tokens",
+        None,
+    )
+    .await;
+    call(s, &op, "get", "/v1/audit", "/v1/audit", None).await;
     call(
         s,
         &admin,

@@ -64,15 +64,20 @@ fn endpoints(org: &str) -> Vec<(&'static str, String, Option<Value>)> {
     ]
 }
 
-/// The org-scoped endpoints of the OpenAPI document, as (method, path with
-/// the test's ids): the matrix must cover every one.
-async fn documented_endpoints(op: &Client, org: &str) -> Vec<(String, String)> {
+/// Every operation of the OpenAPI document: (method, path with the test's
+/// ids, the roles its `security` names; `None`: no token needed).
+async fn documented_operations(
+    op: &Client,
+    org: &str,
+) -> Vec<(String, String, Option<Vec<String>>)> {
     let doc = op.get("/openapi.json").await.expect(200);
     let mut out = Vec::new();
     for (path, ops) in doc["paths"].as_object().unwrap() {
-        if !path.starts_with("/v1/orgs/{org}") {
-            continue;
-        }
+        let token = if path.starts_with("/v1/gateway-tokens") {
+            "gw-x"
+        } else {
+            "t1"
+        };
         let concrete = path
             .replace("{org}", org)
             .replace("{user}", "u1")
@@ -80,13 +85,39 @@ async fn documented_endpoints(op: &Client, org: &str) -> Vec<(String, String)> {
             .replace("{key}", "k1")
             .replace("{id}", "1")
             .replace("{request_id}", "r1")
-            .replace("{token}", "t1");
-        for method in ops.as_object().unwrap().keys() {
-            out.push((method.to_uppercase(), concrete.clone()));
+            .replace("{token}", token);
+        for (method, operation) in ops.as_object().unwrap() {
+            let security = operation["security"]
+                .as_array()
+                .unwrap_or_else(|| panic!("{method} {path} documents no security"));
+            // `[]`: no token needed; `[{"bearer": [roles]}]` otherwise.
+            let roles = security.first().and_then(|s| s.get("bearer")).map(|r| {
+                r.as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|r| r.as_str().unwrap().to_owned())
+                    .collect()
+            });
+            out.push((method.to_uppercase(), concrete.clone(), roles));
         }
     }
     out.sort();
     out
+}
+
+/// A body for each endpoint outside an org that takes one.
+fn body_of(method: &str, path: &str, acme_key: &str) -> Option<Value> {
+    match (method, path) {
+        ("POST", "/v1/orgs") => Some(json!({"name": "Mine"})),
+        ("POST", "/v1/gateway-tokens") => Some(json!({"name": "another gateway"})),
+        ("POST", "/v1/authorize") => Some(json!({"api_key": acme_key})),
+        ("POST", "/v1/usage") => Some(json!({"events": [{
+            "request_id": "matrix-1", "org_id": "acme", "api_key_id": "k1",
+            "user_id": "u1", "model": "m", "provider": "p", "input_tokens": 1,
+            "output_tokens": 1, "cost_micros": 1, "occurred_at": now_rfc3339(),
+        }]})),
+        _ => None,
+    }
 }
 
 async fn seed(op: &Client, org: &str) -> (String, String) {
@@ -129,59 +160,233 @@ fn send_body(body: &Option<Value>) -> Option<Vec<u8>> {
     body.as_ref().map(|b| b.to_string().into_bytes())
 }
 
+/// Who calls: the role it has and the org it is bound to (`None`: every
+/// org); no role for a caller that is no one (no token, a forged or a
+/// revoked token).
+struct Who {
+    name: &'static str,
+    client: Client,
+    role: Option<(&'static str, Option<&'static str>)>,
+}
+
+impl Who {
+    fn new(
+        name: &'static str,
+        client: Client,
+        role: Option<(&'static str, Option<&'static str>)>,
+    ) -> Who {
+        Who { name, client, role }
+    }
+
+    /// Whether the documented `roles` admit it to `path`.
+    fn admitted(&self, path: &str, roles: &Option<Vec<String>>) -> bool {
+        match (roles, self.role) {
+            (None, _) => true,
+            (Some(_), None) => false,
+            (Some(roles), Some((role, bound))) => {
+                roles.iter().any(|r| r == role)
+                    && bound.is_none_or(|org| {
+                        !path.starts_with("/v1/orgs/") || path.split('/').nth(3) == Some(org)
+                    })
+            }
+        }
+    }
+}
+
+async fn mint(op: &Client, org: &str, id: &str, role: &str) -> String {
+    op.post(
+        &format!("/v1/orgs/{org}/tokens"),
+        json!({"id": id, "role": role, "name": format!("{role} {id}")}),
+    )
+    .await
+    .expect(201)["token"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+/// The role matrix: every documented operation, called by every kind of
+/// caller. Exactly the roles the OpenAPI document lists get past
+/// authentication and authorization (an org's token on its own org only);
+/// everyone else gets 401 or 403 with nothing but an error, and changes
+/// nothing.
 #[tokio::test]
-async fn every_admin_endpoint_refuses_the_wrong_caller() {
+async fn every_endpoint_admits_exactly_its_documented_roles() {
     let backend = Backend::sqlite("security");
     let tally = Tally::start(&backend).unwrap();
     let op = tally.operator();
-    let (acme_token, _) = seed(&op, "acme").await;
-    let (other_token, _) = seed(&op, "other").await;
-    let before = op.get("/v1/orgs/other/events?limit=1000").await.expect(200);
-    let anon = tally.anonymous();
-    let forged =
-        tally.client("tly_at_0000000000000000000000000000000000000000000000000000000000000000");
-    let acme = tally.client(&acme_token);
-    let mut checked = 0;
-    for (method, path, body) in endpoints("other") {
-        for (who, client, status) in [("no token", &anon, 401), ("a forged token", &forged, 401)] {
-            let r = client.send(method, &path, send_body(&body)).await.unwrap();
-            assert_eq!(r.status, status, "{method} {path} with {who}: {}", r.body);
-            assert_eq!(r.body["error"]["code"], "unauthorized", "{method} {path}");
-        }
-        let r = acme.send(method, &path, send_body(&body)).await.unwrap();
-        assert!(
-            matches!(r.status, 403 | 404),
-            "{method} {path} with another org's token: {} {}",
-            r.status,
-            r.body
-        );
-        let keys: Vec<&String> = r.body.as_object().unwrap().keys().collect();
-        assert_eq!(keys, ["error"], "{method} {path}: no data for another org");
-        checked += 1;
-    }
-    let mut covered: Vec<(String, String)> = endpoints("other")
+    let (_, acme_key) = seed(&op, "acme").await;
+    let _ = seed(&op, "other").await;
+    // t1 is the token the matrix deletes, gw-x the gateway token.
+    let _ = mint(&op, "acme", "t1", "admin").await;
+    let admin = mint(&op, "acme", "adm", "admin").await;
+    let viewer = mint(&op, "acme", "view", "viewer").await;
+    let gateway = mint(&op, "acme", "gw", "gateway").await;
+    let other_admin = mint(&op, "other", "adm", "admin").await;
+    let other_gateway = mint(&op, "other", "gw", "gateway").await;
+    let revoked = mint(&op, "acme", "old", "admin").await;
+    assert_eq!(op.delete("/v1/orgs/acme/tokens/old").await.status, 204);
+    let gateway_all = op
+        .post(
+            "/v1/gateway-tokens",
+            json!({"id": "gw-all", "name": "edge"}),
+        )
+        .await
+        .expect(201)["token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let _ = op
+        .post("/v1/gateway-tokens", json!({"id": "gw-x", "name": "spare"}))
+        .await
+        .expect(201);
+    let forged = "tly_at_0000000000000000000000000000000000000000000000000000000000000000";
+    let callers = [
+        Who::new("the operator", op.clone(), Some(("operator", None))),
+        Who::new(
+            "acme's admin",
+            tally.client(&admin),
+            Some(("admin", Some("acme"))),
+        ),
+        Who::new(
+            "acme's viewer",
+            tally.client(&viewer),
+            Some(("viewer", Some("acme"))),
+        ),
+        Who::new(
+            "acme's gateway",
+            tally.client(&gateway),
+            Some(("gateway", Some("acme"))),
+        ),
+        Who::new(
+            "a gateway of every org",
+            tally.client(&gateway_all),
+            Some(("gateway", None)),
+        ),
+        Who::new(
+            "other's admin",
+            tally.client(&other_admin),
+            Some(("admin", Some("other"))),
+        ),
+        Who::new(
+            "other's gateway",
+            tally.client(&other_gateway),
+            Some(("gateway", Some("other"))),
+        ),
+        Who::new("a revoked token", tally.client(&revoked), None),
+        Who::new("a forged token", tally.client(forged), None),
+        Who::new("no token", tally.anonymous(), None),
+    ];
+    let operations = documented_operations(&op, "acme").await;
+    // The org-scoped ones are exactly the ones `endpoints` has bodies for.
+    let mut org_scoped: Vec<(String, String)> = operations
+        .iter()
+        .filter(|(_, p, _)| p.starts_with("/v1/orgs/acme"))
+        .map(|(m, p, _)| (m.clone(), p.clone()))
+        .collect();
+    let mut known: Vec<(String, String)> = endpoints("acme")
         .into_iter()
         .map(|(m, p, _)| (m.to_owned(), p))
         .collect();
-    covered.sort();
-    assert_eq!(covered, documented_endpoints(&op, "other").await);
-    assert_eq!(checked, 33);
-    // Operator-only endpoints.
-    for (method, path, body) in [
-        ("POST", "/v1/orgs", Some(json!({"name": "Mine"}))),
-        ("POST", "/v1/authorize", Some(json!({"api_key": "x"}))),
-        ("GET", "/v1/dead-letters", None),
-    ] {
-        let r = acme.send(method, path, send_body(&body)).await.unwrap();
-        assert_eq!(r.status, 403, "{method} {path}");
+    org_scoped.sort();
+    known.sort();
+    assert_eq!(org_scoped, known);
+    let bodies: std::collections::HashMap<(String, String), Option<Value>> = endpoints("acme")
+        .into_iter()
+        .map(|(m, p, b)| ((m.to_owned(), p), b))
+        .collect();
+    let body = |m: &str, p: &str| {
+        bodies
+            .get(&(m.to_owned(), p.to_owned()))
+            .cloned()
+            .unwrap_or_else(|| body_of(m, p, &acme_key))
+    };
+    let audit = || async {
+        (
+            op.get("/v1/orgs/acme/events?limit=1000").await.expect(200),
+            op.get("/v1/orgs/other/events?limit=1000").await.expect(200),
+            op.get("/v1/audit?limit=1000").await.expect(200),
+            op.get("/v1/orgs/acme/holds").await.expect(200),
+            op.get("/v1/orgs/acme/users/u1").await.expect(200)["spend_micros"].clone(),
+        )
+    };
+    // First every refusal: together they change nothing.
+    let before = audit().await;
+    let (mut refused, mut admitted) = (0, 0);
+    for (method, path, roles) in &operations {
+        for who in callers.iter().filter(|w| !w.admitted(path, roles)) {
+            let r = who
+                .client
+                .send(method, path, send_body(&body(method, path)))
+                .await
+                .unwrap();
+            let want = if who.role.is_none() { 401 } else { 403 };
+            assert_eq!(
+                r.status, want,
+                "{method} {path} by {}: {}",
+                who.name, r.body
+            );
+            let keys: Vec<&String> = r.body.as_object().unwrap().keys().collect();
+            assert_eq!(keys, ["error"], "{method} {path} by {}", who.name);
+            refused += 1;
+        }
     }
-    // Nothing changed in the other org; its own token still works there.
+    assert_eq!(audit().await, before, "a refused call changed something");
+    // Then every admitted one: it gets past authentication and
+    // authorization (what it then finds is the endpoint's business).
+    for (method, path, roles) in &operations {
+        if roles.is_none() {
+            // Ops endpoints: anyone, token or not (some answer text).
+            let url = format!("{}{path}", op.url);
+            let status = tally_tests::http_client()
+                .get(url)
+                .send()
+                .await
+                .unwrap()
+                .status();
+            assert_eq!(status, 200, "{method} {path}");
+            admitted += callers.len();
+            continue;
+        }
+        for who in callers.iter().filter(|w| w.admitted(path, roles)) {
+            let r = who
+                .client
+                .send(method, path, send_body(&body(method, path)))
+                .await
+                .unwrap();
+            assert!(
+                !matches!(r.status, 401 | 403),
+                "{method} {path} by {}: {} {}",
+                who.name,
+                r.status,
+                r.body
+            );
+            admitted += 1;
+        }
+    }
+    assert_eq!(operations.len(), 44);
+    assert_eq!(refused + admitted, 44 * callers.len());
+    println!("{refused} calls refused, {admitted} admitted");
+    // A gateway token of every org, or bound to acme, reads and changes
+    // no admin endpoint: checked above; and the operator's audit log has
+    // the gateway tokens made and revoked.
+    let log = op.get("/v1/audit?limit=1000").await.expect(200);
+    let kinds: Vec<&str> = log["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap())
+        .collect();
     assert_eq!(
-        op.get("/v1/orgs/other/events?limit=1000").await.expect(200),
-        before
+        kinds,
+        [
+            "gateway_token_created",
+            "gateway_token_created",
+            "gateway_token_revoked",
+            "gateway_token_created"
+        ],
+        "{log}"
     );
-    let own = tally.client(&other_token);
-    let _ = own.get("/v1/orgs/other/users").await.expect(200);
     tally.stop().unwrap();
 }
 
@@ -422,5 +627,192 @@ async fn hostile_text_is_stored_verbatim_or_refused_never_executed() {
     assert_eq!(r["accepted"], 1, "{r}");
     assert_eq!(r["rejected"][0]["index"], 1);
     assert_eq!(r["rejected"][0]["code"], "invalid_id");
+    tally.stop().unwrap();
+}
+
+/// A key of `org` for an active user `user`; its secret.
+async fn active_key(op: &Client, org: &str, user: &str) -> String {
+    let _ = op.add_active_user(org, user).await;
+    op.post(
+        &format!("/v1/orgs/{org}/keys"),
+        json!({"id": format!("{user}-key"), "name": "laptop", "user_id": user}),
+    )
+    .await
+    .expect(201)["secret"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+/// Gateway tokens: one of every org serves any org's keys; one bound to
+/// acme knows acme's keys only (another org's key is unknown to it and
+/// nothing is held). Listings show role, name and last use; a revoked
+/// gateway token is refused from its next call on, also after a restart.
+#[tokio::test]
+async fn gateway_tokens_authorize_hold_and_report_usage_for_their_orgs() {
+    let tally = Tally::start(&Backend::sqlite("gateway-tokens")).unwrap();
+    let op = tally.operator();
+    for org in ["acme", "other"] {
+        let _ = op
+            .post("/v1/orgs", json!({"id": org, "name": org}))
+            .await
+            .expect(201);
+    }
+    let acme_key = active_key(&op, "acme", "alice").await;
+    let other_key = active_key(&op, "other", "olga").await;
+    let admin = tally.client(&mint(&op, "acme", "adm", "admin").await);
+    let _unused = mint(&op, "acme", "idle", "viewer").await;
+    let bound = tally.client(&mint(&op, "acme", "gw", "gateway").await);
+    let edge_token = op
+        .post(
+            "/v1/gateway-tokens",
+            json!({"id": "edge", "name": "edge proxies"}),
+        )
+        .await
+        .expect(201);
+    assert_eq!(edge_token["role"], "gateway");
+    assert!(edge_token["org_id"].is_null());
+    let edge_secret = edge_token["token"].as_str().unwrap().to_owned();
+    assert!(edge_secret.starts_with("tly_gt_"), "{edge_token}");
+    let edge = tally.client(&edge_secret);
+    // An org admin mints admin and viewer tokens, never gateway ones.
+    assert_eq!(
+        admin
+            .post("/v1/orgs/acme/tokens", json!({"role": "gateway"}))
+            .await
+            .error(403),
+        "forbidden"
+    );
+    let reserve =
+        |key: &str, id: &str| json!({"api_key": key, "request_id": id, "reserve_micros": 1_000});
+    // Every org's: both orgs' keys, holds listed and released, usage.
+    for (org, key) in [("acme", &acme_key), ("other", &other_key)] {
+        let d = edge
+            .post("/v1/authorize", reserve(key, &format!("{org}-r1")))
+            .await
+            .expect(200);
+        assert_eq!(d["allowed"], true, "{d}");
+        assert_eq!(d["hold"]["held_micros"], 1_000, "{d}");
+        let holds = edge.get(&format!("/v1/orgs/{org}/holds")).await.expect(200);
+        assert_eq!(holds["items"].as_array().unwrap().len(), 1, "{holds}");
+        let released = edge
+            .delete(&format!("/v1/orgs/{org}/holds/{org}-r1"))
+            .await
+            .expect(200);
+        assert_eq!(released["found"], "released", "{released}");
+    }
+    let event = |org: &str, user: &str, id: &str| {
+        json!({
+            "request_id": id, "org_id": org, "user_id": user,
+            "api_key_id": format!("{user}-key"), "model": "gpt-4o", "provider": "openai",
+            "input_tokens": 10, "output_tokens": 5, "cost_micros": 700,
+            "occurred_at": now_rfc3339(),
+        })
+    };
+    let r = edge
+        .post(
+            "/v1/usage",
+            json!({"events": [event("acme", "alice", "u-1"), event("other", "olga", "u-2")]}),
+        )
+        .await
+        .expect(200);
+    assert_eq!(r["accepted"], 2, "{r}");
+    // Bound to acme: other's key is unknown to it, and nothing is held.
+    let d = bound
+        .post("/v1/authorize", reserve(&other_key, "other-r2"))
+        .await
+        .expect(200);
+    assert_eq!(
+        (d["allowed"].clone(), d["reason"].clone()),
+        (json!(false), json!("unknown_key")),
+        "{d}"
+    );
+    assert!(d["hold"].is_null() && d["org_id"].is_null(), "{d}");
+    let holds = op.get("/v1/orgs/other/holds").await.expect(200);
+    assert!(holds["items"].as_array().unwrap().is_empty(), "{holds}");
+    let r = bound
+        .post(
+            "/v1/usage",
+            json!({"events": [event("other", "olga", "u-3"), event("acme", "alice", "u-4")]}),
+        )
+        .await
+        .expect(200);
+    assert_eq!(r["accepted"], 1, "{r}");
+    assert_eq!(r["rejected"][0]["code"], "forbidden_org", "{r}");
+    let d = bound
+        .post("/v1/authorize", reserve(&acme_key, "acme-r2"))
+        .await
+        .expect(200);
+    assert_eq!(d["allowed"], true, "{d}");
+    // Listed with role, name and last use; never a secret.
+    let listed = admin.get("/v1/orgs/acme/tokens").await.expect(200);
+    let row = |id: &str| {
+        listed["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["id"] == id)
+            .cloned()
+            .unwrap()
+    };
+    assert_eq!(row("gw")["role"], "gateway", "{listed}");
+    assert_eq!(row("gw")["name"], "gateway gw", "{listed}");
+    assert!(row("gw")["last_used_at"].is_string(), "{listed}");
+    assert_eq!(row("idle")["role"], "viewer", "{listed}");
+    assert!(row("idle")["last_used_at"].is_null(), "{listed}");
+    let gateways = op.get("/v1/gateway-tokens").await.expect(200);
+    assert_eq!(gateways["items"][0]["id"], "edge", "{gateways}");
+    assert_eq!(gateways["items"][0]["name"], "edge proxies", "{gateways}");
+    assert!(
+        gateways["items"][0]["last_used_at"].is_string(),
+        "{gateways}"
+    );
+    assert!(!gateways.to_string().contains(&edge_secret));
+    // The org's audit log names the role and the name, not the hash.
+    let events = admin
+        .get("/v1/orgs/acme/events?limit=1000")
+        .await
+        .expect(200);
+    let made = events["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["type"] == "token_created" && e["token_id"] == "gw")
+        .cloned()
+        .unwrap();
+    assert_eq!(
+        (made["role"].clone(), made["actor"].clone()),
+        (json!("gateway"), json!("operator")),
+        "{made}"
+    );
+    assert!(made.get("token_hash").is_none(), "{made}");
+    // Revoked: refused from the next call, twice is fine, unknown is 404.
+    assert_eq!(op.delete("/v1/gateway-tokens/edge").await.status, 204);
+    assert_eq!(
+        edge.post("/v1/authorize", json!({"api_key": acme_key}))
+            .await
+            .error(401),
+        "unauthorized"
+    );
+    assert_eq!(op.delete("/v1/gateway-tokens/edge").await.status, 204);
+    assert_eq!(
+        op.delete("/v1/gateway-tokens/nope").await.error(404),
+        "not_found"
+    );
+    let tally = tally.restart().unwrap();
+    let edge = tally.client(&edge_secret);
+    assert_eq!(
+        edge.post("/v1/authorize", json!({"api_key": acme_key}))
+            .await
+            .error(401),
+        "unauthorized"
+    );
+    let gateways = tally.operator().get("/v1/gateway-tokens").await.expect(200);
+    assert!(gateways["items"][0]["revoked_at"].is_string(), "{gateways}");
+    // Its last use survived the restart (noted in the database).
+    assert!(
+        gateways["items"][0]["last_used_at"].is_string(),
+        "{gateways}"
+    );
     tally.stop().unwrap();
 }

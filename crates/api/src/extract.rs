@@ -1,7 +1,7 @@
 //! Extractors that answer bad input with the API's JSON errors.
 
 use axum::body::Bytes;
-use axum::extract::{FromRequest, FromRequestParts, Query, Request};
+use axum::extract::{FromRequest, FromRequestParts, MatchedPath, Query, Request};
 use axum::http::StatusCode;
 use axum::http::request::Parts;
 use serde::de::DeserializeOwned;
@@ -9,8 +9,8 @@ use tally_core::entity::Actor;
 use tally_core::ids::OrgId;
 use tally_engine::Principal;
 
-use crate::AppState;
 use crate::error::ApiError;
+use crate::{AppState, access};
 
 /// A JSON body, whatever its content type (curl users forget the header),
 /// within the router's body limit.
@@ -72,33 +72,34 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for Params<T> {
     }
 }
 
-/// The authenticated caller.
+/// The authenticated caller, admitted to the route by its role
+/// ([`crate::access`]) and, for an org's token, to the org in the path.
 #[derive(Debug, Clone)]
 pub(crate) struct Caller(pub Principal);
 
 impl Caller {
+    /// Who an entity event names as its cause. A gateway token of every
+    /// org causes none (its calls change no entity).
     pub(crate) fn actor(&self) -> Actor {
         match &self.0 {
-            Principal::Operator => Actor::Operator,
             Principal::Org { token_id, .. } => Actor::Token(token_id.clone()),
+            Principal::Operator | Principal::Gateway { .. } => Actor::Operator,
         }
     }
 
     pub(crate) fn require_operator(&self) -> Result<(), ApiError> {
         match self.0 {
             Principal::Operator => Ok(()),
-            Principal::Org { .. } => {
-                Err(ApiError::forbidden("only the operator token may do this"))
-            }
+            _ => Err(ApiError::forbidden("only the operator token may do this")),
         }
     }
 
-    /// Admits the operator, or a token of exactly this org.
+    /// Admits a caller of every org, or a token of exactly this org.
     pub(crate) fn require_org(&self, org: &OrgId) -> Result<(), ApiError> {
-        match &self.0 {
-            Principal::Operator => Ok(()),
-            Principal::Org { org_id, .. } if org_id == org => Ok(()),
-            Principal::Org { .. } => Err(ApiError::forbidden("this token belongs to another org")),
+        match self.0.org() {
+            None => Ok(()),
+            Some(own) if own == org => Ok(()),
+            Some(_) => Err(ApiError::forbidden("this token belongs to another org")),
         }
     }
 }
@@ -121,10 +122,34 @@ impl FromRequestParts<AppState> for Caller {
             .map(str::trim)
             .filter(|t| !t.is_empty())
             .ok_or_else(|| ApiError::unauthorized("Authorization must be Bearer <token>"))?;
-        state
+        let caller = state
             .engine
             .authenticate(token)
+            .await?
             .map(Caller)
-            .ok_or_else(|| ApiError::unauthorized("unknown token"))
+            .ok_or_else(|| ApiError::unauthorized("unknown or revoked token"))?;
+        let route = parts
+            .extensions
+            .get::<MatchedPath>()
+            .map_or("", MatchedPath::as_str);
+        let role = caller.0.role();
+        if let Some(roles) = access::roles(&parts.method, route)
+            && !roles.contains(&role)
+        {
+            return Err(ApiError::forbidden(format!(
+                "a token with role {role} may not call {} {route} (allowed: {})",
+                parts.method,
+                roles.join(", ")
+            )));
+        }
+        // The org in the path, before the body is read.
+        if route.starts_with("/v1/orgs/{org}")
+            && let Some(org) = parts.uri.path().split('/').nth(3)
+            && let Some(own) = caller.0.org()
+            && own.as_str() != org
+        {
+            return Err(ApiError::forbidden("this token belongs to another org"));
+        }
+        Ok(caller)
     }
 }

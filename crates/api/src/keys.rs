@@ -50,7 +50,7 @@ pub(crate) struct CreateKey {
     monthly_limit_micros: Option<i64>,
 }
 
-#[utoipa::path(post, path = "/v1/orgs/{org}/keys", tag = "keys", params(("org" = String, Path, description = "org id")), request_body = CreateKey, responses((status = 201, body = KeyJson), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody), (status = 409, description = "conflict", body = crate::error::ErrorBody), (status = 422, description = "a rule forbids it", body = crate::error::ErrorBody)))]
+#[utoipa::path(post, path = "/v1/orgs/{org}/keys", tag = "keys", params(("org" = String, Path, description = "org id")), request_body = CreateKey, security(("bearer" = ["operator", "admin"])), responses((status = 201, body = KeyJson), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody), (status = 409, description = "conflict", body = crate::error::ErrorBody), (status = 422, description = "a rule forbids it", body = crate::error::ErrorBody)))]
 pub(crate) async fn create(
     State(state): State<AppState>,
     caller: Caller,
@@ -93,7 +93,7 @@ pub(crate) async fn create(
     Ok((StatusCode::CREATED, Json(key)))
 }
 
-#[utoipa::path(get, path = "/v1/orgs/{org}/keys", tag = "keys", params(("org" = String, Path, description = "org id"), PageParams), responses((status = 200, body = ListJson<KeyJson>), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody)))]
+#[utoipa::path(get, path = "/v1/orgs/{org}/keys", tag = "keys", params(("org" = String, Path, description = "org id"), PageParams), security(("bearer" = ["operator", "admin", "viewer"])), responses((status = 200, body = ListJson<KeyJson>), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody)))]
 pub(crate) async fn list(
     State(state): State<AppState>,
     caller: Caller,
@@ -134,7 +134,7 @@ pub(crate) struct KeyDetail {
     history: History,
 }
 
-#[utoipa::path(get, path = "/v1/orgs/{org}/keys/{key}", tag = "keys", params(("org" = String, Path, description = "org id"), ("key" = String, Path)), responses((status = 200, body = KeyDetail), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody)))]
+#[utoipa::path(get, path = "/v1/orgs/{org}/keys/{key}", tag = "keys", params(("org" = String, Path, description = "org id"), ("key" = String, Path)), security(("bearer" = ["operator", "admin", "viewer"])), responses((status = 200, body = KeyDetail), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody)))]
 pub(crate) async fn get(
     State(state): State<AppState>,
     caller: Caller,
@@ -167,7 +167,7 @@ pub(crate) struct PatchKey {
     revoked: Option<bool>,
 }
 
-#[utoipa::path(patch, path = "/v1/orgs/{org}/keys/{key}", tag = "keys", params(("org" = String, Path, description = "org id"), ("key" = String, Path)), request_body = PatchKey, responses((status = 200, body = KeyJson), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody), (status = 409, description = "conflict", body = crate::error::ErrorBody), (status = 422, description = "a rule forbids it", body = crate::error::ErrorBody)))]
+#[utoipa::path(patch, path = "/v1/orgs/{org}/keys/{key}", tag = "keys", params(("org" = String, Path, description = "org id"), ("key" = String, Path)), request_body = PatchKey, security(("bearer" = ["operator", "admin"])), responses((status = 200, body = KeyJson), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody), (status = 409, description = "conflict", body = crate::error::ErrorBody), (status = 422, description = "a rule forbids it", body = crate::error::ErrorBody)))]
 pub(crate) async fn patch(
     State(state): State<AppState>,
     caller: Caller,
@@ -196,7 +196,7 @@ pub(crate) async fn patch(
     Ok(Json(key_json(&state, &org_id, &key_id).await?))
 }
 
-#[utoipa::path(delete, path = "/v1/orgs/{org}/keys/{key}", tag = "keys", params(("org" = String, Path, description = "org id"), ("key" = String, Path)), responses((status = 200, body = KeyJson), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody), (status = 409, description = "conflict", body = crate::error::ErrorBody), (status = 422, description = "a rule forbids it", body = crate::error::ErrorBody)))]
+#[utoipa::path(delete, path = "/v1/orgs/{org}/keys/{key}", tag = "keys", params(("org" = String, Path, description = "org id"), ("key" = String, Path)), security(("bearer" = ["operator", "admin"])), responses((status = 200, body = KeyJson), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody), (status = 409, description = "conflict", body = crate::error::ErrorBody), (status = 422, description = "a rule forbids it", body = crate::error::ErrorBody)))]
 pub(crate) async fn revoke(
     State(state): State<AppState>,
     caller: Caller,

@@ -2,6 +2,7 @@
 //! <token>`: the operator token, or an org admin token that can touch its own
 //! org only. Errors are `{"error": {"code", "message"}}`.
 
+mod access;
 mod cursor;
 mod dto;
 mod error;
@@ -14,6 +15,7 @@ mod openapi;
 mod ops;
 mod orgs;
 mod snapshot;
+mod tokens;
 mod usage;
 mod users;
 mod webhooks;
@@ -72,12 +74,21 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/orgs/{org}", get(orgs::get).patch(orgs::patch))
         .route(
             "/v1/orgs/{org}/tokens",
-            post(orgs::create_token).get(orgs::list_tokens),
+            post(tokens::create).get(tokens::list),
         )
         .route(
             "/v1/orgs/{org}/tokens/{token}",
-            axum::routing::delete(orgs::revoke_token),
+            axum::routing::delete(tokens::revoke),
         )
+        .route(
+            "/v1/gateway-tokens",
+            post(tokens::create_gateway).get(tokens::list_gateway),
+        )
+        .route(
+            "/v1/gateway-tokens/{token}",
+            axum::routing::delete(tokens::revoke_gateway),
+        )
+        .route("/v1/audit", get(tokens::audit))
         .route("/v1/orgs/{org}/events", get(orgs::events))
         .route("/v1/orgs/{org}/enforcement", get(orgs::enforcement))
         .route("/v1/orgs/{org}/dead-letters", get(orgs::dead_letters))

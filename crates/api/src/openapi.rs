@@ -4,7 +4,7 @@
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use crate::{groups, holds, keys, ops, orgs, usage, users, webhooks};
+use crate::{groups, holds, keys, ops, orgs, tokens, usage, users, webhooks};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -13,11 +13,15 @@ use crate::{groups, holds, keys, ops, orgs, usage, users, webhooks};
         description = "Spend control for LLM API gateways. Money is integer micro-USD (fields \
                        ending in _micros); times are RFC 3339; errors are an object `error` with a \
                        `code` and a `message`. Every endpoint but the ops ones needs \
-                       `Authorization: Bearer <token>`: the operator token, or an org admin token \
-                       for its own org.",
+                       `Authorization: Bearer <token>`. Each operation lists the roles that may \
+                       call it as its `security` scopes: `operator` (the operator token), `admin` \
+                       and `viewer` (an org's tokens, for that org only), `gateway` (a gateway \
+                       token: bound to one org, or of every org).",
     ),
     paths(
-        orgs::create, orgs::get, orgs::patch, orgs::create_token, orgs::list_tokens, orgs::revoke_token, orgs::events, orgs::enforcement,
+        orgs::create, orgs::get, orgs::patch, orgs::events, orgs::enforcement,
+        tokens::create, tokens::list, tokens::revoke,
+        tokens::create_gateway, tokens::list_gateway, tokens::revoke_gateway, tokens::audit,
         orgs::dead_letters, orgs::all_dead_letters,
         users::add, users::list, users::get, users::patch, users::remove, users::bulk,
         groups::create, groups::list, groups::get, groups::patch, groups::delete,
@@ -31,7 +35,8 @@ use crate::{groups, holds, keys, ops, orgs, usage, users, webhooks};
     modifiers(&Bearer),
     security(("bearer" = [])),
     tags(
-        (name = "orgs", description = "Orgs, admin tokens, the audit trail and enforcement history"),
+        (name = "orgs", description = "Orgs, the audit trail and enforcement history"),
+        (name = "tokens", description = "Org tokens (admin, viewer, gateway), gateway tokens of every org, the operator's audit log"),
         (name = "users", description = "Members: add, list, change, remove, bulk changes"),
         (name = "groups", description = "Groups and their members"),
         (name = "keys", description = "API keys: owners, groups, feature flags, limits"),

@@ -1,4 +1,4 @@
-//! Orgs, their admin tokens, audit trail and enforcement history.
+//! Orgs, their audit trail and enforcement history.
 
 use axum::Json;
 use axum::extract::{Path, State};
@@ -6,10 +6,9 @@ use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tally_core::entity::{Command, EntityEvent};
-use tally_core::ids::{OrgId, TokenId};
-use tally_core::secret::{ORG_TOKEN_PREFIX, hash_secret};
+use tally_core::ids::OrgId;
 use tally_core::time::Month;
-use tally_engine::{random_id, random_secret};
+use tally_engine::random_id;
 use tally_proto::format_rfc3339_ms;
 
 use crate::cursor::{self, PageParams};
@@ -17,7 +16,7 @@ use crate::dto::{
     EventJson, Fraction, History, ListJson, OrgJson, fractions_to_bps, one_with_held, present,
 };
 use crate::error::{ApiError, ApiResult};
-use crate::extract::{Caller, JsonBody, OptionalJson, Params};
+use crate::extract::{Caller, JsonBody, Params};
 use crate::{AppState, org_access, page_len};
 
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
@@ -64,7 +63,7 @@ async fn org_json(state: &AppState, org_id: &OrgId) -> ApiResult<Json<OrgJson>> 
     ))
 }
 
-#[utoipa::path(post, path = "/v1/orgs", tag = "orgs", request_body = CreateOrg, responses((status = 201, body = OrgJson), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody), (status = 409, description = "conflict", body = crate::error::ErrorBody), (status = 422, description = "a rule forbids it", body = crate::error::ErrorBody)))]
+#[utoipa::path(post, path = "/v1/orgs", tag = "orgs", request_body = CreateOrg, security(("bearer" = ["operator"])), responses((status = 201, body = OrgJson), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody), (status = 409, description = "conflict", body = crate::error::ErrorBody), (status = 422, description = "a rule forbids it", body = crate::error::ErrorBody)))]
 pub(crate) async fn create(
     State(state): State<AppState>,
     caller: Caller,
@@ -102,7 +101,7 @@ pub(crate) struct OrgDetail {
 }
 
 /// The org's settings, this month's spend, and its history.
-#[utoipa::path(get, path = "/v1/orgs/{org}", tag = "orgs", params(("org" = String, Path, description = "org id")), responses((status = 200, body = OrgDetail), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody)))]
+#[utoipa::path(get, path = "/v1/orgs/{org}", tag = "orgs", params(("org" = String, Path, description = "org id")), security(("bearer" = ["operator", "admin", "viewer"])), responses((status = 200, body = OrgDetail), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody)))]
 pub(crate) async fn get(
     State(state): State<AppState>,
     caller: Caller,
@@ -122,7 +121,7 @@ pub(crate) async fn get(
     }))
 }
 
-#[utoipa::path(patch, path = "/v1/orgs/{org}", tag = "orgs", params(("org" = String, Path, description = "org id")), request_body = PatchOrg, responses((status = 200, body = OrgJson), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody), (status = 409, description = "conflict", body = crate::error::ErrorBody), (status = 422, description = "a rule forbids it", body = crate::error::ErrorBody)))]
+#[utoipa::path(patch, path = "/v1/orgs/{org}", tag = "orgs", params(("org" = String, Path, description = "org id")), request_body = PatchOrg, security(("bearer" = ["operator", "admin"])), responses((status = 200, body = OrgJson), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody), (status = 409, description = "conflict", body = crate::error::ErrorBody), (status = 422, description = "a rule forbids it", body = crate::error::ErrorBody)))]
 pub(crate) async fn patch(
     State(state): State<AppState>,
     caller: Caller,
@@ -148,137 +147,6 @@ pub(crate) async fn patch(
     org_json(&state, &org_id).await
 }
 
-#[derive(Debug, Deserialize, Default, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct CreateToken {
-    id: Option<String>,
-}
-
-#[derive(Debug, Serialize, utoipa::ToSchema)]
-pub(crate) struct TokenJson {
-    id: String,
-    org_id: String,
-    /// Shown once; only its hash is stored.
-    token: String,
-}
-
-#[utoipa::path(post, path = "/v1/orgs/{org}/tokens", tag = "orgs", params(("org" = String, Path, description = "org id")), request_body(content = Option<CreateToken>, description = "optional"), responses((status = 201, body = TokenJson), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody), (status = 409, description = "conflict", body = crate::error::ErrorBody), (status = 422, description = "a rule forbids it", body = crate::error::ErrorBody)))]
-pub(crate) async fn create_token(
-    State(state): State<AppState>,
-    caller: Caller,
-    Path(org): Path<String>,
-    OptionalJson(body): OptionalJson<CreateToken>,
-) -> ApiResult<(StatusCode, Json<TokenJson>)> {
-    let org_id = org_access(&state, &caller, &org)?;
-    let req = body.unwrap_or_default();
-    let id = match req.id {
-        Some(id) => id,
-        None => random_id("tok_")?,
-    };
-    let token_id = TokenId::new(&id).map_err(|e| ApiError::invalid(e.to_string()))?;
-    let token = random_secret(ORG_TOKEN_PREFIX)?;
-    let cmd = Command::CreateToken {
-        token_id: token_id.clone(),
-        token_hash: hash_secret(&token),
-    };
-    let _ = state
-        .engine
-        .commands
-        .execute(&org_id, caller.actor(), &cmd)
-        .await?;
-    Ok((
-        StatusCode::CREATED,
-        Json(TokenJson {
-            id: token_id.to_string(),
-            org_id: org_id.to_string(),
-            token,
-        }),
-    ))
-}
-
-/// An org admin token as listed: never its secret.
-#[derive(Debug, Serialize, utoipa::ToSchema)]
-pub(crate) struct TokenInfoJson {
-    id: String,
-    org_id: String,
-    created_at: String,
-    /// When it was revoked (null: it works).
-    revoked_at: Option<String>,
-}
-
-/// The org's admin tokens, revoked ones too, by id.
-#[utoipa::path(get, path = "/v1/orgs/{org}/tokens", tag = "orgs", params(("org" = String, Path, description = "org id"), PageParams), responses((status = 200, body = ListJson<TokenInfoJson>), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody)))]
-pub(crate) async fn list_tokens(
-    State(state): State<AppState>,
-    caller: Caller,
-    Path(org): Path<String>,
-    Params(p): Params<PageParams>,
-) -> ApiResult<Json<ListJson<TokenInfoJson>>> {
-    let org_id = org_access(&state, &caller, &org)?;
-    let limit = page_len(p.limit)? as usize;
-    let after = cursor::after_id("tokens", p.cursor.as_deref())?;
-    let cell = state
-        .engine
-        .registry
-        .org(&org_id)
-        .ok_or_else(|| ApiError::not_found(format!("org {org:?} does not exist")))?;
-    let mut rows: Vec<TokenInfoJson> = {
-        let org = cell.read();
-        let mut ids: Vec<&tally_core::ids::TokenId> = org
-            .dir
-            .tokens
-            .keys()
-            .filter(|id| after.as_deref().is_none_or(|a| id.as_str() > a))
-            .collect();
-        ids.sort_unstable();
-        ids.into_iter()
-            .take(limit + 1)
-            .map(|id| {
-                let t = &org.dir.tokens[id];
-                TokenInfoJson {
-                    id: id.to_string(),
-                    org_id: org_id.to_string(),
-                    created_at: format_rfc3339_ms(t.created_at_ms),
-                    revoked_at: t.revoked_at_ms.map(format_rfc3339_ms),
-                }
-            })
-            .collect()
-    };
-    let more = rows.len() > limit;
-    rows.truncate(limit);
-    let next_cursor = more
-        .then(|| {
-            rows.last()
-                .map(|t| cursor::encode_after("tokens", &json!(t.id)))
-        })
-        .flatten();
-    Ok(Json(ListJson {
-        items: rows,
-        next_cursor,
-    }))
-}
-
-/// Revokes an admin token: it authenticates nothing from the next request
-/// on (a process of the distributed mode, once the entity relay brought
-/// the change). Idempotent.
-#[utoipa::path(delete, path = "/v1/orgs/{org}/tokens/{token}", tag = "orgs", params(("org" = String, Path, description = "org id"), ("token" = String, Path, description = "token id")), responses((status = 204, description = "revoked"), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody)))]
-pub(crate) async fn revoke_token(
-    State(state): State<AppState>,
-    caller: Caller,
-    Path((org, token)): Path<(String, String)>,
-) -> ApiResult<StatusCode> {
-    let org_id = org_access(&state, &caller, &org)?;
-    let cmd = Command::RevokeToken {
-        token_id: TokenId::new(&token).map_err(|e| ApiError::invalid(e.to_string()))?,
-    };
-    let _ = state
-        .engine
-        .commands
-        .execute(&org_id, caller.actor(), &cmd)
-        .await?;
-    Ok(StatusCode::NO_CONTENT)
-}
-
 fn event_json(e: &EntityEvent) -> EventJson {
     let mut v = serde_json::to_value(e).expect("events serialize");
     if let Some(o) = v.as_object_mut() {
@@ -300,7 +168,7 @@ fn event_json(e: &EntityEvent) -> EventJson {
 }
 
 /// The audit trail: every change with its actor and time, oldest first.
-#[utoipa::path(get, path = "/v1/orgs/{org}/events", tag = "orgs", params(("org" = String, Path, description = "org id"), PageParams), responses((status = 200, body = ListJson<crate::dto::EventJson>), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody)))]
+#[utoipa::path(get, path = "/v1/orgs/{org}/events", tag = "orgs", params(("org" = String, Path, description = "org id"), PageParams), security(("bearer" = ["operator", "admin", "viewer"])), responses((status = 200, body = ListJson<crate::dto::EventJson>), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody)))]
 pub(crate) async fn events(
     State(state): State<AppState>,
     caller: Caller,
@@ -355,7 +223,7 @@ pub(crate) struct EnforcementJson {
 }
 
 /// Thresholds crossed, cutoffs and lifts, newest first.
-#[utoipa::path(get, path = "/v1/orgs/{org}/enforcement", tag = "orgs", params(("org" = String, Path, description = "org id"), LimitParams), responses((status = 200, body = ListJson<EnforcementJson>), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody)))]
+#[utoipa::path(get, path = "/v1/orgs/{org}/enforcement", tag = "orgs", params(("org" = String, Path, description = "org id"), LimitParams), security(("bearer" = ["operator", "admin", "viewer"])), responses((status = 200, body = ListJson<EnforcementJson>), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody)))]
 pub(crate) async fn enforcement(
     State(state): State<AppState>,
     caller: Caller,
@@ -419,7 +287,7 @@ fn dead_letter_json(r: tally_store::query::DeadLetterRow) -> DeadLetterJson {
 }
 
 /// Usage of this org that could not be counted, newest first.
-#[utoipa::path(get, path = "/v1/orgs/{org}/dead-letters", tag = "usage", params(("org" = String, Path, description = "org id"), LimitParams), responses((status = 200, body = ListJson<DeadLetterJson>), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody)))]
+#[utoipa::path(get, path = "/v1/orgs/{org}/dead-letters", tag = "usage", params(("org" = String, Path, description = "org id"), LimitParams), security(("bearer" = ["operator", "admin", "viewer"])), responses((status = 200, body = ListJson<DeadLetterJson>), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody)))]
 pub(crate) async fn dead_letters(
     State(state): State<AppState>,
     caller: Caller,
@@ -440,7 +308,7 @@ pub(crate) async fn dead_letters(
 }
 
 /// Every dead letter, also those of no known org (operator token).
-#[utoipa::path(get, path = "/v1/dead-letters", tag = "usage", params(LimitParams), responses((status = 200, body = ListJson<DeadLetterJson>), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody)))]
+#[utoipa::path(get, path = "/v1/dead-letters", tag = "usage", params(LimitParams), security(("bearer" = ["operator"])), responses((status = 200, body = ListJson<DeadLetterJson>), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody)))]
 pub(crate) async fn all_dead_letters(
     State(state): State<AppState>,
     caller: Caller,

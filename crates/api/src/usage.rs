@@ -41,7 +41,7 @@ pub(crate) struct IngestResponse {
 /// rejected by index with a reason, the good ones are counted, duplicates
 /// (same org and request id within the window) are counted once. Answers
 /// after the counted events are durable.
-#[utoipa::path(post, path = "/v1/usage", tag = "usage", request_body = IngestRequest, responses((status = 200, body = IngestResponse), (status = 413, description = "too many events or too large", body = crate::error::ErrorBody), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody)))]
+#[utoipa::path(post, path = "/v1/usage", tag = "usage", request_body = IngestRequest, security(("bearer" = ["operator", "admin", "gateway"])), responses((status = 200, body = IngestResponse), (status = 413, description = "too many events or too large", body = crate::error::ErrorBody), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody)))]
 pub(crate) async fn ingest(
     State(state): State<AppState>,
     caller: Caller,
@@ -140,20 +140,30 @@ pub(crate) struct AuthorizeResponse {
     hold: Option<HoldJson>,
 }
 
-/// The gateway's question before each call (operator token). With
+/// The gateway's question before each call (a gateway token: of every org,
+/// or bound to the key's org; or the operator token). With
 /// `reserve_micros`, admits the call only if its estimated cost fits every
 /// limit it counts against, and holds that much until its usage arrives.
-#[utoipa::path(post, path = "/v1/authorize", tag = "usage", request_body = AuthorizeRequest, responses((status = 200, body = AuthorizeResponse), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 409, description = "request_id holds a different reserve, or its usage was counted already", body = crate::error::ErrorBody), (status = 503, description = "holds are unavailable (distributed mode) or the hold journal cannot be written", body = crate::error::ErrorBody)))]
+#[utoipa::path(post, path = "/v1/authorize", tag = "usage", request_body = AuthorizeRequest, security(("bearer" = ["operator", "gateway"])), responses((status = 200, body = AuthorizeResponse), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 409, description = "request_id holds a different reserve, or its usage was counted already", body = crate::error::ErrorBody), (status = 503, description = "holds are unavailable (distributed mode) or the hold journal cannot be written", body = crate::error::ErrorBody)))]
 pub(crate) async fn authorize(
     State(state): State<AppState>,
     caller: Caller,
     headers: axum::http::HeaderMap,
     JsonBody(req): JsonBody<AuthorizeRequest>,
 ) -> ApiResult<axum::response::Response> {
-    caller.require_operator()?;
     if req.api_key.is_empty() || req.api_key.len() > 256 {
         return Err(ApiError::invalid("api_key must have 1 to 256 characters"));
     }
+    // A gateway token bound to an org knows that org's keys only: any
+    // other key is unknown to it (and no hold is placed).
+    let bound_elsewhere = caller.0.org().is_some_and(|own| {
+        let hash = tally_core::secret::hash_secret(&req.api_key);
+        state
+            .engine
+            .registry
+            .org_of_secret(&hash)
+            .is_none_or(|(org, _)| org != *own)
+    });
     if let Some(id) = &req.request_id {
         check_request_id(id).map_err(|e| ApiError::invalid(e.to_string()))?;
     }
@@ -192,6 +202,7 @@ pub(crate) async fn authorize(
     };
     let (feature, user) = (req.feature.as_deref(), req.user_id.as_deref());
     let (org_id, d, placed) = match hold {
+        _ if bound_elsewhere => (None, tally_core::authorize::Decision::unknown_key(), None),
         None => {
             let (org_id, d) = state.engine.authorize(&req.api_key, feature, user);
             (org_id, d, None)

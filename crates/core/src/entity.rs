@@ -29,7 +29,7 @@ pub const USERS_PER_ORG_MAX: usize = 1_000_000;
 pub const GROUPS_PER_ORG_MAX: usize = 10_000;
 /// API keys per org (revoked ones included).
 pub const KEYS_PER_ORG_MAX: usize = 1_000_000;
-/// Admin tokens per org.
+/// Live tokens per org (admin, viewer and gateway alike).
 pub const TOKENS_PER_ORG_MAX: usize = 1_000;
 /// Users one bulk command may change.
 pub const BULK_USERS_MAX: usize = 10_000;
@@ -67,6 +67,40 @@ impl std::fmt::Display for Actor {
 impl serde::Serialize for Actor {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.collect_str(self)
+    }
+}
+
+/// What an org's token may do.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Everything in its org (the org token before roles existed).
+    #[default]
+    Admin,
+    /// Every read of its org, nothing else.
+    Viewer,
+    /// A gateway's calls for its org only: authorize, holds and usage.
+    Gateway,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Admin => "admin",
+            Role::Viewer => "viewer",
+            Role::Gateway => "gateway",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Role> {
+        Some(match s {
+            "admin" => Role::Admin,
+            "viewer" => Role::Viewer,
+            "gateway" => Role::Gateway,
+            _ => return None,
+        })
     }
 }
 
@@ -145,6 +179,8 @@ pub enum EventKind {
         token_id: TokenId,
         #[serde(skip)]
         token_hash: SecretHash,
+        role: Role,
+        name: String,
     },
     TokenRevoked {
         token_id: TokenId,
@@ -293,6 +329,8 @@ pub enum Command {
     CreateToken {
         token_id: TokenId,
         token_hash: SecretHash,
+        role: Role,
+        name: String,
     },
     RevokeToken {
         token_id: TokenId,
@@ -458,10 +496,12 @@ pub struct Group {
     pub created_at_ms: i64,
 }
 
-/// An org admin token: only its hash is kept.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// An org's token: only its hash is kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Token {
     pub hash: SecretHash,
+    pub role: Role,
+    pub name: String,
     pub created_at_ms: i64,
     /// When it was revoked: it authenticates nothing since.
     pub revoked_at_ms: Option<i64>,
@@ -524,7 +564,9 @@ pub struct OrgDirectory {
     user_by_email: HashMap<String, UserId>,
 }
 
-fn check_name(what: &str, s: &str) -> CmdResult<String> {
+/// Checks a name: 1 to [`NAME_LEN_MAX`] characters, not blank, no control
+/// characters.
+pub fn check_name(what: &str, s: &str) -> CmdResult<String> {
     let len = s.chars().count();
     if len == 0 || len > NAME_LEN_MAX || s.trim().is_empty() {
         return Err(CommandError::Invalid(format!(
@@ -823,19 +865,24 @@ impl OrgDirectory {
             Command::CreateToken {
                 token_id,
                 token_hash,
+                role,
+                name,
             } => {
+                let name = check_name("a token's name", name)?;
                 if self.tokens.contains_key(token_id) {
                     return Err(CommandError::Conflict(format!("token {token_id:?} exists")));
                 }
                 let live = self.tokens.values().filter(|t| t.revoked_at_ms.is_none());
                 if live.count() >= TOKENS_PER_ORG_MAX {
                     return Err(CommandError::Rule(format!(
-                        "an org has at most {TOKENS_PER_ORG_MAX} admin tokens"
+                        "an org has at most {TOKENS_PER_ORG_MAX} live tokens"
                     )));
                 }
                 vec![EventKind::TokenCreated {
                     token_id: token_id.clone(),
                     token_hash: *token_hash,
+                    role: *role,
+                    name,
                 }]
             }
             Command::RevokeToken { token_id } => match self.tokens.get(token_id) {
@@ -1291,9 +1338,13 @@ impl OrgDirectory {
             EventKind::TokenCreated {
                 token_id,
                 token_hash,
+                role,
+                name,
             } => {
                 let token = Token {
                     hash: *token_hash,
+                    role: *role,
+                    name: name.clone(),
                     created_at_ms: at,
                     revoked_at_ms: None,
                 };
@@ -2044,17 +2095,25 @@ pub(crate) mod tests {
     #[test]
     fn a_revoked_token_keeps_its_id_and_frees_its_place_under_the_cap() {
         let t = |s: &str| TokenId::new(s).unwrap();
-        let mut kinds = vec![created(None)];
-        kinds.extend((0..TOKENS_PER_ORG_MAX).map(|i| EventKind::TokenCreated {
-            token_id: t(&format!("t{i}")),
-            token_hash: [i as u8; 32],
-        }));
-        let one_more = || Command::CreateToken {
-            token_id: t("new"),
-            token_hash: [7; 32],
+        let made = |id: &str, hash: u8, role: Role| EventKind::TokenCreated {
+            token_id: t(id),
+            token_hash: [hash; 32],
+            role,
+            name: format!("{id} token"),
         };
+        let create = |id: &str, hash: u8, role: Role| Command::CreateToken {
+            token_id: t(id),
+            token_hash: [hash; 32],
+            role,
+            name: format!("{id} token"),
+        };
+        let roles = [Role::Admin, Role::Viewer, Role::Gateway];
+        let mut kinds = vec![created(None)];
+        kinds
+            .extend((0..TOKENS_PER_ORG_MAX).map(|i| made(&format!("t{i}"), i as u8, roles[i % 3])));
+        // Every role counts under the cap.
         given(kinds.clone())
-            .when(one_more())
+            .when(create("new", 7, Role::Viewer))
             .then_expect_error(|e| matches!(e, CommandError::Rule(_)));
         given(vec![created(None)])
             .when(Command::RevokeToken { token_id: t("t0") })
@@ -2064,22 +2123,27 @@ pub(crate) mod tests {
             .when(revoke.clone())
             .then_expect_events(vec![EventKind::TokenRevoked { token_id: t("t0") }]);
         assert!(dir.tokens[&t("t0")].revoked_at_ms.is_some());
+        assert_eq!(dir.tokens[&t("t1")].role, Role::Viewer);
+        assert_eq!(dir.tokens[&t("t2")].name, "t2 token");
         kinds.push(EventKind::TokenRevoked { token_id: t("t0") });
         // Revoked again: nothing happens; its id is not given again; its
         // place is.
         let _ = given(kinds.clone()).when(revoke).then_expect_events(vec![]);
         given(kinds.clone())
-            .when(Command::CreateToken {
-                token_id: t("t0"),
-                token_hash: [9; 32],
-            })
+            .when(create("t0", 9, Role::Admin))
             .then_expect_error(|e| matches!(e, CommandError::Conflict(_)));
-        let _ = given(kinds)
-            .when(one_more())
-            .then_expect_events(vec![EventKind::TokenCreated {
+        let _ = given(kinds.clone())
+            .when(create("new", 7, Role::Gateway))
+            .then_expect_events(vec![made("new", 7, Role::Gateway)]);
+        // A name is checked as every other name.
+        given(kinds)
+            .when(Command::CreateToken {
                 token_id: t("new"),
                 token_hash: [7; 32],
-            }]);
+                role: Role::Admin,
+                name: " ".into(),
+            })
+            .then_expect_error(|e| matches!(e, CommandError::Invalid(_)));
     }
 
     #[test]

@@ -13,6 +13,10 @@ pub const SECRET_RANDOM_LEN: usize = 32;
 pub const KEY_SECRET_PREFIX: &str = "tly_sk_";
 /// The prefix of an org admin token.
 pub const ORG_TOKEN_PREFIX: &str = "tly_at_";
+/// The prefix of an org viewer token.
+pub const VIEWER_TOKEN_PREFIX: &str = "tly_vt_";
+/// The prefix of a gateway token (of one org or of every org).
+pub const GATEWAY_TOKEN_PREFIX: &str = "tly_gt_";
 
 pub fn hash_secret(secret: &str) -> SecretHash {
     Sha256::digest(secret.as_bytes()).into()

@@ -660,6 +660,12 @@ impl crate::Engine {
         let _ = self.hold_partition_of.set(partition_of);
     }
 
+    /// Whether other processes share this one's database and change it
+    /// (the distributed mode).
+    pub fn shared(&self) -> bool {
+        self.hold_partition_of.get().is_some()
+    }
+
     /// Where the process placing `org`'s holds answers (the distributed
     /// mode), when it is not this one.
     pub async fn hold_owner_url(&self, partition: i32) -> Result<Option<String>> {

@@ -13,6 +13,7 @@ pub mod holds;
 pub mod meter;
 pub mod metrics;
 pub mod registry;
+pub mod tokens;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -21,9 +22,9 @@ use std::time::Instant;
 
 use tally_core::authorize::{Decision, authorize};
 use tally_core::entity::CommandError;
-use tally_core::ids::{OrgId, TokenId};
+use tally_core::ids::OrgId;
 use tally_core::org::MeterConfig;
-use tally_core::secret::{SECRET_RANDOM_LEN, SecretHash, ct_eq, encode_secret, hash_secret};
+use tally_core::secret::{SECRET_RANDOM_LEN, SecretHash, encode_secret, hash_secret};
 use tally_core::usage::UsageEvent;
 use tally_store::Db;
 
@@ -96,14 +97,7 @@ pub struct EngineOptions {
     pub holds: HoldOptions,
 }
 
-/// Who is calling, from a bearer token.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Principal {
-    /// The operator token: every org, and creating orgs.
-    Operator,
-    /// An org admin token: its own org only.
-    Org { org_id: OrgId, token_id: TokenId },
-}
+pub use tokens::Principal;
 
 #[derive(Debug)]
 pub struct Engine {
@@ -120,6 +114,7 @@ pub struct Engine {
     hold_options: HoldOptions,
     clock: Arc<dyn Clock>,
     operator_token_hash: SecretHash,
+    tokens: tokens::TokenState,
 }
 
 impl Engine {
@@ -133,6 +128,7 @@ impl Engine {
     ) -> Result<Engine> {
         crate::metrics::describe();
         let started = Instant::now();
+        let tokens = tokens::TokenState::load(&db).await?;
         let registry = Arc::new(Registry::new(opts.meter_config));
         let events = db
             .scan_events(|e| {
@@ -174,6 +170,7 @@ impl Engine {
             hold_options: opts.holds,
             clock,
             operator_token_hash,
+            tokens,
         })
     }
 
@@ -192,20 +189,6 @@ impl Engine {
 
     pub fn now_ms(&self) -> i64 {
         self.clock.now_ms()
-    }
-
-    /// Resolves a bearer token; `None` when it is no valid token.
-    pub fn authenticate(&self, token: &str) -> Option<Principal> {
-        let hash = hash_secret(token);
-        if ct_eq(&hash, &self.operator_token_hash) {
-            return Some(Principal::Operator);
-        }
-        let (org_id, token_id) = self.registry.token(&hash)?;
-        // The index found it by hash; confirm against the org's own record.
-        let cell = self.registry.org(&org_id)?;
-        let stored = *cell.read().dir.tokens.get(&token_id)?;
-        (stored.revoked_at_ms.is_none() && ct_eq(&stored.hash, &hash))
-            .then_some(Principal::Org { org_id, token_id })
     }
 
     /// The gateway's question: may the holder of `secret` make this call?

@@ -166,6 +166,7 @@ impl Registry {
             EventKind::TokenCreated {
                 token_id,
                 token_hash,
+                ..
             } => {
                 let _ = self
                     .tokens

@@ -1,7 +1,7 @@
 //! Conversions between the generated types and the core's.
 
 use prost::Message;
-use tally_core::entity::{Actor, EntityEvent, EventKind};
+use tally_core::entity::{Actor, EntityEvent, EventKind, Role};
 use tally_core::ids::{GroupId, IdError, KeyId, OrgId, TokenId, UserId};
 use tally_core::usage::{RawUsage, UsageError, UsageEvent};
 
@@ -131,9 +131,13 @@ pub fn encode_entity_event(e: &EntityEvent) -> Vec<u8> {
         EventKind::TokenCreated {
             token_id,
             token_hash,
+            role,
+            name,
         } => K::TokenCreated(v1::TokenCreated {
             token_id: token_id.to_string(),
             token_hash: token_hash.to_vec(),
+            role: role.as_str().to_owned(),
+            name: name.clone(),
         }),
         EventKind::TokenRevoked { token_id } => K::TokenRevoked(v1::TokenRevoked {
             token_id: token_id.to_string(),
@@ -273,6 +277,12 @@ pub fn decode_entity_event(bytes: &[u8]) -> Result<EntityEvent, ConvertError> {
         K::TokenCreated(k) => EventKind::TokenCreated {
             token_id: id(TokenId::new, &k.token_id)?,
             token_hash: hash32(&k.token_hash, "token_hash")?,
+            role: match k.role.as_str() {
+                "" => Role::Admin,
+                r => Role::parse(r)
+                    .ok_or_else(|| ConvertError::Invalid(format!("unknown token role {r:?}")))?,
+            },
+            name: k.name,
         },
         K::TokenRevoked(k) => EventKind::TokenRevoked {
             token_id: id(TokenId::new, &k.token_id)?,
@@ -403,6 +413,20 @@ mod tests {
             EventKind::TokenCreated {
                 token_id: TokenId::new("t1").unwrap(),
                 token_hash: [9; 32],
+                role: Role::Admin,
+                name: "ci".into(),
+            },
+            EventKind::TokenCreated {
+                token_id: TokenId::new("t2").unwrap(),
+                token_hash: [8; 32],
+                role: Role::Viewer,
+                name: "finance".into(),
+            },
+            EventKind::TokenCreated {
+                token_id: TokenId::new("t3").unwrap(),
+                token_hash: [7; 32],
+                role: Role::Gateway,
+                name: "litellm".into(),
             },
             EventKind::TokenRevoked {
                 token_id: TokenId::new("t1").unwrap(),
@@ -470,6 +494,38 @@ mod tests {
             let e = ev(i as u64 + 1, kind);
             assert_eq!(decode_entity_event(&encode_entity_event(&e)).unwrap(), e);
         }
+    }
+
+    /// A log written before tokens had roles and names: its tokens are
+    /// admin tokens, nameless; an unknown role is refused, not guessed.
+    #[test]
+    fn a_token_of_an_older_log_is_an_admin_token() {
+        let old = |role: &str| {
+            v1::EntityEvent {
+                org_id: "acme".into(),
+                seq: 1,
+                at_ms: 5,
+                actor: "operator".into(),
+                kind: Some(K::TokenCreated(v1::TokenCreated {
+                    token_id: "t1".into(),
+                    token_hash: vec![3; 32],
+                    role: role.into(),
+                    name: String::new(),
+                })),
+            }
+            .encode_to_vec()
+        };
+        let e = decode_entity_event(&old("")).unwrap();
+        assert_eq!(
+            e.kind,
+            EventKind::TokenCreated {
+                token_id: TokenId::new("t1").unwrap(),
+                token_hash: [3; 32],
+                role: Role::Admin,
+                name: String::new(),
+            }
+        );
+        assert!(decode_entity_event(&old("root")).is_err());
     }
 
     #[test]

@@ -297,6 +297,33 @@ CREATE INDEX holds_by_partition ON holds (partition_id);
               ALTER TABLE dedupe_chunks RENAME COLUMN hour TO minute;\n\
               UPDATE dedupe_chunks SET minute = minute * 60 + 59;"
         .to_owned();
+    // v10: gateway tokens for every org (an org's own tokens are in its
+    // entity log), the operator's audit log, and when tokens were last
+    // used (noted at most once a minute per token and process).
+    let v10 = format!(
+        r#"
+CREATE TABLE gateway_tokens (
+    id {text} PRIMARY KEY,
+    name {text} NOT NULL,
+    token_hash {blob} NOT NULL UNIQUE,
+    created_at_ms BIGINT NOT NULL,
+    revoked_at_ms BIGINT
+);
+CREATE TABLE operator_audit (
+    pos {serial},
+    at_ms BIGINT NOT NULL,
+    actor TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    detail TEXT NOT NULL
+);
+CREATE TABLE token_use (
+    org_id {text} NOT NULL,
+    token_id {text} NOT NULL,
+    last_used_at_ms BIGINT NOT NULL,
+    PRIMARY KEY (org_id, token_id)
+);
+"#
+    );
     vec![
         (1, v1 + &append_only),
         (2, v2),
@@ -307,5 +334,6 @@ CREATE INDEX holds_by_partition ON holds (partition_id);
         (7, v7),
         (8, v8),
         (9, v9),
+        (10, v10),
     ]
 }

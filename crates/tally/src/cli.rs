@@ -44,8 +44,16 @@ pub(crate) enum Orgs {
     },
     /// The org, its spend this month and its history.
     Show,
-    /// Mint an org admin token (shown once).
-    Token,
+    /// Mint a token of the org (shown once).
+    Token {
+        /// admin (everything in the org), viewer (reads only) or gateway
+        /// (authorize, usage and holds for this org; the operator's to mint).
+        #[arg(long, default_value = "admin")]
+        role: String,
+        /// What it is for.
+        #[arg(long)]
+        name: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -394,12 +402,17 @@ pub(crate) async fn orgs(conn: Conn, cmd: Orgs) -> anyhow::Result<String> {
                 history(&o)
             )
         }
-        Orgs::Token => {
+        Orgs::Token { role, name } => {
             let t = api
-                .post(&format!("/v1/orgs/{}/tokens", path(api.org()?)), json!({}))
+                .post(
+                    &format!("/v1/orgs/{}/tokens", path(api.org()?)),
+                    json!({"role": role, "name": name}),
+                )
                 .await?;
             format!(
-                "org admin token for {} (shown once): {}\n",
+                "org {} token {} for {} (shown once): {}\n",
+                text(&t["role"]),
+                text(&t["id"]),
                 text(&t["org_id"]),
                 text(&t["token"])
             )

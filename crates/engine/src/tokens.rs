@@ -1,0 +1,236 @@
+//! Bearer tokens: who is calling, and with which role.
+//!
+//! - the operator token (from the configuration): everything;
+//! - an org's tokens (its entity log): `admin`, `viewer`, or `gateway`
+//!   bound to that org;
+//! - gateway tokens for every org (`gateway_tokens`, the operator's).
+//!
+//! Revocation holds from the next request on every process. One process
+//! (embedded) knows every change as it makes it. Several processes
+//! (distributed) share the database: before an org token is trusted, the
+//! org's log head is read and anything newer folded in; a gateway token of
+//! every org is read from its table. One indexed read per request, on the
+//! database every request of that mode depends on already.
+
+use std::collections::HashMap;
+
+use parking_lot::RwLock;
+use tally_core::entity::{CommandError, Role};
+use tally_core::ids::{OrgId, TokenId};
+use tally_core::secret::{SecretHash, ct_eq, hash_secret};
+use tally_store::tokens::{CreatedGatewayToken, GatewayTokenRow, Revoked};
+
+use crate::{Engine, Error, Result};
+
+/// Live gateway tokens of every org at most.
+pub const GATEWAY_TOKENS_MAX: i64 = 1_000;
+/// How often a token's use is written down, per token and process.
+const USE_NOTE_INTERVAL_MS: i64 = 60_000;
+
+/// Who is calling, from a bearer token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Principal {
+    /// The operator token: every org, and creating orgs.
+    Operator,
+    /// One of an org's tokens: that org only, as far as its role goes.
+    Org {
+        org_id: OrgId,
+        token_id: TokenId,
+        role: Role,
+    },
+    /// A gateway token of every org.
+    Gateway { token_id: String },
+}
+
+impl Principal {
+    /// The role's name, as the API documents it.
+    pub fn role(&self) -> &'static str {
+        match self {
+            Principal::Operator => "operator",
+            Principal::Org { role, .. } => role.as_str(),
+            Principal::Gateway { .. } => "gateway",
+        }
+    }
+
+    /// The org it is bound to; `None`: every org.
+    pub fn org(&self) -> Option<&OrgId> {
+        match self {
+            Principal::Org { org_id, .. } => Some(org_id),
+            Principal::Operator | Principal::Gateway { .. } => None,
+        }
+    }
+}
+
+/// What this process knows of tokens beyond the orgs' logs.
+#[derive(Debug, Default)]
+pub(crate) struct TokenState {
+    /// Gateway tokens of every org, by hash (revoked ones too).
+    gateway: RwLock<HashMap<SecretHash, GatewayTokenRow>>,
+    /// Last use by (org id or "", token id): (used, written down).
+    uses: RwLock<HashMap<(String, String), (i64, i64)>>,
+}
+
+impl TokenState {
+    pub(crate) async fn load(db: &tally_store::Db) -> Result<TokenState> {
+        let rows = db.all_gateway_tokens().await?;
+        Ok(TokenState {
+            gateway: RwLock::new(rows.into_iter().map(|r| (r.hash, r)).collect()),
+            uses: RwLock::default(),
+        })
+    }
+}
+
+impl Engine {
+    /// Resolves a bearer token; `Ok(None)` when it is no valid token. Errs
+    /// only when the database must be asked and cannot answer.
+    pub async fn authenticate(&self, token: &str) -> Result<Option<Principal>> {
+        let hash = hash_secret(token);
+        if ct_eq(&hash, &self.operator_token_hash) {
+            return Ok(Some(Principal::Operator));
+        }
+        let principal = match self.registry.token(&hash) {
+            Some((org_id, token_id)) => self.org_token(&hash, org_id, token_id).await?,
+            None => self.gateway_token(&hash).await?,
+        };
+        if let Some(p) = &principal {
+            self.note_use(p);
+        }
+        Ok(principal)
+    }
+
+    async fn org_token(
+        &self,
+        hash: &SecretHash,
+        org_id: OrgId,
+        token_id: TokenId,
+    ) -> Result<Option<Principal>> {
+        if self.shared() {
+            // Another process may have revoked it a moment ago.
+            let _ = self.commands.sync(&[&org_id]).await?;
+        }
+        // The index found it by hash; confirm against the org's own record.
+        let Some(cell) = self.registry.org(&org_id) else {
+            return Ok(None);
+        };
+        let org = cell.read();
+        let Some(stored) = org.dir.tokens.get(&token_id) else {
+            return Ok(None);
+        };
+        let role = stored.role;
+        Ok(
+            (stored.revoked_at_ms.is_none() && ct_eq(&stored.hash, hash)).then(|| Principal::Org {
+                org_id: org_id.clone(),
+                token_id,
+                role,
+            }),
+        )
+    }
+
+    async fn gateway_token(&self, hash: &SecretHash) -> Result<Option<Principal>> {
+        let row = if self.shared() {
+            let row = self.db.gateway_token_by_hash(hash).await?;
+            if let Some(r) = &row {
+                let _ = self.tokens.gateway.write().insert(r.hash, r.clone());
+            }
+            row
+        } else {
+            self.tokens.gateway.read().get(hash).cloned()
+        };
+        Ok(row
+            .filter(|r| r.revoked_at_ms.is_none() && ct_eq(&r.hash, hash))
+            .map(|r| Principal::Gateway { token_id: r.id }))
+    }
+
+    /// Remembers the use; writes it down at most once a minute per token.
+    fn note_use(&self, p: &Principal) {
+        let key = match p {
+            Principal::Operator => return,
+            Principal::Org {
+                org_id, token_id, ..
+            } => (org_id.to_string(), token_id.to_string()),
+            Principal::Gateway { token_id } => (String::new(), token_id.clone()),
+        };
+        let now = self.now_ms();
+        let due = {
+            let mut uses = self.tokens.uses.write();
+            let entry = uses.entry(key.clone()).or_insert((now, i64::MIN));
+            entry.0 = entry.0.max(now);
+            let due = now.saturating_sub(entry.1) >= USE_NOTE_INTERVAL_MS;
+            if due {
+                entry.1 = now;
+            }
+            due
+        };
+        if due && let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let db = self.db.clone();
+            drop(rt.spawn(async move {
+                if let Err(e) = db.note_token_use(&[(key.0, key.1, now)]).await {
+                    tracing::debug!(error = %e, "noting a token's use failed");
+                }
+            }));
+        }
+    }
+
+    /// When each token of `org` (`""`: the gateway tokens of every org) was
+    /// last used: the database's note, or this process's if newer.
+    pub async fn token_last_used(&self, org: &str) -> Result<HashMap<String, i64>> {
+        let mut out: HashMap<String, i64> = self.db.token_uses(org).await?.into_iter().collect();
+        for ((o, id), (used, _)) in self.tokens.uses.read().iter() {
+            if o == org {
+                let at = out.entry(id.clone()).or_insert(*used);
+                *at = (*at).max(*used);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Creates a gateway token of every org (the operator's); its secret is
+    /// known only to the caller.
+    pub async fn create_gateway_token(&self, id: &str, name: &str, hash: SecretHash) -> Result<()> {
+        let now = self.now_ms();
+        let row = GatewayTokenRow {
+            id: id.to_owned(),
+            name: name.to_owned(),
+            hash,
+            created_at_ms: now,
+            revoked_at_ms: None,
+        };
+        let detail = serde_json::json!({"token_id": id, "name": name}).to_string();
+        match self
+            .db
+            .create_gateway_token(&row, GATEWAY_TOKENS_MAX, &detail)
+            .await?
+        {
+            CreatedGatewayToken::Created => {
+                let _ = self.tokens.gateway.write().insert(hash, row);
+                Ok(())
+            }
+            CreatedGatewayToken::IdTaken => Err(Error::Command(CommandError::Conflict(format!(
+                "gateway token {id:?} exists"
+            )))),
+            CreatedGatewayToken::Full => Err(Error::Command(CommandError::Rule(format!(
+                "at most {GATEWAY_TOKENS_MAX} gateway tokens of every org are live at once"
+            )))),
+        }
+    }
+
+    /// Revokes a gateway token of every org; twice changes nothing.
+    pub async fn revoke_gateway_token(&self, id: &str) -> Result<()> {
+        let now = self.now_ms();
+        let detail = serde_json::json!({ "token_id": id }).to_string();
+        match self.db.revoke_gateway_token(id, now, &detail).await? {
+            Revoked::Unknown => Err(Error::Command(CommandError::NotFound {
+                what: "gateway token",
+                id: id.to_owned(),
+            })),
+            Revoked::Now | Revoked::Already => {
+                for row in self.tokens.gateway.write().values_mut() {
+                    if row.id == id && row.revoked_at_ms.is_none() {
+                        row.revoked_at_ms = Some(now);
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+}

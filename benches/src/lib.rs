@@ -64,6 +64,7 @@ pub fn org(users: u32, groups: u32) -> OrgState {
             features: vec!["chat".into()],
             monthly_limit_micros: Some(1_000_000_000_000),
             secret_hash,
+            expires_at_ms: None,
         }));
     }
     state

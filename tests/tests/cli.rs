@@ -174,6 +174,40 @@ async fn an_admin_manages_the_org_from_the_terminal() {
         ],
     );
     assert!(out.contains("2 of 2 users changed"), "{out}");
+    // A key renamed, moved to the group, given an expiry; then rotated.
+    let out = ok(
+        &url,
+        &[
+            "keys",
+            "update",
+            "k1",
+            "--name",
+            "ci",
+            "--user",
+            "none",
+            "--groups",
+            "eng",
+            "--expires",
+            "2099-01-01T00:00:00Z",
+        ],
+    );
+    assert!(out.contains("ci") && out.contains("eng"), "{out}");
+    let key = server
+        .operator()
+        .get("/v1/orgs/acme/keys/k1")
+        .await
+        .expect(200);
+    assert_eq!(
+        (key["user_id"].clone(), key["expires_at"].clone()),
+        (json!(null), json!("2099-01-01T00:00:00Z")),
+        "{key}"
+    );
+    let out = ok(&url, &["keys", "rotate", "k1", "--grace-seconds", "300"]);
+    assert!(
+        out.contains("new secret (shown once, keep it): tly_sk_"),
+        "{out}"
+    );
+    assert!(out.contains("the old secret works until 20"), "{out}");
     let out = ok(&url, &["keys", "revoke", "k1"]);
     assert!(out.contains("REVOKED"), "{out}");
     let out = ok(&url, &["orgs", "show"]);

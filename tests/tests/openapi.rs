@@ -249,6 +249,7 @@ async fn the_document_matches_every_real_response() {
         ("get", "/v1/orgs/{org}/keys"),
         ("get", "/v1/orgs/{org}/keys/{key}"),
         ("patch", "/v1/orgs/{org}/keys/{key}"),
+        ("post", "/v1/orgs/{org}/keys/{key}/rotate"),
         ("delete", "/v1/orgs/{org}/keys/{key}"),
         ("get", "/v1/orgs/{org}/events"),
         ("post", "/v1/usage"),
@@ -665,6 +666,29 @@ async fn the_document_matches_every_real_response() {
         None,
     )
     .await;
+    let patched = call(
+        s,
+        &op,
+        "patch",
+        "/v1/orgs/{org}/keys/{key}",
+        "/v1/orgs/acme/keys/k1",
+        Some(json!({"name": "renamed", "expires_at": "2099-01-01T00:00:00Z"})),
+    )
+    .await;
+    assert_eq!(patched["expires_at"], "2099-01-01T00:00:00Z");
+    let rotated = call(
+        s,
+        &op,
+        "post",
+        "/v1/orgs/{org}/keys/{key}/rotate",
+        "/v1/orgs/acme/keys/k1/rotate",
+        Some(json!({"grace_seconds": 60})),
+    )
+    .await;
+    assert!(
+        rotated["previous_secret_expires_at"].is_string(),
+        "{rotated}"
+    );
     call(
         s,
         &op,

@@ -57,6 +57,22 @@ async fn rebuilt_read_models_equal_the_live_ones() {
         )
         .await
         .expect(200);
+    // The key's life: its projection is rebuilt too.
+    let _ = op.post("/v1/orgs/acme/keys", json!({"id": "k2", "name": "k2", "user_id": "cid", "expires_at": "2099-01-01T00:00:00Z"})).await.expect(201);
+    let _ = op
+        .patch(
+            "/v1/orgs/acme/keys/k2",
+            json!({"name": "k2 renamed", "user_id": null, "group_ids": ["ops"], "expires_at": "2098-01-01T00:00:00Z"}),
+        )
+        .await
+        .expect(200);
+    let _ = op
+        .post(
+            "/v1/orgs/acme/keys/k2/rotate",
+            json!({"grace_seconds": 3600}),
+        )
+        .await
+        .expect(200);
     let _ = op.delete("/v1/orgs/acme/users/dot").await.expect(200);
     let _ = op
         .patch(
@@ -83,7 +99,7 @@ async fn rebuilt_read_models_equal_the_live_ones() {
 
     let stdout = rebuilt(&args);
     assert!(
-        stdout.contains("rebuilt read models from 18 events"),
+        stdout.contains("rebuilt read models from 24 events"),
         "{stdout}"
     );
 

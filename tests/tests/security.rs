@@ -49,6 +49,11 @@ fn endpoints(org: &str) -> Vec<(&'static str, String, Option<Value>)> {
         ("GET", o("/keys"), None),
         ("GET", o("/keys/k1"), None),
         ("PATCH", o("/keys/k1"), Some(json!({"features": ["all"]}))),
+        (
+            "POST",
+            o("/keys/k1/rotate"),
+            Some(json!({"grace_seconds": 60})),
+        ),
         ("DELETE", o("/keys/k1"), None),
         (
             "PUT",
@@ -364,8 +369,8 @@ async fn every_endpoint_admits_exactly_its_documented_roles() {
             admitted += 1;
         }
     }
-    assert_eq!(operations.len(), 44);
-    assert_eq!(refused + admitted, 44 * callers.len());
+    assert_eq!(operations.len(), 45);
+    assert_eq!(refused + admitted, operations.len() * callers.len());
     println!("{refused} calls refused, {admitted} admitted");
     // A gateway token of every org, or bound to acme, reads and changes
     // no admin endpoint: checked above; and the operator's audit log has

@@ -222,6 +222,11 @@ pub(crate) struct KeyJson {
     pub revoked: bool,
     pub last_used_at: Option<String>,
     pub created_at: String,
+    /// From then on authorize refuses it (`key_expired`); null: never.
+    pub expires_at: Option<String>,
+    /// Until when the secret its last rotation replaced still works (in the
+    /// past once it stopped); null: never rotated.
+    pub previous_secret_expires_at: Option<String>,
     /// Only in the create response: shown once, stored as a hash.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub secret: Option<String>,
@@ -243,6 +248,8 @@ impl From<KeyRow> for KeyJson {
             revoked: k.revoked,
             last_used_at: k.last_used_at_ms.map(time),
             created_at: time(k.created_at_ms),
+            expires_at: k.expires_at_ms.map(time),
+            previous_secret_expires_at: k.previous_secret_until_ms.map(time),
             secret: None,
         }
     }

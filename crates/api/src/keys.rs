@@ -1,5 +1,5 @@
 //! API keys: create (the secret is in this response only), list, detail,
-//! change features and limit, revoke.
+//! change (name, owner, groups, features, limit, expiry), rotate, revoke.
 
 use axum::Json;
 use axum::extract::{Path, State};
@@ -15,7 +15,7 @@ use tally_engine::{random_id, random_secret};
 use crate::cursor::{self, PageParams};
 use crate::dto::{History, KeyJson, ListJson, one_with_held, present, with_held};
 use crate::error::{ApiError, ApiResult};
-use crate::extract::{Caller, JsonBody, Params};
+use crate::extract::{Caller, JsonBody, OptionalJson, Params};
 use crate::{AppState, org_access, page_len};
 
 fn key_id(s: &str) -> ApiResult<KeyId> {
@@ -48,6 +48,17 @@ pub(crate) struct CreateKey {
     features: Vec<String>,
     #[serde(default)]
     monthly_limit_micros: Option<i64>,
+    /// RFC 3339; from then on authorize refuses the key (`key_expired`).
+    expires_at: Option<String>,
+}
+
+/// An RFC 3339 time as Unix ms, or a 400 naming the field.
+fn time_ms(field: &str, s: &str) -> ApiResult<i64> {
+    tally_proto::parse_rfc3339_ms(s).ok_or_else(|| {
+        ApiError::invalid(format!(
+            "{field} must be an RFC 3339 time (e.g. 2027-01-31T00:00:00Z), got {s:?}"
+        ))
+    })
 }
 
 #[utoipa::path(post, path = "/v1/orgs/{org}/keys", tag = "keys", params(("org" = String, Path, description = "org id")), request_body = CreateKey, security(("bearer" = ["operator", "admin"])), responses((status = 201, body = KeyJson), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody), (status = 409, description = "conflict", body = crate::error::ErrorBody), (status = 422, description = "a rule forbids it", body = crate::error::ErrorBody)))]
@@ -82,6 +93,11 @@ pub(crate) async fn create(
         features: req.features,
         monthly_limit_micros: req.monthly_limit_micros,
         secret_hash: hash_secret(&secret),
+        expires_at_ms: req
+            .expires_at
+            .as_deref()
+            .map(|s| time_ms("expires_at", s))
+            .transpose()?,
     };
     let _ = state
         .engine
@@ -165,6 +181,17 @@ pub(crate) struct PatchKey {
     monthly_limit_micros: Option<Option<i64>>,
     /// `true` revokes the key (final); `false` is refused.
     revoked: Option<bool>,
+    name: Option<String>,
+    /// The owner; `null`: none (the key then needs groups).
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<String>)]
+    user_id: Option<Option<String>>,
+    /// The key's groups, all of them (replaces the list).
+    group_ids: Option<Vec<String>>,
+    /// RFC 3339; `null`: never expires.
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<String>)]
+    expires_at: Option<Option<String>>,
 }
 
 #[utoipa::path(patch, path = "/v1/orgs/{org}/keys/{key}", tag = "keys", params(("org" = String, Path, description = "org id"), ("key" = String, Path)), request_body = PatchKey, security(("bearer" = ["operator", "admin"])), responses((status = 200, body = KeyJson), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody), (status = 409, description = "conflict", body = crate::error::ErrorBody), (status = 422, description = "a rule forbids it", body = crate::error::ErrorBody)))]
@@ -181,10 +208,26 @@ pub(crate) async fn patch(
             "a revoked key cannot be restored; create a new key",
         ));
     }
+    let invalid = |e: tally_core::ids::IdError| ApiError::invalid(e.to_string());
     let cmd = Command::UpdateKey {
         key_id: key_id.clone(),
         features: req.features,
         monthly_limit_micros: req.monthly_limit_micros,
+        name: req.name,
+        user_id: req
+            .user_id
+            .map(|u| u.as_deref().map(UserId::new).transpose())
+            .transpose()
+            .map_err(invalid)?,
+        group_ids: req
+            .group_ids
+            .map(|gs| gs.iter().map(|g| GroupId::new(g)).collect::<Result<_, _>>())
+            .transpose()
+            .map_err(invalid)?,
+        expires_at_ms: req
+            .expires_at
+            .map(|e| e.as_deref().map(|s| time_ms("expires_at", s)).transpose())
+            .transpose()?,
         revoke: req.revoked == Some(true),
     };
     let _ = state
@@ -194,6 +237,50 @@ pub(crate) async fn patch(
         .await?;
     state.engine.meter.flush_for_read().await?;
     Ok(Json(key_json(&state, &org_id, &key_id).await?))
+}
+
+#[derive(Debug, Deserialize, Default, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RotateKey {
+    /// How long the old secret keeps working, in seconds (default 0: it
+    /// stops at once; at most 7 days). A secret replaced by an earlier
+    /// rotation stops at once either way.
+    grace_seconds: Option<i64>,
+}
+
+/// Gives the key a new secret (in this response only). The old one keeps
+/// working for the grace period, so gateways can switch without a gap.
+#[utoipa::path(post, path = "/v1/orgs/{org}/keys/{key}/rotate", tag = "keys", params(("org" = String, Path, description = "org id"), ("key" = String, Path)), request_body(content = Option<RotateKey>, description = "optional"), security(("bearer" = ["operator", "admin"])), responses((status = 200, body = KeyJson), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody), (status = 422, description = "the key is revoked", body = crate::error::ErrorBody)))]
+pub(crate) async fn rotate(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((org, key)): Path<(String, String)>,
+    OptionalJson(body): OptionalJson<RotateKey>,
+) -> ApiResult<Json<KeyJson>> {
+    let org_id = org_access(&state, &caller, &org)?;
+    let key_id = key_id(&key)?;
+    let grace_seconds = body.unwrap_or_default().grace_seconds.unwrap_or(0);
+    let max = tally_core::entity::KEY_ROTATION_GRACE_MAX_MS / 1000;
+    if !(0..=max).contains(&grace_seconds) {
+        return Err(ApiError::invalid(format!(
+            "grace_seconds must be between 0 and {max}, got {grace_seconds}"
+        )));
+    }
+    let secret = random_secret(KEY_SECRET_PREFIX)?;
+    let cmd = Command::RotateKey {
+        key_id: key_id.clone(),
+        secret_hash: hash_secret(&secret),
+        grace_ms: grace_seconds * 1000,
+    };
+    let _ = state
+        .engine
+        .commands
+        .execute(&org_id, caller.actor(), &cmd)
+        .await?;
+    state.engine.meter.flush_for_read().await?;
+    let mut key = key_json(&state, &org_id, &key_id).await?;
+    key.secret = Some(secret);
+    Ok(Json(key))
 }
 
 #[utoipa::path(delete, path = "/v1/orgs/{org}/keys/{key}", tag = "keys", params(("org" = String, Path, description = "org id"), ("key" = String, Path)), security(("bearer" = ["operator", "admin"])), responses((status = 200, body = KeyJson), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody), (status = 409, description = "conflict", body = crate::error::ErrorBody), (status = 422, description = "a rule forbids it", body = crate::error::ErrorBody)))]

@@ -116,6 +116,7 @@ pub fn router(state: AppState) -> Router {
             "/v1/orgs/{org}/keys/{key}",
             get(keys::get).patch(keys::patch).delete(keys::revoke),
         )
+        .route("/v1/orgs/{org}/keys/{key}/rotate", post(keys::rotate))
         .route(
             "/v1/orgs/{org}/webhook",
             get(webhooks::get)

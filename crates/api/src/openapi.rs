@@ -26,7 +26,7 @@ use crate::{groups, holds, keys, ops, orgs, tokens, usage, users, webhooks};
         users::add, users::list, users::get, users::patch, users::remove, users::bulk,
         groups::create, groups::list, groups::get, groups::patch, groups::delete,
         groups::add_member, groups::remove_member,
-        keys::create, keys::list, keys::get, keys::patch, keys::revoke,
+        keys::create, keys::list, keys::get, keys::patch, keys::rotate, keys::revoke,
         webhooks::set, webhooks::get, webhooks::remove, webhooks::deliveries, webhooks::redeliver,
         usage::ingest, usage::authorize,
         holds::list, holds::release,

@@ -24,6 +24,8 @@ pub enum Reason {
     Ok,
     UnknownKey,
     KeyRevoked,
+    /// Past the key's `expires_at`.
+    KeyExpired,
     UnknownUser,
     /// A personal key used on behalf of another user.
     KeyUserMismatch,
@@ -47,6 +49,7 @@ impl Reason {
             Reason::Ok => "ok",
             Reason::UnknownKey => "unknown_key",
             Reason::KeyRevoked => "key_revoked",
+            Reason::KeyExpired => "key_expired",
             Reason::UnknownUser => "unknown_user",
             Reason::KeyUserMismatch => "key_user_mismatch",
             Reason::UserRequired => "user_required",
@@ -200,6 +203,19 @@ pub fn authorize(
             &mut d,
             Reason::KeyRevoked,
             format!("key {} is revoked", key.id),
+        );
+    }
+    if let Some(at) = key.expires_at_ms
+        && now_ms >= at
+    {
+        return deny(
+            &mut d,
+            Reason::KeyExpired,
+            format!(
+                "key {} expired at {}",
+                key.id,
+                crate::time::format_utc_ms(at)
+            ),
         );
     }
     let uid = match (&key.user_id, user_hint) {
@@ -491,6 +507,7 @@ mod tests {
                 features: vec!["chat".into()],
                 monthly_limit_micros: Some(30 * USD),
                 secret_hash: [1; 32],
+                expires_at_ms: None,
             },
             EventKind::KeyCreated {
                 key_id: key("kg"),
@@ -500,6 +517,7 @@ mod tests {
                 features: vec!["chat".into(), "embeddings".into()],
                 monthly_limit_micros: None,
                 secret_hash: [2; 32],
+                expires_at_ms: None,
             },
         ]);
         let mut s = OrgState::new(&evs[0], MeterConfig::default());
@@ -701,6 +719,33 @@ mod tests {
         assert_eq!(decide(&s, "ka", None, None).reason, Reason::KeyRevoked);
     }
 
+    /// From its expiry on, a key is refused with `key_expired` (the check
+    /// comes before the budget ones: the message names the time).
+    #[test]
+    fn an_expired_key_is_refused_from_its_expiry_on() {
+        let mut s = org();
+        let expire_at = NOV + 3_600_000;
+        s.apply_entity(&EntityEvent {
+            org_id: s.dir.id.clone(),
+            seq: s.dir.seq + 1,
+            at_ms: NOV,
+            actor: crate::entity::Actor::Operator,
+            kind: EventKind::KeyExpirySet {
+                key_id: key("ka"),
+                expires_at_ms: Some(expire_at),
+            },
+        });
+        let at = |now: i64| authorize(&s, &s.dir.keys["ka"], None, None, now, 0);
+        assert!(at(expire_at - 1).allowed);
+        let d = at(expire_at);
+        assert_eq!((d.allowed, d.reason), (false, Reason::KeyExpired), "{d:?}");
+        assert!(
+            d.message.contains("expired at 2026-11-01T01:00:00Z"),
+            "{}",
+            d.message
+        );
+    }
+
     #[test]
     fn a_new_month_starts_from_zero() {
         let mut s = org();
@@ -736,6 +781,7 @@ mod hold_tests {
             features: vec![],
             monthly_limit_micros: limit,
             secret_hash: [id.as_bytes()[1]; 32],
+            expires_at_ms: None,
         };
         let evs = events(vec![
             created(None),
@@ -770,6 +816,7 @@ mod hold_tests {
                 features: vec![],
                 monthly_limit_micros: None,
                 secret_hash: [9; 32],
+                expires_at_ms: None,
             },
             EventKind::OrgLimitSet {
                 monthly_limit_micros: Some(1_500_000),

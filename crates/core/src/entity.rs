@@ -31,6 +31,8 @@ pub const GROUPS_PER_ORG_MAX: usize = 10_000;
 pub const KEYS_PER_ORG_MAX: usize = 1_000_000;
 /// Live tokens per org (admin, viewer and gateway alike).
 pub const TOKENS_PER_ORG_MAX: usize = 1_000;
+/// The longest grace period a rotated key's old secret may keep working.
+pub const KEY_ROTATION_GRACE_MAX_MS: i64 = 7 * 24 * 3_600_000;
 /// Users one bulk command may change.
 pub const BULK_USERS_MAX: usize = 10_000;
 /// Events one command may produce (a bulk change of 10 000 users in several
@@ -243,6 +245,8 @@ pub enum EventKind {
         monthly_limit_micros: Limit,
         #[serde(skip)]
         secret_hash: SecretHash,
+        /// Authorize refuses it from then on (`key_expired`).
+        expires_at_ms: Option<i64>,
     },
     KeyFeaturesChanged {
         key_id: KeyId,
@@ -254,6 +258,30 @@ pub enum EventKind {
     },
     KeyRevoked {
         key_id: KeyId,
+    },
+    KeyExpirySet {
+        key_id: KeyId,
+        expires_at_ms: Option<i64>,
+    },
+    /// A new secret; the one it replaces keeps working for `grace_ms` from
+    /// the event's time (a secret replaced before stops at once).
+    KeyRotated {
+        key_id: KeyId,
+        #[serde(skip)]
+        secret_hash: SecretHash,
+        grace_ms: i64,
+    },
+    KeyRenamed {
+        key_id: KeyId,
+        name: String,
+    },
+    KeyOwnerChanged {
+        key_id: KeyId,
+        user_id: Option<UserId>,
+    },
+    KeyGroupsChanged {
+        key_id: KeyId,
+        group_ids: Vec<GroupId>,
     },
 }
 
@@ -299,6 +327,11 @@ impl EventKind {
             EventKind::KeyFeaturesChanged { .. } => "key_features_changed",
             EventKind::KeyLimitSet { .. } => "key_limit_set",
             EventKind::KeyRevoked { .. } => "key_revoked",
+            EventKind::KeyExpirySet { .. } => "key_expiry_set",
+            EventKind::KeyRotated { .. } => "key_rotated",
+            EventKind::KeyRenamed { .. } => "key_renamed",
+            EventKind::KeyOwnerChanged { .. } => "key_owner_changed",
+            EventKind::KeyGroupsChanged { .. } => "key_groups_changed",
         }
     }
 }
@@ -389,13 +422,26 @@ pub enum Command {
         features: Vec<String>,
         monthly_limit_micros: Limit,
         secret_hash: SecretHash,
+        expires_at_ms: Option<i64>,
     },
     UpdateKey {
         key_id: KeyId,
         features: Option<Vec<String>>,
         monthly_limit_micros: Option<Limit>,
+        name: Option<String>,
+        /// `Some(None)`: no owner (then the key needs groups).
+        user_id: Option<Option<UserId>>,
+        group_ids: Option<Vec<GroupId>>,
+        expires_at_ms: Option<Option<i64>>,
         /// Revoke after the other changes (final).
         revoke: bool,
+    },
+    RotateKey {
+        key_id: KeyId,
+        secret_hash: SecretHash,
+        /// How long the old secret keeps working, at most
+        /// [`KEY_ROTATION_GRACE_MAX_MS`].
+        grace_ms: i64,
     },
     RevokeKey {
         key_id: KeyId,
@@ -519,6 +565,10 @@ pub struct Key {
     pub revoked: bool,
     pub secret_hash: SecretHash,
     pub created_at_ms: i64,
+    /// Authorize refuses it from then on.
+    pub expires_at_ms: Option<i64>,
+    /// The secret the last rotation replaced, and until when it works.
+    pub previous_secret: Option<(SecretHash, i64)>,
 }
 
 /// An org's webhook: where notifications go, and the seq of the event that
@@ -562,6 +612,18 @@ pub struct OrgDirectory {
     key_by_hash: HashMap<SecretHash, KeyId>,
     /// Lowercased email → user, for users not removed.
     user_by_email: HashMap<String, UserId>,
+}
+
+/// Checks a key's expiry: a Unix time in milliseconds, after 1970 and
+/// before the year 10 000 (RFC 3339's range).
+fn check_expiry(at_ms: Option<i64>) -> CmdResult<Option<i64>> {
+    const YEAR_10000_MS: i64 = 253_402_300_800_000;
+    match at_ms {
+        Some(ms) if !(0..YEAR_10000_MS).contains(&ms) => Err(CommandError::Invalid(
+            "expires_at must be between 1970 and 9999".into(),
+        )),
+        _ => Ok(at_ms),
+    }
 }
 
 /// Checks a name: 1 to [`NAME_LEN_MAX`] characters, not blank, no control
@@ -764,6 +826,40 @@ impl OrgDirectory {
 
     pub fn key_by_hash(&self, hash: &SecretHash) -> Option<&Key> {
         self.keys.get(self.key_by_hash.get(hash)?).map(|k| &**k)
+    }
+
+    /// The key whose secret is `hash` at `now_ms`: its current secret, or
+    /// the one its last rotation replaced, within the grace period.
+    pub fn key_for_secret(&self, hash: &SecretHash, now_ms: i64) -> Option<&Key> {
+        let key = self.key_by_hash(hash)?;
+        if key.secret_hash == *hash {
+            return Some(key);
+        }
+        key.previous_secret
+            .filter(|(old, until)| old == hash && now_ms < *until)
+            .map(|_| key)
+    }
+
+    /// A key's groups, checked (each exists, not too many) and in order;
+    /// with `owner`, for the rule that a key has an owner, groups, or both.
+    fn key_groups(&self, owner: Option<&UserId>, group_ids: &[GroupId]) -> CmdResult<Vec<GroupId>> {
+        if owner.is_none() && group_ids.is_empty() {
+            return Err(CommandError::Invalid(
+                "a key needs an owner (user_id), groups (group_ids), or both".into(),
+            ));
+        }
+        if group_ids.len() > GROUPS_PER_SUBJECT_MAX {
+            return Err(CommandError::Invalid(format!(
+                "a key takes at most {GROUPS_PER_SUBJECT_MAX} groups"
+            )));
+        }
+        let mut groups = group_ids.to_vec();
+        groups.sort_unstable();
+        groups.dedup();
+        for g in &groups {
+            let _ = self.group(g)?;
+        }
+        Ok(groups)
     }
 
     pub fn user(&self, id: &str) -> CmdResult<&User> {
@@ -1086,6 +1182,7 @@ impl OrgDirectory {
                 features,
                 monthly_limit_micros,
                 secret_hash,
+                expires_at_ms,
             } => {
                 if self.keys.contains_key(key_id) {
                     return Err(CommandError::Conflict(format!("key {key_id:?} exists")));
@@ -1095,22 +1192,7 @@ impl OrgDirectory {
                         "an org has at most {KEYS_PER_ORG_MAX} keys"
                     )));
                 }
-                if user_id.is_none() && group_ids.is_empty() {
-                    return Err(CommandError::Invalid(
-                        "a key needs an owner (user_id), groups (group_ids), or both".into(),
-                    ));
-                }
-                if group_ids.len() > GROUPS_PER_SUBJECT_MAX {
-                    return Err(CommandError::Invalid(format!(
-                        "a key takes at most {GROUPS_PER_SUBJECT_MAX} groups"
-                    )));
-                }
-                let mut groups = group_ids.clone();
-                groups.sort_unstable();
-                groups.dedup();
-                for g in &groups {
-                    let _ = self.group(g)?;
-                }
+                let groups = self.key_groups(user_id.as_ref(), group_ids)?;
                 let mut events = Vec::with_capacity(2);
                 let owner = match user_id {
                     Some(u) => Some(self.live_user(u)?),
@@ -1127,6 +1209,7 @@ impl OrgDirectory {
                         *monthly_limit_micros,
                     )?,
                     secret_hash: *secret_hash,
+                    expires_at_ms: check_expiry(*expires_at_ms)?,
                 });
                 // A user's first own key is their private context: it makes
                 // an invited user active.
@@ -1143,16 +1226,66 @@ impl OrgDirectory {
                 key_id,
                 features,
                 monthly_limit_micros,
+                name,
+                user_id,
+                group_ids,
+                expires_at_ms,
                 revoke,
             } => {
                 let key = self.key(key_id)?;
                 if key.revoked {
-                    if features.is_none() && monthly_limit_micros.is_none() && *revoke {
+                    let nothing_else = features.is_none()
+                        && monthly_limit_micros.is_none()
+                        && name.is_none()
+                        && user_id.is_none()
+                        && group_ids.is_none()
+                        && expires_at_ms.is_none();
+                    if nothing_else && *revoke {
                         return Ok(vec![]);
                     }
                     return Err(CommandError::Rule(format!("key {key_id:?} is revoked")));
                 }
                 let mut events = Vec::new();
+                if let Some(name) = name {
+                    let name = check_name("name", name)?;
+                    if name != key.name {
+                        events.push(EventKind::KeyRenamed {
+                            key_id: key_id.clone(),
+                            name,
+                        });
+                    }
+                }
+                // Owner and groups are checked together: the key keeps an
+                // owner, groups, or both.
+                if user_id.is_some() || group_ids.is_some() {
+                    let owner = user_id.clone().unwrap_or_else(|| key.user_id.clone());
+                    let groups = group_ids.as_ref().unwrap_or(&key.group_ids);
+                    let groups = self.key_groups(owner.as_ref(), groups)?;
+                    if owner != key.user_id {
+                        if let Some(u) = &owner {
+                            let _ = self.live_user(u)?;
+                        }
+                        events.push(EventKind::KeyOwnerChanged {
+                            key_id: key_id.clone(),
+                            user_id: owner,
+                        });
+                    }
+                    if groups != key.group_ids {
+                        events.push(EventKind::KeyGroupsChanged {
+                            key_id: key_id.clone(),
+                            group_ids: groups,
+                        });
+                    }
+                }
+                if let Some(expiry) = expires_at_ms {
+                    let expiry = check_expiry(*expiry)?;
+                    if expiry != key.expires_at_ms {
+                        events.push(EventKind::KeyExpirySet {
+                            key_id: key_id.clone(),
+                            expires_at_ms: expiry,
+                        });
+                    }
+                }
                 if let Some(features) = features {
                     let features = check_features(features)?;
                     if features != key.features {
@@ -1177,6 +1310,26 @@ impl OrgDirectory {
                     });
                 }
                 events
+            }
+            Command::RotateKey {
+                key_id,
+                secret_hash,
+                grace_ms,
+            } => {
+                if self.key(key_id)?.revoked {
+                    return Err(CommandError::Rule(format!("key {key_id:?} is revoked")));
+                }
+                if !(0..=KEY_ROTATION_GRACE_MAX_MS).contains(grace_ms) {
+                    return Err(CommandError::Invalid(format!(
+                        "the grace period must be between 0 and {} seconds",
+                        KEY_ROTATION_GRACE_MAX_MS / 1000
+                    )));
+                }
+                vec![EventKind::KeyRotated {
+                    key_id: key_id.clone(),
+                    secret_hash: *secret_hash,
+                    grace_ms: *grace_ms,
+                }]
             }
             Command::RevokeKey { key_id } => {
                 if self.key(key_id)?.revoked {
@@ -1502,6 +1655,7 @@ impl OrgDirectory {
                 features,
                 monthly_limit_micros,
                 secret_hash,
+                expires_at_ms,
             } => {
                 let idx = dense_idx(self.key_ids.len());
                 self.key_ids.push(key_id.clone());
@@ -1519,8 +1673,37 @@ impl OrgDirectory {
                         revoked: false,
                         secret_hash: *secret_hash,
                         created_at_ms: at,
+                        expires_at_ms: *expires_at_ms,
+                        previous_secret: None,
                     }),
                 );
+            }
+            EventKind::KeyExpirySet {
+                key_id,
+                expires_at_ms,
+            } => self.key_mut(key_id).expires_at_ms = *expires_at_ms,
+            EventKind::KeyRotated {
+                key_id,
+                secret_hash,
+                grace_ms,
+            } => {
+                let key = self.keys.get_mut(key_id).expect("key exists");
+                let replaced = key.secret_hash;
+                let dropped = key
+                    .previous_secret
+                    .replace((replaced, at.saturating_add(*grace_ms)));
+                key.secret_hash = *secret_hash;
+                if let Some((hash, _)) = dropped {
+                    let _ = self.key_by_hash.remove(&hash);
+                }
+                let _ = self.key_by_hash.insert(*secret_hash, key_id.clone());
+            }
+            EventKind::KeyRenamed { key_id, name } => self.key_mut(key_id).name = name.clone(),
+            EventKind::KeyOwnerChanged { key_id, user_id } => {
+                self.key_mut(key_id).user_id = user_id.clone();
+            }
+            EventKind::KeyGroupsChanged { key_id, group_ids } => {
+                self.key_mut(key_id).group_ids = group_ids.clone();
             }
             EventKind::KeyFeaturesChanged { key_id, features } => {
                 self.key_mut(key_id).features = features.clone();
@@ -1908,6 +2091,7 @@ pub(crate) mod tests {
                 features: vec!["chat".into(), "chat".into(), "embeddings".into()],
                 monthly_limit_micros: None,
                 secret_hash: [7; 32],
+                expires_at_ms: None,
             })
             .then_expect_events(vec![
                 EventKind::KeyCreated {
@@ -1918,12 +2102,196 @@ pub(crate) mod tests {
                     features: vec!["chat".into(), "embeddings".into()],
                     monthly_limit_micros: None,
                     secret_hash: [7; 32],
+                    expires_at_ms: None,
                 },
                 EventKind::UserActivated {
                     user_id: user("alice"),
                 },
             ]);
         assert_eq!(dir.key_by_hash(&[7; 32]).map(|k| k.id.as_str()), Some("k1"));
+    }
+
+    /// An org with alice, bob, group eng and alice's key k1 (secret [1; 32]).
+    fn with_key() -> Vec<EventKind> {
+        vec![
+            created(None),
+            added("alice", None),
+            added("bob", None),
+            EventKind::UserActivated {
+                user_id: user("bob"),
+            },
+            EventKind::GroupCreated {
+                group_id: group("eng"),
+                name: "Eng".into(),
+                monthly_limit_micros: None,
+            },
+            EventKind::KeyCreated {
+                key_id: key("k1"),
+                name: "laptop".into(),
+                user_id: Some(user("alice")),
+                group_ids: vec![],
+                features: vec![],
+                monthly_limit_micros: None,
+                secret_hash: [1; 32],
+                expires_at_ms: None,
+            },
+        ]
+    }
+
+    fn update(f: impl FnOnce(&mut KeyUpdate)) -> Command {
+        let mut u = KeyUpdate::default();
+        f(&mut u);
+        Command::UpdateKey {
+            key_id: key("k1"),
+            features: None,
+            monthly_limit_micros: None,
+            name: u.name,
+            user_id: u.user_id,
+            group_ids: u.group_ids,
+            expires_at_ms: u.expires_at_ms,
+            revoke: false,
+        }
+    }
+
+    #[derive(Default)]
+    struct KeyUpdate {
+        name: Option<String>,
+        user_id: Option<Option<UserId>>,
+        group_ids: Option<Vec<GroupId>>,
+        expires_at_ms: Option<Option<i64>>,
+    }
+
+    /// A rotation's new secret works at once; the old one until the grace
+    /// period ends (applied at 1 000 000 ms); a second rotation stops the
+    /// first one's old secret at once.
+    #[test]
+    fn a_rotated_key_takes_both_secrets_for_the_grace_period_only() {
+        let rotate = |hash: u8, grace_ms: i64| Command::RotateKey {
+            key_id: key("k1"),
+            secret_hash: [hash; 32],
+            grace_ms,
+        };
+        let dir = given(with_key())
+            .when(rotate(2, 5_000))
+            .then_expect_events(vec![EventKind::KeyRotated {
+                key_id: key("k1"),
+                secret_hash: [2; 32],
+                grace_ms: 5_000,
+            }]);
+        let at = 1_000_000;
+        let id = |hash: u8, now: i64| dir.key_for_secret(&[hash; 32], now).map(|k| k.id.as_str());
+        assert_eq!(id(2, at), Some("k1"));
+        assert_eq!(id(1, at + 4_999), Some("k1"), "old secret within the grace");
+        assert_eq!(id(1, at + 5_000), None, "old secret after the grace");
+        assert_eq!(id(2, at + 50_000), Some("k1"));
+        let mut kinds = with_key();
+        kinds.push(EventKind::KeyRotated {
+            key_id: key("k1"),
+            secret_hash: [2; 32],
+            grace_ms: 5_000,
+        });
+        // Again within the grace: [1] stops at once, [2] gets its own.
+        let dir = given(kinds.clone())
+            .when(rotate(3, 60_000))
+            .then_expect_events(vec![EventKind::KeyRotated {
+                key_id: key("k1"),
+                secret_hash: [3; 32],
+                grace_ms: 60_000,
+            }]);
+        let id = |hash: u8, now: i64| dir.key_for_secret(&[hash; 32], now).map(|k| k.id.as_str());
+        assert_eq!(id(1, at), None);
+        assert_eq!(id(2, at + 59_999), Some("k1"));
+        assert_eq!(id(3, at), Some("k1"));
+        // Bounds; a revoked key keeps no secret.
+        given(kinds.clone())
+            .when(rotate(4, KEY_ROTATION_GRACE_MAX_MS + 1))
+            .then_expect_error(|e| matches!(e, CommandError::Invalid(_)));
+        given(kinds.clone())
+            .when(rotate(4, -1))
+            .then_expect_error(|e| matches!(e, CommandError::Invalid(_)));
+        kinds.push(EventKind::KeyRevoked { key_id: key("k1") });
+        given(kinds)
+            .when(rotate(4, 0))
+            .then_expect_error(|e| matches!(e, CommandError::Rule(_)));
+    }
+
+    /// Name, owner, groups and expiry change by PATCH; the key keeps an
+    /// owner, groups or both; unchanged values write nothing.
+    #[test]
+    fn a_key_is_renamed_moved_regrouped_and_given_an_expiry() {
+        let dir = given(with_key())
+            .when(update(|u| {
+                u.name = Some("ci".into());
+                u.user_id = Some(Some(user("bob")));
+                u.group_ids = Some(vec![group("eng"), group("eng")]);
+                u.expires_at_ms = Some(Some(2_000_000));
+            }))
+            .then_expect_events(vec![
+                EventKind::KeyRenamed {
+                    key_id: key("k1"),
+                    name: "ci".into(),
+                },
+                EventKind::KeyOwnerChanged {
+                    key_id: key("k1"),
+                    user_id: Some(user("bob")),
+                },
+                EventKind::KeyGroupsChanged {
+                    key_id: key("k1"),
+                    group_ids: vec![group("eng")],
+                },
+                EventKind::KeyExpirySet {
+                    key_id: key("k1"),
+                    expires_at_ms: Some(2_000_000),
+                },
+            ]);
+        let k = &dir.keys[&key("k1")];
+        assert_eq!(
+            (
+                k.name.as_str(),
+                k.user_id.clone(),
+                k.group_ids.clone(),
+                k.expires_at_ms
+            ),
+            ("ci", Some(user("bob")), vec![group("eng")], Some(2_000_000))
+        );
+        // The same values again: nothing.
+        let _ = given(with_key())
+            .when(update(|u| {
+                u.name = Some("laptop".into());
+                u.user_id = Some(Some(user("alice")));
+                u.group_ids = Some(vec![]);
+                u.expires_at_ms = Some(None);
+            }))
+            .then_expect_events(vec![]);
+        // No owner and no groups; an unknown owner or group; a bad expiry.
+        given(with_key())
+            .when(update(|u| u.user_id = Some(None)))
+            .then_expect_error(|e| matches!(e, CommandError::Invalid(_)));
+        given(with_key())
+            .when(update(|u| u.user_id = Some(Some(user("zed")))))
+            .then_expect_error(|e| matches!(e, CommandError::NotFound { .. }));
+        given(with_key())
+            .when(update(|u| u.group_ids = Some(vec![group("ops")])))
+            .then_expect_error(|e| matches!(e, CommandError::NotFound { .. }));
+        given(with_key())
+            .when(update(|u| u.expires_at_ms = Some(Some(-1))))
+            .then_expect_error(|e| matches!(e, CommandError::Invalid(_)));
+        // A group key without an owner.
+        let _ = given(with_key())
+            .when(update(|u| {
+                u.user_id = Some(None);
+                u.group_ids = Some(vec![group("eng")]);
+            }))
+            .then_expect_events(vec![
+                EventKind::KeyOwnerChanged {
+                    key_id: key("k1"),
+                    user_id: None,
+                },
+                EventKind::KeyGroupsChanged {
+                    key_id: key("k1"),
+                    group_ids: vec![group("eng")],
+                },
+            ]);
     }
 
     #[test]
@@ -1937,6 +2305,7 @@ pub(crate) mod tests {
                 features: vec![],
                 monthly_limit_micros: None,
                 secret_hash: [1; 32],
+                expires_at_ms: None,
             })
             .then_expect_error(|e| matches!(e, CommandError::Invalid(_)));
         given(vec![created(None)])
@@ -1948,6 +2317,7 @@ pub(crate) mod tests {
                 features: vec![],
                 monthly_limit_micros: None,
                 secret_hash: [1; 32],
+                expires_at_ms: None,
             })
             .then_expect_error(|e| matches!(e, CommandError::NotFound { what: "group", .. }));
     }
@@ -2072,6 +2442,7 @@ pub(crate) mod tests {
                 features: vec![],
                 monthly_limit_micros: None,
                 secret_hash: [3; 32],
+                expires_at_ms: None,
             },
         ])
         .when(Command::DeleteGroup {

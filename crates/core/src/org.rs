@@ -673,6 +673,7 @@ mod tests {
             features: vec![],
             monthly_limit_micros: None,
             secret_hash: [1; 32],
+            expires_at_ms: None,
         });
         let mut s = state(kinds);
         assert_eq!(

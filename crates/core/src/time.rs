@@ -23,6 +23,18 @@ pub fn civil_from_days(days: i64) -> (i64, u32, u32) {
     (if m <= 2 { y + 1 } else { y }, m, d)
 }
 
+/// `ms` in RFC 3339, UTC, to the second: `2026-12-07T04:30:00Z`.
+pub fn format_utc_ms(ms: i64) -> String {
+    let (y, m, d) = civil_from_days(ms.div_euclid(MS_PER_DAY));
+    let s = ms.rem_euclid(MS_PER_DAY) / 1000;
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        s / 3600,
+        s / 60 % 60,
+        s % 60
+    )
+}
+
 /// (year, month 1..=12, day 1..=31) → days since 1970-01-01.
 pub fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
     let y = if m <= 2 { y - 1 } else { y };

@@ -20,6 +20,31 @@ impl Clock for SystemClock {
     }
 }
 
+/// For tests of a real process: the system clock plus an offset in
+/// milliseconds that the file at `path` holds, read at every call (no file,
+/// or no number in it: no offset). A test moves the process's time by
+/// writing the file (atomically: a rename).
+#[derive(Debug, Clone)]
+pub struct OffsetFileClock {
+    path: std::path::PathBuf,
+}
+
+impl OffsetFileClock {
+    pub fn new(path: impl Into<std::path::PathBuf>) -> OffsetFileClock {
+        OffsetFileClock { path: path.into() }
+    }
+}
+
+impl Clock for OffsetFileClock {
+    fn now_ms(&self) -> i64 {
+        let offset = std::fs::read_to_string(&self.path)
+            .ok()
+            .and_then(|s| s.trim().parse::<i64>().ok())
+            .unwrap_or(0);
+        SystemClock.now_ms().saturating_add(offset)
+    }
+}
+
 /// A clock that only moves when told to.
 #[derive(Debug, Default, Clone)]
 pub struct ManualClock(Arc<AtomicI64>);

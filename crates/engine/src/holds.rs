@@ -726,7 +726,7 @@ impl crate::Engine {
             // Read under the lock: a repeat never answers a hold that
             // expired while it waited.
             let now = self.clock.now_ms();
-            let Some(key_id) = org.dir.key_by_hash(&hash).map(|k| k.id.clone()) else {
+            let Some(key_id) = org.dir.key_for_secret(&hash, now).map(|k| k.id.clone()) else {
                 let d = Decision::unknown_key();
                 crate::record_decision(&d, "reserve", started);
                 return Ok((None, d, None));

@@ -207,7 +207,7 @@ impl Engine {
                 let now = self.clock.now_ms();
                 let decide = |org: &tally_core::org::OrgState| {
                     org.dir
-                        .key_by_hash(&hash)
+                        .key_for_secret(&hash, now)
                         .map(|key| authorize(org, key, feature, user_id, now, 0))
                 };
                 let d = {

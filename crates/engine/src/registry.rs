@@ -160,7 +160,8 @@ impl Registry {
 
     fn index(&self, e: &EntityEvent) {
         match &e.kind {
-            EventKind::KeyCreated { secret_hash, .. } => {
+            EventKind::KeyCreated { secret_hash, .. }
+            | EventKind::KeyRotated { secret_hash, .. } => {
                 let _ = self.keys.insert(*secret_hash, e.org_id.clone());
             }
             EventKind::TokenCreated {

@@ -700,6 +700,7 @@ impl Sim {
                 features: vec![],
                 monthly_limit_micros: None,
                 secret_hash: hash_secret(&secret(&user)),
+                expires_at_ms: None,
             })
             .await;
         self.note(format!("add {user}, limit {limit:?}"));
@@ -824,6 +825,10 @@ impl Sim {
                     key_id: KeyId::new(&key).unwrap(),
                     features: None,
                     monthly_limit_micros: Some(limit),
+                    name: None,
+                    user_id: None,
+                    group_ids: None,
+                    expires_at_ms: None,
                     revoke: false,
                 };
                 (key, limit, cmd)
@@ -890,6 +895,10 @@ impl Sim {
                 key_id: KeyId::new(&format!("k-{user}")).unwrap(),
                 features: None,
                 monthly_limit_micros: None,
+                name: None,
+                user_id: None,
+                group_ids: None,
+                expires_at_ms: None,
                 revoke: true,
             };
             if self.command(cmd).await {

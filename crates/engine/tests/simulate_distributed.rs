@@ -134,6 +134,7 @@ fn create_key(org: &str, user: &str) -> Command {
         features: vec![],
         monthly_limit_micros: None,
         secret_hash: hash_secret(&secret(org, user)),
+        expires_at_ms: None,
     }
 }
 
@@ -599,6 +600,10 @@ impl Sim {
                 key_id: KeyId::new(&key_of(&user)).unwrap(),
                 features: None,
                 monthly_limit_micros: Some(limit),
+                name: None,
+                user_id: None,
+                group_ids: None,
+                expires_at_ms: None,
                 revoke: false,
             },
             _ => Command::ChangeSettings {
@@ -1814,6 +1819,7 @@ async fn a_command_on_a_process_behind_the_log_is_judged_on_the_log() {
             features: vec![],
             monthly_limit_micros: None,
             secret_hash: hash_secret(&secret("o0", "u0")),
+            expires_at_ms: None,
         }],
     )
     .await;

@@ -217,6 +217,7 @@ pub fn encode_entity_event(e: &EntityEvent) -> Vec<u8> {
             features,
             monthly_limit_micros,
             secret_hash,
+            expires_at_ms,
         } => K::KeyCreated(v1::KeyCreated {
             key_id: key_id.to_string(),
             name: name.clone(),
@@ -228,6 +229,7 @@ pub fn encode_entity_event(e: &EntityEvent) -> Vec<u8> {
             features: features.clone(),
             monthly_limit_micros: *monthly_limit_micros,
             secret_hash: secret_hash.to_vec(),
+            expires_at_ms: *expires_at_ms,
         }),
         EventKind::KeyFeaturesChanged { key_id, features } => {
             K::KeyFeaturesChanged(v1::KeyFeaturesChanged {
@@ -245,6 +247,39 @@ pub fn encode_entity_event(e: &EntityEvent) -> Vec<u8> {
         EventKind::KeyRevoked { key_id } => K::KeyRevoked(v1::KeyRevoked {
             key_id: key_id.to_string(),
         }),
+        EventKind::KeyExpirySet {
+            key_id,
+            expires_at_ms,
+        } => K::KeyExpirySet(v1::KeyExpirySet {
+            key_id: key_id.to_string(),
+            expires_at_ms: *expires_at_ms,
+        }),
+        EventKind::KeyRotated {
+            key_id,
+            secret_hash,
+            grace_ms,
+        } => K::KeyRotated(v1::KeyRotated {
+            key_id: key_id.to_string(),
+            secret_hash: secret_hash.to_vec(),
+            grace_ms: *grace_ms,
+        }),
+        EventKind::KeyRenamed { key_id, name } => K::KeyRenamed(v1::KeyRenamed {
+            key_id: key_id.to_string(),
+            name: name.clone(),
+        }),
+        EventKind::KeyOwnerChanged { key_id, user_id } => K::KeyOwnerChanged(v1::KeyOwnerChanged {
+            key_id: key_id.to_string(),
+            user_id: user_id
+                .as_ref()
+                .map(ToString::to_string)
+                .unwrap_or_default(),
+        }),
+        EventKind::KeyGroupsChanged { key_id, group_ids } => {
+            K::KeyGroupsChanged(v1::KeyGroupsChanged {
+                key_id: key_id.to_string(),
+                group_ids: group_ids.iter().map(ToString::to_string).collect(),
+            })
+        }
     };
     v1::EntityEvent {
         org_id: e.org_id.to_string(),
@@ -347,6 +382,7 @@ pub fn decode_entity_event(bytes: &[u8]) -> Result<EntityEvent, ConvertError> {
             features: k.features,
             monthly_limit_micros: k.monthly_limit_micros,
             secret_hash: hash32(&k.secret_hash, "secret_hash")?,
+            expires_at_ms: k.expires_at_ms,
         },
         K::KeyFeaturesChanged(k) => EventKind::KeyFeaturesChanged {
             key_id: id(KeyId::new, &k.key_id)?,
@@ -358,6 +394,31 @@ pub fn decode_entity_event(bytes: &[u8]) -> Result<EntityEvent, ConvertError> {
         },
         K::KeyRevoked(k) => EventKind::KeyRevoked {
             key_id: id(KeyId::new, &k.key_id)?,
+        },
+        K::KeyExpirySet(k) => EventKind::KeyExpirySet {
+            key_id: id(KeyId::new, &k.key_id)?,
+            expires_at_ms: k.expires_at_ms,
+        },
+        K::KeyRotated(k) => EventKind::KeyRotated {
+            key_id: id(KeyId::new, &k.key_id)?,
+            secret_hash: hash32(&k.secret_hash, "secret_hash")?,
+            grace_ms: k.grace_ms,
+        },
+        K::KeyRenamed(k) => EventKind::KeyRenamed {
+            key_id: id(KeyId::new, &k.key_id)?,
+            name: k.name,
+        },
+        K::KeyOwnerChanged(k) => EventKind::KeyOwnerChanged {
+            key_id: id(KeyId::new, &k.key_id)?,
+            user_id: opt_user(&k.user_id)?,
+        },
+        K::KeyGroupsChanged(k) => EventKind::KeyGroupsChanged {
+            key_id: id(KeyId::new, &k.key_id)?,
+            group_ids: k
+                .group_ids
+                .iter()
+                .map(|g| id(GroupId::new, g))
+                .collect::<Result<_, _>>()?,
         },
     };
     Ok(EntityEvent {
@@ -479,6 +540,7 @@ mod tests {
                 features: vec!["chat".into()],
                 monthly_limit_micros: Some(3),
                 secret_hash: [4; 32],
+                expires_at_ms: None,
             },
             EventKind::KeyFeaturesChanged {
                 key_id: k(),
@@ -489,6 +551,35 @@ mod tests {
                 monthly_limit_micros: Some(2),
             },
             EventKind::KeyRevoked { key_id: k() },
+            EventKind::KeyExpirySet {
+                key_id: k(),
+                expires_at_ms: Some(1_800_000_000_000),
+            },
+            EventKind::KeyExpirySet {
+                key_id: k(),
+                expires_at_ms: None,
+            },
+            EventKind::KeyRotated {
+                key_id: k(),
+                secret_hash: [5; 32],
+                grace_ms: 3_600_000,
+            },
+            EventKind::KeyRenamed {
+                key_id: k(),
+                name: "ci".into(),
+            },
+            EventKind::KeyOwnerChanged {
+                key_id: k(),
+                user_id: Some(u()),
+            },
+            EventKind::KeyOwnerChanged {
+                key_id: k(),
+                user_id: None,
+            },
+            EventKind::KeyGroupsChanged {
+                key_id: k(),
+                group_ids: vec![g()],
+            },
         ];
         for (i, kind) in kinds.into_iter().enumerate() {
             let e = ev(i as u64 + 1, kind);

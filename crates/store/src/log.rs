@@ -548,11 +548,12 @@ async fn project(tx: &mut WriteTx, e: &EntityEvent) -> Result<()> {
             features,
             monthly_limit_micros,
             secret_hash: _,
+            expires_at_ms,
         } => {
             exec!(
                 "INSERT INTO api_keys (org_id, id, name, user_id, features, \
-                 monthly_limit_micros, revoked, created_at_ms, updated_at_ms) \
-                 VALUES ($1, $2, $3, $4, $5, $6, 0, $7, $7)",
+                 monthly_limit_micros, revoked, created_at_ms, updated_at_ms, expires_at_ms) \
+                 VALUES ($1, $2, $3, $4, $5, $6, 0, $7, $7, $8)",
                 org,
                 key_id.as_str(),
                 name.as_str(),
@@ -560,15 +561,9 @@ async fn project(tx: &mut WriteTx, e: &EntityEvent) -> Result<()> {
                 features_to_text(features),
                 *monthly_limit_micros,
                 at,
+                *expires_at_ms,
             );
-            for g in group_ids {
-                exec!(
-                    "INSERT INTO api_key_groups (org_id, key_id, group_id) VALUES ($1, $2, $3)",
-                    org,
-                    key_id.as_str(),
-                    g.as_str(),
-                );
-            }
+            insert_key_groups(tx, org, key_id.as_str(), group_ids).await?;
         }
         EventKind::KeyFeaturesChanged { key_id, features } => exec!(
             "UPDATE api_keys SET features = $3, updated_at_ms = $4 WHERE org_id = $1 AND id = $2",
@@ -594,6 +589,76 @@ async fn project(tx: &mut WriteTx, e: &EntityEvent) -> Result<()> {
             key_id.as_str(),
             at,
         ),
+        EventKind::KeyExpirySet {
+            key_id,
+            expires_at_ms,
+        } => exec!(
+            "UPDATE api_keys SET expires_at_ms = $3, updated_at_ms = $4 \
+             WHERE org_id = $1 AND id = $2",
+            org,
+            key_id.as_str(),
+            *expires_at_ms,
+            at,
+        ),
+        EventKind::KeyRotated {
+            key_id,
+            secret_hash: _,
+            grace_ms,
+        } => exec!(
+            "UPDATE api_keys SET previous_secret_until_ms = $3, updated_at_ms = $4 \
+             WHERE org_id = $1 AND id = $2",
+            org,
+            key_id.as_str(),
+            at.saturating_add(*grace_ms),
+            at,
+        ),
+        EventKind::KeyRenamed { key_id, name } => exec!(
+            "UPDATE api_keys SET name = $3, updated_at_ms = $4 WHERE org_id = $1 AND id = $2",
+            org,
+            key_id.as_str(),
+            name.as_str(),
+            at,
+        ),
+        EventKind::KeyOwnerChanged { key_id, user_id } => exec!(
+            "UPDATE api_keys SET user_id = $3, updated_at_ms = $4 WHERE org_id = $1 AND id = $2",
+            org,
+            key_id.as_str(),
+            user_id.as_ref().map(|u| u.to_string()),
+            at,
+        ),
+        EventKind::KeyGroupsChanged { key_id, group_ids } => {
+            exec!(
+                "DELETE FROM api_key_groups WHERE org_id = $1 AND key_id = $2",
+                org,
+                key_id.as_str(),
+            );
+            insert_key_groups(tx, org, key_id.as_str(), group_ids).await?;
+            exec!(
+                "UPDATE api_keys SET updated_at_ms = $3 WHERE org_id = $1 AND id = $2",
+                org,
+                key_id.as_str(),
+                at,
+            );
+        }
+    }
+    Ok(())
+}
+
+async fn insert_key_groups(
+    tx: &mut WriteTx,
+    org: &str,
+    key_id: &str,
+    group_ids: &[tally_core::ids::GroupId],
+) -> Result<()> {
+    for g in group_ids {
+        let _ = sqlx::query(
+            "INSERT INTO api_key_groups (org_id, key_id, group_id) VALUES ($1, $2, $3)",
+        )
+        .bind(org)
+        .bind(key_id)
+        .bind(g.as_str())
+        .execute(&mut **tx)
+        .await?;
     }
     Ok(())
 }

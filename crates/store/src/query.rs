@@ -78,6 +78,9 @@ pub struct KeyRow {
     pub revoked: bool,
     pub last_used_at_ms: Option<i64>,
     pub created_at_ms: i64,
+    pub expires_at_ms: Option<i64>,
+    /// Until when the secret its last rotation replaced works.
+    pub previous_secret_until_ms: Option<i64>,
 }
 
 /// Spend over one period: a month (`yyyymm`) or a day (`yyyymmdd`).
@@ -628,7 +631,7 @@ impl Db {
     ) -> Result<Vec<KeyRow>> {
         let rows = sqlx::query(
             "SELECT k.id, k.name, k.user_id, k.features, k.monthly_limit_micros, k.revoked, \
-             k.created_at_ms, COALESCE(s.spend_micros, 0) AS spend_micros, \
+             k.created_at_ms, k.expires_at_ms, k.previous_secret_until_ms, COALESCE(s.spend_micros, 0) AS spend_micros, \
              COALESCE(s.requests, 0) AS requests, \
              (SELECT MAX(a.last_at_ms) FROM spend_monthly a WHERE a.org_id = k.org_id \
               AND a.kind = 'key' AND a.subject_id = k.id) AS last_at_ms \
@@ -658,6 +661,8 @@ impl Db {
                     revoked: crate::flag(r.try_get("revoked")?),
                     last_used_at_ms: r.try_get("last_at_ms")?,
                     created_at_ms: r.try_get("created_at_ms")?,
+                    expires_at_ms: r.try_get("expires_at_ms")?,
+                    previous_secret_until_ms: r.try_get("previous_secret_until_ms")?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;

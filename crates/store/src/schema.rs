@@ -324,6 +324,10 @@ CREATE TABLE token_use (
 );
 "#
     );
+    // v11: keys expire, and a rotated key's old secret works until a time.
+    let v11 = "ALTER TABLE api_keys ADD COLUMN expires_at_ms BIGINT;\n\
+               ALTER TABLE api_keys ADD COLUMN previous_secret_until_ms BIGINT;"
+        .to_owned();
     vec![
         (1, v1 + &append_only),
         (2, v2),
@@ -335,5 +339,6 @@ CREATE TABLE token_use (
         (8, v8),
         (9, v9),
         (10, v10),
+        (11, v11),
     ]
 }

@@ -388,6 +388,7 @@ async fn rebuild_gives_the_same_read_models(db: Db) {
             features: vec!["chat".into()],
             monthly_limit_micros: None,
             secret_hash: [5; 32],
+            expires_at_ms: None,
         },
     )
     .await;

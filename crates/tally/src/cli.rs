@@ -174,6 +174,38 @@ pub(crate) enum Keys {
         /// Monthly limit in dollars.
         #[arg(long)]
         limit: Option<String>,
+        /// When authorize starts refusing it (RFC 3339, e.g.
+        /// 2027-01-31T00:00:00Z).
+        #[arg(long)]
+        expires: Option<String>,
+    },
+    /// Change a key: only what is given changes.
+    Update {
+        key: String,
+        #[arg(long)]
+        name: Option<String>,
+        /// The owner; `none` for a key of its groups only.
+        #[arg(long)]
+        user: Option<String>,
+        /// Every group of the key (replaces them); `none` for no group.
+        #[arg(long, value_delimiter = ',')]
+        groups: Option<Vec<String>>,
+        #[arg(long, value_delimiter = ',')]
+        features: Option<Vec<String>>,
+        /// Monthly limit in dollars, or `unlimited`.
+        #[arg(long)]
+        limit: Option<String>,
+        /// RFC 3339, or `never`.
+        #[arg(long)]
+        expires: Option<String>,
+    },
+    /// Give a key a new secret (printed once); the old one keeps working
+    /// for the grace period.
+    Rotate {
+        key: String,
+        /// Seconds the old secret keeps working (at most 604800, 7 days).
+        #[arg(long, default_value_t = 0)]
+        grace_seconds: i64,
     },
     Revoke {
         key: String,
@@ -714,6 +746,7 @@ pub(crate) async fn keys(conn: Conn, cmd: Keys) -> anyhow::Result<String> {
             groups,
             features,
             limit: l,
+            expires,
         } => {
             let mut body = json!({"name": name, "group_ids": groups, "features": features});
             if let Some(id) = id {
@@ -725,11 +758,71 @@ pub(crate) async fn keys(conn: Conn, cmd: Keys) -> anyhow::Result<String> {
             if let Some(l) = l {
                 body["monthly_limit_micros"] = limit(&l)?;
             }
+            if let Some(e) = expires {
+                body["expires_at"] = json!(e);
+            }
             let k = api.post(&format!("/v1/orgs/{org}/keys"), body).await?;
             format!(
                 "{}\nsecret (shown once, keep it): {}\n",
                 table(&KEY_HEADER, &key_rows(std::slice::from_ref(&k))),
                 text(&k["secret"])
+            )
+        }
+        Keys::Update {
+            key,
+            name,
+            user,
+            groups,
+            features,
+            limit: l,
+            expires,
+        } => {
+            let none = |s: &str| s.eq_ignore_ascii_case("none");
+            let mut body = json!({});
+            if let Some(n) = name {
+                body["name"] = json!(n);
+            }
+            if let Some(u) = user {
+                body["user_id"] = if none(&u) { Value::Null } else { json!(u) };
+            }
+            if let Some(g) = groups {
+                let g: Vec<String> = g.into_iter().filter(|g| !none(g)).collect();
+                body["group_ids"] = json!(g);
+            }
+            if let Some(f) = features {
+                body["features"] = json!(f);
+            }
+            if let Some(l) = l {
+                body["monthly_limit_micros"] = limit(&l)?;
+            }
+            if let Some(e) = expires {
+                body["expires_at"] = if e.eq_ignore_ascii_case("never") {
+                    Value::Null
+                } else {
+                    json!(e)
+                };
+            }
+            let k = api
+                .send(
+                    reqwest::Method::PATCH,
+                    &format!("/v1/orgs/{org}/keys/{}", path(&key)),
+                    Some(body),
+                )
+                .await?;
+            table(&KEY_HEADER, &key_rows(&[k]))
+        }
+        Keys::Rotate { key, grace_seconds } => {
+            let k = api
+                .post(
+                    &format!("/v1/orgs/{org}/keys/{}/rotate", path(&key)),
+                    json!({"grace_seconds": grace_seconds}),
+                )
+                .await?;
+            format!(
+                "{}\nnew secret (shown once, keep it): {}\nthe old secret works until {}\n",
+                table(&KEY_HEADER, &key_rows(std::slice::from_ref(&k))),
+                text(&k["secret"]),
+                text(&k["previous_secret_expires_at"])
             )
         }
         Keys::Revoke { key } => {

@@ -16,7 +16,7 @@ use tally_api::{AppState, Limits};
 use tally_core::dedupe::DedupeConfig;
 use tally_core::org::MeterConfig;
 use tally_core::secret::{SecretHash, hash_secret};
-use tally_engine::clock::{Clock as _, SystemClock};
+use tally_engine::clock::{Clock, OffsetFileClock, SystemClock};
 use tally_engine::embedded::EmbeddedLog;
 use tally_engine::holds::HoldJournal;
 use tally_engine::meter::MeterOptions;
@@ -195,8 +195,7 @@ async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
         },
         holds: cfg.holds,
     };
-    let engine =
-        Arc::new(Engine::start(db.clone(), Arc::new(SystemClock), opts, token_hash).await?);
+    let engine = Arc::new(Engine::start(db.clone(), clock(), opts, token_hash).await?);
     // Bound before the mode starts: a partition's owner says where it
     // answers when it claims the partition.
     let listener = tokio::net::TcpListener::bind(&cfg.listen)
@@ -710,4 +709,17 @@ async fn produce(args: config::ProduceArgs) -> anyhow::Result<()> {
         started.elapsed().as_millis()
     );
     Ok(())
+}
+
+/// The system clock; for the suite's tests of time (key expiry, rotation),
+/// `TALLY_TEST_CLOCK_FILE` names a file whose number of milliseconds is
+/// added to it.
+fn clock() -> Arc<dyn Clock> {
+    match std::env::var_os("TALLY_TEST_CLOCK_FILE") {
+        Some(path) => {
+            tracing::warn!(path = %std::path::Path::new(&path).display(), "TALLY_TEST_CLOCK_FILE: the clock is offset by this file (for tests only)");
+            Arc::new(OffsetFileClock::new(path))
+        }
+        None => Arc::new(SystemClock),
+    }
 }

@@ -252,6 +252,7 @@ pub(crate) async fn acme_with_alice(engine: &Engine, secret: &str) {
             features: vec![],
             monthly_limit_micros: None,
             secret_hash: hash_secret(secret),
+            expires_at_ms: None,
         }],
     )
     .await;

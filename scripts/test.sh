@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, services included: starts a throw-away PostgreSQL,
-# installs the pinned Kafka-protocol broker the Kafka tests start,
+# installs the pinned Kafka-protocol broker the Kafka tests start and the
+# pinned LiteLLM proxy the gateway integration's tests start,
 # builds everything, runs every test of the workspace, stops the services.
 # Extra arguments go to `cargo test` (e.g. a test name filter).
 set -euo pipefail
@@ -11,6 +12,7 @@ trap stop_services EXIT
 start_postgres
 install_tansu
 install_promtool
+install_litellm
 # Tests that need a service fail instead of skipping when it is missing.
 export TALLY_REQUIRE_SERVICES=1
 # No core files: a test that deletes the usage topic under a running tally

@@ -311,7 +311,7 @@ pub fn authorize(
         return deny(&mut d, reason, message);
     }
     if let Some(f) = feature
-        && !key.features.iter().any(|k| k == f)
+        && !key.features.iter().any(|k| feature_covers(k, f))
     {
         d.affordable_micros = None;
         return deny(
@@ -324,6 +324,17 @@ pub fn authorize(
     d.allowed = true;
     d.message = "allowed".into();
     d
+}
+
+/// Whether a key's feature `granted` covers the feature a call asks for:
+/// the same, or `granted` ends in `*` and `asked` starts with what is
+/// before it (`model:*` covers every `model:…`, `model:gpt-4*` covers
+/// `model:gpt-4o`).
+pub fn feature_covers(granted: &str, asked: &str) -> bool {
+    match granted.strip_suffix('*') {
+        Some(prefix) => asked.starts_with(prefix),
+        None => granted == asked,
+    }
 }
 
 /// What a reserving authorize asks for.
@@ -556,6 +567,27 @@ mod tests {
         // user: 50 - 10 = 40; key: 30 - 10 = 20.
         assert_eq!(d.remaining_micros, Some(20 * USD));
         assert_eq!(d.group_ids, vec![group("eng")]);
+    }
+
+    /// A trailing `*` grants a family of features (the LiteLLM integration
+    /// asks for `model:<name>`); anything else is matched exactly.
+    #[test]
+    fn a_wildcard_feature_covers_the_features_it_starts() {
+        for (granted, asked, covers) in [
+            ("model:*", "model:gpt-4o", true),
+            ("model:*", "model:", true),
+            ("model:gpt-4*", "model:gpt-4o-mini", true),
+            ("model:gpt-4*", "model:gpt-3.5", false),
+            ("model:gpt-4o", "model:gpt-4o", true),
+            ("model:gpt-4o", "model:gpt-4o-mini", false),
+            ("model:*", "chat", false),
+            ("*", "anything", true),
+        ] {
+            assert_eq!(feature_covers(granted, asked), covers, "{granted} {asked}");
+        }
+        assert!(crate::entity::check_features(&["model:*".into(), "*".into()]).is_ok());
+        assert!(crate::entity::check_features(&["model:*x".into()]).is_err());
+        assert!(crate::entity::check_features(&["mo*del".into()]).is_err());
     }
 
     #[test]

@@ -665,13 +665,17 @@ pub fn check_features(features: &[String]) -> CmdResult<Vec<String>> {
         )));
     }
     for f in features {
+        // A trailing `*` grants every feature that starts with the rest.
+        let name = f.strip_suffix('*').unwrap_or(f);
         let ok = !f.is_empty()
             && f.len() <= FEATURE_LEN_MAX
-            && f.bytes()
+            && name
+                .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b"._:/-".contains(&b));
         if !ok {
             return Err(CommandError::Invalid(format!(
-                "feature {f:?} must match [A-Za-z0-9._:/-]{{1,{FEATURE_LEN_MAX}}}"
+                "feature {f:?} must match [A-Za-z0-9._:/-]{{1,{FEATURE_LEN_MAX}}}, \
+                 with at most a trailing *"
             )));
         }
     }

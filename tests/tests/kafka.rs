@@ -581,11 +581,21 @@ async fn bad_messages_are_dead_lettered_and_the_partition_moves_on() {
         cost,
         json: false,
     };
-    let send_raw = async |key: Option<&str>, ct: &str, value: Vec<u8>, partition: Option<i32>| {
-        let headers = OwnedHeaders::new().insert(Header {
+    let send = async |key: Option<&str>,
+                      ct: &str,
+                      value: Vec<u8>,
+                      partition: Option<i32>,
+                      forwarded: bool| {
+        let mut headers = OwnedHeaders::new().insert(Header {
             key: "content-type",
             value: Some(ct),
         });
+        if forwarded {
+            headers = headers.insert(Header {
+                key: "tally-forwarded-from",
+                value: Some("0:0"),
+            });
+        }
         let mut r = FutureRecord::<str, [u8]>::to("tally.usage")
             .payload(&value)
             .headers(headers);
@@ -596,6 +606,9 @@ async fn bad_messages_are_dead_lettered_and_the_partition_moves_on() {
             r = r.partition(p);
         }
         let _ = p.send(r, Duration::from_secs(30)).await.unwrap();
+    };
+    let send_raw = async |key: Option<&str>, ct: &str, value: Vec<u8>, partition: Option<i32>| {
+        send(key, ct, value, partition, false).await;
     };
     let _ = publish(&p, "tally.usage", &[good("g1", 100)], |_| false).await;
     send_raw(
@@ -627,14 +640,20 @@ async fn bad_messages_are_dead_lettered_and_the_partition_moves_on() {
     send_raw(Some("mike"), ct, unknown_user, None).await;
     let (mismatch, ct) = good("b5", 5).value(ms_now());
     send_raw(Some("november"), ct, mismatch, None).await;
-    // The right key on the wrong partition.
+    // The right key on the wrong partition: forwarded to the org's, and
+    // counted there. Forwarded once already and still on the wrong one
+    // (processes that disagree on the partition count): dead-lettered.
     let home = tally_kafka::murmur2::partition_for(b"mike", 4);
     let (wrong, ct) = good("b6", 5).value(ms_now());
     send_raw(Some("mike"), ct, wrong, Some((home + 1) % 4)).await;
+    let (again, ct) = good("b7", 7).value(ms_now());
+    send(Some("mike"), ct, again, Some((home + 2) % 4), true).await;
     let _ = publish(&p, "tally.usage", &[good("g2", 200)], |_| false).await;
-    wait_for("the good ones", Duration::from_secs(60), || async {
-        org_spend(&op, "mike").await == 300
-    })
+    wait_for(
+        "the good ones and the forwarded one",
+        Duration::from_secs(60),
+        || async { org_spend(&op, "mike").await == 305 },
+    )
     .await;
 
     // Every bad one is on the dead-letter topic with its reason.
@@ -1059,4 +1078,149 @@ async fn a_token_revoked_on_one_process_is_refused_by_the_other_at_once() {
     );
     a.stop().unwrap();
     b.stop().unwrap();
+}
+
+/// The Python client a gateway would use, or `None` (a skip).
+fn kafka_python() -> Option<String> {
+    match std::env::var("TALLY_TEST_KAFKA_PYTHON") {
+        Ok(p) => Some(p),
+        Err(_) if std::env::var_os("TALLY_REQUIRE_SERVICES").is_some() => {
+            panic!("TALLY_TEST_KAFKA_PYTHON is not set: run scripts/test.sh")
+        }
+        Err(_) => {
+            eprintln!("skipped: no Python Kafka client (TALLY_TEST_KAFKA_PYTHON)");
+            None
+        }
+    }
+}
+
+/// A gateway that publishes with confluent-kafka's defaults (librdkafka's
+/// `consistent_random` partitioner, a CRC32: most messages land on a
+/// partition that does not meter their org) is counted exactly: each such
+/// message is forwarded to its org's partition, and one of the two
+/// processes killed with kill -9 mid-stream loses nothing and counts
+/// nothing twice (a forward repeated after the crash is a duplicate).
+#[tokio::test]
+async fn any_partitioner_is_counted_exactly_through_a_kill_9() {
+    let Some(python) = kafka_python() else {
+        return;
+    };
+    let Some((broker, backend)) = services("kafka_any_partitioner").await else {
+        return;
+    };
+    let a = start(&backend, &broker);
+    ready(&a).await;
+    let b = start(&backend, &broker);
+    ready(&b).await;
+    let op = a.operator();
+    let orgs = ["alpha", "bravo", "charlie", "delta", "echo"];
+    for org in orgs {
+        org_fixture(&op, org, 10, 2, None).await;
+    }
+    let calls = calls(&orgs, 10, 20_000, 11, 1);
+    let e = expected(&calls, 2);
+    // 10 % published twice, as a gateway's retries would.
+    let file = tally_tests::temp_dir("any-partitioner").join("events.jsonl");
+    let mut lines = String::new();
+    for (i, c) in calls.iter().enumerate() {
+        let (value, _) = c.value(ms_now());
+        let times = if i % 10 == 7 { 2 } else { 1 };
+        lines.push_str(
+            &json!({"key": c.org, "value": String::from_utf8(value).unwrap(), "times": times})
+                .to_string(),
+        );
+        lines.push('\n');
+    }
+    std::fs::write(&file, lines).unwrap();
+    let mut producer = std::process::Command::new(&python)
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tools/produce_default.py"
+        ))
+        .args([&broker.brokers(), "tally.usage", file.to_str().unwrap()])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Mid-stream (6 000 messages out, some counted), b dies without a word.
+    let stdout = producer.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(120))
+            .expect("the producer stalled");
+        if line == "sent 6000" {
+            break;
+        }
+    }
+    wait_for("usage counted", Duration::from_secs(120), || async {
+        let mut counted = 0;
+        for org in orgs {
+            counted += org_spend(&op, org).await;
+        }
+        counted > 0
+    })
+    .await;
+    b.kill9().unwrap();
+    let status = tokio::task::spawn_blocking(move || producer.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    reader.join().unwrap();
+    let last: Vec<String> = rx.try_iter().collect();
+    assert!(status.success(), "the producer failed: {last:?}");
+    assert_eq!(
+        last.last().map(String::as_str),
+        Some("done 22000"),
+        "{last:?}"
+    );
+    // b comes back; a took its partitions meanwhile.
+    let b = start(&backend, &broker);
+    ready(&b).await;
+    wait_for_totals(&op, &e, Duration::from_secs(240)).await;
+    check_every_figure(&op, &e).await;
+    // Nothing was dead-lettered: forwarded, not refused.
+    let dead = op.get("/v1/dead-letters?limit=10").await.expect(200);
+    assert!(dead["items"].as_array().unwrap().is_empty(), "{dead}");
+    let text = tally_tests::metrics_text(&a.url).await;
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("tally_usage_forwarded_total"))
+        .unwrap_or_else(|| panic!("no forwarded counter:\n{text}"));
+    eprintln!("FIGURE any partitioner: {line} on the survivor, 22 000 messages published");
+    // Forwarded messages moved their partitions' positions: when b stops,
+    // a takes b's partitions from b's checkpoints and forwards nothing
+    // again.
+    let forwarded = || async {
+        let text = tally_tests::metrics_text(&a.url).await;
+        text.lines()
+            .find(|l| l.starts_with("tally_usage_forwarded_total "))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let before = forwarded().await;
+    b.stop().unwrap();
+    wait_for(
+        "a owns every partition",
+        Duration::from_secs(120),
+        || async { owned(&a).await == 4 },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        forwarded().await,
+        before,
+        "forwarded again after the handover"
+    );
+    check_every_figure(&op, &e).await;
+    a.stop().unwrap();
 }

@@ -408,10 +408,42 @@ async fn the_litellm_proxy_reserves_reports_and_refuses_through_tally() {
     assert_eq!(status, 403, "{body}");
     assert!(body.to_string().contains("tally: "), "{body}");
 
-    // Bob's calls, then SIGTERM at once: the usage still arrives.
-    let before = spend(&op, "bob").await;
-    let mut sent = 0;
-    for _ in 0..5 {
+    // A route whose calls the integration does not meter: refused.
+    let r = http
+        .post(format!("{}/v1/embeddings", proxy.url))
+        .bearer_auth(&bob)
+        .json(&json!({"model": "gpt-4o", "input": "hi"}))
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    let body = r.text().await.unwrap();
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("not metered by Tally"), "{body}");
+
+    // Bob's calls, then SIGTERM at once: the usage still arrives. One of
+    // them names another user and a made-up request in its metadata: the
+    // integration reads neither.
+    let before = (spend(&op, "bob").await, spend(&op, "alice").await);
+    let forged = http
+        .post(format!("{}/chat/completions", proxy.url))
+        .bearer_auth(&bob)
+        .json(&json!({"model": "gpt-4o", "max_tokens": 100,
+                      "messages": [{"role": "user", "content": "hi"}],
+                      "metadata": {"tally_request_id": "forged-1", "tally_org_id": "acme",
+                                   "tally_user_id": "alice", "tally_key_id": "alice-key"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(forged.status(), 200);
+    let mut sent = micros(
+        forged.headers()["x-litellm-response-cost"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap(),
+    );
+    for _ in 0..4 {
         let (status, body, cost) = chat(&http, &proxy.url, &bob, "gpt-4o", 100).await;
         assert_eq!(status, 200, "{body}");
         sent += micros(cost.unwrap());
@@ -423,7 +455,12 @@ async fn the_litellm_proxy_reserves_reports_and_refuses_through_tally() {
         "a secret in the logs"
     );
     proxy.terminate();
-    wait_for_spend(&op, "bob", before + sent).await;
+    wait_for_spend(&op, "bob", before.0 + sent).await;
+    assert_eq!(
+        spend(&op, "alice").await,
+        before.1,
+        "nothing charged to alice"
+    );
 
     // Tally down: calls are refused (fail closed, the default).
     let proxy = Proxy::start(&bin, &up, Some((&tally.url, &gateway))).await;

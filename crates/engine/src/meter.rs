@@ -778,6 +778,20 @@ impl Meter {
         }
     }
 
+    /// Moves partition `p`'s position to `position`: the `n` messages up to
+    /// there that were not counted here are handled (forwarded to their
+    /// org's partition). Called under the write lock usage takes, as
+    /// [`Meter::apply`] is.
+    pub fn passed(&self, p: i32, position: i64, n: u64) {
+        if let Some(part) = self.parts.lock().by_id.get_mut(&p)
+            && position > part.position
+        {
+            part.position = position;
+            part.mark = None;
+            part.counted_since += n;
+        }
+    }
+
     /// Whether partition `p` counted enough since its last checkpoint to
     /// want another now.
     pub fn wants_checkpoint(&self, p: i32) -> bool {

@@ -105,8 +105,13 @@ impl Engine {
         token_id: TokenId,
     ) -> Result<Option<Principal>> {
         if self.shared() {
-            // Another process may have revoked it a moment ago.
-            let _ = self.commands.sync(&[&org_id]).await?;
+            // Another process may have revoked it a moment ago: what the
+            // log holds beyond this process's fold is folded first.
+            let head = self.db.org_head(org_id.as_str()).await?;
+            let folded = self.registry.org(&org_id).map_or(0, |c| c.read().dir.seq);
+            if head > folded {
+                self.commands.catch_up(&org_id).await?;
+            }
         }
         // The index found it by hash; confirm against the org's own record.
         let Some(cell) = self.registry.org(&org_id) else {

@@ -48,7 +48,9 @@ use tokio::runtime::Handle;
 use tokio::sync::watch;
 
 use crate::codec::{self, Bad, CONTENT_TYPE};
-use crate::metrics::{CONSUMER_LAG, DEAD_LETTERS, REBALANCES, USAGE_LOG_TIME, USAGE_LOST};
+use crate::metrics::{
+    CONSUMER_LAG, DEAD_LETTERS, REBALANCES, USAGE_FORWARDED, USAGE_LOG_TIME, USAGE_LOST,
+};
 use crate::murmur2::partition_for;
 use crate::{KafkaOptions, Result};
 
@@ -217,7 +219,16 @@ struct Incoming {
     key: Option<Vec<u8>>,
     content_type: Option<Vec<u8>>,
     payload: Option<Vec<u8>>,
+    /// Forwarded here by a process that read it on another partition.
+    forwarded: bool,
 }
+
+/// The header a forwarded usage message carries: the partition and offset
+/// it was first read at.
+const FORWARDED_FROM: &str = "tally-forwarded-from";
+/// And its log time there (Unix ms): a copy is judged by the earlier of
+/// that and its own (a broker dating the copy dates it when forwarded).
+const FORWARDED_LOGGED_AT: &str = "tally-logged-at";
 
 /// Where a message's log time came from (the `source` label of
 /// [`USAGE_LOG_TIME`]).
@@ -300,8 +311,22 @@ impl Incoming {
                 .find(|h| h.key.eq_ignore_ascii_case(CONTENT_TYPE))
                 .and_then(|h| h.value.map(<[u8]>::to_vec))
         });
+        let header = |name: &str| {
+            m.headers().and_then(|h| {
+                h.iter()
+                    .find(|h| h.key.eq_ignore_ascii_case(name))
+                    .map(|h| h.value.unwrap_or_default().to_vec())
+            })
+        };
+        let forwarded = header(FORWARDED_FROM).is_some();
+        let first_logged = forwarded
+            .then(|| header(FORWARDED_LOGGED_AT))
+            .flatten()
+            .and_then(|v| std::str::from_utf8(&v).ok()?.parse::<i64>().ok());
         let (logged_at_ms, source) = LogTime::of(m.timestamp(), now_ms);
+        let logged_at_ms = first_logged.map_or(logged_at_ms, |t| t.min(logged_at_ms));
         let incoming = Incoming {
+            forwarded,
             partition: m.partition(),
             offset: m.offset(),
             stamp: m.timestamp().to_millis().unwrap_or(-1),
@@ -605,27 +630,45 @@ impl Run {
         }
         let mut good: Vec<(usize, UsageEvent)> = Vec::with_capacity(messages.len());
         let mut bad: Vec<(usize, Bad)> = Vec::new();
+        // Messages of orgs another partition meters: (index, that one).
+        let mut misplaced: Vec<(usize, i32)> = Vec::new();
         for (i, m) in messages.iter().enumerate() {
             match codec::decode_usage(
                 m.key.as_deref(),
                 m.content_type.as_deref(),
                 m.payload.as_deref(),
             ) {
-                Ok(ev) if partition_for(ev.org_id.as_bytes(), self.usage_partitions) != p => {
-                    let r = Rejection::WrongPartition;
-                    let org_id = Some(ev.org_id.to_string());
-                    bad.push((
-                        i,
-                        Bad {
-                            code: r.code(),
-                            message: r.message().into(),
-                            org_id,
-                        },
-                    ));
-                }
-                Ok(ev) => good.push((i, ev)),
+                Ok(ev) => match partition_for(ev.org_id.as_bytes(), self.usage_partitions) {
+                    q if q == p => good.push((i, ev)),
+                    q if !m.forwarded => misplaced.push((i, q)),
+                    // Forwarded once and still not on its org's partition:
+                    // the processes disagree on the partition count. Kept,
+                    // not sent around again.
+                    _ => {
+                        let r = Rejection::WrongPartition;
+                        bad.push((
+                            i,
+                            Bad {
+                                code: r.code(),
+                                message: format!(
+                                    "{} (forwarded once already: does every process run with \
+                                     the same --kafka-usage-partitions, {}?)",
+                                    r.message(),
+                                    self.usage_partitions
+                                ),
+                                org_id: Some(ev.org_id.to_string()),
+                            },
+                        ));
+                    }
+                },
                 Err(b) => bad.push((i, b)),
             }
+        }
+        // Forwarded (published to the org's partition and acknowledged)
+        // before the batch's position can move past them. A crash in
+        // between forwards them again: the copies are duplicates there.
+        if !misplaced.is_empty() && !self.forward(consumer, &messages, &misplaced) {
+            return;
         }
         if !self.sync(&messages, &good, deadline) {
             // Stopping while waiting for the database: the batch is not
@@ -648,6 +691,11 @@ impl Run {
             // Revoked meanwhile: the new owner reads these.
             return;
         };
+        // The forwarded ones are handled: the position moves past them
+        // (and a partition of other orgs' usage only moves at all).
+        if let Some(last) = misplaced.iter().map(|(i, _)| messages[*i].offset).max() {
+            self.meter.passed(p, last, misplaced.len() as u64);
+        }
         let mut accepted = 0u64;
         let mut duplicates = 0u64;
         for ((i, ev), outcome) in good.iter().zip(outcomes) {
@@ -831,6 +879,90 @@ impl Run {
         }
     }
 
+    /// Publishes `misplaced` messages to their orgs' partitions and waits
+    /// for the broker's acknowledgement, retrying until it comes; `false`
+    /// when told to stop first (the batch is then not applied).
+    fn forward(
+        &self,
+        consumer: &BaseConsumer<MeterContext>,
+        messages: &[Incoming],
+        misplaced: &[(usize, i32)],
+    ) -> bool {
+        let topic = consumer_topic(consumer);
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let mut waiting = Vec::with_capacity(misplaced.len());
+            for (i, q) in misplaced {
+                let m = &messages[*i];
+                let from = format!("{}:{}", m.partition, m.offset);
+                let logged_at = m.logged_at_ms.to_string();
+                let mut headers = OwnedHeaders::new()
+                    .insert(Header {
+                        key: FORWARDED_FROM,
+                        value: Some(from.as_str()),
+                    })
+                    .insert(Header {
+                        key: FORWARDED_LOGGED_AT,
+                        value: Some(logged_at.as_str()),
+                    });
+                if let Some(ct) = &m.content_type {
+                    headers = headers.insert(Header {
+                        key: CONTENT_TYPE,
+                        value: Some(ct.as_slice()),
+                    });
+                }
+                let mut record = FutureRecord::<[u8], [u8]>::to(&topic)
+                    .partition(*q)
+                    .payload(m.payload.as_deref().unwrap_or_default())
+                    .headers(headers);
+                if let Some(k) = &m.key {
+                    record = record.key(k.as_slice());
+                }
+                waiting.push(self.producer.send_result(record).map_err(|(e, _)| e));
+            }
+            let mut stop = self.stop.clone();
+            let sent = self.rt.block_on(async {
+                let all = async {
+                    let mut error = None;
+                    for d in waiting {
+                        match d {
+                            Ok(d) => match d.await {
+                                Ok(Ok(_)) => {}
+                                Ok(Err((e, _))) => error = Some(e.to_string()),
+                                Err(_) => error = Some("delivery cancelled".into()),
+                            },
+                            Err(e) => error = Some(e.to_string()),
+                        }
+                    }
+                    error.map_or(Ok(()), Err)
+                };
+                // Told to stop while the broker does not answer: the
+                // batch is left to whoever reads it next.
+                tokio::select! {
+                    r = all => Some(r),
+                    _ = stop.wait_for(|s| *s) => None,
+                }
+            });
+            match sent {
+                None => return false,
+                Some(Ok(())) => {
+                    metrics::counter!(USAGE_FORWARDED).increment(misplaced.len() as u64);
+                    return true;
+                }
+                Some(Err(e)) => tracing::warn!(
+                    messages = misplaced.len(),
+                    error = %e,
+                    "forwarding usage to its org's partition failed; retrying"
+                ),
+            }
+            if *self.stop.borrow() {
+                return false;
+            }
+            std::thread::sleep(backoff);
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    }
+
     fn to_dead_letter_topic(&self, m: &Incoming, b: &Bad) {
         let partition = m.partition.to_string();
         let offset = m.offset.to_string();
@@ -943,6 +1075,7 @@ mod tests {
                 key: key.map(<[u8]>::to_vec),
                 content_type: None,
                 payload: payload.map(<[u8]>::to_vec),
+                forwarded: false,
             }
             .mark()
         };

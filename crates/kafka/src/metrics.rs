@@ -9,6 +9,10 @@ pub const DEAD_LETTERS: &str = "tally_dead_letters_total";
 pub const USAGE_LOST: &str = "tally_usage_lost_messages_total";
 /// Consumer group rebalances seen, by `kind` (assign, revoke).
 pub const REBALANCES: &str = "tally_rebalances_total";
+/// Usage messages read from a partition that does not meter their org
+/// (a producer's partitioner other than murmur2), published again to the
+/// org's partition.
+pub const USAGE_FORWARDED: &str = "tally_usage_forwarded_total";
 /// Usage published by `POST /v1/usage` to the usage topic, by `outcome`.
 pub const USAGE_PUBLISHED: &str = "tally_usage_published_total";
 /// Messages of an owned usage `partition` not applied yet, from the
@@ -35,6 +39,11 @@ pub fn describe() {
         USAGE_LOST,
         Unit::Count,
         "usage messages deleted from the usage topic before they were metered"
+    );
+    describe_counter!(
+        USAGE_FORWARDED,
+        Unit::Count,
+        "usage messages forwarded from a partition that does not meter their org to the one that does"
     );
     describe_counter!(
         REBALANCES,

@@ -176,6 +176,17 @@ impl Db {
         Ok((now_ms, heads))
     }
 
+    /// The last seq of `org`'s log (0: none): one indexed read, no lock.
+    /// What is committed is seen; an append in flight is not, as it has not
+    /// answered yet.
+    pub async fn org_head(&self, org: &str) -> Result<u64> {
+        let head: Option<i64> = sqlx::query_scalar("SELECT MAX(seq) FROM events WHERE org_id = $1")
+            .bind(org)
+            .fetch_one(self.reader())
+            .await?;
+        Ok(head.map_or(0, |h| u64::try_from(h).unwrap_or(0)))
+    }
+
     /// The last seq in the log of each org metered on `partition` (as the
     /// partition's checkpoints name them): what a new owner must have
     /// folded before it restores their meters.

@@ -35,6 +35,7 @@ class Settings:
     url: str
     token: str
     fail_open: bool
+    fail_open_max_age_s: float
     timeout_s: float
     hold_ttl_ms: int
     model_feature_prefix: str
@@ -61,6 +62,7 @@ class Settings:
             url=url,
             token=token,
             fail_open=_bool("TALLY_FAIL_OPEN", False),
+            fail_open_max_age_s=_int("TALLY_FAIL_OPEN_MAX_AGE_MS", 300_000, 0, 86_400_000) / 1000,
             timeout_s=_int("TALLY_TIMEOUT_MS", 2_000, 50, 60_000) / 1000,
             hold_ttl_ms=_int("TALLY_HOLD_TTL_MS", 600_000, 1_000, 3_600_000),
             model_feature_prefix=os.environ.get("TALLY_MODEL_FEATURE_PREFIX", "model:"),

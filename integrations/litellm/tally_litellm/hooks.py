@@ -45,6 +45,28 @@ VALID_KEY = OVER_BUDGET | {"user_required", "feature_not_enabled"}
 
 CALL_TYPES = {"completion", "acompletion", "text_completion", "atext_completion"}
 
+# What a Tally key may reach: the routes whose calls are reserved and
+# reported here, and the model list. Everything else that could spend
+# (responses, embeddings, images, audio, pass-through, …) is refused with a
+# Tally key, so nothing is served unmetered.
+ROUTES = {
+    "/chat/completions",
+    "/v1/chat/completions",
+    "/completions",
+    "/v1/completions",
+    "/models",
+    "/v1/models",
+}
+
+
+def _route_allowed(request: Any) -> bool:
+    path = getattr(getattr(request, "url", None), "path", None)
+    if path is None:
+        return False
+    if path.startswith("/openai/deployments/") and path.endswith("/chat/completions"):
+        return True
+    return path.rstrip("/") in ROUTES
+
 
 def status_of(reason: str) -> int:
     if reason in UNAUTHORIZED:
@@ -86,18 +108,58 @@ class _Lru:
             while len(self._d) > self.size:
                 self._d.popitem(last=False)
 
+    def drop(self, k: Any) -> None:
+        with self._lock:
+            self._d.pop(k, None)
 
-# The key's reference (what LiteLLM logs instead of the secret) → secret,
-# for the hold the call's hook places. Never logged.
+
+# The secret's reference (what LiteLLM logs instead of the secret: the
+# key's id and a prefix of the secret's digest, so two secrets of one key
+# during a rotation's grace period never share it) → secret, for the hold
+# the call's hook places. Never logged.
 _SECRETS = _Lru(100_000)
 # sha256(secret) → (checked at, the auth result): a key checked less than
 # TALLY_AUTH_CACHE_MS ago is not checked again for auth (each call's
-# reserve still asks Tally about the key).
+# reserve still asks Tally about the key); under TALLY_FAIL_OPEN, one
+# checked less than TALLY_FAIL_OPEN_MAX_AGE_MS ago is admitted while Tally
+# cannot be reached. A refusal removes the entry.
 _CHECKED = _Lru(100_000)
 
 
-def _key_auth(d: dict) -> UserAPIKeyAuth:
-    ref = f"tally:{d['org_id']}:{d['api_key_id']}"
+class _Calls:
+    """The calls this process reserved, by request id: what their usage
+    event needs. Usage and releases are made from here only, never from
+    the request's metadata (which the client writes). Entries leave with
+    the call's success or failure, or when older than the hold's TTL."""
+
+    def __init__(self) -> None:
+        self._d: collections.OrderedDict = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def put(self, request_id: str, call: dict) -> None:
+        now = time.monotonic()
+        ttl = SETTINGS.hold_ttl_ms / 1000
+        with self._lock:
+            self._d[request_id] = (now, call)
+            while self._d:
+                first = next(iter(self._d.values()))
+                if now - first[0] <= ttl:
+                    break
+                self._d.popitem(last=False)
+
+    def pop(self, request_id: Any) -> Optional[dict]:
+        if not isinstance(request_id, str):
+            return None
+        with self._lock:
+            entry = self._d.pop(request_id, None)
+        return None if entry is None else entry[1]
+
+
+_CALLS = _Calls()
+
+
+def _key_auth(d: dict, digest: str) -> UserAPIKeyAuth:
+    ref = f"tally:{d['org_id']}:{d['api_key_id']}:{digest[:16]}"
     return UserAPIKeyAuth(
         api_key=ref,
         user_id=d.get("user_id"),
@@ -113,6 +175,13 @@ def _key_auth(d: dict) -> UserAPIKeyAuth:
 
 async def auth(request: Any, api_key: Optional[str]) -> UserAPIKeyAuth:
     """LiteLLM's custom_auth: the bearer key is a Tally API key."""
+    if not _route_allowed(request):
+        path = getattr(getattr(request, "url", None), "path", "?")
+        raise refuse(
+            f"{path} is not metered by Tally: a Tally key may call chat and text completions only",
+            "route_not_metered",
+            403,
+        )
     if not api_key:
         raise refuse(
             "no API key: send Authorization: Bearer <your Tally API key>",
@@ -128,8 +197,13 @@ async def auth(request: Any, api_key: Optional[str]) -> UserAPIKeyAuth:
     try:
         d = await TALLY.authorize({"api_key": api_key})
     except Unreachable as e:
-        if SETTINGS.fail_open and cached is not None:
-            log.warning("Tally unreachable; admitting a key it knew: %s", e)
+        if (
+            SETTINGS.fail_open
+            and cached is not None
+            and now - cached[0] < SETTINGS.fail_open_max_age_s
+        ):
+            log.warning("Tally unreachable; admitting a key it accepted recently: %s", e)
+            _SECRETS.put(cached[1].api_key, api_key)
             return cached[1]
         raise refuse(f"Tally cannot be reached, calls are refused: {e}", "unavailable", 503) from e
     except Refused as e:
@@ -137,8 +211,9 @@ async def auth(request: Any, api_key: Optional[str]) -> UserAPIKeyAuth:
         raise refuse("the gateway's Tally token is not accepted", "gateway_token", 503) from e
     reason = d.get("reason", "")
     if not d.get("allowed") and reason not in VALID_KEY:
+        _CHECKED.drop(digest)
         raise refuse(d.get("message", reason), reason, status_of(reason))
-    result = _key_auth(d)
+    result = _key_auth(d, digest)
     _SECRETS.put(result.api_key, api_key)
     _CHECKED.put(digest, (now, result))
     return result
@@ -167,30 +242,39 @@ def estimate_micros(data: dict) -> int:
     max_tokens (else the model's output limit), at the dearest of the
     model group's deployments, by litellm's own prices."""
     model = data.get("model") or ""
-    names = [
-        (d.get("litellm_params") or {}).get("model") for d in _deployments(model)
-    ] or [model]
+    params = [d.get("litellm_params") or {} for d in _deployments(model)] or [{"model": model}]
+    # n choices cost n completions (the prompt once).
+    choices = max(1, int(data.get("n") or 1))
     best: Optional[int] = None
-    for name in filter(None, names):
+    for lp in params:
+        name = lp.get("model")
+        if not name:
+            continue
         try:
-            info = litellm.get_model_info(name)
             if data.get("messages") is not None:
                 prompt = litellm.token_counter(model=name, messages=data["messages"])
             else:
                 prompt = litellm.token_counter(model=name, text=str(data.get("prompt", "")))
+            try:
+                info = litellm.get_model_info(name)
+            except Exception:  # noqa: BLE001 - priced by the deployment only
+                info = {}
             out = (
                 data.get("max_tokens")
                 or data.get("max_completion_tokens")
                 or info.get("max_output_tokens")
                 or SETTINGS.default_output_tokens
             )
-            p, c = litellm.cost_per_token(
-                model=name, prompt_tokens=int(prompt), completion_tokens=int(out)
-            )
+            # A deployment's own prices win, as they do for its cost.
+            cin = lp.get("input_cost_per_token", info.get("input_cost_per_token"))
+            cout = lp.get("output_cost_per_token", info.get("output_cost_per_token"))
+            if cin is None or cout is None:
+                raise ValueError("no per-token price")
+            dollars = float(cin) * int(prompt) + float(cout) * int(out) * choices
         except Exception as e:  # noqa: BLE001 - an unpriced model
             log.debug("no price for %s: %s", name, e)
             continue
-        m = int(math.ceil((p + c) * 1_000_000))
+        m = int(math.ceil(dollars * 1_000_000))
         best = m if best is None else max(best, m)
     return SETTINGS.default_reserve_micros if best is None else best
 
@@ -206,26 +290,38 @@ class TallyHandler(CustomLogger):
     # Defined on this class itself: LiteLLM runs a callback's pre-call hook
     # only when the class defines it (not when inherited).
     async def async_pre_call_hook(self, user_api_key_dict, cache, data, call_type):
-        if call_type not in CALL_TYPES:
-            return data
+        meta = data.get("metadata")
+        if isinstance(meta, dict):
+            # The request's metadata is the client's: nothing of Tally's
+            # is read from it.
+            for k in [k for k in meta if str(k).startswith("tally_")]:
+                meta.pop(k, None)
         md = getattr(user_api_key_dict, "metadata", None) or {}
         org, key_id = md.get("tally_org_id"), md.get("tally_key_id")
-        secret = _SECRETS.get(user_api_key_dict.api_key)
-        if not org or secret is None:
+        if not org:
             # Not a Tally key (the master key): not metered here.
             return data
+        if call_type not in CALL_TYPES:
+            raise refuse(f"{call_type} calls are not metered by Tally", "route_not_metered", 403)
+        secret = _SECRETS.get(user_api_key_dict.api_key)
+        if secret is None:
+            raise refuse("the key must be presented again", "unknown_key", 401)
         if SENDER.full():
             raise refuse(
                 f"{SENDER.backlog()} usage events wait for Tally; calls are refused until it answers",
                 "usage_backlog",
                 503,
             )
+        # A client's fallbacks would reach models its key's features were
+        # not checked for, at prices not reserved.
+        data.pop("fallbacks", None)
         model = data.get("model") or ""
         request_id = f"{data.get('litellm_call_id') or secrets.token_hex(8)}.{secrets.token_hex(6)}"
+        reserve = estimate_micros(data)
         body = {
             "api_key": secret,
             "request_id": request_id,
-            "reserve_micros": estimate_micros(data),
+            "reserve_micros": reserve,
             "hold_ttl_ms": SETTINGS.hold_ttl_ms,
         }
         if SETTINGS.model_feature_prefix:
@@ -239,42 +335,56 @@ class TallyHandler(CustomLogger):
             if not SETTINGS.fail_open:
                 raise refuse(f"Tally cannot be reached, calls are refused: {e}", "unavailable", 503) from e
             log.warning("Tally unreachable; the call goes on without a hold: %s", e)
-            d = {"allowed": True, "org_id": org, "user_id": md.get("tally_user_id"), "api_key_id": key_id}
+            d = {
+                "allowed": True,
+                "org_id": org,
+                "user_id": md.get("tally_user_id") or body.get("user_id"),
+                "api_key_id": key_id,
+            }
         except Refused as e:
             raise refuse(f"Tally refused the reserve: {e.body}", "invalid", 400) from e
         if not d.get("allowed"):
             reason = d.get("reason", "")
             raise refuse(d.get("message", reason), reason, status_of(reason))
-        meta = data.setdefault("metadata", {})
-        meta["tally_request_id"] = request_id
-        meta["tally_org_id"] = d.get("org_id") or org
-        meta["tally_user_id"] = d.get("user_id")
-        meta["tally_key_id"] = d.get("api_key_id") or key_id
+        _CALLS.put(
+            request_id,
+            {
+                "org_id": d.get("org_id") or org,
+                "user_id": d.get("user_id"),
+                "api_key_id": d.get("api_key_id") or key_id,
+                "reserve_micros": reserve,
+            },
+        )
+        data.setdefault("metadata", {})["tally_request_id"] = request_id
         return data
 
     async def async_log_success_event(self, kwargs, response_obj, start_time, end_time):
         params = kwargs.get("litellm_params") or {}
-        md = params.get("metadata") or {}
-        request_id = md.get("tally_request_id")
-        if not request_id:
+        request_id = (params.get("metadata") or {}).get("tally_request_id")
+        call = _CALLS.pop(request_id)
+        if call is None:
+            # Not a call this process reserved (or reported already).
             return
         slo = kwargs.get("standard_logging_object") or {}
         cost = kwargs.get("response_cost")
         if cost is None:
-            cost = slo.get("response_cost") or 0.0
+            cost = slo.get("response_cost")
+        # No cost known (a model litellm has no price for): what was
+        # reserved, never nothing.
+        cost_micros = call["reserve_micros"] if cost is None else micros(float(cost))
         event = {
             "request_id": request_id,
-            "org_id": md["tally_org_id"],
-            "api_key_id": md.get("tally_key_id"),
+            "org_id": call["org_id"],
+            "api_key_id": call["api_key_id"],
             "model": slo.get("model_group") or kwargs.get("model") or "",
             "provider": kwargs.get("custom_llm_provider") or slo.get("custom_llm_provider") or "",
             "input_tokens": int(slo.get("prompt_tokens") or 0),
             "output_tokens": int(slo.get("completion_tokens") or 0),
-            "cost_micros": micros(float(cost)),
+            "cost_micros": cost_micros,
             "occurred_at": _now_rfc3339(),
         }
-        if md.get("tally_user_id"):
-            event["user_id"] = md["tally_user_id"]
+        if call["user_id"]:
+            event["user_id"] = call["user_id"]
         SENDER.add(event)
 
     async def async_post_call_failure_hook(
@@ -282,9 +392,11 @@ class TallyHandler(CustomLogger):
     ):
         # The call's final failure (retries included): free its hold now.
         md = (request_data or {}).get("metadata") or {}
-        request_id, org = md.get("tally_request_id"), md.get("tally_org_id")
-        if not request_id or not org:
+        request_id = md.get("tally_request_id")
+        call = _CALLS.pop(request_id)
+        if call is None:
             return
+        org = call["org_id"]
         for attempt in range(3):
             try:
                 await TALLY.release(org, request_id)

@@ -28,6 +28,8 @@ class UsageSender:
         self._task: Optional[asyncio.Task] = None
         self._wake: Optional[asyncio.Event] = None
         self._closing = False
+        # Events per batch: the setting, halved while Tally answers 413.
+        self._limit = settings.batch_max
         self.sent = 0
         self.rejected = 0
         atexit.register(self.flush_at_exit)
@@ -70,7 +72,7 @@ class UsageSender:
             if not self._buf:
                 continue
             with self._lock:
-                batch = [self._buf[i] for i in range(min(len(self._buf), self.s.batch_max))]
+                batch = [self._buf[i] for i in range(min(len(self._buf), self._limit))]
             try:
                 answer = await self.tally.post_usage(batch)
             except Unreachable as e:
@@ -79,6 +81,11 @@ class UsageSender:
                 backoff = min(backoff * 2, 5.0)
                 continue
             except Refused as e:
+                if e.status == 413 and len(batch) > 1:
+                    # Larger than the server takes: smaller batches.
+                    self._limit = max(1, len(batch) // 2)
+                    log.warning("Tally takes at most %d events per batch here", self._limit)
+                    continue
                 # The whole batch is wrong (e.g. a revoked gateway token):
                 # keep it and say so; an operator must act.
                 log.error("Tally refused a usage batch (%d events kept): %s", len(batch), e)
@@ -110,7 +117,7 @@ class UsageSender:
         deadline = time.monotonic() + self.s.shutdown_flush_s
         while self._buf and time.monotonic() < deadline:
             with self._lock:
-                batch = [self._buf[i] for i in range(min(len(self._buf), self.s.batch_max))]
+                batch = [self._buf[i] for i in range(min(len(self._buf), self._limit))]
             try:
                 answer = self.tally.post_usage_sync(batch, max(0.1, deadline - time.monotonic()))
             except (Unreachable, Refused) as e:

@@ -45,6 +45,15 @@ fn start(backend: &Backend, broker: &Broker) -> Tally {
     .unwrap()
 }
 
+/// Two ready processes on the same database and broker.
+async fn two_processes(backend: &Backend, broker: &Broker) -> (Tally, Tally) {
+    let a = start(backend, broker);
+    ready(&a).await;
+    let b = start(backend, broker);
+    ready(&b).await;
+    (a, b)
+}
+
 async fn wait_for<F, Fut>(what: &str, timeout: Duration, mut f: F)
 where
     F: FnMut() -> Fut,
@@ -380,10 +389,7 @@ async fn a_killed_engine_hands_its_partitions_over_exactly() {
     let Some((broker, backend)) = services("kafka_kill").await else {
         return;
     };
-    let a = start(&backend, &broker);
-    ready(&a).await;
-    let b = start(&backend, &broker);
-    ready(&b).await;
+    let (a, b) = two_processes(&backend, &broker).await;
     // Both meter part of the stream before one dies.
     for t in [&a, &b] {
         wait_for("partitions on both", Duration::from_secs(60), || async {
@@ -499,10 +505,7 @@ async fn a_cutoff_on_one_process_is_seen_on_the_other_within_a_second() {
     let Some((broker, backend)) = services("kafka_cutoff").await else {
         return;
     };
-    let a = start(&backend, &broker);
-    ready(&a).await;
-    let b = start(&backend, &broker);
-    ready(&b).await;
+    let (a, b) = two_processes(&backend, &broker).await;
     let op = a.operator();
     org_fixture(&op, "lima", 2, 1, Some(10 * USD)).await;
     let secret = auth_key(&op, "lima").await;
@@ -1010,10 +1013,7 @@ async fn a_token_revoked_on_one_process_is_refused_by_the_other_at_once() {
     let Some((broker, backend)) = services("kafka_revoke").await else {
         return;
     };
-    let a = start(&backend, &broker);
-    ready(&a).await;
-    let b = start(&backend, &broker);
-    ready(&b).await;
+    let (a, b) = two_processes(&backend, &broker).await;
     let op = a.operator();
     org_fixture(&op, "lima", 1, 1, None).await;
     let secret = auth_key(&op, "lima").await;
@@ -1108,10 +1108,7 @@ async fn any_partitioner_is_counted_exactly_through_a_kill_9() {
     let Some((broker, backend)) = services("kafka_any_partitioner").await else {
         return;
     };
-    let a = start(&backend, &broker);
-    ready(&a).await;
-    let b = start(&backend, &broker);
-    ready(&b).await;
+    let (a, b) = two_processes(&backend, &broker).await;
     let op = a.operator();
     let orgs = ["alpha", "bravo", "charlie", "delta", "echo"];
     for org in orgs {

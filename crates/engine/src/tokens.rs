@@ -13,6 +13,7 @@
 //! database every request of that mode depends on already.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use parking_lot::RwLock;
 use tally_core::entity::{CommandError, Role};
@@ -39,7 +40,7 @@ pub enum Principal {
         role: Role,
     },
     /// A gateway token of every org.
-    Gateway { token_id: String },
+    Gateway { token_id: Arc<str> },
 }
 
 impl Principal {
@@ -61,21 +62,47 @@ impl Principal {
     }
 }
 
+/// A gateway token of every org, as this process knows it.
+#[derive(Debug, Clone)]
+struct Gateway {
+    id: Arc<str>,
+    hash: SecretHash,
+    revoked: bool,
+}
+
+impl From<&GatewayTokenRow> for Gateway {
+    fn from(r: &GatewayTokenRow) -> Gateway {
+        Gateway {
+            id: Arc::from(r.id.as_str()),
+            hash: r.hash,
+            revoked: r.revoked_at_ms.is_some(),
+        }
+    }
+}
+
+/// Whose use is noted: an org's token, or a gateway token of every org.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum UseKey {
+    Org(OrgId, TokenId),
+    Gateway(Arc<str>),
+}
+
 /// What this process knows of tokens beyond the orgs' logs.
 #[derive(Debug, Default)]
 pub(crate) struct TokenState {
     /// Gateway tokens of every org, by hash (revoked ones too).
-    gateway: RwLock<HashMap<SecretHash, GatewayTokenRow>>,
-    /// Last use by (org id or "", token id): (used, written down).
-    uses: RwLock<HashMap<(String, String), (i64, i64)>>,
+    gateway: RwLock<HashMap<SecretHash, Gateway>>,
+    /// Last use of each token used here: (used, written down). Sharded:
+    /// every authenticated request updates one entry.
+    uses: dashmap::DashMap<UseKey, (i64, i64)>,
 }
 
 impl TokenState {
     pub(crate) async fn load(db: &tally_store::Db) -> Result<TokenState> {
         let rows = db.all_gateway_tokens().await?;
         Ok(TokenState {
-            gateway: RwLock::new(rows.into_iter().map(|r| (r.hash, r)).collect()),
-            uses: RwLock::default(),
+            gateway: RwLock::new(rows.iter().map(|r| (r.hash, Gateway::from(r))).collect()),
+            uses: dashmap::DashMap::new(),
         })
     }
 }
@@ -132,18 +159,22 @@ impl Engine {
     }
 
     async fn gateway_token(&self, hash: &SecretHash) -> Result<Option<Principal>> {
-        let row = if self.shared() {
+        if self.shared() {
+            // Another process may have made or revoked it.
             let row = self.db.gateway_token_by_hash(hash).await?;
-            if let Some(r) = &row {
-                let _ = self.tokens.gateway.write().insert(r.hash, r.clone());
-            }
-            row
-        } else {
-            self.tokens.gateway.read().get(hash).cloned()
-        };
-        Ok(row
-            .filter(|r| r.revoked_at_ms.is_none() && ct_eq(&r.hash, hash))
-            .map(|r| Principal::Gateway { token_id: r.id }))
+            let mut known = self.tokens.gateway.write();
+            let _ = match &row {
+                Some(r) => known.insert(r.hash, Gateway::from(r)),
+                None => known.remove(hash),
+            };
+        }
+        let known = self.tokens.gateway.read();
+        Ok(known
+            .get(hash)
+            .filter(|g| !g.revoked && ct_eq(&g.hash, hash))
+            .map(|g| Principal::Gateway {
+                token_id: Arc::clone(&g.id),
+            }))
     }
 
     /// Remembers the use; writes it down at most once a minute per token.
@@ -152,13 +183,16 @@ impl Engine {
             Principal::Operator => return,
             Principal::Org {
                 org_id, token_id, ..
-            } => (org_id.to_string(), token_id.to_string()),
-            Principal::Gateway { token_id } => (String::new(), token_id.clone()),
+            } => UseKey::Org(org_id.clone(), token_id.clone()),
+            Principal::Gateway { token_id } => UseKey::Gateway(Arc::clone(token_id)),
         };
         let now = self.now_ms();
         let due = {
-            let mut uses = self.tokens.uses.write();
-            let entry = uses.entry(key.clone()).or_insert((now, i64::MIN));
+            let mut entry = self
+                .tokens
+                .uses
+                .entry(key.clone())
+                .or_insert((now, i64::MIN));
             entry.0 = entry.0.max(now);
             let due = now.saturating_sub(entry.1) >= USE_NOTE_INTERVAL_MS;
             if due {
@@ -168,8 +202,12 @@ impl Engine {
         };
         if due && let Ok(rt) = tokio::runtime::Handle::try_current() {
             let db = self.db.clone();
+            let (org, id) = match key {
+                UseKey::Org(org, id) => (org.to_string(), id.to_string()),
+                UseKey::Gateway(id) => (String::new(), id.to_string()),
+            };
             drop(rt.spawn(async move {
-                if let Err(e) = db.note_token_use(&[(key.0, key.1, now)]).await {
+                if let Err(e) = db.note_token_use(&[(org, id, now)]).await {
                     tracing::debug!(error = %e, "noting a token's use failed");
                 }
             }));
@@ -180,11 +218,15 @@ impl Engine {
     /// last used: the database's note, or this process's if newer.
     pub async fn token_last_used(&self, org: &str) -> Result<HashMap<String, i64>> {
         let mut out: HashMap<String, i64> = self.db.token_uses(org).await?.into_iter().collect();
-        for ((o, id), (used, _)) in self.tokens.uses.read().iter() {
-            if o == org {
-                let at = out.entry(id.clone()).or_insert(*used);
-                *at = (*at).max(*used);
-            }
+        for e in &self.tokens.uses {
+            let id = match e.key() {
+                UseKey::Org(o, id) if o.as_str() == org => id.as_str(),
+                UseKey::Gateway(id) if org.is_empty() => id,
+                _ => continue,
+            };
+            let used = e.value().0;
+            let at = out.entry(id.to_owned()).or_insert(used);
+            *at = (*at).max(used);
         }
         Ok(out)
     }
@@ -207,7 +249,11 @@ impl Engine {
             .await?
         {
             CreatedGatewayToken::Created => {
-                let _ = self.tokens.gateway.write().insert(hash, row);
+                let _ = self
+                    .tokens
+                    .gateway
+                    .write()
+                    .insert(hash, Gateway::from(&row));
                 Ok(())
             }
             CreatedGatewayToken::IdTaken => Err(Error::Command(CommandError::Conflict(format!(
@@ -229,9 +275,9 @@ impl Engine {
                 id: id.to_owned(),
             })),
             Revoked::Now | Revoked::Already => {
-                for row in self.tokens.gateway.write().values_mut() {
-                    if row.id == id && row.revoked_at_ms.is_none() {
-                        row.revoked_at_ms = Some(now);
+                for g in self.tokens.gateway.write().values_mut() {
+                    if &*g.id == id {
+                        g.revoked = true;
                     }
                 }
                 Ok(())

@@ -821,3 +821,53 @@ async fn gateway_tokens_authorize_hold_and_report_usage_for_their_orgs() {
     );
     tally.stop().unwrap();
 }
+
+/// Authentication, then authorization (role, and the org in the path),
+/// then the body: a caller who may not call an endpoint learns nothing
+/// from a malformed body (issue 15 saw 400s here for another org's token).
+#[tokio::test]
+async fn a_malformed_body_is_judged_after_the_caller() {
+    let tally = Tally::start(&Backend::sqlite("authz-first")).unwrap();
+    let op = tally.operator();
+    let _ = seed(&op, "acme").await;
+    let _ = seed(&op, "other").await;
+    let other_admin = tally.client(&mint(&op, "other", "adm", "admin").await);
+    let viewer = tally.client(&mint(&op, "acme", "view", "viewer").await);
+    let garbage = Some(b"{not json".to_vec());
+    let mut checked = 0;
+    for (method, path, body) in endpoints("acme") {
+        if body.is_none() {
+            continue;
+        }
+        let r = other_admin
+            .send(method, &path, garbage.clone())
+            .await
+            .unwrap();
+        assert_eq!(
+            r.status, 403,
+            "{method} {path} by another org's admin: {}",
+            r.body
+        );
+        let r = viewer.send(method, &path, garbage.clone()).await.unwrap();
+        assert_eq!(r.status, 403, "{method} {path} by a viewer: {}", r.body);
+        let r = tally
+            .anonymous()
+            .send(method, &path, garbage.clone())
+            .await
+            .unwrap();
+        assert_eq!(r.status, 401, "{method} {path} without a token: {}", r.body);
+        // The caller who may: now the body is read, and refused.
+        let r = op.send(method, &path, garbage.clone()).await.unwrap();
+        assert_eq!(r.status, 400, "{method} {path} by the operator: {}", r.body);
+        checked += 1;
+    }
+    for (method, path) in [("POST", "/v1/orgs"), ("POST", "/v1/gateway-tokens")] {
+        let r = other_admin
+            .send(method, path, garbage.clone())
+            .await
+            .unwrap();
+        assert_eq!(r.status, 403, "{method} {path}: {}", r.body);
+    }
+    assert_eq!(checked, 11);
+    tally.stop().unwrap();
+}

@@ -11,6 +11,10 @@
 #                    kept between runs, and this repository's integration
 #                    (integrations/litellm) installed into it by pip; exports
 #                    TALLY_TEST_LITELLM_BIN
+#   install_openapi_tools  openapi-spec-validator and openapi-python-client
+#                    (pinned) in a venv: a validator and a client generator
+#                    the API document must satisfy; exports
+#                    TALLY_TEST_OPENAPI_TOOLS (the venv's bin directory)
 #   install_kafka_python  confluent-kafka (pinned) in a venv, the Python Kafka
 #                    client a gateway would use with its default settings;
 #                    exports TALLY_TEST_KAFKA_PYTHON
@@ -111,6 +115,22 @@ install_litellm() {
   "$venv/bin/pip" install -q --disable-pip-version-check --no-deps --force-reinstall ./integrations/litellm
   export TALLY_TEST_LITELLM_BIN="$venv/bin/litellm"
   log "LiteLLM proxy ready: $("$venv/bin/python" -c 'import importlib.metadata as m; print(m.version("litellm"))') with tally-litellm $("$venv/bin/python" -c 'import importlib.metadata as m; print(m.version("tally-litellm"))')"
+}
+
+OPENAPI_TOOLS="openapi-spec-validator==0.7.1 openapi-python-client==0.29.1"
+
+install_openapi_tools() {
+  local venv="$TALLY_SERVICES_DIR/openapi-tools-1"
+  if [ ! -x "$venv/bin/openapi-python-client" ]; then
+    log "installing $OPENAPI_TOOLS into $venv"
+    mkdir -p "$TALLY_SERVICES_DIR"
+    rm -rf "$venv"
+    python3 -m venv "$venv"
+    # shellcheck disable=SC2086 # two packages
+    "$venv/bin/pip" install -q --disable-pip-version-check $OPENAPI_TOOLS
+  fi
+  export TALLY_TEST_OPENAPI_TOOLS="$venv/bin"
+  log "OpenAPI tools ready: $OPENAPI_TOOLS"
 }
 
 KAFKA_PYTHON_PACKAGE="confluent-kafka==2.6.1"

@@ -14,6 +14,7 @@ install_tansu
 install_promtool
 install_litellm
 install_kafka_python
+install_openapi_tools
 # Tests that need a service fail instead of skipping when it is missing.
 export TALLY_REQUIRE_SERVICES=1
 # No core files: a test that deletes the usage topic under a running tally

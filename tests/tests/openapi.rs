@@ -749,3 +749,80 @@ async fn the_document_matches_every_real_response() {
     assert!(spec.checked >= 40, "checked {} bodies", spec.checked);
     tally.stop().unwrap();
 }
+
+/// The document passes a validator of the OpenAPI 3.1 specification
+/// (`openapi-spec-validator`) and a client generator makes a client of
+/// every operation from it without a warning (`openapi-python-client`);
+/// both pinned, installed by `scripts/services.sh`.
+#[tokio::test]
+async fn a_validator_and_a_client_generator_accept_the_document() {
+    let tools = match std::env::var("TALLY_TEST_OPENAPI_TOOLS") {
+        Ok(t) => std::path::PathBuf::from(t),
+        Err(_) if std::env::var_os("TALLY_REQUIRE_SERVICES").is_some() => {
+            panic!("TALLY_TEST_OPENAPI_TOOLS is not set: run scripts/test.sh")
+        }
+        Err(_) => {
+            eprintln!("skipped: no OpenAPI tools (TALLY_TEST_OPENAPI_TOOLS)");
+            return;
+        }
+    };
+    let tally = Tally::start(&Backend::sqlite("openapi-tools")).unwrap();
+    let doc = tally.anonymous().get("/openapi.json").await.expect(200);
+    tally.stop().unwrap();
+    let operations: usize = doc["paths"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|ops| ops.as_object().unwrap().len())
+        .sum();
+    let dir = tally_tests::temp_dir("openapi-tools");
+    let file = dir.join("openapi.json");
+    std::fs::write(&file, doc.to_string()).unwrap();
+    let run = |cmd: &str, args: &[&str]| {
+        let out = std::process::Command::new(tools.join(cmd))
+            .args(args)
+            .current_dir(&dir)
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "{cmd} failed:\n{text}");
+        text
+    };
+    let said = run(
+        "openapi-spec-validator",
+        &["--errors", "all", "openapi.json"],
+    );
+    assert!(said.trim_end().ends_with("OK"), "{said}");
+    std::fs::write(dir.join("generator.yaml"), "post_hooks: []\n").unwrap();
+    let said = run(
+        "openapi-python-client",
+        &[
+            "generate",
+            "--path",
+            "openapi.json",
+            "--config",
+            "generator.yaml",
+        ],
+    );
+    assert!(!said.contains("Warning"), "{said}");
+    // One module per operation, named by its unique operationId.
+    let mut modules = 0;
+    for group in std::fs::read_dir(dir.join("tally-client/tally_client/api")).unwrap() {
+        let group = group.unwrap().path();
+        if group.is_dir() {
+            modules += std::fs::read_dir(&group)
+                .unwrap()
+                .filter(|f| {
+                    let name = f.as_ref().unwrap().file_name();
+                    let name = name.to_string_lossy();
+                    name.ends_with(".py") && name != "__init__.py"
+                })
+                .count();
+        }
+    }
+    assert_eq!(modules, operations);
+}

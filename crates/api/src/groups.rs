@@ -45,7 +45,7 @@ pub(crate) struct CreateGroup {
     monthly_limit_micros: Option<i64>,
 }
 
-#[utoipa::path(post, path = "/v1/orgs/{org}/groups", tag = "groups", params(("org" = String, Path, description = "org id")), request_body = CreateGroup, security(("bearer" = ["operator", "admin"])), responses((status = 201, body = GroupJson), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody), (status = 409, description = "conflict", body = crate::error::ErrorBody), (status = 422, description = "a rule forbids it", body = crate::error::ErrorBody)))]
+#[utoipa::path(post, path = "/v1/orgs/{org}/groups", operation_id = "groups_create", tag = "groups", params(("org" = String, Path, description = "org id")), request_body = CreateGroup, security(("bearer" = ["operator", "admin"])), responses((status = 201, description = "created", body = GroupJson), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody), (status = 409, description = "conflict", body = crate::error::ErrorBody), (status = 422, description = "a rule forbids it", body = crate::error::ErrorBody)))]
 pub(crate) async fn create(
     State(state): State<AppState>,
     caller: Caller,
@@ -73,7 +73,7 @@ pub(crate) async fn create(
     ))
 }
 
-#[utoipa::path(get, path = "/v1/orgs/{org}/groups", tag = "groups", params(("org" = String, Path, description = "org id"), PageParams), security(("bearer" = ["operator", "admin", "viewer"])), responses((status = 200, body = ListJson<GroupJson>), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody)))]
+#[utoipa::path(get, path = "/v1/orgs/{org}/groups", operation_id = "groups_list", tag = "groups", params(("org" = String, Path, description = "org id"), PageParams), security(("bearer" = ["operator", "admin", "viewer"])), responses((status = 200, description = "ok", body = ListJson<GroupJson>), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody)))]
 pub(crate) async fn list(
     State(state): State<AppState>,
     caller: Caller,
@@ -120,7 +120,7 @@ pub(crate) struct GroupDetail {
 /// How many members a group's detail shows.
 const MEMBERS_SHOWN: u32 = 100;
 
-#[utoipa::path(get, path = "/v1/orgs/{org}/groups/{group}", tag = "groups", params(("org" = String, Path, description = "org id"), ("group" = String, Path)), security(("bearer" = ["operator", "admin", "viewer"])), responses((status = 200, body = GroupDetail), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody)))]
+#[utoipa::path(get, path = "/v1/orgs/{org}/groups/{group}", operation_id = "groups_get", tag = "groups", params(("org" = String, Path, description = "org id"), ("group" = String, Path)), security(("bearer" = ["operator", "admin", "viewer"])), responses((status = 200, description = "ok", body = GroupDetail), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody)))]
 pub(crate) async fn get(
     State(state): State<AppState>,
     caller: Caller,
@@ -169,7 +169,7 @@ pub(crate) struct PatchGroup {
     monthly_limit_micros: Option<Option<i64>>,
 }
 
-#[utoipa::path(patch, path = "/v1/orgs/{org}/groups/{group}", tag = "groups", params(("org" = String, Path, description = "org id"), ("group" = String, Path)), request_body = PatchGroup, security(("bearer" = ["operator", "admin"])), responses((status = 200, body = GroupJson), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody), (status = 409, description = "conflict", body = crate::error::ErrorBody), (status = 422, description = "a rule forbids it", body = crate::error::ErrorBody)))]
+#[utoipa::path(patch, path = "/v1/orgs/{org}/groups/{group}", operation_id = "groups_patch", tag = "groups", params(("org" = String, Path, description = "org id"), ("group" = String, Path)), request_body = PatchGroup, security(("bearer" = ["operator", "admin"])), responses((status = 200, description = "ok", body = GroupJson), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody), (status = 409, description = "conflict", body = crate::error::ErrorBody), (status = 422, description = "a rule forbids it", body = crate::error::ErrorBody)))]
 pub(crate) async fn patch(
     State(state): State<AppState>,
     caller: Caller,
@@ -192,7 +192,7 @@ pub(crate) async fn patch(
     Ok(Json(group_json(&state, &org_id, &group_id).await?))
 }
 
-#[utoipa::path(delete, path = "/v1/orgs/{org}/groups/{group}", tag = "groups", params(("org" = String, Path, description = "org id"), ("group" = String, Path)), security(("bearer" = ["operator", "admin"])), responses((status = 204, description = "deleted"), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody), (status = 409, description = "conflict", body = crate::error::ErrorBody), (status = 422, description = "a rule forbids it", body = crate::error::ErrorBody)))]
+#[utoipa::path(delete, path = "/v1/orgs/{org}/groups/{group}", operation_id = "groups_delete", tag = "groups", params(("org" = String, Path, description = "org id"), ("group" = String, Path)), security(("bearer" = ["operator", "admin"])), responses((status = 204, description = "deleted"), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody), (status = 409, description = "conflict", body = crate::error::ErrorBody), (status = 422, description = "a rule forbids it", body = crate::error::ErrorBody)))]
 pub(crate) async fn delete(
     State(state): State<AppState>,
     caller: Caller,
@@ -239,7 +239,7 @@ async fn membership(
 }
 
 /// Idempotent: adding a member twice changes nothing.
-#[utoipa::path(put, path = "/v1/orgs/{org}/groups/{group}/members/{user}", tag = "groups", params(("org" = String, Path, description = "org id"), ("group" = String, Path), ("user" = String, Path)), security(("bearer" = ["operator", "admin"])), responses((status = 200, body = GroupJson), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody), (status = 409, description = "conflict", body = crate::error::ErrorBody), (status = 422, description = "a rule forbids it", body = crate::error::ErrorBody)))]
+#[utoipa::path(put, path = "/v1/orgs/{org}/groups/{group}/members/{user}", operation_id = "groups_add_member", tag = "groups", params(("org" = String, Path, description = "org id"), ("group" = String, Path), ("user" = String, Path)), security(("bearer" = ["operator", "admin"])), responses((status = 200, description = "ok", body = GroupJson), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody), (status = 409, description = "conflict", body = crate::error::ErrorBody), (status = 422, description = "a rule forbids it", body = crate::error::ErrorBody)))]
 pub(crate) async fn add_member(
     State(state): State<AppState>,
     caller: Caller,
@@ -248,7 +248,7 @@ pub(crate) async fn add_member(
     membership(state, caller, path, true).await
 }
 
-#[utoipa::path(delete, path = "/v1/orgs/{org}/groups/{group}/members/{user}", tag = "groups", params(("org" = String, Path, description = "org id"), ("group" = String, Path), ("user" = String, Path)), security(("bearer" = ["operator", "admin"])), responses((status = 200, body = GroupJson), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody), (status = 409, description = "conflict", body = crate::error::ErrorBody), (status = 422, description = "a rule forbids it", body = crate::error::ErrorBody)))]
+#[utoipa::path(delete, path = "/v1/orgs/{org}/groups/{group}/members/{user}", operation_id = "groups_remove_member", tag = "groups", params(("org" = String, Path, description = "org id"), ("group" = String, Path), ("user" = String, Path)), security(("bearer" = ["operator", "admin"])), responses((status = 200, description = "ok", body = GroupJson), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody), (status = 409, description = "conflict", body = crate::error::ErrorBody), (status = 422, description = "a rule forbids it", body = crate::error::ErrorBody)))]
 pub(crate) async fn remove_member(
     State(state): State<AppState>,
     caller: Caller,

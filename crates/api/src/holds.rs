@@ -28,7 +28,7 @@ pub(crate) struct HoldRowJson {
 }
 
 /// The org's live holds, by request id.
-#[utoipa::path(get, path = "/v1/orgs/{org}/holds", tag = "holds", params(("org" = String, Path, description = "org id"), PageParams), security(("bearer" = ["operator", "admin", "viewer", "gateway"])), responses((status = 200, body = ListJson<HoldRowJson>), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org", body = crate::error::ErrorBody)))]
+#[utoipa::path(get, path = "/v1/orgs/{org}/holds", operation_id = "holds_list", tag = "holds", params(("org" = String, Path, description = "org id"), PageParams), security(("bearer" = ["operator", "admin", "viewer", "gateway"])), responses((status = 200, description = "ok", body = ListJson<HoldRowJson>), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org", body = crate::error::ErrorBody)))]
 pub(crate) async fn list(
     State(state): State<AppState>,
     caller: Caller,
@@ -86,7 +86,7 @@ pub(crate) struct ReleasedJson {
 
 /// Frees a hold at once, for a call that failed or was cancelled.
 /// Idempotent: a hold that is not live answers 200 with what was found.
-#[utoipa::path(delete, path = "/v1/orgs/{org}/holds/{request_id}", tag = "holds", params(("org" = String, Path, description = "org id"), ("request_id" = String, Path)), security(("bearer" = ["operator", "admin", "gateway"])), responses((status = 200, body = ReleasedJson), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org", body = crate::error::ErrorBody), (status = 503, description = "holds are unavailable (distributed mode) or the journal cannot be written", body = crate::error::ErrorBody)))]
+#[utoipa::path(delete, path = "/v1/orgs/{org}/holds/{request_id}", operation_id = "holds_release", tag = "holds", params(("org" = String, Path, description = "org id"), ("request_id" = String, Path)), security(("bearer" = ["operator", "admin", "gateway"])), responses((status = 200, description = "ok", body = ReleasedJson), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org", body = crate::error::ErrorBody), (status = 503, description = "holds are unavailable (distributed mode) or the journal cannot be written", body = crate::error::ErrorBody)))]
 pub(crate) async fn release(
     State(state): State<AppState>,
     caller: Caller,

@@ -61,7 +61,7 @@ fn time_ms(field: &str, s: &str) -> ApiResult<i64> {
     })
 }
 
-#[utoipa::path(post, path = "/v1/orgs/{org}/keys", tag = "keys", params(("org" = String, Path, description = "org id")), request_body = CreateKey, security(("bearer" = ["operator", "admin"])), responses((status = 201, body = KeyJson), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody), (status = 409, description = "conflict", body = crate::error::ErrorBody), (status = 422, description = "a rule forbids it", body = crate::error::ErrorBody)))]
+#[utoipa::path(post, path = "/v1/orgs/{org}/keys", operation_id = "keys_create", tag = "keys", params(("org" = String, Path, description = "org id")), request_body = CreateKey, security(("bearer" = ["operator", "admin"])), responses((status = 201, description = "created", body = KeyJson), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody), (status = 409, description = "conflict", body = crate::error::ErrorBody), (status = 422, description = "a rule forbids it", body = crate::error::ErrorBody)))]
 pub(crate) async fn create(
     State(state): State<AppState>,
     caller: Caller,
@@ -109,7 +109,7 @@ pub(crate) async fn create(
     Ok((StatusCode::CREATED, Json(key)))
 }
 
-#[utoipa::path(get, path = "/v1/orgs/{org}/keys", tag = "keys", params(("org" = String, Path, description = "org id"), PageParams), security(("bearer" = ["operator", "admin", "viewer"])), responses((status = 200, body = ListJson<KeyJson>), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody)))]
+#[utoipa::path(get, path = "/v1/orgs/{org}/keys", operation_id = "keys_list", tag = "keys", params(("org" = String, Path, description = "org id"), PageParams), security(("bearer" = ["operator", "admin", "viewer"])), responses((status = 200, description = "ok", body = ListJson<KeyJson>), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody)))]
 pub(crate) async fn list(
     State(state): State<AppState>,
     caller: Caller,
@@ -150,7 +150,7 @@ pub(crate) struct KeyDetail {
     history: History,
 }
 
-#[utoipa::path(get, path = "/v1/orgs/{org}/keys/{key}", tag = "keys", params(("org" = String, Path, description = "org id"), ("key" = String, Path)), security(("bearer" = ["operator", "admin", "viewer"])), responses((status = 200, body = KeyDetail), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody)))]
+#[utoipa::path(get, path = "/v1/orgs/{org}/keys/{key}", operation_id = "keys_get", tag = "keys", params(("org" = String, Path, description = "org id"), ("key" = String, Path)), security(("bearer" = ["operator", "admin", "viewer"])), responses((status = 200, description = "ok", body = KeyDetail), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody)))]
 pub(crate) async fn get(
     State(state): State<AppState>,
     caller: Caller,
@@ -194,7 +194,7 @@ pub(crate) struct PatchKey {
     expires_at: Option<Option<String>>,
 }
 
-#[utoipa::path(patch, path = "/v1/orgs/{org}/keys/{key}", tag = "keys", params(("org" = String, Path, description = "org id"), ("key" = String, Path)), request_body = PatchKey, security(("bearer" = ["operator", "admin"])), responses((status = 200, body = KeyJson), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody), (status = 409, description = "conflict", body = crate::error::ErrorBody), (status = 422, description = "a rule forbids it", body = crate::error::ErrorBody)))]
+#[utoipa::path(patch, path = "/v1/orgs/{org}/keys/{key}", operation_id = "keys_patch", tag = "keys", params(("org" = String, Path, description = "org id"), ("key" = String, Path)), request_body = PatchKey, security(("bearer" = ["operator", "admin"])), responses((status = 200, description = "ok", body = KeyJson), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody), (status = 409, description = "conflict", body = crate::error::ErrorBody), (status = 422, description = "a rule forbids it", body = crate::error::ErrorBody)))]
 pub(crate) async fn patch(
     State(state): State<AppState>,
     caller: Caller,
@@ -250,7 +250,7 @@ pub(crate) struct RotateKey {
 
 /// Gives the key a new secret (in this response only). The old one keeps
 /// working for the grace period, so gateways can switch without a gap.
-#[utoipa::path(post, path = "/v1/orgs/{org}/keys/{key}/rotate", tag = "keys", params(("org" = String, Path, description = "org id"), ("key" = String, Path)), request_body(content = Option<RotateKey>, description = "optional"), security(("bearer" = ["operator", "admin"])), responses((status = 200, body = KeyJson), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody), (status = 422, description = "the key is revoked", body = crate::error::ErrorBody)))]
+#[utoipa::path(post, path = "/v1/orgs/{org}/keys/{key}/rotate", operation_id = "keys_rotate", tag = "keys", params(("org" = String, Path, description = "org id"), ("key" = String, Path)), request_body(content = Option<RotateKey>, description = "optional"), security(("bearer" = ["operator", "admin"])), responses((status = 200, description = "ok", body = KeyJson), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody), (status = 422, description = "the key is revoked", body = crate::error::ErrorBody)))]
 pub(crate) async fn rotate(
     State(state): State<AppState>,
     caller: Caller,
@@ -283,7 +283,7 @@ pub(crate) async fn rotate(
     Ok(Json(key))
 }
 
-#[utoipa::path(delete, path = "/v1/orgs/{org}/keys/{key}", tag = "keys", params(("org" = String, Path, description = "org id"), ("key" = String, Path)), security(("bearer" = ["operator", "admin"])), responses((status = 200, body = KeyJson), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody), (status = 409, description = "conflict", body = crate::error::ErrorBody), (status = 422, description = "a rule forbids it", body = crate::error::ErrorBody)))]
+#[utoipa::path(delete, path = "/v1/orgs/{org}/keys/{key}", operation_id = "keys_revoke", tag = "keys", params(("org" = String, Path, description = "org id"), ("key" = String, Path)), security(("bearer" = ["operator", "admin"])), responses((status = 200, description = "ok", body = KeyJson), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody), (status = 409, description = "conflict", body = crate::error::ErrorBody), (status = 422, description = "a rule forbids it", body = crate::error::ErrorBody)))]
 pub(crate) async fn revoke(
     State(state): State<AppState>,
     caller: Caller,

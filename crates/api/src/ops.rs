@@ -13,7 +13,7 @@ pub(crate) struct StatusJson {
 }
 use crate::error::ApiError;
 
-#[utoipa::path(get, path = "/healthz", tag = "ops", security(), responses((status = 200, description = "alive", body = StatusJson)))]
+#[utoipa::path(get, path = "/healthz", operation_id = "ops_healthz", tag = "ops", security(), responses((status = 200, description = "alive", body = StatusJson)))]
 pub(crate) async fn healthz() -> Response {
     (
         StatusCode::OK,
@@ -23,7 +23,7 @@ pub(crate) async fn healthz() -> Response {
 }
 
 /// Ready once the checkpoint is loaded and the usage log replayed.
-#[utoipa::path(get, path = "/readyz", tag = "ops", security(), responses((status = 200, description = "ready", body = StatusJson), (status = 503, description = "recovering, stopped, or the store cannot write", body = crate::error::ErrorBody)))]
+#[utoipa::path(get, path = "/readyz", operation_id = "ops_readyz", tag = "ops", security(), responses((status = 200, description = "ready", body = StatusJson), (status = 503, description = "recovering, stopped, or the store cannot write", body = crate::error::ErrorBody)))]
 pub(crate) async fn readyz(State(state): State<AppState>) -> Response {
     if let Some(fault) = state.engine.meter.health().fault() {
         let since = tally_proto::format_rfc3339_ms(fault.since_ms);
@@ -46,7 +46,7 @@ pub(crate) async fn readyz(State(state): State<AppState>) -> Response {
     }
 }
 
-#[utoipa::path(get, path = "/metrics", tag = "ops", security(), responses((status = 200, description = "Prometheus text exposition", content_type = "text/plain")))]
+#[utoipa::path(get, path = "/metrics", operation_id = "ops_metrics", tag = "ops", security(), responses((status = 200, description = "Prometheus text exposition", content_type = "text/plain")))]
 pub(crate) async fn metrics(State(state): State<AppState>) -> Response {
     let Some(handle) = &state.metrics else {
         return ApiError::not_found("metrics are not enabled").into_response();

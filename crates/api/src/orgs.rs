@@ -63,7 +63,7 @@ async fn org_json(state: &AppState, org_id: &OrgId) -> ApiResult<Json<OrgJson>> 
     ))
 }
 
-#[utoipa::path(post, path = "/v1/orgs", tag = "orgs", request_body = CreateOrg, security(("bearer" = ["operator"])), responses((status = 201, body = OrgJson), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody), (status = 409, description = "conflict", body = crate::error::ErrorBody), (status = 422, description = "a rule forbids it", body = crate::error::ErrorBody)))]
+#[utoipa::path(post, path = "/v1/orgs", operation_id = "orgs_create", tag = "orgs", request_body = CreateOrg, security(("bearer" = ["operator"])), responses((status = 201, description = "created", body = OrgJson), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody), (status = 409, description = "conflict", body = crate::error::ErrorBody), (status = 422, description = "a rule forbids it", body = crate::error::ErrorBody)))]
 pub(crate) async fn create(
     State(state): State<AppState>,
     caller: Caller,
@@ -101,7 +101,7 @@ pub(crate) struct OrgDetail {
 }
 
 /// The org's settings, this month's spend, and its history.
-#[utoipa::path(get, path = "/v1/orgs/{org}", tag = "orgs", params(("org" = String, Path, description = "org id")), security(("bearer" = ["operator", "admin", "viewer"])), responses((status = 200, body = OrgDetail), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody)))]
+#[utoipa::path(get, path = "/v1/orgs/{org}", operation_id = "orgs_get", tag = "orgs", params(("org" = String, Path, description = "org id")), security(("bearer" = ["operator", "admin", "viewer"])), responses((status = 200, description = "ok", body = OrgDetail), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody)))]
 pub(crate) async fn get(
     State(state): State<AppState>,
     caller: Caller,
@@ -121,7 +121,7 @@ pub(crate) async fn get(
     }))
 }
 
-#[utoipa::path(patch, path = "/v1/orgs/{org}", tag = "orgs", params(("org" = String, Path, description = "org id")), request_body = PatchOrg, security(("bearer" = ["operator", "admin"])), responses((status = 200, body = OrgJson), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody), (status = 409, description = "conflict", body = crate::error::ErrorBody), (status = 422, description = "a rule forbids it", body = crate::error::ErrorBody)))]
+#[utoipa::path(patch, path = "/v1/orgs/{org}", operation_id = "orgs_patch", tag = "orgs", params(("org" = String, Path, description = "org id")), request_body = PatchOrg, security(("bearer" = ["operator", "admin"])), responses((status = 200, description = "ok", body = OrgJson), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody), (status = 409, description = "conflict", body = crate::error::ErrorBody), (status = 422, description = "a rule forbids it", body = crate::error::ErrorBody)))]
 pub(crate) async fn patch(
     State(state): State<AppState>,
     caller: Caller,
@@ -168,7 +168,7 @@ fn event_json(e: &EntityEvent) -> EventJson {
 }
 
 /// The audit trail: every change with its actor and time, oldest first.
-#[utoipa::path(get, path = "/v1/orgs/{org}/events", tag = "orgs", params(("org" = String, Path, description = "org id"), PageParams), security(("bearer" = ["operator", "admin", "viewer"])), responses((status = 200, body = ListJson<crate::dto::EventJson>), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody)))]
+#[utoipa::path(get, path = "/v1/orgs/{org}/events", operation_id = "orgs_events", tag = "orgs", params(("org" = String, Path, description = "org id"), PageParams), security(("bearer" = ["operator", "admin", "viewer"])), responses((status = 200, description = "ok", body = ListJson<crate::dto::EventJson>), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody)))]
 pub(crate) async fn events(
     State(state): State<AppState>,
     caller: Caller,
@@ -223,7 +223,7 @@ pub(crate) struct EnforcementJson {
 }
 
 /// Thresholds crossed, cutoffs and lifts, newest first.
-#[utoipa::path(get, path = "/v1/orgs/{org}/enforcement", tag = "orgs", params(("org" = String, Path, description = "org id"), LimitParams), security(("bearer" = ["operator", "admin", "viewer"])), responses((status = 200, body = ListJson<EnforcementJson>), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody)))]
+#[utoipa::path(get, path = "/v1/orgs/{org}/enforcement", operation_id = "orgs_enforcement", tag = "orgs", params(("org" = String, Path, description = "org id"), LimitParams), security(("bearer" = ["operator", "admin", "viewer"])), responses((status = 200, description = "ok", body = ListJson<EnforcementJson>), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody)))]
 pub(crate) async fn enforcement(
     State(state): State<AppState>,
     caller: Caller,
@@ -287,7 +287,7 @@ fn dead_letter_json(r: tally_store::query::DeadLetterRow) -> DeadLetterJson {
 }
 
 /// Usage of this org that could not be counted, newest first.
-#[utoipa::path(get, path = "/v1/orgs/{org}/dead-letters", tag = "usage", params(("org" = String, Path, description = "org id"), LimitParams), security(("bearer" = ["operator", "admin", "viewer"])), responses((status = 200, body = ListJson<DeadLetterJson>), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody)))]
+#[utoipa::path(get, path = "/v1/orgs/{org}/dead-letters", operation_id = "orgs_dead_letters", tag = "usage", params(("org" = String, Path, description = "org id"), LimitParams), security(("bearer" = ["operator", "admin", "viewer"])), responses((status = 200, description = "ok", body = ListJson<DeadLetterJson>), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody)))]
 pub(crate) async fn dead_letters(
     State(state): State<AppState>,
     caller: Caller,
@@ -308,7 +308,7 @@ pub(crate) async fn dead_letters(
 }
 
 /// Every dead letter, also those of no known org (operator token).
-#[utoipa::path(get, path = "/v1/dead-letters", tag = "usage", params(LimitParams), security(("bearer" = ["operator"])), responses((status = 200, body = ListJson<DeadLetterJson>), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody)))]
+#[utoipa::path(get, path = "/v1/dead-letters", operation_id = "orgs_all_dead_letters", tag = "usage", params(LimitParams), security(("bearer" = ["operator"])), responses((status = 200, description = "ok", body = ListJson<DeadLetterJson>), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody)))]
 pub(crate) async fn all_dead_letters(
     State(state): State<AppState>,
     caller: Caller,

@@ -56,7 +56,7 @@ fn prefix(role: Role) -> &'static str {
 
 /// Mints a token of the org. An org admin mints admin and viewer tokens;
 /// gateway tokens bound to the org are the operator's to create.
-#[utoipa::path(post, path = "/v1/orgs/{org}/tokens", tag = "tokens", params(("org" = String, Path, description = "org id")), request_body(content = Option<CreateToken>, description = "optional"), security(("bearer" = ["operator", "admin"])), responses((status = 201, body = TokenJson), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org, or of a role that may not", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody), (status = 409, description = "conflict", body = crate::error::ErrorBody), (status = 422, description = "a rule forbids it", body = crate::error::ErrorBody)))]
+#[utoipa::path(post, path = "/v1/orgs/{org}/tokens", operation_id = "tokens_create", tag = "tokens", params(("org" = String, Path, description = "org id")), request_body(content = Option<CreateToken>, description = "optional"), security(("bearer" = ["operator", "admin"])), responses((status = 201, description = "created", body = TokenJson), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org, or of a role that may not", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody), (status = 409, description = "conflict", body = crate::error::ErrorBody), (status = 422, description = "a rule forbids it", body = crate::error::ErrorBody)))]
 pub(crate) async fn create(
     State(state): State<AppState>,
     caller: Caller,
@@ -132,7 +132,7 @@ fn page<T>(mut rows: Vec<T>, limit: usize, list: &str, id: impl Fn(&T) -> &str) 
 }
 
 /// The org's tokens, revoked ones too, by id.
-#[utoipa::path(get, path = "/v1/orgs/{org}/tokens", tag = "tokens", params(("org" = String, Path, description = "org id"), PageParams), security(("bearer" = ["operator", "admin", "viewer"])), responses((status = 200, body = ListJson<TokenInfoJson>), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody)))]
+#[utoipa::path(get, path = "/v1/orgs/{org}/tokens", operation_id = "tokens_list", tag = "tokens", params(("org" = String, Path, description = "org id"), PageParams), security(("bearer" = ["operator", "admin", "viewer"])), responses((status = 200, description = "ok", body = ListJson<TokenInfoJson>), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody)))]
 pub(crate) async fn list(
     State(state): State<AppState>,
     caller: Caller,
@@ -178,7 +178,7 @@ pub(crate) async fn list(
 
 /// Revokes one of the org's tokens: it authenticates nothing from the next
 /// request on, on every process. Idempotent.
-#[utoipa::path(delete, path = "/v1/orgs/{org}/tokens/{token}", tag = "tokens", params(("org" = String, Path, description = "org id"), ("token" = String, Path, description = "token id")), security(("bearer" = ["operator", "admin"])), responses((status = 204, description = "revoked"), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody)))]
+#[utoipa::path(delete, path = "/v1/orgs/{org}/tokens/{token}", operation_id = "tokens_revoke", tag = "tokens", params(("org" = String, Path, description = "org id"), ("token" = String, Path, description = "token id")), security(("bearer" = ["operator", "admin"])), responses((status = 204, description = "revoked"), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody)))]
 pub(crate) async fn revoke(
     State(state): State<AppState>,
     caller: Caller,
@@ -208,7 +208,7 @@ pub(crate) struct CreateGatewayToken {
 /// Mints a gateway token of every org: authorize, usage and holds for any
 /// org, nothing else. (A gateway token bound to one org:
 /// `POST /v1/orgs/{org}/tokens` with role `gateway`.)
-#[utoipa::path(post, path = "/v1/gateway-tokens", tag = "tokens", request_body = CreateGatewayToken, security(("bearer" = ["operator"])), responses((status = 201, body = TokenJson), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "not the operator", body = crate::error::ErrorBody), (status = 409, description = "the id is taken", body = crate::error::ErrorBody), (status = 422, description = "as many live gateway tokens as allowed exist", body = crate::error::ErrorBody)))]
+#[utoipa::path(post, path = "/v1/gateway-tokens", operation_id = "tokens_create_gateway", tag = "tokens", request_body = CreateGatewayToken, security(("bearer" = ["operator"])), responses((status = 201, description = "created", body = TokenJson), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "not the operator", body = crate::error::ErrorBody), (status = 409, description = "the id is taken", body = crate::error::ErrorBody), (status = 422, description = "as many live gateway tokens as allowed exist", body = crate::error::ErrorBody)))]
 pub(crate) async fn create_gateway(
     State(state): State<AppState>,
     caller: Caller,
@@ -239,7 +239,7 @@ pub(crate) async fn create_gateway(
 }
 
 /// Gateway tokens of every org, revoked ones too, by id.
-#[utoipa::path(get, path = "/v1/gateway-tokens", tag = "tokens", params(PageParams), security(("bearer" = ["operator"])), responses((status = 200, body = ListJson<TokenInfoJson>), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "not the operator", body = crate::error::ErrorBody)))]
+#[utoipa::path(get, path = "/v1/gateway-tokens", operation_id = "tokens_list_gateway", tag = "tokens", params(PageParams), security(("bearer" = ["operator"])), responses((status = 200, description = "ok", body = ListJson<TokenInfoJson>), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "not the operator", body = crate::error::ErrorBody)))]
 pub(crate) async fn list_gateway(
     State(state): State<AppState>,
     caller: Caller,
@@ -272,7 +272,7 @@ pub(crate) async fn list_gateway(
 
 /// Revokes a gateway token of every org: it authenticates nothing from the
 /// next request on, on every process. Idempotent.
-#[utoipa::path(delete, path = "/v1/gateway-tokens/{token}", tag = "tokens", params(("token" = String, Path, description = "token id")), security(("bearer" = ["operator"])), responses((status = 204, description = "revoked"), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "not the operator", body = crate::error::ErrorBody), (status = 404, description = "no such gateway token", body = crate::error::ErrorBody)))]
+#[utoipa::path(delete, path = "/v1/gateway-tokens/{token}", operation_id = "tokens_revoke_gateway", tag = "tokens", params(("token" = String, Path, description = "token id")), security(("bearer" = ["operator"])), responses((status = 204, description = "revoked"), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "not the operator", body = crate::error::ErrorBody), (status = 404, description = "no such gateway token", body = crate::error::ErrorBody)))]
 pub(crate) async fn revoke_gateway(
     State(state): State<AppState>,
     caller: Caller,
@@ -298,7 +298,7 @@ pub(crate) struct OperatorAuditJson {
 /// The operator's audit log, oldest first: changes that belong to no org
 /// (gateway tokens of every org). Each org's changes are in its own
 /// (`GET /v1/orgs/{org}/events`).
-#[utoipa::path(get, path = "/v1/audit", tag = "tokens", params(PageParams), security(("bearer" = ["operator"])), responses((status = 200, body = ListJson<OperatorAuditJson>), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "not the operator", body = crate::error::ErrorBody)))]
+#[utoipa::path(get, path = "/v1/audit", operation_id = "tokens_audit", tag = "tokens", params(PageParams), security(("bearer" = ["operator"])), responses((status = 200, description = "ok", body = ListJson<OperatorAuditJson>), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "not the operator", body = crate::error::ErrorBody)))]
 pub(crate) async fn audit(
     State(state): State<AppState>,
     caller: Caller,

@@ -41,7 +41,7 @@ pub(crate) struct IngestResponse {
 /// rejected by index with a reason, the good ones are counted, duplicates
 /// (same org and request id within the window) are counted once. Answers
 /// after the counted events are durable.
-#[utoipa::path(post, path = "/v1/usage", tag = "usage", request_body = IngestRequest, security(("bearer" = ["operator", "admin", "gateway"])), responses((status = 200, body = IngestResponse), (status = 413, description = "too many events or too large", body = crate::error::ErrorBody), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody)))]
+#[utoipa::path(post, path = "/v1/usage", operation_id = "usage_ingest", tag = "usage", request_body = IngestRequest, security(("bearer" = ["operator", "admin", "gateway"])), responses((status = 200, description = "ok", body = IngestResponse), (status = 413, description = "too many events or too large", body = crate::error::ErrorBody), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody)))]
 pub(crate) async fn ingest(
     State(state): State<AppState>,
     caller: Caller,
@@ -144,7 +144,7 @@ pub(crate) struct AuthorizeResponse {
 /// or bound to the key's org; or the operator token). With
 /// `reserve_micros`, admits the call only if its estimated cost fits every
 /// limit it counts against, and holds that much until its usage arrives.
-#[utoipa::path(post, path = "/v1/authorize", tag = "usage", request_body = AuthorizeRequest, security(("bearer" = ["operator", "gateway"])), responses((status = 200, body = AuthorizeResponse), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 409, description = "request_id holds a different reserve, or its usage was counted already", body = crate::error::ErrorBody), (status = 503, description = "holds are unavailable (distributed mode) or the hold journal cannot be written", body = crate::error::ErrorBody)))]
+#[utoipa::path(post, path = "/v1/authorize", operation_id = "usage_authorize", tag = "usage", request_body = AuthorizeRequest, security(("bearer" = ["operator", "gateway"])), responses((status = 200, description = "ok", body = AuthorizeResponse), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 409, description = "request_id holds a different reserve, or its usage was counted already", body = crate::error::ErrorBody), (status = 503, description = "holds are unavailable (distributed mode) or the hold journal cannot be written", body = crate::error::ErrorBody)))]
 pub(crate) async fn authorize(
     State(state): State<AppState>,
     caller: Caller,

@@ -64,7 +64,7 @@ pub(crate) struct AddUser {
     status: Option<String>,
 }
 
-#[utoipa::path(post, path = "/v1/orgs/{org}/users", tag = "users", params(("org" = String, Path, description = "org id")), request_body = AddUser, security(("bearer" = ["operator", "admin"])), responses((status = 201, body = UserJson), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody), (status = 409, description = "conflict", body = crate::error::ErrorBody), (status = 422, description = "a rule forbids it", body = crate::error::ErrorBody)))]
+#[utoipa::path(post, path = "/v1/orgs/{org}/users", operation_id = "users_add", tag = "users", params(("org" = String, Path, description = "org id")), request_body = AddUser, security(("bearer" = ["operator", "admin"])), responses((status = 201, description = "created", body = UserJson), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody), (status = 409, description = "conflict", body = crate::error::ErrorBody), (status = 422, description = "a rule forbids it", body = crate::error::ErrorBody)))]
 pub(crate) async fn add(
     State(state): State<AppState>,
     caller: Caller,
@@ -127,7 +127,7 @@ pub(crate) struct ListParams {
     limit: Option<u32>,
 }
 
-#[utoipa::path(get, path = "/v1/orgs/{org}/users", tag = "users", params(("org" = String, Path, description = "org id"), ListParams), security(("bearer" = ["operator", "admin", "viewer"])), responses((status = 200, body = ListJson<UserJson>), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody)))]
+#[utoipa::path(get, path = "/v1/orgs/{org}/users", operation_id = "users_list", tag = "users", params(("org" = String, Path, description = "org id"), ListParams), security(("bearer" = ["operator", "admin", "viewer"])), responses((status = 200, description = "ok", body = ListJson<UserJson>), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody)))]
 pub(crate) async fn list(
     State(state): State<AppState>,
     caller: Caller,
@@ -284,7 +284,7 @@ pub(crate) struct UserDetail {
     history: History,
 }
 
-#[utoipa::path(get, path = "/v1/orgs/{org}/users/{user}", tag = "users", params(("org" = String, Path, description = "org id"), ("user" = String, Path)), security(("bearer" = ["operator", "admin", "viewer"])), responses((status = 200, body = UserDetail), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody)))]
+#[utoipa::path(get, path = "/v1/orgs/{org}/users/{user}", operation_id = "users_get", tag = "users", params(("org" = String, Path, description = "org id"), ("user" = String, Path)), security(("bearer" = ["operator", "admin", "viewer"])), responses((status = 200, description = "ok", body = UserDetail), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody)))]
 pub(crate) async fn get(
     State(state): State<AppState>,
     caller: Caller,
@@ -318,7 +318,7 @@ pub(crate) struct PatchUser {
     status: Option<String>,
 }
 
-#[utoipa::path(patch, path = "/v1/orgs/{org}/users/{user}", tag = "users", params(("org" = String, Path, description = "org id"), ("user" = String, Path)), request_body = PatchUser, security(("bearer" = ["operator", "admin"])), responses((status = 200, body = UserJson), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody), (status = 409, description = "conflict", body = crate::error::ErrorBody), (status = 422, description = "a rule forbids it", body = crate::error::ErrorBody)))]
+#[utoipa::path(patch, path = "/v1/orgs/{org}/users/{user}", operation_id = "users_patch", tag = "users", params(("org" = String, Path, description = "org id"), ("user" = String, Path)), request_body = PatchUser, security(("bearer" = ["operator", "admin"])), responses((status = 200, description = "ok", body = UserJson), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody), (status = 409, description = "conflict", body = crate::error::ErrorBody), (status = 422, description = "a rule forbids it", body = crate::error::ErrorBody)))]
 pub(crate) async fn patch(
     State(state): State<AppState>,
     caller: Caller,
@@ -345,7 +345,7 @@ pub(crate) async fn patch(
 
 /// Removes a member: the status becomes `removed`, memberships end, the
 /// history stays.
-#[utoipa::path(delete, path = "/v1/orgs/{org}/users/{user}", tag = "users", params(("org" = String, Path, description = "org id"), ("user" = String, Path)), security(("bearer" = ["operator", "admin"])), responses((status = 200, body = UserJson), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody), (status = 409, description = "conflict", body = crate::error::ErrorBody), (status = 422, description = "a rule forbids it", body = crate::error::ErrorBody)))]
+#[utoipa::path(delete, path = "/v1/orgs/{org}/users/{user}", operation_id = "users_remove", tag = "users", params(("org" = String, Path, description = "org id"), ("user" = String, Path)), security(("bearer" = ["operator", "admin"])), responses((status = 200, description = "ok", body = UserJson), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody), (status = 409, description = "conflict", body = crate::error::ErrorBody), (status = 422, description = "a rule forbids it", body = crate::error::ErrorBody)))]
 pub(crate) async fn remove(
     State(state): State<AppState>,
     caller: Caller,
@@ -393,7 +393,7 @@ pub(crate) struct BulkResult {
 }
 
 /// One change to many users, all or nothing.
-#[utoipa::path(post, path = "/v1/orgs/{org}/users/bulk", tag = "users", params(("org" = String, Path, description = "org id")), request_body = Bulk, security(("bearer" = ["operator", "admin"])), responses((status = 200, body = BulkResult), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody), (status = 409, description = "conflict", body = crate::error::ErrorBody), (status = 422, description = "a rule forbids it", body = crate::error::ErrorBody)))]
+#[utoipa::path(post, path = "/v1/orgs/{org}/users/bulk", operation_id = "users_bulk", tag = "users", params(("org" = String, Path, description = "org id")), request_body = Bulk, security(("bearer" = ["operator", "admin"])), responses((status = 200, description = "ok", body = BulkResult), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody), (status = 409, description = "conflict", body = crate::error::ErrorBody), (status = 422, description = "a rule forbids it", body = crate::error::ErrorBody)))]
 pub(crate) async fn bulk(
     State(state): State<AppState>,
     caller: Caller,

@@ -68,7 +68,7 @@ async fn webhook_json(
 }
 
 /// Sets the org's webhook (replacing any, with a new secret).
-#[utoipa::path(put, path = "/v1/orgs/{org}/webhook", tag = "webhooks", params(("org" = String, Path, description = "org id")), request_body = SetWebhook, security(("bearer" = ["operator", "admin"])), responses((status = 200, body = WebhookJson), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody)))]
+#[utoipa::path(put, path = "/v1/orgs/{org}/webhook", operation_id = "webhooks_set", tag = "webhooks", params(("org" = String, Path, description = "org id")), request_body = SetWebhook, security(("bearer" = ["operator", "admin"])), responses((status = 200, description = "ok", body = WebhookJson), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody)))]
 pub(crate) async fn set(
     State(state): State<AppState>,
     caller: Caller,
@@ -95,7 +95,7 @@ pub(crate) async fn set(
     webhook_json(&state, &org_id, Some(secret)).await
 }
 
-#[utoipa::path(get, path = "/v1/orgs/{org}/webhook", tag = "webhooks", params(("org" = String, Path, description = "org id")), security(("bearer" = ["operator", "admin", "viewer"])), responses((status = 200, body = WebhookJson), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody)))]
+#[utoipa::path(get, path = "/v1/orgs/{org}/webhook", operation_id = "webhooks_get", tag = "webhooks", params(("org" = String, Path, description = "org id")), security(("bearer" = ["operator", "admin", "viewer"])), responses((status = 200, description = "ok", body = WebhookJson), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody)))]
 pub(crate) async fn get(
     State(state): State<AppState>,
     caller: Caller,
@@ -106,7 +106,7 @@ pub(crate) async fn get(
 }
 
 /// Removes the webhook: pending deliveries are cancelled.
-#[utoipa::path(delete, path = "/v1/orgs/{org}/webhook", tag = "webhooks", params(("org" = String, Path, description = "org id")), security(("bearer" = ["operator", "admin"])), responses((status = 200, body = WebhookJson), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody)))]
+#[utoipa::path(delete, path = "/v1/orgs/{org}/webhook", operation_id = "webhooks_remove", tag = "webhooks", params(("org" = String, Path, description = "org id")), security(("bearer" = ["operator", "admin"])), responses((status = 200, description = "ok", body = WebhookJson), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody)))]
 pub(crate) async fn remove(
     State(state): State<AppState>,
     caller: Caller,
@@ -187,7 +187,7 @@ pub(crate) struct DeliveryParams {
 }
 
 /// The org's deliveries, newest first.
-#[utoipa::path(get, path = "/v1/orgs/{org}/webhook/deliveries", tag = "webhooks", params(("org" = String, Path, description = "org id"), DeliveryParams), security(("bearer" = ["operator", "admin", "viewer"])), responses((status = 200, body = ListJson<DeliveryJson>), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody)))]
+#[utoipa::path(get, path = "/v1/orgs/{org}/webhook/deliveries", operation_id = "webhooks_deliveries", tag = "webhooks", params(("org" = String, Path, description = "org id"), DeliveryParams), security(("bearer" = ["operator", "admin", "viewer"])), responses((status = 200, description = "ok", body = ListJson<DeliveryJson>), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody)))]
 pub(crate) async fn deliveries(
     State(state): State<AppState>,
     caller: Caller,
@@ -230,7 +230,7 @@ pub(crate) async fn deliveries(
 }
 
 /// Sends a failed or cancelled delivery again, from its first attempt.
-#[utoipa::path(post, path = "/v1/orgs/{org}/webhook/deliveries/{id}/redeliver", tag = "webhooks", params(("org" = String, Path, description = "org id"), ("id" = i64, Path, description = "delivery id")), security(("bearer" = ["operator", "admin"])), responses((status = 200, body = WebhookJson), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody), (status = 409, description = "the delivery is pending or delivered", body = crate::error::ErrorBody)))]
+#[utoipa::path(post, path = "/v1/orgs/{org}/webhook/deliveries/{id}/redeliver", operation_id = "webhooks_redeliver", tag = "webhooks", params(("org" = String, Path, description = "org id"), ("id" = i64, Path, description = "delivery id")), security(("bearer" = ["operator", "admin"])), responses((status = 200, description = "ok", body = WebhookJson), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody), (status = 409, description = "the delivery is pending or delivered", body = crate::error::ErrorBody)))]
 pub(crate) async fn redeliver(
     State(state): State<AppState>,
     caller: Caller,

@@ -10,6 +10,8 @@ fn tally(url: &str, args: &[&str]) -> (bool, String, String) {
         .env("TALLY_URL", url)
         .env("TALLY_TOKEN", OPERATOR_TOKEN)
         .env("TALLY_ORG", "acme")
+        // As in many developers' shells: errors must still read as words.
+        .env("RUST_BACKTRACE", "1")
         .output()
         .unwrap();
     (
@@ -235,5 +237,11 @@ async fn an_admin_manages_the_org_from_the_terminal() {
         !success && err.contains("404") && err.contains("ghost"),
         "{err}"
     );
+    // One line, no backtrace, whatever RUST_BACKTRACE says.
+    assert!(
+        err.starts_with("error: ") && err.lines().count() == 1,
+        "{err}"
+    );
+    assert!(!err.contains("backtrace"), "{err}");
     server.stop().unwrap();
 }

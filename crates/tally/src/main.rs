@@ -35,7 +35,20 @@ static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// Where the hash of a generated operator token is kept.
 const OPERATOR_TOKEN_META: &str = "operator_token_sha256";
 
-fn main() -> anyhow::Result<()> {
+/// Errors end the process with their causes on one line and status 1;
+/// never a backtrace (`RUST_BACKTRACE` is for developers' panics, and many
+/// shells set it).
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
     // For every HTTP client of the process: the CLI's and the webhooks'.
     tally_webhooks::install_tls_crypto();

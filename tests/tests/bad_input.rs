@@ -325,3 +325,31 @@ async fn bad_input_is_refused_clearly_and_changes_nothing() {
     assert_eq!(r["rejected"][0]["code"], "forbidden_org");
     tally.stop().unwrap();
 }
+
+/// A read that takes no query parameters refuses them, as the lists refuse
+/// the ones they do not know (issue 15 saw `?month=2026-11` on a user
+/// silently ignored): the caller learns the parameter is not read.
+#[tokio::test]
+async fn a_detail_read_refuses_query_parameters_it_does_not_take() {
+    let tally = Tally::start(&Backend::sqlite("detail-params")).unwrap();
+    let op = tally.operator();
+    let _ = op.acme_with_alice(None).await;
+    let _ = op
+        .post("/v1/orgs/acme/groups", json!({"id": "eng", "name": "Eng"}))
+        .await
+        .expect(201);
+    for path in [
+        "/v1/orgs/acme",
+        "/v1/orgs/acme/users/alice",
+        "/v1/orgs/acme/groups/eng",
+        "/v1/orgs/acme/keys/alice-key",
+        "/v1/orgs/acme/webhook",
+    ] {
+        let r = op.get(&format!("{path}?month=2026-11")).await;
+        assert_eq!(r.status, 400, "{path}: {}", r.body);
+        assert!(r.body.to_string().contains("month"), "{path}: {}", r.body);
+        // Without: as before.
+        assert!(matches!(op.get(path).await.status, 200 | 404), "{path}");
+    }
+    tally.stop().unwrap();
+}

@@ -57,6 +57,12 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for OptionalJson<T> {
     }
 }
 
+/// No query parameters: any is refused (400), as unknown ones are on
+/// every endpoint that takes some.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct NoParams {}
+
 /// Query parameters; unknown or malformed ones are a 400.
 #[derive(Debug)]
 pub(crate) struct Params<T>(pub T);

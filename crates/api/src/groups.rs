@@ -14,7 +14,7 @@ use tally_engine::random_id;
 use crate::cursor::{self, PageParams};
 use crate::dto::{GroupJson, History, ListJson, UserJson, one_with_held, present, with_held};
 use crate::error::{ApiError, ApiResult};
-use crate::extract::{Caller, JsonBody, Params};
+use crate::extract::{Caller, JsonBody, NoParams, Params};
 use crate::{AppState, org_access, page_len};
 use tally_store::query::{UserFilter, UserListQuery, UserSort};
 
@@ -125,6 +125,7 @@ pub(crate) async fn get(
     State(state): State<AppState>,
     caller: Caller,
     Path((org, group)): Path<(String, String)>,
+    Params(_): Params<NoParams>,
 ) -> ApiResult<Json<GroupDetail>> {
     let org_id = org_access(&state, &caller, &org)?;
     let group_id = group_id(&group)?;

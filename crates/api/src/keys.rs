@@ -15,7 +15,7 @@ use tally_engine::{random_id, random_secret};
 use crate::cursor::{self, PageParams};
 use crate::dto::{History, KeyJson, ListJson, one_with_held, present, with_held};
 use crate::error::{ApiError, ApiResult};
-use crate::extract::{Caller, JsonBody, OptionalJson, Params};
+use crate::extract::{Caller, JsonBody, NoParams, OptionalJson, Params};
 use crate::{AppState, org_access, page_len};
 
 fn key_id(s: &str) -> ApiResult<KeyId> {
@@ -155,6 +155,7 @@ pub(crate) async fn get(
     State(state): State<AppState>,
     caller: Caller,
     Path((org, key)): Path<(String, String)>,
+    Params(_): Params<NoParams>,
 ) -> ApiResult<Json<KeyDetail>> {
     let org_id = org_access(&state, &caller, &org)?;
     let key_id = key_id(&key)?;

@@ -16,7 +16,7 @@ use crate::dto::{
     EventJson, Fraction, History, ListJson, OrgJson, fractions_to_bps, one_with_held, present,
 };
 use crate::error::{ApiError, ApiResult};
-use crate::extract::{Caller, JsonBody, Params};
+use crate::extract::{Caller, JsonBody, NoParams, Params};
 use crate::{AppState, org_access, page_len};
 
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
@@ -106,6 +106,7 @@ pub(crate) async fn get(
     State(state): State<AppState>,
     caller: Caller,
     Path(org): Path<String>,
+    Params(_): Params<NoParams>,
 ) -> ApiResult<Json<OrgDetail>> {
     let org_id = org_access(&state, &caller, &org)?;
     let Json(org) = org_json(&state, &org_id).await?;

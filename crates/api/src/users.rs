@@ -17,7 +17,7 @@ use tally_store::query::{UserFilter, UserListQuery, UserRow, UserSort};
 use crate::cursor::{self, UserCursor};
 use crate::dto::{History, ListJson, UserJson, one_with_held, present, with_held};
 use crate::error::{ApiError, ApiResult};
-use crate::extract::{Caller, JsonBody, Params};
+use crate::extract::{Caller, JsonBody, NoParams, Params};
 use crate::snapshot::{Next, SNAPSHOT_LEN_MAX, SNAPSHOT_PAGES};
 use crate::{AppState, org_access, page_len};
 
@@ -289,6 +289,7 @@ pub(crate) async fn get(
     State(state): State<AppState>,
     caller: Caller,
     Path((org, user)): Path<(String, String)>,
+    Params(_): Params<NoParams>,
 ) -> ApiResult<Json<UserDetail>> {
     let org_id = org_access(&state, &caller, &org)?;
     let user_id = user_id(&user)?;

@@ -16,7 +16,7 @@ use tally_store::webhook::DeliveryRow;
 use crate::cursor;
 use crate::dto::{Fraction, ListJson, time};
 use crate::error::{ApiError, ApiResult};
-use crate::extract::{Caller, JsonBody, Params};
+use crate::extract::{Caller, JsonBody, NoParams, Params};
 use crate::{AppState, org_access, page_len};
 
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
@@ -100,6 +100,7 @@ pub(crate) async fn get(
     State(state): State<AppState>,
     caller: Caller,
     Path(org): Path<String>,
+    Params(_): Params<NoParams>,
 ) -> ApiResult<Json<WebhookJson>> {
     let org_id = org_access(&state, &caller, &org)?;
     webhook_json(&state, &org_id, None).await

@@ -111,6 +111,25 @@ pub(crate) fn decode_after(list: &str, s: &str) -> Result<Value, ApiError> {
     }
 }
 
+/// A page of a listing read with one row more than `limit`: the first
+/// `limit` rows, and a cursor after the last of them when there was more.
+pub(crate) fn page<T>(
+    mut rows: Vec<T>,
+    limit: usize,
+    list: &str,
+    after: impl Fn(&T) -> Value,
+) -> crate::dto::ListJson<T> {
+    let more = rows.len() > limit;
+    rows.truncate(limit);
+    let next_cursor = more
+        .then(|| rows.last().map(|r| encode_after(list, &after(r))))
+        .flatten();
+    crate::dto::ListJson {
+        items: rows,
+        next_cursor,
+    }
+}
+
 /// Where the next page of a listing by id starts: after the id in
 /// `cursor` (none: the first page).
 pub(crate) fn after_id(list: &str, cursor: Option<&str>) -> Result<Option<String>, ApiError> {

@@ -40,7 +40,7 @@ pub(crate) async fn list(
     let org_id = org_access(&state, &caller, &org)?;
     let limit = page_len(p.limit)? as usize;
     let after = cursor::after_id("holds", p.cursor.as_deref())?;
-    let mut rows = match state
+    let rows = match state
         .engine
         .live_holds(&org_id, after.as_deref(), limit + 1)
     {
@@ -51,14 +51,6 @@ pub(crate) async fn list(
         }
         r => r?,
     };
-    let more = rows.len() > limit;
-    rows.truncate(limit);
-    let next_cursor = more
-        .then(|| {
-            rows.last()
-                .map(|h| cursor::encode_after("holds", &json!(h.request_id)))
-        })
-        .flatten();
     let items = rows
         .into_iter()
         .map(|h| HoldRowJson {
@@ -71,7 +63,10 @@ pub(crate) async fn list(
             expires_at: time(h.expires_at_ms),
         })
         .collect();
-    Ok(Json(ListJson { items, next_cursor }).into_response())
+    Ok(Json(cursor::page(items, limit, "holds", |h: &HoldRowJson| {
+        json!(h.request_id)
+    }))
+    .into_response())
 }
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]

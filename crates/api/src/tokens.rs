@@ -115,22 +115,6 @@ pub(crate) struct TokenInfoJson {
     revoked_at: Option<String>,
 }
 
-/// A page of a listing by id, and its next cursor.
-fn page<T>(mut rows: Vec<T>, limit: usize, list: &str, id: impl Fn(&T) -> &str) -> ListJson<T> {
-    let more = rows.len() > limit;
-    rows.truncate(limit);
-    let next_cursor = more
-        .then(|| {
-            rows.last()
-                .map(|t| cursor::encode_after(list, &json!(id(t))))
-        })
-        .flatten();
-    ListJson {
-        items: rows,
-        next_cursor,
-    }
-}
-
 /// The org's tokens, revoked ones too, by id.
 #[utoipa::path(get, path = "/v1/orgs/{org}/tokens", operation_id = "tokens_list", tag = "tokens", params(("org" = String, Path, description = "org id"), PageParams), security(("bearer" = ["operator", "admin", "viewer"])), responses((status = 200, description = "ok", body = ListJson<TokenInfoJson>), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody)))]
 pub(crate) async fn list(
@@ -173,7 +157,7 @@ pub(crate) async fn list(
             })
             .collect()
     };
-    Ok(Json(page(rows, limit, "tokens", |t| &t.id)))
+    Ok(Json(cursor::page(rows, limit, "tokens", |t| json!(t.id))))
 }
 
 /// Revokes one of the org's tokens: it authenticates nothing from the next
@@ -265,9 +249,12 @@ pub(crate) async fn list_gateway(
             revoked_at: t.revoked_at_ms.map(format_rfc3339_ms),
         })
         .collect();
-    Ok(Json(page(rows, limit as usize, "gateway-tokens", |t| {
-        &t.id
-    })))
+    Ok(Json(cursor::page(
+        rows,
+        limit as usize,
+        "gateway-tokens",
+        |t| json!(t.id),
+    )))
 }
 
 /// Revokes a gateway token of every org: it authenticates nothing from the
@@ -313,14 +300,8 @@ pub(crate) async fn audit(
         None => 0,
     };
     let rows = state.engine.db.operator_audit(after, limit + 1).await?;
-    let more = rows.len() > limit as usize;
-    let next_cursor = more
-        .then(|| rows.get(limit as usize - 1))
-        .flatten()
-        .map(|r| cursor::encode_after("audit", &json!(r.pos)));
     let items = rows
         .into_iter()
-        .take(limit as usize)
         .map(|r| OperatorAuditJson {
             seq: r.pos,
             at: format_rfc3339_ms(r.at_ms),
@@ -329,5 +310,7 @@ pub(crate) async fn audit(
             detail: serde_json::from_str(&r.detail).unwrap_or(serde_json::Value::Null),
         })
         .collect();
-    Ok(Json(ListJson { items, next_cursor }))
+    Ok(Json(cursor::page(items, limit as usize, "audit", |e| {
+        json!(e.seq)
+    })))
 }

@@ -14,6 +14,7 @@ mod keys;
 mod openapi;
 mod ops;
 mod orgs;
+pub mod server;
 mod snapshot;
 mod tokens;
 mod usage;
@@ -154,6 +155,7 @@ pub fn router(state: AppState) -> Router {
 pub const HTTP_SECONDS: &str = "tally_http_request_duration_seconds";
 
 pub fn describe_metrics() {
+    server::describe_metrics();
     metrics::describe_histogram!(
         HTTP_SECONDS,
         metrics::Unit::Seconds,

@@ -147,9 +147,36 @@ pub(crate) struct ServeArgs {
     #[arg(long, env = "TALLY_HOLDS_DIR")]
     pub(crate) holds_dir: Option<PathBuf>,
     #[command(flatten)]
+    pub(crate) http: HttpArgs,
+    #[command(flatten)]
     pub(crate) webhooks: WebhookArgs,
     #[command(flatten)]
     pub(crate) kafka: KafkaArgs,
+}
+
+/// What one HTTP client may take of the server (docs/operations.md#http-limits).
+#[derive(Debug, Clone, Args, Default)]
+pub(crate) struct HttpArgs {
+    /// Time from a request head's first byte to its last before the
+    /// connection is closed [default: 10000].
+    #[arg(long, env = "TALLY_HTTP_HEADER_READ_TIMEOUT_MS")]
+    pub(crate) http_header_read_timeout_ms: Option<u64>,
+    /// Time a connection may wait with no request in progress before it is
+    /// closed [default: 60000].
+    #[arg(long, env = "TALLY_HTTP_IDLE_TIMEOUT_MS")]
+    pub(crate) http_idle_timeout_ms: Option<u64>,
+    /// Time from a request's head to its answer (body read, handler run);
+    /// past it the answer is 408 and the connection closed [default: 60000].
+    #[arg(long, env = "TALLY_HTTP_REQUEST_TIMEOUT_MS")]
+    pub(crate) http_request_timeout_ms: Option<u64>,
+    /// Connections open at once; past it new ones are closed at once,
+    /// counted in tally_http_connections_refused_total [default: 4096].
+    #[arg(long, env = "TALLY_HTTP_CONNECTIONS_MAX")]
+    pub(crate) http_connections_max: Option<usize>,
+    /// Requests one connection may carry; the last answer says
+    /// `Connection: close` [default: 10000].
+    #[arg(long, env = "TALLY_HTTP_REQUESTS_PER_CONNECTION_MAX")]
+    pub(crate) http_requests_per_connection_max: Option<u64>,
 }
 
 /// Webhook deliveries (threshold and cutoff notifications).
@@ -212,6 +239,7 @@ pub(crate) struct ServeConfig {
     pub(crate) json_logs: bool,
     pub(crate) metrics_top_users: usize,
     pub(crate) metrics_groups_max: usize,
+    pub(crate) http: tally_api::server::ServerLimits,
     pub(crate) webhooks: tally_webhooks::SenderOptions,
     pub(crate) kafka: Option<tally_kafka::KafkaOptions>,
     pub(crate) holds: tally_engine::holds::HoldOptions,
@@ -242,6 +270,11 @@ struct FileConfig {
     hold_ttl_max_ms: Option<i64>,
     holds_dir: Option<PathBuf>,
     advertise_url: Option<String>,
+    http_header_read_timeout_ms: Option<u64>,
+    http_idle_timeout_ms: Option<u64>,
+    http_request_timeout_ms: Option<u64>,
+    http_connections_max: Option<usize>,
+    http_requests_per_connection_max: Option<u64>,
     webhook_timeout_ms: Option<u64>,
     webhook_retry_base_ms: Option<u64>,
     webhook_retry_max_ms: Option<u64>,
@@ -415,6 +448,41 @@ impl ServeConfig {
             }
             Ok(Duration::from_millis(v))
         };
+        let h = args.http;
+        let http = tally_api::server::ServerLimits {
+            header_read_timeout: ms(
+                "http header read timeout",
+                h.http_header_read_timeout_ms
+                    .or(file.http_header_read_timeout_ms),
+                10_000,
+                600_000,
+            )?,
+            idle_timeout: ms(
+                "http idle timeout",
+                h.http_idle_timeout_ms.or(file.http_idle_timeout_ms),
+                60_000,
+                3_600_000,
+            )?,
+            request_timeout: ms(
+                "http request timeout",
+                h.http_request_timeout_ms.or(file.http_request_timeout_ms),
+                60_000,
+                3_600_000,
+            )?,
+            connections_max: match h.http_connections_max.or(file.http_connections_max) {
+                None => 4096,
+                Some(n @ 1..=1_000_000) => n,
+                Some(n) => bail!("http connections max must be 1 to 1000000, got {n}"),
+            },
+            requests_per_connection_max: match h
+                .http_requests_per_connection_max
+                .or(file.http_requests_per_connection_max)
+            {
+                None => 10_000,
+                Some(n) if n >= 1 => n,
+                Some(n) => bail!("http requests per connection max must be at least 1, got {n}"),
+            },
+        };
         let webhooks = tally_webhooks::SenderOptions {
             timeout: ms(
                 "webhook timeout",
@@ -484,6 +552,7 @@ impl ServeConfig {
             json_logs,
             metrics_top_users,
             metrics_groups_max,
+            http,
             webhooks,
             kafka,
             holds: tally_engine::holds::HoldOptions {

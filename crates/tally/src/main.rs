@@ -147,6 +147,30 @@ async fn operator_token_hash(db: &Db, configured: Option<&str>) -> anyhow::Resul
     unhex32(&stored)
 }
 
+/// Warns when the process may open fewer files than the connection cap
+/// needs (each connection is one; the store, Kafka and logs take some
+/// more): past the limit accepts fail instead of being refused cleanly.
+fn warn_if_few_descriptors(connections_max: usize) {
+    const OTHERS: u64 = 256;
+    let Ok(limits) = std::fs::read_to_string("/proc/self/limits") else {
+        return;
+    };
+    let soft = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(3))
+        .and_then(|n| n.parse::<u64>().ok());
+    if let Some(soft) = soft
+        && soft < connections_max as u64 + OTHERS
+    {
+        tracing::warn!(
+            open_files_max = soft,
+            connections_max,
+            "the open-file limit is below the connection cap plus {OTHERS}: raise it (ulimit -n) or lower --http-connections-max"
+        );
+    }
+}
+
 /// Bucket bounds of every latency histogram: 50 µs to a minute, finest
 /// below 250 µs (where authorize answers).
 const LATENCY_BUCKETS_SECONDS: [f64; 21] = [
@@ -404,10 +428,14 @@ async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
         };
         let _ = why_tx.send(why);
     };
-    axum::serve(listener, tally_api::router(state))
-        .with_graceful_shutdown(shutdown)
-        .await
-        .context("serving http")?;
+    warn_if_few_descriptors(cfg.http.connections_max);
+    tally_api::server::serve(
+        listener,
+        tally_api::router(state),
+        cfg.http.clone(),
+        shutdown,
+    )
+    .await;
     let why = *why_rx.borrow_and_update();
     let _ = stop_tx.send(true);
     let _ = meter_loop.await;

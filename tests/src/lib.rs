@@ -331,9 +331,17 @@ impl Client {
             .get(reqwest::header::RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
+        let text = resp
+            .headers()
+            .get(reqwest::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("text/plain"));
         let bytes = resp.bytes().await?;
         let body = if bytes.is_empty() {
             Value::Null
+        } else if text {
+            // The metrics exposition: a string, as served.
+            Value::String(String::from_utf8_lossy(&bytes).into_owned())
         } else {
             serde_json::from_slice(&bytes).with_context(|| {
                 format!(
@@ -373,7 +381,7 @@ impl Client {
         self.send("DELETE", path, None).await.expect("DELETE")
     }
 
-    /// The `/metrics` exposition (no token needed).
+    /// The `/metrics` exposition (read with the operator token).
     pub async fn metrics(&self) -> String {
         metrics_text(&self.url).await
     }
@@ -462,10 +470,12 @@ pub fn succeeded(out: &std::process::Output) -> String {
     stdout
 }
 
-/// The `/metrics` exposition of the server at `url`.
+/// The `/metrics` exposition of the server at `url` (read with the
+/// operator token).
 pub async fn metrics_text(url: &str) -> String {
     http_client()
         .get(format!("{url}/metrics"))
+        .bearer_auth(OPERATOR_TOKEN)
         .send()
         .await
         .expect("scrape")

@@ -114,10 +114,13 @@ fn the_compose_file_is_consistent() {
         .map(|t| t.as_str().unwrap())
         .collect();
     for t in targets {
-        assert!(
-            names.contains(t.split(':').next().unwrap()),
-            "scrape target {t}"
-        );
+        let (host, port) = t.split_once(':').unwrap();
+        assert!(names.contains(host), "scrape target {t}");
+        // On the port the process serves metrics on without a token.
+        let listen = services[host]["environment"]["TALLY_METRICS_LISTEN"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{host} has no TALLY_METRICS_LISTEN"));
+        assert!(listen.ends_with(&format!(":{port}")), "{t}: {listen}");
     }
 }
 
@@ -260,6 +263,34 @@ fn the_kubernetes_manifests_are_consistent() {
             "tally serve has no option for {key}"
         );
     }
+    // Prometheus scrapes the port the processes serve metrics on without a
+    // token, through the headless service.
+    let listen = cm["data"]["TALLY_METRICS_LISTEN"].as_str().unwrap();
+    let port = listen.rsplit(':').next().unwrap().parse::<i64>().unwrap();
+    let metrics_service = docs
+        .iter()
+        .find(|d| d["metadata"]["name"].as_str() == Some("tally-metrics"))
+        .unwrap();
+    assert_eq!(
+        metrics_service["spec"]["ports"][0]["port"].as_i64(),
+        Some(port)
+    );
+    let prometheus = load(&deploy().join("kubernetes/prometheus.yaml"));
+    let config = prometheus
+        .iter()
+        .find(|d| d["kind"].as_str() == Some("ConfigMap"))
+        .unwrap();
+    let config =
+        &YamlLoader::load_from_str(config["data"]["prometheus.yml"].as_str().unwrap()).unwrap()[0];
+    let sd = &config["scrape_configs"][0]["dns_sd_configs"][0];
+    assert_eq!(sd["port"].as_i64(), Some(port));
+    assert!(
+        sd["names"][0]
+            .as_str()
+            .unwrap()
+            .starts_with("tally-metrics."),
+        "{sd:?}"
+    );
 }
 
 #[test]

@@ -754,6 +754,7 @@ fn tally_ok(args: &[&str]) -> String {
 async fn gauge(t: &Tally, name: &str) -> f64 {
     let scraped = tally_tests::http_client()
         .get(format!("{}/metrics", t.url))
+        .bearer_auth(tally_tests::OPERATOR_TOKEN)
         .send()
         .await;
     let text = match scraped {

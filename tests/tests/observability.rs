@@ -136,7 +136,18 @@ fn hmac_hex(key: &[u8], msg: &[u8]) -> String {
 async fn every_crossing_is_delivered_once_through_failures() {
     let (hook, hits) = receiver().await;
     let backend = Backend::sqlite("webhooks");
-    let tally = Tally::start_with(&backend, &["--webhook-retry-base-ms", "100"]).unwrap();
+    // The receiver is on loopback, which webhooks may reach only when the
+    // operator allows it.
+    let tally = Tally::start_with(
+        &backend,
+        &[
+            "--webhook-retry-base-ms",
+            "100",
+            "--webhook-allow",
+            "127.0.0.1",
+        ],
+    )
+    .unwrap();
     let op = tally.operator();
     let secret = seed(&op, &hook).await;
     // alice crosses 50 %, 80 % and 100 % of $10 (cut off); eng reaches its
@@ -293,7 +304,11 @@ fn samples(text: &str) -> HashMap<String, String> {
 async fn metrics_scraped_under_load_pass_promtool_and_match_the_api() {
     let (hook, _hits) = receiver().await;
     let backend = Backend::sqlite("metrics");
-    let tally = Tally::start_with(&backend, &["--metrics-top-users", "2"]).unwrap();
+    let tally = Tally::start_with(
+        &backend,
+        &["--metrics-top-users", "2", "--webhook-allow", "127.0.0.1"],
+    )
+    .unwrap();
     let op = tally.operator();
     let _ = seed(&op, &hook).await;
     let scrape = || op.metrics();
@@ -409,7 +424,11 @@ async fn metrics_scraped_under_load_pass_promtool_and_match_the_api() {
     tally.stop().unwrap();
 
     // Per-user series are opt-in.
-    let plain = Tally::start(&Backend::sqlite("metrics-default")).unwrap();
+    let plain = Tally::start_with(
+        &Backend::sqlite("metrics-default"),
+        &["--webhook-allow", "127.0.0.1"],
+    )
+    .unwrap();
     let op = plain.operator();
     let _ = seed(&op, &hook).await;
     spend(&op, "x", "alice", USD).await;
@@ -455,4 +474,105 @@ async fn json_logs_carry_request_spans() {
     assert_eq!(request["span"]["method"], "GET");
     assert_eq!(request["fields"]["status"], 200);
     assert!(lines.iter().any(|l| l["fields"]["message"] == "serving"));
+}
+
+/// GET /metrics on `url` with `token`: status and body.
+async fn scrape(url: &str, token: Option<&str>) -> (u16, String) {
+    let mut req = tally_tests::http_client().get(format!("{url}/metrics"));
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    let resp = req.send().await.unwrap();
+    (resp.status().as_u16(), resp.text().await.unwrap())
+}
+
+#[tokio::test]
+async fn metrics_need_a_token_or_a_listener_of_their_own() {
+    // By default, on the API port: the operator token only.
+    let backend = Backend::sqlite("metrics-access");
+    let tally = Tally::start(&backend).unwrap();
+    let op = tally.operator();
+    let _ = op
+        .post("/v1/orgs", json!({"id": "acme", "name": "Acme"}))
+        .await
+        .expect(201);
+    let admin = op.post("/v1/orgs/acme/tokens", json!({})).await.expect(201);
+    let admin = admin["token"].as_str().unwrap().to_owned();
+    let (status, body) = scrape(&tally.url, None).await;
+    assert_eq!(status, 401, "{body}");
+    assert!(!body.contains("tally_"), "{body}");
+    let (status, body) = scrape(&tally.url, Some(&admin)).await;
+    assert_eq!(status, 403, "an org's admin may not see every org: {body}");
+    assert_eq!(scrape(&tally.url, Some("not-a-token")).await.0, 401);
+    let (status, body) = scrape(&tally.url, Some(tally_tests::OPERATOR_TOKEN)).await;
+    assert_eq!(status, 200);
+    assert!(
+        body.contains("tally_http_request_duration_seconds"),
+        "{body}"
+    );
+    tally.stop().unwrap();
+
+    // A scrape token: reads /metrics, and nothing else.
+    let scrape_token = "scrape-token-0123456789";
+    let tally = Tally::start_with(&backend, &["--metrics-token", scrape_token]).unwrap();
+    assert_eq!(scrape(&tally.url, Some(scrape_token)).await.0, 200);
+    assert_eq!(
+        scrape(&tally.url, Some(tally_tests::OPERATOR_TOKEN))
+            .await
+            .0,
+        200
+    );
+    assert_eq!(scrape(&tally.url, None).await.0, 401);
+    let _ = tally
+        .client(scrape_token)
+        .get("/v1/orgs/acme")
+        .await
+        .error(401);
+    tally.stop().unwrap();
+
+    // A listener of its own: no token there, none of it on the API port.
+    let port = tally_tests::free_port();
+    let at = format!("127.0.0.1:{port}");
+    let tally = Tally::start_with(&backend, &["--metrics-listen", &at]).unwrap();
+    let (status, body) = scrape(&format!("http://{at}"), None).await;
+    assert_eq!(status, 200);
+    check_metrics(&body);
+    assert!(body.contains("tally_http_connections_open"), "{body}");
+    let (status, body) = scrape(&tally.url, Some(tally_tests::OPERATOR_TOKEN)).await;
+    assert_eq!(status, 404, "{body}");
+    assert!(body.contains("--metrics-listen"), "{body}");
+    // Nothing else is served there.
+    let other = tally_tests::http_client()
+        .get(format!("http://{at}/v1/orgs/acme"))
+        .bearer_auth(tally_tests::OPERATOR_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(other.status().as_u16(), 404);
+    tally.stop().unwrap();
+
+    // Not both, and no short scrape token.
+    for args in [
+        &[
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--metrics-token",
+            scrape_token,
+        ][..],
+        &["--metrics-token", "short"][..],
+    ] {
+        let out = std::process::Command::new(tally_tests::tally_bin())
+            .arg("serve")
+            .arg("--data-dir")
+            .arg(tally_tests::temp_dir("metrics-refused"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.starts_with("error: ") && err.contains("metrics"),
+            "{err}"
+        );
+    }
 }

@@ -65,6 +65,33 @@ pub struct AppState {
     pub webhook_keys: Arc<tally_webhooks::Keyring>,
     /// What `/metrics` computes at each scrape.
     pub metrics_options: tally_engine::gauges::GaugeOptions,
+    /// Who may read `/metrics` here.
+    pub metrics_access: MetricsAccess,
+    /// Where webhooks may be sent (checked when one is set).
+    pub webhook_targets: Arc<tally_webhooks::TargetPolicy>,
+}
+
+/// Who may read `/metrics` on a listener.
+#[derive(Debug, Clone)]
+pub enum MetricsAccess {
+    /// The operator token, or the scrape token whose hash this is.
+    Token {
+        scrape_token_hash: Option<tally_core::secret::SecretHash>,
+    },
+    /// Anyone: the metrics listener of its own (`--metrics-listen`).
+    Open,
+    /// Nobody: served on the metrics listener instead.
+    Elsewhere,
+}
+
+/// The metrics listener's routes: `/metrics` (no token) and `/healthz`.
+pub fn metrics_router(mut state: AppState) -> Router {
+    state.metrics_access = MetricsAccess::Open;
+    Router::new()
+        .route("/metrics", get(ops::metrics))
+        .route("/healthz", get(ops::healthz))
+        .fallback(ops::not_found)
+        .with_state(state)
 }
 
 /// Every route of the API.

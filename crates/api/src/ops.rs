@@ -1,17 +1,19 @@
 //! Health, readiness, metrics, and JSON answers for unknown routes.
 
 use axum::extract::State;
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use tally_core::secret::{ct_eq, hash_secret};
+use tally_engine::tokens::Principal;
 
-use crate::AppState;
+use crate::error::ApiError;
+use crate::{AppState, MetricsAccess};
 
 /// `ok` (alive) or `ready`.
 #[derive(Debug, serde::Serialize, utoipa::ToSchema)]
 pub(crate) struct StatusJson {
     status: &'static str,
 }
-use crate::error::ApiError;
 
 #[utoipa::path(get, path = "/healthz", operation_id = "ops_healthz", tag = "ops", security(), responses((status = 200, description = "alive", body = StatusJson)))]
 pub(crate) async fn healthz() -> Response {
@@ -46,8 +48,14 @@ pub(crate) async fn readyz(State(state): State<AppState>) -> Response {
     }
 }
 
-#[utoipa::path(get, path = "/metrics", operation_id = "ops_metrics", tag = "ops", security(), responses((status = 200, description = "Prometheus text exposition", content_type = "text/plain")))]
-pub(crate) async fn metrics(State(state): State<AppState>) -> Response {
+/// The Prometheus exposition: with the operator token or the scrape token
+/// (`--metrics-token`), or on a listener of its own (`--metrics-listen`)
+/// without a token (docs/operations.md#scraping).
+#[utoipa::path(get, path = "/metrics", operation_id = "ops_metrics", tag = "ops", security(("bearer" = ["operator"])), responses((status = 200, description = "Prometheus text exposition", content_type = "text/plain"), (status = 401, description = "no, or an unknown, token", body = crate::error::ErrorBody), (status = 403, description = "a token that is neither the operator's nor the scrape token", body = crate::error::ErrorBody), (status = 404, description = "metrics are served on the metrics listener", body = crate::error::ErrorBody)))]
+pub(crate) async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    if let Err(e) = may_scrape(&state, &headers).await {
+        return e.into_response();
+    }
     let Some(handle) = &state.metrics else {
         return ApiError::not_found("metrics are not enabled").into_response();
     };
@@ -69,6 +77,31 @@ pub(crate) async fn metrics(State(state): State<AppState>) -> Response {
         handle.render(),
     )
         .into_response()
+}
+
+async fn may_scrape(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+    let scrape_token_hash = match &state.metrics_access {
+        MetricsAccess::Open => return Ok(()),
+        MetricsAccess::Elsewhere => {
+            return Err(ApiError::not_found(
+                "metrics are served on the metrics listener (--metrics-listen)",
+            ));
+        }
+        MetricsAccess::Token { scrape_token_hash } => scrape_token_hash,
+    };
+    let token = crate::extract::bearer(headers)?;
+    if let Some(hash) = scrape_token_hash
+        && ct_eq(&hash_secret(token), hash)
+    {
+        return Ok(());
+    }
+    match state.engine.authenticate(token).await? {
+        Some(Principal::Operator) => Ok(()),
+        Some(_) => Err(ApiError::forbidden(
+            "/metrics names every org: only the operator token or the scrape token may read it",
+        )),
+        None => Err(ApiError::unauthorized("unknown or revoked token")),
+    }
 }
 
 pub(crate) async fn not_found() -> Response {

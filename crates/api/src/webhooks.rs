@@ -68,7 +68,7 @@ async fn webhook_json(
 }
 
 /// Sets the org's webhook (replacing any, with a new secret).
-#[utoipa::path(put, path = "/v1/orgs/{org}/webhook", operation_id = "webhooks_set", tag = "webhooks", params(("org" = String, Path, description = "org id")), request_body = SetWebhook, security(("bearer" = ["operator", "admin"])), responses((status = 200, description = "ok", body = WebhookJson), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody)))]
+#[utoipa::path(put, path = "/v1/orgs/{org}/webhook", operation_id = "webhooks_set", tag = "webhooks", params(("org" = String, Path, description = "org id")), request_body = SetWebhook, security(("bearer" = ["operator", "admin"])), responses((status = 200, description = "ok", body = WebhookJson), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 422, description = "the URL's host is not public (loopback, private, link-local, metadata…) and not allowed by the operator", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody)))]
 pub(crate) async fn set(
     State(state): State<AppState>,
     caller: Caller,
@@ -76,6 +76,9 @@ pub(crate) async fn set(
     JsonBody(req): JsonBody<SetWebhook>,
 ) -> ApiResult<Json<WebhookJson>> {
     let org_id = org_access(&state, &caller, &org)?;
+    if let Err(refused) = state.webhook_targets.check_url(&req.url).await {
+        return Err(ApiError::rule(format!("webhook URL refused: {refused}")));
+    }
     let events = state
         .engine
         .commands

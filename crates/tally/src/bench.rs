@@ -224,6 +224,7 @@ async fn accepted(s: &Server) -> anyhow::Result<u64> {
     let text = s
         .http
         .get(format!("{}/metrics", s.url))
+        .bearer_auth(TOKEN)
         .send()
         .await?
         .text()
@@ -707,6 +708,7 @@ impl Histogram {
 async fn authorize_buckets(http: &reqwest::Client, url: &str) -> anyhow::Result<AuthorizeBuckets> {
     let text = http
         .get(format!("{url}/metrics"))
+        .bearer_auth(TOKEN)
         .send()
         .await?
         .text()

@@ -125,6 +125,14 @@ pub(crate) struct ServeArgs {
     /// labelled by user, 0 to 1000 [default: 0: no per-user series].
     #[arg(long, env = "TALLY_METRICS_TOP_USERS")]
     pub(crate) metrics_top_users: Option<usize>,
+    /// Serve /metrics on this address of its own, without a token (and not
+    /// on the API port) [default: on the API port, with a token].
+    #[arg(long, env = "TALLY_METRICS_LISTEN")]
+    pub(crate) metrics_listen: Option<String>,
+    /// A token that may read /metrics on the API port (besides the
+    /// operator token), for Prometheus; at least 16 characters.
+    #[arg(long, env = "TALLY_METRICS_TOKEN", hide_env_values = true)]
+    pub(crate) metrics_token: Option<String>,
     /// Groups exported with spend, limit and users over thresholds, the
     /// most spending first [default: 1000].
     #[arg(long, env = "TALLY_METRICS_GROUPS_MAX")]
@@ -195,6 +203,12 @@ pub(crate) struct WebhookArgs {
     /// Attempts before a delivery is given up [default: 12].
     #[arg(long, env = "TALLY_WEBHOOK_ATTEMPTS_MAX")]
     pub(crate) webhook_attempts_max: Option<u32>,
+    /// Webhook targets allowed although their address is loopback,
+    /// private, link-local or otherwise not public: host names, addresses
+    /// and ranges, comma-separated (`hooks.internal,10.20.0.0/16`)
+    /// [default: none].
+    #[arg(long, env = "TALLY_WEBHOOK_ALLOW", value_delimiter = ',')]
+    pub(crate) webhook_allow: Option<Vec<String>>,
 }
 
 /// Distributed mode: usage from Kafka, any number of processes.
@@ -239,6 +253,8 @@ pub(crate) struct ServeConfig {
     pub(crate) json_logs: bool,
     pub(crate) metrics_top_users: usize,
     pub(crate) metrics_groups_max: usize,
+    pub(crate) metrics_listen: Option<String>,
+    pub(crate) metrics_token: Option<String>,
     pub(crate) http: tally_api::server::ServerLimits,
     pub(crate) webhooks: tally_webhooks::SenderOptions,
     pub(crate) kafka: Option<tally_kafka::KafkaOptions>,
@@ -266,6 +282,8 @@ struct FileConfig {
     log_format: Option<String>,
     metrics_top_users: Option<usize>,
     metrics_groups_max: Option<usize>,
+    metrics_listen: Option<String>,
+    metrics_token: Option<String>,
     hold_ttl_default_ms: Option<i64>,
     hold_ttl_max_ms: Option<i64>,
     holds_dir: Option<PathBuf>,
@@ -279,6 +297,7 @@ struct FileConfig {
     webhook_retry_base_ms: Option<u64>,
     webhook_retry_max_ms: Option<u64>,
     webhook_attempts_max: Option<u32>,
+    webhook_allow: Option<Vec<String>>,
     kafka_brokers: Option<String>,
     kafka_group: Option<String>,
     kafka_topic_prefix: Option<String>,
@@ -417,6 +436,22 @@ impl ServeConfig {
         if metrics_groups_max > 100_000 {
             bail!("metrics groups max must be 0 to 100000, got {metrics_groups_max}");
         }
+        let metrics_listen = args.metrics_listen.or(file.metrics_listen);
+        let metrics_token = args
+            .metrics_token
+            .or(file.metrics_token)
+            .filter(|t| !t.is_empty());
+        if metrics_listen.is_some() && metrics_token.is_some() {
+            bail!(
+                "give --metrics-listen (metrics on an address of their own, no token) or \
+                 --metrics-token (on the API port, with a token), not both"
+            );
+        }
+        if let Some(t) = &metrics_token
+            && t.len() < 16
+        {
+            bail!("the metrics token must have at least 16 characters");
+        }
         let ttl_max = args
             .hold_ttl_max_ms
             .or(file.hold_ttl_max_ms)
@@ -507,6 +542,12 @@ impl ServeConfig {
                 Some(n @ 1..=100) => n,
                 Some(n) => bail!("webhook attempts max must be 1 to 100, got {n}"),
             },
+            targets: std::sync::Arc::new(
+                tally_webhooks::TargetPolicy::parse(
+                    &w.webhook_allow.or(file.webhook_allow).unwrap_or_default(),
+                )
+                .map_err(|e| anyhow::anyhow!("webhook allow: {e}"))?,
+            ),
             ..tally_webhooks::SenderOptions::default()
         };
         Ok(ServeConfig {
@@ -552,6 +593,8 @@ impl ServeConfig {
             json_logs,
             metrics_top_users,
             metrics_groups_max,
+            metrics_listen,
+            metrics_token,
             http,
             webhooks,
             kafka,

@@ -239,6 +239,16 @@ async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("listening on {}", cfg.listen))?;
     let addr: SocketAddr = listener.local_addr()?;
+    // Bound before "listening" is printed: whoever waits for that line may
+    // scrape at once.
+    let metrics_listener = match &cfg.metrics_listen {
+        None => None,
+        Some(at) => Some(
+            tokio::net::TcpListener::bind(at)
+                .await
+                .with_context(|| format!("listening for metrics on {at}"))?,
+        ),
+    };
     if cfg.kafka.is_some() && cfg.advertise_url.is_none() {
         // Every process would advertise the same address, or one the others
         // cannot reach: hold requests would not reach the org's owner.
@@ -410,6 +420,14 @@ async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
         },
         snapshots: Arc::default(),
         webhook_keys,
+        metrics_access: if cfg.metrics_listen.is_some() {
+            tally_api::MetricsAccess::Elsewhere
+        } else {
+            tally_api::MetricsAccess::Token {
+                scrape_token_hash: cfg.metrics_token.as_deref().map(hash_secret),
+            }
+        },
+        webhook_targets: Arc::clone(&cfg.webhooks.targets),
         metrics_options: tally_engine::gauges::GaugeOptions {
             all_orgs: cfg.kafka.is_none(),
             top_users: cfg.metrics_top_users,
@@ -428,6 +446,18 @@ async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
         };
         let _ = why_tx.send(why);
     };
+    let metrics_server = match metrics_listener {
+        None => None,
+        Some(listener) => {
+            println!("tally metrics on http://{}/metrics", listener.local_addr()?);
+            Some(tokio::spawn(tally_api::server::serve(
+                listener,
+                tally_api::metrics_router(state.clone()),
+                cfg.http.clone(),
+                stopped(stop_rx.clone()),
+            )))
+        }
+    };
     warn_if_few_descriptors(cfg.http.connections_max);
     tally_api::server::serve(
         listener,
@@ -438,6 +468,9 @@ async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
     .await;
     let why = *why_rx.borrow_and_update();
     let _ = stop_tx.send(true);
+    if let Some(server) = metrics_server {
+        let _ = server.await;
+    }
     let _ = meter_loop.await;
     if let Some(watch) = lock_watch {
         let _ = watch.await;

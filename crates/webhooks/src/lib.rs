@@ -19,6 +19,8 @@
 //! webhook key (generated once, in the database) of the org id and the seq of
 //! the `webhook_set` event. Setting the webhook again gives a new secret.
 
+pub mod target;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -29,6 +31,8 @@ use tally_core::time::Month;
 use tally_store::Db;
 use tally_store::webhook::{AttemptOutcome, DeliveryEvent, DueDelivery};
 use tokio::sync::watch;
+
+pub use crate::target::TargetPolicy;
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -183,6 +187,8 @@ pub struct SenderOptions {
     pub poll: Duration,
     /// Deliveries claimed (and sent concurrently) at once.
     pub batch: u32,
+    /// Targets allowed although their address is not public.
+    pub targets: Arc<TargetPolicy>,
 }
 
 impl Default for SenderOptions {
@@ -194,6 +200,7 @@ impl Default for SenderOptions {
             attempts_max: 12,
             poll: Duration::from_millis(500),
             batch: 32,
+            targets: Arc::default(),
         }
     }
 }
@@ -245,13 +252,16 @@ pub fn install_tls_crypto() {
 }
 
 /// An HTTP client with TLS (rustls, the platform's roots) that follows no
-/// redirect: a webhook is where it says.
-pub fn client(timeout: Duration) -> Result<reqwest::Client, String> {
+/// redirect (a webhook is where it says), uses no proxy, and connects only
+/// to addresses `targets` allows (see [`target`]).
+pub fn client(timeout: Duration, targets: Arc<TargetPolicy>) -> Result<reqwest::Client, String> {
     install_tls_crypto();
     reqwest::Client::builder()
         .timeout(timeout)
         .connect_timeout(timeout)
         .redirect(reqwest::redirect::Policy::none())
+        .no_proxy()
+        .dns_resolver(target::GuardedResolver { policy: targets })
         .user_agent(concat!("tally-webhooks/", env!("CARGO_PKG_VERSION")))
         .build()
         .map_err(|e| format!("building the webhook HTTP client: {e}"))
@@ -262,7 +272,7 @@ impl Sender {
         Ok(Sender {
             db,
             keys,
-            client: client(opts.timeout)?,
+            client: client(opts.timeout, Arc::clone(&opts.targets))?,
             opts,
         })
     }
@@ -364,6 +374,18 @@ impl Sender {
         let ts = now_ms() / 1_000;
         let secret = self.keys.secret(&d.org_id, seq);
         let started = Instant::now();
+        // Names are checked as they resolve; addresses here.
+        let literal = reqwest::Url::parse(url)
+            .map_err(|e| e.to_string())
+            .and_then(|u| {
+                self.opts
+                    .targets
+                    .check_literal(&u)
+                    .map_err(|r| r.to_string())
+            });
+        if let Err(refused) = literal {
+            return self.failed(d, None, format!("refused: {refused}"));
+        }
         let sent = self
             .client
             .post(url)
@@ -386,8 +408,16 @@ impl Sender {
                 Some(i64::from(r.status().as_u16())),
                 format!("the receiver answered HTTP {}", r.status()),
             ),
-            Err(e) => (None, clip(error_chain(&e))),
+            Err(e) => match refusal(&e) {
+                Some(refused) => (None, format!("refused: {refused}")),
+                None => (None, clip(error_chain(&e))),
+            },
         };
+        self.failed(d, status, error)
+    }
+
+    /// A failed attempt: retried later, or given up after the last.
+    fn failed(&self, d: &DueDelivery, status: Option<i64>, error: String) -> AttemptOutcome {
         if d.attempts >= i64::from(self.opts.attempts_max) {
             return AttemptOutcome::GaveUp { status, error };
         }
@@ -401,6 +431,18 @@ impl Sender {
                 .saturating_add(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX)),
         }
     }
+}
+
+/// The target refusal among an error's causes, if any.
+fn refusal<'e>(e: &'e (dyn std::error::Error + 'static)) -> Option<&'e target::Refused> {
+    let mut cause = Some(e);
+    while let Some(c) = cause {
+        if let Some(r) = c.downcast_ref::<target::Refused>() {
+            return Some(r);
+        }
+        cause = c.source();
+    }
+    None
 }
 
 /// An error with its causes: "error sending request: connection refused".

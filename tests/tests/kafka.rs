@@ -698,6 +698,23 @@ async fn bad_messages_are_dead_lettered_and_the_partition_moves_on() {
     // And admins see them.
     let listed: Value = op.get("/v1/dead-letters").await.expect(200);
     assert_eq!(listed["items"].as_array().unwrap().len(), 6, "{listed}");
+    assert_eq!(listed["next_cursor"], Value::Null, "{listed}");
+    // A page at a time: the same letters, each once, in the same order.
+    let first = op.get("/v1/dead-letters?limit=4").await.expect(200);
+    let cursor = first["next_cursor"].as_str().expect("a cursor").to_owned();
+    let rest = op
+        .get(&format!("/v1/dead-letters?limit=4&cursor={cursor}"))
+        .await
+        .expect(200);
+    assert_eq!(rest["next_cursor"], Value::Null, "{rest}");
+    let paged: Vec<&Value> = first["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .chain(rest["items"].as_array().unwrap())
+        .collect();
+    let whole: Vec<&Value> = listed["items"].as_array().unwrap().iter().collect();
+    assert_eq!(paged, whole);
     tally.stop().unwrap();
 }
 

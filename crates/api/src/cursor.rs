@@ -144,6 +144,17 @@ pub(crate) fn after_id(list: &str, cursor: Option<&str>) -> Result<Option<String
 }
 
 /// `?cursor=&limit=` of a listing.
+/// An `order` parameter of a log: `oldest` first (the default) or `newest`.
+pub(crate) fn newest_first(order: Option<&str>) -> Result<bool, ApiError> {
+    match order {
+        None | Some("oldest") => Ok(false),
+        Some("newest") => Ok(true),
+        Some(other) => Err(ApiError::invalid(format!(
+            "order must be oldest or newest, got {other:?}"
+        ))),
+    }
+}
+
 #[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]

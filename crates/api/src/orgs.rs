@@ -4,12 +4,14 @@ use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
-use serde_json::json;
-use tally_core::entity::{Command, EntityEvent};
+use serde_json::{Value, json};
+use tally_core::entity::{Command, EntityEvent, EventKind};
 use tally_core::ids::OrgId;
 use tally_core::time::Month;
 use tally_engine::random_id;
 use tally_proto::format_rfc3339_ms;
+use tally_store::log::EventQuery;
+use tally_store::query::{DeadLetterRow, EnforcementKey};
 
 use crate::cursor::{self, PageParams};
 use crate::dto::{
@@ -168,41 +170,176 @@ fn event_json(e: &EntityEvent) -> EventJson {
     EventJson(v)
 }
 
-/// The audit trail: every change with its actor and time, oldest first.
-#[utoipa::path(get, path = "/v1/orgs/{org}/events", operation_id = "orgs_events", tag = "orgs", params(("org" = String, Path, description = "org id"), PageParams), security(("bearer" = ["operator", "admin", "viewer"])), responses((status = 200, description = "ok", body = ListJson<crate::dto::EventJson>), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody)))]
+/// What the audit trail takes.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct EventsParams {
+    /// `oldest` first (the default) or `newest` first.
+    order: Option<String>,
+    /// Changes by this actor only: `operator` or `token:<token id>`.
+    actor: Option<String>,
+    /// Of these kinds only, comma-separated (`user_added,user_limit_set`).
+    kind: Option<String>,
+    /// About this entity only: `user:<id>`, `group:<id>`, `key:<id>`,
+    /// `token:<id>`, or `org` (the org's settings, limit and webhook). A
+    /// membership is about its user and its group.
+    subject: Option<String>,
+    /// At or after this time: RFC 3339, or a day (`2026-11-01`, its start, UTC).
+    from: Option<String>,
+    /// Before this time: RFC 3339, or a day (its start, UTC).
+    to: Option<String>,
+    /// `next_cursor` of the previous page (same order).
+    cursor: Option<String>,
+    /// Rows a page (default 50, at most 1 000).
+    limit: Option<u32>,
+}
+
+/// Rows a subject filter examines for one page at most: a page may come
+/// back short, with a cursor to go on from.
+const SUBJECT_SCAN_MAX: usize = 10_000;
+const SUBJECT_SCAN_CHUNK: u32 = 500;
+
+/// A time bound: RFC 3339, or a day at its start (UTC).
+fn time_bound(name: &str, s: &str) -> ApiResult<i64> {
+    if let Some(ms) = tally_proto::parse_rfc3339_ms(s) {
+        return Ok(ms);
+    }
+    tally_proto::parse_rfc3339_ms(&format!("{s}T00:00:00Z")).ok_or_else(|| {
+        ApiError::invalid(format!(
+            "{name} must be an RFC 3339 time or a day (2026-11-01), got {s:?}"
+        ))
+    })
+}
+
+/// The audit trail: every change with its actor and time, oldest or newest
+/// first, filtered by actor, kind, subject and time.
+#[utoipa::path(get, path = "/v1/orgs/{org}/events", operation_id = "orgs_events", tag = "orgs", params(("org" = String, Path, description = "org id"), EventsParams), security(("bearer" = ["operator", "admin", "viewer"])), responses((status = 200, description = "ok", body = ListJson<crate::dto::EventJson>), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody)))]
 pub(crate) async fn events(
     State(state): State<AppState>,
     caller: Caller,
     Path(org): Path<String>,
-    Params(p): Params<PageParams>,
+    Params(p): Params<EventsParams>,
 ) -> ApiResult<Json<ListJson<EventJson>>> {
     let org_id = org_access(&state, &caller, &org)?;
-    let limit = page_len(p.limit)?;
-    let after = match &p.cursor {
-        Some(c) => cursor::decode_after("events", c)?
-            .as_u64()
-            .ok_or_else(|| ApiError::invalid("cursor is malformed"))?,
-        None => 0,
+    let limit = page_len(p.limit)? as usize;
+    let newest_first = cursor::newest_first(p.order.as_deref())?;
+    // Cursors of the two orders are not interchangeable.
+    let list = if newest_first {
+        "events_newest"
+    } else {
+        "events"
     };
-    let events = state
-        .engine
-        .db
-        .org_events(&org_id, after, limit + 1)
-        .await?;
-    let more = events.len() > limit as usize;
-    let items: Vec<_> = events.iter().take(limit as usize).map(event_json).collect();
-    let next_cursor = more
-        .then(|| events.get(limit as usize - 1))
-        .flatten()
-        .map(|e| cursor::encode_after("events", &json!(e.seq)));
-    Ok(Json(ListJson { items, next_cursor }))
-}
-
-#[derive(Debug, Deserialize, utoipa::IntoParams)]
-#[into_params(parameter_in = Query)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct LimitParams {
-    limit: Option<u32>,
+    let after_seq = p
+        .cursor
+        .as_deref()
+        .map(|c| {
+            cursor::decode_after(list, c)?
+                .as_u64()
+                .ok_or_else(|| ApiError::invalid("cursor is malformed"))
+        })
+        .transpose()?;
+    let actor = p
+        .actor
+        .map(|a| {
+            tally_core::entity::Actor::parse(&a)
+                .map(|a| a.to_string())
+                .ok_or_else(|| {
+                    ApiError::invalid(format!(
+                        "actor must be operator or token:<token id>, got {a:?}"
+                    ))
+                })
+        })
+        .transpose()?;
+    let kinds = p
+        .kind
+        .as_deref()
+        .map(|k| {
+            k.split(',')
+                .map(str::trim)
+                .filter(|k| !k.is_empty())
+                .map(|k| {
+                    EventKind::NAMES
+                        .iter()
+                        .find(|n| **n == k)
+                        .map(|n| (*n).to_owned())
+                        .ok_or_else(|| {
+                            ApiError::invalid(format!(
+                                "kind {k:?} is not one of {}",
+                                EventKind::NAMES.join(", ")
+                            ))
+                        })
+                })
+                .collect::<ApiResult<Vec<_>>>()
+        })
+        .transpose()?
+        .unwrap_or_default();
+    let subject = p
+        .subject
+        .as_deref()
+        .map(|s| match s.split_once(':') {
+            None if s == "org" => Ok(("org", String::new())),
+            Some((kind @ ("user" | "group" | "key" | "token"), id)) if !id.is_empty() => {
+                Ok((kind, id.to_owned()))
+            }
+            _ => Err(ApiError::invalid(format!(
+                "subject must be user:<id>, group:<id>, key:<id>, token:<id> or org, got {s:?}"
+            ))),
+        })
+        .transpose()?;
+    let from_ms = p
+        .from
+        .as_deref()
+        .map(|s| time_bound("from", s))
+        .transpose()?;
+    let to_ms = p.to.as_deref().map(|s| time_bound("to", s)).transpose()?;
+    let mut q = EventQuery {
+        newest_first,
+        after_seq,
+        actor,
+        kinds,
+        from_ms,
+        to_ms,
+    };
+    // Without a subject every row read is on the page; with one, rows are
+    // read a chunk at a time and filtered here, at most SUBJECT_SCAN_MAX.
+    let chunk = if subject.is_some() {
+        SUBJECT_SCAN_CHUNK
+    } else {
+        limit as u32 + 1
+    };
+    let mut items: Vec<EntityEvent> = Vec::new();
+    let mut scanned = 0;
+    let next_seq = 'scan: loop {
+        let rows = state.engine.db.org_events_where(&org_id, &q, chunk).await?;
+        let read = rows.len();
+        for e in rows {
+            let seq = e.seq;
+            if subject
+                .as_ref()
+                .is_none_or(|(kind, id)| e.kind.concerns(kind, id))
+            {
+                if items.len() == limit {
+                    // One more exists: the page ends at its last row.
+                    break 'scan items.last().map(|e| e.seq);
+                }
+                items.push(e);
+            }
+            scanned += 1;
+            q.after_seq = Some(seq);
+        }
+        if read < chunk as usize {
+            break None;
+        }
+        if scanned >= SUBJECT_SCAN_MAX {
+            // A short page: the next goes on from the last row examined.
+            break q.after_seq;
+        }
+    };
+    Ok(Json(ListJson {
+        items: items.iter().map(event_json).collect(),
+        next_cursor: next_seq.map(|seq| cursor::encode_after(list, &json!(seq))),
+    }))
 }
 
 /// A threshold crossed, a cutoff or a lift.
@@ -224,23 +361,45 @@ pub(crate) struct EnforcementJson {
 }
 
 /// Thresholds crossed, cutoffs and lifts, newest first.
-#[utoipa::path(get, path = "/v1/orgs/{org}/enforcement", operation_id = "orgs_enforcement", tag = "orgs", params(("org" = String, Path, description = "org id"), LimitParams), security(("bearer" = ["operator", "admin", "viewer"])), responses((status = 200, description = "ok", body = ListJson<EnforcementJson>), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody)))]
+#[utoipa::path(get, path = "/v1/orgs/{org}/enforcement", operation_id = "orgs_enforcement", tag = "orgs", params(("org" = String, Path, description = "org id"), PageParams), security(("bearer" = ["operator", "admin", "viewer"])), responses((status = 200, description = "ok", body = ListJson<EnforcementJson>), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody)))]
 pub(crate) async fn enforcement(
     State(state): State<AppState>,
     caller: Caller,
     Path(org): Path<String>,
-    Params(p): Params<LimitParams>,
+    Params(p): Params<PageParams>,
 ) -> ApiResult<Json<ListJson<EnforcementJson>>> {
     let org_id = org_access(&state, &caller, &org)?;
+    let limit = page_len(p.limit)?;
+    let after = p
+        .cursor
+        .as_deref()
+        .map(|c| enforcement_key(&cursor::decode_after("enforcement", c)?))
+        .transpose()?;
     state.engine.meter.flush_for_read().await?;
     let rows = state
         .engine
         .db
-        .list_enforcement(&org_id, page_len(p.limit)?)
+        .list_enforcement(&org_id, after.as_ref(), limit + 1)
         .await?;
-    let items = rows
+    let mut rows = rows.into_iter();
+    let page: Vec<_> = rows.by_ref().take(limit as usize).collect();
+    let next_cursor = rows.next().and(page.last()).map(|(k, _)| {
+        cursor::encode_after(
+            "enforcement",
+            &json!([
+                k.at_ms,
+                k.subject_kind,
+                k.subject_id,
+                k.month,
+                k.event,
+                k.threshold_bps,
+                k.ordinal
+            ]),
+        )
+    });
+    let items = page
         .into_iter()
-        .map(|r| EnforcementJson {
+        .map(|(_, r)| EnforcementJson {
             subject_kind: r.subject_kind,
             subject_id: r.subject_id,
             month: u32::try_from(r.month)
@@ -258,10 +417,66 @@ pub(crate) async fn enforcement(
             at: format_rfc3339_ms(r.at_ms),
         })
         .collect();
-    Ok(Json(ListJson {
-        items,
-        next_cursor: None,
-    }))
+    Ok(Json(ListJson { items, next_cursor }))
+}
+
+/// The row an enforcement cursor names.
+fn enforcement_key(v: &Value) -> ApiResult<EnforcementKey> {
+    let bad = || ApiError::invalid("cursor is malformed or belongs to another listing");
+    let Some(
+        [
+            Value::Number(at),
+            Value::String(kind),
+            Value::String(id),
+            Value::Number(month),
+            Value::String(event),
+            Value::Number(bps),
+            Value::Number(ordinal),
+        ],
+    ) = v.as_array().map(Vec::as_slice)
+    else {
+        return Err(bad());
+    };
+    let int = |n: &serde_json::Number| n.as_i64().ok_or_else(bad);
+    Ok(EnforcementKey {
+        at_ms: int(at)?,
+        subject_kind: kind.clone(),
+        subject_id: id.clone(),
+        month: int(month)?,
+        event: event.clone(),
+        threshold_bps: int(bps)?,
+        ordinal: int(ordinal)?,
+    })
+}
+
+/// Where a page of dead letters starts: after the one a cursor names
+/// (logged at, partition, position).
+fn dead_letter_after(cursor: Option<&str>) -> ApiResult<Option<(i64, i64, i64)>> {
+    cursor
+        .map(|c| {
+            let v = cursor::decode_after("dead_letters", c)?;
+            match v.as_array().map(Vec::as_slice) {
+                Some([a, b, c]) => a
+                    .as_i64()
+                    .zip(b.as_i64())
+                    .zip(c.as_i64())
+                    .map(|((a, b), c)| (a, b, c)),
+                _ => None,
+            }
+            .ok_or_else(|| ApiError::invalid("cursor is malformed or belongs to another listing"))
+        })
+        .transpose()
+}
+
+/// A page of dead letters read with one row more than `limit`.
+fn dead_letter_page(rows: Vec<DeadLetterRow>, limit: u32) -> ListJson<DeadLetterJson> {
+    let page = cursor::page(rows, limit as usize, "dead_letters", |r| {
+        json!([r.logged_at_ms, r.partition_id, r.position])
+    });
+    ListJson {
+        items: page.items.into_iter().map(dead_letter_json).collect(),
+        next_cursor: page.next_cursor,
+    }
 }
 
 /// Usage that could not be counted.
@@ -276,7 +491,7 @@ pub(crate) struct DeadLetterJson {
     message: String,
 }
 
-fn dead_letter_json(r: tally_store::query::DeadLetterRow) -> DeadLetterJson {
+fn dead_letter_json(r: DeadLetterRow) -> DeadLetterJson {
     DeadLetterJson {
         partition: r.partition_id,
         position: r.position,
@@ -288,42 +503,40 @@ fn dead_letter_json(r: tally_store::query::DeadLetterRow) -> DeadLetterJson {
 }
 
 /// Usage of this org that could not be counted, newest first.
-#[utoipa::path(get, path = "/v1/orgs/{org}/dead-letters", operation_id = "orgs_dead_letters", tag = "usage", params(("org" = String, Path, description = "org id"), LimitParams), security(("bearer" = ["operator", "admin", "viewer"])), responses((status = 200, description = "ok", body = ListJson<DeadLetterJson>), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody)))]
+#[utoipa::path(get, path = "/v1/orgs/{org}/dead-letters", operation_id = "orgs_dead_letters", tag = "usage", params(("org" = String, Path, description = "org id"), PageParams), security(("bearer" = ["operator", "admin", "viewer"])), responses((status = 200, description = "ok", body = ListJson<DeadLetterJson>), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody)))]
 pub(crate) async fn dead_letters(
     State(state): State<AppState>,
     caller: Caller,
     Path(org): Path<String>,
-    Params(p): Params<LimitParams>,
+    Params(p): Params<PageParams>,
 ) -> ApiResult<Json<ListJson<DeadLetterJson>>> {
     let org_id = org_access(&state, &caller, &org)?;
+    let limit = page_len(p.limit)?;
+    let after = dead_letter_after(p.cursor.as_deref())?;
     state.engine.meter.flush_for_read().await?;
     let rows = state
         .engine
         .db
-        .list_dead_letters(Some(&org_id), page_len(p.limit)?)
+        .list_dead_letters(Some(&org_id), after, limit + 1)
         .await?;
-    Ok(Json(ListJson {
-        items: rows.into_iter().map(dead_letter_json).collect(),
-        next_cursor: None,
-    }))
+    Ok(Json(dead_letter_page(rows, limit)))
 }
 
 /// Every dead letter, also those of no known org (operator token).
-#[utoipa::path(get, path = "/v1/dead-letters", operation_id = "orgs_all_dead_letters", tag = "usage", params(LimitParams), security(("bearer" = ["operator"])), responses((status = 200, description = "ok", body = ListJson<DeadLetterJson>), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody)))]
+#[utoipa::path(get, path = "/v1/dead-letters", operation_id = "orgs_all_dead_letters", tag = "usage", params(PageParams), security(("bearer" = ["operator"])), responses((status = 200, description = "ok", body = ListJson<DeadLetterJson>), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody)))]
 pub(crate) async fn all_dead_letters(
     State(state): State<AppState>,
     caller: Caller,
-    Params(p): Params<LimitParams>,
+    Params(p): Params<PageParams>,
 ) -> ApiResult<Json<ListJson<DeadLetterJson>>> {
     caller.require_operator()?;
+    let limit = page_len(p.limit)?;
+    let after = dead_letter_after(p.cursor.as_deref())?;
     state.engine.meter.flush_for_read().await?;
     let rows = state
         .engine
         .db
-        .list_dead_letters(None, page_len(p.limit)?)
+        .list_dead_letters(None, after, limit + 1)
         .await?;
-    Ok(Json(ListJson {
-        items: rows.into_iter().map(dead_letter_json).collect(),
-        next_cursor: None,
-    }))
+    Ok(Json(dead_letter_page(rows, limit)))
 }

@@ -282,24 +282,50 @@ pub(crate) struct OperatorAuditJson {
     detail: serde_json::Value,
 }
 
-/// The operator's audit log, oldest first: changes that belong to no org
-/// (gateway tokens of every org). Each org's changes are in its own
-/// (`GET /v1/orgs/{org}/events`).
-#[utoipa::path(get, path = "/v1/audit", operation_id = "tokens_audit", tag = "tokens", params(PageParams), security(("bearer" = ["operator"])), responses((status = 200, description = "ok", body = ListJson<OperatorAuditJson>), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "not the operator", body = crate::error::ErrorBody)))]
+/// What the operator's audit log takes.
+#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct AuditParams {
+    /// `oldest` first (the default) or `newest` first.
+    order: Option<String>,
+    /// `next_cursor` of the previous page (same order).
+    cursor: Option<String>,
+    /// Rows a page (default 50, at most 1 000).
+    limit: Option<u32>,
+}
+
+/// The operator's audit log, oldest or newest first: changes that belong
+/// to no org (gateway tokens of every org). Each org's changes are in its
+/// own (`GET /v1/orgs/{org}/events`).
+#[utoipa::path(get, path = "/v1/audit", operation_id = "tokens_audit", tag = "tokens", params(AuditParams), security(("bearer" = ["operator"])), responses((status = 200, description = "ok", body = ListJson<OperatorAuditJson>), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "not the operator", body = crate::error::ErrorBody)))]
 pub(crate) async fn audit(
     State(state): State<AppState>,
     caller: Caller,
-    Params(p): Params<PageParams>,
+    Params(p): Params<AuditParams>,
 ) -> ApiResult<Json<ListJson<OperatorAuditJson>>> {
     caller.require_operator()?;
     let limit = page_len(p.limit)?;
-    let after = match &p.cursor {
-        Some(c) => cursor::decode_after("audit", c)?
-            .as_i64()
-            .ok_or_else(|| ApiError::invalid("cursor is malformed"))?,
-        None => 0,
+    let newest_first = cursor::newest_first(p.order.as_deref())?;
+    let list = if newest_first {
+        "audit_newest"
+    } else {
+        "audit"
     };
-    let rows = state.engine.db.operator_audit(after, limit + 1).await?;
+    let after = p
+        .cursor
+        .as_deref()
+        .map(|c| {
+            cursor::decode_after(list, c)?
+                .as_i64()
+                .ok_or_else(|| ApiError::invalid("cursor is malformed"))
+        })
+        .transpose()?;
+    let rows = state
+        .engine
+        .db
+        .operator_audit(newest_first, after, limit + 1)
+        .await?;
     let items = rows
         .into_iter()
         .map(|r| OperatorAuditJson {
@@ -310,7 +336,7 @@ pub(crate) async fn audit(
             detail: serde_json::from_str(&r.detail).unwrap_or(serde_json::Value::Null),
         })
         .collect();
-    Ok(Json(cursor::page(items, limit as usize, "audit", |e| {
+    Ok(Json(cursor::page(items, limit as usize, list, |e| {
         json!(e.seq)
     })))
 }

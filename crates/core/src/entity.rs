@@ -301,6 +301,94 @@ impl EventKind {
         }
     }
 
+    /// Whether the event is about the entity `kind` (`user`, `group`, `key`,
+    /// `token`, or `org` for the org's own settings and webhook) with `id`:
+    /// a membership change is about its user and its group, a key's
+    /// creation about the key, its owner and its groups.
+    pub fn concerns(&self, kind: &str, id: &str) -> bool {
+        let is = |k: &str, i: &str| k == kind && i == id;
+        let groups = |g: &[GroupId]| kind == "group" && g.iter().any(|g| g.as_str() == id);
+        match self {
+            EventKind::OrgCreated { .. }
+            | EventKind::OrgSettingsChanged { .. }
+            | EventKind::OrgLimitSet { .. }
+            | EventKind::WebhookSet { .. }
+            | EventKind::WebhookRemoved => kind == "org",
+            EventKind::TokenCreated { token_id, .. } | EventKind::TokenRevoked { token_id } => {
+                is("token", token_id.as_str())
+            }
+            EventKind::UserAdded { user_id, .. }
+            | EventKind::UserActivated { user_id }
+            | EventKind::UserSuspended { user_id }
+            | EventKind::UserRemoved { user_id }
+            | EventKind::UserLimitSet { user_id, .. }
+            | EventKind::UserProfileChanged { user_id, .. } => is("user", user_id.as_str()),
+            EventKind::GroupCreated { group_id, .. }
+            | EventKind::GroupRenamed { group_id, .. }
+            | EventKind::GroupDeleted { group_id }
+            | EventKind::GroupLimitSet { group_id, .. } => is("group", group_id.as_str()),
+            EventKind::MemberAdded { group_id, user_id }
+            | EventKind::MemberRemoved { group_id, user_id } => {
+                is("group", group_id.as_str()) || is("user", user_id.as_str())
+            }
+            EventKind::KeyCreated {
+                key_id,
+                user_id,
+                group_ids,
+                ..
+            } => {
+                is("key", key_id.as_str())
+                    || user_id.as_ref().is_some_and(|u| is("user", u.as_str()))
+                    || groups(group_ids)
+            }
+            EventKind::KeyOwnerChanged { key_id, user_id } => {
+                is("key", key_id.as_str())
+                    || user_id.as_ref().is_some_and(|u| is("user", u.as_str()))
+            }
+            EventKind::KeyGroupsChanged { key_id, group_ids } => {
+                is("key", key_id.as_str()) || groups(group_ids)
+            }
+            EventKind::KeyFeaturesChanged { key_id, .. }
+            | EventKind::KeyLimitSet { key_id, .. }
+            | EventKind::KeyRevoked { key_id }
+            | EventKind::KeyExpirySet { key_id, .. }
+            | EventKind::KeyRotated { key_id, .. }
+            | EventKind::KeyRenamed { key_id, .. } => is("key", key_id.as_str()),
+        }
+    }
+
+    /// Every name [`EventKind::name`] gives.
+    pub const NAMES: &'static [&'static str] = &[
+        "org_created",
+        "org_settings_changed",
+        "org_limit_set",
+        "webhook_set",
+        "webhook_removed",
+        "token_created",
+        "token_revoked",
+        "user_added",
+        "user_activated",
+        "user_suspended",
+        "user_removed",
+        "user_limit_set",
+        "user_profile_changed",
+        "group_created",
+        "group_renamed",
+        "group_deleted",
+        "group_limit_set",
+        "member_added",
+        "member_removed",
+        "key_created",
+        "key_features_changed",
+        "key_limit_set",
+        "key_revoked",
+        "key_expiry_set",
+        "key_rotated",
+        "key_renamed",
+        "key_owner_changed",
+        "key_groups_changed",
+    ];
+
     /// The snake_case name used in JSON (`type`) and in SQL (`events.kind`).
     pub fn name(&self) -> &'static str {
         match self {

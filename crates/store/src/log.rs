@@ -50,6 +50,23 @@ fn decode_row(row: &AnyRow) -> Result<EntityEvent> {
     decode_entity_event(&payload).map_err(|e| Error::Corrupt(format!("entity event: {e}")))
 }
 
+/// Which events of an org's audit trail to read, and in which order.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EventQuery {
+    /// Newest first (seq descending) instead of oldest first.
+    pub newest_first: bool,
+    /// Past this seq, in that order (none: from the start).
+    pub after_seq: Option<u64>,
+    /// Changes by this actor only (`operator`, `token:<id>`).
+    pub actor: Option<String>,
+    /// Of these kinds only (`user_added`, …); empty: every kind.
+    pub kinds: Vec<String>,
+    /// At or after this time.
+    pub from_ms: Option<i64>,
+    /// Before this time.
+    pub to_ms: Option<i64>,
+}
+
 impl Db {
     /// Appends events of one org (consecutive seqs, continuing the log) and
     /// projects them, in one transaction.
@@ -223,6 +240,76 @@ impl Db {
         .bind(i64::from(limit))
         .fetch_all(self.reader())
         .await?;
+        rows.iter().map(decode_row).collect()
+    }
+
+    /// A page of one org's audit trail: the events `q` selects, in its
+    /// order, at most `limit`.
+    pub async fn org_events_where(
+        &self,
+        org_id: &OrgId,
+        q: &EventQuery,
+        limit: u32,
+    ) -> Result<Vec<EntityEvent>> {
+        let mut sql = String::from("SELECT payload FROM events WHERE org_id = $1");
+        let mut n = 1;
+        let mut next = |sql: &mut String, clause: &str| {
+            n += 1;
+            sql.push_str(&clause.replace('?', &format!("${n}")));
+        };
+        if q.after_seq.is_some() {
+            next(
+                &mut sql,
+                if q.newest_first {
+                    " AND seq < ?"
+                } else {
+                    " AND seq > ?"
+                },
+            );
+        }
+        if q.actor.is_some() {
+            next(&mut sql, " AND actor = ?");
+        }
+        if !q.kinds.is_empty() {
+            sql.push_str(" AND kind IN (");
+            for i in 0..q.kinds.len() {
+                next(&mut sql, if i == 0 { "?" } else { ", ?" });
+            }
+            sql.push(')');
+        }
+        if q.from_ms.is_some() {
+            next(&mut sql, " AND at_ms >= ?");
+        }
+        if q.to_ms.is_some() {
+            next(&mut sql, " AND at_ms < ?");
+        }
+        sql.push_str(if q.newest_first {
+            " ORDER BY seq DESC"
+        } else {
+            " ORDER BY seq"
+        });
+        next(&mut sql, " LIMIT ?");
+        // Only placeholders are formatted in; every value is bound.
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(org_id.as_str());
+        if let Some(after) = q.after_seq {
+            query = query.bind(seq_i64(after));
+        }
+        if let Some(actor) = &q.actor {
+            query = query.bind(actor.clone());
+        }
+        for kind in &q.kinds {
+            query = query.bind(kind.clone());
+        }
+        if let Some(from) = q.from_ms {
+            query = query.bind(from);
+        }
+        if let Some(to) = q.to_ms {
+            query = query.bind(to);
+        }
+        let rows = query
+            .bind(i64::from(limit))
+            .fetch_all(self.reader())
+            .await?;
         rows.iter().map(decode_row).collect()
     }
 

@@ -705,25 +705,63 @@ pub struct EnforcementRow {
     pub at_ms: i64,
 }
 
+/// Where a page of enforcement events starts: after this row, newest
+/// first (the listing's order is every column of the key, descending).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EnforcementKey {
+    pub at_ms: i64,
+    pub subject_kind: String,
+    pub subject_id: String,
+    pub month: i64,
+    pub event: String,
+    pub threshold_bps: i64,
+    pub ordinal: i64,
+}
+
 impl Db {
-    /// An org's enforcement events, newest first, at most `limit`.
+    /// An org's enforcement events, newest first, after `after` (none: from
+    /// the newest), at most `limit`.
     pub async fn list_enforcement(
         &self,
         org_id: &OrgId,
+        after: Option<&EnforcementKey>,
         limit: u32,
-    ) -> Result<Vec<EnforcementRow>> {
+    ) -> Result<Vec<(EnforcementKey, EnforcementRow)>> {
+        let first = EnforcementKey {
+            at_ms: i64::MAX,
+            subject_kind: String::new(),
+            subject_id: String::new(),
+            month: 0,
+            event: String::new(),
+            threshold_bps: 0,
+            ordinal: 0,
+        };
+        let from = after.unwrap_or(&first);
+        // Row values: a strict order over the whole key, so no row is
+        // skipped or repeated between pages.
         let rows = sqlx::query(
-            "SELECT subject_kind, subject_id, month, event, threshold_bps, reason, spend_micros, \
-             limit_micros, at_ms FROM enforcement_events WHERE org_id = $1 \
-             ORDER BY at_ms DESC, subject_kind, subject_id, event, threshold_bps, ordinal LIMIT $2",
+            "SELECT subject_kind, subject_id, month, event, threshold_bps, ordinal, reason, \
+             spend_micros, limit_micros, at_ms FROM enforcement_events WHERE org_id = $1 \
+             AND ($2 = 0 OR (at_ms, subject_kind, subject_id, month, event, threshold_bps, \
+             ordinal) < ($3, $4, $5, $6, $7, $8, $9)) \
+             ORDER BY at_ms DESC, subject_kind DESC, subject_id DESC, month DESC, event DESC, \
+             threshold_bps DESC, ordinal DESC LIMIT $10",
         )
         .bind(org_id.as_str())
-        .bind(i64::from(limit.clamp(1, PAGE_LEN_MAX)))
+        .bind(i64::from(after.is_some()))
+        .bind(from.at_ms)
+        .bind(from.subject_kind.clone())
+        .bind(from.subject_id.clone())
+        .bind(from.month)
+        .bind(from.event.clone())
+        .bind(from.threshold_bps)
+        .bind(from.ordinal)
+        .bind(i64::from(limit.clamp(1, PAGE_LEN_MAX + 1)))
         .fetch_all(self.reader())
         .await?;
         rows.iter()
             .map(|r| {
-                Ok(EnforcementRow {
+                let row = EnforcementRow {
                     subject_kind: r.try_get("subject_kind")?,
                     subject_id: r.try_get("subject_id")?,
                     month: r.try_get("month")?,
@@ -733,7 +771,17 @@ impl Db {
                     spend_micros: r.try_get("spend_micros")?,
                     limit_micros: r.try_get("limit_micros")?,
                     at_ms: r.try_get("at_ms")?,
-                })
+                };
+                let key = EnforcementKey {
+                    at_ms: row.at_ms,
+                    subject_kind: row.subject_kind.clone(),
+                    subject_id: row.subject_id.clone(),
+                    month: row.month,
+                    event: row.event.clone(),
+                    threshold_bps: row.threshold_bps,
+                    ordinal: r.try_get("ordinal")?,
+                };
+                Ok((key, row))
             })
             .collect()
     }
@@ -751,19 +799,28 @@ pub struct DeadLetterRow {
 }
 
 impl Db {
-    /// Dead letters, newest first: of one org, or of every org (`None`).
+    /// Dead letters, newest first: of one org, or of every org (`None`),
+    /// after the one at `after` (logged at, partition, position; none: from
+    /// the newest), at most `limit`.
     pub async fn list_dead_letters(
         &self,
         org_id: Option<&str>,
+        after: Option<(i64, i64, i64)>,
         limit: u32,
     ) -> Result<Vec<DeadLetterRow>> {
+        let (at, partition, position) = after.unwrap_or((i64::MAX, 0, 0));
         let rows = sqlx::query(
             "SELECT partition_id, position, logged_at_ms, org_id, reason, message \
              FROM dead_letters WHERE ($1 = '' OR org_id = $1) \
-             ORDER BY logged_at_ms DESC, partition_id, position LIMIT $2",
+             AND ($2 = 0 OR (logged_at_ms, partition_id, position) < ($3, $4, $5)) \
+             ORDER BY logged_at_ms DESC, partition_id DESC, position DESC LIMIT $6",
         )
         .bind(org_id.unwrap_or(""))
-        .bind(i64::from(limit.clamp(1, PAGE_LEN_MAX)))
+        .bind(i64::from(after.is_some()))
+        .bind(at)
+        .bind(partition)
+        .bind(position)
+        .bind(i64::from(limit.clamp(1, PAGE_LEN_MAX + 1)))
         .fetch_all(self.reader())
         .await?;
         rows.iter()

@@ -328,6 +328,9 @@ CREATE TABLE token_use (
     let v11 = "ALTER TABLE api_keys ADD COLUMN expires_at_ms BIGINT;\n\
                ALTER TABLE api_keys ADD COLUMN previous_secret_until_ms BIGINT;"
         .to_owned();
+    // v12: enforcement events read newest first, a page at a time.
+    let v12 =
+        "CREATE INDEX enforcement_events_by_time ON enforcement_events (org_id, at_ms);".to_owned();
     vec![
         (1, v1 + &append_only),
         (2, v2),
@@ -340,5 +343,6 @@ CREATE TABLE token_use (
         (9, v9),
         (10, v10),
         (11, v11),
+        (12, v12),
     ]
 }

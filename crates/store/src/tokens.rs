@@ -175,16 +175,27 @@ impl Db {
         rows.iter().map(gateway_token).collect()
     }
 
-    /// The operator's audit log, oldest first, after position `after`.
-    pub async fn operator_audit(&self, after: i64, limit: u32) -> Result<Vec<OperatorAuditRow>> {
-        let rows = sqlx::query(
+    /// The operator's audit log, oldest or newest first, past position
+    /// `after` in that order (none: from the start).
+    pub async fn operator_audit(
+        &self,
+        newest_first: bool,
+        after: Option<i64>,
+        limit: u32,
+    ) -> Result<Vec<OperatorAuditRow>> {
+        let sql = if newest_first {
+            "SELECT pos, at_ms, actor, kind, detail FROM operator_audit WHERE pos < $1 \
+             ORDER BY pos DESC LIMIT $2"
+        } else {
             "SELECT pos, at_ms, actor, kind, detail FROM operator_audit WHERE pos > $1 \
-             ORDER BY pos LIMIT $2",
-        )
-        .bind(after)
-        .bind(i64::from(limit))
-        .fetch_all(self.reader())
-        .await?;
+             ORDER BY pos LIMIT $2"
+        };
+        let from = after.unwrap_or(if newest_first { i64::MAX } else { 0 });
+        let rows = sqlx::query(sql)
+            .bind(from)
+            .bind(i64::from(limit))
+            .fetch_all(self.reader())
+            .await?;
         rows.iter()
             .map(|r| {
                 Ok(OperatorAuditRow {

@@ -644,7 +644,7 @@ async fn checkpoints_round_trip(db: Db) {
     assert_eq!(months[0].spend_micros, 150);
     assert_eq!(days.len(), 1);
     assert_eq!((days[0].spend_micros, days[0].requests), (14, 2));
-    assert_eq!(db.list_enforcement(&org, 100).await.unwrap().len(), 1);
+    assert_eq!(db.list_enforcement(&org, None, 100).await.unwrap().len(), 1);
     // A lift with another ordinal is a new event; the floor evicts old minutes.
     let mut lift = enforcement.clone();
     lift.event.kind = EnforcementKind::CutoffLifted {
@@ -663,7 +663,24 @@ async fn checkpoints_round_trip(db: Db) {
         },
     )
     .await;
-    assert_eq!(db.list_enforcement(&org, 100).await.unwrap().len(), 2);
+    let both = db.list_enforcement(&org, None, 100).await.unwrap();
+    assert_eq!(both.len(), 2);
+    // A page at a time: each row once, in the same order.
+    let first = db.list_enforcement(&org, None, 1).await.unwrap();
+    let second = db
+        .list_enforcement(&org, Some(&first[0].0), 1)
+        .await
+        .unwrap();
+    assert_eq!(
+        [first[0].clone(), second[0].clone()],
+        [both[0].clone(), both[1].clone()]
+    );
+    assert!(
+        db.list_enforcement(&org, Some(&second[0].0), 1)
+            .await
+            .unwrap()
+            .is_empty()
+    );
     assert_eq!(
         db.load_meters(0, 86_400_000, month()).await.unwrap()["acme"].dedupe,
         vec![(11, u128::MAX), (11, u128::MAX)]
@@ -1073,7 +1090,9 @@ async fn dead_letters_are_kept_once(db: Db) {
         message: "user_id names no user of the org".into(),
         payload: vec![1, 2, 3],
     };
-    let letters = [letter(4, Some("acme")), letter(5, None)];
+    // 4 and 5 logged at the same time: the position orders them.
+    let mut letters = vec![letter(4, Some("acme")), letter(5, None)];
+    letters[1].logged_at_ms = letters[0].logged_at_ms;
     let at = PartitionCheckpoint {
         position: 5,
         number: 1,
@@ -1091,12 +1110,30 @@ async fn dead_letters_are_kept_once(db: Db) {
     db.write_checkpoint(1, claim.epoch, at, &[], &letters, NOV)
         .await
         .unwrap();
-    let all = db.list_dead_letters(None, 100).await.unwrap();
+    let all = db.list_dead_letters(None, None, 100).await.unwrap();
     assert_eq!(all.len(), 2);
     assert_eq!(all[0].position, 5, "newest first");
-    let acme = db.list_dead_letters(Some("acme"), 100).await.unwrap();
+    let acme = db.list_dead_letters(Some("acme"), None, 100).await.unwrap();
     assert_eq!(acme.len(), 1);
     assert_eq!(acme[0].reason, "unknown_user");
+    // A page at a time: each once, in the same order.
+    let after =
+        |l: &tally_store::query::DeadLetterRow| Some((l.logged_at_ms, l.partition_id, l.position));
+    let first = db.list_dead_letters(None, None, 1).await.unwrap();
+    let second = db
+        .list_dead_letters(None, after(&first[0]), 1)
+        .await
+        .unwrap();
+    assert_eq!(
+        [first[0].clone(), second[0].clone()],
+        [all[0].clone(), all[1].clone()]
+    );
+    assert!(
+        db.list_dead_letters(None, after(&second[0]), 1)
+            .await
+            .unwrap()
+            .is_empty()
+    );
 }
 
 fn cutoff(user: &str, ordinal: u32) -> SavedEnforcement {

@@ -21,6 +21,28 @@ fn tally(url: &str, args: &[&str]) -> (bool, String, String) {
     )
 }
 
+/// The cell of table `out`'s row `row` (0: the first under the header)
+/// under `column`, trimmed: from where the column's name starts to where
+/// the next column's does.
+fn cell(out: &str, row: usize, column: &str) -> String {
+    let mut lines = out.lines();
+    let header = lines.next().unwrap();
+    let start = header
+        .find(column)
+        .unwrap_or_else(|| panic!("no {column} in {header}"));
+    let rest = &header[start + column.len()..];
+    let end = rest
+        .find(|c: char| c != ' ')
+        .map_or(usize::MAX, |i| start + column.len() + i);
+    let line = lines
+        .nth(row)
+        .unwrap_or_else(|| panic!("no row {row}:\n{out}"));
+    line.get(start..end.min(line.len()))
+        .unwrap_or_default()
+        .trim()
+        .to_owned()
+}
+
 fn ok(url: &str, args: &[&str]) -> String {
     let (success, out, err) = tally(url, args);
     assert!(success, "tally {args:?} failed: {err}");
@@ -36,7 +58,6 @@ async fn an_admin_manages_the_org_from_the_terminal() {
         &[
             "orgs",
             "create",
-            "--id",
             "acme",
             "--name",
             "Acme",
@@ -51,7 +72,6 @@ async fn an_admin_manages_the_org_from_the_terminal() {
             &[
                 "users",
                 "add",
-                "--id",
                 id,
                 "--email",
                 &format!("{id}@acme.test"),
@@ -68,7 +88,6 @@ async fn an_admin_manages_the_org_from_the_terminal() {
         &[
             "users",
             "add",
-            "--id",
             "dave",
             "--email",
             "dave@acme.test",
@@ -81,7 +100,6 @@ async fn an_admin_manages_the_org_from_the_terminal() {
         &[
             "groups",
             "create",
-            "--id",
             "eng",
             "--name",
             "Engineering",
@@ -91,7 +109,7 @@ async fn an_admin_manages_the_org_from_the_terminal() {
     );
     let out = ok(
         &url,
-        &["groups", "add-members", "eng", "alice", "bob", "carol"],
+        &["groups", "add-members", "eng", "alice,bob", "carol"],
     );
     assert!(out.contains("3 of 3 users changed"), "{out}");
     let out = ok(
@@ -99,7 +117,6 @@ async fn an_admin_manages_the_org_from_the_terminal() {
         &[
             "keys",
             "create",
-            "--id",
             "k1",
             "--name",
             "laptop",
@@ -148,7 +165,7 @@ async fn an_admin_manages_the_org_from_the_terminal() {
         lines[2].starts_with("carol")
             && lines[2].contains("$12.50")
             && lines[2].contains("100.0%")
-            && lines[2].contains("CUT OFF"),
+            && cell(&out, 1, "CUT OFF") == "yes",
         "{out}"
     );
     assert!(
@@ -163,7 +180,12 @@ async fn an_admin_manages_the_org_from_the_terminal() {
         "{out}"
     );
     let out = ok(&url, &["users", "update", "carol", "--limit", "30"]);
-    assert!(out.contains("$30.00") && !out.contains("CUT OFF"), "{out}");
+    assert!(
+        out.contains("$30.00") && cell(&out, 0, "CUT OFF").is_empty(),
+        "{out}"
+    );
+    assert_eq!(cell(&out, 0, "GROUPS"), "eng", "{out}");
+    assert!(cell(&out, 0, "LAST ACTIVE").starts_with("20"), "{out}");
     let out = ok(
         &url,
         &[
@@ -243,5 +265,295 @@ async fn an_admin_manages_the_org_from_the_terminal() {
         "{err}"
     );
     assert!(!err.contains("backtrace"), "{err}");
+    server.stop().unwrap();
+}
+
+/// The exit status and stderr of `tally args` with `env` (and nothing
+/// inherited that names a server).
+fn status(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    let mut cmd = std::process::Command::new(tally_bin());
+    let _ = cmd
+        .args(args)
+        .env_remove("TALLY_URL")
+        .env_remove("TALLY_TOKEN")
+        .env_remove("TALLY_ORG")
+        .env_remove("TALLY_CONFIG")
+        .env("RUST_BACKTRACE", "1")
+        .stdin(std::process::Stdio::null());
+    for (k, v) in env {
+        let _ = cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn every_admin_endpoint_has_a_command_and_errors_have_exit_codes() {
+    let server = Tally::start(&Backend::sqlite("cli-more")).unwrap();
+    let url = server.url.clone();
+    let _ = ok(&url, &["orgs", "create", "acme", "--name", "Acme"]);
+    let _ = ok(
+        &url,
+        &[
+            "users",
+            "add",
+            "alice",
+            "--email",
+            "a@acme.test",
+            "--name",
+            "Alice",
+            "--active",
+        ],
+    );
+    let _ = ok(
+        &url,
+        &[
+            "users",
+            "add",
+            "bob",
+            "--email",
+            "b@acme.test",
+            "--name",
+            "Bob",
+        ],
+    );
+
+    // Money flags are dollars; an amount past $100 000 needs --yes.
+    let (success, _, err) = tally(&url, &["users", "update", "alice", "--limit", "75000000"]);
+    assert!(!success, "{err}");
+    assert!(
+        err.contains("$75,000,000.00") && err.contains("--yes") && err.lines().count() == 1,
+        "{err}"
+    );
+    let alice = server
+        .operator()
+        .get("/v1/orgs/acme/users/alice")
+        .await
+        .expect(200);
+    assert_eq!(
+        alice["monthly_limit_micros"],
+        json!(null),
+        "nothing changed"
+    );
+    let out = ok(
+        &url,
+        &["users", "update", "alice", "--limit", "150000", "--yes"],
+    );
+    assert!(out.contains("$150,000.00"), "{out}");
+    let out = ok(&url, &["users", "update", "alice", "--limit", "25"]);
+    assert!(out.contains("$25.00"), "{out}");
+
+    // Org and group updates.
+    let out = ok(
+        &url,
+        &[
+            "orgs",
+            "update",
+            "--name",
+            "Acme Inc",
+            "--default-limit",
+            "40",
+            "--thresholds",
+            "0.5,0.9",
+        ],
+    );
+    assert!(
+        out.contains("Acme Inc") && out.contains("$40.00") && out.contains("0.5,0.9"),
+        "{out}"
+    );
+    let _ = ok(&url, &["groups", "create", "ops", "--name", "Ops"]);
+    let out = ok(
+        &url,
+        &[
+            "groups",
+            "update",
+            "ops",
+            "--name",
+            "Operations",
+            "--limit",
+            "300",
+        ],
+    );
+    assert!(
+        out.contains("Operations") && out.contains("$300.00"),
+        "{out}"
+    );
+    let out = ok(&url, &["groups", "add-members", "ops", "alice,bob"]);
+    assert!(out.contains("2 of 2 users changed"), "{out}");
+    let out = ok(&url, &["groups", "list", "--rows", "1"]);
+    assert_eq!(out.lines().count(), 2, "{out}");
+
+    // Tokens: mint a viewer, list, revoke.
+    let out = ok(
+        &url,
+        &[
+            "tokens",
+            "create",
+            "--role",
+            "viewer",
+            "--name",
+            "dashboards",
+        ],
+    );
+    let id = out
+        .split_whitespace()
+        .nth(2)
+        .unwrap_or_else(|| panic!("{out}"))
+        .to_owned();
+    assert!(out.starts_with("viewer token tok_"), "{out}");
+    let out = ok(&url, &["tokens", "list"]);
+    assert!(out.contains(&id) && out.contains("dashboards"), "{out}");
+    let out = ok(&url, &["tokens", "revoke", &id]);
+    assert_eq!(out, format!("revoked token {id}\n"));
+    let out = ok(&url, &["tokens", "list", "--rows", "1000"]);
+    let row = out
+        .lines()
+        .skip(1)
+        .position(|l| l.starts_with(&id))
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(cell(&out, row, "REVOKED").starts_with("20"), "{out}");
+    let out = ok(&url, &["gateway-tokens", "create", "--name", "edge"]);
+    assert!(out.contains("gw_"), "{out}");
+    let out = ok(&url, &["gateway-tokens", "list"]);
+    assert!(out.contains("edge"), "{out}");
+
+    // The webhook (to a name that does not resolve here: set, never sent).
+    let out = ok(&url, &["webhook", "set", "https://hooks.acme.test/tally"]);
+    assert!(
+        out.contains("https://hooks.acme.test/tally") && out.contains("signing secret (shown once"),
+        "{out}"
+    );
+    let out = ok(&url, &["webhook", "show"]);
+    assert!(!out.contains("secret"), "{out}");
+    let out = ok(&url, &["webhook", "deliveries"]);
+    assert!(out.starts_with("ID"), "{out}");
+    let out = ok(&url, &["webhook", "remove"]);
+    assert!(out.contains("webhook: -"), "{out}");
+
+    // The audit trail, filtered; enforcement; holds; dead letters.
+    let out = ok(
+        &url,
+        &["audit", "--subject", "user:alice", "--order", "newest"],
+    );
+    let kinds: Vec<String> = (0..out.lines().count() - 1)
+        .map(|row| cell(&out, row, "KIND"))
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "member_added",
+            "user_limit_set",
+            "user_limit_set",
+            "user_activated",
+            "user_added"
+        ],
+        "{out}"
+    );
+    assert!(out.contains("monthly_limit_micros=$25.00"), "{out}");
+    let out = ok(
+        &url,
+        &[
+            "audit",
+            "--kind",
+            "group_created,group_renamed",
+            "--rows",
+            "1",
+        ],
+    );
+    assert_eq!(out.lines().count(), 2, "{out}");
+    assert_eq!(cell(&out, 0, "KIND"), "group_created", "{out}");
+    let out = ok(&url, &["audit", "--operator"]);
+    assert!(out.contains("gateway_token_created"), "{out}");
+    let out = ok(&url, &["enforcement"]);
+    assert!(out.starts_with("AT"), "{out}");
+    let out = ok(&url, &["holds", "list"]);
+    assert!(out.starts_with("REQUEST"), "{out}");
+    let out = ok(&url, &["holds", "release", "req-none"]);
+    assert!(out.contains("req-none: unknown"), "{out}");
+    let out = ok(&url, &["dead-letters", "--all-orgs"]);
+    assert!(out.starts_with("LOGGED"), "{out}");
+
+    // Exit codes: 1 refused, 2 usage, 3 unreachable.
+    let env = [
+        ("TALLY_URL", url.as_str()),
+        ("TALLY_TOKEN", OPERATOR_TOKEN),
+        ("TALLY_ORG", "acme"),
+    ];
+    let (code, _, err) = status(&["users", "show", "ghost"], &env);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.starts_with("error: ")
+            && err.contains("ghost")
+            && err.trim_end().ends_with("(404, not_found)"),
+        "{err}"
+    );
+    let (code, _, err) = status(&["users", "list", "--limit", "5"], &env);
+    assert_eq!(code, 2, "--limit is not a row count: {err}");
+    let (code, _, err) = status(&["users", "list", "--sort"], &env);
+    assert_eq!(code, 2, "{err}");
+    let closed = format!("http://127.0.0.1:{}", tally_tests::free_port());
+    let (code, _, err) = status(
+        &["orgs", "show"],
+        &[("TALLY_URL", &closed), ("TALLY_ORG", "acme")],
+    );
+    assert_eq!(code, 3, "{err}");
+    assert!(
+        err.starts_with(&format!("error: cannot reach {closed}")) && err.lines().count() == 1,
+        "{err}"
+    );
+
+    // --config: the server's listen address and operator token, when no
+    // flag or variable says otherwise.
+    let dir = tally_tests::temp_dir("cli-config");
+    let file = dir.join("tally.toml");
+    let listen = url.trim_start_matches("http://");
+    std::fs::write(
+        &file,
+        format!("listen = \"{listen}\"\noperator_token = \"{OPERATOR_TOKEN}\"\n"),
+    )
+    .unwrap();
+    let file = file.to_str().unwrap();
+    let (code, out, err) = status(&["--config", file, "orgs", "show", "--org", "acme"], &[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with("Acme Inc (acme)"), "{out}");
+    let (code, _, err) = status(
+        &["users", "list", "--org", "acme"],
+        &[("TALLY_CONFIG", file), ("TALLY_TOKEN", "not-the-token")],
+    );
+    assert_eq!(code, 1, "the variable beats the file: {err}");
+    assert!(err.contains("401"), "{err}");
+
+    // Help on every command; completions for the shells.
+    for cmd in [
+        "orgs",
+        "users",
+        "groups",
+        "keys",
+        "tokens",
+        "gateway-tokens",
+        "webhook",
+        "holds",
+        "audit",
+        "enforcement",
+        "dead-letters",
+        "completions",
+    ] {
+        let (code, out, err) = status(&[cmd, "--help"], &[]);
+        assert_eq!(code, 0, "{cmd}: {err}");
+        assert!(out.contains("Usage: tally"), "{cmd}: {out}");
+    }
+    let (code, out, err) = status(&["completions", "bash"], &[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("_tally()") && out.contains("add-members"),
+        "{out}"
+    );
+    let (code, out, _) = status(&["completions", "zsh"], &[]);
+    assert_eq!(code, 0);
+    assert!(out.starts_with("#compdef tally"), "{out}");
     server.stop().unwrap();
 }

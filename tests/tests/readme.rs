@@ -5,15 +5,16 @@ use std::path::Path;
 
 use tally_tests::{Backend, OPERATOR_TOKEN, Tally};
 
-fn quickstart() -> String {
+/// The shell lines of the README's block marked `name`.
+fn block(name: &str) -> String {
     let readme =
         std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md"))
             .unwrap();
     let block = readme
-        .split("<!-- quickstart:begin -->")
+        .split(&format!("<!-- {name}:begin -->"))
         .nth(1)
-        .and_then(|rest| rest.split("<!-- quickstart:end -->").next())
-        .expect("README has a quickstart block");
+        .and_then(|rest| rest.split(&format!("<!-- {name}:end -->")).next())
+        .unwrap_or_else(|| panic!("README has no {name} block"));
     block
         .lines()
         .filter(|l| !l.starts_with("```"))
@@ -25,9 +26,9 @@ fn quickstart() -> String {
 async fn the_quickstart_works_as_written() {
     let tally = Tally::start(&Backend::sqlite("readme")).unwrap();
     let out = std::process::Command::new("bash")
-        .args(["-c", &quickstart()])
-        .env("TALLY", &tally.url)
-        .env("TOKEN", OPERATOR_TOKEN)
+        .args(["-c", &block("quickstart")])
+        .env("TALLY_URL", &tally.url)
+        .env("TALLY_TOKEN", OPERATOR_TOKEN)
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -68,5 +69,42 @@ async fn the_quickstart_works_as_written() {
     );
     assert!(stdout.contains("\"spend_micros\":51000000"), "{stdout}");
     assert!(!stdout.contains("\"error\""), "{stdout}");
+
+    // Then the CLI block, in the same shell variables, with `tally` on the
+    // PATH.
+    let bin = Path::new(&tally_tests::tally_bin())
+        .parent()
+        .unwrap()
+        .to_owned();
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let out = std::process::Command::new("bash")
+        .args(["-e", "-c", &block("cli")])
+        .env("TALLY_URL", &tally.url)
+        .env("TALLY_TOKEN", OPERATOR_TOKEN)
+        .env("PATH", path)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<&str> = stdout.lines().collect();
+    // The top three by spend: alice, at $52.50, first.
+    assert!(lines[0].starts_with("ID "), "{stdout}");
+    assert!(
+        lines[1].starts_with("alice ") && lines[1].contains("$52.50"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("2 of 2 users changed"), "{stdout}");
+    assert!(
+        stdout.contains("$20.00") && stdout.contains("user_limit_set"),
+        "{stdout}"
+    );
     tally.stop().unwrap();
 }

@@ -39,6 +39,7 @@ pub(crate) enum Scenario {
 
 #[derive(Debug, Clone, Args)]
 pub(crate) struct BenchArgs {
+    /// Which scenario to run.
     #[arg(value_enum, default_value_t = Scenario::All)]
     pub(crate) scenario: Scenario,
     /// A smoke run: every scenario, small.

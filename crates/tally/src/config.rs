@@ -11,7 +11,9 @@ use serde::Deserialize;
 #[derive(Debug, Parser)]
 #[command(name = "tally", version, about = "Spend control for LLM API gateways")]
 pub(crate) struct Cli {
-    /// A TOML file with any of the options below (snake_case names).
+    /// A TOML file of `tally serve`'s options, snake_case (see
+    /// deploy/tally.toml); admin commands take the server's URL and
+    /// operator token from it.
     #[arg(long, env = "TALLY_CONFIG", global = true)]
     pub(crate) config: Option<PathBuf>,
     #[command(subcommand)]
@@ -38,7 +40,7 @@ pub(crate) enum Command {
     /// Publish realistic usage for an org to the usage topic, as a gateway
     /// would (an example producer).
     Produce(ProduceArgs),
-    /// Orgs, over the HTTP API: create, show, mint an admin token.
+    /// Orgs, over the HTTP API: create, show, update.
     Orgs {
         #[command(flatten)]
         conn: crate::cli::Conn,
@@ -53,7 +55,7 @@ pub(crate) enum Command {
         #[command(subcommand)]
         cmd: crate::cli::Users,
     },
-    /// Groups, over the HTTP API: list, create, show, add-members,
+    /// Groups, over the HTTP API: list, create, show, update, add-members,
     /// remove-members, delete.
     Groups {
         #[command(flatten)]
@@ -61,12 +63,68 @@ pub(crate) enum Command {
         #[command(subcommand)]
         cmd: crate::cli::Groups,
     },
-    /// API keys, over the HTTP API: list, create, revoke.
+    /// API keys, over the HTTP API: list, create, show, update, rotate,
+    /// revoke.
     Keys {
         #[command(flatten)]
         conn: crate::cli::Conn,
         #[command(subcommand)]
         cmd: crate::cli::Keys,
+    },
+    /// The org's tokens, over the HTTP API: list, create, revoke.
+    Tokens {
+        #[command(flatten)]
+        conn: crate::cli::Conn,
+        #[command(subcommand)]
+        cmd: crate::cli::Tokens,
+    },
+    /// Gateway tokens of every org (operator): list, create, revoke.
+    GatewayTokens {
+        #[command(flatten)]
+        conn: crate::cli::Conn,
+        #[command(subcommand)]
+        cmd: crate::cli::GatewayTokens,
+    },
+    /// The org's webhook: show, set, remove, deliveries, redeliver.
+    Webhook {
+        #[command(flatten)]
+        conn: crate::cli::Conn,
+        #[command(subcommand)]
+        cmd: crate::cli::Webhook,
+    },
+    /// Live holds of the org: list, release.
+    Holds {
+        #[command(flatten)]
+        conn: crate::cli::Conn,
+        #[command(subcommand)]
+        cmd: crate::cli::Holds,
+    },
+    /// The audit trail: every change, who made it and when, filtered.
+    Audit {
+        #[command(flatten)]
+        conn: crate::cli::Conn,
+        #[command(flatten)]
+        args: crate::cli::AuditArgs,
+    },
+    /// Thresholds crossed, cutoffs and lifts, newest first.
+    Enforcement {
+        #[command(flatten)]
+        conn: crate::cli::Conn,
+        #[command(flatten)]
+        rows: crate::cli::Rows,
+    },
+    /// Usage that could not be counted, newest first.
+    DeadLetters {
+        #[command(flatten)]
+        conn: crate::cli::Conn,
+        #[command(flatten)]
+        args: crate::cli::DeadLetterArgs,
+    },
+    /// Print a shell completion script: `tally completions bash >
+    /// /etc/bash_completion.d/tally` (also zsh, fish, elvish, powershell).
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
     },
 }
 
@@ -313,6 +371,32 @@ fn read_file(path: Option<&Path>) -> anyhow::Result<FileConfig> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("reading config file {}", path.display()))?;
     toml::from_str(&text).with_context(|| format!("parsing config file {}", path.display()))
+}
+
+/// What admin commands take from `--config` when neither a flag nor the
+/// environment says: the server's URL (its `advertise_url`, else its
+/// `listen` address) and its `operator_token`.
+#[derive(Debug, Default)]
+pub(crate) struct AdminDefaults {
+    pub(crate) url: Option<String>,
+    pub(crate) token: Option<String>,
+}
+
+pub(crate) fn admin_defaults(cli_config: Option<&Path>) -> anyhow::Result<AdminDefaults> {
+    let file = read_file(cli_config)?;
+    let url = file.advertise_url.or_else(|| {
+        file.listen.map(|listen| {
+            // A wildcard address is reached on loopback.
+            let listen = listen
+                .replace("0.0.0.0:", "127.0.0.1:")
+                .replace("[::]:", "[::1]:");
+            format!("http://{listen}")
+        })
+    });
+    Ok(AdminDefaults {
+        url,
+        token: file.operator_token.filter(|t| !t.is_empty()),
+    })
 }
 
 /// The database URL: PostgreSQL when given, else SQLite in the data dir.

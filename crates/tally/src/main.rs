@@ -35,21 +35,32 @@ static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// Where the hash of a generated operator token is kept.
 const OPERATOR_TOKEN_META: &str = "operator_token_sha256";
 
-/// Errors end the process with their causes on one line and status 1;
-/// never a backtrace (`RUST_BACKTRACE` is for developers' panics, and many
-/// shells set it).
+/// Errors end the process with their causes on one line, never a
+/// backtrace (`RUST_BACKTRACE` is for developers' panics, and many shells
+/// set it). Exit status (docs/cli.md): 1 refused or failed, 2 a usage
+/// error (clap's), 3 the server could not be reached.
 fn main() -> std::process::ExitCode {
     match run() {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
-            std::process::ExitCode::FAILURE
+            if e.chain().any(|c| c.is::<cli::Unreachable>()) {
+                std::process::ExitCode::from(3)
+            } else {
+                std::process::ExitCode::FAILURE
+            }
         }
     }
 }
 
 fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if let Command::Completions { shell } = cli.command {
+        let mut cmd = <Cli as clap::CommandFactory>::command();
+        clap_complete::generate(shell, &mut cmd, "tally", &mut std::io::stdout());
+        return Ok(());
+    }
+    let admin = || config::admin_defaults(cli.config.as_deref());
     // For every HTTP client of the process: the CLI's and the webhooks'.
     tally_webhooks::install_tls_crypto();
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -61,10 +72,26 @@ fn run() -> anyhow::Result<()> {
             init_logs(cfg.json_logs);
             runtime.block_on(serve(cfg))
         }
-        Command::Orgs { conn, cmd } => print(runtime.block_on(cli::orgs(conn, cmd))),
-        Command::Users { conn, cmd } => print(runtime.block_on(cli::users(conn, cmd))),
-        Command::Groups { conn, cmd } => print(runtime.block_on(cli::groups(conn, cmd))),
-        Command::Keys { conn, cmd } => print(runtime.block_on(cli::keys(conn, cmd))),
+        Command::Orgs { conn, cmd } => print(runtime.block_on(cli::orgs(conn, admin()?, cmd))),
+        Command::Users { conn, cmd } => print(runtime.block_on(cli::users(conn, admin()?, cmd))),
+        Command::Groups { conn, cmd } => print(runtime.block_on(cli::groups(conn, admin()?, cmd))),
+        Command::Keys { conn, cmd } => print(runtime.block_on(cli::keys(conn, admin()?, cmd))),
+        Command::Tokens { conn, cmd } => print(runtime.block_on(cli::tokens(conn, admin()?, cmd))),
+        Command::GatewayTokens { conn, cmd } => {
+            print(runtime.block_on(cli::gateway_tokens(conn, admin()?, cmd)))
+        }
+        Command::Webhook { conn, cmd } => {
+            print(runtime.block_on(cli::webhook(conn, admin()?, cmd)))
+        }
+        Command::Holds { conn, cmd } => print(runtime.block_on(cli::holds(conn, admin()?, cmd))),
+        Command::Audit { conn, args } => print(runtime.block_on(cli::audit(conn, admin()?, args))),
+        Command::Enforcement { conn, rows } => {
+            print(runtime.block_on(cli::enforcement(conn, admin()?, rows)))
+        }
+        Command::DeadLetters { conn, args } => {
+            print(runtime.block_on(cli::dead_letters(conn, admin()?, args)))
+        }
+        Command::Completions { .. } => Ok(()),
         Command::Produce(args) => {
             init_logs(false);
             runtime.block_on(produce(args))

@@ -825,4 +825,60 @@ async fn a_validator_and_a_client_generator_accept_the_document() {
         }
     }
     assert_eq!(modules, operations);
+
+    // The generated client runs the administrator's workflow against a
+    // real server (tests/python/admin_workflow.py asserts each answer).
+    let tally = Tally::start(&Backend::sqlite("openapi-client")).unwrap();
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("python/admin_workflow.py");
+    let out = std::process::Command::new(tools.join("python"))
+        .arg(&script)
+        .args([tally.url.as_str(), tally_tests::OPERATOR_TOKEN])
+        .env("PYTHONPATH", dir.join("tally-client"))
+        .output()
+        .unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success(),
+        "the generated client's workflow failed:\n{said}"
+    );
+    assert!(said.contains("admin workflow: ok"), "{said}");
+    tally.stop().unwrap();
+}
+
+/// Every field of every schema and every parameter says what it is: what a
+/// generated client shows its users as documentation.
+#[tokio::test]
+async fn every_field_and_parameter_is_described() {
+    let tally = Tally::start(&Backend::sqlite("openapi-described")).unwrap();
+    let doc = tally.anonymous().get("/openapi.json").await.expect(200);
+    tally.stop().unwrap();
+    // On the property, or (utoipa's way for an optional reference) on the
+    // reference among its `oneOf`.
+    let described = |v: &Value| {
+        std::iter::once(v)
+            .chain(v["oneOf"].as_array().into_iter().flatten())
+            .any(|v| v["description"].as_str().is_some_and(|d| !d.is_empty()))
+    };
+    let mut missing = Vec::new();
+    for (name, schema) in doc["components"]["schemas"].as_object().unwrap() {
+        for (field, v) in schema["properties"].as_object().into_iter().flatten() {
+            if !described(v) {
+                missing.push(format!("{name}.{field}"));
+            }
+        }
+    }
+    for (path, ops) in doc["paths"].as_object().unwrap() {
+        for (method, op) in ops.as_object().unwrap() {
+            for p in op["parameters"].as_array().into_iter().flatten() {
+                if p["description"].as_str().is_none_or(str::is_empty) {
+                    missing.push(format!("{method} {path} {}", p["name"]));
+                }
+            }
+        }
+    }
+    assert!(missing.is_empty(), "without a description: {missing:#?}");
 }

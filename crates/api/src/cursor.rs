@@ -159,7 +159,9 @@ pub(crate) fn newest_first(order: Option<&str>) -> Result<bool, ApiError> {
 #[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct PageParams {
+    /// `next_cursor` of the previous page.
     pub(crate) cursor: Option<String>,
+    /// Rows a page (default 50, at most 1 000).
     pub(crate) limit: Option<u32>,
 }
 

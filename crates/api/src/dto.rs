@@ -39,9 +39,16 @@ impl utoipa::PartialSchema for EventJson {
         use utoipa::openapi::schema::Type;
         let string = || ObjectBuilder::new().schema_type(Type::String);
         ObjectBuilder::new()
-            .property("org_id", string())
-            .property("seq", ObjectBuilder::new().schema_type(Type::Integer))
-            .property("at", string().description(Some("RFC 3339")))
+            .property("org_id", string().description(Some("The org.")))
+            .property(
+                "seq",
+                ObjectBuilder::new()
+                    .schema_type(Type::Integer)
+                    .description(Some(
+                        "Its position in the org's log: 1, 2, 3 … without gaps.",
+                    )),
+            )
+            .property("at", string().description(Some("When (RFC 3339).")))
             .property(
                 "actor",
                 string().description(Some("operator, or token:<id>")),
@@ -98,21 +105,31 @@ fn cut_off(spend: i64, limit: Option<i64>) -> bool {
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub(crate) struct OrgJson {
+    /// The org's id.
     pub id: String,
+    /// Its display name.
     pub name: String,
+    /// The monthly limit new members get, in micro-USD; `null`: unlimited.
     pub default_monthly_limit_micros: Option<i64>,
+    /// Fractions of a limit at which crossings are announced.
     pub alert_thresholds: Vec<Fraction>,
     /// The org's own limit on its total spend; `null`: none.
     pub monthly_limit_micros: Option<i64>,
+    /// Everyone's spend this month, in micro-USD.
     pub spend_micros: i64,
     /// What live holds (calls in flight) hold on it.
     pub held_micros: i64,
+    /// Spend over the org limit; `null` without one.
     pub utilization: Option<f64>,
+    /// Whether everyone's spend together reached the org limit this month.
     pub cut_off: bool,
+    /// Calls counted this month.
     pub requests: i64,
+    /// The month the figures are for (`2026-12`, UTC).
     pub month: String,
     /// Where threshold and cutoff notifications go; `null`: nowhere.
     pub webhook_url: Option<String>,
+    /// When it was created.
     pub created_at: String,
 }
 
@@ -138,19 +155,31 @@ impl OrgJson {
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub(crate) struct UserJson {
+    /// The member's id.
     pub id: String,
+    /// Their email address.
     pub email: String,
+    /// Their display name.
     pub name: String,
+    /// `invited`, `active`, `suspended` or `removed`.
     pub status: String,
+    /// The groups they belong to.
     pub groups: Vec<String>,
+    /// Their monthly limit in micro-USD; `null`: unlimited.
     pub monthly_limit_micros: Option<i64>,
+    /// Their spend this month, in micro-USD.
     pub spend_micros: i64,
     /// What live holds (calls in flight) hold on it.
     pub held_micros: i64,
+    /// Spend over limit (1.0 at the limit); `null` without a limit.
     pub utilization: Option<f64>,
+    /// Whether their spend reached their limit this month (authorize refuses them).
     pub cut_off: bool,
+    /// Their latest counted call (null: none).
     pub last_active_at: Option<String>,
+    /// Calls counted this month.
     pub requests: i64,
+    /// When they were added.
     pub created_at: String,
 }
 
@@ -176,16 +205,25 @@ impl From<UserRow> for UserJson {
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub(crate) struct GroupJson {
+    /// The group's id.
     pub id: String,
+    /// Its display name.
     pub name: String,
+    /// Its members.
     pub member_count: i64,
+    /// Its monthly limit in micro-USD; `null`: unlimited.
     pub monthly_limit_micros: Option<i64>,
+    /// Its members' spend through it this month, in micro-USD.
     pub spend_micros: i64,
     /// What live holds (calls in flight) hold on it.
     pub held_micros: i64,
+    /// Spend over limit (1.0 at the limit); `null` without a limit.
     pub utilization: Option<f64>,
+    /// Whether its spend reached its limit this month (its members' calls are refused).
     pub cut_off: bool,
+    /// Calls counted this month.
     pub requests: i64,
+    /// When it was created.
     pub created_at: String,
 }
 
@@ -208,19 +246,31 @@ impl From<GroupRow> for GroupJson {
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub(crate) struct KeyJson {
+    /// The key's id.
     pub id: String,
+    /// What it is for.
     pub name: String,
+    /// Its owner (null: a key of its groups only).
     pub user_id: Option<String>,
+    /// Groups its spend also counts against.
     pub group_ids: Vec<String>,
+    /// Features authorize allows it.
     pub features: Vec<String>,
+    /// Its own monthly limit in micro-USD; `null`: unlimited.
     pub monthly_limit_micros: Option<i64>,
+    /// Its spend this month, in micro-USD.
     pub spend_micros: i64,
     /// What live holds (calls in flight) hold on it.
     pub held_micros: i64,
+    /// Whether its spend reached its limit this month.
     pub cut_off: bool,
+    /// Calls counted this month.
     pub requests: i64,
+    /// Whether it was revoked.
     pub revoked: bool,
+    /// When authorize last saw it (null: never).
     pub last_used_at: Option<String>,
+    /// When it was created.
     pub created_at: String,
     /// From then on authorize refuses it (`key_expired`); null: never.
     pub expires_at: Option<String>,
@@ -257,8 +307,11 @@ impl From<KeyRow> for KeyJson {
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub(crate) struct MonthSpend {
+    /// The month (`2026-12`).
     pub month: String,
+    /// Spend that month, in micro-USD.
     pub spend_micros: i64,
+    /// Calls counted that month.
     pub requests: i64,
     /// Against the month before, when that month had spend on record.
     pub change_micros: Option<i64>,
@@ -266,14 +319,19 @@ pub(crate) struct MonthSpend {
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub(crate) struct DaySpend {
+    /// The UTC day (`2026-12-07`).
     pub day: String,
+    /// Spend that day, in micro-USD.
     pub spend_micros: i64,
+    /// Calls counted that day.
     pub requests: i64,
 }
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub(crate) struct History {
+    /// The last 13 months, newest first, with the change from the month before.
     pub months: Vec<MonthSpend>,
+    /// This month, by day.
     pub days: Vec<DaySpend>,
 }
 
@@ -320,7 +378,9 @@ impl History {
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub(crate) struct ListJson<T> {
+    /// This page's items.
     pub items: Vec<T>,
+    /// Pass as `cursor` for the next page; `null`: this is the last.
     pub next_cursor: Option<String>,
 }
 

@@ -168,6 +168,7 @@ pub(crate) type ApiResult<T> = Result<T, ApiError>;
 /// The body of every error response (for the OpenAPI document).
 #[derive(Debug, serde::Serialize, utoipa::ToSchema)]
 pub(crate) struct ErrorBody {
+    /// What went wrong.
     error: ErrorDetail,
 }
 
@@ -176,5 +177,6 @@ pub(crate) struct ErrorDetail {
     /// invalid_input, unauthorized, forbidden, not_found, conflict,
     /// too_large, rule_violated, unavailable, internal
     code: String,
+    /// What went wrong, in words.
     message: String,
 }

@@ -39,8 +39,11 @@ async fn group_json(state: &AppState, org_id: &OrgId, group: &GroupId) -> ApiRes
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct CreateGroup {
+    /// The group's id; default: generated.
     id: Option<String>,
+    /// Its display name.
     name: String,
+    /// Its monthly limit in micro-USD; absent or `null`: unlimited.
     #[serde(default)]
     monthly_limit_micros: Option<i64>,
 }
@@ -120,7 +123,7 @@ pub(crate) struct GroupDetail {
 /// How many members a group's detail shows.
 const MEMBERS_SHOWN: u32 = 100;
 
-#[utoipa::path(get, path = "/v1/orgs/{org}/groups/{group}", operation_id = "groups_get", tag = "groups", params(("org" = String, Path, description = "org id"), ("group" = String, Path)), security(("bearer" = ["operator", "admin", "viewer"])), responses((status = 200, description = "ok", body = GroupDetail), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody)))]
+#[utoipa::path(get, path = "/v1/orgs/{org}/groups/{group}", operation_id = "groups_get", tag = "groups", params(("org" = String, Path, description = "org id"), ("group" = String, Path, description = "group id")), security(("bearer" = ["operator", "admin", "viewer"])), responses((status = 200, description = "ok", body = GroupDetail), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody)))]
 pub(crate) async fn get(
     State(state): State<AppState>,
     caller: Caller,
@@ -164,13 +167,15 @@ pub(crate) async fn get(
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct PatchGroup {
+    /// A new display name.
     name: Option<String>,
+    /// A new monthly limit in micro-USD; `null`: unlimited.
     #[serde(default, deserialize_with = "present")]
     #[schema(value_type = Option<i64>)]
     monthly_limit_micros: Option<Option<i64>>,
 }
 
-#[utoipa::path(patch, path = "/v1/orgs/{org}/groups/{group}", operation_id = "groups_patch", tag = "groups", params(("org" = String, Path, description = "org id"), ("group" = String, Path)), request_body = PatchGroup, security(("bearer" = ["operator", "admin"])), responses((status = 200, description = "ok", body = GroupJson), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody), (status = 409, description = "conflict", body = crate::error::ErrorBody), (status = 422, description = "a rule forbids it", body = crate::error::ErrorBody)))]
+#[utoipa::path(patch, path = "/v1/orgs/{org}/groups/{group}", operation_id = "groups_patch", tag = "groups", params(("org" = String, Path, description = "org id"), ("group" = String, Path, description = "group id")), request_body = PatchGroup, security(("bearer" = ["operator", "admin"])), responses((status = 200, description = "ok", body = GroupJson), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody), (status = 409, description = "conflict", body = crate::error::ErrorBody), (status = 422, description = "a rule forbids it", body = crate::error::ErrorBody)))]
 pub(crate) async fn patch(
     State(state): State<AppState>,
     caller: Caller,
@@ -193,7 +198,7 @@ pub(crate) async fn patch(
     Ok(Json(group_json(&state, &org_id, &group_id).await?))
 }
 
-#[utoipa::path(delete, path = "/v1/orgs/{org}/groups/{group}", operation_id = "groups_delete", tag = "groups", params(("org" = String, Path, description = "org id"), ("group" = String, Path)), security(("bearer" = ["operator", "admin"])), responses((status = 204, description = "deleted"), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody), (status = 409, description = "conflict", body = crate::error::ErrorBody), (status = 422, description = "a rule forbids it", body = crate::error::ErrorBody)))]
+#[utoipa::path(delete, path = "/v1/orgs/{org}/groups/{group}", operation_id = "groups_delete", tag = "groups", params(("org" = String, Path, description = "org id"), ("group" = String, Path, description = "group id")), security(("bearer" = ["operator", "admin"])), responses((status = 204, description = "deleted"), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody), (status = 409, description = "conflict", body = crate::error::ErrorBody), (status = 422, description = "a rule forbids it", body = crate::error::ErrorBody)))]
 pub(crate) async fn delete(
     State(state): State<AppState>,
     caller: Caller,
@@ -240,7 +245,7 @@ async fn membership(
 }
 
 /// Idempotent: adding a member twice changes nothing.
-#[utoipa::path(put, path = "/v1/orgs/{org}/groups/{group}/members/{user}", operation_id = "groups_add_member", tag = "groups", params(("org" = String, Path, description = "org id"), ("group" = String, Path), ("user" = String, Path)), security(("bearer" = ["operator", "admin"])), responses((status = 200, description = "ok", body = GroupJson), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody), (status = 409, description = "conflict", body = crate::error::ErrorBody), (status = 422, description = "a rule forbids it", body = crate::error::ErrorBody)))]
+#[utoipa::path(put, path = "/v1/orgs/{org}/groups/{group}/members/{user}", operation_id = "groups_add_member", tag = "groups", params(("org" = String, Path, description = "org id"), ("group" = String, Path, description = "group id"), ("user" = String, Path, description = "user id")), security(("bearer" = ["operator", "admin"])), responses((status = 200, description = "ok", body = GroupJson), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody), (status = 409, description = "conflict", body = crate::error::ErrorBody), (status = 422, description = "a rule forbids it", body = crate::error::ErrorBody)))]
 pub(crate) async fn add_member(
     State(state): State<AppState>,
     caller: Caller,
@@ -249,7 +254,7 @@ pub(crate) async fn add_member(
     membership(state, caller, path, true).await
 }
 
-#[utoipa::path(delete, path = "/v1/orgs/{org}/groups/{group}/members/{user}", operation_id = "groups_remove_member", tag = "groups", params(("org" = String, Path, description = "org id"), ("group" = String, Path), ("user" = String, Path)), security(("bearer" = ["operator", "admin"])), responses((status = 200, description = "ok", body = GroupJson), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody), (status = 409, description = "conflict", body = crate::error::ErrorBody), (status = 422, description = "a rule forbids it", body = crate::error::ErrorBody)))]
+#[utoipa::path(delete, path = "/v1/orgs/{org}/groups/{group}/members/{user}", operation_id = "groups_remove_member", tag = "groups", params(("org" = String, Path, description = "org id"), ("group" = String, Path, description = "group id"), ("user" = String, Path, description = "user id")), security(("bearer" = ["operator", "admin"])), responses((status = 200, description = "ok", body = GroupJson), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody), (status = 409, description = "conflict", body = crate::error::ErrorBody), (status = 422, description = "a rule forbids it", body = crate::error::ErrorBody)))]
 pub(crate) async fn remove_member(
     State(state): State<AppState>,
     caller: Caller,

@@ -16,14 +16,19 @@ use crate::{AppState, org_access, page_len};
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub(crate) struct HoldRowJson {
+    /// The call's request id.
     request_id: String,
+    /// The member the call is for.
     user_id: String,
+    /// The key the call was authorized for.
     api_key_id: String,
     /// The groups it is held on (the user's and the key's when placed).
     group_ids: Vec<String>,
     /// Held on the user, the key, each group and the org alike.
     held_micros: i64,
+    /// When authorize placed it.
     placed_at: String,
+    /// When it lapses if no usage settles it.
     expires_at: String,
 }
 
@@ -71,6 +76,7 @@ pub(crate) async fn list(
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub(crate) struct ReleasedJson {
+    /// The call's request id.
     request_id: String,
     /// What the release found: `released` (a live hold, freed now),
     /// `settled` (its usage was counted), `expired`, or `unknown`.
@@ -81,7 +87,7 @@ pub(crate) struct ReleasedJson {
 
 /// Frees a hold at once, for a call that failed or was cancelled.
 /// Idempotent: a hold that is not live answers 200 with what was found.
-#[utoipa::path(delete, path = "/v1/orgs/{org}/holds/{request_id}", operation_id = "holds_release", tag = "holds", params(("org" = String, Path, description = "org id"), ("request_id" = String, Path)), security(("bearer" = ["operator", "admin", "gateway"])), responses((status = 200, description = "ok", body = ReleasedJson), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org", body = crate::error::ErrorBody), (status = 503, description = "holds are unavailable (distributed mode) or the journal cannot be written", body = crate::error::ErrorBody)))]
+#[utoipa::path(delete, path = "/v1/orgs/{org}/holds/{request_id}", operation_id = "holds_release", tag = "holds", params(("org" = String, Path, description = "org id"), ("request_id" = String, Path, description = "the call's request id")), security(("bearer" = ["operator", "admin", "gateway"])), responses((status = 200, description = "ok", body = ReleasedJson), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org", body = crate::error::ErrorBody), (status = 503, description = "holds are unavailable (distributed mode) or the journal cannot be written", body = crate::error::ErrorBody)))]
 pub(crate) async fn release(
     State(state): State<AppState>,
     caller: Caller,

@@ -39,13 +39,19 @@ async fn key_json(state: &AppState, org_id: &OrgId, key: &KeyId) -> ApiResult<Ke
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct CreateKey {
+    /// The key's id; default: generated.
     id: Option<String>,
+    /// What it is for.
     name: String,
+    /// The member who owns it (their first own key activates them).
     user_id: Option<String>,
+    /// Groups its spend also counts against.
     #[serde(default)]
     group_ids: Vec<String>,
+    /// Features authorize allows it (`chat`, `embeddings`, or `all`).
     #[serde(default)]
     features: Vec<String>,
+    /// Its own monthly limit in micro-USD; absent or `null`: unlimited.
     #[serde(default)]
     monthly_limit_micros: Option<i64>,
     /// RFC 3339; from then on authorize refuses the key (`key_expired`).
@@ -150,7 +156,7 @@ pub(crate) struct KeyDetail {
     history: History,
 }
 
-#[utoipa::path(get, path = "/v1/orgs/{org}/keys/{key}", operation_id = "keys_get", tag = "keys", params(("org" = String, Path, description = "org id"), ("key" = String, Path)), security(("bearer" = ["operator", "admin", "viewer"])), responses((status = 200, description = "ok", body = KeyDetail), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody)))]
+#[utoipa::path(get, path = "/v1/orgs/{org}/keys/{key}", operation_id = "keys_get", tag = "keys", params(("org" = String, Path, description = "org id"), ("key" = String, Path, description = "key id")), security(("bearer" = ["operator", "admin", "viewer"])), responses((status = 200, description = "ok", body = KeyDetail), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody)))]
 pub(crate) async fn get(
     State(state): State<AppState>,
     caller: Caller,
@@ -176,12 +182,15 @@ pub(crate) async fn get(
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct PatchKey {
+    /// Every feature of the key (replaces them).
     features: Option<Vec<String>>,
+    /// A new monthly limit in micro-USD; `null`: unlimited.
     #[serde(default, deserialize_with = "present")]
     #[schema(value_type = Option<i64>)]
     monthly_limit_micros: Option<Option<i64>>,
     /// `true` revokes the key (final); `false` is refused.
     revoked: Option<bool>,
+    /// What it is for.
     name: Option<String>,
     /// The owner; `null`: none (the key then needs groups).
     #[serde(default, deserialize_with = "present")]
@@ -195,7 +204,7 @@ pub(crate) struct PatchKey {
     expires_at: Option<Option<String>>,
 }
 
-#[utoipa::path(patch, path = "/v1/orgs/{org}/keys/{key}", operation_id = "keys_patch", tag = "keys", params(("org" = String, Path, description = "org id"), ("key" = String, Path)), request_body = PatchKey, security(("bearer" = ["operator", "admin"])), responses((status = 200, description = "ok", body = KeyJson), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody), (status = 409, description = "conflict", body = crate::error::ErrorBody), (status = 422, description = "a rule forbids it", body = crate::error::ErrorBody)))]
+#[utoipa::path(patch, path = "/v1/orgs/{org}/keys/{key}", operation_id = "keys_patch", tag = "keys", params(("org" = String, Path, description = "org id"), ("key" = String, Path, description = "key id")), request_body = PatchKey, security(("bearer" = ["operator", "admin"])), responses((status = 200, description = "ok", body = KeyJson), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody), (status = 409, description = "conflict", body = crate::error::ErrorBody), (status = 422, description = "a rule forbids it", body = crate::error::ErrorBody)))]
 pub(crate) async fn patch(
     State(state): State<AppState>,
     caller: Caller,
@@ -251,7 +260,7 @@ pub(crate) struct RotateKey {
 
 /// Gives the key a new secret (in this response only). The old one keeps
 /// working for the grace period, so gateways can switch without a gap.
-#[utoipa::path(post, path = "/v1/orgs/{org}/keys/{key}/rotate", operation_id = "keys_rotate", tag = "keys", params(("org" = String, Path, description = "org id"), ("key" = String, Path)), request_body(content = Option<RotateKey>, description = "optional"), security(("bearer" = ["operator", "admin"])), responses((status = 200, description = "ok", body = KeyJson), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody), (status = 422, description = "the key is revoked", body = crate::error::ErrorBody)))]
+#[utoipa::path(post, path = "/v1/orgs/{org}/keys/{key}/rotate", operation_id = "keys_rotate", tag = "keys", params(("org" = String, Path, description = "org id"), ("key" = String, Path, description = "key id")), request_body(content = Option<RotateKey>, description = "optional"), security(("bearer" = ["operator", "admin"])), responses((status = 200, description = "ok", body = KeyJson), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody), (status = 422, description = "the key is revoked", body = crate::error::ErrorBody)))]
 pub(crate) async fn rotate(
     State(state): State<AppState>,
     caller: Caller,
@@ -284,7 +293,7 @@ pub(crate) async fn rotate(
     Ok(Json(key))
 }
 
-#[utoipa::path(delete, path = "/v1/orgs/{org}/keys/{key}", operation_id = "keys_revoke", tag = "keys", params(("org" = String, Path, description = "org id"), ("key" = String, Path)), security(("bearer" = ["operator", "admin"])), responses((status = 200, description = "ok", body = KeyJson), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody), (status = 409, description = "conflict", body = crate::error::ErrorBody), (status = 422, description = "a rule forbids it", body = crate::error::ErrorBody)))]
+#[utoipa::path(delete, path = "/v1/orgs/{org}/keys/{key}", operation_id = "keys_revoke", tag = "keys", params(("org" = String, Path, description = "org id"), ("key" = String, Path, description = "key id")), security(("bearer" = ["operator", "admin"])), responses((status = 200, description = "ok", body = KeyJson), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody), (status = 409, description = "conflict", body = crate::error::ErrorBody), (status = 422, description = "a rule forbids it", body = crate::error::ErrorBody)))]
 pub(crate) async fn revoke(
     State(state): State<AppState>,
     caller: Caller,

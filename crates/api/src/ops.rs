@@ -12,6 +12,7 @@ use crate::{AppState, MetricsAccess};
 /// `ok` (alive) or `ready`.
 #[derive(Debug, serde::Serialize, utoipa::ToSchema)]
 pub(crate) struct StatusJson {
+    /// `ok`, or what is not.
     status: &'static str,
 }
 

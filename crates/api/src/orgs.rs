@@ -24,10 +24,14 @@ use crate::{AppState, org_access, page_len};
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct CreateOrg {
+    /// The org's id; default: generated.
     id: Option<String>,
+    /// Its display name.
     name: String,
+    /// The monthly limit new members get, in micro-USD; absent or `null`: unlimited.
     #[serde(default)]
     default_monthly_limit_micros: Option<i64>,
+    /// Fractions of a limit at which a subject's crossing is announced (default 0.8 and 1).
     #[schema(value_type = Option<Vec<crate::dto::Fraction>>)]
     alert_thresholds: Option<Vec<serde_json::Number>>,
     /// The org's own limit on its total monthly spend (absent or null:
@@ -39,10 +43,13 @@ pub(crate) struct CreateOrg {
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct PatchOrg {
+    /// A new display name.
     name: Option<String>,
+    /// The monthly limit new members get from now on, in micro-USD; `null`: unlimited.
     #[serde(default, deserialize_with = "present")]
     #[schema(value_type = Option<i64>)]
     default_monthly_limit_micros: Option<Option<i64>>,
+    /// New alert thresholds, fractions of a limit.
     #[schema(value_type = Option<Vec<crate::dto::Fraction>>)]
     alert_thresholds: Option<Vec<serde_json::Number>>,
     /// `null`: no org limit.
@@ -347,7 +354,9 @@ pub(crate) async fn events(
 pub(crate) struct EnforcementJson {
     /// user, group, key or org
     subject_kind: String,
+    /// The subject's id.
     subject_id: String,
+    /// The month it belongs to (`2026-12`).
     month: String,
     /// threshold_crossed, cut_off or cutoff_lifted
     event: String,
@@ -355,8 +364,11 @@ pub(crate) struct EnforcementJson {
     threshold: Option<Fraction>,
     /// For cutoff_lifted: limit_raised, limit_removed or new_month.
     reason: Option<String>,
+    /// The subject's spend then, in micro-USD.
     spend_micros: i64,
+    /// The limit then, in micro-USD.
     limit_micros: Option<i64>,
+    /// When it happened.
     at: String,
 }
 
@@ -484,10 +496,15 @@ fn dead_letter_page(rows: Vec<DeadLetterRow>, limit: u32) -> ListJson<DeadLetter
 pub(crate) struct DeadLetterJson {
     /// The usage log partition and position it was read from.
     partition: i64,
+    /// Its offset in that partition.
     position: i64,
+    /// When the usage log took it.
     logged_at: String,
+    /// The org it named, if any.
     org_id: Option<String>,
+    /// Why it was not counted (`malformed`, `unknown_org`, `unknown_user`, …).
     reason: String,
+    /// Why, in words.
     message: String,
 }
 

@@ -36,10 +36,13 @@ pub(crate) struct CreateToken {
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub(crate) struct TokenJson {
+    /// The token's id (for revoking it).
     id: String,
     /// Null for a gateway token of every org.
     org_id: Option<String>,
+    /// `admin`, `viewer` or `gateway`.
     role: &'static str,
+    /// What it is for.
     name: String,
     /// Shown once; only its hash is stored.
     token: String,
@@ -102,11 +105,15 @@ pub(crate) async fn create(
 /// A token as listed: never its secret.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub(crate) struct TokenInfoJson {
+    /// The token's id.
     id: String,
     /// Null for a gateway token of every org.
     org_id: Option<String>,
+    /// `admin`, `viewer` or `gateway`.
     role: &'static str,
+    /// What it is for.
     name: String,
+    /// When it was minted.
     created_at: String,
     /// When it last authenticated a request: exact for the process
     /// answering, to the minute for the others. Null: never.
@@ -273,11 +280,15 @@ pub(crate) async fn revoke_gateway(
 /// One entry of the operator's audit log.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub(crate) struct OperatorAuditJson {
+    /// Its position in the operator's log.
     seq: i64,
+    /// When.
     at: String,
+    /// Who: `operator`.
     actor: String,
     /// `gateway_token_created` or `gateway_token_revoked`.
     kind: String,
+    /// What changed (the token's id, name and org).
     #[schema(value_type = Object)]
     detail: serde_json::Value,
 }

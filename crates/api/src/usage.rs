@@ -19,21 +19,28 @@ use crate::extract::{Caller, JsonBody};
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct IngestRequest {
+    /// Usage events, one per API call (at most the configured batch length).
     #[schema(value_type = Vec<Object>)]
     events: Vec<serde_json::Value>,
 }
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub(crate) struct RejectedJson {
+    /// The event's index in the request.
     index: usize,
+    /// Why, as a code (`missing_field`, `unknown_org`, …).
     code: &'static str,
+    /// Why, in words.
     message: String,
 }
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub(crate) struct IngestResponse {
+    /// Events counted now.
     accepted: u32,
+    /// Events already counted (same org and request id).
     duplicates: u32,
+    /// Events refused, by index, with the reason.
     rejected: Vec<RejectedJson>,
 }
 
@@ -93,7 +100,9 @@ pub(crate) async fn ingest(
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct AuthorizeRequest {
+    /// The key's secret (`tly_sk_…`), as the caller presented it.
     api_key: String,
+    /// The feature the call uses (`chat`, …); refused unless the key has it or `all`.
     feature: Option<String>,
     /// The caller, for keys that belong to groups only.
     user_id: Option<String>,
@@ -111,24 +120,33 @@ pub(crate) struct AuthorizeRequest {
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub(crate) struct HoldJson {
+    /// The call's request id: its usage settles the hold.
     request_id: String,
+    /// What it holds, in micro-USD, on the user, key, groups and org alike.
     held_micros: i64,
+    /// When the hold lapses if no usage settles it.
     expires_at: String,
 }
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub(crate) struct AuthorizeResponse {
+    /// Whether the call may go ahead.
     allowed: bool,
+    /// `ok`, or the refusal: `unknown_key`, `key_revoked`, `key_expired`, `feature_not_allowed`, `user_suspended`, `user_monthly_limit`, …
     reason: &'static str,
+    /// Why, in words (names the limit that refused).
     message: String,
+    /// The key's org.
     org_id: Option<String>,
     /// The user the decision judged, refusals included (null only when
     /// there is none: a group key called without `user_id`).
     user_id: Option<String>,
+    /// The key the secret belongs to (null: unknown secret).
     api_key_id: Option<String>,
     /// The user's groups and the key's groups: every one's limit gates the
     /// call.
     group_ids: Vec<String>,
+    /// The key's features.
     features: Vec<String>,
     /// The least budget left among the limits that apply, live holds
     /// counted as spent.

@@ -53,8 +53,11 @@ async fn user_json(state: &AppState, org_id: &OrgId, user: &UserId) -> ApiResult
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct AddUser {
+    /// The member's id (letters, digits, `.`, `_`, `-`); default: generated.
     id: Option<String>,
+    /// Their email address.
     email: String,
+    /// Their display name.
     name: String,
     /// Absent: the org's default; `null`: unlimited.
     #[serde(default, deserialize_with = "present")]
@@ -284,7 +287,7 @@ pub(crate) struct UserDetail {
     history: History,
 }
 
-#[utoipa::path(get, path = "/v1/orgs/{org}/users/{user}", operation_id = "users_get", tag = "users", params(("org" = String, Path, description = "org id"), ("user" = String, Path)), security(("bearer" = ["operator", "admin", "viewer"])), responses((status = 200, description = "ok", body = UserDetail), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody)))]
+#[utoipa::path(get, path = "/v1/orgs/{org}/users/{user}", operation_id = "users_get", tag = "users", params(("org" = String, Path, description = "org id"), ("user" = String, Path, description = "user id")), security(("bearer" = ["operator", "admin", "viewer"])), responses((status = 200, description = "ok", body = UserDetail), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody)))]
 pub(crate) async fn get(
     State(state): State<AppState>,
     caller: Caller,
@@ -310,16 +313,19 @@ pub(crate) async fn get(
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct PatchUser {
+    /// A new email address.
     email: Option<String>,
+    /// A new display name.
     name: Option<String>,
     /// `null`: unlimited.
     #[serde(default, deserialize_with = "present")]
     #[schema(value_type = Option<i64>)]
     monthly_limit_micros: Option<Option<i64>>,
+    /// `active` or `suspended`.
     status: Option<String>,
 }
 
-#[utoipa::path(patch, path = "/v1/orgs/{org}/users/{user}", operation_id = "users_patch", tag = "users", params(("org" = String, Path, description = "org id"), ("user" = String, Path)), request_body = PatchUser, security(("bearer" = ["operator", "admin"])), responses((status = 200, description = "ok", body = UserJson), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody), (status = 409, description = "conflict", body = crate::error::ErrorBody), (status = 422, description = "a rule forbids it", body = crate::error::ErrorBody)))]
+#[utoipa::path(patch, path = "/v1/orgs/{org}/users/{user}", operation_id = "users_patch", tag = "users", params(("org" = String, Path, description = "org id"), ("user" = String, Path, description = "user id")), request_body = PatchUser, security(("bearer" = ["operator", "admin"])), responses((status = 200, description = "ok", body = UserJson), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody), (status = 409, description = "conflict", body = crate::error::ErrorBody), (status = 422, description = "a rule forbids it", body = crate::error::ErrorBody)))]
 pub(crate) async fn patch(
     State(state): State<AppState>,
     caller: Caller,
@@ -346,7 +352,7 @@ pub(crate) async fn patch(
 
 /// Removes a member: the status becomes `removed`, memberships end, the
 /// history stays.
-#[utoipa::path(delete, path = "/v1/orgs/{org}/users/{user}", operation_id = "users_remove", tag = "users", params(("org" = String, Path, description = "org id"), ("user" = String, Path)), security(("bearer" = ["operator", "admin"])), responses((status = 200, description = "ok", body = UserJson), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody), (status = 409, description = "conflict", body = crate::error::ErrorBody), (status = 422, description = "a rule forbids it", body = crate::error::ErrorBody)))]
+#[utoipa::path(delete, path = "/v1/orgs/{org}/users/{user}", operation_id = "users_remove", tag = "users", params(("org" = String, Path, description = "org id"), ("user" = String, Path, description = "user id")), security(("bearer" = ["operator", "admin"])), responses((status = 200, description = "ok", body = UserJson), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody), (status = 409, description = "conflict", body = crate::error::ErrorBody), (status = 422, description = "a rule forbids it", body = crate::error::ErrorBody)))]
 pub(crate) async fn remove(
     State(state): State<AppState>,
     caller: Caller,
@@ -372,14 +378,19 @@ pub(crate) async fn remove(
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct Bulk {
+    /// The members to change (at most 10 000), all or nothing.
     user_ids: Vec<String>,
+    /// Groups to add them to.
     #[serde(default)]
     add_groups: Vec<String>,
+    /// Groups to remove them from.
     #[serde(default)]
     remove_groups: Vec<String>,
+    /// A monthly limit for each, in micro-USD; `null`: unlimited; absent: unchanged.
     #[serde(default, deserialize_with = "present")]
     #[schema(value_type = Option<i64>)]
     monthly_limit_micros: Option<Option<i64>>,
+    /// `active` or `suspended`; absent: unchanged.
     status: Option<String>,
 }
 

@@ -31,6 +31,7 @@ pub(crate) struct SetWebhook {
 pub(crate) struct WebhookJson {
     /// `null`: no webhook.
     url: Option<String>,
+    /// When it was set.
     set_at: Option<String>,
     /// The HMAC-SHA256 signing secret: only in the answer that set it.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -128,27 +129,39 @@ pub(crate) async fn remove(
 /// One notification and how its delivery went.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub(crate) struct DeliveryJson {
+    /// The delivery's id (for redeliver).
     id: i64,
     /// The `Idempotency-Key` header and the body's `id`.
     key: String,
     /// pending, delivered, failed (gave up) or cancelled (webhook removed)
     state: String,
+    /// Attempts made so far.
     attempts: i64,
     /// When pending: the next attempt.
     next_attempt_at: Option<String>,
     /// The receiver's last HTTP status, if it answered.
     last_status: Option<i64>,
+    /// The last attempt's error, if it failed without an answer or was refused.
     last_error: Option<String>,
+    /// When the event was queued.
     created_at: String,
+    /// When the receiver took it (2xx).
     delivered_at: Option<String>,
     /// threshold_crossed, cut_off or cutoff_lifted
     event: String,
+    /// user, group, key or org.
     subject_kind: String,
+    /// The subject's id.
     subject_id: String,
+    /// The month the event belongs to.
     month: String,
+    /// For threshold_crossed: the fraction of the limit.
     threshold: Option<Fraction>,
+    /// The subject's spend then, in micro-USD.
     spend_micros: i64,
+    /// The limit then, in micro-USD.
     limit_micros: Option<i64>,
+    /// When the event happened.
     occurred_at: String,
 }
 
@@ -186,7 +199,9 @@ fn delivery_json(org_id: &str, d: DeliveryRow) -> DeliveryJson {
 pub(crate) struct DeliveryParams {
     /// pending, delivered, failed or cancelled
     state: Option<String>,
+    /// `next_cursor` of the previous page.
     cursor: Option<String>,
+    /// Rows a page (default 50, at most 1 000).
     limit: Option<u32>,
 }
 

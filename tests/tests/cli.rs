@@ -527,6 +527,16 @@ async fn every_admin_endpoint_has_a_command_and_errors_have_exit_codes() {
     assert_eq!(code, 1, "the variable beats the file: {err}");
     assert!(err.contains("401"), "{err}");
 
+    // produce and bench read their Kafka and database from --config too
+    // (tests/tests/kafka.rs produces through one); without any, a clear
+    // error.
+    let (code, _, err) = status(&["produce", "--org", "acme", "--users", "alice"], &[]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("--kafka-brokers") && err.contains("--config"),
+        "{err}"
+    );
+
     // Help on every command; completions for the shells.
     for cmd in [
         "orgs",

@@ -727,10 +727,17 @@ async fn the_example_producer_publishes_countable_usage() {
     ready(&tally).await;
     let op = tally.operator();
     org_fixture(&op, "oscar", 3, 1, None).await;
+    // The brokers from a config file, as `tally serve` would read them.
+    let config = tally_tests::temp_dir("kafka-produce-config").join("tally.toml");
+    std::fs::write(
+        &config,
+        format!("kafka_brokers = \"{}\"\n", broker.brokers()),
+    )
+    .unwrap();
     let stdout = tally_ok(&[
+        "--config",
+        config.to_str().unwrap(),
         "produce",
-        "--kafka-brokers",
-        &broker.brokers(),
         "--org",
         "oscar",
         "--users",

@@ -45,11 +45,13 @@ pub(crate) struct BenchArgs {
     /// A smoke run: every scenario, small.
     #[arg(long)]
     pub(crate) quick: bool,
-    /// Kafka brokers for the kafka scenario.
+    /// Kafka brokers for the kafka scenario [default: `kafka_brokers` of
+    /// --config].
     #[arg(long, env = "TALLY_KAFKA_BROKERS")]
     pub(crate) kafka_brokers: Option<String>,
     /// PostgreSQL for the kafka scenario: a fresh database (its orgs and
-    /// topics are named after the run; partition checkpoints are not).
+    /// topics are named after the run; partition checkpoints are not)
+    /// [default: `database_url` of --config].
     #[arg(long, env = "TALLY_DATABASE_URL")]
     pub(crate) database_url: Option<String>,
     /// Where the scenarios keep their data [default: a temp dir, removed].

@@ -399,6 +399,30 @@ pub(crate) fn admin_defaults(cli_config: Option<&Path>) -> anyhow::Result<AdminD
     })
 }
 
+/// `produce`'s Kafka options, with what the flags and environment leave
+/// out taken from `--config`.
+pub(crate) fn layered_produce(
+    cli_config: Option<&Path>,
+    mut args: ProduceArgs,
+) -> anyhow::Result<ProduceArgs> {
+    let file = read_file(cli_config)?;
+    args.kafka_brokers = args.kafka_brokers.or(file.kafka_brokers);
+    args.kafka_topic_prefix = args.kafka_topic_prefix.or(file.kafka_topic_prefix);
+    Ok(args)
+}
+
+/// `bench`'s Kafka brokers and database for its kafka scenario, with what
+/// the flags and environment leave out taken from `--config`.
+pub(crate) fn layered_bench(
+    cli_config: Option<&Path>,
+    mut args: crate::bench::BenchArgs,
+) -> anyhow::Result<crate::bench::BenchArgs> {
+    let file = read_file(cli_config)?;
+    args.kafka_brokers = args.kafka_brokers.or(file.kafka_brokers);
+    args.database_url = args.database_url.or(file.database_url);
+    Ok(args)
+}
+
 /// The database URL: PostgreSQL when given, else SQLite in the data dir.
 pub(crate) fn database_url(store: &StoreArgs) -> anyhow::Result<(String, Option<PathBuf>)> {
     if let Some(url) = &store.database_url {
@@ -699,12 +723,13 @@ impl ServeConfig {
 
 #[derive(Debug, Clone, Args)]
 pub(crate) struct ProduceArgs {
-    /// Kafka brokers (host:port,…).
+    /// Kafka brokers (host:port,…) [default: `kafka_brokers` of --config].
     #[arg(long, env = "TALLY_KAFKA_BROKERS")]
-    pub(crate) kafka_brokers: String,
-    /// Prefix of the topic names.
-    #[arg(long, env = "TALLY_KAFKA_TOPIC_PREFIX", default_value = "tally.")]
-    pub(crate) kafka_topic_prefix: String,
+    pub(crate) kafka_brokers: Option<String>,
+    /// Prefix of the topic names [default: `kafka_topic_prefix` of
+    /// --config, else tally.].
+    #[arg(long, env = "TALLY_KAFKA_TOPIC_PREFIX")]
+    pub(crate) kafka_topic_prefix: Option<String>,
     /// The org the usage belongs to.
     #[arg(long)]
     pub(crate) org: String,

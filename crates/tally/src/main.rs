@@ -94,10 +94,12 @@ fn run() -> anyhow::Result<()> {
         Command::Completions { .. } => Ok(()),
         Command::Produce(args) => {
             init_logs(false);
+            let args = config::layered_produce(cli.config.as_deref(), args)?;
             runtime.block_on(produce(args))
         }
         Command::Bench(args) => {
             init_logs(false);
+            let args = config::layered_bench(cli.config.as_deref(), args)?;
             runtime.block_on(bench::run(args))
         }
         Command::RebuildProjections(args) => {
@@ -779,8 +781,13 @@ async fn reset_usage_positions(url: &str) -> anyhow::Result<()> {
 }
 
 async fn produce(args: config::ProduceArgs) -> anyhow::Result<()> {
-    let mut opts = tally_kafka::KafkaOptions::new(args.kafka_brokers);
-    opts.topic_prefix = args.kafka_topic_prefix;
+    let brokers = args.kafka_brokers.context(
+        "which Kafka? pass --kafka-brokers (or TALLY_KAFKA_BROKERS, or kafka_brokers in --config)",
+    )?;
+    let mut opts = tally_kafka::KafkaOptions::new(brokers);
+    opts.topic_prefix = args
+        .kafka_topic_prefix
+        .unwrap_or_else(|| "tally.".to_owned());
     let produce_args = tally_kafka::produce::ProduceArgs {
         org: args.org,
         users: args.users,

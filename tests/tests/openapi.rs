@@ -882,3 +882,63 @@ async fn every_field_and_parameter_is_described() {
     }
     assert!(missing.is_empty(), "without a description: {missing:#?}");
 }
+
+/// The request examples of the document are real: sent in order to a real
+/// server (the usage event dated now, the key's real secret in authorize),
+/// each is accepted.
+#[tokio::test]
+async fn the_request_examples_work_as_written() {
+    let tally = Tally::start(&Backend::sqlite("openapi-examples")).unwrap();
+    let op = tally.operator();
+    let doc = tally.anonymous().get("/openapi.json").await.expect(200);
+    let example =
+        |schema: &str| -> Value { doc["components"]["schemas"][schema]["examples"][0].clone() };
+    let created = |r: Reply, want: u16, what: &str| {
+        assert_eq!(r.status, want, "{what}: {}", r.body);
+        r.body
+    };
+    let _ = created(
+        op.post("/v1/orgs", example("CreateOrg")).await,
+        201,
+        "CreateOrg",
+    );
+    let _ = created(
+        op.post("/v1/orgs/acme/users", example("AddUser")).await,
+        201,
+        "AddUser",
+    );
+    let _ = created(
+        op.patch("/v1/orgs/acme/users/alice", example("PatchUser"))
+            .await,
+        200,
+        "PatchUser",
+    );
+    let _ = created(
+        op.post("/v1/orgs/acme/users/bulk", example("Bulk")).await,
+        200,
+        "Bulk",
+    );
+    let key = created(
+        op.post("/v1/orgs/acme/keys", example("CreateKey")).await,
+        201,
+        "CreateKey",
+    );
+    let hook = example("SetWebhook").to_string();
+    let _ = created(
+        op.raw("PUT", "/v1/orgs/acme/webhook", hook.as_bytes())
+            .await,
+        200,
+        "SetWebhook",
+    );
+    let mut usage = example("IngestRequest");
+    usage["events"][0]["occurred_at"] = json!(now_rfc3339());
+    let r = created(op.post("/v1/usage", usage).await, 200, "IngestRequest");
+    assert_eq!(r["accepted"], 1, "{r}");
+    let mut ask = example("AuthorizeRequest");
+    ask["api_key"] = key["secret"].clone();
+    ask["request_id"] = json!("req-2");
+    let r = created(op.post("/v1/authorize", ask).await, 200, "AuthorizeRequest");
+    assert_eq!(r["allowed"], true, "{r}");
+    assert_eq!(r["hold"]["held_micros"], 2_000_000, "{r}");
+    tally.stop().unwrap();
+}

@@ -38,6 +38,7 @@ async fn key_json(state: &AppState, org_id: &OrgId, key: &KeyId) -> ApiResult<Ke
 
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(examples(json!({"id": "alice-laptop", "name": "laptop", "user_id": "alice", "features": ["chat"]})))]
 pub(crate) struct CreateKey {
     /// The key's id; default: generated.
     id: Option<String>,

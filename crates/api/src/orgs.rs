@@ -23,6 +23,7 @@ use crate::{AppState, org_access, page_len};
 
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(examples(json!({"id": "acme", "name": "Acme", "default_monthly_limit_micros": 50_000_000, "alert_thresholds": [0.5, 0.8, 1]})))]
 pub(crate) struct CreateOrg {
     /// The org's id; default: generated.
     id: Option<String>,

@@ -18,6 +18,7 @@ use crate::extract::{Caller, JsonBody};
 
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(examples(json!({"events": [{"request_id": "req-1", "org_id": "acme", "user_id": "alice", "api_key_id": "alice-laptop", "model": "gpt-4o", "provider": "openai", "input_tokens": 1200, "output_tokens": 300, "cost_micros": 45_000_000, "occurred_at": "2026-12-07T10:00:00Z"}]})))]
 pub(crate) struct IngestRequest {
     /// Usage events, one per API call (at most the configured batch length).
     #[schema(value_type = Vec<Object>)]
@@ -99,6 +100,7 @@ pub(crate) async fn ingest(
 
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(examples(json!({"api_key": "tly_sk_…", "feature": "chat", "request_id": "req-1", "reserve_micros": 2_000_000})))]
 pub(crate) struct AuthorizeRequest {
     /// The key's secret (`tly_sk_…`), as the caller presented it.
     api_key: String,

@@ -52,6 +52,7 @@ async fn user_json(state: &AppState, org_id: &OrgId, user: &UserId) -> ApiResult
 
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(examples(json!({"id": "alice", "email": "alice@acme.example", "name": "Alice", "status": "active"})))]
 pub(crate) struct AddUser {
     /// The member's id (letters, digits, `.`, `_`, `-`); default: generated.
     id: Option<String>,
@@ -312,6 +313,7 @@ pub(crate) async fn get(
 
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(examples(json!({"monthly_limit_micros": 100_000_000})))]
 pub(crate) struct PatchUser {
     /// A new email address.
     email: Option<String>,
@@ -377,6 +379,7 @@ pub(crate) async fn remove(
 
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(examples(json!({"user_ids": ["alice"], "add_groups": [], "monthly_limit_micros": 75_000_000})))]
 pub(crate) struct Bulk {
     /// The members to change (at most 10 000), all or nothing.
     user_ids: Vec<String>,

@@ -21,6 +21,7 @@ use crate::{AppState, org_access, page_len};
 
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(examples(json!({"url": "https://hooks.acme.example/tally"})))]
 pub(crate) struct SetWebhook {
     /// `http://` or `https://`; notifications are POSTed here.
     url: String,

@@ -527,6 +527,19 @@ async fn every_admin_endpoint_has_a_command_and_errors_have_exit_codes() {
     assert_eq!(code, 1, "the variable beats the file: {err}");
     assert!(err.contains("401"), "{err}");
 
+    // `.` and `..` are no ids: a URL would resolve them to another route
+    // (`groups update ..` would patch the org).
+    let (code, _, err) = status(&["groups", "update", "..", "--limit", "5"], &env);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("\"..\" is not an id"), "{err}");
+    let org = server.operator().get("/v1/orgs/acme").await.expect(200);
+    assert_eq!(org["monthly_limit_micros"], json!(null), "{org}");
+    let r = server
+        .operator()
+        .post("/v1/orgs/acme/groups", json!({"id": "..", "name": "Dots"}))
+        .await;
+    assert_eq!(r.status, 400, "{}", r.body);
+
     // produce and bench read their Kafka and database from --config too
     // (tests/tests/kafka.rs produces through one); without any, a clear
     // error.

@@ -142,6 +142,9 @@ async fn listings(backend: Backend) {
     let (limits, _) = every_page(&op, "/v1/orgs/acme/events?kind=user_limit_set", 4).await;
     assert_eq!(limits, expect(&|e| e["type"] == "user_limit_set"));
     assert_eq!(limits.len(), 6);
+    let many = "user_limit_set,".repeat(500);
+    let (again, _) = every_page(&op, &format!("/v1/orgs/acme/events?kind={many}"), 4).await;
+    assert_eq!(again, limits, "a kind named twice is one kind");
     let (two, _) = every_page(
         &op,
         "/v1/orgs/acme/events?kind=group_created,member_added&order=newest",

@@ -282,6 +282,12 @@ pub(crate) async fn events(
         })
         .transpose()?
         .unwrap_or_default();
+    // Each kind once: at most as many placeholders as there are kinds.
+    let kinds: Vec<String> = EventKind::NAMES
+        .iter()
+        .filter(|n| kinds.iter().any(|k| k == *n))
+        .map(|n| (*n).to_owned())
+        .collect();
     let subject = p
         .subject
         .as_deref()

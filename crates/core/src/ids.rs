@@ -1,5 +1,6 @@
 //! Identifiers. Entity ids are chosen by the caller (so a gateway's own user
-//! ids can be used) or generated; either way they match `[A-Za-z0-9._-]{1,64}`.
+//! ids can be used) or generated; either way they match `[A-Za-z0-9._-]{1,64}`
+//! and are neither `.` nor `..`.
 
 use std::borrow::Borrow;
 use std::fmt;
@@ -18,11 +19,13 @@ pub enum IdError {
     TooLong { what: &'static str, max: usize },
     #[error("{what} may only contain A-Z, a-z, 0-9, '.', '_' and '-'")]
     Forbidden { what: &'static str },
+    #[error("{what} may not be `.` or `..` (they name no path segment in a URL)")]
+    Dots { what: &'static str },
     #[error("{what} may only contain printable ASCII without spaces")]
     NotPrintable { what: &'static str },
 }
 
-/// Checks an entity id: `[A-Za-z0-9._-]{1,64}`.
+/// Checks an entity id: `[A-Za-z0-9._-]{1,64}`, neither `.` nor `..`.
 pub fn check_id(what: &'static str, s: &str) -> Result<(), IdError> {
     if s.is_empty() {
         return Err(IdError::Empty { what });
@@ -38,6 +41,9 @@ pub fn check_id(what: &'static str, s: &str) -> Result<(), IdError> {
         .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
     {
         return Err(IdError::Forbidden { what });
+    }
+    if s == "." || s == ".." {
+        return Err(IdError::Dots { what });
     }
     Ok(())
 }
@@ -166,6 +172,17 @@ mod tests {
     #[test]
     fn ids_accept_the_documented_alphabet_only() {
         assert!(UserId::new("alice.smith_01-x").is_ok());
+        // `.` and `..` are path segments a URL resolves away: a client
+        // naming such an id would reach another route.
+        for dots in [".", ".."] {
+            assert_eq!(
+                GroupId::new(dots),
+                Err(IdError::Dots { what: "group id" }),
+                "{dots}"
+            );
+        }
+        assert!(GroupId::new("...").is_ok());
+        assert!(GroupId::new("a..b").is_ok());
         assert!(UserId::new(&"a".repeat(64)).is_ok());
         assert_eq!(
             UserId::new(&"a".repeat(65)),

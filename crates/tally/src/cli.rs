@@ -22,6 +22,9 @@ use tally_core::money::{format_usd, parse_usd};
 /// prompt on a terminal). $100 000.
 pub(crate) const LIMIT_CONFIRM_MICROS: i64 = 100_000 * 1_000_000;
 
+/// How long one request may take before the command gives up.
+const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// The server could not be reached (exit status 3): where, and why.
 #[derive(Debug)]
 pub(crate) struct Unreachable(String);
@@ -529,7 +532,12 @@ impl Api {
     /// and `operator_token` (`file`), then the defaults.
     fn new(conn: Conn, file: crate::config::AdminDefaults) -> Api {
         Api {
-            http: reqwest::Client::new(),
+            // A server that accepts and never answers ends the command too
+            // (exit status 3), instead of hanging a script.
+            http: reqwest::Client::builder()
+                .timeout(REQUEST_TIMEOUT)
+                .build()
+                .unwrap_or_default(),
             url: conn
                 .url
                 .or(file.url)
@@ -669,14 +677,19 @@ impl Api {
 
 /// An id as one path segment: anything but letters, digits, `.`, `_` and
 /// `-` (which ids are made of) percent-encoded, so a stray `/` or `?` is
-/// the server's to refuse, never another route.
-fn seg(id: &str) -> String {
-    id.bytes()
+/// the server's to refuse, never another route. `.` and `..` are refused
+/// here: a URL resolves them away (encoded or not).
+fn seg(id: &str) -> anyhow::Result<String> {
+    if id == "." || id == ".." {
+        bail!("{id:?} is not an id");
+    }
+    Ok(id
+        .bytes()
         .map(|b| match b {
             b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'.' | b'_' | b'-' => (b as char).to_string(),
             _ => format!("%{b:02X}"),
         })
-        .collect()
+        .collect())
 }
 
 /// Query pairs of the options that are given.
@@ -807,7 +820,7 @@ pub(crate) async fn orgs(
             )
         }
         Orgs::Show => {
-            let o = api.get(&format!("/v1/orgs/{}", seg(api.org()?))).await?;
+            let o = api.get(&format!("/v1/orgs/{}", seg(api.org()?)?)).await?;
             format!("{}\n{}", org_summary(&o), history(&o))
         }
         Orgs::Update {
@@ -830,7 +843,7 @@ pub(crate) async fn orgs(
                 body["alert_thresholds"] = thresholds(&t)?;
             }
             let o = api
-                .patch(&format!("/v1/orgs/{}", seg(api.org()?)), body)
+                .patch(&format!("/v1/orgs/{}", seg(api.org()?)?), body)
                 .await?;
             org_summary(&o)
         }
@@ -843,7 +856,7 @@ pub(crate) async fn users(
     cmd: Users,
 ) -> anyhow::Result<String> {
     let api = Api::new(conn, file);
-    let org = seg(api.org()?);
+    let org = seg(api.org()?)?;
     Ok(match cmd {
         Users::List {
             sort,
@@ -891,7 +904,7 @@ pub(crate) async fn users(
         }
         Users::Show { user } => {
             let u = api
-                .get(&format!("/v1/orgs/{org}/users/{}", seg(&user)))
+                .get(&format!("/v1/orgs/{org}/users/{}", seg(&user)?))
                 .await?;
             format!(
                 "{}\n{}",
@@ -916,13 +929,13 @@ pub(crate) async fn users(
                 }
             }
             let u = api
-                .patch(&format!("/v1/orgs/{org}/users/{}", seg(&user)), body)
+                .patch(&format!("/v1/orgs/{org}/users/{}", seg(&user)?), body)
                 .await?;
             table(&USER_HEADER, &user_rows(&[u]))
         }
         Users::Remove { user } => {
             let u = api
-                .delete(&format!("/v1/orgs/{org}/users/{}", seg(&user)))
+                .delete(&format!("/v1/orgs/{org}/users/{}", seg(&user)?))
                 .await?;
             format!("removed {}\n", text(&u["id"]))
         }
@@ -988,7 +1001,7 @@ pub(crate) async fn groups(
     cmd: Groups,
 ) -> anyhow::Result<String> {
     let api = Api::new(conn, file);
-    let org = seg(api.org()?);
+    let org = seg(api.org()?)?;
     Ok(match cmd {
         Groups::List { rows } => {
             let items = api
@@ -1009,7 +1022,7 @@ pub(crate) async fn groups(
         }
         Groups::Show { group } => {
             let g = api
-                .get(&format!("/v1/orgs/{org}/groups/{}", seg(&group)))
+                .get(&format!("/v1/orgs/{org}/groups/{}", seg(&group)?))
                 .await?;
             let members = g["members"].as_array().cloned().unwrap_or_default();
             format!(
@@ -1028,7 +1041,7 @@ pub(crate) async fn groups(
                 body["monthly_limit_micros"] = api.limit(&l)?;
             }
             let g = api
-                .patch(&format!("/v1/orgs/{org}/groups/{}", seg(&group)), body)
+                .patch(&format!("/v1/orgs/{org}/groups/{}", seg(&group)?), body)
                 .await?;
             table(&GROUP_HEADER, &group_rows(&[g]))
         }
@@ -1038,7 +1051,7 @@ pub(crate) async fn groups(
         }
         Groups::Delete { group } => {
             let _ = api
-                .delete(&format!("/v1/orgs/{org}/groups/{}", seg(&group)))
+                .delete(&format!("/v1/orgs/{org}/groups/{}", seg(&group)?))
                 .await?;
             format!("deleted group {group}\n")
         }
@@ -1068,7 +1081,7 @@ async fn membership(
         .post(&format!("/v1/orgs/{org}/users/bulk"), body)
         .await?;
     let g = api
-        .get(&format!("/v1/orgs/{org}/groups/{}", seg(group)))
+        .get(&format!("/v1/orgs/{org}/groups/{}", seg(group)?))
         .await?;
     Ok(format!(
         "{} of {} users changed\n{}",
@@ -1115,7 +1128,7 @@ pub(crate) async fn keys(
     cmd: Keys,
 ) -> anyhow::Result<String> {
     let api = Api::new(conn, file);
-    let org = seg(api.org()?);
+    let org = seg(api.org()?)?;
     Ok(match cmd {
         Keys::List { rows } => {
             let items = api.list(&format!("/v1/orgs/{org}/keys"), &[], rows).await?;
@@ -1152,7 +1165,7 @@ pub(crate) async fn keys(
         }
         Keys::Show { key } => {
             let k = api
-                .get(&format!("/v1/orgs/{org}/keys/{}", seg(&key)))
+                .get(&format!("/v1/orgs/{org}/keys/{}", seg(&key)?))
                 .await?;
             format!(
                 "{}\n{}",
@@ -1195,14 +1208,14 @@ pub(crate) async fn keys(
                 };
             }
             let k = api
-                .patch(&format!("/v1/orgs/{org}/keys/{}", seg(&key)), body)
+                .patch(&format!("/v1/orgs/{org}/keys/{}", seg(&key)?), body)
                 .await?;
             table(&KEY_HEADER, &key_rows(&[k]))
         }
         Keys::Rotate { key, grace_seconds } => {
             let k = api
                 .post(
-                    &format!("/v1/orgs/{org}/keys/{}/rotate", seg(&key)),
+                    &format!("/v1/orgs/{org}/keys/{}/rotate", seg(&key)?),
                     json!({"grace_seconds": grace_seconds}),
                 )
                 .await?;
@@ -1215,7 +1228,7 @@ pub(crate) async fn keys(
         }
         Keys::Revoke { key } => {
             let k = api
-                .delete(&format!("/v1/orgs/{org}/keys/{}", seg(&key)))
+                .delete(&format!("/v1/orgs/{org}/keys/{}", seg(&key)?))
                 .await?;
             table(&KEY_HEADER, &key_rows(&[k]))
         }
@@ -1256,7 +1269,7 @@ pub(crate) async fn tokens(
     cmd: Tokens,
 ) -> anyhow::Result<String> {
     let api = Api::new(conn, file);
-    let org = seg(api.org()?);
+    let org = seg(api.org()?)?;
     Ok(match cmd {
         Tokens::List { rows } => {
             let items = api
@@ -1273,7 +1286,7 @@ pub(crate) async fn tokens(
         ),
         Tokens::Revoke { token_id } => {
             let _ = api
-                .delete(&format!("/v1/orgs/{org}/tokens/{}", seg(&token_id)))
+                .delete(&format!("/v1/orgs/{org}/tokens/{}", seg(&token_id)?))
                 .await?;
             format!("revoked token {token_id}\n")
         }
@@ -1297,7 +1310,7 @@ pub(crate) async fn gateway_tokens(
         ),
         GatewayTokens::Revoke { token_id } => {
             let _ = api
-                .delete(&format!("/v1/gateway-tokens/{}", seg(&token_id)))
+                .delete(&format!("/v1/gateway-tokens/{}", seg(&token_id)?))
                 .await?;
             format!("revoked gateway token {token_id}\n")
         }
@@ -1364,7 +1377,7 @@ pub(crate) async fn webhook(
     cmd: Webhook,
 ) -> anyhow::Result<String> {
     let api = Api::new(conn, file);
-    let org = seg(api.org()?);
+    let org = seg(api.org()?)?;
     let at = format!("/v1/orgs/{org}/webhook");
     Ok(match cmd {
         Webhook::Show => webhook_summary(&api.get(&at).await?),
@@ -1398,7 +1411,7 @@ pub(crate) async fn holds(
     cmd: Holds,
 ) -> anyhow::Result<String> {
     let api = Api::new(conn, file);
-    let org = seg(api.org()?);
+    let org = seg(api.org()?)?;
     Ok(match cmd {
         Holds::List { rows } => {
             let items = api
@@ -1427,7 +1440,7 @@ pub(crate) async fn holds(
         }
         Holds::Release { request_id } => {
             let r = api
-                .delete(&format!("/v1/orgs/{org}/holds/{}", seg(&request_id)))
+                .delete(&format!("/v1/orgs/{org}/holds/{}", seg(&request_id)?))
                 .await?;
             format!(
                 "{}: {}, {} freed\n",
@@ -1470,7 +1483,7 @@ pub(crate) async fn audit(
         api.list("/v1/audit", &given([("order", a.order)]), a.rows)
             .await?
     } else {
-        let org = seg(api.org()?);
+        let org = seg(api.org()?)?;
         let kind = (!a.kind.is_empty()).then(|| a.kind.join(","));
         let query = given([
             ("order", a.order),
@@ -1514,7 +1527,7 @@ pub(crate) async fn enforcement(
     rows: Rows,
 ) -> anyhow::Result<String> {
     let api = Api::new(conn, file);
-    let org = seg(api.org()?);
+    let org = seg(api.org()?)?;
     let items = api
         .list(&format!("/v1/orgs/{org}/enforcement"), &[], rows)
         .await?;
@@ -1557,7 +1570,7 @@ pub(crate) async fn dead_letters(
     let path = if d.all_orgs {
         "/v1/dead-letters".to_owned()
     } else {
-        format!("/v1/orgs/{}/dead-letters", seg(api.org()?))
+        format!("/v1/orgs/{}/dead-letters", seg(api.org()?)?)
     };
     let items = api.list(&path, &[], d.rows).await?;
     let rows: Vec<Vec<String>> = items

@@ -91,7 +91,23 @@ impl TargetPolicy {
                 },
             };
             match addr {
-                Some(addr) => policy.nets.push((addr, prefix)),
+                Some(addr) => {
+                    // An IPv4 address inside IPv6 is checked as IPv4: kept
+                    // as such, one address; a range of them is refused
+                    // rather than guessed at.
+                    let v4 = canonical(addr);
+                    if v4 != addr {
+                        if prefix != 128 {
+                            return Err(format!(
+                                "{entry:?}: IPv4 inside IPv6 is allowed one address at a \
+                                 time; give the IPv4 range instead"
+                            ));
+                        }
+                        policy.nets.push((v4, 32));
+                    } else {
+                        policy.nets.push((addr, prefix));
+                    }
+                }
                 None => {
                     let valid = entry.len() <= 253
                         && entry
@@ -117,7 +133,7 @@ impl TargetPolicy {
     fn allows_addr(&self, addr: IpAddr) -> bool {
         self.nets
             .iter()
-            .any(|(net, prefix)| in_net(canonical(addr), canonical(*net), *prefix))
+            .any(|(net, prefix)| in_net(canonical(addr), *net, *prefix))
     }
 
     /// Whether `host`, at `addr`, may receive webhooks.
@@ -227,15 +243,20 @@ fn canonical(addr: IpAddr) -> IpAddr {
     addr
 }
 
+/// Whether `addr` is in `net`/`prefix`; never for a prefix longer than
+/// the address.
 fn in_net(addr: IpAddr, net: IpAddr, prefix: u8) -> bool {
+    let mask = |bits: u32| {
+        bits.checked_sub(u32::from(prefix))
+            .map(|shift| u128::MAX.checked_shl(shift).unwrap_or(0))
+    };
     match (addr, net) {
-        (IpAddr::V4(a), IpAddr::V4(n)) => {
-            let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
-            u32::from(a) & mask == u32::from(n) & mask
-        }
+        (IpAddr::V4(a), IpAddr::V4(n)) => mask(32).is_some_and(|m| {
+            let m = m as u32;
+            u32::from(a) & m == u32::from(n) & m
+        }),
         (IpAddr::V6(a), IpAddr::V6(n)) => {
-            let mask = u128::MAX.checked_shl(128 - u32::from(prefix)).unwrap_or(0);
-            u128::from(a) & mask == u128::from(n) & mask
+            mask(128).is_some_and(|m| u128::from(a) & m == u128::from(n) & m)
         }
         _ => false,
     }
@@ -270,6 +291,8 @@ fn forbidden_v4(a: Ipv4Addr) -> Option<&'static str> {
         "an unspecified address"
     } else if v4("192.0.0.0", 24) || v4("198.18.0.0", 15) {
         "a reserved address"
+    } else if v4("192.0.2.0", 24) || v4("198.51.100.0", 24) || v4("203.0.113.0", 24) {
+        "a documentation address"
     } else {
         return None;
     })
@@ -292,6 +315,11 @@ fn forbidden_v6(a: Ipv6Addr) -> Option<&'static str> {
         "a site-local address"
     } else if a.is_multicast() {
         "a multicast address"
+    } else if v6("64:ff9b:1::", 48) {
+        // RFC 8215: a site's own NAT64, which may reach its private ranges.
+        "a NAT64 local-use address"
+    } else if v6("2001:db8::", 32) {
+        "a documentation address"
     } else {
         return None;
     })
@@ -334,6 +362,11 @@ mod tests {
             ("::ffff:169.254.169.254", "the cloud metadata address"),
             ("64:ff9b::a00:1", "a private address"),
             ("2002:7f00:1::", "a loopback address"),
+            ("64:ff9b:1::a00:1", "a NAT64 local-use address"),
+            ("192.0.2.1", "a documentation address"),
+            ("198.51.100.7", "a documentation address"),
+            ("203.0.113.9", "a documentation address"),
+            ("2001:db8::1", "a documentation address"),
         ] {
             assert_eq!(forbidden(ip(addr)), Some(kind), "{addr}");
         }
@@ -375,6 +408,16 @@ mod tests {
                 .starts_with("other.internal resolves to 192.168.0.9, a private address"),
             "{refused}"
         );
+        // An IPv4 address written as IPv6 allows that address only; a range
+        // so written is refused (the IPv4 range says it plainly).
+        let mapped = TargetPolicy::parse(&["::ffff:127.0.0.1".into()]).unwrap();
+        assert!(mapped.check("x", ip("127.0.0.1")).is_ok());
+        assert!(mapped.check("x", ip("::ffff:127.0.0.1")).is_ok());
+        assert!(mapped.check("x", ip("169.254.169.254")).is_err());
+        assert!(mapped.check("x", ip("10.0.0.1")).is_err());
+        for bad in ["::ffff:0:0/96", "64:ff9b::/96", "2002:7f00::/24"] {
+            assert!(TargetPolicy::parse(&[bad.into()]).is_err(), "{bad}");
+        }
         for bad in ["10.0.0.0/33", "::/129", "x/8", "a b", "host:80"] {
             assert!(TargetPolicy::parse(&[bad.into()]).is_err(), "{bad}");
         }

@@ -347,6 +347,10 @@ async fn every_admin_endpoint_has_a_command_and_errors_have_exit_codes() {
     let out = ok(&url, &["users", "update", "alice", "--limit", "25"]);
     assert!(out.contains("$25.00"), "{out}");
 
+    let out = ok(&url, &["orgs", "list", "--q", "acm"]);
+    assert!(out.starts_with("ID") && out.contains("acme"), "{out}");
+    assert_eq!(cell(&out, 0, "MEMBERS"), "2", "{out}");
+
     // Org and group updates.
     let out = ok(
         &url,

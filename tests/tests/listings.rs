@@ -302,3 +302,91 @@ async fn a_subject_filter_reads_a_bounded_number_of_rows() {
     assert_eq!(&all[..short], first["items"].as_array().unwrap().as_slice());
     tally.stop().unwrap();
 }
+
+async fn org_list(backend: Backend) {
+    let tally = Tally::start(&backend).unwrap();
+    let op = tally.operator();
+    for (id, name) in [
+        ("acme", "Acme"),
+        ("beta", "Beta Corp"),
+        ("gamma", "Gamma"),
+        ("delta", "Delta Corp"),
+        ("eps", "Epsilon 100%"),
+        ("zeta", "Zeta"),
+        ("eta", "Eta"),
+    ] {
+        let _ = op
+            .post("/v1/orgs", json!({"id": id, "name": name}))
+            .await
+            .expect(201);
+    }
+    for u in ["u1", "u2", "u3"] {
+        let _ = op.add_active_user("acme", u).await;
+    }
+    let _ = op.delete("/v1/orgs/acme/users/u3").await.expect(200);
+    let _ = op
+        .post(
+            "/v1/usage",
+            json!({"events": [{
+                "request_id": "r1", "org_id": "acme", "user_id": "u1", "model": "m",
+                "provider": "p", "input_tokens": 1, "output_tokens": 1,
+                "cost_micros": 2_500_000, "occurred_at": now_rfc3339(),
+            }]}),
+        )
+        .await
+        .expect(200);
+    // The same figure the org's own detail shows, once it has counted.
+    let acme = tally_tests::wait_for_spend(&op, "u1", 2_500_000).await;
+    assert_eq!(acme["spend_micros"], 2_500_000);
+
+    let (all, pages) = every_page(&op, "/v1/orgs", 3).await;
+    let ids: Vec<&str> = all.iter().map(|o| o["id"].as_str().unwrap()).collect();
+    assert_eq!(
+        ids,
+        ["acme", "beta", "delta", "eps", "eta", "gamma", "zeta"]
+    );
+    assert_eq!(pages, 3);
+    assert_eq!(all[0]["member_count"], 2, "the removed one is not a member");
+    assert_eq!(all[0]["spend_micros"], 2_500_000, "{}", all[0]);
+    assert_eq!(all[1]["member_count"], 0);
+    assert_eq!(all[1]["spend_micros"], 0);
+    // Search: id or name, any case; LIKE's wildcards are plain text.
+    let names = |items: &[Value]| -> Vec<String> {
+        items
+            .iter()
+            .map(|o| o["id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let (corp, _) = every_page(&op, "/v1/orgs?q=CORP", 50).await;
+    assert_eq!(names(&corp), ["beta", "delta"]);
+    let (et, _) = every_page(&op, "/v1/orgs?q=et", 50).await;
+    assert_eq!(names(&et), ["beta", "eta", "zeta"]);
+    let (pct, _) = every_page(&op, "/v1/orgs?q=100%25", 50).await;
+    assert_eq!(names(&pct), ["eps"]);
+    let (none, _) = every_page(&op, "/v1/orgs?q=%25%25x", 50).await;
+    assert!(none.is_empty(), "{none:?}");
+    // The operator's only; bad input is a 400.
+    let admin = op.post("/v1/orgs/acme/tokens", json!({})).await.expect(201);
+    let admin = tally.client(admin["token"].as_str().unwrap());
+    let _ = admin.get("/v1/orgs").await.error(403);
+    let _ = tally.anonymous().get("/v1/orgs").await.error(401);
+    for bad in ["?sort=name", "?limit=0", "?cursor=zz"] {
+        let r = op.get(&format!("/v1/orgs{bad}")).await;
+        assert_eq!(r.status, 400, "{bad}: {}", r.body);
+    }
+    let r = op.get(&format!("/v1/orgs?q={}", "x".repeat(201))).await;
+    assert_eq!(r.status, 400, "{}", r.body);
+    tally.stop().unwrap();
+}
+
+#[tokio::test]
+async fn the_operator_lists_orgs_by_page_and_search_on_sqlite() {
+    org_list(Backend::sqlite("org-list")).await;
+}
+
+#[tokio::test]
+async fn the_operator_lists_orgs_by_page_and_search_on_postgres() {
+    if let Some(backend) = Backend::postgres("orglist").await.unwrap() {
+        org_list(backend).await;
+    }
+}

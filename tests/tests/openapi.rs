@@ -717,6 +717,8 @@ async fn the_document_matches_every_real_response() {
     )
     .await;
     call(s, &op, "get", "/v1/dead-letters", "/v1/dead-letters", None).await;
+    let orgs = call(s, &op, "get", "/v1/orgs", "/v1/orgs?q=acme&limit=5", None).await;
+    assert_eq!(orgs["items"][0]["id"], "acme", "{orgs}");
     call(
         s,
         &op,

@@ -369,7 +369,7 @@ async fn every_endpoint_admits_exactly_its_documented_roles() {
             admitted += 1;
         }
     }
-    assert_eq!(operations.len(), 45);
+    assert_eq!(operations.len(), 46);
     assert_eq!(refused + admitted, operations.len() * callers.len());
     println!("{refused} calls refused, {admitted} admitted");
     // A gateway token of every org, or bound to acme, reads and changes

@@ -99,7 +99,7 @@ pub(crate) fn time(ms: i64) -> String {
     format_rfc3339_ms(ms)
 }
 
-fn cut_off(spend: i64, limit: Option<i64>) -> bool {
+pub(crate) fn cut_off(spend: i64, limit: Option<i64>) -> bool {
     limit.is_some_and(|l| spend >= l)
 }
 
@@ -151,6 +151,34 @@ impl OrgJson {
             created_at: time(r.created_at_ms),
         }
     }
+}
+
+/// An org in the operator's list.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub(crate) struct OrgListJson {
+    /// The org's id.
+    pub id: String,
+    /// Its display name.
+    pub name: String,
+    /// Its members (not removed).
+    pub member_count: i64,
+    /// Everyone's spend this month, in micro-USD (held spend: the org's
+    /// own detail).
+    pub spend_micros: i64,
+    /// Calls counted this month.
+    pub requests: i64,
+    /// The org's own monthly limit in micro-USD; `null`: none.
+    pub monthly_limit_micros: Option<i64>,
+    /// The monthly limit new members get, in micro-USD; `null`: unlimited.
+    pub default_monthly_limit_micros: Option<i64>,
+    /// Spend over the org limit; `null` without one.
+    pub utilization: Option<f64>,
+    /// Whether everyone's spend together reached the org limit this month.
+    pub cut_off: bool,
+    /// The month the figures are for (`2026-12`, UTC).
+    pub month: String,
+    /// When it was created.
+    pub created_at: String,
 }
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]

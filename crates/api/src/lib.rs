@@ -98,7 +98,7 @@ pub fn metrics_router(mut state: AppState) -> Router {
 pub fn router(state: AppState) -> Router {
     let body_max = state.limits.body_bytes_max;
     Router::new()
-        .route("/v1/orgs", post(orgs::create))
+        .route("/v1/orgs", post(orgs::create).get(orgs::list))
         .route("/v1/orgs/{org}", get(orgs::get).patch(orgs::patch))
         .route(
             "/v1/orgs/{org}/tokens",

@@ -19,7 +19,7 @@ use crate::{groups, holds, keys, ops, orgs, tokens, usage, users, webhooks};
                        token: bound to one org, or of every org).",
     ),
     paths(
-        orgs::create, orgs::get, orgs::patch, orgs::events, orgs::enforcement,
+        orgs::create, orgs::list, orgs::get, orgs::patch, orgs::events, orgs::enforcement,
         tokens::create, tokens::list, tokens::revoke,
         tokens::create_gateway, tokens::list_gateway, tokens::revoke_gateway, tokens::audit,
         orgs::dead_letters, orgs::all_dead_letters,

@@ -15,7 +15,8 @@ use tally_store::query::{DeadLetterRow, EnforcementKey};
 
 use crate::cursor::{self, PageParams};
 use crate::dto::{
-    EventJson, Fraction, History, ListJson, OrgJson, fractions_to_bps, one_with_held, present,
+    EventJson, Fraction, History, ListJson, OrgJson, OrgListJson, fractions_to_bps, one_with_held,
+    present,
 };
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{Caller, JsonBody, NoParams, Params};
@@ -57,6 +58,63 @@ pub(crate) struct PatchOrg {
     #[serde(default, deserialize_with = "present")]
     #[schema(value_type = Option<i64>)]
     monthly_limit_micros: Option<Option<i64>>,
+}
+
+/// What the operator's list of orgs takes.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct OrgListParams {
+    /// Orgs whose id or name contains this (case-insensitive).
+    q: Option<String>,
+    /// `next_cursor` of the previous page.
+    cursor: Option<String>,
+    /// Rows a page (default 50, at most 1 000).
+    limit: Option<u32>,
+}
+
+/// Every org, by id (operator token): searchable by id and name, with each
+/// org's spend this month and its members. One query a page.
+#[utoipa::path(get, path = "/v1/orgs", operation_id = "orgs_list", tag = "orgs", params(OrgListParams), security(("bearer" = ["operator"])), responses((status = 200, description = "ok", body = ListJson<OrgListJson>), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "not the operator", body = crate::error::ErrorBody)))]
+pub(crate) async fn list(
+    State(state): State<AppState>,
+    caller: Caller,
+    Params(p): Params<OrgListParams>,
+) -> ApiResult<Json<ListJson<OrgListJson>>> {
+    caller.require_operator()?;
+    let limit = page_len(p.limit)?;
+    let after = cursor::after_id("orgs", p.cursor.as_deref())?;
+    if let Some(q) = &p.q
+        && q.chars().count() > 200
+    {
+        return Err(ApiError::invalid("q is longer than 200 characters"));
+    }
+    state.engine.meter.flush_for_read().await?;
+    let month = Month::from_unix_ms(state.engine.now_ms());
+    let rows = state
+        .engine
+        .db
+        .list_orgs(month, p.q.as_deref(), after.as_deref(), limit + 1)
+        .await?;
+    let items: Vec<OrgListJson> = rows
+        .into_iter()
+        .map(|r| OrgListJson {
+            utilization: tally_core::ratio::utilization(r.spend_micros, r.monthly_limit_micros),
+            cut_off: crate::dto::cut_off(r.spend_micros, r.monthly_limit_micros),
+            id: r.id,
+            name: r.name,
+            member_count: r.member_count,
+            spend_micros: r.spend_micros,
+            requests: r.requests,
+            monthly_limit_micros: r.monthly_limit_micros,
+            default_monthly_limit_micros: r.default_monthly_limit_micros,
+            month: month.to_string(),
+            created_at: format_rfc3339_ms(r.created_at_ms),
+        })
+        .collect();
+    Ok(Json(cursor::page(items, limit as usize, "orgs", |o| {
+        json!(o.id)
+    })))
 }
 
 async fn org_json(state: &AppState, org_id: &OrgId) -> ApiResult<Json<OrgJson>> {

@@ -40,6 +40,19 @@ pub struct OrgRow {
     pub requests: i64,
 }
 
+/// An org as the operator's list shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OrgListRow {
+    pub id: String,
+    pub name: String,
+    pub default_monthly_limit_micros: Option<i64>,
+    pub monthly_limit_micros: Option<i64>,
+    pub created_at_ms: i64,
+    pub spend_micros: i64,
+    pub requests: i64,
+    pub member_count: i64,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UserRow {
     pub id: String,
@@ -279,6 +292,49 @@ impl Db {
             })
         })
         .transpose()
+    }
+
+    /// Orgs ordered by id, after `after`, whose id or name contains `q`
+    /// (case-insensitive), at most `limit`: with their spend in `month` and
+    /// their members (not removed). One query.
+    pub async fn list_orgs(
+        &self,
+        month: Month,
+        q: Option<&str>,
+        after: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<OrgListRow>> {
+        let rows = sqlx::query(
+            "SELECT o.id, o.name, o.default_monthly_limit_micros, o.monthly_limit_micros, \
+             o.created_at_ms, COALESCE(s.spend_micros, 0) AS spend_micros, \
+             COALESCE(s.requests, 0) AS requests, \
+             (SELECT COUNT(*) FROM users u WHERE u.org_id = o.id AND u.status <> 'removed') \
+             AS member_count FROM orgs o \
+             LEFT JOIN spend_monthly s ON s.org_id = o.id AND s.kind = 'org' \
+             AND s.subject_id = o.id AND s.month = $1 \
+             WHERE o.id > $2 AND ($3 = '' OR LOWER(o.id) LIKE $3 ESCAPE '\\' \
+             OR LOWER(o.name) LIKE $3 ESCAPE '\\') ORDER BY o.id LIMIT $4",
+        )
+        .bind(i64::from(month.yyyymm()))
+        .bind(after.unwrap_or(""))
+        .bind(q.map(escape_like).unwrap_or_default())
+        .bind(i64::from(limit.clamp(1, PAGE_LEN_MAX + 1)))
+        .fetch_all(self.reader())
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(OrgListRow {
+                    id: r.try_get("id")?,
+                    name: r.try_get("name")?,
+                    default_monthly_limit_micros: r.try_get("default_monthly_limit_micros")?,
+                    monthly_limit_micros: r.try_get("monthly_limit_micros")?,
+                    created_at_ms: r.try_get("created_at_ms")?,
+                    spend_micros: r.try_get("spend_micros")?,
+                    requests: r.try_get("requests")?,
+                    member_count: r.try_get("member_count")?,
+                })
+            })
+            .collect()
     }
 
     /// The SQL of a user listing and its bound values. `ids_only` selects

@@ -84,6 +84,14 @@ pub(crate) enum Orgs {
         #[arg(long, value_delimiter = ',')]
         thresholds: Vec<String>,
     },
+    /// Every org, with members and spend (operator token).
+    List {
+        /// Orgs whose id or name contains this.
+        #[arg(long)]
+        q: Option<String>,
+        #[command(flatten)]
+        rows: Rows,
+    },
     /// The org, its spend this month and its history.
     Show,
     /// Change the org: only what is given changes.
@@ -817,6 +825,27 @@ pub(crate) async fn orgs(
                 text(&o["name"]),
                 dollars(&o["default_monthly_limit_micros"]),
                 dollars(&o["monthly_limit_micros"])
+            )
+        }
+        Orgs::List { q, rows } => {
+            let items = api.list("/v1/orgs", &given([("q", q)]), rows).await?;
+            let rows: Vec<Vec<String>> = items
+                .iter()
+                .map(|o| {
+                    vec![
+                        text(&o["id"]),
+                        text(&o["name"]),
+                        text(&o["member_count"]),
+                        dollars(&o["spend_micros"]),
+                        dollars(&o["monthly_limit_micros"]),
+                        percent(&o["spend_micros"], &o["monthly_limit_micros"]),
+                        yes(&o["cut_off"]),
+                    ]
+                })
+                .collect();
+            table(
+                &["ID", "NAME", "MEMBERS", "SPEND", "LIMIT", "USED", "CUT OFF"],
+                &rows,
             )
         }
         Orgs::Show => {

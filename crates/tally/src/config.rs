@@ -40,7 +40,7 @@ pub(crate) enum Command {
     /// Publish realistic usage for an org to the usage topic, as a gateway
     /// would (an example producer).
     Produce(ProduceArgs),
-    /// Orgs, over the HTTP API: create, show, update.
+    /// Orgs, over the HTTP API: create, list, show, update.
     Orgs {
         #[command(flatten)]
         conn: crate::cli::Conn,

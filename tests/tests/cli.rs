@@ -481,6 +481,45 @@ async fn every_admin_endpoint_has_a_command_and_errors_have_exit_codes() {
     let out = ok(&url, &["dead-letters", "--all-orgs"]);
     assert!(out.starts_with("LOGGED"), "{out}");
 
+    // A bulk change by filter: previewed, then made.
+    let out = ok(
+        &url,
+        &[
+            "users",
+            "bulk",
+            "--where-group",
+            "ops",
+            "--reset-limit",
+            "--dry-run",
+        ],
+    );
+    assert!(
+        out.starts_with("2 of 2 users would change (dry run: nothing changed)"),
+        "{out}"
+    );
+    let alice = server
+        .operator()
+        .get("/v1/orgs/acme/users/alice")
+        .await
+        .expect(200);
+    assert_eq!(alice["monthly_limit_micros"], 25_000_000, "{alice}");
+    let out = ok(
+        &url,
+        &["users", "bulk", "--where-group", "ops", "--reset-limit"],
+    );
+    assert!(out.starts_with("2 of 2 users changed"), "{out}");
+    let alice = server
+        .operator()
+        .get("/v1/orgs/acme/users/alice")
+        .await
+        .expect(200);
+    assert_eq!(
+        alice["monthly_limit_micros"], 40_000_000,
+        "the org default: {alice}"
+    );
+    let (success, _, err) = tally(&url, &["users", "bulk", "--status", "suspended"]);
+    assert!(!success && err.contains("--users"), "{err}");
+
     // Exit codes: 1 refused, 2 usage, 3 unreachable.
     let env = [
         ("TALLY_URL", url.as_str()),

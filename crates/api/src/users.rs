@@ -7,7 +7,7 @@ use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
-use tally_core::entity::{Command, UserStatus};
+use tally_core::entity::{BULK_USERS_MAX, Command, UserStatus};
 use tally_core::ids::{GroupId, OrgId, UserId};
 use tally_core::ratio::parse_fraction_bps;
 use tally_core::time::Month;
@@ -131,6 +131,50 @@ pub(crate) struct ListParams {
     limit: Option<u32>,
 }
 
+/// The filters of the member list, as a bulk change takes them.
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct FilterJson {
+    /// invited, active, suspended or removed; absent: all but removed.
+    status: Option<String>,
+    /// Members of this group only.
+    group: Option<String>,
+    /// Case-insensitive substring of id, name or email.
+    q: Option<String>,
+    /// Members at or above this fraction of their limit, e.g. `"0.8"`.
+    min_utilization: Option<String>,
+    /// Only members cut off (`true`) or only those not cut off (`false`).
+    cut_off: Option<bool>,
+}
+
+/// A member filter, checked.
+fn user_filter(f: FilterJson) -> ApiResult<UserFilter> {
+    if f.q.as_ref().is_some_and(|q| q.chars().count() > 200) {
+        return Err(ApiError::invalid("q is longer than 200 characters"));
+    }
+    Ok(UserFilter {
+        status: f.status.as_deref().map(status).transpose()?,
+        group: f
+            .group
+            .map(|g| {
+                GroupId::new(&g)
+                    .map(|g| g.to_string())
+                    .map_err(|e| ApiError::invalid(e.to_string()))
+            })
+            .transpose()?,
+        q: f.q.filter(|q| !q.is_empty()),
+        min_utilization_bps: f
+            .min_utilization
+            .as_deref()
+            .map(|s| {
+                parse_fraction_bps(s)
+                    .map_err(|e| ApiError::invalid(format!("min_utilization: {e}")))
+            })
+            .transpose()?,
+        cut_off: f.cut_off,
+    })
+}
+
 #[utoipa::path(get, path = "/v1/orgs/{org}/users", operation_id = "users_list", tag = "users", params(("org" = String, Path, description = "org id"), ListParams), security(("bearer" = ["operator", "admin", "viewer"])), responses((status = 200, description = "ok", body = ListJson<UserJson>), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody)))]
 pub(crate) async fn list(
     State(state): State<AppState>,
@@ -150,30 +194,13 @@ pub(crate) async fn list(
              last_active (prefix - for descending)"
         ))
     })?;
-    if p.q.as_ref().is_some_and(|q| q.chars().count() > 200) {
-        return Err(ApiError::invalid("q is longer than 200 characters"));
-    }
-    let filter = UserFilter {
-        status: p.status.as_deref().map(status).transpose()?,
-        group: p
-            .group
-            .map(|g| {
-                GroupId::new(&g)
-                    .map(|g| g.to_string())
-                    .map_err(|e| ApiError::invalid(e.to_string()))
-            })
-            .transpose()?,
-        q: p.q.filter(|q| !q.is_empty()),
-        min_utilization_bps: p
-            .min_utilization
-            .as_deref()
-            .map(|s| {
-                parse_fraction_bps(s)
-                    .map_err(|e| ApiError::invalid(format!("min_utilization: {e}")))
-            })
-            .transpose()?,
+    let filter = user_filter(FilterJson {
+        status: p.status,
+        group: p.group,
+        q: p.q,
+        min_utilization: p.min_utilization,
         cut_off: p.cut_off,
-    };
+    })?;
     let from = p
         .cursor
         .as_deref()
@@ -381,8 +408,11 @@ pub(crate) async fn remove(
 #[serde(deny_unknown_fields)]
 #[schema(examples(json!({"user_ids": ["alice"], "add_groups": [], "monthly_limit_micros": 75_000_000})))]
 pub(crate) struct Bulk {
-    /// The members to change (at most 10 000), all or nothing.
-    user_ids: Vec<String>,
+    /// The members to change (at most 10 000), all or nothing; or `filter`.
+    user_ids: Option<Vec<String>>,
+    /// Every member the list's filters match (at most 10 000), instead of
+    /// `user_ids`: what `GET …/users` with the same filters lists.
+    filter: Option<FilterJson>,
     /// Groups to add them to.
     #[serde(default)]
     add_groups: Vec<String>,
@@ -393,18 +423,58 @@ pub(crate) struct Bulk {
     #[serde(default, deserialize_with = "present")]
     #[schema(value_type = Option<i64>)]
     monthly_limit_micros: Option<Option<i64>>,
+    /// Each member's limit back to the org's default monthly limit (instead
+    /// of `monthly_limit_micros`).
+    #[serde(default)]
+    reset_limit: bool,
     /// `active` or `suspended`; absent: unchanged.
     status: Option<String>,
+    /// What would change, and nothing written: the same answer, judged on
+    /// the org as it is now.
+    #[serde(default)]
+    dry_run: bool,
 }
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub(crate) struct BulkResult {
-    /// Users named in the request.
+    /// Users named in the request, or matched by its filter.
     users: usize,
     /// Users that actually changed.
     users_changed: usize,
-    /// Events written, by kind (member_added, user_limit_set, …).
+    /// Events written (or, in a dry run, that would be), by kind
+    /// (member_added, user_limit_set, …).
     changes: BTreeMap<String, usize>,
+    /// Whether this was a dry run: nothing was written.
+    dry_run: bool,
+}
+
+/// The ids of every member `filter` matches, when they are at most
+/// [`BULK_USERS_MAX`].
+async fn matching(state: &AppState, org_id: &OrgId, filter: UserFilter) -> ApiResult<Vec<UserId>> {
+    state.engine.meter.flush_for_read().await?;
+    let query = UserListQuery {
+        sort: UserSort::Name,
+        descending: false,
+        filter,
+        after: None,
+        limit: 1,
+        month: Month::from_unix_ms(state.engine.now_ms()),
+    };
+    let max = u32::try_from(BULK_USERS_MAX + 1).unwrap_or(u32::MAX);
+    let keys = state.engine.db.list_user_keys(org_id, &query, max).await?;
+    within_bulk_cap(keys.len())?;
+    keys.iter().map(|k| user_id(&k.id)).collect()
+}
+
+/// A filter's matches are one bulk change only up to [`BULK_USERS_MAX`].
+fn within_bulk_cap(matched: usize) -> ApiResult<()> {
+    if matched > BULK_USERS_MAX {
+        return Err(ApiError::rule(format!(
+            "the filter matches more than {BULK_USERS_MAX} members, the most one bulk change \
+             takes: narrow it"
+        )));
+    }
+    Ok(())
 }
 
 /// One change to many users, all or nothing.
@@ -416,34 +486,85 @@ pub(crate) async fn bulk(
     JsonBody(req): JsonBody<Bulk>,
 ) -> ApiResult<Json<BulkResult>> {
     let org_id = org_access(&state, &caller, &org)?;
-    let user_ids: Vec<UserId> = req
-        .user_ids
-        .iter()
-        .map(|u| user_id(u))
-        .collect::<ApiResult<_>>()?;
+    if req.reset_limit && req.monthly_limit_micros.is_some() {
+        return Err(ApiError::invalid(
+            "give monthly_limit_micros or reset_limit, not both",
+        ));
+    }
+    let user_ids: Vec<UserId> = match (req.user_ids, req.filter) {
+        (Some(ids), None) => ids.iter().map(|u| user_id(u)).collect::<ApiResult<_>>()?,
+        (None, Some(filter)) => matching(&state, &org_id, user_filter(filter)?).await?,
+        _ => {
+            return Err(ApiError::invalid("give user_ids or filter (exactly one)"));
+        }
+    };
+    let monthly_limit_micros = if req.reset_limit {
+        let org = state
+            .engine
+            .db
+            .org(&org_id, Month::from_unix_ms(state.engine.now_ms()))
+            .await?
+            .ok_or_else(|| ApiError::not_found("no such org"))?;
+        Some(org.default_monthly_limit_micros)
+    } else {
+        req.monthly_limit_micros
+    };
+    let users = user_ids.len();
+    if users == 0 {
+        // A filter that matches nobody: nothing to change (an empty
+        // `user_ids` is refused by the command).
+        return Ok(Json(BulkResult {
+            users,
+            users_changed: 0,
+            changes: BTreeMap::new(),
+            dry_run: req.dry_run,
+        }));
+    }
     let cmd = Command::BulkUpdateUsers {
         user_ids,
         add_groups: group_ids(&req.add_groups)?,
         remove_groups: group_ids(&req.remove_groups)?,
-        monthly_limit_micros: req.monthly_limit_micros,
+        monthly_limit_micros,
         status: req.status.as_deref().map(status).transpose()?,
     };
-    let events = state
-        .engine
-        .commands
-        .execute(&org_id, caller.actor(), &cmd)
-        .await?;
+    let kinds = if req.dry_run {
+        state.engine.commands.preview(&org_id, &cmd)?
+    } else {
+        state
+            .engine
+            .commands
+            .execute(&org_id, caller.actor(), &cmd)
+            .await?
+            .into_iter()
+            .map(|e| e.kind)
+            .collect()
+    };
     let mut changes = BTreeMap::new();
     let mut changed = std::collections::HashSet::new();
-    for e in &events {
-        *changes.entry(e.kind.name().to_owned()).or_default() += 1;
-        if let Some(u) = e.kind.user_id() {
+    for kind in &kinds {
+        *changes.entry(kind.name().to_owned()).or_default() += 1;
+        if let Some(u) = kind.user_id() {
             let _ = changed.insert(u.clone());
         }
     }
     Ok(Json(BulkResult {
-        users: req.user_ids.len(),
+        users,
         users_changed: changed.len(),
         changes,
+        dry_run: req.dry_run,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_filter_takes_at_most_a_bulk_changes_worth_of_members() {
+        assert!(within_bulk_cap(0).is_ok());
+        assert!(within_bulk_cap(BULK_USERS_MAX).is_ok());
+        let refused = within_bulk_cap(BULK_USERS_MAX + 1).unwrap_err();
+        assert_eq!(refused.status, StatusCode::UNPROCESSABLE_ENTITY);
+        assert!(refused.message.contains("narrow it"), "{refused:?}");
+    }
 }

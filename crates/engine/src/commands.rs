@@ -18,7 +18,7 @@
 use std::sync::Arc;
 
 use dashmap::DashMap;
-use tally_core::entity::{Actor, Command, CommandError, EntityEvent, handle_create};
+use tally_core::entity::{Actor, Command, CommandError, EntityEvent, EventKind, handle_create};
 use tally_core::ids::OrgId;
 use tally_store::Db;
 
@@ -233,6 +233,14 @@ impl Commands {
             )));
         }
         Ok(true)
+    }
+
+    /// What `cmd` would write for `org_id` now, judged on what this process
+    /// holds; nothing is written (a dry run).
+    pub fn preview(&self, org_id: &OrgId, cmd: &Command) -> Result<Vec<EventKind>> {
+        let cell = self.registry.org(org_id).ok_or(Error::UnknownOrg)?;
+        let kinds = cell.read().dir.handle(cmd)?;
+        Ok(kinds)
     }
 
     /// Folds into memory whatever the org's log holds beyond it (written by

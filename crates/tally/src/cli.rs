@@ -181,11 +181,33 @@ pub(crate) enum Users {
         /// The member's id.
         user: String,
     },
-    /// One change to many members, all or nothing.
+    /// One change to many members, all or nothing: named (`--users`) or
+    /// every member the `--where-…` filters match; `--dry-run` first.
     Bulk {
         /// The members' ids (`alice,bob`, or the flag repeated).
-        #[arg(long, value_delimiter = ',', required = true)]
+        #[arg(long, value_delimiter = ',')]
         users: Vec<String>,
+        /// Members with this status (invited, active, suspended, removed).
+        #[arg(long)]
+        where_status: Option<String>,
+        /// Members of this group.
+        #[arg(long)]
+        where_group: Option<String>,
+        /// Members whose id, name or email contains this.
+        #[arg(long)]
+        where_q: Option<String>,
+        /// Members at or above this fraction of their limit (`0.8`).
+        #[arg(long)]
+        where_min_utilization: Option<String>,
+        /// Members cut off for the month.
+        #[arg(long)]
+        where_cut_off: bool,
+        /// Each member's limit back to the org's default.
+        #[arg(long, conflicts_with = "limit")]
+        reset_limit: bool,
+        /// Say what would change, change nothing.
+        #[arg(long)]
+        dry_run: bool,
         /// Groups to add them to.
         #[arg(long, value_delimiter = ',')]
         add_groups: Vec<String>,
@@ -970,12 +992,43 @@ pub(crate) async fn users(
         }
         Users::Bulk {
             users,
+            where_status,
+            where_group,
+            where_q,
+            where_min_utilization,
+            where_cut_off,
+            reset_limit,
+            dry_run,
             add_groups,
             remove_groups,
             limit,
             status,
         } => {
-            let mut body = json!({"user_ids": users, "add_groups": add_groups, "remove_groups": remove_groups});
+            let mut body = json!({
+                "add_groups": add_groups,
+                "remove_groups": remove_groups,
+                "reset_limit": reset_limit,
+                "dry_run": dry_run,
+            });
+            let mut filter = serde_json::Map::new();
+            for (k, v) in given([
+                ("status", where_status),
+                ("group", where_group),
+                ("q", where_q),
+                ("min_utilization", where_min_utilization),
+            ]) {
+                let _ = filter.insert(k.to_owned(), json!(v));
+            }
+            if where_cut_off {
+                let _ = filter.insert("cut_off".to_owned(), json!(true));
+            }
+            match (users.is_empty(), filter.is_empty()) {
+                (false, true) => body["user_ids"] = json!(users),
+                (true, false) => body["filter"] = Value::Object(filter),
+                _ => bail!(
+                    "name the members with --users, or match them with --where-… (one of the two)"
+                ),
+            }
             if let Some(l) = limit {
                 body["monthly_limit_micros"] = api.limit(&l)?;
             }
@@ -998,9 +1051,14 @@ fn bulk_summary(r: &Value) -> String {
         .map(|(k, v)| vec![k.clone(), text(v)])
         .collect();
     format!(
-        "{} of {} users changed\n{}",
+        "{} of {} users {}\n{}",
         text(&r["users_changed"]),
         text(&r["users"]),
+        if r["dry_run"] == true {
+            "would change (dry run: nothing changed)"
+        } else {
+            "changed"
+        },
         table(&["CHANGE", "COUNT"], &changes)
     )
 }

@@ -22,21 +22,38 @@ fn block(name: &str) -> String {
         .join("\n")
 }
 
-#[tokio::test]
-async fn the_quickstart_works_as_written() {
-    let tally = Tally::start(&Backend::sqlite("readme")).unwrap();
+/// Runs the README's block `name` in bash (`-e` with `errexit`) against
+/// `url` as the operator, with `tally` on the PATH; its stdout, once it
+/// succeeded.
+fn run_block(name: &str, url: &str, errexit: bool) -> String {
+    let bin = tally_tests::tally_bin();
+    let path = format!(
+        "{}:{}",
+        bin.parent().unwrap().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let flags: &[&str] = if errexit { &["-e", "-c"] } else { &["-c"] };
     let out = std::process::Command::new("bash")
-        .args(["-c", &block("quickstart")])
-        .env("TALLY_URL", &tally.url)
+        .args(flags)
+        .arg(block(name))
+        .env("TALLY_URL", url)
         .env("TALLY_TOKEN", OPERATOR_TOKEN)
+        .env("PATH", path)
         .output()
         .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
         "{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    stdout
+}
+
+#[tokio::test]
+async fn the_quickstart_works_as_written() {
+    let tally = Tally::start(&Backend::sqlite("readme")).unwrap();
+    let stdout = run_block("quickstart", &tally.url, false);
     let lines: Vec<&str> = stdout.lines().collect();
     let authorize: Vec<&&str> = lines
         .iter()
@@ -72,28 +89,7 @@ async fn the_quickstart_works_as_written() {
 
     // Then the CLI block, in the same shell variables, with `tally` on the
     // PATH.
-    let bin = Path::new(&tally_tests::tally_bin())
-        .parent()
-        .unwrap()
-        .to_owned();
-    let path = format!(
-        "{}:{}",
-        bin.display(),
-        std::env::var("PATH").unwrap_or_default()
-    );
-    let out = std::process::Command::new("bash")
-        .args(["-e", "-c", &block("cli")])
-        .env("TALLY_URL", &tally.url)
-        .env("TALLY_TOKEN", OPERATOR_TOKEN)
-        .env("PATH", path)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = run_block("cli", &tally.url, true);
     let lines: Vec<&str> = stdout.lines().collect();
     // The top three by spend: alice, at $52.50, first.
     assert!(lines[0].starts_with("ID "), "{stdout}");

@@ -458,25 +458,22 @@ pub(crate) async fn enforcement(
         .db
         .list_enforcement(&org_id, after.as_ref(), limit + 1)
         .await?;
-    let mut rows = rows.into_iter();
-    let page: Vec<_> = rows.by_ref().take(limit as usize).collect();
-    let next_cursor = rows.next().and(page.last()).map(|(k, _)| {
-        cursor::encode_after(
-            "enforcement",
-            &json!([
-                k.at_ms,
-                k.subject_kind,
-                k.subject_id,
-                k.month,
-                k.event,
-                k.threshold_bps,
-                k.ordinal
-            ]),
-        )
+    // The cursor is the row's key (EnforcementRow::key), in order.
+    let page = cursor::page(rows, limit as usize, "enforcement", |r| {
+        json!([
+            r.at_ms,
+            r.subject_kind,
+            r.subject_id,
+            r.month,
+            r.event,
+            r.threshold_bps,
+            r.ordinal
+        ])
     });
     let items = page
+        .items
         .into_iter()
-        .map(|(_, r)| EnforcementJson {
+        .map(|r| EnforcementJson {
             subject_kind: r.subject_kind,
             subject_id: r.subject_id,
             month: u32::try_from(r.month)
@@ -494,7 +491,10 @@ pub(crate) async fn enforcement(
             at: format_rfc3339_ms(r.at_ms),
         })
         .collect();
-    Ok(Json(ListJson { items, next_cursor }))
+    Ok(Json(ListJson {
+        items,
+        next_cursor: page.next_cursor,
+    }))
 }
 
 /// The row an enforcement cursor names.

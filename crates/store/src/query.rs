@@ -755,10 +755,27 @@ pub struct EnforcementRow {
     pub month: i64,
     pub event: String,
     pub threshold_bps: i64,
+    /// Tells apart events of the same kind for the same subject and month.
+    pub ordinal: i64,
     pub reason: Option<String>,
     pub spend_micros: i64,
     pub limit_micros: Option<i64>,
     pub at_ms: i64,
+}
+
+impl EnforcementRow {
+    /// Where the page after this row starts.
+    pub fn key(&self) -> EnforcementKey {
+        EnforcementKey {
+            at_ms: self.at_ms,
+            subject_kind: self.subject_kind.clone(),
+            subject_id: self.subject_id.clone(),
+            month: self.month,
+            event: self.event.clone(),
+            threshold_bps: self.threshold_bps,
+            ordinal: self.ordinal,
+        }
+    }
 }
 
 /// Where a page of enforcement events starts: after this row, newest
@@ -782,7 +799,7 @@ impl Db {
         org_id: &OrgId,
         after: Option<&EnforcementKey>,
         limit: u32,
-    ) -> Result<Vec<(EnforcementKey, EnforcementRow)>> {
+    ) -> Result<Vec<EnforcementRow>> {
         let first = EnforcementKey {
             at_ms: i64::MAX,
             subject_kind: String::new(),
@@ -817,27 +834,18 @@ impl Db {
         .await?;
         rows.iter()
             .map(|r| {
-                let row = EnforcementRow {
+                Ok(EnforcementRow {
                     subject_kind: r.try_get("subject_kind")?,
                     subject_id: r.try_get("subject_id")?,
                     month: r.try_get("month")?,
                     event: r.try_get("event")?,
                     threshold_bps: r.try_get("threshold_bps")?,
+                    ordinal: r.try_get("ordinal")?,
                     reason: r.try_get("reason")?,
                     spend_micros: r.try_get("spend_micros")?,
                     limit_micros: r.try_get("limit_micros")?,
                     at_ms: r.try_get("at_ms")?,
-                };
-                let key = EnforcementKey {
-                    at_ms: row.at_ms,
-                    subject_kind: row.subject_kind.clone(),
-                    subject_id: row.subject_id.clone(),
-                    month: row.month,
-                    event: row.event.clone(),
-                    threshold_bps: row.threshold_bps,
-                    ordinal: r.try_get("ordinal")?,
-                };
-                Ok((key, row))
+                })
             })
             .collect()
     }

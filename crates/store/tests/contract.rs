@@ -668,7 +668,7 @@ async fn checkpoints_round_trip(db: Db) {
     // A page at a time: each row once, in the same order.
     let first = db.list_enforcement(&org, None, 1).await.unwrap();
     let second = db
-        .list_enforcement(&org, Some(&first[0].0), 1)
+        .list_enforcement(&org, Some(&first[0].key()), 1)
         .await
         .unwrap();
     assert_eq!(
@@ -676,7 +676,7 @@ async fn checkpoints_round_trip(db: Db) {
         [both[0].clone(), both[1].clone()]
     );
     assert!(
-        db.list_enforcement(&org, Some(&second[0].0), 1)
+        db.list_enforcement(&org, Some(&second[0].key()), 1)
             .await
             .unwrap()
             .is_empty()

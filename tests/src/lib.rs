@@ -4,6 +4,8 @@
 //! The binary is `$TALLY_BIN`, or `target/debug/tally` of this workspace
 //! (scripts/test.sh builds it first).
 
+pub mod console;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

@@ -3,6 +3,7 @@
 //! org only. Errors are `{"error": {"code", "message"}}`.
 
 mod access;
+mod console;
 mod cursor;
 mod dto;
 mod error;
@@ -170,6 +171,7 @@ pub fn router(state: AppState) -> Router {
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))
         .route("/openapi.json", get(ops::openapi))
+        .merge(console::routes())
         .fallback(ops::not_found)
         .method_not_allowed_fallback(ops::method_not_allowed)
         .layer(DefaultBodyLimit::max(body_max))

@@ -66,11 +66,11 @@ pub(crate) struct PatchOrg {
 #[serde(deny_unknown_fields)]
 pub(crate) struct OrgListParams {
     /// Orgs whose id or name contains this (case-insensitive).
-    q: Option<String>,
+    pub(crate) q: Option<String>,
     /// `next_cursor` of the previous page.
-    cursor: Option<String>,
+    pub(crate) cursor: Option<String>,
     /// Rows a page (default 50, at most 1 000).
-    limit: Option<u32>,
+    pub(crate) limit: Option<u32>,
 }
 
 /// Every org, by id (operator token): searchable by id and name, with each
@@ -117,7 +117,7 @@ pub(crate) async fn list(
     })))
 }
 
-async fn org_json(state: &AppState, org_id: &OrgId) -> ApiResult<Json<OrgJson>> {
+pub(crate) async fn org_json(state: &AppState, org_id: &OrgId) -> ApiResult<Json<OrgJson>> {
     state.engine.meter.flush_for_read().await?;
     let month = Month::from_unix_ms(state.engine.now_ms());
     let row = state
@@ -164,8 +164,8 @@ pub(crate) async fn create(
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub(crate) struct OrgDetail {
     #[serde(flatten)]
-    org: OrgJson,
-    history: History,
+    pub(crate) org: OrgJson,
+    pub(crate) history: History,
 }
 
 /// The org's settings, this month's spend, and its history.
@@ -242,23 +242,23 @@ fn event_json(e: &EntityEvent) -> EventJson {
 #[serde(deny_unknown_fields)]
 pub(crate) struct EventsParams {
     /// `oldest` first (the default) or `newest` first.
-    order: Option<String>,
+    pub(crate) order: Option<String>,
     /// Changes by this actor only: `operator` or `token:<token id>`.
-    actor: Option<String>,
+    pub(crate) actor: Option<String>,
     /// Of these kinds only, comma-separated (`user_added,user_limit_set`).
-    kind: Option<String>,
+    pub(crate) kind: Option<String>,
     /// About this entity only: `user:<id>`, `group:<id>`, `key:<id>`,
     /// `token:<id>`, or `org` (the org's settings, limit and webhook). A
     /// membership is about its user and its group.
-    subject: Option<String>,
+    pub(crate) subject: Option<String>,
     /// At or after this time: RFC 3339, or a day (`2026-11-01`, its start, UTC).
-    from: Option<String>,
+    pub(crate) from: Option<String>,
     /// Before this time: RFC 3339, or a day (its start, UTC).
-    to: Option<String>,
+    pub(crate) to: Option<String>,
     /// `next_cursor` of the previous page (same order).
-    cursor: Option<String>,
+    pub(crate) cursor: Option<String>,
     /// Rows a page (default 50, at most 1 000).
-    limit: Option<u32>,
+    pub(crate) limit: Option<u32>,
 }
 
 /// Rows a subject filter examines for one page at most: a page may come
@@ -418,23 +418,23 @@ pub(crate) async fn events(
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub(crate) struct EnforcementJson {
     /// user, group, key or org
-    subject_kind: String,
+    pub(crate) subject_kind: String,
     /// The subject's id.
-    subject_id: String,
+    pub(crate) subject_id: String,
     /// The month it belongs to (`2026-12`).
-    month: String,
+    pub(crate) month: String,
     /// threshold_crossed, cut_off or cutoff_lifted
-    event: String,
+    pub(crate) event: String,
     /// For threshold_crossed: the fraction of the limit.
-    threshold: Option<Fraction>,
+    pub(crate) threshold: Option<Fraction>,
     /// For cutoff_lifted: limit_raised, limit_removed or new_month.
-    reason: Option<String>,
+    pub(crate) reason: Option<String>,
     /// The subject's spend then, in micro-USD.
-    spend_micros: i64,
+    pub(crate) spend_micros: i64,
     /// The limit then, in micro-USD.
-    limit_micros: Option<i64>,
+    pub(crate) limit_micros: Option<i64>,
     /// When it happened.
-    at: String,
+    pub(crate) at: String,
 }
 
 /// Thresholds crossed, cutoffs and lifts, newest first.

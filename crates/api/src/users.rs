@@ -113,22 +113,22 @@ pub(crate) async fn add(
 pub(crate) struct ListParams {
     /// name (default), email, spend, limit, utilization or last_active;
     /// prefix `-` for descending.
-    sort: Option<String>,
+    pub(crate) sort: Option<String>,
     /// invited, active, suspended or removed; absent: all but removed.
-    status: Option<String>,
+    pub(crate) status: Option<String>,
     /// Members of this group only.
-    group: Option<String>,
+    pub(crate) group: Option<String>,
     /// Case-insensitive substring of id, name or email.
-    q: Option<String>,
+    pub(crate) q: Option<String>,
     /// Users at or above this fraction of their limit, e.g. `0.8`.
-    min_utilization: Option<String>,
+    pub(crate) min_utilization: Option<String>,
     /// Only users cut off (`true`) or only those not cut off (`false`).
-    cut_off: Option<bool>,
+    pub(crate) cut_off: Option<bool>,
     /// `next_cursor` of the previous page. Sorted by spend, utilization or
     /// last_active, pages keep the first page's order (figures current).
-    cursor: Option<String>,
+    pub(crate) cursor: Option<String>,
     /// Rows a page (default 50, at most 1 000).
-    limit: Option<u32>,
+    pub(crate) limit: Option<u32>,
 }
 
 /// The filters of the member list, as a bulk change takes them.
@@ -311,8 +311,8 @@ pub(crate) async fn list(
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub(crate) struct UserDetail {
     #[serde(flatten)]
-    user: UserJson,
-    history: History,
+    pub(crate) user: UserJson,
+    pub(crate) history: History,
 }
 
 #[utoipa::path(get, path = "/v1/orgs/{org}/users/{user}", operation_id = "users_get", tag = "users", params(("org" = String, Path, description = "org id"), ("user" = String, Path, description = "user id")), security(("bearer" = ["operator", "admin", "viewer"])), responses((status = 200, description = "ok", body = UserDetail), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody)))]
@@ -343,15 +343,15 @@ pub(crate) async fn get(
 #[schema(examples(json!({"monthly_limit_micros": 100_000_000})))]
 pub(crate) struct PatchUser {
     /// A new email address.
-    email: Option<String>,
+    pub(crate) email: Option<String>,
     /// A new display name.
-    name: Option<String>,
+    pub(crate) name: Option<String>,
     /// `null`: unlimited.
     #[serde(default, deserialize_with = "present")]
     #[schema(value_type = Option<i64>)]
-    monthly_limit_micros: Option<Option<i64>>,
+    pub(crate) monthly_limit_micros: Option<Option<i64>>,
     /// `active` or `suspended`.
-    status: Option<String>,
+    pub(crate) status: Option<String>,
 }
 
 #[utoipa::path(patch, path = "/v1/orgs/{org}/users/{user}", operation_id = "users_patch", tag = "users", params(("org" = String, Path, description = "org id"), ("user" = String, Path, description = "user id")), request_body = PatchUser, security(("bearer" = ["operator", "admin"])), responses((status = 200, description = "ok", body = UserJson), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody), (status = 409, description = "conflict", body = crate::error::ErrorBody), (status = 422, description = "a rule forbids it", body = crate::error::ErrorBody)))]

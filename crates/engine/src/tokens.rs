@@ -111,7 +111,13 @@ impl Engine {
     /// Resolves a bearer token; `Ok(None)` when it is no valid token. Errs
     /// only when the database must be asked and cannot answer.
     pub async fn authenticate(&self, token: &str) -> Result<Option<Principal>> {
-        let hash = hash_secret(token);
+        self.authenticate_hash(&hash_secret(token)).await
+    }
+
+    /// [`Engine::authenticate`] by the token's hash: how a console session,
+    /// which keeps the hash and never the token, is checked at each request.
+    pub async fn authenticate_hash(&self, hash: &SecretHash) -> Result<Option<Principal>> {
+        let hash = *hash;
         if ct_eq(&hash, &self.operator_token_hash) {
             return Ok(Some(Principal::Operator));
         }

@@ -18,6 +18,7 @@ pub mod holds;
 pub mod log;
 pub mod query;
 mod schema;
+pub mod sessions;
 pub mod tokens;
 mod tx;
 pub mod usage_log;

@@ -585,6 +585,37 @@ impl Db {
         Ok(Some(user))
     }
 
+    /// The `n` subjects of `kind` that spent most in `month`: (id, spend,
+    /// requests), most first, ties by id. One read of the month's index.
+    pub async fn top_spenders(
+        &self,
+        org_id: &OrgId,
+        kind: &str,
+        month: Month,
+        n: u32,
+    ) -> Result<Vec<(String, i64, i64)>> {
+        let rows = sqlx::query(
+            "SELECT subject_id, spend_micros, requests FROM spend_monthly \
+             WHERE org_id = $1 AND kind = $2 AND month = $3 AND spend_micros > 0 \
+             ORDER BY spend_micros DESC, subject_id LIMIT $4",
+        )
+        .bind(org_id.as_str())
+        .bind(kind)
+        .bind(i64::from(month.yyyymm()))
+        .bind(i64::from(n))
+        .fetch_all(self.reader())
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok((
+                    r.try_get("subject_id")?,
+                    r.try_get("spend_micros")?,
+                    r.try_get("requests")?,
+                ))
+            })
+            .collect()
+    }
+
     /// Monthly totals of a subject, newest first, at most 13; and its daily
     /// series in `month`.
     pub async fn history(

@@ -331,6 +331,21 @@ CREATE TABLE token_use (
     // v12: enforcement events read newest first, a page at a time.
     let v12 =
         "CREATE INDEX enforcement_events_by_time ON enforcement_events (org_id, at_ms);".to_owned();
+    // v13: the console's sessions (a token exchanged for a cookie): the
+    // cookie's hash, never the cookie; the token's hash, so a revoked token
+    // closes its sessions at once.
+    let v13 = format!(
+        r#"
+CREATE TABLE console_sessions (
+    id_hash {blob} PRIMARY KEY,
+    token_hash {blob} NOT NULL,
+    csrf {text} NOT NULL,
+    created_at_ms BIGINT NOT NULL,
+    expires_at_ms BIGINT NOT NULL
+);
+CREATE INDEX console_sessions_by_expiry ON console_sessions (expires_at_ms);
+"#
+    );
     vec![
         (1, v1 + &append_only),
         (2, v2),
@@ -344,5 +359,6 @@ CREATE TABLE token_use (
         (10, v10),
         (11, v11),
         (12, v12),
+        (13, v13),
     ]
 }

@@ -1,0 +1,879 @@
+//! The console's pages: the operator's org picker, an org's overview, its
+//! users and a user. Each page is one round of queries through the API's
+//! own handlers, with the signed-in principal as the caller.
+
+use askama::Template;
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode, Uri};
+use axum::response::Response;
+use tally_core::money::parse_usd;
+use tally_core::ratio::format_bps;
+use tally_core::time::Month;
+
+use super::view::{self, Bar};
+use super::{Fail, Fields, Layout, Session, href, local_target, render, see_other, seg};
+use crate::AppState;
+use crate::cursor::PageParams;
+use crate::dto::{ListJson, OrgJson, UserJson};
+use crate::error::ApiError;
+use crate::extract::{Caller, NoParams, Params};
+use crate::{orgs, users};
+
+fn caller(s: &Session) -> Caller {
+    Caller(s.principal.clone())
+}
+
+/// `GET /console`: the signed-in user's start page.
+pub(crate) async fn home(session: Session) -> Response {
+    match session.principal.org() {
+        Some(org) => see_other(&format!("/console/orgs/{}", seg(org.as_str()))),
+        None => see_other("/console/orgs"),
+    }
+}
+
+#[derive(Debug)]
+struct OrgLine {
+    href: String,
+    id: String,
+    name: String,
+    members: i64,
+    spend: String,
+    limit: String,
+    percent: String,
+}
+
+#[derive(Template)]
+#[template(path = "console/orgs.html")]
+struct OrgsPage {
+    layout: Layout,
+    q: String,
+    orgs: Vec<OrgLine>,
+    next: Option<String>,
+    first: Option<String>,
+}
+
+/// `GET /console/orgs`: the operator picks an org.
+pub(crate) async fn orgs(
+    State(state): State<AppState>,
+    session: Session,
+    uri: Uri,
+) -> Result<Response, Fail> {
+    if let Some(org) = session.principal.org() {
+        return Ok(see_other(&format!("/console/orgs/{}", seg(org.as_str()))));
+    }
+    let layout = Layout::new(&session, "Orgs", None, "orgs");
+    let q = Fields::query(&uri)?;
+    let page = orgs::list(
+        State(state),
+        caller(&session),
+        Params(orgs::OrgListParams {
+            q: q.get("q").map(str::to_owned),
+            cursor: q.get("cursor").map(str::to_owned),
+            limit: Some(50),
+        }),
+    )
+    .await
+    .map_err(|e| Fail::from(e).on(&layout))?
+    .0;
+    let search = q.get("q").unwrap_or("").to_owned();
+    Ok(render(&OrgsPage {
+        orgs: page
+            .items
+            .into_iter()
+            .map(|o| OrgLine {
+                href: format!("/console/orgs/{}", seg(&o.id)),
+                percent: view::percent(o.spend_micros, o.monthly_limit_micros),
+                spend: view::usd(o.spend_micros),
+                limit: view::limit(o.monthly_limit_micros),
+                members: o.member_count,
+                id: o.id,
+                name: o.name,
+            })
+            .collect(),
+        next: page
+            .next_cursor
+            .map(|c| href("/console/orgs", &[("q", &search), ("cursor", &c)])),
+        first: q
+            .get("cursor")
+            .map(|_| href("/console/orgs", &[("q", &search)])),
+        q: search,
+        layout,
+    }))
+}
+
+/// The org as its pages' headers show it.
+async fn org(
+    state: &AppState,
+    session: &Session,
+    org: &str,
+    layout: &Layout,
+) -> Result<OrgJson, Fail> {
+    let org_id =
+        crate::org_access(state, &caller(session), org).map_err(|e| Fail::from(e).on(layout))?;
+    Ok(orgs::org_json(state, &org_id)
+        .await
+        .map_err(|e| Fail::from(e).on(layout))?
+        .0)
+}
+
+fn thresholds_bps(org: &OrgJson) -> Vec<u32> {
+    org.alert_thresholds.iter().map(|f| f.0).collect()
+}
+
+/// A member as a row of the users table.
+#[derive(Debug)]
+struct UserLine {
+    id: String,
+    href: String,
+    name: String,
+    email: String,
+    status: String,
+    /// Used within the last hour.
+    active_now: bool,
+    last_active: String,
+    groups: Vec<(String, String)>,
+    limit: String,
+    limit_input: String,
+    spend: String,
+    held: String,
+    bar: Option<Bar>,
+    percent: String,
+    requests: i64,
+    cut_off: bool,
+}
+
+fn user_line(org: &str, u: UserJson, thresholds: &[u32], now_ms: i64) -> UserLine {
+    let last_ms = u.last_active_at.as_deref().and_then(view::parse_ms);
+    UserLine {
+        href: format!("/console/orgs/{}/users/{}", seg(org), seg(&u.id)),
+        active_now: u.status == "active" && last_ms.is_some_and(|t| now_ms - t < 3_600_000),
+        last_active: last_ms.map_or_else(|| "never".to_owned(), |t| view::ago(t, now_ms)),
+        groups: u
+            .groups
+            .iter()
+            .map(|g| {
+                (
+                    g.clone(),
+                    href(
+                        &format!("/console/orgs/{}/users", seg(org)),
+                        &[("group", g)],
+                    ),
+                )
+            })
+            .collect(),
+        limit: view::limit(u.monthly_limit_micros),
+        limit_input: u
+            .monthly_limit_micros
+            .map_or_else(String::new, |l| view::usd(l).replace(['$', ','], "")),
+        spend: view::usd(u.spend_micros),
+        held: if u.held_micros > 0 {
+            view::usd(u.held_micros)
+        } else {
+            String::new()
+        },
+        bar: view::bar(u.spend_micros, u.monthly_limit_micros, thresholds),
+        percent: view::percent(u.spend_micros, u.monthly_limit_micros),
+        requests: u.requests,
+        cut_off: u.cut_off,
+        id: u.id,
+        name: u.name,
+        email: u.email,
+        status: u.status,
+    }
+}
+
+#[derive(Debug)]
+struct TopLine {
+    label: String,
+    href: String,
+    spend: String,
+    requests: i64,
+}
+
+#[derive(Debug)]
+struct AlertLine {
+    at: String,
+    subject: String,
+    href: String,
+    event: String,
+    spend: String,
+    limit: String,
+}
+
+#[derive(Template)]
+#[template(path = "console/overview.html")]
+struct OverviewPage {
+    layout: Layout,
+    name: String,
+    period: String,
+    spend: String,
+    held: String,
+    limit: String,
+    percent: String,
+    bar: Option<Bar>,
+    projected: String,
+    projected_over: bool,
+    requests: i64,
+    chart: String,
+    top_users: Vec<UserLine>,
+    top_groups: Vec<TopLine>,
+    top_keys: Vec<TopLine>,
+    /// (threshold, members at or above it) of the members listed in
+    /// `at_risk`.
+    bands: Vec<(String, usize)>,
+    at_risk: Vec<UserLine>,
+    at_risk_more: bool,
+    alerts: Vec<AlertLine>,
+    users_href: String,
+}
+
+/// How many of each the overview's top lists show.
+const TOP_N: u32 = 5;
+/// How many members at or above a threshold the overview lists.
+const AT_RISK_N: u32 = 50;
+
+fn subject_href(org: &str, kind: &str, id: &str) -> String {
+    match kind {
+        "user" => format!("/console/orgs/{}/users/{}", seg(org), seg(id)),
+        "group" => href(
+            &format!("/console/orgs/{}/users", seg(org)),
+            &[("group", id)],
+        ),
+        _ => format!("/console/orgs/{}", seg(org)),
+    }
+}
+
+fn list_params(sort: &str, min_utilization: Option<String>, limit: u32) -> users::ListParams {
+    users::ListParams {
+        sort: Some(sort.to_owned()),
+        status: None,
+        group: None,
+        q: None,
+        min_utilization,
+        cut_off: None,
+        cursor: None,
+        limit: Some(limit),
+    }
+}
+
+/// `GET /console/orgs/{org}`: the month at a glance.
+pub(crate) async fn overview(
+    State(state): State<AppState>,
+    session: Session,
+    Path(org_id): Path<String>,
+) -> Result<Response, Fail> {
+    let layout = Layout::new(&session, "Overview", Some(&org_id), "overview");
+    let fail = |e: ApiError| Fail::from(e).on(&layout);
+    let detail = orgs::get(
+        State(state.clone()),
+        caller(&session),
+        Path(org_id.clone()),
+        Params(NoParams {}),
+    )
+    .await
+    .map_err(fail)?
+    .0;
+    let org = detail.org;
+    let now = state.engine.now_ms();
+    let month = Month::from_unix_ms(now);
+    let thresholds = thresholds_bps(&org);
+    let lowest = thresholds.iter().copied().min().unwrap_or(8_000);
+    let list = |params| {
+        users::list(
+            State(state.clone()),
+            caller(&session),
+            Path(org_id.clone()),
+            Params(params),
+        )
+    };
+    let top_users = list(list_params("-spend", None, TOP_N))
+        .await
+        .map_err(fail)?
+        .0;
+    let at_risk: ListJson<UserJson> = list(list_params(
+        "-utilization",
+        Some(format_bps(lowest)),
+        AT_RISK_N,
+    ))
+    .await
+    .map_err(fail)?
+    .0;
+    let org_key =
+        tally_core::ids::OrgId::new(&org_id).map_err(|e| fail(ApiError::invalid(e.to_string())))?;
+    let db = &state.engine.db;
+    let tops = |kind: &'static str| db.top_spenders(&org_key, kind, month, TOP_N);
+    let top = |rows: Vec<(String, i64, i64)>, kind: &str| -> Vec<TopLine> {
+        rows.into_iter()
+            .map(|(id, spend, requests)| TopLine {
+                href: subject_href(&org_id, kind, &id),
+                label: id,
+                spend: view::usd(spend),
+                requests,
+            })
+            .collect()
+    };
+    let top_groups = top(tops("group").await.map_err(|e| fail(e.into()))?, "group");
+    let top_keys = top(tops("key").await.map_err(|e| fail(e.into()))?, "key");
+    let alerts = orgs::enforcement(
+        State(state.clone()),
+        caller(&session),
+        Path(org_id.clone()),
+        Params(PageParams {
+            cursor: None,
+            limit: Some(10),
+        }),
+    )
+    .await
+    .map_err(fail)?
+    .0;
+    let bands = thresholds
+        .iter()
+        .map(|t| {
+            let n = at_risk
+                .items
+                .iter()
+                .filter(|u| {
+                    u.monthly_limit_micros
+                        .is_some_and(|l| tally_core::ratio::reached(u.spend_micros, l, *t))
+                })
+                .count();
+            (
+                format!("{} %", format_bps(t * 100).split('.').next().unwrap_or("")),
+                n,
+            )
+        })
+        .collect();
+    let days: Vec<(String, i64)> = detail
+        .history
+        .days
+        .iter()
+        .map(|d| (d.day.clone(), d.spend_micros))
+        .collect();
+    let projected = view::projected(org.spend_micros, month, now);
+    Ok(render(&OverviewPage {
+        name: org.name.clone(),
+        period: view::period(month),
+        spend: view::usd(org.spend_micros),
+        held: view::usd(org.held_micros),
+        limit: view::limit(org.monthly_limit_micros),
+        percent: view::percent(org.spend_micros, org.monthly_limit_micros),
+        bar: view::bar(org.spend_micros, org.monthly_limit_micros, &thresholds),
+        projected: view::usd(projected),
+        projected_over: org.monthly_limit_micros.is_some_and(|l| projected >= l),
+        requests: org.requests,
+        chart: view::daily_chart(month, &days, org.monthly_limit_micros),
+        top_users: top_users
+            .items
+            .into_iter()
+            .map(|u| user_line(&org_id, u, &thresholds, now))
+            .collect(),
+        top_groups,
+        top_keys,
+        bands,
+        at_risk_more: at_risk.next_cursor.is_some(),
+        at_risk: at_risk
+            .items
+            .into_iter()
+            .map(|u| user_line(&org_id, u, &thresholds, now))
+            .collect(),
+        alerts: alerts
+            .items
+            .into_iter()
+            .map(|a| AlertLine {
+                at: view::parse_ms(&a.at).map_or(a.at.clone(), view::when),
+                href: subject_href(&org_id, &a.subject_kind, &a.subject_id),
+                subject: format!("{} {}", a.subject_kind, a.subject_id),
+                event: match (a.event.as_str(), a.threshold) {
+                    ("threshold_crossed", Some(t)) => {
+                        format!(
+                            "crossed {} % of its limit",
+                            format_bps(t.0 * 100).split('.').next().unwrap_or("")
+                        )
+                    }
+                    ("cut_off", _) => "cut off at its limit".to_owned(),
+                    ("cutoff_lifted", _) => format!(
+                        "cutoff lifted ({})",
+                        a.reason.as_deref().unwrap_or("").replace('_', " ")
+                    ),
+                    (e, _) => e.replace('_', " "),
+                },
+                spend: view::usd(a.spend_micros),
+                limit: view::limit(a.limit_micros),
+            })
+            .collect(),
+        users_href: format!("/console/orgs/{}/users", seg(&org_id)),
+        layout: Layout {
+            title: format!("{} · Overview", org.name),
+            ..layout
+        },
+    }))
+}
+
+/// A sortable column of the users table.
+#[derive(Debug)]
+struct Column {
+    label: &'static str,
+    href: String,
+    /// `ascending`, `descending` or `none`, for `aria-sort`.
+    aria: &'static str,
+    arrow: &'static str,
+}
+
+#[derive(Template)]
+#[template(path = "console/users.html")]
+struct UsersPage {
+    layout: Layout,
+    org_name: String,
+    period: String,
+    action: String,
+    q: String,
+    status: String,
+    group: String,
+    min_utilization: String,
+    cut_off: String,
+    groups: Vec<String>,
+    utilization_choices: Vec<(String, String)>,
+    columns: Vec<Column>,
+    users: Vec<UserLine>,
+    next: Option<String>,
+    first: Option<String>,
+    /// This page's URL, where a row's quick edit returns.
+    here: String,
+}
+
+/// The users list's parameters, as the page's URL carries them.
+struct UsersQuery {
+    sort: String,
+    status: String,
+    group: String,
+    q: String,
+    min_utilization: String,
+    cut_off: String,
+    cursor: String,
+}
+
+impl UsersQuery {
+    fn from(f: &Fields) -> UsersQuery {
+        let s = |k: &str| f.get(k).unwrap_or("").to_owned();
+        UsersQuery {
+            sort: s("sort"),
+            status: s("status"),
+            group: s("group"),
+            q: s("q"),
+            min_utilization: s("min_utilization"),
+            cut_off: s("cut_off"),
+            cursor: s("cursor"),
+        }
+    }
+
+    /// The filters and sort (no cursor): a link to the first page.
+    fn pairs(&self) -> Vec<(&'static str, &str)> {
+        vec![
+            ("sort", &self.sort),
+            ("status", &self.status),
+            ("group", &self.group),
+            ("q", &self.q),
+            ("min_utilization", &self.min_utilization),
+            ("cut_off", &self.cut_off),
+        ]
+    }
+
+    fn params(&self, rows: u32) -> Result<users::ListParams, Fail> {
+        let opt = |s: &str| (!s.is_empty()).then(|| s.to_owned());
+        let cut_off = match self.cut_off.as_str() {
+            "" => None,
+            "yes" | "true" => Some(true),
+            "no" | "false" => Some(false),
+            other => {
+                return Err(Fail::new(
+                    StatusCode::BAD_REQUEST,
+                    format!("cut_off must be yes or no, got {other:?}"),
+                ));
+            }
+        };
+        Ok(users::ListParams {
+            sort: opt(&self.sort),
+            status: opt(&self.status),
+            group: opt(&self.group),
+            q: opt(&self.q),
+            min_utilization: opt(&self.min_utilization),
+            cut_off,
+            cursor: opt(&self.cursor),
+            limit: Some(rows),
+        })
+    }
+}
+
+/// Rows a page of the users table.
+const USERS_ROWS: u32 = 50;
+/// Groups offered by the filter's list.
+const GROUP_CHOICES_MAX: u32 = 1000;
+
+const COLUMNS: [(&str, &str, bool); 6] = [
+    // (label, sort key, descending first)
+    ("Name", "name", false),
+    ("Email", "email", false),
+    ("Last active", "last_active", true),
+    ("Limit", "limit", true),
+    ("Spend", "spend", true),
+    ("Used", "utilization", true),
+];
+
+/// `GET /console/orgs/{org}/users`: the members, sorted and filtered as
+/// the API lists them, a keyset page at a time.
+pub(crate) async fn users(
+    State(state): State<AppState>,
+    session: Session,
+    Path(org_id): Path<String>,
+    uri: Uri,
+) -> Result<Response, Fail> {
+    let layout = Layout::new(&session, "Users", Some(&org_id), "users");
+    let fail = |e: ApiError| Fail::from(e).on(&layout);
+    let org = org(&state, &session, &org_id, &layout).await?;
+    let query = UsersQuery::from(&Fields::query(&uri)?);
+    let params = query.params(USERS_ROWS).map_err(|f| f.on(&layout))?;
+    let page = users::list(
+        State(state.clone()),
+        caller(&session),
+        Path(org_id.clone()),
+        Params(params),
+    )
+    .await
+    .map_err(fail)?
+    .0;
+    let groups = crate::groups::list(
+        State(state.clone()),
+        caller(&session),
+        Path(org_id.clone()),
+        Params(PageParams {
+            cursor: None,
+            limit: Some(GROUP_CHOICES_MAX),
+        }),
+    )
+    .await
+    .map_err(fail)?
+    .0;
+    let now = state.engine.now_ms();
+    let thresholds = thresholds_bps(&org);
+    let path = format!("/console/orgs/{}/users", seg(&org_id));
+    let pairs = query.pairs();
+    let current = if query.sort.is_empty() {
+        "name"
+    } else {
+        &query.sort
+    };
+    let columns = COLUMNS
+        .iter()
+        .map(|(label, key, desc_first)| {
+            let (next, aria, arrow) = if current == *key {
+                (format!("-{key}"), "ascending", "▲")
+            } else if current.strip_prefix('-') == Some(key) {
+                ((*key).to_owned(), "descending", "▼")
+            } else if *desc_first {
+                (format!("-{key}"), "none", "")
+            } else {
+                ((*key).to_owned(), "none", "")
+            };
+            let mut p: Vec<(&str, &str)> = pairs
+                .iter()
+                .filter(|(k, _)| *k != "sort")
+                .copied()
+                .collect();
+            p.push(("sort", &next));
+            Column {
+                label,
+                href: href(&path, &p),
+                aria,
+                arrow,
+            }
+        })
+        .collect();
+    let mut choices: Vec<(String, String)> = thresholds
+        .iter()
+        .map(|t| {
+            (
+                format_bps(*t),
+                format!("{} %", format_bps(t * 100).split('.').next().unwrap_or("")),
+            )
+        })
+        .collect();
+    if !choices.iter().any(|(v, _)| *v == query.min_utilization)
+        && !query.min_utilization.is_empty()
+    {
+        choices.push((query.min_utilization.clone(), query.min_utilization.clone()));
+    }
+    let here = {
+        let mut p = pairs.clone();
+        p.push(("cursor", &query.cursor));
+        href(&path, &p)
+    };
+    Ok(render(&UsersPage {
+        org_name: org.name.clone(),
+        period: view::period(Month::from_unix_ms(now)),
+        action: path.clone(),
+        groups: groups.items.into_iter().map(|g| g.id).collect(),
+        utilization_choices: choices,
+        columns,
+        users: page
+            .items
+            .into_iter()
+            .map(|u| user_line(&org_id, u, &thresholds, now))
+            .collect(),
+        next: page.next_cursor.map(|c| {
+            let mut p = pairs.clone();
+            p.push(("cursor", &c));
+            href(&path, &p)
+        }),
+        first: (!query.cursor.is_empty()).then(|| href(&path, &pairs)),
+        here,
+        q: query.q.clone(),
+        status: query.status.clone(),
+        group: query.group.clone(),
+        min_utilization: query.min_utilization.clone(),
+        cut_off: query.cut_off.clone(),
+        layout: Layout {
+            title: format!("{} · Users", org.name),
+            ..layout
+        },
+    }))
+}
+
+#[derive(Debug)]
+struct MonthLine {
+    month: String,
+    spend: String,
+    requests: i64,
+    change: String,
+}
+
+#[derive(Debug)]
+struct EventLine {
+    at: String,
+    actor: String,
+    kind: String,
+    detail: String,
+}
+
+#[derive(Template)]
+#[template(path = "console/user.html")]
+struct UserPage {
+    layout: Layout,
+    user: UserLine,
+    period: String,
+    chart: String,
+    months: Vec<MonthLine>,
+    events: Vec<EventLine>,
+    action: String,
+    users_href: String,
+    error: Option<String>,
+    done: Option<&'static str>,
+    /// What the limit field shows after a refused change: what was sent.
+    limit_value: String,
+}
+
+/// Audit entries a user's page shows.
+const USER_EVENTS: u32 = 20;
+
+async fn user_page(
+    state: &AppState,
+    session: &Session,
+    org_id: &str,
+    user_id: &str,
+) -> Result<UserPage, Fail> {
+    let layout = Layout::new(session, "User", Some(org_id), "users");
+    let fail = |e: ApiError| Fail::from(e).on(&layout);
+    let org = org(state, session, org_id, &layout).await?;
+    let detail = users::get(
+        State(state.clone()),
+        caller(session),
+        Path((org_id.to_owned(), user_id.to_owned())),
+        Params(NoParams {}),
+    )
+    .await
+    .map_err(fail)?
+    .0;
+    let events = orgs::events(
+        State(state.clone()),
+        caller(session),
+        Path(org_id.to_owned()),
+        Params(orgs::EventsParams {
+            order: Some("newest".into()),
+            actor: None,
+            kind: None,
+            subject: Some(format!("user:{user_id}")),
+            from: None,
+            to: None,
+            cursor: None,
+            limit: Some(USER_EVENTS),
+        }),
+    )
+    .await
+    .map_err(fail)?
+    .0;
+    let now = state.engine.now_ms();
+    let month = Month::from_unix_ms(now);
+    let days: Vec<(String, i64)> = detail
+        .history
+        .days
+        .iter()
+        .map(|d| (d.day.clone(), d.spend_micros))
+        .collect();
+    let limit = detail.user.monthly_limit_micros;
+    let user = user_line(org_id, detail.user, &thresholds_bps(&org), now);
+    Ok(UserPage {
+        period: view::period(month),
+        chart: view::daily_chart(month, &days, limit),
+        months: detail
+            .history
+            .months
+            .iter()
+            .map(|m| MonthLine {
+                month: m.month.clone(),
+                spend: view::usd(m.spend_micros),
+                requests: m.requests,
+                change: m.change_micros.map_or_else(String::new, |c| {
+                    if c >= 0 {
+                        format!("+{}", view::usd(c))
+                    } else {
+                        view::usd(c)
+                    }
+                }),
+            })
+            .collect(),
+        events: events
+            .items
+            .into_iter()
+            .map(|e| {
+                let v = e.0;
+                let field = |k: &str| v.get(k).and_then(|x| x.as_str()).unwrap_or("").to_owned();
+                let detail = v
+                    .as_object()
+                    .map(|o| {
+                        o.iter()
+                            .filter(|(k, _)| {
+                                !matches!(k.as_str(), "org_id" | "seq" | "at" | "actor" | "type")
+                            })
+                            .map(|(k, x)| format!("{k}: {x}"))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    })
+                    .unwrap_or_default();
+                EventLine {
+                    at: view::parse_ms(&field("at")).map_or_else(|| field("at"), view::when),
+                    actor: field("actor"),
+                    kind: field("type").replace('_', " "),
+                    detail,
+                }
+            })
+            .collect(),
+        action: user.href.clone(),
+        users_href: format!("/console/orgs/{}/users", seg(org_id)),
+        error: None,
+        done: None,
+        limit_value: user.limit_input.clone(),
+        layout: Layout {
+            title: format!("{} · {}", user.name, org.name),
+            ..layout
+        },
+        user,
+    })
+}
+
+/// `GET /console/orgs/{org}/users/{user}`.
+pub(crate) async fn user(
+    State(state): State<AppState>,
+    session: Session,
+    Path((org_id, user_id)): Path<(String, String)>,
+    uri: Uri,
+) -> Result<Response, Fail> {
+    let mut page = user_page(&state, &session, &org_id, &user_id).await?;
+    page.done = match Fields::query(&uri)?.get("done") {
+        Some("limit") => Some("The limit was changed."),
+        Some("status") => Some("The status was changed."),
+        _ => None,
+    };
+    Ok(render(&page))
+}
+
+/// The change a user form asks for, checked.
+fn user_change_of(form: &Fields) -> Result<users::PatchUser, Fail> {
+    let bad = |m: String| Fail::new(StatusCode::BAD_REQUEST, m);
+    let mut patch = users::PatchUser {
+        email: None,
+        name: None,
+        monthly_limit_micros: None,
+        status: None,
+    };
+    match form.get("action") {
+        Some("limit") => {
+            let raw = form.get("limit").unwrap_or("");
+            let dollars = raw.trim_start_matches('$').replace(',', "");
+            let micros = parse_usd(&dollars).ok_or_else(|| {
+                bad(format!(
+                    "the limit must be an amount in dollars, such as 250 or 99.50; got {raw:?}"
+                ))
+            })?;
+            patch.monthly_limit_micros = Some(Some(micros));
+        }
+        Some("unlimited") => patch.monthly_limit_micros = Some(None),
+        Some("suspend") => patch.status = Some("suspended".into()),
+        Some("reactivate") => patch.status = Some("active".into()),
+        other => {
+            return Err(bad(format!(
+                "unknown action {:?}: limit, unlimited, suspend or reactivate",
+                other.unwrap_or("")
+            )));
+        }
+    }
+    Ok(patch)
+}
+
+/// `POST /console/orgs/{org}/users/{user}`: set or clear the limit, suspend
+/// or reactivate. Refused, the page comes back with the reason and nothing
+/// changed.
+pub(crate) async fn user_change(
+    State(state): State<AppState>,
+    session: Session,
+    Path((org_id, user_id)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, Fail> {
+    let form = Fields::parse(&body)?;
+    let changed: Result<&str, Fail> = async {
+        session.check_form(&headers, &form)?;
+        let patch = user_change_of(&form)?;
+        let done = if patch.status.is_some() {
+            "status"
+        } else {
+            "limit"
+        };
+        let _ = users::patch(
+            State(state.clone()),
+            caller(&session),
+            Path((org_id.clone(), user_id.clone())),
+            crate::extract::JsonBody(patch),
+        )
+        .await?;
+        Ok(done)
+    }
+    .await;
+    let done = match changed {
+        Ok(done) => done,
+        Err(f) => {
+            let mut page = user_page(&state, &session, &org_id, &user_id).await?;
+            page.limit_value = form.get("limit").unwrap_or("").to_owned();
+            page.error = Some(f.message);
+            let mut resp = render(&page);
+            *resp.status_mut() = f.status;
+            return Ok(resp);
+        }
+    };
+    let own = format!("/console/orgs/{}/users/{}", seg(&org_id), seg(&user_id));
+    let back = local_target(form.get("back"), "");
+    Ok(see_other(&if back.is_empty() {
+        href(&own, &[("done", done)])
+    } else {
+        back
+    }))
+}

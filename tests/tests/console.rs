@@ -1,0 +1,509 @@
+//! The admin console's pages, rendered by a real `tally serve` and read as
+//! a browser reads them: sign-in and sessions, the overview, the users
+//! table (filters, sort, pages), a user's page and its changes, and bad
+//! input refused with a message and nothing changed.
+
+use serde_json::{Value, json};
+use tally_tests::console::Console;
+use tally_tests::{Backend, Client, OPERATOR_TOKEN, Tally, now_rfc3339, wait_for_spend};
+
+const USD: i64 = 1_000_000;
+
+/// A form's fields.
+type Form<'a> = &'a [(&'a str, &'a str)];
+
+async fn spend(op: &Client, user: &str, micros: i64, n: &mut u32) {
+    *n += 1;
+    let _ = op
+        .post(
+            "/v1/usage",
+            json!({"events": [{
+                "request_id": format!("r{n}"), "org_id": "acme", "user_id": user,
+                "model": "m", "provider": "p", "input_tokens": 1, "output_tokens": 1,
+                "cost_micros": micros, "occurred_at": now_rfc3339(),
+            }]}),
+        )
+        .await
+        .expect(200);
+}
+
+async fn token(op: &Client, org: &str, role: &str) -> String {
+    op.post(&format!("/v1/orgs/{org}/tokens"), json!({"role": role}))
+        .await
+        .expect(201)["token"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+/// Acme (org limit $1 000, thresholds 50 % and 80 %), Bolt, and Acme's
+/// members: alice ($100 limit, $75 spent, in eng), bob ($10 limit, $10
+/// spent: cut off, in eng), carol (unlimited, $1, in ops).
+async fn seed(op: &Client) -> u32 {
+    let _ = op
+        .post(
+            "/v1/orgs",
+            json!({"id": "acme", "name": "Acme & Co", "monthly_limit_micros": 1000 * USD,
+                   "alert_thresholds": [0.5, 0.8, 1]}),
+        )
+        .await
+        .expect(201);
+    let _ = op
+        .post("/v1/orgs", json!({"id": "bolt", "name": "Bolt"}))
+        .await
+        .expect(201);
+    let _ = op.add_active_user("bolt", "zed").await;
+    for (id, name, limit) in [
+        ("alice", "Alice <Admin>", Some(100 * USD)),
+        ("bob", "Bob", Some(10 * USD)),
+        ("carol", "Carol", None),
+    ] {
+        let _ = op
+            .post(
+                "/v1/orgs/acme/users",
+                json!({"id": id, "email": format!("{id}@acme.test"), "name": name,
+                       "status": "active", "monthly_limit_micros": limit}),
+            )
+            .await
+            .expect(201);
+    }
+    op.add_group("acme", "eng", "Engineering", None, &["alice", "bob"])
+        .await;
+    op.add_group("acme", "ops", "Operations", None, &["carol"])
+        .await;
+    let mut n = 0;
+    spend(op, "alice", 75 * USD, &mut n).await;
+    spend(op, "bob", 10 * USD, &mut n).await;
+    spend(op, "carol", USD, &mut n).await;
+    let _ = wait_for_spend(op, "carol", USD).await;
+    let _ = wait_for_spend(op, "bob", 10 * USD).await;
+    let _ = wait_for_spend(op, "alice", 75 * USD).await;
+    n
+}
+
+fn user(op_user: &Value) -> (i64, String) {
+    (
+        op_user["monthly_limit_micros"].as_i64().unwrap_or(-1),
+        op_user["status"].as_str().unwrap().to_owned(),
+    )
+}
+
+#[tokio::test]
+async fn console_on_sqlite() {
+    let tally = Tally::start(&Backend::sqlite("console")).unwrap();
+    console(&tally).await;
+}
+
+#[tokio::test]
+async fn console_on_postgres() {
+    let Some(backend) = Backend::postgres("console").await.unwrap() else {
+        return;
+    };
+    let tally = Tally::start(&backend).unwrap();
+    console(&tally).await;
+}
+
+async fn console(tally: &Tally) {
+    let op = tally.operator();
+    let _ = seed(&op).await;
+    let admin_token = token(&op, "acme", "admin").await;
+    let viewer_token = token(&op, "acme", "viewer").await;
+
+    // Signed out, every page sends the browser to sign in, and back after.
+    let mut admin = Console::new(&tally.url);
+    admin
+        .get("/console/orgs/acme/users?group=eng")
+        .await
+        .redirects_to("/console/sign-in?next=%2Fconsole%2Forgs%2Facme%2Fusers%3Fgroup%3Deng");
+    let form = admin
+        .get("/console/sign-in?next=/console/orgs/acme/users")
+        .await
+        .expect(200);
+    assert!(form.html.contains(r#"type="password""#), "{}", form.html);
+    // A wrong token, a gateway token: refused on the page, no cookie.
+    let wrong = admin.sign_in("tly_not_a_token").await.expect(401);
+    assert!(wrong.text().contains("that token is unknown or revoked"));
+    assert!(wrong.set_cookie.is_none());
+    let gateway = token(&op, "acme", "gateway").await;
+    let refused = admin.sign_in(&gateway).await.expect(403);
+    assert!(refused.text().contains("a gateway token cannot sign in"));
+    assert!(admin.cookie.is_none());
+
+    // Signed in: a cookie the page's scripts cannot read, sent only to the
+    // console's own pages, expiring.
+    let signed = admin.sign_in(&admin_token).await;
+    signed.redirects_to("/console");
+    let cookie = signed.set_cookie.clone().unwrap();
+    for part in [
+        "HttpOnly",
+        "SameSite=Strict",
+        "Path=/console",
+        "Max-Age=28800",
+    ] {
+        assert!(cookie.contains(part), "{part} missing in {cookie}");
+    }
+    assert!(!cookie.contains("Secure"), "plain HTTP here: {cookie}");
+    assert!(!cookie.contains(&admin_token));
+    admin
+        .get("/console")
+        .await
+        .redirects_to("/console/orgs/acme");
+
+    // The overview: the period, the org's spend against its limit, held
+    // spend, the projection, the chart, the top users and groups, users
+    // at thresholds and the latest enforcement events.
+    let page = admin.get("/console/orgs/acme").await.expect(200);
+    let text = page.text();
+    for want in [
+        "Acme & Co",
+        "UTC, resets 1 ",
+        "$86.00",
+        "of $1,000.00",
+        "8.6 %",
+        "Held now",
+        "Projected month-end",
+        "Alice <Admin>",
+        "eng",
+        "ops",
+        "cut off at its limit",
+        "crossed 50 % of its limit",
+    ] {
+        assert!(text.contains(want), "{want:?} not on the overview: {text}");
+    }
+    // Names are escaped: no markup from data.
+    assert!(
+        page.html.contains("Alice &#60;Admin&#62;") || page.html.contains("Alice &lt;Admin&gt;")
+    );
+    assert!(page.html.contains("<svg class=\"chart\""), "no chart");
+    assert!(page.html.contains("class=\"limit\""), "no limit line");
+    let csp = page.headers["content-security-policy"].to_str().unwrap();
+    assert!(csp.contains("script-src 'self'") && csp.contains("frame-ancestors 'none'"));
+    assert_eq!(page.headers["cache-control"], "no-store");
+
+    // The stylesheet and script: content-hashed, cached for a year; an
+    // old name is gone.
+    let css = page.html.split("href=\"/console/assets/").nth(1).unwrap();
+    let css = &css[..css.find('"').unwrap()];
+    assert!(
+        css.starts_with("console.") && css.ends_with(".css"),
+        "{css}"
+    );
+    let asset = admin
+        .get(&format!("/console/assets/{css}"))
+        .await
+        .expect(200);
+    assert_eq!(
+        asset.headers["cache-control"],
+        "public, max-age=31536000, immutable"
+    );
+    let _ = admin
+        .get("/console/assets/console.000000000000.css")
+        .await
+        .expect(404);
+
+    // Users: one row each, groups as badges, limits, spend and use of the
+    // limit, and filters kept in the URL.
+    let page = admin.get("/console/orgs/acme/users").await.expect(200);
+    let text = page.text();
+    for want in [
+        "Alice <Admin>",
+        "alice@acme.test",
+        "Bob",
+        "Carol",
+        "75.0 %",
+        "100.0 %",
+        "$75.00",
+        "cut off",
+    ] {
+        assert!(
+            text.contains(want),
+            "{want:?} not on the users page: {text}"
+        );
+    }
+    assert!(
+        page.html
+            .contains("class=\"badge\" href=\"/console/orgs/acme/users?group=eng\"")
+    );
+    assert!(
+        page.html.contains("bar bar-over"),
+        "bob's bar is at his limit"
+    );
+    assert!(page.html.contains("bar bar-warn"), "alice is past 50 %");
+    let page = admin
+        .get("/console/orgs/acme/users?group=eng&min_utilization=0.5&sort=-spend")
+        .await
+        .expect(200);
+    let text = page.text();
+    assert!(
+        text.contains("Alice") && text.contains("Bob") && !text.contains("Carol"),
+        "{text}"
+    );
+    assert!(
+        text.find("Alice").unwrap() < text.find("Bob").unwrap(),
+        "by spend, most first"
+    );
+    assert!(
+        page.html.contains(r#"<option value="eng" selected>"#),
+        "the filter stays set"
+    );
+    let page = admin
+        .get("/console/orgs/acme/users?cut_off=yes")
+        .await
+        .expect(200);
+    assert!(page.text().contains("Bob") && !page.text().contains("Alice"));
+    let bad = admin
+        .get("/console/orgs/acme/users?cut_off=maybe")
+        .await
+        .expect(400);
+    assert!(bad.text().contains("cut_off must be yes or no"));
+    let bad = admin
+        .get("/console/orgs/acme/users?sort=shoe")
+        .await
+        .expect(400);
+    assert!(bad.text().contains("is not one of name, email"));
+
+    // A user's page: the month's chart with the limit line, 13 months,
+    // groups, the audit entries about them.
+    let page = admin
+        .get("/console/orgs/acme/users/alice")
+        .await
+        .expect(200);
+    let text = page.text();
+    for want in [
+        "Alice <Admin>",
+        "$75.00",
+        "of $100.00",
+        "75.0 %",
+        "eng",
+        "user added",
+        "member added",
+        "Set limit",
+    ] {
+        assert!(text.contains(want), "{want:?} not on alice's page: {text}");
+    }
+    assert!(
+        page.html.contains("limit $100.00"),
+        "the chart's limit line"
+    );
+
+    // Changes: a limit in dollars; bad input refused on the page with
+    // nothing changed.
+    let csrf = page.csrf();
+    let path = "/console/orgs/acme/users/alice";
+    admin
+        .post(
+            path,
+            &[("csrf", &csrf), ("action", "limit"), ("limit", "250")],
+        )
+        .await
+        .redirects_to("/console/orgs/acme/users/alice?done=limit");
+    let alice = op.get("/v1/orgs/acme/users/alice").await.expect(200);
+    assert_eq!(user(&alice), (250 * USD, "active".into()));
+    let page = admin.get(&format!("{path}?done=limit")).await.expect(200);
+    assert!(page.text().contains("The limit was changed."));
+    let events_before = op.get("/v1/orgs/acme/events?limit=1000").await.expect(200)["items"]
+        .as_array()
+        .unwrap()
+        .len();
+    let refusals: [(Form, u16, &str); 5] = [
+        (
+            &[("csrf", &csrf), ("action", "limit"), ("limit", "abc")],
+            400,
+            "the limit must be an amount in dollars",
+        ),
+        (
+            &[("csrf", &csrf), ("action", "limit"), ("limit", "-5")],
+            400,
+            "limit",
+        ),
+        (
+            &[("csrf", "forged"), ("action", "limit"), ("limit", "1")],
+            403,
+            "security token is missing or stale",
+        ),
+        (
+            &[("action", "suspend")],
+            403,
+            "security token is missing or stale",
+        ),
+        (
+            &[("csrf", &csrf), ("action", "explode")],
+            400,
+            "unknown action",
+        ),
+    ];
+    for (fields, status, message) in refusals {
+        let page = admin.post(path, fields).await.expect(status);
+        assert!(
+            page.text().contains(message),
+            "{message:?} not in {}",
+            page.text()
+        );
+        assert!(
+            page.text().contains("Alice"),
+            "the page is shown again with the message"
+        );
+    }
+    // What was typed stays in the field.
+    let page = admin
+        .post(
+            path,
+            &[("csrf", &csrf), ("action", "limit"), ("limit", "abc")],
+        )
+        .await;
+    assert!(page.html.contains(r#"name="limit" value="abc""#));
+    // A form sent from another site.
+    let page = admin
+        .post_from(
+            path,
+            &[("csrf", &csrf), ("action", "suspend")],
+            "http://evil.example",
+        )
+        .await
+        .expect(403);
+    assert!(page.text().contains("sent from another site"));
+    let events_after = op.get("/v1/orgs/acme/events?limit=1000").await.expect(200)["items"]
+        .as_array()
+        .unwrap()
+        .len();
+    assert_eq!(events_before, events_after, "a refused form wrote nothing");
+    assert_eq!(
+        user(&op.get("/v1/orgs/acme/users/alice").await.expect(200)),
+        (250 * USD, "active".into())
+    );
+
+    // The quick edit in a users row goes back to the list it came from.
+    let back = "/console/orgs/acme/users?group=eng";
+    admin
+        .post(
+            "/console/orgs/acme/users/bob",
+            &[
+                ("csrf", &csrf),
+                ("action", "limit"),
+                ("limit", "20.50"),
+                ("back", back),
+            ],
+        )
+        .await
+        .redirects_to(back);
+    assert_eq!(
+        user(&op.get("/v1/orgs/acme/users/bob").await.expect(200)).0,
+        20_500_000
+    );
+    // …but never off the console.
+    admin
+        .post(
+            "/console/orgs/acme/users/bob",
+            &[
+                ("csrf", &csrf),
+                ("action", "suspend"),
+                ("back", "https://evil.example/"),
+            ],
+        )
+        .await
+        .redirects_to("/console/orgs/acme/users/bob?done=status");
+    assert_eq!(
+        user(&op.get("/v1/orgs/acme/users/bob").await.expect(200)).1,
+        "suspended"
+    );
+
+    // Another org's pages and ids: refused to an org's session.
+    let other = admin.get("/console/orgs/bolt").await.expect(403);
+    assert!(other.text().contains("another org"));
+    let _ = admin.get("/console/orgs/bolt/users/zed").await.expect(403);
+    let _ = admin
+        .post(
+            "/console/orgs/bolt/users/zed",
+            &[("csrf", &csrf), ("action", "suspend")],
+        )
+        .await
+        .expect(403);
+    assert_eq!(
+        user(&op.get("/v1/orgs/bolt/users/zed").await.expect(200)).1,
+        "active"
+    );
+    let _ = admin
+        .get("/console/orgs/acme/users/nobody")
+        .await
+        .expect(404);
+
+    // A viewer sees everything and changes nothing.
+    let mut viewer = Console::new(&tally.url);
+    viewer.sign_in(&viewer_token).await.redirects_to("/console");
+    let page = viewer
+        .get("/console/orgs/acme/users/alice")
+        .await
+        .expect(200);
+    assert!(page.text().contains("$75.00") && !page.text().contains("Set limit"));
+    let users = viewer.get("/console/orgs/acme/users").await.expect(200);
+    assert!(
+        !users.html.contains("name=\"limit\""),
+        "no quick edit for a viewer"
+    );
+    let vcsrf = page.csrf();
+    let page = viewer
+        .post(
+            path,
+            &[("csrf", &vcsrf), ("action", "limit"), ("limit", "1")],
+        )
+        .await
+        .expect(403);
+    assert!(
+        page.text()
+            .contains("a viewer sees everything and changes nothing")
+    );
+    assert_eq!(
+        user(&op.get("/v1/orgs/acme/users/alice").await.expect(200)).0,
+        250 * USD
+    );
+
+    // The operator picks an org, and may open any.
+    let mut operator = Console::new(&tally.url);
+    operator
+        .sign_in(OPERATOR_TOKEN)
+        .await
+        .redirects_to("/console");
+    operator.get("/console").await.redirects_to("/console/orgs");
+    let orgs = operator.get("/console/orgs?q=acm").await.expect(200);
+    assert!(orgs.text().contains("Acme & Co") && !orgs.text().contains("Bolt"));
+    let _ = operator.get("/console/orgs/bolt/users").await.expect(200);
+    // An org's session has no org picker.
+    admin
+        .get("/console/orgs")
+        .await
+        .redirects_to("/console/orgs/acme");
+
+    // Signing out closes the session everywhere, not just in the browser.
+    let old = admin.clone();
+    admin
+        .post("/console/sign-out", &[("csrf", &csrf)])
+        .await
+        .redirects_to("/console/sign-in?signed_out=1");
+    old.get("/console/orgs/acme")
+        .await
+        .redirects_to("/console/sign-in");
+    // A revoked token closes its sessions.
+    let viewer_id = op.get("/v1/orgs/acme/tokens").await.expect(200)["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["role"] == "viewer")
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let _ = op
+        .delete(&format!("/v1/orgs/acme/tokens/{viewer_id}"))
+        .await
+        .expect(204);
+    viewer
+        .get("/console/orgs/acme")
+        .await
+        .redirects_to("/console/sign-in");
+
+    // Tokens never reach the log.
+    let log = tally.log_text();
+    for t in [admin_token.as_str(), viewer_token.as_str(), OPERATOR_TOKEN] {
+        assert!(!log.contains(t), "a token is in the log");
+    }
+}

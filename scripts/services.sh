@@ -18,6 +18,10 @@
 #   install_kafka_python  confluent-kafka (pinned) in a venv, the Python Kafka
 #                    client a gateway would use with its default settings;
 #                    exports TALLY_TEST_KAFKA_PYTHON
+#   install_chromium Debian's chromium and chromium-driver, the real browser
+#                    the console's tests drive (the packages are kept under
+#                    $TALLY_SERVICES_DIR/apt-archives between runs); exports
+#                    TALLY_TEST_CHROMIUM and TALLY_TEST_CHROMEDRIVER
 #   stop_services    stops whatever was started and removes its files
 
 # Under /tmp, not the checkout: the postgres user must be able to reach it
@@ -146,6 +150,22 @@ install_kafka_python() {
   fi
   export TALLY_TEST_KAFKA_PYTHON="$venv/bin/python"
   log "Python Kafka client ready: confluent-kafka $("$venv/bin/python" -c 'import confluent_kafka; print(confluent_kafka.version()[0])') (librdkafka $("$venv/bin/python" -c 'import confluent_kafka; print(confluent_kafka.libversion()[0])'))"
+}
+
+install_chromium() {
+  if ! command -v chromium > /dev/null || ! command -v chromedriver > /dev/null; then
+    log "installing chromium and chromium-driver (Debian)"
+    local cache="$TALLY_SERVICES_DIR/apt-archives"
+    mkdir -p "$cache/partial"
+    if ! apt-get install -y -q -o Dir::Cache::archives="$cache" chromium chromium-driver > /dev/null 2>&1; then
+      apt-get update -q > /dev/null
+      apt-get install -y -q -o Dir::Cache::archives="$cache" chromium chromium-driver > /dev/null
+    fi
+  fi
+  TALLY_TEST_CHROMIUM="$(command -v chromium)"
+  TALLY_TEST_CHROMEDRIVER="$(command -v chromedriver)"
+  export TALLY_TEST_CHROMIUM TALLY_TEST_CHROMEDRIVER
+  log "browser ready: $("$TALLY_TEST_CHROMIUM" --version 2>/dev/null | head -1), $("$TALLY_TEST_CHROMEDRIVER" --version | cut -d' ' -f1-2)"
 }
 
 stop_services() {

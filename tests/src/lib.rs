@@ -5,6 +5,7 @@
 //! (scripts/test.sh builds it first).
 
 pub mod console;
+pub mod webdriver;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};

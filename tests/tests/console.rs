@@ -407,6 +407,208 @@ async fn console(tally: &Tally) {
         "suspended"
     );
 
+    // The bulk bar: review says what would change and writes nothing;
+    // confirm does it and says what did.
+    let bulk = "/console/orgs/acme/bulk";
+    let before = op.get("/v1/orgs/acme/events?limit=1000").await.expect(200)["items"]
+        .as_array()
+        .unwrap()
+        .len();
+    let review = admin
+        .post(
+            bulk,
+            &[
+                ("csrf", &csrf),
+                ("step", "review"),
+                ("scope", "all"),
+                ("group", "eng"),
+                ("change", "add_group"),
+                ("group_id", "oncall"),
+            ],
+        )
+        .await
+        .expect(200);
+    let text = review.text();
+    assert!(
+        text.contains("every member matching the filter (group eng)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("2 members now, of whom 2 would change"),
+        "{text}"
+    );
+    assert!(
+        text.contains("Group oncall does not exist: it will be created first"),
+        "{text}"
+    );
+    assert!(review.html.contains(r#"name="step" value="apply""#));
+    assert_eq!(
+        op.get("/v1/orgs/acme/events?limit=1000").await.expect(200)["items"]
+            .as_array()
+            .unwrap()
+            .len(),
+        before,
+        "a review writes nothing"
+    );
+    let done = admin
+        .post(
+            bulk,
+            &[
+                ("csrf", &csrf),
+                ("step", "apply"),
+                ("scope", "all"),
+                ("group", "eng"),
+                ("change", "add_group"),
+                ("group_id", "oncall"),
+            ],
+        )
+        .await
+        .expect(200);
+    assert!(
+        done.text().contains("2 of 2 members changed"),
+        "{}",
+        done.text()
+    );
+    assert!(done.text().contains("Group oncall was created"));
+    let oncall = op.get("/v1/orgs/acme/users?group=oncall").await.expect(200);
+    assert_eq!(oncall["items"].as_array().unwrap().len(), 2);
+    // Ticked members: a limit for carol only.
+    let done = admin
+        .post(
+            bulk,
+            &[
+                ("csrf", &csrf),
+                ("step", "apply"),
+                ("scope", "selected"),
+                ("user_ids", "carol"),
+                ("change", "set_limit"),
+                ("limit", "$1,200.50"),
+            ],
+        )
+        .await
+        .expect(200);
+    assert!(
+        done.text()
+            .contains("set the monthly limit to $1,200.50 for the 1 selected member"),
+        "{}",
+        done.text()
+    );
+    assert_eq!(
+        user(&op.get("/v1/orgs/acme/users/carol").await.expect(200)).0,
+        1_200_500_000
+    );
+    // Refused: nobody ticked, a limit of "abc", no change chosen.
+    let bad: [(Form, &str); 3] = [
+        (
+            &[
+                ("csrf", &csrf),
+                ("scope", "selected"),
+                ("change", "suspend"),
+            ],
+            "select at least one member",
+        ),
+        (
+            &[
+                ("csrf", &csrf),
+                ("scope", "all"),
+                ("change", "set_limit"),
+                ("limit", "abc"),
+            ],
+            "the limit must be an amount in dollars",
+        ),
+        (&[("csrf", &csrf), ("scope", "all")], "choose a change"),
+    ];
+    for (fields, message) in bad {
+        let page = admin.post(bulk, fields).await.expect(400);
+        assert!(
+            page.text().contains(message),
+            "{message:?} not in {}",
+            page.text()
+        );
+    }
+
+    // Keys: created with the secret shown once, bad input kept in the form.
+    let keys = "/console/orgs/acme/keys";
+    let created = admin
+        .post(
+            keys,
+            &[
+                ("csrf", &csrf),
+                ("name", "ci"),
+                ("user_id", "carol"),
+                ("features", "chat"),
+                ("limit", "5"),
+            ],
+        )
+        .await
+        .expect(200);
+    let text = created.text();
+    assert!(text.contains("shown this once"), "{text}");
+    let secret = created.html.split("id=\"new-secret\">").nth(1).unwrap();
+    let secret = &secret[..secret.find('<').unwrap()];
+    let ok = op
+        .post("/v1/authorize", json!({"api_key": secret}))
+        .await
+        .expect(200);
+    assert_eq!(ok["allowed"], true, "{ok}");
+    let list = admin.get(keys).await.expect(200);
+    assert!(!list.html.contains(secret), "the secret is shown once");
+    assert!(
+        list.text().contains("ci") && list.text().contains("$5.00") && list.text().contains("chat")
+    );
+    let long = "n".repeat(5000);
+    let refused: [(Form, u16, &str); 2] = [
+        (
+            &[("csrf", &csrf), ("name", "x"), ("limit", "abc")],
+            400,
+            "the limit must be an amount in dollars",
+        ),
+        (
+            &[("csrf", &csrf), ("name", &long), ("user_id", "carol")],
+            400,
+            "name",
+        ),
+    ];
+    for (fields, status, message) in refused {
+        let page = admin.post(keys, fields).await.expect(status);
+        assert!(
+            page.text().contains(message),
+            "{message:?} not in {}",
+            page.text()
+        );
+    }
+    let page = admin
+        .post(keys, &[("csrf", &csrf), ("name", "x"), ("limit", "abc")])
+        .await;
+    assert!(
+        page.html.contains(r#"name="limit" value="abc""#),
+        "what was typed stays"
+    );
+    let key_id = op.get("/v1/orgs/acme/keys").await.expect(200)["items"][0]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(
+        op.get("/v1/orgs/acme/keys").await.expect(200)["items"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1,
+        "refused keys were not made"
+    );
+    admin
+        .post(
+            &format!("{keys}/{key_id}"),
+            &[("csrf", &csrf), ("action", "revoke")],
+        )
+        .await
+        .redirects_to("/console/orgs/acme/keys?done=revoked");
+    let refused = op
+        .post("/v1/authorize", json!({"api_key": secret}))
+        .await
+        .expect(200);
+    assert_eq!(refused["allowed"], false);
+
     // Another org's pages and ids: refused to an org's session.
     let other = admin.get("/console/orgs/bolt").await.expect(403);
     assert!(other.text().contains("another org"));

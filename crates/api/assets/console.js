@@ -41,6 +41,24 @@
     swap(holder.id, a.href, true);
   });
   window.addEventListener("popstate", function () { location.reload(); });
+  // Selection: the header's box ticks every row of the page; the bulk
+  // bar says how many are ticked.
+  document.addEventListener("change", function (ev) {
+    const t = ev.target;
+    if (t.id === "select-page") {
+      document.querySelectorAll('input[name="user_ids"]').forEach(function (c) { c.checked = t.checked; });
+    }
+    if (t.id === "select-page" || t.name === "user_ids") {
+      const n = document.querySelectorAll('input[name="user_ids"]:checked').length;
+      const label = document.querySelector("[data-selected-count]");
+      if (label) label.textContent = n + " selected";
+    }
+  });
+  // Forms that ask first: <form data-confirm="question">.
+  document.addEventListener("submit", function (ev) {
+    const q = ev.target.dataset && ev.target.dataset.confirm;
+    if (q && !window.confirm(q)) { ev.preventDefault(); ev.stopImmediatePropagation(); }
+  }, true);
   // Copy buttons: <button data-copy="text">.
   document.addEventListener("click", function (ev) {
     const b = ev.target.closest && ev.target.closest("button[data-copy]");

@@ -40,12 +40,12 @@ async fn group_json(state: &AppState, org_id: &OrgId, group: &GroupId) -> ApiRes
 #[serde(deny_unknown_fields)]
 pub(crate) struct CreateGroup {
     /// The group's id; default: generated.
-    id: Option<String>,
+    pub(crate) id: Option<String>,
     /// Its display name.
-    name: String,
+    pub(crate) name: String,
     /// Its monthly limit in micro-USD; absent or `null`: unlimited.
     #[serde(default)]
-    monthly_limit_micros: Option<i64>,
+    pub(crate) monthly_limit_micros: Option<i64>,
 }
 
 #[utoipa::path(post, path = "/v1/orgs/{org}/groups", operation_id = "groups_create", tag = "groups", params(("org" = String, Path, description = "org id")), request_body = CreateGroup, security(("bearer" = ["operator", "admin"])), responses((status = 201, description = "created", body = GroupJson), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody), (status = 409, description = "conflict", body = crate::error::ErrorBody), (status = 422, description = "a rule forbids it", body = crate::error::ErrorBody)))]

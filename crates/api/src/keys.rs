@@ -41,22 +41,22 @@ async fn key_json(state: &AppState, org_id: &OrgId, key: &KeyId) -> ApiResult<Ke
 #[schema(examples(json!({"id": "alice-laptop", "name": "laptop", "user_id": "alice", "features": ["chat"]})))]
 pub(crate) struct CreateKey {
     /// The key's id; default: generated.
-    id: Option<String>,
+    pub(crate) id: Option<String>,
     /// What it is for.
-    name: String,
+    pub(crate) name: String,
     /// The member who owns it (their first own key activates them).
-    user_id: Option<String>,
+    pub(crate) user_id: Option<String>,
     /// Groups its spend also counts against.
     #[serde(default)]
-    group_ids: Vec<String>,
+    pub(crate) group_ids: Vec<String>,
     /// Features authorize allows it (`chat`, `embeddings`, or `all`).
     #[serde(default)]
-    features: Vec<String>,
+    pub(crate) features: Vec<String>,
     /// Its own monthly limit in micro-USD; absent or `null`: unlimited.
     #[serde(default)]
-    monthly_limit_micros: Option<i64>,
+    pub(crate) monthly_limit_micros: Option<i64>,
     /// RFC 3339; from then on authorize refuses the key (`key_expired`).
-    expires_at: Option<String>,
+    pub(crate) expires_at: Option<String>,
 }
 
 /// An RFC 3339 time as Unix ms, or a 400 naming the field.

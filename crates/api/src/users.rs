@@ -136,19 +136,19 @@ pub(crate) struct ListParams {
 #[serde(deny_unknown_fields)]
 pub(crate) struct FilterJson {
     /// invited, active, suspended or removed; absent: all but removed.
-    status: Option<String>,
+    pub(crate) status: Option<String>,
     /// Members of this group only.
-    group: Option<String>,
+    pub(crate) group: Option<String>,
     /// Case-insensitive substring of id, name or email.
-    q: Option<String>,
+    pub(crate) q: Option<String>,
     /// Members at or above this fraction of their limit, e.g. `"0.8"`.
-    min_utilization: Option<String>,
+    pub(crate) min_utilization: Option<String>,
     /// Only members cut off (`true`) or only those not cut off (`false`).
-    cut_off: Option<bool>,
+    pub(crate) cut_off: Option<bool>,
 }
 
 /// A member filter, checked.
-fn user_filter(f: FilterJson) -> ApiResult<UserFilter> {
+pub(crate) fn user_filter(f: FilterJson) -> ApiResult<UserFilter> {
     if f.q.as_ref().is_some_and(|q| q.chars().count() > 200) {
         return Err(ApiError::invalid("q is longer than 200 characters"));
     }
@@ -409,48 +409,52 @@ pub(crate) async fn remove(
 #[schema(examples(json!({"user_ids": ["alice"], "add_groups": [], "monthly_limit_micros": 75_000_000})))]
 pub(crate) struct Bulk {
     /// The members to change (at most 10 000), all or nothing; or `filter`.
-    user_ids: Option<Vec<String>>,
+    pub(crate) user_ids: Option<Vec<String>>,
     /// Every member the list's filters match (at most 10 000), instead of
     /// `user_ids`: what `GET …/users` with the same filters lists.
-    filter: Option<FilterJson>,
+    pub(crate) filter: Option<FilterJson>,
     /// Groups to add them to.
     #[serde(default)]
-    add_groups: Vec<String>,
+    pub(crate) add_groups: Vec<String>,
     /// Groups to remove them from.
     #[serde(default)]
-    remove_groups: Vec<String>,
+    pub(crate) remove_groups: Vec<String>,
     /// A monthly limit for each, in micro-USD; `null`: unlimited; absent: unchanged.
     #[serde(default, deserialize_with = "present")]
     #[schema(value_type = Option<i64>)]
-    monthly_limit_micros: Option<Option<i64>>,
+    pub(crate) monthly_limit_micros: Option<Option<i64>>,
     /// Each member's limit back to the org's default monthly limit (instead
     /// of `monthly_limit_micros`).
     #[serde(default)]
-    reset_limit: bool,
+    pub(crate) reset_limit: bool,
     /// `active` or `suspended`; absent: unchanged.
-    status: Option<String>,
+    pub(crate) status: Option<String>,
     /// What would change, and nothing written: the same answer, judged on
     /// the org as it is now.
     #[serde(default)]
-    dry_run: bool,
+    pub(crate) dry_run: bool,
 }
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub(crate) struct BulkResult {
     /// Users named in the request, or matched by its filter.
-    users: usize,
+    pub(crate) users: usize,
     /// Users that actually changed.
-    users_changed: usize,
+    pub(crate) users_changed: usize,
     /// Events written (or, in a dry run, that would be), by kind
     /// (member_added, user_limit_set, …).
-    changes: BTreeMap<String, usize>,
+    pub(crate) changes: BTreeMap<String, usize>,
     /// Whether this was a dry run: nothing was written.
-    dry_run: bool,
+    pub(crate) dry_run: bool,
 }
 
 /// The ids of every member `filter` matches, when they are at most
 /// [`BULK_USERS_MAX`].
-async fn matching(state: &AppState, org_id: &OrgId, filter: UserFilter) -> ApiResult<Vec<UserId>> {
+pub(crate) async fn matching(
+    state: &AppState,
+    org_id: &OrgId,
+    filter: UserFilter,
+) -> ApiResult<Vec<UserId>> {
     state.engine.meter.flush_for_read().await?;
     let query = UserListQuery {
         sort: UserSort::Name,

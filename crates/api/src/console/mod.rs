@@ -9,6 +9,8 @@
 //! [`session`].
 
 mod assets;
+mod bulk;
+mod keys;
 mod pages;
 mod session;
 mod view;
@@ -43,6 +45,12 @@ pub(crate) fn routes() -> Router<AppState> {
             "/console/orgs/{org}/users/{user}",
             get(pages::user).post(pages::user_change),
         )
+        .route("/console/orgs/{org}/bulk", post(bulk::bulk))
+        .route(
+            "/console/orgs/{org}/keys",
+            get(keys::list).post(keys::create),
+        )
+        .route("/console/orgs/{org}/keys/{key}", post(keys::change))
 }
 
 /// What every page's frame shows: title, the org, who is signed in, the
@@ -145,7 +153,9 @@ impl From<ApiError> for Fail {
 
 impl IntoResponse for Fail {
     fn into_response(self) -> Response {
-        let layout = self.layout.map_or_else(|| Layout::anonymous("Error"), |l| *l);
+        let layout = self
+            .layout
+            .map_or_else(|| Layout::anonymous("Error"), |l| *l);
         let page = ErrorPage {
             layout: Layout {
                 title: self.status.canonical_reason().unwrap_or("Error").to_owned(),
@@ -227,6 +237,15 @@ impl Fields {
             .find(|(k, _)| k == name)
             .map(|(_, v)| v.trim())
             .filter(|v| !v.is_empty())
+    }
+
+    /// Every non-empty value of a repeated field (checkboxes).
+    pub(crate) fn all(&self, name: &str) -> Vec<String> {
+        self.0
+            .iter()
+            .filter(|(k, v)| k == name && !v.trim().is_empty())
+            .map(|(_, v)| v.trim().to_owned())
+            .collect()
     }
 }
 
@@ -312,8 +331,9 @@ mod tests {
     }
 
     #[test]
-    fn fields_drop_empties() {
-        let f = Fields::parse(b"q=&status=+active+").unwrap();
+    fn fields_keep_repeats_and_drop_empties() {
+        let f = Fields::parse(b"user_ids=a&user_ids=b&q=&status=+active+").unwrap();
+        assert_eq!(f.all("user_ids"), ["a", "b"]);
         assert_eq!(f.get("q"), None);
         assert_eq!(f.get("status"), Some("active"));
         assert_eq!(href("/p", &[("a", "x y"), ("b", "")]), "/p?a=x+y");

@@ -440,6 +440,11 @@ struct UsersPage {
     first: Option<String>,
     /// This page's URL, where a row's quick edit returns.
     here: String,
+    /// Where the bulk bar posts, the filters it carries, and the most
+    /// members it may change at once.
+    bulk_action: String,
+    filters: Vec<(&'static str, String)>,
+    bulk_max: usize,
 }
 
 /// The users list's parameters, as the page's URL carries them.
@@ -627,6 +632,13 @@ pub(crate) async fn users(
         }),
         first: (!query.cursor.is_empty()).then(|| href(&path, &pairs)),
         here,
+        bulk_action: format!("/console/orgs/{}/bulk", seg(&org_id)),
+        filters: pairs
+            .iter()
+            .filter(|(k, v)| *k != "sort" && !v.is_empty())
+            .map(|(k, v)| (*k, (*v).to_owned()))
+            .collect(),
+        bulk_max: tally_core::entity::BULK_USERS_MAX,
         q: query.q.clone(),
         status: query.status.clone(),
         group: query.group.clone(),

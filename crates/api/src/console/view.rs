@@ -213,12 +213,13 @@ pub(crate) fn daily_chart(month: Month, days: &[(String, i64)], limit: Option<i6
             esc(&usd(*cum)),
         );
     }
+    // Each day's label under the middle of its bar.
     for d in [1, 8, 15, 22, 29] {
         if d <= n {
             let _ = write!(
                 svg,
-                r#"<text class="tick" x="{}" y="{}">{d}</text>"#,
-                LEFT + (d - 1) * slot,
+                r#"<text class="tick" x="{}" y="{}" text-anchor="middle">{d}</text>"#,
+                LEFT + (d - 1) * slot + slot / 2,
                 H - 6
             );
         }

@@ -48,6 +48,10 @@ async fn every_bench_scenario_runs_in_quick_mode() {
         "soak: ingest reached ",
         // One minute is shorter than the warm-up (the window filling).
         "soak: memory not judged: ",
+        "console: sqlite, 2000 users in 20 groups, each with spend",
+        "console sqlite: users page, by spend: p50 ",
+        "console sqlite: users page, one group by spend: p50 ",
+        "console sqlite: overview: p50 ",
     ];
     if kafka {
         expected.extend([
@@ -55,9 +59,11 @@ async fn every_bench_scenario_runs_in_quick_mode() {
             "kafka: bare consumer counting: ",
             "kafka: tally consume, apply, checkpoint",
             "% of the bare consumer",
+            "console: postgres, 2000 users in 20 groups, each with spend",
+            "console postgres: users page, by spend: p50 ",
         ]);
     } else {
-        expected.push("kafka: skipped");
+        expected.extend(["kafka: skipped", "console: postgres skipped"]);
     }
     for line in expected {
         assert!(stdout.contains(line), "no {line:?} in:\n{stdout}");

@@ -167,6 +167,9 @@ async fn console(tally: &Tally) {
         "ops",
         "cut off at its limit",
         "crossed 50 % of its limit",
+        "2 at or above 50 %",
+        "1 at or above 80 %",
+        "1 at or above 100 %",
     ] {
         assert!(text.contains(want), "{want:?} not on the overview: {text}");
     }
@@ -261,6 +264,123 @@ async fn console(tally: &Tally) {
         .await
         .expect(400);
     assert!(bad.text().contains("is not one of name, email"));
+
+    // The list as CSV: the same members, money to the micro-dollar,
+    // nothing a spreadsheet would run.
+    let csv = admin
+        .get("/console/orgs/acme/users.csv?group=eng&sort=-spend")
+        .await
+        .expect(200);
+    assert_eq!(csv.headers["content-type"], "text/csv; charset=utf-8");
+    let lines: Vec<&str> = csv.html.lines().collect();
+    assert!(
+        lines[0].starts_with("id,name,email,status,groups,monthly_limit_usd,spend_usd"),
+        "{}",
+        csv.html
+    );
+    assert_eq!(lines.len(), 3, "{}", csv.html);
+    assert!(lines[1].starts_with("alice,Alice <Admin>,alice@acme.test,active,eng,100.000000,75.000000,0.000000,75.00,false,1,"), "{}", lines[1]);
+    assert!(
+        lines[2].starts_with(
+            "bob,Bob,bob@acme.test,active,eng,10.000000,10.000000,0.000000,100.00,true,1,"
+        ),
+        "{}",
+        lines[2]
+    );
+    let page = admin
+        .get("/console/orgs/acme/users?group=eng&sort=-spend")
+        .await
+        .expect(200);
+    assert!(
+        page.html
+            .replace("&#38;", "&amp;")
+            .contains("href=\"/console/orgs/acme/users.csv?sort=-spend&amp;group=eng\""),
+        "the export link keeps the filters"
+    );
+
+    // Alerts, filtered by kind and by subject (the API's filters).
+    let alerts = admin
+        .get("/console/orgs/acme/alerts?event=cut_off")
+        .await
+        .expect(200);
+    let text = alerts.text();
+    assert!(
+        text.contains("user bob")
+            && text.contains("cut off at its limit")
+            && !text.contains("crossed 50 %"),
+        "{text}"
+    );
+    let alerts = admin
+        .get("/console/orgs/acme/alerts?subject=user:alice")
+        .await
+        .expect(200);
+    let text = alerts.text();
+    assert!(
+        text.contains("user alice") && !text.contains("user bob"),
+        "{text}"
+    );
+    let bad = admin
+        .get("/console/orgs/acme/alerts?event=boom")
+        .await
+        .expect(400);
+    assert!(bad.text().contains("is not one of threshold_crossed"));
+    let api = op
+        .get("/v1/orgs/acme/enforcement?subject=user:bob&event=threshold_crossed")
+        .await
+        .expect(200);
+    let items = api["items"].as_array().unwrap();
+    assert_eq!(items.len(), 3, "bob crossed 50, 80 and 100 %: {api}");
+    assert!(
+        items
+            .iter()
+            .all(|e| e["subject_id"] == "bob" && e["event"] == "threshold_crossed")
+    );
+    let _ = op
+        .get("/v1/orgs/acme/enforcement?subject=team:x")
+        .await
+        .expect(400);
+    // Paged: two at a time, every one once.
+    let mut seen = Vec::new();
+    let mut next = String::from("/v1/orgs/acme/enforcement?subject=user:bob&limit=2");
+    loop {
+        let page = op.get(&next).await.expect(200);
+        seen.extend(page["items"].as_array().unwrap().iter().cloned());
+        match page["next_cursor"].as_str() {
+            Some(c) => {
+                next = format!("/v1/orgs/acme/enforcement?subject=user:bob&limit=2&cursor={c}")
+            }
+            None => break,
+        }
+    }
+    assert_eq!(seen.len(), 4, "three thresholds and a cutoff: {seen:?}");
+
+    // The audit log, filtered.
+    let audit = admin
+        .get("/console/orgs/acme/audit?kind=group_created")
+        .await
+        .expect(200);
+    let text = audit.text();
+    assert!(
+        text.contains("group created") && !text.contains("user added"),
+        "{text}"
+    );
+    let audit = admin
+        .get("/console/orgs/acme/audit?subject=user:carol&order=oldest")
+        .await
+        .expect(200);
+    let text = audit.text();
+    assert!(
+        text.contains("user added") && text.contains("member added") && !text.contains("alice@"),
+        "{text}"
+    );
+    let bad = admin
+        .get("/console/orgs/acme/audit?from=yesterday")
+        .await
+        .expect(400);
+    assert!(
+        bad.text()
+            .contains("from must be an RFC 3339 time or a day")
+    );
 
     // A user's page: the month's chart with the limit line, 13 months,
     // groups, the audit entries about them.
@@ -608,6 +728,108 @@ async fn console(tally: &Tally) {
         .await
         .expect(200);
     assert_eq!(refused["allowed"], false);
+
+    // Groups: the list, a new one, its page, its limit and members.
+    let groups = admin.get("/console/orgs/acme/groups").await.expect(200);
+    let text = groups.text();
+    assert!(
+        text.contains("Engineering") && text.contains("$85.00"),
+        "{text}"
+    );
+    let gpath = "/console/orgs/acme/groups";
+    let page = admin
+        .post(
+            gpath,
+            &[
+                ("csrf", &csrf),
+                ("id", "qa"),
+                ("name", "QA"),
+                ("limit", "lots"),
+            ],
+        )
+        .await
+        .expect(400);
+    assert!(
+        page.text()
+            .contains("the limit must be an amount in dollars")
+    );
+    assert!(
+        page.html.contains(r#"name="name" value="QA""#),
+        "what was typed stays"
+    );
+    let _ = op.get("/v1/orgs/acme/groups/qa").await.expect(404);
+    admin
+        .post(
+            gpath,
+            &[
+                ("csrf", &csrf),
+                ("id", "qa"),
+                ("name", "QA"),
+                ("limit", "30"),
+            ],
+        )
+        .await
+        .redirects_to("/console/orgs/acme/groups/qa?done=created");
+    let qa = format!("{gpath}/qa");
+    admin
+        .post(
+            &qa,
+            &[
+                ("csrf", &csrf),
+                ("action", "add_member"),
+                ("user_id", "alice"),
+            ],
+        )
+        .await
+        .redirects_to("/console/orgs/acme/groups/qa?done=added");
+    let page = admin.get(&qa).await.expect(200);
+    let text = page.text();
+    for want in [
+        "QA",
+        "Alice <Admin>",
+        "of $30.00",
+        "$75.00",
+        "Members by spend this month",
+    ] {
+        assert!(
+            text.contains(want),
+            "{want:?} not on the group's page: {text}"
+        );
+    }
+    assert!(page.html.contains("<svg class=\"chart\""));
+    let bad = admin
+        .post(
+            &qa,
+            &[
+                ("csrf", &csrf),
+                ("action", "add_member"),
+                ("user_id", "nobody"),
+            ],
+        )
+        .await
+        .expect(404);
+    assert!(bad.text().contains("nobody"), "{}", bad.text());
+    admin
+        .post(
+            &qa,
+            &[("csrf", &csrf), ("action", "limit"), ("limit", "45.5")],
+        )
+        .await
+        .redirects_to("/console/orgs/acme/groups/qa?done=changed");
+    admin
+        .post(
+            &qa,
+            &[
+                ("csrf", &csrf),
+                ("action", "remove_member"),
+                ("user_id", "alice"),
+            ],
+        )
+        .await
+        .redirects_to("/console/orgs/acme/groups/qa?done=removed");
+    let qa_json = op.get("/v1/orgs/acme/groups/qa").await.expect(200);
+    assert_eq!(qa_json["monthly_limit_micros"], 45_500_000);
+    assert_eq!(qa_json["member_count"], 0);
 
     // Another org's pages and ids: refused to an org's session.
     let other = admin.get("/console/orgs/bolt").await.expect(403);

@@ -113,11 +113,11 @@ pub(crate) async fn list(
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub(crate) struct GroupDetail {
     #[serde(flatten)]
-    group: GroupJson,
-    history: History,
+    pub(crate) group: GroupJson,
+    pub(crate) history: History,
     /// The members who spent most this month (at most 100), for the
     /// breakdown; the full list is `GET …/users?group=…`.
-    members: Vec<UserJson>,
+    pub(crate) members: Vec<UserJson>,
 }
 
 /// How many members a group's detail shows.
@@ -168,11 +168,11 @@ pub(crate) async fn get(
 #[serde(deny_unknown_fields)]
 pub(crate) struct PatchGroup {
     /// A new display name.
-    name: Option<String>,
+    pub(crate) name: Option<String>,
     /// A new monthly limit in micro-USD; `null`: unlimited.
     #[serde(default, deserialize_with = "present")]
     #[schema(value_type = Option<i64>)]
-    monthly_limit_micros: Option<Option<i64>>,
+    pub(crate) monthly_limit_micros: Option<Option<i64>>,
 }
 
 #[utoipa::path(patch, path = "/v1/orgs/{org}/groups/{group}", operation_id = "groups_patch", tag = "groups", params(("org" = String, Path, description = "org id"), ("group" = String, Path, description = "group id")), request_body = PatchGroup, security(("bearer" = ["operator", "admin"])), responses((status = 200, description = "ok", body = GroupJson), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody), (status = 409, description = "conflict", body = crate::error::ErrorBody), (status = 422, description = "a rule forbids it", body = crate::error::ErrorBody)))]

@@ -11,7 +11,7 @@ use tally_core::time::Month;
 use tally_engine::random_id;
 use tally_proto::format_rfc3339_ms;
 use tally_store::log::EventQuery;
-use tally_store::query::{DeadLetterRow, EnforcementKey};
+use tally_store::query::{DeadLetterRow, EnforcementFilter, EnforcementKey};
 
 use crate::cursor::{self, PageParams};
 use crate::dto::{
@@ -437,16 +437,67 @@ pub(crate) struct EnforcementJson {
     pub(crate) at: String,
 }
 
-/// Thresholds crossed, cutoffs and lifts, newest first.
-#[utoipa::path(get, path = "/v1/orgs/{org}/enforcement", operation_id = "orgs_enforcement", tag = "orgs", params(("org" = String, Path, description = "org id"), PageParams), security(("bearer" = ["operator", "admin", "viewer"])), responses((status = 200, description = "ok", body = ListJson<EnforcementJson>), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody)))]
+/// What the enforcement list takes.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct EnforcementParams {
+    /// Of this kind only: `threshold_crossed`, `cut_off` or `cutoff_lifted`.
+    pub(crate) event: Option<String>,
+    /// About this subject only: `user:<id>`, `group:<id>`, `key:<id>` or
+    /// `org`.
+    pub(crate) subject: Option<String>,
+    /// `next_cursor` of the previous page.
+    pub(crate) cursor: Option<String>,
+    /// Rows a page (default 50, at most 1 000).
+    pub(crate) limit: Option<u32>,
+}
+
+/// The enforcement list's filter, checked.
+fn enforcement_filter(org_id: &OrgId, p: &EnforcementParams) -> ApiResult<EnforcementFilter> {
+    let event = match p.event.as_deref() {
+        None | Some("") => None,
+        Some(e @ ("threshold_crossed" | "cut_off" | "cutoff_lifted")) => Some(e.to_owned()),
+        Some(e) => {
+            return Err(ApiError::invalid(format!(
+                "event {e:?} is not one of threshold_crossed, cut_off, cutoff_lifted"
+            )));
+        }
+    };
+    let (subject_kind, subject_id) = match p.subject.as_deref() {
+        None | Some("") => (None, None),
+        Some("org") => (Some("org".to_owned()), Some(org_id.to_string())),
+        Some(s) => {
+            let (kind, id) = s
+                .split_once(':')
+                .filter(|(k, id)| matches!(*k, "user" | "group" | "key") && !id.is_empty())
+                .ok_or_else(|| {
+                    ApiError::invalid(format!(
+                        "subject {s:?} is not user:<id>, group:<id>, key:<id> or org"
+                    ))
+                })?;
+            (Some(kind.to_owned()), Some(id.to_owned()))
+        }
+    };
+    Ok(EnforcementFilter {
+        event,
+        subject_kind,
+        subject_id,
+    })
+}
+
+/// Thresholds crossed, cutoffs and lifts, newest first; of one kind, or
+/// about one subject.
+#[utoipa::path(get, path = "/v1/orgs/{org}/enforcement", operation_id = "orgs_enforcement", tag = "orgs", params(("org" = String, Path, description = "org id"), EnforcementParams), security(("bearer" = ["operator", "admin", "viewer"])), responses((status = 200, description = "ok", body = ListJson<EnforcementJson>), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody)))]
 pub(crate) async fn enforcement(
     State(state): State<AppState>,
     caller: Caller,
     Path(org): Path<String>,
-    Params(p): Params<PageParams>,
+    Params(p): Params<EnforcementParams>,
 ) -> ApiResult<Json<ListJson<EnforcementJson>>> {
     let org_id = org_access(&state, &caller, &org)?;
     let limit = page_len(p.limit)?;
+    let filter = enforcement_filter(&org_id, &p)?;
     let after = p
         .cursor
         .as_deref()
@@ -456,7 +507,7 @@ pub(crate) async fn enforcement(
     let rows = state
         .engine
         .db
-        .list_enforcement(&org_id, after.as_ref(), limit + 1)
+        .list_enforcement_where(&org_id, &filter, after.as_ref(), limit + 1)
         .await?;
     // The cursor is the row's key (EnforcementRow::key), in order.
     let page = cursor::page(rows, limit as usize, "enforcement", |r| {

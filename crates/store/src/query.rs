@@ -778,6 +778,16 @@ impl Db {
     }
 }
 
+/// Which enforcement events a listing keeps; `None`: any.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EnforcementFilter {
+    /// `threshold_crossed`, `cut_off` or `cutoff_lifted`.
+    pub event: Option<String>,
+    /// `user`, `group`, `key` or `org`.
+    pub subject_kind: Option<String>,
+    pub subject_id: Option<String>,
+}
+
 /// A threshold crossed, a cutoff or a lift, as recorded by a checkpoint.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EnforcementRow {
@@ -831,6 +841,19 @@ impl Db {
         after: Option<&EnforcementKey>,
         limit: u32,
     ) -> Result<Vec<EnforcementRow>> {
+        self.list_enforcement_where(org_id, &EnforcementFilter::default(), after, limit)
+            .await
+    }
+
+    /// [`Db::list_enforcement`] of one kind of event, or one subject, or
+    /// both: the same order and keys.
+    pub async fn list_enforcement_where(
+        &self,
+        org_id: &OrgId,
+        filter: &EnforcementFilter,
+        after: Option<&EnforcementKey>,
+        limit: u32,
+    ) -> Result<Vec<EnforcementRow>> {
         let first = EnforcementKey {
             at_ms: i64::MAX,
             subject_kind: String::new(),
@@ -848,6 +871,8 @@ impl Db {
              spend_micros, limit_micros, at_ms FROM enforcement_events WHERE org_id = $1 \
              AND ($2 = 0 OR (at_ms, subject_kind, subject_id, month, event, threshold_bps, \
              ordinal) < ($3, $4, $5, $6, $7, $8, $9)) \
+             AND ($11 = '' OR event = $11) AND ($12 = '' OR subject_kind = $12) \
+             AND ($13 = '' OR subject_id = $13) \
              ORDER BY at_ms DESC, subject_kind DESC, subject_id DESC, month DESC, event DESC, \
              threshold_bps DESC, ordinal DESC LIMIT $10",
         )
@@ -861,6 +886,9 @@ impl Db {
         .bind(from.threshold_bps)
         .bind(from.ordinal)
         .bind(i64::from(limit.clamp(1, PAGE_LEN_MAX + 1)))
+        .bind(filter.event.clone().unwrap_or_default())
+        .bind(filter.subject_kind.clone().unwrap_or_default())
+        .bind(filter.subject_id.clone().unwrap_or_default())
         .fetch_all(self.reader())
         .await?;
         rows.iter()

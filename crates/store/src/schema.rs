@@ -346,6 +346,15 @@ CREATE TABLE console_sessions (
 CREATE INDEX console_sessions_by_expiry ON console_sessions (expires_at_ms);
 "#
     );
+    // v14: the enforcement list's whole order in one index (the time alone
+    // left every tie of a checkpoint to a sort of all of them), and one
+    // subject's alerts, newest first.
+    let v14 = "CREATE INDEX enforcement_events_by_key ON enforcement_events \
+               (org_id, at_ms, subject_kind, subject_id, month, event, threshold_bps, ordinal);\n\
+               DROP INDEX enforcement_events_by_time;\n\
+               CREATE INDEX enforcement_events_by_subject ON enforcement_events \
+               (org_id, subject_kind, subject_id, at_ms);"
+        .to_owned();
     vec![
         (1, v1 + &append_only),
         (2, v2),
@@ -360,5 +369,6 @@ CREATE INDEX console_sessions_by_expiry ON console_sessions (expires_at_ms);
         (11, v11),
         (12, v12),
         (13, v13),
+        (14, v14),
     ]
 }

@@ -30,6 +30,9 @@ pub(crate) enum Scenario {
     Restart,
     /// Consume-apply-checkpoint from Kafka against a bare consumer.
     Kafka,
+    /// The console's users page of an org with 100 000 members, rendered
+    /// on SQLite and (with --database-url) on PostgreSQL.
+    Console,
     /// Mixed load (authorize with holds, admin reads and bulk changes, and
     /// ingest at half the maximum measured under them) with a kill -9 and
     /// restart every minute: memory, and totals exact at the end
@@ -298,6 +301,9 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<()> {
             soak(&args, &dir.join("soak")).await?;
         } else if run(Scenario::Soak) {
             println!("soak: skipped (ten minutes: run `tally bench soak`)");
+        }
+        if run(Scenario::Console) {
+            console(&args, &dir.join("console")).await?;
         }
         if run(Scenario::Kafka) {
             match (&args.kafka_brokers, &args.database_url) {
@@ -1412,4 +1418,258 @@ async fn soak(args: &BenchArgs, dir: &Path) -> anyhow::Result<()> {
         ),
     }
     server.stop()
+}
+
+/// (f) The console at scale: an org of `users` members in `groups` groups,
+/// each with spend this month (usage over HTTP, the real path), and its
+/// pages rendered by a real `tally serve`: p50 and p99 of a whole page
+/// (session check, every query, the HTML) over loopback, on SQLite and,
+/// with --database-url, on PostgreSQL (a database of its own, dropped
+/// after).
+async fn console(args: &BenchArgs, dir: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let scale = if args.quick {
+        (2_000u32, 20u32, 20usize)
+    } else {
+        (100_000, 1_000, 200)
+    };
+    let data = dir.display().to_string();
+    let sqlite = format!("sqlite://{}?mode=rwc", dir.join("tally.db").display());
+    console_on(dir, "sqlite", &sqlite, &["--data-dir", &data], scale).await?;
+    let Some(url) = &args.database_url else {
+        println!("console: postgres skipped (give --database-url)");
+        return Ok(());
+    };
+    let (base, name) = url
+        .rsplit_once('/')
+        .context("--database-url ends in /<database>")?;
+    let fresh = format!(
+        "{}_console_{}",
+        name.split('?').next().unwrap_or(name),
+        std::process::id()
+    );
+    let server = Db::open(&DbOptions {
+        migrate: false,
+        ..DbOptions::new(url.clone())
+    })
+    .await?;
+    let _ = server
+        .execute_raw(&format!("CREATE DATABASE \"{fresh}\""))
+        .await?;
+    let pg = format!("{base}/{fresh}");
+    let result = console_on(dir, "postgres", &pg, &["--database-url", &pg], scale).await;
+    let _ = server
+        .execute_raw(&format!("DROP DATABASE IF EXISTS \"{fresh}\""))
+        .await;
+    server.close().await;
+    result
+}
+
+/// Appends an org of `users` members in `groups` groups (member u in group
+/// u % groups) straight to the entity log, as commands would.
+async fn seed_members(db_url: &str, org: &str, users: u32, groups: u32) -> anyhow::Result<()> {
+    use tally_core::entity::{Actor, Command, EntityEvent, EventKind, OrgDirectory, handle_create};
+    use tally_core::ids::{GroupId, OrgId, UserId};
+    let db = Db::open(&DbOptions::new(db_url.to_owned())).await?;
+    let org_id = OrgId::new(org)?;
+    let at_ms = now_ms();
+    let wrap = |after: u64, kinds: Vec<EventKind>| -> Vec<EntityEvent> {
+        kinds
+            .into_iter()
+            .zip(after + 1..)
+            .map(|(kind, seq)| EntityEvent {
+                org_id: org_id.clone(),
+                seq,
+                at_ms,
+                actor: Actor::Operator,
+                kind,
+            })
+            .collect()
+    };
+    let created = wrap(
+        0,
+        handle_create(
+            false,
+            &org_id,
+            &Command::CreateOrg {
+                name: "Console bench".into(),
+                default_monthly_limit_micros: Some(100_000_000),
+                alert_thresholds_bps: Some(vec![5_000, 8_000, 10_000]),
+                monthly_limit_micros: None,
+            },
+        )?,
+    );
+    let mut dir = OrgDirectory::from_created(&created[0]);
+    for e in &created[1..] {
+        dir.apply(e);
+    }
+    let mut pending = created;
+    let stage = async |dir: &mut OrgDirectory, cmd: Command, pending: &mut Vec<EntityEvent>| {
+        let events = wrap(dir.seq, dir.handle(&cmd)?);
+        for e in &events {
+            dir.apply(e);
+        }
+        pending.extend(events);
+        if pending.len() >= 20_000 {
+            db.append(&mut std::mem::take(pending)).await?;
+        }
+        anyhow::Ok(())
+    };
+    for g in 0..groups {
+        stage(
+            &mut dir,
+            Command::CreateGroup {
+                group_id: GroupId::new(&format!("g{g}"))?,
+                name: format!("Group {g}"),
+                monthly_limit_micros: None,
+            },
+            &mut pending,
+        )
+        .await?;
+    }
+    for u in 0..users {
+        stage(
+            &mut dir,
+            Command::AddUser {
+                user_id: UserId::new(&format!("u{u:06}"))?,
+                email: format!("u{u}@{org}.test"),
+                name: format!("User {}", (u64::from(u) * 7_919) % u64::from(users)),
+                monthly_limit_micros: None,
+                activate: true,
+            },
+            &mut pending,
+        )
+        .await?;
+    }
+    for g in 0..groups {
+        let members: Vec<UserId> = (g..users)
+            .step_by(groups as usize)
+            .map(|u| UserId::new(&format!("u{u:06}")))
+            .collect::<Result<_, _>>()?;
+        for chunk in members.chunks(tally_core::entity::BULK_USERS_MAX) {
+            stage(
+                &mut dir,
+                Command::BulkUpdateUsers {
+                    user_ids: chunk.to_vec(),
+                    add_groups: vec![GroupId::new(&format!("g{g}"))?],
+                    remove_groups: vec![],
+                    monthly_limit_micros: None,
+                    status: None,
+                },
+                &mut pending,
+            )
+            .await?;
+        }
+    }
+    db.append(&mut pending).await?;
+    db.close().await;
+    Ok(())
+}
+
+/// Member u's spend this month: $0 to $149.99, so some are past their
+/// $100 limit and most past a threshold.
+fn member_cost(u: u32) -> i64 {
+    i64::from(u) * 104_729 % 150_000_000
+}
+
+async fn console_on(
+    dir: &Path,
+    name: &str,
+    db_url: &str,
+    serve: &[&str],
+    (users, groups, renders): (u32, u32, usize),
+) -> anyhow::Result<()> {
+    let org = "big";
+    let seeded = Instant::now();
+    seed_members(db_url, org, users, groups).await?;
+    let s = Server::start(dir, &format!("console-{name}"), serve)?;
+    s.ready().await?;
+    let batch = 1_000u32;
+    let at = now_ms();
+    for first in (0..users).step_by(batch as usize) {
+        let events: Vec<Value> = (first..(first + batch).min(users))
+            .map(|u| {
+                json!({"request_id": format!("c{u}"), "org_id": org,
+                       "user_id": format!("u{u:06}"), "model": "gpt-4o", "provider": "openai",
+                       "input_tokens": 1200, "output_tokens": 300,
+                       "cost_micros": member_cost(u), "occurred_at_ms": at})
+            })
+            .collect();
+        let _ = s
+            .call("POST", "/v1/usage", Some(json!({"events": events})))
+            .await?;
+    }
+    let want: i64 = (0..users).map(member_cost).sum();
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while spend(&s, org).await? != want {
+        if Instant::now() > deadline {
+            bail!("the org's spend never reached {want}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!(
+        "console: {name}, {users} users in {groups} groups, each with spend (seeded in {} ms)",
+        seeded.elapsed().as_millis()
+    );
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()?;
+    let signed = http
+        .post(format!("{}/console/sign-in", s.url))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(format!("token={TOKEN}"))
+        .send()
+        .await?;
+    let cookie = signed
+        .headers()
+        .get("set-cookie")
+        .and_then(|c| c.to_str().ok())
+        .and_then(|c| c.split(';').next())
+        .context("no session cookie from sign-in")?
+        .to_owned();
+    let base = format!("{}/console/orgs/{org}", s.url);
+    let pages: [(&str, &dyn Fn(usize) -> String); 6] = [
+        ("users page, by name", &|_| format!("{base}/users")),
+        ("users page, by spend", &|_| {
+            format!("{base}/users?sort=-spend")
+        }),
+        ("users page, one group by spend", &|i| {
+            format!(
+                "{base}/users?group=g{}&sort=-spend",
+                i * 37 % groups as usize
+            )
+        }),
+        ("users page, used at least 80 % by use", &|_| {
+            format!("{base}/users?min_utilization=0.8&sort=-utilization")
+        }),
+        ("users page, a search", &|i| {
+            format!("{base}/users?q=User+{}", i % 100)
+        }),
+        ("overview", &|_| base.clone()),
+    ];
+    for (label, url) in pages {
+        let mut took = Vec::with_capacity(renders);
+        for i in 0..renders {
+            let t = Instant::now();
+            let r = http.get(url(i)).header("cookie", &cookie).send().await?;
+            let status = r.status();
+            let body = r.text().await?;
+            took.push(t.elapsed());
+            if !status.is_success() || !body.contains("<table") {
+                bail!(
+                    "{label}: {status}: {}",
+                    body.chars().take(500).collect::<String>()
+                );
+            }
+        }
+        took.sort();
+        let pct = |p: usize| took[(took.len() * p / 100).min(took.len() - 1)];
+        let ms = |d: Duration| format!("{}.{:02}", d.as_millis(), d.as_micros() % 1000 / 10);
+        println!(
+            "console {name}: {label}: p50 {} ms, p99 {} ms ({renders} renders, 50 rows)",
+            ms(pct(50)),
+            ms(pct(99)),
+        );
+    }
+    s.stop()
 }

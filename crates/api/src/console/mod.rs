@@ -8,8 +8,11 @@
 //! (`assets/console.js`) only makes them smoother. Sessions and CSRF:
 //! [`session`].
 
+mod activity;
 mod assets;
 mod bulk;
+mod export;
+mod groups;
 mod keys;
 mod pages;
 mod session;
@@ -45,7 +48,18 @@ pub(crate) fn routes() -> Router<AppState> {
             "/console/orgs/{org}/users/{user}",
             get(pages::user).post(pages::user_change),
         )
+        .route("/console/orgs/{org}/users.csv", get(export::users_csv))
+        .route("/console/orgs/{org}/audit", get(activity::audit))
+        .route("/console/orgs/{org}/alerts", get(activity::alerts))
         .route("/console/orgs/{org}/bulk", post(bulk::bulk))
+        .route(
+            "/console/orgs/{org}/groups",
+            get(groups::list).post(groups::create),
+        )
+        .route(
+            "/console/orgs/{org}/groups/{group}",
+            get(groups::get).post(groups::change),
+        )
         .route(
             "/console/orgs/{org}/keys",
             get(keys::list).post(keys::create),

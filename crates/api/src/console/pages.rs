@@ -14,8 +14,7 @@ use tally_core::time::Month;
 use super::view::{self, Bar};
 use super::{Fail, Fields, Layout, Session, href, local_target, render, see_other, seg};
 use crate::AppState;
-use crate::cursor::PageParams;
-use crate::dto::{ListJson, OrgJson, UserJson};
+use crate::dto::UserJson;
 use crate::error::ApiError;
 use crate::extract::{Caller, NoParams, Params};
 use crate::{orgs, users};
@@ -102,48 +101,67 @@ pub(crate) async fn orgs(
     }))
 }
 
-/// The org as its pages' headers show it.
-async fn org(
+/// What an org's pages need of it besides their own figures: its name,
+/// alert thresholds and groups, from the directory in memory (no query),
+/// once the caller's access to it is checked.
+#[derive(Debug)]
+pub(super) struct OrgHead {
+    pub(super) name: String,
+    pub(super) thresholds: Vec<u32>,
+    /// Groups not deleted, by id.
+    pub(super) groups: Vec<String>,
+}
+
+pub(super) fn org(
     state: &AppState,
     session: &Session,
     org: &str,
     layout: &Layout,
-) -> Result<OrgJson, Fail> {
+) -> Result<OrgHead, Fail> {
     let org_id =
         crate::org_access(state, &caller(session), org).map_err(|e| Fail::from(e).on(layout))?;
-    Ok(orgs::org_json(state, &org_id)
-        .await
-        .map_err(|e| Fail::from(e).on(layout))?
-        .0)
-}
-
-fn thresholds_bps(org: &OrgJson) -> Vec<u32> {
-    org.alert_thresholds.iter().map(|f| f.0).collect()
+    let cell = state.engine.registry.org(&org_id).ok_or_else(|| {
+        Fail::new(StatusCode::NOT_FOUND, format!("org {org:?} does not exist")).on(layout)
+    })?;
+    let o = cell.read();
+    let mut groups: Vec<String> = o
+        .dir
+        .groups
+        .values()
+        .filter(|g| !g.deleted)
+        .map(|g| g.id.to_string())
+        .collect();
+    groups.sort_unstable();
+    Ok(OrgHead {
+        name: o.dir.settings.name.clone(),
+        thresholds: o.dir.settings.alert_thresholds_bps.clone(),
+        groups,
+    })
 }
 
 /// A member as a row of the users table.
 #[derive(Debug)]
-struct UserLine {
-    id: String,
-    href: String,
-    name: String,
-    email: String,
-    status: String,
+pub(super) struct UserLine {
+    pub(super) id: String,
+    pub(super) href: String,
+    pub(super) name: String,
+    pub(super) email: String,
+    pub(super) status: String,
     /// Used within the last hour.
-    active_now: bool,
-    last_active: String,
-    groups: Vec<(String, String)>,
-    limit: String,
-    limit_input: String,
-    spend: String,
-    held: String,
-    bar: Option<Bar>,
-    percent: String,
-    requests: i64,
-    cut_off: bool,
+    pub(super) active_now: bool,
+    pub(super) last_active: String,
+    pub(super) groups: Vec<(String, String)>,
+    pub(super) limit: String,
+    pub(super) limit_input: String,
+    pub(super) spend: String,
+    pub(super) held: String,
+    pub(super) bar: Option<Bar>,
+    pub(super) percent: String,
+    pub(super) requests: i64,
+    pub(super) cut_off: bool,
 }
 
-fn user_line(org: &str, u: UserJson, thresholds: &[u32], now_ms: i64) -> UserLine {
+pub(super) fn user_line(org: &str, u: UserJson, thresholds: &[u32], now_ms: i64) -> UserLine {
     let last_ms = u.last_active_at.as_deref().and_then(view::parse_ms);
     UserLine {
         href: format!("/console/orgs/{}/users/{}", seg(org), seg(&u.id)),
@@ -219,9 +237,8 @@ struct OverviewPage {
     top_users: Vec<UserLine>,
     top_groups: Vec<TopLine>,
     top_keys: Vec<TopLine>,
-    /// (threshold, members at or above it) of the members listed in
-    /// `at_risk`.
-    bands: Vec<(String, usize)>,
+    /// (threshold, members at or above it now, the users page of them).
+    bands: Vec<(String, u32, String)>,
     at_risk: Vec<UserLine>,
     at_risk_more: bool,
     alerts: Vec<AlertLine>,
@@ -233,7 +250,7 @@ const TOP_N: u32 = 5;
 /// How many members at or above a threshold the overview lists.
 const AT_RISK_N: u32 = 50;
 
-fn subject_href(org: &str, kind: &str, id: &str) -> String {
+pub(super) fn subject_href(org: &str, kind: &str, id: &str) -> String {
     match kind {
         "user" => format!("/console/orgs/{}/users/{}", seg(org), seg(id)),
         "group" => href(
@@ -257,6 +274,110 @@ fn list_params(sort: &str, min_utilization: Option<String>, limit: u32) -> users
     }
 }
 
+/// Members by id with this month's figures and held spend, in the order
+/// given (the API's rows).
+async fn rows_of(
+    state: &AppState,
+    org: &tally_core::ids::OrgId,
+    ids: &[String],
+    month: Month,
+) -> Result<Vec<UserJson>, ApiError> {
+    let rows = state.engine.db.users_by_ids(org, ids, month).await?;
+    crate::dto::with_held(
+        &state.engine,
+        org,
+        rows.into_iter().map(UserJson::from).collect(),
+    )
+    .await
+}
+
+/// Members at or above each alert threshold (and 100 %) now, and the
+/// [`AT_RISK_N`] using most of their limit. From the meter's memory where
+/// this process meters the org (the figures the Prometheus gauges show: no
+/// scan of the members); otherwise from the API's list, filtered and
+/// sorted by use of the limit.
+#[allow(clippy::type_complexity)]
+async fn at_risk(
+    state: &AppState,
+    session: &Session,
+    org: &tally_core::ids::OrgId,
+    month: Month,
+) -> Result<(Vec<(u32, u32, String)>, Vec<UserJson>, bool), ApiError> {
+    let users_path = format!("/console/orgs/{}/users", seg(org.as_str()));
+    let band_href = |t: u32| {
+        href(
+            &users_path,
+            &[
+                ("min_utilization", &format_bps(t)),
+                ("sort", "-utilization"),
+            ],
+        )
+    };
+    let cell = state.engine.registry.org(org);
+    if let Some(cell) = cell.as_ref().filter(|_| state.engine.meter.meters(org)) {
+        let (over, top) = {
+            let o = cell.read();
+            let lowest = o
+                .dir
+                .settings
+                .alert_thresholds_bps
+                .first()
+                .copied()
+                .unwrap_or(10_000);
+            let top: Vec<_> = o
+                .top_users(month, AT_RISK_N as usize + 1)
+                .into_iter()
+                .filter(|u| tally_core::ratio::reached(u.spend_micros, u.limit_micros, lowest))
+                .collect();
+            (o.gauges(month).users_over, top)
+        };
+        let more = top.len() > AT_RISK_N as usize;
+        let ids: Vec<String> = top
+            .iter()
+            .take(AT_RISK_N as usize)
+            .map(|u| u.id.to_string())
+            .collect();
+        let rows = rows_of(state, org, &ids, month).await?;
+        let bands = over
+            .into_iter()
+            .map(|(t, n)| (t, n, band_href(t)))
+            .collect();
+        return Ok((bands, rows, more));
+    }
+    let thresholds = cell.map_or_else(Vec::new, |c| {
+        c.read().dir.settings.alert_thresholds_bps.clone()
+    });
+    let lowest = thresholds.first().copied().unwrap_or(10_000);
+    let page = users::list(
+        State(state.clone()),
+        caller(session),
+        Path(org.to_string()),
+        Params(list_params(
+            "-utilization",
+            Some(format_bps(lowest)),
+            AT_RISK_N,
+        )),
+    )
+    .await?
+    .0;
+    let mut bands: Vec<(u32, u32, String)> = Vec::new();
+    for t in thresholds.iter().copied().chain([10_000]) {
+        if bands.iter().any(|(b, _, _)| *b == t) {
+            continue;
+        }
+        let n = page
+            .items
+            .iter()
+            .filter(|u| {
+                u.monthly_limit_micros
+                    .is_some_and(|l| tally_core::ratio::reached(u.spend_micros, l, t))
+            })
+            .count();
+        bands.push((t, u32::try_from(n).unwrap_or(u32::MAX), band_href(t)));
+    }
+    Ok((bands, page.items, page.next_cursor.is_some()))
+}
+
 /// `GET /console/orgs/{org}`: the month at a glance.
 pub(crate) async fn overview(
     State(state): State<AppState>,
@@ -277,28 +398,25 @@ pub(crate) async fn overview(
     let org = detail.org;
     let now = state.engine.now_ms();
     let month = Month::from_unix_ms(now);
-    let thresholds = thresholds_bps(&org);
-    let lowest = thresholds.iter().copied().min().unwrap_or(8_000);
-    let list = |params| {
-        users::list(
-            State(state.clone()),
-            caller(&session),
-            Path(org_id.clone()),
-            Params(params),
-        )
-    };
-    let top_users = list(list_params("-spend", None, TOP_N))
+    let thresholds: Vec<u32> = org.alert_thresholds.iter().map(|f| f.0).collect();
+    let org_key =
+        tally_core::ids::OrgId::new(&org_id).map_err(|e| fail(ApiError::invalid(e.to_string())))?;
+    let (bands, at_risk, at_risk_more) = at_risk(&state, &session, &org_key, month)
         .await
-        .map_err(fail)?
-        .0;
-    let at_risk: ListJson<UserJson> = list(list_params(
-        "-utilization",
-        Some(format_bps(lowest)),
-        AT_RISK_N,
-    ))
-    .await
-    .map_err(fail)?
-    .0;
+        .map_err(fail)?;
+    // The top spenders by the month's spend index, then their rows.
+    let top_ids: Vec<String> = state
+        .engine
+        .db
+        .top_spenders(&org_key, "user", month, TOP_N)
+        .await
+        .map_err(|e| fail(e.into()))?
+        .into_iter()
+        .map(|(id, _, _)| id)
+        .collect();
+    let top_users = rows_of(&state, &org_key, &top_ids, month)
+        .await
+        .map_err(fail)?;
     let org_key =
         tally_core::ids::OrgId::new(&org_id).map_err(|e| fail(ApiError::invalid(e.to_string())))?;
     let db = &state.engine.db;
@@ -319,7 +437,9 @@ pub(crate) async fn overview(
         State(state.clone()),
         caller(&session),
         Path(org_id.clone()),
-        Params(PageParams {
+        Params(orgs::EnforcementParams {
+            event: None,
+            subject: None,
             cursor: None,
             limit: Some(10),
         }),
@@ -327,23 +447,6 @@ pub(crate) async fn overview(
     .await
     .map_err(fail)?
     .0;
-    let bands = thresholds
-        .iter()
-        .map(|t| {
-            let n = at_risk
-                .items
-                .iter()
-                .filter(|u| {
-                    u.monthly_limit_micros
-                        .is_some_and(|l| tally_core::ratio::reached(u.spend_micros, l, *t))
-                })
-                .count();
-            (
-                format!("{} %", format_bps(t * 100).split('.').next().unwrap_or("")),
-                n,
-            )
-        })
-        .collect();
     let days: Vec<(String, i64)> = detail
         .history
         .days
@@ -364,16 +467,17 @@ pub(crate) async fn overview(
         requests: org.requests,
         chart: view::daily_chart(month, &days, org.monthly_limit_micros),
         top_users: top_users
-            .items
             .into_iter()
             .map(|u| user_line(&org_id, u, &thresholds, now))
             .collect(),
         top_groups,
         top_keys,
-        bands,
-        at_risk_more: at_risk.next_cursor.is_some(),
+        bands: bands
+            .into_iter()
+            .map(|(t, n, href_)| (format!("{} %", format_bps(t * 100)), n, href_))
+            .collect(),
+        at_risk_more,
         at_risk: at_risk
-            .items
             .into_iter()
             .map(|u| user_line(&org_id, u, &thresholds, now))
             .collect(),
@@ -384,20 +488,11 @@ pub(crate) async fn overview(
                 at: view::parse_ms(&a.at).map_or(a.at.clone(), view::when),
                 href: subject_href(&org_id, &a.subject_kind, &a.subject_id),
                 subject: format!("{} {}", a.subject_kind, a.subject_id),
-                event: match (a.event.as_str(), a.threshold) {
-                    ("threshold_crossed", Some(t)) => {
-                        format!(
-                            "crossed {} % of its limit",
-                            format_bps(t.0 * 100).split('.').next().unwrap_or("")
-                        )
-                    }
-                    ("cut_off", _) => "cut off at its limit".to_owned(),
-                    ("cutoff_lifted", _) => format!(
-                        "cutoff lifted ({})",
-                        a.reason.as_deref().unwrap_or("").replace('_', " ")
-                    ),
-                    (e, _) => e.replace('_', " "),
-                },
+                event: super::activity::alert_words(
+                    &a.event,
+                    a.threshold.map(|t| t.0),
+                    a.reason.as_deref(),
+                ),
                 spend: view::usd(a.spend_micros),
                 limit: view::limit(a.limit_micros),
             })
@@ -440,6 +535,8 @@ struct UsersPage {
     first: Option<String>,
     /// This page's URL, where a row's quick edit returns.
     here: String,
+    /// The same list as CSV.
+    csv: String,
     /// Where the bulk bar posts, the filters it carries, and the most
     /// members it may change at once.
     bulk_action: String,
@@ -448,7 +545,7 @@ struct UsersPage {
 }
 
 /// The users list's parameters, as the page's URL carries them.
-struct UsersQuery {
+pub(super) struct UsersQuery {
     sort: String,
     status: String,
     group: String,
@@ -459,7 +556,7 @@ struct UsersQuery {
 }
 
 impl UsersQuery {
-    fn from(f: &Fields) -> UsersQuery {
+    pub(super) fn from(f: &Fields) -> UsersQuery {
         let s = |k: &str| f.get(k).unwrap_or("").to_owned();
         UsersQuery {
             sort: s("sort"),
@@ -484,7 +581,7 @@ impl UsersQuery {
         ]
     }
 
-    fn params(&self, rows: u32) -> Result<users::ListParams, Fail> {
+    pub(super) fn params(&self, rows: u32) -> Result<users::ListParams, Fail> {
         let opt = |s: &str| (!s.is_empty()).then(|| s.to_owned());
         let cut_off = match self.cut_off.as_str() {
             "" => None,
@@ -512,8 +609,6 @@ impl UsersQuery {
 
 /// Rows a page of the users table.
 const USERS_ROWS: u32 = 50;
-/// Groups offered by the filter's list.
-const GROUP_CHOICES_MAX: u32 = 1000;
 
 const COLUMNS: [(&str, &str, bool); 6] = [
     // (label, sort key, descending first)
@@ -535,7 +630,7 @@ pub(crate) async fn users(
 ) -> Result<Response, Fail> {
     let layout = Layout::new(&session, "Users", Some(&org_id), "users");
     let fail = |e: ApiError| Fail::from(e).on(&layout);
-    let org = org(&state, &session, &org_id, &layout).await?;
+    let org = org(&state, &session, &org_id, &layout)?;
     let query = UsersQuery::from(&Fields::query(&uri)?);
     let params = query.params(USERS_ROWS).map_err(|f| f.on(&layout))?;
     let page = users::list(
@@ -547,20 +642,8 @@ pub(crate) async fn users(
     .await
     .map_err(fail)?
     .0;
-    let groups = crate::groups::list(
-        State(state.clone()),
-        caller(&session),
-        Path(org_id.clone()),
-        Params(PageParams {
-            cursor: None,
-            limit: Some(GROUP_CHOICES_MAX),
-        }),
-    )
-    .await
-    .map_err(fail)?
-    .0;
     let now = state.engine.now_ms();
-    let thresholds = thresholds_bps(&org);
+    let thresholds = org.thresholds.clone();
     let path = format!("/console/orgs/{}/users", seg(&org_id));
     let pairs = query.pairs();
     let current = if query.sort.is_empty() {
@@ -617,7 +700,7 @@ pub(crate) async fn users(
         org_name: org.name.clone(),
         period: view::period(Month::from_unix_ms(now)),
         action: path.clone(),
-        groups: groups.items.into_iter().map(|g| g.id).collect(),
+        groups: org.groups.clone(),
         utilization_choices: choices,
         columns,
         users: page
@@ -633,6 +716,7 @@ pub(crate) async fn users(
         first: (!query.cursor.is_empty()).then(|| href(&path, &pairs)),
         here,
         bulk_action: format!("/console/orgs/{}/bulk", seg(&org_id)),
+        csv: href(&format!("{path}.csv"), &pairs),
         filters: pairs
             .iter()
             .filter(|(k, v)| *k != "sort" && !v.is_empty())
@@ -659,14 +743,6 @@ struct MonthLine {
     change: String,
 }
 
-#[derive(Debug)]
-struct EventLine {
-    at: String,
-    actor: String,
-    kind: String,
-    detail: String,
-}
-
 #[derive(Template)]
 #[template(path = "console/user.html")]
 struct UserPage {
@@ -675,7 +751,7 @@ struct UserPage {
     period: String,
     chart: String,
     months: Vec<MonthLine>,
-    events: Vec<EventLine>,
+    events: Vec<super::activity::EventLine>,
     action: String,
     users_href: String,
     error: Option<String>,
@@ -695,7 +771,7 @@ async fn user_page(
 ) -> Result<UserPage, Fail> {
     let layout = Layout::new(session, "User", Some(org_id), "users");
     let fail = |e: ApiError| Fail::from(e).on(&layout);
-    let org = org(state, session, org_id, &layout).await?;
+    let org = org(state, session, org_id, &layout)?;
     let detail = users::get(
         State(state.clone()),
         caller(session),
@@ -732,7 +808,7 @@ async fn user_page(
         .map(|d| (d.day.clone(), d.spend_micros))
         .collect();
     let limit = detail.user.monthly_limit_micros;
-    let user = user_line(org_id, detail.user, &thresholds_bps(&org), now);
+    let user = user_line(org_id, detail.user, &org.thresholds, now);
     Ok(UserPage {
         period: view::period(month),
         chart: view::daily_chart(month, &days, limit),
@@ -756,28 +832,7 @@ async fn user_page(
         events: events
             .items
             .into_iter()
-            .map(|e| {
-                let v = e.0;
-                let field = |k: &str| v.get(k).and_then(|x| x.as_str()).unwrap_or("").to_owned();
-                let detail = v
-                    .as_object()
-                    .map(|o| {
-                        o.iter()
-                            .filter(|(k, _)| {
-                                !matches!(k.as_str(), "org_id" | "seq" | "at" | "actor" | "type")
-                            })
-                            .map(|(k, x)| format!("{k}: {x}"))
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    })
-                    .unwrap_or_default();
-                EventLine {
-                    at: view::parse_ms(&field("at")).map_or_else(|| field("at"), view::when),
-                    actor: field("actor"),
-                    kind: field("type").replace('_', " "),
-                    detail,
-                }
-            })
+            .map(super::activity::event_line)
             .collect(),
         action: user.href.clone(),
         users_href: format!("/console/orgs/{}/users", seg(org_id)),

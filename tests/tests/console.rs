@@ -3,6 +3,9 @@
 //! table (filters, sort, pages), a user's page and its changes, and bad
 //! input refused with a message and nothing changed.
 
+use std::sync::{Arc, Mutex};
+
+use hmac::{Hmac, Mac};
 use serde_json::{Value, json};
 use tally_tests::console::Console;
 use tally_tests::{Backend, Client, OPERATOR_TOKEN, Tally, now_rfc3339, wait_for_spend};
@@ -88,9 +91,43 @@ fn user(op_user: &Value) -> (i64, String) {
     )
 }
 
+/// A webhook receiver on loopback: it answers 200 and keeps each request's
+/// timestamp and signature headers and body.
+async fn receiver() -> (String, Arc<Mutex<Vec<(String, String, String)>>>) {
+    let got: Arc<Mutex<Vec<(String, String, String)>>> = Arc::default();
+    let keep = Arc::clone(&got);
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |headers: axum::http::HeaderMap, body: String| {
+            let keep = Arc::clone(&keep);
+            async move {
+                let h = |n: &str| {
+                    headers
+                        .get(n)
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("")
+                        .to_owned()
+                };
+                keep.lock()
+                    .unwrap()
+                    .push((h("tally-timestamp"), h("tally-signature"), body));
+                "ok"
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    drop(tokio::spawn(
+        async move { axum::serve(listener, app).await },
+    ));
+    (url, got)
+}
+
+const SERVE: &[&str] = &["--webhook-allow", "127.0.0.1"];
+
 #[tokio::test]
 async fn console_on_sqlite() {
-    let tally = Tally::start(&Backend::sqlite("console")).unwrap();
+    let tally = Tally::start_with(&Backend::sqlite("console"), SERVE).unwrap();
     console(&tally).await;
 }
 
@@ -99,7 +136,7 @@ async fn console_on_postgres() {
     let Some(backend) = Backend::postgres("console").await.unwrap() else {
         return;
     };
-    let tally = Tally::start(&backend).unwrap();
+    let tally = Tally::start_with(&backend, SERVE).unwrap();
     console(&tally).await;
 }
 
@@ -831,6 +868,188 @@ async fn console(tally: &Tally) {
     assert_eq!(qa_json["monthly_limit_micros"], 45_500_000);
     assert_eq!(qa_json["member_count"], 0);
 
+    // Settings: the org's, its webhook with a test send, its tokens.
+    let spath = "/console/orgs/acme/settings";
+    let page = admin.get(spath).await.expect(200);
+    let text = page.text();
+    assert!(
+        page.html
+            .contains(r#"name="thresholds" value="50, 80, 100""#),
+        "{text}"
+    );
+    assert!(text.contains("No webhook"), "{text}");
+    let page = admin
+        .post(
+            spath,
+            &[
+                ("csrf", &csrf),
+                ("action", "org"),
+                ("name", "Acme & Co"),
+                ("default_limit", "60"),
+                ("org_limit", "1000"),
+                ("thresholds", "50, lots"),
+            ],
+        )
+        .await
+        .expect(400);
+    assert!(
+        page.text()
+            .contains("alert thresholds are percentages such as 50, 80, 100; got \"lots\"")
+    );
+    assert!(
+        page.html.contains(r#"name="thresholds" value="50, lots""#),
+        "what was typed stays"
+    );
+    let page = admin
+        .post(
+            spath,
+            &[
+                ("csrf", &csrf),
+                ("action", "org"),
+                ("name", "Acme & Co"),
+                ("default_limit", "60"),
+                ("org_limit", "1000"),
+                ("thresholds", "50, 120"),
+            ],
+        )
+        .await;
+    assert!(page.status == 400 || page.status == 422, "{}", page.text());
+    admin
+        .post(
+            spath,
+            &[
+                ("csrf", &csrf),
+                ("action", "org"),
+                ("name", "Acme & Co"),
+                ("default_limit", "60"),
+                ("org_limit", "1000"),
+                ("thresholds", "50, 80, 100"),
+            ],
+        )
+        .await
+        .redirects_to("/console/orgs/acme/settings?done=org");
+    let acme = op.get("/v1/orgs/acme").await.expect(200);
+    assert_eq!(acme["default_monthly_limit_micros"], 60 * USD);
+    assert_eq!(acme["alert_thresholds"], json!([0.5, 0.8, 1]));
+    // The webhook: set (its secret shown once), refused where not allowed,
+    // a test send signed like every delivery.
+    let page = admin
+        .post(
+            spath,
+            &[
+                ("csrf", &csrf),
+                ("action", "webhook_set"),
+                ("url", "http://10.1.2.3/hook"),
+            ],
+        )
+        .await;
+    assert_eq!(page.status, 422, "{}", page.text());
+    assert!(
+        page.text().contains("webhook URL refused"),
+        "{}",
+        page.text()
+    );
+    let (url, got) = receiver().await;
+    let page = admin
+        .post(
+            spath,
+            &[("csrf", &csrf), ("action", "webhook_set"), ("url", &url)],
+        )
+        .await
+        .expect(200);
+    let secret = page.html.split("id=\"new-secret\">").nth(1).unwrap();
+    let secret = secret[..secret.find('<').unwrap()].to_owned();
+    assert!(secret.starts_with("whsec_"), "{secret}");
+    assert!(!admin.get(spath).await.html.contains(&secret), "shown once");
+    let page = admin
+        .post(spath, &[("csrf", &csrf), ("action", "webhook_test")])
+        .await
+        .expect(200);
+    assert!(
+        page.text()
+            .contains("Test sent: the receiver answered HTTP 200"),
+        "{}",
+        page.text()
+    );
+    let (ts, sig, body) = got.lock().unwrap()[0].clone();
+    let sent: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(sent["type"], "test");
+    assert_eq!(sent["org_id"], "acme");
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+    mac.update(format!("{ts}.{body}").as_bytes());
+    let want: String = mac
+        .finalize()
+        .into_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert_eq!(sig, format!("v1={want}"), "signed as deliveries are");
+    let api = op
+        .post("/v1/orgs/acme/webhook/test", json!({}))
+        .await
+        .expect(200);
+    assert_eq!(api["delivered"], true, "{api}");
+    assert_eq!(api["status"], 200);
+    assert_eq!(got.lock().unwrap().len(), 2);
+    let bolt = op.post("/v1/orgs/bolt/webhook/test", json!({})).await;
+    assert_eq!(bolt.status, 422, "no webhook: {}", bolt.body);
+    // Tokens: a viewer token minted (shown once), signed in with, revoked.
+    let page = admin
+        .post(
+            spath,
+            &[
+                ("csrf", &csrf),
+                ("action", "token_mint"),
+                ("role", "viewer"),
+                ("name", "auditor"),
+            ],
+        )
+        .await
+        .expect(200);
+    let minted = page.html.split("id=\"new-secret\">").nth(1).unwrap();
+    let minted = minted[..minted.find('<').unwrap()].to_owned();
+    let mut auditor = Console::new(&tally.url);
+    auditor.sign_in(&minted).await.redirects_to("/console");
+    let settings = auditor.get(spath).await.expect(200);
+    assert!(
+        !settings.text().contains("Mint a token") && settings.html.contains("disabled"),
+        "a viewer's settings are read-only"
+    );
+    let acsrf = settings.csrf();
+    let _ = auditor
+        .post(
+            spath,
+            &[("csrf", &acsrf), ("action", "org"), ("name", "Hijacked")],
+        )
+        .await
+        .expect(403);
+    let tokens = op.get("/v1/orgs/acme/tokens").await.expect(200);
+    let auditor_id = tokens["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == "auditor")
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    admin
+        .post(
+            spath,
+            &[
+                ("csrf", &csrf),
+                ("action", "token_revoke"),
+                ("token_id", &auditor_id),
+            ],
+        )
+        .await
+        .redirects_to("/console/orgs/acme/settings?done=token_revoked");
+    auditor.get(spath).await.redirects_to("/console/sign-in");
+    assert_eq!(
+        op.get("/v1/orgs/acme").await.expect(200)["name"],
+        "Acme & Co"
+    );
+
     // Another org's pages and ids: refused to an org's session.
     let other = admin.get("/console/orgs/bolt").await.expect(403);
     assert!(other.text().contains("another org"));
@@ -911,7 +1130,7 @@ async fn console(tally: &Tally) {
         .as_array()
         .unwrap()
         .iter()
-        .find(|t| t["role"] == "viewer")
+        .find(|t| t["role"] == "viewer" && t["revoked_at"].is_null())
         .unwrap()["id"]
         .as_str()
         .unwrap()

@@ -156,6 +156,7 @@ pub fn router(state: AppState) -> Router {
             "/v1/orgs/{org}/webhook/deliveries",
             get(webhooks::deliveries),
         )
+        .route("/v1/orgs/{org}/webhook/test", post(webhooks::test))
         .route(
             "/v1/orgs/{org}/webhook/deliveries/{id}/redeliver",
             post(webhooks::redeliver),

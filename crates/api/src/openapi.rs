@@ -27,7 +27,7 @@ use crate::{groups, holds, keys, ops, orgs, tokens, usage, users, webhooks};
         groups::create, groups::list, groups::get, groups::patch, groups::delete,
         groups::add_member, groups::remove_member,
         keys::create, keys::list, keys::get, keys::patch, keys::rotate, keys::revoke,
-        webhooks::set, webhooks::get, webhooks::remove, webhooks::deliveries, webhooks::redeliver,
+        webhooks::set, webhooks::get, webhooks::remove, webhooks::deliveries, webhooks::redeliver, webhooks::test,
         usage::ingest, usage::authorize,
         holds::list, holds::release,
         ops::healthz, ops::readyz, ops::metrics,

@@ -46,18 +46,18 @@ pub(crate) struct CreateOrg {
 #[serde(deny_unknown_fields)]
 pub(crate) struct PatchOrg {
     /// A new display name.
-    name: Option<String>,
+    pub(crate) name: Option<String>,
     /// The monthly limit new members get from now on, in micro-USD; `null`: unlimited.
     #[serde(default, deserialize_with = "present")]
     #[schema(value_type = Option<i64>)]
-    default_monthly_limit_micros: Option<Option<i64>>,
+    pub(crate) default_monthly_limit_micros: Option<Option<i64>>,
     /// New alert thresholds, fractions of a limit.
     #[schema(value_type = Option<Vec<crate::dto::Fraction>>)]
-    alert_thresholds: Option<Vec<serde_json::Number>>,
+    pub(crate) alert_thresholds: Option<Vec<serde_json::Number>>,
     /// `null`: no org limit.
     #[serde(default, deserialize_with = "present")]
     #[schema(value_type = Option<i64>)]
-    monthly_limit_micros: Option<Option<i64>>,
+    pub(crate) monthly_limit_micros: Option<Option<i64>>,
 }
 
 /// What the operator's list of orgs takes.

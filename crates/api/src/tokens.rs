@@ -26,26 +26,26 @@ use crate::{AppState, org_access, page_len};
 #[serde(deny_unknown_fields)]
 pub(crate) struct CreateToken {
     /// Default: a generated `tok_…`.
-    id: Option<String>,
+    pub(crate) id: Option<String>,
     /// `admin` (default), `viewer`, or `gateway` (the operator's only).
     #[schema(value_type = Option<String>)]
-    role: Option<Role>,
+    pub(crate) role: Option<Role>,
     /// What it is for (default: its role).
-    name: Option<String>,
+    pub(crate) name: Option<String>,
 }
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub(crate) struct TokenJson {
     /// The token's id (for revoking it).
-    id: String,
+    pub(crate) id: String,
     /// Null for a gateway token of every org.
-    org_id: Option<String>,
+    pub(crate) org_id: Option<String>,
     /// `admin`, `viewer` or `gateway`.
-    role: &'static str,
+    pub(crate) role: &'static str,
     /// What it is for.
-    name: String,
+    pub(crate) name: String,
     /// Shown once; only its hash is stored.
-    token: String,
+    pub(crate) token: String,
 }
 
 /// The secret's prefix tells a reader (and a secret scanner) its role.
@@ -106,20 +106,20 @@ pub(crate) async fn create(
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub(crate) struct TokenInfoJson {
     /// The token's id.
-    id: String,
+    pub(crate) id: String,
     /// Null for a gateway token of every org.
-    org_id: Option<String>,
+    pub(crate) org_id: Option<String>,
     /// `admin`, `viewer` or `gateway`.
-    role: &'static str,
+    pub(crate) role: &'static str,
     /// What it is for.
-    name: String,
+    pub(crate) name: String,
     /// When it was minted.
-    created_at: String,
+    pub(crate) created_at: String,
     /// When it last authenticated a request: exact for the process
     /// answering, to the minute for the others. Null: never.
-    last_used_at: Option<String>,
+    pub(crate) last_used_at: Option<String>,
     /// When it was revoked (null: it works).
-    revoked_at: Option<String>,
+    pub(crate) revoked_at: Option<String>,
 }
 
 /// The org's tokens, revoked ones too, by id.

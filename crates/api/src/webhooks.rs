@@ -3,6 +3,7 @@
 //! one sent again.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use axum::Json;
 use axum::extract::{Path, State};
@@ -24,21 +25,21 @@ use crate::{AppState, org_access, page_len};
 #[schema(examples(json!({"url": "https://hooks.acme.example/tally"})))]
 pub(crate) struct SetWebhook {
     /// `http://` or `https://`; notifications are POSTed here.
-    url: String,
+    pub(crate) url: String,
 }
 
 /// The org's webhook and how its deliveries stand.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub(crate) struct WebhookJson {
     /// `null`: no webhook.
-    url: Option<String>,
+    pub(crate) url: Option<String>,
     /// When it was set.
-    set_at: Option<String>,
+    pub(crate) set_at: Option<String>,
     /// The HMAC-SHA256 signing secret: only in the answer that set it.
     #[serde(skip_serializing_if = "Option::is_none")]
-    secret: Option<String>,
+    pub(crate) secret: Option<String>,
     /// Deliveries by state: pending, delivered, failed, cancelled.
-    deliveries: BTreeMap<String, i64>,
+    pub(crate) deliveries: BTreeMap<String, i64>,
 }
 
 async fn webhook_json(
@@ -131,39 +132,39 @@ pub(crate) async fn remove(
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub(crate) struct DeliveryJson {
     /// The delivery's id (for redeliver).
-    id: i64,
+    pub(crate) id: i64,
     /// The `Idempotency-Key` header and the body's `id`.
-    key: String,
+    pub(crate) key: String,
     /// pending, delivered, failed (gave up) or cancelled (webhook removed)
-    state: String,
+    pub(crate) state: String,
     /// Attempts made so far.
-    attempts: i64,
+    pub(crate) attempts: i64,
     /// When pending: the next attempt.
-    next_attempt_at: Option<String>,
+    pub(crate) next_attempt_at: Option<String>,
     /// The receiver's last HTTP status, if it answered.
-    last_status: Option<i64>,
+    pub(crate) last_status: Option<i64>,
     /// The last attempt's error, if it failed without an answer or was refused.
-    last_error: Option<String>,
+    pub(crate) last_error: Option<String>,
     /// When the event was queued.
-    created_at: String,
+    pub(crate) created_at: String,
     /// When the receiver took it (2xx).
-    delivered_at: Option<String>,
+    pub(crate) delivered_at: Option<String>,
     /// threshold_crossed, cut_off or cutoff_lifted
-    event: String,
+    pub(crate) event: String,
     /// user, group, key or org.
-    subject_kind: String,
+    pub(crate) subject_kind: String,
     /// The subject's id.
-    subject_id: String,
+    pub(crate) subject_id: String,
     /// The month the event belongs to.
-    month: String,
+    pub(crate) month: String,
     /// For threshold_crossed: the fraction of the limit.
-    threshold: Option<Fraction>,
+    pub(crate) threshold: Option<Fraction>,
     /// The subject's spend then, in micro-USD.
-    spend_micros: i64,
+    pub(crate) spend_micros: i64,
     /// The limit then, in micro-USD.
-    limit_micros: Option<i64>,
+    pub(crate) limit_micros: Option<i64>,
     /// When the event happened.
-    occurred_at: String,
+    pub(crate) occurred_at: String,
 }
 
 fn delivery_json(org_id: &str, d: DeliveryRow) -> DeliveryJson {
@@ -199,11 +200,11 @@ fn delivery_json(org_id: &str, d: DeliveryRow) -> DeliveryJson {
 #[serde(deny_unknown_fields)]
 pub(crate) struct DeliveryParams {
     /// pending, delivered, failed or cancelled
-    state: Option<String>,
+    pub(crate) state: Option<String>,
     /// `next_cursor` of the previous page.
-    cursor: Option<String>,
+    pub(crate) cursor: Option<String>,
     /// Rows a page (default 50, at most 1 000).
-    limit: Option<u32>,
+    pub(crate) limit: Option<u32>,
 }
 
 /// The org's deliveries, newest first.
@@ -274,4 +275,57 @@ pub(crate) async fn redeliver(
         });
     }
     webhook_json(&state, &org_id, None).await
+}
+
+/// What a test send found.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub(crate) struct WebhookTestJson {
+    /// Whether the receiver took it (answered 2xx).
+    pub(crate) delivered: bool,
+    /// The receiver's HTTP status, if it answered.
+    pub(crate) status: Option<u16>,
+    /// Why it was not delivered (refused, no answer, or the status).
+    pub(crate) error: Option<String>,
+    /// How long the attempt took, in milliseconds.
+    pub(crate) took_ms: u64,
+}
+
+/// How long a test send waits for the receiver.
+const TEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Sends a `test` notification to the org's webhook now, signed like every
+/// delivery, and answers with what the receiver did. Nothing is queued or
+/// retried; the delivery log is unchanged.
+#[utoipa::path(post, path = "/v1/orgs/{org}/webhook/test", operation_id = "webhooks_test", tag = "webhooks", params(("org" = String, Path, description = "org id")), security(("bearer" = ["operator", "admin"])), responses((status = 200, description = "sent; `delivered` says whether the receiver took it", body = WebhookTestJson), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody), (status = 422, description = "no webhook is set", body = crate::error::ErrorBody)))]
+pub(crate) async fn test(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(org): Path<String>,
+) -> ApiResult<Json<WebhookTestJson>> {
+    let org_id = org_access(&state, &caller, &org)?;
+    let month = Month::from_unix_ms(state.engine.now_ms());
+    let row = state
+        .engine
+        .db
+        .org(&org_id, month)
+        .await?
+        .ok_or_else(|| ApiError::not_found("no such org"))?;
+    let Some((url, seq, _)) = row.webhook else {
+        return Err(ApiError::rule("the org has no webhook: set one first"));
+    };
+    let r = tally_webhooks::send_test(
+        &state.webhook_keys,
+        Arc::clone(&state.webhook_targets),
+        &org_id,
+        &url,
+        seq,
+        TEST_TIMEOUT,
+    )
+    .await;
+    Ok(Json(WebhookTestJson {
+        delivered: r.error.is_none(),
+        status: r.status,
+        error: r.error,
+        took_ms: u64::try_from(r.took.as_millis()).unwrap_or(u64::MAX),
+    }))
 }

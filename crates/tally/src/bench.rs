@@ -1607,6 +1607,16 @@ async fn console_on(
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // Statistics of the loaded tables, as autovacuum (PostgreSQL) or
+    // `PRAGMA optimize` would keep them: the pages are measured in the
+    // steady state, not the minute after a bulk load.
+    let db = Db::open(&DbOptions {
+        migrate: false,
+        ..DbOptions::new(db_url.to_owned())
+    })
+    .await?;
+    db.analyze().await?;
+    db.close().await;
     println!(
         "console: {name}, {users} users in {groups} groups, each with spend (seeded in {} ms)",
         seeded.elapsed().as_millis()

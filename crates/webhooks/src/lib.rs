@@ -172,6 +172,78 @@ pub fn body(org_id: &str, e: &DeliveryEvent) -> Vec<u8> {
     .into_bytes()
 }
 
+/// What a test send found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TestOutcome {
+    /// The receiver's HTTP status, if it answered.
+    pub status: Option<u16>,
+    /// Why it was not delivered; `None`: it was (2xx).
+    pub error: Option<String>,
+    pub took: Duration,
+}
+
+/// Sends a `test` notification to `url` now, signed with the org's secret
+/// of webhook `seq`, through a client like the deliveries' (no redirect, no
+/// proxy, only addresses `targets` allows). Nothing is queued or retried.
+pub async fn send_test(
+    keys: &Keyring,
+    targets: Arc<TargetPolicy>,
+    org_id: &str,
+    url: &str,
+    seq: i64,
+    timeout: Duration,
+) -> TestOutcome {
+    let started = Instant::now();
+    let done = |status: Option<u16>, error: Option<String>| TestOutcome {
+        status,
+        error,
+        took: started.elapsed(),
+    };
+    let literal = reqwest::Url::parse(url)
+        .map_err(|e| e.to_string())
+        .and_then(|u| targets.check_literal(&u).map_err(|r| r.to_string()));
+    if let Err(refused) = literal {
+        return done(None, Some(format!("refused: {refused}")));
+    }
+    let client = match client(timeout, targets) {
+        Ok(c) => c,
+        Err(e) => return done(None, Some(e)),
+    };
+    let now = now_ms();
+    let id = format!("{org_id}:test:{now}");
+    let body = serde_json::json!({
+        "id": id,
+        "type": "test",
+        "org_id": org_id,
+        "occurred_at": tally_proto::format_rfc3339_ms(now),
+    })
+    .to_string()
+    .into_bytes();
+    let ts = now / 1_000;
+    let secret = keys.secret(org_id, seq);
+    let sent = client
+        .post(url)
+        .header("content-type", "application/json")
+        .header("idempotency-key", &id)
+        .header("tally-timestamp", ts.to_string())
+        .header("tally-signature", signature(&secret, ts, &body))
+        .header("tally-attempt", "1")
+        .body(body)
+        .send()
+        .await;
+    match sent {
+        Ok(r) if r.status().is_success() => done(Some(r.status().as_u16()), None),
+        Ok(r) => done(
+            Some(r.status().as_u16()),
+            Some(format!("the receiver answered HTTP {}", r.status())),
+        ),
+        Err(e) => match refusal(&e) {
+            Some(refused) => done(None, Some(format!("refused: {refused}"))),
+            None => done(None, Some(clip(error_chain(&e)))),
+        },
+    }
+}
+
 /// How the sender works.
 #[derive(Debug, Clone)]
 pub struct SenderOptions {

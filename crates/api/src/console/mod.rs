@@ -16,6 +16,7 @@ mod groups;
 mod keys;
 mod pages;
 mod session;
+mod settings;
 mod view;
 
 use askama::Template;
@@ -52,6 +53,10 @@ pub(crate) fn routes() -> Router<AppState> {
         .route("/console/orgs/{org}/audit", get(activity::audit))
         .route("/console/orgs/{org}/alerts", get(activity::alerts))
         .route("/console/orgs/{org}/bulk", post(bulk::bulk))
+        .route(
+            "/console/orgs/{org}/settings",
+            get(settings::get).post(settings::change),
+        )
         .route(
             "/console/orgs/{org}/groups",
             get(groups::list).post(groups::create),

@@ -166,6 +166,10 @@ async fn console(tally: &Tally) {
     assert!(refused.text().contains("a gateway token cannot sign in"));
     assert!(admin.cookie.is_none());
 
+    // A form larger than any page posts is refused before it is read.
+    let big = "x".repeat(300 << 10);
+    let page = admin.post("/console/sign-in", &[("token", &big)]).await;
+    assert_eq!(page.status, 413, "{}", page.text());
     // Signed in: a cookie the page's scripts cannot read, sent only to the
     // console's own pages, expiring.
     let signed = admin.sign_in(&admin_token).await;
@@ -654,6 +658,25 @@ async fn console(tally: &Tally) {
         user(&op.get("/v1/orgs/acme/users/carol").await.expect(200)).0,
         1_200_500_000
     );
+    // A new group and a member who does not exist: refused, and no group
+    // is left behind.
+    let page = admin
+        .post(
+            bulk,
+            &[
+                ("csrf", &csrf),
+                ("step", "apply"),
+                ("scope", "selected"),
+                ("user_ids", "carol"),
+                ("user_ids", "nosuchuser"),
+                ("change", "add_group"),
+                ("group_id", "ghosts"),
+            ],
+        )
+        .await;
+    assert_eq!(page.status, 404, "{}", page.text());
+    assert!(page.text().contains("nosuchuser"), "{}", page.text());
+    let _ = op.get("/v1/orgs/acme/groups/ghosts").await.expect(404);
     // Refused: nobody ticked, a limit of "abc", no change chosen.
     let bad: [(Form, &str); 3] = [
         (
@@ -1143,6 +1166,28 @@ async fn console(tally: &Tally) {
         .get("/console/orgs/acme")
         .await
         .redirects_to("/console/sign-in");
+
+    // One token holds at most 20 sessions: the oldest closes when a 21st
+    // opens (no token can fill the table for everyone); signing in again
+    // from a signed-in browser closes its previous session.
+    let mut first = Console::new(&tally.url);
+    first.sign_in(OPERATOR_TOKEN).await.redirects_to("/console");
+    let mut again = first.clone();
+    again.sign_in(OPERATOR_TOKEN).await.redirects_to("/console");
+    first
+        .get("/console/orgs")
+        .await
+        .redirects_to("/console/sign-in");
+    let oldest = again.clone();
+    for _ in 0..20 {
+        let mut c = Console::new(&tally.url);
+        c.sign_in(OPERATOR_TOKEN).await.redirects_to("/console");
+    }
+    oldest
+        .get("/console/orgs")
+        .await
+        .redirects_to("/console/sign-in");
+    let _ = operator.get("/console/orgs").await;
 
     // Tokens never reach the log.
     let log = tally.log_text();

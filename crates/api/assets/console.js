@@ -33,7 +33,7 @@
   });
   document.addEventListener("click", function (ev) {
     const a = ev.target.closest && ev.target.closest("a[href]");
-    if (!a || ev.ctrlKey || ev.metaKey || ev.shiftKey || ev.button !== 0) return;
+    if (!a || a.hasAttribute("download") || ev.ctrlKey || ev.metaKey || ev.shiftKey || ev.button !== 0) return;
     const holder = a.closest("[id]");
     const form = holder && document.querySelector('form[data-partial="' + holder.id + '"]');
     if (!form || a.closest("tbody")) return;

@@ -132,7 +132,7 @@ pub(crate) struct ListParams {
 }
 
 /// The filters of the member list, as a bulk change takes them.
-#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct FilterJson {
     /// invited, active, suspended or removed; absent: all but removed.

@@ -344,6 +344,7 @@ CREATE TABLE console_sessions (
     expires_at_ms BIGINT NOT NULL
 );
 CREATE INDEX console_sessions_by_expiry ON console_sessions (expires_at_ms);
+CREATE INDEX console_sessions_by_token ON console_sessions (token_hash, created_at_ms);
 "#
     );
     // v14: the enforcement list's whole order in one index (the time alone

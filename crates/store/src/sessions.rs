@@ -27,7 +27,9 @@ pub enum Opened {
 
 impl Db {
     /// Opens a session unless `live_max` are live; expired ones are
-    /// deleted first.
+    /// deleted first, and the token's oldest beyond `per_token_max - 1`
+    /// (so no token can fill the table for everyone).
+    #[allow(clippy::too_many_arguments)]
     pub async fn open_session(
         &self,
         id_hash: &[u8; 32],
@@ -36,12 +38,26 @@ impl Db {
         now_ms: i64,
         expires_at_ms: i64,
         live_max: i64,
+        per_token_max: usize,
     ) -> Result<Opened> {
         let mut tx = self.begin_write().await?;
         let _ = sqlx::query("DELETE FROM console_sessions WHERE expires_at_ms <= $1")
             .bind(now_ms)
             .execute(&mut *tx)
             .await?;
+        let own: Vec<Vec<u8>> = sqlx::query_scalar(
+            "SELECT id_hash FROM console_sessions WHERE token_hash = $1 \
+             ORDER BY created_at_ms DESC, id_hash",
+        )
+        .bind(&token_hash[..])
+        .fetch_all(&mut *tx)
+        .await?;
+        for old in own.iter().skip(per_token_max.saturating_sub(1)) {
+            let _ = sqlx::query("DELETE FROM console_sessions WHERE id_hash = $1")
+                .bind(old.as_slice())
+                .execute(&mut *tx)
+                .await?;
+        }
         let live: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM console_sessions")
             .fetch_one(&mut *tx)
             .await?;

@@ -182,14 +182,64 @@ fn request(
     })
 }
 
-async fn group_exists(state: &AppState, org: &OrgId, group: &str) -> Result<bool, ApiError> {
-    let month = Month::from_unix_ms(state.engine.now_ms());
-    Ok(!state
-        .engine
-        .db
-        .list_groups(org, month, None, Some(group), 1)
-        .await?
-        .is_empty())
+/// Whether group `group` exists; a deleted one is refused (its id stays
+/// taken).
+fn group_exists(state: &AppState, org: &OrgId, group: &str) -> Result<bool, Fail> {
+    let Some(cell) = state.engine.registry.org(org) else {
+        return Ok(false);
+    };
+    let o = cell.read();
+    match o.dir.groups.values().find(|g| g.id.as_str() == group) {
+        Some(g) if g.deleted => Err(Fail::new(
+            StatusCode::CONFLICT,
+            format!(
+                "group {group:?} was deleted, and a deleted group keeps its id: choose another"
+            ),
+        )),
+        Some(_) => Ok(true),
+        None => Ok(false),
+    }
+}
+
+/// How many members the form names: every one of its ids must exist (and
+/// at most the bulk limit), or what its filter matches now. What joining a
+/// new group would add, checked before the group is made.
+async fn members_named(state: &AppState, org: &OrgId, req: &users::Bulk) -> Result<usize, Fail> {
+    match (&req.user_ids, &req.filter) {
+        (Some(ids), _) => {
+            let mut ids = ids.clone();
+            ids.sort_unstable();
+            ids.dedup();
+            if ids.len() > tally_core::entity::BULK_USERS_MAX {
+                return Err(Fail::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    format!(
+                        "at most {} members in one bulk change",
+                        tally_core::entity::BULK_USERS_MAX
+                    ),
+                ));
+            }
+            let month = Month::from_unix_ms(state.engine.now_ms());
+            let found = state
+                .engine
+                .db
+                .users_by_ids(org, &ids, month)
+                .await
+                .map_err(|e| Fail::from(ApiError::from(e)))?;
+            if let Some(missing) = ids.iter().find(|id| !found.iter().any(|u| &u.id == *id)) {
+                return Err(Fail::new(
+                    StatusCode::NOT_FOUND,
+                    format!("user {missing:?} does not exist; nothing was changed"),
+                ));
+            }
+            Ok(ids.len())
+        }
+        (None, Some(_)) => {
+            let filter = users::user_filter(req.filter.clone().unwrap_or_default())?;
+            Ok(users::matching(state, org, filter).await?.len())
+        }
+        (None, None) => Ok(0),
+    }
 }
 
 /// `POST /console/orgs/{org}/users/bulk`.
@@ -214,16 +264,24 @@ pub(crate) async fn bulk(
     let change = change_of(&form).map_err(fail)?;
     let apply = form.get("step") == Some("apply");
     let creates = match &change.add_group {
-        Some(g)
-            if !group_exists(&state, &org, g)
-                .await
-                .map_err(|e| fail(e.into()))? =>
-        {
-            Some(g.clone())
-        }
+        Some(g) if !group_exists(&state, &org, g).map_err(fail)? => Some(g.clone()),
         _ => None,
     };
     let caller = || Caller(session.principal.clone());
+    // With a new group, whom it adds is checked before the group is made:
+    // a refusal leaves no empty group behind.
+    let named = match &creates {
+        Some(_) => Some(
+            members_named(
+                &state,
+                &org,
+                &request(&form, &change, Vec::new(), true).map_err(fail)?,
+            )
+            .await
+            .map_err(fail)?,
+        ),
+        None => None,
+    };
     if apply && let Some(g) = &creates {
         let _ = groups::create(
             State(state.clone()),
@@ -264,25 +322,8 @@ pub(crate) async fn bulk(
     let (users_n, changed, changes) = match result {
         Some(r) => (r.users, r.users_changed, r.changes),
         None => {
-            // Whom it would touch: the members named, or those the filter
-            // matches now; each joins the new group.
-            let req = request(&form, &change, Vec::new(), true).map_err(fail)?;
-            let n = match (req.user_ids, req.filter) {
-                (Some(ids), _) => {
-                    let mut ids = ids;
-                    ids.sort_unstable();
-                    ids.dedup();
-                    ids.len()
-                }
-                (None, Some(filter)) => {
-                    let filter = users::user_filter(filter).map_err(|e| fail(e.into()))?;
-                    users::matching(&state, &org, filter)
-                        .await
-                        .map_err(|e| fail(e.into()))?
-                        .len()
-                }
-                (None, None) => 0,
-            };
+            // Each member named joins the new group.
+            let n = named.unwrap_or(0);
             let mut changes = BTreeMap::new();
             if n > 0 {
                 let _ = changes.insert("member_added".to_owned(), n);

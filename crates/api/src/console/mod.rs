@@ -70,6 +70,7 @@ pub(crate) fn routes() -> Router<AppState> {
             get(keys::list).post(keys::create),
         )
         .route("/console/orgs/{org}/keys/{key}", post(keys::change))
+        .layer(axum::extract::DefaultBodyLimit::max(FORM_BYTES_MAX))
 }
 
 /// What every page's frame shows: title, the org, who is signed in, the
@@ -224,8 +225,21 @@ pub(crate) fn see_other(to: &str) -> Response {
 
 /// A form's fields or a query string's parameters, in order; a name may
 /// repeat (checkboxes).
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub(crate) struct Fields(Vec<(String, String)>);
+
+impl std::fmt::Debug for Fields {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Names only: the sign-in form carries a token.
+        f.debug_list()
+            .entries(self.0.iter().map(|(k, _)| k))
+            .finish()
+    }
+}
+
+/// The largest form a console page posts (a page's bulk bar with every
+/// row ticked is a few kilobytes).
+const FORM_BYTES_MAX: usize = 256 << 10;
 
 /// The most fields one form or query string may carry.
 const FIELDS_MAX: usize = 20_000;
@@ -269,18 +283,33 @@ impl Fields {
 }
 
 /// A form post must come from the console's own pages: a browser sends
-/// `Origin` with every POST, and it must name this host.
+/// `Origin` with every POST, and it must name this host, as the request
+/// reached us (`Host`) or as a proxy in front says it reached the proxy
+/// (`X-Forwarded-Host`: a page of another site cannot set that header on a
+/// form's post).
 pub(crate) fn same_origin(headers: &HeaderMap) -> Result<(), Fail> {
     let Some(origin) = headers.get(header::ORIGIN) else {
         return Ok(());
     };
-    let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
     let origin_host = origin
         .to_str()
         .ok()
         .and_then(|o| o.split_once("://").map(|(_, rest)| rest));
-    match (origin_host, host) {
-        (Some(o), Some(h)) if o.eq_ignore_ascii_case(h) => Ok(()),
+    let ours = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|h| h.to_str().ok())
+            .and_then(|h| h.split(',').next())
+            .map(str::trim)
+    };
+    let matches = |o: &str| {
+        [ours("host"), ours("x-forwarded-host")]
+            .into_iter()
+            .flatten()
+            .any(|h| o.eq_ignore_ascii_case(h))
+    };
+    match origin_host {
+        Some(o) if matches(o) => Ok(()),
         _ => Err(Fail::new(
             StatusCode::FORBIDDEN,
             "this form was sent from another site; nothing was changed",
@@ -369,5 +398,11 @@ mod tests {
         assert!(same_origin(&h).is_err());
         let _ = h.insert(header::ORIGIN, "null".parse().unwrap());
         assert!(same_origin(&h).is_err());
+        // Behind a proxy that rewrites Host and says where it was reached.
+        let _ = h.insert(header::HOST, "127.0.0.1:8080".parse().unwrap());
+        let _ = h.insert(header::ORIGIN, "https://tally.example".parse().unwrap());
+        assert!(same_origin(&h).is_err());
+        let _ = h.insert("x-forwarded-host", "tally.example".parse().unwrap());
+        assert!(same_origin(&h).is_ok());
     }
 }

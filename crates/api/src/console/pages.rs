@@ -238,7 +238,7 @@ struct OverviewPage {
     top_groups: Vec<TopLine>,
     top_keys: Vec<TopLine>,
     /// (threshold, members at or above it now, the users page of them).
-    bands: Vec<(String, u32, String)>,
+    bands: Vec<(String, String, String)>,
     at_risk: Vec<UserLine>,
     at_risk_more: bool,
     alerts: Vec<AlertLine>,
@@ -302,7 +302,7 @@ async fn at_risk(
     session: &Session,
     org: &tally_core::ids::OrgId,
     month: Month,
-) -> Result<(Vec<(u32, u32, String)>, Vec<UserJson>, bool), ApiError> {
+) -> Result<(Vec<(u32, String, String)>, Vec<UserJson>, bool), ApiError> {
     let users_path = format!("/console/orgs/{}/users", seg(org.as_str()));
     let band_href = |t: u32| {
         href(
@@ -340,7 +340,7 @@ async fn at_risk(
         let rows = rows_of(state, org, &ids, month).await?;
         let bands = over
             .into_iter()
-            .map(|(t, n)| (t, n, band_href(t)))
+            .map(|(t, n)| (t, n.to_string(), band_href(t)))
             .collect();
         return Ok((bands, rows, more));
     }
@@ -360,7 +360,10 @@ async fn at_risk(
     )
     .await?
     .0;
-    let mut bands: Vec<(u32, u32, String)> = Vec::new();
+    // Counted from one page: where every listed member is over a
+    // threshold and more were not listed, the count is a lower bound.
+    let more = page.next_cursor.is_some();
+    let mut bands: Vec<(u32, String, String)> = Vec::new();
     for t in thresholds.iter().copied().chain([10_000]) {
         if bands.iter().any(|(b, _, _)| *b == t) {
             continue;
@@ -373,9 +376,14 @@ async fn at_risk(
                     .is_some_and(|l| tally_core::ratio::reached(u.spend_micros, l, t))
             })
             .count();
-        bands.push((t, u32::try_from(n).unwrap_or(u32::MAX), band_href(t)));
+        let plus = if more && n == page.items.len() {
+            "+"
+        } else {
+            ""
+        };
+        bands.push((t, format!("{n}{plus}"), band_href(t)));
     }
-    Ok((bands, page.items, page.next_cursor.is_some()))
+    Ok((bands, page.items, more))
 }
 
 /// `GET /console/orgs/{org}`: the month at a glance.
@@ -408,15 +416,20 @@ pub(crate) async fn overview(
     let top_ids: Vec<String> = state
         .engine
         .db
-        .top_spenders(&org_key, "user", month, TOP_N)
+        .top_spenders(&org_key, "user", month, TOP_N * 4)
         .await
         .map_err(|e| fail(e.into()))?
         .into_iter()
         .map(|(id, _, _)| id)
         .collect();
-    let top_users = rows_of(&state, &org_key, &top_ids, month)
+    // Removed members keep their spend but leave the lists.
+    let top_users: Vec<UserJson> = rows_of(&state, &org_key, &top_ids, month)
         .await
-        .map_err(fail)?;
+        .map_err(fail)?
+        .into_iter()
+        .filter(|u| u.status != "removed")
+        .take(TOP_N as usize)
+        .collect();
     let org_key =
         tally_core::ids::OrgId::new(&org_id).map_err(|e| fail(ApiError::invalid(e.to_string())))?;
     let db = &state.engine.db;
@@ -679,12 +692,7 @@ pub(crate) async fn users(
         .collect();
     let mut choices: Vec<(String, String)> = thresholds
         .iter()
-        .map(|t| {
-            (
-                format_bps(*t),
-                format!("{} %", format_bps(t * 100).split('.').next().unwrap_or("")),
-            )
-        })
+        .map(|t| (format_bps(*t), format!("{} %", format_bps(t * 100))))
         .collect();
     if !choices.iter().any(|(v, _)| *v == query.min_utilization)
         && !query.min_utilization.is_empty()

@@ -29,13 +29,24 @@ pub(crate) const SESSION_TTL_MS: i64 = 8 * 3_600_000;
 /// Sessions live at once, every org together; past it sign-in is refused
 /// until some expire.
 pub(crate) const SESSIONS_LIVE_MAX: i64 = 100_000;
+/// Sessions of one token: a new one closes its oldest past this.
+pub(crate) const SESSIONS_PER_TOKEN_MAX: usize = 20;
 
 /// A signed-in console user.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub(crate) struct Session {
     pub principal: Principal,
     pub csrf: String,
     id_hash: SecretHash,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the CSRF token or the cookie's hash.
+        f.debug_struct("Session")
+            .field("principal", &self.principal)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Session {
@@ -184,6 +195,14 @@ pub(crate) async fn sign_in(
         }
         Some(_) => {}
     }
+    // A browser signing in again leaves its previous session closed.
+    if let Some(old) = cookie(&headers) {
+        engine
+            .db
+            .close_session(&hash_secret(old))
+            .await
+            .map_err(ApiError::from)?;
+    }
     let id = random_secret("tcs_").map_err(ApiError::from)?;
     let csrf = random_secret("csrf_").map_err(ApiError::from)?;
     let now = engine.now_ms();
@@ -196,6 +215,7 @@ pub(crate) async fn sign_in(
             now,
             now + SESSION_TTL_MS,
             SESSIONS_LIVE_MAX,
+            SESSIONS_PER_TOKEN_MAX,
         )
         .await
         .map_err(ApiError::from)?;

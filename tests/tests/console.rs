@@ -731,6 +731,24 @@ async fn console(tally: &Tally) {
         .await
         .expect(200);
     assert_eq!(ok["allowed"], true, "{ok}");
+    // The key is on its owner's page, and the API lists one member's keys.
+    let carol = admin
+        .get("/console/orgs/acme/users/carol")
+        .await
+        .expect(200);
+    assert!(
+        carol.text().contains("ci k_") && carol.text().contains("live"),
+        "{}",
+        carol.text()
+    );
+    let owned = op.get("/v1/orgs/acme/keys?user=carol").await.expect(200);
+    assert_eq!(owned["items"].as_array().unwrap().len(), 1);
+    let none = op.get("/v1/orgs/acme/keys?user=alice").await.expect(200);
+    assert_eq!(none["items"].as_array().unwrap().len(), 0);
+    let _ = op
+        .get("/v1/orgs/acme/keys?user=no%20such")
+        .await
+        .expect(400);
     let list = admin.get(keys).await.expect(200);
     assert!(!list.html.contains(secret), "the secret is shown once");
     assert!(

@@ -12,7 +12,7 @@ use tally_core::secret::{KEY_SECRET_PREFIX, hash_secret};
 use tally_core::time::Month;
 use tally_engine::{random_id, random_secret};
 
-use crate::cursor::{self, PageParams};
+use crate::cursor;
 use crate::dto::{History, KeyJson, ListJson, one_with_held, present, with_held};
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{Caller, JsonBody, NoParams, OptionalJson, Params};
@@ -116,22 +116,47 @@ pub(crate) async fn create(
     Ok((StatusCode::CREATED, Json(key)))
 }
 
-#[utoipa::path(get, path = "/v1/orgs/{org}/keys", operation_id = "keys_list", tag = "keys", params(("org" = String, Path, description = "org id"), PageParams), security(("bearer" = ["operator", "admin", "viewer"])), responses((status = 200, description = "ok", body = ListJson<KeyJson>), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody)))]
+/// What the key list takes.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct KeyListParams {
+    /// The keys this member owns only.
+    pub(crate) user: Option<String>,
+    /// `next_cursor` of the previous page.
+    pub(crate) cursor: Option<String>,
+    /// Rows a page (default 50, at most 1 000).
+    pub(crate) limit: Option<u32>,
+}
+
+#[utoipa::path(get, path = "/v1/orgs/{org}/keys", operation_id = "keys_list", tag = "keys", params(("org" = String, Path, description = "org id"), KeyListParams), security(("bearer" = ["operator", "admin", "viewer"])), responses((status = 200, description = "ok", body = ListJson<KeyJson>), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody)))]
 pub(crate) async fn list(
     State(state): State<AppState>,
     caller: Caller,
     Path(org): Path<String>,
-    Params(p): Params<PageParams>,
+    Params(p): Params<KeyListParams>,
 ) -> ApiResult<Json<ListJson<KeyJson>>> {
     let org_id = org_access(&state, &caller, &org)?;
     let limit = page_len(p.limit)?;
     let after = cursor::after_id("keys", p.cursor.as_deref())?;
+    let owner = p
+        .user
+        .as_deref()
+        .map(|u| UserId::new(u).map_err(|e| ApiError::invalid(e.to_string())))
+        .transpose()?;
     state.engine.meter.flush_for_read().await?;
     let month = Month::from_unix_ms(state.engine.now_ms());
     let rows = state
         .engine
         .db
-        .list_keys(&org_id, month, after.as_deref(), None, limit + 1)
+        .keys_where(
+            &org_id,
+            month,
+            after.as_deref(),
+            None,
+            owner.as_ref().map(UserId::as_str),
+            limit + 1,
+        )
         .await?;
     let more = rows.len() > limit as usize;
     let items: Vec<KeyJson> = rows

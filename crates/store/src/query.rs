@@ -716,6 +716,20 @@ impl Db {
         only: Option<&str>,
         limit: u32,
     ) -> Result<Vec<KeyRow>> {
+        self.keys_where(org_id, month, after, only, None, limit)
+            .await
+    }
+
+    /// [`Db::list_keys`] of one member's keys (`owner`), or every key.
+    pub async fn keys_where(
+        &self,
+        org_id: &OrgId,
+        month: Month,
+        after: Option<&str>,
+        only: Option<&str>,
+        owner: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<KeyRow>> {
         let rows = sqlx::query(
             "SELECT k.id, k.name, k.user_id, k.features, k.monthly_limit_micros, k.revoked, \
              k.created_at_ms, k.expires_at_ms, k.previous_secret_until_ms, COALESCE(s.spend_micros, 0) AS spend_micros, \
@@ -724,13 +738,15 @@ impl Db {
               AND a.kind = 'key' AND a.subject_id = k.id) AS last_at_ms \
              FROM api_keys k LEFT JOIN spend_monthly s ON s.org_id = k.org_id \
              AND s.kind = 'key' AND s.subject_id = k.id AND s.month = $2 \
-             WHERE k.org_id = $1 AND k.id > $3 AND ($4 = '' OR k.id = $4) ORDER BY k.id LIMIT $5",
+             WHERE k.org_id = $1 AND k.id > $3 AND ($4 = '' OR k.id = $4) \
+             AND ($6 = '' OR k.user_id = $6) ORDER BY k.id LIMIT $5",
         )
         .bind(org_id.as_str())
         .bind(i64::from(month.yyyymm()))
         .bind(after.unwrap_or(""))
         .bind(only.unwrap_or(""))
         .bind(i64::from(limit.clamp(1, PAGE_LEN_MAX)))
+        .bind(owner.unwrap_or(""))
         .fetch_all(self.reader())
         .await?;
         let mut keys = rows

@@ -348,13 +348,14 @@ CREATE INDEX console_sessions_by_token ON console_sessions (token_hash, created_
 "#
     );
     // v14: the enforcement list's whole order in one index (the time alone
-    // left every tie of a checkpoint to a sort of all of them), and one
-    // subject's alerts, newest first.
+    // left every tie of a checkpoint to a sort of all of them), one
+    // subject's alerts newest first, and one member's keys.
     let v14 = "CREATE INDEX enforcement_events_by_key ON enforcement_events \
                (org_id, at_ms, subject_kind, subject_id, month, event, threshold_bps, ordinal);\n\
                DROP INDEX enforcement_events_by_time;\n\
                CREATE INDEX enforcement_events_by_subject ON enforcement_events \
-               (org_id, subject_kind, subject_id, at_ms);"
+               (org_id, subject_kind, subject_id, at_ms);\n\
+               CREATE INDEX api_keys_by_owner ON api_keys (org_id, user_id, id);"
         .to_owned();
     vec![
         (1, v1 + &append_only),

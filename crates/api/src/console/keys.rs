@@ -12,7 +12,6 @@ use tally_core::money::parse_usd;
 use super::view;
 use super::{Fail, Fields, Layout, Session, href, render, see_other, seg};
 use crate::AppState;
-use crate::cursor::PageParams;
 use crate::dto::KeyJson;
 use crate::extract::{Caller, JsonBody, Params};
 use crate::keys;
@@ -103,7 +102,8 @@ async fn keys_page(
         State(state.clone()),
         Caller(session.principal.clone()),
         Path(org_id.to_owned()),
-        Params(PageParams {
+        Params(keys::KeyListParams {
+            user: None,
             cursor: cursor.clone(),
             limit: Some(KEYS_ROWS),
         }),

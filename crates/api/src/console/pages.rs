@@ -766,10 +766,16 @@ struct UserPage {
     done: Option<&'static str>,
     /// What the limit field shows after a refused change: what was sent.
     limit_value: String,
+    /// Their keys: (name, id, spend, state).
+    keys: Vec<(String, String, String, &'static str)>,
+    keys_more: bool,
+    keys_href: String,
 }
 
 /// Audit entries a user's page shows.
 const USER_EVENTS: u32 = 20;
+/// Keys a user's page shows.
+const USER_KEYS: u32 = 50;
 
 async fn user_page(
     state: &AppState,
@@ -802,6 +808,19 @@ async fn user_page(
             to: None,
             cursor: None,
             limit: Some(USER_EVENTS),
+        }),
+    )
+    .await
+    .map_err(fail)?
+    .0;
+    let keys = crate::keys::list(
+        State(state.clone()),
+        caller(session),
+        Path(org_id.to_owned()),
+        Params(crate::keys::KeyListParams {
+            user: Some(user_id.to_owned()),
+            cursor: None,
+            limit: Some(USER_KEYS),
         }),
     )
     .await
@@ -847,6 +866,22 @@ async fn user_page(
         error: None,
         done: None,
         limit_value: user.limit_input.clone(),
+        keys_more: keys.next_cursor.is_some(),
+        keys: keys
+            .items
+            .into_iter()
+            .map(|k| {
+                let state = if k.revoked {
+                    "revoked"
+                } else if k.cut_off {
+                    "cut off"
+                } else {
+                    "live"
+                };
+                (k.name, k.id, view::usd(k.spend_micros), state)
+            })
+            .collect(),
+        keys_href: format!("/console/orgs/{}/keys", seg(org_id)),
         layout: Layout {
             title: format!("{} · {}", user.name, org.name),
             ..layout

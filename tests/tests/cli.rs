@@ -435,8 +435,13 @@ async fn every_admin_endpoint_has_a_command_and_errors_have_exit_codes() {
     assert!(!out.contains("secret"), "{out}");
     let out = ok(&url, &["webhook", "deliveries"]);
     assert!(out.starts_with("ID"), "{out}");
+    // A test send to a name that does not resolve: not delivered, exit 1.
+    let (success, _, err) = tally(&url, &["webhook", "test"]);
+    assert!(!success && err.contains("not delivered"), "{err}");
     let out = ok(&url, &["webhook", "remove"]);
     assert!(out.contains("webhook: -"), "{out}");
+    let (success, _, err) = tally(&url, &["webhook", "test"]);
+    assert!(!success && err.contains("no webhook"), "{err}");
 
     // The audit trail, filtered; enforcement; holds; dead letters.
     let out = ok(
@@ -474,6 +479,24 @@ async fn every_admin_endpoint_has_a_command_and_errors_have_exit_codes() {
     assert!(out.contains("gateway_token_created"), "{out}");
     let out = ok(&url, &["enforcement"]);
     assert!(out.starts_with("AT"), "{out}");
+    let out = ok(
+        &url,
+        &[
+            "enforcement",
+            "--event",
+            "cut_off",
+            "--subject",
+            "user:alice",
+        ],
+    );
+    assert!(out.starts_with("AT"), "{out}");
+    let (success, _, err) = tally(&url, &["enforcement", "--event", "boom"]);
+    assert!(
+        !success && err.contains("is not one of threshold_crossed"),
+        "{err}"
+    );
+    let out = ok(&url, &["keys", "list", "--user", "alice"]);
+    assert!(!out.contains("bob"), "{out}");
     let out = ok(&url, &["holds", "list"]);
     assert!(out.starts_with("REQUEST"), "{out}");
     let out = ok(&url, &["holds", "release", "req-none"]);

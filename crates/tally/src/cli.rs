@@ -284,6 +284,9 @@ pub(crate) enum Groups {
 pub(crate) enum Keys {
     /// Every key, with owner, groups, features, spend and limit.
     List {
+        /// The keys this member owns only.
+        #[arg(long)]
+        user: Option<String>,
         #[command(flatten)]
         rows: Rows,
     },
@@ -414,6 +417,8 @@ pub(crate) enum Webhook {
     },
     /// Stop sending; pending deliveries are cancelled.
     Remove,
+    /// Send a `test` notification now and print what the receiver answered.
+    Test,
     /// Deliveries, newest first.
     Deliveries {
         /// pending, delivered, failed or cancelled.
@@ -1217,8 +1222,14 @@ pub(crate) async fn keys(
     let api = Api::new(conn, file);
     let org = seg(api.org()?)?;
     Ok(match cmd {
-        Keys::List { rows } => {
-            let items = api.list(&format!("/v1/orgs/{org}/keys"), &[], rows).await?;
+        Keys::List { user, rows } => {
+            let items = api
+                .list(
+                    &format!("/v1/orgs/{org}/keys"),
+                    &given([("user", user)]),
+                    rows,
+                )
+                .await?;
             table(&KEY_HEADER, &key_rows(&items))
         }
         Keys::Create {
@@ -1473,6 +1484,22 @@ pub(crate) async fn webhook(
                 .await?,
         ),
         Webhook::Remove => webhook_summary(&api.delete(&at).await?),
+        Webhook::Test => {
+            let r = api.post(&format!("{at}/test"), json!({})).await?;
+            if r["delivered"] == true {
+                format!(
+                    "delivered: the receiver answered HTTP {} in {} ms",
+                    text(&r["status"]),
+                    text(&r["took_ms"])
+                )
+            } else {
+                anyhow::bail!(
+                    "not delivered: {} ({} ms)",
+                    text(&r["error"]),
+                    text(&r["took_ms"])
+                )
+            }
+        }
         Webhook::Deliveries { state, rows } => {
             let items = api
                 .list(
@@ -1608,15 +1635,32 @@ pub(crate) async fn audit(
     Ok(table(&["SEQ", "AT", "ACTOR", "KIND", "DETAIL"], &rows))
 }
 
+/// What `tally enforcement` lists.
+#[derive(Debug, Clone, Args)]
+pub(crate) struct EnforcementArgs {
+    /// Of this kind only: threshold_crossed, cut_off or cutoff_lifted.
+    #[arg(long)]
+    event: Option<String>,
+    /// About this subject only: user:<id>, group:<id>, key:<id> or org.
+    #[arg(long)]
+    subject: Option<String>,
+    #[command(flatten)]
+    rows: Rows,
+}
+
 pub(crate) async fn enforcement(
     conn: Conn,
     file: crate::config::AdminDefaults,
-    rows: Rows,
+    args: EnforcementArgs,
 ) -> anyhow::Result<String> {
     let api = Api::new(conn, file);
     let org = seg(api.org()?)?;
     let items = api
-        .list(&format!("/v1/orgs/{org}/enforcement"), &[], rows)
+        .list(
+            &format!("/v1/orgs/{org}/enforcement"),
+            &given([("event", args.event), ("subject", args.subject)]),
+            args.rows,
+        )
         .await?;
     let rows: Vec<Vec<String>> = items
         .iter()

@@ -111,7 +111,7 @@ pub(crate) enum Command {
         #[command(flatten)]
         conn: crate::cli::Conn,
         #[command(flatten)]
-        rows: crate::cli::Rows,
+        args: crate::cli::EnforcementArgs,
     },
     /// Usage that could not be counted, newest first.
     DeadLetters {

@@ -85,8 +85,8 @@ fn run() -> anyhow::Result<()> {
         }
         Command::Holds { conn, cmd } => print(runtime.block_on(cli::holds(conn, admin()?, cmd))),
         Command::Audit { conn, args } => print(runtime.block_on(cli::audit(conn, admin()?, args))),
-        Command::Enforcement { conn, rows } => {
-            print(runtime.block_on(cli::enforcement(conn, admin()?, rows)))
+        Command::Enforcement { conn, args } => {
+            print(runtime.block_on(cli::enforcement(conn, admin()?, args)))
         }
         Command::DeadLetters { conn, args } => {
             print(runtime.block_on(cli::dead_letters(conn, admin()?, args)))

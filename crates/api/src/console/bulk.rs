@@ -242,7 +242,7 @@ async fn members_named(state: &AppState, org: &OrgId, req: &users::Bulk) -> Resu
     }
 }
 
-/// `POST /console/orgs/{org}/users/bulk`.
+/// `POST /console/orgs/{org}/bulk`.
 pub(crate) async fn bulk(
     State(state): State<AppState>,
     session: Session,

@@ -12,7 +12,7 @@ use tally_core::time::Month;
 
 use super::pages::{UserLine, org, user_line};
 use super::view::{self, Bar};
-use super::{Fail, Fields, Layout, Session, href, render, see_other, seg};
+use super::{Fail, Fields, Layout, Session, href, render, render_as, see_other, seg};
 use crate::AppState;
 use crate::cursor::PageParams;
 use crate::dto::GroupJson;
@@ -172,9 +172,7 @@ pub(crate) async fn create(
             page.error = Some(f.message);
             let typed = |k| form.get(k).unwrap_or("").to_owned();
             page.typed = (typed("id"), typed("name"), typed("limit"));
-            let mut resp = render(&page);
-            *resp.status_mut() = f.status;
-            Ok(resp)
+            Ok(render_as(f.status, &page))
         }
     }
 }
@@ -374,9 +372,7 @@ pub(crate) async fn change(
             if let Some(l) = form.get("limit") {
                 l.clone_into(&mut page.limit_value);
             }
-            let mut resp = render(&page);
-            *resp.status_mut() = f.status;
-            Ok(resp)
+            Ok(render_as(f.status, &page))
         }
     }
 }

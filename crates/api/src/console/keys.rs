@@ -10,7 +10,7 @@ use axum::response::Response;
 use tally_core::money::parse_usd;
 
 use super::view;
-use super::{Fail, Fields, Layout, Session, href, render, see_other, seg};
+use super::{Fail, Fields, Layout, Session, href, render, render_as, see_other, seg};
 use crate::AppState;
 use crate::dto::KeyJson;
 use crate::extract::{Caller, JsonBody, Params};
@@ -228,9 +228,7 @@ pub(crate) async fn create(
                 features: form.get("features").unwrap_or("").to_owned(),
                 limit: form.get("limit").unwrap_or("").to_owned(),
             };
-            let mut resp = render(&page);
-            *resp.status_mut() = f.status;
-            Ok(resp)
+            Ok(render_as(f.status, &page))
         }
     }
 }
@@ -273,9 +271,7 @@ pub(crate) async fn change(
         Err(f) => {
             let mut page = keys_page(&state, &session, &org_id, None).await?;
             page.error = Some(f.message);
-            let mut resp = render(&page);
-            *resp.status_mut() = f.status;
-            Ok(resp)
+            Ok(render_as(f.status, &page))
         }
     }
 }

@@ -218,6 +218,14 @@ pub(crate) fn render<T: Template>(page: &T) -> Response {
     }
 }
 
+/// A page answering a refused form: the page again, with the refusal's
+/// status.
+pub(crate) fn render_as<T: Template>(status: StatusCode, page: &T) -> Response {
+    let mut resp = render(page);
+    *resp.status_mut() = status;
+    resp
+}
+
 /// After a change: back to a page (303, so a reload does not repeat it).
 pub(crate) fn see_other(to: &str) -> Response {
     Redirect::to(to).into_response()

@@ -12,7 +12,7 @@ use tally_core::ratio::format_bps;
 use tally_core::time::Month;
 
 use super::view::{self, Bar};
-use super::{Fail, Fields, Layout, Session, href, local_target, render, see_other, seg};
+use super::{Fail, Fields, Layout, Session, href, local_target, render, render_as, see_other, seg};
 use crate::AppState;
 use crate::dto::UserJson;
 use crate::error::ApiError;
@@ -974,9 +974,7 @@ pub(crate) async fn user_change(
             let mut page = user_page(&state, &session, &org_id, &user_id).await?;
             page.limit_value = form.get("limit").unwrap_or("").to_owned();
             page.error = Some(f.message);
-            let mut resp = render(&page);
-            *resp.status_mut() = f.status;
-            return Ok(resp);
+            return Ok(render_as(f.status, &page));
         }
     };
     let own = format!("/console/orgs/{}/users/{}", seg(&org_id), seg(&user_id));

@@ -18,7 +18,7 @@ use tally_core::secret::{SecretHash, ct_eq, hash_secret};
 use tally_engine::{Principal, random_secret};
 use tally_store::sessions::Opened;
 
-use super::{Fail, Fields, Layout, href, local_target, render, same_origin, see_other};
+use super::{Fail, Fields, Layout, href, local_target, render, render_as, same_origin, see_other};
 use crate::AppState;
 use crate::error::ApiError;
 
@@ -167,14 +167,15 @@ pub(crate) async fn sign_in(
     let form = Fields::parse(&body)?;
     let next = local_target(form.get("next"), "/console");
     let refuse = |status: StatusCode, message: &str| {
-        let mut resp = render(&SignInPage {
-            layout: Layout::anonymous("Sign in"),
-            next: next.clone(),
-            error: Some(message.to_owned()),
-            signed_out: false,
-        });
-        *resp.status_mut() = status;
-        resp
+        render_as(
+            status,
+            &SignInPage {
+                layout: Layout::anonymous("Sign in"),
+                next: next.clone(),
+                error: Some(message.to_owned()),
+                signed_out: false,
+            },
+        )
     };
     let Some(token) = form.get("token") else {
         return Ok(refuse(StatusCode::BAD_REQUEST, "enter a token"));

@@ -13,7 +13,7 @@ use tally_core::ratio::format_bps;
 
 use super::groups::dollars;
 use super::view;
-use super::{Fail, Fields, Layout, Session, href, render, see_other, seg};
+use super::{Fail, Fields, Layout, Session, href, render, render_as, see_other, seg};
 use crate::AppState;
 use crate::cursor::PageParams;
 use crate::extract::{Caller, JsonBody, NoParams, OptionalJson, Params};
@@ -378,9 +378,7 @@ pub(crate) async fn change(
                 page.org_limit = typed("org_limit");
                 page.thresholds = typed("thresholds");
             }
-            let mut resp = render(&page);
-            *resp.status_mut() = f.status;
-            Ok(resp)
+            Ok(render_as(f.status, &page))
         }
     }
 }

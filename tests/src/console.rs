@@ -26,6 +26,16 @@ impl Page {
         rest[..rest.find('"').expect("end of csrf")].to_owned()
     }
 
+    /// The secret a page shows once (`id="new-secret"`).
+    pub fn shown_once(&self) -> String {
+        let at = self
+            .html
+            .split("id=\"new-secret\">")
+            .nth(1)
+            .unwrap_or_else(|| panic!("no secret on the page: {}", self.text()));
+        at[..at.find('<').expect("end of the secret")].to_owned()
+    }
+
     /// The page's text between tags, whitespace collapsed: what a reader
     /// sees, for `contains` checks.
     pub fn text(&self) -> String {

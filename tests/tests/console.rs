@@ -84,6 +84,14 @@ async fn seed(op: &Client) -> u32 {
     n
 }
 
+/// How many entries acme's audit trail holds (fewer than 1 000 here).
+async fn audit_len(op: &Client) -> usize {
+    op.get("/v1/orgs/acme/events?limit=1000").await.expect(200)["items"]
+        .as_array()
+        .unwrap()
+        .len()
+}
+
 fn user(op_user: &Value) -> (i64, String) {
     (
         op_user["monthly_limit_micros"].as_i64().unwrap_or(-1),
@@ -462,10 +470,7 @@ async fn console(tally: &Tally) {
     assert_eq!(user(&alice), (250 * USD, "active".into()));
     let page = admin.get(&format!("{path}?done=limit")).await.expect(200);
     assert!(page.text().contains("The limit was changed."));
-    let events_before = op.get("/v1/orgs/acme/events?limit=1000").await.expect(200)["items"]
-        .as_array()
-        .unwrap()
-        .len();
+    let events_before = audit_len(&op).await;
     let refusals: [(Form, u16, &str); 5] = [
         (
             &[("csrf", &csrf), ("action", "limit"), ("limit", "abc")],
@@ -523,10 +528,7 @@ async fn console(tally: &Tally) {
         .await
         .expect(403);
     assert!(page.text().contains("sent from another site"));
-    let events_after = op.get("/v1/orgs/acme/events?limit=1000").await.expect(200)["items"]
-        .as_array()
-        .unwrap()
-        .len();
+    let events_after = audit_len(&op).await;
     assert_eq!(events_before, events_after, "a refused form wrote nothing");
     assert_eq!(
         user(&op.get("/v1/orgs/acme/users/alice").await.expect(200)),
@@ -571,10 +573,7 @@ async fn console(tally: &Tally) {
     // The bulk bar: review says what would change and writes nothing;
     // confirm does it and says what did.
     let bulk = "/console/orgs/acme/bulk";
-    let before = op.get("/v1/orgs/acme/events?limit=1000").await.expect(200)["items"]
-        .as_array()
-        .unwrap()
-        .len();
+    let before = audit_len(&op).await;
     let review = admin
         .post(
             bulk,
@@ -603,14 +602,7 @@ async fn console(tally: &Tally) {
         "{text}"
     );
     assert!(review.html.contains(r#"name="step" value="apply""#));
-    assert_eq!(
-        op.get("/v1/orgs/acme/events?limit=1000").await.expect(200)["items"]
-            .as_array()
-            .unwrap()
-            .len(),
-        before,
-        "a review writes nothing"
-    );
+    assert_eq!(audit_len(&op).await, before, "a review writes nothing");
     let done = admin
         .post(
             bulk,
@@ -724,8 +716,7 @@ async fn console(tally: &Tally) {
         .expect(200);
     let text = created.text();
     assert!(text.contains("shown this once"), "{text}");
-    let secret = created.html.split("id=\"new-secret\">").nth(1).unwrap();
-    let secret = &secret[..secret.find('<').unwrap()];
+    let secret = &created.shown_once();
     let ok = op
         .post("/v1/authorize", json!({"api_key": secret}))
         .await
@@ -998,8 +989,7 @@ async fn console(tally: &Tally) {
         )
         .await
         .expect(200);
-    let secret = page.html.split("id=\"new-secret\">").nth(1).unwrap();
-    let secret = secret[..secret.find('<').unwrap()].to_owned();
+    let secret = page.shown_once();
     assert!(secret.starts_with("whsec_"), "{secret}");
     assert!(!admin.get(spath).await.html.contains(&secret), "shown once");
     let page = admin
@@ -1047,8 +1037,7 @@ async fn console(tally: &Tally) {
         )
         .await
         .expect(200);
-    let minted = page.html.split("id=\"new-secret\">").nth(1).unwrap();
-    let minted = minted[..minted.find('<').unwrap()].to_owned();
+    let minted = page.shown_once();
     let mut auditor = Console::new(&tally.url);
     auditor.sign_in(&minted).await.redirects_to("/console");
     let settings = auditor.get(spath).await.expect(200);

@@ -11,7 +11,6 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use tally_core::ids::{GroupId, OrgId};
-use tally_core::money::parse_usd;
 use tally_core::time::Month;
 
 use super::{Fail, Fields, Layout, Session, href, render, seg};
@@ -84,13 +83,7 @@ fn change_of(form: &Fields) -> Result<Change, Fail> {
             c.remove_group = Some(g);
         }
         Some("set_limit") => {
-            let raw = form.get("limit").unwrap_or("");
-            let micros =
-                parse_usd(&raw.trim_start_matches('$').replace(',', "")).ok_or_else(|| {
-                    bad(format!(
-                        "the limit must be an amount in dollars, such as 250 or 99.50; got {raw:?}"
-                    ))
-                })?;
+            let micros = super::typed_dollars(form.get("limit").unwrap_or(""))?;
             c.what = format!("set the monthly limit to {}", super::view::usd(micros));
             c.limit = Some(Some(micros));
         }

@@ -7,12 +7,13 @@ use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::response::Response;
-use tally_core::money::parse_usd;
 use tally_core::time::Month;
 
 use super::pages::{UserLine, org, user_line};
 use super::view::{self, Bar};
-use super::{Fail, Fields, Layout, Session, href, render, render_as, see_other, seg};
+use super::{
+    Fail, Fields, Layout, Session, href, render, render_as, see_other, seg, typed_dollars,
+};
 use crate::AppState;
 use crate::cursor::PageParams;
 use crate::dto::GroupJson;
@@ -46,16 +47,6 @@ fn group_line(org: &str, g: &GroupJson, thresholds: &[u32]) -> GroupLine {
         requests: g.requests,
         cut_off: g.cut_off,
     }
-}
-
-/// A dollar amount typed in a form: `250`, `$1,200.50`.
-pub(super) fn dollars(raw: &str) -> Result<i64, Fail> {
-    parse_usd(&raw.trim_start_matches('$').replace(',', "")).ok_or_else(|| {
-        Fail::new(
-            StatusCode::BAD_REQUEST,
-            format!("the limit must be an amount in dollars, such as 250 or 99.50; got {raw:?}"),
-        )
-    })
 }
 
 #[derive(Template)]
@@ -144,7 +135,7 @@ pub(crate) async fn create(
     let form = Fields::parse(&body)?;
     let created: Result<String, Fail> = async {
         session.check_form(&headers, &form)?;
-        let limit = form.get("limit").map(dollars).transpose()?;
+        let limit = form.get("limit").map(typed_dollars).transpose()?;
         let g = groups::create(
             State(state.clone()),
             Caller(session.principal.clone()),
@@ -260,9 +251,7 @@ async fn group_page(
         groups_href: format!("/console/orgs/{}/groups", seg(org_id)),
         error: None,
         done: None,
-        limit_value: g
-            .monthly_limit_micros
-            .map_or_else(String::new, |l| view::usd(l).replace(['$', ','], "")),
+        limit_value: view::amount_input(g.monthly_limit_micros),
         layout: Layout {
             title: format!("{} · {}", g.name, org.name),
             ..layout
@@ -320,7 +309,7 @@ pub(crate) async fn change(
         };
         match form.get("action") {
             Some("limit") => {
-                let micros = dollars(form.get("limit").unwrap_or(""))?;
+                let micros = typed_dollars(form.get("limit").unwrap_or(""))?;
                 let _ = patch(None, Some(Some(micros))).await?;
                 Ok("changed")
             }

@@ -7,7 +7,6 @@ use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::response::Response;
-use tally_core::money::parse_usd;
 
 use super::view;
 use super::{Fail, Fields, Layout, Session, href, render, render_as, see_other, seg};
@@ -162,20 +161,7 @@ fn list_of(s: &str) -> Vec<String> {
 }
 
 fn create_of(form: &Fields) -> Result<keys::CreateKey, Fail> {
-    let limit = match form.get("limit") {
-        None => None,
-        Some(raw) => Some(
-            parse_usd(&raw.trim_start_matches('$').replace(',', "")).ok_or_else(|| {
-                Fail::new(
-                    StatusCode::BAD_REQUEST,
-                    format!(
-                        "the limit must be an amount in dollars, such as 250 or 99.50, or empty \
-                         for none; got {raw:?}"
-                    ),
-                )
-            })?,
-        ),
-    };
+    let limit = form.get("limit").map(super::typed_dollars).transpose()?;
     Ok(keys::CreateKey {
         id: None,
         name: form.get("name").unwrap_or("").to_owned(),

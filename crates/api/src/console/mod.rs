@@ -358,6 +358,17 @@ pub(crate) fn href(path: &str, params: &[(&str, &str)]) -> String {
     }
 }
 
+/// A dollar amount typed in a form (`250`, `$1,200.50`) in micro-USD;
+/// otherwise a 400 naming what was typed.
+pub(crate) fn typed_dollars(raw: &str) -> Result<i64, Fail> {
+    tally_core::money::parse_usd(&raw.trim_start_matches('$').replace(',', "")).ok_or_else(|| {
+        Fail::new(
+            StatusCode::BAD_REQUEST,
+            format!("the limit must be an amount in dollars, such as 250 or 99.50; got {raw:?}"),
+        )
+    })
+}
+
 /// An id as a path segment.
 pub(crate) fn seg(id: &str) -> String {
     form_urlencoded::byte_serialize(id.as_bytes()).collect()

@@ -7,7 +7,6 @@ use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::response::Response;
-use tally_core::money::parse_usd;
 use tally_core::ratio::format_bps;
 use tally_core::time::Month;
 
@@ -181,9 +180,7 @@ pub(super) fn user_line(org: &str, u: UserJson, thresholds: &[u32], now_ms: i64)
             })
             .collect(),
         limit: view::limit(u.monthly_limit_micros),
-        limit_input: u
-            .monthly_limit_micros
-            .map_or_else(String::new, |l| view::usd(l).replace(['$', ','], "")),
+        limit_input: view::amount_input(u.monthly_limit_micros),
         spend: view::usd(u.spend_micros),
         held: if u.held_micros > 0 {
             view::usd(u.held_micros)
@@ -917,13 +914,7 @@ fn user_change_of(form: &Fields) -> Result<users::PatchUser, Fail> {
     };
     match form.get("action") {
         Some("limit") => {
-            let raw = form.get("limit").unwrap_or("");
-            let dollars = raw.trim_start_matches('$').replace(',', "");
-            let micros = parse_usd(&dollars).ok_or_else(|| {
-                bad(format!(
-                    "the limit must be an amount in dollars, such as 250 or 99.50; got {raw:?}"
-                ))
-            })?;
+            let micros = super::typed_dollars(form.get("limit").unwrap_or(""))?;
             patch.monthly_limit_micros = Some(Some(micros));
         }
         Some("unlimited") => patch.monthly_limit_micros = Some(None),

@@ -11,9 +11,10 @@ use axum::response::Response;
 use tally_core::entity::Role;
 use tally_core::ratio::format_bps;
 
-use super::groups::dollars;
 use super::view;
-use super::{Fail, Fields, Layout, Session, href, render, render_as, see_other, seg};
+use super::{
+    Fail, Fields, Layout, Session, href, render, render_as, see_other, seg, typed_dollars,
+};
 use crate::AppState;
 use crate::cursor::PageParams;
 use crate::extract::{Caller, JsonBody, NoParams, OptionalJson, Params};
@@ -63,10 +64,6 @@ struct SettingsPage {
 const DELIVERIES_SHOWN: u32 = 20;
 /// Tokens the list shows.
 const TOKENS_SHOWN: u32 = 200;
-
-fn amount(micros: Option<i64>) -> String {
-    micros.map_or_else(String::new, |l| view::usd(l).replace(['$', ','], ""))
-}
 
 async fn settings_page(
     state: &AppState,
@@ -121,8 +118,8 @@ async fn settings_page(
     let when = |t: &str| view::parse_ms(t).map_or_else(|| t.to_owned(), view::when);
     Ok(SettingsPage {
         action: format!("/console/orgs/{}/settings", seg(org_id)),
-        default_limit: amount(org.default_monthly_limit_micros),
-        org_limit: amount(org.monthly_limit_micros),
+        default_limit: view::amount_input(org.default_monthly_limit_micros),
+        org_limit: view::amount_input(org.monthly_limit_micros),
         thresholds: org
             .alert_thresholds
             .iter()
@@ -253,7 +250,7 @@ pub(crate) async fn change(
         session.check_form(&headers, &form)?;
         match form.get("action") {
             Some("org") => {
-                let limit = |k: &str| form.get(k).map(dollars).transpose();
+                let limit = |k: &str| form.get(k).map(typed_dollars).transpose();
                 let _ = orgs::patch(
                     State(state.clone()),
                     caller(),

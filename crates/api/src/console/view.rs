@@ -15,6 +15,11 @@ pub(crate) fn usd(micros: i64) -> String {
     format_usd(micros)
 }
 
+/// An amount as a form's field shows it (`1200.50`; empty: none).
+pub(crate) fn amount_input(micros: Option<i64>) -> String {
+    micros.map_or_else(String::new, |l| usd(l).replace(['$', ','], ""))
+}
+
 /// A limit for people: dollars, or "unlimited".
 pub(crate) fn limit(micros: Option<i64>) -> String {
     micros.map_or_else(|| "unlimited".to_owned(), usd)

@@ -499,6 +499,10 @@ async fn every_admin_endpoint_has_a_command_and_errors_have_exit_codes() {
     assert!(!out.contains("bob"), "{out}");
     let out = ok(&url, &["holds", "list"]);
     assert!(out.starts_with("REQUEST"), "{out}");
+    let out = ok(&url, &["holds", "list", "--user", "alice"]);
+    assert!(out.starts_with("REQUEST"), "{out}");
+    let (success, _, err) = tally(&url, &["holds", "list", "--user", "a b"]);
+    assert!(!success && err.contains("user"), "{err}");
     let out = ok(&url, &["holds", "release", "req-none"]);
     assert!(out.contains("req-none: unknown"), "{out}");
     let out = ok(&url, &["dead-letters", "--all-orgs"]);

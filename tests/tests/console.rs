@@ -144,7 +144,11 @@ async fn console_on_postgres() {
     let Some(backend) = Backend::postgres("console").await.unwrap() else {
         return;
     };
-    let tally = Tally::start_with(&backend, SERVE).unwrap();
+    // Holds need a place to be kept beside PostgreSQL in the embedded mode.
+    let holds = tally_tests::temp_dir("console-pg-holds");
+    let holds = holds.to_str().unwrap();
+    let args = [SERVE, &["--holds-dir", holds]].concat();
+    let tally = Tally::start_with(&backend, &args).unwrap();
     console(&tally).await;
 }
 
@@ -722,16 +726,40 @@ async fn console(tally: &Tally) {
         .await
         .expect(200);
     assert_eq!(ok["allowed"], true, "{ok}");
-    // The key is on its owner's page, and the API lists one member's keys.
-    let carol = admin
+    let nothing_held = admin
         .get("/console/orgs/acme/users/carol")
         .await
         .expect(200);
     assert!(
-        carol.text().contains("ci k_") && carol.text().contains("live"),
-        "{}",
-        carol.text()
+        nothing_held
+            .text()
+            .contains("No call of theirs is in flight")
     );
+    // A call in flight on it: a hold of $2.
+    let held = op
+        .post(
+            "/v1/authorize",
+            json!({"api_key": secret, "request_id": "carol-call-1", "reserve_micros": 2 * USD}),
+        )
+        .await
+        .expect(200);
+    assert_eq!(held["hold"]["held_micros"], 2 * USD, "{held}");
+    // The key is on its owner's page with the hold, and the API lists one
+    // member's keys.
+    let carol = admin
+        .get("/console/orgs/acme/users/carol")
+        .await
+        .expect(200);
+    let text = carol.text();
+    assert!(text.contains("ci k_") && text.contains("live"), "{text}");
+    assert!(text.contains("carol-call-1"), "the live hold: {text}");
+    assert!(text.contains("$2.00 held"), "{text}");
+    assert!(!text.contains("No call of theirs is in flight"), "{text}");
+    let alice = admin
+        .get("/console/orgs/acme/users/alice")
+        .await
+        .expect(200);
+    assert!(!alice.text().contains("carol-call-1"), "another's hold");
     let owned = op.get("/v1/orgs/acme/keys?user=carol").await.expect(200);
     assert_eq!(owned["items"].as_array().unwrap().len(), 1);
     let none = op.get("/v1/orgs/acme/keys?user=alice").await.expect(200);

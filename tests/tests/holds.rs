@@ -292,6 +292,12 @@ async fn a_hold_is_repeated_released_or_expires() {
     assert_eq!(list["items"][0]["user_id"], "alice");
     assert_eq!(list["items"][0]["api_key_id"], "k-alice");
     assert_eq!(list["items"][0]["held_micros"], 60 * CENT);
+    let hers = op.get("/v1/orgs/acme/holds?user=alice").await.expect(200);
+    assert_eq!(hers["items"], list["items"], "{hers}");
+    let none = op.get("/v1/orgs/acme/holds?user=nobody").await.expect(200);
+    assert_eq!(none["items"], json!([]), "{none}");
+    let bad = op.get("/v1/orgs/acme/holds?user=a%20b").await.error(400);
+    assert_eq!(bad, "invalid_input");
     // Release frees it at once; a second release says what it found.
     let rel = op.delete("/v1/orgs/acme/holds/r-1").await.expect(200);
     assert_eq!(
@@ -646,6 +652,10 @@ async fn distributed_holds_are_exact_and_survive_the_owners_kill_9() -> anyhow::
         .map(|h| h["request_id"].as_str().unwrap())
         .collect();
     assert_eq!(ids, ["b-1", "b-2"], "listed by the owner: {listed}");
+    let bobs = far.get("/v1/orgs/acme/holds?user=bob").await.expect(200);
+    assert_eq!(bobs["items"], listed["items"], "one member's: {bobs}");
+    let alices = far.get("/v1/orgs/acme/holds?user=alice").await.expect(200);
+    assert_eq!(alices["items"], json!([]), "{alices}");
     // The other process shows what is held from the stored holds: bob's
     // two, on him, his key, his group and the org.
     let held_far = |path: &'static str, micros: i64| {

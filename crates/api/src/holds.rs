@@ -6,9 +6,9 @@ use axum::extract::{Path, State};
 use axum::response::IntoResponse;
 use serde::Serialize;
 use serde_json::json;
-use tally_core::ids::check_request_id;
+use tally_core::ids::{UserId, check_request_id};
 
-use crate::cursor::{self, PageParams};
+use crate::cursor;
 use crate::dto::{ListJson, time};
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{Caller, Params};
@@ -32,23 +32,42 @@ pub(crate) struct HoldRowJson {
     expires_at: String,
 }
 
+#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct HoldListParams {
+    /// One member's holds only.
+    pub(crate) user: Option<String>,
+    /// `next_cursor` of the previous page.
+    pub(crate) cursor: Option<String>,
+    /// Rows a page (default 50, at most 1 000).
+    pub(crate) limit: Option<u32>,
+}
+
 /// The org's live holds, by request id.
-#[utoipa::path(get, path = "/v1/orgs/{org}/holds", operation_id = "holds_list", tag = "holds", params(("org" = String, Path, description = "org id"), PageParams), security(("bearer" = ["operator", "admin", "viewer", "gateway"])), responses((status = 200, description = "ok", body = ListJson<HoldRowJson>), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org", body = crate::error::ErrorBody)))]
+#[utoipa::path(get, path = "/v1/orgs/{org}/holds", operation_id = "holds_list", tag = "holds", params(("org" = String, Path, description = "org id"), HoldListParams), security(("bearer" = ["operator", "admin", "viewer", "gateway"])), responses((status = 200, description = "ok", body = ListJson<HoldRowJson>), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org", body = crate::error::ErrorBody)))]
 pub(crate) async fn list(
     State(state): State<AppState>,
     caller: Caller,
     headers: axum::http::HeaderMap,
     uri: axum::http::Uri,
     Path(org): Path<String>,
-    Params(p): Params<PageParams>,
+    Params(p): Params<HoldListParams>,
 ) -> ApiResult<axum::response::Response> {
     let org_id = org_access(&state, &caller, &org)?;
     let limit = page_len(p.limit)? as usize;
     let after = cursor::after_id("holds", p.cursor.as_deref())?;
-    let rows = match state
-        .engine
-        .live_holds(&org_id, after.as_deref(), limit + 1)
-    {
+    let user = p
+        .user
+        .as_deref()
+        .map(|u| UserId::new(u).map_err(|e| ApiError::invalid(e.to_string())))
+        .transpose()?;
+    let rows = match state.engine.live_holds(
+        &org_id,
+        user.as_ref().map(UserId::as_str),
+        after.as_deref(),
+        limit + 1,
+    ) {
         Err(e @ tally_engine::Error::NotOwner { partition, .. }) => {
             let path = uri.path_and_query().map_or(uri.path(), |p| p.as_str());
             return crate::forward::to_owner(&state, &headers, "GET", path, None, partition, e)

@@ -845,10 +845,11 @@ impl crate::Engine {
     }
 
     /// Up to `limit` live holds of an org with request ids after `after`,
-    /// by request id.
+    /// by request id; only one member's with `user`.
     pub fn live_holds(
         &self,
         org_id: &str,
+        user: Option<&str>,
         after: Option<&str>,
         limit: usize,
     ) -> Result<Vec<StoredHold>> {
@@ -856,11 +857,22 @@ impl crate::Engine {
         // Only the process that places an org's holds knows them all.
         let _ = self.durability(org_id)?;
         let org = cell.read();
+        let user = match user {
+            None => None,
+            Some(id) => match org.dir.users.get(id) {
+                Some(u) => Some(u.idx),
+                // Nobody the org has heard of holds anything.
+                None => return Ok(Vec::new()),
+            },
+        };
         let now = self.clock.now_ms();
         // The `limit` smallest ids after the cursor, without sorting them all.
         let mut first: std::collections::BinaryHeap<&str> = Default::default();
         for (id, h) in org.meter.holds.iter() {
-            if after.is_some_and(|a| id <= a) || h.expires_at_ms <= now {
+            if after.is_some_and(|a| id <= a)
+                || h.expires_at_ms <= now
+                || user.is_some_and(|u| h.user != u)
+            {
                 continue;
             }
             first.push(id);
@@ -874,6 +886,26 @@ impl crate::Engine {
             .filter_map(|id| Some(stored_hold(&org, id, org.meter.holds.get(id)?)))
             .collect();
         Ok(rows)
+    }
+
+    /// Up to `limit` live holds of one member, by request id: from memory
+    /// where the org's holds are placed (embedded, or the process metering
+    /// it), elsewhere from the stored holds.
+    pub async fn member_holds(
+        &self,
+        org_id: &str,
+        user_id: &str,
+        limit: u32,
+    ) -> Result<Vec<StoredHold>> {
+        match self.live_holds(org_id, Some(user_id), None, limit as usize) {
+            Err(Error::NotOwner { .. }) => {
+                let now = self.clock.now_ms();
+                Ok(self.db.user_holds(org_id, user_id, now, limit).await?)
+            }
+            // No place to keep holds: none were placed.
+            Err(Error::Unavailable(_)) => Ok(Vec::new()),
+            r => r,
+        }
     }
 
     /// What live holds hold on each of `ids` (of one kind) in an org.

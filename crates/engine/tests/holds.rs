@@ -181,9 +181,15 @@ async fn the_journal_restores_live_holds_and_drops_settled_and_expired_ones() {
             unreadable: 1
         }
     );
-    let rows = engine.live_holds("acme", None, 10).unwrap();
+    let rows = engine.live_holds("acme", None, None, 10).unwrap();
     let ids: Vec<&str> = rows.iter().map(|r| r.request_id.as_str()).collect();
     assert_eq!(ids, ["live"]);
+    let of = |user| {
+        let rows = engine.live_holds("acme", Some(user), None, 10).unwrap();
+        rows.into_iter().map(|r| r.request_id).collect::<Vec<_>>()
+    };
+    assert_eq!(of("alice"), ["live"]);
+    assert!(of("nobody").is_empty());
     let (_, plain) = engine.authorize(SECRET, None, None);
     assert_eq!(plain.remaining_micros, Some(1_000_000 - 90_000 - 100_000));
     // The restart compacted the journal: the live holds in a new segment,
@@ -302,7 +308,7 @@ async fn a_line_the_full_disk_tore_is_cut_off_before_the_next_one() {
         "{restored:?}"
     );
     let live: Vec<String> = engine
-        .live_holds("acme", None, 1_000)
+        .live_holds("acme", None, None, 1_000)
         .unwrap()
         .into_iter()
         .map(|h| h.request_id)
@@ -381,7 +387,7 @@ async fn settle_refused_then_restart(name: &str, checkpoint: bool) {
     clock.set(T0 + 4 * MINUTE);
     let (engine, restored) = support::embedded_with(&dir, &clock, options).await;
     let live: Vec<String> = engine
-        .live_holds("acme", None, 1_000)
+        .live_holds("acme", None, None, 1_000)
         .unwrap()
         .into_iter()
         .map(|h| h.request_id)

@@ -194,22 +194,53 @@ impl Db {
         .bind(partition)
         .fetch_all(self.writer())
         .await?;
-        rows.iter()
-            .map(|r| {
-                let groups: String = r.try_get("group_ids")?;
-                Ok(StoredHold {
-                    org_id: r.try_get("org_id")?,
-                    request_id: r.try_get("request_id")?,
-                    user_id: r.try_get("user_id")?,
-                    key_id: r.try_get("key_id")?,
-                    group_ids: groups.split_whitespace().map(str::to_owned).collect(),
-                    amount_micros: r.try_get("amount_micros")?,
-                    placed_at_ms: r.try_get("placed_at_ms")?,
-                    expires_at_ms: r.try_get("expires_at_ms")?,
-                })
-            })
-            .collect()
+        stored_holds(&rows)
     }
+
+    /// Up to `limit` stored holds of one member that expire after `now_ms`,
+    /// by request id: what a process that does not meter the org shows of
+    /// them (as [`Db::held_sums`], rows settled since the owner's last
+    /// checkpoint are still there).
+    pub async fn user_holds(
+        &self,
+        org_id: &str,
+        user_id: &str,
+        now_ms: i64,
+        limit: u32,
+    ) -> Result<Vec<StoredHold>> {
+        let rows = sqlx::query(
+            "SELECT org_id, request_id, user_id, key_id, group_ids, amount_micros, \
+             placed_at_ms, expires_at_ms FROM holds \
+             WHERE org_id = $1 AND user_id = $2 AND expires_at_ms > $3 \
+             ORDER BY request_id LIMIT $4",
+        )
+        .bind(org_id)
+        .bind(user_id)
+        .bind(now_ms)
+        .bind(i64::from(limit))
+        .fetch_all(self.reader())
+        .await?;
+        stored_holds(&rows)
+    }
+}
+
+/// Holds as their rows read.
+fn stored_holds(rows: &[sqlx::any::AnyRow]) -> Result<Vec<StoredHold>> {
+    rows.iter()
+        .map(|r| {
+            let groups: String = r.try_get("group_ids")?;
+            Ok(StoredHold {
+                org_id: r.try_get("org_id")?,
+                request_id: r.try_get("request_id")?,
+                user_id: r.try_get("user_id")?,
+                key_id: r.try_get("key_id")?,
+                group_ids: groups.split_whitespace().map(str::to_owned).collect(),
+                amount_micros: r.try_get("amount_micros")?,
+                placed_at_ms: r.try_get("placed_at_ms")?,
+                expires_at_ms: r.try_get("expires_at_ms")?,
+            })
+        })
+        .collect()
 }
 
 /// The most request ids one statement of [`delete_holds`] names.

@@ -1023,6 +1023,37 @@ async fn held_sums_add_up_the_live_rows_per_scope(db: Db) {
             .unwrap(),
         vec![0]
     );
+    // One member's live rows, by request id, at most `limit`.
+    let of = |user: &'static str, limit| {
+        let db = db.clone();
+        async move {
+            let rows = db.user_holds("acme", user, now, limit).await.unwrap();
+            rows.into_iter()
+                .map(|h| (h.request_id, h.key_id, h.group_ids, h.amount_micros))
+                .collect::<Vec<_>>()
+        }
+    };
+    let groups = |g: &[&str]| g.iter().map(|g| (*g).to_owned()).collect::<Vec<_>>();
+    assert_eq!(
+        of("alice", 10).await,
+        vec![
+            ("r1".into(), "ka".into(), groups(&["eng", "ops"]), 10),
+            ("r2".into(), "ka2".into(), groups(&["eng"]), 20),
+        ]
+    );
+    assert_eq!(of("alice", 1).await.len(), 1);
+    assert_eq!(
+        of("bob", 10).await,
+        vec![("r3".into(), "kb".into(), groups(&[]), 40)],
+        "not the one past its TTL"
+    );
+    assert!(of("dave", 10).await.is_empty());
+    assert!(
+        db.user_holds("beta", "alice", now, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
 }
 
 /// A checkpoint deletes any number of settled holds (in batches), of its

@@ -438,6 +438,9 @@ pub(crate) enum Webhook {
 pub(crate) enum Holds {
     /// The org's live holds (calls in flight).
     List {
+        /// One member's holds only.
+        #[arg(long)]
+        user: Option<String>,
         #[command(flatten)]
         rows: Rows,
     },
@@ -1527,9 +1530,13 @@ pub(crate) async fn holds(
     let api = Api::new(conn, file);
     let org = seg(api.org()?)?;
     Ok(match cmd {
-        Holds::List { rows } => {
+        Holds::List { user, rows } => {
             let items = api
-                .list(&format!("/v1/orgs/{org}/holds"), &[], rows)
+                .list(
+                    &format!("/v1/orgs/{org}/holds"),
+                    &given([("user", user)]),
+                    rows,
+                )
                 .await?;
             let rows: Vec<Vec<String>> = items
                 .iter()

@@ -767,12 +767,17 @@ struct UserPage {
     keys: Vec<(String, String, String, &'static str)>,
     keys_more: bool,
     keys_href: String,
+    /// Their live holds: (request id, key id, held, placed, expires).
+    holds: Vec<(String, String, String, String, String)>,
+    holds_more: bool,
 }
 
 /// Audit entries a user's page shows.
 const USER_EVENTS: u32 = 20;
 /// Keys a user's page shows.
 const USER_KEYS: u32 = 50;
+/// Live holds a user's page shows.
+const USER_HOLDS: u32 = 50;
 
 async fn user_page(
     state: &AppState,
@@ -823,6 +828,13 @@ async fn user_page(
     .await
     .map_err(fail)?
     .0;
+    let mut holds = state
+        .engine
+        .member_holds(org_id, user_id, USER_HOLDS + 1)
+        .await
+        .map_err(|e| fail(e.into()))?;
+    let holds_more = holds.len() > USER_HOLDS as usize;
+    holds.truncate(USER_HOLDS as usize);
     let now = state.engine.now_ms();
     let month = Month::from_unix_ms(now);
     let days: Vec<(String, i64)> = detail
@@ -879,6 +891,19 @@ async fn user_page(
             })
             .collect(),
         keys_href: format!("/console/orgs/{}/keys", seg(org_id)),
+        holds: holds
+            .into_iter()
+            .map(|h| {
+                (
+                    h.request_id,
+                    h.key_id,
+                    view::usd(h.amount_micros),
+                    view::ago(h.placed_at_ms, now),
+                    view::when(h.expires_at_ms),
+                )
+            })
+            .collect(),
+        holds_more,
         layout: Layout {
             title: format!("{} · {}", user.name, org.name),
             ..layout

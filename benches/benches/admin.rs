@@ -104,6 +104,7 @@ async fn run(db: &Db, name: &str, n: &Scale) {
                 add_groups: vec![GroupId::new(&format!("g{g}")).unwrap()],
                 remove_groups: vec![],
                 monthly_limit_micros: None,
+                reset_limit: false,
                 status: None,
             },
         )
@@ -215,6 +216,7 @@ async fn run(db: &Db, name: &str, n: &Scale) {
             add_groups: vec![target],
             remove_groups: vec![],
             monthly_limit_micros: Some(Some(42_000_000)),
+            reset_limit: false,
             status: Some(UserStatus::Suspended),
         },
     )

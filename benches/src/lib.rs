@@ -44,6 +44,7 @@ pub fn org(users: u32, groups: u32) -> OrgState {
             email: format!("u{u}@bench.test"),
             name: format!("user {u}"),
             monthly_limit_micros: Some(1_000_000_000_000),
+            limit_source: tally_core::entity::LimitSource::Own,
         }));
         state.apply_entity(&ev(EventKind::UserActivated {
             user_id: user_id.clone(),

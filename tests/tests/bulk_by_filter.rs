@@ -35,13 +35,23 @@ async fn bulk_by_filter(backend: Backend) {
     for i in 0..6 {
         let id = format!("u{i}");
         let _ = op.add_active_user("acme", &id).await;
-        let _ = op
+        let joined = op
+            .get(&format!("/v1/orgs/acme/users/{id}"))
+            .await
+            .expect(200);
+        assert_eq!(
+            (&joined["monthly_limit_micros"], &joined["limit_source"]),
+            (&json!(50 * USD), &json!("org_default")),
+            "{joined}"
+        );
+        let own = op
             .patch(
                 &format!("/v1/orgs/acme/users/{id}"),
                 json!({"monthly_limit_micros": 10 * USD}),
             )
             .await
             .expect(200);
+        assert_eq!(own["limit_source"], "own", "{own}");
     }
     let _ = op
         .post(
@@ -121,13 +131,36 @@ async fn bulk_by_filter(backend: Backend) {
         .await
         .expect(200);
     assert_eq!(reset["changes"], json!({"user_limit_set": 2}), "{reset}");
-    for (user, limit) in [("u0", 50 * USD), ("u1", 50 * USD), ("u2", 10 * USD)] {
+    for (user, limit, source) in [
+        ("u0", 50 * USD, "org_default"),
+        ("u1", 50 * USD, "org_default"),
+        ("u2", 10 * USD, "own"),
+    ] {
         let u = op
             .get(&format!("/v1/orgs/acme/users/{user}"))
             .await
             .expect(200);
         assert_eq!(u["monthly_limit_micros"], limit, "{u}");
+        assert_eq!(u["limit_source"], source, "{u}");
     }
+    // The default's amount set as u0's own makes it theirs; a reset again
+    // changes nothing more.
+    let own = op
+        .patch(
+            "/v1/orgs/acme/users/u0",
+            json!({"monthly_limit_micros": 50 * USD}),
+        )
+        .await
+        .expect(200);
+    assert_eq!(own["limit_source"], "own", "{own}");
+    let again = op
+        .post(
+            "/v1/orgs/acme/users/bulk",
+            json!({"filter": {"group": "hot"}, "reset_limit": true}),
+        )
+        .await
+        .expect(200);
+    assert_eq!(again["users_changed"], 1, "u0 only: {again}");
     // A filter that matches nobody changes nothing.
     let none = op
         .post(

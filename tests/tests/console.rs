@@ -327,15 +327,16 @@ async fn console(tally: &Tally) {
     assert_eq!(csv.headers["content-type"], "text/csv; charset=utf-8");
     let lines: Vec<&str> = csv.html.lines().collect();
     assert!(
-        lines[0].starts_with("id,name,email,status,groups,monthly_limit_usd,spend_usd"),
+        lines[0]
+            .starts_with("id,name,email,status,groups,monthly_limit_usd,limit_source,spend_usd"),
         "{}",
         csv.html
     );
     assert_eq!(lines.len(), 3, "{}", csv.html);
-    assert!(lines[1].starts_with("alice,Alice <Admin>,alice@acme.test,active,eng,100.000000,75.000000,0.000000,75.00,false,1,"), "{}", lines[1]);
+    assert!(lines[1].starts_with("alice,Alice <Admin>,alice@acme.test,active,eng,100.000000,own,75.000000,0.000000,75.00,false,1,"), "{}", lines[1]);
     assert!(
         lines[2].starts_with(
-            "bob,Bob,bob@acme.test,active,eng,10.000000,10.000000,0.000000,100.00,true,1,"
+            "bob,Bob,bob@acme.test,active,eng,10.000000,own,10.000000,0.000000,100.00,true,1,"
         ),
         "{}",
         lines[2]
@@ -447,6 +448,7 @@ async fn console(tally: &Tally) {
         "$75.00",
         "of $100.00",
         "75.0 %",
+        "(own limit)",
         "eng",
         "user added",
         "member added",
@@ -1201,6 +1203,52 @@ async fn console(tally: &Tally) {
         .get("/console/orgs/acme")
         .await
         .redirects_to("/console/sign-in");
+
+    // Where a limit comes from: a member who joined on the org's default,
+    // then given one of their own (the admin's token was revoked above).
+    let _ = op
+        .patch(
+            "/v1/orgs/acme",
+            json!({"default_monthly_limit_micros": 20 * USD}),
+        )
+        .await
+        .expect(200);
+    let _ = op.add_active_user("acme", "dan").await;
+    let row = operator
+        .get("/console/orgs/acme/users?q=dan")
+        .await
+        .expect(200);
+    assert!(
+        row.html
+            .contains(r#"<span class="muted source">org default</span>"#),
+        "{}",
+        row.html
+    );
+    let dan = operator
+        .get("/console/orgs/acme/users/dan")
+        .await
+        .expect(200);
+    assert!(
+        dan.text().contains("of $20.00 (org default limit)"),
+        "{}",
+        dan.text()
+    );
+    operator
+        .post(
+            "/console/orgs/acme/users/dan",
+            &[("csrf", &dan.csrf()), ("action", "limit"), ("limit", "20")],
+        )
+        .await
+        .redirects_to("/console/orgs/acme/users/dan?done=limit");
+    let dan = operator
+        .get("/console/orgs/acme/users/dan")
+        .await
+        .expect(200);
+    assert!(
+        dan.text().contains("of $20.00 (own limit)"),
+        "{}",
+        dan.text()
+    );
 
     // One token holds at most 20 sessions: the oldest closes when a 21st
     // opens (no token can fill the table for everyone); signing in again

@@ -195,6 +195,10 @@ pub(crate) struct UserJson {
     pub groups: Vec<String>,
     /// Their monthly limit in micro-USD; `null`: unlimited.
     pub monthly_limit_micros: Option<i64>,
+    /// Where the limit comes from: `own` (set for them) or `org_default`
+    /// (the org's default, copied when they joined or when their limit was
+    /// reset to it).
+    pub limit_source: String,
     /// Their spend this month, in micro-USD.
     pub spend_micros: i64,
     /// What live holds (calls in flight) hold on it.
@@ -222,6 +226,7 @@ impl From<UserRow> for UserJson {
             status: u.status,
             groups: u.groups,
             monthly_limit_micros: u.monthly_limit_micros,
+            limit_source: u.limit_source,
             spend_micros: u.spend_micros,
             held_micros: 0,
             last_active_at: u.last_active_at_ms.map(time),

@@ -226,7 +226,11 @@ pub(crate) async fn list(
                     .limit
                     .saturating_mul(SNAPSHOT_PAGES)
                     .min(SNAPSHOT_LEN_MAX);
-                let keys = db.list_user_keys(&org_id, &query, depth).await?;
+                // From the meter's memory where this process meters the org.
+                let keys = match state.engine.live_user_keys(&org_id, &query, depth) {
+                    Some(keys) => keys,
+                    None => db.list_user_keys(&org_id, &query, depth).await?,
+                };
                 let cut = keys.len() >= depth as usize;
                 let len = query.limit as usize;
                 Some(if keys.len() > len {
@@ -502,17 +506,6 @@ pub(crate) async fn bulk(
             return Err(ApiError::invalid("give user_ids or filter (exactly one)"));
         }
     };
-    let monthly_limit_micros = if req.reset_limit {
-        let org = state
-            .engine
-            .db
-            .org(&org_id, Month::from_unix_ms(state.engine.now_ms()))
-            .await?
-            .ok_or_else(|| ApiError::not_found("no such org"))?;
-        Some(org.default_monthly_limit_micros)
-    } else {
-        req.monthly_limit_micros
-    };
     let users = user_ids.len();
     if users == 0 {
         // A filter that matches nobody: nothing to change (an empty
@@ -528,7 +521,8 @@ pub(crate) async fn bulk(
         user_ids,
         add_groups: group_ids(&req.add_groups)?,
         remove_groups: group_ids(&req.remove_groups)?,
-        monthly_limit_micros,
+        monthly_limit_micros: req.monthly_limit_micros,
+        reset_limit: req.reset_limit,
         status: req.status.as_deref().map(status).transpose()?,
     };
     let kinds = if req.dry_run {

@@ -632,6 +632,7 @@ mod tests {
             kind: EventKind::UserLimitSet {
                 user_id: user("alice"),
                 monthly_limit_micros: Some(500 * USD),
+                limit_source: crate::entity::LimitSource::Own,
             },
         };
         s.apply_entity(&raise);

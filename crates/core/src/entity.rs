@@ -106,6 +106,39 @@ impl Role {
     }
 }
 
+/// Where a member's monthly limit comes from.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum LimitSource {
+    /// Set for the member (on joining or later); also every limit set
+    /// before sources were recorded.
+    #[default]
+    Own,
+    /// The org's default for new members, copied when they joined or when
+    /// an admin reset their limit to it; later changes of the default do
+    /// not move it.
+    OrgDefault,
+}
+
+impl LimitSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LimitSource::Own => "own",
+            LimitSource::OrgDefault => "org_default",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<LimitSource> {
+        match s {
+            "own" => Some(LimitSource::Own),
+            "org_default" => Some(LimitSource::OrgDefault),
+            _ => None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum UserStatus {
@@ -192,6 +225,7 @@ pub enum EventKind {
         email: String,
         name: String,
         monthly_limit_micros: Limit,
+        limit_source: LimitSource,
     },
     UserActivated {
         user_id: UserId,
@@ -205,6 +239,7 @@ pub enum EventKind {
     UserLimitSet {
         user_id: UserId,
         monthly_limit_micros: Limit,
+        limit_source: LimitSource,
     },
     UserProfileChanged {
         user_id: UserId,
@@ -479,6 +514,9 @@ pub enum Command {
         add_groups: Vec<GroupId>,
         remove_groups: Vec<GroupId>,
         monthly_limit_micros: Option<Limit>,
+        /// Each member's limit back to the org's default (instead of
+        /// `monthly_limit_micros`).
+        reset_limit: bool,
         status: Option<UserStatus>,
     },
     CreateGroup {
@@ -611,6 +649,7 @@ pub struct User {
     pub name: String,
     pub status: UserStatus,
     pub monthly_limit_micros: Limit,
+    pub limit_source: LimitSource,
     /// Current groups, in the order joined.
     pub groups: Vec<GroupId>,
     /// Membership history still relevant to metering (see
@@ -1103,15 +1142,19 @@ impl OrgDirectory {
                 }
                 let email = check_email(email)?;
                 self.check_email_free(&email, None)?;
-                let limit = match monthly_limit_micros {
-                    Some(l) => check_limit("monthly_limit_micros", *l)?,
-                    None => self.settings.default_monthly_limit_micros,
+                let (limit, limit_source) = match monthly_limit_micros {
+                    Some(l) => (check_limit("monthly_limit_micros", *l)?, LimitSource::Own),
+                    None => (
+                        self.settings.default_monthly_limit_micros,
+                        LimitSource::OrgDefault,
+                    ),
                 };
                 let mut events = vec![EventKind::UserAdded {
                     user_id: user_id.clone(),
                     email,
                     name: check_name("name", name)?,
                     monthly_limit_micros: limit,
+                    limit_source,
                 }];
                 if *activate {
                     events.push(EventKind::UserActivated {
@@ -1154,10 +1197,12 @@ impl OrgDirectory {
                 }
                 if let Some(limit) = monthly_limit_micros {
                     let limit = check_limit("monthly_limit_micros", *limit)?;
-                    if limit != user.monthly_limit_micros {
+                    // The default's amount set as their own makes it theirs.
+                    if (limit, LimitSource::Own) != (user.monthly_limit_micros, user.limit_source) {
                         events.push(EventKind::UserLimitSet {
                             user_id: user_id.clone(),
                             monthly_limit_micros: limit,
+                            limit_source: LimitSource::Own,
                         });
                     }
                 }
@@ -1171,14 +1216,24 @@ impl OrgDirectory {
                 add_groups,
                 remove_groups,
                 monthly_limit_micros,
+                reset_limit,
                 status,
-            } => self.handle_bulk(
-                user_ids,
-                add_groups,
-                remove_groups,
-                *monthly_limit_micros,
-                *status,
-            )?,
+            } => {
+                let limit = match (monthly_limit_micros, reset_limit) {
+                    (Some(_), true) => {
+                        return Err(CommandError::Invalid(
+                            "give monthly_limit_micros or reset_limit, not both".into(),
+                        ));
+                    }
+                    (Some(l), false) => Some((*l, LimitSource::Own)),
+                    (None, true) => Some((
+                        self.settings.default_monthly_limit_micros,
+                        LimitSource::OrgDefault,
+                    )),
+                    (None, false) => None,
+                };
+                self.handle_bulk(user_ids, add_groups, remove_groups, limit, *status)?
+            }
             Command::CreateGroup {
                 group_id,
                 name,
@@ -1447,7 +1502,7 @@ impl OrgDirectory {
         user_ids: &[UserId],
         add_groups: &[GroupId],
         remove_groups: &[GroupId],
-        limit: Option<Limit>,
+        limit: Option<(Limit, LimitSource)>,
         status: Option<UserStatus>,
     ) -> CmdResult<Vec<EventKind>> {
         if user_ids.is_empty() || user_ids.len() > BULK_USERS_MAX {
@@ -1458,7 +1513,8 @@ impl OrgDirectory {
         if add_groups.is_empty() && remove_groups.is_empty() && limit.is_none() && status.is_none()
         {
             return Err(CommandError::Invalid(
-                "a bulk change needs add_groups, remove_groups, monthly_limit_micros or status"
+                "a bulk change needs add_groups, remove_groups, monthly_limit_micros, \
+                 reset_limit or status"
                     .into(),
             ));
         }
@@ -1476,7 +1532,7 @@ impl OrgDirectory {
             let _ = self.group(g)?;
         }
         let limit = limit
-            .map(|l| check_limit("monthly_limit_micros", l))
+            .map(|(l, source)| CmdResult::Ok((check_limit("monthly_limit_micros", l)?, source)))
             .transpose()?;
         let mut seen = HashSet::with_capacity_and_hasher(user_ids.len(), Default::default());
         let mut events = Vec::new();
@@ -1516,12 +1572,13 @@ impl OrgDirectory {
                     "user {user_id:?} would be in more than {GROUPS_PER_SUBJECT_MAX} groups"
                 )));
             }
-            if let Some(limit) = limit
-                && limit != user.monthly_limit_micros
+            if let Some((limit, limit_source)) = limit
+                && (limit, limit_source) != (user.monthly_limit_micros, user.limit_source)
             {
                 events.push(EventKind::UserLimitSet {
                     user_id: user_id.clone(),
                     monthly_limit_micros: limit,
+                    limit_source,
                 });
             }
             if let Some(status) = status {
@@ -1605,6 +1662,7 @@ impl OrgDirectory {
                 email,
                 name,
                 monthly_limit_micros,
+                limit_source,
             } => {
                 let idx = dense_idx(self.user_ids.len());
                 self.user_ids.push(user_id.clone());
@@ -1620,6 +1678,7 @@ impl OrgDirectory {
                         name: name.clone(),
                         status: UserStatus::Invited,
                         monthly_limit_micros: *monthly_limit_micros,
+                        limit_source: *limit_source,
                         groups: Vec::new(),
                         memberships: Vec::new(),
                         created_at_ms: at,
@@ -1648,8 +1707,11 @@ impl OrgDirectory {
             EventKind::UserLimitSet {
                 user_id,
                 monthly_limit_micros,
+                limit_source,
             } => {
-                self.user_mut(user_id).monthly_limit_micros = *monthly_limit_micros;
+                let user = self.user_mut(user_id);
+                user.monthly_limit_micros = *monthly_limit_micros;
+                user.limit_source = *limit_source;
             }
             EventKind::UserProfileChanged {
                 user_id,
@@ -1918,12 +1980,22 @@ pub(crate) mod tests {
         }
     }
 
+    /// A member added with a limit of their own.
     pub(crate) fn added(id: &str, limit: Limit) -> EventKind {
         EventKind::UserAdded {
             user_id: user(id),
             email: format!("{id}@acme.test"),
             name: id.to_uppercase(),
             monthly_limit_micros: limit,
+            limit_source: LimitSource::Own,
+        }
+    }
+
+    fn limit_set(id: &str, limit: Limit, limit_source: LimitSource) -> EventKind {
+        EventKind::UserLimitSet {
+            user_id: user(id),
+            monthly_limit_micros: limit,
+            limit_source,
         }
     }
 
@@ -2086,7 +2158,84 @@ pub(crate) mod tests {
                 monthly_limit_micros: None,
                 activate: false,
             })
-            .then_expect_events(vec![added("alice", Some(50 * USD))]);
+            .then_expect_events(vec![EventKind::UserAdded {
+                user_id: user("alice"),
+                email: "alice@acme.test".into(),
+                name: "ALICE".into(),
+                monthly_limit_micros: Some(50 * USD),
+                limit_source: LimitSource::OrgDefault,
+            }]);
+    }
+
+    #[test]
+    fn a_limit_remembers_whether_it_is_the_members_own_or_the_org_default() {
+        let joined = EventKind::UserAdded {
+            user_id: user("a"),
+            email: "a@acme.test".into(),
+            name: "A".into(),
+            monthly_limit_micros: Some(50 * USD),
+            limit_source: LimitSource::OrgDefault,
+        };
+        let base = vec![created(Some(50 * USD)), joined];
+        let set = |limit| Command::UpdateUser {
+            user_id: user("a"),
+            email: None,
+            name: None,
+            monthly_limit_micros: Some(limit),
+            status: None,
+        };
+        // The default's own amount, set for them, becomes theirs.
+        let mut own = base.clone();
+        own.push(limit_set("a", Some(50 * USD), LimitSource::Own));
+        let dir = given(base.clone())
+            .when(set(Some(50 * USD)))
+            .then_expect_events(vec![own[2].clone()]);
+        assert_eq!(dir.users["a"].limit_source, LimitSource::Own);
+        // Set again: nothing changes.
+        let _ = given(own.clone())
+            .when(set(Some(50 * USD)))
+            .then_expect_events(vec![]);
+        // A reset puts the org's default back, as the default.
+        let reset = |user_ids| Command::BulkUpdateUsers {
+            user_ids,
+            add_groups: vec![],
+            remove_groups: vec![],
+            monthly_limit_micros: None,
+            reset_limit: true,
+            status: None,
+        };
+        let dir = given(own)
+            .when(reset(vec![user("a")]))
+            .then_expect_events(vec![limit_set(
+                "a",
+                Some(50 * USD),
+                LimitSource::OrgDefault,
+            )]);
+        assert_eq!(dir.users["a"].limit_source, LimitSource::OrgDefault);
+        let _ = given(base.clone())
+            .when(reset(vec![user("a")]))
+            .then_expect_events(vec![]);
+        // Reset after the default moved: the new default.
+        let mut moved = base.clone();
+        moved.push(EventKind::OrgSettingsChanged {
+            name: "Acme".into(),
+            default_monthly_limit_micros: None,
+            alert_thresholds_bps: vec![5000, 8000, 10000],
+        });
+        let _ = given(moved)
+            .when(reset(vec![user("a")]))
+            .then_expect_events(vec![limit_set("a", None, LimitSource::OrgDefault)]);
+        // Both a limit and a reset: refused.
+        given(base)
+            .when(Command::BulkUpdateUsers {
+                user_ids: vec![user("a")],
+                add_groups: vec![],
+                remove_groups: vec![],
+                monthly_limit_micros: Some(None),
+                reset_limit: true,
+                status: None,
+            })
+            .then_expect_error(|e| matches!(e, CommandError::Invalid(m) if m.contains("not both")));
     }
 
     #[test]
@@ -2437,29 +2586,21 @@ pub(crate) mod tests {
                 add_groups: vec![group("eng")],
                 remove_groups: vec![],
                 monthly_limit_micros: Some(Some(USD)),
+                reset_limit: false,
                 status: None,
             })
             .then_expect_events(vec![
-                EventKind::UserLimitSet {
-                    user_id: user("a"),
-                    monthly_limit_micros: Some(USD),
-                },
+                limit_set("a", Some(USD), LimitSource::Own),
                 EventKind::MemberAdded {
                     group_id: group("eng"),
                     user_id: user("b"),
                 },
-                EventKind::UserLimitSet {
-                    user_id: user("b"),
-                    monthly_limit_micros: Some(USD),
-                },
+                limit_set("b", Some(USD), LimitSource::Own),
                 EventKind::MemberAdded {
                     group_id: group("eng"),
                     user_id: user("c"),
                 },
-                EventKind::UserLimitSet {
-                    user_id: user("c"),
-                    monthly_limit_micros: Some(USD),
-                },
+                limit_set("c", Some(USD), LimitSource::Own),
             ]);
         assert_eq!(dir.groups["eng"].members.len(), 3);
         // One unknown user refuses the whole change.
@@ -2469,6 +2610,7 @@ pub(crate) mod tests {
                 add_groups: vec![],
                 remove_groups: vec![],
                 monthly_limit_micros: None,
+                reset_limit: false,
                 status: Some(UserStatus::Suspended),
             })
             .then_expect_error(|e| matches!(e, CommandError::NotFound { what: "user", .. }));

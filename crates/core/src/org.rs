@@ -244,6 +244,7 @@ impl OrgState {
                 EventKind::UserLimitSet {
                     user_id,
                     monthly_limit_micros,
+                    ..
                 } => (Subject::User(dir.users[user_id].idx), *monthly_limit_micros),
                 EventKind::GroupLimitSet {
                     group_id,
@@ -618,6 +619,7 @@ mod tests {
             kind: EventKind::UserLimitSet {
                 user_id: user("alice"),
                 monthly_limit_micros: limit,
+                limit_source: crate::entity::LimitSource::Own,
             },
         };
         s.apply_entity(&event);

@@ -10,6 +10,7 @@ pub mod embedded;
 pub mod gauges;
 pub mod health;
 pub mod holds;
+pub mod listing;
 pub mod meter;
 pub mod metrics;
 pub mod registry;

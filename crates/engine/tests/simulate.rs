@@ -771,6 +771,7 @@ impl Sim {
             add_groups,
             remove_groups,
             monthly_limit_micros: Some(limit),
+            reset_limit: false,
             status: None,
         };
         if !self.command(cmd).await {

@@ -1,7 +1,7 @@
 //! Conversions between the generated types and the core's.
 
 use prost::Message;
-use tally_core::entity::{Actor, EntityEvent, EventKind, Role};
+use tally_core::entity::{Actor, EntityEvent, EventKind, LimitSource, Role};
 use tally_core::ids::{GroupId, IdError, KeyId, OrgId, TokenId, UserId};
 use tally_core::usage::{RawUsage, UsageError, UsageEvent};
 
@@ -84,6 +84,14 @@ pub fn decode_usage_batch(bytes: &[u8]) -> Result<Vec<UsageEvent>, ConvertError>
         .collect()
 }
 
+fn source(from_default: bool) -> LimitSource {
+    if from_default {
+        LimitSource::OrgDefault
+    } else {
+        LimitSource::Own
+    }
+}
+
 fn id<T>(f: fn(&str) -> Result<T, IdError>, s: &str) -> Result<T, ConvertError> {
     Ok(f(s)?)
 }
@@ -147,11 +155,13 @@ pub fn encode_entity_event(e: &EntityEvent) -> Vec<u8> {
             email,
             name,
             monthly_limit_micros,
+            limit_source,
         } => K::UserAdded(v1::UserAdded {
             user_id: user_id.to_string(),
             email: email.clone(),
             name: name.clone(),
             monthly_limit_micros: *monthly_limit_micros,
+            limit_from_default: *limit_source == LimitSource::OrgDefault,
         }),
         EventKind::UserActivated { user_id } => K::UserActivated(v1::UserActivated {
             user_id: user_id.to_string(),
@@ -165,9 +175,11 @@ pub fn encode_entity_event(e: &EntityEvent) -> Vec<u8> {
         EventKind::UserLimitSet {
             user_id,
             monthly_limit_micros,
+            limit_source,
         } => K::UserLimitSet(v1::UserLimitSet {
             user_id: user_id.to_string(),
             monthly_limit_micros: *monthly_limit_micros,
+            limit_from_default: *limit_source == LimitSource::OrgDefault,
         }),
         EventKind::UserProfileChanged {
             user_id,
@@ -327,6 +339,7 @@ pub fn decode_entity_event(bytes: &[u8]) -> Result<EntityEvent, ConvertError> {
             email: k.email,
             name: k.name,
             monthly_limit_micros: k.monthly_limit_micros,
+            limit_source: source(k.limit_from_default),
         },
         K::UserActivated(k) => EventKind::UserActivated {
             user_id: id(UserId::new, &k.user_id)?,
@@ -340,6 +353,7 @@ pub fn decode_entity_event(bytes: &[u8]) -> Result<EntityEvent, ConvertError> {
         K::UserLimitSet(k) => EventKind::UserLimitSet {
             user_id: id(UserId::new, &k.user_id)?,
             monthly_limit_micros: k.monthly_limit_micros,
+            limit_source: source(k.limit_from_default),
         },
         K::UserProfileChanged(k) => EventKind::UserProfileChanged {
             user_id: id(UserId::new, &k.user_id)?,
@@ -497,6 +511,14 @@ mod tests {
                 email: "a@b".into(),
                 name: "A".into(),
                 monthly_limit_micros: None,
+                limit_source: LimitSource::OrgDefault,
+            },
+            EventKind::UserAdded {
+                user_id: u(),
+                email: "a@b".into(),
+                name: "A".into(),
+                monthly_limit_micros: Some(3),
+                limit_source: LimitSource::Own,
             },
             EventKind::UserActivated { user_id: u() },
             EventKind::UserSuspended { user_id: u() },
@@ -504,6 +526,12 @@ mod tests {
             EventKind::UserLimitSet {
                 user_id: u(),
                 monthly_limit_micros: Some(7),
+                limit_source: LimitSource::Own,
+            },
+            EventKind::UserLimitSet {
+                user_id: u(),
+                monthly_limit_micros: None,
+                limit_source: LimitSource::OrgDefault,
             },
             EventKind::UserProfileChanged {
                 user_id: u(),

@@ -513,14 +513,18 @@ async fn project(tx: &mut WriteTx, e: &EntityEvent) -> Result<()> {
             email,
             name,
             monthly_limit_micros,
+            limit_source,
         } => exec!(
             "INSERT INTO users (org_id, id, email, name, status, monthly_limit_micros, \
-             created_at_ms, updated_at_ms) VALUES ($1, $2, $3, $4, 'invited', $5, $6, $6)",
+             limit_source, search_text, created_at_ms, updated_at_ms) \
+             VALUES ($1, $2, $3, $4, 'invited', $5, $6, $7, $8, $8)",
             org,
             user_id.as_str(),
             email.as_str(),
             name.as_str(),
             *monthly_limit_micros,
+            limit_source.as_str(),
+            crate::query::search_text(user_id.as_str(), name, email),
             at,
         ),
         EventKind::UserActivated { user_id } => exec!(
@@ -553,12 +557,14 @@ async fn project(tx: &mut WriteTx, e: &EntityEvent) -> Result<()> {
         EventKind::UserLimitSet {
             user_id,
             monthly_limit_micros,
+            limit_source,
         } => exec!(
-            "UPDATE users SET monthly_limit_micros = $3, updated_at_ms = $4 \
+            "UPDATE users SET monthly_limit_micros = $3, limit_source = $4, updated_at_ms = $5 \
              WHERE org_id = $1 AND id = $2",
             org,
             user_id.as_str(),
             *monthly_limit_micros,
+            limit_source.as_str(),
             at,
         ),
         EventKind::UserProfileChanged {
@@ -566,12 +572,13 @@ async fn project(tx: &mut WriteTx, e: &EntityEvent) -> Result<()> {
             email,
             name,
         } => exec!(
-            "UPDATE users SET email = $3, name = $4, updated_at_ms = $5 \
+            "UPDATE users SET email = $3, name = $4, search_text = $5, updated_at_ms = $6 \
              WHERE org_id = $1 AND id = $2",
             org,
             user_id.as_str(),
             email.as_str(),
             name.as_str(),
+            crate::query::search_text(user_id.as_str(), name, email),
             at,
         ),
         EventKind::GroupCreated {
@@ -877,7 +884,7 @@ async fn project_bulk(tx: &mut WriteTx, events: &[EntityEvent]) -> Result<bool> 
     let at = events[0].at_ms;
     let mut removed: BTreeMap<&str, Vec<String>> = BTreeMap::new();
     let mut added = Vec::new();
-    let mut limits: BTreeMap<Option<i64>, Vec<String>> = BTreeMap::new();
+    let mut limits: BTreeMap<(Option<i64>, &'static str), Vec<String>> = BTreeMap::new();
     let mut statuses: BTreeMap<&'static str, Vec<String>> = BTreeMap::new();
     for e in events {
         match &e.kind {
@@ -896,9 +903,10 @@ async fn project_bulk(tx: &mut WriteTx, events: &[EntityEvent]) -> Result<bool> 
             EventKind::UserLimitSet {
                 user_id,
                 monthly_limit_micros,
+                limit_source,
             } => {
                 limits
-                    .entry(*monthly_limit_micros)
+                    .entry((*monthly_limit_micros, limit_source.as_str()))
                     .or_default()
                     .push(user_id.to_string());
             }
@@ -939,11 +947,17 @@ async fn project_bulk(tx: &mut WriteTx, events: &[EntityEvent]) -> Result<bool> 
         added,
     )
     .await?;
-    for (limit, users) in limits {
+    for ((limit, source), users) in limits {
         exec_in(
             tx,
-            "UPDATE users SET monthly_limit_micros = $2, updated_at_ms = $3 WHERE org_id = $1 AND id",
-            &[Val::Text(org.clone()), Val::OptInt(limit), Val::Int(at)],
+            "UPDATE users SET monthly_limit_micros = $2, limit_source = $3, updated_at_ms = $4 \
+             WHERE org_id = $1 AND id",
+            &[
+                Val::Text(org.clone()),
+                Val::OptInt(limit),
+                Val::Text(source.to_owned()),
+                Val::Int(at),
+            ],
             &users,
         )
         .await?;

@@ -19,11 +19,22 @@ pub const PAGE_LEN_MAX: u32 = 1_000;
 /// Months of history a detail shows.
 pub const HISTORY_MONTHS: i64 = 13;
 
-/// Utilization in SQL: parts per million of the limit, computed exactly in
-/// integers. Spend is capped at 9e12 micro-USD (9 million USD) first so the
-/// product cannot overflow; a user past that sorts as if at the cap.
+/// Utilization, the listing's sort key: parts per million of the limit,
+/// computed exactly in integers. Spend is capped at 9e12 micro-USD (9
+/// million USD) first so the product cannot overflow; a user past that
+/// sorts as if at the cap.
 const PPM: i64 = 1_000_000;
-const SPEND_CAP_FOR_RATIO: &str = "9000000000000";
+const SPEND_CAP_FOR_RATIO: i64 = 9_000_000_000_000;
+
+/// A member's utilization as the listing sorts by it (see [`PPM`]): -1
+/// without a limit.
+pub fn utilization_ppm(spend_micros: i64, limit_micros: Option<i64>) -> i64 {
+    match limit_micros {
+        None => -1,
+        // Limits are at least 1 micro-USD (`check_limit`).
+        Some(limit) => spend_micros.min(SPEND_CAP_FOR_RATIO) * PPM / limit.max(1),
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct OrgRow {
@@ -60,6 +71,8 @@ pub struct UserRow {
     pub name: String,
     pub status: String,
     pub monthly_limit_micros: Option<i64>,
+    /// `own` or `org_default`.
+    pub limit_source: String,
     pub groups: Vec<String>,
     pub spend_micros: i64,
     pub requests: i64,
@@ -205,6 +218,7 @@ fn user_row(r: &AnyRow) -> Result<UserRow> {
         name: r.try_get("name")?,
         status: r.try_get("status")?,
         monthly_limit_micros: r.try_get("monthly_limit_micros")?,
+        limit_source: r.try_get("limit_source")?,
         groups: Vec::new(),
         spend_micros: r.try_get("spend_micros")?,
         requests: r.try_get("requests")?,
@@ -213,12 +227,19 @@ fn user_row(r: &AnyRow) -> Result<UserRow> {
     })
 }
 
+/// What a search matches in a member's row: id, name and email, lowercased
+/// (Unicode), a line apart so no match spans two of them. Kept in
+/// `users.search_text` so a search reads one column instead of folding
+/// three per row.
+pub(crate) fn search_text(id: &str, name: &str, email: &str) -> String {
+    format!("{id}\n{name}\n{email}").to_lowercase()
+}
+
 fn escape_like(s: &str) -> String {
     let mut out = String::with_capacity(s.len() + 2);
     out.push('%');
-    // ASCII only: SQL LOWER folds ASCII letters only, and both sides must
-    // fold alike.
-    for c in s.to_ascii_lowercase().chars() {
+    // Folded as `search_text` is.
+    for c in s.to_lowercase().chars() {
         if matches!(c, '%' | '_' | '\\') {
             out.push('\\');
         }
@@ -239,7 +260,10 @@ impl Db {
         format!(
             "(CASE WHEN u.monthly_limit_micros IS NULL THEN -1 ELSE \
              {} * {PPM} / u.monthly_limit_micros END)",
-            self.least("COALESCE(s.spend_micros, 0)", SPEND_CAP_FOR_RATIO)
+            self.least(
+                "COALESCE(s.spend_micros, 0)",
+                &SPEND_CAP_FOR_RATIO.to_string()
+            )
         )
     }
 
@@ -372,11 +396,14 @@ impl Db {
             None => "users u",
         };
         if let Some(text) = &q.filter.q {
-            let p = b.push(SortValue::Text(escape_like(text)));
-            filters.push(format!(
-                "(LOWER(u.id) LIKE {p} ESCAPE '\\' OR LOWER(u.name) LIKE {p} ESCAPE '\\' \
-                 OR LOWER(u.email) LIKE {p} ESCAPE '\\')"
-            ));
+            // Ids, names and emails hold no line break: a search with one
+            // matches nobody (in `search_text` it would span two fields).
+            filters.push(if text.contains('\n') {
+                "1 = 0".to_owned()
+            } else {
+                let p = b.push(SortValue::Text(escape_like(text)));
+                format!("u.search_text LIKE {p} ESCAPE '\\'")
+            });
         }
         if let Some(bps) = q.filter.min_utilization_bps {
             // utilization >= bps / 10 000  ⇔  ppm >= bps * 100
@@ -411,7 +438,7 @@ impl Db {
             format!("u.id, {key} AS sort_key")
         } else {
             format!(
-                "u.id, u.email, u.name, u.status, u.monthly_limit_micros, u.created_at_ms, \
+                "u.id, u.email, u.name, u.status, u.monthly_limit_micros, u.limit_source, u.created_at_ms, \
                  COALESCE(s.spend_micros, 0) AS spend_micros, COALESCE(s.requests, 0) AS requests, \
                  {LAST_ACTIVE_SQL} AS last_at_ms, {key} AS sort_key"
             )
@@ -509,7 +536,7 @@ impl Db {
             return Ok(Vec::new());
         }
         let sql = format!(
-            "SELECT u.id, u.email, u.name, u.status, u.monthly_limit_micros, u.created_at_ms, \
+            "SELECT u.id, u.email, u.name, u.status, u.monthly_limit_micros, u.limit_source, u.created_at_ms, \
              COALESCE(s.spend_micros, 0) AS spend_micros, COALESCE(s.requests, 0) AS requests, \
              {LAST_ACTIVE_SQL} AS last_at_ms \
              FROM users u LEFT JOIN spend_monthly s ON s.org_id = u.org_id AND s.kind = 'user' \
@@ -566,7 +593,7 @@ impl Db {
         month: Month,
     ) -> Result<Option<UserRow>> {
         let sql = format!(
-            "SELECT u.id, u.email, u.name, u.status, u.monthly_limit_micros, u.created_at_ms, \
+            "SELECT u.id, u.email, u.name, u.status, u.monthly_limit_micros, u.limit_source, u.created_at_ms, \
              COALESCE(s.spend_micros, 0) AS spend_micros, COALESCE(s.requests, 0) AS requests, \
              {LAST_ACTIVE_SQL} AS last_at_ms \
              FROM users u LEFT JOIN spend_monthly s ON s.org_id = u.org_id AND s.kind = 'user' \

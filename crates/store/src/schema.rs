@@ -357,6 +357,21 @@ CREATE INDEX console_sessions_by_token ON console_sessions (token_hash, created_
                (org_id, subject_kind, subject_id, at_ms);\n\
                CREATE INDEX api_keys_by_owner ON api_keys (org_id, user_id, id);"
         .to_owned();
+    // v15: where a member's limit comes from (`own` or `org_default`;
+    // members added before are taken as their own), and what a search
+    // matches (`query::search_text`: id, name and email lowercased, a line
+    // apart). Rows already there are folded by the database's LOWER here,
+    // which on SQLite folds ASCII letters only; `rebuild-projections`
+    // folds them as new rows are.
+    let newline = match backend {
+        Backend::Sqlite => "char(10)",
+        Backend::Postgres => "chr(10)",
+    };
+    let v15 = format!(
+        "ALTER TABLE users ADD COLUMN limit_source TEXT NOT NULL DEFAULT 'own';\n\
+         ALTER TABLE users ADD COLUMN search_text TEXT NOT NULL DEFAULT '';\n\
+         UPDATE users SET search_text = LOWER(id || {newline} || name || {newline} || email);"
+    );
     vec![
         (1, v1 + &append_only),
         (2, v2),
@@ -372,5 +387,6 @@ CREATE INDEX console_sessions_by_token ON console_sessions (token_hash, created_
         (12, v12),
         (13, v13),
         (14, v14),
+        (15, v15),
     ]
 }

@@ -357,7 +357,23 @@ async fn rebuild_gives_the_same_read_models(db: Db) {
             add_groups: vec![GroupId::new("g").unwrap()],
             remove_groups: vec![],
             monthly_limit_micros: None,
+            reset_limit: false,
             status: Some(UserStatus::Suspended),
+        },
+    )
+    .await;
+    // Their limits back to the org's default, projected set-wise too.
+    org.run(
+        &db,
+        Command::BulkUpdateUsers {
+            user_ids: (0..10)
+                .map(|i| UserId::new(&format!("u{i:02}")).unwrap())
+                .collect(),
+            add_groups: vec![],
+            remove_groups: vec![],
+            monthly_limit_micros: None,
+            reset_limit: true,
+            status: None,
         },
     )
     .await;
@@ -374,6 +390,7 @@ async fn rebuild_gives_the_same_read_models(db: Db) {
             add_groups: vec![GroupId::new("h").unwrap()],
             remove_groups: vec![GroupId::new("g").unwrap()],
             monthly_limit_micros: Some(Some(77)),
+            reset_limit: false,
             status: Some(UserStatus::Removed),
         },
     )
@@ -426,6 +443,16 @@ async fn rebuild_gives_the_same_read_models(db: Db) {
     assert_eq!(before.1[0].member_count, 5, "u05..u09 left g");
     assert_eq!(before.1[1].member_count, 0, "removed users leave h too");
     assert_eq!(before.2[0].group_ids, vec!["g".to_string()]);
+    let default = org.dir.settings.default_monthly_limit_micros;
+    for (id, want) in [
+        ("u00", ("org_default", default)),
+        ("u05", ("own", Some(77))),
+        ("u20", ("own", Some(1_020))),
+    ] {
+        let u = db.user(&org.dir.id, id, month()).await.unwrap().unwrap();
+        let got = (u.limit_source.as_str(), u.monthly_limit_micros);
+        assert_eq!(got, want, "{id}: reset, reset then set, given on joining");
+    }
     let mut calls = 0;
     let n = db.rebuild_projections(|_| calls += 1).await.unwrap();
     assert_eq!(n, org.dir.seq);
@@ -468,6 +495,7 @@ async fn users_sort_filter_and_paginate(db: Db) {
             add_groups: vec![GroupId::new("eng").unwrap()],
             remove_groups: vec![],
             monthly_limit_micros: None,
+            reset_limit: false,
             status: None,
         },
     )
@@ -580,6 +608,33 @@ async fn users_sort_filter_and_paginate(db: Db) {
         id: "a1".into(),
     });
     assert!(db.list_users(&org.dir.id, &q).await.is_err());
+    // A search folds case beyond ASCII, matches id, name or email but
+    // never across two of them, and follows a change of name.
+    let acme = org.dir.id.clone();
+    let search = async |text: &str| {
+        let mut q = query(UserSort::Name, false);
+        q.filter.q = Some(text.into());
+        let rows = db.list_users(&acme, &q).await.unwrap().0;
+        rows.into_iter().map(|u| u.id).collect::<Vec<_>>()
+    };
+    assert_eq!(search("ÈVE").await, ["a6"]);
+    assert_eq!(search("ève").await, ["a6"]);
+    assert_eq!(search("A6@EXAMPLE").await, ["a6"]);
+    assert!(search("a6\nève").await.is_empty());
+    assert!(search("amelia").await.is_empty());
+    org.run(
+        &db,
+        Command::UpdateUser {
+            user_id: UserId::new("a2").unwrap(),
+            email: None,
+            name: Some("Amelia".into()),
+            monthly_limit_micros: None,
+            status: None,
+        },
+    )
+    .await;
+    assert_eq!(search("AMELIA").await, ["a2"]);
+    assert!(search("amy").await.is_empty());
 }
 
 async fn checkpoints_round_trip(db: Db) {

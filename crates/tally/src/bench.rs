@@ -1554,6 +1554,7 @@ async fn seed_members(db_url: &str, org: &str, users: u32, groups: u32) -> anyho
                     add_groups: vec![GroupId::new(&format!("g{g}"))?],
                     remove_groups: vec![],
                     monthly_limit_micros: None,
+                    reset_limit: false,
                     status: None,
                 },
                 &mut pending,

@@ -40,7 +40,7 @@ fn field(s: &str) -> String {
     }
 }
 
-const HEADER: &str = "id,name,email,status,groups,monthly_limit_usd,spend_usd,held_usd,\
+const HEADER: &str = "id,name,email,status,groups,monthly_limit_usd,limit_source,spend_usd,held_usd,\
                       used_percent,cut_off,requests,last_active_at\n";
 
 fn row(out: &mut String, u: &UserJson) {
@@ -59,6 +59,7 @@ fn row(out: &mut String, u: &UserJson) {
         field(&u.status),
         field(&u.groups.join(";")),
         u.monthly_limit_micros.map_or_else(String::new, dollars),
+        field(&u.limit_source),
         dollars(u.spend_micros),
         dollars(u.held_micros),
         used,

@@ -151,6 +151,8 @@ pub(super) struct UserLine {
     pub(super) last_active: String,
     pub(super) groups: Vec<(String, String)>,
     pub(super) limit: String,
+    /// Where the limit comes from: `own` or `org default`.
+    pub(super) limit_source: &'static str,
     pub(super) limit_input: String,
     pub(super) spend: String,
     pub(super) held: String,
@@ -180,6 +182,11 @@ pub(super) fn user_line(org: &str, u: UserJson, thresholds: &[u32], now_ms: i64)
             })
             .collect(),
         limit: view::limit(u.monthly_limit_micros),
+        limit_source: if u.limit_source == "org_default" {
+            "org default"
+        } else {
+            "own"
+        },
         limit_input: view::amount_input(u.monthly_limit_micros),
         spend: view::usd(u.spend_micros),
         held: if u.held_micros > 0 {

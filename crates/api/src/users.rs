@@ -227,7 +227,7 @@ pub(crate) async fn list(
                     .saturating_mul(SNAPSHOT_PAGES)
                     .min(SNAPSHOT_LEN_MAX);
                 // From the meter's memory where this process meters the org.
-                let keys = match state.engine.live_user_keys(&org_id, &query, depth) {
+                let keys = match state.engine.live_user_keys(&org_id, &query, depth).await? {
                     Some(keys) => keys,
                     None => db.list_user_keys(&org_id, &query, depth).await?,
                 };

@@ -898,7 +898,9 @@ impl crate::Engine {
         limit: u32,
     ) -> Result<Vec<StoredHold>> {
         match self.live_holds(org_id, Some(user_id), None, limit as usize) {
-            Err(Error::NotOwner { .. }) => {
+            // Another process places them, or this one has not yet folded
+            // the org: what the stored holds say.
+            Err(Error::NotOwner { .. } | Error::UnknownOrg) => {
                 let now = self.clock.now_ms();
                 Ok(self.db.user_holds(org_id, user_id, now, limit).await?)
             }

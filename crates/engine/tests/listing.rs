@@ -156,6 +156,8 @@ async fn memory_orders_members_as_sql_does() {
                     let sql = engine.db.list_user_keys(&org, &q, max).await.unwrap();
                     let memory = engine
                         .live_user_keys(&org, &q, max)
+                        .await
+                        .unwrap()
                         .expect("this process meters acme");
                     assert_eq!(
                         memory, sql,
@@ -189,6 +191,7 @@ async fn memory_orders_members_as_sql_does() {
         q(UserSort::Spend, UserFilter::default(), month.prev()),
     ];
     for q in none {
-        assert!(engine.live_user_keys(&org, &q, 10).is_none(), "{q:?}");
+        let none = engine.live_user_keys(&org, &q, 10).await.unwrap();
+        assert!(none.is_none(), "{q:?}");
     }
 }

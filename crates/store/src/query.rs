@@ -227,19 +227,21 @@ fn user_row(r: &AnyRow) -> Result<UserRow> {
     })
 }
 
-/// What a search matches in a member's row: id, name and email, lowercased
-/// (Unicode), a line apart so no match spans two of them. Kept in
-/// `users.search_text` so a search reads one column instead of folding
-/// three per row.
+/// What a search matches in a member's row: id, name and email with ASCII
+/// letters lowercased (as SQL `LOWER` folds them on both backends, so rows
+/// the v15 migration filled match alike), a line apart so no match spans
+/// two of them. Kept in `users.search_text` so a search reads one column
+/// instead of folding three per row.
 pub(crate) fn search_text(id: &str, name: &str, email: &str) -> String {
-    format!("{id}\n{name}\n{email}").to_lowercase()
+    format!("{id}\n{name}\n{email}").to_ascii_lowercase()
 }
 
 fn escape_like(s: &str) -> String {
     let mut out = String::with_capacity(s.len() + 2);
     out.push('%');
-    // Folded as `search_text` is.
-    for c in s.to_lowercase().chars() {
+    // ASCII only: SQL LOWER folds ASCII letters only (SQLite, and
+    // PostgreSQL under collation "C"), and both sides must fold alike.
+    for c in s.to_ascii_lowercase().chars() {
         if matches!(c, '%' | '_' | '\\') {
             out.push('\\');
         }

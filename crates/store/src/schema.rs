@@ -360,9 +360,8 @@ CREATE INDEX console_sessions_by_token ON console_sessions (token_hash, created_
     // v15: where a member's limit comes from (`own` or `org_default`;
     // members added before are taken as their own), and what a search
     // matches (`query::search_text`: id, name and email lowercased, a line
-    // apart). Rows already there are folded by the database's LOWER here,
-    // which on SQLite folds ASCII letters only; `rebuild-projections`
-    // folds them as new rows are.
+    // apart), filled here by the database's LOWER, which folds ASCII
+    // letters only as `search_text` does (SQLite; PostgreSQL under "C").
     let newline = match backend {
         Backend::Sqlite => "char(10)",
         Backend::Postgres => "chr(10)",

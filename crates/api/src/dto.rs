@@ -181,6 +181,27 @@ pub(crate) struct OrgListJson {
     pub created_at: String,
 }
 
+/// Where a member's monthly limit comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum LimitSourceJson {
+    /// Set for them (on joining or later), or set before sources were
+    /// recorded.
+    Own,
+    /// The org's default, copied when they joined or when their limit was
+    /// reset to it; a later change of the default does not move it.
+    OrgDefault,
+}
+
+impl LimitSourceJson {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            LimitSourceJson::Own => "own",
+            LimitSourceJson::OrgDefault => "org_default",
+        }
+    }
+}
+
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub(crate) struct UserJson {
     /// The member's id.
@@ -195,10 +216,8 @@ pub(crate) struct UserJson {
     pub groups: Vec<String>,
     /// Their monthly limit in micro-USD; `null`: unlimited.
     pub monthly_limit_micros: Option<i64>,
-    /// Where the limit comes from: `own` (set for them) or `org_default`
-    /// (the org's default, copied when they joined or when their limit was
-    /// reset to it).
-    pub limit_source: String,
+    /// Where the limit comes from.
+    pub limit_source: LimitSourceJson,
     /// Their spend this month, in micro-USD.
     pub spend_micros: i64,
     /// What live holds (calls in flight) hold on it.
@@ -226,7 +245,11 @@ impl From<UserRow> for UserJson {
             status: u.status,
             groups: u.groups,
             monthly_limit_micros: u.monthly_limit_micros,
-            limit_source: u.limit_source,
+            limit_source: if u.limit_source == "org_default" {
+                LimitSourceJson::OrgDefault
+            } else {
+                LimitSourceJson::Own
+            },
             spend_micros: u.spend_micros,
             held_micros: 0,
             last_active_at: u.last_active_at_ms.map(time),

@@ -12,7 +12,7 @@ use tally_core::ids::OrgId;
 use tally_core::time::{Day, Month};
 
 use crate::log::{features_from_text, thresholds_from_text};
-use crate::{Db, Error, Result};
+use crate::{Backend, Db, Error, Result};
 
 /// The most rows one page may hold.
 pub const PAGE_LEN_MAX: u32 = 1_000;
@@ -436,22 +436,44 @@ impl Db {
             filters.push(format!("({key} {op} {v} OR ({key} = {v} AND u.id > {id}))"));
         }
         let dir = if q.descending { "DESC" } else { "ASC" };
+        let filters = filters.join(" AND ");
+        let spend_join = format!(
+            "LEFT JOIN spend_monthly s ON s.org_id = u.org_id AND s.kind = 'user' \
+             AND s.subject_id = u.id AND s.month = {month}"
+        );
+        // Sorted and filtered by the member's own columns only: the page is
+        // picked from `users` first and joined with its spend after, not
+        // every candidate. On SQLite a search sorts its matches (`+` keeps
+        // the name index out) instead of walking the whole index in order,
+        // which read every row at random for a rare match late in it.
+        let own_columns = !q.sort.is_live()
+            && q.filter.min_utilization_bps.is_none()
+            && q.filter.cut_off.is_none();
+        let (from, order_key) = if own_columns {
+            let inner_key = match (self.backend, q.filter.q.is_some()) {
+                (Backend::Sqlite, true) => format!("+{key}"),
+                _ => key.clone(),
+            };
+            let picked = format!(
+                "(SELECT u.*, {inner_key} AS sort_key FROM {from} WHERE {filters} \
+                 ORDER BY sort_key {dir}, u.id ASC LIMIT {limit}) u"
+            );
+            (format!("{picked} {spend_join}"), "u.sort_key".to_owned())
+        } else {
+            (format!("{from} {spend_join} WHERE {filters}"), key)
+        };
         let columns = if ids_only {
-            format!("u.id, {key} AS sort_key")
+            format!("u.id, {order_key} AS sort_key")
         } else {
             format!(
-                "u.id, u.email, u.name, u.status, u.monthly_limit_micros, u.limit_source, u.created_at_ms, \
-                 COALESCE(s.spend_micros, 0) AS spend_micros, COALESCE(s.requests, 0) AS requests, \
-                 {LAST_ACTIVE_SQL} AS last_at_ms, {key} AS sort_key"
+                "u.id, u.email, u.name, u.status, u.monthly_limit_micros, u.limit_source, \
+                 u.created_at_ms, COALESCE(s.spend_micros, 0) AS spend_micros, \
+                 COALESCE(s.requests, 0) AS requests, {LAST_ACTIVE_SQL} AS last_at_ms, \
+                 {order_key} AS sort_key"
             )
         };
-        let sql = format!(
-            "SELECT {columns} \
-             FROM {from} LEFT JOIN spend_monthly s ON s.org_id = u.org_id AND s.kind = 'user' \
-             AND s.subject_id = u.id AND s.month = {month} \
-             WHERE {} ORDER BY sort_key {dir}, u.id ASC LIMIT {limit}",
-            filters.join(" AND "),
-        );
+        let sql =
+            format!("SELECT {columns} FROM {from} ORDER BY sort_key {dir}, u.id ASC LIMIT {limit}");
         Ok((sql, b.values))
     }
 

@@ -578,6 +578,28 @@ async fn users_sort_filter_and_paginate(db: Db) {
                     "{sort:?} {desc} {page}"
                 );
             }
+            // A search's pages too (on SQLite it sorts its matches instead
+            // of walking the name index).
+            let mut searched = query(sort, desc);
+            searched.filter.q = Some("ED".into());
+            let whole_search = ids(searched.clone()).await;
+            assert_eq!(whole_search.len(), 2, "the two Zeds: {whole_search:?}");
+            let want: Vec<&String> = whole
+                .iter()
+                .filter(|id| whole_search.contains(id))
+                .collect();
+            assert_eq!(
+                whole_search.iter().collect::<Vec<_>>(),
+                want,
+                "a search keeps the order: {sort:?} {desc}"
+            );
+            for page in 1..=3 {
+                assert_eq!(
+                    all_pages(&db, &org.dir.id, searched.clone(), page).await,
+                    whole_search,
+                    "search {sort:?} {desc} {page}"
+                );
+            }
             // A snapshot's keys come in the same order, cut at `max`.
             let keys = db
                 .list_user_keys(&org.dir.id, &query(sort, desc), 4)

@@ -59,7 +59,7 @@ fn row(out: &mut String, u: &UserJson) {
         field(&u.status),
         field(&u.groups.join(";")),
         u.monthly_limit_micros.map_or_else(String::new, dollars),
-        field(&u.limit_source),
+        u.limit_source.as_str().to_owned(),
         dollars(u.spend_micros),
         dollars(u.held_micros),
         used,

@@ -13,7 +13,7 @@ use tally_core::time::Month;
 use super::view::{self, Bar};
 use super::{Fail, Fields, Layout, Session, href, local_target, render, render_as, see_other, seg};
 use crate::AppState;
-use crate::dto::UserJson;
+use crate::dto::{LimitSourceJson, UserJson};
 use crate::error::ApiError;
 use crate::extract::{Caller, NoParams, Params};
 use crate::{orgs, users};
@@ -182,10 +182,9 @@ pub(super) fn user_line(org: &str, u: UserJson, thresholds: &[u32], now_ms: i64)
             })
             .collect(),
         limit: view::limit(u.monthly_limit_micros),
-        limit_source: if u.limit_source == "org_default" {
-            "org default"
-        } else {
-            "own"
+        limit_source: match u.limit_source {
+            LimitSourceJson::OrgDefault => "org default",
+            LimitSourceJson::Own => "own",
         },
         limit_input: view::amount_input(u.monthly_limit_micros),
         spend: view::usd(u.spend_micros),

@@ -600,6 +600,11 @@ async fn users_sort_filter_and_paginate(db: Db) {
                     "search {sort:?} {desc} {page}"
                 );
             }
+            // Every id holds an `a`: the whole list, in the same order (byte
+            // order, case and accents included).
+            let mut everyone = query(sort, desc);
+            everyone.filter.q = Some("A".into());
+            assert_eq!(ids(everyone).await, whole, "{sort:?} {desc}");
             // A snapshot's keys come in the same order, cut at `max`.
             let keys = db
                 .list_user_keys(&org.dir.id, &query(sort, desc), 4)

@@ -3,6 +3,7 @@
 //! numbers computed from exact integers.
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use tally_core::entity::LimitSource;
 use tally_core::ledger::SubjectKind;
 use tally_core::ratio::{format_bps, parse_fraction_bps, utilization};
 use tally_core::time::{Day, Month};
@@ -245,10 +246,9 @@ impl From<UserRow> for UserJson {
             status: u.status,
             groups: u.groups,
             monthly_limit_micros: u.monthly_limit_micros,
-            limit_source: if u.limit_source == "org_default" {
-                LimitSourceJson::OrgDefault
-            } else {
-                LimitSourceJson::Own
+            limit_source: match u.limit_source {
+                LimitSource::Own => LimitSourceJson::Own,
+                LimitSource::OrgDefault => LimitSourceJson::OrgDefault,
             },
             spend_micros: u.spend_micros,
             held_micros: 0,

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 
 use sqlx::any::AnyRow;
 use sqlx::{AssertSqlSafe, Row};
-use tally_core::entity::UserStatus;
+use tally_core::entity::{LimitSource, UserStatus};
 use tally_core::ids::OrgId;
 use tally_core::time::{Day, Month};
 
@@ -71,8 +71,7 @@ pub struct UserRow {
     pub name: String,
     pub status: String,
     pub monthly_limit_micros: Option<i64>,
-    /// `own` or `org_default`.
-    pub limit_source: String,
+    pub limit_source: LimitSource,
     pub groups: Vec<String>,
     pub spend_micros: i64,
     pub requests: i64,
@@ -218,7 +217,11 @@ fn user_row(r: &AnyRow) -> Result<UserRow> {
         name: r.try_get("name")?,
         status: r.try_get("status")?,
         monthly_limit_micros: r.try_get("monthly_limit_micros")?,
-        limit_source: r.try_get("limit_source")?,
+        limit_source: {
+            let source: String = r.try_get("limit_source")?;
+            LimitSource::parse(&source)
+                .ok_or_else(|| Error::Corrupt(format!("limit source {source:?}")))?
+        },
         groups: Vec::new(),
         spend_micros: r.try_get("spend_micros")?,
         requests: r.try_get("requests")?,

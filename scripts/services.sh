@@ -18,6 +18,10 @@
 #   install_kafka_python  confluent-kafka (pinned) in a venv, the Python Kafka
 #                    client a gateway would use with its default settings;
 #                    exports TALLY_TEST_KAFKA_PYTHON
+#   install_standardwebhooks  the Standard Webhooks reference library
+#                    (PyPI standardwebhooks, pinned, sha256 checked) in a
+#                    venv, what receivers verify Tally's deliveries with;
+#                    exports TALLY_TEST_STANDARDWEBHOOKS_PYTHON
 #   install_chromium Debian's chromium and chromium-driver, the real browser
 #                    the console's tests drive (the packages are kept under
 #                    $TALLY_SERVICES_DIR/apt-archives between runs); exports
@@ -150,6 +154,25 @@ install_kafka_python() {
   fi
   export TALLY_TEST_KAFKA_PYTHON="$venv/bin/python"
   log "Python Kafka client ready: confluent-kafka $("$venv/bin/python" -c 'import confluent_kafka; print(confluent_kafka.version()[0])') (librdkafka $("$venv/bin/python" -c 'import confluent_kafka; print(confluent_kafka.libversion()[0])'))"
+}
+
+# The Standard Webhooks library a receiver verifies signatures with
+# (pure Python, no dependencies). Pinned by version and hash.
+STANDARDWEBHOOKS_PACKAGE="standardwebhooks==1.3.0"
+STANDARDWEBHOOKS_SHA256="5bec388e29d3e8c6211af66affa1430ac801cb02f3b132484ef4b8f89d32a5ad"
+
+install_standardwebhooks() {
+  local venv="$TALLY_SERVICES_DIR/standardwebhooks-1.3.0"
+  if ! "$venv/bin/python" -c 'import standardwebhooks' 2>/dev/null; then
+    log "installing $STANDARDWEBHOOKS_PACKAGE into $venv"
+    mkdir -p "$TALLY_SERVICES_DIR"
+    rm -rf "$venv"
+    python3 -m venv "$venv"
+    printf '%s --hash=sha256:%s\n' "$STANDARDWEBHOOKS_PACKAGE" "$STANDARDWEBHOOKS_SHA256" > "$TALLY_SERVICES_DIR/standardwebhooks-requirements.txt"
+    "$venv/bin/pip" install -q --disable-pip-version-check --no-deps --require-hashes -r "$TALLY_SERVICES_DIR/standardwebhooks-requirements.txt"
+  fi
+  export TALLY_TEST_STANDARDWEBHOOKS_PYTHON="$venv/bin/python"
+  log "Standard Webhooks library ready: $STANDARDWEBHOOKS_PACKAGE"
 }
 
 install_chromium() {

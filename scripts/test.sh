@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, services included: starts a throw-away PostgreSQL,
 # installs the pinned Kafka-protocol broker the Kafka tests start and the
-# pinned LiteLLM proxy the gateway integration's tests start, and the
+# pinned LiteLLM proxy the gateway integration's tests start, the pinned
+# Standard Webhooks library deliveries are verified with, and the
 # chromium the console's browser test drives,
 # builds everything, runs every test of the workspace, stops the services.
 # Extra arguments go to `cargo test` (e.g. a test name filter).
@@ -16,6 +17,7 @@ install_promtool
 install_litellm
 install_kafka_python
 install_openapi_tools
+install_standardwebhooks
 install_chromium
 # Tests that need a service fail instead of skipping when it is missing.
 export TALLY_REQUIRE_SERVICES=1

@@ -326,9 +326,10 @@ async fn bad_input_is_refused_clearly_and_changes_nothing() {
     tally.stop().unwrap();
 }
 
-/// A read that takes no query parameters refuses them, as the lists refuse
+/// A read refuses query parameters it does not take, as the lists refuse
 /// the ones they do not know (issue 15 saw `?month=2026-11` on a user
-/// silently ignored): the caller learns the parameter is not read.
+/// silently ignored, before details took it): the caller learns the
+/// parameter is not read.
 #[tokio::test]
 async fn a_detail_read_refuses_query_parameters_it_does_not_take() {
     let tally = Tally::start(&Backend::sqlite("detail-params")).unwrap();
@@ -345,11 +346,14 @@ async fn a_detail_read_refuses_query_parameters_it_does_not_take() {
         "/v1/orgs/acme/keys/alice-key",
         "/v1/orgs/acme/webhook",
     ] {
-        let r = op.get(&format!("{path}?month=2026-11")).await;
+        let r = op.get(&format!("{path}?monht=2026-11")).await;
         assert_eq!(r.status, 400, "{path}: {}", r.body);
-        assert!(r.body.to_string().contains("month"), "{path}: {}", r.body);
+        assert!(r.body.to_string().contains("monht"), "{path}: {}", r.body);
         // Without: as before.
         assert!(matches!(op.get(path).await.status, 200 | 404), "{path}");
     }
+    // The webhook takes no month; the details do (tests/workflow.rs).
+    let r = op.get("/v1/orgs/acme/webhook?month=2026-11").await;
+    assert_eq!(r.status, 400, "{}", r.body);
     tally.stop().unwrap();
 }

@@ -1052,6 +1052,53 @@ async fn console(tally: &Tally) {
     assert_eq!(api["delivered"], true, "{api}");
     assert_eq!(api["status"], 200);
     assert_eq!(got.lock().unwrap().len(), 2);
+    // As Slack messages: the format is kept and shown, a test send is a
+    // message; an unknown format is refused and changes nothing.
+    let set_as = |format| {
+        [
+            ("csrf", csrf.as_str()),
+            ("action", "webhook_set"),
+            ("url", url.as_str()),
+            ("format", format),
+        ]
+    };
+    let page = admin.post(spath, &set_as("teams")).await;
+    assert_eq!(page.status, 400, "{}", page.text());
+    assert!(
+        page.text()
+            .contains("the format is tally or slack, not \"teams\""),
+        "{}",
+        page.text()
+    );
+    assert_eq!(
+        op.get("/v1/orgs/acme/webhook").await.expect(200)["format"],
+        "tally"
+    );
+    let _ = admin.post(spath, &set_as("slack")).await.expect(200);
+    let settings = admin.get(spath).await.expect(200);
+    assert!(
+        settings.text().contains("as Slack messages"),
+        "{}",
+        settings.text()
+    );
+    assert!(
+        settings.html.contains(r#"<option value="slack" selected>"#),
+        "{}",
+        settings.html
+    );
+    let _ = admin
+        .post(spath, &[("csrf", &csrf), ("action", "webhook_test")])
+        .await
+        .expect(200);
+    let (_, _, body) = got.lock().unwrap()[2].clone();
+    let sent: Value = serde_json::from_str(&body).unwrap();
+    assert!(
+        sent["text"]
+            .as_str()
+            .unwrap()
+            .starts_with(":wave: *acme*: a test notification from Tally."),
+        "{sent}"
+    );
     let bolt = op.post("/v1/orgs/bolt/webhook/test", json!({})).await;
     assert_eq!(bolt.status, 422, "no webhook: {}", bolt.body);
     // Tokens: a viewer token minted (shown once), signed in with, revoked.

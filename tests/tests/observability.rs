@@ -1,6 +1,8 @@
 //! Observability on a real `tally serve`: webhooks delivered to a real
 //! local receiver that fails twice (exactly one logical delivery per
-//! crossing, signed, idempotent, visible to admins); `/metrics` scraped under
+//! crossing, signed both ways and verified by the Standard Webhooks
+//! library, idempotent, one subject's in order, visible to admins), and as
+//! Slack messages; `/metrics` scraped under
 //! load passes `promtool check metrics` and shows the figures the API shows;
 //! structured JSON logs with request spans.
 
@@ -23,6 +25,10 @@ struct Hit {
     attempt: String,
     timestamp: String,
     signature: String,
+    /// The Standard Webhooks headers.
+    id: String,
+    std_timestamp: String,
+    std_signature: String,
     body: Vec<u8>,
     answered: u16,
 }
@@ -56,6 +62,9 @@ async fn receiver() -> (String, Arc<Mutex<Vec<Hit>>>) {
                     attempt: h("tally-attempt"),
                     timestamp: h("tally-timestamp"),
                     signature: h("tally-signature"),
+                    id: h("webhook-id"),
+                    std_timestamp: h("webhook-timestamp"),
+                    std_signature: h("webhook-signature"),
                     body: body.to_vec(),
                     answered: status.as_u16(),
                 });
@@ -87,6 +96,10 @@ async fn spend(op: &Client, req: &str, user: &str, cost: i64) {
 }
 
 async fn seed(op: &Client, hook: &str) -> String {
+    seed_as(op, hook, "tally").await
+}
+
+async fn seed_as(op: &Client, hook: &str, format: &str) -> String {
     let _ = op
         .post(
             "/v1/orgs",
@@ -98,11 +111,16 @@ async fn seed(op: &Client, hook: &str) -> String {
         .raw(
             "PUT",
             "/v1/orgs/acme/webhook",
-            json!({ "url": hook }).to_string().as_bytes(),
+            json!({ "url": hook, "format": format })
+                .to_string()
+                .as_bytes(),
         )
         .await
         .expect(200);
-    assert_eq!(set["url"], hook);
+    assert_eq!(
+        (&set["url"], &set["format"]),
+        (&json!(hook), &json!(format))
+    );
     for (u, limit) in [
         ("alice", Some(10 * USD)),
         ("bob", Some(10 * USD)),
@@ -120,6 +138,67 @@ async fn seed(op: &Client, hook: &str) -> String {
     op.add_group("acme", "eng", "Eng", Some(15 * USD), &["alice", "bob"])
         .await;
     set["secret"].as_str().unwrap().to_owned()
+}
+
+/// Verifies every hit with the Standard Webhooks reference library
+/// (`standardwebhooks` on PyPI, installed by scripts/test.sh), as a
+/// receiver would: `Webhook(secret).verify(body, headers)`. Returns how
+/// many it verified; 0 when the library is not installed and services are
+/// not required.
+fn verify_with_standard_webhooks(secret: &str, hits: &[Hit]) -> usize {
+    let python = match std::env::var("TALLY_TEST_STANDARDWEBHOOKS_PYTHON") {
+        Ok(p) => p,
+        Err(_) if std::env::var_os("TALLY_REQUIRE_SERVICES").is_some() => {
+            panic!("TALLY_TEST_STANDARDWEBHOOKS_PYTHON is not set: run scripts/test.sh")
+        }
+        Err(_) => {
+            eprintln!("skipped: no Standard Webhooks library (TALLY_TEST_STANDARDWEBHOOKS_PYTHON)");
+            return 0;
+        }
+    };
+    let input: Vec<Value> = hits
+        .iter()
+        .map(|h| {
+            json!({
+                "body": String::from_utf8(h.body.clone()).unwrap(),
+                "headers": {
+                    "webhook-id": h.id,
+                    "webhook-timestamp": h.std_timestamp,
+                    "webhook-signature": h.std_signature,
+                },
+            })
+        })
+        .collect();
+    let script = r#"
+import json, sys
+from standardwebhooks import Webhook
+secret, hits = sys.argv[1], json.load(sys.stdin)
+wh = Webhook(secret)
+for h in hits:
+    wh.verify(h["body"].encode(), h["headers"])
+    try:
+        wh.verify(h["body"].encode() + b" ", h["headers"])
+    except Exception:
+        pass
+    else:
+        sys.exit("a changed body verified")
+print(len(hits))
+"#;
+    let mut child = std::process::Command::new(python)
+        .args(["-c", script, secret])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(
+        &mut child.stdin.take().unwrap(),
+        serde_json::to_string(&input).unwrap().as_bytes(),
+    )
+    .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let verified = tally_tests::succeeded(&out);
+    verified.trim().parse().unwrap()
 }
 
 fn hmac_hex(key: &[u8], msg: &[u8]) -> String {
@@ -186,8 +265,34 @@ async fn every_crossing_is_delivered_once_through_failures() {
     let took = started.elapsed();
 
     let hits = hits.lock().unwrap().clone();
+    assert_eq!(
+        verify_with_standard_webhooks(&secret, &hits),
+        if std::env::var_os("TALLY_TEST_STANDARDWEBHOOKS_PYTHON").is_some() {
+            hits.len()
+        } else {
+            0
+        },
+        "every attempt verifies with the Standard Webhooks library"
+    );
+    // One subject's deliveries arrive one after the other: every attempt
+    // of one before the first of the next, in the order Tally recorded
+    // their events (the deliveries' ids).
+    let subject = |key: &str| key.split(':').take(3).collect::<Vec<_>>().join(":");
+    let mut arrived: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for h in &hits {
+        let keys = arrived.entry(subject(&h.key)).or_default();
+        if keys.last() != Some(&h.key) {
+            assert!(
+                !keys.contains(&h.key),
+                "{} came back after a later one",
+                h.key
+            );
+            keys.push(h.key.clone());
+        }
+    }
     let mut by_key: BTreeMap<String, Vec<Hit>> = BTreeMap::new();
     for h in hits {
+        assert_eq!(h.id, h.key, "webhook-id is the idempotency key");
         by_key.entry(h.key.clone()).or_default().push(h);
     }
     assert_eq!(by_key.len(), crossings.len(), "one key per crossing");
@@ -246,6 +351,44 @@ async fn every_crossing_is_delivered_once_through_failures() {
         assert!(delivered.contains(&must), "{must:?} in {delivered:?}");
     }
 
+    let log = op
+        .get("/v1/orgs/acme/webhook/deliveries?limit=1000")
+        .await
+        .expect(200);
+    let mut recorded: BTreeMap<String, Vec<(i64, String)>> = BTreeMap::new();
+    for d in log["items"].as_array().unwrap() {
+        let key = d["key"].as_str().unwrap().to_owned();
+        recorded
+            .entry(subject(&key))
+            .or_default()
+            .push((d["id"].as_i64().unwrap(), key));
+    }
+    for (s, keys) in &mut recorded {
+        keys.sort();
+        let keys: Vec<&String> = keys.iter().map(|(_, k)| k).collect();
+        assert_eq!(keys, arrived[s].iter().collect::<Vec<_>>(), "{s}: in order");
+    }
+    // alice's: 50 %, 80 %, 100 %, cut off, lifted, as they happened.
+    let alice: Vec<(&str, &str)> = arrived["acme:user:alice"]
+        .iter()
+        .map(|k| {
+            let f: Vec<&str> = k.split(':').collect();
+            (f[4], f[5])
+        })
+        .collect();
+    assert_eq!(
+        alice,
+        [
+            ("threshold_crossed", "5000"),
+            ("threshold_crossed", "8000"),
+            ("threshold_crossed", "10000"),
+            ("cut_off", "0"),
+            ("cutoff_lifted", "0"),
+        ],
+        "{:?}",
+        arrived["acme:user:alice"]
+    );
+
     // What admins see of each delivery.
     let list = op
         .get("/v1/orgs/acme/webhook/deliveries?limit=2")
@@ -288,6 +431,119 @@ async fn every_crossing_is_delivered_once_through_failures() {
         crossings.len(),
         took.as_millis()
     );
+    tally.stop().unwrap();
+}
+
+/// An org whose webhook is a Slack incoming webhook gets Slack messages:
+/// `{"text": …}` naming the subject, the spend and the limit, linking the
+/// subject's console page under `--public-url`; retried like any delivery,
+/// the same bytes each time; a test send is a Slack message too.
+#[tokio::test]
+async fn slack_messages_link_the_console_and_are_retried() {
+    let (hook, hits) = receiver().await;
+    let backend = Backend::sqlite("webhooks-slack");
+    let tally = Tally::start_with(
+        &backend,
+        &[
+            "--webhook-retry-base-ms",
+            "100",
+            "--webhook-allow",
+            "127.0.0.1",
+            "--public-url",
+            "https://tally.acme.test/",
+        ],
+    )
+    .unwrap();
+    let op = tally.operator();
+    let _ = seed_as(&op, &hook, "slack").await;
+    assert_eq!(
+        op.get("/v1/orgs/acme/webhook").await.expect(200)["format"],
+        "slack"
+    );
+    spend(&op, "r1", "alice", 6 * USD).await;
+    spend(&op, "r2", "alice", 5 * USD).await;
+    let started = Instant::now();
+    loop {
+        let v = op.get("/v1/orgs/acme/webhook").await.expect(200);
+        if v["deliveries"]["delivered"] == 5 && v["deliveries"]["pending"] == 0 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "deliveries did not finish: {v}\n{}",
+            tally.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let test = op
+        .post("/v1/orgs/acme/webhook/test", json!({}))
+        .await
+        .expect(200);
+    assert_eq!(
+        test["status"], 500,
+        "the receiver fails every first attempt"
+    );
+
+    let hits = hits.lock().unwrap().clone();
+    // Each delivery's text, in the order they first arrived.
+    let mut texts: Vec<(String, String)> = Vec::new();
+    for h in &hits {
+        let v: Value = serde_json::from_slice(&h.body).unwrap();
+        assert_eq!(v.as_object().unwrap().len(), 1, "only text: {v}");
+        let text = v["text"].as_str().unwrap().to_owned();
+        match texts.iter().find(|(k, _)| *k == h.key) {
+            Some((_, first)) => assert_eq!(*first, text, "every attempt the same bytes"),
+            None => texts.push((h.key.clone(), text)),
+        }
+    }
+    let of = |who: &str| -> Vec<String> {
+        texts
+            .iter()
+            .filter(|(_, t)| t.contains(who))
+            .map(|(_, t)| t.clone())
+            .collect()
+    };
+    let link = "<https://tally.acme.test/console/orgs/acme/users/alice|Open in Tally>";
+    let month = &now_rfc3339()[..7];
+    assert_eq!(
+        of("user `alice`"),
+        [
+            format!(
+                ":warning: *acme*: user `alice` has used 50% of its monthly limit: $6.00 of \
+                 $10.00 ({month}). {link}"
+            ),
+            format!(
+                ":warning: *acme*: user `alice` has used 80% of its monthly limit: $11.00 of \
+                 $10.00 ({month}). {link}"
+            ),
+            format!(
+                ":warning: *acme*: user `alice` has used 100% of its monthly limit: $11.00 of \
+                 $10.00 ({month}). {link}"
+            ),
+            format!(
+                ":no_entry: *acme*: user `alice` is cut off: $11.00 spent, monthly limit \
+                 $10.00 ({month}). {link}"
+            ),
+        ],
+        "in the order they happened"
+    );
+    assert_eq!(
+        of("group `eng`"),
+        [format!(
+            ":warning: *acme*: group `eng` has used 50% of its monthly limit: $11.00 of \
+             $15.00 ({month}). <https://tally.acme.test/console/orgs/acme/groups/eng|Open in Tally>"
+        )]
+    );
+    assert_eq!(
+        of("test notification"),
+        [
+            ":wave: *acme*: a test notification from Tally. Threshold and cutoff notifications \
+          will arrive here. <https://tally.acme.test/console/orgs/acme|Open in Tally>"
+        ]
+    );
+    assert_eq!(texts.len(), 6, "{texts:?}");
+    // Three attempts each (the receiver fails two), the test send one.
+    assert_eq!(hits.len(), 5 * 3 + 1);
     tally.stop().unwrap();
 }
 

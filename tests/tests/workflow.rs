@@ -386,3 +386,65 @@ async fn a_group_limit_caps_its_members_on_personal_keys() {
     assert_eq!(a["group_ids"], json!(["eng"]));
     tally.stop().unwrap();
 }
+
+/// The daily series of any of the last 13 months (`?month=`) on a user's,
+/// group's, key's and the org's detail: this month's spend read back by day
+/// after the clock moved into the next month; other months refused.
+#[tokio::test]
+async fn a_past_months_days_stay_readable() {
+    let backend = Backend::sqlite("history-month");
+    let clock = tally_tests::temp_dir("history-month-clock").join("offset");
+    std::fs::write(&clock, "0").unwrap();
+    let env = [("TALLY_TEST_CLOCK_FILE", clock.to_str().unwrap())];
+    let tally = Tally::start_env(&backend, &[], &env).unwrap();
+    let op = tally.operator();
+    let _ = op.acme_with_alice(None).await;
+    op.add_group("acme", "eng", "Eng", None, &["alice"]).await;
+    spend(&op, "r1", "alice", Some("alice-key"), 3 * USD).await;
+    spend(&op, "r2", "alice", Some("alice-key"), 4 * USD).await;
+    let this = now_rfc3339()[..7].to_owned();
+    let today = now_rfc3339()[..10].to_owned();
+    let details = [
+        "/v1/orgs/acme/users/alice",
+        "/v1/orgs/acme/groups/eng",
+        "/v1/orgs/acme/keys/alice-key",
+        "/v1/orgs/acme",
+    ];
+    for d in details {
+        let h = op.get(d).await.expect(200)["history"].clone();
+        assert_eq!(h["days_month"], this.as_str(), "{d}");
+        assert_eq!(
+            h["days"],
+            json!([{"day": today, "spend_micros": 7 * USD, "requests": 2}]),
+            "{d}"
+        );
+    }
+    // 40 days on, this month is the one before.
+    std::fs::write(&clock, (40 * 86_400_000_i64).to_string()).unwrap();
+    let next = tally_tests::rfc3339(tally_tests::now_ms() + 40 * 86_400_000)[..7].to_owned();
+    for d in details {
+        let h = op.get(d).await.expect(200)["history"].clone();
+        assert_eq!(
+            (&h["days_month"], &h["days"]),
+            (&json!(next), &json!([])),
+            "{d}"
+        );
+        assert_eq!(h["months"][0]["month"], this.as_str(), "{d}: {h}");
+        let past = op.get(&format!("{d}?month={this}")).await.expect(200)["history"].clone();
+        assert_eq!(past["days_month"], this.as_str(), "{d}");
+        assert_eq!(past["days"][0]["spend_micros"], 7 * USD, "{d}");
+        assert_eq!(past["months"], h["months"], "{d}: the months stay");
+        for bad in ["2020-01", "2026-13", "last", "2026-1"] {
+            let e = op.get(&format!("{d}?month={bad}")).await.expect(400);
+            assert!(
+                e["error"]["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("month: yyyy-mm from "),
+                "{d} {bad}: {e}"
+            );
+        }
+        let _ = op.get(&format!("{d}?months=1")).await.error(400);
+    }
+    tally.stop().unwrap();
+}

@@ -148,7 +148,7 @@ impl OrgJson {
             cut_off: cut_off(r.spend_micros, r.monthly_limit_micros),
             requests: r.requests,
             month: month.to_string(),
-            webhook_url: r.webhook.map(|(url, _, _)| url),
+            webhook_url: r.webhook.map(|w| w.url),
             created_at: time(r.created_at_ms),
         }
     }
@@ -199,6 +199,36 @@ impl LimitSourceJson {
         match self {
             LimitSourceJson::Own => "own",
             LimitSourceJson::OrgDefault => "org_default",
+        }
+    }
+}
+
+/// What an org's webhook receives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum WebhookFormatJson {
+    /// Tally's JSON event (docs/webhooks.md).
+    #[default]
+    Tally,
+    /// A Slack incoming-webhook message, `{"text": …}`, linking the
+    /// subject's console page where the server knows its public URL.
+    Slack,
+}
+
+impl From<WebhookFormatJson> for tally_core::entity::WebhookFormat {
+    fn from(f: WebhookFormatJson) -> Self {
+        match f {
+            WebhookFormatJson::Tally => tally_core::entity::WebhookFormat::Tally,
+            WebhookFormatJson::Slack => tally_core::entity::WebhookFormat::Slack,
+        }
+    }
+}
+
+impl From<tally_core::entity::WebhookFormat> for WebhookFormatJson {
+    fn from(f: tally_core::entity::WebhookFormat) -> Self {
+        match f {
+            tally_core::entity::WebhookFormat::Tally => WebhookFormatJson::Tally,
+            tally_core::entity::WebhookFormat::Slack => WebhookFormatJson::Slack,
         }
     }
 }
@@ -387,13 +417,56 @@ pub(crate) struct DaySpend {
 pub(crate) struct History {
     /// The last 13 months, newest first, with the change from the month before.
     pub months: Vec<MonthSpend>,
-    /// This month, by day.
+    /// The month `days` covers (`2026-12`): this one, or `?month=`.
+    pub days_month: String,
+    /// The days of `days_month` that had spend, in order.
     pub days: Vec<DaySpend>,
+}
+
+/// `?month=` of a user's, group's, key's or the org's detail.
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct HistoryParams {
+    /// Whose days `history.days` lists: `yyyy-mm`, this month or one of the
+    /// 12 before it [default: this month].
+    pub(crate) month: Option<String>,
+}
+
+/// A subject's history at `now`: its last 13 months and the days of the
+/// month `p` asks for.
+pub(crate) async fn history(
+    engine: &Engine,
+    org_id: &tally_core::ids::OrgId,
+    kind: &str,
+    subject_id: &str,
+    p: &HistoryParams,
+) -> Result<History, ApiError> {
+    let now = Month::from_unix_ms(engine.now_ms());
+    let days_of = match p.month.as_deref() {
+        None => now,
+        Some(s) => {
+            let oldest = (1..tally_store::query::HISTORY_MONTHS).fold(now, |m, _| m.prev());
+            match Month::parse(s) {
+                Some(m) if (oldest..=now).contains(&m) => m,
+                _ => {
+                    return Err(ApiError::invalid(format!(
+                        "month: yyyy-mm from {oldest} to {now}, got {s:?}"
+                    )));
+                }
+            }
+        }
+    };
+    let (months, days) = engine
+        .db
+        .history(org_id, kind, subject_id, now, days_of)
+        .await?;
+    Ok(History::new(months, days_of, days))
 }
 
 impl History {
     /// `months` newest first, as the store returns them.
-    pub(crate) fn new(months: Vec<PeriodSpend>, days: Vec<PeriodSpend>) -> History {
+    pub(crate) fn new(months: Vec<PeriodSpend>, days_of: Month, days: Vec<PeriodSpend>) -> History {
         let label = |p: i64| {
             u32::try_from(p)
                 .ok()
@@ -417,6 +490,7 @@ impl History {
         }
         History {
             months: out,
+            days_month: days_of.to_string(),
             days: days
                 .into_iter()
                 .map(|d| DaySpend {

@@ -12,9 +12,12 @@ use tally_core::time::Month;
 use tally_engine::random_id;
 
 use crate::cursor::{self, PageParams};
-use crate::dto::{GroupJson, History, ListJson, UserJson, one_with_held, present, with_held};
+use crate::dto::{
+    GroupJson, History, HistoryParams, ListJson, UserJson, history, one_with_held, present,
+    with_held,
+};
 use crate::error::{ApiError, ApiResult};
-use crate::extract::{Caller, JsonBody, NoParams, Params};
+use crate::extract::{Caller, JsonBody, Params};
 use crate::{AppState, org_access, page_len};
 use tally_store::query::{UserFilter, UserListQuery, UserSort};
 
@@ -123,23 +126,18 @@ pub(crate) struct GroupDetail {
 /// How many members a group's detail shows.
 const MEMBERS_SHOWN: u32 = 100;
 
-#[utoipa::path(get, path = "/v1/orgs/{org}/groups/{group}", operation_id = "groups_get", tag = "groups", params(("org" = String, Path, description = "org id"), ("group" = String, Path, description = "group id")), security(("bearer" = ["operator", "admin", "viewer"])), responses((status = 200, description = "ok", body = GroupDetail), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody)))]
+#[utoipa::path(get, path = "/v1/orgs/{org}/groups/{group}", operation_id = "groups_get", tag = "groups", params(("org" = String, Path, description = "org id"), ("group" = String, Path, description = "group id"), HistoryParams), security(("bearer" = ["operator", "admin", "viewer"])), responses((status = 200, description = "ok", body = GroupDetail), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody)))]
 pub(crate) async fn get(
     State(state): State<AppState>,
     caller: Caller,
     Path((org, group)): Path<(String, String)>,
-    Params(_): Params<NoParams>,
+    Params(p): Params<HistoryParams>,
 ) -> ApiResult<Json<GroupDetail>> {
     let org_id = org_access(&state, &caller, &org)?;
     let group_id = group_id(&group)?;
     state.engine.meter.flush_for_read().await?;
     let group = group_json(&state, &org_id, &group_id).await?;
-    let month = Month::from_unix_ms(state.engine.now_ms());
-    let (months, days) = state
-        .engine
-        .db
-        .history(&org_id, "group", &group_id, month)
-        .await?;
+    let history = history(&state.engine, &org_id, "group", &group_id, &p).await?;
     let query = UserListQuery {
         sort: UserSort::Spend,
         descending: true,
@@ -149,12 +147,12 @@ pub(crate) async fn get(
         },
         after: None,
         limit: MEMBERS_SHOWN,
-        month,
+        month: Month::from_unix_ms(state.engine.now_ms()),
     };
     let (members, _) = state.engine.db.list_users(&org_id, &query).await?;
     Ok(Json(GroupDetail {
         group,
-        history: History::new(months, days),
+        history,
         members: with_held(
             &state.engine,
             &org_id,

@@ -13,9 +13,11 @@ use tally_core::time::Month;
 use tally_engine::{random_id, random_secret};
 
 use crate::cursor;
-use crate::dto::{History, KeyJson, ListJson, one_with_held, present, with_held};
+use crate::dto::{
+    History, HistoryParams, KeyJson, ListJson, history, one_with_held, present, with_held,
+};
 use crate::error::{ApiError, ApiResult};
-use crate::extract::{Caller, JsonBody, NoParams, OptionalJson, Params};
+use crate::extract::{Caller, JsonBody, OptionalJson, Params};
 use crate::{AppState, org_access, page_len};
 
 fn key_id(s: &str) -> ApiResult<KeyId> {
@@ -182,27 +184,19 @@ pub(crate) struct KeyDetail {
     history: History,
 }
 
-#[utoipa::path(get, path = "/v1/orgs/{org}/keys/{key}", operation_id = "keys_get", tag = "keys", params(("org" = String, Path, description = "org id"), ("key" = String, Path, description = "key id")), security(("bearer" = ["operator", "admin", "viewer"])), responses((status = 200, description = "ok", body = KeyDetail), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody)))]
+#[utoipa::path(get, path = "/v1/orgs/{org}/keys/{key}", operation_id = "keys_get", tag = "keys", params(("org" = String, Path, description = "org id"), ("key" = String, Path, description = "key id"), HistoryParams), security(("bearer" = ["operator", "admin", "viewer"])), responses((status = 200, description = "ok", body = KeyDetail), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody)))]
 pub(crate) async fn get(
     State(state): State<AppState>,
     caller: Caller,
     Path((org, key)): Path<(String, String)>,
-    Params(_): Params<NoParams>,
+    Params(p): Params<HistoryParams>,
 ) -> ApiResult<Json<KeyDetail>> {
     let org_id = org_access(&state, &caller, &org)?;
     let key_id = key_id(&key)?;
     state.engine.meter.flush_for_read().await?;
     let key = key_json(&state, &org_id, &key_id).await?;
-    let month = Month::from_unix_ms(state.engine.now_ms());
-    let (months, days) = state
-        .engine
-        .db
-        .history(&org_id, "key", &key_id, month)
-        .await?;
-    Ok(Json(KeyDetail {
-        key,
-        history: History::new(months, days),
-    }))
+    let history = history(&state.engine, &org_id, "key", &key_id, &p).await?;
+    Ok(Json(KeyDetail { key, history }))
 }
 
 #[derive(Debug, Deserialize, utoipa::ToSchema)]

@@ -70,6 +70,9 @@ pub struct AppState {
     pub metrics_access: MetricsAccess,
     /// Where webhooks may be sent (checked when one is set).
     pub webhook_targets: Arc<tally_webhooks::TargetPolicy>,
+    /// Where admins reach the console (`--public-url`), for links in
+    /// notifications.
+    pub console_url: Option<Arc<str>>,
 }
 
 /// Who may read `/metrics` on a listener.

@@ -15,11 +15,11 @@ use tally_store::query::{DeadLetterRow, EnforcementFilter, EnforcementKey};
 
 use crate::cursor::{self, PageParams};
 use crate::dto::{
-    EventJson, Fraction, History, ListJson, OrgJson, OrgListJson, fractions_to_bps, one_with_held,
-    present,
+    EventJson, Fraction, History, HistoryParams, ListJson, OrgJson, OrgListJson, fractions_to_bps,
+    history, one_with_held, present,
 };
 use crate::error::{ApiError, ApiResult};
-use crate::extract::{Caller, JsonBody, NoParams, Params};
+use crate::extract::{Caller, JsonBody, Params};
 use crate::{AppState, org_access, page_len};
 
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
@@ -169,25 +169,17 @@ pub(crate) struct OrgDetail {
 }
 
 /// The org's settings, this month's spend, and its history.
-#[utoipa::path(get, path = "/v1/orgs/{org}", operation_id = "orgs_get", tag = "orgs", params(("org" = String, Path, description = "org id")), security(("bearer" = ["operator", "admin", "viewer"])), responses((status = 200, description = "ok", body = OrgDetail), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody)))]
+#[utoipa::path(get, path = "/v1/orgs/{org}", operation_id = "orgs_get", tag = "orgs", params(("org" = String, Path, description = "org id"), HistoryParams), security(("bearer" = ["operator", "admin", "viewer"])), responses((status = 200, description = "ok", body = OrgDetail), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody)))]
 pub(crate) async fn get(
     State(state): State<AppState>,
     caller: Caller,
     Path(org): Path<String>,
-    Params(_): Params<NoParams>,
+    Params(p): Params<HistoryParams>,
 ) -> ApiResult<Json<OrgDetail>> {
     let org_id = org_access(&state, &caller, &org)?;
     let Json(org) = org_json(&state, &org_id).await?;
-    let month = Month::from_unix_ms(state.engine.now_ms());
-    let (months, days) = state
-        .engine
-        .db
-        .history(&org_id, "org", &org_id, month)
-        .await?;
-    Ok(Json(OrgDetail {
-        org,
-        history: History::new(months, days),
-    }))
+    let history = history(&state.engine, &org_id, "org", &org_id, &p).await?;
+    Ok(Json(OrgDetail { org, history }))
 }
 
 #[utoipa::path(patch, path = "/v1/orgs/{org}", operation_id = "orgs_patch", tag = "orgs", params(("org" = String, Path, description = "org id")), request_body = PatchOrg, security(("bearer" = ["operator", "admin"])), responses((status = 200, description = "ok", body = OrgJson), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody), (status = 409, description = "conflict", body = crate::error::ErrorBody), (status = 422, description = "a rule forbids it", body = crate::error::ErrorBody)))]

@@ -15,9 +15,11 @@ use tally_engine::random_id;
 use tally_store::query::{UserFilter, UserListQuery, UserRow, UserSort};
 
 use crate::cursor::{self, UserCursor};
-use crate::dto::{History, ListJson, UserJson, one_with_held, present, with_held};
+use crate::dto::{
+    History, HistoryParams, ListJson, UserJson, history, one_with_held, present, with_held,
+};
 use crate::error::{ApiError, ApiResult};
-use crate::extract::{Caller, JsonBody, NoParams, Params};
+use crate::extract::{Caller, JsonBody, Params};
 use crate::snapshot::{Next, SNAPSHOT_LEN_MAX, SNAPSHOT_PAGES};
 use crate::{AppState, org_access, page_len};
 
@@ -319,27 +321,19 @@ pub(crate) struct UserDetail {
     pub(crate) history: History,
 }
 
-#[utoipa::path(get, path = "/v1/orgs/{org}/users/{user}", operation_id = "users_get", tag = "users", params(("org" = String, Path, description = "org id"), ("user" = String, Path, description = "user id")), security(("bearer" = ["operator", "admin", "viewer"])), responses((status = 200, description = "ok", body = UserDetail), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody)))]
+#[utoipa::path(get, path = "/v1/orgs/{org}/users/{user}", operation_id = "users_get", tag = "users", params(("org" = String, Path, description = "org id"), ("user" = String, Path, description = "user id"), HistoryParams), security(("bearer" = ["operator", "admin", "viewer"])), responses((status = 200, description = "ok", body = UserDetail), (status = 400, description = "invalid input", body = crate::error::ErrorBody), (status = 401, description = "no or unknown token", body = crate::error::ErrorBody), (status = 403, description = "a token of another org", body = crate::error::ErrorBody), (status = 404, description = "no such org or entity", body = crate::error::ErrorBody)))]
 pub(crate) async fn get(
     State(state): State<AppState>,
     caller: Caller,
     Path((org, user)): Path<(String, String)>,
-    Params(_): Params<NoParams>,
+    Params(p): Params<HistoryParams>,
 ) -> ApiResult<Json<UserDetail>> {
     let org_id = org_access(&state, &caller, &org)?;
     let user_id = user_id(&user)?;
     state.engine.meter.flush_for_read().await?;
     let user = user_json(&state, &org_id, &user_id).await?;
-    let month = Month::from_unix_ms(state.engine.now_ms());
-    let (months, days) = state
-        .engine
-        .db
-        .history(&org_id, "user", &user_id, month)
-        .await?;
-    Ok(Json(UserDetail {
-        user,
-        history: History::new(months, days),
-    }))
+    let history = history(&state.engine, &org_id, "user", &user_id, &p).await?;
+    Ok(Json(UserDetail { user, history }))
 }
 
 #[derive(Debug, Deserialize, utoipa::ToSchema)]

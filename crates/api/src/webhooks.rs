@@ -15,17 +15,20 @@ use tally_core::time::Month;
 use tally_store::webhook::DeliveryRow;
 
 use crate::cursor;
-use crate::dto::{Fraction, ListJson, time};
+use crate::dto::{Fraction, ListJson, WebhookFormatJson, time};
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{Caller, JsonBody, NoParams, Params};
 use crate::{AppState, org_access, page_len};
 
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-#[schema(examples(json!({"url": "https://hooks.acme.example/tally"})))]
+#[schema(examples(json!({"url": "https://hooks.acme.example/tally"}), json!({"url": "https://hooks.slack.com/services/T000/B000/XXXX", "format": "slack"})))]
 pub(crate) struct SetWebhook {
     /// `http://` or `https://`; notifications are POSTed here.
     pub(crate) url: String,
+    /// What it receives; `tally` when left out.
+    #[serde(default)]
+    pub(crate) format: WebhookFormatJson,
 }
 
 /// The org's webhook and how its deliveries stand.
@@ -33,6 +36,8 @@ pub(crate) struct SetWebhook {
 pub(crate) struct WebhookJson {
     /// `null`: no webhook.
     pub(crate) url: Option<String>,
+    /// What it receives; `null`: no webhook.
+    pub(crate) format: Option<WebhookFormatJson>,
     /// When it was set.
     pub(crate) set_at: Option<String>,
     /// The HMAC-SHA256 signing secret: only in the answer that set it.
@@ -58,12 +63,13 @@ async fn webhook_json(
         .map(|s| (s.to_owned(), 0))
         .collect();
     deliveries.extend(db.delivery_counts(org_id).await?);
-    let (url, set_at) = match row.webhook {
-        Some((url, _, at)) => (Some(url), Some(time(at))),
-        None => (None, None),
+    let (url, format, set_at) = match row.webhook {
+        Some(w) => (Some(w.url), Some(w.format.into()), Some(time(w.set_at_ms))),
+        None => (None, None, None),
     };
     Ok(Json(WebhookJson {
         url,
+        format,
         set_at,
         secret,
         deliveries,
@@ -88,7 +94,10 @@ pub(crate) async fn set(
         .execute(
             &org_id,
             caller.actor(),
-            &Command::SetWebhook { url: req.url },
+            &Command::SetWebhook {
+                url: req.url,
+                format: req.format.into(),
+            },
         )
         .await?;
     let seq = events
@@ -310,15 +319,15 @@ pub(crate) async fn test(
         .org(&org_id, month)
         .await?
         .ok_or_else(|| ApiError::not_found("no such org"))?;
-    let Some((url, seq, _)) = row.webhook else {
+    let Some(hook) = row.webhook else {
         return Err(ApiError::rule("the org has no webhook: set one first"));
     };
     let r = tally_webhooks::send_test(
         &state.webhook_keys,
         Arc::clone(&state.webhook_targets),
         &org_id,
-        &url,
-        seq,
+        &hook,
+        state.console_url.as_deref(),
         TEST_TIMEOUT,
     )
     .await;

@@ -139,6 +139,37 @@ impl LimitSource {
     }
 }
 
+/// What an org's webhook receives.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum WebhookFormat {
+    /// Tally's JSON event, signed (docs/webhooks.md); also every webhook
+    /// set before formats were recorded.
+    #[default]
+    Tally,
+    /// A Slack incoming-webhook message: `{"text": …}`.
+    Slack,
+}
+
+impl WebhookFormat {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WebhookFormat::Tally => "tally",
+            WebhookFormat::Slack => "slack",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<WebhookFormat> {
+        match s {
+            "tally" => Some(WebhookFormat::Tally),
+            "slack" => Some(WebhookFormat::Slack),
+            _ => None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum UserStatus {
@@ -208,6 +239,9 @@ pub enum EventKind {
     /// derived from the server's key and this event's seq, never logged.
     WebhookSet {
         url: String,
+        /// Older events carry none: Tally's JSON.
+        #[serde(default)]
+        format: WebhookFormat,
     },
     WebhookRemoved,
     TokenCreated {
@@ -480,6 +514,7 @@ pub enum Command {
     /// Sets (or replaces, with a new secret) the org's webhook.
     SetWebhook {
         url: String,
+        format: WebhookFormat,
     },
     RemoveWebhook,
     CreateToken {
@@ -703,6 +738,7 @@ pub struct Key {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Webhook {
     pub url: String,
+    pub format: WebhookFormat,
     pub seq: u64,
     pub set_at_ms: i64,
 }
@@ -1082,8 +1118,9 @@ impl OrgDirectory {
                 }
                 events
             }
-            Command::SetWebhook { url } => vec![EventKind::WebhookSet {
+            Command::SetWebhook { url, format } => vec![EventKind::WebhookSet {
                 url: check_webhook_url(url)?,
+                format: *format,
             }],
             Command::RemoveWebhook => match self.webhook {
                 Some(_) => vec![EventKind::WebhookRemoved],
@@ -1629,9 +1666,10 @@ impl OrgDirectory {
             EventKind::OrgLimitSet {
                 monthly_limit_micros,
             } => self.monthly_limit_micros = *monthly_limit_micros,
-            EventKind::WebhookSet { url } => {
+            EventKind::WebhookSet { url, format } => {
                 self.webhook = Some(Webhook {
                     url: url.clone(),
+                    format: *format,
                     seq: event.seq,
                     set_at_ms: at,
                 });
@@ -2111,6 +2149,10 @@ pub(crate) mod tests {
 
     #[test]
     fn a_webhook_needs_an_http_url_and_each_set_is_a_new_secret_version() {
+        let tally = |url: String| Command::SetWebhook {
+            url,
+            format: WebhookFormat::Tally,
+        };
         for bad in [
             "ftp://x.test/",
             "https://",
@@ -2121,31 +2163,56 @@ pub(crate) mod tests {
             "x.test",
         ] {
             given(vec![created(None)])
-                .when(Command::SetWebhook { url: bad.into() })
+                .when(tally(bad.into()))
                 .then_expect_error(|e| matches!(e, CommandError::Invalid(_)));
         }
         let long = format!("https://x.test/{}", "a".repeat(WEBHOOK_URL_LEN_MAX));
         given(vec![created(None)])
-            .when(Command::SetWebhook { url: long })
+            .when(tally(long))
             .then_expect_error(|e| matches!(e, CommandError::Invalid(_)));
-        let set = |url: &str| EventKind::WebhookSet { url: url.into() };
-        let dir = given(vec![created(None), set("https://a.test/hook")])
-            .when(Command::SetWebhook {
-                url: "http://127.0.0.1:9/hook?x=1".into(),
-            })
-            .then_expect_events(vec![set("http://127.0.0.1:9/hook?x=1")]);
+        let set = |url: &str, format| EventKind::WebhookSet {
+            url: url.into(),
+            format,
+        };
+        let dir = given(vec![
+            created(None),
+            set("https://a.test/hook", WebhookFormat::Slack),
+        ])
+        .when(tally("http://127.0.0.1:9/hook?x=1".into()))
+        .then_expect_events(vec![set(
+            "http://127.0.0.1:9/hook?x=1",
+            WebhookFormat::Tally,
+        )]);
         let hook = dir.webhook.clone().unwrap();
         assert_eq!(
-            (hook.url.as_str(), hook.seq),
-            ("http://127.0.0.1:9/hook?x=1", 3)
+            (hook.url.as_str(), hook.format, hook.seq),
+            ("http://127.0.0.1:9/hook?x=1", WebhookFormat::Tally, 3)
         );
-        let dir = given(vec![created(None), set("https://a.test/hook")])
-            .when(Command::RemoveWebhook)
-            .then_expect_events(vec![EventKind::WebhookRemoved]);
+        // The same URL in another format is set again (a new secret).
+        let dir = given(vec![
+            created(None),
+            set("https://a.test/hook", WebhookFormat::Tally),
+        ])
+        .when(Command::SetWebhook {
+            url: "https://a.test/hook".into(),
+            format: WebhookFormat::Slack,
+        })
+        .then_expect_events(vec![set("https://a.test/hook", WebhookFormat::Slack)]);
+        assert_eq!(dir.webhook.unwrap().format, WebhookFormat::Slack);
+        let dir = given(vec![
+            created(None),
+            set("https://a.test/hook", WebhookFormat::Tally),
+        ])
+        .when(Command::RemoveWebhook)
+        .then_expect_events(vec![EventKind::WebhookRemoved]);
         assert_eq!(dir.webhook, None);
         let _ = given(vec![created(None)])
             .when(Command::RemoveWebhook)
             .then_expect_events(vec![]);
+        for f in [WebhookFormat::Tally, WebhookFormat::Slack] {
+            assert_eq!(WebhookFormat::parse(f.as_str()), Some(f));
+        }
+        assert_eq!(WebhookFormat::parse("json"), None);
     }
 
     #[test]

@@ -70,6 +70,22 @@ impl Month {
         ((1..=12).contains(&m) && v <= 999_912).then_some(Month(v))
     }
 
+    /// Parses `yyyy-mm` (as `Display` writes it): four digits, a dash, two.
+    pub fn parse(s: &str) -> Option<Month> {
+        let (y, m) = s.split_once('-')?;
+        if y.len() != 4 || m.len() != 2 || !(y.bytes().chain(m.bytes())).all(|b| b.is_ascii_digit())
+        {
+            return None;
+        }
+        Month::from_yyyymm(y.parse::<u32>().ok()? * 100 + m.parse::<u32>().ok()?)
+    }
+
+    /// How many months `self` is after `earlier` (negative: before).
+    pub fn since(self, earlier: Month) -> i64 {
+        (i64::from(self.year()) * 12 + i64::from(self.month()))
+            - (i64::from(earlier.year()) * 12 + i64::from(earlier.month()))
+    }
+
     pub fn yyyymm(self) -> u32 {
         self.0
     }
@@ -185,6 +201,29 @@ mod tests {
         assert_eq!(Month::from_yyyymm(202612).unwrap().next().yyyymm(), 202701);
         assert_eq!(Month::from_yyyymm(202701).unwrap().prev().yyyymm(), 202612);
         assert_eq!(Month::from_yyyymm(202613), None);
+    }
+
+    #[test]
+    fn months_parse_as_they_print() {
+        let nov = Month::from_yyyymm(202611).unwrap();
+        assert_eq!(Month::parse("2026-11"), Some(nov));
+        assert_eq!(Month::parse(&nov.to_string()), Some(nov));
+        for bad in [
+            "2026-13",
+            "2026-00",
+            "2026-1",
+            "26-11",
+            "2026/11",
+            "2026-1a",
+            "+026-11",
+            "",
+            "2026-11-01",
+        ] {
+            assert_eq!(Month::parse(bad), None, "{bad}");
+        }
+        assert_eq!(nov.since(nov), 0);
+        assert_eq!(Month::from_yyyymm(202701).unwrap().since(nov), 2);
+        assert_eq!(Month::from_yyyymm(202512).unwrap().since(nov), -11);
     }
 
     proptest! {

@@ -248,7 +248,13 @@ async fn a_checkpoint_that_commits_late_is_told_from_its_retry() {
     assert_eq!(meter.committed_position(0), Some(1));
     // The day rollup is additive: a layer written twice would show here.
     let (_, days) = db
-        .history(&org, "user", "bob", Month::from_unix_ms(now))
+        .history(
+            &org,
+            "user",
+            "bob",
+            Month::from_unix_ms(now),
+            Month::from_unix_ms(now),
+        )
         .await
         .unwrap();
     let total: (i64, i64) = days

@@ -1,7 +1,7 @@
 //! Conversions between the generated types and the core's.
 
 use prost::Message;
-use tally_core::entity::{Actor, EntityEvent, EventKind, LimitSource, Role};
+use tally_core::entity::{Actor, EntityEvent, EventKind, LimitSource, Role, WebhookFormat};
 use tally_core::ids::{GroupId, IdError, KeyId, OrgId, TokenId, UserId};
 use tally_core::usage::{RawUsage, UsageError, UsageEvent};
 
@@ -134,7 +134,10 @@ pub fn encode_entity_event(e: &EntityEvent) -> Vec<u8> {
         } => K::OrgLimitSet(v1::OrgLimitSet {
             monthly_limit_micros: *monthly_limit_micros,
         }),
-        EventKind::WebhookSet { url } => K::WebhookSet(v1::WebhookSet { url: url.clone() }),
+        EventKind::WebhookSet { url, format } => K::WebhookSet(v1::WebhookSet {
+            url: url.clone(),
+            format: format.as_str().to_owned(),
+        }),
         EventKind::WebhookRemoved => K::WebhookRemoved(v1::WebhookRemoved {}),
         EventKind::TokenCreated {
             token_id,
@@ -319,7 +322,15 @@ pub fn decode_entity_event(bytes: &[u8]) -> Result<EntityEvent, ConvertError> {
         K::OrgLimitSet(k) => EventKind::OrgLimitSet {
             monthly_limit_micros: k.monthly_limit_micros,
         },
-        K::WebhookSet(k) => EventKind::WebhookSet { url: k.url },
+        K::WebhookSet(k) => EventKind::WebhookSet {
+            url: k.url,
+            format: match k.format.as_str() {
+                "" => WebhookFormat::Tally,
+                f => WebhookFormat::parse(f).ok_or_else(|| {
+                    ConvertError::Invalid(format!("unknown webhook format {f:?}"))
+                })?,
+            },
+        },
         K::WebhookRemoved(_) => EventKind::WebhookRemoved,
         K::TokenCreated(k) => EventKind::TokenCreated {
             token_id: id(TokenId::new, &k.token_id)?,
@@ -483,6 +494,11 @@ mod tests {
             },
             EventKind::WebhookSet {
                 url: "https://hooks.acme.test/tally?x=1".into(),
+                format: WebhookFormat::Tally,
+            },
+            EventKind::WebhookSet {
+                url: "https://hooks.slack.com/services/T0/B0/x".into(),
+                format: WebhookFormat::Slack,
             },
             EventKind::WebhookRemoved,
             EventKind::TokenCreated {
@@ -645,6 +661,33 @@ mod tests {
             }
         );
         assert!(decode_entity_event(&old("root")).is_err());
+    }
+
+    /// A webhook set before formats were recorded gets Tally's JSON; an
+    /// unknown format is refused, not guessed.
+    #[test]
+    fn a_webhook_of_an_older_log_gets_tallys_json() {
+        let old = |format: &str| {
+            v1::EntityEvent {
+                org_id: "acme".into(),
+                seq: 1,
+                at_ms: 5,
+                actor: "operator".into(),
+                kind: Some(K::WebhookSet(v1::WebhookSet {
+                    url: "https://a.test/".into(),
+                    format: format.into(),
+                })),
+            }
+            .encode_to_vec()
+        };
+        assert_eq!(
+            decode_entity_event(&old("")).unwrap().kind,
+            EventKind::WebhookSet {
+                url: "https://a.test/".into(),
+                format: WebhookFormat::Tally,
+            }
+        );
+        assert!(decode_entity_event(&old("teams")).is_err());
     }
 
     #[test]

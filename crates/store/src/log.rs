@@ -493,13 +493,14 @@ async fn project(tx: &mut WriteTx, e: &EntityEvent) -> Result<()> {
             org,
             *monthly_limit_micros,
         ),
-        EventKind::WebhookSet { url } => exec!(
-            "UPDATE orgs SET webhook_url = $2, webhook_seq = $3, webhook_set_at_ms = $4 \
-             WHERE id = $1",
+        EventKind::WebhookSet { url, format } => exec!(
+            "UPDATE orgs SET webhook_url = $2, webhook_seq = $3, webhook_set_at_ms = $4, \
+             webhook_format = $5 WHERE id = $1",
             org,
             url.as_str(),
             i64::try_from(e.seq).map_err(|_| Error::Corrupt(format!("seq {}", e.seq)))?,
             at,
+            format.as_str(),
         ),
         EventKind::WebhookRemoved => exec!(
             "UPDATE orgs SET webhook_url = NULL, webhook_seq = NULL, webhook_set_at_ms = NULL \

@@ -12,6 +12,7 @@ use tally_core::ids::OrgId;
 use tally_core::time::{Day, Month};
 
 use crate::log::{features_from_text, thresholds_from_text};
+use crate::webhook::WebhookTarget;
 use crate::{Backend, Db, Error, Result};
 
 /// The most rows one page may hold.
@@ -42,8 +43,7 @@ pub struct OrgRow {
     pub name: String,
     pub default_monthly_limit_micros: Option<i64>,
     pub monthly_limit_micros: Option<i64>,
-    /// (url, the seq that set it, when).
-    pub webhook: Option<(String, i64, i64)>,
+    pub webhook: Option<WebhookTarget>,
     pub alert_thresholds_bps: Vec<u32>,
     pub created_at_ms: i64,
     pub seq: i64,
@@ -288,7 +288,7 @@ impl Db {
         let row = sqlx::query(
             "SELECT o.id, o.name, o.default_monthly_limit_micros, o.alert_thresholds_bps, \
              o.monthly_limit_micros, o.webhook_url, o.webhook_seq, o.webhook_set_at_ms, \
-             o.created_at_ms, o.seq, COALESCE(s.spend_micros, 0) AS spend_micros, \
+             o.webhook_format, o.created_at_ms, o.seq, COALESCE(s.spend_micros, 0) AS spend_micros, \
              COALESCE(s.requests, 0) AS requests FROM orgs o \
              LEFT JOIN spend_monthly s ON s.org_id = o.id AND s.kind = 'org' \
              AND s.subject_id = o.id AND s.month = $2 WHERE o.id = $1",
@@ -303,14 +303,7 @@ impl Db {
                 name: r.try_get("name")?,
                 default_monthly_limit_micros: r.try_get("default_monthly_limit_micros")?,
                 monthly_limit_micros: r.try_get("monthly_limit_micros")?,
-                webhook: match r.try_get::<Option<String>, _>("webhook_url")? {
-                    Some(url) => Some((
-                        url,
-                        r.try_get("webhook_seq")?,
-                        r.try_get("webhook_set_at_ms")?,
-                    )),
-                    None => None,
-                },
+                webhook: WebhookTarget::from_row(&r)?,
                 alert_thresholds_bps: thresholds_from_text(
                     &r.try_get::<String, _>("alert_thresholds_bps")?,
                 )?,
@@ -673,14 +666,15 @@ impl Db {
             .collect()
     }
 
-    /// Monthly totals of a subject, newest first, at most 13; and its daily
-    /// series in `month`.
+    /// Monthly totals of a subject up to `month`, newest first, at most 13;
+    /// and its daily series in `days_of`.
     pub async fn history(
         &self,
         org_id: &OrgId,
         kind: &str,
         subject_id: &str,
         month: Month,
+        days_of: Month,
     ) -> Result<(Vec<PeriodSpend>, Vec<PeriodSpend>)> {
         let period = |r: &AnyRow, col: &str| -> Result<PeriodSpend> {
             Ok(PeriodSpend {
@@ -704,7 +698,7 @@ impl Db {
         .iter()
         .map(|r| period(r, "month"))
         .collect::<Result<Vec<_>>>()?;
-        let (from, to) = day_range(month);
+        let (from, to) = day_range(days_of);
         let days = sqlx::query(
             "SELECT day, spend_micros, requests FROM spend_daily \
              WHERE org_id = $1 AND kind = $2 AND subject_id = $3 AND day >= $4 AND day < $5 \

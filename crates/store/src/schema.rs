@@ -371,6 +371,14 @@ CREATE INDEX console_sessions_by_token ON console_sessions (token_hash, created_
          ALTER TABLE users ADD COLUMN search_text TEXT NOT NULL DEFAULT '';\n\
          UPDATE users SET search_text = LOWER(id || {newline} || name || {newline} || email);"
     );
+    // v16: what an org's webhook receives (Tally's JSON or a Slack
+    // message; webhooks set before are Tally's JSON), and each subject's
+    // pending deliveries in order: a delivery is claimed only when none of
+    // its subject's is pending before it.
+    let v16 = "ALTER TABLE orgs ADD COLUMN webhook_format TEXT NOT NULL DEFAULT 'tally';\n\
+               CREATE INDEX webhook_deliveries_pending_by_subject ON webhook_deliveries \
+               (org_id, subject_kind, subject_id, id) WHERE state = 'pending';"
+        .to_owned();
     vec![
         (1, v1 + &append_only),
         (2, v2),
@@ -387,5 +395,6 @@ CREATE INDEX console_sessions_by_token ON console_sessions (token_hash, created_
         (13, v13),
         (14, v14),
         (15, v15),
+        (16, v16),
     ]
 }

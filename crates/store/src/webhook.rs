@@ -9,6 +9,7 @@
 
 use sqlx::Row;
 use sqlx::any::AnyRow;
+use tally_core::entity::WebhookFormat;
 
 use crate::{Db, Error, Result};
 
@@ -28,13 +29,40 @@ pub struct DeliveryEvent {
     pub at_ms: i64,
 }
 
+/// Where an org's webhook points, as its `webhook_set` event said.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WebhookTarget {
+    pub url: String,
+    pub format: WebhookFormat,
+    /// The seq of the event that set it (the secret derives from it).
+    pub seq: i64,
+    pub set_at_ms: i64,
+}
+
+impl WebhookTarget {
+    /// From an `orgs` row's `webhook_*` columns; `None`: no webhook.
+    pub(crate) fn from_row(r: &AnyRow) -> Result<Option<WebhookTarget>> {
+        let Some(url) = r.try_get::<Option<String>, _>("webhook_url")? else {
+            return Ok(None);
+        };
+        let format: String = r.try_get("webhook_format")?;
+        Ok(Some(WebhookTarget {
+            url,
+            format: WebhookFormat::parse(&format)
+                .ok_or_else(|| Error::Corrupt(format!("webhook format {format:?}")))?,
+            seq: r.try_get("webhook_seq")?,
+            set_at_ms: r.try_get("webhook_set_at_ms")?,
+        }))
+    }
+}
+
 /// A claimed delivery, with where its org's webhook points now.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DueDelivery {
     pub id: i64,
     pub org_id: String,
-    /// (url, seq of the event that set it); `None`: the org removed it.
-    pub webhook: Option<(String, i64)>,
+    /// `None`: the org removed its webhook.
+    pub webhook: Option<WebhookTarget>,
     /// Attempts including this one.
     pub attempts: i64,
     pub event: DeliveryEvent,
@@ -99,7 +127,11 @@ fn event(r: &AnyRow) -> Result<DeliveryEvent> {
 
 impl Db {
     /// Claims up to `limit` due deliveries, oldest due first, until
-    /// `now_ms + lease_ms`.
+    /// `now_ms + lease_ms`: of each subject (org, kind, id) only the first
+    /// delivery still pending, so that one subject's deliveries leave one
+    /// at a time in the order their events were recorded. A delivery being
+    /// sent or waiting for a retry stays pending and holds the ones behind
+    /// it; delivered, failed and cancelled ones hold none.
     pub async fn claim_deliveries(
         &self,
         now_ms: i64,
@@ -109,11 +141,16 @@ impl Db {
         let mut tx = self.begin_write().await?;
         // The outer conditions repeat the inner ones: on PostgreSQL a
         // concurrent claim of the same row is re-checked against them after
-        // the row lock is granted, and then skipped.
+        // the row lock is granted, and then skipped. The subject's earlier
+        // delivery is pending until its outcome commits, so no snapshot
+        // lets a later one pass it.
         let ids: Vec<i64> = sqlx::query_scalar(
             "UPDATE webhook_deliveries SET next_attempt_ms = $1, attempts = attempts + 1 \
-             WHERE id IN (SELECT id FROM webhook_deliveries WHERE state = 'pending' \
-             AND next_attempt_ms <= $2 ORDER BY next_attempt_ms, id LIMIT $3) \
+             WHERE id IN (SELECT d.id FROM webhook_deliveries d WHERE d.state = 'pending' \
+             AND d.next_attempt_ms <= $2 AND NOT EXISTS (SELECT 1 FROM webhook_deliveries p \
+             WHERE p.state = 'pending' AND p.org_id = d.org_id \
+             AND p.subject_kind = d.subject_kind AND p.subject_id = d.subject_id AND p.id < d.id) \
+             ORDER BY d.next_attempt_ms, d.id LIMIT $3) \
              AND state = 'pending' AND next_attempt_ms <= $2 RETURNING id",
         )
         .bind(now_ms.saturating_add(lease_ms))
@@ -126,7 +163,8 @@ impl Db {
         // One by one: a claim is a few rows, and a join by id is cheap.
         for id in ids {
             let sql = format!(
-                "SELECT d.id, d.org_id, d.attempts, o.webhook_url, o.webhook_seq, {EVENT_COLUMNS} \
+                "SELECT d.id, d.org_id, d.attempts, o.webhook_url, o.webhook_seq, \
+                 o.webhook_set_at_ms, o.webhook_format, {EVENT_COLUMNS} \
                  FROM webhook_deliveries d {EVENT_JOIN} JOIN orgs o ON o.id = d.org_id \
                  WHERE d.id = $1"
             );
@@ -139,12 +177,10 @@ impl Db {
                     "webhook delivery {id} has no enforcement event"
                 )));
             };
-            let url: Option<String> = r.try_get("webhook_url")?;
-            let seq: Option<i64> = r.try_get("webhook_seq")?;
             out.push(DueDelivery {
                 id,
                 org_id: r.try_get("org_id")?,
-                webhook: url.zip(seq),
+                webhook: WebhookTarget::from_row(&r)?,
                 attempts: r.try_get("attempts")?,
                 event: event(&r)?,
             });

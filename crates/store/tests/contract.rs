@@ -4,14 +4,16 @@
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use tally_core::entity::{Actor, Command, EntityEvent, OrgDirectory, UserStatus, handle_create};
+use tally_core::entity::{
+    Actor, Command, EntityEvent, OrgDirectory, UserStatus, WebhookFormat, handle_create,
+};
 use tally_core::ids::{GroupId, KeyId, OrgId, UserId};
 use tally_core::ledger::{Counter, EnforcementKind, LiftReason, Subject, SubjectKind};
 use tally_core::org::{MeterChanges, SavedCounter, SavedDay, SavedEnforcement};
 use tally_core::time::{Day, Month};
 use tally_store::checkpoint::{DeadLetter, PartitionCheckpoint};
 use tally_store::query::{Cursor, SortValue, UserFilter, UserListQuery, UserSort};
-use tally_store::webhook::AttemptOutcome;
+use tally_store::webhook::{AttemptOutcome, DueDelivery, WebhookTarget};
 use tally_store::{Db, DbOptions, Error};
 
 const NOV: i64 = 1_793_491_200_000; // 2026-11-01T00:00:00Z
@@ -722,10 +724,27 @@ async fn checkpoints_round_trip(db: Db) {
     assert_eq!(counters[0], counter(SubjectKind::User, "alice", 150));
     // Day deltas add up; enforcement events are written once.
     let org = OrgId::new("acme").unwrap();
-    let (months, days) = db.history(&org, "user", "alice", month()).await.unwrap();
+    let (months, days) = db
+        .history(&org, "user", "alice", month(), month())
+        .await
+        .unwrap();
     assert_eq!(months[0].spend_micros, 150);
     assert_eq!(days.len(), 1);
     assert_eq!((days[0].spend_micros, days[0].requests), (14, 2));
+    // Another month's days: none here; the months stay up to `month`.
+    let (same, before) = db
+        .history(&org, "user", "alice", month(), month().prev())
+        .await
+        .unwrap();
+    assert_eq!((same, before), (months, vec![]));
+    assert!(
+        db.history(&org, "user", "alice", month().prev(), month())
+            .await
+            .unwrap()
+            .0
+            .is_empty(),
+        "no month after the one asked for"
+    );
     assert_eq!(db.list_enforcement(&org, None, 100).await.unwrap().len(), 1);
     // A lift with another ordinal is a new event; the floor evicts old minutes.
     let mut lift = enforcement.clone();
@@ -1272,6 +1291,7 @@ async fn webhook_deliveries_are_an_outbox(db: Db) {
         &db,
         Command::SetWebhook {
             url: "https://hooks.acme.test/t".into(),
+            format: WebhookFormat::Slack,
         },
     )
     .await;
@@ -1289,10 +1309,13 @@ async fn webhook_deliveries_are_an_outbox(db: Db) {
     assert_eq!(row.monthly_limit_micros, Some(9_000_000));
     // Dated as logged (by PostgreSQL's clock there, see `Db::append`).
     let set_at = db.org_events(&org.dir.id, 1, 1).await.unwrap()[0].at_ms;
-    assert_eq!(
-        row.webhook,
-        Some(("https://hooks.acme.test/t".into(), 2, set_at))
-    );
+    let hook = WebhookTarget {
+        url: "https://hooks.acme.test/t".into(),
+        format: WebhookFormat::Slack,
+        seq: 2,
+        set_at_ms: set_at,
+    };
+    assert_eq!(row.webhook, Some(hook.clone()));
     let changes = |e: Vec<SavedEnforcement>| MeterChanges {
         enforcement: e,
         ..MeterChanges::default()
@@ -1314,10 +1337,7 @@ async fn webhook_deliveries_are_an_outbox(db: Db) {
     // Claims are exclusive while their lease runs.
     let due = db.claim_deliveries(NOV, 60_000, 10).await.unwrap();
     assert_eq!(due.len(), 2);
-    assert_eq!(
-        due[0].webhook,
-        Some(("https://hooks.acme.test/t".into(), 2))
-    );
+    assert_eq!(due[0].webhook, Some(hook));
     assert_eq!(
         (due[0].attempts, due[0].event.event.as_str()),
         (1, "cut_off")
@@ -1417,6 +1437,86 @@ async fn webhook_deliveries_are_an_outbox(db: Db) {
         db.org("acme", month()).await.unwrap().unwrap().webhook,
         None
     );
+}
+
+/// One subject's deliveries leave one at a time, in the order their events
+/// were recorded: a delivery being sent or waiting for its retry holds the
+/// ones behind it; one delivered or given up holds none; other subjects'
+/// are not held.
+async fn one_subjects_deliveries_leave_in_order(db: Db) {
+    let mut org = Org::create(&db, "acme").await;
+    org.run(
+        &db,
+        Command::SetWebhook {
+            url: "https://hooks.acme.test/t".into(),
+            format: WebhookFormat::Tally,
+        },
+    )
+    .await;
+    let changes = |e: Vec<SavedEnforcement>| MeterChanges {
+        enforcement: e,
+        ..MeterChanges::default()
+    };
+    checkpoint(
+        &db,
+        "acme",
+        1,
+        changes(vec![
+            cutoff("alice", 1),
+            cutoff("bob", 1),
+            cutoff("alice", 2),
+            cutoff("alice", 3),
+        ]),
+    )
+    .await;
+    let who = |due: &[DueDelivery]| -> Vec<(String, i64)> {
+        due.iter()
+            .map(|d| (d.event.subject_id.clone(), d.event.ordinal))
+            .collect()
+    };
+    let pair = |u: &str, n: i64| (u.to_owned(), n);
+    let claim = |at: i64| {
+        let db = db.clone();
+        async move { db.claim_deliveries(at, 60_000, 10).await.unwrap() }
+    };
+    let delivered = AttemptOutcome::Delivered { status: 200 };
+    let due = claim(NOV).await;
+    assert_eq!(who(&due), [pair("alice", 1), pair("bob", 1)]);
+    let retry = AttemptOutcome::Retry {
+        status: Some(500),
+        error: "HTTP 500".into(),
+        next_attempt_ms: NOV + 100,
+    };
+    assert!(db.finish_delivery(&due[0], &retry, NOV).await.unwrap());
+    assert!(
+        claim(NOV + 50).await.is_empty(),
+        "alice's first waits for its retry, bob's is being sent"
+    );
+    assert!(db.finish_delivery(&due[1], &delivered, NOV).await.unwrap());
+    let due = claim(NOV + 100).await;
+    assert_eq!((who(&due), due[0].attempts), (vec![pair("alice", 1)], 2));
+    assert!(db.finish_delivery(&due[0], &delivered, NOV).await.unwrap());
+    let due = claim(NOV + 101).await;
+    assert_eq!(who(&due), [pair("alice", 2)]);
+    let gave_up = AttemptOutcome::GaveUp {
+        status: None,
+        error: "refused".into(),
+    };
+    assert!(db.finish_delivery(&due[0], &gave_up, NOV).await.unwrap());
+    let third = claim(NOV + 102).await;
+    assert_eq!(who(&third), [pair("alice", 3)], "a failed one holds none");
+    assert!(
+        db.finish_delivery(&third[0], &delivered, NOV)
+            .await
+            .unwrap()
+    );
+    // Sent again on request, it goes before what was recorded after it.
+    assert!(db.redeliver("acme", due[0].id, NOV + 103).await.unwrap());
+    checkpoint(&db, "acme", 2, changes(vec![cutoff("alice", 4)])).await;
+    let due = claim(NOV + 104).await;
+    assert_eq!(who(&due), [pair("alice", 2)]);
+    assert!(db.finish_delivery(&due[0], &delivered, NOV).await.unwrap());
+    assert_eq!(who(&claim(NOV + 105).await), [pair("alice", 4)]);
 }
 
 /// Makes every commit fail for real, until cleared: on SQLite the database's
@@ -1714,6 +1814,7 @@ contract!(
     a_checkpoint_deletes_many_settled_holds,
     dead_letters_are_kept_once,
     webhook_deliveries_are_an_outbox,
+    one_subjects_deliveries_leave_in_order,
     a_newer_schema_is_refused,
 );
 

@@ -414,6 +414,10 @@ pub(crate) enum Webhook {
         /// `https://…` (or `http://…`).
         #[arg(value_name = "URL")]
         target: String,
+        /// `tally` (Tally's signed JSON) or `slack` (a Slack incoming-webhook
+        /// message).
+        #[arg(long, default_value = "tally", value_parser = ["tally", "slack"])]
+        format: String,
     },
     /// Stop sending; pending deliveries are cancelled.
     Remove,
@@ -1457,8 +1461,9 @@ fn webhook_summary(w: &Value) -> String {
         .map(|(k, v)| format!("{} {k}", text(v)))
         .collect();
     let mut out = format!(
-        "webhook: {}\nset at: {}\ndeliveries: {}\n",
+        "webhook: {}\nformat: {}\nset at: {}\ndeliveries: {}\n",
         text(&w["url"]),
+        text(&w["format"]),
         text(&w["set_at"]),
         if states.is_empty() {
             "none".to_owned()
@@ -1482,9 +1487,13 @@ pub(crate) async fn webhook(
     let at = format!("/v1/orgs/{org}/webhook");
     Ok(match cmd {
         Webhook::Show => webhook_summary(&api.get(&at).await?),
-        Webhook::Set { target } => webhook_summary(
-            &api.send(reqwest::Method::PUT, &at, Some(json!({"url": target})))
-                .await?,
+        Webhook::Set { target, format } => webhook_summary(
+            &api.send(
+                reqwest::Method::PUT,
+                &at,
+                Some(json!({"url": target, "format": format})),
+            )
+            .await?,
         ),
         Webhook::Remove => webhook_summary(&api.delete(&at).await?),
         Webhook::Test => {

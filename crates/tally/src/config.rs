@@ -267,6 +267,11 @@ pub(crate) struct WebhookArgs {
     /// [default: none].
     #[arg(long, env = "TALLY_WEBHOOK_ALLOW", value_delimiter = ',')]
     pub(crate) webhook_allow: Option<Vec<String>>,
+    /// Where admins reach this server (`https://tally.acme.example`):
+    /// Slack notifications link to the subject's console page under it
+    /// [default: none, no links].
+    #[arg(long, env = "TALLY_PUBLIC_URL")]
+    pub(crate) public_url: Option<String>,
 }
 
 /// Distributed mode: usage from Kafka, any number of processes.
@@ -356,6 +361,7 @@ struct FileConfig {
     webhook_retry_max_ms: Option<u64>,
     webhook_attempts_max: Option<u32>,
     webhook_allow: Option<Vec<String>>,
+    public_url: Option<String>,
     kafka_brokers: Option<String>,
     kafka_group: Option<String>,
     kafka_topic_prefix: Option<String>,
@@ -656,6 +662,12 @@ impl ServeConfig {
                 )
                 .map_err(|e| anyhow::anyhow!("webhook allow: {e}"))?,
             ),
+            console_url: w
+                .public_url
+                .or(file.public_url)
+                .map(|u| public_url(&u))
+                .transpose()?
+                .map(std::sync::Arc::from),
             ..tally_webhooks::SenderOptions::default()
         };
         Ok(ServeConfig {
@@ -719,6 +731,26 @@ impl ServeConfig {
             },
         })
     }
+}
+
+/// `--public-url`: an `http://` or `https://` URL with a host, no query or
+/// fragment, nothing a Slack link cannot carry; without its trailing `/`.
+fn public_url(u: &str) -> anyhow::Result<String> {
+    let bad = |why: &str| anyhow::anyhow!("public URL {u:?} {why}");
+    let parsed = reqwest::Url::parse(u).map_err(|e| bad(&format!("is not a URL: {e}")))?;
+    if !matches!(parsed.scheme(), "http" | "https") || parsed.host_str().is_none() {
+        return Err(bad("must be http:// or https:// with a host"));
+    }
+    if parsed.query().is_some() || parsed.fragment().is_some() {
+        return Err(bad("may not have a query or a fragment"));
+    }
+    if !u
+        .bytes()
+        .all(|b| b.is_ascii_graphic() && !b"|<>".contains(&b))
+    {
+        return Err(bad("must be printable ASCII without spaces, |, < or >"));
+    }
+    Ok(u.trim_end_matches('/').to_owned())
 }
 
 #[derive(Debug, Clone, Args)]

@@ -457,6 +457,7 @@ async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
             }
         },
         webhook_targets: Arc::clone(&cfg.webhooks.targets),
+        console_url: cfg.webhooks.console_url.clone(),
         metrics_options: tally_engine::gauges::GaugeOptions {
             all_orgs: cfg.kafka.is_none(),
             top_users: cfg.metrics_top_users,

@@ -7,13 +7,23 @@
 //! failure is retried with exponential backoff until `attempts_max`.
 //!
 //! What a receiver gets:
-//! - the body: the event as JSON, the same bytes on every attempt;
-//! - `Idempotency-Key`: the event's key (also the body's `id`): one per
-//!   crossing, the same on every attempt and from every process, so a
-//!   receiver drops what it has seen;
-//! - `Tally-Timestamp` (unix seconds of the attempt) and `Tally-Signature:
-//!   v1=<hex>`, the HMAC-SHA256 of `"<timestamp>.<body>"` under the org's
-//!   webhook secret.
+//! - the body, the same bytes on every attempt: the event as Tally's JSON,
+//!   or a Slack incoming-webhook message (`{"text": …}`) where the org chose
+//!   that format;
+//! - `Idempotency-Key` and `Webhook-Id`: the event's key (also the JSON
+//!   body's `id`): one per crossing, the same on every attempt and from
+//!   every process, so a receiver drops what it has seen;
+//! - the Standard Webhooks signature (<https://www.standardwebhooks.com>):
+//!   `Webhook-Timestamp` (unix seconds of the attempt) and
+//!   `Webhook-Signature: v1,<base64>`, the HMAC-SHA256 of
+//!   `"<id>.<timestamp>.<body>"` under the base64-decoded part of the
+//!   org's `whsec_` secret, so off-the-shelf libraries verify it;
+//! - Tally's own signature, kept for receivers written against it:
+//!   `Tally-Timestamp` (the same seconds) and `Tally-Signature: v1=<hex>`,
+//!   the HMAC-SHA256 of `"<timestamp>.<body>"` under the whole secret.
+//!
+//! One subject's deliveries leave one at a time, in the order their events
+//! were recorded (see `Db::claim_deliveries`).
 //!
 //! The secret is derived, never stored: HMAC-SHA256 under the server's
 //! webhook key (generated once, in the database) of the org id and the seq of
@@ -24,12 +34,16 @@ pub mod target;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
+use tally_core::entity::WebhookFormat;
+use tally_core::money::format_usd;
 use tally_core::ratio::format_bps;
 use tally_core::time::Month;
 use tally_store::Db;
-use tally_store::webhook::{AttemptOutcome, DeliveryEvent, DueDelivery};
+use tally_store::webhook::{AttemptOutcome, DeliveryEvent, DueDelivery, WebhookTarget};
 use tokio::sync::watch;
 
 pub use crate::target::TargetPolicy;
@@ -129,13 +143,59 @@ impl Keyring {
     }
 }
 
-/// `v1=<hex HMAC-SHA256 of "<timestamp>.<body>" under secret>`.
+/// `v1=<hex HMAC-SHA256 of "<timestamp>.<body>" under secret>`: Tally's
+/// own signature (`Tally-Signature`).
 pub fn signature(secret: &str, timestamp_s: i64, body: &[u8]) -> String {
     let mac = hmac(
         secret.as_bytes(),
         &[timestamp_s.to_string().as_bytes(), b".", body],
     );
     format!("v1={}", hex(&mac))
+}
+
+/// The Standard Webhooks signature (`Webhook-Signature`): `v1,<base64
+/// HMAC-SHA256 of "<id>.<timestamp>.<body>">` under the key the secret
+/// carries, base64 after `whsec_`. Tally's secrets are 64 hex digits there,
+/// which base64 decodes to 48 bytes, as every library does.
+pub fn standard_signature(secret: &str, msg_id: &str, timestamp_s: i64, body: &[u8]) -> String {
+    let encoded = secret.strip_prefix("whsec_").unwrap_or(secret);
+    let key = BASE64
+        .decode(encoded)
+        .unwrap_or_else(|_| encoded.as_bytes().to_vec());
+    let mac = hmac(
+        &key,
+        &[
+            msg_id.as_bytes(),
+            b".",
+            timestamp_s.to_string().as_bytes(),
+            b".",
+            body,
+        ],
+    );
+    format!("v1,{}", BASE64.encode(mac))
+}
+
+/// The headers of one attempt: both signatures over `body` at `timestamp_s`.
+fn signed_headers(
+    secret: &str,
+    msg_id: &str,
+    timestamp_s: i64,
+    body: &[u8],
+    attempt: i64,
+) -> [(&'static str, String); 7] {
+    let ts = timestamp_s.to_string();
+    [
+        ("idempotency-key", msg_id.to_owned()),
+        ("webhook-id", msg_id.to_owned()),
+        ("webhook-timestamp", ts.clone()),
+        (
+            "webhook-signature",
+            standard_signature(secret, msg_id, timestamp_s, body),
+        ),
+        ("tally-timestamp", ts),
+        ("tally-signature", signature(secret, timestamp_s, body)),
+        ("tally-attempt", attempt.to_string()),
+    ]
 }
 
 /// The event's key: one per crossing, cutoff or lift.
@@ -172,6 +232,96 @@ pub fn body(org_id: &str, e: &DeliveryEvent) -> Vec<u8> {
     .into_bytes()
 }
 
+/// What a delivery of `e` sends in `format`; `console` is where admins
+/// reach the console (`--public-url`), for a Slack message's link.
+pub fn payload(
+    format: WebhookFormat,
+    org_id: &str,
+    e: &DeliveryEvent,
+    console: Option<&str>,
+) -> Vec<u8> {
+    match format {
+        WebhookFormat::Tally => body(org_id, e),
+        WebhookFormat::Slack => slack(&slack_text(org_id, e, console)),
+    }
+}
+
+/// A Slack incoming-webhook message.
+fn slack(text: &str) -> Vec<u8> {
+    serde_json::json!({ "text": text }).to_string().into_bytes()
+}
+
+/// `80%`, `80.5%`, `100%` of basis points.
+fn percent(bps: i64) -> String {
+    let (whole, frac) = (bps / 100, bps % 100);
+    match frac {
+        0 => format!("{whole}%"),
+        f if f % 10 == 0 => format!("{whole}.{}%", f / 10),
+        f => format!("{whole}.{f:02}%"),
+    }
+}
+
+/// The console page of a subject, under `console` (the public URL).
+pub fn console_link(console: &str, org_id: &str, kind: &str, id: &str) -> String {
+    let base = format!("{}/console/orgs/{org_id}", console.trim_end_matches('/'));
+    match kind {
+        "user" => format!("{base}/users/{id}"),
+        "group" => format!("{base}/groups/{id}"),
+        "key" => format!("{base}/keys"),
+        _ => base,
+    }
+}
+
+/// What a Slack message says of an event: the subject, what happened, the
+/// spend and the limit, the month, and a link to its console page. Ids are
+/// letters, digits, `.`, `_` and `-`, which Slack shows as they are.
+pub fn slack_text(org_id: &str, e: &DeliveryEvent, console: Option<&str>) -> String {
+    let subject = match e.subject_kind.as_str() {
+        "org" => "the org".to_owned(),
+        kind => format!("{kind} `{}`", e.subject_id),
+    };
+    let month = u32::try_from(e.month)
+        .ok()
+        .and_then(Month::from_yyyymm)
+        .map_or_else(|| e.month.to_string(), |m| m.to_string());
+    let spend = format_usd(e.spend_micros);
+    let limit = e
+        .limit_micros
+        .map_or_else(|| "no limit".to_owned(), format_usd);
+    let monthly = e.limit_micros.map_or_else(
+        || "no monthly limit".to_owned(),
+        |l| format!("monthly limit {}", format_usd(l)),
+    );
+    let what = match e.event.as_str() {
+        "threshold_crossed" => format!(
+            ":warning: *{org_id}*: {subject} has used {} of its monthly limit: {spend} of {limit} ({month}).",
+            percent(e.threshold_bps)
+        ),
+        "cut_off" => format!(
+            ":no_entry: *{org_id}*: {subject} is cut off: {spend} spent, {monthly} ({month})."
+        ),
+        "cutoff_lifted" => {
+            let why = match e.reason.as_deref() {
+                Some("limit_raised") => "the limit was raised",
+                Some("limit_removed") => "the limit was removed",
+                Some("new_month") => "a new month began",
+                _ => "lifted",
+            };
+            format!(
+                ":white_check_mark: *{org_id}*: {subject} is no longer cut off ({why}): {spend} spent, {monthly} ({month})."
+            )
+        }
+        other => format!("*{org_id}*: {other} for {subject}: {spend} of {limit} ({month})."),
+    };
+    match console {
+        Some(c) => format!(
+            "{what} <{}|Open in Tally>",
+            console_link(c, org_id, &e.subject_kind, &e.subject_id)
+        ),
+        None => what,
+    }
+}
+
 /// What a test send found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TestOutcome {
@@ -189,10 +339,11 @@ pub async fn send_test(
     keys: &Keyring,
     targets: Arc<TargetPolicy>,
     org_id: &str,
-    url: &str,
-    seq: i64,
+    hook: &WebhookTarget,
+    console: Option<&str>,
     timeout: Duration,
 ) -> TestOutcome {
+    let url = hook.url.as_str();
     let started = Instant::now();
     let done = |status: Option<u16>, error: Option<String>| TestOutcome {
         status,
@@ -211,26 +362,36 @@ pub async fn send_test(
     };
     let now = now_ms();
     let id = format!("{org_id}:test:{now}");
-    let body = serde_json::json!({
-        "id": id,
-        "type": "test",
-        "org_id": org_id,
-        "occurred_at": tally_proto::format_rfc3339_ms(now),
-    })
-    .to_string()
-    .into_bytes();
+    let body = match hook.format {
+        WebhookFormat::Tally => serde_json::json!({
+            "id": id,
+            "type": "test",
+            "org_id": org_id,
+            "occurred_at": tally_proto::format_rfc3339_ms(now),
+        })
+        .to_string()
+        .into_bytes(),
+        WebhookFormat::Slack => {
+            let link = console
+                .map(|c| {
+                    format!(
+                        " <{}|Open in Tally>",
+                        console_link(c, org_id, "org", org_id)
+                    )
+                })
+                .unwrap_or_default();
+            slack(&format!(
+                ":wave: *{org_id}*: a test notification from Tally. Threshold and cutoff notifications will arrive here.{link}"
+            ))
+        }
+    };
     let ts = now / 1_000;
-    let secret = keys.secret(org_id, seq);
-    let sent = client
-        .post(url)
-        .header("content-type", "application/json")
-        .header("idempotency-key", &id)
-        .header("tally-timestamp", ts.to_string())
-        .header("tally-signature", signature(&secret, ts, &body))
-        .header("tally-attempt", "1")
-        .body(body)
-        .send()
-        .await;
+    let secret = keys.secret(org_id, hook.seq);
+    let mut request = client.post(url).header("content-type", "application/json");
+    for (name, value) in signed_headers(&secret, &id, ts, &body, 1) {
+        request = request.header(name, value);
+    }
+    let sent = request.body(body).send().await;
     match sent {
         Ok(r) if r.status().is_success() => done(Some(r.status().as_u16()), None),
         Ok(r) => done(
@@ -261,6 +422,9 @@ pub struct SenderOptions {
     pub batch: u32,
     /// Targets allowed although their address is not public.
     pub targets: Arc<TargetPolicy>,
+    /// Where admins reach the console (`--public-url`): Slack messages
+    /// link to the subject's page under it.
+    pub console_url: Option<Arc<str>>,
 }
 
 impl Default for SenderOptions {
@@ -273,6 +437,7 @@ impl Default for SenderOptions {
             poll: Duration::from_millis(500),
             batch: 32,
             targets: Arc::default(),
+            console_url: None,
         }
     }
 }
@@ -378,7 +543,9 @@ impl Sender {
                     0
                 }
             };
-            let pause = if sent == sender.opts.batch as usize {
+            // Right away after sending: a subject's next delivery may be
+            // due now that the one before it left.
+            let pause = if sent > 0 {
                 Duration::ZERO
             } else {
                 sender.opts.poll
@@ -411,7 +578,7 @@ impl Sender {
     async fn deliver(&self, d: DueDelivery) {
         let outcome = match &d.webhook {
             None => AttemptOutcome::Cancelled,
-            Some((url, seq)) => self.attempt(&d, url, *seq).await,
+            Some(hook) => self.attempt(&d, hook).await,
         };
         let label = match &outcome {
             AttemptOutcome::Delivered { .. } => "delivered",
@@ -441,10 +608,16 @@ impl Sender {
         }
     }
 
-    async fn attempt(&self, d: &DueDelivery, url: &str, seq: i64) -> AttemptOutcome {
-        let body = body(&d.org_id, &d.event);
+    async fn attempt(&self, d: &DueDelivery, hook: &WebhookTarget) -> AttemptOutcome {
+        let url = hook.url.as_str();
+        let body = payload(
+            hook.format,
+            &d.org_id,
+            &d.event,
+            self.opts.console_url.as_deref(),
+        );
         let ts = now_ms() / 1_000;
-        let secret = self.keys.secret(&d.org_id, seq);
+        let secret = self.keys.secret(&d.org_id, hook.seq);
         let started = Instant::now();
         // Names are checked as they resolve; addresses here.
         let literal = reqwest::Url::parse(url)
@@ -458,17 +631,15 @@ impl Sender {
         if let Err(refused) = literal {
             return self.failed(d, None, format!("refused: {refused}"));
         }
-        let sent = self
+        let id = idempotency_key(&d.org_id, &d.event);
+        let mut request = self
             .client
             .post(url)
-            .header("content-type", "application/json")
-            .header("idempotency-key", idempotency_key(&d.org_id, &d.event))
-            .header("tally-timestamp", ts.to_string())
-            .header("tally-signature", signature(&secret, ts, &body))
-            .header("tally-attempt", d.attempts.to_string())
-            .body(body)
-            .send()
-            .await;
+            .header("content-type", "application/json");
+        for (name, value) in signed_headers(&secret, &id, ts, &body, d.attempts) {
+            request = request.header(name, value);
+        }
+        let sent = request.body(body).send().await;
         metrics::histogram!(ATTEMPT_SECONDS).record(started.elapsed().as_secs_f64());
         let (status, error) = match sent {
             Ok(r) if r.status().is_success() => {
@@ -587,6 +758,95 @@ mod tests {
         assert_eq!(sig, signature("whsec_x", 1_700_000_000, &b));
         assert_ne!(sig, signature("whsec_x", 1_700_000_001, &b));
         assert!(sig.starts_with("v1=") && sig.len() == 3 + 64);
+    }
+
+    /// Vectors computed by the `standardwebhooks` PyPI package (1.3.0):
+    /// the spec's own example, and a Tally secret (hex after `whsec_`).
+    #[test]
+    fn the_standard_signature_matches_the_reference_library() {
+        assert_eq!(
+            standard_signature(
+                "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+                "msg_p5jXN8AQM9LWM0D4loKWxJek",
+                1_614_265_330,
+                br#"{"test": 2432232314}"#,
+            ),
+            "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
+        );
+        let secret = format!("whsec_{}", "0123456789abcdef".repeat(4));
+        assert_eq!(
+            standard_signature(
+                &secret,
+                "acme:user:alice:202611:cut_off:0:1",
+                1_795_000_000,
+                b"{}"
+            ),
+            "v1,yxlnIzyL0f8MnJo7xH12lQIQ4ynwaNfVpkdExl8EJxk="
+        );
+        let h = signed_headers(&secret, "k", 1_795_000_000, b"{}", 3);
+        let get = |n: &str| h.iter().find(|(k, _)| *k == n).map(|(_, v)| v.as_str());
+        assert_eq!(get("webhook-id"), Some("k"));
+        assert_eq!(get("idempotency-key"), Some("k"));
+        assert_eq!(get("webhook-timestamp"), Some("1795000000"));
+        assert_eq!(get("tally-timestamp"), Some("1795000000"));
+        assert_eq!(get("tally-attempt"), Some("3"));
+        assert_eq!(
+            get("tally-signature"),
+            Some(signature(&secret, 1_795_000_000, b"{}").as_str())
+        );
+    }
+
+    #[test]
+    fn a_slack_message_says_who_what_how_much_and_links_the_console() {
+        let text = |e: &DeliveryEvent, console| {
+            let v: serde_json::Value =
+                serde_json::from_slice(&payload(WebhookFormat::Slack, "acme", e, console)).unwrap();
+            assert_eq!(v.as_object().unwrap().len(), 1, "{v}");
+            v["text"].as_str().unwrap().to_owned()
+        };
+        assert_eq!(
+            text(&event(), Some("https://tally.acme.test/")),
+            ":warning: *acme*: user `alice` has used 80% of its monthly limit: $40.00 of $50.00 \
+             (2026-11). <https://tally.acme.test/console/orgs/acme/users/alice|Open in Tally>"
+        );
+        let cut = DeliveryEvent {
+            subject_kind: "group".into(),
+            subject_id: "eng".into(),
+            event: "cut_off".into(),
+            threshold_bps: 0,
+            spend_micros: 50_250_000,
+            ..event()
+        };
+        assert_eq!(
+            text(&cut, None),
+            ":no_entry: *acme*: group `eng` is cut off: $50.25 spent, monthly limit $50.00 (2026-11)."
+        );
+        let lifted = DeliveryEvent {
+            subject_kind: "org".into(),
+            subject_id: "acme".into(),
+            event: "cutoff_lifted".into(),
+            threshold_bps: 0,
+            reason: Some("limit_removed".into()),
+            limit_micros: None,
+            ..event()
+        };
+        assert_eq!(
+            text(&lifted, Some("http://t.test")),
+            ":white_check_mark: *acme*: the org is no longer cut off (the limit was removed): \
+             $40.00 spent, no monthly limit (2026-11). <http://t.test/console/orgs/acme|Open in Tally>"
+        );
+        assert_eq!(
+            payload(WebhookFormat::Tally, "acme", &event(), None),
+            body("acme", &event())
+        );
+        for (bps, s) in [
+            (8_000, "80%"),
+            (8_050, "80.5%"),
+            (10_000, "100%"),
+            (1, "0.01%"),
+        ] {
+            assert_eq!(percent(bps), s);
+        }
     }
 
     #[test]

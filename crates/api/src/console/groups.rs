@@ -17,7 +17,7 @@ use super::{
 use crate::AppState;
 use crate::cursor::PageParams;
 use crate::dto::GroupJson;
-use crate::extract::{Caller, JsonBody, NoParams, Params};
+use crate::extract::{Caller, JsonBody, Params};
 use crate::groups;
 
 #[derive(Debug)]
@@ -207,7 +207,7 @@ async fn group_page(
         State(state.clone()),
         Caller(session.principal.clone()),
         Path((org_id.to_owned(), group_id.to_owned())),
-        Params(NoParams {}),
+        Params(Default::default()),
     )
     .await
     .map_err(|e| Fail::from(e).on(&layout))?

@@ -15,7 +15,7 @@ use super::{Fail, Fields, Layout, Session, href, local_target, render, render_as
 use crate::AppState;
 use crate::dto::{LimitSourceJson, UserJson};
 use crate::error::ApiError;
-use crate::extract::{Caller, NoParams, Params};
+use crate::extract::{Caller, Params};
 use crate::{orgs, users};
 
 fn caller(s: &Session) -> Caller {
@@ -401,7 +401,7 @@ pub(crate) async fn overview(
         State(state.clone()),
         caller(&session),
         Path(org_id.clone()),
-        Params(NoParams {}),
+        Params(Default::default()),
     )
     .await
     .map_err(fail)?
@@ -798,7 +798,7 @@ async fn user_page(
         State(state.clone()),
         caller(session),
         Path((org_id.to_owned(), user_id.to_owned())),
-        Params(NoParams {}),
+        Params(Default::default()),
     )
     .await
     .map_err(fail)?

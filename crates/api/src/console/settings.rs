@@ -17,6 +17,7 @@ use super::{
 };
 use crate::AppState;
 use crate::cursor::PageParams;
+use crate::dto::WebhookFormatJson;
 use crate::extract::{Caller, JsonBody, NoParams, OptionalJson, Params};
 use crate::{orgs, tokens, webhooks};
 
@@ -49,6 +50,8 @@ struct SettingsPage {
     org_limit: String,
     thresholds: String,
     webhook_url: String,
+    /// `slack` or `tally` (also without a webhook).
+    webhook_format: &'static str,
     webhook_since: String,
     webhook_counts: String,
     deliveries: Vec<DeliveryLine>,
@@ -128,6 +131,10 @@ async fn settings_page(
             .join(", "),
         name: org.name,
         webhook_url: hook.url.clone().unwrap_or_default(),
+        webhook_format: match hook.format {
+            Some(WebhookFormatJson::Slack) => "slack",
+            _ => "tally",
+        },
         webhook_since: hook.set_at.as_deref().map(when).unwrap_or_default(),
         webhook_counts: hook
             .deliveries
@@ -274,6 +281,16 @@ pub(crate) async fn change(
                     path(),
                     JsonBody(webhooks::SetWebhook {
                         url: form.get("url").unwrap_or("").to_owned(),
+                        format: match form.get("format") {
+                            None | Some("tally") => WebhookFormatJson::Tally,
+                            Some("slack") => WebhookFormatJson::Slack,
+                            Some(other) => {
+                                return Err(Fail::new(
+                                    StatusCode::BAD_REQUEST,
+                                    format!("the format is tally or slack, not {other:?}"),
+                                ));
+                            }
+                        },
                     }),
                 )
                 .await?

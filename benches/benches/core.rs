@@ -8,7 +8,7 @@ use std::hint::black_box;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use dashmap::DashMap;
-use tally_benches::{NOV_MS, org, usage, usage_from};
+use tally_benches::{NOV_MS, org, org_with, usage, usage_from};
 
 const USERS: u32 = 10_000;
 const EVENTS: u32 = 100_000;
@@ -32,19 +32,27 @@ fn apply(c: &mut Criterion) {
     // the user's group; its request id is remembered. With 10 000 users the
     // state (counters, keys, 400 000 remembered ids) is far larger than the
     // CPU caches; with 100 users, all but the ids fit.
-    for users in [USERS, 100] {
+    // Each call is broken down by its model (5 in turn); the same without
+    // the breakdown beside it (`_no_breakdown`), the ratio to watch.
+    for (users, models_max) in [(USERS, 200), (USERS, 0), (100, 200)] {
         let warm = usage_from(EVENTS, 300_000, users);
         let fresh = usage_from(EVENTS + 300_000, EVENTS, users);
         let logged = |e: &tally_core::usage::UsageEvent| e.occurred_at_ms + 1_000;
-        let name = if users == USERS {
-            "org_state_apply_usage".to_owned()
-        } else {
-            format!("org_state_apply_usage_{users}_users")
+        let mut name = "org_state_apply_usage".to_owned();
+        if users != USERS {
+            name.push_str(&format!("_{users}_users"));
+        }
+        if models_max == 0 {
+            name.push_str("_no_breakdown");
+        }
+        let config = tally_core::org::MeterConfig {
+            models_max,
+            ..tally_core::org::MeterConfig::default()
         };
         g.bench_function(name, |b| {
             b.iter_batched(
                 || {
-                    let mut state = org(users, 100.min(users));
+                    let mut state = org_with(users, 100.min(users), config);
                     for e in &warm {
                         let _ = state.apply_usage(e, logged(e));
                     }

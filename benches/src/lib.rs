@@ -12,6 +12,11 @@ pub const NOV_MS: i64 = 1_793_491_200_000;
 /// An org with `users` active members in `groups` groups (each user in one),
 /// each with a personal API key `k<n>`.
 pub fn org(users: u32, groups: u32) -> OrgState {
+    org_with(users, groups, MeterConfig::default())
+}
+
+/// [`org`] with a meter configuration of its own.
+pub fn org_with(users: u32, groups: u32, config: MeterConfig) -> OrgState {
     let org_id = OrgId::new("bench").expect("id");
     let mut seq = 0;
     let mut ev = |kind| {
@@ -29,7 +34,7 @@ pub fn org(users: u32, groups: u32) -> OrgState {
         default_monthly_limit_micros: None,
         alert_thresholds_bps: vec![5_000, 8_000, 10_000],
     });
-    let mut state = OrgState::new(&created, MeterConfig::default());
+    let mut state = OrgState::new(&created, config);
     for g in 0..groups {
         state.apply_entity(&ev(EventKind::GroupCreated {
             group_id: GroupId::new(&format!("g{g}")).expect("id"),
@@ -78,6 +83,15 @@ pub fn usage(n: u32, users: u32) -> Vec<UsageEvent> {
 }
 
 /// As [`usage`], numbered from `first` (request ids and times go on).
+/// The models the bench's calls use, in turn.
+pub const MODELS: [(&str, &str); 5] = [
+    ("gpt-4o", "openai"),
+    ("claude-sonnet-4", "anthropic"),
+    ("gemini-2.5-pro", "google"),
+    ("mistral-large", "mistral"),
+    ("llama-3.3-70b", "groq"),
+];
+
 pub fn usage_from(first: u32, n: u32, users: u32) -> Vec<UsageEvent> {
     (first..first + n)
         .map(|i| {
@@ -87,9 +101,12 @@ pub fn usage_from(first: u32, n: u32, users: u32) -> Vec<UsageEvent> {
                 org_id: "bench",
                 user_id: &format!("u{user}"),
                 api_key_id: &format!("k{user}"),
+                model: MODELS[(i % 5) as usize].0,
+                provider: MODELS[(i % 5) as usize].1,
+                input_tokens: u64::from(i % 4_000),
+                output_tokens: u64::from(i % 700),
                 cost_micros: Some(1_000 + i64::from(i % 1000)),
                 occurred_at_ms: Some(NOV_MS + i64::from(i) * 10),
-                ..RawUsage::default()
             }
             .validate()
             .expect("valid usage")

@@ -421,6 +421,18 @@ pub(crate) struct History {
     pub days_month: String,
     /// The days of `days_month` that had spend, in order.
     pub days: Vec<DaySpend>,
+    /// `days_month`'s usage by model, the largest spend first (at most
+    /// 100; `other`: past the org's monthly cap of models).
+    pub models: Vec<ModelUsage>,
+}
+
+/// One model's usage in a month.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub(crate) struct ModelUsage {
+    /// The model (`other`: past the org's monthly cap).
+    pub model: String,
+    #[serde(flatten)]
+    pub sums: crate::rollup::SumsJson,
 }
 
 /// `?month=` of a user's, group's, key's or the org's detail.
@@ -461,7 +473,29 @@ pub(crate) async fn history(
         .db
         .history(org_id, kind, subject_id, now, days_of)
         .await?;
-    Ok(History::new(months, days_of, days))
+    let by_model = tally_store::rollup::UsageQuery {
+        kind: SubjectKind::parse(kind).ok_or_else(ApiError::internal)?,
+        subject: Some(subject_id.to_owned()),
+        model: None,
+        from: days_of.first_day(),
+        to: days_of.last_day(),
+        group_by: Some(tally_store::rollup::UsageDim::Model),
+        top: 100,
+    };
+    let models = engine
+        .db
+        .usage(org_id, &by_model)
+        .await?
+        .top
+        .into_iter()
+        .map(|(model, sums)| ModelUsage {
+            model,
+            sums: sums.into(),
+        })
+        .collect();
+    let mut h = History::new(months, days_of, days);
+    h.models = models;
+    Ok(h)
 }
 
 impl History {
@@ -491,6 +525,7 @@ impl History {
         History {
             months: out,
             days_month: days_of.to_string(),
+            models: Vec::new(),
             days: days
                 .into_iter()
                 .map(|d| DaySpend {

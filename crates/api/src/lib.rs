@@ -15,6 +15,7 @@ mod keys;
 mod openapi;
 mod ops;
 mod orgs;
+mod rollup;
 pub mod server;
 mod snapshot;
 mod tokens;
@@ -122,6 +123,7 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/v1/audit", get(tokens::audit))
         .route("/v1/orgs/{org}/events", get(orgs::events))
+        .route("/v1/orgs/{org}/usage", get(rollup::report))
         .route("/v1/orgs/{org}/enforcement", get(orgs::enforcement))
         .route("/v1/orgs/{org}/dead-letters", get(orgs::dead_letters))
         .route("/v1/dead-letters", get(orgs::all_dead_letters))

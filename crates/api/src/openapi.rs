@@ -4,7 +4,7 @@
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use crate::{groups, holds, keys, ops, orgs, tokens, usage, users, webhooks};
+use crate::{groups, holds, keys, ops, orgs, rollup, tokens, usage, users, webhooks};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -20,6 +20,7 @@ use crate::{groups, holds, keys, ops, orgs, tokens, usage, users, webhooks};
     ),
     paths(
         orgs::create, orgs::list, orgs::get, orgs::patch, orgs::events, orgs::enforcement,
+        rollup::report,
         tokens::create, tokens::list, tokens::revoke,
         tokens::create_gateway, tokens::list_gateway, tokens::revoke_gateway, tokens::audit,
         orgs::dead_letters, orgs::all_dead_letters,

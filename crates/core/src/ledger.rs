@@ -5,6 +5,7 @@
 //! one [`MonthLedger`] per UTC month still open to late usage. Every change
 //! marks its counter dirty so a checkpoint writes only what moved.
 
+use crate::models::Models;
 use crate::money::Limit;
 use crate::ratio::reached;
 use crate::time::{Day, Month};
@@ -166,7 +167,7 @@ pub struct Enforcement {
     pub kind: EnforcementKind,
 }
 
-/// The counters of one month.
+/// The counters of one month, and the models its usage is broken down by.
 #[derive(Debug, Clone)]
 pub struct MonthLedger {
     pub month: Month,
@@ -174,6 +175,7 @@ pub struct MonthLedger {
     pub users: Vec<Counter>,
     pub groups: Vec<Counter>,
     pub keys: Vec<Counter>,
+    pub models: Models,
 }
 
 impl MonthLedger {
@@ -184,6 +186,7 @@ impl MonthLedger {
             users: Vec::new(),
             groups: Vec::new(),
             keys: Vec::new(),
+            models: Models::default(),
         }
     }
 
@@ -210,6 +213,42 @@ pub struct DayDelta {
     pub requests: u64,
 }
 
+/// Spend, calls and tokens of one subject, day and model, added since the
+/// last checkpoint.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct UsageDelta {
+    pub spend_micros: i64,
+    pub requests: u64,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+}
+
+impl UsageDelta {
+    pub fn add(&mut self, o: &UsageDelta) {
+        self.spend_micros += o.spend_micros;
+        self.requests += o.requests;
+        self.input_tokens = self.input_tokens.saturating_add(o.input_tokens);
+        self.output_tokens = self.output_tokens.saturating_add(o.output_tokens);
+    }
+}
+
+/// A call's model (the index its month gave the pair, see [`Models`]) and
+/// tokens.
+#[derive(Debug, Clone, Copy)]
+struct CallModel {
+    model: u16,
+    input_tokens: u64,
+    output_tokens: u64,
+}
+
+/// One subject's deltas of one day: in all, and by model.
+#[derive(Debug, Clone, Default)]
+struct DaySlot {
+    delta: DayDelta,
+    /// Usually one or two models: a scan beats a map.
+    by_model: Vec<(u16, UsageDelta)>,
+}
+
 /// One org's spend: the months still open to late usage, the day deltas and
 /// enforcement events not yet checkpointed.
 #[derive(Debug, Clone, Default)]
@@ -234,6 +273,8 @@ pub struct Call {
     occurred_at_ms: i64,
     /// Whether the call's month was over when the call was counted.
     closed: bool,
+    /// Its model and tokens, for the breakdown; `None`: not broken down.
+    model: Option<CallModel>,
 }
 
 impl Call {
@@ -245,16 +286,29 @@ impl Call {
             ..self
         }
     }
+
+    /// Breaks the call down under model index `model` (from
+    /// [`Ledger::model_index`]) with its tokens.
+    pub fn with_model(self, model: u16, input_tokens: u64, output_tokens: u64) -> Call {
+        Call {
+            model: Some(CallModel {
+                model,
+                input_tokens,
+                output_tokens,
+            }),
+            ..self
+        }
+    }
 }
 
 /// One day's spend deltas since the last checkpoint, by subject index.
 #[derive(Debug, Clone)]
 struct DayLedger {
     day: Day,
-    org: DayDelta,
-    users: Vec<DayDelta>,
-    groups: Vec<DayDelta>,
-    keys: Vec<DayDelta>,
+    org: DaySlot,
+    users: Vec<DaySlot>,
+    groups: Vec<DaySlot>,
+    keys: Vec<DaySlot>,
     /// Subjects with a delta, each once (its delta went from empty).
     touched: Vec<Subject>,
 }
@@ -263,7 +317,7 @@ impl DayLedger {
     fn new(day: Day) -> DayLedger {
         DayLedger {
             day,
-            org: DayDelta::default(),
+            org: DaySlot::default(),
             users: Vec::new(),
             groups: Vec::new(),
             keys: Vec::new(),
@@ -272,17 +326,29 @@ impl DayLedger {
     }
 
     #[inline]
-    fn get_mut(&mut self, s: Subject) -> &mut DayDelta {
+    fn get_mut(&mut self, s: Subject) -> &mut DaySlot {
         let (users, groups, keys) = (&mut self.users, &mut self.groups, &mut self.keys);
         subject_slot(&mut self.org, users, groups, keys, s)
     }
 
     #[inline]
-    fn add(&mut self, s: Subject, cost_micros: i64) {
-        let d = self.get_mut(s);
-        let first = d.requests == 0;
-        d.spend_micros += cost_micros;
-        d.requests += 1;
+    fn add(&mut self, s: Subject, cost_micros: i64, model: Option<CallModel>) {
+        let slot = self.get_mut(s);
+        let first = slot.delta.requests == 0;
+        slot.delta.spend_micros += cost_micros;
+        slot.delta.requests += 1;
+        if let Some(m) = model {
+            let add = UsageDelta {
+                spend_micros: cost_micros,
+                requests: 1,
+                input_tokens: m.input_tokens,
+                output_tokens: m.output_tokens,
+            };
+            match slot.by_model.iter_mut().find(|(i, _)| *i == m.model) {
+                Some((_, u)) => u.add(&add),
+                None => slot.by_model.push((m.model, add)),
+            }
+        }
         if first {
             self.touched.push(s);
         }
@@ -366,7 +432,36 @@ impl Ledger {
             day_at: day_index(&mut self.days, day),
             occurred_at_ms,
             closed: false,
+            model: None,
         }
+    }
+
+    /// The index of (`model`, `provider`) in the breakdown of `call`'s
+    /// month: see [`Models::index`].
+    #[inline]
+    pub fn model_index(&mut self, call: Call, model: &str, provider: &str, cap: u16) -> u16 {
+        let month_at = match self.months.get(call.month_at) {
+            Some(m) if m.month == call.month => call.month_at,
+            _ => month_index(&mut self.months, call.month),
+        };
+        self.months[month_at].models.index(model, provider, cap)
+    }
+
+    /// The (model, provider) of index `i` in `month`'s breakdown.
+    pub fn model_pair(&self, month: Month, i: u16) -> (&str, &str) {
+        match self.months.iter().find(|m| m.month == month) {
+            Some(m) => m.models.pair(i),
+            None => Models::default_pair(),
+        }
+    }
+
+    /// Indexes the pairs a checkpoint wrote for `month`'s breakdown.
+    pub fn restore_models<'a>(
+        &mut self,
+        month: Month,
+        pairs: impl IntoIterator<Item = (&'a str, &'a str)>,
+    ) {
+        self.month_mut(month).models.restore(pairs);
     }
 
     /// Counts a call (begun with [`Ledger::begin_call`]) for one subject and
@@ -418,7 +513,7 @@ impl Ledger {
             Some(d) if d.day == call.day => call.day_at,
             _ => day_index(&mut self.days, call.day),
         };
-        self.days[day_at].add(s, cost_micros);
+        self.days[day_at].add(s, cost_micros, call.model);
     }
 
     /// Re-evaluates a subject after its limit changed, in the month of the
@@ -531,9 +626,12 @@ impl Ledger {
             counters.push((month, s, *c));
         }
         let mut days = Vec::new();
+        let mut usage = Vec::new();
         for l in &mut self.days {
             for s in std::mem::take(&mut l.touched) {
-                days.push(((s, l.day), std::mem::take(l.get_mut(s))));
+                let slot = std::mem::take(l.get_mut(s));
+                days.push(((s, l.day), slot.delta));
+                usage.extend(slot.by_model.into_iter().map(|(m, u)| ((s, l.day), m, u)));
             }
         }
         // Today's deltas keep their memory for the next interval.
@@ -544,6 +642,7 @@ impl Ledger {
         LedgerChanges {
             counters,
             days,
+            usage,
             enforcement: std::mem::take(&mut self.pending),
         }
     }
@@ -639,6 +738,8 @@ fn counter_slot<'a>(
 pub struct LedgerChanges {
     pub counters: Vec<(Month, Subject, Counter)>,
     pub days: Vec<((Subject, Day), DayDelta)>,
+    /// By model: the index its day's month gave the pair.
+    pub usage: Vec<((Subject, Day), u16, UsageDelta)>,
     pub enforcement: Vec<Enforcement>,
 }
 

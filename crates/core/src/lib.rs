@@ -21,6 +21,7 @@ pub mod gauges;
 pub mod holds;
 pub mod ids;
 pub mod ledger;
+pub mod models;
 pub mod money;
 pub mod org;
 pub mod ratio;

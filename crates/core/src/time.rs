@@ -103,6 +103,14 @@ impl Month {
         days_from_civil(i64::from(self.year()), self.month(), 1) * MS_PER_DAY
     }
 
+    pub fn first_day(self) -> Day {
+        Day::from_unix_ms(self.start_ms())
+    }
+
+    pub fn last_day(self) -> Day {
+        Day::from_unix_ms(self.next().start_ms() - 1)
+    }
+
     pub fn next(self) -> Month {
         if self.month() == 12 {
             Month((self.year() + 1) * 100 + 1)
@@ -148,12 +156,47 @@ impl Day {
         ((1..=12).contains(&m) && (1..=31).contains(&d)).then_some(Day(v))
     }
 
+    /// Parses `yyyy-mm-dd`, a day the calendar has (not 2026-02-30).
+    pub fn parse(s: &str) -> Option<Day> {
+        let b = s.as_bytes();
+        if b.len() != 10 || b[4] != b'-' || b[7] != b'-' {
+            return None;
+        }
+        let (y, m, d) = (&s[0..4], &s[5..7], &s[8..10]);
+        if ![y, m, d]
+            .iter()
+            .all(|p| p.bytes().all(|c| c.is_ascii_digit()))
+        {
+            return None;
+        }
+        let v = y.parse::<u32>().ok()? * 10_000
+            + m.parse::<u32>().ok()? * 100
+            + d.parse::<u32>().ok()?;
+        let day = Day::from_yyyymmdd(v)?;
+        (Day::from_unix_ms(day.start_ms()) == day).then_some(day)
+    }
+
     pub fn yyyymmdd(self) -> u32 {
         self.0
     }
 
     pub fn month(self) -> Month {
         Month(self.0 / 100)
+    }
+
+    /// The first millisecond of the day.
+    pub fn start_ms(self) -> i64 {
+        let (y, m, d) = (self.0 / 10_000, (self.0 / 100) % 100, self.0 % 100);
+        days_from_civil(i64::from(y), m, d) * MS_PER_DAY
+    }
+
+    pub fn next(self) -> Day {
+        Day::from_unix_ms(self.start_ms() + MS_PER_DAY)
+    }
+
+    /// Days from `earlier` to `self` (negative: before).
+    pub fn since(self, earlier: Day) -> i64 {
+        (self.start_ms() - earlier.start_ms()) / MS_PER_DAY
     }
 }
 
@@ -222,6 +265,27 @@ mod tests {
             assert_eq!(Month::parse(bad), None, "{bad}");
         }
         assert_eq!(nov.since(nov), 0);
+        assert_eq!(nov.first_day().to_string(), "2026-11-01");
+        assert_eq!(nov.last_day().to_string(), "2026-11-30");
+        let feb = Month::from_yyyymm(202802).unwrap();
+        assert_eq!(feb.last_day().to_string(), "2028-02-29");
+        assert_eq!(Day::parse("2028-02-29"), Some(feb.last_day()));
+        assert_eq!(
+            Day::parse("2028-02-29").unwrap().next().to_string(),
+            "2028-03-01"
+        );
+        assert_eq!(feb.last_day().since(nov.first_day()), 485);
+        for bad in [
+            "2027-02-29",
+            "2026-11-31",
+            "2026-11-00",
+            "2026-11-1",
+            "2026/11/01",
+            "2026-11-01x",
+            "",
+        ] {
+            assert_eq!(Day::parse(bad), None, "{bad}");
+        }
         assert_eq!(Month::from_yyyymm(202701).unwrap().since(nov), 2);
         assert_eq!(Month::from_yyyymm(202512).unwrap().since(nov), -11);
     }

@@ -1143,6 +1143,19 @@ impl Meter {
         }
         let mut states = Vec::new();
         for (org_id, ch) in orgs {
+            let other: u64 = ch
+                .usage
+                .iter()
+                .filter(|u| {
+                    u.kind == tally_core::ledger::SubjectKind::Org
+                        && u.model == tally_core::models::OTHER
+                        && u.provider == tally_core::models::OTHER
+                })
+                .map(|u| u.delta.requests)
+                .sum();
+            if other > 0 {
+                metrics::counter!(m::USAGE_OTHER).increment(other);
+            }
             for e in &ch.enforcement {
                 let ev = &e.event;
                 metrics::counter!(m::ENFORCEMENT_EVENTS, "event" => ev.kind.name(), "kind" => e.kind.as_str())

@@ -7,6 +7,9 @@ use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
 pub const USAGE_EVENTS: &str = "tally_usage_events_total";
 /// Seconds one checkpoint transaction took.
 pub const CHECKPOINT_SECONDS: &str = "tally_checkpoint_duration_seconds";
+/// Calls checkpointed under the model `other`: their org's month had
+/// broken usage down by `usage_models_max` pairs already.
+pub const USAGE_OTHER: &str = "tally_usage_other_model_total";
 /// Checkpoints that failed (retried with the next).
 pub const CHECKPOINT_FAILURES: &str = "tally_checkpoint_failures_total";
 /// Enforcement events by `event` (threshold_crossed, cut_off, cutoff_lifted)
@@ -81,6 +84,11 @@ pub fn describe() {
         USAGE_EVENTS,
         Unit::Count,
         "usage events by outcome and reason"
+    );
+    describe_counter!(
+        USAGE_OTHER,
+        Unit::Count,
+        "calls counted under the model other: past their org's monthly cap of (model, provider) pairs"
     );
     describe_histogram!(
         CHECKPOINT_SECONDS,

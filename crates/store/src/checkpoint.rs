@@ -347,6 +347,33 @@ impl Db {
                 .counters
                 .push(saved);
         }
+        // The pairs each open month broke usage down by: its org rows.
+        let rows = sqlx::query(
+            "SELECT DISTINCT u.org_id, u.day / 100 AS month, u.model, u.provider \
+             FROM usage_daily u JOIN meter_orgs m ON m.org_id = u.org_id \
+             WHERE m.partition_id = $1 AND u.kind = 'org' AND u.subject_id = u.org_id \
+             AND u.day >= $2 ORDER BY 1, 2, 3, 4",
+        )
+        .bind(partition)
+        .bind(month_i64(from_month) * 100)
+        .fetch_all(self.reader())
+        .await?;
+        for r in rows {
+            let month: i64 = r.try_get("month")?;
+            let month = u32::try_from(month)
+                .ok()
+                .and_then(Month::from_yyyymm)
+                .ok_or_else(|| Error::Corrupt(format!("usage row month {month}")))?;
+            let pair: (String, String) = (r.try_get("model")?, r.try_get("provider")?);
+            if pair.0 == tally_core::models::OTHER && pair.1 == tally_core::models::OTHER {
+                continue;
+            }
+            let models = &mut out.entry(r.try_get("org_id")?).or_default().models;
+            match models.last_mut() {
+                Some((m, pairs)) if *m == month => pairs.push(pair),
+                _ => models.push((month, vec![pair])),
+            }
+        }
         let rows = sqlx::query(
             "SELECT d.org_id, d.minute, d.hashes FROM dedupe_chunks d \
              JOIN meter_orgs m ON m.org_id = d.org_id WHERE m.partition_id = $1 \
@@ -435,6 +462,7 @@ impl Db {
             .await?;
         let mut counters = Vec::new();
         let mut days = Vec::new();
+        let mut usage = Vec::new();
         let mut chunks = Vec::new();
         let mut meters = Vec::new();
         let mut enforcement = Vec::new();
@@ -463,6 +491,21 @@ impl Db {
                     Val::Int(i64::from(d.day.yyyymmdd())),
                     Val::Int(d.delta.spend_micros),
                     Val::Int(i64::try_from(d.delta.requests).unwrap_or(i64::MAX)),
+                ]);
+            }
+            let int = |n: u64| Val::Int(i64::try_from(n).unwrap_or(i64::MAX));
+            for u in &ch.usage {
+                usage.push(vec![
+                    Val::Text(org.to_owned()),
+                    Val::Text(u.kind.as_str().to_owned()),
+                    Val::Text(u.id.clone()),
+                    Val::Int(i64::from(u.day.yyyymmdd())),
+                    Val::Text(u.model.clone()),
+                    Val::Text(u.provider.clone()),
+                    Val::Int(u.delta.spend_micros),
+                    int(u.delta.requests),
+                    int(u.delta.input_tokens),
+                    int(u.delta.output_tokens),
                 ]);
             }
             let mut by_minute: HashMap<i64, Vec<RequestHash>> = HashMap::new();
@@ -531,6 +574,18 @@ impl Db {
              spend_micros = spend_daily.spend_micros + excluded.spend_micros, \
              requests = spend_daily.requests + excluded.requests",
             days,
+        )
+        .await?;
+        let _ = insert_many(
+            &mut tx,
+            "INSERT INTO usage_daily (org_id, kind, subject_id, day, model, provider, \
+             spend_micros, requests, input_tokens, output_tokens)",
+            "ON CONFLICT (org_id, kind, subject_id, day, model, provider) DO UPDATE SET \
+             spend_micros = usage_daily.spend_micros + excluded.spend_micros, \
+             requests = usage_daily.requests + excluded.requests, \
+             input_tokens = usage_daily.input_tokens + excluded.input_tokens, \
+             output_tokens = usage_daily.output_tokens + excluded.output_tokens",
+            usage,
         )
         .await?;
         let _ = insert_many(

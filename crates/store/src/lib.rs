@@ -17,6 +17,7 @@ pub mod checkpoint;
 pub mod holds;
 pub mod log;
 pub mod query;
+pub mod rollup;
 mod schema;
 pub mod sessions;
 pub mod tokens;

@@ -379,6 +379,26 @@ CREATE INDEX console_sessions_by_token ON console_sessions (token_hash, created_
                CREATE INDEX webhook_deliveries_pending_by_subject ON webhook_deliveries \
                (org_id, subject_kind, subject_id, id) WHERE state = 'pending';"
         .to_owned();
+    // v17: usage by model and provider per subject and UTC day, written
+    // by checkpoints as spend_daily is (deltas added in the checkpoint's
+    // transaction); `other` holds usage past an org's monthly cap of pairs.
+    let v17 = format!(
+        r#"
+CREATE TABLE usage_daily (
+    org_id {text} NOT NULL,
+    kind TEXT NOT NULL,
+    subject_id {text} NOT NULL,
+    day BIGINT NOT NULL,
+    model {text} NOT NULL,
+    provider {text} NOT NULL,
+    spend_micros BIGINT NOT NULL,
+    requests BIGINT NOT NULL,
+    input_tokens BIGINT NOT NULL,
+    output_tokens BIGINT NOT NULL,
+    PRIMARY KEY (org_id, kind, subject_id, day, model, provider)
+);
+"#
+    );
     vec![
         (1, v1 + &append_only),
         (2, v2),
@@ -396,5 +416,6 @@ CREATE INDEX console_sessions_by_token ON console_sessions (token_hash, created_
         (14, v14),
         (15, v15),
         (16, v16),
+        (17, v17),
     ]
 }

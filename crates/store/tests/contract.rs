@@ -9,7 +9,7 @@ use tally_core::entity::{
 };
 use tally_core::ids::{GroupId, KeyId, OrgId, UserId};
 use tally_core::ledger::{Counter, EnforcementKind, LiftReason, Subject, SubjectKind};
-use tally_core::org::{MeterChanges, SavedCounter, SavedDay, SavedEnforcement};
+use tally_core::org::{MeterChanges, SavedCounter, SavedDay, SavedEnforcement, SavedUsage};
 use tally_core::time::{Day, Month};
 use tally_store::checkpoint::{DeadLetter, PartitionCheckpoint};
 use tally_store::query::{Cursor, SortValue, UserFilter, UserListQuery, UserSort};
@@ -697,6 +697,27 @@ async fn checkpoints_round_trip(db: Db) {
                 requests: 1,
             },
         }],
+        usage: [
+            (SubjectKind::Org, "acme", "gpt-4o", "openai"),
+            (SubjectKind::Org, "acme", "other", "other"),
+            (SubjectKind::Org, "acme", "claude", "anthropic"),
+            (SubjectKind::User, "alice", "gpt-4o", "openai"),
+        ]
+        .into_iter()
+        .map(|(kind, id, model, provider)| SavedUsage {
+            kind,
+            id: id.into(),
+            day,
+            model: model.into(),
+            provider: provider.into(),
+            delta: tally_core::ledger::UsageDelta {
+                spend_micros: 7,
+                requests: 1,
+                input_tokens: 100,
+                output_tokens: 9,
+            },
+        })
+        .collect(),
         dedupe_added: vec![(10, 1), (10, 2), (11, u128::MAX)],
         dedupe_floor_minute: 9,
         watermark_ms: NOV + spend,
@@ -716,6 +737,17 @@ async fn checkpoints_round_trip(db: Db) {
     );
     let meters = db.load_meters(0, 86_400_000, month()).await.unwrap();
     let m = &meters["acme"];
+    // The pairs the org's rows name, `other` excepted.
+    assert_eq!(
+        m.models,
+        vec![(
+            month(),
+            vec![
+                ("claude".to_owned(), "anthropic".to_owned()),
+                ("gpt-4o".to_owned(), "openai".to_owned())
+            ]
+        )]
+    );
     assert_eq!(m.watermark_ms, NOV + 150);
     assert_eq!(m.dedupe_floor_minute, 9);
     assert_eq!(m.dedupe.len(), 6, "both checkpoints' chunks");
@@ -731,6 +763,67 @@ async fn checkpoints_round_trip(db: Db) {
     assert_eq!(months[0].spend_micros, 150);
     assert_eq!(days.len(), 1);
     assert_eq!((days[0].spend_micros, days[0].requests), (14, 2));
+    // Usage by model: both checkpoints' deltas added up, grouped and
+    // filtered as asked.
+    let q = |kind, subject: Option<&str>, group_by| tally_store::rollup::UsageQuery {
+        kind,
+        subject: subject.map(str::to_owned),
+        model: None,
+        from: day,
+        to: day,
+        group_by,
+        top: 2,
+    };
+    use tally_store::rollup::{UsageDim, UsageSums};
+    let two = UsageSums {
+        spend_micros: 14,
+        requests: 2,
+        input_tokens: 200,
+        output_tokens: 18,
+    };
+    let org_usage = db
+        .usage(
+            &org,
+            &q(SubjectKind::Org, Some("acme"), Some(UsageDim::Model)),
+        )
+        .await
+        .unwrap();
+    let mut all = two;
+    all.add(&two);
+    all.add(&two);
+    assert_eq!(org_usage.totals, all);
+    assert_eq!(org_usage.series, vec![(i64::from(day.yyyymmdd()), all)]);
+    assert_eq!(org_usage.groups, 3);
+    // Ties by key: claude, gpt-4o (other is third, past top 2).
+    assert_eq!(
+        org_usage.top,
+        vec![("claude".to_owned(), two), ("gpt-4o".to_owned(), two)]
+    );
+    assert_eq!(org_usage.top_days.len(), 2);
+    let by_user = db
+        .usage(&org, &q(SubjectKind::User, None, Some(UsageDim::Subject)))
+        .await
+        .unwrap();
+    assert_eq!(by_user.top, vec![("alice".to_owned(), two)]);
+    let by_provider = db
+        .usage(
+            &org,
+            &q(SubjectKind::Org, Some("acme"), Some(UsageDim::Provider)),
+        )
+        .await
+        .unwrap();
+    assert_eq!(by_provider.groups, 3);
+    let nothing = db
+        .usage(
+            &org,
+            &tally_store::rollup::UsageQuery {
+                model: Some("nope".into()),
+                ..q(SubjectKind::Org, Some("acme"), None)
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(nothing, tally_store::rollup::UsageAnswer::default());
     // Another month's days: none here; the months stay up to `month`.
     let (same, before) = db
         .history(&org, "user", "alice", month(), month().prev())

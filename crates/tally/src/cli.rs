@@ -438,6 +438,118 @@ pub(crate) enum Webhook {
     },
 }
 
+/// `tally usage`: what `GET /v1/orgs/{org}/usage` answers, as a table.
+#[derive(Debug, Clone, Args)]
+pub(crate) struct UsageArgs {
+    /// A month (`2026-11`) [default: this month; see --from and --to].
+    #[arg(long, conflicts_with_all = ["from", "to"])]
+    month: Option<String>,
+    /// The first day (`2026-11-05`) or month of a range.
+    #[arg(long)]
+    from: Option<String>,
+    /// The last day or month of a range, included.
+    #[arg(long)]
+    to: Option<String>,
+    /// model, provider, user, group or key [default: the whole, by day].
+    #[arg(long, value_parser = ["model", "provider", "user", "group", "key"])]
+    by: Option<String>,
+    /// One member's usage only.
+    #[arg(long)]
+    user: Option<String>,
+    /// One group's usage only.
+    #[arg(long)]
+    group: Option<String>,
+    /// One key's usage only.
+    #[arg(long)]
+    key: Option<String>,
+    /// One model's usage only.
+    #[arg(long)]
+    model: Option<String>,
+    /// How many rows of --by, the largest spend first (1 to 100).
+    #[arg(long, default_value_t = 20)]
+    top: u32,
+}
+
+pub(crate) async fn usage(
+    conn: Conn,
+    file: crate::config::AdminDefaults,
+    a: UsageArgs,
+) -> anyhow::Result<String> {
+    let api = Api::new(conn, file);
+    let org = seg(api.org()?)?;
+    let (from, to) = match a.month {
+        Some(m) => (Some(m.clone()), Some(m)),
+        None => (a.from, a.to),
+    };
+    let grouped = a.by.is_some();
+    let q = given([
+        ("from", from),
+        ("to", to),
+        ("group_by", a.by.clone()),
+        ("user", a.user),
+        ("group", a.group),
+        ("key", a.key),
+        ("model", a.model),
+        ("top", Some(a.top.to_string())),
+    ]);
+    let url = reqwest::Url::parse_with_params(&format!("http://x/v1/orgs/{org}/usage"), &q)?;
+    let u = api
+        .get(&format!("{}?{}", url.path(), url.query().unwrap_or("")))
+        .await?;
+    let sums = |v: &Value| {
+        vec![
+            dollars(&v["spend_micros"]),
+            text(&v["requests"]),
+            text(&v["input_tokens"]),
+            text(&v["output_tokens"]),
+        ]
+    };
+    let mut out = format!("{} to {}\n", text(&u["from"]), text(&u["to"]));
+    let mut rows: Vec<Vec<String>> = Vec::new();
+    if grouped {
+        for g in u["groups"].as_array().into_iter().flatten() {
+            let mut r = vec![text(&g["key"]), text(&g["name"])];
+            r.extend(sums(&g["totals"]));
+            rows.push(r);
+        }
+        let others = u["group_count"].as_i64().unwrap_or(0) - rows.len() as i64;
+        if others > 0 {
+            let mut r = vec![format!("({others} more)"), String::new()];
+            r.extend(sums(&u["rest"]));
+            rows.push(r);
+        }
+        let mut total = vec!["total".to_owned(), String::new()];
+        total.extend(sums(&u["totals"]));
+        rows.push(total);
+        let by = a.by.as_deref().unwrap_or_default();
+        out.push_str(&table(
+            &[
+                by,
+                "name",
+                "spend",
+                "requests",
+                "input tokens",
+                "output tokens",
+            ],
+            &rows,
+        ));
+    } else {
+        for p in u["series"].as_array().into_iter().flatten() {
+            let mut r = vec![text(&p["period"])];
+            r.extend(sums(p));
+            rows.push(r);
+        }
+        let mut total = vec!["total".to_owned()];
+        total.extend(sums(&u["totals"]));
+        rows.push(total);
+        out.push_str(&table(
+            &["day", "spend", "requests", "input tokens", "output tokens"],
+            &rows,
+        ));
+    }
+    Ok(out)
+}
+
 #[derive(Debug, Subcommand)]
 pub(crate) enum Holds {
     /// The org's live holds (calls in flight).

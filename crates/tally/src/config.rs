@@ -92,6 +92,14 @@ pub(crate) enum Command {
         #[command(subcommand)]
         cmd: crate::cli::Webhook,
     },
+    /// The org's spend, calls and tokens over a month or a range, by
+    /// model, provider, user, group or key (a table in dollars).
+    Usage {
+        #[command(flatten)]
+        conn: crate::cli::Conn,
+        #[command(flatten)]
+        args: crate::cli::UsageArgs,
+    },
     /// Live holds of the org: list, release.
     Holds {
         #[command(flatten)]
@@ -166,6 +174,11 @@ pub(crate) struct ServeArgs {
     /// latest usage [default: 20000000].
     #[arg(long, env = "TALLY_DEDUPE_ENTRIES_MAX")]
     pub(crate) dedupe_entries_max: Option<usize>,
+    /// Distinct (model, provider) pairs one org's usage is broken down by
+    /// in a month, 1 to 10000; usage of further pairs counts under `other`
+    /// [default: 200].
+    #[arg(long, env = "TALLY_USAGE_MODELS_MAX")]
+    pub(crate) usage_models_max: Option<u16>,
     /// Days checkpointed usage stays in the embedded usage log [default: 7].
     #[arg(long, env = "TALLY_USAGE_RETENTION_DAYS")]
     pub(crate) usage_retention_days: Option<u32>,
@@ -310,6 +323,7 @@ pub(crate) struct ServeConfig {
     pub(crate) checkpoint_events_max: u64,
     pub(crate) dedupe_window_ms: i64,
     pub(crate) dedupe_entries_max: usize,
+    pub(crate) usage_models_max: u16,
     pub(crate) usage_retention: Duration,
     pub(crate) body_bytes_max: usize,
     pub(crate) usage_batch_len_max: usize,
@@ -339,6 +353,7 @@ struct FileConfig {
     checkpoint_events_max: Option<u64>,
     dedupe_window_hours: Option<u32>,
     dedupe_entries_max: Option<usize>,
+    usage_models_max: Option<u16>,
     usage_retention_days: Option<u32>,
     body_bytes_max: Option<usize>,
     usage_batch_len_max: Option<usize>,
@@ -693,6 +708,14 @@ impl ServeConfig {
                 .or(file.dedupe_entries_max)
                 .unwrap_or(20_000_000)
                 .max(1),
+            usage_models_max: match args.usage_models_max.or(file.usage_models_max) {
+                None => 200,
+                Some(n @ 1..=tally_core::models::MODELS_MAX) => n,
+                Some(n) => bail!(
+                    "usage models max must be 1 to {}, got {n}",
+                    tally_core::models::MODELS_MAX
+                ),
+            },
             usage_retention: Duration::from_secs(
                 u64::from(
                     args.usage_retention_days

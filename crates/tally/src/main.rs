@@ -84,6 +84,7 @@ fn run() -> anyhow::Result<()> {
             print(runtime.block_on(cli::webhook(conn, admin()?, cmd)))
         }
         Command::Holds { conn, cmd } => print(runtime.block_on(cli::holds(conn, admin()?, cmd))),
+        Command::Usage { conn, args } => print(runtime.block_on(cli::usage(conn, admin()?, args))),
         Command::Audit { conn, args } => print(runtime.block_on(cli::audit(conn, admin()?, args))),
         Command::Enforcement { conn, args } => {
             print(runtime.block_on(cli::enforcement(conn, admin()?, args)))
@@ -257,6 +258,7 @@ async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
                 window_ms: cfg.dedupe_window_ms,
                 entries_max: cfg.dedupe_entries_max,
             },
+            models_max: cfg.usage_models_max,
             ..MeterConfig::default()
         },
         holds: cfg.holds,

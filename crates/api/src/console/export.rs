@@ -19,7 +19,7 @@ pub(crate) const CSV_ROWS_MAX: usize = 100_000;
 const CSV_PAGE: u32 = 1_000;
 
 /// Micro-dollars as dollars, exactly: `-12.345678`.
-fn dollars(micros: i64) -> String {
+pub(crate) fn dollars(micros: i64) -> String {
     let sign = if micros < 0 { "-" } else { "" };
     let m = micros.unsigned_abs();
     format!("{sign}{}.{:06}", m / 1_000_000, m % 1_000_000)
@@ -27,7 +27,7 @@ fn dollars(micros: i64) -> String {
 
 /// A CSV field: quoted when it must be, and never read as a formula by a
 /// spreadsheet (a leading `=`, `+`, `-`, `@`, tab or CR gets a `'`).
-fn field(s: &str) -> String {
+pub(crate) fn field(s: &str) -> String {
     let s = if s.starts_with(['=', '+', '-', '@', '\t', '\r']) {
         format!("'{s}")
     } else {

@@ -11,7 +11,7 @@
 mod activity;
 mod assets;
 mod bulk;
-mod export;
+pub(crate) mod export;
 mod groups;
 mod keys;
 mod pages;

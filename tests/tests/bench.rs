@@ -52,6 +52,9 @@ async fn every_bench_scenario_runs_in_quick_mode() {
         "console sqlite: users page, by spend: p50 ",
         "console sqlite: users page, one group by spend: p50 ",
         "console sqlite: overview: p50 ",
+        "usage: sqlite, 2000 users in 20 groups, 10 models, ",
+        "usage sqlite: last month by model: p50 ",
+        "usage sqlite: last month, the top 10 members: p50 ",
     ];
     if kafka {
         expected.extend([
@@ -61,9 +64,15 @@ async fn every_bench_scenario_runs_in_quick_mode() {
             "% of the bare consumer",
             "console: postgres, 2000 users in 20 groups, each with spend",
             "console postgres: users page, by spend: p50 ",
+            "usage: postgres, 2000 users in 20 groups, 10 models, ",
+            "usage postgres: last month by model: p50 ",
         ]);
     } else {
-        expected.extend(["kafka: skipped", "console: postgres skipped"]);
+        expected.extend([
+            "kafka: skipped",
+            "console: postgres skipped",
+            "usage: postgres skipped",
+        ]);
     }
     for line in expected {
         assert!(stdout.contains(line), "no {line:?} in:\n{stdout}");

@@ -64,6 +64,7 @@ fn endpoints(org: &str) -> Vec<(&'static str, String, Option<Value>)> {
         ("DELETE", o("/webhook"), None),
         ("GET", o("/webhook/deliveries"), None),
         ("GET", o("/holds"), None),
+        ("GET", o("/usage"), None),
         ("DELETE", o("/holds/r1"), None),
         ("POST", o("/webhook/deliveries/1/redeliver"), None),
         ("POST", o("/webhook/test"), None),
@@ -370,7 +371,7 @@ async fn every_endpoint_admits_exactly_its_documented_roles() {
             admitted += 1;
         }
     }
-    assert_eq!(operations.len(), 47);
+    assert_eq!(operations.len(), 48);
     assert_eq!(refused + admitted, operations.len() * callers.len());
     println!("{refused} calls refused, {admitted} admitted");
     // A gateway token of every org, or bound to acme, reads and changes

@@ -133,6 +133,94 @@ async fn post(op: &Client, events: &[Value]) -> Value {
         .expect(200)
 }
 
+/// Every grouping and filter of the report equals the sums of `all` (the
+/// distinct events, all on `day`), a cap of 3 pairs applied in their order.
+async fn assert_rollups(op: &Client, all: &[Value], day: &str) {
+    let range = format!("from={day}&to={day}");
+    let by_model = |_: &Value, m: &str, _: &str| Some(m.to_owned());
+    let everyone = |_: &Value| true;
+    let org = report(op, &format!("{range}&group_by=model")).await;
+    let want = expected(all, 3, everyone, by_model);
+    assert_eq!(groups(&org), want, "the org by model: {org}");
+    assert!(want.contains_key("other"), "past the cap: {want:?}");
+    assert_eq!(org["group_count"], want.len());
+    let mut whole = Sums::default();
+    all.iter().for_each(|e| whole.add(e));
+    assert_eq!(Sums::of(&org["totals"]), whole);
+    assert_eq!(Sums::of(&org["rest"]), Sums::default());
+    assert_eq!(org["series"][0]["period"], day);
+    assert_eq!(Sums::of(&org["series"][0]), whole);
+
+    let by_provider = report(op, &format!("{range}&group_by=provider")).await;
+    let want = expected(all, 3, everyone, |_, _, p| Some(p.to_owned()));
+    assert_eq!(groups(&by_provider), want);
+
+    let alice = report(op, &format!("{range}&user=alice&group_by=model")).await;
+    let want = expected(all, 3, |e| e["user_id"] == "alice", by_model);
+    assert_eq!(groups(&alice), want, "{alice}");
+
+    // Her detail has the month's breakdown by model too.
+    let detail = op
+        .get(&format!("/v1/orgs/acme/users/alice?month={}", &day[..7]))
+        .await
+        .expect(200);
+    let models: BTreeMap<String, Sums> = detail["history"]["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| (m["model"].as_str().unwrap().to_owned(), Sums::of(m)))
+        .collect();
+    assert_eq!(models, groups(&alice), "{detail}");
+
+    let key = report(op, &format!("{range}&key=alice-key&group_by=model")).await;
+    let want = expected(all, 3, |e| e["api_key_id"] == "alice-key", by_model);
+    assert_eq!(groups(&key), want);
+
+    let eng = report(op, &format!("{range}&group=eng&group_by=model")).await;
+    let want = expected(all, 3, |e| e["user_id"] != "carol", by_model);
+    assert_eq!(groups(&eng), want);
+
+    let users = report(op, &format!("{range}&group_by=user&top=2")).await;
+    let want = expected(all, 3, everyone, |e, _, _| {
+        Some(e["user_id"].as_str().unwrap().to_owned())
+    });
+    assert_eq!(users["group_count"], 3);
+    let listed = groups(&users);
+    assert_eq!(listed.len(), 2, "top=2: {users}");
+    for (k, s) in &listed {
+        assert_eq!(want[k], *s, "{k}");
+    }
+    let missing: Vec<&String> = want.keys().filter(|k| !listed.contains_key(*k)).collect();
+    assert_eq!(Sums::of(&users["rest"]), want[missing[0]], "the rest");
+    let first = &users["groups"][0];
+    assert!(
+        Sums::of(&first["totals"]).spend >= Sums::of(&users["groups"][1]["totals"]).spend,
+        "largest spend first"
+    );
+    assert_eq!(first["name"], first["key"], "a user's name beside the id");
+
+    let gpt_users = report(op, &format!("{range}&model=gpt-4o&group_by=user")).await;
+    // The model as counted: a pair past the cap is not gpt-4o's any more.
+    let want = expected(all, 3, everyone, |e, m, _| {
+        (m == "gpt-4o").then(|| e["user_id"].as_str().unwrap().to_owned())
+    });
+    assert_eq!(groups(&gpt_users), want);
+
+    // By month: one period, the same totals.
+    let month = report(
+        op,
+        &format!(
+            "from={}&to={}&granularity=month&group_by=model",
+            &day[..7],
+            &day[..7]
+        ),
+    )
+    .await;
+    assert_eq!(month["series"].as_array().unwrap().len(), 1);
+    assert_eq!(Sums::of(&month["totals"]), whole);
+    assert_eq!(groups(&month), groups(&org));
+}
+
 async fn rollups_are_exact(backend: Backend) {
     let flags = ["--usage-models-max", "3"];
     let tally = Tally::start_with(&backend, &flags).unwrap();
@@ -151,90 +239,9 @@ async fn rollups_are_exact(backend: Backend) {
     assert_eq!(post(&op, &all[70..]).await["accepted"], 20);
 
     let day = &rfc3339(at)[..10];
+    assert_rollups(&op, &all, day).await;
     let range = format!("from={day}&to={day}");
-    let by_model = |_: &Value, m: &str, _: &str| Some(m.to_owned());
-    let everyone = |_: &Value| true;
     let org = report(&op, &format!("{range}&group_by=model")).await;
-    let want = expected(&all, 3, everyone, by_model);
-    assert_eq!(groups(&org), want, "the org by model: {org}");
-    assert!(want.contains_key("other"), "past the cap: {want:?}");
-    assert_eq!(org["group_count"], want.len());
-    let mut whole = Sums::default();
-    all.iter().for_each(|e| whole.add(e));
-    assert_eq!(Sums::of(&org["totals"]), whole);
-    assert_eq!(Sums::of(&org["rest"]), Sums::default());
-    assert_eq!(org["series"][0]["period"], day);
-    assert_eq!(Sums::of(&org["series"][0]), whole);
-
-    let by_provider = report(&op, &format!("{range}&group_by=provider")).await;
-    let want = expected(&all, 3, everyone, |_, _, p| Some(p.to_owned()));
-    assert_eq!(groups(&by_provider), want);
-
-    let alice = report(&op, &format!("{range}&user=alice&group_by=model")).await;
-    let want = expected(&all, 3, |e| e["user_id"] == "alice", by_model);
-    assert_eq!(groups(&alice), want, "{alice}");
-
-    // Her detail has the month's breakdown by model too.
-    let detail = op
-        .get(&format!("/v1/orgs/acme/users/alice?month={}", &day[..7]))
-        .await
-        .expect(200);
-    let models: BTreeMap<String, Sums> = detail["history"]["models"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| (m["model"].as_str().unwrap().to_owned(), Sums::of(m)))
-        .collect();
-    assert_eq!(models, groups(&alice), "{detail}");
-
-    let key = report(&op, &format!("{range}&key=alice-key&group_by=model")).await;
-    let want = expected(&all, 3, |e| e["api_key_id"] == "alice-key", by_model);
-    assert_eq!(groups(&key), want);
-
-    let eng = report(&op, &format!("{range}&group=eng&group_by=model")).await;
-    let want = expected(&all, 3, |e| e["user_id"] != "carol", by_model);
-    assert_eq!(groups(&eng), want);
-
-    let users = report(&op, &format!("{range}&group_by=user&top=2")).await;
-    let want = expected(&all, 3, everyone, |e, _, _| {
-        Some(e["user_id"].as_str().unwrap().to_owned())
-    });
-    assert_eq!(users["group_count"], 3);
-    let listed = groups(&users);
-    assert_eq!(listed.len(), 2, "top=2: {users}");
-    for (k, s) in &listed {
-        assert_eq!(want[k], *s, "{k}");
-    }
-    let missing: Vec<&String> = want.keys().filter(|k| !listed.contains_key(*k)).collect();
-    assert_eq!(Sums::of(&users["rest"]), want[missing[0]], "the rest");
-    let first = &users["groups"][0];
-    assert!(
-        Sums::of(&first["totals"]).spend >= Sums::of(&users["groups"][1]["totals"]).spend,
-        "largest spend first"
-    );
-    assert_eq!(first["name"], first["key"], "a user's name beside the id");
-
-    let gpt_users = report(&op, &format!("{range}&model=gpt-4o&group_by=user")).await;
-    // The model as counted: a pair past the cap is not gpt-4o's any more.
-    let want = expected(&all, 3, everyone, |e, m, _| {
-        (m == "gpt-4o").then(|| e["user_id"].as_str().unwrap().to_owned())
-    });
-    assert_eq!(groups(&gpt_users), want);
-
-    // By month: one period, the same totals.
-    let month = report(
-        &op,
-        &format!(
-            "from={}&to={}&granularity=month&group_by=model",
-            &day[..7],
-            &day[..7]
-        ),
-    )
-    .await;
-    assert_eq!(month["series"].as_array().unwrap().len(), 1);
-    assert_eq!(Sums::of(&month["totals"]), whole);
-    assert_eq!(groups(&month), groups(&org));
-
     // The CSV: a row per period and group, dollars to the micro-dollar.
     let csv = tally_tests::http_client()
         .get(format!(
@@ -327,4 +334,53 @@ async fn rollups_are_exact_on_postgres() {
         return;
     };
     rollups_are_exact(backend).await;
+}
+
+/// Distributed: two processes on the real broker and PostgreSQL. The
+/// partition's owner counts the first events and is killed (-9); the other
+/// takes the partition over from the checkpoint and replays the topic after
+/// it, with the rest and repeats sent to it: the rollups are exact, every
+/// pair under the name the first owner gave it.
+#[tokio::test]
+async fn rollups_are_exact_across_a_kill_9_in_distributed_mode() {
+    let Some(cluster) = tally_tests::Cluster::new("1", &["--usage-models-max", "3"]).unwrap()
+    else {
+        return;
+    };
+    let (owner, other) = cluster.owner_and_other().await.unwrap();
+    let op = owner.operator();
+    seed(&op).await;
+    let at = now_ms() - 60_000;
+    let all = events(at);
+    assert_eq!(post(&op, &all[..50]).await["accepted"], 50);
+    let first: i64 = all[..50]
+        .iter()
+        .map(|e| e["cost_micros"].as_i64().unwrap())
+        .sum();
+    wait_for_org_spend(&op, first).await;
+    owner.kill9().unwrap();
+    let op = other.operator();
+    // Published to the topic, repeats too: the owner drops them as it
+    // applies them (docs/gateways.md).
+    let r = post(&op, &all[40..]).await;
+    assert_eq!(r["accepted"], 50, "{r}");
+    let total: i64 = all.iter().map(|e| e["cost_micros"].as_i64().unwrap()).sum();
+    wait_for_org_spend(&op, total).await;
+    assert_rollups(&op, &all, &rfc3339(at)[..10]).await;
+}
+
+async fn wait_for_org_spend(op: &Client, want: i64) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let r = op.get("/v1/orgs/acme").await;
+        if r.status == 200 && r.body["spend_micros"] == want {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the org's spend never reached {want}: {}",
+            r.body
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
 }

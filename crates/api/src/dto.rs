@@ -481,6 +481,7 @@ pub(crate) async fn history(
         to: days_of.last_day(),
         group_by: Some(tally_store::rollup::UsageDim::Model),
         top: 100,
+        days: false,
     };
     let models = engine
         .db

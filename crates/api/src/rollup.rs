@@ -315,6 +315,7 @@ pub(crate) async fn usage(
         to,
         group_by,
         top,
+        days: true,
     };
     let a = state.engine.db.usage(org_id, &q).await?;
     let mut top_sum = UsageSums::default();

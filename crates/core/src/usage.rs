@@ -8,6 +8,11 @@ use crate::time::{UNIX_MS_MAX, UNIX_MS_MIN};
 /// The longest model or provider name, in bytes.
 pub const LABEL_LEN_MAX: usize = 128;
 
+/// The most input or output tokens one call may report: far past any
+/// model's context, and small enough that the rollups' 64-bit sums of a
+/// subject's day cannot overflow.
+pub const TOKENS_MAX: u64 = 1_000_000_000;
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UsageEvent {
     pub request_id: String,
@@ -36,6 +41,10 @@ pub enum UsageError {
     TimeOutOfRange(i64),
     #[error("{0} is longer than {LABEL_LEN_MAX} bytes")]
     LabelTooLong(&'static str),
+    #[error("{0} has a control character")]
+    LabelControl(&'static str),
+    #[error("{0} must be at most {TOKENS_MAX}, got {1}")]
+    TooManyTokens(&'static str, u64),
     #[error("{0}")]
     Malformed(String),
 }
@@ -47,7 +56,8 @@ impl UsageError {
             UsageError::Id(_) => "invalid_id",
             UsageError::Money(_) => "invalid_cost",
             UsageError::TimeOutOfRange(_) => "invalid_time",
-            UsageError::LabelTooLong(_) => "invalid_label",
+            UsageError::LabelTooLong(_) | UsageError::LabelControl(_) => "invalid_label",
+            UsageError::TooManyTokens(..) => "invalid_tokens",
             UsageError::Malformed(_) => "malformed",
         }
     }
@@ -92,6 +102,17 @@ impl RawUsage<'_> {
         for (v, name) in [(self.model, "model"), (self.provider, "provider")] {
             if v.len() > LABEL_LEN_MAX {
                 return Err(UsageError::LabelTooLong(name));
+            }
+            if v.chars().any(char::is_control) {
+                return Err(UsageError::LabelControl(name));
+            }
+        }
+        for (n, name) in [
+            (self.input_tokens, "input_tokens"),
+            (self.output_tokens, "output_tokens"),
+        ] {
+            if n > TOKENS_MAX {
+                return Err(UsageError::TooManyTokens(name, n));
             }
         }
         Ok(UsageEvent {
@@ -205,6 +226,50 @@ mod tests {
         ];
         for (r, code) in cases {
             assert_eq!(r.validate().unwrap_err().code(), code, "{r:?}");
+        }
+    }
+
+    /// Model and provider names become text columns of the rollups (a NUL
+    /// is refused by PostgreSQL: one such event stopped every checkpoint of
+    /// its partition), and tokens are summed there as 64-bit integers.
+    #[test]
+    fn labels_are_printable_and_tokens_bounded() {
+        for (model, provider) in [
+            ("gpt\u{0}", "openai"),
+            ("gpt-4o", "open\nai"),
+            ("\u{7f}", "x"),
+        ] {
+            let e = RawUsage {
+                model,
+                provider,
+                ..raw()
+            }
+            .validate()
+            .unwrap_err();
+            assert_eq!(e.code(), "invalid_label", "{model:?} {provider:?}");
+            assert!(e.to_string().contains("control character"), "{e}");
+        }
+        let unicode = RawUsage {
+            model: "modèle-ünicode",
+            ..raw()
+        };
+        assert!(unicode.validate().is_ok());
+        let ok = RawUsage {
+            input_tokens: TOKENS_MAX,
+            output_tokens: TOKENS_MAX,
+            ..raw()
+        };
+        assert!(ok.validate().is_ok());
+        for (input_tokens, output_tokens) in [(TOKENS_MAX + 1, 0), (0, u64::MAX)] {
+            let e = RawUsage {
+                input_tokens,
+                output_tokens,
+                ..raw()
+            }
+            .validate()
+            .unwrap_err();
+            assert_eq!(e.code(), "invalid_tokens");
+            assert!(e.to_string().contains("at most 1000000000"), "{e}");
         }
     }
 }

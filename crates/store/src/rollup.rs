@@ -10,7 +10,7 @@ use tally_core::ids::OrgId;
 use tally_core::ledger::SubjectKind;
 use tally_core::time::Day;
 
-use crate::{Db, Result};
+use crate::{Backend, Db, Result};
 
 /// Spend, calls and tokens summed over some rows.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -83,6 +83,8 @@ pub struct UsageQuery {
     pub group_by: Option<UsageDim>,
     /// How many groups, the largest spend first (ties by key).
     pub top: u32,
+    /// Whether the days are wanted too (the series and the top groups').
+    pub days: bool,
 }
 
 /// One day of one group.
@@ -100,13 +102,13 @@ pub struct UsageAnswer {
     /// Every row in range.
     pub totals: UsageSums,
     /// Every row in range by day (yyyymmdd), in order; days without usage
-    /// have no entry.
+    /// have no entry (when asked for).
     pub series: Vec<(i64, UsageSums)>,
     /// How many groups there are in all.
     pub groups: i64,
     /// The top groups with their sums, largest spend first.
     pub top: Vec<(String, UsageSums)>,
-    /// The top groups by day, in order of key and day.
+    /// The top groups by day, in order of key and day (when asked for).
     pub top_days: Vec<UsageDay>,
 }
 
@@ -117,74 +119,107 @@ const SUMS: &str = "CAST(SUM(spend_micros) AS BIGINT) AS spend_micros, \
 
 impl Db {
     /// Usage of `org_id` as `q` asks: the totals and their days, and when
-    /// grouped, the count of groups, the top ones and their days; each read
-    /// bounded by the org, the kind and the range.
+    /// grouped, the count of groups, the top ones and their days. One read
+    /// transaction (a snapshot on both backends), so the parts agree; each
+    /// statement bounded by the org, the kind, the subject when given, and
+    /// the range.
     pub async fn usage(&self, org_id: &OrgId, q: &UsageQuery) -> Result<UsageAnswer> {
-        // $1 org, $2 kind, $3 subject, $4 model, $5 from, $6 to.
-        let filter = "org_id = $1 AND kind = $2 AND ($3 IS NULL OR subject_id = $3) \
-                      AND ($4 IS NULL OR model = $4) AND day >= $5 AND day <= $6";
-        let kind = q.kind.as_str();
+        let mut tx = self.reader().begin().await?;
+        if self.backend() == Backend::Postgres {
+            let _ = sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                .execute(&mut *tx)
+                .await?;
+        }
+        // $1 org, $2 kind, $3 from, $4 to, then the subject and the model
+        // when given: a bound that is always there lets the planner use
+        // the primary key (org, kind, subject, day) or the day index.
+        let mut filter = "org_id = $1 AND kind = $2 AND day >= $3 AND day <= $4".to_owned();
+        let mut binds: Vec<String> = Vec::new();
+        for (col, v) in [("subject_id", &q.subject), ("model", &q.model)] {
+            if let Some(v) = v {
+                binds.push(v.clone());
+                filter.push_str(&format!(" AND {col} = ${}", 4 + binds.len()));
+            }
+        }
         let (from, to) = (i64::from(q.from.yyyymmdd()), i64::from(q.to.yyyymmdd()));
-        let bind = |sql: String| {
-            sqlx::query(sqlx::AssertSqlSafe(sql))
+        let kind = q.kind.as_str();
+        let query = |sql: String, extra: &[String]| {
+            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql))
                 .bind(org_id.as_str())
                 .bind(kind)
-                .bind(q.subject.clone())
-                .bind(q.model.clone())
                 .bind(from)
-                .bind(to)
+                .bind(to);
+            for b in binds.iter().chain(extra) {
+                query = query.bind(b.clone());
+            }
+            query
         };
-        let totals = bind(format!("SELECT {SUMS} FROM usage_daily WHERE {filter}"))
-            .fetch_one(self.reader())
+        let mut out = UsageAnswer::default();
+        if q.days {
+            out.series = query(
+                format!(
+                    "SELECT day, {SUMS} FROM usage_daily WHERE {filter} GROUP BY day ORDER BY day"
+                ),
+                &[],
+            )
+            .fetch_all(&mut *tx)
+            .await?
+            .iter()
+            .map(|r| Ok((r.try_get("day")?, UsageSums::read(r)?)))
+            .collect::<Result<_>>()?;
+            for (_, s) in &out.series {
+                out.totals.add(s);
+            }
+        } else {
+            let totals = query(
+                format!("SELECT {SUMS} FROM usage_daily WHERE {filter}"),
+                &[],
+            )
+            .fetch_one(&mut *tx)
             .await?;
-        let mut out = UsageAnswer {
-            totals: UsageSums::read(&totals)?,
-            ..UsageAnswer::default()
-        };
-        out.series = bind(format!(
-            "SELECT day, {SUMS} FROM usage_daily WHERE {filter} GROUP BY day ORDER BY day"
-        ))
-        .fetch_all(self.reader())
-        .await?
-        .iter()
-        .map(|r| Ok((r.try_get("day")?, UsageSums::read(r)?)))
-        .collect::<Result<_>>()?;
+            out.totals = UsageSums::read(&totals)?;
+        }
         let Some(dim) = q.group_by else {
+            tx.commit().await?;
             return Ok(out);
         };
         let col = dim.column();
-        out.groups = bind(format!(
-            "SELECT COUNT(DISTINCT {col}) AS n FROM usage_daily WHERE {filter}"
-        ))
-        .fetch_one(self.reader())
+        out.groups = query(
+            format!("SELECT COUNT(DISTINCT {col}) AS n FROM usage_daily WHERE {filter}"),
+            &[],
+        )
+        .fetch_one(&mut *tx)
         .await?
         .try_get("n")?;
-        let top = bind(format!(
-            "SELECT {col} AS k, {SUMS} FROM usage_daily WHERE {filter} GROUP BY {col} \
-             ORDER BY 2 DESC, 1 LIMIT {}",
-            q.top.clamp(1, 1_000)
-        ))
-        .fetch_all(self.reader())
-        .await?;
-        out.top = top
-            .iter()
-            .map(|r| Ok((r.try_get("k")?, UsageSums::read(r)?)))
-            .collect::<Result<_>>()?;
-        if out.top.is_empty() {
-            return Ok(out);
-        }
-        // The days of the top groups only: $7.. are their keys.
-        let keys: Vec<String> = (0..out.top.len()).map(|i| format!("${}", i + 7)).collect();
-        let mut days = bind(format!(
-            "SELECT {col} AS k, day, {SUMS} FROM usage_daily WHERE {filter} \
-             AND {col} IN ({}) GROUP BY {col}, day ORDER BY 1, 2",
-            keys.join(", ")
-        ));
-        for (k, _) in &out.top {
-            days = days.bind(k.clone());
-        }
-        out.top_days = days
-            .fetch_all(self.reader())
+        out.top = query(
+            format!(
+                "SELECT {col} AS k, {SUMS} FROM usage_daily WHERE {filter} GROUP BY {col} \
+                 ORDER BY 2 DESC, 1 LIMIT {}",
+                q.top.clamp(1, 1_000)
+            ),
+            &[],
+        )
+        .fetch_all(&mut *tx)
+        .await?
+        .iter()
+        .map(|r| Ok((r.try_get("k")?, UsageSums::read(r)?)))
+        .collect::<Result<_>>()?;
+        if q.days && !out.top.is_empty() {
+            // The days of the top groups only.
+            let first = 5 + binds.len();
+            let keys: Vec<String> = (0..out.top.len())
+                .map(|i| format!("${}", first + i))
+                .collect();
+            let top: Vec<String> = out.top.iter().map(|(k, _)| k.clone()).collect();
+            out.top_days = query(
+                format!(
+                    "SELECT {col} AS k, day, {SUMS} FROM usage_daily WHERE {filter} \
+                     AND {col} IN ({}) GROUP BY {col}, day ORDER BY 1, 2",
+                    keys.join(", ")
+                ),
+                &top,
+            )
+            .fetch_all(&mut *tx)
             .await?
             .iter()
             .map(|r| {
@@ -195,6 +230,8 @@ impl Db {
                 })
             })
             .collect::<Result<_>>()?;
+        }
+        tx.commit().await?;
         Ok(out)
     }
 }

@@ -382,6 +382,7 @@ CREATE INDEX console_sessions_by_token ON console_sessions (token_hash, created_
     // v17: usage by model and provider per subject and UTC day, written
     // by checkpoints as spend_daily is (deltas added in the checkpoint's
     // transaction); `other` holds usage past an org's monthly cap of pairs.
+    // Read by subject (the key) or, across a kind's subjects, by day.
     let v17 = format!(
         r#"
 CREATE TABLE usage_daily (
@@ -397,6 +398,7 @@ CREATE TABLE usage_daily (
     output_tokens BIGINT NOT NULL,
     PRIMARY KEY (org_id, kind, subject_id, day, model, provider)
 );
+CREATE INDEX usage_daily_by_day ON usage_daily (org_id, kind, day);
 "#
     );
     vec![

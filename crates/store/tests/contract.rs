@@ -773,6 +773,7 @@ async fn checkpoints_round_trip(db: Db) {
         to: day,
         group_by,
         top: 2,
+        days: true,
     };
     use tally_store::rollup::{UsageDim, UsageSums};
     let two = UsageSums {
@@ -800,6 +801,25 @@ async fn checkpoints_round_trip(db: Db) {
         vec![("claude".to_owned(), two), ("gpt-4o".to_owned(), two)]
     );
     assert_eq!(org_usage.top_days.len(), 2);
+    let no_days = db
+        .usage(
+            &org,
+            &tally_store::rollup::UsageQuery {
+                days: false,
+                ..q(SubjectKind::Org, Some("acme"), Some(UsageDim::Model))
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            no_days.totals,
+            &no_days.top,
+            no_days.series.len(),
+            no_days.top_days.len()
+        ),
+        (all, &org_usage.top, 0, 0)
+    );
     let by_user = db
         .usage(&org, &q(SubjectKind::User, None, Some(UsageDim::Subject)))
         .await

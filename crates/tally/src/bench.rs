@@ -33,6 +33,10 @@ pub(crate) enum Scenario {
     /// The console's users page of an org with 100 000 members, rendered
     /// on SQLite and (with --database-url) on PostgreSQL.
     Console,
+    /// `GET /v1/orgs/{org}/usage` of an org with 100 000 members using 50
+    /// models over a month, on SQLite and (with --database-url) on
+    /// PostgreSQL.
+    Usage,
     /// Mixed load (authorize with holds, admin reads and bulk changes, and
     /// ingest at half the maximum measured under them) with a kill -9 and
     /// restart every minute: memory, and totals exact at the end
@@ -304,6 +308,9 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<()> {
         }
         if run(Scenario::Console) {
             console(&args, &dir.join("console")).await?;
+        }
+        if run(Scenario::Usage) {
+            usage_report(&args, &dir.join("usage")).await?;
         }
         if run(Scenario::Kafka) {
             match (&args.kafka_brokers, &args.database_url) {
@@ -1440,29 +1447,228 @@ async fn console(args: &BenchArgs, dir: &Path) -> anyhow::Result<()> {
         println!("console: postgres skipped (give --database-url)");
         return Ok(());
     };
+    on_fresh_postgres(url, "console", async |pg| {
+        console_on(dir, "postgres", pg, &["--database-url", pg], scale).await
+    })
+    .await
+}
+
+/// Runs `f` on a database of its own on the server of `url`, dropped after.
+async fn on_fresh_postgres(
+    url: &str,
+    what: &str,
+    f: impl AsyncFnOnce(&str) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
     let (base, name) = url
         .rsplit_once('/')
         .context("--database-url ends in /<database>")?;
     let fresh = format!(
-        "{}_console_{}",
+        "{}_{what}_{}",
         name.split('?').next().unwrap_or(name),
         std::process::id()
     );
     let server = Db::open(&DbOptions {
         migrate: false,
-        ..DbOptions::new(url.clone())
+        ..DbOptions::new(url.to_owned())
     })
     .await?;
     let _ = server
         .execute_raw(&format!("CREATE DATABASE \"{fresh}\""))
         .await?;
     let pg = format!("{base}/{fresh}");
-    let result = console_on(dir, "postgres", &pg, &["--database-url", &pg], scale).await;
+    let result = f(&pg).await;
     let _ = server
         .execute_raw(&format!("DROP DATABASE IF EXISTS \"{fresh}\""))
         .await;
     server.close().await;
     result
+}
+
+/// The usage report of an org of `users` members in `groups` groups whose
+/// members used `models` models over the whole of last month (rows seeded
+/// as checkpoints write them) and today (real usage over HTTP).
+async fn usage_report(args: &BenchArgs, dir: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let scale = if args.quick {
+        (2_000u32, 20u32, 10u32, 20usize)
+    } else {
+        (100_000, 1_000, 50, 200)
+    };
+    let data = dir.display().to_string();
+    let sqlite = format!("sqlite://{}?mode=rwc", dir.join("tally.db").display());
+    usage_on(dir, "sqlite", &sqlite, &["--data-dir", &data], scale).await?;
+    let Some(url) = &args.database_url else {
+        println!("usage: postgres skipped (give --database-url)");
+        return Ok(());
+    };
+    on_fresh_postgres(url, "usage", async |pg| {
+        usage_on(dir, "postgres", pg, &["--database-url", pg], scale).await
+    })
+    .await
+}
+
+/// Writes `usage_daily` rows for every day of `month`: member u uses two
+/// of the `models` on one day in three (as a checkpoint would have written
+/// them: the member's rows, their group's and the org's, summed).
+async fn seed_usage_month(
+    db_url: &str,
+    org: &str,
+    (users, groups, models): (u32, u32, u32),
+    month: tally_core::time::Month,
+) -> anyhow::Result<u64> {
+    use std::collections::HashMap;
+    let db = Db::open(&DbOptions::new(db_url.to_owned())).await?;
+    let mut rows: Vec<String> = Vec::new();
+    let mut written = 0u64;
+    let flush = async |rows: &mut Vec<String>| -> anyhow::Result<u64> {
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        let n = rows.len() as u64;
+        let _ = db
+            .execute_raw(&format!(
+                "INSERT INTO usage_daily (org_id, kind, subject_id, day, model, provider, \
+                 spend_micros, requests, input_tokens, output_tokens) VALUES {}",
+                rows.join(",")
+            ))
+            .await?;
+        rows.clear();
+        Ok(n)
+    };
+    let row = |kind: &str, id: &str, day: u32, model: u32, s: (i64, i64)| {
+        format!(
+            "('{org}','{kind}','{id}',{day},'model-{model:02}','provider-{}',{},{},{},{})",
+            model % 7,
+            s.0,
+            s.1,
+            s.1 * 1_200,
+            s.1 * 300
+        )
+    };
+    let mut d = month.first_day();
+    while d.month() == month {
+        let day = d.yyyymmdd();
+        let mut by_group: HashMap<(u32, u32), (i64, i64)> = HashMap::new();
+        let mut by_org: HashMap<u32, (i64, i64)> = HashMap::new();
+        for u in (0..users).filter(|u| (u + day).is_multiple_of(3)) {
+            for model in [u % models, (u * 7 + day) % models] {
+                let s = (member_cost(u) / 90, 3);
+                rows.push(row("user", &format!("u{u:06}"), day, model, s));
+                let g = by_group.entry((u % groups, model)).or_default();
+                g.0 += s.0;
+                g.1 += s.1;
+                let o = by_org.entry(model).or_default();
+                o.0 += s.0;
+                o.1 += s.1;
+                if rows.len() >= 500 {
+                    written += flush(&mut rows).await?;
+                }
+            }
+        }
+        for ((g, m), s) in by_group {
+            rows.push(row("group", &format!("g{g}"), day, m, s));
+            if rows.len() >= 500 {
+                written += flush(&mut rows).await?;
+            }
+        }
+        for (m, s) in by_org {
+            rows.push(row("org", org, day, m, s));
+        }
+        written += flush(&mut rows).await?;
+        d = d.next();
+    }
+    db.close().await;
+    Ok(written)
+}
+
+async fn usage_on(
+    dir: &Path,
+    name: &str,
+    db_url: &str,
+    serve: &[&str],
+    (users, groups, models, reads): (u32, u32, u32, usize),
+) -> anyhow::Result<()> {
+    let org = "big";
+    let seeded = Instant::now();
+    seed_members(db_url, org, users, groups).await?;
+    let last = tally_core::time::Month::from_unix_ms(now_ms()).prev();
+    let rows = seed_usage_month(db_url, org, (users, groups, models), last).await?;
+    let s = Server::start(dir, &format!("usage-{name}"), serve)?;
+    s.ready().await?;
+    // Today's usage, over HTTP: one call per member, the models in turn.
+    let batch = 1_000u32;
+    let at = now_ms();
+    for first in (0..users).step_by(batch as usize) {
+        let events: Vec<Value> = (first..(first + batch).min(users))
+            .map(|u| {
+                json!({"request_id": format!("t{u}"), "org_id": org,
+                       "user_id": format!("u{u:06}"), "model": format!("model-{:02}", u % models),
+                       "provider": format!("provider-{}", u % models % 7),
+                       "input_tokens": 1200, "output_tokens": 300,
+                       "cost_micros": member_cost(u), "occurred_at_ms": at})
+            })
+            .collect();
+        let _ = s
+            .call("POST", "/v1/usage", Some(json!({"events": events})))
+            .await?;
+    }
+    let want: i64 = (0..users).map(member_cost).sum();
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while spend(&s, org).await? != want {
+        if Instant::now() > deadline {
+            bail!("the org's spend never reached {want}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let db = Db::open(&DbOptions {
+        migrate: false,
+        ..DbOptions::new(db_url.to_owned())
+    })
+    .await?;
+    db.analyze().await?;
+    db.close().await;
+    println!(
+        "usage: {name}, {users} users in {groups} groups, {models} models, {rows} rows for {last} \
+         (seeded in {} ms)",
+        seeded.elapsed().as_millis()
+    );
+    let base = format!("/v1/orgs/{org}/usage");
+    let queries: [(&str, String); 5] = [
+        (
+            "last month by model",
+            format!("{base}?from={last}&to={last}&group_by=model"),
+        ),
+        ("last month by day", format!("{base}?from={last}&to={last}")),
+        ("this month by model", format!("{base}?group_by=model")),
+        (
+            "one member last month by model",
+            format!("{base}?from={last}&to={last}&user=u000042&group_by=model"),
+        ),
+        (
+            "last month, the top 10 members",
+            format!("{base}?from={last}&to={last}&group_by=user"),
+        ),
+    ];
+    for (label, path) in queries {
+        let mut took = Vec::with_capacity(reads);
+        for _ in 0..reads {
+            let t = Instant::now();
+            let v = s.call("GET", &path, None).await?;
+            took.push(t.elapsed());
+            if v["totals"]["requests"].as_i64().unwrap_or(0) == 0 {
+                bail!("{label}: no usage in {v}");
+            }
+        }
+        took.sort();
+        let pct = |p: usize| took[(took.len() * p / 100).min(took.len() - 1)];
+        let ms = |d: Duration| format!("{}.{:02}", d.as_millis(), d.as_micros() % 1000 / 10);
+        println!(
+            "usage {name}: {label}: p50 {} ms, p99 {} ms ({reads} reads)",
+            ms(pct(50)),
+            ms(pct(99)),
+        );
+    }
+    s.stop()
 }
 
 /// Appends an org of `users` members in `groups` groups (member u in group

@@ -762,6 +762,20 @@ async fn console(tally: &Tally) {
         .await
         .expect(200);
     assert!(!alice.text().contains("carol-call-1"), "another's hold");
+    // Her month by model: the one model her calls named.
+    assert!(
+        alice
+            .text()
+            .contains("By model this month Model Spend Requests Input tokens Output tokens m $"),
+        "{}",
+        alice.text()
+    );
+    let overview = admin.get("/console/orgs/acme").await.expect(200);
+    assert!(
+        overview.text().contains("By model this month"),
+        "{}",
+        overview.text()
+    );
     let owned = op.get("/v1/orgs/acme/keys?user=carol").await.expect(200);
     assert_eq!(owned["items"].as_array().unwrap().len(), 1);
     let none = op.get("/v1/orgs/acme/keys?user=alice").await.expect(200);

@@ -1551,7 +1551,8 @@ async fn seed_usage_month(
         let mut by_group: HashMap<(u32, u32), (i64, i64)> = HashMap::new();
         let mut by_org: HashMap<u32, (i64, i64)> = HashMap::new();
         for u in (0..users).filter(|u| (u + day).is_multiple_of(3)) {
-            for model in [u % models, (u * 7 + day) % models] {
+            let (a, b) = (u % models, (u * 7 + day) % models);
+            for model in if a == b { vec![a] } else { vec![a, b] } {
                 let s = (member_cost(u) / 90, 3);
                 rows.push(row("user", &format!("u{u:06}"), day, model, s));
                 let g = by_group.entry((u % groups, model)).or_default();

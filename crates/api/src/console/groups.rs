@@ -183,6 +183,7 @@ struct GroupPage {
     held: String,
     period: String,
     chart: String,
+    models: Vec<view::ModelLine>,
     months: Vec<MonthLine>,
     members: Vec<UserLine>,
     /// Whether more members exist than the breakdown shows.
@@ -227,6 +228,7 @@ async fn group_page(
         held: view::usd(g.held_micros),
         period: view::period(month),
         chart: view::daily_chart(month, &days, g.monthly_limit_micros),
+        models: view::model_lines(&detail.history.models),
         months: detail
             .history
             .months

@@ -237,6 +237,7 @@ struct OverviewPage {
     projected_over: bool,
     requests: i64,
     chart: String,
+    models: Vec<view::ModelLine>,
     top_users: Vec<UserLine>,
     top_groups: Vec<TopLine>,
     top_keys: Vec<TopLine>,
@@ -482,6 +483,7 @@ pub(crate) async fn overview(
         projected_over: org.monthly_limit_micros.is_some_and(|l| projected >= l),
         requests: org.requests,
         chart: view::daily_chart(month, &days, org.monthly_limit_micros),
+        models: view::model_lines(&detail.history.models),
         top_users: top_users
             .into_iter()
             .map(|u| user_line(&org_id, u, &thresholds, now))
@@ -761,6 +763,7 @@ struct UserPage {
     user: UserLine,
     period: String,
     chart: String,
+    models: Vec<view::ModelLine>,
     months: Vec<MonthLine>,
     events: Vec<super::activity::EventLine>,
     action: String,
@@ -854,6 +857,7 @@ async fn user_page(
     Ok(UserPage {
         period: view::period(month),
         chart: view::daily_chart(month, &days, limit),
+        models: view::model_lines(&detail.history.models),
         months: detail
             .history
             .months

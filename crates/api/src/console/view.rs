@@ -244,6 +244,30 @@ pub(crate) fn daily_chart(month: Month, days: &[(String, i64)], limit: Option<i6
     svg
 }
 
+/// One model's line of a page's "by model" table.
+#[derive(Debug, Clone)]
+pub(crate) struct ModelLine {
+    pub model: String,
+    pub spend: String,
+    pub requests: i64,
+    pub input_tokens: i64,
+    pub output_tokens: i64,
+}
+
+/// The lines of a detail's `history.models`.
+pub(crate) fn model_lines(models: &[crate::dto::ModelUsage]) -> Vec<ModelLine> {
+    models
+        .iter()
+        .map(|m| ModelLine {
+            model: m.model.clone(),
+            spend: usd(m.sums.spend_micros),
+            requests: m.sums.requests,
+            input_tokens: m.sums.input_tokens,
+            output_tokens: m.sums.output_tokens,
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -149,15 +149,21 @@ fn period(g: Granularity, day: Day) -> String {
     }
 }
 
-/// Every period from `from` to `to`, with the sums of `days` (yyyymmdd,
-/// in order) added into each.
+/// Every period from `from` to `to`, with the sums of `days` (yyyymmdd)
+/// added into each.
 fn series(g: Granularity, from: Day, to: Day, days: &[(i64, UsageSums)]) -> Vec<PointJson> {
+    // A day's period, as an index from the first.
+    let at = |day: Day| -> i64 {
+        match g {
+            Granularity::Day => day.since(from),
+            Granularity::Month => day.month().since(from.month()),
+        }
+    };
     let mut out: Vec<(String, UsageSums)> = Vec::new();
     let mut d = from;
     while d <= to {
-        let p = period(g, d);
-        if out.last().is_none_or(|(last, _)| *last != p) {
-            out.push((p, UsageSums::default()));
+        if at(d) == out.len() as i64 {
+            out.push((period(g, d), UsageSums::default()));
         }
         d = d.next();
     }
@@ -165,8 +171,7 @@ fn series(g: Granularity, from: Day, to: Day, days: &[(i64, UsageSums)]) -> Vec<
         let Some(day) = u32::try_from(*day).ok().and_then(Day::from_yyyymmdd) else {
             continue;
         };
-        let p = period(g, day);
-        if let Some((_, s)) = out.iter_mut().find(|(q, _)| *q == p) {
+        if let Some((_, s)) = usize::try_from(at(day)).ok().and_then(|i| out.get_mut(i)) {
             s.add(sums);
         }
     }
@@ -319,6 +324,11 @@ pub(crate) async fn usage(
     };
     let a = state.engine.db.usage(org_id, &q).await?;
     let mut top_sum = UsageSums::default();
+    let mut days_of: std::collections::HashMap<&str, Vec<(i64, UsageSums)>> =
+        std::collections::HashMap::new();
+    for d in &a.top_days {
+        days_of.entry(d.key.as_str()).or_default().push((d.day, d.sums));
+    }
     let names = names(
         state,
         org_id,
@@ -331,17 +341,12 @@ pub(crate) async fn usage(
         .zip(names)
         .map(|((key, sums), name)| {
             top_sum.add(sums);
-            let days: Vec<(i64, UsageSums)> = a
-                .top_days
-                .iter()
-                .filter(|d| d.key == *key)
-                .map(|d| (d.day, d.sums))
-                .collect();
+            let days = days_of.get(key.as_str()).map_or(&[][..], Vec::as_slice);
             GroupUsageJson {
                 key: key.clone(),
                 name,
                 totals: (*sums).into(),
-                series: series(granularity, from, to, &days),
+                series: series(granularity, from, to, days),
             }
         })
         .collect();

@@ -241,12 +241,31 @@ struct CallModel {
     output_tokens: u64,
 }
 
-/// One subject's deltas of one day: in all, and by model.
-#[derive(Debug, Clone, Default)]
+/// One subject's deltas of one day: in all, and by model. A member's or a
+/// key's calls mostly name one model: its delta lives in the slot itself
+/// (no pointer to chase on the hot path); further models in a short list,
+/// scanned (a scan beats a map at these sizes).
+#[derive(Debug, Clone)]
 struct DaySlot {
     delta: DayDelta,
-    /// Usually one or two models: a scan beats a map.
-    by_model: Vec<(u16, UsageDelta)>,
+    /// The model of `first`; [`NO_MODEL`] while there is none.
+    first_model: u16,
+    first: UsageDelta,
+    more: Vec<(u16, UsageDelta)>,
+}
+
+/// No model index ([`crate::models::MODELS_MAX`] is far below it).
+const NO_MODEL: u16 = u16::MAX - 1;
+
+impl Default for DaySlot {
+    fn default() -> Self {
+        DaySlot {
+            delta: DayDelta::default(),
+            first_model: NO_MODEL,
+            first: UsageDelta::default(),
+            more: Vec::new(),
+        }
+    }
 }
 
 /// One org's spend: the months still open to late usage, the day deltas and
@@ -344,9 +363,15 @@ impl DayLedger {
                 input_tokens: m.input_tokens,
                 output_tokens: m.output_tokens,
             };
-            match slot.by_model.iter_mut().find(|(i, _)| *i == m.model) {
-                Some((_, u)) => u.add(&add),
-                None => slot.by_model.push((m.model, add)),
+            if slot.first_model == m.model {
+                slot.first.add(&add);
+            } else if slot.first_model == NO_MODEL {
+                (slot.first_model, slot.first) = (m.model, add);
+            } else {
+                match slot.more.iter_mut().find(|(i, _)| *i == m.model) {
+                    Some((_, u)) => u.add(&add),
+                    None => slot.more.push((m.model, add)),
+                }
             }
         }
         if first {
@@ -451,7 +476,7 @@ impl Ledger {
     pub fn model_pair(&self, month: Month, i: u16) -> (&str, &str) {
         match self.months.iter().find(|m| m.month == month) {
             Some(m) => m.models.pair(i),
-            None => Models::default_pair(),
+            None => (crate::models::OTHER, crate::models::OTHER),
         }
     }
 
@@ -629,9 +654,16 @@ impl Ledger {
         let mut usage = Vec::new();
         for l in &mut self.days {
             for s in std::mem::take(&mut l.touched) {
-                let slot = std::mem::take(l.get_mut(s));
-                days.push(((s, l.day), slot.delta));
-                usage.extend(slot.by_model.into_iter().map(|(m, u)| ((s, l.day), m, u)));
+                // The model list keeps its memory for the subject's next
+                // call, as the day's slots do.
+                let day = l.day;
+                let slot = l.get_mut(s);
+                days.push(((s, day), std::mem::take(&mut slot.delta)));
+                if slot.first_model != NO_MODEL {
+                    let first = std::mem::replace(&mut slot.first_model, NO_MODEL);
+                    usage.push(((s, day), first, std::mem::take(&mut slot.first)));
+                }
+                usage.extend(slot.more.drain(..).map(|(m, u)| ((s, day), m, u)));
             }
         }
         // Today's deltas keep their memory for the next interval.

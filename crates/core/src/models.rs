@@ -62,11 +62,6 @@ impl Models {
         }
     }
 
-    /// The pair of an index no month gave: [`OTHER`].
-    pub fn default_pair() -> (&'static str, &'static str) {
-        (OTHER, OTHER)
-    }
-
     /// How many pairs are indexed.
     pub fn len(&self) -> usize {
         self.pairs.len()

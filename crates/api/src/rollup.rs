@@ -327,7 +327,10 @@ pub(crate) async fn usage(
     let mut days_of: std::collections::HashMap<&str, Vec<(i64, UsageSums)>> =
         std::collections::HashMap::new();
     for d in &a.top_days {
-        days_of.entry(d.key.as_str()).or_default().push((d.day, d.sums));
+        days_of
+            .entry(d.key.as_str())
+            .or_default()
+            .push((d.day, d.sums));
     }
     let names = names(
         state,

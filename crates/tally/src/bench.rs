@@ -1597,37 +1597,13 @@ async fn usage_on(
     let s = Server::start(dir, &format!("usage-{name}"), serve)?;
     s.ready().await?;
     // Today's usage, over HTTP: one call per member, the models in turn.
-    let batch = 1_000u32;
-    let at = now_ms();
-    for first in (0..users).step_by(batch as usize) {
-        let events: Vec<Value> = (first..(first + batch).min(users))
-            .map(|u| {
-                json!({"request_id": format!("t{u}"), "org_id": org,
-                       "user_id": format!("u{u:06}"), "model": format!("model-{:02}", u % models),
-                       "provider": format!("provider-{}", u % models % 7),
-                       "input_tokens": 1200, "output_tokens": 300,
-                       "cost_micros": member_cost(u), "occurred_at_ms": at})
-            })
-            .collect();
-        let _ = s
-            .call("POST", "/v1/usage", Some(json!({"events": events})))
-            .await?;
-    }
-    let want: i64 = (0..users).map(member_cost).sum();
-    let deadline = Instant::now() + Duration::from_secs(600);
-    while spend(&s, org).await? != want {
-        if Instant::now() > deadline {
-            bail!("the org's spend never reached {want}");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let db = Db::open(&DbOptions {
-        migrate: false,
-        ..DbOptions::new(db_url.to_owned())
+    spend_once_each(&s, db_url, org, users, "t", |u| {
+        (
+            format!("model-{:02}", u % models),
+            format!("provider-{}", u % models % 7),
+        )
     })
     .await?;
-    db.analyze().await?;
-    db.close().await;
     println!(
         "usage: {name}, {users} users in {groups} groups, {models} models, {rows} rows for {last} \
          (seeded in {} ms)",
@@ -1787,6 +1763,53 @@ async fn seed_members(db_url: &str, org: &str, users: u32, groups: u32) -> anyho
     Ok(())
 }
 
+/// Sends one call per member of `org` over HTTP (member u's costs
+/// [`member_cost`] and names the model and provider `model(u)`), waits
+/// until the org's spend holds them all, then analyzes the tables as
+/// autovacuum (PostgreSQL) or `PRAGMA optimize` would keep them: what is
+/// measured next is the steady state, not the minute after a bulk load.
+async fn spend_once_each(
+    s: &Server,
+    db_url: &str,
+    org: &str,
+    users: u32,
+    prefix: &str,
+    model: impl Fn(u32) -> (String, String),
+) -> anyhow::Result<()> {
+    let batch = 1_000u32;
+    let at = now_ms();
+    for first in (0..users).step_by(batch as usize) {
+        let events: Vec<Value> = (first..(first + batch).min(users))
+            .map(|u| {
+                let (model, provider) = model(u);
+                json!({"request_id": format!("{prefix}{u}"), "org_id": org,
+                       "user_id": format!("u{u:06}"), "model": model, "provider": provider,
+                       "input_tokens": 1200, "output_tokens": 300,
+                       "cost_micros": member_cost(u), "occurred_at_ms": at})
+            })
+            .collect();
+        let _ = s
+            .call("POST", "/v1/usage", Some(json!({"events": events})))
+            .await?;
+    }
+    let want: i64 = (0..users).map(member_cost).sum();
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while spend(s, org).await? != want {
+        if Instant::now() > deadline {
+            bail!("the org's spend never reached {want}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let db = Db::open(&DbOptions {
+        migrate: false,
+        ..DbOptions::new(db_url.to_owned())
+    })
+    .await?;
+    db.analyze().await?;
+    db.close().await;
+    Ok(())
+}
+
 /// Member u's spend this month: $0 to $149.99, so some are past their
 /// $100 limit and most past a threshold.
 fn member_cost(u: u32) -> i64 {
@@ -1805,39 +1828,10 @@ async fn console_on(
     seed_members(db_url, org, users, groups).await?;
     let s = Server::start(dir, &format!("console-{name}"), serve)?;
     s.ready().await?;
-    let batch = 1_000u32;
-    let at = now_ms();
-    for first in (0..users).step_by(batch as usize) {
-        let events: Vec<Value> = (first..(first + batch).min(users))
-            .map(|u| {
-                json!({"request_id": format!("c{u}"), "org_id": org,
-                       "user_id": format!("u{u:06}"), "model": "gpt-4o", "provider": "openai",
-                       "input_tokens": 1200, "output_tokens": 300,
-                       "cost_micros": member_cost(u), "occurred_at_ms": at})
-            })
-            .collect();
-        let _ = s
-            .call("POST", "/v1/usage", Some(json!({"events": events})))
-            .await?;
-    }
-    let want: i64 = (0..users).map(member_cost).sum();
-    let deadline = Instant::now() + Duration::from_secs(600);
-    while spend(&s, org).await? != want {
-        if Instant::now() > deadline {
-            bail!("the org's spend never reached {want}");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    // Statistics of the loaded tables, as autovacuum (PostgreSQL) or
-    // `PRAGMA optimize` would keep them: the pages are measured in the
-    // steady state, not the minute after a bulk load.
-    let db = Db::open(&DbOptions {
-        migrate: false,
-        ..DbOptions::new(db_url.to_owned())
+    spend_once_each(&s, db_url, org, users, "c", |_| {
+        ("gpt-4o".to_owned(), "openai".to_owned())
     })
     .await?;
-    db.analyze().await?;
-    db.close().await;
     println!(
         "console: {name}, {users} users in {groups} groups, each with spend (seeded in {} ms)",
         seeded.elapsed().as_millis()

@@ -201,6 +201,25 @@ print(len(hits))
     verified.trim().parse().unwrap()
 }
 
+/// Waits (a minute at most) until acme's webhook has `n` deliveries
+/// delivered and none pending; returns the webhook's view.
+async fn all_delivered(tally: &Tally, n: usize) -> Value {
+    let op = tally.operator();
+    let started = Instant::now();
+    loop {
+        let v = op.get("/v1/orgs/acme/webhook").await.expect(200);
+        if v["deliveries"]["delivered"] == n && v["deliveries"]["pending"] == 0 {
+            return v;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "deliveries did not finish: {v}\n{}",
+            tally.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 fn hmac_hex(key: &[u8], msg: &[u8]) -> String {
     let mut mac = Hmac::<Sha256>::new_from_slice(key).unwrap();
     mac.update(msg);
@@ -248,18 +267,7 @@ async fn every_crossing_is_delivered_once_through_failures() {
 
     // Wait for every delivery to land (each needs three attempts).
     let started = Instant::now();
-    let view = loop {
-        let v = op.get("/v1/orgs/acme/webhook").await.expect(200);
-        if v["deliveries"]["delivered"] == crossings.len() && v["deliveries"]["pending"] == 0 {
-            break v;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "deliveries did not finish: {v}\n{}",
-            tally.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let view = all_delivered(&tally, crossings.len()).await;
     assert_eq!(view["url"], hook);
     assert!(view.get("secret").is_none(), "the secret is shown once");
     let took = started.elapsed();
@@ -462,19 +470,7 @@ async fn slack_messages_link_the_console_and_are_retried() {
     );
     spend(&op, "r1", "alice", 6 * USD).await;
     spend(&op, "r2", "alice", 5 * USD).await;
-    let started = Instant::now();
-    loop {
-        let v = op.get("/v1/orgs/acme/webhook").await.expect(200);
-        if v["deliveries"]["delivered"] == 5 && v["deliveries"]["pending"] == 0 {
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "deliveries did not finish: {v}\n{}",
-            tally.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let _ = all_delivered(&tally, 5).await;
     let test = op
         .post("/v1/orgs/acme/webhook/test", json!({}))
         .await

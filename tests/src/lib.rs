@@ -489,6 +489,21 @@ pub async fn metrics_text(url: &str) -> String {
 
 /// Walks a JSON value and checks every `*_micros` field is an integer (or
 /// null): money never travels as a float.
+/// Drops the month-end projections (`projected_micros`,
+/// `projected_limit_date`) from a response, for comparisons across time:
+/// they move with the clock.
+pub fn without_projections(v: &mut Value) {
+    match v {
+        Value::Object(m) => {
+            let _ = m.remove("projected_micros");
+            let _ = m.remove("projected_limit_date");
+            m.values_mut().for_each(without_projections);
+        }
+        Value::Array(a) => a.iter_mut().for_each(without_projections),
+        _ => {}
+    }
+}
+
 pub fn assert_money_is_integer(v: &Value) {
     match v {
         Value::Object(o) => {

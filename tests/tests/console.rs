@@ -406,7 +406,11 @@ async fn console(tally: &Tally) {
             None => break,
         }
     }
-    assert_eq!(seen.len(), 4, "three thresholds and a cutoff: {seen:?}");
+    assert_eq!(
+        seen.len(),
+        5,
+        "three thresholds, a forecast (spend at the limit) and a cutoff: {seen:?}"
+    );
 
     // The audit log, filtered.
     let audit = admin

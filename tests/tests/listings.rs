@@ -96,10 +96,16 @@ async fn listings(backend: Backend) {
         .expect(200);
     assert_eq!(whole["next_cursor"], Value::Null);
     let whole = whole["items"].as_array().unwrap().clone();
-    assert_eq!(whole.len(), 24, "{whole:?}");
+    // Forecasts depend on the day of the month the test runs: at most one
+    // per subject.
+    let forecasts = whole
+        .iter()
+        .filter(|e| e["event"] == "forecast_over_limit")
+        .count();
+    assert_eq!(whole.len() - forecasts, 24, "{whole:?}");
     let (paged, pages) = every_page(&op, "/v1/orgs/acme/enforcement", 5).await;
     assert_eq!(paged, whole);
-    assert_eq!(pages, 5);
+    assert_eq!(pages, whole.len().div_ceil(5));
     let at: Vec<i64> = whole.iter().map(at_ms).collect();
     assert!(at.windows(2).all(|w| w[0] >= w[1]), "newest first: {at:?}");
     // A cursor of another listing, or made up, is a clear 400.

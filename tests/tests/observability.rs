@@ -376,13 +376,23 @@ async fn every_crossing_is_delivered_once_through_failures() {
         let keys: Vec<&String> = keys.iter().map(|(_, k)| k).collect();
         assert_eq!(keys, arrived[s].iter().collect::<Vec<_>>(), "{s}: in order");
     }
-    // alice's: 50 %, 80 %, 100 %, cut off, lifted, as they happened.
+    // alice's: 50 %, 80 %, 100 %, cut off, lifted, as they happened, and
+    // one forecast (among them where the day of the month puts it).
     let alice: Vec<(&str, &str)> = arrived["acme:user:alice"]
         .iter()
         .map(|k| {
             let f: Vec<&str> = k.split(':').collect();
             (f[4], f[5])
         })
+        .collect();
+    let forecasts = alice
+        .iter()
+        .filter(|(e, _)| *e == "forecast_over_limit")
+        .count();
+    assert_eq!(forecasts, 1, "{alice:?}");
+    let alice: Vec<(&str, &str)> = alice
+        .into_iter()
+        .filter(|(e, _)| *e != "forecast_over_limit")
         .collect();
     assert_eq!(
         alice,
@@ -470,7 +480,15 @@ async fn slack_messages_link_the_console_and_are_retried() {
     );
     spend(&op, "r1", "alice", 6 * USD).await;
     spend(&op, "r2", "alice", 5 * USD).await;
-    let _ = all_delivered(&tally, 5).await;
+    // Five thresholds and cutoffs, and the forecasts the day of the month
+    // gives (alice's at the latest with her cutoff).
+    let events = op.get("/v1/orgs/acme/enforcement").await.expect(200)["items"]
+        .as_array()
+        .unwrap()
+        .len();
+    let forecasts = events - 5;
+    assert!((1..=3).contains(&forecasts), "{events}");
+    let _ = all_delivered(&tally, events).await;
     let test = op
         .post("/v1/orgs/acme/webhook/test", json!({}))
         .await
@@ -492,14 +510,29 @@ async fn slack_messages_link_the_console_and_are_retried() {
             None => texts.push((h.key.clone(), text)),
         }
     }
+    let forecast = ":crystal_ball:";
     let of = |who: &str| -> Vec<String> {
         texts
             .iter()
-            .filter(|(_, t)| t.contains(who))
+            .filter(|(_, t)| t.contains(who) && !t.starts_with(forecast))
             .map(|(_, t)| t.clone())
             .collect()
     };
     let link = "<https://tally.acme.test/console/orgs/acme/users/alice|Open in Tally>";
+    let alice_forecast: Vec<&String> = texts
+        .iter()
+        .map(|(_, t)| t)
+        .filter(|t| t.starts_with(forecast) && t.contains("user `alice`"))
+        .collect();
+    assert_eq!(alice_forecast.len(), 1, "{texts:?}");
+    let t = alice_forecast[0];
+    assert!(
+        t.starts_with(
+            ":crystal_ball: *acme*: user `alice` is on course to pass its monthly limit: $"
+        ) && t.contains(" projected by month-end against $10.00, reaching it around ")
+            && t.ends_with(link),
+        "{t}"
+    );
     let month = &now_rfc3339()[..7];
     assert_eq!(
         of("user `alice`"),
@@ -537,9 +570,167 @@ async fn slack_messages_link_the_console_and_are_retried() {
           will arrive here. <https://tally.acme.test/console/orgs/acme|Open in Tally>"
         ]
     );
-    assert_eq!(texts.len(), 6, "{texts:?}");
+    assert_eq!(texts.len(), events + 1, "{texts:?}");
     // Three attempts each (the receiver fails two), the test send one.
-    assert_eq!(hits.len(), 5 * 3 + 1);
+    assert_eq!(hits.len(), events * 3 + 1);
+    tally.stop().unwrap();
+}
+
+/// A forecast alert fires once per subject and month: when alice's
+/// projection first reaches her limit and not before; a crash before the
+/// checkpoint replays her usage into the same one event and delivery; later
+/// spend and a second crash fire nothing more. The server's clock is at
+/// noon of the month's 10th, so the arithmetic is the same in every month
+/// the suite runs.
+#[tokio::test]
+async fn a_forecast_alert_fires_once_across_a_crash_and_a_replay() {
+    const DAY: i64 = 86_400_000;
+    let (hook, hits) = receiver().await;
+    let backend = Backend::sqlite("webhooks-forecast");
+    let clock = tally_tests::temp_dir("webhooks-forecast-clock").join("offset");
+    let written = tally_tests::now_ms();
+    let tenth = tally_tests::month_start_ms(written) + 9 * DAY + DAY / 2;
+    std::fs::write(&clock, (tenth - written).to_string()).unwrap();
+    let server_now = || tenth + (tally_tests::now_ms() - written);
+    let month_end = tally_tests::month_start_ms(tenth + 25 * DAY);
+    let env = [("TALLY_TEST_CLOCK_FILE", clock.to_str().unwrap())];
+    // Checkpoints only when read or stopped: a crash loses the meter's
+    // state since the last read, and the usage log replays it.
+    let flags = [
+        "--webhook-retry-base-ms",
+        "100",
+        "--webhook-allow",
+        "127.0.0.1",
+        "--checkpoint-interval-ms",
+        "600000",
+    ];
+    let tally = Tally::start_env(&backend, &flags, &env).unwrap();
+    let op = tally.operator();
+    let _ = seed(&op, &hook).await;
+    let spend_now = async |op: &Client, req: &str, cost: i64| {
+        let at = tally_tests::rfc3339(server_now());
+        let r = op
+            .post(
+                "/v1/usage",
+                json!({"events": [{"request_id": req, "org_id": "acme", "user_id": "alice",
+                    "model": "m", "provider": "p", "cost_micros": cost, "occurred_at": at}]}),
+            )
+            .await
+            .expect(200);
+        assert_eq!(r["accepted"], 1, "{r}");
+    };
+    let forecasts = async |op: &Client| -> Vec<Value> {
+        let list = op
+            .get("/v1/orgs/acme/enforcement?subject=user:alice&event=forecast_over_limit")
+            .await
+            .expect(200);
+        list["items"].as_array().unwrap().clone()
+    };
+    // What $`spend` since today projects at `at`: a first day counts whole.
+    let projected = |spend: i64, at: i64| spend + spend * (month_end - at) / DAY;
+
+    // $0.40 of her $10 today projects under $10 (at most $9.00: 22.5 days
+    // at $0.40 a day).
+    spend_now(&op, "r1", 400_000).await;
+    let alice = op.get("/v1/orgs/acme/users/alice").await.expect(200);
+    let p = alice["projected_micros"].as_i64().unwrap();
+    assert!(
+        p < 10 * USD && p >= projected(400_000, server_now()),
+        "{alice}"
+    );
+    assert_eq!(alice["projected_limit_date"], Value::Null);
+    assert_eq!(forecasts(&op).await, Vec::<Value>::new());
+
+    // $0.40 more projects at least $15.60: over. The process dies before
+    // any checkpoint; the restart replays the log and fires it then.
+    let before = server_now();
+    spend_now(&op, "r2", 400_000).await;
+    let after = server_now();
+    tally.kill9().unwrap();
+    let tally = Tally::start_env(&backend, &flags, &env).unwrap();
+    assert!(
+        tally.log_text().contains("replayed="),
+        "{}",
+        tally.log_text()
+    );
+    let op = tally.operator();
+    let fired = forecasts(&op).await;
+    assert_eq!(fired.len(), 1, "{fired:?}");
+    let f = &fired[0];
+    let p = f["projected_micros"].as_i64().unwrap();
+    assert!(
+        (projected(800_000, after)..=projected(800_000, before)).contains(&p),
+        "{f}"
+    );
+    assert_eq!(
+        (&f["spend_micros"], &f["limit_micros"]),
+        (&json!(800_000), &json!(10 * USD))
+    );
+    // The $9.20 left at $0.80 a day take 11.5 days: the 22nd, just.
+    let day = tally_tests::rfc3339(tenth + 12 * DAY)[..10].to_owned();
+    assert_eq!(f["projected_limit_date"], day.as_str(), "{f}");
+    let alice = op.get("/v1/orgs/acme/users/alice").await.expect(200);
+    assert_eq!(alice["projected_limit_date"], day.as_str(), "{alice}");
+    assert!(
+        alice["projected_micros"].as_i64().unwrap() >= 10 * USD,
+        "{alice}"
+    );
+
+    // Spend after it, a read (a checkpoint), spend and a crash again: still
+    // one.
+    spend_now(&op, "r3", USD).await;
+    let _ = op.get("/v1/orgs/acme/users/alice").await.expect(200);
+    spend_now(&op, "r4", USD).await;
+    tally.kill9().unwrap();
+    let tally = Tally::start_env(&backend, &flags, &env).unwrap();
+    let op = tally.operator();
+    assert_eq!(
+        op.get("/v1/orgs/acme/users/alice").await.expect(200)["spend_micros"],
+        2_800_000
+    );
+    assert_eq!(forecasts(&op).await.len(), 1);
+
+    // One delivery of it, in Tally's JSON with the projection.
+    let all = op.get("/v1/orgs/acme/enforcement").await.expect(200)["items"]
+        .as_array()
+        .unwrap()
+        .len();
+    let _ = all_delivered(&tally, all).await;
+    let hits = hits.lock().unwrap().clone();
+    let keys: std::collections::BTreeSet<&str> = hits
+        .iter()
+        .filter(|h| {
+            h.key.starts_with("acme:user:alice:") && h.key.contains(":forecast_over_limit:")
+        })
+        .map(|h| h.key.as_str())
+        .collect();
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    let body: Value = serde_json::from_slice(
+        &hits
+            .iter()
+            .find(|h| keys.contains(h.key.as_str()))
+            .unwrap()
+            .body,
+    )
+    .unwrap();
+    assert_eq!(body["type"], "forecast_over_limit");
+    assert_eq!(
+        (&body["projected_micros"], &body["projected_limit_date"]),
+        (&f["projected_micros"], &f["projected_limit_date"])
+    );
+
+    // The gauge: alice and her group ($15) are projected over their
+    // limits; the org ($100, at most $63) is not.
+    let text = tally_tests::metrics_text(&tally.url).await;
+    let s = samples(&text);
+    for (kind, n) in [("user", "1"), ("group", "1"), ("key", "0"), ("org", "0")] {
+        let series = format!(r#"tally_projected_over_limit{{org="acme",kind="{kind}"}}"#);
+        assert_eq!(
+            s.get(&series).map(String::as_str),
+            Some(n),
+            "{series}\n{text}"
+        );
+    }
     tally.stop().unwrap();
 }
 

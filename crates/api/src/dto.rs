@@ -124,6 +124,16 @@ pub(crate) struct OrgJson {
     pub utilization: Option<f64>,
     /// Whether everyone's spend together reached the org limit this month.
     pub cut_off: bool,
+    /// Month-end spend at the run-rate since the first day with usage this
+    /// month, in micro-USD (docs/usage.md, Forecasts).
+    pub projected_micros: i64,
+    /// The UTC day (`2026-12-20`) spend reaches the limit at that rate,
+    /// today when it has; `null` without a limit or when the projection
+    /// stays under it.
+    pub projected_limit_date: Option<String>,
+    /// Where the run-rate starts: the day of the month of the first usage.
+    #[serde(skip)]
+    pub first_day: u8,
     /// Calls counted this month.
     pub requests: i64,
     /// The month the figures are for (`2026-12`, UTC).
@@ -146,6 +156,9 @@ impl OrgJson {
             held_micros: 0,
             utilization: utilization(r.spend_micros, r.monthly_limit_micros),
             cut_off: cut_off(r.spend_micros, r.monthly_limit_micros),
+            projected_micros: r.spend_micros,
+            projected_limit_date: None,
+            first_day: r.first_day,
             requests: r.requests,
             month: month.to_string(),
             webhook_url: r.webhook.map(|w| w.url),
@@ -257,6 +270,16 @@ pub(crate) struct UserJson {
     pub utilization: Option<f64>,
     /// Whether their spend reached their limit this month (authorize refuses them).
     pub cut_off: bool,
+    /// Month-end spend at the run-rate since the first day with usage this
+    /// month, in micro-USD (docs/usage.md, Forecasts).
+    pub projected_micros: i64,
+    /// The UTC day (`2026-12-20`) spend reaches the limit at that rate,
+    /// today when it has; `null` without a limit or when the projection
+    /// stays under it.
+    pub projected_limit_date: Option<String>,
+    /// Where the run-rate starts: the day of the month of the first usage.
+    #[serde(skip)]
+    pub first_day: u8,
     /// Their latest counted call (null: none).
     pub last_active_at: Option<String>,
     /// Calls counted this month.
@@ -282,6 +305,9 @@ impl From<UserRow> for UserJson {
             },
             spend_micros: u.spend_micros,
             held_micros: 0,
+            projected_micros: u.spend_micros,
+            projected_limit_date: None,
+            first_day: u.first_day,
             last_active_at: u.last_active_at_ms.map(time),
             requests: u.requests,
             created_at: time(u.created_at_ms),
@@ -307,6 +333,16 @@ pub(crate) struct GroupJson {
     pub utilization: Option<f64>,
     /// Whether its spend reached its limit this month (its members' calls are refused).
     pub cut_off: bool,
+    /// Month-end spend at the run-rate since the first day with usage this
+    /// month, in micro-USD (docs/usage.md, Forecasts).
+    pub projected_micros: i64,
+    /// The UTC day (`2026-12-20`) spend reaches the limit at that rate,
+    /// today when it has; `null` without a limit or when the projection
+    /// stays under it.
+    pub projected_limit_date: Option<String>,
+    /// Where the run-rate starts: the day of the month of the first usage.
+    #[serde(skip)]
+    pub first_day: u8,
     /// Calls counted this month.
     pub requests: i64,
     /// When it was created.
@@ -324,6 +360,9 @@ impl From<GroupRow> for GroupJson {
             monthly_limit_micros: g.monthly_limit_micros,
             spend_micros: g.spend_micros,
             held_micros: 0,
+            projected_micros: g.spend_micros,
+            projected_limit_date: None,
+            first_day: g.first_day,
             requests: g.requests,
             created_at: time(g.created_at_ms),
         }
@@ -350,6 +389,16 @@ pub(crate) struct KeyJson {
     pub held_micros: i64,
     /// Whether its spend reached its limit this month.
     pub cut_off: bool,
+    /// Month-end spend at the run-rate since the first day with usage this
+    /// month, in micro-USD (docs/usage.md, Forecasts).
+    pub projected_micros: i64,
+    /// The UTC day (`2026-12-20`) spend reaches the limit at that rate,
+    /// today when it has; `null` without a limit or when the projection
+    /// stays under it.
+    pub projected_limit_date: Option<String>,
+    /// Where the run-rate starts: the day of the month of the first usage.
+    #[serde(skip)]
+    pub first_day: u8,
     /// Calls counted this month.
     pub requests: i64,
     /// Whether it was revoked.
@@ -380,6 +429,9 @@ impl From<KeyRow> for KeyJson {
             monthly_limit_micros: k.monthly_limit_micros,
             spend_micros: k.spend_micros,
             held_micros: 0,
+            projected_micros: k.spend_micros,
+            projected_limit_date: None,
+            first_day: k.first_day,
             requests: k.requests,
             revoked: k.revoked,
             last_used_at: k.last_used_at_ms.map(time),
@@ -550,11 +602,14 @@ pub(crate) struct ListJson<T> {
     pub next_cursor: Option<String>,
 }
 
-/// A spend-bearing object, which also shows what live holds hold on it.
+/// A spend-bearing object, which also shows what live holds hold on it
+/// and where its spend is heading: what depends on the moment it is read.
 pub(crate) trait Holding {
     const KIND: SubjectKind;
     fn subject_id(&self) -> &str;
     fn set_held(&mut self, micros: i64);
+    /// Fills in the month-end forecast as of `now_ms`.
+    fn project(&mut self, month: Month, now_ms: i64);
 }
 
 macro_rules! holding {
@@ -567,6 +622,17 @@ macro_rules! holding {
             fn set_held(&mut self, micros: i64) {
                 self.held_micros = micros;
             }
+            fn project(&mut self, month: Month, now_ms: i64) {
+                let f = tally_core::forecast::forecast(
+                    month,
+                    self.spend_micros,
+                    tally_core::forecast::first_day(month, self.first_day),
+                    self.monthly_limit_micros,
+                    now_ms,
+                );
+                self.projected_micros = f.projected_micros;
+                self.projected_limit_date = f.limit_day.map(|d| d.to_string());
+            }
         }
     };
 }
@@ -576,8 +642,9 @@ holding!(UserJson, SubjectKind::User);
 holding!(GroupJson, SubjectKind::Group);
 holding!(KeyJson, SubjectKind::Key);
 
-/// Fills in `held_micros`: from memory where the org's holds are placed,
-/// elsewhere from the stored holds (one read either way).
+/// Fills in `held_micros` (from memory where the org's holds are placed,
+/// elsewhere from the stored holds: one read either way) and the forecast,
+/// as of the engine's clock.
 pub(crate) async fn with_held<T: Holding>(
     engine: &Engine,
     org: &str,
@@ -587,8 +654,11 @@ pub(crate) async fn with_held<T: Holding>(
         let ids: Vec<&str> = items.iter().map(Holding::subject_id).collect();
         engine.held(org, T::KIND, &ids).await?
     };
+    let now = engine.now_ms();
+    let month = Month::from_unix_ms(now);
     for (item, h) in items.iter_mut().zip(held) {
         item.set_held(h);
+        item.project(month, now);
     }
     Ok(items)
 }

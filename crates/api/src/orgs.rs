@@ -406,7 +406,7 @@ pub(crate) async fn events(
     }))
 }
 
-/// A threshold crossed, a cutoff or a lift.
+/// A threshold crossed, a forecast over the limit, a cutoff or a lift.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub(crate) struct EnforcementJson {
     /// user, group, key or org
@@ -415,10 +415,15 @@ pub(crate) struct EnforcementJson {
     pub(crate) subject_id: String,
     /// The month it belongs to (`2026-12`).
     pub(crate) month: String,
-    /// threshold_crossed, cut_off or cutoff_lifted
+    /// threshold_crossed, forecast_over_limit, cut_off or cutoff_lifted
     pub(crate) event: String,
     /// For threshold_crossed: the fraction of the limit.
     pub(crate) threshold: Option<Fraction>,
+    /// For forecast_over_limit: the month-end projection then, in micro-USD.
+    pub(crate) projected_micros: Option<i64>,
+    /// For forecast_over_limit: the UTC day spend would reach the limit
+    /// at the run-rate then (`2026-12-20`).
+    pub(crate) projected_limit_date: Option<String>,
     /// For cutoff_lifted: limit_raised, limit_removed or new_month.
     pub(crate) reason: Option<String>,
     /// The subject's spend then, in micro-USD.
@@ -434,7 +439,8 @@ pub(crate) struct EnforcementJson {
 #[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct EnforcementParams {
-    /// Of this kind only: `threshold_crossed`, `cut_off` or `cutoff_lifted`.
+    /// Of this kind only: `threshold_crossed`, `forecast_over_limit`,
+    /// `cut_off` or `cutoff_lifted`.
     pub(crate) event: Option<String>,
     /// About this subject only: `user:<id>`, `group:<id>`, `key:<id>` or
     /// `org`.
@@ -449,10 +455,13 @@ pub(crate) struct EnforcementParams {
 fn enforcement_filter(org_id: &OrgId, p: &EnforcementParams) -> ApiResult<EnforcementFilter> {
     let event = match p.event.as_deref() {
         None | Some("") => None,
-        Some(e @ ("threshold_crossed" | "cut_off" | "cutoff_lifted")) => Some(e.to_owned()),
+        Some(e @ ("threshold_crossed" | "forecast_over_limit" | "cut_off" | "cutoff_lifted")) => {
+            Some(e.to_owned())
+        }
         Some(e) => {
             return Err(ApiError::invalid(format!(
-                "event {e:?} is not one of threshold_crossed, cut_off, cutoff_lifted"
+                "event {e:?} is not one of threshold_crossed, forecast_over_limit, cut_off, \
+                 cutoff_lifted"
             )));
         }
     };
@@ -517,6 +526,7 @@ pub(crate) async fn enforcement(
         .items
         .into_iter()
         .map(|r| EnforcementJson {
+            projected_limit_date: r.limit_date().map(|d| d.to_string()),
             subject_kind: r.subject_kind,
             subject_id: r.subject_id,
             month: u32::try_from(r.month)
@@ -528,6 +538,7 @@ pub(crate) async fn enforcement(
                 .ok()
                 .filter(|t| *t > 0)
                 .map(Fraction),
+            projected_micros: r.projected_micros,
             reason: r.reason,
             spend_micros: r.spend_micros,
             limit_micros: r.limit_micros,

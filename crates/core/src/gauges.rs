@@ -1,6 +1,7 @@
 //! What the metrics show of one org this month, in integers: spend and
 //! limits, users at or over each alert threshold (overall and per group),
-//! subjects cut off, and the users closest to their limits.
+//! subjects cut off or projected over their limits, and the users closest
+//! to their limits.
 
 use std::cmp::Ordering;
 
@@ -138,6 +139,43 @@ impl OrgState {
         }
     }
 
+    /// Subjects with a limit whose month-end projection at `now_ms` is at
+    /// or over it, by kind (see [`crate::forecast`]). Removed members,
+    /// deleted groups and revoked keys are not counted.
+    pub fn projected_over(&self, month: Month, now_ms: i64) -> CutOff {
+        let Some(counters) = self.meter.ledger.month(month) else {
+            return CutOff::default();
+        };
+        let over = |s: Subject, limit: Limit| -> u32 {
+            let (Some(l), Some(c)) = (limit, counters.get(s)) else {
+                return 0;
+            };
+            u32::from(c.spend_micros > 0 && c.forecast(month, limit, now_ms).projected_micros >= l)
+        };
+        let dir = &self.dir;
+        CutOff {
+            users: dir
+                .users
+                .values()
+                .filter(|u| u.status != UserStatus::Removed)
+                .map(|u| over(Subject::User(u.idx), u.monthly_limit_micros))
+                .sum(),
+            groups: dir
+                .groups
+                .values()
+                .filter(|g| !g.deleted)
+                .map(|g| over(Subject::Group(g.idx), g.monthly_limit_micros))
+                .sum(),
+            keys: dir
+                .keys
+                .values()
+                .filter(|k| !k.revoked)
+                .map(|k| over(Subject::Key(k.idx), k.monthly_limit_micros))
+                .sum(),
+            org: over(Subject::Org, dir.monthly_limit_micros),
+        }
+    }
+
     /// Users with a limit and some spend in `month`, the highest share of
     /// their limit first, at most `n`.
     pub fn top_users(&self, month: Month, n: usize) -> Vec<UserUtilization> {
@@ -268,6 +306,33 @@ mod tests {
         let empty = org().gauges(Month::from_unix_ms(NOV).next());
         assert_eq!(empty.spend_micros, 0);
         assert_eq!(empty.users_over, vec![(5_000, 0), (8_000, 0), (10_000, 0)]);
+    }
+
+    /// Everyone spent on November's first day; the projection falls as
+    /// quiet days pass.
+    #[test]
+    fn subjects_projected_over_their_limits() {
+        let (s, month) = (org(), Month::from_unix_ms(NOV));
+        const DAY: i64 = 86_400_000;
+        // 10 days in, spend triples by month-end: a (255 of 100), b (150 of
+        // 100), c, eng (1 905 of 150), the org (1 941 of 1 000); d has no
+        // limit.
+        let all = CutOff {
+            users: 3,
+            groups: 1,
+            keys: 0,
+            org: 1,
+        };
+        assert_eq!(s.projected_over(month, NOV + 10 * DAY), all);
+        // A day before the end: a projects $87.93, the org $669.31.
+        let few = CutOff {
+            users: 1,
+            groups: 1,
+            keys: 0,
+            org: 0,
+        };
+        assert_eq!(s.projected_over(month, NOV + 29 * DAY), few);
+        assert_eq!(s.projected_over(month.next(), NOV), CutOff::default());
     }
 
     #[test]

@@ -1,10 +1,11 @@
 //! Monthly spend per subject (user, group, key, org) and what it triggers:
-//! alert thresholds and cutoffs.
+//! alert thresholds, the forecast alert and cutoffs.
 //!
 //! Counters live in dense vectors indexed by the directory's entity indices,
 //! one [`MonthLedger`] per UTC month still open to late usage. Every change
 //! marks its counter dirty so a checkpoint writes only what moved.
 
+use crate::forecast::{Forecast, forecast};
 use crate::models::Models;
 use crate::money::Limit;
 use crate::ratio::reached;
@@ -59,7 +60,7 @@ impl Subject {
     }
 }
 
-/// One subject's spend in one month. 32 bytes.
+/// One subject's spend in one month. 40 bytes.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Counter {
     pub spend_micros: i64,
@@ -68,6 +69,12 @@ pub struct Counter {
     pub last_at_ms: i64,
     /// The highest alert threshold fired this month, in basis points.
     pub fired_bps: u16,
+    /// The day of the month of the earliest usage counted (1 ..= 31; 0:
+    /// none): where the subject's run-rate starts (see [`crate::forecast`]).
+    pub first_day: u8,
+    /// Whether the forecast alert fired this month (the projection reached
+    /// the limit).
+    pub forecast_fired: bool,
     /// Whether the subject is cut off (spend reached its limit).
     pub cut_off: bool,
     /// How many cutoffs and lifts happened this month: numbers them, so a
@@ -78,7 +85,7 @@ pub struct Counter {
     dirty: bool,
 }
 
-const _: () = assert!(size_of::<Counter>() == 32);
+const _: () = assert!(size_of::<Counter>() == 40);
 
 impl Counter {
     pub fn restored(
@@ -96,13 +103,41 @@ impl Counter {
             fired_bps,
             cut_off,
             ordinal,
+            first_day: 0,
+            forecast_fired: false,
             dirty: false,
         }
     }
 
+    /// With the forecast's state: the first day with usage (0: none) and
+    /// whether its alert fired.
+    pub fn with_forecast(self, first_day: u8, forecast_fired: bool) -> Counter {
+        Counter {
+            first_day,
+            forecast_fired,
+            ..self
+        }
+    }
+
+    /// The first day with usage in `month`, if any.
+    pub fn first_day_in(&self, month: Month) -> Option<Day> {
+        crate::forecast::first_day(month, self.first_day)
+    }
+
+    /// The month-end projection at `now_ms` (see [`crate::forecast`]).
+    pub fn forecast(&self, month: Month, limit: Limit, now_ms: i64) -> Forecast {
+        forecast(
+            month,
+            self.spend_micros,
+            self.first_day_in(month),
+            limit,
+            now_ms,
+        )
+    }
+
     /// Whether this state of a subject's month comes before `other`, as
-    /// its metering process went: requests, fired thresholds and the
-    /// cutoff/lift ordinal never go down, and every change moves one of
+    /// its metering process went: requests, fired thresholds, the forecast
+    /// alert and the cutoff/lift ordinal never go down, and every change moves one of
     /// them up. How a mirror tells a late or repeated published state from
     /// a newer one, whichever owner published it (a new owner resumes from
     /// the last committed checkpoint, at or past every state published).
@@ -110,9 +145,16 @@ impl Counter {
     /// when a new owner re-judged the log after a handover) are not behind:
     /// the one published last wins.
     pub fn is_behind(&self, other: &Counter) -> bool {
-        let progress = |c: &Counter| (c.requests, u64::from(c.ordinal), u64::from(c.fired_bps));
+        let progress = |c: &Counter| {
+            (
+                c.requests,
+                u64::from(c.ordinal),
+                u64::from(c.fired_bps),
+                u64::from(c.forecast_fired),
+            )
+        };
         let (a, b) = (progress(self), progress(other));
-        a.0 <= b.0 && a.1 <= b.1 && a.2 <= b.2 && a != b
+        a.0 <= b.0 && a.1 <= b.1 && a.2 <= b.2 && a.3 <= b.3 && a != b
     }
 }
 
@@ -135,15 +177,26 @@ impl LiftReason {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EnforcementKind {
-    ThresholdCrossed { threshold_bps: u32 },
+    ThresholdCrossed {
+        threshold_bps: u32,
+    },
+    /// The month-end projection reached the limit: what it was, and the
+    /// day spend would reach the limit at the run-rate.
+    ForecastOverLimit {
+        projected_micros: i64,
+        limit_day: Day,
+    },
     CutOff,
-    CutoffLifted { reason: LiftReason },
+    CutoffLifted {
+        reason: LiftReason,
+    },
 }
 
 impl EnforcementKind {
     pub fn name(self) -> &'static str {
         match self {
             EnforcementKind::ThresholdCrossed { .. } => "threshold_crossed",
+            EnforcementKind::ForecastOverLimit { .. } => "forecast_over_limit",
             EnforcementKind::CutOff => "cut_off",
             EnforcementKind::CutoffLifted { .. } => "cutoff_lifted",
         }
@@ -516,6 +569,10 @@ impl Ledger {
         c.spend_micros += cost_micros;
         c.requests += 1;
         c.last_at_ms = c.last_at_ms.max(call.occurred_at_ms);
+        let day = call.day.day_of_month();
+        if c.first_day == 0 || day < c.first_day {
+            c.first_day = day;
+        }
         if budget.limit_micros.is_some() || c.cut_off {
             let was_cut = c.cut_off;
             evaluate(
@@ -775,8 +832,9 @@ pub struct LedgerChanges {
     pub enforcement: Vec<Enforcement>,
 }
 
-/// Fires the thresholds the counter has reached and flips its cutoff when
-/// spend crossed the limit (either way).
+/// Fires the forecast alert when the projection at `at_ms` first reaches
+/// the limit, fires the thresholds the counter has reached, and flips its
+/// cutoff when spend crossed the limit (either way).
 fn evaluate(
     c: &mut Counter,
     subject: Subject,
@@ -796,6 +854,23 @@ fn evaluate(
         kind,
     };
     if let Some(limit) = budget.limit_micros {
+        // The projection as of the event's time: the same on every replay.
+        // It only moves up with spend, so judging at each change of spend
+        // or limit finds the first time it reaches the limit.
+        if !c.forecast_fired {
+            let f = c.forecast(month, budget.limit_micros, at_ms);
+            if let Some(limit_day) = f.limit_day {
+                c.forecast_fired = true;
+                out.push(event(
+                    c,
+                    0,
+                    EnforcementKind::ForecastOverLimit {
+                        projected_micros: f.projected_micros,
+                        limit_day,
+                    },
+                ));
+            }
+        }
         for &t in budget.thresholds_bps {
             if t > u32::from(c.fired_bps) && reached(c.spend_micros, limit, t) {
                 c.fired_bps = u16::try_from(t).expect("thresholds are at most 10 000 bps");
@@ -825,6 +900,7 @@ fn evaluate(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use EnforcementKind::ForecastOverLimit;
 
     const T: [u32; 3] = [5000, 8000, 10000];
     const NOV: i64 = 1_793_491_200_000; // 2026-11-01T00:00:00Z
@@ -836,11 +912,14 @@ mod tests {
         }
     }
 
+    /// The thresholds, cutoffs and lifts fired since the last call (the
+    /// forecast alert has tests of its own).
     fn kinds(l: &mut Ledger) -> Vec<EnforcementKind> {
         l.take_changes()
             .enforcement
             .into_iter()
             .map(|e| e.kind)
+            .filter(|k| !matches!(k, EnforcementKind::ForecastOverLimit { .. }))
             .collect()
     }
 
@@ -899,11 +978,105 @@ mod tests {
             ordinals.extend(
                 ch.enforcement
                     .iter()
-                    .filter(|e| !matches!(e.kind, EnforcementKind::ThresholdCrossed { .. }))
+                    .filter(|e| {
+                        matches!(
+                            e.kind,
+                            EnforcementKind::CutOff | EnforcementKind::CutoffLifted { .. }
+                        )
+                    })
                     .map(|e| u64::from(e.ordinal)),
             );
         }
         assert_eq!(ordinals, [65_535, 65_536, 65_537]);
+    }
+
+    fn forecasts(l: &mut Ledger) -> Vec<(Subject, i64, EnforcementKind)> {
+        l.take_changes()
+            .enforcement
+            .into_iter()
+            .filter(|e| matches!(e.kind, EnforcementKind::ForecastOverLimit { .. }))
+            .map(|e| (e.subject, e.at_ms, e.kind))
+            .collect()
+    }
+
+    const DAY: i64 = 86_400_000;
+    const USD: i64 = 1_000_000;
+
+    /// $2 a day projects $60 of a $100 limit; a $30 spike at noon of the
+    /// 11th projects $142.86 and fires the alert, once; later spend fires
+    /// nothing more, nor does a replay from a checkpoint taken after it.
+    #[test]
+    fn the_forecast_alert_fires_once_when_the_projection_first_reaches_the_limit() {
+        let mut l = Ledger::default();
+        let u = Subject::User(0);
+        let nov = Month::from_unix_ms(NOV);
+        for d in 0..10 {
+            let at = NOV + d * DAY + DAY / 2;
+            l.add(u, at, 2 * USD, budget(100 * USD), at);
+        }
+        assert_eq!(forecasts(&mut l), vec![]);
+        let c = *l.counter(nov, u).unwrap();
+        assert_eq!((c.first_day, c.forecast_fired), (1, false));
+        let eleventh = NOV + 10 * DAY + DAY / 2;
+        assert_eq!(
+            c.forecast(nov, Some(100 * USD), eleventh).projected_micros,
+            20 * USD + 20 * USD * 39 / 21
+        );
+        l.add(u, eleventh, 30 * USD, budget(100 * USD), eleventh);
+        let spiked = ForecastOverLimit {
+            projected_micros: 50 * USD + 50 * USD * 39 / 21,
+            // The $50 left take 10.5 days at $4.76 a day.
+            limit_day: Day::from_yyyymmdd(20261122).unwrap(),
+        };
+        assert_eq!(forecasts(&mut l), vec![(u, eleventh, spiked)]);
+        let c = *l.counter(nov, u).unwrap();
+        assert!(c.forecast_fired);
+        l.add(u, eleventh + 1, 40 * USD, budget(100 * USD), eleventh + 1);
+        assert_eq!(forecasts(&mut l), vec![], "once a month");
+        // A replay from a checkpoint taken after it fires nothing.
+        let mut r = Ledger::default();
+        r.restore(nov, u, c);
+        r.add(u, eleventh + 1, 40 * USD, budget(100 * USD), eleventh + 1);
+        assert_eq!(forecasts(&mut r), vec![]);
+        // One from before it fires the same event again (the store keeps
+        // one: same subject, month and kind).
+        let mut r = Ledger::default();
+        r.restore(
+            nov,
+            u,
+            Counter::restored(20 * USD, 10, NOV, 0, false, 0).with_forecast(1, false),
+        );
+        r.add(u, eleventh, 30 * USD, budget(100 * USD), eleventh);
+        assert_eq!(forecasts(&mut r), vec![(u, eleventh, spiked)]);
+        // December starts over.
+        let dec = nov.next().start_ms();
+        l.add(u, dec, 90 * USD, budget(100 * USD), dec);
+        assert_eq!(forecasts(&mut l).len(), 1);
+    }
+
+    /// The run-rate starts at the first day with usage, the earliest even
+    /// when it is counted late; a lowered limit is judged at the change.
+    #[test]
+    fn the_forecast_starts_at_the_first_day_and_a_lowered_limit_fires_it() {
+        let mut l = Ledger::default();
+        let u = Subject::User(0);
+        let nov = Month::from_unix_ms(NOV);
+        let (d20, d21) = (NOV + 19 * DAY, NOV + 20 * DAY);
+        l.add(u, d21, 10 * USD, budget(1_000 * USD), d21);
+        assert_eq!(l.counter(nov, u).unwrap().first_day, 21);
+        l.add(u, d20, 10 * USD, budget(1_000 * USD), d21 + 1);
+        assert_eq!(l.counter(nov, u).unwrap().first_day, 20);
+        assert_eq!(forecasts(&mut l), vec![]);
+        // $20 since the 20th, at the start of the 22nd: $10 a day, $110.
+        let d22 = NOV + 21 * DAY;
+        l.limit_changed(u, budget(110 * USD), d22, None);
+        let at_limit = ForecastOverLimit {
+            projected_micros: 110 * USD,
+            limit_day: Day::from_yyyymmdd(20261130).unwrap(),
+        };
+        assert_eq!(forecasts(&mut l), vec![(u, d22, at_limit)]);
+        l.limit_changed(u, budget(50 * USD), d22 + 1, None);
+        assert_eq!(forecasts(&mut l), vec![], "once a month");
     }
 
     #[test]

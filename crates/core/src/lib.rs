@@ -7,8 +7,9 @@
 //!   are validated against [`entity::OrgDirectory`] and produce
 //!   [`entity::EntityEvent`]s; the directory is a fold of those events.
 //! - [`usage`]: a validated usage event.
-//! - [`ledger`]: monthly spend per user, group, key and org, thresholds and
-//!   cutoffs; [`dedupe`]: the bounded request-id window.
+//! - [`ledger`]: monthly spend per user, group, key and org, thresholds,
+//!   forecast alerts and cutoffs; [`forecast`]: the month-end projection;
+//!   [`dedupe`]: the bounded request-id window.
 //! - [`org`]: one org's whole state (directory + meter), the unit of locking.
 //! - [`authorize`]: may this key make this call, and why not; with a
 //!   reserve, the [`holds`] that make admission exact under concurrency.
@@ -17,6 +18,7 @@ pub mod authorize;
 pub mod dedupe;
 pub mod entity;
 pub mod fast;
+pub mod forecast;
 pub mod gauges;
 pub mod holds;
 pub mod ids;

@@ -1025,11 +1025,19 @@ mod tests {
             .take_changes()
             .enforcement
             .iter()
+            .filter(|e| e.kind == SubjectKind::User)
             .map(|e| e.event.kind)
             .collect();
+        // Alice's first $10 in November's first millisecond: $10 a day
+        // (a first day counts whole) for the 30 days left, over her $100
+        // at once, which the rate reaches on the 10th.
         assert_eq!(
             kinds,
             vec![
+                EnforcementKind::ForecastOverLimit {
+                    projected_micros: 310 * USD,
+                    limit_day: Day::from_yyyymmdd(20261110).unwrap(),
+                },
                 EnforcementKind::ThresholdCrossed {
                     threshold_bps: 5000
                 },
@@ -1158,8 +1166,16 @@ mod tests {
             .into_iter()
             .filter(|e| e.kind == SubjectKind::User && e.id == "alice")
             .map(|e| (e.event.kind, e.event.month))
-            .filter(|(k, _)| !matches!(k, EnforcementKind::ThresholdCrossed { .. }))
+            .filter(|(k, _)| is_cut_or_lift(k))
             .collect()
+    }
+
+    /// What the tests of cutoffs judge: not thresholds nor forecasts.
+    fn is_cut_or_lift(k: &EnforcementKind) -> bool {
+        matches!(
+            k,
+            EnforcementKind::CutOff | EnforcementKind::CutoffLifted { .. }
+        )
     }
 
     /// A limit lowered in a month the meter has closed (its change folded
@@ -1414,8 +1430,8 @@ mod tests {
                 .enforcement
                 .into_iter()
                 .filter(|e| e.kind == SubjectKind::User && e.id == "alice")
+                .filter(|e| is_cut_or_lift(&e.event.kind))
                 .map(|e| (e.event.kind.name(), e.event.month, e.event.ordinal))
-                .filter(|(k, _, _)| *k != "threshold_crossed")
                 .collect::<Vec<_>>()
         };
         let first = late(&mut s, "n1", 150 * USD, d + 1_000);

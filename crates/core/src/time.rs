@@ -184,6 +184,11 @@ impl Day {
         Month(self.0 / 100)
     }
 
+    /// 1 ..= 31.
+    pub fn day_of_month(self) -> u8 {
+        (self.0 % 100) as u8
+    }
+
     /// The first millisecond of the day.
     pub fn start_ms(self) -> i64 {
         let (y, m, d) = (self.0 / 10_000, (self.0 / 100) % 100, self.0 % 100);

@@ -1,6 +1,6 @@
 //! Gauges of spend, limits and thresholds, computed from the meters in
-//! memory when Prometheus scrapes: per org and per group, cutoffs by kind,
-//! and (opt-in) the top users by utilization. Each org is reported by the
+//! memory when Prometheus scrapes: per org and per group, subjects
+//! projected over their limits per org, cutoffs by kind, and (opt-in) the top users by utilization. Each org is reported by the
 //! process that meters it, so sums across processes count it once.
 //!
 //! Series of orgs and groups that went away are not updated any more; the
@@ -27,6 +27,9 @@ pub struct GaugeOptions {
     pub groups_max: usize,
 }
 
+/// Subject kinds, as the `kind` label names them.
+const KINDS: [&str; 4] = ["user", "group", "key", "org"];
+
 /// A gauge value: counts and micro-USD are integers, exact as f64 below
 /// 2^53 (9 billion dollars).
 fn value(v: i64) -> f64 {
@@ -37,7 +40,8 @@ impl Engine {
     /// Sets the gauges from the current state; returns how long it took.
     pub fn update_gauges(&self, o: &GaugeOptions) -> std::time::Duration {
         let started = Instant::now();
-        let month = Month::from_unix_ms(self.now_ms());
+        let now = self.now_ms();
+        let month = Month::from_unix_ms(now);
         let orgs: Vec<OrgId> = if o.all_orgs {
             self.registry.all().into_iter().map(|(id, _)| id).collect()
         } else {
@@ -50,11 +54,12 @@ impl Engine {
             let Some(cell) = self.registry.org(org_id) else {
                 continue;
             };
-            let (g, users, held, holds) = {
+            let (g, over, users, held, holds) = {
                 let org = cell.read();
                 let h = &org.meter.holds;
                 (
                     org.gauges(month),
+                    org.projected_over(month, now),
                     org.top_users(month, o.top_users),
                     h.held(tally_core::ledger::Subject::Org),
                     h.len(),
@@ -75,6 +80,13 @@ impl Engine {
             cut[1] += g.cut_off.groups;
             cut[2] += g.cut_off.keys;
             cut[3] += g.cut_off.org;
+            for (kind, n) in KINDS
+                .into_iter()
+                .zip([over.users, over.groups, over.keys, over.org])
+            {
+                metrics::gauge!(m::PROJECTED_OVER_LIMIT, "org" => org.clone(), "kind" => kind)
+                    .set(f64::from(n));
+            }
             groups.extend(g.groups.into_iter().map(|gg| (org_id.clone(), gg)));
             top.extend(users.into_iter().map(|u| (org_id.clone(), u)));
         }
@@ -95,8 +107,8 @@ impl Engine {
                     .set(f64::from(*n));
             }
         }
-        for (kind, n) in ["user", "group", "key", "org"].iter().zip(cut) {
-            metrics::gauge!(m::CUTOFFS_ACTIVE, "kind" => *kind).set(f64::from(n));
+        for (kind, n) in KINDS.into_iter().zip(cut) {
+            metrics::gauge!(m::CUTOFFS_ACTIVE, "kind" => kind).set(f64::from(n));
         }
         top_n(&mut top, o.top_users, |(_, u)| u);
         for (org_id, u) in top {

@@ -1165,6 +1165,15 @@ impl Meter {
                         org = %org_id, subject = e.kind.as_str(), id = %e.id, month = %ev.month,
                         threshold_bps, spend_micros = ev.spend_micros, "threshold crossed"
                     ),
+                    EnforcementKind::ForecastOverLimit {
+                        projected_micros,
+                        limit_day,
+                    } => tracing::info!(
+                        org = %org_id, subject = e.kind.as_str(), id = %e.id, month = %ev.month,
+                        spend_micros = ev.spend_micros, projected_micros,
+                        limit_micros = ev.limit_micros, limit_day = %limit_day,
+                        "projected over its limit"
+                    ),
                     EnforcementKind::CutOff => tracing::info!(
                         org = %org_id, subject = e.kind.as_str(), id = %e.id, month = %ev.month,
                         spend_micros = ev.spend_micros, limit_micros = ev.limit_micros, "cut off"

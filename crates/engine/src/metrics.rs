@@ -12,7 +12,8 @@ pub const CHECKPOINT_SECONDS: &str = "tally_checkpoint_duration_seconds";
 pub const USAGE_OTHER: &str = "tally_usage_other_model_total";
 /// Checkpoints that failed (retried with the next).
 pub const CHECKPOINT_FAILURES: &str = "tally_checkpoint_failures_total";
-/// Enforcement events by `event` (threshold_crossed, cut_off, cutoff_lifted)
+/// Enforcement events by `event` (threshold_crossed, forecast_over_limit,
+/// cut_off, cutoff_lifted)
 /// and subject `kind`.
 pub const ENFORCEMENT_EVENTS: &str = "tally_enforcement_events_total";
 /// Entity commands by `outcome` (ok, or the error kind).
@@ -48,6 +49,9 @@ pub const GROUP_LIMIT: &str = "tally_group_limit_micros";
 pub const GROUP_USERS_OVER: &str = "tally_group_users_over_threshold";
 /// Subjects cut off now, by `kind` (user, group, key, org).
 pub const CUTOFFS_ACTIVE: &str = "tally_cutoffs_active";
+/// An org's subjects whose month-end projection is at or over their limit
+/// now, by `org` and `kind` (user, group, key, org).
+pub const PROJECTED_OVER_LIMIT: &str = "tally_projected_over_limit";
 /// Opt-in: the share of their limit the top users spent, by `org`, `user`.
 pub const USER_UTILIZATION: &str = "tally_user_utilization_ratio";
 /// Orgs whose gauges this process reports.
@@ -152,6 +156,11 @@ pub fn describe() {
         "members of a group at or over a threshold of their limit"
     );
     describe_gauge!(CUTOFFS_ACTIVE, Unit::Count, "subjects cut off now, by kind");
+    describe_gauge!(
+        PROJECTED_OVER_LIMIT,
+        Unit::Count,
+        "an org's subjects projected over their monthly limit by month-end, by kind"
+    );
     describe_gauge!(
         USER_UTILIZATION,
         "share of their monthly limit the top users spent (opt-in)"

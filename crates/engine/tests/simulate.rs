@@ -1639,6 +1639,8 @@ impl Sim {
         // or lift; (kind, id, month) → the highest threshold event.
         let mut last: BTreeMap<(String, String), (i64, i64, i64, bool)> = BTreeMap::new();
         let mut fired: BTreeMap<(String, String, i64), i64> = BTreeMap::new();
+        // (kind, id, month) → its forecast alerts (at most one).
+        let mut forecasts: BTreeMap<(String, String, i64), usize> = BTreeMap::new();
         // (kind, id, month) → the (ordinal, a cutoff) of its month's own
         // cutoffs and lifts (a new month's lifts of the month before aside).
         let mut owned: BTreeMap<(String, String, i64), Vec<(i64, bool)>> = BTreeMap::new();
@@ -1646,6 +1648,10 @@ impl Sim {
             if event == "threshold_crossed" {
                 let top = fired.entry((kind, id, month)).or_default();
                 *top = (*top).max(bps);
+                continue;
+            }
+            if event == "forecast_over_limit" {
+                *forecasts.entry((kind, id, month)).or_default() += 1;
                 continue;
             }
             if reason.as_deref() != Some("new_month") {
@@ -1694,6 +1700,13 @@ impl Sim {
                         "{key:?} in {month} at ordinal {} has stored cutoffs and lifts {told:?} \
                          (ordinal, a cutoff)",
                         c.ordinal
+                    )
+                });
+                let stored = forecasts.get(&cell).copied().unwrap_or(0);
+                self.check(stored == usize::from(c.forecast_fired), || {
+                    format!(
+                        "{key:?} in {month}: forecast fired {}, {stored} forecast events stored",
+                        c.forecast_fired
                     )
                 });
                 let stored = fired.get(&cell).copied().unwrap_or(0);
@@ -1766,6 +1779,11 @@ impl Sim {
                     "{id} in {month}: spend {spent} of {limit} reached {due} bps of {:?}, fired {}",
                     m.thresholds, c.fired_bps
                 )
+            });
+            // A projection is never under the spend: reaching the limit
+            // fired the forecast alert at the latest.
+            self.check(!cut || c.forecast_fired, || {
+                format!("{id} in {month}: spend {spent} reached {limit}, no forecast alert")
             });
         }
     }

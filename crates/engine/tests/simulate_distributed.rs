@@ -1467,7 +1467,8 @@ impl Sim {
             let mut told: Vec<(i64, bool)> = rows
                 .iter()
                 .filter(of)
-                .filter(|r| r.3 != "threshold_crossed" && r.6.as_deref() != Some("new_month"))
+                .filter(|r| matches!(r.3.as_str(), "cut_off" | "cutoff_lifted"))
+                .filter(|r| r.6.as_deref() != Some("new_month"))
                 .map(|r| (r.5, r.3 == "cut_off"))
                 .collect();
             told.sort_unstable();
@@ -1493,6 +1494,18 @@ impl Sim {
                     "the store's checkpoint of {p}: {org} {kind} {} in {} fired {} bps, the \
                      highest threshold event stored is {fired}",
                     c.id, c.month, c.counter.fired_bps
+                )
+            });
+            let forecast = rows
+                .iter()
+                .filter(of)
+                .filter(|r| r.3 == "forecast_over_limit")
+                .count();
+            self.check(forecast == usize::from(c.counter.forecast_fired), || {
+                format!(
+                    "the store's checkpoint of {p}: {org} {kind} {} in {}: forecast fired {}, \
+                     {forecast} forecast events stored",
+                    c.id, c.month, c.counter.forecast_fired
                 )
             });
         }

@@ -133,6 +133,8 @@ pub fn encode_state(s: &PublishedState, now_ms: i64) -> Vec<u8> {
         updated_at_ms: now_ms,
         requests: s.counter.requests,
         last_at_ms: s.counter.last_at_ms,
+        first_day: u32::from(s.counter.first_day),
+        forecast_fired: s.counter.forecast_fired,
     }
     .encode_to_vec()
 }
@@ -152,7 +154,8 @@ pub fn decode_state(bytes: &[u8]) -> Option<PublishedState> {
             u16::try_from(p.fired_threshold_bps).ok()?,
             p.cut_off,
             0,
-        ),
+        )
+        .with_forecast(u8::try_from(p.first_day).ok()?, p.forecast_fired),
         limit_micros: p.limit_micros,
     })
 }
@@ -233,7 +236,7 @@ mod tests {
             kind: SubjectKind::Group,
             id: "eng".into(),
             month: Month::from_yyyymm(202611).unwrap(),
-            counter: Counter::restored(42, 3, 7, 8000, true, 0),
+            counter: Counter::restored(42, 3, 7, 8000, true, 0).with_forecast(12, true),
             limit_micros: Some(40),
         };
         assert_eq!(state_key(&s), "acme/group/eng");

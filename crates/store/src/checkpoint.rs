@@ -160,7 +160,9 @@ fn blob_to_hashes(b: &[u8]) -> Result<Vec<RequestHash>> {
 fn enforcement_key(org: &str, e: &SavedEnforcement) -> Vec<Val> {
     let threshold = match e.event.kind {
         EnforcementKind::ThresholdCrossed { threshold_bps } => i64::from(threshold_bps),
-        EnforcementKind::CutOff | EnforcementKind::CutoffLifted { .. } => 0,
+        EnforcementKind::ForecastOverLimit { .. }
+        | EnforcementKind::CutOff
+        | EnforcementKind::CutoffLifted { .. } => 0,
     };
     vec![
         Val::Text(org.to_owned()),
@@ -313,7 +315,8 @@ impl Db {
         }
         let rows = sqlx::query(
             "SELECT s.org_id, s.kind, s.subject_id, s.month, s.spend_micros, s.requests, \
-             s.last_at_ms, s.fired_bps, s.cut_off, s.ordinal FROM spend_monthly s \
+             s.last_at_ms, s.fired_bps, s.cut_off, s.ordinal, s.first_day, s.forecast_fired \
+             FROM spend_monthly s \
              JOIN meter_orgs m ON m.org_id = s.org_id \
              WHERE m.partition_id = $1 AND s.month >= $2",
         )
@@ -332,6 +335,10 @@ impl Db {
                 u16::try_from(r.try_get::<i64, _>("fired_bps")?).map_err(|_| bad())?,
                 crate::flag(r.try_get("cut_off")?),
                 u32::try_from(r.try_get::<i64, _>("ordinal")?).map_err(|_| bad())?,
+            )
+            .with_forecast(
+                u8::try_from(r.try_get::<i64, _>("first_day")?).map_err(|_| bad())?,
+                crate::flag(r.try_get("forecast_fired")?),
             );
             let saved = SavedCounter {
                 kind: SubjectKind::parse(&kind).ok_or_else(bad)?,
@@ -481,6 +488,8 @@ impl Db {
                     Val::Int(i64::from(k.fired_bps)),
                     Val::Int(i64::from(k.cut_off)),
                     Val::Int(i64::from(k.ordinal)),
+                    Val::Int(i64::from(k.first_day)),
+                    Val::Int(i64::from(k.forecast_fired)),
                 ]);
             }
             for d in &ch.days {
@@ -546,12 +555,24 @@ impl Db {
                     EnforcementKind::CutoffLifted { reason } => Some(reason.as_str().to_owned()),
                     _ => None,
                 };
+                let (projected, limit_day) = match ev.kind {
+                    EnforcementKind::ForecastOverLimit {
+                        projected_micros,
+                        limit_day,
+                    } => (
+                        Some(projected_micros),
+                        Some(i64::from(limit_day.yyyymmdd())),
+                    ),
+                    _ => (None, None),
+                };
                 let mut row = enforcement_key(org, e);
                 row.extend([
                     Val::OptText(reason),
                     Val::Int(ev.spend_micros),
                     Val::OptInt(ev.limit_micros),
                     Val::Int(ev.at_ms),
+                    Val::OptInt(projected),
+                    Val::OptInt(limit_day),
                 ]);
                 enforcement.push(row);
             }
@@ -559,11 +580,12 @@ impl Db {
         let _ = insert_many(
             &mut tx,
             "INSERT INTO spend_monthly (org_id, kind, subject_id, month, spend_micros, requests, \
-             last_at_ms, fired_bps, cut_off, ordinal)",
+             last_at_ms, fired_bps, cut_off, ordinal, first_day, forecast_fired)",
             "ON CONFLICT (org_id, kind, subject_id, month) DO UPDATE SET \
              spend_micros = excluded.spend_micros, requests = excluded.requests, \
              last_at_ms = excluded.last_at_ms, fired_bps = excluded.fired_bps, \
-             cut_off = excluded.cut_off, ordinal = excluded.ordinal",
+             cut_off = excluded.cut_off, ordinal = excluded.ordinal, \
+             first_day = excluded.first_day, forecast_fired = excluded.forecast_fired",
             counters,
         )
         .await?;
@@ -608,7 +630,8 @@ impl Db {
         let _ = insert_many(
             &mut tx,
             "INSERT INTO enforcement_events (org_id, subject_kind, subject_id, month, event, \
-             threshold_bps, ordinal, reason, spend_micros, limit_micros, at_ms)",
+             threshold_bps, ordinal, reason, spend_micros, limit_micros, at_ms, projected_micros, \
+             limit_day)",
             "ON CONFLICT (org_id, subject_kind, subject_id, month, event, threshold_bps, ordinal) \
              DO NOTHING",
             enforcement,

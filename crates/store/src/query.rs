@@ -49,6 +49,8 @@ pub struct OrgRow {
     pub seq: i64,
     pub spend_micros: i64,
     pub requests: i64,
+    /// The day of the month of its first usage this month (0: none).
+    pub first_day: u8,
 }
 
 /// An org as the operator's list shows it.
@@ -75,6 +77,8 @@ pub struct UserRow {
     pub groups: Vec<String>,
     pub spend_micros: i64,
     pub requests: i64,
+    /// The day of the month of their first usage this month (0: none).
+    pub first_day: u8,
     pub last_active_at_ms: Option<i64>,
     pub created_at_ms: i64,
 }
@@ -87,6 +91,8 @@ pub struct GroupRow {
     pub monthly_limit_micros: Option<i64>,
     pub spend_micros: i64,
     pub requests: i64,
+    /// The day of the month of its first usage this month (0: none).
+    pub first_day: u8,
     pub created_at_ms: i64,
 }
 
@@ -100,6 +106,8 @@ pub struct KeyRow {
     pub monthly_limit_micros: Option<i64>,
     pub spend_micros: i64,
     pub requests: i64,
+    /// The day of the month of its first usage this month (0: none).
+    pub first_day: u8,
     pub revoked: bool,
     pub last_used_at_ms: Option<i64>,
     pub created_at_ms: i64,
@@ -210,6 +218,12 @@ impl Binds {
     }
 }
 
+/// A row's `first_day` (`COALESCE(s.first_day, 0)` of its month's spend).
+fn first_day(r: &AnyRow) -> Result<u8> {
+    let d: i64 = r.try_get("first_day")?;
+    u8::try_from(d).map_err(|_| Error::Corrupt(format!("first day {d}")))
+}
+
 fn user_row(r: &AnyRow) -> Result<UserRow> {
     Ok(UserRow {
         id: r.try_get("id")?,
@@ -225,6 +239,7 @@ fn user_row(r: &AnyRow) -> Result<UserRow> {
         groups: Vec::new(),
         spend_micros: r.try_get("spend_micros")?,
         requests: r.try_get("requests")?,
+        first_day: first_day(r)?,
         last_active_at_ms: r.try_get("last_at_ms")?,
         created_at_ms: r.try_get("created_at_ms")?,
     })
@@ -289,7 +304,7 @@ impl Db {
             "SELECT o.id, o.name, o.default_monthly_limit_micros, o.alert_thresholds_bps, \
              o.monthly_limit_micros, o.webhook_url, o.webhook_seq, o.webhook_set_at_ms, \
              o.webhook_format, o.created_at_ms, o.seq, COALESCE(s.spend_micros, 0) AS spend_micros, \
-             COALESCE(s.requests, 0) AS requests FROM orgs o \
+             COALESCE(s.requests, 0) AS requests, COALESCE(s.first_day, 0) AS first_day FROM orgs o \
              LEFT JOIN spend_monthly s ON s.org_id = o.id AND s.kind = 'org' \
              AND s.subject_id = o.id AND s.month = $2 WHERE o.id = $1",
         )
@@ -311,6 +326,7 @@ impl Db {
                 seq: r.try_get("seq")?,
                 spend_micros: r.try_get("spend_micros")?,
                 requests: r.try_get("requests")?,
+                first_day: first_day(&r)?,
             })
         })
         .transpose()
@@ -467,7 +483,8 @@ impl Db {
             format!(
                 "u.id, u.email, u.name, u.status, u.monthly_limit_micros, u.limit_source, \
                  u.created_at_ms, COALESCE(s.spend_micros, 0) AS spend_micros, \
-                 COALESCE(s.requests, 0) AS requests, {LAST_ACTIVE_SQL} AS last_at_ms, \
+                 COALESCE(s.requests, 0) AS requests, COALESCE(s.first_day, 0) AS first_day, \
+                 {LAST_ACTIVE_SQL} AS last_at_ms, \
                  {order_key} AS sort_key"
             )
         };
@@ -561,7 +578,7 @@ impl Db {
         let sql = format!(
             "SELECT u.id, u.email, u.name, u.status, u.monthly_limit_micros, u.limit_source, u.created_at_ms, \
              COALESCE(s.spend_micros, 0) AS spend_micros, COALESCE(s.requests, 0) AS requests, \
-             {LAST_ACTIVE_SQL} AS last_at_ms \
+             COALESCE(s.first_day, 0) AS first_day, {LAST_ACTIVE_SQL} AS last_at_ms \
              FROM users u LEFT JOIN spend_monthly s ON s.org_id = u.org_id AND s.kind = 'user' \
              AND s.subject_id = u.id AND s.month = $2 WHERE u.org_id = $1 AND u.id IN ({})",
             crate::placeholders(3, ids.len())
@@ -618,7 +635,7 @@ impl Db {
         let sql = format!(
             "SELECT u.id, u.email, u.name, u.status, u.monthly_limit_micros, u.limit_source, u.created_at_ms, \
              COALESCE(s.spend_micros, 0) AS spend_micros, COALESCE(s.requests, 0) AS requests, \
-             {LAST_ACTIVE_SQL} AS last_at_ms \
+             COALESCE(s.first_day, 0) AS first_day, {LAST_ACTIVE_SQL} AS last_at_ms \
              FROM users u LEFT JOIN spend_monthly s ON s.org_id = u.org_id AND s.kind = 'user' \
              AND s.subject_id = u.id AND s.month = $3 WHERE u.org_id = $1 AND u.id = $2"
         );
@@ -730,8 +747,8 @@ impl Db {
             "SELECT g.id, g.name, g.monthly_limit_micros, g.created_at_ms, \
              (SELECT COUNT(*) FROM group_members m WHERE m.org_id = g.org_id \
               AND m.group_id = g.id) AS member_count, \
-             COALESCE(s.spend_micros, 0) AS spend_micros, COALESCE(s.requests, 0) AS requests \
-             FROM org_groups g LEFT JOIN spend_monthly s ON s.org_id = g.org_id \
+             COALESCE(s.spend_micros, 0) AS spend_micros, COALESCE(s.requests, 0) AS requests, \
+             COALESCE(s.first_day, 0) AS first_day FROM org_groups g LEFT JOIN spend_monthly s ON s.org_id = g.org_id \
              AND s.kind = 'group' AND s.subject_id = g.id AND s.month = $2 \
              WHERE g.org_id = $1 AND g.deleted = 0 AND g.id > $3 AND ($4 = '' OR g.id = $4) \
              ORDER BY g.id LIMIT $5",
@@ -752,6 +769,7 @@ impl Db {
                     monthly_limit_micros: r.try_get("monthly_limit_micros")?,
                     spend_micros: r.try_get("spend_micros")?,
                     requests: r.try_get("requests")?,
+                    first_day: first_day(r)?,
                     created_at_ms: r.try_get("created_at_ms")?,
                 })
             })
@@ -784,7 +802,7 @@ impl Db {
         let rows = sqlx::query(
             "SELECT k.id, k.name, k.user_id, k.features, k.monthly_limit_micros, k.revoked, \
              k.created_at_ms, k.expires_at_ms, k.previous_secret_until_ms, COALESCE(s.spend_micros, 0) AS spend_micros, \
-             COALESCE(s.requests, 0) AS requests, \
+             COALESCE(s.requests, 0) AS requests, COALESCE(s.first_day, 0) AS first_day, \
              (SELECT MAX(a.last_at_ms) FROM spend_monthly a WHERE a.org_id = k.org_id \
               AND a.kind = 'key' AND a.subject_id = k.id) AS last_at_ms \
              FROM api_keys k LEFT JOIN spend_monthly s ON s.org_id = k.org_id \
@@ -812,6 +830,7 @@ impl Db {
                     monthly_limit_micros: r.try_get("monthly_limit_micros")?,
                     spend_micros: r.try_get("spend_micros")?,
                     requests: r.try_get("requests")?,
+                    first_day: first_day(r)?,
                     revoked: crate::flag(r.try_get("revoked")?),
                     last_used_at_ms: r.try_get("last_at_ms")?,
                     created_at_ms: r.try_get("created_at_ms")?,
@@ -848,14 +867,16 @@ impl Db {
 /// Which enforcement events a listing keeps; `None`: any.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct EnforcementFilter {
-    /// `threshold_crossed`, `cut_off` or `cutoff_lifted`.
+    /// `threshold_crossed`, `forecast_over_limit`, `cut_off` or
+    /// `cutoff_lifted`.
     pub event: Option<String>,
     /// `user`, `group`, `key` or `org`.
     pub subject_kind: Option<String>,
     pub subject_id: Option<String>,
 }
 
-/// A threshold crossed, a cutoff or a lift, as recorded by a checkpoint.
+/// A threshold crossed, a forecast over the limit, a cutoff or a lift, as
+/// recorded by a checkpoint.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EnforcementRow {
     pub subject_kind: String,
@@ -869,9 +890,36 @@ pub struct EnforcementRow {
     pub spend_micros: i64,
     pub limit_micros: Option<i64>,
     pub at_ms: i64,
+    /// For `forecast_over_limit`: the month-end projection then, and the
+    /// day (yyyymmdd) spend would reach the limit at its run-rate.
+    pub projected_micros: Option<i64>,
+    pub limit_day: Option<i64>,
 }
 
 impl EnforcementRow {
+    /// The day a forecast named, if this is one.
+    pub fn limit_date(&self) -> Option<tally_core::time::Day> {
+        tally_core::time::Day::from_yyyymmdd(u32::try_from(self.limit_day?).ok()?)
+    }
+
+    /// A row of `enforcement_events` (deliveries read it joined).
+    pub(crate) fn from_row(r: &sqlx::any::AnyRow) -> Result<EnforcementRow> {
+        Ok(EnforcementRow {
+            subject_kind: r.try_get("subject_kind")?,
+            subject_id: r.try_get("subject_id")?,
+            month: r.try_get("month")?,
+            event: r.try_get("event")?,
+            threshold_bps: r.try_get("threshold_bps")?,
+            ordinal: r.try_get("ordinal")?,
+            reason: r.try_get("reason")?,
+            spend_micros: r.try_get("spend_micros")?,
+            limit_micros: r.try_get("limit_micros")?,
+            at_ms: r.try_get("at_ms")?,
+            projected_micros: r.try_get("projected_micros")?,
+            limit_day: r.try_get("limit_day")?,
+        })
+    }
+
     /// Where the page after this row starts.
     pub fn key(&self) -> EnforcementKey {
         EnforcementKey {
@@ -935,7 +983,8 @@ impl Db {
         // skipped or repeated between pages.
         let rows = sqlx::query(
             "SELECT subject_kind, subject_id, month, event, threshold_bps, ordinal, reason, \
-             spend_micros, limit_micros, at_ms FROM enforcement_events WHERE org_id = $1 \
+             spend_micros, limit_micros, at_ms, projected_micros, limit_day \
+             FROM enforcement_events WHERE org_id = $1 \
              AND ($2 = 0 OR (at_ms, subject_kind, subject_id, month, event, threshold_bps, \
              ordinal) < ($3, $4, $5, $6, $7, $8, $9)) \
              AND ($11 = '' OR event = $11) AND ($12 = '' OR subject_kind = $12) \
@@ -958,22 +1007,7 @@ impl Db {
         .bind(filter.subject_id.clone().unwrap_or_default())
         .fetch_all(self.reader())
         .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(EnforcementRow {
-                    subject_kind: r.try_get("subject_kind")?,
-                    subject_id: r.try_get("subject_id")?,
-                    month: r.try_get("month")?,
-                    event: r.try_get("event")?,
-                    threshold_bps: r.try_get("threshold_bps")?,
-                    ordinal: r.try_get("ordinal")?,
-                    reason: r.try_get("reason")?,
-                    spend_micros: r.try_get("spend_micros")?,
-                    limit_micros: r.try_get("limit_micros")?,
-                    at_ms: r.try_get("at_ms")?,
-                })
-            })
-            .collect()
+        rows.iter().map(EnforcementRow::from_row).collect()
     }
 }
 

@@ -401,6 +401,14 @@ CREATE TABLE usage_daily (
 CREATE INDEX usage_daily_by_day ON usage_daily (org_id, kind, day);
 "#
     );
+    // v18: month-end forecasts. A counter's first day with usage (where
+    // its run-rate starts) and whether its forecast alert fired; the
+    // alert's projection and the day it named.
+    let v18 = "ALTER TABLE spend_monthly ADD COLUMN first_day BIGINT NOT NULL DEFAULT 0;\n\
+               ALTER TABLE spend_monthly ADD COLUMN forecast_fired BIGINT NOT NULL DEFAULT 0;\n\
+               ALTER TABLE enforcement_events ADD COLUMN projected_micros BIGINT;\n\
+               ALTER TABLE enforcement_events ADD COLUMN limit_day BIGINT;"
+        .to_owned();
     vec![
         (1, v1 + &append_only),
         (2, v2),
@@ -419,5 +427,6 @@ CREATE INDEX usage_daily_by_day ON usage_daily (org_id, kind, day);
         (15, v15),
         (16, v16),
         (17, v17),
+        (18, v18),
     ]
 }

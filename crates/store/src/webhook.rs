@@ -14,20 +14,7 @@ use tally_core::entity::WebhookFormat;
 use crate::{Db, Error, Result};
 
 /// The enforcement event a delivery announces.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DeliveryEvent {
-    pub subject_kind: String,
-    pub subject_id: String,
-    /// yyyymm.
-    pub month: i64,
-    pub event: String,
-    pub threshold_bps: i64,
-    pub ordinal: i64,
-    pub reason: Option<String>,
-    pub spend_micros: i64,
-    pub limit_micros: Option<i64>,
-    pub at_ms: i64,
-}
+pub type DeliveryEvent = crate::query::EnforcementRow;
 
 /// Where an org's webhook points, as its `webhook_set` event said.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -104,25 +91,14 @@ pub struct DeliveryRow {
 }
 
 const EVENT_COLUMNS: &str = "d.subject_kind, d.subject_id, d.month, d.event, d.threshold_bps, \
-     d.ordinal, e.reason, e.spend_micros, e.limit_micros, e.at_ms";
+     d.ordinal, e.reason, e.spend_micros, e.limit_micros, e.at_ms, e.projected_micros, e.limit_day";
 
 const EVENT_JOIN: &str = "JOIN enforcement_events e ON e.org_id = d.org_id \
      AND e.subject_kind = d.subject_kind AND e.subject_id = d.subject_id AND e.month = d.month \
      AND e.event = d.event AND e.threshold_bps = d.threshold_bps AND e.ordinal = d.ordinal";
 
 fn event(r: &AnyRow) -> Result<DeliveryEvent> {
-    Ok(DeliveryEvent {
-        subject_kind: r.try_get("subject_kind")?,
-        subject_id: r.try_get("subject_id")?,
-        month: r.try_get("month")?,
-        event: r.try_get("event")?,
-        threshold_bps: r.try_get("threshold_bps")?,
-        ordinal: r.try_get("ordinal")?,
-        reason: r.try_get("reason")?,
-        spend_micros: r.try_get("spend_micros")?,
-        limit_micros: r.try_get("limit_micros")?,
-        at_ms: r.try_get("at_ms")?,
-    })
+    DeliveryEvent::from_row(r)
 }
 
 impl Db {

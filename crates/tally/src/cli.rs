@@ -1766,7 +1766,8 @@ pub(crate) async fn audit(
 /// What `tally enforcement` lists.
 #[derive(Debug, Clone, Args)]
 pub(crate) struct EnforcementArgs {
-    /// Of this kind only: threshold_crossed, cut_off or cutoff_lifted.
+    /// Of this kind only: threshold_crossed, forecast_over_limit, cut_off or
+    /// cutoff_lifted.
     #[arg(long)]
     event: Option<String>,
     /// About this subject only: user:<id>, group:<id>, key:<id> or org.

@@ -408,7 +408,11 @@ async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
     tally_api::describe_metrics();
     let sender =
         tally_webhooks::Sender::new(db.clone(), Arc::clone(&webhook_keys), cfg.webhooks.clone())
-            .map_err(|e| anyhow::anyhow!(e))?;
+            .map_err(|e| anyhow::anyhow!(e))?
+            .with_clock({
+                let engine = Arc::clone(&engine);
+                Arc::new(move || engine.now_ms())
+            });
     let webhooks = tokio::spawn(sender.run(stop_rx.clone()));
     let hold_upkeep = tokio::spawn({
         let engine = Arc::clone(&engine);

@@ -226,6 +226,8 @@ pub fn body(org_id: &str, e: &DeliveryEvent) -> Vec<u8> {
         "spend_micros": e.spend_micros,
         "limit_micros": e.limit_micros,
         "reason": e.reason,
+        "projected_micros": e.projected_micros,
+        "projected_limit_date": e.limit_date().map(|d| d.to_string()),
         "occurred_at": tally_proto::format_rfc3339_ms(e.at_ms),
     })
     .to_string()
@@ -296,6 +298,14 @@ pub fn slack_text(org_id: &str, e: &DeliveryEvent, console: Option<&str>) -> Str
         "threshold_crossed" => format!(
             ":warning: *{org_id}*: {subject} has used {} of its monthly limit: {spend} of {limit} ({month}).",
             percent(e.threshold_bps)
+        ),
+        "forecast_over_limit" => format!(
+            ":crystal_ball: *{org_id}*: {subject} is on course to pass its monthly limit: {spend} \
+             spent, {} projected by month-end against {limit}, reaching it around {} ({month}).",
+            e.projected_micros
+                .map_or_else(|| "more".to_owned(), format_usd),
+            e.limit_date()
+                .map_or_else(|| "month-end".to_owned(), |d| d.to_string()),
         ),
         "cut_off" => format!(
             ":no_entry: *{org_id}*: {subject} is cut off: {spend} spent, {monthly} ({month})."
@@ -459,12 +469,23 @@ impl SenderOptions {
 }
 
 /// Sends due deliveries until stopped.
-#[derive(Debug)]
 pub struct Sender {
     db: Db,
     keys: Arc<Keyring>,
     client: reqwest::Client,
     opts: SenderOptions,
+    clock: Clock,
+}
+
+/// Milliseconds since the Unix epoch.
+pub type Clock = Arc<dyn Fn() -> i64 + Send + Sync>;
+
+impl std::fmt::Debug for Sender {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sender")
+            .field("opts", &self.opts)
+            .finish_non_exhaustive()
+    }
 }
 
 fn now_ms() -> i64 {
@@ -511,7 +532,15 @@ impl Sender {
             keys,
             client: client(opts.timeout, Arc::clone(&opts.targets))?,
             opts,
+            clock: Arc::new(now_ms),
         })
+    }
+
+    /// Schedules by `clock`: the one checkpoints date deliveries by (the
+    /// process's clock). Signatures carry the system time, which receivers
+    /// check against theirs.
+    pub fn with_clock(self, clock: Clock) -> Sender {
+        Sender { clock, ..self }
     }
 
     /// Claims and sends what is due until `stop` turns true.
@@ -563,7 +592,7 @@ impl Sender {
         let lease = i64::try_from(self.opts.timeout.as_millis()).unwrap_or(i64::MAX) + 30_000;
         let due = self
             .db
-            .claim_deliveries(now_ms(), lease, self.opts.batch)
+            .claim_deliveries((self.clock)(), lease, self.opts.batch)
             .await?;
         let n = due.len();
         let mut tasks = tokio::task::JoinSet::new();
@@ -595,7 +624,7 @@ impl Sender {
                 tracing::info!(org = %d.org_id, delivery = d.id, attempts = d.attempts, outcome = label, "webhook delivery");
             }
         }
-        match self.db.finish_delivery(&d, &outcome, now_ms()).await {
+        match self.db.finish_delivery(&d, &outcome, (self.clock)()).await {
             Ok(true) => {}
             Ok(false) => tracing::warn!(
                 delivery = d.id,
@@ -670,7 +699,7 @@ impl Sender {
         AttemptOutcome::Retry {
             status,
             error,
-            next_attempt_ms: now_ms()
+            next_attempt_ms: (self.clock)()
                 .saturating_add(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX)),
         }
     }
@@ -716,6 +745,8 @@ mod tests {
             spend_micros: 40_000_000,
             limit_micros: Some(50_000_000),
             at_ms: 1_795_000_000_000,
+            projected_micros: None,
+            limit_day: None,
         }
     }
 
@@ -751,9 +782,23 @@ mod tests {
                 "type": "threshold_crossed", "org_id": "acme",
                 "subject": {"kind": "user", "id": "alice"}, "month": "2026-11",
                 "threshold": 0.8, "spend_micros": 40_000_000, "limit_micros": 50_000_000,
-                "reason": null, "occurred_at": tally_proto::format_rfc3339_ms(1_795_000_000_000),
+                "reason": null, "projected_micros": null, "projected_limit_date": null,
+                "occurred_at": tally_proto::format_rfc3339_ms(1_795_000_000_000),
             })
         );
+        let forecast = DeliveryEvent {
+            event: "forecast_over_limit".into(),
+            threshold_bps: 0,
+            spend_micros: 20_000_000,
+            projected_micros: Some(61_500_000),
+            limit_day: Some(20_261_125),
+            ..event()
+        };
+        let v: serde_json::Value = serde_json::from_slice(&body("acme", &forecast)).unwrap();
+        assert_eq!(v["id"], "acme:user:alice:202611:forecast_over_limit:0:0");
+        assert_eq!(v["threshold"], serde_json::Value::Null);
+        assert_eq!(v["projected_micros"], 61_500_000);
+        assert_eq!(v["projected_limit_date"], "2026-11-25");
         let sig = signature("whsec_x", 1_700_000_000, &b);
         assert_eq!(sig, signature("whsec_x", 1_700_000_000, &b));
         assert_ne!(sig, signature("whsec_x", 1_700_000_001, &b));
@@ -817,6 +862,20 @@ mod tests {
             spend_micros: 50_250_000,
             ..event()
         };
+        let forecast = DeliveryEvent {
+            event: "forecast_over_limit".into(),
+            threshold_bps: 0,
+            spend_micros: 20_000_000,
+            projected_micros: Some(61_500_000),
+            limit_day: Some(20_261_125),
+            ..event()
+        };
+        assert_eq!(
+            text(&forecast, None),
+            ":crystal_ball: *acme*: user `alice` is on course to pass its monthly limit: $20.00 \
+             spent, $61.50 projected by month-end against $50.00, reaching it around 2026-11-25 \
+             (2026-11)."
+        );
         assert_eq!(
             text(&cut, None),
             ":no_entry: *acme*: group `eng` is cut off: $50.25 spent, monthly limit $50.00 (2026-11)."

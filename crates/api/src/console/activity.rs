@@ -157,6 +157,7 @@ struct AlertsPage {
 pub(super) fn alert_words(event: &str, threshold_bps: Option<u32>, reason: Option<&str>) -> String {
     match (event, threshold_bps) {
         ("threshold_crossed", Some(t)) => format!("crossed {} % of its limit", format_bps(t * 100)),
+        ("forecast_over_limit", _) => "projected to pass its limit by month-end".to_owned(),
         ("cut_off", _) => "cut off at its limit".to_owned(),
         ("cutoff_lifted", _) => {
             format!("cutoff lifted ({})", reason.unwrap_or("").replace('_', " "))

@@ -180,6 +180,7 @@ struct MonthLine {
 struct GroupPage {
     layout: Layout,
     group: GroupLine,
+    projection: view::Projection,
     held: String,
     period: String,
     chart: String,
@@ -225,6 +226,11 @@ async fn group_page(
         .collect();
     let line = group_line(org_id, g, &thresholds);
     Ok(GroupPage {
+        projection: view::projection(
+            g.projected_micros,
+            g.monthly_limit_micros,
+            g.projected_limit_date.as_deref(),
+        ),
         held: view::usd(g.held_micros),
         period: view::period(month),
         chart: view::daily_chart(month, &days, g.monthly_limit_micros),

@@ -24,6 +24,9 @@ struct KeyLine {
     features: String,
     limit: String,
     spend: String,
+    /// The month-end projection, and the day it reaches the limit.
+    projected: String,
+    reaches: Option<String>,
     requests: i64,
     last_used: String,
     revoked: bool,
@@ -47,6 +50,8 @@ fn key_line(org: &str, k: KeyJson, now_ms: i64) -> KeyLine {
         },
         limit: view::limit(k.monthly_limit_micros),
         spend: view::usd(k.spend_micros),
+        projected: view::usd(k.projected_micros),
+        reaches: k.projected_limit_date.clone(),
         requests: k.requests,
         last_used: k
             .last_used_at

@@ -233,8 +233,7 @@ struct OverviewPage {
     limit: String,
     percent: String,
     bar: Option<Bar>,
-    projected: String,
-    projected_over: bool,
+    projection: view::Projection,
     requests: i64,
     chart: String,
     models: Vec<view::ModelLine>,
@@ -470,7 +469,6 @@ pub(crate) async fn overview(
         .iter()
         .map(|d| (d.day.clone(), d.spend_micros))
         .collect();
-    let projected = view::projected(org.spend_micros, month, now);
     Ok(render(&OverviewPage {
         name: org.name.clone(),
         period: view::period(month),
@@ -479,8 +477,11 @@ pub(crate) async fn overview(
         limit: view::limit(org.monthly_limit_micros),
         percent: view::percent(org.spend_micros, org.monthly_limit_micros),
         bar: view::bar(org.spend_micros, org.monthly_limit_micros, &thresholds),
-        projected: view::usd(projected),
-        projected_over: org.monthly_limit_micros.is_some_and(|l| projected >= l),
+        projection: view::projection(
+            org.projected_micros,
+            org.monthly_limit_micros,
+            org.projected_limit_date.as_deref(),
+        ),
         requests: org.requests,
         chart: view::daily_chart(month, &days, org.monthly_limit_micros),
         models: view::model_lines(&detail.history.models),
@@ -761,6 +762,7 @@ struct MonthLine {
 struct UserPage {
     layout: Layout,
     user: UserLine,
+    projection: view::Projection,
     period: String,
     chart: String,
     models: Vec<view::ModelLine>,
@@ -853,8 +855,14 @@ async fn user_page(
         .map(|d| (d.day.clone(), d.spend_micros))
         .collect();
     let limit = detail.user.monthly_limit_micros;
+    let projection = view::projection(
+        detail.user.projected_micros,
+        limit,
+        detail.user.projected_limit_date.as_deref(),
+    );
     let user = user_line(org_id, detail.user, &org.thresholds, now);
     Ok(UserPage {
+        projection,
         period: view::period(month),
         chart: view::daily_chart(month, &days, limit),
         models: view::model_lines(&detail.history.models),

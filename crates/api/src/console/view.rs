@@ -90,15 +90,30 @@ pub(crate) fn days_in(month: Month) -> i64 {
     (month.next().start_ms() - month.start_ms()) / MS_PER_DAY
 }
 
-/// Month-end spend at the month's run-rate so far: spend × month length ÷
-/// time elapsed (at least an hour, so the first minutes do not explode),
-/// in whole cents.
-pub(crate) fn projected(spend: i64, month: Month, now_ms: i64) -> i64 {
-    const CENT: i128 = 10_000;
-    let len = month.next().start_ms() - month.start_ms();
-    let elapsed = (now_ms - month.start_ms()).clamp(3_600_000, len);
-    let micros = i128::from(spend) * i128::from(len) / i128::from(elapsed);
-    i64::try_from(micros / CENT * CENT).unwrap_or(i64::MAX)
+/// A month-end forecast as a page shows it (docs/usage.md, Forecasts).
+#[derive(Debug)]
+pub(crate) struct Projection {
+    pub amount: String,
+    /// At or over the limit.
+    pub over: bool,
+    pub note: String,
+}
+
+/// The forecast of a subject's JSON: its projection, limit, and the day
+/// the projection reaches the limit.
+pub(crate) fn projection(projected: i64, limit: Option<i64>, reaches: Option<&str>) -> Projection {
+    let over = limit.is_some_and(|l| projected >= l);
+    let rate = "at the daily run-rate since the first day with usage";
+    let note = match reaches {
+        Some(day) => format!("{rate}; reaches the limit on {day}"),
+        None if limit.is_some() => format!("{rate}; stays under the limit"),
+        None => rate.to_owned(),
+    };
+    Projection {
+        amount: usd(projected),
+        over,
+        note,
+    }
 }
 
 /// An RFC 3339 time as `5 Dec 2026 14:03 UTC`; `ms` since the epoch.
@@ -297,13 +312,17 @@ mod tests {
     }
 
     #[test]
-    fn projection_is_the_run_rate() {
-        let dec = Month::from_yyyymm(202_612).unwrap();
-        // 10 of 31 days gone, $10 spent: $31 at month-end.
-        let now = dec.start_ms() + 10 * MS_PER_DAY;
-        assert_eq!(projected(10_000_000, dec, now), 31_000_000);
-        // The month's first minute counts as an hour.
-        assert_eq!(projected(1_000_000, dec, dec.start_ms() + 1), 744_000_000);
+    fn a_projection_says_where_it_leads() {
+        let p = projection(31_000_000, Some(30_000_000), Some("2026-12-30"));
+        assert_eq!((p.amount.as_str(), p.over), ("$31.00", true));
+        assert!(
+            p.note.ends_with("reaches the limit on 2026-12-30"),
+            "{}",
+            p.note
+        );
+        let p = projection(20_000_000, Some(30_000_000), None);
+        assert!(!p.over && p.note.ends_with("stays under the limit"));
+        assert!(!projection(20_000_000, None, None).note.contains("limit"));
     }
 
     #[test]

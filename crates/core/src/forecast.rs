@@ -1,0 +1,189 @@
+//! Month-end forecasts: where a subject's spend is heading at its run-rate.
+//!
+//! The run-rate is the month's spend divided by the time since the start
+//! of the subject's first UTC day with usage this month (at least one day,
+//! so a first hour's spend is not multiplied by the month's hours). The
+//! projection is today's spend plus that rate times what is left of the
+//! month. A subject that started mid-month is judged by its own days, not
+//! by the month's; a spike raises the rate by its size over the days seen
+//! so far, and fades as days pass. Integer micro-USD throughout: the same
+//! inputs give the same figure on every process and every replay.
+
+use crate::money::Limit;
+use crate::time::{Day, MS_PER_DAY, Month};
+
+/// A subject's projection for its month.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Forecast {
+    /// Spend at the month's end if the run-rate holds.
+    pub projected_micros: i64,
+    /// The UTC day spend reaches the limit at the run-rate (today when it
+    /// has): `None` without a limit, without spend, or when the projection
+    /// stays under the limit.
+    pub limit_day: Option<Day>,
+}
+
+/// Day `day_of_month` (1 ..= 31) of `month`; `None` for 0 (no usage yet).
+pub fn first_day(month: Month, day_of_month: u8) -> Option<Day> {
+    let d = u32::from(day_of_month);
+    (d != 0).then(|| Day::from_yyyymmdd(month.yyyymm() * 100 + d))?
+}
+
+/// The projection of `month` at `now_ms` (clamped into the month) for a
+/// subject that has spent `spend_micros` since the start of `first_day`
+/// (`None`, or a day outside the month: since the month's start).
+pub fn forecast(
+    month: Month,
+    spend_micros: i64,
+    first_day: Option<Day>,
+    limit: Limit,
+    now_ms: i64,
+) -> Forecast {
+    let (start, end) = (month.start_ms(), month.next().start_ms());
+    let from = first_day
+        .filter(|d| d.month() == month)
+        .map_or(start, Day::start_ms);
+    let now = now_ms.clamp(start, end);
+    let elapsed = i128::from((now - from).max(MS_PER_DAY));
+    let remaining = i128::from(end - now);
+    let spend = i128::from(spend_micros.max(0));
+    let projected = spend + spend * remaining / elapsed;
+    let projected_micros = i64::try_from(projected).unwrap_or(i64::MAX);
+    let limit_day = match limit {
+        Some(l) if spend > 0 && spend >= i128::from(l) => Some(Day::from_unix_ms(now)),
+        Some(l) if spend > 0 && projected >= i128::from(l) => {
+            // The time the rate adds the rest of the limit, rounded up.
+            let rest = i128::from(l) - spend;
+            let at = i128::from(now) + (rest * elapsed + spend - 1) / spend;
+            let at = i64::try_from(at).unwrap_or(i64::MAX).min(end - 1);
+            Some(Day::from_unix_ms(at))
+        }
+        _ => None,
+    };
+    Forecast {
+        projected_micros,
+        limit_day,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::money::MICROS_PER_USD as USD;
+
+    /// December 2026: 31 days.
+    fn dec() -> Month {
+        Month::parse("2026-12").unwrap()
+    }
+
+    fn day(d: u32) -> Day {
+        Day::from_yyyymmdd(20261200 + d).unwrap()
+    }
+
+    /// The start of December's day `d`, plus `hours`.
+    fn at(d: u32, hours: i64) -> i64 {
+        day(d).start_ms() + hours * 3_600_000
+    }
+
+    #[test]
+    fn a_flat_month_projects_its_rate_to_the_end() {
+        // $10 a day since the 1st: at the end of the 10th, $100 spent.
+        let f = forecast(dec(), 100 * USD, Some(day(1)), Some(500 * USD), at(11, 0));
+        assert_eq!(f.projected_micros, 310 * USD);
+        assert_eq!(f.limit_day, None);
+        // Mid-day, the same rate: $95 by noon of the 10th.
+        let f = forecast(dec(), 95 * USD, Some(day(1)), Some(255 * USD), at(10, 12));
+        assert_eq!(f.projected_micros, 310 * USD);
+        // The $160 left of a $255 limit take 16 days: noon of the 26th.
+        assert_eq!(f.limit_day, Some(day(26)));
+        // A limit of $310 is reached at the month's very end: its last day.
+        let f = forecast(dec(), 100 * USD, Some(day(1)), Some(310 * USD), at(11, 0));
+        assert_eq!(f.limit_day, Some(day(31)));
+    }
+
+    #[test]
+    fn a_spike_raises_the_rate_by_its_size_over_the_days_seen() {
+        // $1 a day for 10 days, then $50 on the 11th: $61 over 11 days.
+        let f = forecast(dec(), 61 * USD, Some(day(1)), Some(150 * USD), at(12, 0));
+        // $61 + 61/11 a day for the 20 days left: $171.90.
+        assert_eq!(f.projected_micros, 61 * USD + 61 * USD * 20 / 11);
+        // The $89 left of the limit take 16.05 days.
+        assert_eq!(f.limit_day, Some(day(28)));
+        // Ten quiet days ($1 a day) later the spike weighs less.
+        let f = forecast(dec(), 71 * USD, Some(day(1)), Some(150 * USD), at(22, 0));
+        assert_eq!(f.projected_micros, 71 * USD + 71 * USD * 10 / 21);
+        assert_eq!(f.limit_day, None);
+    }
+
+    #[test]
+    fn a_new_subject_is_judged_by_its_own_days() {
+        // First usage on the 20th, $10 a day: $20 at the end of the 21st,
+        // and 10 days left.
+        let f = forecast(dec(), 20 * USD, Some(day(20)), Some(100 * USD), at(22, 0));
+        assert_eq!(f.projected_micros, 120 * USD);
+        assert_eq!(f.limit_day, Some(day(30)));
+        // Judged by the month's 21 days, it would have projected $29.52.
+        let by_month = forecast(dec(), 20 * USD, None, Some(100 * USD), at(22, 0));
+        assert_eq!(by_month.projected_micros, 29_523_809);
+        // A first day from another month counts from this month's start.
+        let f = forecast(
+            dec(),
+            20 * USD,
+            Some(Day::from_yyyymmdd(20261130).unwrap()),
+            None,
+            at(22, 0),
+        );
+        assert_eq!(f, by_month.with_no_limit());
+    }
+
+    #[test]
+    fn the_first_day_of_a_month_counts_as_a_whole_day() {
+        // $5 in the first 6 hours: the rate is $5 a day, not $20.
+        let f = forecast(dec(), 5 * USD, Some(day(1)), Some(100 * USD), at(1, 6));
+        assert_eq!(f.projected_micros, 5 * USD + 5 * USD * (31 * 24 - 6) / 24);
+        assert_eq!(f.limit_day, Some(day(20)));
+        // No spend: nothing projected, no day.
+        let f = forecast(dec(), 0, None, Some(100 * USD), at(1, 0));
+        assert_eq!(
+            f,
+            Forecast {
+                projected_micros: 0,
+                limit_day: None
+            }
+        );
+    }
+
+    #[test]
+    fn spend_at_the_limit_reaches_it_today_and_a_closed_month_projects_its_spend() {
+        let f = forecast(dec(), 100 * USD, Some(day(1)), Some(100 * USD), at(5, 3));
+        assert_eq!(f.limit_day, Some(day(5)));
+        // Past the month's end nothing is left to project.
+        let jan = Month::parse("2027-01").unwrap();
+        let f = forecast(
+            dec(),
+            40 * USD,
+            Some(day(1)),
+            Some(50 * USD),
+            jan.start_ms() + MS_PER_DAY,
+        );
+        assert_eq!(
+            f,
+            Forecast {
+                projected_micros: 40 * USD,
+                limit_day: None
+            }
+        );
+        // Before it began (a clock behind), the rate is a day's.
+        let f = forecast(jan, 2 * USD, None, None, dec().start_ms());
+        assert_eq!(f.projected_micros, 2 * USD * 32);
+    }
+
+    impl Forecast {
+        fn with_no_limit(self) -> Forecast {
+            Forecast {
+                limit_day: None,
+                ..self
+            }
+        }
+    }
+}

@@ -23,10 +23,12 @@ pub struct Forecast {
     pub limit_day: Option<Day>,
 }
 
-/// Day `day_of_month` (1 ..= 31) of `month`; `None` for 0 (no usage yet).
+/// Day `day_of_month` of `month`; `None` for 0 (no usage yet) or a day
+/// the month does not have.
 pub fn first_day(month: Month, day_of_month: u8) -> Option<Day> {
     let d = u32::from(day_of_month);
-    (d != 0).then(|| Day::from_yyyymmdd(month.yyyymm() * 100 + d))?
+    let day = (d != 0).then(|| Day::from_yyyymmdd(month.yyyymm() * 100 + d))??;
+    (Day::from_unix_ms(day.start_ms()) == day).then_some(day)
 }
 
 /// The projection of `month` at `now_ms` (clamped into the month) for a
@@ -50,7 +52,7 @@ pub fn forecast(
     let projected = spend + spend * remaining / elapsed;
     let projected_micros = i64::try_from(projected).unwrap_or(i64::MAX);
     let limit_day = match limit {
-        Some(l) if spend > 0 && spend >= i128::from(l) => Some(Day::from_unix_ms(now)),
+        Some(l) if spend > 0 && spend >= i128::from(l) => Some(Day::from_unix_ms(now.min(end - 1))),
         Some(l) if spend > 0 && projected >= i128::from(l) => {
             // The time the rate adds the rest of the limit, rounded up.
             let rest = i128::from(l) - spend;
@@ -173,6 +175,20 @@ mod tests {
                 limit_day: None
             }
         );
+        // A limit reached is reached on the month's last day.
+        let over = forecast(
+            dec(),
+            60 * USD,
+            Some(day(1)),
+            Some(50 * USD),
+            jan.start_ms() + MS_PER_DAY,
+        );
+        assert_eq!(over.limit_day, Some(day(31)));
+        // A first day the month does not have counts from its start.
+        let nov = Month::parse("2026-11").unwrap();
+        assert_eq!(first_day(nov, 31), None);
+        assert_eq!(first_day(nov, 30), Day::from_yyyymmdd(20261130));
+        assert_eq!(first_day(nov, 0), None);
         // Before it began (a clock behind), the rate is a day's.
         let f = forecast(jan, 2 * USD, None, None, dec().start_ms());
         assert_eq!(f.projected_micros, 2 * USD * 32);

@@ -565,14 +565,18 @@ impl Ledger {
             c.dirty = true;
             self.dirty.push((call.month, s));
         }
+        // A counter with requests but no first day was written before
+        // first days were kept: its spend may go back to the month's start.
+        let day = call.day.day_of_month();
+        if c.first_day == 0 {
+            c.first_day = if c.requests == 0 { day } else { 1 };
+        } else if day < c.first_day {
+            c.first_day = day;
+        }
         // Callers check `would_overflow` first; spend only grows.
         c.spend_micros += cost_micros;
         c.requests += 1;
         c.last_at_ms = c.last_at_ms.max(call.occurred_at_ms);
-        let day = call.day.day_of_month();
-        if c.first_day == 0 || day < c.first_day {
-            c.first_day = day;
-        }
         if budget.limit_micros.is_some() || c.cut_off {
             let was_cut = c.cut_off;
             evaluate(
@@ -581,6 +585,7 @@ impl Ledger {
                 call.month,
                 budget,
                 logged_at_ms,
+                i64::MIN,
                 LiftReason::LimitRaised,
                 &mut self.pending,
             );
@@ -628,7 +633,16 @@ impl Ledger {
                 continue;
             };
             let mut c = before;
-            evaluate(&mut c, s, month, budget, at_ms, reason, &mut self.pending);
+            evaluate(
+                &mut c,
+                s,
+                month,
+                budget,
+                at_ms,
+                at_ms,
+                reason,
+                &mut self.pending,
+            );
             if c != before {
                 let slot = counter_slot(&mut self.months, &mut self.dirty, month, s);
                 *slot = Counter { dirty: true, ..c };
@@ -832,15 +846,23 @@ pub struct LedgerChanges {
     pub enforcement: Vec<Enforcement>,
 }
 
-/// Fires the forecast alert when the projection at `at_ms` first reaches
-/// the limit, fires the thresholds the counter has reached, and flips its
-/// cutoff when spend crossed the limit (either way).
+/// Fires the forecast alert when the projection first reaches the limit,
+/// fires the thresholds the counter has reached, and flips its cutoff when
+/// spend crossed the limit (either way). Events are dated `at_ms`.
+///
+/// The projection is judged as of the latest usage counted, or
+/// `not_before` (a limit change) when later: never as of a time before a
+/// judgement already made with this spend, which would project it over
+/// fewer days (a restart re-judges as of the org's last limit change, which
+/// may be weeks old; a change may be folded late).
+#[allow(clippy::too_many_arguments)]
 fn evaluate(
     c: &mut Counter,
     subject: Subject,
     month: Month,
     budget: Budget<'_>,
     at_ms: i64,
+    not_before: i64,
     lift_reason: LiftReason,
     out: &mut Vec<Enforcement>,
 ) {
@@ -854,11 +876,11 @@ fn evaluate(
         kind,
     };
     if let Some(limit) = budget.limit_micros {
-        // The projection as of the event's time: the same on every replay.
-        // It only moves up with spend, so judging at each change of spend
-        // or limit finds the first time it reaches the limit.
+        // The same inputs on every replay. Between two calls the projection
+        // only falls (time passes, spend stays), so judging at each call
+        // and limit change finds the first time it reaches the limit.
         if !c.forecast_fired {
-            let f = c.forecast(month, budget.limit_micros, at_ms);
+            let f = c.forecast(month, budget.limit_micros, c.last_at_ms.max(not_before));
             if let Some(limit_day) = f.limit_day {
                 c.forecast_fired = true;
                 out.push(event(
@@ -1052,6 +1074,21 @@ mod tests {
         let dec = nov.next().start_ms();
         l.add(u, dec, 90 * USD, budget(100 * USD), dec);
         assert_eq!(forecasts(&mut l).len(), 1);
+    }
+
+    /// A counter written before first days were kept (requests, no first
+    /// day) starts its run-rate at the month's start, not at its next call.
+    #[test]
+    fn a_counter_without_a_first_day_counts_from_the_months_start() {
+        let mut l = Ledger::default();
+        let u = Subject::User(0);
+        let nov = Month::from_unix_ms(NOV);
+        l.restore(nov, u, Counter::restored(60 * USD, 19, NOV, 0, false, 0));
+        let twentieth = NOV + 19 * DAY;
+        l.add(u, twentieth, USD, budget(100 * USD), twentieth);
+        assert_eq!(l.counter(nov, u).unwrap().first_day, 1);
+        // $61 over 19 days: $96.31 by month-end, under $100.
+        assert_eq!(forecasts(&mut l), vec![]);
     }
 
     /// The run-rate starts at the first day with usage, the earliest even

@@ -1178,6 +1178,64 @@ mod tests {
         )
     }
 
+    /// A restart re-judges every counter as of the org's last limit change
+    /// (review of the forecast): the forecast is judged no earlier than the
+    /// latest usage counted, so an old change does not project today's
+    /// spend over the days before it and fire an alert live counting never
+    /// fired.
+    #[test]
+    fn a_restart_fires_no_forecast_live_counting_did_not() {
+        const DAY: i64 = 86_400_000;
+        let limit_at = NOV + DAY + 10 * 3_600_000;
+        let mut live = state(eng());
+        set_alice_limit(&mut live, limit_at, Some(100 * USD));
+        // $1 a day from the 3rd to the 20th: $18, projected about $28.
+        for d in 2..20 {
+            let at = NOV + d * DAY + DAY / 2;
+            let e = usage(&format!("r{d}"), "alice", "", USD, at);
+            assert_eq!(live.apply_usage(&e, at), UsageOutcome::Applied);
+        }
+        let forecasts = |s: &mut OrgState| -> Vec<SavedEnforcement> {
+            s.take_changes()
+                .enforcement
+                .into_iter()
+                .filter(|e| matches!(e.event.kind, EnforcementKind::ForecastOverLimit { .. }))
+                .collect()
+        };
+        let checkpoint = live.take_changes();
+        assert!(
+            !checkpoint
+                .enforcement
+                .iter()
+                .any(|e| matches!(e.event.kind, EnforcementKind::ForecastOverLimit { .. })),
+            "{:?}",
+            checkpoint.enforcement
+        );
+        let mut r = state(eng());
+        set_alice_limit(&mut r, limit_at, Some(100 * USD));
+        assert!(r.restore(loaded(checkpoint)).is_empty());
+        r.reconcile();
+        assert_eq!(forecasts(&mut r), vec![]);
+        // A limit change folded late, dated before the usage: judged as of
+        // the latest usage too. $18 over 18 days against $25: $28 is over.
+        set_alice_limit(&mut r, limit_at + DAY, Some(25 * USD));
+        let fired = forecasts(&mut r);
+        assert_eq!(fired.len(), 1, "{fired:?}");
+        let last = NOV + 19 * DAY + DAY / 2;
+        let month = Month::from_unix_ms(NOV);
+        let projected = r
+            .spend(month, Subject::User(0))
+            .forecast(month, Some(25 * USD), last);
+        assert_eq!(
+            fired[0].event.kind,
+            EnforcementKind::ForecastOverLimit {
+                projected_micros: projected.projected_micros,
+                limit_day: projected.limit_day.unwrap(),
+            }
+        );
+        assert_eq!(projected.projected_micros, 18 * USD + 18 * USD * 21 / 35);
+    }
+
     /// A limit lowered in a month the meter has closed (its change folded
     /// after the rollover, say relayed late) re-judges only the months still
     /// open: a closed month's cutoff would block nothing, and no lift would

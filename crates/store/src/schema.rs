@@ -402,10 +402,17 @@ CREATE INDEX usage_daily_by_day ON usage_daily (org_id, kind, day);
 "#
     );
     // v18: month-end forecasts. A counter's first day with usage (where
-    // its run-rate starts) and whether its forecast alert fired; the
-    // alert's projection and the day it named.
+    // its run-rate starts: for counters written before, the first day of
+    // its month in spend_daily) and whether its forecast alert fired (for
+    // subjects cut off already, as if it had: it would have fired by
+    // then); the alert's projection and the day it named.
     let v18 = "ALTER TABLE spend_monthly ADD COLUMN first_day BIGINT NOT NULL DEFAULT 0;\n\
                ALTER TABLE spend_monthly ADD COLUMN forecast_fired BIGINT NOT NULL DEFAULT 0;\n\
+               UPDATE spend_monthly SET forecast_fired = cut_off, first_day = COALESCE(\
+               (SELECT MIN(d.day) % 100 FROM spend_daily d WHERE d.org_id = spend_monthly.org_id \
+               AND d.kind = spend_monthly.kind AND d.subject_id = spend_monthly.subject_id \
+               AND d.day >= spend_monthly.month * 100 AND d.day < spend_monthly.month * 100 + 100), \
+               0);\n\
                ALTER TABLE enforcement_events ADD COLUMN projected_micros BIGINT;\n\
                ALTER TABLE enforcement_events ADD COLUMN limit_day BIGINT;"
         .to_owned();

@@ -2011,6 +2011,45 @@ async fn an_hourly_dedupe_window_migrates_to_minutes(db: Db) {
     assert_eq!(window.check(8, early, later), Seen::TooLate);
 }
 
+/// Counters written before forecasts (schema 17) get their month's first
+/// day with usage from the daily spend, and subjects already cut off count
+/// as alerted: an upgrade mid-month fires no forecast that a month of
+/// spend over one day would project.
+async fn counters_before_forecasts_get_their_first_day(db: Db) {
+    db.migrate_to(17).await.unwrap();
+    let _ = db
+        .execute_raw(&format!(
+            "INSERT INTO meter_orgs (org_id, partition_id, watermark_ms, dedupe_floor_minute, \
+             rolled_month) VALUES ('acme', 0, {NOV}, 0, 0); \
+             INSERT INTO spend_monthly (org_id, kind, subject_id, month, spend_micros, requests, \
+             last_at_ms, fired_bps, cut_off, ordinal) VALUES \
+             ('acme', 'user', 'alice', 202611, 120, 2, {NOV}, 10000, 1, 1), \
+             ('acme', 'user', 'bob', 202611, 30, 1, {NOV}, 0, 0, 0), \
+             ('acme', 'user', 'carol', 202611, 5, 1, {NOV}, 0, 0, 0); \
+             INSERT INTO spend_daily (org_id, kind, subject_id, day, spend_micros, requests) VALUES \
+             ('acme', 'user', 'alice', 20261120, 100, 1), ('acme', 'user', 'alice', 20261105, 20, 1), \
+             ('acme', 'user', 'bob', 20261028, 7, 1), ('acme', 'user', 'bob', 20261103, 30, 1)"
+        ))
+        .await
+        .unwrap();
+    db.migrate().await.unwrap();
+    let meters = db.load_meters(0, 86_400_000, month()).await.unwrap();
+    let mut got: Vec<(String, u8, bool)> = meters["acme"]
+        .counters
+        .iter()
+        .map(|c| (c.id.clone(), c.counter.first_day, c.counter.forecast_fired))
+        .collect();
+    got.sort();
+    assert_eq!(
+        got,
+        [
+            ("alice".to_owned(), 5, true),
+            ("bob".to_owned(), 3, false),
+            ("carol".to_owned(), 0, false),
+        ]
+    );
+}
+
 /// A binary never writes under a schema newer than its own (a rolled-back
 /// release against an upgraded database).
 async fn a_newer_schema_is_refused(db: Db) {
@@ -2031,12 +2070,18 @@ mod migrations {
         if let Some(db) = super::sqlite_with(false).await {
             super::an_hourly_dedupe_window_migrates_to_minutes(db).await;
         }
+        if let Some(db) = super::sqlite_with(false).await {
+            super::counters_before_forecasts_get_their_first_day(db).await;
+        }
     }
 
     #[tokio::test]
     async fn postgres() {
         if let Some((db, _)) = super::postgres_with(false).await {
             super::an_hourly_dedupe_window_migrates_to_minutes(db).await;
+        }
+        if let Some((db, _)) = super::postgres_with(false).await {
+            super::counters_before_forecasts_get_their_first_day(db).await;
         }
     }
 }

@@ -17,8 +17,8 @@ use crate::time::{Day, MS_PER_DAY, Month};
 pub struct Forecast {
     /// Spend at the month's end if the run-rate holds.
     pub projected_micros: i64,
-    /// The UTC day spend reaches the limit at the run-rate (today when it
-    /// has): `None` without a limit, without spend, or when the projection
+    /// The UTC day spend reaches the limit at the run-rate (the day of
+    /// `now` when it has): `None` without a limit, without spend, or when the projection
     /// stays under the limit.
     pub limit_day: Option<Day>,
 }
@@ -29,6 +29,17 @@ pub fn first_day(month: Month, day_of_month: u8) -> Option<Day> {
     let d = u32::from(day_of_month);
     let day = (d != 0).then(|| Day::from_yyyymmdd(month.yyyymm() * 100 + d))??;
     (Day::from_unix_ms(day.start_ms()) == day).then_some(day)
+}
+
+/// `ms` as seconds into `month`, clamped into it.
+pub fn seconds_into(month: Month, ms: i64) -> u32 {
+    let (start, end) = (month.start_ms(), month.next().start_ms());
+    u32::try_from((ms.clamp(start, end) - start) / 1_000).unwrap_or(u32::MAX)
+}
+
+/// The time `seconds` into `month`.
+pub fn at_seconds(month: Month, seconds: u32) -> i64 {
+    month.start_ms() + i64::from(seconds) * 1_000
 }
 
 /// The projection of `month` at `now_ms` (clamped into the month) for a

@@ -75,6 +75,10 @@ pub struct Counter {
     /// Whether the forecast alert fired this month (the projection reached
     /// the limit).
     pub forecast_fired: bool,
+    /// When the forecast was last judged (a call's logged time, a limit
+    /// change), in seconds into the month: it is never judged as of an
+    /// earlier time, which would project the same spend over fewer days.
+    pub judged_s: u32,
     /// Whether the subject is cut off (spend reached its limit).
     pub cut_off: bool,
     /// How many cutoffs and lifts happened this month: numbers them, so a
@@ -105,16 +109,19 @@ impl Counter {
             ordinal,
             first_day: 0,
             forecast_fired: false,
+            judged_s: 0,
             dirty: false,
         }
     }
 
-    /// With the forecast's state: the first day with usage (0: none) and
-    /// whether its alert fired.
-    pub fn with_forecast(self, first_day: u8, forecast_fired: bool) -> Counter {
+    /// With the forecast's state: the first day with usage (0: none),
+    /// whether its alert fired, and when it was last judged (seconds into
+    /// the month).
+    pub fn with_forecast(self, first_day: u8, forecast_fired: bool, judged_s: u32) -> Counter {
         Counter {
             first_day,
             forecast_fired,
+            judged_s,
             ..self
         }
     }
@@ -585,7 +592,6 @@ impl Ledger {
                 call.month,
                 budget,
                 logged_at_ms,
-                i64::MIN,
                 LiftReason::LimitRaised,
                 &mut self.pending,
             );
@@ -633,16 +639,7 @@ impl Ledger {
                 continue;
             };
             let mut c = before;
-            evaluate(
-                &mut c,
-                s,
-                month,
-                budget,
-                at_ms,
-                at_ms,
-                reason,
-                &mut self.pending,
-            );
+            evaluate(&mut c, s, month, budget, at_ms, reason, &mut self.pending);
             if c != before {
                 let slot = counter_slot(&mut self.months, &mut self.dirty, month, s);
                 *slot = Counter { dirty: true, ..c };
@@ -848,21 +845,20 @@ pub struct LedgerChanges {
 
 /// Fires the forecast alert when the projection first reaches the limit,
 /// fires the thresholds the counter has reached, and flips its cutoff when
-/// spend crossed the limit (either way). Events are dated `at_ms`.
+/// spend crossed the limit (either way), as of `at_ms` (a call's logged
+/// time, a limit change's).
 ///
-/// The projection is judged as of the latest usage counted, or
-/// `not_before` (a limit change) when later: never as of a time before a
-/// judgement already made with this spend, which would project it over
-/// fewer days (a restart re-judges as of the org's last limit change, which
-/// may be weeks old; a change may be folded late).
-#[allow(clippy::too_many_arguments)]
+/// The projection is judged as of `at_ms`, or of the counter's last
+/// judgement when that is later: never as of an earlier time, which would
+/// project the same spend over fewer days (a restart re-judges as of the
+/// org's last limit change, which may be weeks old; a change may be folded
+/// late). A late call is judged when it was logged, not when it happened.
 fn evaluate(
     c: &mut Counter,
     subject: Subject,
     month: Month,
     budget: Budget<'_>,
     at_ms: i64,
-    not_before: i64,
     lift_reason: LiftReason,
     out: &mut Vec<Enforcement>,
 ) {
@@ -879,8 +875,10 @@ fn evaluate(
         // The same inputs on every replay. Between two calls the projection
         // only falls (time passes, spend stays), so judging at each call
         // and limit change finds the first time it reaches the limit.
+        c.judged_s = c.judged_s.max(crate::forecast::seconds_into(month, at_ms));
         if !c.forecast_fired {
-            let f = c.forecast(month, budget.limit_micros, c.last_at_ms.max(not_before));
+            let now = crate::forecast::at_seconds(month, c.judged_s);
+            let f = c.forecast(month, budget.limit_micros, now);
             if let Some(limit_day) = f.limit_day {
                 c.forecast_fired = true;
                 out.push(event(
@@ -1066,7 +1064,7 @@ mod tests {
         r.restore(
             nov,
             u,
-            Counter::restored(20 * USD, 10, NOV, 0, false, 0).with_forecast(1, false),
+            Counter::restored(20 * USD, 10, NOV, 0, false, 0).with_forecast(1, false, 0),
         );
         r.add(u, eleventh, 30 * USD, budget(100 * USD), eleventh);
         assert_eq!(forecasts(&mut r), vec![(u, eleventh, spiked)]);
@@ -1074,6 +1072,41 @@ mod tests {
         let dec = nov.next().start_ms();
         l.add(u, dec, 90 * USD, budget(100 * USD), dec);
         assert_eq!(forecasts(&mut l).len(), 1);
+    }
+
+    /// A backlog a gateway flushes weeks late, into a quiet counter, is
+    /// judged when it is logged, not as of when its calls happened (which
+    /// would project its spend over a day or two); late usage of a month
+    /// that has ended projects no time left (review of the forecast).
+    #[test]
+    fn late_usage_is_judged_when_it_is_logged() {
+        let mut l = Ledger::default();
+        let u = Subject::User(0);
+        let (nov2, nov25) = (NOV + DAY + DAY / 2, NOV + 24 * DAY);
+        l.add(u, nov2, USD, budget(100 * USD), nov2);
+        // $20 of Nov 2 logged on the 25th: $21 since the 2nd, $26.48 by
+        // month-end.
+        l.add(u, nov2 + 3_600_000, 20 * USD, budget(100 * USD), nov25);
+        assert_eq!(forecasts(&mut l), vec![]);
+        // November's last hour, logged in December: $99.99 of $100 projects
+        // $99.99 (an hour left would have projected $100.13).
+        let mut l = Ledger::default();
+        let nov = Month::from_unix_ms(NOV);
+        let nov30 = NOV + 29 * DAY;
+        l.restore(
+            nov,
+            u,
+            Counter::restored(95 * USD, 29, nov30, 0, false, 0).with_forecast(1, false, 0),
+        );
+        let dec = nov.next().start_ms();
+        l.add(
+            u,
+            dec - 3_600_000,
+            4_990_000,
+            budget(100 * USD),
+            dec + 1_800_000,
+        );
+        assert_eq!(forecasts(&mut l), vec![]);
     }
 
     /// A counter written before first days were kept (requests, no first

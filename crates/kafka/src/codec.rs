@@ -135,6 +135,7 @@ pub fn encode_state(s: &PublishedState, now_ms: i64) -> Vec<u8> {
         last_at_ms: s.counter.last_at_ms,
         first_day: u32::from(s.counter.first_day),
         forecast_fired: s.counter.forecast_fired,
+        judged_at_ms: tally_core::forecast::at_seconds(s.month, s.counter.judged_s),
     }
     .encode_to_vec()
 }
@@ -142,11 +143,12 @@ pub fn encode_state(s: &PublishedState, now_ms: i64) -> Vec<u8> {
 pub fn decode_state(bytes: &[u8]) -> Option<PublishedState> {
     let p = v1::EnforcementState::decode(bytes).ok()?;
     let subject = p.subject?;
+    let month = Month::from_yyyymm(p.month)?;
     Some(PublishedState {
         org_id: OrgId::new(&subject.org_id).ok()?,
         kind: kind_from_proto(subject.kind)?,
         id: subject.id,
-        month: Month::from_yyyymm(p.month)?,
+        month,
         counter: Counter::restored(
             p.spend_micros,
             p.requests,
@@ -155,7 +157,11 @@ pub fn decode_state(bytes: &[u8]) -> Option<PublishedState> {
             p.cut_off,
             0,
         )
-        .with_forecast(u8::try_from(p.first_day).ok()?, p.forecast_fired),
+        .with_forecast(
+            u8::try_from(p.first_day).ok()?,
+            p.forecast_fired,
+            tally_core::forecast::seconds_into(month, p.judged_at_ms),
+        ),
         limit_micros: p.limit_micros,
     })
 }
@@ -236,7 +242,7 @@ mod tests {
             kind: SubjectKind::Group,
             id: "eng".into(),
             month: Month::from_yyyymm(202611).unwrap(),
-            counter: Counter::restored(42, 3, 7, 8000, true, 0).with_forecast(12, true),
+            counter: Counter::restored(42, 3, 7, 8000, true, 0).with_forecast(12, true, 86_400),
             limit_micros: Some(40),
         };
         assert_eq!(state_key(&s), "acme/group/eng");

@@ -315,7 +315,8 @@ impl Db {
         }
         let rows = sqlx::query(
             "SELECT s.org_id, s.kind, s.subject_id, s.month, s.spend_micros, s.requests, \
-             s.last_at_ms, s.fired_bps, s.cut_off, s.ordinal, s.first_day, s.forecast_fired \
+             s.last_at_ms, s.fired_bps, s.cut_off, s.ordinal, s.first_day, s.forecast_fired, \
+             s.judged_at_ms \
              FROM spend_monthly s \
              JOIN meter_orgs m ON m.org_id = s.org_id \
              WHERE m.partition_id = $1 AND s.month >= $2",
@@ -328,6 +329,10 @@ impl Db {
             let kind: String = r.try_get("kind")?;
             let month: i64 = r.try_get("month")?;
             let bad = || Error::Corrupt(format!("spend row {kind} {month}"));
+            let month = u32::try_from(month)
+                .ok()
+                .and_then(Month::from_yyyymm)
+                .ok_or_else(bad)?;
             let counter = Counter::restored(
                 r.try_get("spend_micros")?,
                 u64::try_from(r.try_get::<i64, _>("requests")?).map_err(|_| bad())?,
@@ -339,14 +344,12 @@ impl Db {
             .with_forecast(
                 u8::try_from(r.try_get::<i64, _>("first_day")?).map_err(|_| bad())?,
                 crate::flag(r.try_get("forecast_fired")?),
+                tally_core::forecast::seconds_into(month, r.try_get("judged_at_ms")?),
             );
             let saved = SavedCounter {
                 kind: SubjectKind::parse(&kind).ok_or_else(bad)?,
                 id: r.try_get("subject_id")?,
-                month: u32::try_from(month)
-                    .ok()
-                    .and_then(Month::from_yyyymm)
-                    .ok_or_else(bad)?,
+                month,
                 counter,
             };
             out.entry(r.try_get("org_id")?)
@@ -490,6 +493,7 @@ impl Db {
                     Val::Int(i64::from(k.ordinal)),
                     Val::Int(i64::from(k.first_day)),
                     Val::Int(i64::from(k.forecast_fired)),
+                    Val::Int(tally_core::forecast::at_seconds(c.month, k.judged_s)),
                 ]);
             }
             for d in &ch.days {
@@ -580,12 +584,13 @@ impl Db {
         let _ = insert_many(
             &mut tx,
             "INSERT INTO spend_monthly (org_id, kind, subject_id, month, spend_micros, requests, \
-             last_at_ms, fired_bps, cut_off, ordinal, first_day, forecast_fired)",
+             last_at_ms, fired_bps, cut_off, ordinal, first_day, forecast_fired, judged_at_ms)",
             "ON CONFLICT (org_id, kind, subject_id, month) DO UPDATE SET \
              spend_micros = excluded.spend_micros, requests = excluded.requests, \
              last_at_ms = excluded.last_at_ms, fired_bps = excluded.fired_bps, \
              cut_off = excluded.cut_off, ordinal = excluded.ordinal, \
-             first_day = excluded.first_day, forecast_fired = excluded.forecast_fired",
+             first_day = excluded.first_day, forecast_fired = excluded.forecast_fired, \
+             judged_at_ms = excluded.judged_at_ms",
             counters,
         )
         .await?;

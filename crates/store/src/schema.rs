@@ -403,12 +403,15 @@ CREATE INDEX usage_daily_by_day ON usage_daily (org_id, kind, day);
     );
     // v18: month-end forecasts. A counter's first day with usage (where
     // its run-rate starts: for counters written before, the first day of
-    // its month in spend_daily) and whether its forecast alert fired (for
+    // its month in spend_daily), whether its forecast alert fired (for
     // subjects cut off already, as if it had: it would have fired by
-    // then); the alert's projection and the day it named.
+    // then) and when it was last judged (before: its latest usage); the
+    // alert's projection and the day it named.
     let v18 = "ALTER TABLE spend_monthly ADD COLUMN first_day BIGINT NOT NULL DEFAULT 0;\n\
                ALTER TABLE spend_monthly ADD COLUMN forecast_fired BIGINT NOT NULL DEFAULT 0;\n\
-               UPDATE spend_monthly SET forecast_fired = cut_off, first_day = COALESCE(\
+               ALTER TABLE spend_monthly ADD COLUMN judged_at_ms BIGINT NOT NULL DEFAULT 0;\n\
+               UPDATE spend_monthly SET forecast_fired = cut_off, judged_at_ms = last_at_ms, \
+               first_day = COALESCE(\
                (SELECT MIN(d.day) % 100 FROM spend_daily d WHERE d.org_id = spend_monthly.org_id \
                AND d.kind = spend_monthly.kind AND d.subject_id = spend_monthly.subject_id \
                AND d.day >= spend_monthly.month * 100 AND d.day < spend_monthly.month * 100 + 100), \

@@ -2023,29 +2023,34 @@ async fn counters_before_forecasts_get_their_first_day(db: Db) {
              rolled_month) VALUES ('acme', 0, {NOV}, 0, 0); \
              INSERT INTO spend_monthly (org_id, kind, subject_id, month, spend_micros, requests, \
              last_at_ms, fired_bps, cut_off, ordinal) VALUES \
-             ('acme', 'user', 'alice', 202611, 120, 2, {NOV}, 10000, 1, 1), \
+             ('acme', 'user', 'alice', 202611, 120, 2, {alice_at}, 10000, 1, 1), \
              ('acme', 'user', 'bob', 202611, 30, 1, {NOV}, 0, 0, 0), \
              ('acme', 'user', 'carol', 202611, 5, 1, {NOV}, 0, 0, 0); \
              INSERT INTO spend_daily (org_id, kind, subject_id, day, spend_micros, requests) VALUES \
              ('acme', 'user', 'alice', 20261120, 100, 1), ('acme', 'user', 'alice', 20261105, 20, 1), \
-             ('acme', 'user', 'bob', 20261028, 7, 1), ('acme', 'user', 'bob', 20261103, 30, 1)"
+             ('acme', 'user', 'bob', 20261028, 7, 1), ('acme', 'user', 'bob', 20261103, 30, 1)",
+            alice_at = NOV + 19 * 86_400_000 + 1_500,
         ))
         .await
         .unwrap();
     db.migrate().await.unwrap();
     let meters = db.load_meters(0, 86_400_000, month()).await.unwrap();
-    let mut got: Vec<(String, u8, bool)> = meters["acme"]
+    let mut got: Vec<(String, u8, bool, u32)> = meters["acme"]
         .counters
         .iter()
-        .map(|c| (c.id.clone(), c.counter.first_day, c.counter.forecast_fired))
+        .map(|c| {
+            let k = &c.counter;
+            (c.id.clone(), k.first_day, k.forecast_fired, k.judged_s)
+        })
         .collect();
     got.sort();
+    // Judged last as of their latest usage (seconds into the month).
     assert_eq!(
         got,
         [
-            ("alice".to_owned(), 5, true),
-            ("bob".to_owned(), 3, false),
-            ("carol".to_owned(), 0, false),
+            ("alice".to_owned(), 5, true, 19 * 86_400 + 1),
+            ("bob".to_owned(), 3, false, 0),
+            ("carol".to_owned(), 0, false, 0),
         ]
     );
 }

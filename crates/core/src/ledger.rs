@@ -875,7 +875,11 @@ fn evaluate(
         // The same inputs on every replay. Between two calls the projection
         // only falls (time passes, spend stays), so judging at each call
         // and limit change finds the first time it reaches the limit.
-        c.judged_s = c.judged_s.max(crate::forecast::seconds_into(month, at_ms));
+        // Only spend is projected: a subject without usage stays as it is
+        // (its slot may exist for a neighbour's sake, and is not written).
+        if c.requests > 0 {
+            c.judged_s = c.judged_s.max(crate::forecast::seconds_into(month, at_ms));
+        }
         if !c.forecast_fired {
             let now = crate::forecast::at_seconds(month, c.judged_s);
             let f = c.forecast(month, budget.limit_micros, now);
@@ -1107,6 +1111,21 @@ mod tests {
             dec + 1_800_000,
         );
         assert_eq!(forecasts(&mut l), vec![]);
+    }
+
+    /// A limit change leaves a subject without usage untouched: its slot
+    /// (there for a later index's sake) is not written, nor shown active.
+    #[test]
+    fn a_limit_change_leaves_a_subject_without_usage_untouched() {
+        let mut l = Ledger::default();
+        l.add(Subject::User(1), NOV, USD, budget(100 * USD), NOV);
+        let _ = l.take_changes();
+        l.limit_changed(Subject::User(0), budget(50 * USD), NOV + DAY, None);
+        let ch = l.take_changes();
+        assert!(
+            ch.counters.is_empty() && ch.enforcement.is_empty(),
+            "{ch:?}"
+        );
     }
 
     /// A counter written before first days were kept (requests, no first

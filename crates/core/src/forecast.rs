@@ -31,15 +31,67 @@ pub fn first_day(month: Month, day_of_month: u8) -> Option<Day> {
     (Day::from_unix_ms(day.start_ms()) == day).then_some(day)
 }
 
+/// A month and its bounds in Unix ms, worked out once (the meter judges
+/// forecasts on every call; the calendar's arithmetic is not free).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MonthSpan {
+    pub month: Month,
+    pub start_ms: i64,
+    /// The next month's first millisecond.
+    pub end_ms: i64,
+}
+
+impl MonthSpan {
+    pub fn of(month: Month) -> MonthSpan {
+        MonthSpan {
+            month,
+            start_ms: month.start_ms(),
+            end_ms: month.next().start_ms(),
+        }
+    }
+
+    /// `ms` as seconds into the month, clamped into it.
+    pub fn seconds_into(self, ms: i64) -> u32 {
+        let ms = ms.clamp(self.start_ms, self.end_ms);
+        u32::try_from((ms - self.start_ms) / 1_000).unwrap_or(u32::MAX)
+    }
+
+    /// The time `seconds` into the month.
+    pub fn at_seconds(self, seconds: u32) -> i64 {
+        self.start_ms + i64::from(seconds) * 1_000
+    }
+
+    /// Whether the projection at `now_ms` of `spend_micros` since the start
+    /// of day `first_day` (0, or a day the month lacks: since its start)
+    /// reaches `limit`: [`forecast`]'s `limit_day.is_some()`, without a
+    /// division or the calendar. projected = spend + ⌊spend × left ÷
+    /// elapsed⌋ ≥ limit exactly when spend × (elapsed + left) ≥ limit ×
+    /// elapsed.
+    pub fn reaches(self, spend_micros: i64, first_day: u8, limit: i64, now_ms: i64) -> bool {
+        if spend_micros <= 0 {
+            return false;
+        }
+        let from = self.start_ms + (i64::from(first_day.max(1)) - 1) * MS_PER_DAY;
+        let from = if from < self.end_ms {
+            from
+        } else {
+            self.start_ms
+        };
+        let now = now_ms.clamp(self.start_ms, self.end_ms);
+        let elapsed = i128::from((now - from).max(MS_PER_DAY));
+        let left = i128::from(self.end_ms - now);
+        i128::from(spend_micros) * (elapsed + left) >= i128::from(limit) * elapsed
+    }
+}
+
 /// `ms` as seconds into `month`, clamped into it.
 pub fn seconds_into(month: Month, ms: i64) -> u32 {
-    let (start, end) = (month.start_ms(), month.next().start_ms());
-    u32::try_from((ms.clamp(start, end) - start) / 1_000).unwrap_or(u32::MAX)
+    MonthSpan::of(month).seconds_into(ms)
 }
 
 /// The time `seconds` into `month`.
 pub fn at_seconds(month: Month, seconds: u32) -> i64 {
-    month.start_ms() + i64::from(seconds) * 1_000
+    MonthSpan::of(month).at_seconds(seconds)
 }
 
 /// The projection of `month` at `now_ms` (clamped into the month) for a
@@ -203,6 +255,34 @@ mod tests {
         // Before it began (a clock behind), the rate is a day's.
         let f = forecast(jan, 2 * USD, None, None, dec().start_ms());
         assert_eq!(f.projected_micros, 2 * USD * 32);
+    }
+
+    /// The meter's cheap test agrees with the projection everywhere:
+    /// every first day (and ones the month lacks), through the month and
+    /// past it, at and around the limit.
+    #[test]
+    fn reaches_agrees_with_the_forecast() {
+        for month in [dec(), Month::parse("2027-02").unwrap()] {
+            let span = MonthSpan::of(month);
+            for first in [0u8, 1, 2, 15, 28, 30, 31] {
+                for hours in (0..=24 * 32).step_by(7) {
+                    let now = span.start_ms + hours * 3_600_000 - 3_600_000;
+                    for spend in [0, 1, 999_999, 3_333_333, 50 * USD, 100 * USD] {
+                        for limit in [1, 7 * USD, 100 * USD, 101 * USD] {
+                            let want =
+                                forecast(month, spend, first_day(month, first), Some(limit), now)
+                                    .limit_day
+                                    .is_some();
+                            assert_eq!(
+                                span.reaches(spend, first, limit, now),
+                                want,
+                                "{month} first {first} at {now} spend {spend} limit {limit}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
     }
 
     impl Forecast {

@@ -5,7 +5,7 @@
 //! one [`MonthLedger`] per UTC month still open to late usage. Every change
 //! marks its counter dirty so a checkpoint writes only what moved.
 
-use crate::forecast::{Forecast, forecast};
+use crate::forecast::{Forecast, MonthSpan, forecast};
 use crate::models::Models;
 use crate::money::Limit;
 use crate::ratio::reached;
@@ -231,6 +231,8 @@ pub struct Enforcement {
 #[derive(Debug, Clone)]
 pub struct MonthLedger {
     pub month: Month,
+    /// Its bounds, for forecasts.
+    pub span: MonthSpan,
     pub org: Counter,
     pub users: Vec<Counter>,
     pub groups: Vec<Counter>,
@@ -242,6 +244,7 @@ impl MonthLedger {
     fn new(month: Month) -> MonthLedger {
         MonthLedger {
             month,
+            span: MonthSpan::of(month),
             org: Counter::default(),
             users: Vec::new(),
             groups: Vec::new(),
@@ -567,7 +570,9 @@ impl Ledger {
             Some(m) if m.month == call.month => call.month_at,
             _ => month_index(&mut self.months, call.month),
         };
-        let c = self.months[month_at].get_mut(s);
+        let m = &mut self.months[month_at];
+        let span = m.span;
+        let c = m.get_mut(s);
         if !c.dirty {
             c.dirty = true;
             self.dirty.push((call.month, s));
@@ -589,7 +594,7 @@ impl Ledger {
             evaluate(
                 c,
                 s,
-                call.month,
+                span,
                 budget,
                 logged_at_ms,
                 LiftReason::LimitRaised,
@@ -639,7 +644,8 @@ impl Ledger {
                 continue;
             };
             let mut c = before;
-            evaluate(&mut c, s, month, budget, at_ms, reason, &mut self.pending);
+            let span = MonthSpan::of(month);
+            evaluate(&mut c, s, span, budget, at_ms, reason, &mut self.pending);
             if c != before {
                 let slot = counter_slot(&mut self.months, &mut self.dirty, month, s);
                 *slot = Counter { dirty: true, ..c };
@@ -856,12 +862,13 @@ pub struct LedgerChanges {
 fn evaluate(
     c: &mut Counter,
     subject: Subject,
-    month: Month,
+    span: MonthSpan,
     budget: Budget<'_>,
     at_ms: i64,
     lift_reason: LiftReason,
     out: &mut Vec<Enforcement>,
 ) {
+    let month = span.month;
     let event = |c: &Counter, ordinal, kind| Enforcement {
         subject,
         month,
@@ -878,10 +885,10 @@ fn evaluate(
         // Only spend is projected: a subject without usage stays as it is
         // (its slot may exist for a neighbour's sake, and is not written).
         if c.requests > 0 {
-            c.judged_s = c.judged_s.max(crate::forecast::seconds_into(month, at_ms));
+            c.judged_s = c.judged_s.max(span.seconds_into(at_ms));
         }
-        if !c.forecast_fired {
-            let now = crate::forecast::at_seconds(month, c.judged_s);
+        let now = span.at_seconds(c.judged_s);
+        if !c.forecast_fired && span.reaches(c.spend_micros, c.first_day, limit, now) {
             let f = c.forecast(month, budget.limit_micros, now);
             if let Some(limit_day) = f.limit_day {
                 c.forecast_fired = true;

@@ -750,6 +750,19 @@ mod tests {
         }
     }
 
+    /// Alice's forecast: $20 spent, $61.50 projected, her $50 reached on
+    /// the 25th.
+    fn forecast_event() -> DeliveryEvent {
+        DeliveryEvent {
+            event: "forecast_over_limit".into(),
+            threshold_bps: 0,
+            spend_micros: 20_000_000,
+            projected_micros: Some(61_500_000),
+            limit_day: Some(20_261_125),
+            ..event()
+        }
+    }
+
     #[test]
     fn hmac_matches_rfc_4231_case_2() {
         let mac = hmac(b"Jefe", &[b"what do ya want ", b"for nothing?"]);
@@ -786,14 +799,7 @@ mod tests {
                 "occurred_at": tally_proto::format_rfc3339_ms(1_795_000_000_000),
             })
         );
-        let forecast = DeliveryEvent {
-            event: "forecast_over_limit".into(),
-            threshold_bps: 0,
-            spend_micros: 20_000_000,
-            projected_micros: Some(61_500_000),
-            limit_day: Some(20_261_125),
-            ..event()
-        };
+        let forecast = forecast_event();
         let v: serde_json::Value = serde_json::from_slice(&body("acme", &forecast)).unwrap();
         assert_eq!(v["id"], "acme:user:alice:202611:forecast_over_limit:0:0");
         assert_eq!(v["threshold"], serde_json::Value::Null);
@@ -862,14 +868,7 @@ mod tests {
             spend_micros: 50_250_000,
             ..event()
         };
-        let forecast = DeliveryEvent {
-            event: "forecast_over_limit".into(),
-            threshold_bps: 0,
-            spend_micros: 20_000_000,
-            projected_micros: Some(61_500_000),
-            limit_day: Some(20_261_125),
-            ..event()
-        };
+        let forecast = forecast_event();
         assert_eq!(
             text(&forecast, None),
             ":crystal_ball: *acme*: user `alice` is on course to pass its monthly limit: $20.00 \

@@ -79,7 +79,18 @@ impl Backend {
         ))))
     }
 
-    fn args(&self) -> Vec<String> {
+    /// The database's URL, for a test's own SQL (not while a serve runs).
+    pub fn url(&self) -> String {
+        match self {
+            Backend::Sqlite(dir) => {
+                format!("sqlite://{}?mode=rwc", dir.join("tally.db").display())
+            }
+            Backend::Postgres(url) => url.clone(),
+        }
+    }
+
+    /// Where `tally serve` and the maintenance commands find the state.
+    pub fn args(&self) -> Vec<String> {
         match self {
             Backend::Sqlite(dir) => vec!["--data-dir".into(), dir.display().to_string()],
             Backend::Postgres(url) => vec!["--database-url".into(), url.clone()],

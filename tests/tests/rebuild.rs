@@ -1,5 +1,7 @@
 //! `tally rebuild-projections` drops every read model and projects the
-//! entity log again: the admin's view afterwards is the same.
+//! entity log again, and counts spend and usage again from the embedded
+//! usage log where it holds everything metered: the admin's view
+//! afterwards is the same.
 
 use serde_json::{Value, json};
 use tally_tests::{Backend, Client, Cluster, Tally, now_rfc3339, tally_bin};
@@ -19,10 +21,43 @@ async fn view(op: &Client) -> Value {
     v
 }
 
+/// [`view`], and the group `ops`, the member `ben` and usage by model,
+/// member, group and key.
+async fn view_with_usage(op: &Client) -> Value {
+    let mut v = json!({
+        "view": view(op).await,
+        "ops": op.get("/v1/orgs/acme/groups/ops").await.expect(200),
+        "ben": op.get("/v1/orgs/acme/users/ben").await.expect(200),
+        "by_model": op.get("/v1/orgs/acme/usage?group_by=model").await.expect(200),
+        "by_user": op.get("/v1/orgs/acme/usage?group_by=user").await.expect(200),
+        "by_group": op.get("/v1/orgs/acme/usage?group_by=group").await.expect(200),
+        "by_key": op.get("/v1/orgs/acme/usage?group_by=key").await.expect(200),
+    });
+    tally_tests::without_projections(&mut v);
+    v
+}
+
 #[tokio::test]
 async fn rebuilt_read_models_equal_the_live_ones() {
-    let backend = Backend::sqlite("rebuild");
-    let tally = Tally::start(&backend).unwrap();
+    rebuilt_equal_live(&Backend::sqlite("rebuild")).await;
+}
+
+#[tokio::test]
+async fn rebuilt_read_models_equal_the_live_ones_on_postgresql() {
+    if let Some(backend) = Backend::postgres("rebuild_equal").await.unwrap() {
+        rebuilt_equal_live(&backend).await;
+    }
+}
+
+/// One call's usage as a gateway sends it.
+fn call(id: &str, user: &str, model: &str, provider: &str, cost_micros: i64) -> Value {
+    json!({"request_id": id, "org_id": "acme", "user_id": user, "cost_micros": cost_micros,
+        "model": model, "provider": provider, "input_tokens": cost_micros / 10,
+        "output_tokens": cost_micros / 100, "occurred_at": now_rfc3339()})
+}
+
+async fn rebuilt_equal_live(backend: &Backend) {
+    let tally = Tally::start(backend).unwrap();
     let op = tally.operator();
     let _ = op
         .post(
@@ -49,6 +84,19 @@ async fn rebuilt_read_models_equal_the_live_ones() {
         .put("/v1/orgs/acme/groups/ops/members/ben")
         .await
         .expect(200);
+    // Ben's usage while a member counts to the group, after it not: a
+    // recount judges membership by log time, as live counting did.
+    let usage = json!({"events": [
+        call("ben-1", "ben", "gpt-4o", "openai", 900),
+        call("ben-1", "ben", "gpt-4o", "openai", 900),
+        call("ben-2", "ben", "claude-sonnet", "anthropic", 400),
+    ]});
+    let answer = op.post("/v1/usage", usage).await.expect(200);
+    assert_eq!(
+        (answer["accepted"].as_i64(), answer["duplicates"].as_i64()),
+        (Some(2), Some(1)),
+        "{answer}"
+    );
     let _ = op
         .delete("/v1/orgs/acme/groups/ops/members/ben")
         .await
@@ -85,31 +133,120 @@ async fn rebuilt_read_models_equal_the_live_ones() {
         )
         .await
         .expect(200);
+    let mut on_key = call("b", "cid", "gpt-4o", "openai", 1_300);
+    on_key["api_key_id"] = json!("k1");
     let usage = json!({"events": [
-        {"request_id": "a", "org_id": "acme", "user_id": "ann", "cost_micros": 700, "occurred_at": now_rfc3339()},
-        {"request_id": "b", "org_id": "acme", "user_id": "cid", "api_key_id": "k1", "cost_micros": 1_300, "occurred_at": now_rfc3339()},
+        call("a", "ann", "gpt-4o", "openai", 700),
+        on_key,
+        call("ben-3", "ben", "gpt-4o", "openai", 50),
     ]});
-    assert_eq!(op.post("/v1/usage", usage).await.expect(200)["accepted"], 2);
-    let before = view(&op).await;
-    let Backend::Sqlite(dir) = &backend else {
-        unreachable!()
-    };
-    let args = ["--data-dir".to_owned(), dir.display().to_string()];
+    assert_eq!(op.post("/v1/usage", usage).await.expect(200)["accepted"], 3);
+    let before = view_with_usage(&op).await;
+    assert_eq!(before["ops"]["spend_micros"], 2_000, "{before}");
+    assert_eq!(before["ben"]["spend_micros"], 1_350, "{before}");
+    let args = backend.args();
     // Not under the running service: refused, and it serves on unharmed.
     refused_while_served(&args);
     refused_while_served_to("reset-usage-positions", &args);
-    assert_eq!(view(&op).await, before);
+    assert_eq!(view_with_usage(&op).await, before);
     tally.stop().unwrap();
+
+    // Spend and usage lost or wrong in every rollup: the recount puts
+    // back what the log says, and leaves enforcement as it was.
+    let sql = tally_store::Db::open(&tally_store::DbOptions::new(backend.url()))
+        .await
+        .unwrap();
+    for damage in [
+        "DELETE FROM usage_daily WHERE kind = 'group'",
+        "UPDATE usage_daily SET requests = requests + 5",
+        "DELETE FROM spend_daily WHERE kind = 'user'",
+        "UPDATE spend_monthly SET spend_micros = spend_micros * 2",
+        "INSERT INTO spend_monthly (org_id, kind, subject_id, month, spend_micros, requests, \
+         last_at_ms, fired_bps, cut_off, ordinal) VALUES ('acme', 'user', 'dot', 202001, 5, 1, 1, \
+         0, 0, 0)",
+    ] {
+        assert!(sql.execute_raw(damage).await.unwrap() > 0, "{damage}");
+    }
+    let enforced = "SELECT COUNT(*) FROM enforcement_events";
+    let events_before = sql.query_i64(enforced).await.unwrap();
+    sql.close().await;
 
     let stdout = rebuilt(&args);
     assert!(
         stdout.contains("rebuilt read models from 24 events"),
         "{stdout}"
     );
+    assert!(
+        stdout.contains(
+            "counted spend and usage again from the usage log: 2 records, 6 events, 5 counted"
+        ),
+        "{stdout}"
+    );
+    let sql = tally_store::Db::open(&tally_store::DbOptions::new(backend.url()))
+        .await
+        .unwrap();
+    assert_eq!(sql.query_i64(enforced).await.unwrap(), events_before);
+    let old = "SELECT COUNT(*) FROM spend_monthly WHERE month = 202001";
+    assert_eq!(
+        sql.query_i64(old).await.unwrap(),
+        [0],
+        "a row the log never counted"
+    );
+    sql.close().await;
 
-    let tally = Tally::start(&backend).unwrap();
-    assert_eq!(view(&tally.operator()).await, before);
+    let tally = Tally::start(backend).unwrap();
+    assert_eq!(view_with_usage(&tally.operator()).await, before);
     tally.stop().unwrap();
+}
+
+/// A log purged after its retention no longer holds everything metered:
+/// the rebuild says so and keeps spend and usage as checkpoints wrote them.
+#[tokio::test]
+async fn a_purged_usage_log_keeps_spend_as_checkpointed() {
+    let backend = Backend::sqlite("rebuild_purged");
+    let no_retention = ["--usage-retention-days", "0"];
+    let tally = Tally::start_with(&backend, &no_retention).unwrap();
+    let op = tally.operator();
+    org_with_a_user(&op).await;
+    let usage = json!({"events": [call("a", "ann", "gpt-4o", "openai", 700)]});
+    assert_eq!(op.post("/v1/usage", usage).await.expect(200)["accepted"], 1);
+    tally.stop().unwrap();
+    // The first housekeeping after a start purges what was checkpointed.
+    let tally = Tally::start_with(&backend, &no_retention).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !tally
+        .log_text()
+        .contains("purged checkpointed usage past retention")
+    {
+        assert!(std::time::Instant::now() < deadline, "{}", tally.log_text());
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let before = op_view(&tally).await;
+    assert_eq!(before["ann"]["spend_micros"], 700, "{before}");
+    tally.stop().unwrap();
+
+    let stdout = rebuilt(&backend.args());
+    assert!(
+        stdout.contains(
+            "kept spend and usage by model as checkpoints wrote them: the log's records up to \
+             position 1 were purged after `usage_retention_days`"
+        ),
+        "{stdout}"
+    );
+    let tally = Tally::start(&backend).unwrap();
+    assert_eq!(op_view(&tally).await, before);
+    tally.stop().unwrap();
+}
+
+/// The purged test's org: its member and its usage by model.
+async fn op_view(tally: &Tally) -> Value {
+    let op = tally.operator();
+    let mut v = json!({
+        "ann": op.get("/v1/orgs/acme/users/ann").await.expect(200),
+        "by_model": op.get("/v1/orgs/acme/usage?group_by=model").await.expect(200),
+    });
+    tally_tests::without_projections(&mut v);
+    v
 }
 
 fn rebuild(args: &[String]) -> std::process::Output {
@@ -189,7 +326,14 @@ async fn rebuild_is_refused_while_a_distributed_serve_uses_the_database() {
     refused_while_served(&args);
     refused_while_served_to("reset-usage-positions", &args);
     tally.stop().unwrap();
-    let _ = rebuilt(&args);
+    // Its usage log is a Kafka topic: spend is not counted again.
+    let stdout = rebuilt(&args);
+    assert!(
+        stdout.contains(
+            "kept spend and usage by model as checkpoints wrote them: the usage log is kafka:"
+        ),
+        "{stdout}"
+    );
 }
 
 /// The pid of the serve's state-lock connection on the database `url`

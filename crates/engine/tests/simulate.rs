@@ -1411,7 +1411,10 @@ impl Sim {
 
     /// At the end of a run: after a last checkpoint, the read models agree
     /// with the model, and rebuilding them from the entity log (offline,
-    /// as `tally rebuild-projections` does) gives the same ones.
+    /// as `tally rebuild-projections` does) gives the same ones; counting
+    /// the whole usage log again (never purged here) gives the same spend
+    /// and usage rows, byte for byte, as live counting with its crashes,
+    /// faults and restarts wrote.
     async fn rebuild_and_compare(&mut self) {
         self.step += 1;
         if self.full.is_some() {
@@ -1427,8 +1430,26 @@ impl Sim {
         )))
         .await
         .unwrap();
-        let _ = db.rebuild_projections(|_| {}).await.unwrap();
+        let rows_before = metered_rows(&db).await;
+        let mut config = tally_engine::EngineOptions::default().meter_config;
+        config.dedupe.entries_max = self.dedupe_ids;
+        let rebuilt = db.rebuild_projections(config, |_| {}).await.unwrap();
+        self.check(
+            matches!(rebuilt.usage, tally_store::recount::Recount::Counted { .. }),
+            || format!("the usage log was not counted again: {rebuilt:?}"),
+        );
+        let rows_after = metered_rows(&db).await;
+        self.check(rows_before.iter().all(|t| !t.is_empty()), || {
+            format!("nothing to compare in some table: {rows_before:?}")
+        });
         db.close().await;
+        for (table, (live, recounted)) in rows_before.iter().zip(&rows_after).enumerate() {
+            self.check(live == recounted, || {
+                let gone: Vec<_> = live.iter().filter(|r| !recounted.contains(r)).collect();
+                let new: Vec<_> = recounted.iter().filter(|r| !live.contains(r)).collect();
+                format!("recounted rows of table {table} differ: live only {gone:?}, recount only {new:?}")
+            });
+        }
         self.running = Some(Running::start(&self.dir, &self.clock, self.dedupe_ids).await);
         let after = self.views().await;
         self.check(before == after, || {
@@ -1787,6 +1808,36 @@ impl Sim {
             });
         }
     }
+}
+
+/// Every row of spend_monthly, spend_daily and usage_daily, as text, in
+/// key order.
+async fn metered_rows(db: &tally_store::Db) -> [Vec<String>; 3] {
+    let text = |cols: &str| cols.split(", ").collect::<Vec<_>>().join(" || ' ' || ");
+    let monthly = text(
+        "org_id, kind, subject_id, month, spend_micros, requests, last_at_ms, fired_bps, \
+         cut_off, ordinal, first_day, forecast_fired, judged_at_ms",
+    );
+    let daily = text("org_id, kind, subject_id, day, spend_micros, requests");
+    let usage = text(
+        "org_id, kind, subject_id, day, model, provider, spend_micros, requests, \
+         input_tokens, output_tokens",
+    );
+    let mut out: [Vec<String>; 3] = Default::default();
+    for (i, (cols, table)) in [
+        (monthly, "spend_monthly"),
+        (daily, "spend_daily"),
+        (usage, "usage_daily"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        out[i] = db
+            .query_text(&format!("SELECT {cols} FROM {table} ORDER BY 1"))
+            .await
+            .unwrap();
+    }
+    out
 }
 
 async fn run_seeds(seeds: Vec<u64>, steps: u64) {

@@ -20,7 +20,9 @@ use sqlx::Row;
 use tally_core::dedupe::RequestHash;
 use tally_core::ids::OrgId;
 use tally_core::ledger::{Counter, EnforcementKind, SubjectKind};
-use tally_core::org::{MeterChanges, SavedCounter, SavedEnforcement, SavedMeter};
+use tally_core::org::{
+    MeterChanges, SavedCounter, SavedDay, SavedEnforcement, SavedMeter, SavedUsage,
+};
 use tally_core::time::Month;
 
 use crate::tx::WriteTx;
@@ -173,6 +175,68 @@ fn enforcement_key(org: &str, e: &SavedEnforcement) -> Vec<Val> {
         Val::Int(threshold),
         Val::Int(i64::from(e.event.ordinal)),
     ]
+}
+
+/// The head of a statement that writes counters ([`counter_row`]).
+pub(crate) const COUNTER_INSERT: &str = "INSERT INTO spend_monthly (org_id, kind, subject_id, \
+     month, spend_micros, requests, last_at_ms, fired_bps, cut_off, ordinal, first_day, \
+     forecast_fired, judged_at_ms)";
+
+/// The head of a statement that writes day rollups ([`day_row`]).
+pub(crate) const DAY_INSERT: &str =
+    "INSERT INTO spend_daily (org_id, kind, subject_id, day, spend_micros, requests)";
+
+/// The head of a statement that writes usage by model ([`usage_row`]).
+pub(crate) const USAGE_INSERT: &str = "INSERT INTO usage_daily (org_id, kind, subject_id, day, \
+     model, provider, spend_micros, requests, input_tokens, output_tokens)";
+
+pub(crate) fn counter_row(org: &str, c: &SavedCounter) -> Vec<Val> {
+    let k = &c.counter;
+    vec![
+        Val::Text(org.to_owned()),
+        Val::Text(c.kind.as_str().to_owned()),
+        Val::Text(c.id.clone()),
+        Val::Int(month_i64(c.month)),
+        Val::Int(k.spend_micros),
+        count(k.requests),
+        Val::Int(k.last_at_ms),
+        Val::Int(i64::from(k.fired_bps)),
+        Val::Int(i64::from(k.cut_off)),
+        Val::Int(i64::from(k.ordinal)),
+        Val::Int(i64::from(k.first_day)),
+        Val::Int(i64::from(k.forecast_fired)),
+        Val::Int(tally_core::forecast::at_seconds(c.month, k.judged_s)),
+    ]
+}
+
+pub(crate) fn day_row(org: &str, d: &SavedDay) -> Vec<Val> {
+    vec![
+        Val::Text(org.to_owned()),
+        Val::Text(d.kind.as_str().to_owned()),
+        Val::Text(d.id.clone()),
+        Val::Int(i64::from(d.day.yyyymmdd())),
+        Val::Int(d.delta.spend_micros),
+        count(d.delta.requests),
+    ]
+}
+
+pub(crate) fn usage_row(org: &str, u: &SavedUsage) -> Vec<Val> {
+    vec![
+        Val::Text(org.to_owned()),
+        Val::Text(u.kind.as_str().to_owned()),
+        Val::Text(u.id.clone()),
+        Val::Int(i64::from(u.day.yyyymmdd())),
+        Val::Text(u.model.clone()),
+        Val::Text(u.provider.clone()),
+        Val::Int(u.delta.spend_micros),
+        count(u.delta.requests),
+        count(u.delta.input_tokens),
+        count(u.delta.output_tokens),
+    ]
+}
+
+fn count(n: u64) -> Val {
+    Val::Int(i64::try_from(n).unwrap_or(i64::MAX))
 }
 
 fn month_i64(m: Month) -> i64 {
@@ -478,49 +542,9 @@ impl Db {
         let mut enforcement = Vec::new();
         for (org, ch) in orgs {
             let org = org.as_str();
-            for c in &ch.counters {
-                let k = &c.counter;
-                counters.push(vec![
-                    Val::Text(org.to_owned()),
-                    Val::Text(c.kind.as_str().to_owned()),
-                    Val::Text(c.id.clone()),
-                    Val::Int(month_i64(c.month)),
-                    Val::Int(k.spend_micros),
-                    Val::Int(i64::try_from(k.requests).unwrap_or(i64::MAX)),
-                    Val::Int(k.last_at_ms),
-                    Val::Int(i64::from(k.fired_bps)),
-                    Val::Int(i64::from(k.cut_off)),
-                    Val::Int(i64::from(k.ordinal)),
-                    Val::Int(i64::from(k.first_day)),
-                    Val::Int(i64::from(k.forecast_fired)),
-                    Val::Int(tally_core::forecast::at_seconds(c.month, k.judged_s)),
-                ]);
-            }
-            for d in &ch.days {
-                days.push(vec![
-                    Val::Text(org.to_owned()),
-                    Val::Text(d.kind.as_str().to_owned()),
-                    Val::Text(d.id.clone()),
-                    Val::Int(i64::from(d.day.yyyymmdd())),
-                    Val::Int(d.delta.spend_micros),
-                    Val::Int(i64::try_from(d.delta.requests).unwrap_or(i64::MAX)),
-                ]);
-            }
-            let int = |n: u64| Val::Int(i64::try_from(n).unwrap_or(i64::MAX));
-            for u in &ch.usage {
-                usage.push(vec![
-                    Val::Text(org.to_owned()),
-                    Val::Text(u.kind.as_str().to_owned()),
-                    Val::Text(u.id.clone()),
-                    Val::Int(i64::from(u.day.yyyymmdd())),
-                    Val::Text(u.model.clone()),
-                    Val::Text(u.provider.clone()),
-                    Val::Int(u.delta.spend_micros),
-                    int(u.delta.requests),
-                    int(u.delta.input_tokens),
-                    int(u.delta.output_tokens),
-                ]);
-            }
+            counters.extend(ch.counters.iter().map(|c| counter_row(org, c)));
+            days.extend(ch.days.iter().map(|d| day_row(org, d)));
+            usage.extend(ch.usage.iter().map(|u| usage_row(org, u)));
             let mut by_minute: HashMap<i64, Vec<RequestHash>> = HashMap::new();
             for (minute, h) in &ch.dedupe_added {
                 by_minute.entry(*minute).or_default().push(*h);
@@ -583,8 +607,7 @@ impl Db {
         }
         let _ = insert_many(
             &mut tx,
-            "INSERT INTO spend_monthly (org_id, kind, subject_id, month, spend_micros, requests, \
-             last_at_ms, fired_bps, cut_off, ordinal, first_day, forecast_fired, judged_at_ms)",
+            COUNTER_INSERT,
             "ON CONFLICT (org_id, kind, subject_id, month) DO UPDATE SET \
              spend_micros = excluded.spend_micros, requests = excluded.requests, \
              last_at_ms = excluded.last_at_ms, fired_bps = excluded.fired_bps, \
@@ -596,7 +619,7 @@ impl Db {
         .await?;
         let _ = insert_many(
             &mut tx,
-            "INSERT INTO spend_daily (org_id, kind, subject_id, day, spend_micros, requests)",
+            DAY_INSERT,
             "ON CONFLICT (org_id, kind, subject_id, day) DO UPDATE SET \
              spend_micros = spend_daily.spend_micros + excluded.spend_micros, \
              requests = spend_daily.requests + excluded.requests",
@@ -605,8 +628,7 @@ impl Db {
         .await?;
         let _ = insert_many(
             &mut tx,
-            "INSERT INTO usage_daily (org_id, kind, subject_id, day, model, provider, \
-             spend_micros, requests, input_tokens, output_tokens)",
+            USAGE_INSERT,
             "ON CONFLICT (org_id, kind, subject_id, day, model, provider) DO UPDATE SET \
              spend_micros = usage_daily.spend_micros + excluded.spend_micros, \
              requests = usage_daily.requests + excluded.requests, \

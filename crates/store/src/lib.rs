@@ -9,6 +9,8 @@
 //!   rollups, dedupe window, enforcement events and log position — in one
 //!   transaction.
 //! - [`query`]: the admin read side (lists, details, history).
+//! - [`recount`]: spend and usage counted again from the embedded usage
+//!   log, when rebuilding the read models.
 //!
 //! On SQLite all writes go through one connection (SQLite has one writer
 //! anyway), so writers queue in the pool instead of failing with `BUSY`.
@@ -17,6 +19,7 @@ pub mod checkpoint;
 pub mod holds;
 pub mod log;
 pub mod query;
+pub mod recount;
 pub mod rollup;
 mod schema;
 pub mod sessions;
@@ -30,6 +33,10 @@ use std::time::Duration;
 
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::{AnyPool, Executor};
+
+/// Sets a value of the `tally_meta` table: binds the key, then the value.
+pub(crate) const META_SET: &str = "INSERT INTO tally_meta (key, value) VALUES ($1, $2) \
+     ON CONFLICT (key) DO UPDATE SET value = excluded.value";
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -335,14 +342,11 @@ impl Db {
 
     /// Sets a value of the `tally_meta` table.
     pub async fn meta_set(&self, key: &str, value: &str) -> Result<()> {
-        let _ = sqlx::query(
-            "INSERT INTO tally_meta (key, value) VALUES ($1, $2) \
-             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-        )
-        .bind(key)
-        .bind(value)
-        .execute(&self.write)
-        .await?;
+        let _ = sqlx::query(META_SET)
+            .bind(key)
+            .bind(value)
+            .execute(&self.write)
+            .await?;
         Ok(())
     }
 
@@ -474,6 +478,15 @@ impl Db {
     /// tests (never with request data).
     #[doc(hidden)]
     pub async fn query_i64(&self, sql: &str) -> Result<Vec<i64>> {
+        Ok(sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_owned()))
+            .fetch_all(&self.read)
+            .await?)
+    }
+
+    /// Runs one query of a single text column, as written, for tools and
+    /// tests (never with request data).
+    #[doc(hidden)]
+    pub async fn query_text(&self, sql: &str) -> Result<Vec<String>> {
         Ok(sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_owned()))
             .fetch_all(&self.read)
             .await?)

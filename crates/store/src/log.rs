@@ -10,11 +10,13 @@ use sqlx::Row;
 use sqlx::any::AnyRow;
 use tally_core::entity::{EntityEvent, EventKind};
 use tally_core::ids::OrgId;
+use tally_core::org::{MeterConfig, OrgState};
 use tally_proto::{decode_entity_event, encode_entity_event};
 
 use std::collections::{BTreeMap, HashMap};
 
 use crate::checkpoint::{Val, insert_many};
+use crate::recount::Recount;
 use crate::tx::WriteTx;
 use crate::{Db, Error, Result};
 
@@ -392,21 +394,27 @@ impl Db {
         };
         let n = events.len();
         publish(events).await.map_err(Error::Relay)?;
-        let _ = sqlx::query(
-            "INSERT INTO tally_meta (key, value) VALUES ('relay_position', $1) \
-             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-        )
-        .bind(last.to_string())
-        .execute(&mut *tx)
-        .await?;
+        let _ = sqlx::query(crate::META_SET)
+            .bind("relay_position")
+            .bind(last.to_string())
+            .execute(&mut *tx)
+            .await?;
         tx.commit().await?;
         Ok(Some(n))
     }
 
-    /// Drops every read model and projects the whole log again, in one
-    /// transaction: readers see the old models until it commits.
-    /// `progress` is called every few thousand events with the count so far.
-    pub async fn rebuild_projections(&self, mut progress: impl FnMut(u64)) -> Result<u64> {
+    /// Drops every read model and projects the whole log again, then
+    /// counts spend and usage again from the usage log where it holds
+    /// everything metered (see [`crate::recount`]; `meter` is the
+    /// service's metering options, under which it judges duplicates and
+    /// late usage), all in one transaction: readers see the old models
+    /// until it commits. `progress` is called every few thousand events
+    /// and usage log records with the counts so far.
+    pub async fn rebuild_projections(
+        &self,
+        meter: MeterConfig,
+        mut progress: impl FnMut(Rebuilding),
+    ) -> Result<Rebuilt> {
         let mut tx = self.begin_write().await?;
         for table in [
             "api_key_groups",
@@ -422,6 +430,7 @@ impl Db {
         }
         let mut after: (String, i64) = (String::new(), 0);
         let mut n = 0u64;
+        let mut orgs: HashMap<OrgId, OrgState> = HashMap::new();
         loop {
             let rows = sqlx::query(
                 "SELECT org_id, seq, payload FROM events WHERE (org_id, seq) > ($1, $2) \
@@ -438,13 +447,58 @@ impl Db {
                 let e = decode_row(row)?;
                 project(&mut tx, &e).await?;
                 set_seq(&mut tx, e.org_id.as_str(), e.seq, e.at_ms).await?;
+                fold(&mut orgs, &e, meter)?;
                 n += 1;
             }
-            progress(n);
+            progress(Rebuilding::Entities(n));
         }
+        for state in orgs.values_mut() {
+            state.meter.owned = true;
+        }
+        let usage = crate::recount::recount(&mut tx, orgs, &mut |records| {
+            progress(Rebuilding::Usage(records));
+        })
+        .await?;
         tx.commit().await?;
-        Ok(n)
+        Ok(Rebuilt { events: n, usage })
     }
+}
+
+/// How far a rebuild is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rebuilding {
+    /// Entity events projected so far.
+    Entities(u64),
+    /// Usage log records counted again so far.
+    Usage(u64),
+}
+
+/// What a rebuild did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rebuilt {
+    /// Entity events projected.
+    pub events: u64,
+    pub usage: Recount,
+}
+
+/// Folds `e` into its org's directory, for the recount: from the org's
+/// creation, not yet metering (no enforcement is judged while folding).
+fn fold(orgs: &mut HashMap<OrgId, OrgState>, e: &EntityEvent, meter: MeterConfig) -> Result<()> {
+    match orgs.get_mut(&e.org_id) {
+        Some(state) => state.apply_entity(e),
+        None if e.seq == 1 && matches!(e.kind, EventKind::OrgCreated { .. }) => {
+            let mut state = OrgState::new(e, meter);
+            state.meter.owned = false;
+            let _ = orgs.insert(e.org_id.clone(), state);
+        }
+        None => {
+            return Err(Error::Corrupt(format!(
+                "the log of org {} starts at seq {} without its creation",
+                e.org_id, e.seq
+            )));
+        }
+    }
+    Ok(())
 }
 
 fn seq_i64(seq: u64) -> i64 {

@@ -67,13 +67,33 @@ impl Db {
     }
 
     /// Deletes batches that are both checkpointed (seq <= `upto`) and older
-    /// than `before_ms`; returns how many went.
+    /// than `before_ms`; returns how many went. Once any went, the log no
+    /// longer holds everything metered, which `tally_meta` records (with
+    /// the highest position purged) for `rebuild-projections`.
     pub async fn purge_usage(&self, upto: i64, before_ms: i64) -> Result<u64> {
+        let mut tx = self.begin_write().await?;
+        let purged: Option<i64> = sqlx::query_scalar(
+            "SELECT MAX(seq) FROM usage_log WHERE seq <= $1 AND logged_at_ms < $2",
+        )
+        .bind(upto)
+        .bind(before_ms)
+        .fetch_one(&mut *tx)
+        .await?;
+        let Some(to) = purged else {
+            tx.rollback().await?;
+            return Ok(0);
+        };
         let done = sqlx::query("DELETE FROM usage_log WHERE seq <= $1 AND logged_at_ms < $2")
             .bind(upto)
             .bind(before_ms)
-            .execute(self.writer())
+            .execute(&mut *tx)
             .await?;
+        let _ = sqlx::query(crate::META_SET)
+            .bind("usage_log_purged_to")
+            .bind(to.to_string())
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
         Ok(done.rows_affected())
     }
 }

@@ -1887,11 +1887,21 @@ async fn console_on(
                 );
             }
         }
+        // The slowest renders by their turn: a tail at the start is the
+        // page's first reads, one spread out is something else running.
+        let mut slowest: Vec<(Duration, usize)> = took.iter().copied().zip(0..).collect();
+        slowest.sort_by(|a, b| b.cmp(a));
+        let ms = |d: Duration| format!("{}.{:02}", d.as_millis(), d.as_micros() % 1000 / 10);
+        let slowest = slowest
+            .iter()
+            .take(3)
+            .map(|(d, i)| format!("#{i} {} ms", ms(*d)))
+            .collect::<Vec<_>>()
+            .join(", ");
         took.sort();
         let pct = |p: usize| took[(took.len() * p / 100).min(took.len() - 1)];
-        let ms = |d: Duration| format!("{}.{:02}", d.as_millis(), d.as_micros() % 1000 / 10);
         println!(
-            "console {name}: {label}: p50 {} ms, p99 {} ms ({renders} renders, 50 rows)",
+            "console {name}: {label}: p50 {} ms, p99 {} ms ({renders} renders, 50 rows; slowest {slowest})",
             ms(pct(50)),
             ms(pct(99)),
         );

@@ -7,6 +7,8 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use serde::Deserialize;
+use tally_core::dedupe::DedupeConfig;
+use tally_core::org::MeterConfig;
 
 #[derive(Debug, Parser)]
 #[command(name = "tally", version, about = "Spend control for LLM API gateways")]
@@ -26,7 +28,7 @@ pub(crate) enum Command {
     Serve(Box<ServeArgs>),
     /// Drop every read model and project the whole entity log again (offline:
     /// refused while any tally serve uses the same data dir or database).
-    RebuildProjections(StoreArgs),
+    RebuildProjections(RebuildArgs),
     /// Forget where each partition of the usage log stood, and which log it
     /// was: the next start reads the configured usage topic from its
     /// beginning. For a usage topic deleted and created again on purpose
@@ -147,6 +149,36 @@ pub(crate) struct StoreArgs {
     pub(crate) database_url: Option<String>,
 }
 
+/// How usage is counted: `tally serve`'s, and `rebuild-projections`'
+/// when it counts the usage log again.
+#[derive(Debug, Clone, Args, Default)]
+pub(crate) struct MeterArgs {
+    /// How far behind an org's latest usage events are still accepted and
+    /// deduplicated [default: 24].
+    #[arg(long, env = "TALLY_DEDUPE_WINDOW_HOURS")]
+    pub(crate) dedupe_window_hours: Option<u32>,
+    /// Request ids one org's dedupe window holds at most; past it the oldest
+    /// minutes are forgotten early, never the last minute behind the org's
+    /// latest usage [default: 20000000].
+    #[arg(long, env = "TALLY_DEDUPE_ENTRIES_MAX")]
+    pub(crate) dedupe_entries_max: Option<usize>,
+    /// Distinct (model, provider) pairs one org's usage is broken down by
+    /// in a month, 1 to 10000; usage of further pairs counts under `other`
+    /// [default: 200].
+    #[arg(long, env = "TALLY_USAGE_MODELS_MAX")]
+    pub(crate) usage_models_max: Option<u16>,
+}
+
+/// `rebuild-projections`: the store, and the metering options the service
+/// runs with (the usage log is counted again under them).
+#[derive(Debug, Clone, Args)]
+pub(crate) struct RebuildArgs {
+    #[command(flatten)]
+    pub(crate) store: StoreArgs,
+    #[command(flatten)]
+    pub(crate) meter: MeterArgs,
+}
+
 #[derive(Debug, Clone, Args, Default)]
 pub(crate) struct ServeArgs {
     #[command(flatten)]
@@ -165,20 +197,8 @@ pub(crate) struct ServeArgs {
     /// Events counted between forced checkpoints [default: 1000000].
     #[arg(long, env = "TALLY_CHECKPOINT_EVENTS_MAX")]
     pub(crate) checkpoint_events_max: Option<u64>,
-    /// How far behind an org's latest usage events are still accepted and
-    /// deduplicated [default: 24].
-    #[arg(long, env = "TALLY_DEDUPE_WINDOW_HOURS")]
-    pub(crate) dedupe_window_hours: Option<u32>,
-    /// Request ids one org's dedupe window holds at most; past it the oldest
-    /// minutes are forgotten early, never the last minute behind the org's
-    /// latest usage [default: 20000000].
-    #[arg(long, env = "TALLY_DEDUPE_ENTRIES_MAX")]
-    pub(crate) dedupe_entries_max: Option<usize>,
-    /// Distinct (model, provider) pairs one org's usage is broken down by
-    /// in a month, 1 to 10000; usage of further pairs counts under `other`
-    /// [default: 200].
-    #[arg(long, env = "TALLY_USAGE_MODELS_MAX")]
-    pub(crate) usage_models_max: Option<u16>,
+    #[command(flatten)]
+    pub(crate) meter: MeterArgs,
     /// Days checkpointed usage stays in the embedded usage log [default: 7].
     #[arg(long, env = "TALLY_USAGE_RETENTION_DAYS")]
     pub(crate) usage_retention_days: Option<u32>,
@@ -321,9 +341,8 @@ pub(crate) struct ServeConfig {
     pub(crate) operator_token: Option<String>,
     pub(crate) checkpoint_interval: Duration,
     pub(crate) checkpoint_events_max: u64,
-    pub(crate) dedupe_window_ms: i64,
-    pub(crate) dedupe_entries_max: usize,
-    pub(crate) usage_models_max: u16,
+    /// The dedupe window and the breakdown's cap.
+    pub(crate) meter: MeterConfig,
     pub(crate) usage_retention: Duration,
     pub(crate) body_bytes_max: usize,
     pub(crate) usage_batch_len_max: usize,
@@ -463,6 +482,46 @@ pub(crate) fn database_url(store: &StoreArgs) -> anyhow::Result<(String, Option<
     Ok((url, Some(dir)))
 }
 
+/// `rebuild-projections`' options after layering: the store's and the
+/// metering options.
+pub(crate) fn layered_rebuild(
+    cli_config: Option<&Path>,
+    args: RebuildArgs,
+) -> anyhow::Result<(StoreArgs, MeterConfig)> {
+    let meter = meter_config(&args.meter, &read_file(cli_config)?)?;
+    Ok((layered_store(cli_config, args.store)?, meter))
+}
+
+/// The metering options, layered over the config file, checked.
+fn meter_config(args: &MeterArgs, file: &FileConfig) -> anyhow::Result<MeterConfig> {
+    let window_hours = args
+        .dedupe_window_hours
+        .or(file.dedupe_window_hours)
+        .unwrap_or(24);
+    if !(1..=24 * 31).contains(&window_hours) {
+        bail!("dedupe window must be 1 to 744 hours, got {window_hours}");
+    }
+    Ok(MeterConfig {
+        dedupe: DedupeConfig {
+            window_ms: i64::from(window_hours) * 3_600_000,
+            entries_max: args
+                .dedupe_entries_max
+                .or(file.dedupe_entries_max)
+                .unwrap_or(20_000_000)
+                .max(1),
+        },
+        models_max: match args.usage_models_max.or(file.usage_models_max) {
+            None => 200,
+            Some(n @ 1..=tally_core::models::MODELS_MAX) => n,
+            Some(n) => bail!(
+                "usage models max must be 1 to {}, got {n}",
+                tally_core::models::MODELS_MAX
+            ),
+        },
+        ..MeterConfig::default()
+    })
+}
+
 pub(crate) fn layered_store(
     cli_config: Option<&Path>,
     args: StoreArgs,
@@ -477,6 +536,7 @@ pub(crate) fn layered_store(
 impl ServeConfig {
     pub(crate) fn load(cli_config: Option<&Path>, args: ServeArgs) -> anyhow::Result<ServeConfig> {
         let file = read_file(cli_config)?;
+        let meter = meter_config(&args.meter, &file)?;
         let store = StoreArgs {
             data_dir: args.store.data_dir.or(file.data_dir),
             database_url: args.store.database_url.or(file.database_url),
@@ -491,13 +551,6 @@ impl ServeConfig {
             "json" => true,
             other => bail!("log format {other:?} is not text or json"),
         };
-        let window_hours = args
-            .dedupe_window_hours
-            .or(file.dedupe_window_hours)
-            .unwrap_or(24);
-        if !(1..=24 * 31).contains(&window_hours) {
-            bail!("dedupe window must be 1 to 744 hours, got {window_hours}");
-        }
         let kafka = match args.kafka.kafka_brokers.or(file.kafka_brokers) {
             None => None,
             Some(brokers) => {
@@ -702,20 +755,7 @@ impl ServeConfig {
                 .or(file.checkpoint_events_max)
                 .unwrap_or(1_000_000)
                 .max(1),
-            dedupe_window_ms: i64::from(window_hours) * 3_600_000,
-            dedupe_entries_max: args
-                .dedupe_entries_max
-                .or(file.dedupe_entries_max)
-                .unwrap_or(20_000_000)
-                .max(1),
-            usage_models_max: match args.usage_models_max.or(file.usage_models_max) {
-                None => 200,
-                Some(n @ 1..=tally_core::models::MODELS_MAX) => n,
-                Some(n) => bail!(
-                    "usage models max must be 1 to {}, got {n}",
-                    tally_core::models::MODELS_MAX
-                ),
-            },
+            meter,
             usage_retention: Duration::from_secs(
                 u64::from(
                     args.usage_retention_days

@@ -13,7 +13,6 @@ use anyhow::{Context, bail};
 use clap::Parser;
 use metrics_exporter_prometheus::PrometheusBuilder;
 use tally_api::{AppState, Limits};
-use tally_core::dedupe::DedupeConfig;
 use tally_core::org::MeterConfig;
 use tally_core::secret::{SecretHash, hash_secret};
 use tally_engine::clock::{Clock, OffsetFileClock, SystemClock};
@@ -105,9 +104,9 @@ fn run() -> anyhow::Result<()> {
         }
         Command::RebuildProjections(args) => {
             init_logs(false);
-            let store = config::layered_store(cli.config.as_deref(), args)?;
+            let (store, meter) = config::layered_rebuild(cli.config.as_deref(), args)?;
             let (url, _) = config::database_url(&store)?;
-            runtime.block_on(rebuild(&url))
+            runtime.block_on(rebuild(&url, meter))
         }
         Command::ResetUsagePositions(args) => {
             init_logs(false);
@@ -251,16 +250,9 @@ async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
             checkpoint_interval: cfg.checkpoint_interval,
             checkpoint_events_max: cfg.checkpoint_events_max,
             usage_retention: cfg.usage_retention,
-            window_ms: cfg.dedupe_window_ms,
+            window_ms: cfg.meter.dedupe.window_ms,
         },
-        meter_config: MeterConfig {
-            dedupe: DedupeConfig {
-                window_ms: cfg.dedupe_window_ms,
-                entries_max: cfg.dedupe_entries_max,
-            },
-            models_max: cfg.usage_models_max,
-            ..MeterConfig::default()
-        },
+        meter_config: cfg.meter,
         holds: cfg.holds,
     };
     let engine = Arc::new(Engine::start(db.clone(), clock(), opts, token_hash).await?);
@@ -752,22 +744,45 @@ async fn close_offline(
     drop(file_lock);
 }
 
-async fn rebuild(url: &str) -> anyhow::Result<()> {
+async fn rebuild(url: &str, meter: MeterConfig) -> anyhow::Result<()> {
+    use tally_store::log::Rebuilding;
+    use tally_store::recount::Recount;
     let started = Instant::now();
     let (db, file_lock, session_lock) = open_offline(url).await?;
     eprintln!(
         "rebuilding read models from the entity log in {}",
         redact(url)
     );
-    let n = db
-        .rebuild_projections(|n| eprintln!("  {n} events projected"))
+    let rebuilt = db
+        .rebuild_projections(meter, |p| match p {
+            Rebuilding::Entities(n) => eprintln!("  {n} events projected"),
+            Rebuilding::Usage(n) => eprintln!("  {n} usage log records counted again"),
+        })
         .await
         .context("rebuilding projections")?;
     close_offline(db, file_lock, session_lock).await;
     println!(
-        "rebuilt read models from {n} events in {} ms",
+        "rebuilt read models from {} events in {} ms",
+        rebuilt.events,
         started.elapsed().as_millis()
     );
+    match rebuilt.usage {
+        Recount::Counted {
+            records,
+            events,
+            counted,
+            counters,
+            days,
+            usage,
+        } => println!(
+            "counted spend and usage again from the usage log: {records} records, {events} \
+             events, {counted} counted (the rest duplicates or refused, as live); wrote \
+             {counters} monthly counters, {days} daily rows, {usage} rows by model"
+        ),
+        Recount::Kept(why) => {
+            println!("kept spend and usage by model as checkpoints wrote them: {why}")
+        }
+    }
     Ok(())
 }
 

@@ -171,6 +171,21 @@ async fn rebuilt_equal_live(backend: &Backend) {
     let events_before = sql.query_i64(enforced).await.unwrap();
     sql.close().await;
 
+    // Under other options than the service counted with: refused, as a
+    // recount would break usage down by 5 pairs where the service did by
+    // 200.
+    let mut fewer_models = args.clone();
+    fewer_models.extend(["--usage-models-max".to_owned(), "5".to_owned()]);
+    let stdout = rebuilt(&fewer_models);
+    assert!(
+        stdout.contains(
+            "kept spend and usage by model as checkpoints wrote them: the service counts with \
+             dedupe_window_ms=86400000 dedupe_entries_max=20000000 usage_models_max=200, this \
+             command was given dedupe_window_ms=86400000 dedupe_entries_max=20000000 \
+             usage_models_max=5"
+        ),
+        "{stdout}"
+    );
     let stdout = rebuilt(&args);
     assert!(
         stdout.contains("rebuilt read models from 24 events"),
@@ -203,16 +218,26 @@ async fn rebuilt_equal_live(backend: &Backend) {
 /// the rebuild says so and keeps spend and usage as checkpoints wrote them.
 #[tokio::test]
 async fn a_purged_usage_log_keeps_spend_as_checkpointed() {
-    let backend = Backend::sqlite("rebuild_purged");
+    purged_keeps_spend(&Backend::sqlite("rebuild_purged")).await;
+}
+
+#[tokio::test]
+async fn a_purged_usage_log_keeps_spend_as_checkpointed_on_postgresql() {
+    if let Some(backend) = Backend::postgres("rebuild_purged").await.unwrap() {
+        purged_keeps_spend(&backend).await;
+    }
+}
+
+async fn purged_keeps_spend(backend: &Backend) {
     let no_retention = ["--usage-retention-days", "0"];
-    let tally = Tally::start_with(&backend, &no_retention).unwrap();
+    let tally = Tally::start_with(backend, &no_retention).unwrap();
     let op = tally.operator();
     org_with_a_user(&op).await;
     let usage = json!({"events": [call("a", "ann", "gpt-4o", "openai", 700)]});
     assert_eq!(op.post("/v1/usage", usage).await.expect(200)["accepted"], 1);
     tally.stop().unwrap();
     // The first housekeeping after a start purges what was checkpointed.
-    let tally = Tally::start_with(&backend, &no_retention).unwrap();
+    let tally = Tally::start_with(backend, &no_retention).unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     while !tally
         .log_text()
@@ -228,12 +253,12 @@ async fn a_purged_usage_log_keeps_spend_as_checkpointed() {
     let stdout = rebuilt(&backend.args());
     assert!(
         stdout.contains(
-            "kept spend and usage by model as checkpoints wrote them: the log's records up to \
+            "kept spend and usage by model as checkpoints wrote them: records of the log up to \
              position 1 were purged after `usage_retention_days`"
         ),
         "{stdout}"
     );
-    let tally = Tally::start(&backend).unwrap();
+    let tally = Tally::start(backend).unwrap();
     assert_eq!(op_view(&tally).await, before);
     tally.stop().unwrap();
 }
@@ -326,11 +351,22 @@ async fn rebuild_is_refused_while_a_distributed_serve_uses_the_database() {
     refused_while_served(&args);
     refused_while_served_to("reset-usage-positions", &args);
     tally.stop().unwrap();
-    // Its usage log is a Kafka topic: spend is not counted again.
+    // Its usage log is a Kafka topic: spend is not counted again; nor
+    // once its positions are reset (the log is named again at the next
+    // claim, and the embedded log of this database is not the one counted).
     let stdout = rebuilt(&args);
     assert!(
         stdout.contains(
             "kept spend and usage by model as checkpoints wrote them: the usage log is kafka:"
+        ),
+        "{stdout}"
+    );
+    let _ = tally_tests::succeeded(&maintenance("reset-usage-positions", &args));
+    let stdout = rebuilt(&args);
+    assert!(
+        stdout.contains(
+            "kept spend and usage by model as checkpoints wrote them: partition 0's usage log \
+             is not recorded"
         ),
         "{stdout}"
     );

@@ -400,6 +400,8 @@ impl Meter {
         let started = Instant::now();
         let now = self.clock.now_ms();
         let claim = self.db.claim_partition(i64::from(p), log, now).await?;
+        let options = tally_store::recount::options_text(&self.registry.meter_config());
+        self.db.note_meter_options(&options, now).await?;
         // Every org the checkpoint names is restored onto its directory as
         // the log has it now: an org or subject created on another process
         // may not have reached this one yet, and a meter restored without

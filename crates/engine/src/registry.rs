@@ -44,6 +44,11 @@ impl Registry {
         }
     }
 
+    /// How the orgs here count usage.
+    pub fn meter_config(&self) -> MeterConfig {
+        self.meter
+    }
+
     pub fn org(&self, id: &str) -> Option<OrgCell> {
         self.orgs.get(id).map(|c| Arc::clone(&c))
     }

@@ -140,6 +140,24 @@ fn dedupe_ids_of(seed: u64) -> usize {
     }
 }
 
+/// The runs' metering options: the dedupe window capped at `dedupe_ids`
+/// request ids, and usage broken down by at most two (model, provider)
+/// pairs a month, so that the third counts under `other`.
+fn meter_config(dedupe_ids: usize) -> tally_core::org::MeterConfig {
+    let mut config = tally_engine::EngineOptions::default().meter_config;
+    config.dedupe.entries_max = dedupe_ids;
+    config.models_max = 2;
+    config
+}
+
+/// A call's model, by its request id (a repeat names the same one): one
+/// of three, without drawing on the run's random numbers.
+fn model_of(request_id: &str) -> (&'static str, &'static str) {
+    const MODELS: [(&str, &str); 3] = [("m1", "p1"), ("m2", "p1"), ("m3", "p2")];
+    let sum: usize = request_id.bytes().map(usize::from).sum();
+    MODELS[sum % MODELS.len()]
+}
+
 /// One usage event as the gateway sent it (repeats send it again as is).
 #[derive(Debug, Clone)]
 struct Sent {
@@ -356,8 +374,10 @@ impl Running {
         clock: &ManualClock,
         dedupe_ids: usize,
     ) -> Result<Running, String> {
-        let mut options = tally_engine::EngineOptions::default();
-        options.meter_config.dedupe.entries_max = dedupe_ids;
+        let options = tally_engine::EngineOptions {
+            meter_config: meter_config(dedupe_ids),
+            ..tally_engine::EngineOptions::default()
+        };
         let (engine, restored) = support::try_embedded_with(dir, clock, options).await?;
         Ok(Running { engine, restored })
     }
@@ -1042,8 +1062,8 @@ impl Sim {
                     org_id: ORG,
                     user_id: &s.user,
                     api_key_id: &key,
-                    model: "m",
-                    provider: "p",
+                    model: model_of(&s.request_id).0,
+                    provider: model_of(&s.request_id).1,
                     cost_micros: Some(s.cost_micros),
                     occurred_at_ms: Some(s.occurred_at_ms),
                     ..RawUsage::default()
@@ -1431,9 +1451,10 @@ impl Sim {
         .await
         .unwrap();
         let rows_before = metered_rows(&db).await;
-        let mut config = tally_engine::EngineOptions::default().meter_config;
-        config.dedupe.entries_max = self.dedupe_ids;
-        let rebuilt = db.rebuild_projections(config, |_| {}).await.unwrap();
+        let rebuilt = db
+            .rebuild_projections(meter_config(self.dedupe_ids), |_| {})
+            .await
+            .unwrap();
         self.check(
             matches!(rebuilt.usage, tally_store::recount::Recount::Counted { .. }),
             || format!("the usage log was not counted again: {rebuilt:?}"),
@@ -1441,6 +1462,9 @@ impl Sim {
         let rows_after = metered_rows(&db).await;
         self.check(rows_before.iter().all(|t| !t.is_empty()), || {
             format!("nothing to compare in some table: {rows_before:?}")
+        });
+        self.check(rows_before[2].iter().any(|r| r.contains(" other ")), || {
+            format!("no usage counted under other: {:?}", rows_before[2])
         });
         db.close().await;
         for (table, (live, recounted)) in rows_before.iter().zip(&rows_after).enumerate() {

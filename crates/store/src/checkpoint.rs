@@ -309,8 +309,46 @@ impl Db {
                 log: log.to_owned(),
             });
         };
+        // Every log this database ever metered: a recount of the embedded
+        // log (`rebuild-projections`) must know that it holds all of it.
+        let _ = sqlx::query(
+            "INSERT INTO tally_meta (key, value) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING",
+        )
+        .bind(format!("metered_log:{log}"))
+        .bind(now_ms.to_string())
+        .execute(&mut *tx)
+        .await?;
         tx.commit().await?;
         claim_from(&row)
+    }
+
+    /// Records the options the service counts usage with
+    /// ([`crate::recount::options_text`]), and when they change, that
+    /// they did: a recount of the log judges everything under one set.
+    pub async fn note_meter_options(&self, options: &str, now_ms: i64) -> Result<()> {
+        let mut tx = self.begin_write().await?;
+        let served: Option<String> =
+            sqlx::query_scalar("SELECT value FROM tally_meta WHERE key = 'meter_options'")
+                .fetch_optional(&mut *tx)
+                .await?;
+        if served.as_deref() == Some(options) {
+            tx.rollback().await?;
+            return Ok(());
+        }
+        if let Some(served) = served {
+            let _ = sqlx::query(crate::META_SET)
+                .bind("meter_options_changed")
+                .bind(format!("from {served} to {options}, at {now_ms} ms"))
+                .execute(&mut *tx)
+                .await?;
+        }
+        let _ = sqlx::query(crate::META_SET)
+            .bind("meter_options")
+            .bind(options)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
     }
 
     /// Forgets where every partition of the usage log stood and which log

@@ -16,7 +16,7 @@ use tally_proto::{decode_entity_event, encode_entity_event};
 use std::collections::{BTreeMap, HashMap};
 
 use crate::checkpoint::{Val, insert_many};
-use crate::recount::Recount;
+use crate::recount::{Recount, Recounting};
 use crate::tx::WriteTx;
 use crate::{Db, Error, Result};
 
@@ -428,6 +428,9 @@ impl Db {
                 .execute(&mut *tx)
                 .await?;
         }
+        // Whether spend and usage are counted again decides whether the
+        // orgs' directories are folded while the log is read.
+        let countable = crate::recount::countable(&mut tx, &meter).await?;
         let mut after: (String, i64) = (String::new(), 0);
         let mut n = 0u64;
         let mut orgs: HashMap<OrgId, OrgState> = HashMap::new();
@@ -447,18 +450,25 @@ impl Db {
                 let e = decode_row(row)?;
                 project(&mut tx, &e).await?;
                 set_seq(&mut tx, e.org_id.as_str(), e.seq, e.at_ms).await?;
-                fold(&mut orgs, &e, meter)?;
+                if countable.is_ok() {
+                    fold(&mut orgs, &e, meter)?;
+                }
                 n += 1;
             }
             progress(Rebuilding::Entities(n));
         }
-        for state in orgs.values_mut() {
-            state.meter.owned = true;
-        }
-        let usage = crate::recount::recount(&mut tx, orgs, &mut |records| {
-            progress(Rebuilding::Usage(records));
-        })
-        .await?;
+        let usage = match countable {
+            Ok(upto) => {
+                for state in orgs.values_mut() {
+                    state.meter.owned = true;
+                }
+                crate::recount::recount(&mut tx, orgs, upto, &mut |r| {
+                    progress(Rebuilding::Usage(r));
+                })
+                .await?
+            }
+            Err(why) => Recount::Kept(why),
+        };
         tx.commit().await?;
         Ok(Rebuilt { events: n, usage })
     }
@@ -469,8 +479,8 @@ impl Db {
 pub enum Rebuilding {
     /// Entity events projected so far.
     Entities(u64),
-    /// Usage log records counted again so far.
-    Usage(u64),
+    /// Counting the usage log again.
+    Usage(Recounting),
 }
 
 /// What a rebuild did.

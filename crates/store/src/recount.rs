@@ -22,10 +22,10 @@ use std::collections::{HashMap, HashSet};
 use sqlx::Row;
 use tally_core::ids::OrgId;
 use tally_core::ledger::{Counter, DayDelta, SubjectKind, UsageDelta};
-use tally_core::org::{OrgState, SavedCounter, SavedDay, SavedUsage, UsageOutcome};
+use tally_core::org::{MeterConfig, OrgState, SavedCounter, SavedDay, SavedUsage, UsageOutcome};
 use tally_core::time::{Day, Month};
 
-use crate::checkpoint::{COUNTER_INSERT, DAY_INSERT, USAGE_INSERT, insert_many};
+use crate::checkpoint::{COUNTER_INSERT, DAY_INSERT, USAGE_INSERT, Val, insert_many};
 use crate::checkpoint::{counter_row, day_row, usage_row};
 use crate::tx::WriteTx;
 use crate::{Error, Result};
@@ -60,12 +60,33 @@ pub enum Recount {
     Kept(String),
 }
 
-/// Progress of a recount: log records read so far (every 100 000).
-pub type Progress<'a> = &'a mut dyn FnMut(u64);
+/// How far a recount is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recounting {
+    /// Log records read so far (every 100 000).
+    Read(u64),
+    /// Read: rows to write.
+    Writing(usize),
+}
 
-/// Why the log cannot be counted again, if it cannot; else the position
-/// to count up to (-1: nothing metered yet).
-async fn countable(tx: &mut WriteTx) -> Result<std::result::Result<i64, String>> {
+pub(crate) type Progress<'a> = &'a mut dyn FnMut(Recounting);
+
+/// How the service counts, as the claims record it and a recount must
+/// count again: what decides whether a call counts (the dedupe window and
+/// its bound) and under which model it counts.
+pub fn options_text(config: &MeterConfig) -> String {
+    format!(
+        "dedupe_window_ms={} dedupe_entries_max={} usage_models_max={}",
+        config.dedupe.window_ms, config.dedupe.entries_max, config.models_max
+    )
+}
+
+/// Whether the usage log can be counted again under `config`: the
+/// position to count up to (-1: nothing metered yet), or why not.
+pub(crate) async fn countable(
+    tx: &mut WriteTx,
+    config: &MeterConfig,
+) -> Result<std::result::Result<i64, String>> {
     let rows = sqlx::query("SELECT partition_id, position, usage_log FROM checkpoints")
         .fetch_all(&mut **tx)
         .await?;
@@ -73,37 +94,100 @@ async fn countable(tx: &mut WriteTx) -> Result<std::result::Result<i64, String>>
     for r in &rows {
         let partition: i64 = r.try_get("partition_id")?;
         let log: Option<String> = r.try_get("usage_log")?;
-        if partition != 0 || log.as_deref().is_some_and(|l| l != EMBEDDED_LOG) {
-            return Ok(Err(format!(
-                "the usage log is {} (its retention decides what it keeps), not this database",
-                log.as_deref().unwrap_or("a Kafka topic")
-            )));
+        match log.as_deref() {
+            Some(EMBEDDED_LOG) if partition == 0 => position = r.try_get("position")?,
+            Some(log) => {
+                return Ok(Err(format!(
+                    "the usage log is {log} (its retention decides what it keeps), not this \
+                     database"
+                )));
+            }
+            None => {
+                return Ok(Err(format!(
+                    "partition {partition}'s usage log is not recorded (its positions were \
+                     reset, or it was checkpointed before logs were named): what was counted \
+                     may come from another log"
+                )));
+            }
         }
-        position = r.try_get("position")?;
     }
-    let purged: Option<String> =
-        sqlx::query_scalar("SELECT value FROM tally_meta WHERE key = 'usage_log_purged_to'")
-            .fetch_optional(&mut **tx)
-            .await?;
-    if let Some(to) = purged {
+    let logs: Vec<String> = sqlx::query_scalar(
+        "SELECT key FROM tally_meta WHERE key LIKE 'metered_log:%' ORDER BY key",
+    )
+    .fetch_all(&mut **tx)
+    .await?;
+    if let Some(other) = logs
+        .iter()
+        .filter_map(|k| k.strip_prefix("metered_log:"))
+        .find(|l| *l != EMBEDDED_LOG)
+    {
         return Ok(Err(format!(
-            "the log's records up to position {to} were purged after `usage_retention_days`"
+            "this database also metered {other}: what was counted from it is not in this log"
+        )));
+    }
+    let meta = async |tx: &mut WriteTx, key: &str| -> Result<Option<String>> {
+        Ok(
+            sqlx::query_scalar("SELECT value FROM tally_meta WHERE key = $1")
+                .bind(key)
+                .fetch_optional(&mut **tx)
+                .await?,
+        )
+    };
+    if let Some(to) = meta(tx, "usage_log_purged_to").await? {
+        return Ok(Err(format!(
+            "records of the log up to position {to} were purged after `usage_retention_days`"
+        )));
+    }
+    if let Some(change) = meta(tx, "meter_options_changed").await? {
+        return Ok(Err(format!(
+            "the service's metering options changed ({change}): a recount would judge the \
+             usage before the change under the new ones"
+        )));
+    }
+    let given = options_text(config);
+    if let Some(served) = meta(tx, "meter_options").await?
+        && served != given
+    {
+        return Ok(Err(format!(
+            "the service counts with {served}, this command was given {given}: give it the \
+             service's options (its --config, or the same flags)"
         )));
     }
     let first: Option<i64> = sqlx::query_scalar("SELECT MIN(seq) FROM usage_log")
         .fetch_one(&mut **tx)
         .await?;
     match first {
-        // Positions start at 1; a log that starts later lost its start (to
-        // a purge by a version that did not record it).
-        Some(first) if first > 1 => Ok(Err(format!(
-            "the log starts at position {first}: what came before was purged"
-        ))),
-        None if position > 0 => Ok(Err(format!(
-            "the log is empty, but usage up to position {position} was metered: it was purged"
-        ))),
-        _ => Ok(Ok(position)),
+        // Positions start at 1: a log that starts later lost its start to
+        // a purge by a version that did not record purges (or, on
+        // PostgreSQL, its first appends never committed: kept to be safe).
+        Some(first) if first > 1 => {
+            return Ok(Err(format!(
+                "the log starts at position {first}: what came before was purged, by a version \
+                 that did not record purges (or never committed)"
+            )));
+        }
+        None if position > 0 => {
+            return Ok(Err(format!(
+                "the log is empty, but usage up to position {position} was metered: it was \
+                 purged"
+            )));
+        }
+        _ => {}
     }
+    if position < 0 {
+        let counted: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM spend_monthly WHERE requests > 0")
+                .fetch_one(&mut **tx)
+                .await?;
+        if counted > 0 {
+            return Ok(Err(
+                "spend is recorded, but no checkpoint of this log says how much of it was \
+                 metered"
+                    .to_owned(),
+            ));
+        }
+    }
+    Ok(Ok(position))
 }
 
 type CounterKey = (String, SubjectKind, String, Month);
@@ -145,18 +229,15 @@ impl Sums {
     }
 }
 
-/// Counts the embedded usage log again into `orgs` (each folded from its
-/// whole entity log) and rewrites spend and usage from it, in `tx`; or
-/// says why not and changes nothing.
+/// Counts the embedded usage log again up to position `upto` (from
+/// [`countable`]) into `orgs` (each folded from its whole entity log) and
+/// rewrites spend and usage from it, in `tx`.
 pub(crate) async fn recount(
     tx: &mut WriteTx,
     mut orgs: HashMap<OrgId, OrgState>,
+    upto: i64,
     progress: Progress<'_>,
 ) -> Result<Recount> {
-    let upto = match countable(tx).await? {
-        Ok(position) => position,
-        Err(why) => return Ok(Recount::Kept(why)),
-    };
     let (mut records, mut events, mut counted) = (0u64, 0u64, 0u64);
     let mut sums = Sums::default();
     let mut after = 0i64;
@@ -200,10 +281,13 @@ pub(crate) async fn recount(
             sums.take(org.as_str(), state);
         }
         if records >= next_report {
-            progress(records);
+            progress(Recounting::Read(records));
             next_report = records + REPORT_EVERY;
         }
     }
+    progress(Recounting::Writing(
+        sums.counters.len() + sums.days.len() + sums.usage.len(),
+    ));
     let written = rewrite(tx, sums).await?;
     Ok(Recount::Counted {
         records,
@@ -215,6 +299,10 @@ pub(crate) async fn recount(
     })
 }
 
+/// Rows written per round of [`rewrite`]: the rows of a table are built
+/// a round at a time, not all beside the sums.
+const WRITE_ROUND: usize = 10_000;
+
 /// Replaces spend and usage with `sums`, keeping each counter's
 /// enforcement (see the module docs): (counters, days, usage rows).
 async fn rewrite(tx: &mut WriteTx, sums: Sums) -> Result<(u64, u64, u64)> {
@@ -225,27 +313,24 @@ async fn rewrite(tx: &mut WriteTx, sums: Sums) -> Result<(u64, u64, u64)> {
     ] {
         let _ = sqlx::query(sql).execute(&mut **tx).await?;
     }
-    let counters = sums.counters.len() as u64;
-    let _ = insert_many(
+    let counters = write(
         tx,
         COUNTER_INSERT,
         "ON CONFLICT (org_id, kind, subject_id, month) DO UPDATE SET \
          spend_micros = excluded.spend_micros, requests = excluded.requests, \
          last_at_ms = excluded.last_at_ms, first_day = excluded.first_day",
-        sums.counters
-            .into_iter()
-            .map(|((org, kind, id, month), counter)| {
-                counter_row(
-                    &org,
-                    &SavedCounter {
-                        kind,
-                        id,
-                        month,
-                        counter,
-                    },
-                )
-            })
-            .collect(),
+        sums.counters,
+        |((org, kind, id, month), counter)| {
+            counter_row(
+                &org,
+                &SavedCounter {
+                    kind,
+                    id,
+                    month,
+                    counter,
+                },
+            )
+        },
     )
     .await?;
     // A counter the log never counted and nothing was enforced on is no
@@ -256,47 +341,62 @@ async fn rewrite(tx: &mut WriteTx, sums: Sums) -> Result<(u64, u64, u64)> {
     )
     .execute(&mut **tx)
     .await?;
-    let days = insert_many(
+    let days = write(
         tx,
         DAY_INSERT,
         "",
-        sums.days
-            .into_iter()
-            .map(|((org, kind, id, day), delta)| {
-                day_row(
-                    &org,
-                    &SavedDay {
-                        kind,
-                        id,
-                        day,
-                        delta,
-                    },
-                )
-            })
-            .collect(),
+        sums.days,
+        |((org, kind, id, day), delta)| {
+            day_row(
+                &org,
+                &SavedDay {
+                    kind,
+                    id,
+                    day,
+                    delta,
+                },
+            )
+        },
     )
     .await?;
-    let usage = insert_many(
+    let usage = write(
         tx,
         USAGE_INSERT,
         "",
-        sums.usage
-            .into_iter()
-            .map(|((org, kind, id, day, model, provider), delta)| {
-                usage_row(
-                    &org,
-                    &SavedUsage {
-                        kind,
-                        id,
-                        day,
-                        model,
-                        provider,
-                        delta,
-                    },
-                )
-            })
-            .collect(),
+        sums.usage,
+        |((org, kind, id, day, model, provider), delta)| {
+            usage_row(
+                &org,
+                &SavedUsage {
+                    kind,
+                    id,
+                    day,
+                    model,
+                    provider,
+                    delta,
+                },
+            )
+        },
     )
     .await?;
     Ok((counters, days, usage))
+}
+
+/// Writes `rows` a round at a time; returns how many.
+async fn write<K, V>(
+    tx: &mut WriteTx,
+    head: &str,
+    tail: &str,
+    rows: HashMap<K, V>,
+    row: impl Fn((K, V)) -> Vec<Val>,
+) -> Result<u64> {
+    let n = rows.len() as u64;
+    let mut rows = rows.into_iter();
+    loop {
+        let round: Vec<Vec<Val>> = rows.by_ref().take(WRITE_ROUND).map(&row).collect();
+        if round.is_empty() {
+            return Ok(n);
+        }
+        let _ = insert_many(tx, head, tail, round).await?;
+    }
 }

@@ -15,6 +15,7 @@ use tally_core::org::{
 use tally_core::time::{Day, Month};
 use tally_store::checkpoint::{DeadLetter, PartitionCheckpoint};
 use tally_store::query::{Cursor, SortValue, UserFilter, UserListQuery, UserSort};
+use tally_store::recount::Recount;
 use tally_store::webhook::{AttemptOutcome, DueDelivery, WebhookTarget};
 use tally_store::{Db, DbOptions, Error};
 
@@ -1002,6 +1003,72 @@ async fn a_deposed_owner_is_fenced_out(db: Db) {
     );
 }
 
+/// `rebuild-projections` counts spend again only from a whole embedded
+/// usage log, under the options the service counted it with; otherwise it
+/// says why and keeps spend as it was. Each step adds one more reason, each
+/// one taking precedence over those before it.
+async fn a_recount_needs_the_whole_embedded_log_and_its_options(db: Db) {
+    let _org = Org::create(&db, "acme").await;
+    let options = MeterConfig::default();
+    let fewer_models = MeterConfig {
+        models_max: 5,
+        ..MeterConfig::default()
+    };
+    let recount =
+        async |config: MeterConfig| db.rebuild_projections(config, |_| {}).await.unwrap().usage;
+    assert!(
+        matches!(recount(options).await, Recount::Counted { records: 0, .. }),
+        "nothing metered yet: nothing to count"
+    );
+    let spend = "SELECT spend_micros FROM spend_monthly";
+    let _ = db
+        .execute_raw(
+            "INSERT INTO spend_monthly (org_id, kind, subject_id, month, spend_micros, requests, \
+             last_at_ms, fired_bps, cut_off, ordinal) VALUES ('acme', 'org', 'acme', 202611, 70, \
+             1, 1, 0, 0, 0)",
+        )
+        .await
+        .unwrap();
+    let mut reasons = Vec::new();
+    let mut kept = async |config: MeterConfig, why: &str| {
+        let Recount::Kept(said) = recount(config).await else {
+            panic!("{why}: counted")
+        };
+        assert!(said.contains(why), "{why}: {said}");
+        assert_eq!(
+            db.query_i64(spend).await.unwrap(),
+            [70],
+            "{why}: spend kept"
+        );
+        reasons.push(said);
+    };
+    kept(options, "no checkpoint of this log").await;
+    for _ in 0..2 {
+        let _ = db.append_usage(NOV, 1, b"").await.unwrap();
+    }
+    let _ = db
+        .execute_raw("DELETE FROM usage_log WHERE seq = 1")
+        .await
+        .unwrap();
+    kept(options, "the log starts at position 2").await;
+    let served = tally_store::recount::options_text(&options);
+    db.note_meter_options(&served, NOV).await.unwrap();
+    kept(fewer_models, "this command was given").await;
+    db.note_meter_options(&tally_store::recount::options_text(&fewer_models), NOV)
+        .await
+        .unwrap();
+    kept(fewer_models, "options changed (from dedupe_window_ms=").await;
+    let _ = db.append_usage(NOV, 1, b"").await.unwrap();
+    assert_eq!(db.purge_usage(3, NOV + 1).await.unwrap(), 2);
+    kept(options, "up to position 3 were purged").await;
+    let _ = db
+        .claim_partition(1, "kafka:tally.usage", NOV)
+        .await
+        .unwrap();
+    kept(options, "the usage log is kafka:tally.usage").await;
+    assert_eq!(reasons.len(), 6);
+}
+
 /// A partition is bound to the usage log of its first claim: a claim for
 /// another log is refused and fences no one; the mark of the position comes
 /// back with the claim; resetting the positions keeps what was counted.
@@ -1927,6 +1994,7 @@ contract!(
     text_is_stored_verbatim,
     a_deposed_owner_is_fenced_out,
     a_checkpoint_is_bound_to_its_usage_log,
+    a_recount_needs_the_whole_embedded_log_and_its_options,
     holds_are_fenced_and_go_with_checkpoints,
     held_sums_add_up_the_live_rows_per_scope,
     a_checkpoint_deletes_many_settled_holds,

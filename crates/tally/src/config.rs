@@ -488,8 +488,9 @@ pub(crate) fn layered_rebuild(
     cli_config: Option<&Path>,
     args: RebuildArgs,
 ) -> anyhow::Result<(StoreArgs, MeterConfig)> {
-    let meter = meter_config(&args.meter, &read_file(cli_config)?)?;
-    Ok((layered_store(cli_config, args.store)?, meter))
+    let file = read_file(cli_config)?;
+    let meter = meter_config(&args.meter, &file)?;
+    Ok((store_over(args.store, &file), meter))
 }
 
 /// The metering options, layered over the config file, checked.
@@ -526,11 +527,15 @@ pub(crate) fn layered_store(
     cli_config: Option<&Path>,
     args: StoreArgs,
 ) -> anyhow::Result<StoreArgs> {
-    let file = read_file(cli_config)?;
-    Ok(StoreArgs {
-        data_dir: args.data_dir.or(file.data_dir),
-        database_url: args.database_url.or(file.database_url),
-    })
+    Ok(store_over(args, &read_file(cli_config)?))
+}
+
+/// The store's options over the config file's.
+fn store_over(args: StoreArgs, file: &FileConfig) -> StoreArgs {
+    StoreArgs {
+        data_dir: args.data_dir.or_else(|| file.data_dir.clone()),
+        database_url: args.database_url.or_else(|| file.database_url.clone()),
+    }
 }
 
 impl ServeConfig {

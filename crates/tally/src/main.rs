@@ -746,7 +746,7 @@ async fn close_offline(
 
 async fn rebuild(url: &str, meter: MeterConfig) -> anyhow::Result<()> {
     use tally_store::log::Rebuilding;
-    use tally_store::recount::Recount;
+    use tally_store::recount::{Recount, Recounting};
     let started = Instant::now();
     let (db, file_lock, session_lock) = open_offline(url).await?;
     eprintln!(
@@ -756,7 +756,12 @@ async fn rebuild(url: &str, meter: MeterConfig) -> anyhow::Result<()> {
     let rebuilt = db
         .rebuild_projections(meter, |p| match p {
             Rebuilding::Entities(n) => eprintln!("  {n} events projected"),
-            Rebuilding::Usage(n) => eprintln!("  {n} usage log records counted again"),
+            Rebuilding::Usage(Recounting::Read(n)) => {
+                eprintln!("  {n} usage log records counted again");
+            }
+            Rebuilding::Usage(Recounting::Writing(n)) => {
+                eprintln!("  writing {n} rows of spend and usage");
+            }
         })
         .await
         .context("rebuilding projections")?;

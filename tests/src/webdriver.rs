@@ -257,10 +257,37 @@ impl Browser {
 }
 
 impl Drop for Browser {
+    /// Ends the session first: chromedriver then closes chromium and its
+    /// renderers, which a kill of chromedriver alone leaves running (they
+    /// outlived whole suites). Blocking, as a drop must be: one request
+    /// over loopback, at most 10 s.
     fn drop(&mut self) {
+        if let Some((addr, path)) = self
+            .session
+            .strip_prefix("http://")
+            .and_then(|rest| rest.split_once('/'))
+        {
+            let _ = delete_blocking(addr, &format!("/{path}"));
+        }
         let _ = self.driver.kill();
         let _ = self.driver.wait();
     }
+}
+
+/// `DELETE path` on `addr` (host:port), waiting for the answer.
+fn delete_blocking(addr: &str, path: &str) -> std::io::Result<()> {
+    use std::io::{Read, Write};
+    let limit = Some(Duration::from_secs(10));
+    let mut stream = std::net::TcpStream::connect(addr)?;
+    stream.set_read_timeout(limit)?;
+    stream.set_write_timeout(limit)?;
+    write!(
+        stream,
+        "DELETE {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer)?;
+    Ok(())
 }
 
 fn base64_decode(s: &str) -> anyhow::Result<Vec<u8>> {

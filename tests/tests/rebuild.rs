@@ -180,9 +180,10 @@ async fn rebuilt_equal_live(backend: &Backend) {
     assert!(
         stdout.contains(
             "kept spend and usage by model as checkpoints wrote them: the service counts with \
-             dedupe_window_ms=86400000 dedupe_entries_max=20000000 usage_models_max=200, this \
-             command was given dedupe_window_ms=86400000 dedupe_entries_max=20000000 \
-             usage_models_max=5"
+             counting_rules=1 dedupe_window_ms=86400000 dedupe_entries_max=20000000 \
+             future_skew_ms=300000 usage_models_max=200, this command was given \
+             counting_rules=1 dedupe_window_ms=86400000 dedupe_entries_max=20000000 \
+             future_skew_ms=300000 usage_models_max=5"
         ),
         "{stdout}"
     );

@@ -1463,9 +1463,9 @@ impl Sim {
         self.check(rows_before.iter().all(|t| !t.is_empty()), || {
             format!("nothing to compare in some table: {rows_before:?}")
         });
-        self.check(rows_before[2].iter().any(|r| r.contains(" other ")), || {
-            format!("no usage counted under other: {:?}", rows_before[2])
-        });
+        if rows_before[2].iter().any(|r| r.contains(" other ")) {
+            let _ = OTHER_RECOUNTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         db.close().await;
         for (table, (live, recounted)) in rows_before.iter().zip(&rows_after).enumerate() {
             self.check(live == recounted, || {
@@ -1834,6 +1834,10 @@ impl Sim {
     }
 }
 
+/// Runs whose recount met usage counted under `other` (the suite's seeds
+/// must reach it).
+static OTHER_RECOUNTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
 /// Every row of spend_monthly, spend_daily and usage_daily, as text, in
 /// key order.
 async fn metered_rows(db: &tally_store::Db) -> [Vec<String>; 3] {
@@ -1892,6 +1896,8 @@ async fn run_seeds(seeds: Vec<u64>, steps: u64) {
         for (point, n) in &refused_at {
             assert!(*n > 0, "no write was refused at {point}");
         }
+        let other = OTHER_RECOUNTED.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(other > 0, "no run recounted usage under other");
     }
 }
 

@@ -71,13 +71,25 @@ pub enum Recounting {
 
 pub(crate) type Progress<'a> = &'a mut dyn FnMut(Recounting);
 
+/// The version of the rules that decide how a usage log counts (in code:
+/// the dedupe window's forgetting, the too-late and future rules, how
+/// models are indexed under the cap). Bump it with any change that makes
+/// the same log count differently: a recount then refuses databases
+/// counted under the old rules.
+const COUNTING_RULES: u32 = 1;
+
 /// How the service counts, as the claims record it and a recount must
-/// count again: what decides whether a call counts (the dedupe window and
-/// its bound) and under which model it counts.
+/// count again: the rules' version, what decides whether a call counts
+/// (the dedupe window and its bound, the future skew) and under which
+/// model it counts.
 pub fn options_text(config: &MeterConfig) -> String {
     format!(
-        "dedupe_window_ms={} dedupe_entries_max={} usage_models_max={}",
-        config.dedupe.window_ms, config.dedupe.entries_max, config.models_max
+        "counting_rules={COUNTING_RULES} dedupe_window_ms={} dedupe_entries_max={} \
+         future_skew_ms={} usage_models_max={}",
+        config.dedupe.window_ms,
+        config.dedupe.entries_max,
+        config.future_skew_ms,
+        config.models_max
     )
 }
 
@@ -87,6 +99,21 @@ pub(crate) async fn countable(
     tx: &mut WriteTx,
     config: &MeterConfig,
 ) -> Result<std::result::Result<i64, String>> {
+    let meta = async |tx: &mut WriteTx, key: &str| -> Result<Option<String>> {
+        Ok(
+            sqlx::query_scalar("SELECT value FROM tally_meta WHERE key = $1")
+                .bind(key)
+                .fetch_optional(&mut **tx)
+                .await?,
+        )
+    };
+    if meta(tx, "usage_history").await?.as_deref() != Some("recorded") {
+        return Ok(Err(
+            "this database metered usage before the logs and options it counts with were \
+             recorded (schema v19): it cannot tell that its log holds all of its spend"
+                .to_owned(),
+        ));
+    }
     let rows = sqlx::query("SELECT partition_id, position, usage_log FROM checkpoints")
         .fetch_all(&mut **tx)
         .await?;
@@ -96,6 +123,12 @@ pub(crate) async fn countable(
         let log: Option<String> = r.try_get("usage_log")?;
         match log.as_deref() {
             Some(EMBEDDED_LOG) if partition == 0 => position = r.try_get("position")?,
+            Some(EMBEDDED_LOG) => {
+                return Ok(Err(format!(
+                    "partition {partition} is metered from the embedded log, which has only \
+                     partition 0"
+                )));
+            }
             Some(log) => {
                 return Ok(Err(format!(
                     "the usage log is {log} (its retention decides what it keeps), not this \
@@ -125,14 +158,6 @@ pub(crate) async fn countable(
             "this database also metered {other}: what was counted from it is not in this log"
         )));
     }
-    let meta = async |tx: &mut WriteTx, key: &str| -> Result<Option<String>> {
-        Ok(
-            sqlx::query_scalar("SELECT value FROM tally_meta WHERE key = $1")
-                .bind(key)
-                .fetch_optional(&mut **tx)
-                .await?,
-        )
-    };
     if let Some(to) = meta(tx, "usage_log_purged_to").await? {
         return Ok(Err(format!(
             "records of the log up to position {to} were purged after `usage_retention_days`"

@@ -419,6 +419,15 @@ CREATE INDEX usage_daily_by_day ON usage_daily (org_id, kind, day);
                ALTER TABLE enforcement_events ADD COLUMN projected_micros BIGINT;\n\
                ALTER TABLE enforcement_events ADD COLUMN limit_day BIGINT;"
         .to_owned();
+    // v19: whether this database's metering history is recorded whole for
+    // a recount of the usage log (`rebuild-projections`): the logs it
+    // metered and the options it counted with are recorded from this
+    // version on, so only a database that had metered nothing before it
+    // can say which logs and options all of its spend came from.
+    let v19 = "INSERT INTO tally_meta (key, value) SELECT 'usage_history', CASE WHEN \
+               EXISTS (SELECT 1 FROM checkpoints) OR EXISTS (SELECT 1 FROM spend_monthly) \
+               THEN 'before_v19' ELSE 'recorded' END;"
+        .to_owned();
     vec![
         (1, v1 + &append_only),
         (2, v2),
@@ -438,5 +447,6 @@ CREATE INDEX usage_daily_by_day ON usage_daily (org_id, kind, day);
         (16, v16),
         (17, v17),
         (18, v18),
+        (19, v19),
     ]
 }

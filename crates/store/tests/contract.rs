@@ -1057,16 +1057,36 @@ async fn a_recount_needs_the_whole_embedded_log_and_its_options(db: Db) {
     db.note_meter_options(&tally_store::recount::options_text(&fewer_models), NOV)
         .await
         .unwrap();
-    kept(fewer_models, "options changed (from dedupe_window_ms=").await;
+    kept(
+        fewer_models,
+        "options changed (from counting_rules=1 dedupe_window_ms=",
+    )
+    .await;
     let _ = db.append_usage(NOV, 1, b"").await.unwrap();
     assert_eq!(db.purge_usage(3, NOV + 1).await.unwrap(), 2);
     kept(options, "up to position 3 were purged").await;
+    // Partition 0 metered from a topic, reset, then from the embedded log:
+    // its checkpoint names only the embedded log, the claims recorded both.
+    let _ = db.claim_partition(0, "kafka:x", NOV).await.unwrap();
+    assert_eq!(db.reset_usage_positions(NOV).await.unwrap(), 1);
+    let _ = db.claim_partition(0, "embedded", NOV).await.unwrap();
+    kept(options, "this database also metered kafka:x").await;
     let _ = db
         .claim_partition(1, "kafka:tally.usage", NOV)
         .await
         .unwrap();
     kept(options, "the usage log is kafka:tally.usage").await;
-    assert_eq!(reasons.len(), 6);
+    // A database that metered before logs and options were recorded.
+    let _ = db
+        .execute_raw("UPDATE tally_meta SET value = 'before_v19' WHERE key = 'usage_history'")
+        .await
+        .unwrap();
+    kept(
+        options,
+        "before the logs and options it counts with were recorded",
+    )
+    .await;
+    assert_eq!(reasons.len(), 8);
 }
 
 /// A partition is bound to the usage log of its first claim: a claim for
@@ -2126,6 +2146,10 @@ async fn counters_before_forecasts_get_their_first_day(db: Db) {
             ("carol".to_owned(), 0, false, 0),
         ]
     );
+    // Spend from before v19: which logs and options it came from is not
+    // recorded, so the usage log is never counted again in its place.
+    let history = db.meta("usage_history").await.unwrap();
+    assert_eq!(history.as_deref(), Some("before_v19"));
 }
 
 /// A binary never writes under a schema newer than its own (a rolled-back

@@ -19,7 +19,7 @@ fn main() {
     let bench =
         std::env::var_os("TALLY_BENCH_QUICK").is_none() && std::env::args().any(|a| a == "--bench");
     let (rounds, warm, events) = if bench {
-        (30, 300_000, 100_000)
+        (20, 300_000, 500_000)
     } else {
         (1, 3_000, 1_000)
     };

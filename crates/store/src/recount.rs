@@ -33,8 +33,8 @@ use crate::{Error, Result};
 /// Usage log records read per round trip.
 const PAGE_LEN: i64 = 1_000;
 
-/// Records between two progress reports.
-const REPORT_EVERY: u64 = 100_000;
+/// Usage events between two progress reports.
+const REPORT_EVERY: u64 = 1_000_000;
 
 /// The name the embedded mode's checkpoint gives its log.
 const EMBEDDED_LOG: &str = "embedded";
@@ -63,7 +63,7 @@ pub enum Recount {
 /// How far a recount is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Recounting {
-    /// Log records read so far (every 100 000).
+    /// Usage events read so far (every 1 000 000 or so).
     Read(u64),
     /// Read: rows to write.
     Writing(usize),
@@ -305,9 +305,9 @@ pub(crate) async fn recount(
             let state = orgs.get_mut(&org).expect("touched orgs exist");
             sums.take(org.as_str(), state);
         }
-        if records >= next_report {
-            progress(Recounting::Read(records));
-            next_report = records + REPORT_EVERY;
+        if events >= next_report {
+            progress(Recounting::Read(events));
+            next_report = events + REPORT_EVERY;
         }
     }
     progress(Recounting::Writing(

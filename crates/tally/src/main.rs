@@ -757,7 +757,7 @@ async fn rebuild(url: &str, meter: MeterConfig) -> anyhow::Result<()> {
         .rebuild_projections(meter, |p| match p {
             Rebuilding::Entities(n) => eprintln!("  {n} events projected"),
             Rebuilding::Usage(Recounting::Read(n)) => {
-                eprintln!("  {n} usage log records counted again");
+                eprintln!("  {n} usage events counted again");
             }
             Rebuilding::Usage(Recounting::Writing(n)) => {
                 eprintln!("  writing {n} rows of spend and usage");

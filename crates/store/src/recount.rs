@@ -4,12 +4,14 @@
 //! The meter's read models (`spend_monthly`, `spend_daily`, `usage_daily`)
 //! are written by checkpoints, not by projecting the entity log. Where the
 //! usage log still holds everything ever metered (the embedded log, never
-//! purged), they can be counted again: every org's directory folded from
-//! its whole entity log (memberships are judged by log time, so folding
-//! them first decides as live counting did), then the log applied in order
-//! up to the checkpoint's position by the same code as live counting, with
-//! a checkpoint's bookkeeping every page. What the log holds after the
-//! position is the tail the next start replays onto these rows.
+//! purged, the only log this database metered, counted under one set of
+//! options: [`countable`] says when), they can be counted again: every
+//! org's directory folded from its whole entity log (memberships are
+//! judged by log time, so folding them first decides as live counting
+//! did), then the log applied in order up to the checkpoint's position by
+//! the same code as live counting, with a checkpoint's bookkeeping every
+//! page. What the log holds after the position is the tail the next start
+//! replays onto these rows.
 //!
 //! Enforcement is history, not a rollup: the events, and each counter's
 //! thresholds fired, cutoff, ordinal and forecast alert, stay as live
@@ -182,19 +184,20 @@ pub(crate) async fn countable(
         .fetch_one(&mut **tx)
         .await?;
     match first {
-        // Positions start at 1: a log that starts later lost its start to
-        // a purge by a version that did not record purges (or, on
-        // PostgreSQL, its first appends never committed: kept to be safe).
+        // Positions start at 1: a log that starts later lost its start
+        // (deleted by hand; on PostgreSQL, also appends that never
+        // committed, whose positions the sequence does not give back:
+        // kept, to be safe).
         Some(first) if first > 1 => {
             return Ok(Err(format!(
-                "the log starts at position {first}: what came before was purged, by a version \
-                 that did not record purges (or never committed)"
+                "the log starts at position {first}: the records before it are gone (on \
+                 PostgreSQL, appends that never committed use positions up too)"
             )));
         }
         None if position > 0 => {
             return Ok(Err(format!(
-                "the log is empty, but usage up to position {position} was metered: it was \
-                 purged"
+                "the log is empty, but usage up to position {position} was metered: its records \
+                 are gone"
             )));
         }
         _ => {}

@@ -408,8 +408,9 @@ impl Db {
     /// everything metered (see [`crate::recount`]; `meter` is the
     /// service's metering options, under which it judges duplicates and
     /// late usage), all in one transaction: readers see the old models
-    /// until it commits. `progress` is called every few thousand events
-    /// and usage log records with the counts so far.
+    /// until it commits. `progress` is called every few thousand entity
+    /// events and every million usage events with the counts so far, and
+    /// before the recounted rows are written.
     pub async fn rebuild_projections(
         &self,
         meter: MeterConfig,

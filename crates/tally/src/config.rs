@@ -26,8 +26,10 @@ pub(crate) struct Cli {
 pub(crate) enum Command {
     /// Run the service: HTTP API, metering engine, checkpoints.
     Serve(Box<ServeArgs>),
-    /// Drop every read model and project the whole entity log again (offline:
-    /// refused while any tally serve uses the same data dir or database).
+    /// Drop every read model and project the whole entity log again, and
+    /// count spend and usage again from the embedded usage log where it
+    /// holds everything metered (offline: refused while any tally serve
+    /// uses the same data dir or database).
     RebuildProjections(RebuildArgs),
     /// Forget where each partition of the usage log stood, and which log it
     /// was: the next start reads the configured usage topic from its
@@ -542,10 +544,7 @@ impl ServeConfig {
     pub(crate) fn load(cli_config: Option<&Path>, args: ServeArgs) -> anyhow::Result<ServeConfig> {
         let file = read_file(cli_config)?;
         let meter = meter_config(&args.meter, &file)?;
-        let store = StoreArgs {
-            data_dir: args.store.data_dir.or(file.data_dir),
-            database_url: args.store.database_url.or(file.database_url),
-        };
+        let store = store_over(args.store, &file);
         let (database_url, data_dir) = database_url(&store)?;
         let log_format = args
             .log_format
